@@ -193,7 +193,12 @@ type RequestHeader struct {
 	Session uint64 `protobuf:"varint,1,opt,name=session,proto3" json:"session,omitempty"`
 	Seq     uint64 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
 	// epoch is the cluster-map epoch the client routed with; 0 means unknown.
-	Epoch         uint64 `protobuf:"varint,3,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Epoch uint64 `protobuf:"varint,3,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// ack_below tells the server that every write of this session with a
+	// lower seq has been answered, so their recorded results may be dropped
+	// (RIFL-style completion record; lets one session have many writes in
+	// flight).
+	AckBelow      uint64 `protobuf:"varint,4,opt,name=ack_below,json=ackBelow,proto3" json:"ack_below,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -245,6 +250,13 @@ func (x *RequestHeader) GetSeq() uint64 {
 func (x *RequestHeader) GetEpoch() uint64 {
 	if x != nil {
 		return x.Epoch
+	}
+	return 0
+}
+
+func (x *RequestHeader) GetAckBelow() uint64 {
+	if x != nil {
+		return x.AckBelow
 	}
 	return 0
 }
@@ -1974,11 +1986,12 @@ var File_kvpb_kv_proto protoreflect.FileDescriptor
 
 const file_kvpb_kv_proto_rawDesc = "" +
 	"\n" +
-	"\rkvpb/kv.proto\x12\tkvd.kv.v1\"Q\n" +
+	"\rkvpb/kv.proto\x12\tkvd.kv.v1\"n\n" +
 	"\rRequestHeader\x12\x18\n" +
 	"\asession\x18\x01 \x01(\x04R\asession\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x14\n" +
-	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\"\x89\x01\n" +
+	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\x12\x1b\n" +
+	"\tack_below\x18\x04 \x01(\x04R\backBelow\"\x89\x01\n" +
 	"\x0eResponseHeader\x12\x14\n" +
 	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x1a\n" +
 	"\brevision\x18\x02 \x01(\x03R\brevision\x12\x14\n" +

@@ -328,12 +328,115 @@ func (*SnapshotAck) Descriptor() ([]byte, []int) {
 	return file_peerpb_peer_proto_rawDescGZIP(), []int{4}
 }
 
+type ProposeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Shard uint64                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
+	// command is an encoded Command.
+	Command       []byte `protobuf:"bytes,2,opt,name=command,proto3" json:"command,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProposeRequest) Reset() {
+	*x = ProposeRequest{}
+	mi := &file_peerpb_peer_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProposeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProposeRequest) ProtoMessage() {}
+
+func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProposeRequest.ProtoReflect.Descriptor instead.
+func (*ProposeRequest) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ProposeRequest) GetShard() uint64 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+func (x *ProposeRequest) GetCommand() []byte {
+	if x != nil {
+		return x.Command
+	}
+	return nil
+}
+
+type ProposeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// result is an encoded Result.
+	Result        []byte `protobuf:"bytes,1,opt,name=result,proto3" json:"result,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ProposeResponse) Reset() {
+	*x = ProposeResponse{}
+	mi := &file_peerpb_peer_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ProposeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ProposeResponse) ProtoMessage() {}
+
+func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ProposeResponse.ProtoReflect.Descriptor instead.
+func (*ProposeResponse) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ProposeResponse) GetResult() []byte {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
 // Command is the payload of a normal Raft entry: one client write.
 type Command struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// session and seq make the write exactly-once (0 session: no dedup).
 	Session uint64 `protobuf:"varint,1,opt,name=session,proto3" json:"session,omitempty"`
 	Seq     uint64 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
+	// ack_below: see kvd.kv.v1.RequestHeader.
+	AckBelow uint64 `protobuf:"varint,8,opt,name=ack_below,json=ackBelow,proto3" json:"ack_below,omitempty"`
+	// time_unix_ms is the proposer's clock when it proposed. Apply uses it
+	// only to stamp session activity, so every replica records the same time.
+	TimeUnixMs int64 `protobuf:"varint,9,opt,name=time_unix_ms,json=timeUnixMs,proto3" json:"time_unix_ms,omitempty"`
 	// Types that are valid to be assigned to Op:
 	//
 	//	*Command_Put
@@ -341,6 +444,7 @@ type Command struct {
 	//	*Command_Txn
 	//	*Command_ExpireSessions
 	//	*Command_SetClusterMap
+	//	*Command_UpdateMember
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -348,7 +452,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_peerpb_peer_proto_msgTypes[5]
+	mi := &file_peerpb_peer_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -360,7 +464,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[5]
+	mi := &file_peerpb_peer_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -373,7 +477,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{5}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Command) GetSession() uint64 {
@@ -386,6 +490,20 @@ func (x *Command) GetSession() uint64 {
 func (x *Command) GetSeq() uint64 {
 	if x != nil {
 		return x.Seq
+	}
+	return 0
+}
+
+func (x *Command) GetAckBelow() uint64 {
+	if x != nil {
+		return x.AckBelow
+	}
+	return 0
+}
+
+func (x *Command) GetTimeUnixMs() int64 {
+	if x != nil {
+		return x.TimeUnixMs
 	}
 	return 0
 }
@@ -442,6 +560,15 @@ func (x *Command) GetSetClusterMap() *SetClusterMap {
 	return nil
 }
 
+func (x *Command) GetUpdateMember() *UpdateMember {
+	if x != nil {
+		if x, ok := x.Op.(*Command_UpdateMember); ok {
+			return x.UpdateMember
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -466,6 +593,10 @@ type Command_SetClusterMap struct {
 	SetClusterMap *SetClusterMap `protobuf:"bytes,7,opt,name=set_cluster_map,json=setClusterMap,proto3,oneof"`
 }
 
+type Command_UpdateMember struct {
+	UpdateMember *UpdateMember `protobuf:"bytes,10,opt,name=update_member,json=updateMember,proto3,oneof"`
+}
+
 func (*Command_Put) isCommand_Op() {}
 
 func (*Command_Delete) isCommand_Op() {}
@@ -475,6 +606,55 @@ func (*Command_Txn) isCommand_Op() {}
 func (*Command_ExpireSessions) isCommand_Op() {}
 
 func (*Command_SetClusterMap) isCommand_Op() {}
+
+func (*Command_UpdateMember) isCommand_Op() {}
+
+// UpdateMember sets a member's addresses in the cluster map (meta shard
+// only). The epoch advances only when something changed, so a node that
+// republishes the same addresses after a restart changes nothing.
+type UpdateMember struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Member        *kvpb.Member           `protobuf:"bytes,1,opt,name=member,proto3" json:"member,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UpdateMember) Reset() {
+	*x = UpdateMember{}
+	mi := &file_peerpb_peer_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UpdateMember) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UpdateMember) ProtoMessage() {}
+
+func (x *UpdateMember) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UpdateMember.ProtoReflect.Descriptor instead.
+func (*UpdateMember) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *UpdateMember) GetMember() *kvpb.Member {
+	if x != nil {
+		return x.Member
+	}
+	return nil
+}
 
 // ExpireSessions drops, deterministically at one log index on every
 // replica, the sessions idle since before the given logical time.
@@ -490,7 +670,7 @@ type ExpireSessions struct {
 
 func (x *ExpireSessions) Reset() {
 	*x = ExpireSessions{}
-	mi := &file_peerpb_peer_proto_msgTypes[6]
+	mi := &file_peerpb_peer_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -502,7 +682,7 @@ func (x *ExpireSessions) String() string {
 func (*ExpireSessions) ProtoMessage() {}
 
 func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[6]
+	mi := &file_peerpb_peer_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -515,7 +695,7 @@ func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireSessions.ProtoReflect.Descriptor instead.
 func (*ExpireSessions) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{6}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ExpireSessions) GetNowUnixMs() int64 {
@@ -543,7 +723,7 @@ type SetClusterMap struct {
 
 func (x *SetClusterMap) Reset() {
 	*x = SetClusterMap{}
-	mi := &file_peerpb_peer_proto_msgTypes[7]
+	mi := &file_peerpb_peer_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -555,7 +735,7 @@ func (x *SetClusterMap) String() string {
 func (*SetClusterMap) ProtoMessage() {}
 
 func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[7]
+	mi := &file_peerpb_peer_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -568,7 +748,7 @@ func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetClusterMap.ProtoReflect.Descriptor instead.
 func (*SetClusterMap) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{7}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *SetClusterMap) GetMap() *kvpb.ClusterMap {
@@ -596,7 +776,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_peerpb_peer_proto_msgTypes[8]
+	mi := &file_peerpb_peer_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -608,7 +788,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[8]
+	mi := &file_peerpb_peer_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -621,7 +801,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{8}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Result) GetOp() isResult_Op {
@@ -700,7 +880,7 @@ type StoredValue struct {
 
 func (x *StoredValue) Reset() {
 	*x = StoredValue{}
-	mi := &file_peerpb_peer_proto_msgTypes[9]
+	mi := &file_peerpb_peer_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -712,7 +892,7 @@ func (x *StoredValue) String() string {
 func (*StoredValue) ProtoMessage() {}
 
 func (x *StoredValue) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[9]
+	mi := &file_peerpb_peer_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -725,7 +905,7 @@ func (x *StoredValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredValue.ProtoReflect.Descriptor instead.
 func (*StoredValue) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{9}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *StoredValue) GetValue() []byte {
@@ -756,32 +936,32 @@ func (x *StoredValue) GetVersion() int64 {
 	return 0
 }
 
-// SessionRecord is the last write applied for a client session.
-type SessionRecord struct {
-	state  protoimpl.MessageState `protogen:"open.v1"`
-	Seq    uint64                 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
-	Result *Result                `protobuf:"bytes,2,opt,name=result,proto3" json:"result,omitempty"`
+// SessionState is what a shard remembers of a client session; the result of
+// each write with seq >= ack_below is stored beside it under its seq.
+type SessionState struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	AckBelow uint64                 `protobuf:"varint,1,opt,name=ack_below,json=ackBelow,proto3" json:"ack_below,omitempty"`
 	// last_seen_unix_ms is the proposer time of the session's last write.
-	LastSeenUnixMs int64 `protobuf:"varint,3,opt,name=last_seen_unix_ms,json=lastSeenUnixMs,proto3" json:"last_seen_unix_ms,omitempty"`
+	LastSeenUnixMs int64 `protobuf:"varint,2,opt,name=last_seen_unix_ms,json=lastSeenUnixMs,proto3" json:"last_seen_unix_ms,omitempty"`
 	unknownFields  protoimpl.UnknownFields
 	sizeCache      protoimpl.SizeCache
 }
 
-func (x *SessionRecord) Reset() {
-	*x = SessionRecord{}
-	mi := &file_peerpb_peer_proto_msgTypes[10]
+func (x *SessionState) Reset() {
+	*x = SessionState{}
+	mi := &file_peerpb_peer_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
 
-func (x *SessionRecord) String() string {
+func (x *SessionState) String() string {
 	return protoimpl.X.MessageStringOf(x)
 }
 
-func (*SessionRecord) ProtoMessage() {}
+func (*SessionState) ProtoMessage() {}
 
-func (x *SessionRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[10]
+func (x *SessionState) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -792,26 +972,19 @@ func (x *SessionRecord) ProtoReflect() protoreflect.Message {
 	return mi.MessageOf(x)
 }
 
-// Deprecated: Use SessionRecord.ProtoReflect.Descriptor instead.
-func (*SessionRecord) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{10}
+// Deprecated: Use SessionState.ProtoReflect.Descriptor instead.
+func (*SessionState) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{13}
 }
 
-func (x *SessionRecord) GetSeq() uint64 {
+func (x *SessionState) GetAckBelow() uint64 {
 	if x != nil {
-		return x.Seq
+		return x.AckBelow
 	}
 	return 0
 }
 
-func (x *SessionRecord) GetResult() *Result {
-	if x != nil {
-		return x.Result
-	}
-	return nil
-}
-
-func (x *SessionRecord) GetLastSeenUnixMs() int64 {
+func (x *SessionState) GetLastSeenUnixMs() int64 {
 	if x != nil {
 		return x.LastSeenUnixMs
 	}
@@ -841,16 +1014,28 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x06bucket\x18\x01 \x01(\fR\x06bucket\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\fR\x03key\x12\x14\n" +
 	"\x05value\x18\x03 \x01(\fR\x05value\"\r\n" +
-	"\vSnapshotAck\"\xd3\x02\n" +
+	"\vSnapshotAck\"@\n" +
+	"\x0eProposeRequest\x12\x14\n" +
+	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x18\n" +
+	"\acommand\x18\x02 \x01(\fR\acommand\")\n" +
+	"\x0fProposeResponse\x12\x16\n" +
+	"\x06result\x18\x01 \x01(\fR\x06result\"\xd4\x03\n" +
 	"\aCommand\x12\x18\n" +
 	"\asession\x18\x01 \x01(\x04R\asession\x12\x10\n" +
-	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12)\n" +
+	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x1b\n" +
+	"\tack_below\x18\b \x01(\x04R\backBelow\x12 \n" +
+	"\ftime_unix_ms\x18\t \x01(\x03R\n" +
+	"timeUnixMs\x12)\n" +
 	"\x03put\x18\x03 \x01(\v2\x15.kvd.kv.v1.PutRequestH\x00R\x03put\x122\n" +
 	"\x06delete\x18\x04 \x01(\v2\x18.kvd.kv.v1.DeleteRequestH\x00R\x06delete\x12)\n" +
 	"\x03txn\x18\x05 \x01(\v2\x15.kvd.kv.v1.TxnRequestH\x00R\x03txn\x12F\n" +
 	"\x0fexpire_sessions\x18\x06 \x01(\v2\x1b.kvd.peer.v1.ExpireSessionsH\x00R\x0eexpireSessions\x12D\n" +
-	"\x0fset_cluster_map\x18\a \x01(\v2\x1a.kvd.peer.v1.SetClusterMapH\x00R\rsetClusterMapB\x04\n" +
-	"\x02op\"I\n" +
+	"\x0fset_cluster_map\x18\a \x01(\v2\x1a.kvd.peer.v1.SetClusterMapH\x00R\rsetClusterMap\x12@\n" +
+	"\rupdate_member\x18\n" +
+	" \x01(\v2\x19.kvd.peer.v1.UpdateMemberH\x00R\fupdateMemberB\x04\n" +
+	"\x02op\"9\n" +
+	"\fUpdateMember\x12)\n" +
+	"\x06member\x18\x01 \x01(\v2\x11.kvd.kv.v1.MemberR\x06member\"I\n" +
 	"\x0eExpireSessions\x12\x1e\n" +
 	"\vnow_unix_ms\x18\x01 \x01(\x03R\tnowUnixMs\x12\x17\n" +
 	"\aidle_ms\x18\x02 \x01(\x03R\x06idleMs\"8\n" +
@@ -866,14 +1051,15 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x05value\x18\x01 \x01(\fR\x05value\x12'\n" +
 	"\x0fcreate_revision\x18\x02 \x01(\x03R\x0ecreateRevision\x12!\n" +
 	"\fmod_revision\x18\x03 \x01(\x03R\vmodRevision\x12\x18\n" +
-	"\aversion\x18\x04 \x01(\x03R\aversion\"y\n" +
-	"\rSessionRecord\x12\x10\n" +
-	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12+\n" +
-	"\x06result\x18\x02 \x01(\v2\x13.kvd.peer.v1.ResultR\x06result\x12)\n" +
-	"\x11last_seen_unix_ms\x18\x03 \x01(\x03R\x0elastSeenUnixMs2\x80\x01\n" +
+	"\aversion\x18\x04 \x01(\x03R\aversion\"V\n" +
+	"\fSessionState\x12\x1b\n" +
+	"\tack_below\x18\x01 \x01(\x04R\backBelow\x12)\n" +
+	"\x11last_seen_unix_ms\x18\x02 \x01(\x03R\x0elastSeenUnixMs2\x80\x01\n" +
 	"\x04Raft\x124\n" +
 	"\x06Stream\x12\x12.kvd.peer.v1.Batch\x1a\x12.kvd.peer.v1.Batch(\x010\x01\x12B\n" +
-	"\bSnapshot\x12\x1a.kvd.peer.v1.SnapshotChunk\x1a\x18.kvd.peer.v1.SnapshotAck(\x01B!Z\x1fgithub.com/kvd/kvd/proto/peerpbb\x06proto3"
+	"\bSnapshot\x12\x1a.kvd.peer.v1.SnapshotChunk\x1a\x18.kvd.peer.v1.SnapshotAck(\x012P\n" +
+	"\bInternal\x12D\n" +
+	"\aPropose\x12\x1b.kvd.peer.v1.ProposeRequest\x1a\x1c.kvd.peer.v1.ProposeResponseB!Z\x1fgithub.com/kvd/kvd/proto/peerpbb\x06proto3"
 
 var (
 	file_peerpb_peer_proto_rawDescOnce sync.Once
@@ -887,49 +1073,56 @@ func file_peerpb_peer_proto_rawDescGZIP() []byte {
 	return file_peerpb_peer_proto_rawDescData
 }
 
-var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_peerpb_peer_proto_goTypes = []any{
 	(*Batch)(nil),               // 0: kvd.peer.v1.Batch
 	(*ShardMessage)(nil),        // 1: kvd.peer.v1.ShardMessage
 	(*SnapshotChunk)(nil),       // 2: kvd.peer.v1.SnapshotChunk
 	(*SnapshotPair)(nil),        // 3: kvd.peer.v1.SnapshotPair
 	(*SnapshotAck)(nil),         // 4: kvd.peer.v1.SnapshotAck
-	(*Command)(nil),             // 5: kvd.peer.v1.Command
-	(*ExpireSessions)(nil),      // 6: kvd.peer.v1.ExpireSessions
-	(*SetClusterMap)(nil),       // 7: kvd.peer.v1.SetClusterMap
-	(*Result)(nil),              // 8: kvd.peer.v1.Result
-	(*StoredValue)(nil),         // 9: kvd.peer.v1.StoredValue
-	(*SessionRecord)(nil),       // 10: kvd.peer.v1.SessionRecord
-	(*kvpb.PutRequest)(nil),     // 11: kvd.kv.v1.PutRequest
-	(*kvpb.DeleteRequest)(nil),  // 12: kvd.kv.v1.DeleteRequest
-	(*kvpb.TxnRequest)(nil),     // 13: kvd.kv.v1.TxnRequest
-	(*kvpb.ClusterMap)(nil),     // 14: kvd.kv.v1.ClusterMap
-	(*kvpb.PutResponse)(nil),    // 15: kvd.kv.v1.PutResponse
-	(*kvpb.DeleteResponse)(nil), // 16: kvd.kv.v1.DeleteResponse
-	(*kvpb.TxnResponse)(nil),    // 17: kvd.kv.v1.TxnResponse
+	(*ProposeRequest)(nil),      // 5: kvd.peer.v1.ProposeRequest
+	(*ProposeResponse)(nil),     // 6: kvd.peer.v1.ProposeResponse
+	(*Command)(nil),             // 7: kvd.peer.v1.Command
+	(*UpdateMember)(nil),        // 8: kvd.peer.v1.UpdateMember
+	(*ExpireSessions)(nil),      // 9: kvd.peer.v1.ExpireSessions
+	(*SetClusterMap)(nil),       // 10: kvd.peer.v1.SetClusterMap
+	(*Result)(nil),              // 11: kvd.peer.v1.Result
+	(*StoredValue)(nil),         // 12: kvd.peer.v1.StoredValue
+	(*SessionState)(nil),        // 13: kvd.peer.v1.SessionState
+	(*kvpb.PutRequest)(nil),     // 14: kvd.kv.v1.PutRequest
+	(*kvpb.DeleteRequest)(nil),  // 15: kvd.kv.v1.DeleteRequest
+	(*kvpb.TxnRequest)(nil),     // 16: kvd.kv.v1.TxnRequest
+	(*kvpb.Member)(nil),         // 17: kvd.kv.v1.Member
+	(*kvpb.ClusterMap)(nil),     // 18: kvd.kv.v1.ClusterMap
+	(*kvpb.PutResponse)(nil),    // 19: kvd.kv.v1.PutResponse
+	(*kvpb.DeleteResponse)(nil), // 20: kvd.kv.v1.DeleteResponse
+	(*kvpb.TxnResponse)(nil),    // 21: kvd.kv.v1.TxnResponse
 }
 var file_peerpb_peer_proto_depIdxs = []int32{
 	1,  // 0: kvd.peer.v1.Batch.msgs:type_name -> kvd.peer.v1.ShardMessage
 	3,  // 1: kvd.peer.v1.SnapshotChunk.pairs:type_name -> kvd.peer.v1.SnapshotPair
-	11, // 2: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
-	12, // 3: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
-	13, // 4: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
-	6,  // 5: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
-	7,  // 6: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
-	14, // 7: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
-	15, // 8: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
-	16, // 9: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
-	17, // 10: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
-	8,  // 11: kvd.peer.v1.SessionRecord.result:type_name -> kvd.peer.v1.Result
-	0,  // 12: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
-	2,  // 13: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
-	0,  // 14: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
-	4,  // 15: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
-	14, // [14:16] is the sub-list for method output_type
-	12, // [12:14] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	14, // 2: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
+	15, // 3: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
+	16, // 4: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
+	9,  // 5: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
+	10, // 6: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
+	8,  // 7: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
+	17, // 8: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
+	18, // 9: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
+	19, // 10: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
+	20, // 11: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
+	21, // 12: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
+	0,  // 13: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
+	2,  // 14: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
+	5,  // 15: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
+	0,  // 16: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
+	4,  // 17: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
+	6,  // 18: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
+	16, // [16:19] is the sub-list for method output_type
+	13, // [13:16] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_peerpb_peer_proto_init() }
@@ -937,14 +1130,15 @@ func file_peerpb_peer_proto_init() {
 	if File_peerpb_peer_proto != nil {
 		return
 	}
-	file_peerpb_peer_proto_msgTypes[5].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[7].OneofWrappers = []any{
 		(*Command_Put)(nil),
 		(*Command_Delete)(nil),
 		(*Command_Txn)(nil),
 		(*Command_ExpireSessions)(nil),
 		(*Command_SetClusterMap)(nil),
+		(*Command_UpdateMember)(nil),
 	}
-	file_peerpb_peer_proto_msgTypes[8].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[11].OneofWrappers = []any{
 		(*Result_Put)(nil),
 		(*Result_Delete)(nil),
 		(*Result_Txn)(nil),
@@ -955,9 +1149,9 @@ func file_peerpb_peer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_peerpb_peer_proto_rawDesc), len(file_peerpb_peer_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   11,
+			NumMessages:   14,
 			NumExtensions: 0,
-			NumServices:   1,
+			NumServices:   2,
 		},
 		GoTypes:           file_peerpb_peer_proto_goTypes,
 		DependencyIndexes: file_peerpb_peer_proto_depIdxs,

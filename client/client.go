@@ -1,0 +1,356 @@
+package client
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/hashring"
+	"github.com/kvd/kvd/proto/kvpb"
+)
+
+// Defaults for the zero values of Config.
+const (
+	DefaultDialTimeout        = 2 * time.Second
+	DefaultHeartbeatInterval  = 250 * time.Millisecond
+	DefaultMaxInFlightPerNode = 128
+	DefaultAttemptTimeout     = 2 * time.Second
+)
+
+var errNotServing = errors.New("health check: not serving")
+
+// Config configures a Client. Only Endpoints is required.
+type Config struct {
+	// Endpoints are client addresses (host:port) of any kvd nodes. New
+	// fetches the cluster map from the first that answers; afterwards the
+	// client talks to the members the map lists.
+	Endpoints []string
+	// DialTimeout bounds each bootstrap attempt (default 2 s).
+	DialTimeout time.Duration
+	// HeartbeatInterval is how often every member is health-checked
+	// (default 250 ms). A member that misses 3 in a row is skipped until a
+	// later check succeeds.
+	HeartbeatInterval time.Duration
+	// MaxInFlightPerNode bounds the requests in flight to one node
+	// (default 128). A full node counts as busy: the request goes to
+	// another replica when the operation allows it, or backs off.
+	MaxInFlightPerNode int
+	// AttemptTimeout bounds one RPC attempt (default 2 s), so a hung node
+	// cannot consume the caller's whole deadline; the caller's context
+	// still bounds the request as a whole.
+	AttemptTimeout time.Duration
+	// Logger receives breaker transitions and map changes (never one line
+	// per request). Nil discards.
+	Logger *slog.Logger
+}
+
+// Client is a kvd client. It is safe for concurrent use; create one per
+// process and share it. Close it when done.
+type Client struct {
+	cfg     Config
+	log     *slog.Logger
+	session uint64
+	seqs    *seqTracker
+
+	closeOnce sync.Once
+	// base is cancelled by Close; every attempt's context hangs off it so
+	// Close interrupts RPCs and backoff waits.
+	base     context.Context
+	cancel   context.CancelFunc
+	closeErr error
+
+	// refreshMu serialises cluster-map fetches so a burst of StaleEpoch
+	// answers triggers one fetch, not one per request.
+	refreshMu sync.Mutex
+
+	// mu guards the routing state below. Held only for map lookups, never
+	// across an RPC.
+	mu struct {
+		sync.RWMutex
+		cmap    *kvpb.ClusterMap
+		ring    *hashring.Ring
+		nodes   map[uint64]*node    // by member id; one conn each
+		shards  map[uint64][]uint64 // shard id → replica ids, in map order
+		leaders map[uint64]uint64   // shard id → cached leader id
+		closed  bool                // set by Close; applyMap then dials nothing
+	}
+}
+
+// New connects to the cluster: it fetches the cluster map from the first
+// endpoint that answers, dials every member and starts the heartbeats.
+// It fails with ErrUnavailable when no endpoint answers within ctx and
+// DialTimeout each.
+func New(ctx context.Context, cfg Config) (*Client, error) {
+	if len(cfg.Endpoints) == 0 {
+		return nil, fmt.Errorf("%w: no endpoints", ErrInvalidArgument)
+	}
+	if cfg.DialTimeout <= 0 {
+		cfg.DialTimeout = DefaultDialTimeout
+	}
+	if cfg.HeartbeatInterval <= 0 {
+		cfg.HeartbeatInterval = DefaultHeartbeatInterval
+	}
+	if cfg.MaxInFlightPerNode <= 0 {
+		cfg.MaxInFlightPerNode = DefaultMaxInFlightPerNode
+	}
+	if cfg.AttemptTimeout <= 0 {
+		cfg.AttemptTimeout = DefaultAttemptTimeout
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	c := &Client{cfg: cfg, log: log}
+	c.base, c.cancel = context.WithCancel(context.Background())
+	c.mu.nodes = map[uint64]*node{}
+	c.session = newSession()
+	c.seqs = newSeqTracker()
+
+	var errs []error
+	for _, ep := range cfg.Endpoints {
+		m, err := c.bootstrapFrom(ctx, ep)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", ep, err))
+			if ctx.Err() != nil {
+				break
+			}
+			continue
+		}
+		if err := c.applyMap(m); err != nil {
+			c.Close()
+			return nil, err
+		}
+		return c, nil
+	}
+	return nil, fmt.Errorf("%w: no endpoint answered: %w", ErrUnavailable, errors.Join(errs...))
+}
+
+func (c *Client) bootstrapFrom(ctx context.Context, ep string) (*kvpb.ClusterMap, error) {
+	n, err := dialNode(0, ep, 1, c.log)
+	if err != nil {
+		return nil, err
+	}
+	defer n.close(false)
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.DialTimeout)
+	defer cancel()
+	return n.clu.Map(ctx, &kvpb.MapRequest{})
+}
+
+func newSession() uint64 {
+	var b [8]byte
+	for {
+		if _, err := rand.Read(b[:]); err != nil {
+			panic("client: crypto/rand failed: " + err.Error()) // broken invariant: rand.Read never fails on supported platforms
+		}
+		if s := binary.LittleEndian.Uint64(b[:]); s != 0 {
+			return s
+		}
+	}
+}
+
+// Session is the client's write session id (random, nonzero). Together
+// with a per-write sequence number it makes retried writes exactly-once.
+func (c *Client) Session() uint64 { return c.session }
+
+// applyMap installs m when it is newer than the cached map: it rebuilds
+// the ring, dials new members, closes removed ones and keeps cached
+// leaders that are still replicas of their shard.
+func (c *Client) applyMap(m *kvpb.ClusterMap) error {
+	ids := make([]uint64, 0, len(m.GetShards()))
+	for _, s := range m.GetShards() {
+		if s.GetId() != 0 { // the meta shard is never on the ring
+			ids = append(ids, s.GetId())
+		}
+	}
+	var ring *hashring.Ring
+	if len(ids) > 0 {
+		r, err := hashring.New(ids, int(m.GetVnodes()))
+		if err != nil {
+			return fmt.Errorf("client: cluster map epoch %d: %w", m.GetEpoch(), err)
+		}
+		ring = r
+	}
+
+	c.mu.Lock()
+	if c.mu.closed {
+		c.mu.Unlock()
+		return ErrClosed
+	}
+	if old := c.mu.cmap; old != nil && m.GetEpoch() <= old.GetEpoch() {
+		c.mu.Unlock()
+		return nil
+	}
+	var stale []*node
+	keep := map[uint64]bool{}
+	for _, mem := range m.GetMembers() {
+		keep[mem.GetId()] = true
+		if n, ok := c.mu.nodes[mem.GetId()]; ok && n.addr == mem.GetClientAddr() {
+			continue
+		} else if ok {
+			stale = append(stale, n)
+		}
+		n, err := dialNode(mem.GetId(), mem.GetClientAddr(), c.cfg.MaxInFlightPerNode, c.log)
+		if err != nil {
+			// grpc.NewClient only fails on a malformed target; skip the
+			// member and let requests to it fail over.
+			c.log.Warn("client: cannot dial member", "node", mem.GetId(), "addr", mem.GetClientAddr(), "err", err)
+			delete(c.mu.nodes, mem.GetId())
+			continue
+		}
+		c.mu.nodes[mem.GetId()] = n
+		go n.heartbeat(c.cfg.HeartbeatInterval, c.probeTimeout())
+	}
+	for id, n := range c.mu.nodes {
+		if !keep[id] {
+			stale = append(stale, n)
+			delete(c.mu.nodes, id)
+		}
+	}
+	shards := map[uint64][]uint64{}
+	leaders := map[uint64]uint64{}
+	for _, s := range m.GetShards() {
+		reps := append([]uint64(nil), s.GetReplicas()...)
+		shards[s.GetId()] = reps
+		if l, ok := c.mu.leaders[s.GetId()]; ok && contains(reps, l) {
+			leaders[s.GetId()] = l
+		} else if len(reps) > 0 {
+			leaders[s.GetId()] = reps[0]
+		}
+	}
+	c.mu.cmap = proto.Clone(m).(*kvpb.ClusterMap)
+	c.mu.ring = ring
+	c.mu.shards = shards
+	c.mu.leaders = leaders
+	c.mu.Unlock()
+
+	c.log.Info("client: cluster map", "epoch", m.GetEpoch(), "members", len(m.GetMembers()), "shards", len(ids))
+	for _, n := range stale {
+		n.close(true)
+	}
+	return nil
+}
+
+func (c *Client) probeTimeout() time.Duration {
+	t := 2 * c.cfg.HeartbeatInterval
+	if t > c.cfg.DialTimeout {
+		t = c.cfg.DialTimeout
+	}
+	return t
+}
+
+func contains(s []uint64, v uint64) bool {
+	for _, x := range s {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
+
+// refreshMap fetches the cluster map from any available member and applies
+// it. With minEpoch > 0 it returns at once when the cached map is already
+// at least that new (another goroutine refreshed it meanwhile).
+func (c *Client) refreshMap(ctx context.Context, minEpoch uint64) error {
+	c.refreshMu.Lock()
+	defer c.refreshMu.Unlock()
+	if minEpoch > 0 && c.epoch() >= minEpoch {
+		return nil
+	}
+	var errs []error
+	for _, n := range c.nodesInOrder() {
+		actx, cancel := c.attemptCtx(ctx)
+		m, err := n.clu.Map(actx, &kvpb.MapRequest{})
+		cancel()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("node %d (%s): %w", n.id, n.addr, err))
+			if ctx.Err() != nil {
+				break
+			}
+			continue
+		}
+		return c.applyMap(m)
+	}
+	if len(errs) == 0 {
+		return fmt.Errorf("%w: no members in the cluster map", ErrUnavailable)
+	}
+	return fmt.Errorf("%w: refresh cluster map: %w", ErrUnavailable, errors.Join(errs...))
+}
+
+// nodesInOrder lists the members, available ones first.
+func (c *Client) nodesInOrder() []*node {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	var up, down []*node
+	for _, mem := range c.mu.cmap.GetMembers() {
+		n := c.mu.nodes[mem.GetId()]
+		if n == nil {
+			continue
+		}
+		if n.available() {
+			up = append(up, n)
+		} else {
+			down = append(down, n)
+		}
+	}
+	return append(up, down...)
+}
+
+func (c *Client) epoch() uint64 {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.mu.cmap.GetEpoch()
+}
+
+// attemptCtx bounds one RPC attempt by AttemptTimeout and by Close.
+func (c *Client) attemptCtx(ctx context.Context) (context.Context, context.CancelFunc) {
+	actx, cancel := context.WithTimeout(ctx, c.cfg.AttemptTimeout)
+	stop := context.AfterFunc(c.base, cancel)
+	return actx, func() { stop(); cancel() }
+}
+
+// Map fetches the current cluster map from the cluster (refreshing the
+// client's cache) and returns a copy the caller owns.
+func (c *Client) Map(ctx context.Context) (*kvpb.ClusterMap, error) {
+	if c.isClosed() {
+		return nil, ErrClosed
+	}
+	if err := c.refreshMap(ctx, 0); err != nil {
+		return nil, err
+	}
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return proto.Clone(c.mu.cmap).(*kvpb.ClusterMap), nil
+}
+
+// Close stops the heartbeats and closes every connection. Requests in
+// flight fail with ErrClosed. Close is idempotent; later calls return the
+// first call's result.
+func (c *Client) Close() error {
+	c.closeOnce.Do(func() {
+		c.cancel()
+		c.mu.Lock()
+		c.mu.closed = true
+		nodes := c.mu.nodes
+		c.mu.nodes = map[uint64]*node{}
+		c.mu.Unlock()
+		var errs []error
+		for _, n := range nodes {
+			if err := n.close(true); err != nil {
+				errs = append(errs, err)
+			}
+		}
+		c.closeErr = errors.Join(errs...)
+	})
+	return c.closeErr
+}
+
+func (c *Client) isClosed() bool {
+	return c.base.Err() != nil
+}

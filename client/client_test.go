@@ -1,0 +1,751 @@
+package client
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/client/clienttest"
+	"github.com/kvd/kvd/proto/kvpb"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// newFake starts a fake cluster that stops when the test ends.
+func newFake(t *testing.T, nodes, shards, replicas int) *clienttest.FakeCluster {
+	t.Helper()
+	f, err := clienttest.NewFakeCluster(nodes, shards, replicas)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(f.Close)
+	return f
+}
+
+// newClient connects to f; cfg's zero fields get test-friendly defaults.
+func newClient(t *testing.T, f *clienttest.FakeCluster, cfg Config) *Client {
+	t.Helper()
+	cfg.Endpoints = f.Endpoints()
+	if cfg.HeartbeatInterval == 0 {
+		cfg.HeartbeatInterval = 20 * time.Millisecond
+	}
+	if cfg.AttemptTimeout == 0 {
+		cfg.AttemptTimeout = 200 * time.Millisecond
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := New(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func ctxT(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// waitFor polls cond until it holds or the deadline passes: a condition
+// with a deadline, not a sleep.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// keyIn finds a key of shard.
+func keyIn(f *clienttest.FakeCluster, shard uint64, tag string) []byte {
+	for i := 0; ; i++ {
+		k := fmt.Appendf(nil, "%s-%d", tag, i)
+		if f.ShardOf(k) == shard {
+			return k
+		}
+	}
+}
+
+func totalCalls(f *clienttest.FakeCluster, method string) int {
+	n := 0
+	for _, node := range f.Nodes {
+		n += node.Calls(method)
+	}
+	return n
+}
+
+func TestRoutesByRingToLeader(t *testing.T) {
+	f := newFake(t, 3, 8, 3)
+	// Spread the leaders so routing to the wrong node would show.
+	for s := uint64(1); s <= 8; s++ {
+		f.SetLeader(s, f.Replicas(s)[int(s)%3])
+	}
+	c := newClient(t, f, Config{})
+	// The client starts with each shard's first replica as leader: the
+	// first write per shard may take one hint. Warm up, then count.
+	for s := uint64(1); s <= 8; s++ {
+		if _, err := c.Put(ctxT(t, 5*time.Second), keyIn(f, s, "warm"), []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := map[uint64]int{}
+	for _, n := range f.Nodes {
+		before[n.ID] = n.Calls("Put")
+	}
+	want := map[uint64]int{}
+	for i := range 200 {
+		k := fmt.Appendf(nil, "key-%d", i)
+		want[f.Leader(f.ShardOf(k))]++
+		if _, err := c.Put(ctxT(t, 5*time.Second), k, []byte("v")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, n := range f.Nodes {
+		if got := n.Calls("Put") - before[n.ID]; got != want[n.ID] {
+			t.Errorf("node %d got %d puts, want %d (every put straight to its shard's leader)", n.ID, got, want[n.ID])
+		}
+	}
+	kv, err := c.Get(ctxT(t, 5*time.Second), []byte("key-7"))
+	if err != nil || string(kv.Value) != "v" {
+		t.Fatalf("Get = %v, %v", kv, err)
+	}
+}
+
+func TestFollowsLeaderHint(t *testing.T) {
+	f := newFake(t, 3, 4, 3)
+	c := newClient(t, f, Config{})
+	const shard = 2
+	reps := f.Replicas(shard)
+	old, nu := f.Node(reps[0]), f.Node(reps[2])
+	f.SetLeader(shard, nu.ID)
+	k := keyIn(f, shard, "hint")
+	if _, err := c.Put(ctxT(t, 5*time.Second), k, []byte("1")); err != nil {
+		t.Fatal(err)
+	}
+	if old.Calls("Put") != 1 || nu.Calls("Put") != 1 {
+		t.Fatalf("puts: old leader %d, new leader %d; want 1 and 1", old.Calls("Put"), nu.Calls("Put"))
+	}
+	// The hint is cached: the next write goes straight to the new leader.
+	if _, err := c.Put(ctxT(t, 5*time.Second), k, []byte("2")); err != nil {
+		t.Fatal(err)
+	}
+	if old.Calls("Put") != 1 || nu.Calls("Put") != 2 {
+		t.Fatalf("after caching: old %d, new %d puts; want 1 and 2", old.Calls("Put"), nu.Calls("Put"))
+	}
+}
+
+func TestNoHintTriesOtherReplicas(t *testing.T) {
+	f := newFake(t, 3, 4, 3)
+	c := newClient(t, f, Config{})
+	const shard = 3
+	reps := f.Replicas(shard)
+	for _, id := range reps {
+		f.Node(id).HideLeaderHint(true)
+	}
+	f.SetLeader(shard, reps[2])
+	if _, err := c.Put(ctxT(t, 5*time.Second), keyIn(f, shard, "nohint"), []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range reps {
+		if got := f.Node(id).Calls("Put"); got != 1 {
+			t.Errorf("node %d got %d puts, want 1 (replicas tried in turn)", id, got)
+		}
+	}
+}
+
+func TestRetryKeepsSessionAndSeq(t *testing.T) {
+	f := newFake(t, 3, 4, 3)
+	c := newClient(t, f, Config{})
+	k := keyIn(f, 1, "dedup")
+	leader := f.Node(f.Leader(1))
+
+	// The leader applies the write, then "times out" twice: the client
+	// retries (failing over to followers, which point back), and the
+	// server answers the retry from its dedup table.
+	leader.FailAfterApply(2)
+	if _, err := c.Put(ctxT(t, 5*time.Second), k, []byte("once")); err != nil {
+		t.Fatal(err)
+	}
+	var hs []*kvpb.RequestHeader
+	for _, n := range f.Nodes {
+		hs = append(hs, n.WriteHeaders()...)
+	}
+	if len(hs) < 3 {
+		t.Fatalf("%d write attempts reached the cluster, want ≥ 3", len(hs))
+	}
+	for _, h := range hs {
+		if h.Session != c.Session() || h.Seq != hs[0].Seq || h.Session == 0 {
+			t.Fatalf("attempt header %v differs from first %v (session %d)", h, hs[0], c.Session())
+		}
+	}
+	kv, err := c.Get(ctxT(t, 5*time.Second), k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if kv.Version != 1 {
+		t.Fatalf("version %d after one retried put, want 1 (applied once)", kv.Version)
+	}
+
+	// Failures before apply: same header again, and the next write gets
+	// the next seq.
+	leader.FailNext(2)
+	if _, err := c.Put(ctxT(t, 5*time.Second), k, []byte("twice")); err != nil {
+		t.Fatal(err)
+	}
+	hs2 := leader.WriteHeaders()
+	last := hs2[len(hs2)-1]
+	if last.Seq != hs[0].Seq+1 || last.Session != c.Session() {
+		t.Fatalf("next write header %v, want seq %d", last, hs[0].Seq+1)
+	}
+}
+
+func TestAckBelow(t *testing.T) {
+	tr := newSeqTracker()
+	a, b, c := tr.start(), tr.start(), tr.start()
+	if tr.ackBelow() != a {
+		t.Fatalf("ackBelow = %d with %d in flight", tr.ackBelow(), a)
+	}
+	tr.finish(b)
+	if tr.ackBelow() != a {
+		t.Fatalf("ackBelow = %d: passed in-flight %d", tr.ackBelow(), a)
+	}
+	tr.finish(a)
+	if tr.ackBelow() != c {
+		t.Fatalf("ackBelow = %d, want %d", tr.ackBelow(), c)
+	}
+	tr.finish(c)
+	if d := tr.start(); tr.ackBelow() != d || len(tr.done) != 0 {
+		t.Fatalf("ackBelow = %d, want %d; done set %v", tr.ackBelow(), d, tr.done)
+	}
+}
+
+func TestWriteHeadersCarryAckBelow(t *testing.T) {
+	f := newFake(t, 1, 2, 1)
+	c := newClient(t, f, Config{})
+	for i := range 3 {
+		if _, err := c.Put(ctxT(t, 5*time.Second), []byte("k"), []byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, h := range f.Node(1).WriteHeaders() {
+		// Sequential writes: everything below this one was answered.
+		if h.AckBelow != h.Seq {
+			t.Fatalf("header %v: ack_below should equal seq", h)
+		}
+	}
+}
+
+func TestBackoffBoundedByContext(t *testing.T) {
+	f := newFake(t, 3, 4, 3)
+	c := newClient(t, f, Config{})
+	k := keyIn(f, 1, "nol")
+	f.SetLeader(1, 0) // election in progress: every replica says "no leader"
+
+	start := time.Now()
+	_, err := c.Put(ctxT(t, 300*time.Millisecond), k, []byte("x"))
+	el := time.Since(start)
+	if !errors.Is(err, ErrUnavailable) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want ErrUnavailable wrapping DeadlineExceeded", err)
+	}
+	if el > 600*time.Millisecond {
+		t.Fatalf("Put took %v with a 300ms deadline", el)
+	}
+	// Backoff, not a hot loop: with base 20ms and cap 1s, 300ms allow a
+	// few rounds of three replicas, not hundreds.
+	if n := totalCalls(f, "Put"); n > 60 {
+		t.Fatalf("%d attempts in 300ms: backoff is not working", n)
+	}
+
+	// The leader comes back: the same client recovers.
+	f.SetLeader(1, f.Replicas(1)[1])
+	if _, err := c.Put(ctxT(t, 5*time.Second), k, []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestAllNodesDown(t *testing.T) {
+	f := newFake(t, 3, 4, 3)
+	c := newClient(t, f, Config{})
+	for _, n := range f.Nodes {
+		n.SetMode(clienttest.Down)
+	}
+	_, err := c.Get(ctxT(t, 200*time.Millisecond), []byte("a"))
+	if !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("err = %v, want ErrUnavailable", err)
+	}
+	for _, n := range f.Nodes {
+		n.SetMode(clienttest.Up)
+	}
+	// Breakers close on the next heartbeats.
+	if _, err := c.Put(ctxT(t, 5*time.Second), []byte("a"), []byte("b")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestBreakerOpensOnHungNodeAndCloses(t *testing.T) {
+	f := newFake(t, 3, 4, 3)
+	c := newClient(t, f, Config{HeartbeatInterval: 10 * time.Millisecond, AttemptTimeout: 100 * time.Millisecond})
+	hung := f.Node(1)
+	state := func(id uint64) breakerState {
+		c.mu.RLock()
+		n := c.mu.nodes[id]
+		c.mu.RUnlock()
+		s, _ := n.state()
+		return s
+	}
+	hung.SetMode(clienttest.Hang)
+	waitFor(t, "breaker of hung node 1 to open", func() bool { return state(1) != breakerClosed })
+	if state(2) != breakerClosed || state(3) != breakerClosed {
+		t.Fatal("breakers of healthy nodes opened")
+	}
+
+	// Requests skip the open node: a serializable read of a shard node 1
+	// leads goes to another replica without waiting on node 1.
+	var shard uint64
+	for s := uint64(1); s <= 4; s++ {
+		if f.Leader(s) == 1 {
+			shard = s
+		}
+	}
+	k := keyIn(f, shard, "skip")
+	before := hung.Calls("Get")
+	start := time.Now()
+	if _, err := c.Get(ctxT(t, 5*time.Second), k, WithSerializable()); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Get = %v, want ErrNotFound from another replica", err)
+	}
+	if el := time.Since(start); el > 90*time.Millisecond {
+		t.Fatalf("serializable Get took %v: it waited on the hung node", el)
+	}
+	if hung.Calls("Get") != before {
+		t.Fatal("a request went to the node whose breaker is open")
+	}
+
+	// Leadership moves away from the hung node (as Raft would do); the
+	// client finds the new leader and writes succeed.
+	for s := uint64(1); s <= 4; s++ {
+		if f.Leader(s) == 1 {
+			f.SetLeader(s, f.Replicas(s)[1])
+		}
+	}
+	if _, err := c.Put(ctxT(t, 5*time.Second), k, []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+
+	hung.SetMode(clienttest.Up)
+	waitFor(t, "breaker of node 1 to close", func() bool { return state(1) == breakerClosed })
+}
+
+func TestHungLeaderFailsOverWithinDeadline(t *testing.T) {
+	f := newFake(t, 3, 4, 3)
+	// Slow heartbeats: the per-attempt timeout, not the breaker, must
+	// rescue this request.
+	c := newClient(t, f, Config{HeartbeatInterval: time.Hour, AttemptTimeout: 100 * time.Millisecond})
+	const shard = 1
+	reps := f.Replicas(shard)
+	k := keyIn(f, shard, "hung")
+	f.Node(reps[0]).SetMode(clienttest.Hang)
+	f.SetLeader(shard, reps[1])
+	f.Node(reps[1]).HideLeaderHint(true) // irrelevant for the leader itself
+	start := time.Now()
+	if _, err := c.Put(ctxT(t, 2*time.Second), k, []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	if el := time.Since(start); el > time.Second {
+		t.Fatalf("failover took %v", el)
+	}
+}
+
+func TestBulkheadBoundsInFlight(t *testing.T) {
+	f := newFake(t, 1, 2, 1)
+	c := newClient(t, f, Config{MaxInFlightPerNode: 2, AttemptTimeout: time.Second, HeartbeatInterval: time.Hour})
+	n := f.Node(1)
+	n.SetMode(clienttest.Hang)
+	var wg sync.WaitGroup
+	errs := make([]error, 8)
+	for i := range errs {
+		wg.Go(func() {
+			_, errs[i] = c.Get(ctxT(t, 300*time.Millisecond), fmt.Appendf(nil, "k%d", i))
+		})
+	}
+	wg.Wait()
+	if got := n.MaxInFlight(); got > 2 {
+		t.Fatalf("node saw %d calls in flight, bulkhead is 2", got)
+	}
+	for _, err := range errs {
+		if !errors.Is(err, ErrUnavailable) {
+			t.Fatalf("err = %v, want ErrUnavailable", err)
+		}
+	}
+	n.SetMode(clienttest.Up)
+	if _, err := c.Put(ctxT(t, 5*time.Second), []byte("k"), []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestResourceExhaustedBacksOff(t *testing.T) {
+	f := newFake(t, 1, 2, 1)
+	c := newClient(t, f, Config{})
+	f.Node(1).ExhaustNext(3)
+	if _, err := c.Put(ctxT(t, 5*time.Second), []byte("k"), []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	if got := f.Node(1).Calls("Put"); got != 4 {
+		t.Fatalf("%d attempts, want 4", got)
+	}
+}
+
+func TestStaleEpochRefreshesMap(t *testing.T) {
+	f := newFake(t, 3, 4, 3)
+	c := newClient(t, f, Config{})
+	maps := totalCalls(f, "Map")
+	f.BumpEpoch()
+	if _, err := c.Put(ctxT(t, 5*time.Second), []byte("k"), []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	if totalCalls(f, "Map") != maps+1 {
+		t.Fatalf("map fetched %d times, want 1", totalCalls(f, "Map")-maps)
+	}
+	if c.epoch() != f.Epoch() {
+		t.Fatalf("client epoch %d, cluster %d", c.epoch(), f.Epoch())
+	}
+}
+
+func TestInvalidArgumentNotRetried(t *testing.T) {
+	f := newFake(t, 3, 4, 3)
+	c := newClient(t, f, Config{})
+	big := bytes.Repeat([]byte("k"), clienttest.MaxKeySize+1)
+	_, err := c.Put(ctxT(t, 5*time.Second), big, []byte("v"))
+	if !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("err = %v, want ErrInvalidArgument", err)
+	}
+	if n := totalCalls(f, "Put"); n > 1 {
+		t.Fatalf("%d attempts, want 1", n)
+	}
+	if _, err := c.Get(ctxT(t, time.Second), nil); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("empty key: %v", err)
+	}
+}
+
+func TestGetDeleteTxn(t *testing.T) {
+	f := newFake(t, 3, 4, 3)
+	c := newClient(t, f, Config{})
+	ctx := ctxT(t, 5*time.Second)
+	if _, err := c.Get(ctx, []byte("nope")); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Get missing = %v, want ErrNotFound", err)
+	}
+	if _, err := c.Put(ctx, []byte("{u1}/a"), []byte("1")); err != nil {
+		t.Fatal(err)
+	}
+	req := &kvpb.TxnRequest{
+		Compare: []*kvpb.Compare{{Key: []byte("{u1}/a"), Target: kvpb.Compare_VALUE, Value: []byte("1")}},
+		Success: []*kvpb.RequestOp{{Op: &kvpb.RequestOp_Put{Put: &kvpb.PutRequest{Key: []byte("{u1}/b"), Value: []byte("2")}}}},
+	}
+	orig := proto.Clone(req)
+	resp, err := c.Txn(ctx, req)
+	if err != nil || !resp.Succeeded {
+		t.Fatalf("Txn = %v, %v", resp, err)
+	}
+	if !proto.Equal(orig, req) {
+		t.Fatal("Txn modified the caller's request")
+	}
+	if kv, err := c.Get(ctx, []byte("{u1}/b")); err != nil || string(kv.Value) != "2" {
+		t.Fatalf("Get = %v, %v", kv, err)
+	}
+	// Keys in two shards: rejected, never retried.
+	a := keyIn(f, 1, "x")
+	b := keyIn(f, 2, "x")
+	cross := &kvpb.TxnRequest{Success: []*kvpb.RequestOp{
+		{Op: &kvpb.RequestOp_Put{Put: &kvpb.PutRequest{Key: a}}},
+		{Op: &kvpb.RequestOp_Put{Put: &kvpb.PutRequest{Key: b}}},
+	}}
+	if _, err := c.Txn(ctx, cross); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("cross-shard Txn = %v, want ErrInvalidArgument", err)
+	}
+	if _, err := c.Txn(ctx, &kvpb.TxnRequest{}); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("empty Txn = %v", err)
+	}
+	d, err := c.Delete(ctx, []byte("{u1}/a"))
+	if err != nil || d.Deleted != 1 {
+		t.Fatalf("Delete = %v, %v", d, err)
+	}
+	if _, err := c.Get(ctx, []byte("{u1}/a"), WithSerializable()); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("Get deleted = %v", err)
+	}
+}
+
+func TestScanMergesShardsInOrder(t *testing.T) {
+	f := newFake(t, 3, 8, 3)
+	c := newClient(t, f, Config{})
+	ctx := ctxT(t, 10*time.Second)
+	var want []string
+	for i := range 250 {
+		k := fmt.Sprintf("k%03d", i)
+		want = append(want, k)
+		if _, err := c.Put(ctx, []byte(k), []byte("v"+k)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, k := range []string{"a", "j", "l", "z"} { // outside the prefix
+		if _, err := c.Put(ctx, []byte(k), []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	shardsSeen := map[uint64]bool{}
+	for _, k := range want {
+		shardsSeen[f.ShardOf([]byte(k))] = true
+	}
+	if len(shardsSeen) < 4 {
+		t.Fatalf("keys spread over only %d shards; the test needs several", len(shardsSeen))
+	}
+
+	for _, limit := range []int{1, 7, 100, 250, 1000} {
+		var got []string
+		tok, pages := "", 0
+		for {
+			p, err := c.Scan(ctx, []byte("k"), PrefixEnd([]byte("k")), ScanOptions{Limit: limit, Token: tok})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(p.KVs) > limit {
+				t.Fatalf("limit %d: page of %d", limit, len(p.KVs))
+			}
+			for _, kv := range p.KVs {
+				if string(kv.Value) != "v"+string(kv.Key) {
+					t.Fatalf("value of %q = %q", kv.Key, kv.Value)
+				}
+				got = append(got, string(kv.Key))
+			}
+			pages++
+			if tok = p.Next; tok == "" {
+				break
+			}
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("limit %d: scan returned %d keys %v..., want %d in order", limit, len(got), got[:min(5, len(got))], len(want))
+		}
+		if wantPages := (250 + limit - 1) / limit; pages < wantPages || pages > wantPages+1 {
+			t.Fatalf("limit %d: %d pages, want %d", limit, pages, wantPages)
+		}
+	}
+
+	// Whole key space, keys only, serializable.
+	p, err := c.Scan(ctx, nil, nil, ScanOptions{KeysOnly: true, Serializable: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(p.KVs) != 254 || p.Next != "" || p.KVs[0].Value != nil || string(p.KVs[0].Key) != "a" || string(p.KVs[253].Key) != "z" {
+		t.Fatalf("full scan: %d keys, next %q", len(p.KVs), p.Next)
+	}
+	// Empty range.
+	if p, err := c.Scan(ctx, []byte("m"), []byte("n"), ScanOptions{}); err != nil || len(p.KVs) != 0 || p.Next != "" {
+		t.Fatalf("empty scan = %v, %v", p, err)
+	}
+}
+
+func TestScanBadToken(t *testing.T) {
+	f := newFake(t, 1, 2, 1)
+	c := newClient(t, f, Config{})
+	good := encodeToken([]byte("k5"))
+	raw := []byte(good)
+	flipped := string(append(raw[:len(raw)-1:len(raw)-1], raw[len(raw)-1]^1))
+	for _, tok := range []string{"!!!", "AA", good[:len(good)-2], flipped, encodeToken([]byte("a"))} {
+		_, err := c.Scan(ctxT(t, time.Second), []byte("k"), nil, ScanOptions{Token: tok})
+		if !errors.Is(err, ErrInvalidToken) {
+			t.Errorf("token %q: err = %v, want ErrInvalidToken", tok, err)
+		}
+	}
+}
+
+func TestTokenRoundTrip(t *testing.T) {
+	for _, k := range [][]byte{{0}, []byte("k"), bytes.Repeat([]byte{0xff}, 300)} {
+		got, err := decodeToken(encodeToken(k))
+		if err != nil || !bytes.Equal(got, k) {
+			t.Fatalf("round trip of %q = %q, %v", k, got, err)
+		}
+	}
+}
+
+func FuzzDecodeToken(f *testing.F) {
+	f.Add(encodeToken([]byte("key")))
+	f.Add("")
+	f.Add("AQ")
+	f.Fuzz(func(t *testing.T, tok string) {
+		k, err := decodeToken(tok)
+		if err != nil {
+			if !errors.Is(err, ErrInvalidToken) {
+				t.Fatalf("error %v is not ErrInvalidToken", err)
+			}
+			return
+		}
+		if encodeToken(k) != tok {
+			t.Fatalf("accepted a non-canonical token %q", tok)
+		}
+	})
+}
+
+func TestPrefixEnd(t *testing.T) {
+	for _, tc := range []struct{ in, want []byte }{
+		{[]byte("a"), []byte("b")},
+		{[]byte("a\xff"), []byte("b")},
+		{[]byte("\xff\xff"), nil},
+		{nil, nil},
+	} {
+		if got := PrefixEnd(tc.in); !bytes.Equal(got, tc.want) {
+			t.Errorf("PrefixEnd(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}
+
+func TestBackoffFullJitter(t *testing.T) {
+	for attempt := range 40 {
+		ceil := min(backoffCap, backoffBase<<min(attempt, 16))
+		for range 50 {
+			if d := backoff(attempt); d < 0 || d >= ceil {
+				t.Fatalf("backoff(%d) = %v, want in [0, %v)", attempt, d, ceil)
+			}
+		}
+	}
+}
+
+func TestStatusAndMembers(t *testing.T) {
+	f := newFake(t, 3, 4, 3)
+	c := newClient(t, f, Config{})
+	f.Node(2).SetMode(clienttest.Down)
+	st, err := c.Status(ctxT(t, 5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st) != 3 || st[1].ID != 2 || st[1].Err == nil || st[1].Healthy || st[0].Err != nil || !st[0].Healthy {
+		t.Fatalf("status = %+v", st)
+	}
+	if len(st[0].Status.Shards) == 0 {
+		t.Fatal("node 1 reports no shards")
+	}
+	ml, err := c.MemberList(ctxT(t, 5*time.Second))
+	if err != nil || len(ml.Members) != 3 {
+		t.Fatalf("MemberList = %v, %v", ml, err)
+	}
+	m, err := c.Map(ctxT(t, 5*time.Second))
+	if err != nil || len(m.Shards) != 4 {
+		t.Fatalf("Map = %v, %v", m, err)
+	}
+	for _, n := range f.Nodes {
+		n.SetMode(clienttest.Down)
+	}
+	if _, err := c.Status(ctxT(t, 5*time.Second)); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Status with all down = %v", err)
+	}
+	if _, err := c.MemberList(ctxT(t, 200*time.Millisecond)); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("MemberList with all down = %v", err)
+	}
+}
+
+func TestNewFailsWhenNoEndpointAnswers(t *testing.T) {
+	f := newFake(t, 1, 1, 1)
+	f.Node(1).SetMode(clienttest.Down)
+	_, err := New(ctxT(t, 5*time.Second), Config{Endpoints: []string{f.Nodes[0].Addr, "127.0.0.1:1"}, DialTimeout: 200 * time.Millisecond})
+	if !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("New = %v, want ErrUnavailable", err)
+	}
+	if _, err := New(context.Background(), Config{}); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("New without endpoints = %v", err)
+	}
+}
+
+func TestBootstrapSkipsDeadEndpoint(t *testing.T) {
+	f := newFake(t, 1, 1, 1)
+	c, err := New(ctxT(t, 5*time.Second), Config{Endpoints: []string{"127.0.0.1:1", f.Nodes[0].Addr}, DialTimeout: 500 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Put(ctxT(t, 5*time.Second), []byte("a"), []byte("b")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCloseIdempotent(t *testing.T) {
+	f := newFake(t, 3, 4, 3)
+	c := newClient(t, f, Config{})
+	f.Node(1).SetMode(clienttest.Hang)
+	// A request stuck on a hung node is released by Close.
+	errc := make(chan error, 1)
+	go func() {
+		_, err := c.Get(context.Background(), keyIn(f, 1, "c"))
+		errc <- err
+	}()
+	waitFor(t, "the request to reach the hung node", func() bool { return f.Node(1).Calls("Get") > 0 })
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-errc; !errors.Is(err, ErrClosed) {
+		t.Fatalf("in-flight Get after Close = %v, want ErrClosed", err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Put(context.Background(), []byte("a"), nil); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Put after Close = %v", err)
+	}
+	if _, err := c.Scan(context.Background(), nil, nil, ScanOptions{}); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Scan after Close = %v", err)
+	}
+}
+
+// TestConcurrentUse exercises the client from many goroutines while
+// leaders move, for the race detector.
+func TestConcurrentUse(t *testing.T) {
+	f := newFake(t, 3, 8, 3)
+	c := newClient(t, f, Config{})
+	ctx := ctxT(t, 20*time.Second)
+	stop := make(chan struct{})
+	var mover sync.WaitGroup
+	mover.Go(func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			case <-time.After(2 * time.Millisecond):
+			}
+			s := uint64(i%8 + 1)
+			f.SetLeader(s, f.Replicas(s)[i%3])
+		}
+	})
+	var wg sync.WaitGroup
+	for g := range 16 {
+		wg.Go(func() {
+			for i := range 40 {
+				k := fmt.Appendf(nil, "g%d-%d", g, i)
+				if _, err := c.Put(ctx, k, k); err != nil {
+					t.Error(err)
+					return
+				}
+				kv, err := c.Get(ctx, k)
+				if err != nil || !bytes.Equal(kv.Value, k) {
+					t.Errorf("Get %q = %v, %v", k, kv, err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(stop)
+	mover.Wait()
+	p, err := c.Scan(ctx, []byte("g"), PrefixEnd([]byte("g")), ScanOptions{Limit: 10000})
+	if err != nil || len(p.KVs) != 16*40 {
+		t.Fatalf("scan: %d keys, %v", len(p.KVs), err)
+	}
+}

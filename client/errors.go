@@ -1,0 +1,22 @@
+package client
+
+import "errors"
+
+// Sentinel errors. Every error the client returns wraps at most one of these
+// (plus context); match them with errors.Is.
+var (
+	// ErrNotFound: Get found no such key.
+	ErrNotFound = errors.New("client: key not found")
+	// ErrUnavailable: the cluster could not serve the request before the
+	// caller's deadline: no node answered, a shard has no leader or no
+	// quorum, or every replica was down or busy. Retrying later may succeed.
+	ErrUnavailable = errors.New("client: cluster unavailable")
+	// ErrInvalidArgument: the server (or the client, before sending)
+	// rejected the request as malformed; retrying it unchanged cannot help.
+	ErrInvalidArgument = errors.New("client: invalid argument")
+	// ErrInvalidToken: a Scan continuation token was not produced by this
+	// client version or was corrupted.
+	ErrInvalidToken = errors.New("client: invalid scan token")
+	// ErrClosed: the Client was closed.
+	ErrClosed = errors.New("client: closed")
+)

@@ -1,0 +1,201 @@
+package client
+
+import (
+	"context"
+	"log/slog"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/kvd/kvd/proto/kvpb"
+)
+
+// breakerThreshold is how many consecutive failures (heartbeats or
+// requests) open a node's circuit breaker.
+const breakerThreshold = 3
+
+// breakerState is a node's circuit-breaker state.
+//
+//	closed ──3 failures──▶ open ──next heartbeat──▶ half-open ──probe ok──▶ closed
+//	                         ▲                          │
+//	                         └────────probe fails───────┘
+//
+// Only closed nodes receive requests; the half-open probe is the heartbeat's
+// health check, so a node that just came back is tried by one cheap RPC
+// before real traffic returns to it.
+type breakerState int
+
+const (
+	breakerClosed breakerState = iota
+	breakerOpen
+	breakerHalfOpen
+)
+
+func (s breakerState) String() string {
+	switch s {
+	case breakerClosed:
+		return "closed"
+	case breakerOpen:
+		return "open"
+	case breakerHalfOpen:
+		return "half-open"
+	}
+	return "unknown"
+}
+
+// node is one kvd member as the client sees it: one gRPC connection, a
+// circuit breaker fed by heartbeats and request outcomes, and a bulkhead
+// bounding the requests in flight to it.
+type node struct {
+	id     uint64
+	addr   string
+	conn   *grpc.ClientConn
+	kv     kvpb.KVClient
+	clu    kvpb.ClusterClient
+	health healthpb.HealthClient
+	log    *slog.Logger
+
+	// sem is the bulkhead: one token per request in flight. Acquired
+	// without blocking; a full node is "busy" and the caller goes elsewhere.
+	sem chan struct{}
+
+	// ctx is cancelled to stop the heartbeat goroutine (and its probe in
+	// flight); done is closed when that goroutine returned.
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	// mu guards the breaker.
+	mu struct {
+		sync.Mutex
+		state    breakerState
+		failures int       // consecutive failures
+		lastErr  error     // last failure, for Status
+		lastOK   time.Time // last success
+	}
+}
+
+func dialNode(id uint64, addr string, maxInFlight int, log *slog.Logger) (*node, error) {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &node{
+		ctx:    ctx,
+		cancel: cancel,
+		id:     id,
+		addr:   addr,
+		conn:   conn,
+		kv:     kvpb.NewKVClient(conn),
+		clu:    kvpb.NewClusterClient(conn),
+		health: healthpb.NewHealthClient(conn),
+		log:    log.With("node", id, "addr", addr),
+		sem:    make(chan struct{}, maxInFlight),
+		done:   make(chan struct{}),
+	}, nil
+}
+
+// acquire takes a bulkhead slot without waiting; false means the node is busy.
+func (n *node) acquire() bool {
+	select {
+	case n.sem <- struct{}{}:
+		return true
+	default:
+		return false
+	}
+}
+
+func (n *node) release() { <-n.sem }
+
+// available reports whether requests may go to n (breaker closed).
+func (n *node) available() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.mu.state == breakerClosed
+}
+
+func (n *node) state() (breakerState, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.mu.state, n.mu.lastErr
+}
+
+func (n *node) success() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.mu.state != breakerClosed {
+		n.log.Info("client: node answers again, breaker closed", "was", n.mu.state.String())
+	}
+	n.mu.state = breakerClosed
+	n.mu.failures = 0
+	n.mu.lastErr = nil
+	n.mu.lastOK = time.Now()
+}
+
+func (n *node) failure(err error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.mu.failures++
+	n.mu.lastErr = err
+	switch n.mu.state {
+	case breakerClosed:
+		if n.mu.failures >= breakerThreshold {
+			n.mu.state = breakerOpen
+			n.log.Warn("client: node marked down, breaker open", "failures", n.mu.failures, "err", err)
+		}
+	case breakerHalfOpen:
+		n.mu.state = breakerOpen
+	}
+}
+
+// heartbeat pings n with the gRPC health service every interval until stop
+// is closed. It is the only path from open back to closed.
+func (n *node) heartbeat(interval, timeout time.Duration) {
+	defer close(n.done)
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-t.C:
+		}
+		n.mu.Lock()
+		if n.mu.state == breakerOpen {
+			n.mu.state = breakerHalfOpen
+		}
+		n.mu.Unlock()
+		err := n.probe(timeout)
+		if err != nil {
+			n.failure(err)
+		} else {
+			n.success()
+		}
+	}
+}
+
+func (n *node) probe(timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(n.ctx, timeout)
+	defer cancel()
+	resp, err := n.health.Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		return err
+	}
+	if resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		return errNotServing
+	}
+	return nil
+}
+
+// close stops the heartbeat (if started) and closes the connection.
+func (n *node) close(started bool) error {
+	n.cancel()
+	if started {
+		<-n.done
+	}
+	return n.conn.Close()
+}

@@ -1,0 +1,401 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kvd/kvd/client"
+)
+
+const defaultEndpoints = "127.0.0.1:2379"
+
+// app holds one run's flags and streams; nothing in kvctl is global.
+type app struct {
+	stdin          io.Reader
+	stdout, stderr io.Writer
+
+	endpoints []string
+	timeout   time.Duration
+	output    string
+
+	// ran is set once a command's RunE starts (past flag parsing).
+	ran bool
+}
+
+func (a *app) rootCmd() *cobra.Command {
+	var endpoints string
+	root := &cobra.Command{
+		Use:   "kvctl",
+		Short: "kvctl talks to a kvd cluster",
+		Long: `kvctl reads and writes keys in a kvd cluster and shows its state.
+
+Exit codes: 0 success; 1 key not found; 2 bad usage or input;
+3 cluster unavailable (no quorum, timeout, no endpoint answers).`,
+		Example: `  kvctl put greeting hello
+  kvctl get greeting
+  kvctl --endpoints 10.0.0.1:2379,10.0.0.2:2379 -o json get greeting
+  kvctl cluster status`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Args:          noArgsOrUnknown,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cmd.SetOut(a.stderr)
+			cmd.Usage()
+			return usageErrorf("no command given; see 'kvctl --help'")
+		},
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			if !cmd.Flags().Changed("endpoints") {
+				if env, ok := os.LookupEnv("KVCTL_ENDPOINTS"); ok && env != "" {
+					endpoints = env
+				}
+			}
+			a.endpoints = nil
+			for _, ep := range strings.Split(endpoints, ",") {
+				if ep = strings.TrimSpace(ep); ep != "" {
+					a.endpoints = append(a.endpoints, ep)
+				}
+			}
+			if len(a.endpoints) == 0 {
+				return usageErrorf("--endpoints is empty; give host:port[,host:port...]")
+			}
+			if a.timeout <= 0 {
+				return usageErrorf("--timeout must be positive, got %v", a.timeout)
+			}
+			switch a.output {
+			case "simple", "json", "table":
+			default:
+				return usageErrorf("-o %q is not an output format; use simple, json or table", a.output)
+			}
+			return nil
+		},
+	}
+	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
+		return usageErrorf("%v; see 'kvctl %s --help'", err, strings.TrimPrefix(cmd.CommandPath()+" ", "kvctl "))
+	})
+	root.CompletionOptions.DisableDefaultCmd = true
+	pf := root.PersistentFlags()
+	pf.StringVar(&endpoints, "endpoints", defaultEndpoints, "comma-separated client addresses (host:port) of kvd nodes; env KVCTL_ENDPOINTS")
+	pf.DurationVar(&a.timeout, "timeout", 5*time.Second, "deadline of each request to the cluster (connecting, each read, write or scan page)")
+	pf.StringVarP(&a.output, "output", "o", "simple", "output format: simple, json or table")
+
+	root.AddCommand(a.putCmd(), a.getCmd(), a.delCmd(), a.clusterCmd(), a.memberCmd())
+	return root
+}
+
+// noArgsOrUnknown reports an unknown command as usage error (cobra only
+// does so by itself for commands without a Run).
+func noArgsOrUnknown(cmd *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		return usageErrorf("unknown command %q; see 'kvctl --help'", args[0])
+	}
+	return nil
+}
+
+// exactArgs is cobra.ExactArgs with a message that names the command.
+func exactArgs(n int, what string) cobra.PositionalArgs {
+	return func(cmd *cobra.Command, args []string) error {
+		if len(args) != n {
+			return usageErrorf("%s needs %s, got %d argument(s); usage: %s", cmd.CommandPath(), what, len(args), cmd.UseLine())
+		}
+		return nil
+	}
+}
+
+// groupCmd is a command that only holds subcommands.
+func groupCmd(use, short, example string) *cobra.Command {
+	return &cobra.Command{
+		Use: use, Short: short, Example: example,
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return usageErrorf("unknown command %q for %s; see '%s --help'", args[0], cmd.CommandPath(), cmd.CommandPath())
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return usageErrorf("%s needs a subcommand; see '%s --help'", cmd.CommandPath(), cmd.CommandPath())
+		},
+	}
+}
+
+// connect creates a client bounded by --timeout.
+func (a *app) connect() (*client.Client, error) {
+	a.ran = true
+	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
+	defer cancel()
+	c, err := client.New(ctx, client.Config{Endpoints: a.endpoints, DialTimeout: a.timeout})
+	if err != nil {
+		if errors.Is(err, client.ErrUnavailable) {
+			return nil, &exitError{code: exitUnavailable, msg: fmt.Sprintf(
+				"cluster unavailable at %s: no node answered within %v; check that kvd is running and --endpoints is right (%s)",
+				strings.Join(a.endpoints, ","), a.timeout, clean(err))}
+		}
+		return nil, err
+	}
+	return c, nil
+}
+
+// ctx is the deadline of one request.
+func (a *app) ctx() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), a.timeout)
+}
+
+func (a *app) putCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "put KEY VALUE",
+		Short: "Set KEY to VALUE",
+		Long: `Set KEY to VALUE. With VALUE "-" the value is read from stdin, byte
+for byte (a trailing newline is kept).
+
+Output: simple prints OK; json prints the shard and revision of the write.`,
+		Example: `  kvctl put greeting hello
+  printf 'multi\nline' | kvctl put note -`,
+		Args: exactArgs(2, "KEY and VALUE"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			value := []byte(args[1])
+			if args[1] == "-" {
+				b, err := io.ReadAll(a.stdin)
+				if err != nil {
+					return usageErrorf("reading the value from stdin: %v", err)
+				}
+				value = b
+			}
+			c, err := a.connect()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ctx, cancel := a.ctx()
+			defer cancel()
+			resp, err := c.Put(ctx, []byte(args[0]), value)
+			if err != nil {
+				return err
+			}
+			return a.printPut(resp)
+		},
+	}
+}
+
+func (a *app) getCmd() *cobra.Command {
+	var (
+		prefix      bool
+		keysOnly    bool
+		limit       int
+		consistency string
+	)
+	cmd := &cobra.Command{
+		Use:   "get KEY | get --prefix PREFIX",
+		Short: "Read a key, or every key with a prefix",
+		Long: `Read KEY, or with --prefix every key that starts with PREFIX, in key order.
+
+Output of one key:
+  simple  the value alone on one line
+  json    {"key", "value", "create_revision", "mod_revision", "version"}
+  table   a table with the same fields
+Output of --prefix:
+  simple  two lines per key, like etcdctl: the key, then the value
+          (with --keys-only: one key per line)
+  json    a JSON array of the objects above
+  table   a table, one row per key
+
+A missing KEY exits 1; a prefix that matches nothing prints nothing and
+exits 0. Keys and values are printed as text; json uses "value_base64"
+instead of "value" for values that are not UTF-8.`,
+		Example: `  kvctl get greeting
+  kvctl get --prefix user/ --keys-only
+  kvctl get --prefix user/ --limit 10 -o json
+  kvctl get --consistency serializable greeting`,
+		Args: exactArgs(1, "KEY (or PREFIX with --prefix)"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			var serializable bool
+			switch consistency {
+			case "linearizable", "l":
+			case "serializable", "s":
+				serializable = true
+			default:
+				return usageErrorf("--consistency %q is not valid; use linearizable or serializable", consistency)
+			}
+			if limit < 0 {
+				return usageErrorf("--limit must be ≥ 0, got %d", limit)
+			}
+			if !prefix && (keysOnly || limit != 0) {
+				return usageErrorf("--keys-only and --limit need --prefix")
+			}
+			c, err := a.connect()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			if prefix {
+				return a.scanPrefix(c, []byte(args[0]), limit, keysOnly, serializable)
+			}
+			ctx, cancel := a.ctx()
+			defer cancel()
+			var opts []client.ReadOption
+			if serializable {
+				opts = append(opts, client.WithSerializable())
+			}
+			kv, err := c.Get(ctx, []byte(args[0]), opts...)
+			if errors.Is(err, client.ErrNotFound) {
+				msg := fmt.Sprintf("key %q not found", args[0])
+				if p := commonPrefix(args[0]); p != "" {
+					msg += fmt.Sprintf("; list its neighbours with 'kvctl get --prefix %s --keys-only'", shellQuote(p))
+				}
+				return &exitError{code: exitNotFound, msg: msg}
+			}
+			if err != nil {
+				return err
+			}
+			return a.printKV(kv)
+		},
+	}
+	f := cmd.Flags()
+	f.BoolVar(&prefix, "prefix", false, "read every key that starts with the argument, in key order")
+	f.BoolVar(&keysOnly, "keys-only", false, "with --prefix: print keys, not values")
+	f.IntVar(&limit, "limit", 0, "with --prefix: print at most N keys in total (0: all)")
+	f.StringVar(&consistency, "consistency", "linearizable", "linearizable (up to date, via the leader) or serializable (any replica, may be stale)")
+	return cmd
+}
+
+// scanPrefix prints every key with prefix, page by page, so memory stays
+// bounded by one page whatever the prefix holds.
+func (a *app) scanPrefix(c *client.Client, prefix []byte, limit int, keysOnly, serializable bool) error {
+	const page = 1000
+	p := a.newKVPrinter(keysOnly)
+	opts := client.ScanOptions{KeysOnly: keysOnly, Serializable: serializable}
+	printed := 0
+	for {
+		opts.Limit = page
+		if limit > 0 {
+			opts.Limit = min(page, limit-printed)
+		}
+		ctx, cancel := a.ctx()
+		pg, err := c.Scan(ctx, prefix, client.PrefixEnd(prefix), opts)
+		cancel()
+		if err != nil {
+			return err
+		}
+		if err := p.add(pg.KVs); err != nil {
+			return err
+		}
+		printed += len(pg.KVs)
+		if pg.Next == "" || (limit > 0 && printed >= limit) {
+			return p.close()
+		}
+		opts.Token = pg.Next
+	}
+}
+
+func (a *app) delCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "del KEY",
+		Short: "Delete a key",
+		Long: `Delete KEY. Deleting a key that does not exist succeeds (exit 0) and
+reports 0 deleted, so a retried delete is harmless.
+
+Output: simple prints the number of keys deleted (1 or 0); json prints
+{"deleted", "revision", "shard"}.`,
+		Example: `  kvctl del greeting`,
+		Args:    exactArgs(1, "KEY"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.connect()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ctx, cancel := a.ctx()
+			defer cancel()
+			resp, err := c.Delete(ctx, []byte(args[0]))
+			if err != nil {
+				return err
+			}
+			return a.printDelete(resp)
+		},
+	}
+}
+
+func (a *app) clusterCmd() *cobra.Command {
+	cmd := groupCmd("cluster", "Show the state of the cluster", "  kvctl cluster status")
+	cmd.AddCommand(&cobra.Command{
+		Use:   "status",
+		Short: "Show every node's health and every shard's leader, term and indexes",
+		Long: `Ask every member for its status and print two tables: the nodes (id,
+address, health, map epoch) and the shards (leader, term, commit and applied
+index, voters), as reported by each shard's leader.
+
+simple and table print the tables; json prints {"nodes": [...], "shards": [...]}.
+Exits 0 when at least one node answers (down nodes are listed), 3 when none does.`,
+		Example: `  kvctl cluster status
+  kvctl --endpoints 10.0.0.1:2379 cluster status -o json`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := a.connect()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ctx, cancel := a.ctx()
+			defer cancel()
+			st, err := c.Status(ctx)
+			if err != nil {
+				return err
+			}
+			return a.printStatus(st)
+		},
+	})
+	return cmd
+}
+
+func (a *app) memberCmd() *cobra.Command {
+	cmd := groupCmd("member", "List the members of the cluster", "  kvctl member list")
+	cmd.AddCommand(&cobra.Command{
+		Use:   "list",
+		Short: "List the members: id, client address, peer address",
+		Long: `List the cluster's members.
+
+simple prints one member per line: "ID CLIENT_ADDR PEER_ADDR"; table adds a
+header; json prints {"epoch", "members": [{"id", "client_addr", "peer_addr"}]}.`,
+		Example: `  kvctl member list
+  kvctl member list -o table`,
+		Args: exactArgs(0, "no arguments"),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := a.connect()
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			ctx, cancel := a.ctx()
+			defer cancel()
+			ml, err := c.MemberList(ctx)
+			if err != nil {
+				return err
+			}
+			return a.printMembers(ml)
+		},
+	})
+	return cmd
+}
+
+// commonPrefix suggests a prefix to list near key: up to its last '/',
+// or "" when it has none.
+func commonPrefix(key string) string {
+	if i := strings.LastIndexByte(key, '/'); i > 0 {
+		return key[:i+1]
+	}
+	return ""
+}
+
+func shellQuote(s string) string {
+	if s != "" && strings.IndexFunc(s, func(r rune) bool {
+		return !(r == '/' || r == '-' || r == '_' || r == '.' || r == ':' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z')
+	}) < 0 {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}

@@ -1,0 +1,285 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"strings"
+	"testing"
+
+	"go.uber.org/goleak"
+
+	"github.com/kvd/kvd/client/clienttest"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+type result struct {
+	code           int
+	stdout, stderr string
+}
+
+// kvctl runs kvctl in-process against endpoints.
+func kvctl(t *testing.T, endpoints string, stdin string, args ...string) result {
+	t.Helper()
+	var out, errb bytes.Buffer
+	full := args
+	if endpoints != "" {
+		full = append([]string{"--endpoints", endpoints}, args...)
+	}
+	code := run(full, strings.NewReader(stdin), &out, &errb)
+	r := result{code, out.String(), errb.String()}
+	if code != 0 {
+		// Every failure is exactly one line on stderr (plus usage
+		// text only for a bare "kvctl").
+		lines := strings.Split(strings.TrimSuffix(r.stderr, "\n"), "\n")
+		last := lines[len(lines)-1]
+		if !strings.HasPrefix(last, "kvctl: ") {
+			t.Errorf("kvctl %v: stderr does not end in one 'kvctl: ' line: %q", args, r.stderr)
+		}
+	}
+	return r
+}
+
+func fake(t *testing.T) (*clienttest.FakeCluster, string) {
+	t.Helper()
+	f, err := clienttest.NewFakeCluster(3, 4, 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(f.Close)
+	return f, strings.Join(f.Endpoints(), ",")
+}
+
+// deadAddr is an address where nothing listens.
+func deadAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	return addr
+}
+
+func TestPutGetDel(t *testing.T) {
+	_, eps := fake(t)
+	if r := kvctl(t, eps, "", "put", "greeting", "hello"); r.code != 0 || r.stdout != "OK\n" {
+		t.Fatalf("put: %+v", r)
+	}
+	if r := kvctl(t, eps, "", "get", "greeting"); r.code != 0 || r.stdout != "hello\n" {
+		t.Fatalf("get: %+v", r)
+	}
+	if r := kvctl(t, eps, "line1\nline2\n", "put", "note", "-"); r.code != 0 {
+		t.Fatalf("put from stdin: %+v", r)
+	}
+	if r := kvctl(t, eps, "", "get", "note"); r.stdout != "line1\nline2\n\n" {
+		t.Fatalf("value from stdin not kept byte for byte: %q", r.stdout)
+	}
+	r := kvctl(t, eps, "", "-o", "json", "get", "greeting")
+	var j map[string]any
+	if err := json.Unmarshal([]byte(r.stdout), &j); err != nil || r.code != 0 {
+		t.Fatalf("get -o json: %+v: %v", r, err)
+	}
+	for _, k := range []string{"key", "value", "create_revision", "mod_revision", "version"} {
+		if _, ok := j[k]; !ok {
+			t.Errorf("json output lacks %q: %s", k, r.stdout)
+		}
+	}
+	if j["value"] != "hello" || j["version"] != float64(1) {
+		t.Fatalf("json = %s", r.stdout)
+	}
+	if r := kvctl(t, eps, "", "-o", "table", "get", "greeting"); r.code != 0 || !strings.Contains(r.stdout, "VALUE") || !strings.Contains(r.stdout, "hello") {
+		t.Fatalf("get -o table: %+v", r)
+	}
+	if r := kvctl(t, eps, "", "get", "--consistency", "serializable", "greeting"); r.code != 0 || r.stdout != "hello\n" {
+		t.Fatalf("serializable get: %+v", r)
+	}
+	if r := kvctl(t, eps, "", "del", "greeting"); r.code != 0 || r.stdout != "1\n" {
+		t.Fatalf("del: %+v", r)
+	}
+	if r := kvctl(t, eps, "", "del", "greeting"); r.code != 0 || r.stdout != "0\n" {
+		t.Fatalf("del again: %+v", r)
+	}
+	if r := kvctl(t, eps, "", "get", "greeting"); r.code != 1 || !strings.Contains(r.stderr, "not found") || r.stdout != "" {
+		t.Fatalf("get deleted: %+v", r)
+	}
+}
+
+func TestGetPrefix(t *testing.T) {
+	_, eps := fake(t)
+	var want []string
+	for i := range 30 {
+		k := fmt.Sprintf("user/%02d", i)
+		want = append(want, k)
+		if r := kvctl(t, eps, "", "put", k, "v"+k); r.code != 0 {
+			t.Fatal(r)
+		}
+	}
+	kvctl(t, eps, "", "put", "userx", "no")
+	kvctl(t, eps, "", "put", "a", "no")
+
+	r := kvctl(t, eps, "", "get", "--prefix", "user/")
+	var simple []string
+	for _, k := range want {
+		simple = append(simple, k, "v"+k)
+	}
+	if r.code != 0 || r.stdout != strings.Join(simple, "\n")+"\n" {
+		t.Fatalf("get --prefix: %+v", r)
+	}
+	r = kvctl(t, eps, "", "get", "--prefix", "user/", "--keys-only", "--limit", "5")
+	if r.code != 0 || r.stdout != strings.Join(want[:5], "\n")+"\n" {
+		t.Fatalf("--keys-only --limit 5: %+v", r)
+	}
+	r = kvctl(t, eps, "", "-o", "json", "get", "--prefix", "user/")
+	var arr []map[string]any
+	if err := json.Unmarshal([]byte(r.stdout), &arr); err != nil || len(arr) != 30 || arr[29]["key"] != "user/29" {
+		t.Fatalf("json prefix: %v %+v", err, r)
+	}
+	r = kvctl(t, eps, "", "-o", "json", "get", "--prefix", "nothing/")
+	if r.code != 0 || strings.TrimSpace(r.stdout) != "[]" {
+		t.Fatalf("empty json prefix: %+v", r)
+	}
+	if r := kvctl(t, eps, "", "get", "--prefix", "nothing/"); r.code != 0 || r.stdout != "" {
+		t.Fatalf("empty prefix: %+v", r)
+	}
+	if r := kvctl(t, eps, "", "-o", "table", "get", "--prefix", "user/"); r.code != 0 || strings.Count(r.stdout, "\n") != 31 {
+		t.Fatalf("table prefix: %+v", r)
+	}
+}
+
+func TestClusterStatusAndMembers(t *testing.T) {
+	f, eps := fake(t)
+	r := kvctl(t, eps, "", "cluster", "status")
+	if r.code != 0 || !strings.Contains(r.stdout, "SHARD") || !strings.Contains(r.stdout, "healthy") {
+		t.Fatalf("cluster status: %+v", r)
+	}
+	f.Node(3).SetMode(clienttest.Down)
+	r = kvctl(t, eps, "", "-o", "json", "cluster", "status")
+	var st struct {
+		Nodes []struct {
+			ID      uint64 `json:"id"`
+			Healthy bool   `json:"healthy"`
+			Error   string `json:"error"`
+		} `json:"nodes"`
+		Shards []struct {
+			Shard, Leader uint64
+		} `json:"shards"`
+	}
+	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil || r.code != 0 {
+		t.Fatalf("status json: %v %+v", err, r)
+	}
+	if len(st.Nodes) != 3 || st.Nodes[2].Healthy || st.Nodes[2].Error == "" || !st.Nodes[0].Healthy || len(st.Shards) != 4 {
+		t.Fatalf("status = %+v", st)
+	}
+	for _, s := range st.Shards {
+		if s.Leader != f.Leader(s.Shard) {
+			t.Errorf("shard %d leader %d, want %d", s.Shard, s.Leader, f.Leader(s.Shard))
+		}
+	}
+	r = kvctl(t, eps, "", "member", "list")
+	if r.code != 0 || strings.Count(r.stdout, "\n") != 3 || !strings.HasPrefix(r.stdout, "1 "+f.Nodes[0].Addr) {
+		t.Fatalf("member list: %+v", r)
+	}
+}
+
+func TestExitCodes(t *testing.T) {
+	f, eps := fake(t)
+	dead := deadAddr(t)
+	big := strings.Repeat("k", clienttest.MaxKeySize+1)
+	for _, tc := range []struct {
+		name string
+		eps  string
+		args []string
+		code int
+		msg  string // in stderr
+	}{
+		{"put ok", eps, []string{"put", "k", "v"}, 0, ""},
+		{"get ok", eps, []string{"get", "k"}, 0, ""},
+		{"help", eps, []string{"get", "--help"}, 0, ""},
+		{"not found", eps, []string{"get", "missing"}, 1, `key "missing" not found`},
+		{"unknown flag", eps, []string{"get", "--bogus", "k"}, 2, "unknown flag"},
+		{"unknown global flag", eps, []string{"--bogus", "get", "k"}, 2, "unknown flag"},
+		{"unknown command", eps, []string{"frobnicate"}, 2, "unknown command"},
+		{"unknown subcommand", eps, []string{"cluster", "frob"}, 2, "unknown command"},
+		{"no command", eps, nil, 2, "no command"},
+		{"missing args", eps, []string{"put", "k"}, 2, "needs KEY and VALUE"},
+		{"extra args", eps, []string{"get", "a", "b"}, 2, "needs KEY"},
+		{"bad output", eps, []string{"-o", "xml", "get", "k"}, 2, "not an output format"},
+		{"bad consistency", eps, []string{"get", "--consistency", "eventual", "k"}, 2, "--consistency"},
+		{"bad timeout", eps, []string{"--timeout", "soon", "get", "k"}, 2, "invalid argument"},
+		{"limit without prefix", eps, []string{"get", "--limit", "3", "k"}, 2, "need --prefix"},
+		{"server invalid argument", eps, []string{"put", big, "v"}, 2, "limit"},
+		{"no endpoint answers", dead, []string{"--timeout", "500ms", "get", "k"}, 3, "cluster unavailable at " + dead},
+		{"no endpoint answers status", dead, []string{"--timeout", "500ms", "cluster", "status"}, 3, "check that kvd is running"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := kvctl(t, tc.eps, "", tc.args...)
+			t.Logf("exit %d, stderr: %s", r.code, r.stderr)
+			if r.code != tc.code {
+				t.Fatalf("exit %d, want %d: %+v", r.code, tc.code, r)
+			}
+			if !strings.Contains(r.stderr, tc.msg) {
+				t.Fatalf("stderr %q lacks %q", r.stderr, tc.msg)
+			}
+			if strings.Contains(r.stderr, "\n") && strings.Count(strings.TrimSuffix(r.stderr, "\n"), "\n") > 0 && tc.name != "no command" {
+				t.Fatalf("stderr is not one line: %q", r.stderr)
+			}
+		})
+	}
+
+	// Connected, but a shard has no leader: unavailable after --timeout.
+	for s := uint64(1); s <= 4; s++ {
+		f.SetLeader(s, 0)
+	}
+	r := kvctl(t, eps, "", "--timeout", "300ms", "put", "k", "v")
+	t.Logf("no leader: exit %d, stderr: %s", r.code, r.stderr)
+	if r.code != 3 || !strings.Contains(r.stderr, "cluster unavailable") || !strings.Contains(r.stderr, "kvctl cluster status") {
+		t.Fatalf("no leader: %+v", r)
+	}
+}
+
+func TestEndpointsFromEnv(t *testing.T) {
+	_, eps := fake(t)
+	t.Setenv("KVCTL_ENDPOINTS", eps)
+	if r := kvctl(t, "", "", "put", "e", "1"); r.code != 0 {
+		t.Fatalf("with KVCTL_ENDPOINTS: %+v", r)
+	}
+	// The flag wins over the environment.
+	if r := kvctl(t, deadAddr(t), "", "--timeout", "300ms", "get", "e"); r.code != 3 {
+		t.Fatalf("--endpoints did not override the env: %+v", r)
+	}
+}
+
+// TestHelpDocumentsFlags checks that every command's --help lists the flags
+// this table says it has, and shows an example.
+func TestHelpDocumentsFlags(t *testing.T) {
+	global := []string{"--endpoints", "--timeout", "-o, --output", "KVCTL_ENDPOINTS"}
+	for _, tc := range []struct {
+		cmd   []string
+		flags []string
+	}{
+		{nil, nil},
+		{[]string{"put"}, nil},
+		{[]string{"get"}, []string{"--prefix", "--keys-only", "--limit", "--consistency"}},
+		{[]string{"del"}, nil},
+		{[]string{"cluster"}, nil},
+		{[]string{"cluster", "status"}, nil},
+		{[]string{"member"}, nil},
+		{[]string{"member", "list"}, nil},
+	} {
+		r := kvctl(t, "", "", append(tc.cmd, "--help")...)
+		if r.code != 0 {
+			t.Fatalf("%v --help: exit %d", tc.cmd, r.code)
+		}
+		for _, fl := range append(tc.flags, global...) {
+			if !strings.Contains(r.stdout, fl) {
+				t.Errorf("kvctl %v --help does not document %s", tc.cmd, fl)
+			}
+		}
+		if !strings.Contains(r.stdout, "Examples:") {
+			t.Errorf("kvctl %v --help shows no example", tc.cmd)
+		}
+	}
+}

@@ -1,0 +1,298 @@
+package main
+
+import (
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"unicode/utf8"
+
+	"github.com/kvd/kvd/client"
+	"github.com/kvd/kvd/proto/kvpb"
+)
+
+// jsonKV is the json form of a key-value pair. Text that is not UTF-8
+// goes in the *_base64 field instead, so no byte is lost.
+type jsonKV struct {
+	Key            string `json:"key,omitempty"`
+	KeyBase64      string `json:"key_base64,omitempty"`
+	Value          string `json:"value,omitempty"`
+	ValueBase64    string `json:"value_base64,omitempty"`
+	CreateRevision int64  `json:"create_revision"`
+	ModRevision    int64  `json:"mod_revision"`
+	Version        int64  `json:"version"`
+}
+
+func toJSONKV(kv *kvpb.KeyValue, keysOnly bool) jsonKV {
+	j := jsonKV{CreateRevision: kv.CreateRevision, ModRevision: kv.ModRevision, Version: kv.Version}
+	if utf8.Valid(kv.Key) {
+		j.Key = string(kv.Key)
+	} else {
+		j.KeyBase64 = base64.StdEncoding.EncodeToString(kv.Key)
+	}
+	if !keysOnly {
+		if utf8.Valid(kv.Value) {
+			j.Value = string(kv.Value)
+		} else {
+			j.ValueBase64 = base64.StdEncoding.EncodeToString(kv.Value)
+		}
+	}
+	return j
+}
+
+func writeJSON(w io.Writer, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(w, "%s\n", b)
+	return err
+}
+
+func (a *app) printKV(kv *kvpb.KeyValue) error {
+	switch a.output {
+	case "json":
+		return writeJSON(a.stdout, toJSONKV(kv, false))
+	case "table":
+		p := a.newKVPrinter(false)
+		if err := p.add([]*kvpb.KeyValue{kv}); err != nil {
+			return err
+		}
+		return p.close()
+	}
+	_, err := fmt.Fprintf(a.stdout, "%s\n", kv.Value)
+	return err
+}
+
+// kvPrinter prints the pages of a prefix scan as they arrive.
+type kvPrinter struct {
+	a        *app
+	keysOnly bool
+	n        int
+	tw       *tabwriter.Writer
+}
+
+func (a *app) newKVPrinter(keysOnly bool) *kvPrinter {
+	return &kvPrinter{a: a, keysOnly: keysOnly}
+}
+
+func (p *kvPrinter) add(kvs []*kvpb.KeyValue) error {
+	w := p.a.stdout
+	for _, kv := range kvs {
+		var err error
+		switch p.a.output {
+		case "json":
+			// Stream one JSON array: "[" before the first element.
+			sep := ",\n  "
+			if p.n == 0 {
+				sep = "[\n  "
+			}
+			b, merr := json.Marshal(toJSONKV(kv, p.keysOnly))
+			if merr != nil {
+				return merr
+			}
+			_, err = fmt.Fprintf(w, "%s%s", sep, b)
+		case "table":
+			if p.tw == nil {
+				p.tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+				if p.keysOnly {
+					fmt.Fprintln(p.tw, "KEY\tCREATE_REV\tMOD_REV\tVERSION")
+				} else {
+					fmt.Fprintln(p.tw, "KEY\tVALUE\tCREATE_REV\tMOD_REV\tVERSION")
+				}
+			}
+			if p.keysOnly {
+				_, err = fmt.Fprintf(p.tw, "%s\t%d\t%d\t%d\n", printable(kv.Key), kv.CreateRevision, kv.ModRevision, kv.Version)
+			} else {
+				_, err = fmt.Fprintf(p.tw, "%s\t%s\t%d\t%d\t%d\n", printable(kv.Key), printable(kv.Value), kv.CreateRevision, kv.ModRevision, kv.Version)
+			}
+		default:
+			if p.keysOnly {
+				_, err = fmt.Fprintf(w, "%s\n", kv.Key)
+			} else {
+				_, err = fmt.Fprintf(w, "%s\n%s\n", kv.Key, kv.Value)
+			}
+		}
+		if err != nil {
+			return err
+		}
+		p.n++
+	}
+	if p.tw != nil {
+		return p.tw.Flush() // one page at a time: memory stays bounded
+	}
+	return nil
+}
+
+func (p *kvPrinter) close() error {
+	if p.a.output == "json" {
+		end := "\n]\n"
+		if p.n == 0 {
+			end = "[]\n"
+		}
+		_, err := io.WriteString(p.a.stdout, end)
+		return err
+	}
+	if p.tw != nil {
+		return p.tw.Flush()
+	}
+	return nil
+}
+
+// printable makes a table cell of b: tabs and newlines would break the
+// table, so they are escaped.
+func printable(b []byte) string {
+	s := string(b)
+	if !utf8.ValidString(s) || strings.ContainsAny(s, "\t\n\r") {
+		q := fmt.Sprintf("%q", s)
+		return q
+	}
+	return s
+}
+
+func (a *app) printPut(resp *kvpb.PutResponse) error {
+	if a.output == "json" {
+		return writeJSON(a.stdout, map[string]any{
+			"shard": resp.GetHeader().GetShard(), "revision": resp.GetHeader().GetRevision(),
+		})
+	}
+	_, err := fmt.Fprintln(a.stdout, "OK")
+	return err
+}
+
+func (a *app) printDelete(resp *kvpb.DeleteResponse) error {
+	if a.output == "json" {
+		return writeJSON(a.stdout, map[string]any{
+			"deleted": resp.GetDeleted(), "shard": resp.GetHeader().GetShard(), "revision": resp.GetHeader().GetRevision(),
+		})
+	}
+	_, err := fmt.Fprintln(a.stdout, resp.GetDeleted())
+	return err
+}
+
+type jsonNode struct {
+	ID      uint64 `json:"id"`
+	Address string `json:"address"`
+	Healthy bool   `json:"healthy"`
+	Breaker string `json:"breaker"`
+	Epoch   uint64 `json:"epoch,omitempty"`
+	Error   string `json:"error,omitempty"`
+}
+
+type jsonShard struct {
+	Shard    uint64   `json:"shard"`
+	Leader   uint64   `json:"leader"`
+	Term     uint64   `json:"term"`
+	Commit   uint64   `json:"commit"`
+	Applied  uint64   `json:"applied"`
+	Voters   []uint64 `json:"voters"`
+	Reporter uint64   `json:"reported_by"`
+}
+
+// shardView merges the nodes' reports into one line per shard: the
+// leader's own report when it answered, else the report with the highest
+// term (ties: highest commit).
+func shardView(st []client.NodeStatus) []jsonShard {
+	best := map[uint64]jsonShard{}
+	for _, ns := range st {
+		if ns.Status == nil {
+			continue
+		}
+		for _, s := range ns.Status.Shards {
+			j := jsonShard{Shard: s.Shard, Leader: s.Leader, Term: s.Term, Commit: s.Commit,
+				Applied: s.Applied, Voters: s.Voters, Reporter: ns.ID}
+			old, ok := best[s.Shard]
+			switch {
+			case !ok, s.Role == "leader",
+				old.Reporter != old.Leader && (j.Term > old.Term || j.Term == old.Term && j.Commit > old.Commit):
+				best[s.Shard] = j
+			}
+		}
+	}
+	var out []jsonShard
+	for _, j := range best {
+		out = append(out, j)
+	}
+	slices.SortFunc(out, func(x, y jsonShard) int { return int(x.Shard) - int(y.Shard) })
+	return out
+}
+
+func (a *app) printStatus(st []client.NodeStatus) error {
+	var nodes []jsonNode
+	for _, ns := range st {
+		j := jsonNode{ID: ns.ID, Address: ns.Addr, Healthy: ns.Healthy, Breaker: ns.Breaker}
+		if ns.Status != nil {
+			j.Epoch = ns.Status.Epoch
+		}
+		if ns.Err != nil {
+			j.Error = oneLine(ns.Err.Error())
+		}
+		nodes = append(nodes, j)
+	}
+	shards := shardView(st)
+	if a.output == "json" {
+		return writeJSON(a.stdout, map[string]any{"nodes": nodes, "shards": shards})
+	}
+	tw := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE\tADDRESS\tHEALTH\tEPOCH\tERROR")
+	for _, n := range nodes {
+		health := "healthy"
+		if !n.Healthy {
+			health = "unhealthy"
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%d\t%s\n", n.ID, n.Address, health, n.Epoch, n.Error)
+	}
+	fmt.Fprintln(tw)
+	fmt.Fprintln(tw, "SHARD\tLEADER\tTERM\tCOMMIT\tAPPLIED\tVOTERS")
+	for _, s := range shards {
+		leader := fmt.Sprint(s.Leader)
+		if s.Leader == 0 {
+			leader = "none"
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%d\t%d\t%d\t%s\n", s.Shard, leader, s.Term, s.Commit, s.Applied, joinIDs(s.Voters))
+	}
+	return tw.Flush()
+}
+
+func joinIDs(ids []uint64) string {
+	s := make([]string, len(ids))
+	for i, id := range ids {
+		s[i] = fmt.Sprint(id)
+	}
+	return strings.Join(s, ",")
+}
+
+func (a *app) printMembers(ml *kvpb.MemberListResponse) error {
+	switch a.output {
+	case "json":
+		type member struct {
+			ID         uint64 `json:"id"`
+			ClientAddr string `json:"client_addr"`
+			PeerAddr   string `json:"peer_addr"`
+		}
+		out := struct {
+			Epoch   uint64   `json:"epoch"`
+			Members []member `json:"members"`
+		}{Epoch: ml.Epoch, Members: []member{}}
+		for _, m := range ml.Members {
+			out.Members = append(out.Members, member{m.Id, m.ClientAddr, m.PeerAddr})
+		}
+		return writeJSON(a.stdout, out)
+	case "table":
+		tw := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "ID\tCLIENT_ADDR\tPEER_ADDR")
+		for _, m := range ml.Members {
+			fmt.Fprintf(tw, "%d\t%s\t%s\n", m.Id, m.ClientAddr, m.PeerAddr)
+		}
+		return tw.Flush()
+	}
+	for _, m := range ml.Members {
+		if _, err := fmt.Fprintf(a.stdout, "%d %s %s\n", m.Id, m.ClientAddr, m.PeerAddr); err != nil {
+			return err
+		}
+	}
+	return nil
+}

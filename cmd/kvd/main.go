@@ -1,0 +1,191 @@
+// Command kvd runs a kvd node. With no flags it is a usable single-node
+// store in ./kvd-data on 127.0.0.1 (client 2379, peer 2380, metrics 2381).
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+
+	"github.com/kvd/kvd/server"
+)
+
+// Exit codes.
+const (
+	exitOK     = 0
+	exitFailed = 1
+	exitUsage  = 2
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stderr, nil))
+}
+
+// run parses args and runs a node until SIGINT/SIGTERM (or until stop is
+// closed, for tests). It returns the process exit code.
+func run(args []string, stderr io.Writer, stop <-chan struct{}) int {
+	var (
+		cfg            server.Config
+		initialCluster string
+		join           string
+		logLevel       string
+	)
+	cmd := &cobra.Command{
+		Use:   "kvd",
+		Short: "kvd is a Raft-replicated, sharded key-value store node",
+		Long: `kvd runs one node of a kvd cluster. Each node hosts replicas of many shards
+(Raft groups); keys map to shards by a consistent-hash ring.
+
+With no flags, kvd starts a usable single-node store in ./kvd-data listening
+on 127.0.0.1 (client 2379, peer 2380, metrics 2381).
+
+Every flag can also be set by an environment variable KVD_<FLAG>, with
+dashes as underscores: --data-dir is KVD_DATA_DIR. A flag on the command
+line wins over the environment.
+
+A node that restarts on an existing data dir recovers from it and ignores
+the bootstrap flags (--initial-cluster, --shards, --replicas); if they are
+given and describe another cluster, kvd refuses to start.`,
+		Example: `  # single node
+  kvd
+
+  # a 3-node cluster on one machine (run each in its own terminal)
+  kvd --id 1 --data-dir data/1 --listen-client 127.0.0.1:2379 --listen-peer 127.0.0.1:2380 --listen-metrics 127.0.0.1:2381 \
+      --initial-cluster 1=127.0.0.1:2380,2=127.0.0.1:22380,3=127.0.0.1:32380
+  kvd --id 2 --data-dir data/2 --listen-client 127.0.0.1:22379 --listen-peer 127.0.0.1:22380 --listen-metrics 127.0.0.1:22381 \
+      --initial-cluster 1=127.0.0.1:2380,2=127.0.0.1:22380,3=127.0.0.1:32380
+  (and node 3 likewise on 32379/32380/32381)`,
+		Args: func(_ *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return usageError{fmt.Errorf("unknown command %q: kvd takes flags only (see kvd --help)", args[0])}
+			}
+			return nil
+		},
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	f := cmd.Flags()
+	f.Uint64Var(&cfg.NodeID, "id", 1, "this node's id: a positive integer, unique in the cluster and listed in --initial-cluster")
+	f.StringVar(&cfg.DataDir, "data-dir", server.DefaultDataDir, "directory for the node's data (one bbolt file holding every shard)")
+	f.StringVar(&cfg.ListenClient, "listen-client", server.DefaultClientAddr, "address for the client API (gRPC: KV, Cluster, health)")
+	f.StringVar(&cfg.AdvertiseClient, "advertise-client", "", "client address other nodes and clients should dial (default: --listen-client)")
+	f.StringVar(&cfg.ListenPeer, "listen-peer", server.DefaultPeerAddr, "address for Raft traffic between nodes (gRPC)")
+	f.StringVar(&cfg.AdvertisePeer, "advertise-peer", "", "peer address other nodes should dial (default: --listen-peer)")
+	f.StringVar(&cfg.ListenMetrics, "listen-metrics", server.DefaultMetricsAddr, "HTTP address for /metrics, /healthz, /readyz and /debug/pprof/; empty disables it")
+	f.StringVar(&initialCluster, "initial-cluster", "", "bootstrap members as ID=HOST:PEERPORT,... (default: this node alone at its peer address)")
+	f.IntVar(&cfg.Shards, "shards", server.DefaultShards, "data shards (Raft groups) created at bootstrap; the meta shard 0 comes on top")
+	f.IntVar(&cfg.Replicas, "replicas", server.DefaultReplicas, "copies of each shard, capped by the number of nodes")
+	f.StringVar(&join, "join", "", "client address of a running member, to join an existing cluster as a new node (not supported yet)")
+	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	f.DurationVar(&cfg.TickInterval, "tick-interval", 50*time.Millisecond, "length of one Raft tick")
+	f.IntVar(&cfg.ElectionTicks, "election-ticks", 10, "ticks without a leader before a follower campaigns (randomised up to twice this)")
+	f.IntVar(&cfg.HeartbeatTicks, "heartbeat-ticks", 2, "ticks between leader heartbeats")
+	f.Uint64Var(&cfg.SnapshotEntries, "snapshot-entries", 10000, "applied entries beyond the last compaction that trigger log compaction")
+	f.DurationVar(&cfg.SessionTTL, "session-ttl", time.Hour, "idle time after which a client session's exactly-once records are dropped")
+	f.DurationVar(&cfg.RequestTimeout, "request-timeout", 5*time.Second, "deadline for a request that arrives without one")
+	f.IntVar(&cfg.Limits.MaxKeyBytes, "max-key-bytes", 4<<10, "largest key accepted")
+	f.IntVar(&cfg.Limits.MaxValueBytes, "max-value-bytes", 1<<20, "largest value accepted")
+	f.IntVar(&cfg.Limits.MaxRequestBytes, "max-request-bytes", 2<<20, "largest request accepted")
+	f.IntVar(&cfg.Limits.MaxTxnOps, "max-txn-ops", 128, "most compares and operations in one transaction")
+	f.IntVar(&cfg.Limits.MaxPendingProposals, "max-pending-proposals", 4096, "writes waiting to commit per shard before new ones get ResourceExhausted")
+
+	code := exitOK
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		if err := applyEnv(cmd.Flags()); err != nil {
+			return usageError{err}
+		}
+		level, err := parseLevel(logLevel)
+		if err != nil {
+			return usageError{err}
+		}
+		if join != "" {
+			return usageError{errors.New("--join is not supported yet: start every member with the same --initial-cluster instead")}
+		}
+		if cfg.NodeID == 0 {
+			return usageError{errors.New("--id must be a positive integer")}
+		}
+		if initialCluster != "" {
+			if cfg.InitialCluster, err = server.ParseInitialCluster(initialCluster); err != nil {
+				return usageError{err}
+			}
+		}
+		fl := cmd.Flags()
+		cfg.BootstrapExplicit = fl.Changed("initial-cluster") || fl.Changed("shards") || fl.Changed("replicas")
+		cfg.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+
+		srv, err := server.New(cfg)
+		if err != nil {
+			if errors.Is(err, server.ErrConfig) {
+				return usageError{err}
+			}
+			return err
+		}
+		sigc := make(chan os.Signal, 1)
+		signal.Notify(sigc, syscall.SIGINT, syscall.SIGTERM)
+		defer signal.Stop(sigc)
+		select {
+		case sig := <-sigc:
+			cfg.Logger.Info("shutting down", "signal", sig.String())
+		case <-stop:
+		}
+		if err := srv.Stop(); err != nil {
+			return fmt.Errorf("shutdown: %w", err)
+		}
+		return nil
+	}
+	cmd.SetArgs(args)
+	cmd.SetOut(stderr)
+	cmd.SetErr(stderr)
+	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	if err := cmd.Execute(); err != nil {
+		var ue usageError
+		code = exitFailed
+		if errors.As(err, &ue) {
+			code = exitUsage
+		}
+		fmt.Fprintf(stderr, "kvd: %v\n", oneLine(err))
+	}
+	return code
+}
+
+type usageError struct{ error }
+
+func (u usageError) Unwrap() error { return u.error }
+
+// applyEnv sets every flag not given on the command line from KVD_<FLAG>.
+func applyEnv(fs *pflag.FlagSet) error {
+	var err error
+	fs.VisitAll(func(f *pflag.Flag) {
+		if err != nil || f.Changed || f.Name == "help" {
+			return
+		}
+		name := "KVD_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v, ok := os.LookupEnv(name); ok {
+			if e := fs.Set(f.Name, v); e != nil {
+				err = fmt.Errorf("%s=%q: %v", name, v, e)
+			}
+		}
+	})
+	return err
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return 0, fmt.Errorf("--log-level %q: use debug, info, warn or error", s)
+	}
+	return l, nil
+}
+
+func oneLine(err error) string {
+	return strings.ReplaceAll(err.Error(), "\n", " ")
+}

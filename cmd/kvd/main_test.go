@@ -1,0 +1,180 @@
+package main
+
+import (
+	"bytes"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// The flags DESIGN.md §3 promises, each with its environment variable.
+var documentedFlags = []string{
+	"--id", "--data-dir", "--listen-client", "--advertise-client",
+	"--listen-peer", "--advertise-peer", "--listen-metrics",
+	"--initial-cluster", "--shards", "--replicas", "--join",
+}
+
+func TestHelpDocumentsEveryFlag(t *testing.T) {
+	var out bytes.Buffer
+	if code := run([]string{"--help"}, &out, nil); code != 0 {
+		t.Fatalf("--help exit %d", code)
+	}
+	help := out.String()
+	for _, f := range documentedFlags {
+		if !strings.Contains(help, f+" ") {
+			t.Errorf("kvd --help does not document %s", f)
+		}
+	}
+	for _, s := range []string{"KVD_DATA_DIR", "ignores", "Example", "single-node"} {
+		if !strings.Contains(help, s) {
+			t.Errorf("kvd --help does not mention %q", s)
+		}
+	}
+}
+
+func freePort(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// node returns args for a single-node kvd on free ports in dir.
+func node(t *testing.T, dir string) []string {
+	return []string{"--data-dir", dir, "--listen-client", freePort(t), "--listen-peer", freePort(t), "--listen-metrics", ""}
+}
+
+func TestBadFlagsExit2WithOneLine(t *testing.T) {
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"malformed initial cluster", []string{"--initial-cluster", "1:127.0.0.1:2380"}, "ID=HOST:PORT"},
+		{"bad id in initial cluster", []string{"--initial-cluster", "x=127.0.0.1:2380"}, "positive integer"},
+		{"id not in initial cluster", []string{"--id", "4", "--initial-cluster", "1=127.0.0.1:2380,2=127.0.0.1:2390"}, "not in --initial-cluster"},
+		{"port in use", []string{"--listen-client", busy.Addr().String()}, "pick a free port"},
+		{"unknown flag", []string{"--no-such-flag"}, "unknown flag"},
+		{"positional argument", []string{"extra"}, "unknown command"},
+		{"bad log level", []string{"--log-level", "loud"}, "--log-level"},
+		{"join", []string{"--join", "127.0.0.1:2379"}, "not supported yet"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var out bytes.Buffer
+			args := append(node(t, filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-"))), tc.args...)
+			code := run(args, &out, nil)
+			if code != exitUsage {
+				t.Fatalf("exit %d, want %d; output:\n%s", code, exitUsage, out.String())
+			}
+			last := lastLine(out.String())
+			if !strings.HasPrefix(last, "kvd: ") || !strings.Contains(last, tc.want) {
+				t.Fatalf("last line %q should start with \"kvd: \" and mention %q", last, tc.want)
+			}
+		})
+	}
+}
+
+func lastLine(s string) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	return lines[len(lines)-1]
+}
+
+// startStop runs kvd with args until it is up, then stops it; it returns
+// the exit code and output.
+func startStop(t *testing.T, args []string) (int, string) {
+	t.Helper()
+	stop := make(chan struct{})
+	var out safeBuffer
+	done := make(chan int, 1)
+	go func() { done <- run(args, &out, stop) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(out.String(), "kvd node started") {
+		select {
+		case code := <-done:
+			return code, out.String()
+		default:
+		}
+		if time.Now().After(deadline) {
+			close(stop)
+			t.Fatalf("kvd did not start:\n%s", out.String())
+		}
+		time.Sleep(10 * time.Millisecond) // poll interval
+	}
+	close(stop)
+	return <-done, out.String()
+}
+
+func TestRestartIgnoresBootstrapFlagsAndRefusesAnotherCluster(t *testing.T) {
+	dir := t.TempDir()
+	peer := freePort(t)
+	first := append(node(t, dir), "--initial-cluster", "1="+peer, "--shards", "2")
+	if code, out := startStop(t, first); code != 0 {
+		t.Fatalf("first start exit %d:\n%s", code, out)
+	}
+	// Same flags again: recovers and says it ignored them.
+	if code, out := startStop(t, append(node(t, dir), "--initial-cluster", "1="+peer, "--shards", "2")); code != 0 || !strings.Contains(out, "bootstrap flags ignored") {
+		t.Fatalf("restart exit %d, output:\n%s", code, out)
+	}
+	// No bootstrap flags: recovers.
+	if code, out := startStop(t, node(t, dir)); code != 0 {
+		t.Fatalf("restart without flags exit %d:\n%s", code, out)
+	}
+	// Flags of another cluster: refused with exit 2.
+	var out bytes.Buffer
+	code := run(append(node(t, dir), "--initial-cluster", "1="+peer+",2=127.0.0.1:1", "--shards", "2"), &out, nil)
+	if code != exitUsage || !strings.Contains(lastLine(out.String()), "another cluster") {
+		t.Fatalf("another cluster's flags: exit %d, output:\n%s", code, out.String())
+	}
+	// Another node's id: refused with exit 2.
+	out.Reset()
+	code = run(append(node(t, dir), "--id", "2"), &out, nil)
+	if code != exitUsage || !strings.Contains(lastLine(out.String()), "belongs to node 1") {
+		t.Fatalf("other node id: exit %d, output:\n%s", code, out.String())
+	}
+}
+
+func TestEnvironmentSetsFlags(t *testing.T) {
+	dir := t.TempDir()
+	t.Setenv("KVD_DATA_DIR", dir)
+	t.Setenv("KVD_LISTEN_CLIENT", freePort(t))
+	t.Setenv("KVD_LISTEN_PEER", freePort(t))
+	t.Setenv("KVD_LISTEN_METRICS", "")
+	t.Setenv("KVD_SHARDS", "2")
+	code, out := startStop(t, nil)
+	if code != 0 || !strings.Contains(out, "data_dir="+dir) {
+		t.Fatalf("exit %d; output does not show the data dir from KVD_DATA_DIR:\n%s", code, out)
+	}
+	t.Setenv("KVD_SHARDS", "many")
+	var buf bytes.Buffer
+	if code := run(nil, &buf, nil); code != exitUsage || !strings.Contains(buf.String(), "KVD_SHARDS") {
+		t.Fatalf("bad KVD_SHARDS: exit %d:\n%s", code, buf.String())
+	}
+}
+
+type safeBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *safeBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *safeBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}

@@ -1,0 +1,491 @@
+// Package fsm is kvd's replicated state machine: what a committed command
+// does to a shard's state. Apply runs on every replica at the same log
+// index, so it is deterministic: everything that decides an outcome is in
+// the command or in state written by earlier commands. No clocks, no
+// randomness, no map iteration order, no local configuration.
+//
+// State lives in the shard's two storage buckets:
+//
+//	kv:   user key            → peerpb.StoredValue
+//	meta: "rev"               → the shard revision (8-byte big endian)
+//	      "s/" session        → peerpb.SessionState
+//	      "r/" session seq    → the recorded peerpb.Result of that write
+//	      "cluster-map"       → kvpb.ClusterMap (meta shard only)
+//
+// Exactly-once writes follow RIFL (Lee et al., SOSP 2015): a shard records
+// the result of every write per (session, seq) and answers a retry with it;
+// the client's ack_below watermark says which results it will never ask for
+// again, so they are dropped. Unlike "last seq per session", this lets one
+// session keep many writes in flight.
+package fsm
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/proto/kvpb"
+	"github.com/kvd/kvd/proto/peerpb"
+	"github.com/kvd/kvd/storage"
+)
+
+var (
+	metaRevision   = []byte("rev")
+	metaClusterMap = []byte("cluster-map")
+	prefixSession  = []byte("s/")
+	prefixResult   = []byte("r/")
+)
+
+// Errors recorded in Result.error. They are deterministic rejections: every
+// replica reaches the same one.
+var (
+	ErrMalformed  = errors.New("fsm: malformed command")
+	ErrStaleSeq   = errors.New("fsm: write already acknowledged by the client (seq below ack_below)")
+	ErrEpoch      = errors.New("fsm: cluster map epoch must advance by one")
+	ErrNotMeta    = errors.New("fsm: cluster map can only be set on the meta shard")
+	ErrEmptyKey   = errors.New("fsm: empty key")
+	ErrUnknownCmd = errors.New("fsm: unknown command")
+)
+
+// Apply applies one encoded peerpb.Command and returns the encoded
+// peerpb.Result. Its signature matches raftnode.ApplyFunc.
+func Apply(tx *storage.Txn, _ uint64, data []byte) []byte {
+	var c peerpb.Command
+	if err := proto.Unmarshal(data, &c); err != nil {
+		return encode(&peerpb.Result{Error: ErrMalformed.Error()})
+	}
+	session, seq := c.GetSession(), c.GetSeq()
+	var st *peerpb.SessionState
+	if session != 0 {
+		st = loadSession(tx, session)
+		if seq < st.GetAckBelow() {
+			return encode(&peerpb.Result{Error: ErrStaleSeq.Error()})
+		}
+		if r := tx.GetMeta(resultKey(session, seq)); r != nil {
+			return bytes.Clone(r)
+		}
+	}
+
+	res := execute(tx, &c)
+	out := encode(res)
+
+	if session != 0 {
+		tx.PutMeta(resultKey(session, seq), out)
+		if ack := c.GetAckBelow(); ack > st.GetAckBelow() {
+			dropResults(tx, session, st.GetAckBelow(), ack)
+			st.AckBelow = ack
+		}
+		st.LastSeenUnixMs = max(st.GetLastSeenUnixMs(), c.GetTimeUnixMs())
+		tx.PutMeta(sessionKey(session), encode(st))
+	}
+	return out
+}
+
+// DecodeResult decodes Apply's output; a recorded rejection becomes an
+// error.
+func DecodeResult(b []byte) (*peerpb.Result, error) {
+	var r peerpb.Result
+	if err := proto.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("fsm: decode result: %w", err)
+	}
+	if r.GetError() != "" {
+		return &r, errors.New(r.GetError())
+	}
+	return &r, nil
+}
+
+func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
+	switch op := c.GetOp().(type) {
+	case *peerpb.Command_Put:
+		rev := nextRevision(tx)
+		resp, err := put(tx, op.Put, rev)
+		if err != nil {
+			return &peerpb.Result{Error: err.Error()}
+		}
+		setRevision(tx, rev)
+		resp.Header = &kvpb.ResponseHeader{Revision: rev}
+		return &peerpb.Result{Op: &peerpb.Result_Put{Put: resp}}
+	case *peerpb.Command_Delete:
+		rev := nextRevision(tx)
+		resp, err := del(tx, op.Delete)
+		if err != nil {
+			return &peerpb.Result{Error: err.Error()}
+		}
+		if resp.GetDeleted() > 0 {
+			setRevision(tx, rev)
+		} else {
+			rev--
+		}
+		resp.Header = &kvpb.ResponseHeader{Revision: rev}
+		return &peerpb.Result{Op: &peerpb.Result_Delete{Delete: resp}}
+	case *peerpb.Command_Txn:
+		resp, err := txn(tx, op.Txn)
+		if err != nil {
+			return &peerpb.Result{Error: err.Error()}
+		}
+		return &peerpb.Result{Op: &peerpb.Result_Txn{Txn: resp}}
+	case *peerpb.Command_ExpireSessions:
+		expireSessions(tx, op.ExpireSessions)
+		return &peerpb.Result{}
+	case *peerpb.Command_UpdateMember:
+		if err := updateMember(tx, op.UpdateMember.GetMember()); err != nil {
+			return &peerpb.Result{Error: err.Error()}
+		}
+		return &peerpb.Result{}
+	case *peerpb.Command_SetClusterMap:
+		if err := setClusterMap(tx, op.SetClusterMap.GetMap()); err != nil {
+			return &peerpb.Result{Error: err.Error()}
+		}
+		return &peerpb.Result{}
+	default:
+		return &peerpb.Result{Error: ErrUnknownCmd.Error()}
+	}
+}
+
+func put(tx *storage.Txn, r *kvpb.PutRequest, rev int64) (*kvpb.PutResponse, error) {
+	if len(r.GetKey()) == 0 {
+		return nil, ErrEmptyKey
+	}
+	prev, err := load(tx, r.GetKey())
+	if err != nil {
+		return nil, err
+	}
+	sv := &peerpb.StoredValue{Value: r.GetValue(), CreateRevision: rev, ModRevision: rev, Version: 1}
+	if prev != nil {
+		sv.CreateRevision = prev.GetCreateRevision()
+		sv.Version = prev.GetVersion() + 1
+	}
+	if err := tx.Put(r.GetKey(), encode(sv)); err != nil {
+		return nil, err
+	}
+	resp := &kvpb.PutResponse{}
+	if r.GetPrevKv() && prev != nil {
+		resp.PrevKv = toKV(r.GetKey(), prev)
+	}
+	return resp, nil
+}
+
+func del(tx *storage.Txn, r *kvpb.DeleteRequest) (*kvpb.DeleteResponse, error) {
+	if len(r.GetKey()) == 0 {
+		return nil, ErrEmptyKey
+	}
+	prev, err := load(tx, r.GetKey())
+	if err != nil {
+		return nil, err
+	}
+	resp := &kvpb.DeleteResponse{}
+	if prev == nil {
+		return resp, nil
+	}
+	if err := tx.Delete(r.GetKey()); err != nil {
+		return nil, err
+	}
+	resp.Deleted = 1
+	if r.GetPrevKv() {
+		resp.PrevKv = toKV(r.GetKey(), prev)
+	}
+	return resp, nil
+}
+
+// txn evaluates the compares and applies one branch; all its changes share
+// one new revision, as in etcd.
+func txn(tx *storage.Txn, r *kvpb.TxnRequest) (*kvpb.TxnResponse, error) {
+	ok := true
+	for _, c := range r.GetCompare() {
+		cur, err := load(tx, c.GetKey())
+		if err != nil {
+			return nil, err
+		}
+		if !compare(c, cur) {
+			ok = false
+			break
+		}
+	}
+	ops := r.GetSuccess()
+	if !ok {
+		ops = r.GetFailure()
+	}
+	rev := nextRevision(tx)
+	changed := false
+	resp := &kvpb.TxnResponse{Succeeded: ok}
+	for _, op := range ops {
+		switch o := op.GetOp().(type) {
+		case *kvpb.RequestOp_Put:
+			pr, err := put(tx, o.Put, rev)
+			if err != nil {
+				return nil, err
+			}
+			changed = true
+			resp.Responses = append(resp.Responses, &kvpb.ResponseOp{Op: &kvpb.ResponseOp_Put{Put: pr}})
+		case *kvpb.RequestOp_Delete:
+			dr, err := del(tx, o.Delete)
+			if err != nil {
+				return nil, err
+			}
+			changed = changed || dr.GetDeleted() > 0
+			resp.Responses = append(resp.Responses, &kvpb.ResponseOp{Op: &kvpb.ResponseOp_Delete{Delete: dr}})
+		case *kvpb.RequestOp_Get:
+			cur, err := load(tx, o.Get.GetKey())
+			if err != nil {
+				return nil, err
+			}
+			gr := &kvpb.GetResponse{}
+			if cur != nil {
+				gr.Kv = toKV(o.Get.GetKey(), cur)
+			}
+			resp.Responses = append(resp.Responses, &kvpb.ResponseOp{Op: &kvpb.ResponseOp_Get{Get: gr}})
+		default:
+			return nil, ErrUnknownCmd
+		}
+	}
+	if changed {
+		setRevision(tx, rev)
+	} else {
+		rev--
+	}
+	resp.Header = &kvpb.ResponseHeader{Revision: rev}
+	return resp, nil
+}
+
+func compare(c *kvpb.Compare, cur *peerpb.StoredValue) bool {
+	var cmp int
+	switch c.GetTarget() {
+	case kvpb.Compare_EXISTS:
+		if (cur != nil) == c.GetExists() {
+			cmp = 0
+		} else {
+			cmp = 1
+		}
+	case kvpb.Compare_VALUE:
+		if cur == nil {
+			return false
+		}
+		cmp = bytes.Compare(cur.GetValue(), c.GetValue())
+	case kvpb.Compare_VERSION:
+		cmp = cmpInt(cur.GetVersion(), c.GetVersion())
+	case kvpb.Compare_MOD:
+		cmp = cmpInt(cur.GetModRevision(), c.GetModRevision())
+	case kvpb.Compare_CREATE:
+		cmp = cmpInt(cur.GetCreateRevision(), c.GetCreateRevision())
+	default:
+		return false
+	}
+	switch c.GetResult() {
+	case kvpb.Compare_EQUAL:
+		return cmp == 0
+	case kvpb.Compare_NOT_EQUAL:
+		return cmp != 0
+	case kvpb.Compare_GREATER:
+		return cmp > 0
+	case kvpb.Compare_LESS:
+		return cmp < 0
+	}
+	return false
+}
+
+func cmpInt(a, b int64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+func expireSessions(tx *storage.Txn, e *peerpb.ExpireSessions) {
+	cutoff := e.GetNowUnixMs() - e.GetIdleMs()
+	var expired []uint64
+	tx.RangeMeta(prefixSession, func(k, v []byte) bool {
+		var st peerpb.SessionState
+		if proto.Unmarshal(v, &st) == nil && st.GetLastSeenUnixMs() < cutoff && len(k) == len(prefixSession)+8 {
+			expired = append(expired, binary.BigEndian.Uint64(k[len(prefixSession):]))
+		}
+		return true
+	})
+	for _, s := range expired {
+		dropResults(tx, s, 0, ^uint64(0))
+		tx.DeleteMeta(sessionKey(s))
+	}
+}
+
+func setClusterMap(tx *storage.Txn, m *kvpb.ClusterMap) error {
+	if m == nil {
+		return ErrMalformed
+	}
+	cur, err := ClusterMapFrom(tx.GetMeta(metaClusterMap))
+	if err != nil {
+		return err
+	}
+	if cur != nil && m.GetEpoch() != cur.GetEpoch()+1 {
+		return fmt.Errorf("%w: have %d, got %d", ErrEpoch, cur.GetEpoch(), m.GetEpoch())
+	}
+	return tx.PutMeta(metaClusterMap, encode(m))
+}
+
+func updateMember(tx *storage.Txn, m *kvpb.Member) error {
+	cur, err := ClusterMapFrom(tx.GetMeta(metaClusterMap))
+	if err != nil {
+		return err
+	}
+	if cur == nil || m == nil {
+		return fmt.Errorf("%w: no cluster map to update", ErrNotMeta)
+	}
+	for _, have := range cur.GetMembers() {
+		if have.GetId() != m.GetId() {
+			continue
+		}
+		if have.GetClientAddr() == m.GetClientAddr() && have.GetPeerAddr() == m.GetPeerAddr() {
+			return nil
+		}
+		have.ClientAddr, have.PeerAddr = m.GetClientAddr(), m.GetPeerAddr()
+		cur.Epoch++
+		return tx.PutMeta(metaClusterMap, encode(cur))
+	}
+	return fmt.Errorf("fsm: member %d is not in the cluster map", m.GetId())
+}
+
+// ClusterMapFrom decodes a stored cluster map; nil input gives nil.
+func ClusterMapFrom(b []byte) (*kvpb.ClusterMap, error) {
+	if b == nil {
+		return nil, nil
+	}
+	var m kvpb.ClusterMap
+	if err := proto.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("fsm: decode cluster map: %w", err)
+	}
+	return &m, nil
+}
+
+// ClusterMap reads the meta shard's cluster map (nil if none yet).
+func ClusterMap(r *storage.Reader) (*kvpb.ClusterMap, error) {
+	return ClusterMapFrom(r.GetMeta(metaClusterMap))
+}
+
+// Revision reads a shard's current revision.
+func Revision(r *storage.Reader) int64 {
+	return decodeRevision(r.GetMeta(metaRevision))
+}
+
+// Get reads one key from a shard for a read request; nil when absent.
+func Get(r *storage.Reader, key []byte) (*kvpb.KeyValue, error) {
+	v := r.Get(key)
+	if v == nil {
+		return nil, nil
+	}
+	sv, err := decodeStored(v)
+	if err != nil {
+		return nil, err
+	}
+	return toKV(key, sv), nil
+}
+
+// Range calls fn for each key in [start, end) in key order with its decoded
+// record, until fn returns false.
+func Range(r *storage.Reader, start, end []byte, fn func(*kvpb.KeyValue) bool) error {
+	var err error
+	r.Range(start, end, func(k, v []byte) bool {
+		var sv *peerpb.StoredValue
+		sv, err = decodeStored(v)
+		if err != nil {
+			return false
+		}
+		return fn(toKV(k, sv))
+	})
+	return err
+}
+
+func load(tx *storage.Txn, key []byte) (*peerpb.StoredValue, error) {
+	v := tx.Get(key)
+	if v == nil {
+		return nil, nil
+	}
+	return decodeStored(v)
+}
+
+func decodeStored(v []byte) (*peerpb.StoredValue, error) {
+	var sv peerpb.StoredValue
+	if err := proto.Unmarshal(v, &sv); err != nil {
+		return nil, fmt.Errorf("fsm: decode stored value: %w", err)
+	}
+	return &sv, nil
+}
+
+func toKV(key []byte, sv *peerpb.StoredValue) *kvpb.KeyValue {
+	return &kvpb.KeyValue{
+		Key:            bytes.Clone(key),
+		Value:          bytes.Clone(sv.GetValue()),
+		CreateRevision: sv.GetCreateRevision(),
+		ModRevision:    sv.GetModRevision(),
+		Version:        sv.GetVersion(),
+	}
+}
+
+func nextRevision(tx *storage.Txn) int64 {
+	return decodeRevision(tx.GetMeta(metaRevision)) + 1
+}
+
+func setRevision(tx *storage.Txn, rev int64) {
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], uint64(rev))
+	tx.PutMeta(metaRevision, b[:])
+}
+
+func decodeRevision(b []byte) int64 {
+	if len(b) != 8 {
+		return 0
+	}
+	return int64(binary.BigEndian.Uint64(b))
+}
+
+func loadSession(tx *storage.Txn, session uint64) *peerpb.SessionState {
+	st := &peerpb.SessionState{}
+	if b := tx.GetMeta(sessionKey(session)); b != nil {
+		_ = proto.Unmarshal(b, st) // a corrupt record is treated as a new session
+	}
+	return st
+}
+
+func sessionKey(session uint64) []byte {
+	return binary.BigEndian.AppendUint64(bytes.Clone(prefixSession), session)
+}
+
+func resultKey(session, seq uint64) []byte {
+	k := binary.BigEndian.AppendUint64(bytes.Clone(prefixResult), session)
+	return binary.BigEndian.AppendUint64(k, seq)
+}
+
+// dropResults deletes the recorded results of session with seq in [from, to).
+func dropResults(tx *storage.Txn, session, from, to uint64) {
+	prefix := binary.BigEndian.AppendUint64(bytes.Clone(prefixResult), session)
+	var keys [][]byte
+	tx.RangeMeta(prefix, func(k, _ []byte) bool {
+		if len(k) != len(prefix)+8 {
+			return true
+		}
+		seq := binary.BigEndian.Uint64(k[len(prefix):])
+		if seq >= to {
+			return false
+		}
+		if seq >= from {
+			keys = append(keys, bytes.Clone(k))
+		}
+		return true
+	})
+	for _, k := range keys {
+		tx.DeleteMeta(k)
+	}
+}
+
+func encode(m proto.Message) []byte {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	if err != nil {
+		// Marshalling a well-formed message in memory cannot fail; if it
+		// does, replicas would diverge, so this is a broken invariant.
+		panic(fmt.Sprintf("fsm: marshal %T: %v", m, err))
+	}
+	return b
+}

@@ -1,0 +1,345 @@
+package fsm
+
+import (
+	"bytes"
+	"path/filepath"
+	"testing"
+
+	pb "go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/proto/kvpb"
+	"github.com/kvd/kvd/proto/peerpb"
+	"github.com/kvd/kvd/storage"
+)
+
+// shard is one real storage shard that commands are applied to, as the
+// Raft node would: one committed entry per Save.
+type shard struct {
+	t     *testing.T
+	s     *storage.Shard
+	index uint64
+}
+
+func newShard(t *testing.T) *shard {
+	t.Helper()
+	e, err := storage.Open(filepath.Join(t.TempDir(), "kvd.db"), storage.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	s, err := e.CreateShard(1, &pb.ConfState{Voters: []uint64{1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx, _ := s.Applied()
+	return &shard{t: t, s: s, index: idx}
+}
+
+func (sh *shard) applyRaw(data []byte) []byte {
+	sh.t.Helper()
+	sh.index++
+	e := &pb.Entry{Index: proto.Uint64(sh.index), Term: proto.Uint64(1), Data: data}
+	res, err := sh.s.Save(&storage.Update{
+		Entries:   []*pb.Entry{e},
+		Committed: []*pb.Entry{e},
+		Apply:     func(tx *storage.Txn, e *pb.Entry) []byte { return Apply(tx, e.GetIndex(), e.GetData()) },
+	})
+	if err != nil {
+		sh.t.Fatal(err)
+	}
+	return res[0]
+}
+
+func (sh *shard) apply(c *peerpb.Command) (*peerpb.Result, error) {
+	sh.t.Helper()
+	b, err := proto.Marshal(c)
+	if err != nil {
+		sh.t.Fatal(err)
+	}
+	return DecodeResult(sh.applyRaw(b))
+}
+
+func (sh *shard) get(key string) *kvpb.KeyValue {
+	sh.t.Helper()
+	var kv *kvpb.KeyValue
+	err := sh.s.View(func(r *storage.Reader) error {
+		var err error
+		kv, err = Get(r, []byte(key))
+		return err
+	})
+	if err != nil {
+		sh.t.Fatal(err)
+	}
+	return kv
+}
+
+func (sh *shard) revision() int64 {
+	var rev int64
+	_ = sh.s.View(func(r *storage.Reader) error { rev = Revision(r); return nil })
+	return rev
+}
+
+func cmdPut(k, v string) *peerpb.Command {
+	return &peerpb.Command{Op: &peerpb.Command_Put{Put: &kvpb.PutRequest{Key: []byte(k), Value: []byte(v), PrevKv: true}}}
+}
+
+func cmdDel(k string) *peerpb.Command {
+	return &peerpb.Command{Op: &peerpb.Command_Delete{Delete: &kvpb.DeleteRequest{Key: []byte(k)}}}
+}
+
+func withSession(c *peerpb.Command, session, seq, ack uint64, now int64) *peerpb.Command {
+	c.Session, c.Seq, c.AckBelow, c.TimeUnixMs = session, seq, ack, now
+	return c
+}
+
+func TestRevisionsAndVersions(t *testing.T) {
+	sh := newShard(t)
+	r, err := sh.apply(cmdPut("a", "1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.GetPut().GetHeader().GetRevision() != 1 || r.GetPut().GetPrevKv() != nil {
+		t.Fatalf("first put: %v", r)
+	}
+	sh.apply(cmdPut("b", "1"))
+	r, _ = sh.apply(cmdPut("a", "2"))
+	if r.GetPut().GetPrevKv().GetVersion() != 1 || string(r.GetPut().GetPrevKv().GetValue()) != "1" {
+		t.Fatalf("prev kv of second put: %v", r.GetPut().GetPrevKv())
+	}
+	kv := sh.get("a")
+	if kv.GetCreateRevision() != 1 || kv.GetModRevision() != 3 || kv.GetVersion() != 2 || string(kv.GetValue()) != "2" {
+		t.Fatalf("a = %v, want create 1 mod 3 version 2", kv)
+	}
+	// Deleting a missing key changes nothing, not even the revision.
+	r, _ = sh.apply(cmdDel("missing"))
+	if r.GetDelete().GetDeleted() != 0 || sh.revision() != 3 {
+		t.Fatalf("delete missing: %v, rev %d", r, sh.revision())
+	}
+	sh.apply(cmdDel("a"))
+	if sh.get("a") != nil || sh.revision() != 4 {
+		t.Fatalf("after delete: %v rev %d", sh.get("a"), sh.revision())
+	}
+	// Recreated: version restarts at 1, create revision is new.
+	sh.apply(cmdPut("a", "3"))
+	if kv := sh.get("a"); kv.GetVersion() != 1 || kv.GetCreateRevision() != 5 {
+		t.Fatalf("recreated a = %v", kv)
+	}
+}
+
+func cmdTxn(cmp []*kvpb.Compare, then, els []*kvpb.RequestOp) *peerpb.Command {
+	return &peerpb.Command{Op: &peerpb.Command_Txn{Txn: &kvpb.TxnRequest{Compare: cmp, Success: then, Failure: els}}}
+}
+
+func opPut(k, v string) *kvpb.RequestOp {
+	return &kvpb.RequestOp{Op: &kvpb.RequestOp_Put{Put: &kvpb.PutRequest{Key: []byte(k), Value: []byte(v)}}}
+}
+
+func opGet(k string) *kvpb.RequestOp {
+	return &kvpb.RequestOp{Op: &kvpb.RequestOp_Get{Get: &kvpb.GetRequest{Key: []byte(k)}}}
+}
+
+func TestTxnCompares(t *testing.T) {
+	sh := newShard(t)
+	sh.apply(cmdPut("k", "v1"))
+	for _, tc := range []struct {
+		name string
+		cmp  *kvpb.Compare
+		want bool
+	}{
+		{"value equal", &kvpb.Compare{Key: []byte("k"), Target: kvpb.Compare_VALUE, Value: []byte("v1")}, true},
+		{"value not equal", &kvpb.Compare{Key: []byte("k"), Target: kvpb.Compare_VALUE, Result: kvpb.Compare_NOT_EQUAL, Value: []byte("v1")}, false},
+		{"value greater", &kvpb.Compare{Key: []byte("k"), Target: kvpb.Compare_VALUE, Result: kvpb.Compare_GREATER, Value: []byte("v0")}, true},
+		{"value of missing key", &kvpb.Compare{Key: []byte("nope"), Target: kvpb.Compare_VALUE, Value: []byte("")}, false},
+		{"version equal", &kvpb.Compare{Key: []byte("k"), Target: kvpb.Compare_VERSION, Version: 1}, true},
+		{"version less", &kvpb.Compare{Key: []byte("k"), Target: kvpb.Compare_VERSION, Result: kvpb.Compare_LESS, Version: 1}, false},
+		{"mod revision", &kvpb.Compare{Key: []byte("k"), Target: kvpb.Compare_MOD, ModRevision: 1}, true},
+		{"create revision", &kvpb.Compare{Key: []byte("k"), Target: kvpb.Compare_CREATE, CreateRevision: 1}, true},
+		{"missing key version 0", &kvpb.Compare{Key: []byte("nope"), Target: kvpb.Compare_VERSION, Version: 0}, true},
+		{"exists", &kvpb.Compare{Key: []byte("k"), Target: kvpb.Compare_EXISTS, Exists: true}, true},
+		{"not exists", &kvpb.Compare{Key: []byte("nope"), Target: kvpb.Compare_EXISTS, Exists: false}, true},
+		{"exists on missing", &kvpb.Compare{Key: []byte("nope"), Target: kvpb.Compare_EXISTS, Exists: true}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r, err := sh.apply(cmdTxn([]*kvpb.Compare{tc.cmp}, []*kvpb.RequestOp{opGet("k")}, nil))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.GetTxn().GetSucceeded() != tc.want {
+				t.Fatalf("succeeded = %v, want %v", r.GetTxn().GetSucceeded(), tc.want)
+			}
+		})
+	}
+}
+
+func TestTxnBranchesShareOneRevision(t *testing.T) {
+	sh := newShard(t)
+	sh.apply(cmdPut("x", "0"))
+	cas := func(old, new string) bool {
+		r, err := sh.apply(cmdTxn(
+			[]*kvpb.Compare{{Key: []byte("x"), Target: kvpb.Compare_VALUE, Value: []byte(old)}},
+			[]*kvpb.RequestOp{opPut("x", new), opPut("y", new)},
+			[]*kvpb.RequestOp{opGet("x")},
+		))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.GetTxn().GetSucceeded()
+	}
+	if !cas("0", "1") {
+		t.Fatal("cas 0→1 failed")
+	}
+	if sh.get("x").GetModRevision() != 2 || sh.get("y").GetModRevision() != 2 {
+		t.Fatalf("txn puts should share revision 2: x %v y %v", sh.get("x"), sh.get("y"))
+	}
+	if cas("0", "2") {
+		t.Fatal("cas with a stale compare succeeded")
+	}
+	if sh.revision() != 2 {
+		t.Fatalf("a failed read-only txn moved the revision to %d", sh.revision())
+	}
+}
+
+func TestRetriedWriteReturnsFirstResultAndChangesNothing(t *testing.T) {
+	sh := newShard(t)
+	const session = 42
+	first, err := sh.apply(withSession(cmdPut("c", "1"), session, 1, 1, 1000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sh.apply(withSession(cmdPut("c", "2"), session, 2, 1, 1001))
+	rev := sh.revision()
+	// The retry of seq 1 (its first attempt did commit) gets the first
+	// result back and must not overwrite "2".
+	again, err := sh.apply(withSession(cmdPut("c", "1"), session, 1, 1, 1002))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !proto.Equal(first, again) {
+		t.Fatalf("retry result %v, want the recorded %v", again, first)
+	}
+	if string(sh.get("c").GetValue()) != "2" || sh.revision() != rev {
+		t.Fatalf("retry changed state: c=%q rev %d→%d", sh.get("c").GetValue(), rev, sh.revision())
+	}
+	// Out-of-order seqs from concurrent writes of one session both apply.
+	sh.apply(withSession(cmdPut("d", "4"), session, 4, 1, 1003))
+	sh.apply(withSession(cmdPut("e", "3"), session, 3, 1, 1004))
+	if sh.get("d") == nil || sh.get("e") == nil {
+		t.Fatal("concurrent seqs of one session were not both applied")
+	}
+	// ack_below drops old records; a retry below it is refused, not
+	// reapplied.
+	sh.apply(withSession(cmdPut("f", "5"), session, 5, 5, 1005))
+	_, err = sh.apply(withSession(cmdPut("c", "1"), session, 1, 5, 1006))
+	if err == nil || err.Error() != ErrStaleSeq.Error() {
+		t.Fatalf("retry below ack_below: err %v, want %v", err, ErrStaleSeq)
+	}
+	var records int
+	_ = sh.s.View(func(r *storage.Reader) error {
+		for seq := uint64(1); seq < 5; seq++ {
+			if r.GetMeta(resultKey(session, seq)) != nil {
+				records++
+			}
+		}
+		return nil
+	})
+	if records != 0 {
+		t.Fatalf("%d results below ack_below were kept", records)
+	}
+}
+
+func TestExpireSessionsIsDeterministic(t *testing.T) {
+	sh := newShard(t)
+	sh.apply(withSession(cmdPut("a", "1"), 1, 1, 1, 1_000))
+	sh.apply(withSession(cmdPut("b", "1"), 2, 1, 1, 9_000))
+	sh.apply(&peerpb.Command{Op: &peerpb.Command_ExpireSessions{ExpireSessions: &peerpb.ExpireSessions{NowUnixMs: 10_000, IdleMs: 5_000}}})
+	_ = sh.s.View(func(r *storage.Reader) error {
+		if r.GetMeta(sessionKey(1)) != nil || r.GetMeta(resultKey(1, 1)) != nil {
+			t.Error("session 1 (idle 9 s > 5 s) was not expired")
+		}
+		if r.GetMeta(sessionKey(2)) == nil || r.GetMeta(resultKey(2, 1)) == nil {
+			t.Error("session 2 (idle 1 s) was expired")
+		}
+		return nil
+	})
+}
+
+func TestClusterMapEpochs(t *testing.T) {
+	sh := newShard(t)
+	set := func(epoch uint64) error {
+		_, err := sh.apply(&peerpb.Command{Op: &peerpb.Command_SetClusterMap{SetClusterMap: &peerpb.SetClusterMap{Map: &kvpb.ClusterMap{
+			Epoch: epoch, Members: []*kvpb.Member{{Id: 1, PeerAddr: "p1"}},
+		}}}})
+		return err
+	}
+	if err := set(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := set(1); err == nil {
+		t.Fatal("setting the same epoch again succeeded")
+	}
+	update := func(client string) error {
+		_, err := sh.apply(&peerpb.Command{Op: &peerpb.Command_UpdateMember{UpdateMember: &peerpb.UpdateMember{Member: &kvpb.Member{Id: 1, PeerAddr: "p1", ClientAddr: client}}}})
+		return err
+	}
+	epoch := func() uint64 {
+		var m *kvpb.ClusterMap
+		_ = sh.s.View(func(r *storage.Reader) error { m, _ = ClusterMap(r); return nil })
+		return m.GetEpoch()
+	}
+	if err := update("c1"); err != nil || epoch() != 2 {
+		t.Fatalf("update member: %v, epoch %d", err, epoch())
+	}
+	if err := update("c1"); err != nil || epoch() != 2 {
+		t.Fatalf("unchanged update moved the epoch to %d (%v)", epoch(), err)
+	}
+	if _, err := sh.apply(&peerpb.Command{Op: &peerpb.Command_UpdateMember{UpdateMember: &peerpb.UpdateMember{Member: &kvpb.Member{Id: 9}}}}); err == nil {
+		t.Fatal("updating an unknown member succeeded")
+	}
+}
+
+func TestRejectsBadCommands(t *testing.T) {
+	sh := newShard(t)
+	for name, data := range map[string][]byte{
+		"garbage":   []byte("\xff\xff\xff"),
+		"no op":     mustMarshal(&peerpb.Command{Seq: 7}),
+		"empty key": mustMarshal(cmdPut("", "v")),
+	} {
+		if _, err := DecodeResult(sh.applyRaw(data)); err == nil {
+			t.Errorf("%s: applied without error", name)
+		}
+	}
+	if sh.revision() != 0 {
+		t.Fatalf("rejected commands moved the revision to %d", sh.revision())
+	}
+}
+
+func mustMarshal(m proto.Message) []byte {
+	b, err := proto.Marshal(m)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+// FuzzApply feeds arbitrary bytes to Apply: it must never panic, always
+// return a decodable Result, and be deterministic (two fresh shards that
+// apply the same input end in the same state).
+func FuzzApply(f *testing.F) {
+	f.Add(mustMarshal(cmdPut("k", "v")))
+	f.Add(mustMarshal(withSession(cmdPut("k", "v"), 1, 1, 0, 5)))
+	f.Add(mustMarshal(cmdTxn([]*kvpb.Compare{{Key: []byte("k")}}, []*kvpb.RequestOp{opPut("k", "v")}, nil)))
+	f.Add([]byte{})
+	f.Add([]byte("\x1a\x00"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		a, b := newShard(t), newShard(t)
+		ra, rb := a.applyRaw(data), b.applyRaw(data)
+		if !bytes.Equal(ra, rb) {
+			t.Fatalf("nondeterministic result: %x vs %x", ra, rb)
+		}
+		var r peerpb.Result
+		if err := proto.Unmarshal(ra, &r); err != nil {
+			t.Fatalf("undecodable result: %v", err)
+		}
+	})
+}

@@ -1,0 +1,343 @@
+// Package proccluster runs real kvd processes for tests: it builds the
+// binaries from the tree, starts an N-node cluster on free loopback ports,
+// and kills, pauses, resumes and restarts nodes. Every process it starts is
+// tracked and killed when the test ends, pass or fail.
+package proccluster
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/kvd/kvd/proto/kvpb"
+)
+
+var (
+	buildOnce sync.Once
+	buildDir  string
+	buildErr  error
+)
+
+// Binaries builds kvd and kvctl once per test process and returns their
+// paths.
+func Binaries(t testing.TB) (kvd, kvctl string) {
+	t.Helper()
+	buildOnce.Do(func() {
+		buildDir, buildErr = os.MkdirTemp("", "kvd-bin-")
+		if buildErr != nil {
+			return
+		}
+		root := moduleRoot()
+		for _, c := range []string{"kvd", "kvctl"} {
+			cmd := exec.Command("go", "build", "-o", filepath.Join(buildDir, c), "./cmd/"+c)
+			cmd.Dir = root
+			if out, err := cmd.CombinedOutput(); err != nil {
+				buildErr = fmt.Errorf("go build %s: %v\n%s", c, err, out)
+				return
+			}
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return filepath.Join(buildDir, "kvd"), filepath.Join(buildDir, "kvctl")
+}
+
+func moduleRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..")
+}
+
+// Node is one kvd process of a Cluster.
+type Node struct {
+	ID                                uint64
+	ClientAddr, PeerAddr, MetricsAddr string
+	DataDir                           string
+	LogPath                           string
+
+	mu  sync.Mutex
+	cmd *exec.Cmd
+	// exited is closed when the current process has been reaped.
+	exited chan struct{}
+}
+
+// Cluster is a set of kvd processes started by a test.
+type Cluster struct {
+	t       testing.TB
+	Dir     string
+	KVD     string
+	KVCTL   string
+	Nodes   []*Node
+	initial string
+	extra   []string
+}
+
+// Options tune a cluster.
+type Options struct {
+	Shards int      // default 8
+	Args   []string // extra kvd flags for every node
+}
+
+// Start builds the binaries and starts an n-node cluster; it waits until
+// every node reports ready.
+func Start(t testing.TB, n int, opts Options) *Cluster {
+	t.Helper()
+	kvd, kvctl := Binaries(t)
+	if opts.Shards == 0 {
+		opts.Shards = 8
+	}
+	c := &Cluster{t: t, Dir: t.TempDir(), KVD: kvd, KVCTL: kvctl}
+	var parts []string
+	for i := 1; i <= n; i++ {
+		nd := &Node{
+			ID:          uint64(i),
+			ClientAddr:  freeAddr(t),
+			PeerAddr:    freeAddr(t),
+			MetricsAddr: freeAddr(t),
+			DataDir:     filepath.Join(c.Dir, fmt.Sprintf("node%d", i)),
+			LogPath:     filepath.Join(c.Dir, fmt.Sprintf("node%d.log", i)),
+		}
+		c.Nodes = append(c.Nodes, nd)
+		parts = append(parts, fmt.Sprintf("%d=%s", i, nd.PeerAddr))
+	}
+	c.initial = strings.Join(parts, ",")
+	c.extra = append([]string{fmt.Sprintf("--shards=%d", opts.Shards)}, opts.Args...)
+	t.Cleanup(c.killAll)
+	for _, nd := range c.Nodes {
+		c.StartNode(nd)
+	}
+	c.WaitReady(30 * time.Second)
+	return c
+}
+
+// freeAddr returns a loopback address with a port that was free just now.
+func freeAddr(t testing.TB) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// Endpoints is the comma-separated client addresses of every node.
+func (c *Cluster) Endpoints() string {
+	var eps []string
+	for _, nd := range c.Nodes {
+		eps = append(eps, nd.ClientAddr)
+	}
+	return strings.Join(eps, ",")
+}
+
+// Node returns the node with the given id.
+func (c *Cluster) Node(id uint64) *Node { return c.Nodes[id-1] }
+
+// StartNode starts (or restarts) nd's process on its data dir.
+func (c *Cluster) StartNode(nd *Node) {
+	c.t.Helper()
+	nd.mu.Lock()
+	defer nd.mu.Unlock()
+	if nd.cmd != nil {
+		c.t.Fatalf("node %d is already running", nd.ID)
+	}
+	logf, err := os.OpenFile(nd.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	args := append([]string{
+		"--id", fmt.Sprint(nd.ID),
+		"--data-dir", nd.DataDir,
+		"--listen-client", nd.ClientAddr,
+		"--listen-peer", nd.PeerAddr,
+		"--listen-metrics", nd.MetricsAddr,
+		"--initial-cluster", c.initial,
+	}, c.extra...)
+	cmd := exec.Command(c.KVD, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// Own process group: a pause or kill reaches kvd alone, and nothing
+	// of the test's terminal signals reach it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		c.t.Fatalf("start node %d: %v", nd.ID, err)
+	}
+	nd.cmd = cmd
+	nd.exited = make(chan struct{})
+	exited := nd.exited
+	go func() {
+		_ = cmd.Wait()
+		logf.Close()
+		close(exited)
+	}()
+}
+
+// Pid returns the running process id of nd, or 0.
+func (nd *Node) Pid() int {
+	nd.mu.Lock()
+	defer nd.mu.Unlock()
+	if nd.cmd == nil {
+		return 0
+	}
+	return nd.cmd.Process.Pid
+}
+
+// Running reports whether nd has a live process.
+func (nd *Node) Running() bool { return nd.Pid() != 0 }
+
+// Kill sends SIGKILL to nd and waits until it is reaped.
+func (c *Cluster) Kill(nd *Node) { c.signalAndWait(nd, syscall.SIGKILL) }
+
+// Stop sends SIGTERM to nd and waits until it exits (a clean shutdown).
+func (c *Cluster) Stop(nd *Node) { c.signalAndWait(nd, syscall.SIGTERM) }
+
+func (c *Cluster) signalAndWait(nd *Node, sig syscall.Signal) {
+	c.t.Helper()
+	nd.mu.Lock()
+	cmd, exited := nd.cmd, nd.exited
+	nd.mu.Unlock()
+	if cmd == nil {
+		return
+	}
+	_ = cmd.Process.Signal(syscall.SIGCONT) // a paused process cannot act on SIGTERM
+	_ = cmd.Process.Signal(sig)
+	select {
+	case <-exited:
+	case <-time.After(30 * time.Second):
+		_ = cmd.Process.Kill()
+		<-exited
+		c.t.Errorf("node %d did not exit within 30s of %v; killed", nd.ID, sig)
+	}
+	nd.mu.Lock()
+	nd.cmd = nil
+	nd.mu.Unlock()
+}
+
+// Pause stops nd with SIGSTOP (hung, not dead); Resume continues it.
+func (c *Cluster) Pause(nd *Node)  { c.signal(nd, syscall.SIGSTOP) }
+func (c *Cluster) Resume(nd *Node) { c.signal(nd, syscall.SIGCONT) }
+
+func (c *Cluster) signal(nd *Node, sig syscall.Signal) {
+	nd.mu.Lock()
+	defer nd.mu.Unlock()
+	if nd.cmd != nil {
+		_ = nd.cmd.Process.Signal(sig)
+	}
+}
+
+func (c *Cluster) killAll() {
+	for _, nd := range c.Nodes {
+		c.Kill(nd)
+	}
+}
+
+// WaitReady waits until every running node answers /readyz with 200.
+func (c *Cluster) WaitReady(d time.Duration) {
+	c.t.Helper()
+	for _, nd := range c.Nodes {
+		if !nd.Running() {
+			continue
+		}
+		WaitFor(c.t, d, fmt.Sprintf("node %d ready", nd.ID), func() bool {
+			resp, err := http.Get("http://" + nd.MetricsAddr + "/readyz")
+			if err != nil {
+				return false
+			}
+			resp.Body.Close()
+			return resp.StatusCode == http.StatusOK
+		})
+	}
+}
+
+// Status asks nd for its shard status.
+func (c *Cluster) Status(ctx context.Context, nd *Node) (*kvpb.StatusResponse, error) {
+	conn, err := grpc.NewClient(nd.ClientAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	return kvpb.NewClusterClient(conn).Status(ctx, &kvpb.StatusRequest{})
+}
+
+// LeaderCounts returns, per node id, how many shards it leads, as reported
+// by the shards' leaders themselves.
+func (c *Cluster) LeaderCounts(ctx context.Context) map[uint64]int {
+	out := map[uint64]int{}
+	for _, nd := range c.Nodes {
+		if !nd.Running() {
+			continue
+		}
+		st, err := c.Status(ctx, nd)
+		if err != nil {
+			continue
+		}
+		for _, s := range st.GetShards() {
+			if s.GetRole() == "leader" {
+				out[nd.ID]++
+			}
+		}
+	}
+	return out
+}
+
+// MostLeader returns the running node that leads the most shards.
+func (c *Cluster) MostLeader(ctx context.Context) *Node {
+	counts := c.LeaderCounts(ctx)
+	var best *Node
+	for _, nd := range c.Nodes {
+		if best == nil || counts[nd.ID] > counts[best.ID] {
+			best = nd
+		}
+	}
+	return best
+}
+
+// Kvctl runs kvctl against the cluster and returns stdout, stderr and the
+// exit code.
+func (c *Cluster) Kvctl(stdin string, args ...string) (stdout, stderr string, code int) {
+	c.t.Helper()
+	cmd := exec.Command(c.KVCTL, append([]string{"--endpoints", c.Endpoints()}, args...)...)
+	cmd.Stdin = strings.NewReader(stdin)
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code = 0
+	if err != nil {
+		ee, ok := err.(*exec.ExitError)
+		if !ok {
+			c.t.Fatalf("kvctl %v: %v", args, err)
+		}
+		code = ee.ExitCode()
+	}
+	return out.String(), errb.String(), code
+}
+
+// Logs returns node nd's log so far (for failure messages).
+func (nd *Node) Logs() string {
+	b, _ := os.ReadFile(nd.LogPath)
+	return string(b)
+}
+
+// WaitFor polls cond until it holds or d passes.
+func WaitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", d, what)
+		}
+		time.Sleep(20 * time.Millisecond) // poll interval, not synchronisation
+	}
+}

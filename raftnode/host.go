@@ -1,0 +1,212 @@
+package raftnode
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	pb "go.etcd.io/raft/v3/raftpb"
+
+	"github.com/kvd/kvd/proto/peerpb"
+	"github.com/kvd/kvd/storage"
+)
+
+// HostConfig configures a Host.
+type HostConfig struct {
+	NodeID uint64
+	Engine *storage.Engine
+	Apply  ApplyFunc
+	Logger *slog.Logger
+
+	// TickInterval is the length of one Raft tick. Default 50 ms, so with
+	// ElectionTick 10 a dead leader is replaced within 0.5–1 s.
+	TickInterval        time.Duration
+	ElectionTick        int
+	HeartbeatTick       int
+	SnapshotEntries     uint64
+	MaxPendingProposals int
+}
+
+// Host runs every Raft group replica of one node over one storage engine:
+// it creates and opens shards, ticks them from one ticker, and routes
+// incoming messages and snapshots to them. It implements the transport's
+// Handler.
+type Host struct {
+	cfg    HostConfig
+	log    *slog.Logger
+	sender Sender
+
+	mu struct {
+		sync.RWMutex
+		nodes map[uint64]*Node // by shard id
+	}
+	stopc chan struct{}
+	wg    sync.WaitGroup
+	once  sync.Once
+
+	snapshotsReceived atomic.Uint64
+}
+
+// ErrUnknownShard is returned for a shard this node does not host.
+var ErrUnknownShard = errors.New("raftnode: shard not hosted on this node")
+
+// NewHost returns a Host; call Start with the transport before AddShard.
+func NewHost(cfg HostConfig) *Host {
+	if cfg.TickInterval == 0 {
+		cfg.TickInterval = 50 * time.Millisecond
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	h := &Host{cfg: cfg, log: cfg.Logger, stopc: make(chan struct{})}
+	h.mu.nodes = make(map[uint64]*Node)
+	return h
+}
+
+// Start sets the message sender (the transport, built with this Host as
+// its handler) and starts ticking.
+func (h *Host) Start(sender Sender) {
+	h.sender = sender
+	h.wg.Add(1)
+	go func() {
+		defer h.wg.Done()
+		t := time.NewTicker(h.cfg.TickInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				h.mu.RLock()
+				for _, n := range h.mu.nodes {
+					n.Tick()
+				}
+				h.mu.RUnlock()
+			case <-h.stopc:
+				return
+			}
+		}
+	}()
+}
+
+// AddShard starts the replica of shard id, opening its storage when it
+// exists and creating it with voters otherwise (voters empty: a new replica
+// that waits for a snapshot from the leader).
+func (h *Host) AddShard(id uint64, voters []uint64) (*Node, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if n, ok := h.mu.nodes[id]; ok {
+		return n, nil
+	}
+	st, err := h.cfg.Engine.OpenShard(id)
+	if errors.Is(err, storage.ErrShardNotFound) {
+		st, err = h.cfg.Engine.CreateShard(id, &pb.ConfState{Voters: slices.Clone(voters)})
+	}
+	if err != nil {
+		return nil, fmt.Errorf("raftnode: open shard %d: %w", id, err)
+	}
+	n, err := Start(Config{
+		NodeID:              h.cfg.NodeID,
+		Shard:               id,
+		Storage:             st,
+		Sender:              h.sender,
+		Apply:               h.cfg.Apply,
+		Logger:              h.cfg.Logger,
+		ElectionTick:        h.cfg.ElectionTick,
+		HeartbeatTick:       h.cfg.HeartbeatTick,
+		SnapshotEntries:     h.cfg.SnapshotEntries,
+		MaxPendingProposals: h.cfg.MaxPendingProposals,
+	})
+	if err != nil {
+		return nil, err
+	}
+	h.mu.nodes[id] = n
+	return n, nil
+}
+
+// Node returns the replica of shard id, or nil.
+func (h *Host) Node(id uint64) *Node {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return h.mu.nodes[id]
+}
+
+// Nodes returns every replica, ordered by shard id.
+func (h *Host) Nodes() []*Node {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	out := make([]*Node, 0, len(h.mu.nodes))
+	for _, n := range h.mu.nodes {
+		out = append(out, n)
+	}
+	slices.SortFunc(out, func(a, b *Node) int { return cmpUint(a.Shard(), b.Shard()) })
+	return out
+}
+
+func cmpUint(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// Stop stops ticking and every replica, and waits. Idempotent.
+func (h *Host) Stop() {
+	h.once.Do(func() { close(h.stopc) })
+	h.wg.Wait()
+	var wg sync.WaitGroup
+	for _, n := range h.Nodes() {
+		wg.Add(1)
+		go func() { defer wg.Done(); n.Stop() }()
+	}
+	wg.Wait()
+}
+
+// HandleMessage delivers a peer's message to its shard (transport Handler).
+func (h *Host) HandleMessage(shard uint64, m *pb.Message) {
+	if n := h.Node(shard); n != nil {
+		n.Step(m)
+	}
+}
+
+// HandleSnapshot stages a streamed snapshot in storage and hands Raft the
+// MsgSnap with a token naming the staged data (transport Handler).
+func (h *Host) HandleSnapshot(shard uint64, m *pb.Message, next func() ([]*peerpb.SnapshotPair, error)) error {
+	n := h.Node(shard)
+	if n == nil {
+		return fmt.Errorf("%w: %d", ErrUnknownShard, shard)
+	}
+	snap := m.GetSnapshot()
+	token, err := h.cfg.Engine.StageSnapshot(shard, snap.GetMetadata(), next)
+	if err != nil {
+		return fmt.Errorf("raftnode: stage snapshot of shard %d: %w", shard, err)
+	}
+	snap.Data = token
+	h.snapshotsReceived.Add(1)
+	h.log.Info("received snapshot", "shard", shard, "from", m.GetFrom(),
+		"index", snap.GetMetadata().GetIndex(), "term", snap.GetMetadata().GetTerm())
+	n.Step(m)
+	return nil
+}
+
+// SnapshotsReceived counts snapshots staged for this node's replicas.
+func (h *Host) SnapshotsReceived() uint64 { return h.snapshotsReceived.Load() }
+
+// ReportUnreachable implements the transport Handler.
+func (h *Host) ReportUnreachable(shard, peer uint64) {
+	if n := h.Node(shard); n != nil {
+		n.ReportUnreachable(peer)
+	}
+}
+
+// ReportSnapshot implements the transport Handler.
+func (h *Host) ReportSnapshot(shard, peer uint64, failed bool) {
+	if n := h.Node(shard); n != nil {
+		n.ReportSnapshot(peer, failed)
+	}
+}

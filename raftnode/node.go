@@ -1,0 +1,771 @@
+package raftnode
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.etcd.io/raft/v3"
+	pb "go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/storage"
+)
+
+// Storage is what a Node needs from its shard's storage. *storage.Shard
+// implements it; tests may wrap it to inject faults.
+type Storage interface {
+	raft.Storage
+	// Save persists u (durably when u.Sync) and applies u.Committed in the
+	// same transaction; it returns one result per committed entry.
+	Save(u *storage.Update) ([][]byte, error)
+	// Compact drops the log up to index, which must not exceed Applied.
+	Compact(index uint64) error
+	// Applied returns the last applied index and its term.
+	Applied() (index, term uint64)
+}
+
+// Sender hands Raft messages to the transport. Send must not block.
+type Sender interface {
+	Send(shard uint64, msgs []*pb.Message)
+}
+
+// ApplyFunc applies one committed command to the shard state. It runs on the
+// storage writer goroutine inside the write transaction, so it must be
+// deterministic: no clocks, no randomness, no map order, no local settings.
+// The returned bytes are handed to the proposer, if it is still waiting.
+type ApplyFunc func(tx *storage.Txn, index uint64, cmd []byte) []byte
+
+// Config configures one Raft group replica.
+type Config struct {
+	NodeID  uint64
+	Shard   uint64
+	Storage Storage
+	Sender  Sender
+	Apply   ApplyFunc
+	Logger  *slog.Logger
+
+	// ElectionTick and HeartbeatTick are in ticks (see Host.TickInterval).
+	ElectionTick  int // default 10
+	HeartbeatTick int // default 1
+	// SnapshotEntries is how many applied entries beyond the last compaction
+	// trigger the next one. Default 10,000.
+	SnapshotEntries uint64
+	// MaxPendingProposals bounds proposals waiting for apply; beyond it
+	// Propose fails fast with ErrBusy. Default 4096.
+	MaxPendingProposals int
+}
+
+func (c *Config) setDefaults() {
+	if c.ElectionTick == 0 {
+		c.ElectionTick = 10
+	}
+	if c.HeartbeatTick == 0 {
+		c.HeartbeatTick = 1
+	}
+	if c.SnapshotEntries == 0 {
+		c.SnapshotEntries = 10000
+	}
+	if c.MaxPendingProposals == 0 {
+		c.MaxPendingProposals = 4096
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+// Node runs one Raft group replica. A single goroutine (run) owns the
+// RawNode; every other goroutine reaches it through channels, and every send
+// also selects on the node's stop channel and the caller's context.
+type Node struct {
+	cfg Config
+	log *slog.Logger
+
+	propc  chan *proposal
+	readc  chan *readWaiter
+	recvc  chan *pb.Message
+	tickc  chan struct{}
+	funcc  chan func(*raft.RawNode)
+	stopc  chan struct{}
+	donec  chan struct{}
+	stopMu sync.Once
+
+	// Published by the run goroutine for lock-free readers (routing,
+	// metrics, status). They may lag the RawNode by one loop iteration.
+	leader  atomic.Uint64
+	term    atomic.Uint64
+	commit  atomic.Uint64
+	applied atomic.Uint64
+	pending atomic.Int64
+
+	errMu sync.Mutex
+	err   error // why run stopped, if not by Stop
+
+	stats Stats
+}
+
+// Stats counts a node's batching; read with the accessor methods.
+type Stats struct {
+	Proposals    atomic.Uint64 // proposals accepted by Raft
+	ProposeBatch atomic.Uint64 // Ready rounds that carried new local entries
+	Reads        atomic.Uint64 // linearizable reads served
+	ReadRounds   atomic.Uint64 // ReadIndex rounds issued
+	Compactions  atomic.Uint64
+	// LeaderChanges counts changes of the leader this replica knows of
+	// (including to "none").
+	LeaderChanges atomic.Uint64
+}
+
+// Errors returned by Node methods.
+var (
+	ErrStopped = errors.New("raftnode: stopped")
+	// ErrNotLeader is wrapped by *NotLeaderError.
+	ErrNotLeader = errors.New("raftnode: not leader")
+	// ErrLeadershipLost means the outcome is unknown: the entry may still
+	// commit under the next leader. Callers retry with the same session and
+	// sequence number, which the state machine deduplicates.
+	ErrLeadershipLost = errors.New("raftnode: leadership lost; outcome unknown")
+	ErrBusy           = errors.New("raftnode: too many pending proposals")
+)
+
+// NotLeaderError says which node leads the shard, when known (Leader 0).
+type NotLeaderError struct {
+	Shard, Leader uint64
+}
+
+func (e *NotLeaderError) Error() string {
+	if e.Leader == 0 {
+		return fmt.Sprintf("raftnode: shard %d has no known leader", e.Shard)
+	}
+	return fmt.Sprintf("raftnode: not leader of shard %d; leader is node %d", e.Shard, e.Leader)
+}
+
+func (e *NotLeaderError) Unwrap() error { return ErrNotLeader }
+
+type result struct {
+	data []byte
+	err  error
+}
+
+type proposal struct {
+	id   uint64
+	data []byte         // command, nil for conf changes
+	cc   pb.ConfChangeI // set for conf changes
+	done chan result    // buffered 1: the run goroutine never blocks on it
+}
+
+type readWaiter struct {
+	index uint64
+	done  chan error // buffered 1
+}
+
+// Start opens a RawNode over cfg.Storage and runs it. The storage must
+// already hold the group's initial state (storage.Engine.CreateShard).
+func Start(cfg Config) (*Node, error) {
+	cfg.setDefaults()
+	applied, _ := cfg.Storage.Applied()
+	rn, err := raft.NewRawNode(&raft.Config{
+		ID:                        cfg.NodeID,
+		ElectionTick:              cfg.ElectionTick,
+		HeartbeatTick:             cfg.HeartbeatTick,
+		Storage:                   cfg.Storage,
+		Applied:                   applied,
+		MaxSizePerMsg:             1 << 20,
+		MaxCommittedSizePerReady:  4 << 20,
+		MaxUncommittedEntriesSize: 64 << 20,
+		MaxInflightMsgs:           256,
+		CheckQuorum:               true,
+		PreVote:                   true,
+		ReadOnlyOption:            raft.ReadOnlySafe,
+		// Followers refuse proposals instead of forwarding them, so a
+		// proposal is either tracked by this node's leader or rejected at
+		// once with a hint; the server routes clients to the leader.
+		DisableProposalForwarding: true,
+		StepDownOnRemoval:         true,
+		Logger:                    newRaftLogger(cfg.Logger.With("shard", cfg.Shard)),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("raftnode: shard %d: %w", cfg.Shard, err)
+	}
+	n := &Node{
+		cfg:   cfg,
+		log:   cfg.Logger.With("shard", cfg.Shard, "node", cfg.NodeID),
+		propc: make(chan *proposal, 1024),
+		readc: make(chan *readWaiter, 1024),
+		recvc: make(chan *pb.Message, 4096),
+		tickc: make(chan struct{}, 64),
+		funcc: make(chan func(*raft.RawNode), 64),
+		stopc: make(chan struct{}),
+		donec: make(chan struct{}),
+	}
+	n.applied.Store(applied)
+	go n.run(rn)
+	return n, nil
+}
+
+// Shard returns the group's shard id.
+func (n *Node) Shard() uint64 { return n.cfg.Shard }
+
+// Leader returns the node id of the current leader as last seen, or 0.
+func (n *Node) Leader() uint64 { return n.leader.Load() }
+
+// IsLeader reports whether this replica leads its group, as last seen.
+func (n *Node) IsLeader() bool { return n.leader.Load() == n.cfg.NodeID }
+
+// Term, Commit and Applied are the last published values.
+func (n *Node) Term() uint64    { return n.term.Load() }
+func (n *Node) Commit() uint64  { return n.commit.Load() }
+func (n *Node) Applied() uint64 { return n.applied.Load() }
+
+// PendingProposals is the number of proposals waiting for apply.
+func (n *Node) PendingProposals() int64 { return n.pending.Load() }
+
+// Stats returns the node's counters.
+func (n *Node) Stats() *Stats { return &n.stats }
+
+// Done is closed when the node has stopped, by Stop or by a fatal error.
+func (n *Node) Done() <-chan struct{} { return n.donec }
+
+// Err returns why the node stopped on its own (a storage failure), or nil.
+func (n *Node) Err() error {
+	n.errMu.Lock()
+	defer n.errMu.Unlock()
+	return n.err
+}
+
+// Stop stops the node and waits for its goroutine. Idempotent.
+func (n *Node) Stop() {
+	n.stopMu.Do(func() { close(n.stopc) })
+	<-n.donec
+}
+
+// Tick advances the node's logical clock by one tick. It never blocks: if
+// the node is behind, the tick is dropped (elections then take a little
+// longer, which is safe).
+func (n *Node) Tick() {
+	select {
+	case n.tickc <- struct{}{}:
+	default:
+	}
+}
+
+// Step delivers a message from a peer. It never blocks; when the inbox is
+// full the message is dropped, which Raft tolerates like network loss.
+func (n *Node) Step(m *pb.Message) {
+	select {
+	case n.recvc <- m:
+	default:
+	}
+}
+
+// ReportUnreachable tells Raft that sending to peer failed.
+func (n *Node) ReportUnreachable(peer uint64) {
+	n.do(func(rn *raft.RawNode) { rn.ReportUnreachable(peer) }, false)
+}
+
+// ReportSnapshot tells Raft how sending a snapshot to peer ended. It must not
+// be lost (the peer's progress stays paused until it is reported), so it
+// waits for room in the queue.
+func (n *Node) ReportSnapshot(peer uint64, failed bool) {
+	st := raft.SnapshotFinish
+	if failed {
+		st = raft.SnapshotFailure
+	}
+	n.do(func(rn *raft.RawNode) { rn.ReportSnapshot(peer, st) }, true)
+}
+
+func (n *Node) do(f func(*raft.RawNode), wait bool) {
+	if wait {
+		select {
+		case n.funcc <- f:
+		case <-n.stopc:
+		}
+		return
+	}
+	select {
+	case n.funcc <- f:
+	default:
+	}
+}
+
+// Status returns the full Raft status, read on the run goroutine.
+func (n *Node) Status(ctx context.Context) (raft.Status, error) {
+	ch := make(chan raft.Status, 1)
+	if err := n.send(ctx, n.funcc, func(rn *raft.RawNode) { ch <- rn.Status() }); err != nil {
+		return raft.Status{}, err
+	}
+	select {
+	case st := <-ch:
+		return st, nil
+	case <-ctx.Done():
+		return raft.Status{}, ctx.Err()
+	case <-n.donec:
+		return raft.Status{}, ErrStopped
+	}
+}
+
+// Campaign makes this replica start an election (tests and leadership
+// balancing).
+func (n *Node) Campaign(ctx context.Context) error {
+	return n.send(ctx, n.funcc, func(rn *raft.RawNode) { _ = rn.Campaign() })
+}
+
+// TransferLeadership asks the current leader (this node) to hand leadership
+// to transferee, and waits until some leader other than this node is seen
+// or ctx ends.
+func (n *Node) TransferLeadership(ctx context.Context, transferee uint64) error {
+	if err := n.send(ctx, n.funcc, func(rn *raft.RawNode) { rn.TransferLeader(transferee) }); err != nil {
+		return err
+	}
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if l := n.leader.Load(); l == transferee {
+			return nil
+		}
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return fmt.Errorf("raftnode: transfer leadership of shard %d to %d: %w", n.cfg.Shard, transferee, ctx.Err())
+		case <-n.donec:
+			return ErrStopped
+		}
+	}
+}
+
+// Propose replicates cmd and returns the state machine's result once it has
+// applied on this node. On a follower it fails fast with *NotLeaderError.
+func (n *Node) Propose(ctx context.Context, cmd []byte) ([]byte, error) {
+	p := &proposal{data: cmd, done: make(chan result, 1)}
+	return n.wait(ctx, p)
+}
+
+// ProposeConfChange replicates a membership change and waits until it has
+// applied on this node.
+func (n *Node) ProposeConfChange(ctx context.Context, cc pb.ConfChangeI) error {
+	p := &proposal{cc: cc, done: make(chan result, 1)}
+	_, err := n.wait(ctx, p)
+	return err
+}
+
+func (n *Node) wait(ctx context.Context, p *proposal) ([]byte, error) {
+	if err := send(ctx, n, n.propc, p); err != nil {
+		return nil, err
+	}
+	select {
+	case r := <-p.done:
+		return r.data, r.err
+	case <-ctx.Done():
+		// The proposal stays tracked; its result is dropped into the
+		// buffered channel when it applies.
+		return nil, ctx.Err()
+	case <-n.donec:
+		select {
+		case r := <-p.done:
+			return r.data, r.err
+		default:
+			return nil, ErrStopped
+		}
+	}
+}
+
+// ReadIndex waits until this replica (the leader) has confirmed its
+// leadership with a quorum and applied everything committed before the
+// call: a read of local state afterwards is linearizable. Concurrent calls
+// share ReadIndex rounds.
+func (n *Node) ReadIndex(ctx context.Context) error {
+	w := &readWaiter{done: make(chan error, 1)}
+	if err := send(ctx, n, n.readc, w); err != nil {
+		return err
+	}
+	select {
+	case err := <-w.done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-n.donec:
+		return ErrStopped
+	}
+}
+
+func (n *Node) send(ctx context.Context, ch chan func(*raft.RawNode), f func(*raft.RawNode)) error {
+	return send(ctx, n, ch, f)
+}
+
+func send[T any](ctx context.Context, n *Node, ch chan T, v T) error {
+	select {
+	case ch <- v:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-n.stopc:
+		return ErrStopped
+	case <-n.donec:
+		return ErrStopped
+	}
+}
+
+// idPrefixLen is the size of the proposal id that prefixes every normal
+// entry's data. The id lets the leader match an applied entry to the
+// waiting proposal; apply strips it, so it never affects state.
+const idPrefixLen = 8
+
+func decodeEntry(data []byte) (id uint64, cmd []byte, ok bool) {
+	if len(data) < idPrefixLen {
+		return 0, nil, false
+	}
+	return binary.BigEndian.Uint64(data), data[idPrefixLen:], true
+}
+
+// ApplyEntry adapts an ApplyFunc to storage: it strips the proposal id.
+func (n *Node) applyEntry(tx *storage.Txn, e *pb.Entry) []byte {
+	_, cmd, ok := decodeEntry(e.GetData())
+	if !ok {
+		return nil
+	}
+	return n.cfg.Apply(tx, e.GetIndex(), cmd)
+}
+
+// loopState is owned by the run goroutine.
+type loopState struct {
+	rn        *raft.RawNode
+	nextID    uint64
+	proposals map[uint64]*proposal
+	// reads waiting for the next ReadIndex round, and rounds in flight keyed
+	// by their request context.
+	readsQueued []*readWaiter
+	readRounds  map[uint64][]*readWaiter
+	nextRound   uint64
+	// reads whose round returned an index not yet applied.
+	readsWaiting []*readWaiter
+	lastCompact  uint64
+	isLeader     bool
+}
+
+func (n *Node) run(rn *raft.RawNode) {
+	defer close(n.donec)
+	st := &loopState{
+		rn:         rn,
+		proposals:  make(map[uint64]*proposal),
+		readRounds: make(map[uint64][]*readWaiter),
+		// A time-based start keeps ids unique across restarts, so an entry
+		// proposed before a crash never matches a proposal made after it.
+		nextID: uint64(time.Now().UnixNano()),
+	}
+	st.lastCompact, _ = n.cfg.Storage.FirstIndex()
+	if st.lastCompact > 0 {
+		st.lastCompact--
+	}
+	defer n.failAll(st, ErrStopped)
+
+	for {
+		select {
+		case <-n.stopc:
+			return
+		case <-n.tickc:
+			rn.Tick()
+		case m := <-n.recvc:
+			n.step(rn, m)
+		case p := <-n.propc:
+			n.propose(st, p)
+		case w := <-n.readc:
+			st.readsQueued = append(st.readsQueued, w)
+		case f := <-n.funcc:
+			f(rn)
+		}
+		// Drain whatever else is already queued so one Ready (one storage
+		// round, one message batch) carries as much as possible.
+		n.drain(st)
+		// One ReadIndex round at a time: reads that arrive while a round is
+		// in flight share the next one, so a burst of reads costs a couple
+		// of quorum round trips, not one each.
+		if len(st.readsQueued) > 0 && len(st.readRounds) == 0 {
+			n.startReadRound(st)
+		}
+		for rn.HasReady() {
+			if err := n.handleReady(st); err != nil {
+				n.log.Error("raft node stopping: cannot persist", "err", err)
+				n.errMu.Lock()
+				n.err = err
+				n.errMu.Unlock()
+				return
+			}
+		}
+	}
+}
+
+func (n *Node) drain(st *loopState) {
+	for i := 0; i < 4096; i++ {
+		select {
+		case <-n.tickc:
+			st.rn.Tick()
+		case m := <-n.recvc:
+			n.step(st.rn, m)
+		case p := <-n.propc:
+			n.propose(st, p)
+		case w := <-n.readc:
+			st.readsQueued = append(st.readsQueued, w)
+		case f := <-n.funcc:
+			f(st.rn)
+		default:
+			return
+		}
+	}
+}
+
+func (n *Node) step(rn *raft.RawNode, m *pb.Message) {
+	if err := rn.Step(m); err != nil && !errors.Is(err, raft.ErrStepPeerNotFound) {
+		n.log.Debug("step", "type", m.GetType(), "from", m.GetFrom(), "err", err)
+	}
+}
+
+func (n *Node) propose(st *loopState, p *proposal) {
+	if !st.isLeader {
+		p.done <- result{err: &NotLeaderError{Shard: n.cfg.Shard, Leader: n.leader.Load()}}
+		return
+	}
+	if len(st.proposals) >= n.cfg.MaxPendingProposals {
+		p.done <- result{err: ErrBusy}
+		return
+	}
+	st.nextID++
+	id := st.nextID
+	var err error
+	if p.cc != nil {
+		cc := p.cc.AsV2()
+		ctx := make([]byte, idPrefixLen)
+		binary.BigEndian.PutUint64(ctx, id)
+		cc = proto.CloneOf(cc)
+		cc.Context = ctx
+		err = st.rn.ProposeConfChange(cc)
+	} else {
+		data := make([]byte, idPrefixLen+len(p.data))
+		binary.BigEndian.PutUint64(data, id)
+		copy(data[idPrefixLen:], p.data)
+		err = st.rn.Propose(data)
+	}
+	if err != nil {
+		if errors.Is(err, raft.ErrProposalDropped) {
+			// Dropped by a leader in transfer, or over the uncommitted
+			// size limit: both mean "not now".
+			err = ErrBusy
+		}
+		p.done <- result{err: fmt.Errorf("raftnode: propose on shard %d: %w", n.cfg.Shard, err)}
+		return
+	}
+	p.id = id
+	st.proposals[id] = p
+	n.pending.Store(int64(len(st.proposals)))
+	n.stats.Proposals.Add(1)
+}
+
+func (n *Node) startReadRound(st *loopState) {
+	if !st.isLeader {
+		err := &NotLeaderError{Shard: n.cfg.Shard, Leader: n.leader.Load()}
+		for _, w := range st.readsQueued {
+			w.done <- err
+		}
+		st.readsQueued = nil
+		return
+	}
+	st.nextRound++
+	rctx := make([]byte, 8)
+	binary.BigEndian.PutUint64(rctx, st.nextRound)
+	st.readRounds[st.nextRound] = st.readsQueued
+	st.readsQueued = nil
+	st.rn.ReadIndex(rctx)
+	n.stats.ReadRounds.Add(1)
+}
+
+func (n *Node) handleReady(st *loopState) error {
+	rn := st.rn
+	rd := rn.Ready()
+
+	if rd.SoftState != nil {
+		if old := n.leader.Swap(rd.SoftState.Lead); old != rd.SoftState.Lead {
+			n.stats.LeaderChanges.Add(1)
+		}
+		wasLeader := st.isLeader
+		st.isLeader = rd.SoftState.RaftState == raft.StateLeader
+		if wasLeader && !st.isLeader {
+			n.failAll(st, ErrLeadershipLost)
+		}
+	}
+	if hs := rd.HardState; hs != nil && !raft.IsEmptyHardState(hs) {
+		n.term.Store(hs.GetTerm())
+		n.commit.Store(hs.GetCommit())
+	}
+
+	// Membership changes take effect in Raft now; the resulting ConfState
+	// is stored atomically with the applied index below.
+	var cs *pb.ConfState
+	for _, e := range rd.CommittedEntries {
+		switch e.GetType() {
+		case pb.EntryConfChange:
+			var cc pb.ConfChange
+			if err := proto.Unmarshal(e.GetData(), &cc); err != nil {
+				return fmt.Errorf("shard %d: decode conf change at %d: %w", n.cfg.Shard, e.GetIndex(), err)
+			}
+			cs = rn.ApplyConfChange(&cc)
+		case pb.EntryConfChangeV2:
+			var cc pb.ConfChangeV2
+			if err := proto.Unmarshal(e.GetData(), &cc); err != nil {
+				return fmt.Errorf("shard %d: decode conf change at %d: %w", n.cfg.Shard, e.GetIndex(), err)
+			}
+			cs = rn.ApplyConfChange(&cc)
+		}
+	}
+
+	u := &storage.Update{
+		Entries:   rd.Entries,
+		Committed: rd.CommittedEntries,
+		ConfState: cs,
+		Apply:     n.applyEntry,
+		Sync:      rd.MustSync,
+	}
+	if rd.HardState != nil && !raft.IsEmptyHardState(rd.HardState) {
+		u.HardState = rd.HardState
+	}
+	if rd.Snapshot != nil && !raft.IsEmptySnap(rd.Snapshot) {
+		u.Snapshot = rd.Snapshot
+	}
+	var results [][]byte
+	if len(u.Entries) > 0 || len(u.Committed) > 0 || u.HardState != nil || u.Snapshot != nil {
+		var err error
+		results, err = n.cfg.Storage.Save(u)
+		if err != nil {
+			return fmt.Errorf("shard %d: save: %w", n.cfg.Shard, err)
+		}
+	}
+	if len(rd.Entries) > 0 && st.isLeader {
+		n.stats.ProposeBatch.Add(1)
+	}
+
+	// Only now, with entries and hard state durable, may messages that
+	// depend on them leave.
+	if len(rd.Messages) > 0 {
+		n.cfg.Sender.Send(n.cfg.Shard, rd.Messages)
+	}
+
+	if u.Snapshot != nil {
+		n.applied.Store(u.Snapshot.GetMetadata().GetIndex())
+	}
+	for i, e := range rd.CommittedEntries {
+		n.applied.Store(e.GetIndex())
+		var id uint64
+		switch e.GetType() {
+		case pb.EntryNormal:
+			id, _, _ = decodeEntry(e.GetData())
+		case pb.EntryConfChange, pb.EntryConfChangeV2:
+			id = confChangeID(e)
+		}
+		if p, ok := st.proposals[id]; ok && id != 0 {
+			var data []byte
+			if i < len(results) {
+				data = results[i]
+			}
+			p.done <- result{data: data}
+			delete(st.proposals, id)
+		}
+	}
+	n.pending.Store(int64(len(st.proposals)))
+
+	for _, rs := range rd.ReadStates {
+		if len(rs.RequestCtx) != 8 {
+			continue
+		}
+		round := binary.BigEndian.Uint64(rs.RequestCtx)
+		ws, ok := st.readRounds[round]
+		if !ok {
+			continue
+		}
+		delete(st.readRounds, round)
+		for _, w := range ws {
+			w.index = rs.Index
+		}
+		st.readsWaiting = append(st.readsWaiting, ws...)
+	}
+	n.releaseReads(st)
+
+	rn.Advance(rd)
+	return n.maybeCompact(st)
+}
+
+func confChangeID(e *pb.Entry) uint64 {
+	var cc pb.ConfChangeV2
+	if e.GetType() == pb.EntryConfChange {
+		var v1 pb.ConfChange
+		if proto.Unmarshal(e.GetData(), &v1) != nil {
+			return 0
+		}
+		cc.Context = v1.GetContext()
+	} else if proto.Unmarshal(e.GetData(), &cc) != nil {
+		return 0
+	}
+	if len(cc.GetContext()) != idPrefixLen {
+		return 0
+	}
+	return binary.BigEndian.Uint64(cc.GetContext())
+}
+
+func (n *Node) releaseReads(st *loopState) {
+	applied := n.applied.Load()
+	kept := st.readsWaiting[:0]
+	for _, w := range st.readsWaiting {
+		if w.index <= applied {
+			w.done <- nil
+			n.stats.Reads.Add(1)
+		} else {
+			kept = append(kept, w)
+		}
+	}
+	clear(st.readsWaiting[len(kept):])
+	st.readsWaiting = kept
+}
+
+func (n *Node) maybeCompact(st *loopState) error {
+	applied := n.applied.Load()
+	if applied <= st.lastCompact || applied-st.lastCompact < n.cfg.SnapshotEntries {
+		return nil
+	}
+	if err := n.cfg.Storage.Compact(applied); err != nil {
+		if errors.Is(err, raft.ErrCompacted) {
+			// A snapshot installed meanwhile already moved the log start.
+			st.lastCompact = applied
+			return nil
+		}
+		return fmt.Errorf("shard %d: compact to %d: %w", n.cfg.Shard, applied, err)
+	}
+	st.lastCompact = applied
+	n.stats.Compactions.Add(1)
+	n.log.Debug("compacted log", "index", applied)
+	return nil
+}
+
+// failAll answers every waiting proposal and read with err.
+func (n *Node) failAll(st *loopState, err error) {
+	for id, p := range st.proposals {
+		p.done <- result{err: err}
+		delete(st.proposals, id)
+	}
+	n.pending.Store(0)
+	for round, ws := range st.readRounds {
+		for _, w := range ws {
+			w.done <- err
+		}
+		delete(st.readRounds, round)
+	}
+	for _, w := range st.readsWaiting {
+		w.done <- err
+	}
+	st.readsWaiting = nil
+	for _, w := range st.readsQueued {
+		w.done <- err
+	}
+	st.readsQueued = nil
+}

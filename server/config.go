@@ -1,0 +1,213 @@
+package server
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Config is everything a kvd node is started with. cmd/kvd fills it from
+// flags and KVD_* environment variables; embedders fill it directly.
+type Config struct {
+	NodeID  uint64
+	DataDir string
+
+	// Listen addresses; Advertise addresses are what other nodes and
+	// clients dial (default: the listen address).
+	ListenClient, AdvertiseClient string
+	ListenPeer, AdvertisePeer     string
+	// ListenMetrics serves /metrics, /healthz, /readyz and /debug/pprof/;
+	// empty disables it.
+	ListenMetrics string
+
+	// InitialCluster maps node id to peer address for bootstrap. Ignored
+	// when the data dir already holds a node.
+	InitialCluster map[uint64]string
+	// Shards is the number of data shards at bootstrap (the meta shard 0
+	// comes on top); Replicas the copies of each, capped by the node count.
+	Shards   int
+	Replicas int
+	// BootstrapExplicit says InitialCluster/Shards/Replicas were given by
+	// the user, not defaulted: on a restart they must then describe the
+	// cluster already in the data dir.
+	BootstrapExplicit bool
+
+	Limits Limits
+
+	// Raft timing: one tick every TickInterval; a follower that hears
+	// nothing for ElectionTicks..2*ElectionTicks ticks campaigns.
+	TickInterval    time.Duration
+	ElectionTicks   int
+	HeartbeatTicks  int
+	SnapshotEntries uint64
+
+	// RequestTimeout bounds a request that arrives without a deadline.
+	RequestTimeout time.Duration
+
+	// SessionTTL is how long a client session may stay idle before its
+	// exactly-once records are dropped (by a replicated command, so every
+	// replica drops them at the same log index). A client idle longer than
+	// this that retries an old write may apply it twice.
+	SessionTTL time.Duration
+
+	Logger *slog.Logger
+
+	// ClientListener and PeerListener, when set, are used instead of
+	// listening on ListenClient/ListenPeer (in-process tests bind port 0).
+	ClientListener, PeerListener net.Listener
+}
+
+// Limits bound request sizes and queues (DESIGN.md §3).
+type Limits struct {
+	MaxKeyBytes     int // default 4 KiB
+	MaxValueBytes   int // default 1 MiB
+	MaxRequestBytes int // default 2 MiB
+	MaxTxnOps       int // default 128
+	// MaxPendingProposals per shard; beyond it writes get ResourceExhausted.
+	MaxPendingProposals int // default 4096
+}
+
+// Defaults for a single node started with no flags.
+const (
+	DefaultClientAddr  = "127.0.0.1:2379"
+	DefaultPeerAddr    = "127.0.0.1:2380"
+	DefaultMetricsAddr = "127.0.0.1:2381"
+	DefaultDataDir     = "kvd-data"
+	DefaultShards      = 16
+	DefaultReplicas    = 3
+)
+
+// ErrConfig marks a configuration error: cmd/kvd exits 2 on it.
+var ErrConfig = errors.New("invalid configuration")
+
+func (c *Config) setDefaults() {
+	if c.DataDir == "" {
+		c.DataDir = DefaultDataDir
+	}
+	if c.ListenClient == "" {
+		c.ListenClient = DefaultClientAddr
+	}
+	if c.ListenPeer == "" {
+		c.ListenPeer = DefaultPeerAddr
+	}
+	if c.ClientListener != nil {
+		c.ListenClient = c.ClientListener.Addr().String()
+	}
+	if c.PeerListener != nil {
+		c.ListenPeer = c.PeerListener.Addr().String()
+	}
+	if c.AdvertiseClient == "" {
+		c.AdvertiseClient = c.ListenClient
+	}
+	if c.AdvertisePeer == "" {
+		c.AdvertisePeer = c.ListenPeer
+	}
+	if c.NodeID == 0 {
+		c.NodeID = 1
+	}
+	if len(c.InitialCluster) == 0 {
+		c.InitialCluster = map[uint64]string{c.NodeID: c.AdvertisePeer}
+	}
+	if c.Shards == 0 {
+		c.Shards = DefaultShards
+	}
+	if c.Replicas == 0 {
+		c.Replicas = DefaultReplicas
+	}
+	l := &c.Limits
+	if l.MaxKeyBytes == 0 {
+		l.MaxKeyBytes = 4 << 10
+	}
+	if l.MaxValueBytes == 0 {
+		l.MaxValueBytes = 1 << 20
+	}
+	if l.MaxRequestBytes == 0 {
+		l.MaxRequestBytes = 2 << 20
+	}
+	if l.MaxTxnOps == 0 {
+		l.MaxTxnOps = 128
+	}
+	if l.MaxPendingProposals == 0 {
+		l.MaxPendingProposals = 4096
+	}
+	if c.TickInterval == 0 {
+		c.TickInterval = 50 * time.Millisecond
+	}
+	if c.ElectionTicks == 0 {
+		c.ElectionTicks = 10
+	}
+	if c.HeartbeatTicks == 0 {
+		c.HeartbeatTicks = 2
+	}
+	if c.SessionTTL == 0 {
+		c.SessionTTL = time.Hour
+	}
+	if c.RequestTimeout == 0 {
+		c.RequestTimeout = 5 * time.Second
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+func (c *Config) validate() error {
+	if _, ok := c.InitialCluster[c.NodeID]; !ok {
+		return fmt.Errorf("%w: node id %d is not in --initial-cluster (%s); add %d=HOST:PEERPORT or fix --id",
+			ErrConfig, c.NodeID, FormatInitialCluster(c.InitialCluster), c.NodeID)
+	}
+	if c.Shards < 1 || c.Shards > 4096 {
+		return fmt.Errorf("%w: --shards %d out of range; use 1..4096", ErrConfig, c.Shards)
+	}
+	if c.Replicas < 1 {
+		return fmt.Errorf("%w: --replicas %d must be at least 1", ErrConfig, c.Replicas)
+	}
+	if c.ElectionTicks <= c.HeartbeatTicks {
+		return fmt.Errorf("%w: election ticks (%d) must exceed heartbeat ticks (%d)", ErrConfig, c.ElectionTicks, c.HeartbeatTicks)
+	}
+	return nil
+}
+
+// ParseInitialCluster parses "1=host:port,2=host:port".
+func ParseInitialCluster(s string) (map[uint64]string, error) {
+	out := map[uint64]string{}
+	if strings.TrimSpace(s) == "" {
+		return out, nil
+	}
+	for _, part := range strings.Split(s, ",") {
+		idStr, addr, ok := strings.Cut(strings.TrimSpace(part), "=")
+		if !ok {
+			return nil, fmt.Errorf("%w: --initial-cluster entry %q is not ID=HOST:PORT (example: 1=10.0.0.1:2380,2=10.0.0.2:2380)", ErrConfig, part)
+		}
+		id, err := strconv.ParseUint(idStr, 10, 64)
+		if err != nil || id == 0 {
+			return nil, fmt.Errorf("%w: --initial-cluster entry %q: node id must be a positive integer", ErrConfig, part)
+		}
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			return nil, fmt.Errorf("%w: --initial-cluster entry %q: address must be HOST:PORT", ErrConfig, part)
+		}
+		if _, dup := out[id]; dup {
+			return nil, fmt.Errorf("%w: --initial-cluster names node %d twice", ErrConfig, id)
+		}
+		out[id] = addr
+	}
+	return out, nil
+}
+
+// FormatInitialCluster is the inverse of ParseInitialCluster, ordered by id.
+func FormatInitialCluster(m map[uint64]string) string {
+	ids := make([]uint64, 0, len(m))
+	for id := range m {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	parts := make([]string, len(ids))
+	for i, id := range ids {
+		parts[i] = fmt.Sprintf("%d=%s", id, m[id])
+	}
+	return strings.Join(parts, ",")
+}

@@ -1,0 +1,65 @@
+package server
+
+import (
+	"fmt"
+	"net/http"
+	"net/http/pprof"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// readyLag is how far a replica's applied index may trail its commit index
+// for the node to count as caught up.
+const readyLag = 1000
+
+// httpHandler serves /metrics, /healthz, /readyz and /debug/pprof/ on the
+// metrics listener.
+func (s *Server) httpHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if missing := s.shardsWithoutLeader(); len(missing) > 0 {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintf(w, "not ready: shards without a leader: %v\n", missing)
+			return
+		}
+		if behind := s.shardsBehind(); len(behind) > 0 {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintf(w, "not ready: shards still catching up: %v\n", behind)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
+}
+
+// shardsWithoutLeader lists local shards whose leader is not known.
+func (s *Server) shardsWithoutLeader() []uint64 {
+	var out []uint64
+	for _, n := range s.host.Nodes() {
+		if n.Leader() == 0 {
+			out = append(out, n.Shard())
+		}
+	}
+	return out
+}
+
+// shardsBehind lists local shards whose applied index trails their commit
+// index by more than readyLag entries.
+func (s *Server) shardsBehind() []uint64 {
+	var out []uint64
+	for _, n := range s.host.Nodes() {
+		if n.Commit() > n.Applied()+readyLag {
+			out = append(out, n.Shard())
+		}
+	}
+	return out
+}

@@ -1,0 +1,326 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/fsm"
+	"github.com/kvd/kvd/proto/kvpb"
+	"github.com/kvd/kvd/proto/peerpb"
+	"github.com/kvd/kvd/raftnode"
+	"github.com/kvd/kvd/storage"
+)
+
+// Range page sizes: the default when the request sets no limit, and the cap.
+const (
+	defaultRangeLimit = 1000
+	maxRangeLimit     = 10000
+)
+
+// Put implements kvpb.KV.
+func (s *Server) Put(ctx context.Context, req *kvpb.PutRequest) (*kvpb.PutResponse, error) {
+	if err := s.checkKey(req.GetKey()); err != nil {
+		return nil, s.toStatus(err, 0)
+	}
+	if len(req.GetValue()) > s.cfg.Limits.MaxValueBytes {
+		return nil, s.toStatus(invalid("value is %d bytes; the limit is %d", len(req.GetValue()), s.cfg.Limits.MaxValueBytes), 0)
+	}
+	shard, err := s.route(req.GetHeader(), req.GetKey())
+	if err != nil {
+		return nil, s.toStatus(err, shard)
+	}
+	op := proto.CloneOf(req)
+	op.Header = nil
+	res, err := s.propose(ctx, shard, req.GetHeader(), &peerpb.Command{Op: &peerpb.Command_Put{Put: op}})
+	if err != nil {
+		return nil, s.toStatus(err, shard)
+	}
+	resp := res.GetPut()
+	resp.Header = s.header(shard, resp.GetHeader().GetRevision())
+	return resp, nil
+}
+
+// Delete implements kvpb.KV.
+func (s *Server) Delete(ctx context.Context, req *kvpb.DeleteRequest) (*kvpb.DeleteResponse, error) {
+	if err := s.checkKey(req.GetKey()); err != nil {
+		return nil, s.toStatus(err, 0)
+	}
+	shard, err := s.route(req.GetHeader(), req.GetKey())
+	if err != nil {
+		return nil, s.toStatus(err, shard)
+	}
+	op := proto.CloneOf(req)
+	op.Header = nil
+	res, err := s.propose(ctx, shard, req.GetHeader(), &peerpb.Command{Op: &peerpb.Command_Delete{Delete: op}})
+	if err != nil {
+		return nil, s.toStatus(err, shard)
+	}
+	resp := res.GetDelete()
+	resp.Header = s.header(shard, resp.GetHeader().GetRevision())
+	return resp, nil
+}
+
+// Txn implements kvpb.KV. All keys must fall in one shard.
+func (s *Server) Txn(ctx context.Context, req *kvpb.TxnRequest) (*kvpb.TxnResponse, error) {
+	keys, err := s.checkTxn(req)
+	if err != nil {
+		return nil, s.toStatus(err, 0)
+	}
+	shard, err := s.route(req.GetHeader(), keys[0])
+	if err != nil {
+		return nil, s.toStatus(err, shard)
+	}
+	if err := s.sameShard(keys); err != nil {
+		return nil, s.toStatus(err, shard)
+	}
+	op := proto.CloneOf(req)
+	op.Header = nil
+	res, err := s.propose(ctx, shard, req.GetHeader(), &peerpb.Command{Op: &peerpb.Command_Txn{Txn: op}})
+	if err != nil {
+		return nil, s.toStatus(err, shard)
+	}
+	resp := res.GetTxn()
+	resp.Header = s.header(shard, resp.GetHeader().GetRevision())
+	return resp, nil
+}
+
+// Get implements kvpb.KV.
+func (s *Server) Get(ctx context.Context, req *kvpb.GetRequest) (*kvpb.GetResponse, error) {
+	if err := s.checkKey(req.GetKey()); err != nil {
+		return nil, s.toStatus(err, 0)
+	}
+	shard, err := s.route(req.GetHeader(), req.GetKey())
+	if err != nil {
+		return nil, s.toStatus(err, shard)
+	}
+	resp := &kvpb.GetResponse{}
+	err = s.read(ctx, shard, req.GetConsistency(), func(r *storage.Reader) error {
+		kv, err := fsm.Get(r, req.GetKey())
+		resp.Kv = kv
+		resp.Header = s.header(shard, fsm.Revision(r))
+		return err
+	})
+	if err != nil {
+		return nil, s.toStatus(err, shard)
+	}
+	return resp, nil
+}
+
+// Range implements kvpb.KV: one shard's keys in [start, end).
+func (s *Server) Range(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.RangeResponse, error) {
+	shard := req.GetShard()
+	if shard == MetaShard || replicasOf(s.clusterMap(), shard) == nil {
+		return nil, s.toStatus(invalid("unknown data shard %d; shards are listed by `kvctl cluster status`", shard), shard)
+	}
+	if err := s.checkEpoch(req.GetHeader()); err != nil {
+		return nil, s.toStatus(err, shard)
+	}
+	if len(req.GetEnd()) > 0 && bytes.Compare(req.GetStart(), req.GetEnd()) >= 0 {
+		return &kvpb.RangeResponse{Header: s.header(shard, 0)}, nil
+	}
+	limit := int(req.GetLimit())
+	if limit <= 0 {
+		limit = defaultRangeLimit
+	}
+	limit = min(limit, maxRangeLimit)
+	if req.GetLimit() < 0 {
+		return nil, s.toStatus(invalid("limit must not be negative"), shard)
+	}
+	resp := &kvpb.RangeResponse{}
+	err := s.read(ctx, shard, req.GetConsistency(), func(r *storage.Reader) error {
+		resp.Header = s.header(shard, fsm.Revision(r))
+		return fsm.Range(r, req.GetStart(), req.GetEnd(), func(kv *kvpb.KeyValue) bool {
+			if req.GetCountOnly() {
+				resp.Count++
+				return true
+			}
+			if len(resp.Kvs) == limit {
+				resp.More = true
+				return false
+			}
+			if req.GetKeysOnly() {
+				kv.Value = nil
+			}
+			resp.Kvs = append(resp.Kvs, kv)
+			return true
+		})
+	})
+	if err != nil {
+		return nil, s.toStatus(err, shard)
+	}
+	if !req.GetCountOnly() {
+		resp.Count = int64(len(resp.Kvs))
+	}
+	return resp, nil
+}
+
+// propose replicates cmd on shard and returns its applied result.
+func (s *Server) propose(ctx context.Context, shard uint64, h *kvpb.RequestHeader, cmd *peerpb.Command) (*peerpb.Result, error) {
+	n := s.host.Node(shard)
+	if n == nil {
+		return nil, ErrNoReplica
+	}
+	if !n.IsLeader() {
+		return nil, &raftnode.NotLeaderError{Shard: shard, Leader: n.Leader()}
+	}
+	ctx, cancel := s.withTimeout(ctx)
+	defer cancel()
+	cmd.Session, cmd.Seq, cmd.AckBelow = h.GetSession(), h.GetSeq(), h.GetAckBelow()
+	cmd.TimeUnixMs = time.Now().UnixMilli()
+	data, err := proto.Marshal(cmd)
+	if err != nil {
+		return nil, invalid("encode: %v", err)
+	}
+	out, err := n.Propose(ctx, data)
+	if err != nil {
+		return nil, err
+	}
+	res, err := fsm.DecodeResult(out)
+	if err != nil {
+		// A deterministic rejection at apply time: the request itself was
+		// bad (validation normally catches it before proposing).
+		return nil, invalid("%v", err)
+	}
+	return res, nil
+}
+
+// read runs fn against shard's local state: after a ReadIndex round for
+// linearizable reads (leader only), directly for serializable ones.
+func (s *Server) read(ctx context.Context, shard uint64, c kvpb.Consistency, fn func(*storage.Reader) error) error {
+	n := s.host.Node(shard)
+	if n == nil {
+		return ErrNoReplica
+	}
+	if c == kvpb.Consistency_LINEARIZABLE {
+		if !n.IsLeader() {
+			return &raftnode.NotLeaderError{Shard: shard, Leader: n.Leader()}
+		}
+		ctx, cancel := s.withTimeout(ctx)
+		defer cancel()
+		if err := n.ReadIndex(ctx); err != nil {
+			return err
+		}
+	}
+	sh, err := s.engine.OpenShard(shard)
+	if err != nil {
+		return err
+	}
+	return sh.View(fn)
+}
+
+func (s *Server) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok {
+		return context.WithCancel(ctx)
+	}
+	return context.WithTimeout(ctx, s.cfg.RequestTimeout)
+}
+
+func (s *Server) header(shard uint64, rev int64) *kvpb.ResponseHeader {
+	h := &kvpb.ResponseHeader{Shard: shard, Revision: rev, Epoch: s.epoch(), Node: s.cfg.NodeID}
+	if n := s.host.Node(shard); n != nil {
+		h.RaftTerm = n.Term()
+	}
+	return h
+}
+
+// route checks the client's map epoch and returns the key's shard.
+func (s *Server) route(h *kvpb.RequestHeader, key []byte) (uint64, error) {
+	if err := s.checkEpoch(h); err != nil {
+		return 0, err
+	}
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.mu.ring.Shard(key), nil
+}
+
+// checkEpoch refuses a request routed with an older map than ours: the
+// client must refresh its map before it can trust its routing.
+func (s *Server) checkEpoch(h *kvpb.RequestHeader) error {
+	if e := h.GetEpoch(); e != 0 && e < s.epoch() {
+		return fmt.Errorf("%w: request used epoch %d, the cluster is at %d; refresh the cluster map", ErrStaleEpoch, e, s.epoch())
+	}
+	return nil
+}
+
+func (s *Server) checkKey(key []byte) error {
+	if len(key) == 0 {
+		return invalid("empty key")
+	}
+	if len(key) > s.cfg.Limits.MaxKeyBytes {
+		return invalid("key is %d bytes; the limit is %d", len(key), s.cfg.Limits.MaxKeyBytes)
+	}
+	return nil
+}
+
+// checkTxn validates a transaction and returns every key it touches.
+func (s *Server) checkTxn(req *kvpb.TxnRequest) ([][]byte, error) {
+	nops := len(req.GetCompare()) + len(req.GetSuccess()) + len(req.GetFailure())
+	if nops > s.cfg.Limits.MaxTxnOps {
+		return nil, invalid("transaction has %d compares and operations; the limit is %d", nops, s.cfg.Limits.MaxTxnOps)
+	}
+	var keys [][]byte
+	for _, c := range req.GetCompare() {
+		keys = append(keys, c.GetKey())
+	}
+	size := 0
+	for _, op := range slices.Concat(req.GetSuccess(), req.GetFailure()) {
+		switch o := op.GetOp().(type) {
+		case *kvpb.RequestOp_Put:
+			keys = append(keys, o.Put.GetKey())
+			if len(o.Put.GetValue()) > s.cfg.Limits.MaxValueBytes {
+				return nil, invalid("value of %q is %d bytes; the limit is %d", o.Put.GetKey(), len(o.Put.GetValue()), s.cfg.Limits.MaxValueBytes)
+			}
+			size += len(o.Put.GetValue())
+		case *kvpb.RequestOp_Delete:
+			keys = append(keys, o.Delete.GetKey())
+		case *kvpb.RequestOp_Get:
+			keys = append(keys, o.Get.GetKey())
+		default:
+			return nil, invalid("transaction operation without put, get or delete")
+		}
+	}
+	if len(keys) == 0 {
+		return nil, invalid("empty transaction")
+	}
+	for _, k := range keys {
+		if err := s.checkKey(k); err != nil {
+			return nil, err
+		}
+	}
+	if size > s.cfg.Limits.MaxRequestBytes {
+		return nil, invalid("transaction carries %d bytes; the limit is %d", size, s.cfg.Limits.MaxRequestBytes)
+	}
+	return keys, nil
+}
+
+// sameShard rejects keys spread over several shards: a transaction is
+// atomic only within one Raft group.
+func (s *Server) sameShard(keys [][]byte) error {
+	s.mu.RLock()
+	ring := s.mu.ring
+	s.mu.RUnlock()
+	byShard := map[uint64][]string{}
+	var order []uint64
+	for _, k := range keys {
+		sh := ring.Shard(k)
+		if _, ok := byShard[sh]; !ok {
+			order = append(order, sh)
+		}
+		byShard[sh] = append(byShard[sh], string(k))
+	}
+	if len(order) == 1 {
+		return nil
+	}
+	var parts []string
+	for _, sh := range order {
+		parts = append(parts, fmt.Sprintf("shard %d: %q", sh, byShard[sh]))
+	}
+	return invalid("transaction spans %d shards (%s); put related keys in one shard with a hash tag such as {user1}.a and {user1}.b",
+		len(order), strings.Join(parts, "; "))
+}

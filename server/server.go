@@ -1,0 +1,521 @@
+// Package server wires a kvd node together: storage engine, Raft host,
+// peer transport, the public gRPC services, routing by the cluster map, and
+// the metrics/health HTTP endpoint.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/fsm"
+	"github.com/kvd/kvd/hashring"
+	"github.com/kvd/kvd/proto/kvpb"
+	"github.com/kvd/kvd/proto/peerpb"
+	"github.com/kvd/kvd/raftnode"
+	"github.com/kvd/kvd/storage"
+	"github.com/kvd/kvd/transport"
+)
+
+// Node-level records kept in the storage engine's metadata.
+const (
+	metaNodeID     = "node-id"
+	metaClusterID  = "cluster-id"
+	metaClusterMap = "cluster-map" // the newest map this node has seen
+)
+
+// Server is one running kvd node.
+type Server struct {
+	kvpb.UnimplementedKVServer
+	kvpb.UnimplementedClusterServer
+	peerpb.UnimplementedInternalServer
+
+	cfg Config
+	log *slog.Logger
+
+	engine    *storage.Engine
+	host      *raftnode.Host
+	tr        *transport.Transport
+	peerSrv   *grpc.Server
+	clientSrv *grpc.Server
+	health    *health.Server
+	httpSrv   *http.Server
+	metrics   *metrics
+
+	clientLis, peerLis, metricsLis net.Listener
+
+	// mu guards the routing state derived from the cluster map.
+	mu struct {
+		sync.RWMutex
+		cmap *kvpb.ClusterMap
+		ring *hashring.Ring
+	}
+
+	// peerConns caches connections to other nodes' peer addresses for
+	// Internal RPCs.
+	peerConns struct {
+		sync.Mutex
+		byAddr map[string]*grpc.ClientConn
+	}
+
+	stopc chan struct{}
+	// ctx is cancelled by Stop, so background work started by the server
+	// (map publishing) never delays shutdown.
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+	stopOnce sync.Once
+	stopErr  error
+}
+
+// New opens the data dir, binds the listeners and starts the node. A port
+// in use or a data dir of another node/cluster fails here with an error
+// wrapping ErrConfig.
+func New(cfg Config) (_ *Server, err error) {
+	cfg.setDefaults()
+	s := &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeID), stopc: make(chan struct{})}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.peerConns.byAddr = map[string]*grpc.ClientConn{}
+	defer func() {
+		if err != nil {
+			s.Stop()
+		}
+	}()
+
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("%w: data dir %s: %v", ErrConfig, cfg.DataDir, err)
+	}
+	s.engine, err = storage.Open(filepath.Join(cfg.DataDir, "kvd.db"), storage.Options{Logger: cfg.Logger})
+	if err != nil {
+		return nil, fmt.Errorf("open data dir %s: %w", cfg.DataDir, err)
+	}
+	cmap, err := s.loadOrBootstrap()
+	if err != nil {
+		return nil, err
+	}
+	if err := s.setMap(cmap); err != nil {
+		return nil, err
+	}
+
+	if s.clientLis, err = listen(cfg.ClientListener, cfg.ListenClient, "--listen-client"); err != nil {
+		return nil, err
+	}
+	if s.peerLis, err = listen(cfg.PeerListener, cfg.ListenPeer, "--listen-peer"); err != nil {
+		return nil, err
+	}
+	if cfg.ListenMetrics != "" {
+		if s.metricsLis, err = listen(nil, cfg.ListenMetrics, "--listen-metrics"); err != nil {
+			return nil, err
+		}
+	}
+
+	s.host = raftnode.NewHost(raftnode.HostConfig{
+		NodeID:              s.cfg.NodeID,
+		Engine:              s.engine,
+		Apply:               fsm.Apply,
+		Logger:              s.cfg.Logger,
+		TickInterval:        cfg.TickInterval,
+		ElectionTick:        cfg.ElectionTicks,
+		HeartbeatTick:       cfg.HeartbeatTicks,
+		SnapshotEntries:     cfg.SnapshotEntries,
+		MaxPendingProposals: cfg.Limits.MaxPendingProposals,
+	})
+	s.tr = transport.New(transport.Config{
+		NodeID:    cfg.NodeID,
+		Handler:   s.host,
+		Snapshots: snapshotSource{s.engine},
+		Logger:    cfg.Logger,
+	})
+	s.peerSrv = grpc.NewServer(transport.ServerOptions()...)
+	s.tr.Register(s.peerSrv)
+	peerpb.RegisterInternalServer(s.peerSrv, s)
+	s.updatePeers(cmap)
+	s.host.Start(s.tr)
+	for shard, voters := range localShards(cmap, cfg.NodeID) {
+		if _, err := s.host.AddShard(shard, voters); err != nil {
+			return nil, fmt.Errorf("start shard %d: %w", shard, err)
+		}
+	}
+
+	s.metrics = newMetrics(s)
+	s.clientSrv = grpc.NewServer(
+		grpc.MaxRecvMsgSize(cfg.Limits.MaxRequestBytes+64<<10),
+		grpc.UnaryInterceptor(s.metrics.interceptor),
+	)
+	kvpb.RegisterKVServer(s.clientSrv, s)
+	kvpb.RegisterClusterServer(s.clientSrv, s)
+	s.health = health.NewServer()
+	healthpb.RegisterHealthServer(s.clientSrv, s.health)
+
+	s.goServe("peer", func() error { return s.peerSrv.Serve(s.peerLis) })
+	s.goServe("client", func() error { return s.clientSrv.Serve(s.clientLis) })
+	if s.metricsLis != nil {
+		s.httpSrv = &http.Server{Handler: s.httpHandler(), ReadHeaderTimeout: 5 * time.Second}
+		s.goServe("metrics", func() error { return s.httpSrv.Serve(s.metricsLis) })
+	}
+	s.wg.Add(2)
+	go s.maintainMap()
+	go s.expireSessions()
+	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	s.log.Info("kvd node started", "client", s.ClientAddr(), "peer", s.PeerAddr(),
+		"shards", len(localShards(cmap, cfg.NodeID)), "data_dir", cfg.DataDir)
+	return s, nil
+}
+
+func listen(l net.Listener, addr, flag string) (net.Listener, error) {
+	if l != nil {
+		return l, nil
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %s %s: %v (is another kvd running? pick a free port)", ErrConfig, flag, addr, err)
+	}
+	return l, nil
+}
+
+func (s *Server) goServe(name string, serve func() error) {
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if err := serve(); err != nil && !errors.Is(err, grpc.ErrServerStopped) && !errors.Is(err, http.ErrServerClosed) {
+			s.log.Error("server stopped", "listener", name, "err", err)
+		}
+	}()
+}
+
+// loadOrBootstrap returns the cluster map to start with: the stored one on
+// a restart (bootstrap flags are ignored), or the initial map from the
+// flags on a fresh data dir.
+func (s *Server) loadOrBootstrap() (*kvpb.ClusterMap, error) {
+	cfg := &s.cfg
+	storedID, err := s.engine.GetMeta(metaNodeID)
+	if err != nil {
+		return nil, err
+	}
+	initial := InitialMap(cfg.InitialCluster, cfg.Shards, cfg.Replicas)
+	if storedID != nil {
+		id := fromU64(storedID)
+		if id != cfg.NodeID {
+			return nil, fmt.Errorf("%w: data dir %s belongs to node %d, not %d; use --id %d or another --data-dir",
+				ErrConfig, cfg.DataDir, id, cfg.NodeID, id)
+		}
+		b, err := s.engine.GetMeta(metaClusterMap)
+		if err != nil {
+			return nil, err
+		}
+		cmap, err := fsm.ClusterMapFrom(b)
+		if err != nil || cmap == nil {
+			return nil, fmt.Errorf("data dir %s: no readable cluster map (%v); the data dir is damaged", cfg.DataDir, err)
+		}
+		if cfg.BootstrapExplicit && cmap.GetClusterId() != initial.GetClusterId() {
+			return nil, fmt.Errorf("%w: data dir %s holds another cluster (id %x) than --initial-cluster/--shards/--replicas describe (id %x); use another --data-dir or start without bootstrap flags",
+				ErrConfig, cfg.DataDir, cmap.GetClusterId(), initial.GetClusterId())
+		}
+		s.log.Info("recovering from data dir; bootstrap flags ignored", "data_dir", cfg.DataDir, "epoch", cmap.GetEpoch())
+		return cmap, nil
+	}
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	// Record our own client address in the initial map we start with; the
+	// replicated map learns it when this node publishes it.
+	if m := member(initial, cfg.NodeID); m != nil {
+		m.ClientAddr = cfg.AdvertiseClient
+	}
+	b, _ := proto.Marshal(initial)
+	if err := s.engine.PutMeta(metaClusterMap, b); err != nil {
+		return nil, err
+	}
+	if err := s.engine.PutMeta(metaClusterID, u64(initial.GetClusterId())); err != nil {
+		return nil, err
+	}
+	// The node id goes last: its presence means bootstrap completed.
+	if err := s.engine.PutMeta(metaNodeID, u64(cfg.NodeID)); err != nil {
+		return nil, err
+	}
+	s.log.Info("bootstrapped new node", "cluster", FormatInitialCluster(cfg.InitialCluster),
+		"shards", cfg.Shards, "replicas", min(cfg.Replicas, len(cfg.InitialCluster)))
+	return initial, nil
+}
+
+// setMap installs a cluster map for routing.
+func (s *Server) setMap(m *kvpb.ClusterMap) error {
+	ring, err := hashring.New(dataShards(m), int(m.GetVnodes()))
+	if err != nil {
+		return fmt.Errorf("cluster map epoch %d: %w", m.GetEpoch(), err)
+	}
+	s.mu.Lock()
+	s.mu.cmap, s.mu.ring = m, ring
+	s.mu.Unlock()
+	return nil
+}
+
+func (s *Server) clusterMap() *kvpb.ClusterMap {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.mu.cmap
+}
+
+func (s *Server) epoch() uint64 { return s.clusterMap().GetEpoch() }
+
+func (s *Server) updatePeers(m *kvpb.ClusterMap) {
+	for _, mb := range m.GetMembers() {
+		if mb.GetId() != s.cfg.NodeID && mb.GetPeerAddr() != "" {
+			s.tr.SetPeer(mb.GetId(), mb.GetPeerAddr())
+		}
+	}
+}
+
+// maintainMap keeps the node's view of the cluster map current and makes
+// sure the replicated map exists and lists this node's addresses.
+func (s *Server) maintainMap() {
+	defer s.wg.Done()
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	published := false
+	for {
+		select {
+		case <-s.stopc:
+			return
+		case <-t.C:
+		}
+		replicated := s.readReplicatedMap()
+		if replicated != nil && replicated.GetEpoch() > s.epoch() {
+			if err := s.setMap(replicated); err != nil {
+				s.log.Error("cannot use cluster map", "err", err)
+				continue
+			}
+			s.updatePeers(replicated)
+			b, _ := proto.Marshal(replicated)
+			if err := s.engine.PutMeta(metaClusterMap, b); err != nil {
+				s.log.Error("persist cluster map", "err", err)
+			}
+			s.log.Info("cluster map updated", "epoch", replicated.GetEpoch())
+		}
+		if published {
+			continue
+		}
+		published = s.publishSelf(replicated)
+	}
+}
+
+// expireSessions has every shard this node leads drop the sessions idle
+// for longer than SessionTTL. The decision uses the leader's clock at
+// proposal time, carried in the command; apply never reads a clock.
+func (s *Server) expireSessions() {
+	defer s.wg.Done()
+	every := min(s.cfg.SessionTTL/10, time.Minute)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stopc:
+			return
+		case <-t.C:
+		}
+		cmd, _ := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_ExpireSessions{ExpireSessions: &peerpb.ExpireSessions{
+			NowUnixMs: time.Now().UnixMilli(),
+			IdleMs:    s.cfg.SessionTTL.Milliseconds(),
+		}}})
+		for _, n := range s.host.Nodes() {
+			if !n.IsLeader() {
+				continue
+			}
+			ctx, cancel := context.WithTimeout(s.ctx, s.cfg.RequestTimeout)
+			if _, err := n.Propose(ctx, cmd); err != nil {
+				s.log.Debug("expire sessions", "shard", n.Shard(), "err", err)
+			}
+			cancel()
+		}
+	}
+}
+
+// readReplicatedMap reads the meta shard's map from the local replica, if
+// this node has one.
+func (s *Server) readReplicatedMap() *kvpb.ClusterMap {
+	sh, err := s.engine.OpenShard(MetaShard)
+	if err != nil {
+		return nil
+	}
+	var m *kvpb.ClusterMap
+	_ = sh.View(func(r *storage.Reader) error {
+		m, _ = fsm.ClusterMap(r)
+		return nil
+	})
+	return m
+}
+
+// publishSelf proposes the initial map (if the meta shard has none yet and
+// this node leads it) and this node's addresses. It reports whether the
+// replicated map already lists them.
+func (s *Server) publishSelf(replicated *kvpb.ClusterMap) bool {
+	self := &kvpb.Member{Id: s.cfg.NodeID, ClientAddr: s.cfg.AdvertiseClient, PeerAddr: s.cfg.AdvertisePeer}
+	if replicated != nil {
+		if m := member(replicated, s.cfg.NodeID); m != nil && proto.Equal(m, self) {
+			return true
+		}
+	}
+	ctx, cancel := context.WithTimeout(s.ctx, time.Second)
+	defer cancel()
+	if replicated == nil {
+		n := s.host.Node(MetaShard)
+		if n == nil || !n.IsLeader() {
+			return false
+		}
+		initial := proto.CloneOf(s.clusterMap())
+		if initial.GetEpoch() != 1 {
+			return false
+		}
+		cmd, _ := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_SetClusterMap{SetClusterMap: &peerpb.SetClusterMap{Map: initial}}})
+		if _, err := n.Propose(ctx, cmd); err != nil {
+			s.log.Debug("propose initial cluster map", "err", err)
+		}
+		return false
+	}
+	cmd, _ := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_UpdateMember{UpdateMember: &peerpb.UpdateMember{Member: self}}})
+	if err := s.proposeMeta(ctx, cmd); err != nil {
+		s.log.Debug("publish member addresses", "err", err)
+	}
+	return false
+}
+
+// proposeMeta replicates cmd on the meta shard, locally when this node
+// leads it, otherwise through the leader's Internal.Propose.
+func (s *Server) proposeMeta(ctx context.Context, cmd []byte) error {
+	var leader uint64
+	if n := s.host.Node(MetaShard); n != nil {
+		if n.IsLeader() {
+			res, err := n.Propose(ctx, cmd)
+			if err != nil {
+				return err
+			}
+			_, err = fsm.DecodeResult(res)
+			return err
+		}
+		leader = n.Leader()
+	}
+	if leader == 0 {
+		return errors.New("meta shard has no known leader")
+	}
+	m := member(s.clusterMap(), leader)
+	if m == nil || m.GetPeerAddr() == "" {
+		return fmt.Errorf("no peer address for meta leader %d", leader)
+	}
+	conn, err := s.peerConn(m.GetPeerAddr())
+	if err != nil {
+		return err
+	}
+	resp, err := peerpb.NewInternalClient(conn).Propose(ctx, &peerpb.ProposeRequest{Shard: MetaShard, Command: cmd})
+	if err != nil {
+		return err
+	}
+	_, err = fsm.DecodeResult(resp.GetResult())
+	return err
+}
+
+func (s *Server) peerConn(addr string) (*grpc.ClientConn, error) {
+	s.peerConns.Lock()
+	defer s.peerConns.Unlock()
+	if c, ok := s.peerConns.byAddr[addr]; ok {
+		return c, nil
+	}
+	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	s.peerConns.byAddr[addr] = c
+	return c, nil
+}
+
+// Propose implements peerpb.Internal: replicate a command on a shard this
+// node leads, on behalf of another node.
+func (s *Server) Propose(ctx context.Context, req *peerpb.ProposeRequest) (*peerpb.ProposeResponse, error) {
+	n := s.host.Node(req.GetShard())
+	if n == nil {
+		return nil, s.toStatus(ErrNoReplica, req.GetShard())
+	}
+	res, err := n.Propose(ctx, req.GetCommand())
+	if err != nil {
+		return nil, s.toStatus(err, req.GetShard())
+	}
+	return &peerpb.ProposeResponse{Result: res}, nil
+}
+
+// ClientAddr and PeerAddr are the bound listen addresses.
+func (s *Server) ClientAddr() string { return s.clientLis.Addr().String() }
+func (s *Server) PeerAddr() string   { return s.peerLis.Addr().String() }
+
+// MetricsAddr is the bound metrics address, or "" when disabled.
+func (s *Server) MetricsAddr() string {
+	if s.metricsLis == nil {
+		return ""
+	}
+	return s.metricsLis.Addr().String()
+}
+
+// Host exposes the Raft host (tests, embedders' status pages).
+func (s *Server) Host() *raftnode.Host { return s.host }
+
+// Stop shuts the node down in reverse order of start and waits. Idempotent.
+func (s *Server) Stop() error {
+	s.stopOnce.Do(func() {
+		close(s.stopc)
+		s.cancel()
+		if s.health != nil {
+			s.health.Shutdown()
+		}
+		if s.httpSrv != nil {
+			_ = s.httpSrv.Close()
+		}
+		if s.clientSrv != nil {
+			s.clientSrv.Stop()
+		}
+		if s.host != nil {
+			s.host.Stop()
+		}
+		if s.tr != nil {
+			s.tr.Stop()
+		}
+		if s.peerSrv != nil {
+			s.peerSrv.Stop()
+		}
+		for _, l := range []net.Listener{s.clientLis, s.peerLis, s.metricsLis} {
+			if l != nil {
+				_ = l.Close()
+			}
+		}
+		s.wg.Wait()
+		s.peerConns.Lock()
+		for _, c := range s.peerConns.byAddr {
+			_ = c.Close()
+		}
+		s.peerConns.Unlock()
+		if s.engine != nil {
+			s.stopErr = s.engine.Close()
+		}
+	})
+	return s.stopErr
+}
+
+type snapshotSource struct{ e *storage.Engine }
+
+func (s snapshotSource) OpenSnapshot(shard uint64) (transport.SnapshotReader, error) {
+	sh, err := s.e.OpenShard(shard)
+	if err != nil {
+		return nil, err
+	}
+	return sh.OpenSnapshot()
+}

@@ -1,0 +1,5 @@
+package storage
+
+const crashChildEnv = "KVD_STORAGE_CRASH_CHILD"
+
+func crashChild() {}

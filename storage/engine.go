@@ -1,0 +1,304 @@
+package storage
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
+	pb "go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
+)
+
+// Options configures an Engine. The zero value is the production setting.
+type Options struct {
+	// Logger receives the engine's few log lines (open, failure). nil
+	// discards them.
+	Logger *slog.Logger
+
+	// NoSync skips fsync on commit. Only for benchmarks and tests that ask
+	// for it: an acknowledged write may then be lost by a crash, and a
+	// power failure may corrupt the file.
+	NoSync bool
+
+	// InitialMmapSize is the initial size of bbolt's memory map, default
+	// 256 MiB. bbolt must remap when the file outgrows the map, and a remap
+	// waits for every open read transaction; a snapshot being streamed to a
+	// slow peer holds one for a long time, and would stall every write of
+	// the node meanwhile. A generous map makes remaps rare.
+	InitialMmapSize int
+}
+
+const (
+	defaultMmapSize = 256 << 20
+
+	// defaultLogCacheBytes bounds, per shard, the log tail kept in memory.
+	// Raft reads the tail (to send appends to followers, to apply) and
+	// rarely anything older, which comes from bbolt.
+	defaultLogCacheBytes = 4 << 20
+
+	// openTimeout bounds the wait for bbolt's file lock, so a second process
+	// on the same data dir fails instead of hanging.
+	openTimeout = 10 * time.Second
+)
+
+// Engine is one node's storage: one bbolt file holding every shard, and the
+// one writer goroutine that performs every write (see doc.go). All methods
+// are safe for concurrent use.
+type Engine struct {
+	db   *bolt.DB
+	log  *slog.Logger
+	opts Options
+
+	// cacheLimit is the per-shard log cache size in bytes. Set before the
+	// first write (tests lower it to exercise the bbolt read path); read by
+	// the writer.
+	cacheLimit int
+
+	// reqc carries write requests to the writer. Unbuffered on purpose: a
+	// send succeeds only when the writer takes the request, so nothing is
+	// left queued behind a stopped writer.
+	reqc       chan *request
+	stopc      chan struct{} // closed by Close: the writer stops taking requests
+	writerDone chan struct{} // closed when the writer goroutine has returned
+
+	// queued counts requests waiting for the writer to take them (tests use
+	// it to build a round deterministically).
+	queued atomic.Int64
+
+	closeOnce sync.Once
+	closeErr  error
+	closed    atomic.Bool
+
+	// failed is set by the writer after a round could not be committed;
+	// every later write is refused with it. Owned by the writer goroutine.
+	failed error
+
+	// mu guards shards, the Shard objects handed out, so that OpenShard
+	// returns the same *Shard every time (its in-memory log must be the
+	// only one). Never held together with a Shard's mu.
+	mu struct {
+		sync.Mutex
+		shards map[uint64]*Shard
+	}
+
+	// stats guards the counters the writer updates after every round.
+	stats struct {
+		sync.Mutex
+		s Stats
+	}
+}
+
+// Open opens or creates the engine's bbolt file at path (creating missing
+// directories) and starts the writer. Snapshots left staged by a previous
+// run are dropped: a sender restarts them from scratch anyway.
+func Open(path string, opts Options) (*Engine, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.InitialMmapSize <= 0 {
+		opts.InitialMmapSize = defaultMmapSize
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("storage: create data dir: %w", err)
+	}
+	db, err := bolt.Open(path, 0o600, &bolt.Options{
+		Timeout:         openTimeout,
+		NoSync:          opts.NoSync,
+		InitialMmapSize: opts.InitialMmapSize,
+		// The hashmap freelist stays fast as the file grows, and not
+		// writing the freelist on every commit saves pages per fsync; bbolt
+		// rebuilds it by scanning at open (as etcd does).
+		FreelistType:   bolt.FreelistMapType,
+		NoFreelistSync: true,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("storage: open %s: %w", path, err)
+	}
+	dropped := 0
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, name := range [][]byte{bucketNode, bucketShards} {
+			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+				return err
+			}
+		}
+		if st := tx.Bucket(bucketStaging); st != nil {
+			dropped = st.Stats().BucketN - 1
+			if err := tx.DeleteBucket(bucketStaging); err != nil {
+				return err
+			}
+		}
+		_, err := tx.CreateBucket(bucketStaging)
+		return err
+	})
+	if err != nil {
+		_ = db.Close()
+		return nil, fmt.Errorf("storage: prepare %s: %w", path, err)
+	}
+	e := &Engine{
+		db:         db,
+		log:        opts.Logger,
+		opts:       opts,
+		cacheLimit: defaultLogCacheBytes,
+		reqc:       make(chan *request),
+		stopc:      make(chan struct{}),
+		writerDone: make(chan struct{}),
+	}
+	e.mu.shards = make(map[uint64]*Shard)
+	e.stats.s = newStats()
+	e.log.Info("storage opened", "path", path, "nosync", opts.NoSync, "dropped_staged", dropped)
+	go e.writer()
+	return e, nil
+}
+
+// Close stops the writer (requests still waiting for it get ErrClosed; a
+// round in progress completes) and closes the file. It is idempotent.
+// Close waits for open SnapshotReaders and View calls to finish, because
+// bbolt cannot unmap the file under a reader: close them first.
+func (e *Engine) Close() error {
+	e.closeOnce.Do(func() {
+		e.closed.Store(true)
+		close(e.stopc)
+		<-e.writerDone
+		if err := e.db.Close(); err != nil {
+			e.closeErr = fmt.Errorf("storage: close: %w", err)
+		}
+	})
+	return e.closeErr
+}
+
+// view runs fn in a bbolt read transaction, mapping a closed database to
+// ErrClosed.
+func (e *Engine) view(fn func(tx *bolt.Tx) error) error {
+	if e.closed.Load() {
+		return ErrClosed
+	}
+	err := e.db.View(fn)
+	if errors.Is(err, berrors.ErrDatabaseNotOpen) {
+		return ErrClosed
+	}
+	return err
+}
+
+// ShardIDs returns the ids of the shards on disk in ascending order.
+func (e *Engine) ShardIDs() ([]uint64, error) {
+	var ids []uint64
+	err := e.view(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketShards).ForEachBucket(func(k []byte) error {
+			id, err := decodeU64(k)
+			ids = append(ids, id)
+			return err
+		})
+	})
+	if err != nil {
+		return nil, err
+	}
+	// bbolt iterates in byte order, which big-endian keys make numeric;
+	// sorting again is cheap insurance for the documented contract.
+	slices.Sort(ids)
+	return ids, nil
+}
+
+// CreateShard creates shard id, durably, and returns it.
+//
+// With voters in cs the shard is bootstrapped: every initial replica gets
+// the same state, a snapshot at index 1, term 1 holding cs, hard state
+// {Term: 1, Commit: 1} and applied index 1, so FirstIndex is 2 and
+// LastIndex 1, and no conf-change entries are needed. With an empty cs (a
+// replica joining an existing group) the storage is empty (FirstIndex 1,
+// LastIndex 0) and the leader will send a snapshot.
+//
+// It returns ErrShardExists if the shard is already on disk.
+func (e *Engine) CreateShard(id uint64, cs *pb.ConfState) (*Shard, error) {
+	cs = proto.Clone(pb.EnsureConfState(cs)).(*pb.ConfState)
+	resp := e.do(&request{exec: func(rs *round) (response, error) {
+		return rs.createShard(id, cs)
+	}})
+	if resp.err != nil {
+		return nil, fmt.Errorf("storage: create shard %d: %w", id, resp.err)
+	}
+	return resp.shard, nil
+}
+
+// OpenShard returns shard id, which must be on disk (else
+// ErrShardNotFound). Repeated calls return the same *Shard.
+func (e *Engine) OpenShard(id uint64) (*Shard, error) {
+	if e.closed.Load() {
+		return nil, ErrClosed
+	}
+	// e.mu is held across the load so that a concurrent DeleteShard either
+	// happens before it (the load finds nothing) or finds the loaded
+	// Shard in the map when it publishes, and marks it deleted.
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if s, ok := e.mu.shards[id]; ok {
+		return s, nil
+	}
+	var s *Shard
+	err := e.view(func(tx *bolt.Tx) error {
+		b := shardBucket(tx, id)
+		if b == nil {
+			return ErrShardNotFound
+		}
+		var err error
+		s, err = loadShard(e, id, b)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("storage: open shard %d: %w", id, err)
+	}
+	e.mu.shards[id] = s
+	return s, nil
+}
+
+// DeleteShard removes shard id and everything it holds, durably. *Shard
+// values for it return ErrShardNotFound afterwards.
+func (e *Engine) DeleteShard(id uint64) error {
+	resp := e.do(&request{exec: func(rs *round) (response, error) {
+		return rs.deleteShard(id)
+	}})
+	if resp.err != nil {
+		return fmt.Errorf("storage: delete shard %d: %w", id, resp.err)
+	}
+	return nil
+}
+
+// GetMeta returns a copy of the node-level metadata value under key (node
+// id, cluster id...), nil if absent.
+func (e *Engine) GetMeta(key string) ([]byte, error) {
+	var v []byte
+	err := e.view(func(tx *bolt.Tx) error {
+		v = bytes.Clone(tx.Bucket(bucketNode).Get([]byte(key)))
+		return nil
+	})
+	return v, err
+}
+
+// PutMeta stores node-level metadata through the writer; it is durable
+// when PutMeta returns.
+func (e *Engine) PutMeta(key string, v []byte) error {
+	k := []byte(key)
+	if err := validKey(k); err != nil {
+		return err
+	}
+	v = bytes.Clone(v)
+	resp := e.do(&request{exec: func(rs *round) (response, error) {
+		return response{}, rs.tx.Bucket(bucketNode).Put(k, v)
+	}})
+	return resp.err
+}
+
+// Stats returns a copy of the cumulative counters.
+func (e *Engine) Stats() Stats {
+	e.stats.Lock()
+	defer e.stats.Unlock()
+	return e.stats.s.clone()
+}

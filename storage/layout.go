@@ -1,0 +1,84 @@
+package storage
+
+import (
+	"encoding/binary"
+	"fmt"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// Bucket tree of the one bbolt file (see doc.go):
+//
+//	node/                 node-level metadata (Engine.GetMeta/PutMeta)
+//	shards/<id BE8>/      one bucket per shard
+//	    raft/             hardstate, snapmeta, applied, confstate, incarnation
+//	    log/<index BE8>   marshaled raftpb.Entry, contiguous indexes
+//	    kv/               the state machine's key-value data (Txn.Get/Put)
+//	    meta/             the state machine's metadata (Txn.GetMeta/PutMeta)
+//	staging/<seq BE8>/    snapshots being received (StageSnapshot)
+//	    info, done        shard id + metadata; marker set by the last chunk
+//	    kv/, meta/        become the shard's kv/ and meta/ on install
+var (
+	bucketNode    = []byte("node")
+	bucketShards  = []byte("shards")
+	bucketStaging = []byte("staging")
+
+	bucketRaft = []byte("raft")
+	bucketLog  = []byte("log")
+	bucketKV   = []byte("kv")
+	bucketMeta = []byte("meta")
+
+	keyHardState   = []byte("hardstate")
+	keySnapMeta    = []byte("snapmeta")
+	keyApplied     = []byte("applied") // index BE8 | term BE8
+	keyConfState   = []byte("confstate")
+	keyIncarnation = []byte("incarnation")
+
+	keyStageInfo = []byte("info") // shard BE8 | marshaled SnapshotMetadata
+	keyStageDone = []byte("done")
+)
+
+// u64 encodes v big-endian so that bbolt's byte order is numeric order.
+func u64(v uint64) []byte {
+	return binary.BigEndian.AppendUint64(make([]byte, 0, 8), v)
+}
+
+func decodeU64(b []byte) (uint64, error) {
+	if len(b) != 8 {
+		return 0, fmt.Errorf("storage: corrupt 8-byte value of length %d", len(b))
+	}
+	return binary.BigEndian.Uint64(b), nil
+}
+
+func encodeApplied(index, term uint64) []byte {
+	b := make([]byte, 0, 16)
+	b = binary.BigEndian.AppendUint64(b, index)
+	return binary.BigEndian.AppendUint64(b, term)
+}
+
+func decodeApplied(b []byte) (index, term uint64, err error) {
+	if b == nil {
+		return 0, 0, nil
+	}
+	if len(b) != 16 {
+		return 0, 0, fmt.Errorf("storage: corrupt applied record of length %d", len(b))
+	}
+	return binary.BigEndian.Uint64(b), binary.BigEndian.Uint64(b[8:]), nil
+}
+
+// shardBucket returns the bucket of shard id, nil if absent.
+func shardBucket(tx *bolt.Tx, id uint64) *bolt.Bucket {
+	return tx.Bucket(bucketShards).Bucket(u64(id))
+}
+
+// validKey reports whether bbolt accepts key, so that bad input from a peer
+// or a client fails one request instead of the whole write round.
+func validKey(key []byte) error {
+	switch {
+	case len(key) == 0:
+		return fmt.Errorf("%w: empty key", ErrInvalid)
+	case len(key) > bolt.MaxKeySize:
+		return fmt.Errorf("%w: key of %d bytes exceeds %d", ErrInvalid, len(key), bolt.MaxKeySize)
+	}
+	return nil
+}

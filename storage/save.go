@@ -1,0 +1,300 @@
+package storage
+
+import (
+	"fmt"
+
+	bolt "go.etcd.io/bbolt"
+	"go.etcd.io/raft/v3"
+	pb "go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
+)
+
+// Update is what one raft Ready asks the shard to persist and apply. Save
+// performs it in this order, in one transaction: install Snapshot, append
+// Entries, store HardState, apply Committed, store ConfState.
+type Update struct {
+	// HardState replaces the stored hard state unless nil or empty.
+	HardState *pb.HardState
+	// Entries are appended; an entry at index i replaces the old entries
+	// from i on (raft.MemoryStorage.Append semantics). Entries at or below
+	// the snapshot index are ignored.
+	Entries []*pb.Entry
+	// Snapshot, when non-empty, is installed before Entries are appended.
+	// Its Data is the token StageSnapshot returned: the staged state
+	// replaces the shard's, the log is dropped (first index = index+1),
+	// and the snapshot metadata, applied index/term and conf state become
+	// the snapshot's.
+	Snapshot *pb.Snapshot
+	// Committed are applied in order after Entries are appended (they may
+	// be among Entries). Entries at or below the applied index are
+	// skipped, so replaying a Ready after a crash is harmless.
+	Committed []*pb.Entry
+	// ConfState, if non-nil, is the conf state after applying Committed; it
+	// is stored with the applied index.
+	ConfState *pb.ConfState
+	// Apply is called for each committed EntryNormal with data, inside the
+	// write transaction. nil skips them (the applied index still moves).
+	Apply ApplyFunc
+	// Sync is raft's MustSync. The engine syncs every round regardless
+	// (unless Options.NoSync): skipping fsync on some bbolt commits would
+	// let a crash persist a meta page before the pages it points to.
+	Sync bool
+}
+
+// ApplyFunc applies one committed entry to the shard's state through tx and
+// returns the entry's result. It runs on the engine's writer goroutine,
+// inside the write transaction that also records the applied index, so it
+// must be deterministic (no clocks, randomness, map order or local
+// settings) and must not block: every shard of the node waits for the
+// round. A panic fails the round and the engine (ErrFailed); nothing of the
+// round is committed. The result slice is handed to the caller of Save and
+// must not alias tx memory.
+type ApplyFunc func(tx *Txn, e *pb.Entry) []byte
+
+// Save persists u durably and applies u.Committed, in one transaction
+// shared with the other shards' concurrent saves (group commit). It blocks
+// until the round is on disk. It returns one result per u.Committed entry,
+// nil for entries not passed to Apply. The applied index and term become
+// those of the last Committed entry in the same transaction as the state
+// changes they reflect.
+//
+// Errors: raft.ErrSnapOutOfDate, ErrBadSnapshot, ErrLogGap reject u alone
+// (nothing of it is written); ErrFailed, ErrClosed, ErrShardNotFound.
+// Save must not be called concurrently for the same shard with updates
+// whose order matters (raft's one goroutine per group guarantees it).
+func (s *Shard) Save(u *Update) ([][]byte, error) {
+	resp := s.e.do(&request{save: true, exec: func(rs *round) (response, error) {
+		return rs.save(s, u)
+	}})
+	if resp.err != nil {
+		return nil, fmt.Errorf("storage: shard %d: save: %w", s.id, resp.err)
+	}
+	return resp.results, nil
+}
+
+// Compact drops the log entries up to and including index, through the
+// writer, and records snapshot metadata {index, term(index), ConfState()}.
+// index must not exceed the applied index (ErrNotApplied) and must be above
+// the current snapshot index (raft.ErrCompacted). Callers compact at the
+// applied index, so ConfState() is the conf state as of index.
+func (s *Shard) Compact(index uint64) error {
+	resp := s.e.do(&request{exec: func(rs *round) (response, error) {
+		return rs.compact(s, index)
+	}})
+	if resp.err != nil {
+		return fmt.Errorf("storage: shard %d: compact %d: %w", s.id, index, resp.err)
+	}
+	return nil
+}
+
+func (rs *round) save(s *Shard, u *Update) (response, error) {
+	st, err := rs.state(s)
+	if err != nil {
+		return response{err: err}, nil
+	}
+	// Validate everything first: a rejected update must write nothing.
+	snapIndex, last, applied := st.snap.GetIndex(), st.last, st.appliedIndex
+	var staged *bolt.Bucket
+	var stagedSeq uint64
+	install := u.Snapshot != nil && !raft.IsEmptySnap(u.Snapshot)
+	if install {
+		meta := u.Snapshot.GetMetadata()
+		if max(snapIndex, applied) >= meta.GetIndex() {
+			return response{err: raft.ErrSnapOutOfDate}, nil
+		}
+		if staged, stagedSeq, err = rs.staged(s.id, u.Snapshot); err != nil {
+			return response{err: err}, nil
+		}
+		snapIndex, last, applied = meta.GetIndex(), meta.GetIndex(), meta.GetIndex()
+	}
+	ents := u.Entries
+	if len(ents) > 0 {
+		first := snapIndex + 1
+		if ents[0].GetIndex()+uint64(len(ents))-1 < first {
+			ents = nil // all compacted
+		} else if first > ents[0].GetIndex() {
+			ents = ents[first-ents[0].GetIndex():]
+		}
+	}
+	if len(ents) > 0 {
+		if ents[0].GetIndex() > last+1 {
+			return response{err: fmt.Errorf("%w: append at %d after last index %d", ErrLogGap, ents[0].GetIndex(), last)}, nil
+		}
+		for i, e := range ents {
+			if e.GetIndex() != ents[0].GetIndex()+uint64(i) {
+				return response{err: fmt.Errorf("%w: entry %d follows %d", ErrLogGap, e.GetIndex(), ents[0].GetIndex()+uint64(i)-1)}, nil
+			}
+		}
+		last = ents[len(ents)-1].GetIndex()
+	}
+	next := applied + 1
+	for _, e := range u.Committed {
+		if e.GetIndex() <= applied {
+			continue
+		}
+		if e.GetIndex() != next || e.GetIndex() > last {
+			return response{err: fmt.Errorf("%w: apply %d after %d (last index %d)", ErrLogGap, e.GetIndex(), next-1, last)}, nil
+		}
+		next++
+	}
+
+	b := shardBucket(rs.tx, s.id)
+	raftb := b.Bucket(bucketRaft)
+	if install {
+		if err := rs.install(s, st, b, staged, stagedSeq, u.Snapshot.GetMetadata()); err != nil {
+			return response{}, err
+		}
+	}
+	if len(ents) > 0 {
+		if err := rs.appendLog(s, st, b.Bucket(bucketLog), ents); err != nil {
+			return response{}, err
+		}
+	}
+	if hs := u.HardState; hs != nil && !raft.IsEmptyHardState(hs) {
+		st.hard = proto.Clone(hs).(*pb.HardState)
+		if err := putProto(raftb, keyHardState, st.hard); err != nil {
+			return response{}, err
+		}
+	}
+	results := make([][]byte, len(u.Committed))
+	var txn *Txn
+	moved := false
+	for i, e := range u.Committed {
+		if e.GetIndex() <= st.appliedIndex {
+			continue
+		}
+		if u.Apply != nil && e.GetType() == pb.EntryNormal && len(e.GetData()) > 0 {
+			if txn == nil {
+				txn = &Txn{kv: b.Bucket(bucketKV), meta: b.Bucket(bucketMeta)}
+			}
+			results[i] = u.Apply(txn, e)
+		}
+		st.appliedIndex, st.appliedTerm = e.GetIndex(), e.GetTerm()
+		rs.applied++
+		moved = true
+	}
+	if txn != nil {
+		txn.end()
+	}
+	if moved {
+		if err := raftb.Put(keyApplied, encodeApplied(st.appliedIndex, st.appliedTerm)); err != nil {
+			return response{}, err
+		}
+	}
+	if u.ConfState != nil {
+		st.conf = proto.Clone(pb.EnsureConfState(u.ConfState)).(*pb.ConfState)
+		if err := putProto(raftb, keyConfState, st.conf); err != nil {
+			return response{}, err
+		}
+	}
+	rs.entries += uint64(len(ents))
+	return response{results: results}, nil
+}
+
+// appendLog writes ents (validated: contiguous, starting at or below
+// st.last+1, above the snapshot index) and truncates the old suffix.
+func (rs *round) appendLog(s *Shard, st *shardState, logb *bolt.Bucket, ents []*pb.Entry) error {
+	first, newLast := ents[0].GetIndex(), ents[len(ents)-1].GetIndex()
+	for _, e := range ents {
+		v, err := proto.Marshal(e)
+		if err != nil {
+			return fmt.Errorf("storage: marshal entry %d: %w", e.GetIndex(), err)
+		}
+		if err := logb.Put(u64(e.GetIndex()), v); err != nil {
+			return err
+		}
+	}
+	for i := newLast + 1; i <= st.last; i++ {
+		if err := logb.Delete(u64(i)); err != nil {
+			return err
+		}
+	}
+	if cs := st.cacheStart(); first >= cs {
+		// Full slice expression: the published cache keeps its entries
+		// after first, which readers may still be returning.
+		off := first - cs
+		for _, e := range st.cache[off:] {
+			st.cacheBytes -= proto.Size(e)
+		}
+		st.cache = append(st.cache[:off:off], ents...)
+	} else {
+		// A truncation below the cache rewrites entries readers fetch from
+		// bbolt: they must wait for this commit (see Shard.mu).
+		rs.lockForCommit[s] = true
+		st.cache = append([]*pb.Entry(nil), ents...)
+		st.cacheBytes = 0
+	}
+	for _, e := range ents {
+		st.cacheBytes += proto.Size(e)
+	}
+	st.last = newLast
+	st.evict(rs.e.cacheLimit)
+	return nil
+}
+
+// evict drops the oldest cached entries beyond limit bytes; they stay in
+// bbolt.
+func (st *shardState) evict(limit int) {
+	n := 0
+	for n < len(st.cache) && st.cacheBytes > limit {
+		st.cacheBytes -= proto.Size(st.cache[n])
+		n++
+	}
+	if n > 0 {
+		st.cache = st.cache[n:]
+	}
+}
+
+func (rs *round) compact(s *Shard, index uint64) (response, error) {
+	st, err := rs.state(s)
+	if err != nil {
+		return response{err: err}, nil
+	}
+	offset := st.snap.GetIndex()
+	switch {
+	case index <= offset:
+		return response{err: raft.ErrCompacted}, nil
+	case index > st.appliedIndex:
+		return response{err: fmt.Errorf("%w: applied index %d", ErrNotApplied, st.appliedIndex)}, nil
+	case index > st.last:
+		return response{err: fmt.Errorf("%w: last index %d", raft.ErrUnavailable, st.last)}, nil
+	}
+	b := shardBucket(rs.tx, s.id)
+	logb := b.Bucket(bucketLog)
+	var term uint64
+	if cs := st.cacheStart(); index >= cs {
+		term = st.cache[index-cs].GetTerm()
+	} else {
+		v := logb.Get(u64(index))
+		e := &pb.Entry{}
+		if v == nil {
+			return response{}, fmt.Errorf("storage: shard %d: log entry %d missing", s.id, index)
+		}
+		if err := proto.Unmarshal(v, e); err != nil {
+			return response{}, fmt.Errorf("storage: shard %d: corrupt log entry %d: %w", s.id, index, err)
+		}
+		term = e.GetTerm()
+	}
+	for i := offset + 1; i <= index; i++ {
+		if err := logb.Delete(u64(i)); err != nil {
+			return response{}, err
+		}
+	}
+	st.snap = &pb.SnapshotMetadata{
+		Index:     proto.Uint64(index),
+		Term:      proto.Uint64(term),
+		ConfState: proto.Clone(st.conf).(*pb.ConfState),
+	}
+	if err := putProto(b.Bucket(bucketRaft), keySnapMeta, st.snap); err != nil {
+		return response{}, err
+	}
+	if cs := st.cacheStart(); index >= cs {
+		n := index - cs + 1
+		for _, e := range st.cache[:n] {
+			st.cacheBytes -= proto.Size(e)
+		}
+		st.cache = st.cache[n:]
+	}
+	rs.lockForCommit[s] = true
+	return response{}, nil
+}

@@ -1,0 +1,68 @@
+package storage
+
+import (
+	"slices"
+	"time"
+)
+
+// Stats are the engine's cumulative counters since Open.
+type Stats struct {
+	// Commits counts write rounds committed: one bbolt transaction each.
+	Commits uint64
+	// Updates counts Shard.Save calls merged into those rounds; Updates /
+	// Commits is the group-commit factor.
+	Updates uint64
+	// Entries counts raft entries appended to shard logs.
+	Entries uint64
+	// Applied counts committed entries applied (all types).
+	Applied uint64
+	// Fsyncs counts commits that synced the file (all of them unless
+	// Options.NoSync). bbolt syncs data pages, then the meta page.
+	Fsyncs uint64
+	// CommitNanos is the distribution of round latency, from the start of
+	// the transaction to the end of the commit (including fsync).
+	CommitNanos Histogram
+}
+
+// Histogram counts observations in fixed buckets.
+type Histogram struct {
+	// Bounds are the inclusive upper bounds of the buckets in nanoseconds,
+	// ascending: powers of two from 64 µs to about 1 s.
+	Bounds []uint64
+	// Counts has len(Bounds)+1 entries; the last counts observations above
+	// every bound.
+	Counts []uint64
+	// Sum is the total of all observations in nanoseconds.
+	Sum uint64
+}
+
+// Observe adds one observation.
+func (h *Histogram) Observe(d time.Duration) {
+	ns := uint64(max(d, 0))
+	i, _ := slices.BinarySearch(h.Bounds, ns)
+	h.Counts[i]++
+	h.Sum += ns
+}
+
+// Count returns the number of observations.
+func (h *Histogram) Count() uint64 {
+	var n uint64
+	for _, c := range h.Counts {
+		n += c
+	}
+	return n
+}
+
+func newStats() Stats {
+	var bounds []uint64
+	for b := 64 * time.Microsecond; b <= 1100*time.Millisecond; b *= 2 {
+		bounds = append(bounds, uint64(b))
+	}
+	return Stats{CommitNanos: Histogram{Bounds: bounds, Counts: make([]uint64, len(bounds)+1)}}
+}
+
+func (s Stats) clone() Stats {
+	s.CommitNanos.Bounds = slices.Clone(s.CommitNanos.Bounds)
+	s.CommitNanos.Counts = slices.Clone(s.CommitNanos.Counts)
+	return s
+}

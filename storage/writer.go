@@ -1,0 +1,340 @@
+package storage
+
+import (
+	"fmt"
+	"runtime/debug"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	pb "go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
+)
+
+// request is one write waiting for the writer goroutine.
+type request struct {
+	// exec performs the write inside the round's transaction. It returns
+	// the caller's answer, whose err rejects this request alone (checked
+	// before exec writes anything), and a fatal error that fails the
+	// whole round (bbolt refused a write).
+	exec func(rs *round) (response, error)
+	// save marks a Shard.Save, counted in Stats.Updates.
+	save bool
+	done chan response // buffered 1: the writer never blocks on a waiter
+}
+
+type response struct {
+	results [][]byte
+	shard   *Shard
+	seq     uint64
+	err     error
+}
+
+// do hands r to the writer and waits for its answer.
+func (e *Engine) do(r *request) response {
+	r.done = make(chan response, 1)
+	e.queued.Add(1)
+	select {
+	case e.reqc <- r:
+		e.queued.Add(-1)
+	case <-e.stopc:
+		e.queued.Add(-1)
+		return response{err: ErrClosed}
+	}
+	select {
+	case resp := <-r.done:
+		return resp
+	case <-e.writerDone:
+		// The writer answers every request it took before it returns.
+		select {
+		case resp := <-r.done:
+			return resp
+		default:
+			return response{err: ErrClosed}
+		}
+	}
+}
+
+// writer is the one goroutine that writes to bbolt. It takes a request,
+// then every request already waiting, from all shards, and performs them in
+// one transaction with one fsync: while it syncs, the next requests pile
+// up and form the next round, so the number of fsyncs follows the disk's
+// speed, not the number of shards.
+func (e *Engine) writer() {
+	defer close(e.writerDone)
+	var batch []*request
+	for {
+		select {
+		case <-e.stopc:
+			return
+		case r := <-e.reqc:
+			batch = append(batch[:0], r)
+		}
+	drain:
+		for {
+			select {
+			case r := <-e.reqc:
+				batch = append(batch, r)
+			default:
+				break drain
+			}
+		}
+		e.runRound(batch)
+		clear(batch) // let answered requests be collected
+	}
+}
+
+// round is the state of one write transaction. Owned by the writer.
+type round struct {
+	e  *Engine
+	tx *bolt.Tx
+	// states are the working copies of the shards this round touches;
+	// they replace the published states once the commit succeeded.
+	states map[*Shard]*shardState
+	// lockForCommit lists shards whose mu the writer holds across the
+	// commit, because the round rewrites log entries older than their
+	// cache, which readers fetch from bbolt (see Shard.mu).
+	lockForCommit map[*Shard]bool
+	created       []*Shard
+	deleted       []uint64
+
+	updates, entries, applied uint64
+}
+
+func (e *Engine) runRound(batch []*request) {
+	if e.failed != nil {
+		for _, r := range batch {
+			r.done <- response{err: e.failed}
+		}
+		return
+	}
+	start := time.Now()
+	resps := make([]response, len(batch))
+	rs := &round{
+		e:             e,
+		states:        make(map[*Shard]*shardState),
+		lockForCommit: make(map[*Shard]bool),
+	}
+	tx, fatal := e.db.Begin(true)
+	if fatal == nil {
+		rs.tx = tx
+		for i, r := range batch {
+			if resps[i], fatal = rs.exec(r); fatal != nil {
+				break
+			}
+			if r.save && resps[i].err == nil {
+				rs.updates++
+			}
+		}
+		if fatal != nil {
+			_ = tx.Rollback()
+		} else {
+			for s := range rs.lockForCommit {
+				s.mu.Lock()
+			}
+			fatal = tx.Commit() // rolls back by itself on failure
+		}
+	}
+	if fatal != nil {
+		for s := range rs.lockForCommit {
+			s.mu.Unlock()
+		}
+		e.failed = fmt.Errorf("%w: %w", ErrFailed, fatal)
+		e.log.Error("storage write failed; refusing further writes", "err", fatal, "requests", len(batch))
+		for _, r := range batch {
+			r.done <- response{err: e.failed}
+		}
+		return
+	}
+	elapsed := time.Since(start)
+	rs.publish()
+	e.stats.Lock()
+	e.stats.s.Commits++
+	if !e.opts.NoSync {
+		e.stats.s.Fsyncs++
+	}
+	e.stats.s.Updates += rs.updates
+	e.stats.s.Entries += rs.entries
+	e.stats.s.Applied += rs.applied
+	e.stats.s.CommitNanos.Observe(elapsed)
+	e.stats.Unlock()
+	for i, r := range batch {
+		r.done <- resps[i]
+	}
+}
+
+// exec runs one request, turning a panic (from an ApplyFunc, or a broken
+// invariant) into a fatal error so the transaction is rolled back, never
+// half committed.
+func (rs *round) exec(r *request) (resp response, fatal error) {
+	defer func() {
+		if p := recover(); p != nil {
+			fatal = fmt.Errorf("storage: panic in write round: %v\n%s", p, debug.Stack())
+		}
+	}()
+	return r.exec(rs)
+}
+
+// publish makes the committed working states visible to readers.
+func (rs *round) publish() {
+	for s, st := range rs.states {
+		if !rs.lockForCommit[s] {
+			s.mu.Lock()
+		}
+		s.st = st
+		s.mu.Unlock()
+	}
+	if len(rs.created) == 0 && len(rs.deleted) == 0 {
+		return
+	}
+	e := rs.e
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, id := range rs.deleted {
+		// Look the id up again: OpenShard may have loaded the shard while
+		// this round ran.
+		if s, ok := e.mu.shards[id]; ok {
+			s.markDeleted()
+			delete(e.mu.shards, id)
+		}
+	}
+	for _, s := range rs.created {
+		if !s.st.deleted {
+			e.mu.shards[s.id] = s
+		}
+	}
+}
+
+// state returns the round's working copy of s's state, making it from the
+// published one on first use.
+func (rs *round) state(s *Shard) (*shardState, error) {
+	if st, ok := rs.states[s]; ok {
+		if st.deleted {
+			return nil, ErrShardNotFound
+		}
+		return st, nil
+	}
+	s.mu.Lock()
+	pub := s.st
+	s.mu.Unlock()
+	if pub.deleted {
+		return nil, ErrShardNotFound
+	}
+	// A shard deleted and created again under the same id is another
+	// shard: check that the bucket is still this Shard's incarnation.
+	if _, err := s.bucket(rs.tx); err != nil {
+		return nil, err
+	}
+	st := *pub
+	rs.states[s] = &st
+	return &st, nil
+}
+
+func (rs *round) createShard(id uint64, cs *pb.ConfState) (response, error) {
+	shards := rs.tx.Bucket(bucketShards)
+	if shards.Bucket(u64(id)) != nil {
+		return response{err: ErrShardExists}, nil
+	}
+	seq, err := shards.NextSequence()
+	if err != nil {
+		return response{}, err
+	}
+	b, err := shards.CreateBucket(u64(id))
+	if err != nil {
+		return response{}, err
+	}
+	for _, name := range [][]byte{bucketRaft, bucketLog, bucketKV, bucketMeta} {
+		if _, err := b.CreateBucket(name); err != nil {
+			return response{}, err
+		}
+	}
+	st := &shardState{
+		snap: &pb.SnapshotMetadata{ConfState: cs, Index: proto.Uint64(0), Term: proto.Uint64(0)},
+		conf: cs,
+	}
+	if len(cs.GetVoters()) > 0 {
+		st.snap.Index, st.snap.Term = proto.Uint64(1), proto.Uint64(1)
+		st.hard = &pb.HardState{Term: proto.Uint64(1), Vote: proto.Uint64(0), Commit: proto.Uint64(1)}
+		st.last, st.appliedIndex, st.appliedTerm = 1, 1, 1
+	}
+	raftb := b.Bucket(bucketRaft)
+	inc := u64(seq)
+	if err := raftb.Put(keyIncarnation, inc); err != nil {
+		return response{}, err
+	}
+	if err := putProto(raftb, keySnapMeta, st.snap); err != nil {
+		return response{}, err
+	}
+	if err := putProto(raftb, keyConfState, st.conf); err != nil {
+		return response{}, err
+	}
+	if err := raftb.Put(keyApplied, encodeApplied(st.appliedIndex, st.appliedTerm)); err != nil {
+		return response{}, err
+	}
+	if st.hard != nil {
+		if err := putProto(raftb, keyHardState, st.hard); err != nil {
+			return response{}, err
+		}
+	}
+	s := &Shard{e: rs.e, id: id, incarnation: inc}
+	s.st = st
+	// The working state is the one published after the commit; a later
+	// request of this round on s continues from it.
+	rs.states[s] = st
+	rs.created = append(rs.created, s)
+	return response{shard: s}, nil
+}
+
+func (rs *round) deleteShard(id uint64) (response, error) {
+	shards := rs.tx.Bucket(bucketShards)
+	if shards.Bucket(u64(id)) == nil {
+		return response{err: ErrShardNotFound}, nil
+	}
+	if err := shards.DeleteBucket(u64(id)); err != nil {
+		return response{}, err
+	}
+	if err := rs.dropStaged(id, ^uint64(0), false); err != nil {
+		return response{}, err
+	}
+	// Mark every Shard object for id that this round knows of; publish
+	// marks the one in the engine's map.
+	for s, st := range rs.states {
+		if s.id == id {
+			st.deleted = true
+		}
+	}
+	rs.e.mu.Lock()
+	s, ok := rs.e.mu.shards[id]
+	rs.e.mu.Unlock()
+	if ok {
+		if _, seen := rs.states[s]; !seen {
+			s.mu.Lock()
+			st := *s.st
+			s.mu.Unlock()
+			st.deleted = true
+			rs.states[s] = &st
+		}
+	}
+	rs.deleted = append(rs.deleted, id)
+	return response{}, nil
+}
+
+// putProto marshals m under key in b.
+func putProto(b *bolt.Bucket, key []byte, m proto.Message) error {
+	v, err := proto.Marshal(m)
+	if err != nil {
+		return err
+	}
+	return b.Put(key, v)
+}
+
+// getProto unmarshals the value under key into m; false if absent.
+func getProto(b *bolt.Bucket, key []byte, m proto.Message) (bool, error) {
+	v := b.Get(key)
+	if v == nil {
+		return false, nil
+	}
+	if err := proto.Unmarshal(v, m); err != nil {
+		return false, fmt.Errorf("storage: corrupt %s: %w", key, err)
+	}
+	return true, nil
+}

@@ -1,0 +1,354 @@
+package transport
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/proto/peerpb"
+)
+
+// outMsg is a message waiting in a peer's queue.
+type outMsg struct {
+	shard uint64
+	m     *raftpb.Message
+	data  []byte // m marshalled, once the sender has looked at it
+}
+
+// peer is a node SetPeer added. Its sender goroutine, and on the dialing
+// side its dial goroutine, live until ctx is cancelled (RemovePeer, Stop).
+type peer struct {
+	id     uint64
+	queue  chan outMsg
+	ctx    context.Context
+	cancel context.CancelFunc
+	// wake cuts the dial loop's backoff short after an address change.
+	wake chan struct{}
+
+	sendFailures, dropped atomic.Uint64
+
+	mu struct {
+		sync.Mutex
+		addr string
+		// cancelStream ends the dial loop's current stream attempt, so
+		// that an address change takes effect at once.
+		cancelStream context.CancelFunc
+	}
+}
+
+func newPeer(parent context.Context, id uint64, addr string, queueSize int) *peer {
+	p := &peer{id: id, queue: make(chan outMsg, queueSize), wake: make(chan struct{}, 1)}
+	p.ctx, p.cancel = context.WithCancel(parent)
+	p.mu.addr = addr
+	return p
+}
+
+func (p *peer) address() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.mu.addr
+}
+
+// setAddr changes the address and, if it changed, breaks the current
+// stream attempt and wakes the dial loop.
+func (p *peer) setAddr(addr string) {
+	p.mu.Lock()
+	if p.mu.addr == addr {
+		p.mu.Unlock()
+		return
+	}
+	p.mu.addr = addr
+	cancel := p.mu.cancelStream
+	p.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// setStreamCancel records the cancel of the stream the dial loop is about
+// to run against addr. It reports false if the address changed since the
+// loop read it; setAddr, which takes the same lock, then either saw this
+// cancel or changed the address before it, so no change is missed.
+func (p *peer) setStreamCancel(addr string, cancel context.CancelFunc) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.mu.addr != addr {
+		return false
+	}
+	p.mu.cancelStream = cancel
+	return true
+}
+
+// sendLoop is the peer's sender goroutine: it blocks on the queue, then
+// drains what is queued into one batch, so messages of all shards that
+// piled up while the previous batch was on the wire leave together.
+func (t *Transport) sendLoop(p *peer) {
+	ticker := time.NewTicker(idlePing)
+	defer ticker.Stop()
+	sent := false // a batch went out since the last tick
+	var next *outMsg
+	unreachable := make(map[uint64]struct{})
+	for {
+		if next == nil {
+			select {
+			case <-p.ctx.Done():
+				return
+			case <-ticker.C:
+				if !sent {
+					t.ping(p)
+				}
+				sent = false
+				continue
+			case m := <-p.queue:
+				next = &m
+			}
+		}
+		b := &peerpb.Batch{From: t.id, To: p.id}
+		size := 0
+		for next != nil && len(b.Msgs) < t.cfg.MaxBatchMessages {
+			if next.data == nil {
+				data, err := proto.Marshal(next.m)
+				if err != nil {
+					// A message raft produced that does not marshal is a
+					// bug; drop it rather than break the stream for all.
+					t.log.Error("transport: marshal raft message", "shard", next.shard, "peer", p.id, "err", err)
+					p.dropped.Add(1)
+					t.cfg.Handler.ReportUnreachable(next.shard, p.id)
+					next = nil
+				} else {
+					next.data = data
+				}
+			}
+			if next != nil {
+				if len(b.Msgs) > 0 && size+len(next.data) > t.cfg.MaxBatchBytes {
+					break // next opens the following batch
+				}
+				b.Msgs = append(b.Msgs, &peerpb.ShardMessage{Shard: next.shard, Msg: next.data})
+				size += len(next.data)
+				next = nil
+			}
+			select {
+			case m := <-p.queue:
+				next = &m
+			default:
+			}
+		}
+		if len(b.Msgs) == 0 {
+			continue
+		}
+		sent = true
+		t.sendBatch(p, b, size, unreachable)
+	}
+}
+
+// sendBatch sends b on the peer's stream, or drops it when there is none
+// or the send fails, reporting each shard in it unreachable once.
+func (t *Transport) sendBatch(p *peer, b *peerpb.Batch, size int, unreachable map[uint64]struct{}) {
+	l := t.link(p.id)
+	if l != nil {
+		err := l.Send(b)
+		if err == nil {
+			t.stats.batchesSent.Add(1)
+			t.stats.messagesSent.Add(uint64(len(b.Msgs)))
+			t.stats.bytesSent.Add(uint64(size))
+			return
+		}
+		// The stream is broken; its owner notices too, but shutting it
+		// down now stops the next batch from failing the same way.
+		p.sendFailures.Add(uint64(len(b.Msgs)))
+		l.shutdown()
+		t.removeLink(l)
+		t.log.Debug("transport: batch send failed", "peer", p.id, "err", err)
+	} else {
+		p.dropped.Add(uint64(len(b.Msgs)))
+	}
+	clear(unreachable)
+	for _, sm := range b.Msgs {
+		if _, ok := unreachable[sm.Shard]; !ok {
+			unreachable[sm.Shard] = struct{}{}
+			t.cfg.Handler.ReportUnreachable(sm.Shard, p.id)
+		}
+	}
+}
+
+// ping sends an empty batch so that the peer's idle timeout sees a live
+// link, and so that on a dead one our bytes go unacknowledged (see
+// idlePing). Failure breaks the link like any send failure.
+func (t *Transport) ping(p *peer) {
+	l := t.link(p.id)
+	if l == nil {
+		return
+	}
+	if err := l.Send(&peerpb.Batch{From: t.id, To: p.id}); err != nil {
+		l.shutdown()
+		t.removeLink(l)
+	}
+}
+
+// dialLoop is the dialing side's goroutine for a peer with a higher id: it
+// keeps one stream open, reconnecting with jittered exponential backoff.
+// It owns the client connection and every stream it opens.
+func (t *Transport) dialLoop(p *peer) {
+	var (
+		cc     *grpc.ClientConn
+		ccAddr string
+		bo     backoffTimer
+	)
+	defer func() {
+		if cc != nil {
+			cc.Close()
+		}
+	}()
+	for p.ctx.Err() == nil {
+		addr := p.address()
+		if cc == nil || ccAddr != addr {
+			if cc != nil {
+				cc.Close()
+				cc = nil
+			}
+			c, err := grpc.NewClient(addr, t.dialOpts...)
+			if err != nil {
+				t.log.Warn("transport: bad peer address", "peer", p.id, "addr", addr, "err", err)
+			} else {
+				cc, ccAddr = c, addr
+			}
+		}
+		if cc != nil {
+			up, err := t.runStream(p, cc, addr)
+			if p.ctx.Err() != nil {
+				return
+			}
+			if up {
+				bo.reset()
+				t.log.Warn("transport: stream to peer broke", "peer", p.id, "err", err)
+			} else {
+				t.log.Debug("transport: cannot open stream to peer", "peer", p.id, "err", err)
+			}
+		}
+		if !bo.wait(p.ctx, p.wake) {
+			return
+		}
+	}
+}
+
+// runStream opens a stream on cc, performs the hello exchange, installs the
+// link and receives until the stream breaks. up reports whether the
+// stream got as far as being installed.
+func (t *Transport) runStream(p *peer, cc *grpc.ClientConn, addr string) (up bool, err error) {
+	ctx, cancel := context.WithCancel(p.ctx)
+	defer cancel()
+	if !p.setStreamCancel(addr, cancel) {
+		return false, nil // address changed; the loop reconnects at once
+	}
+	defer p.setStreamCancel(addr, nil)
+
+	// WaitForReady: while the peer is down, gRPC reconnects under its own
+	// backoff (set to ours in New) and the call waits instead of failing.
+	stream, err := peerpb.NewRaftClient(cc).Stream(ctx, grpc.WaitForReady(true))
+	if err != nil {
+		return false, fmt.Errorf("transport: open stream to peer %d: %w", p.id, err)
+	}
+	if err := stream.Send(&peerpb.Batch{From: t.id, To: p.id}); err != nil {
+		return false, fmt.Errorf("transport: hello to peer %d: %w", p.id, err)
+	}
+	// The acceptor answers with its own hello once it has installed its
+	// side; only then is the pair usable in both directions.
+	timer := time.AfterFunc(handshakeTimeout, cancel)
+	hello, err := stream.Recv()
+	timer.Stop()
+	if err != nil {
+		return false, fmt.Errorf("transport: hello from peer %d: %w", p.id, err)
+	}
+	if hello.GetFrom() != p.id {
+		return false, fmt.Errorf("%w: %s answered as node %d, want %d", ErrPeerMismatch, addr, hello.GetFrom(), p.id)
+	}
+
+	l := newLink(p.id, stream.Send, cancel)
+	if !t.installLink(l) {
+		return false, ErrStopped
+	}
+	defer func() {
+		t.removeLink(l)
+		l.shutdown() // cancels ctx: a Send blocked on flow control returns
+		l.seal()
+	}()
+	idle := time.AfterFunc(linkIdleTimeout, l.shutdown)
+	defer idle.Stop()
+	for {
+		b, err := stream.Recv()
+		if err != nil {
+			if !idle.Stop() {
+				err = fmt.Errorf("nothing received for %v: %w", linkIdleTimeout, err)
+			}
+			return true, fmt.Errorf("transport: receive from peer %d: %w", p.id, err)
+		}
+		idle.Reset(linkIdleTimeout)
+		t.deliver(p.id, b)
+	}
+}
+
+// deliver hands a received batch's messages to the handler in order.
+func (t *Transport) deliver(from uint64, b *peerpb.Batch) {
+	msgs := b.GetMsgs()
+	if len(msgs) == 0 {
+		return // hello or idle ping
+	}
+	size := 0
+	for _, sm := range msgs {
+		if t.ctx.Err() != nil {
+			return // stopping: nobody should see messages after Stop returns
+		}
+		size += len(sm.GetMsg())
+		m := new(raftpb.Message)
+		if err := proto.Unmarshal(sm.GetMsg(), m); err != nil {
+			// A peer with a broken encoder; count it, do not log per
+			// message on the receive path.
+			t.stats.badMessages.Add(1)
+			continue
+		}
+		t.cfg.Handler.HandleMessage(sm.GetShard(), m)
+	}
+	t.stats.batchesReceived.Add(1)
+	t.stats.messagesReceived.Add(uint64(len(msgs)))
+	t.stats.bytesReceived.Add(uint64(size))
+}
+
+// backoffTimer is jittered exponential backoff between reconnect attempts.
+type backoffTimer struct{ cur time.Duration }
+
+func (b *backoffTimer) reset() { b.cur = 0 }
+
+// wait sleeps for the next backoff, or until ctx ends (false) or wake
+// fires (true, without growing the backoff further).
+func (b *backoffTimer) wait(ctx context.Context, wake <-chan struct{}) bool {
+	if b.cur == 0 {
+		b.cur = backoffMin
+	} else {
+		b.cur = min(2*b.cur, backoffMax)
+	}
+	// Jitter in [cur/2, cur): peers that lost a link at the same moment do
+	// not come back in lockstep.
+	d := b.cur/2 + rand.N(b.cur/2)
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-wake:
+		b.reset()
+		return true
+	case <-timer.C:
+		return true
+	}
+}
