@@ -341,3 +341,23 @@ func WaitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 		time.Sleep(20 * time.Millisecond) // poll interval, not synchronisation
 	}
 }
+
+// LeaderOf returns the running node that reports itself leader of shard,
+// or nil.
+func (c *Cluster) LeaderOf(ctx context.Context, shard uint64) *Node {
+	for _, nd := range c.Nodes {
+		if !nd.Running() {
+			continue
+		}
+		st, err := c.Status(ctx, nd)
+		if err != nil {
+			continue
+		}
+		for _, s := range st.GetShards() {
+			if s.GetShard() == shard && s.GetRole() == "leader" {
+				return nd
+			}
+		}
+	}
+	return nil
+}
