@@ -177,11 +177,15 @@ func Start(cfg Config) (*Node, error) {
 		Applied:                   applied,
 		MaxSizePerMsg:             1 << 20,
 		MaxCommittedSizePerReady:  4 << 20,
-		MaxUncommittedEntriesSize: 64 << 20,
+		MaxUncommittedEntriesSize: 16 << 20,
 		MaxInflightMsgs:           256,
-		CheckQuorum:               true,
-		PreVote:                   true,
-		ReadOnlyOption:            raft.ReadOnlySafe,
+		// Bytes, not only messages, bound what a leader has in flight to
+		// each follower: with 1 MiB appends, 256 messages alone would let
+		// one slow follower pin 256 MiB per shard.
+		MaxInflightBytes: 8 << 20,
+		CheckQuorum:      true,
+		PreVote:          true,
+		ReadOnlyOption:   raft.ReadOnlySafe,
 		// Followers refuse proposals instead of forwarding them, so a
 		// proposal is either tracked by this node's leader or rejected at
 		// once with a hint; the server routes clients to the leader.

@@ -70,6 +70,11 @@ type Limits struct {
 	MaxTxnOps       int // default 128
 	// MaxPendingProposals per shard; beyond it writes get ResourceExhausted.
 	MaxPendingProposals int // default 4096
+	// MaxInFlightBytes bounds the request bytes the node holds at once,
+	// across all requests; beyond it requests get ResourceExhausted at
+	// admission instead of queueing, so memory stays bounded under
+	// overload.
+	MaxInFlightBytes int // default 256 MiB
 }
 
 // Defaults for a single node started with no flags.
@@ -131,6 +136,9 @@ func (c *Config) setDefaults() {
 	}
 	if l.MaxTxnOps == 0 {
 		l.MaxTxnOps = 128
+	}
+	if l.MaxInFlightBytes == 0 {
+		l.MaxInFlightBytes = 256 << 20
 	}
 	if l.MaxPendingProposals == 0 {
 		l.MaxPendingProposals = 4096

@@ -35,8 +35,7 @@ func (s *Server) Put(ctx context.Context, req *kvpb.PutRequest) (*kvpb.PutRespon
 	if err != nil {
 		return nil, s.toStatus(err, shard)
 	}
-	op := proto.CloneOf(req)
-	op.Header = nil
+	op := &kvpb.PutRequest{Key: req.GetKey(), Value: req.GetValue(), PrevKv: req.GetPrevKv()}
 	res, err := s.propose(ctx, shard, req.GetHeader(), &peerpb.Command{Op: &peerpb.Command_Put{Put: op}})
 	if err != nil {
 		return nil, s.toStatus(err, shard)
@@ -55,8 +54,7 @@ func (s *Server) Delete(ctx context.Context, req *kvpb.DeleteRequest) (*kvpb.Del
 	if err != nil {
 		return nil, s.toStatus(err, shard)
 	}
-	op := proto.CloneOf(req)
-	op.Header = nil
+	op := &kvpb.DeleteRequest{Key: req.GetKey(), PrevKv: req.GetPrevKv()}
 	res, err := s.propose(ctx, shard, req.GetHeader(), &peerpb.Command{Op: &peerpb.Command_Delete{Delete: op}})
 	if err != nil {
 		return nil, s.toStatus(err, shard)
@@ -79,8 +77,8 @@ func (s *Server) Txn(ctx context.Context, req *kvpb.TxnRequest) (*kvpb.TxnRespon
 	if err := s.sameShard(keys); err != nil {
 		return nil, s.toStatus(err, shard)
 	}
-	op := proto.CloneOf(req)
-	op.Header = nil
+	// The header travels in the Command; the ops are shared, not copied.
+	op := &kvpb.TxnRequest{Compare: req.GetCompare(), Success: req.GetSuccess(), Failure: req.GetFailure()}
 	res, err := s.propose(ctx, shard, req.GetHeader(), &peerpb.Command{Op: &peerpb.Command_Txn{Txn: op}})
 	if err != nil {
 		return nil, s.toStatus(err, shard)

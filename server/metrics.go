@@ -3,12 +3,15 @@ package server
 import (
 	"context"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 )
 
 // metrics is the node's Prometheus registry (never the global one, so
@@ -17,6 +20,10 @@ import (
 // counters at scrape time by collector, so no hot path pays for metrics it
 // already counts.
 type metrics struct {
+	// inFlight is the bytes of requests admitted and not yet answered.
+	inFlight    atomic.Int64
+	maxInFlight int64
+
 	reg      *prometheus.Registry
 	requests *prometheus.CounterVec
 	latency  *prometheus.HistogramVec
@@ -24,7 +31,8 @@ type metrics struct {
 
 func newMetrics(s *Server) *metrics {
 	m := &metrics{
-		reg: prometheus.NewRegistry(),
+		maxInFlight: int64(s.cfg.Limits.MaxInFlightBytes),
+		reg:         prometheus.NewRegistry(),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kvd_requests_total",
 			Help: "Client API requests by method and gRPC status code.",
@@ -40,10 +48,16 @@ func newMetrics(s *Server) *metrics {
 	return m
 }
 
-// interceptor records each unary request's code and latency.
+// interceptor admits each unary request against the node's in-flight byte
+// budget and records its code and latency.
 func (m *metrics) interceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	start := time.Now()
-	resp, err := handler(ctx, req)
+	var resp any
+	err := m.admit(req)
+	if err == nil {
+		resp, err = handler(ctx, req)
+		m.release(req)
+	}
 	method := info.FullMethod
 	if i := lastSlash(method); i >= 0 {
 		method = method[i+1:]
@@ -52,6 +66,30 @@ func (m *metrics) interceptor(ctx context.Context, req any, info *grpc.UnaryServ
 	m.latency.WithLabelValues(method).Observe(time.Since(start).Seconds())
 	return resp, err
 }
+
+// admit reserves req's size in the in-flight budget, or refuses it.
+func (m *metrics) admit(req any) error {
+	msg, ok := req.(proto.Message)
+	if !ok {
+		return nil
+	}
+	n := int64(proto.Size(msg)) + requestOverhead
+	if m.inFlight.Add(n) > m.maxInFlight {
+		m.inFlight.Add(-n)
+		return status.Error(codes.ResourceExhausted, "node overloaded: too many request bytes in flight; back off and retry")
+	}
+	return nil
+}
+
+func (m *metrics) release(req any) {
+	if msg, ok := req.(proto.Message); ok {
+		m.inFlight.Add(-(int64(proto.Size(msg)) + requestOverhead))
+	}
+}
+
+// requestOverhead is charged per request on top of its encoded size: the
+// goroutine, decoded message and bookkeeping a request costs.
+const requestOverhead = 4 << 10
 
 func lastSlash(s string) int {
 	for i := len(s) - 1; i >= 0; i-- {

@@ -30,6 +30,9 @@ import (
 	"github.com/kvd/kvd/transport"
 )
 
+// maxStreamsPerConn bounds concurrent requests per client connection.
+const maxStreamsPerConn = 256
+
 // Node-level records kept in the storage engine's metadata.
 const (
 	metaNodeID     = "node-id"
@@ -153,6 +156,10 @@ func New(cfg Config) (_ *Server, err error) {
 	s.metrics = newMetrics(s)
 	s.clientSrv = grpc.NewServer(
 		grpc.MaxRecvMsgSize(cfg.Limits.MaxRequestBytes+64<<10),
+		// gRPC reads and decodes a request before any handler or
+		// interceptor sees it, so admission alone cannot bound memory:
+		// streams beyond this wait on the client, not in our heap.
+		grpc.MaxConcurrentStreams(maxStreamsPerConn),
 		grpc.UnaryInterceptor(s.metrics.interceptor),
 	)
 	kvpb.RegisterKVServer(s.clientSrv, s)

@@ -96,6 +96,7 @@ given and describe another cluster, kvd refuses to start.`,
 	f.IntVar(&cfg.Limits.MaxValueBytes, "max-value-bytes", 1<<20, "largest value accepted")
 	f.IntVar(&cfg.Limits.MaxRequestBytes, "max-request-bytes", 2<<20, "largest request accepted")
 	f.IntVar(&cfg.Limits.MaxTxnOps, "max-txn-ops", 128, "most compares and operations in one transaction")
+	f.IntVar(&cfg.Limits.MaxInFlightBytes, "max-inflight-bytes", 256<<20, "request bytes the node holds at once before new requests get ResourceExhausted")
 	f.IntVar(&cfg.Limits.MaxPendingProposals, "max-pending-proposals", 4096, "writes waiting to commit per shard before new ones get ResourceExhausted")
 
 	code := exitOK
