@@ -282,3 +282,28 @@ func TestMetricsExistAndMove(t *testing.T) {
 		}
 	}
 }
+
+// leaderOf returns the server leading shard, or nil.
+func (c *testCluster) leaderOf(shard uint64) *Server {
+	for _, s := range c.servers {
+		if s == nil {
+			continue
+		}
+		if n := s.host.Node(shard); n != nil && n.IsLeader() {
+			return s
+		}
+	}
+	return nil
+}
+
+// keysIn returns n keys that the ring maps to shard.
+func keysIn(s *Server, shard uint64, n int) [][]byte {
+	var keys [][]byte
+	for i := 0; len(keys) < n; i++ {
+		k := []byte(fmt.Sprintf("key/%d", i))
+		if got, _ := s.route(nil, k); got == shard {
+			keys = append(keys, k)
+		}
+	}
+	return keys
+}

@@ -1,0 +1,176 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"github.com/kvd/kvd/proto/kvpb"
+)
+
+func kvClient(t *testing.T, s *Server) kvpb.KVClient {
+	t.Helper()
+	conn, err := grpc.NewClient(s.ClientAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return kvpb.NewKVClient(conn)
+}
+
+func put(k string) *kvpb.RequestOp {
+	return &kvpb.RequestOp{Op: &kvpb.RequestOp_Put{Put: &kvpb.PutRequest{Key: []byte(k), Value: []byte("v")}}}
+}
+
+func TestBadInputGetsDocumentedCodes(t *testing.T) {
+	c := newTestCluster(t, 3, 4, nil)
+	var leader *Server
+	waitFor(t, 10*time.Second, "a leader of shard 1", func() bool { leader = c.leaderOf(1); return leader != nil })
+	kv := kvClient(t, leader)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	key1 := string(keysIn(leader, 1, 1)[0])
+	key2 := string(keysIn(leader, 2, 1)[0])
+	many := make([]*kvpb.RequestOp, 129)
+	for i := range many {
+		many[i] = put(fmt.Sprintf("{t}%d", i))
+	}
+	for _, tc := range []struct {
+		name string
+		call func() error
+		code codes.Code
+		msg  string
+	}{
+		{"empty key", func() error { _, err := kv.Put(ctx, &kvpb.PutRequest{Value: []byte("v")}); return err }, codes.InvalidArgument, "empty key"},
+		{"oversized key", func() error {
+			_, err := kv.Put(ctx, &kvpb.PutRequest{Key: bytes.Repeat([]byte("k"), 4097), Value: []byte("v")})
+			return err
+		}, codes.InvalidArgument, "limit is 4096"},
+		{"oversized value", func() error {
+			_, err := kv.Put(ctx, &kvpb.PutRequest{Key: []byte(key1), Value: bytes.Repeat([]byte("v"), 1<<20+1)})
+			return err
+		}, codes.InvalidArgument, "limit is 1048576"},
+		{"empty key get", func() error { _, err := kv.Get(ctx, &kvpb.GetRequest{}); return err }, codes.InvalidArgument, "empty key"},
+		{"txn over 128 ops", func() error { _, err := kv.Txn(ctx, &kvpb.TxnRequest{Success: many}); return err }, codes.InvalidArgument, "limit is 128"},
+		{"empty txn", func() error { _, err := kv.Txn(ctx, &kvpb.TxnRequest{}); return err }, codes.InvalidArgument, "empty transaction"},
+		{"cross-shard txn", func() error {
+			_, err := kv.Txn(ctx, &kvpb.TxnRequest{Success: []*kvpb.RequestOp{put(key1), put(key2)}})
+			return err
+		}, codes.InvalidArgument, "hash tag"},
+		{"unknown shard", func() error { _, err := kv.Range(ctx, &kvpb.RangeRequest{Shard: 99}); return err }, codes.InvalidArgument, "unknown data shard 99"},
+		{"meta shard range", func() error { _, err := kv.Range(ctx, &kvpb.RangeRequest{Shard: 0}); return err }, codes.InvalidArgument, "unknown data shard 0"},
+		{"negative limit", func() error { _, err := kv.Range(ctx, &kvpb.RangeRequest{Shard: 1, Limit: -1}); return err }, codes.InvalidArgument, "negative"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.call()
+			if status.Code(err) != tc.code || !strings.Contains(err.Error(), tc.msg) {
+				t.Fatalf("got %v, want %v mentioning %q", err, tc.code, tc.msg)
+			}
+		})
+	}
+	// A cross-shard txn changed nothing.
+	for _, k := range []string{key1, key2} {
+		r, err := kv.Get(ctx, &kvpb.GetRequest{Key: []byte(k), Consistency: kvpb.Consistency_SERIALIZABLE})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.GetKv() != nil {
+			t.Fatalf("rejected cross-shard txn wrote %q", k)
+		}
+	}
+}
+
+func TestStaleEpochAndNotLeaderDetails(t *testing.T) {
+	c := newTestCluster(t, 3, 2, nil)
+	var leader, follower *Server
+	waitFor(t, 10*time.Second, "a leader of shard 1", func() bool { leader = c.leaderOf(1); return leader != nil })
+	for _, s := range c.servers {
+		if s != leader {
+			follower = s
+			break
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	key := keysIn(leader, 1, 1)[0]
+
+	_, err := kvClient(t, leader).Put(ctx, &kvpb.PutRequest{Header: &kvpb.RequestHeader{Epoch: 1}, Key: key, Value: []byte("v")})
+	st := status.Convert(err)
+	if st.Code() != codes.FailedPrecondition {
+		t.Fatalf("stale epoch: got %v, want FailedPrecondition", err)
+	}
+	var se *kvpb.StaleEpoch
+	for _, d := range st.Details() {
+		if v, ok := d.(*kvpb.StaleEpoch); ok {
+			se = v
+		}
+	}
+	if se == nil || se.GetEpoch() != leader.epoch() {
+		t.Fatalf("stale epoch detail %v, want epoch %d", st.Details(), leader.epoch())
+	}
+
+	waitFor(t, 5*time.Second, "follower to know the leader", func() bool { return follower.host.Node(1).Leader() != 0 })
+	_, err = kvClient(t, follower).Put(ctx, &kvpb.PutRequest{Key: key, Value: []byte("v")})
+	st = status.Convert(err)
+	var nl *kvpb.NotLeader
+	for _, d := range st.Details() {
+		if v, ok := d.(*kvpb.NotLeader); ok {
+			nl = v
+		}
+	}
+	if st.Code() != codes.Unavailable || nl == nil || nl.GetLeaderAddr() != leader.ClientAddr() {
+		t.Fatalf("put on follower: %v (detail %v), want Unavailable naming %s", err, nl, leader.ClientAddr())
+	}
+	// A serializable read is served by the follower from local state.
+	if _, err := kvClient(t, follower).Get(ctx, &kvpb.GetRequest{Key: key, Consistency: kvpb.Consistency_SERIALIZABLE}); err != nil {
+		t.Fatalf("serializable get on follower: %v", err)
+	}
+	// A linearizable one is redirected.
+	if _, err := kvClient(t, follower).Get(ctx, &kvpb.GetRequest{Key: key}); status.Code(err) != codes.Unavailable {
+		t.Fatalf("linearizable get on follower: %v, want Unavailable with a hint", err)
+	}
+}
+
+func TestRangePagesInKeyOrder(t *testing.T) {
+	c := newTestCluster(t, 3, 1, nil)
+	var leader *Server
+	waitFor(t, 10*time.Second, "a leader of shard 1", func() bool { leader = c.leaderOf(1); return leader != nil })
+	kv := kvClient(t, leader)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for i := 0; i < 25; i++ {
+		if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: []byte(fmt.Sprintf("r/%02d", i)), Value: []byte("v")}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var got []string
+	start := []byte("r/")
+	for {
+		r, err := kv.Range(ctx, &kvpb.RangeRequest{Shard: 1, Start: start, End: []byte("r0"), Limit: 10})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range r.GetKvs() {
+			got = append(got, string(p.GetKey()))
+		}
+		if !r.GetMore() {
+			break
+		}
+		start = append(bytes.Clone(r.GetKvs()[len(r.GetKvs())-1].GetKey()), 0)
+	}
+	if len(got) != 25 || got[0] != "r/00" || got[24] != "r/24" {
+		t.Fatalf("paged range returned %v", got)
+	}
+	r, err := kv.Range(ctx, &kvpb.RangeRequest{Shard: 1, Start: []byte("r/"), End: []byte("r0"), CountOnly: true})
+	if err != nil || r.GetCount() != 25 || len(r.GetKvs()) != 0 {
+		t.Fatalf("count only: %v %v", r, err)
+	}
+}
