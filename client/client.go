@@ -81,6 +81,11 @@ type Client struct {
 		leaders map[uint64]uint64   // shard id → cached leader id
 		closed  bool                // set by Close; applyMap then dials nothing
 	}
+	// addrOverride maps member id → an endpoint from Config.Endpoints that
+	// reaches it when the address the member advertises is not one the
+	// caller gave (a container name, say, seen from the host). Written
+	// once in New before any dialing.
+	addrOverride map[uint64]string
 }
 
 // New connects to the cluster: it fetches the cluster map from the first
@@ -123,6 +128,7 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 			}
 			continue
 		}
+		c.addrOverride = c.learnOverrides(ctx, m)
 		if err := c.applyMap(m); err != nil {
 			c.Close()
 			return nil, err
@@ -130,6 +136,45 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 		return c, nil
 	}
 	return nil, fmt.Errorf("%w: no endpoint answered: %w", ErrUnavailable, errors.Join(errs...))
+}
+
+// learnOverrides finds, for each configured endpoint that is not the
+// advertised client address of any member, which member it reaches (by
+// asking it for its node id), so the client dials members at addresses
+// the caller knows work. With endpoints that are advertised addresses, as
+// usual, it makes no request.
+func (c *Client) learnOverrides(ctx context.Context, m *kvpb.ClusterMap) map[uint64]string {
+	advertised := map[string]bool{}
+	for _, mem := range m.GetMembers() {
+		advertised[mem.GetClientAddr()] = true
+	}
+	out := map[uint64]string{}
+	for _, ep := range c.cfg.Endpoints {
+		if advertised[ep] {
+			continue
+		}
+		n, err := dialNode(0, ep, 1, c.log)
+		if err != nil {
+			continue
+		}
+		sctx, cancel := context.WithTimeout(ctx, c.cfg.DialTimeout)
+		st, err := n.clu.Status(sctx, &kvpb.StatusRequest{})
+		cancel()
+		n.close(false)
+		if err == nil && st.GetNode() != 0 {
+			out[st.GetNode()] = ep
+			c.log.Info("client: reaching member through configured endpoint", "node", st.GetNode(), "endpoint", ep)
+		}
+	}
+	return out
+}
+
+// memberAddr is where the client dials member mem.
+func (c *Client) memberAddr(mem *kvpb.Member) string {
+	if ep, ok := c.addrOverride[mem.GetId()]; ok {
+		return ep
+	}
+	return mem.GetClientAddr()
 }
 
 func (c *Client) bootstrapFrom(ctx context.Context, ep string) (*kvpb.ClusterMap, error) {
@@ -191,16 +236,17 @@ func (c *Client) applyMap(m *kvpb.ClusterMap) error {
 	keep := map[uint64]bool{}
 	for _, mem := range m.GetMembers() {
 		keep[mem.GetId()] = true
-		if n, ok := c.mu.nodes[mem.GetId()]; ok && n.addr == mem.GetClientAddr() {
+		addr := c.memberAddr(mem)
+		if n, ok := c.mu.nodes[mem.GetId()]; ok && n.addr == addr {
 			continue
 		} else if ok {
 			stale = append(stale, n)
 		}
-		n, err := dialNode(mem.GetId(), mem.GetClientAddr(), c.cfg.MaxInFlightPerNode, c.log)
+		n, err := dialNode(mem.GetId(), addr, c.cfg.MaxInFlightPerNode, c.log)
 		if err != nil {
 			// grpc.NewClient only fails on a malformed target; skip the
 			// member and let requests to it fail over.
-			c.log.Warn("client: cannot dial member", "node", mem.GetId(), "addr", mem.GetClientAddr(), "err", err)
+			c.log.Warn("client: cannot dial member", "node", mem.GetId(), "addr", addr, "err", err)
 			delete(c.mu.nodes, mem.GetId())
 			continue
 		}

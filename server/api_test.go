@@ -174,3 +174,34 @@ func TestRangePagesInKeyOrder(t *testing.T) {
 		t.Fatalf("count only: %v %v", r, err)
 	}
 }
+
+// TestClientReachesMembersThroughGivenEndpoints: nodes advertise client
+// addresses the client cannot resolve (as containers advertise their
+// service names to a client on the host); a client given working
+// endpoints still reaches every member.
+func TestClientReachesMembersThroughGivenEndpoints(t *testing.T) {
+	c := newTestCluster(t, 3, 4, func(cfg *Config) {
+		cfg.AdvertiseClient = fmt.Sprintf("kvd%d.invalid:2379", cfg.NodeID)
+	})
+	cl := c.client()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for i := 0; i < 20; i++ {
+		k := []byte(fmt.Sprintf("adv/%d", i))
+		if _, err := cl.Put(ctx, k, []byte("v")); err != nil {
+			t.Fatalf("put through overridden endpoints: %v", err)
+		}
+		if _, err := cl.Get(ctx, k); err != nil {
+			t.Fatalf("get through overridden endpoints: %v", err)
+		}
+	}
+	st, err := cl.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ns := range st {
+		if ns.Err != nil {
+			t.Errorf("node %d unreachable: %v", ns.ID, ns.Err)
+		}
+	}
+}
