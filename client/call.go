@@ -20,7 +20,7 @@ import (
 // leader instead of synchronising them.
 const (
 	backoffBase = 20 * time.Millisecond
-	backoffCap  = time.Second
+	backoffCap  = 250 * time.Millisecond
 )
 
 func backoff(attempt int) time.Duration {

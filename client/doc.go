@@ -25,7 +25,7 @@
 // "not leader" answer carries a hint that updates the cache; without a hint
 // the next replica is tried. A "stale epoch" answer refreshes the map.
 // Transient failures are retried with exponential backoff and full jitter
-// (20 ms base, 1 s cap); every attempt is bounded by Config.AttemptTimeout
+// (20 ms base, 250 ms cap); every attempt is bounded by Config.AttemptTimeout
 // so a hung node cannot consume the whole deadline.
 //
 // A background loop health-checks every member each HeartbeatInterval.
