@@ -21,6 +21,7 @@ package fsm
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -251,49 +252,39 @@ func txn(tx *storage.Txn, r *kvpb.TxnRequest) (*kvpb.TxnResponse, error) {
 }
 
 func compare(c *kvpb.Compare, cur *peerpb.StoredValue) bool {
-	var cmp int
+	var order int
 	switch c.GetTarget() {
 	case kvpb.Compare_EXISTS:
 		if (cur != nil) == c.GetExists() {
-			cmp = 0
+			order = 0
 		} else {
-			cmp = 1
+			order = 1
 		}
 	case kvpb.Compare_VALUE:
 		if cur == nil {
 			return false
 		}
-		cmp = bytes.Compare(cur.GetValue(), c.GetValue())
+		order = bytes.Compare(cur.GetValue(), c.GetValue())
 	case kvpb.Compare_VERSION:
-		cmp = cmpInt(cur.GetVersion(), c.GetVersion())
+		order = cmp.Compare(cur.GetVersion(), c.GetVersion())
 	case kvpb.Compare_MOD:
-		cmp = cmpInt(cur.GetModRevision(), c.GetModRevision())
+		order = cmp.Compare(cur.GetModRevision(), c.GetModRevision())
 	case kvpb.Compare_CREATE:
-		cmp = cmpInt(cur.GetCreateRevision(), c.GetCreateRevision())
+		order = cmp.Compare(cur.GetCreateRevision(), c.GetCreateRevision())
 	default:
 		return false
 	}
 	switch c.GetResult() {
 	case kvpb.Compare_EQUAL:
-		return cmp == 0
+		return order == 0
 	case kvpb.Compare_NOT_EQUAL:
-		return cmp != 0
+		return order != 0
 	case kvpb.Compare_GREATER:
-		return cmp > 0
+		return order > 0
 	case kvpb.Compare_LESS:
-		return cmp < 0
+		return order < 0
 	}
 	return false
-}
-
-func cmpInt(a, b int64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 func expireSessions(tx *storage.Txn, e *peerpb.ExpireSessions) {

@@ -2,6 +2,7 @@ package hashring
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"math"
@@ -76,10 +77,10 @@ type ringPoint struct {
 // build sorts pts by (hash, shard) and lays them out for binary search.
 func build(pts []ringPoint) *Ring {
 	slices.SortFunc(pts, func(a, b ringPoint) int {
-		if c := cmpU64(a.hash, b.hash); c != 0 {
+		if c := cmp.Compare(a.hash, b.hash); c != 0 {
 			return c
 		}
-		return cmpU64(a.shard, b.shard)
+		return cmp.Compare(a.shard, b.shard)
 	})
 	r := &Ring{
 		hashes: make([]uint64, len(pts)),
@@ -90,16 +91,6 @@ func build(pts []ringPoint) *Ring {
 		r.owners[i] = p.shard
 	}
 	return r
-}
-
-func cmpU64(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // Shard returns the shard that owns key: the owner of the first point at or

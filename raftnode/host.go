@@ -1,6 +1,7 @@
 package raftnode
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -141,18 +142,8 @@ func (h *Host) Nodes() []*Node {
 	for _, n := range h.mu.nodes {
 		out = append(out, n)
 	}
-	slices.SortFunc(out, func(a, b *Node) int { return cmpUint(a.Shard(), b.Shard()) })
+	slices.SortFunc(out, func(a, b *Node) int { return cmp.Compare(a.Shard(), b.Shard()) })
 	return out
-}
-
-func cmpUint(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // Stop stops ticking and every replica, and waits. Idempotent.
