@@ -27,12 +27,18 @@ const waitTimeout = 15 * time.Second
 // test relies on for ordering.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
+	waitForOr(t, what, cond, func() string { return "" })
+}
+
+// waitForOr is waitFor with a diagnosis added to the failure.
+func waitForOr(t *testing.T, what string, cond func() bool, diag func() string) {
+	t.Helper()
 	deadline := time.Now().Add(waitTimeout)
 	tick := time.NewTicker(2 * time.Millisecond)
 	defer tick.Stop()
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", waitTimeout, what)
+			t.Fatalf("timed out after %v waiting for %s%s", waitTimeout, what, diag())
 		}
 		<-tick.C
 	}

@@ -3,6 +3,7 @@ package transport_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"slices"
@@ -99,12 +100,17 @@ func TestBatching(t *testing.T) {
 		for i := uint64(1); i <= total; i++ {
 			a.tr.Send(i%shards, []*raftpb.Message{msg(raftpb.MsgHeartbeat, a.id, b.id, i)})
 		}
-		waitFor(t, "all messages delivered", func() bool {
+		waitForOr(t, "all messages delivered", func() bool {
 			got := 0
 			for s := range uint64(shards) {
 				got += len(b.h.received(s, a.id))
 			}
+			if got > total {
+				t.Fatalf("%d messages delivered, want %d", got, total)
+			}
 			return got == total
+		}, func() string {
+			return fmt.Sprintf("\nsender %+v\nreceiver %+v\nunreachable reports for shard 0: %v", a.tr.Stats(), b.tr.Stats(), a.h.unreachableCount(0, b.id))
 		})
 		st := a.tr.Stats()
 		if st.MessagesSent != total {
