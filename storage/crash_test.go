@@ -1,5 +1,190 @@
 package storage
 
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	pb "go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
+)
+
+// crashChildEnv, when set, makes the test binary run crashChild instead of
+// the tests: it is the process that the crash test kills.
 const crashChildEnv = "KVD_STORAGE_CRASH_CHILD"
 
-func crashChild() {}
+// crashShards is how many shards the child writes to concurrently, so the
+// kill lands in the middle of group-commit rounds that merge several.
+const crashShards = 4
+
+// crashChild opens the engine at $KVD_STORAGE_CRASH_CHILD and saves
+// entries on every shard in a loop, each with a committed apply, printing
+// "shard index" to stdout after each Save returns: those lines are the
+// acknowledgements. It runs until killed.
+func crashChild() {
+	e, err := Open(os.Getenv(crashChildEnv), Options{})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	out := bufio.NewWriter(os.Stdout)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for s := uint64(1); s <= crashShards; s++ {
+		sh, err := e.CreateShard(s, voters)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := uint64(2); ; i++ {
+				en := putEntry(i, 1, fmt.Sprintf("k%d", i), fmt.Sprintf("shard%d-v%d", s, i))
+				if _, err := sh.Save(&Update{
+					HardState: &pb.HardState{Term: proto.Uint64(1), Commit: proto.Uint64(i)},
+					Entries:   []*pb.Entry{en},
+					Committed: []*pb.Entry{en},
+					Apply:     applyPut,
+					Sync:      true,
+				}); err != nil {
+					fmt.Fprintln(os.Stderr, err)
+					os.Exit(1)
+				}
+				mu.Lock()
+				fmt.Fprintf(out, "%d %d\n", s, i)
+				out.Flush()
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// TestCrashKeepsAcknowledgedWrites kills a writing process with SIGKILL in
+// the middle of its group-commit rounds, reopens its file, and checks that
+// every Save it had acknowledged is there: the entries, the applied data,
+// and an applied index at least as high.
+func TestCrashKeepsAcknowledgedWrites(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "kvd.db")
+	for kill := 1; kill <= 2; kill++ {
+		acked := runAndKill(t, path, 300*kill)
+		e, err := Open(path, Options{})
+		if err != nil {
+			t.Fatalf("reopen after kill %d: %v", kill, err)
+		}
+		total := 0
+		for s := uint64(1); s <= crashShards; s++ {
+			sh, err := e.OpenShard(s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			last := acked[s]
+			total += int(last) - 1
+			if applied, _ := sh.Applied(); applied < last {
+				t.Fatalf("kill %d shard %d: applied index %d, but %d was acknowledged", kill, s, applied, last)
+			}
+			if li, _ := sh.LastIndex(); li < last {
+				t.Fatalf("kill %d shard %d: last index %d, but %d was acknowledged", kill, s, li, last)
+			}
+			es, err := sh.Entries(2, last+1, ^uint64(0))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, en := range es {
+				if want := fmt.Sprintf("k%d=shard%d-v%d", en.GetIndex(), s, en.GetIndex()); string(en.GetData()) != want {
+					t.Fatalf("kill %d shard %d entry %d = %q, want %q", kill, s, en.GetIndex(), en.GetData(), want)
+				}
+			}
+			err = sh.View(func(r *Reader) error {
+				for i := uint64(2); i <= last; i++ {
+					if got, want := string(r.Get([]byte(fmt.Sprintf("k%d", i)))), fmt.Sprintf("shard%d-v%d", s, i); got != want {
+						return fmt.Errorf("shard %d key k%d = %q, want %q", s, i, got, want)
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatalf("kill %d: %v", kill, err)
+			}
+		}
+		t.Logf("kill -9 %d: every acknowledged save of %d shards present (%d entries checked)", kill, crashShards, total)
+		if err := e.Close(); err != nil {
+			t.Fatal(err)
+		}
+		// The next round's child continues on the same file: remove the
+		// shards so it can create them afresh.
+		e, err = Open(path, Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for s := uint64(1); s <= crashShards; s++ {
+			if err := e.DeleteShard(s); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := e.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// runAndKill starts the child on path, waits for at least n
+// acknowledgements, kills it with SIGKILL while it writes, and returns
+// the highest acknowledged index per shard.
+func runAndKill(t *testing.T, path string, n int) map[uint64]uint64 {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), crashChildEnv+"="+path)
+	cmd.Stderr = os.Stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	killed := false
+	t.Cleanup(func() {
+		if !killed {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+		}
+	})
+	acked := map[uint64]uint64{}
+	sc := bufio.NewScanner(stdout)
+	count := 0
+	deadline := time.AfterFunc(60*time.Second, func() { _ = cmd.Process.Kill() })
+	defer deadline.Stop()
+	for sc.Scan() {
+		var s, i uint64
+		if _, err := fmt.Sscan(sc.Text(), &s, &i); err != nil {
+			t.Fatalf("child said %q", sc.Text())
+		}
+		acked[s] = max(acked[s], i)
+		if count++; count == n {
+			// Kill while the child is mid-write: it never stops writing.
+			_ = cmd.Process.Signal(syscall.SIGKILL)
+		}
+	}
+	// Lines read after the kill signal were acknowledged before the
+	// process died: they count too.
+	_ = cmd.Wait()
+	killed = true
+	if count < n {
+		t.Fatalf("child acknowledged only %d saves before dying (want %d)", count, n)
+	}
+	for s := uint64(1); s <= crashShards; s++ {
+		if acked[s] == 0 {
+			t.Fatalf("shard %d acknowledged nothing: %s", s, strconv.Itoa(count))
+		}
+	}
+	return acked
+}

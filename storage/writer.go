@@ -2,6 +2,7 @@ package storage
 
 import (
 	"fmt"
+	"runtime"
 	"runtime/debug"
 	"time"
 
@@ -69,6 +70,10 @@ func (e *Engine) writer() {
 		case r := <-e.reqc:
 			batch = append(batch[:0], r)
 		}
+		// The shards answered by the last round are runnable but may not
+		// have re-queued yet; yielding once lets them, so a round carries
+		// every shard that writes, not just the first to wake.
+		runtime.Gosched()
 	drain:
 		for {
 			select {

@@ -1,0 +1,76 @@
+// Package storage is kvd's durable state: raft.Storage for every raft
+// group of a node, and the state machine those groups apply to, in one
+// bbolt file per node.
+//
+// # Layout
+//
+// One file holds every shard, so that one fsync can make the writes of all
+// shards durable at once:
+//
+//	node/                  node-level metadata (Engine.GetMeta/PutMeta)
+//	shards/<id>/raft/      hard state, snapshot metadata, applied index+term,
+//	                       conf state, incarnation
+//	shards/<id>/log/       raft entries by big-endian index, contiguous
+//	shards/<id>/kv/        the key-value data (Txn.Get/Put, Reader.Get)
+//	shards/<id>/meta/      state-machine metadata: revision, sessions
+//	staging/<seq>/         snapshots being received
+//
+// # The writer: group commit
+//
+// Exactly one goroutine, the writer, writes to bbolt. Shard.Save, Compact,
+// CreateShard, DeleteShard, PutMeta and the chunks of StageSnapshot are
+// requests sent to it on a channel; the caller blocks until the answer. The
+// writer takes one request, then every request already waiting, from all
+// shards, and performs them in queue order in ONE bbolt transaction with one
+// fsync, then publishes the new in-memory state of each shard touched and
+// answers every waiter. While it syncs, the next requests pile up and form
+// the next round: N shards saving at once cost about one commit, and the
+// fsync rate follows the disk, not the number of shards.
+//
+// A request is validated before it writes anything, so a rejected request
+// (an out-of-date snapshot, a log gap, compacting beyond applied) fails
+// alone. If the transaction itself fails (a bbolt error, a panicking
+// ApplyFunc), it is rolled back, every waiter of the round gets the error,
+// and the engine refuses all later writes with ErrFailed: the in-memory view
+// might no longer match the disk, and a node that cannot persist must stop
+// loudly rather than acknowledge what it has not written.
+//
+// Applying committed entries happens inside the same transaction that
+// appends the next entries and stores the applied index. The applied index
+// therefore never differs from the data it describes, and replay after a
+// crash is idempotent: entries at or below the applied index are skipped.
+//
+// # Locks
+//
+// Engine.mu guards the map of Shard objects (so OpenShard returns one
+// *Shard per shard). Shard.mu guards the shard's published state: hard
+// state, snapshot metadata, last index, the cached log tail, applied index
+// and conf state. The writer replaces that state, never modifies it, after
+// a successful commit, so raft's reads (Entries, Term, FirstIndex...) on the
+// raft goroutine see only what is durable and never wait for an fsync.
+// Entries older than the cache are read from bbolt with Shard.mu held; the
+// writer holds the same lock across a commit that rewrites such entries
+// (compaction, snapshot install, truncation below the cache), so a reader
+// never combines the old in-memory view with a newer disk. The two kinds of
+// lock are never held together, and only the writer ever holds several
+// Shard locks, so there is no lock order to get wrong.
+//
+// # Snapshots
+//
+// Sending: Shard.OpenSnapshot opens a bbolt read transaction, a consistent
+// view of the shard's kv and meta buckets with the applied index and conf
+// state of that same view; Next yields pairs in chunks of about 1 MiB. The
+// view does not block writers, but pages freed while it is open cannot be
+// reused, and a remap of the file waits for it (hence the large default
+// InitialMmapSize).
+//
+// Receiving: Engine.StageSnapshot writes the streamed pairs into
+// staging/<seq>/ in rounds of about 4 MiB through the writer, so a large
+// snapshot never sits in memory, then marks the staging complete and returns
+// a token for pb.Snapshot.Data. The Save that carries the snapshot swaps the
+// staged buckets in place of the shard's (bbolt MoveBucket: no copy), drops
+// the log and records the snapshot's metadata as snapshot, applied index and
+// conf state, all in one transaction. Stagings that can no longer be
+// installed are dropped at the next install of the shard, when the shard is
+// deleted, and at Open.
+package storage
