@@ -314,7 +314,12 @@ func TestClientBreakerOnPausedNode(t *testing.T) {
 		}
 		return "missing"
 	}
-	proccluster.WaitFor(t, 10*time.Second, "breaker of the paused node to open", func() bool { return breaker(victim.ID) == "open" })
+	// While the node stays hung its breaker cycles open → half-open (the
+	// heartbeat probing) → open; in both states requests skip it.
+	proccluster.WaitFor(t, 15*time.Second, "breaker of the paused node to open", func() bool {
+		b := breaker(victim.ID)
+		return b == "open" || b == "half-open"
+	})
 
 	// With the breaker open, requests do not wait on the hung node: once
 	// its shards have elected other leaders, writes go through quickly.
