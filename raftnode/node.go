@@ -625,11 +625,30 @@ func (n *Node) handleReady(st *loopState) error {
 		}
 	}
 
+	// The proposals waiting for these entries are answered from inside
+	// the write transaction, as soon as their result is computed, not
+	// after the transaction's fsync: the entries are already durable on a
+	// quorum, and a crash before this commit replays them to the same
+	// result. Reads are unaffected: ReadIndex waits on n.applied, which
+	// moves only after the commit.
+	waiting, answered := n.waitingFor(st, rd.CommittedEntries)
+	apply := n.applyEntry
+	if waiting != nil {
+		first := rd.CommittedEntries[0].GetIndex()
+		apply = func(tx *storage.Txn, e *pb.Entry) []byte {
+			res := n.applyEntry(tx, e)
+			if i := e.GetIndex() - first; waiting[i] != nil {
+				waiting[i].done <- result{data: res}
+				answered[i] = true
+			}
+			return res
+		}
+	}
 	u := &storage.Update{
 		Entries:   rd.Entries,
 		Committed: rd.CommittedEntries,
 		ConfState: cs,
-		Apply:     n.applyEntry,
+		Apply:     apply,
 		Sync:      rd.MustSync,
 	}
 	if rd.HardState != nil && !raft.IsEmptyHardState(rd.HardState) {
@@ -638,11 +657,29 @@ func (n *Node) handleReady(st *loopState) error {
 	if rd.Snapshot != nil && !raft.IsEmptySnap(rd.Snapshot) {
 		u.Snapshot = rd.Snapshot
 	}
+	// A leader may send before its own write is durable (Raft thesis
+	// §10.2.1): its appends then reach the followers while it syncs, so
+	// its fsync and theirs overlap instead of adding up. A leader counts
+	// its own entry toward a quorum only after Advance, so nothing commits
+	// on the strength of an entry it has not persisted. Everyone else
+	// must persist first: a follower's MsgAppResp or vote promises it.
+	sentEarly := st.isLeader && len(rd.Messages) > 0
+	if sentEarly {
+		n.cfg.Sender.Send(n.cfg.Shard, rd.Messages)
+	}
 	var results [][]byte
 	if len(u.Entries) > 0 || len(u.Committed) > 0 || u.HardState != nil || u.Snapshot != nil {
 		var err error
 		results, err = n.cfg.Storage.Save(u)
 		if err != nil {
+			// Proposals answered from inside the failed round stay
+			// answered (their entries are committed); forget them so the
+			// stop path does not answer them twice.
+			for i, p := range waiting {
+				if p != nil && answered[i] {
+					delete(st.proposals, p.id)
+				}
+			}
 			return fmt.Errorf("shard %d: save: %w", n.cfg.Shard, err)
 		}
 	}
@@ -652,30 +689,30 @@ func (n *Node) handleReady(st *loopState) error {
 
 	// Only now, with entries and hard state durable, may messages that
 	// depend on them leave.
-	if len(rd.Messages) > 0 {
+	if len(rd.Messages) > 0 && !sentEarly {
 		n.cfg.Sender.Send(n.cfg.Shard, rd.Messages)
 	}
 
 	if u.Snapshot != nil {
 		n.applied.Store(u.Snapshot.GetMetadata().GetIndex())
 	}
-	for i, e := range rd.CommittedEntries {
-		n.applied.Store(e.GetIndex())
-		var id uint64
-		switch e.GetType() {
-		case pb.EntryNormal:
-			id, _, _ = decodeEntry(e.GetData())
-		case pb.EntryConfChange, pb.EntryConfChangeV2:
-			id = confChangeID(e)
+	if len(rd.CommittedEntries) > 0 {
+		n.applied.Store(rd.CommittedEntries[len(rd.CommittedEntries)-1].GetIndex())
+	}
+	for i, p := range waiting {
+		if p == nil {
+			continue
 		}
-		if p, ok := st.proposals[id]; ok && id != 0 {
+		// Entries apply skipped (conf changes, empty entries) are
+		// answered here, after the commit.
+		if !answered[i] {
 			var data []byte
 			if i < len(results) {
 				data = results[i]
 			}
 			p.done <- result{data: data}
-			delete(st.proposals, id)
 		}
+		delete(st.proposals, p.id)
 	}
 	n.pending.Store(int64(len(st.proposals)))
 
@@ -698,6 +735,30 @@ func (n *Node) handleReady(st *loopState) error {
 
 	rn.Advance(rd)
 	return n.maybeCompact(st)
+}
+
+// waitingFor returns, aligned with ents, the proposals waiting for them
+// (nil when none is), and a slice to mark those answered. Called on the
+// run goroutine.
+func (n *Node) waitingFor(st *loopState, ents []*pb.Entry) (waiting []*proposal, answered []bool) {
+	for i, e := range ents {
+		var id uint64
+		switch e.GetType() {
+		case pb.EntryNormal:
+			id, _, _ = decodeEntry(e.GetData())
+		case pb.EntryConfChange, pb.EntryConfChangeV2:
+			id = confChangeID(e)
+		}
+		p, ok := st.proposals[id]
+		if !ok || id == 0 {
+			continue
+		}
+		if waiting == nil {
+			waiting, answered = make([]*proposal, len(ents)), make([]bool, len(ents))
+		}
+		waiting[i] = p
+	}
+	return waiting, answered
 }
 
 func confChangeID(e *pb.Entry) uint64 {

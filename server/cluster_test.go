@@ -24,12 +24,12 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // testCluster is n in-process kvd servers on loopback ports.
 type testCluster struct {
-	t       *testing.T
+	t       testing.TB
 	servers []*Server
 	cfgs    []Config
 }
 
-func listenLocal(t *testing.T) net.Listener {
+func listenLocal(t testing.TB) net.Listener {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -44,7 +44,7 @@ func testLogger() *slog.Logger {
 	return slog.New(slog.DiscardHandler)
 }
 
-func newTestCluster(t *testing.T, n, shards int, tweak func(*Config)) *testCluster {
+func newTestCluster(t testing.TB, n, shards int, tweak func(*Config)) *testCluster {
 	t.Helper()
 	c := &testCluster{t: t}
 	initial := map[uint64]string{}
@@ -157,7 +157,7 @@ func (c *testCluster) client() *client.Client {
 	return cl
 }
 
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
+func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !cond() {
@@ -306,4 +306,9 @@ func keysIn(s *Server, shard uint64, n int) [][]byte {
 		}
 	}
 	return keys
+}
+
+// newBenchCluster is a 3-node, 4-shard cluster with production timing.
+func newBenchCluster(b *testing.B) *testCluster {
+	return newTestCluster(b, 3, 4, func(cfg *Config) { cfg.TickInterval = 0 })
 }
