@@ -57,3 +57,7 @@ clean: ## remove build output
 .PHONY: cluster
 cluster: build ## run a 3-node cluster as local processes (Ctrl-C stops it)
 	./scripts/cluster.sh
+
+.PHONY: bench
+bench: build ## benchmark a local 3-node cluster with kvctl bench; writes docs/benchmarks.md
+	./scripts/bench.sh

@@ -555,6 +555,45 @@ func TestScanMergesShardsInOrder(t *testing.T) {
 	}
 }
 
+func TestCountSumsEveryShard(t *testing.T) {
+	f := newFake(t, 3, 8, 3)
+	c := newClient(t, f, Config{})
+	ctx := ctxT(t, 10*time.Second)
+	for i := range 120 {
+		if _, err := c.Put(ctx, []byte(fmt.Sprintf("c%03d", i)), []byte("v")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := c.Put(ctx, []byte("d"), []byte("outside")); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		start, end string
+		want       int64
+	}{
+		{"c", string(PrefixEnd([]byte("c"))), 120},
+		{"c010", "c020", 10},
+		{"", "", 121},
+		{"c050", "", 71},
+		{"z", "a", 0},
+	} {
+		for _, ser := range []bool{false, true} {
+			n, err := c.Count(ctx, []byte(tc.start), []byte(tc.end), ser)
+			if err != nil || n != tc.want {
+				t.Errorf("Count(%q, %q, serializable=%v) = %d, %v; want %d", tc.start, tc.end, ser, n, err, tc.want)
+			}
+		}
+	}
+	// One count-only Range per shard: no key crosses the wire.
+	ranges := 0
+	for _, n := range f.Nodes {
+		ranges += n.Calls("Range")
+	}
+	if want := 8 * 2 * 4; ranges != want { // 8 shards × 2 consistencies × 4 non-empty ranges
+		t.Errorf("%d Range calls, want %d", ranges, want)
+	}
+}
+
 func TestScanBadToken(t *testing.T) {
 	f := newFake(t, 1, 2, 1)
 	c := newClient(t, f, Config{})

@@ -16,6 +16,20 @@
 //	case errors.Is(err, client.ErrUnavailable): // no quorum, no leader, every node down: try later
 //	}
 //
+// Compare-and-swap is a Txn on one key: compare, then put on success and
+// read on failure to learn what the key holds instead.
+//
+//	resp, err := c.Txn(ctx, &kvpb.TxnRequest{
+//		Compare: []*kvpb.Compare{{Key: k, Target: kvpb.Compare_VALUE, Result: kvpb.Compare_EQUAL, Value: old}},
+//		Success: []*kvpb.RequestOp{{Op: &kvpb.RequestOp_Put{Put: &kvpb.PutRequest{Key: k, Value: next}}}},
+//		Failure: []*kvpb.RequestOp{{Op: &kvpb.RequestOp_Get{Get: &kvpb.GetRequest{Key: k}}}},
+//	})
+//	// err == nil && !resp.Succeeded: the compare failed;
+//	// resp.Responses[0].GetGet().GetKv() is the current key (nil: missing).
+//
+// On a missing key a VALUE compare is false; VERSION, MOD and CREATE
+// compare against 0; EXISTS compares existence.
+//
 // # How requests are routed
 //
 // New fetches the cluster map from the first endpoint that answers and then
@@ -53,5 +67,8 @@
 //     Serializable), but a page is not a snapshot across shards, and pages
 //     are read at different times. Continuation tokens are opaque and tied
 //     to this client's token format version.
+//   - Count, like Scan, asks every shard (one count-only Range each) and
+//     sums the answers: each shard's count is linearizable, the sum is not
+//     a snapshot across shards.
 //   - Serializable reads (WithSerializable) may return stale data.
 package client

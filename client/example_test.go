@@ -118,3 +118,28 @@ func ExampleClient_Txn() {
 	fmt.Println("succeeded:", resp.Succeeded)
 	// Output: succeeded: true
 }
+
+func ExampleClient_Count() {
+	cluster := startCluster()
+	defer cluster.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := client.New(ctx, client.Config{Endpoints: cluster.Endpoints()})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer c.Close()
+
+	for _, k := range []string{"user/ann", "user/bob", "user/eve", "group/x"} {
+		if _, err := c.Put(ctx, []byte(k), []byte("1")); err != nil {
+			log.Fatal(err)
+		}
+	}
+	prefix := []byte("user/")
+	n, err := c.Count(ctx, prefix, client.PrefixEnd(prefix), false)
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(n)
+	// Output: 3
+}

@@ -36,10 +36,12 @@ func (a *app) rootCmd() *cobra.Command {
 		Short: "kvctl talks to a kvd cluster",
 		Long: `kvctl reads and writes keys in a kvd cluster and shows its state.
 
-Exit codes: 0 success; 1 key not found; 2 bad usage or input;
-3 cluster unavailable (no quorum, timeout, no endpoint answers).`,
+Exit codes: 0 success; 1 key not found or compare failed; 2 bad usage or
+input; 3 cluster unavailable (no quorum, timeout, no endpoint answers).`,
 		Example: `  kvctl put greeting hello
   kvctl get greeting
+  kvctl cas greeting hello hi
+  kvctl bench put --clients 10
   kvctl --endpoints 10.0.0.1:2379,10.0.0.2:2379 -o json get greeting
   kvctl cluster status`,
 		SilenceUsage:  true,
@@ -85,7 +87,7 @@ Exit codes: 0 success; 1 key not found; 2 bad usage or input;
 	pf.DurationVar(&a.timeout, "timeout", 5*time.Second, "deadline of each request to the cluster (connecting, each read, write or scan page)")
 	pf.StringVarP(&a.output, "output", "o", "simple", "output format: simple, json or table")
 
-	root.AddCommand(a.putCmd(), a.getCmd(), a.delCmd(), a.clusterCmd(), a.memberCmd())
+	root.AddCommand(a.putCmd(), a.getCmd(), a.delCmd(), a.casCmd(), a.txnCmd(), a.benchCmd(), a.clusterCmd(), a.memberCmd())
 	return root
 }
 
@@ -125,11 +127,18 @@ func groupCmd(use, short, example string) *cobra.Command {
 }
 
 // connect creates a client bounded by --timeout.
-func (a *app) connect() (*client.Client, error) {
+func (a *app) connect() (*client.Client, error) { return a.connectWith(nil) }
+
+// connectWith is connect with a hook that adjusts the client's Config.
+func (a *app) connectWith(adjust func(*client.Config)) (*client.Client, error) {
 	a.ran = true
 	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
 	defer cancel()
-	c, err := client.New(ctx, client.Config{Endpoints: a.endpoints, DialTimeout: a.timeout})
+	cfg := client.Config{Endpoints: a.endpoints, DialTimeout: a.timeout}
+	if adjust != nil {
+		adjust(&cfg)
+	}
+	c, err := client.New(ctx, cfg)
 	if err != nil {
 		if errors.Is(err, client.ErrUnavailable) {
 			return nil, &exitError{code: exitUnavailable, msg: fmt.Sprintf(
@@ -185,31 +194,42 @@ Output: simple prints OK; json prints the shard and revision of the write.`,
 func (a *app) getCmd() *cobra.Command {
 	var (
 		prefix      bool
+		end         string
 		keysOnly    bool
+		countOnly   bool
 		limit       int
 		consistency string
 	)
 	cmd := &cobra.Command{
-		Use:   "get KEY | get --prefix PREFIX",
-		Short: "Read a key, or every key with a prefix",
-		Long: `Read KEY, or with --prefix every key that starts with PREFIX, in key order.
+		Use:   "get KEY [--end END] | get --prefix PREFIX",
+		Short: "Read a key, every key with a prefix, or a range of keys",
+		Long: `Read KEY; with --prefix every key that starts with PREFIX; with --end
+every key in [KEY, END) (END excluded, like etcdctl's range_end). Ranges
+come back in key order.
 
 Output of one key:
   simple  the value alone on one line
   json    {"key", "value", "create_revision", "mod_revision", "version"}
   table   a table with the same fields
-Output of --prefix:
+Output of --prefix or --end:
   simple  two lines per key, like etcdctl: the key, then the value
           (with --keys-only: one key per line)
   json    a JSON array of the objects above
   table   a table, one row per key
+Output of --count-only (with --prefix or --end): the number of keys;
+json prints {"count": N}. Counting asks each shard for a number, so no key
+or value is transferred, however large the range.
 
-A missing KEY exits 1; a prefix that matches nothing prints nothing and
-exits 0. Keys and values are printed as text; json uses "value_base64"
-instead of "value" for values that are not UTF-8.`,
+A missing KEY exits 1; a prefix or range that matches nothing prints
+nothing (count 0) and exits 0. Keys and values are printed as text; json
+uses "value_base64" instead of "value" for values that are not UTF-8.
+A range spans shards: each shard's part is linearizable (or serializable),
+but the whole is not one snapshot.`,
 		Example: `  kvctl get greeting
   kvctl get --prefix user/ --keys-only
   kvctl get --prefix user/ --limit 10 -o json
+  kvctl get --prefix user/ --count-only
+  kvctl get user/a --end user/m
   kvctl get --consistency serializable greeting`,
 		Args: exactArgs(1, "KEY (or PREFIX with --prefix)"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -224,16 +244,36 @@ instead of "value" for values that are not UTF-8.`,
 			if limit < 0 {
 				return usageErrorf("--limit must be ≥ 0, got %d", limit)
 			}
-			if !prefix && (keysOnly || limit != 0) {
-				return usageErrorf("--keys-only and --limit need --prefix")
+			hasEnd := cmd.Flags().Changed("end")
+			isRange := prefix || hasEnd
+			switch {
+			case prefix && hasEnd:
+				return usageErrorf("--prefix and --end cannot be combined; give a prefix or a range [KEY, END)")
+			case !isRange && (keysOnly || limit != 0 || countOnly):
+				return usageErrorf("--keys-only, --limit and --count-only need --prefix or --end")
+			case countOnly && (keysOnly || limit != 0):
+				return usageErrorf("--count-only cannot be combined with --keys-only or --limit")
+			}
+			start, stop := []byte(args[0]), []byte(end)
+			if prefix {
+				stop = client.PrefixEnd(start)
 			}
 			c, err := a.connect()
 			if err != nil {
 				return err
 			}
 			defer c.Close()
-			if prefix {
-				return a.scanPrefix(c, []byte(args[0]), limit, keysOnly, serializable)
+			if countOnly {
+				ctx, cancel := a.ctx()
+				defer cancel()
+				n, err := c.Count(ctx, start, stop, serializable)
+				if err != nil {
+					return err
+				}
+				return a.printCount(n)
+			}
+			if isRange {
+				return a.scanRange(c, start, stop, limit, keysOnly, serializable)
 			}
 			ctx, cancel := a.ctx()
 			defer cancel()
@@ -257,15 +297,17 @@ instead of "value" for values that are not UTF-8.`,
 	}
 	f := cmd.Flags()
 	f.BoolVar(&prefix, "prefix", false, "read every key that starts with the argument, in key order")
-	f.BoolVar(&keysOnly, "keys-only", false, "with --prefix: print keys, not values")
-	f.IntVar(&limit, "limit", 0, "with --prefix: print at most N keys in total (0: all)")
+	f.StringVar(&end, "end", "", "read the range [KEY, END) in key order (END excluded; \"\" reads to the end of the key space)")
+	f.BoolVar(&keysOnly, "keys-only", false, "with --prefix or --end: print keys, not values")
+	f.BoolVar(&countOnly, "count-only", false, "with --prefix or --end: print the number of keys only")
+	f.IntVar(&limit, "limit", 0, "with --prefix or --end: print at most N keys in total (0: all)")
 	f.StringVar(&consistency, "consistency", "linearizable", "linearizable (up to date, via the leader) or serializable (any replica, may be stale)")
 	return cmd
 }
 
-// scanPrefix prints every key with prefix, page by page, so memory stays
-// bounded by one page whatever the prefix holds.
-func (a *app) scanPrefix(c *client.Client, prefix []byte, limit int, keysOnly, serializable bool) error {
+// scanRange prints every key in [start, end), page by page, so memory
+// stays bounded by one page whatever the range holds.
+func (a *app) scanRange(c *client.Client, start, end []byte, limit int, keysOnly, serializable bool) error {
 	const page = 1000
 	p := a.newKVPrinter(keysOnly)
 	opts := client.ScanOptions{KeysOnly: keysOnly, Serializable: serializable}
@@ -276,7 +318,7 @@ func (a *app) scanPrefix(c *client.Client, prefix []byte, limit int, keysOnly, s
 			opts.Limit = min(page, limit-printed)
 		}
 		ctx, cancel := a.ctx()
-		pg, err := c.Scan(ctx, prefix, client.PrefixEnd(prefix), opts)
+		pg, err := c.Scan(ctx, start, end, opts)
 		cancel()
 		if err != nil {
 			return err

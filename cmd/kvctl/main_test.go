@@ -256,13 +256,22 @@ func TestEndpointsFromEnv(t *testing.T) {
 // this table says it has, and shows an example.
 func TestHelpDocumentsFlags(t *testing.T) {
 	global := []string{"--endpoints", "--timeout", "-o, --output", "KVCTL_ENDPOINTS"}
+	benchFlags := []string{"--clients", "--conns", "--total", "--duration", "--key-size", "--val-size",
+		"--key-space", "--consistency", "--rate", "--seed", "--progress", "coordinated omission"}
 	for _, tc := range []struct {
 		cmd   []string
 		flags []string
 	}{
 		{nil, nil},
 		{[]string{"put"}, nil},
-		{[]string{"get"}, []string{"--prefix", "--keys-only", "--limit", "--consistency"}},
+		{[]string{"get"}, []string{"--prefix", "--end", "--keys-only", "--count-only", "--limit", "--consistency"}},
+		{[]string{"cas"}, []string{"--create"}},
+		{[]string{"txn"}, []string{"-f, --file"}},
+		{[]string{"bench"}, nil},
+		{[]string{"bench", "put"}, benchFlags},
+		{[]string{"bench", "get"}, benchFlags},
+		{[]string{"bench", "mixed"}, append([]string{"--read-ratio"}, benchFlags...)},
+		{[]string{"bench", "txn"}, benchFlags},
 		{[]string{"del"}, nil},
 		{[]string{"cluster"}, nil},
 		{[]string{"cluster", "status"}, nil},

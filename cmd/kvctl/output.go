@@ -296,3 +296,11 @@ func (a *app) printMembers(ml *kvpb.MemberListResponse) error {
 	}
 	return nil
 }
+
+func (a *app) printCount(n int64) error {
+	if a.output == "json" {
+		return writeJSON(a.stdout, map[string]any{"count": n})
+	}
+	_, err := fmt.Fprintln(a.stdout, n)
+	return err
+}
