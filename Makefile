@@ -61,3 +61,30 @@ cluster: build ## run a 3-node cluster as local processes (Ctrl-C stops it)
 .PHONY: bench
 bench: build ## benchmark a local 3-node cluster with kvctl bench; writes docs/benchmarks.md
 	./scripts/bench.sh
+
+# --- jepsen-lite (test/jepsen-lite/README.md) ------------------------------
+# `make test` already runs the short run (TestJepsenShort, about a minute)
+# with the other process tests. `make jepsen` runs the long one:
+# JEPSEN_DURATION of workload split across JEPSEN_SEEDS seeds; replay one
+# with JEPSEN_SEED=N. Histories go to JEPSEN_OUT. The last line printed is
+# the summary: jepsen-lite: histories=H ops=N faults=F indeterminate=I anomalies=A lost=L
+JEPSEN_DURATION ?= 10m
+JEPSEN_SEEDS    ?= 3
+JEPSEN_SEED     ?= 0
+JEPSEN_FAULTS   ?= kill,kill-leader,kill-all,pause,partition-leader,split,bridge,slow
+JEPSEN_OUT      ?= $(or $(TMPDIR),/tmp)/kvd-jepsen
+
+.PHONY: jepsen jepsen-short
+
+jepsen: ## long jepsen-lite run: faults, linearizability, durability, exactly-once
+	@mkdir -p $(JEPSEN_OUT)
+	@set -o pipefail; $(GO) test -count=1 -v -timeout 90m -run 'TestJepsen$$' ./test/jepsen-lite \
+	  -jepsen.duration=$(JEPSEN_DURATION) -jepsen.seeds=$(JEPSEN_SEEDS) -jepsen.seed=$(JEPSEN_SEED) \
+	  -jepsen.faults=$(JEPSEN_FAULTS) -jepsen.out=$(JEPSEN_OUT) 2>&1 | tee $(JEPSEN_OUT)/jepsen.log; \
+	  rc=$$?; grep '^jepsen-lite: histories=' $(JEPSEN_OUT)/jepsen.log | tail -n1; exit $$rc
+
+jepsen-short: ## the short jepsen-lite run of `make test` alone, verbose (about a minute)
+	@mkdir -p $(JEPSEN_OUT)
+	@set -o pipefail; $(GO) test -count=1 -v -timeout 10m -run 'TestCheckerDetectsStaleReads|TestJepsenShort' ./test/jepsen-lite \
+	  -jepsen.seed=$(JEPSEN_SEED) -jepsen.faults=$(JEPSEN_FAULTS) 2>&1 | tee $(JEPSEN_OUT)/jepsen-short.log; \
+	  rc=$$?; grep '^jepsen-lite: histories=' $(JEPSEN_OUT)/jepsen-short.log | tail -n1; exit $$rc

@@ -67,6 +67,10 @@ type Node struct {
 	ClientAddr, PeerAddr, MetricsAddr string
 	DataDir                           string
 	LogPath                           string
+	// AdvertiseClient and AdvertisePeer, when set (by Options.Advertise),
+	// are the addresses clients and other nodes are told to dial instead
+	// of ClientAddr and PeerAddr: a proxy in front of the node, say.
+	AdvertiseClient, AdvertisePeer string
 
 	mu  sync.Mutex
 	cmd *exec.Cmd
@@ -89,6 +93,12 @@ type Cluster struct {
 type Options struct {
 	Shards int      // default 8
 	Args   []string // extra kvd flags for every node
+	// Advertise, when set, is called for every node once its listen
+	// addresses are chosen and before any node starts. It returns the
+	// client and peer addresses the node advertises (--advertise-client,
+	// --advertise-peer) and that --initial-cluster lists; "" keeps the
+	// listen address. Tests put fault-injecting proxies there.
+	Advertise func(nd *Node) (client, peer string)
 }
 
 // Start builds the binaries and starts an n-node cluster; it waits until
@@ -110,8 +120,15 @@ func Start(t testing.TB, n int, opts Options) *Cluster {
 			DataDir:     filepath.Join(c.Dir, fmt.Sprintf("node%d", i)),
 			LogPath:     filepath.Join(c.Dir, fmt.Sprintf("node%d.log", i)),
 		}
+		peer := nd.PeerAddr
+		if opts.Advertise != nil {
+			nd.AdvertiseClient, nd.AdvertisePeer = opts.Advertise(nd)
+			if nd.AdvertisePeer != "" {
+				peer = nd.AdvertisePeer
+			}
+		}
 		c.Nodes = append(c.Nodes, nd)
-		parts = append(parts, fmt.Sprintf("%d=%s", i, nd.PeerAddr))
+		parts = append(parts, fmt.Sprintf("%d=%s", i, peer))
 	}
 	c.initial = strings.Join(parts, ",")
 	c.extra = append([]string{fmt.Sprintf("--shards=%d", opts.Shards)}, opts.Args...)
@@ -165,6 +182,12 @@ func (c *Cluster) StartNode(nd *Node) {
 		"--listen-metrics", nd.MetricsAddr,
 		"--initial-cluster", c.initial,
 	}, c.extra...)
+	if nd.AdvertiseClient != "" {
+		args = append(args, "--advertise-client", nd.AdvertiseClient)
+	}
+	if nd.AdvertisePeer != "" {
+		args = append(args, "--advertise-peer", nd.AdvertisePeer)
+	}
 	cmd := exec.Command(c.KVD, args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Own process group: a pause or kill reaches kvd alone, and nothing

@@ -1,0 +1,186 @@
+package jepsenlite
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"runtime"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/kvd/kvd/internal/proccluster"
+	"github.com/kvd/kvd/proto/kvpb"
+)
+
+var (
+	flagDuration  = flag.Duration("jepsen.duration", 0, "TestJepsen: total workload time, split across the seeds (0 skips TestJepsen unless -jepsen.seed is set)")
+	flagSeeds     = flag.Int("jepsen.seeds", 3, "TestJepsen: number of seeds (runs) when -jepsen.seed is not set")
+	flagSeed      = flag.Uint64("jepsen.seed", 0, "replay this seed (TestJepsenShort and TestJepsen)")
+	flagFaults    = flag.String("jepsen.faults", strings.Join(AllFaults, ","), "faults the nemesis combines")
+	flagOpTimeout = flag.Duration("jepsen.op-timeout", 0, "deadline of one client operation, retries included (default 1.5s)")
+	flagOut       = flag.String("jepsen.out", "", "directory for histories (default: a temporary directory kept only on failure)")
+)
+
+func skipUnlessLinux(t *testing.T) {
+	if runtime.GOOS != "linux" {
+		t.Skip("jepsen-lite's proxies identify peers through /proc (Linux only)")
+	}
+}
+
+func newSeed() uint64 {
+	if *flagSeed != 0 {
+		return *flagSeed
+	}
+	return uint64(time.Now().UnixNano()) & (1<<53 - 1)
+}
+
+func faults() []string {
+	var out []string
+	for _, f := range strings.Split(*flagFaults, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// TestCheckerDetectsStaleReads shows the harness can fail: with the
+// deliberately unsafe mode (serializable reads presented as linearizable),
+// a read from a node cut off from the majority returns the value it had
+// before the majority moved on, and the checker must flag the history. It
+// also shows the safe mode does not: a linearizable read through the same
+// cut fails instead of answering.
+func TestCheckerDetectsStaleReads(t *testing.T) {
+	skipUnlessLinux(t)
+	e := startEnv(t, 3, 2)
+	dir := outDir(t, *flagOut)
+	h := newHistory()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var procs atomic.Int64
+	cl, err := e.newClient(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := newRecorder(h, cl, 10*time.Second, &procs)
+	const key = "jl/stale"
+
+	mustPut := func(v string) {
+		t.Helper()
+		proccluster.WaitFor(t, 30*time.Second, "put "+v, func() bool { return r.put(key, v).Status == statusOK })
+	}
+	mustPut("v1")
+	// Every replica has applied v1 before the cut.
+	for _, nd := range e.c.Nodes {
+		proccluster.WaitFor(t, 10*time.Second, fmt.Sprintf("node %d applies v1", nd.ID), func() bool {
+			return localRead(ctx, nd.ClientAddr, key) == "v1"
+		})
+	}
+
+	isolated := e.c.Nodes[2]
+	majority := []uint64{e.c.Nodes[0].ID, e.c.Nodes[1].ID}
+	e.net.Cut([]uint64{isolated.ID}, majority)
+	h.event("isolate node %d from peers", isolated.ID)
+	mustPut("v2") // through the majority, electing a new leader if need be
+	// Now the clients reach only the isolated node.
+	e.net.Cut([]uint64{clientID}, majority)
+	h.event("cut clients from nodes %v", majority)
+
+	r.unsafeSerializable = true
+	var stale Op
+	proccluster.WaitFor(t, 30*time.Second, "unsafe read", func() bool {
+		stale = r.get(key, false)
+		return stale.Status == statusOK
+	})
+	if stale.Read != "v1" {
+		t.Fatalf("serializable read from the isolated node returned %q, want the stale v1", stale.Read)
+	}
+	r.unsafeSerializable = false
+	r.timeout = 3 * time.Second
+	if safe := r.get(key, false); safe.Status == statusOK && safe.Read != "v2" {
+		t.Errorf("linearizable read through the cut returned %q: a stale linearizable answer", safe.Read)
+	} else {
+		t.Logf("linearizable read through the cut: %s %q %s", safe.Status, safe.Read, safe.Err)
+	}
+	e.net.Heal()
+
+	ops, events := h.snapshot()
+	hist := dir + "/history-stale-reads.jsonl"
+	if err := writeHistory(hist, ops, events); err != nil {
+		t.Fatal(err)
+	}
+	lin := checkLinearizable(ops, events, 10*time.Second, 30*time.Second, dir+"/history-stale-reads.html")
+	t.Logf("unsafe mode: %d ops, %d keys, %d NOT linearizable; visualization %s", len(ops), lin.keys, lin.illegal, lin.vizPath)
+	if lin.illegal != 1 || lin.vizPath == "" {
+		t.Fatalf("the checker missed the stale read (illegal=%d, visualization %q):\n%s", lin.illegal, lin.vizPath, excerpt(ops, key, 20))
+	}
+	if _, err := os.Stat(lin.vizPath); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// localRead asks one node directly (not through a proxy) for its local,
+// serializable value of key.
+func localRead(ctx context.Context, addr, key string) string {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return ""
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	resp, err := kvpb.NewKVClient(conn).Get(ctx, &kvpb.GetRequest{Key: []byte(key), Consistency: kvpb.Consistency_SERIALIZABLE})
+	if err != nil {
+		return ""
+	}
+	return string(resp.GetKv().GetValue())
+}
+
+// TestJepsenShort is the run `make test` includes: about a minute.
+func TestJepsenShort(t *testing.T) {
+	skipUnlessLinux(t)
+	if testing.Short() {
+		t.Skip("-short")
+	}
+	res := Run(t, Config{Seed: newSeed(), Duration: 40 * time.Second, Faults: faults(), OutDir: *flagOut, OpTimeout: *flagOpTimeout})
+	fmt.Println(summary([]Result{res}))
+}
+
+// TestJepsen is the long run of `make jepsen`: -jepsen.duration split
+// across -jepsen.seeds seeds, or one -jepsen.seed replayed.
+func TestJepsen(t *testing.T) {
+	skipUnlessLinux(t)
+	if *flagDuration == 0 && *flagSeed == 0 {
+		t.Skip("set -jepsen.duration (and -jepsen.seeds) or -jepsen.seed; `make jepsen` does")
+	}
+	seeds := *flagSeeds
+	if *flagSeed != 0 || seeds < 1 {
+		seeds = 1
+	}
+	total := *flagDuration
+	if total == 0 {
+		total = 60 * time.Second
+	}
+	per := total / time.Duration(seeds)
+	var results []Result
+	base := newSeed()
+	for i := range seeds {
+		seed := base + uint64(i)
+		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
+			results = append(results, Run(t, Config{
+				Seed: seed, Duration: per, Faults: faults(), OutDir: *flagOut, OpTimeout: *flagOpTimeout,
+				CheckBudget: 5 * time.Minute, CheckPerKey: time.Minute,
+				// Longer faults than the short run: partitions that
+				// outlast kvd's 4 s dead-stream detection.
+				HoldMax: 10 * time.Second, QuietMax: 4 * time.Second,
+			}))
+		})
+	}
+	fmt.Println(summary(results))
+}
