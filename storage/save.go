@@ -195,6 +195,10 @@ func (rs *round) save(s *Shard, u *Update) (response, error) {
 // st.last+1, above the snapshot index) and truncates the old suffix.
 func (rs *round) appendLog(s *Shard, st *shardState, logb *bolt.Bucket, ents []*pb.Entry) error {
 	first, newLast := ents[0].GetIndex(), ents[len(ents)-1].GetIndex()
+	// Log keys only grow: split full leaves, not half-full ones (bbolt's
+	// default suits random inserts and would leave every log page half
+	// empty, doubling the pages each commit writes).
+	logb.FillPercent = 0.95
 	for _, e := range ents {
 		v, err := proto.Marshal(e)
 		if err != nil {
