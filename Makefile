@@ -28,9 +28,10 @@ build: ## build kvd and kvctl into ./bin
 	@mkdir -p $(BIN)
 	@for c in kvd kvctl; do [ -d cmd/$$c ] && CGO_ENABLED=0 $(GO) build -o $(BIN)/$$c ./cmd/$$c || true; done
 
-test: lint ## everything CI runs: lint, unit, race, cluster tests
+test: lint ## everything CI runs: lint, unit, race, cluster tests, compose test (when Docker answers)
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) -race $(RACE_PKGS)
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(PROC_PKGS)
+	./scripts/compose-test.sh
 
 lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); \
@@ -58,9 +59,38 @@ clean: ## remove build output
 cluster: build ## run a 3-node cluster as local processes (Ctrl-C stops it)
 	./scripts/cluster.sh
 
-.PHONY: bench
-bench: build ## benchmark a local 3-node cluster with kvctl bench; writes docs/benchmarks.md
-	./scripts/bench.sh
+# --- docker compose deployment (deploy/) ---------------------------------
+# The image is FROM scratch with the static binaries copied in: building it
+# pulls nothing and needs no network. `docker compose` (v2 plugin) is used
+# when present, else the v1 `docker-compose` binary.
+IMAGE        ?= kvd:dev
+DEPLOY_BUILD := deploy/.build
+COMPOSE_FILE_KVD := deploy/docker-compose.yml
+COMPOSE_PROJECT  ?= kvd
+COMPOSE_CMD = $$(if docker compose version >/dev/null 2>&1; then echo "docker compose"; \
+	elif command -v docker-compose >/dev/null 2>&1; then echo docker-compose; \
+	else echo "echo no docker compose (v2 plugin) or docker-compose (v1) found; exit 1;" >&2; echo false; fi)
+
+.PHONY: image compose-up compose-down compose-logs compose-test
+
+image: ## build static kvd and kvctl and the image kvd:dev (FROM scratch, no network)
+	@mkdir -p $(DEPLOY_BUILD)/data
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(DEPLOY_BUILD)/kvd ./cmd/kvd
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(DEPLOY_BUILD)/kvctl ./cmd/kvctl
+	docker build --network=none -t $(IMAGE) -f deploy/Dockerfile deploy
+
+compose-up: image ## start the 3-node cluster in containers (client ports 2379, 22379, 32379 on 127.0.0.1)
+	$(COMPOSE_CMD) -p $(COMPOSE_PROJECT) -f $(COMPOSE_FILE_KVD) up -d
+	@echo "kvd: cluster starting; try: ./bin/kvctl --endpoints 127.0.0.1:2379,127.0.0.1:22379,127.0.0.1:32379 cluster status"
+
+compose-down: ## stop and remove the containers (keeps the data volumes)
+	$(COMPOSE_CMD) -p $(COMPOSE_PROJECT) -f $(COMPOSE_FILE_KVD) down
+
+compose-logs: ## follow the logs of the compose cluster
+	$(COMPOSE_CMD) -p $(COMPOSE_PROJECT) -f $(COMPOSE_FILE_KVD) logs -f --tail=100
+
+compose-test: ## end-to-end test of the compose deployment (needs a Docker engine; cleans up after itself)
+	./scripts/compose-test.sh
 
 # --- jepsen-lite (test/jepsen-lite/README.md) ------------------------------
 # `make test` already runs the short run (TestJepsenShort, about a minute)
@@ -88,3 +118,7 @@ jepsen-short: ## the short jepsen-lite run of `make test` alone, verbose (about 
 	@set -o pipefail; $(GO) test -count=1 -v -timeout 10m -run 'TestCheckerDetectsStaleReads|TestJepsenShort' ./test/jepsen-lite \
 	  -jepsen.seed=$(JEPSEN_SEED) -jepsen.faults=$(JEPSEN_FAULTS) 2>&1 | tee $(JEPSEN_OUT)/jepsen-short.log; \
 	  rc=$$?; grep '^jepsen-lite: histories=' $(JEPSEN_OUT)/jepsen-short.log | tail -n1; exit $$rc
+
+.PHONY: bench
+bench: build ## benchmark a local 3-node cluster with kvctl bench; writes docs/benchmarks.md
+	./scripts/bench.sh
