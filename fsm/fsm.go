@@ -25,6 +25,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 
 	"google.golang.org/protobuf/proto"
 
@@ -132,7 +133,7 @@ func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
 		expireSessions(tx, op.ExpireSessions)
 		return &peerpb.Result{}
 	case *peerpb.Command_UpdateMember:
-		if err := updateMember(tx, op.UpdateMember.GetMember()); err != nil {
+		if err := updateMember(tx, op.UpdateMember.GetMember(), op.UpdateMember.GetAdd()); err != nil {
 			return &peerpb.Result{Error: err.Error()}
 		}
 		return &peerpb.Result{}
@@ -317,7 +318,10 @@ func setClusterMap(tx *storage.Txn, m *kvpb.ClusterMap) error {
 	return tx.PutMeta(metaClusterMap, encode(m))
 }
 
-func updateMember(tx *storage.Txn, m *kvpb.Member) error {
+// updateMember sets a member's addresses, or with add, adds a new member.
+// Adding is idempotent (a joining node may retry) but never takes over an
+// id or a peer address another node has.
+func updateMember(tx *storage.Txn, m *kvpb.Member, add bool) error {
 	cur, err := ClusterMapFrom(tx.GetMeta(metaClusterMap))
 	if err != nil {
 		return err
@@ -325,9 +329,18 @@ func updateMember(tx *storage.Txn, m *kvpb.Member) error {
 	if cur == nil || m == nil {
 		return fmt.Errorf("%w: no cluster map to update", ErrNotMeta)
 	}
+	if m.GetId() == 0 || m.GetPeerAddr() == "" {
+		return fmt.Errorf("%w: a member needs an id and a peer address", ErrMalformed)
+	}
 	for _, have := range cur.GetMembers() {
 		if have.GetId() != m.GetId() {
+			if add && have.GetPeerAddr() == m.GetPeerAddr() {
+				return fmt.Errorf("fsm: peer address %s belongs to member %d", m.GetPeerAddr(), have.GetId())
+			}
 			continue
+		}
+		if add && have.GetPeerAddr() != m.GetPeerAddr() {
+			return fmt.Errorf("fsm: member %d already exists with peer address %s", m.GetId(), have.GetPeerAddr())
 		}
 		if have.GetClientAddr() == m.GetClientAddr() && have.GetPeerAddr() == m.GetPeerAddr() {
 			return nil
@@ -336,7 +349,13 @@ func updateMember(tx *storage.Txn, m *kvpb.Member) error {
 		cur.Epoch++
 		return tx.PutMeta(metaClusterMap, encode(cur))
 	}
-	return fmt.Errorf("fsm: member %d is not in the cluster map", m.GetId())
+	if !add {
+		return fmt.Errorf("fsm: member %d is not in the cluster map", m.GetId())
+	}
+	cur.Members = append(cur.Members, proto.CloneOf(m))
+	slices.SortFunc(cur.Members, func(a, b *kvpb.Member) int { return cmp.Compare(a.GetId(), b.GetId()) })
+	cur.Epoch++
+	return tx.PutMeta(metaClusterMap, encode(cur))
 }
 
 // ClusterMapFrom decodes a stored cluster map; nil input gives nil.

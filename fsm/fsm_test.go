@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	pb "go.etcd.io/raft/v3/raftpb"
@@ -296,6 +297,52 @@ func TestClusterMapEpochs(t *testing.T) {
 	}
 	if _, err := sh.apply(&peerpb.Command{Op: &peerpb.Command_UpdateMember{UpdateMember: &peerpb.UpdateMember{Member: &kvpb.Member{Id: 9}}}}); err == nil {
 		t.Fatal("updating an unknown member succeeded")
+	}
+}
+
+func TestAddMember(t *testing.T) {
+	sh := newShard(t)
+	if _, err := sh.apply(&peerpb.Command{Op: &peerpb.Command_SetClusterMap{SetClusterMap: &peerpb.SetClusterMap{Map: &kvpb.ClusterMap{
+		Epoch: 1, Members: []*kvpb.Member{{Id: 1, PeerAddr: "p1"}, {Id: 3, PeerAddr: "p3"}},
+	}}}}); err != nil {
+		t.Fatal(err)
+	}
+	add := func(id uint64, peer string) error {
+		_, err := sh.apply(&peerpb.Command{Op: &peerpb.Command_UpdateMember{UpdateMember: &peerpb.UpdateMember{
+			Member: &kvpb.Member{Id: id, PeerAddr: peer, ClientAddr: "c" + peer}, Add: true}}})
+		return err
+	}
+	cmap := func() *kvpb.ClusterMap {
+		var m *kvpb.ClusterMap
+		_ = sh.s.View(func(r *storage.Reader) error { m, _ = ClusterMap(r); return nil })
+		return m
+	}
+	if err := add(2, "p2"); err != nil {
+		t.Fatal(err)
+	}
+	m := cmap()
+	if m.GetEpoch() != 2 || len(m.GetMembers()) != 3 || m.GetMembers()[1].GetId() != 2 || m.GetMembers()[1].GetClientAddr() != "cp2" {
+		t.Fatalf("after adding member 2: %v", m)
+	}
+	if err := add(2, "p2"); err != nil || cmap().GetEpoch() != 2 {
+		t.Fatalf("repeating the add: %v, epoch %d (want no error, epoch 2)", err, cmap().GetEpoch())
+	}
+	for _, tc := range []struct {
+		id   uint64
+		peer string
+		want string
+	}{
+		{2, "other", "already exists"},
+		{4, "p1", "belongs to member 1"},
+		{0, "p9", "needs an id"},
+		{5, "", "needs an id"},
+	} {
+		if err := add(tc.id, tc.peer); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("add(%d, %q) = %v, want an error containing %q", tc.id, tc.peer, err, tc.want)
+		}
+	}
+	if cmap().GetEpoch() != 2 {
+		t.Fatalf("a refused add moved the epoch to %d", cmap().GetEpoch())
 	}
 }
 

@@ -313,6 +313,38 @@ func (n *Node) Status(ctx context.Context) (raft.Status, error) {
 	}
 }
 
+// Compact snapshots the shard at its applied index and drops the log
+// before it, now rather than when SnapshotEntries is reached. A leader does
+// this before adding a replica: a new replica starts with no configuration,
+// so it must catch up from a snapshot, which carries the voters, and never
+// by replaying the log from index 1, which would leave the voters it was
+// bootstrapped with out of its configuration.
+func (n *Node) Compact(ctx context.Context) error {
+	errc := make(chan error, 1)
+	if err := n.send(ctx, n.funcc, func(*raft.RawNode) {
+		applied, _ := n.cfg.Storage.Applied()
+		err := n.cfg.Storage.Compact(applied)
+		if errors.Is(err, raft.ErrCompacted) {
+			err = nil // already compacted at this index
+		}
+		errc <- err
+	}); err != nil {
+		return err
+	}
+	select {
+	case err := <-errc:
+		if err != nil {
+			return fmt.Errorf("raftnode: compact shard %d: %w", n.cfg.Shard, err)
+		}
+		n.stats.Compactions.Add(1)
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-n.donec:
+		return ErrStopped
+	}
+}
+
 // Campaign makes this replica start an election (tests and leadership
 // balancing).
 func (n *Node) Campaign(ctx context.Context) error {

@@ -24,7 +24,7 @@ func InitialMap(initial map[uint64]string, shards, replicas int) *kvpb.ClusterMa
 	}
 	slices.Sort(ids)
 	r := min(replicas, len(ids))
-	m := &kvpb.ClusterMap{Epoch: 1, Vnodes: hashring.DefaultVnodes}
+	m := &kvpb.ClusterMap{Epoch: 1, Vnodes: hashring.DefaultVnodes, Replicas: uint32(replicas)}
 	for _, id := range ids {
 		m.Members = append(m.Members, &kvpb.Member{Id: id, PeerAddr: initial[id]})
 	}

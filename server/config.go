@@ -37,6 +37,13 @@ type Config struct {
 	// cluster already in the data dir.
 	BootstrapExplicit bool
 
+	// Join lists client addresses (comma-separated) of running members. A
+	// node on a fresh data dir then joins their cluster as a new member
+	// instead of bootstrapping one; the meta shard's leader gives it
+	// replicas of the shards that have fewer than the cluster's replica
+	// count. Ignored when the data dir already holds a node.
+	Join string
+
 	Limits Limits
 
 	// Raft timing: one tick every TickInterval; a follower that hears

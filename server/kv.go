@@ -204,6 +204,11 @@ func (s *Server) read(ctx context.Context, shard uint64, c kvpb.Consistency, fn 
 		if err := n.ReadIndex(ctx); err != nil {
 			return err
 		}
+	} else if n.Applied() == 0 {
+		// A replica just added to a running shard holds nothing until the
+		// leader's snapshot arrives: send the reader to the leader rather
+		// than answer "not found" for every key.
+		return &raftnode.NotLeaderError{Shard: shard, Leader: n.Leader()}
 	}
 	sh, err := s.engine.OpenShard(shard)
 	if err != nil {

@@ -105,7 +105,7 @@ func New(cfg Config) (_ *Server, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("open data dir %s: %w", cfg.DataDir, err)
 	}
-	cmap, err := s.loadOrBootstrap()
+	cmap, fresh, err := s.loadOrBootstrap()
 	if err != nil {
 		return nil, err
 	}
@@ -145,11 +145,27 @@ func New(cfg Config) (_ *Server, err error) {
 	s.peerSrv = grpc.NewServer(transport.ServerOptions()...)
 	s.tr.Register(s.peerSrv)
 	peerpb.RegisterInternalServer(s.peerSrv, s)
+	// Nodes without a replica of the meta shard read the map from a peer.
+	kvpb.RegisterClusterServer(s.peerSrv, s)
 	s.updatePeers(cmap)
 	s.host.Start(s.tr)
 	for shard, voters := range localShards(cmap, cfg.NodeID) {
+		// Only a bootstrapping node creates replicas with their voters;
+		// any other replica starts empty and waits for the leader's
+		// snapshot (see startNewReplicas).
+		if !fresh || cfg.Join != "" {
+			voters = nil
+		}
 		if _, err := s.host.AddShard(shard, voters); err != nil {
 			return nil, fmt.Errorf("start shard %d: %w", shard, err)
+		}
+	}
+	if fresh {
+		// The node id goes last: its presence means bootstrap (or the
+		// join) completed, replicas included. A crash before it makes the
+		// next start bootstrap again, which reopens what exists.
+		if err := s.engine.PutMeta(metaNodeID, u64(cfg.NodeID)); err != nil {
+			return nil, err
 		}
 	}
 
@@ -173,9 +189,10 @@ func New(cfg Config) (_ *Server, err error) {
 		s.httpSrv = &http.Server{Handler: s.httpHandler(), ReadHeaderTimeout: 5 * time.Second}
 		s.goServe("metrics", func() error { return s.httpSrv.Serve(s.metricsLis) })
 	}
-	s.wg.Add(2)
+	s.wg.Add(3)
 	go s.maintainMap()
 	go s.expireSessions()
+	go s.placeReplicas()
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.log.Info("kvd node started", "client", s.ClientAddr(), "peer", s.PeerAddr(),
 		"shards", len(localShards(cmap, cfg.NodeID)), "data_dir", cfg.DataDir)
@@ -204,58 +221,71 @@ func (s *Server) goServe(name string, serve func() error) {
 }
 
 // loadOrBootstrap returns the cluster map to start with: the stored one on
-// a restart (bootstrap flags are ignored), or the initial map from the
-// flags on a fresh data dir.
-func (s *Server) loadOrBootstrap() (*kvpb.ClusterMap, error) {
+// a restart (bootstrap and join flags are ignored), or on a fresh data dir
+// (fresh is then true) the initial map from the flags, or the map of the
+// cluster joined with --join.
+func (s *Server) loadOrBootstrap() (_ *kvpb.ClusterMap, fresh bool, _ error) {
 	cfg := &s.cfg
 	storedID, err := s.engine.GetMeta(metaNodeID)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	initial := InitialMap(cfg.InitialCluster, cfg.Shards, cfg.Replicas)
 	if storedID != nil {
 		id := fromU64(storedID)
 		if id != cfg.NodeID {
-			return nil, fmt.Errorf("%w: data dir %s belongs to node %d, not %d; use --id %d or another --data-dir",
+			return nil, false, fmt.Errorf("%w: data dir %s belongs to node %d, not %d; use --id %d or another --data-dir",
 				ErrConfig, cfg.DataDir, id, cfg.NodeID, id)
 		}
 		b, err := s.engine.GetMeta(metaClusterMap)
 		if err != nil {
-			return nil, err
+			return nil, false, err
 		}
 		cmap, err := fsm.ClusterMapFrom(b)
 		if err != nil || cmap == nil {
-			return nil, fmt.Errorf("data dir %s: no readable cluster map (%v); the data dir is damaged", cfg.DataDir, err)
+			return nil, false, fmt.Errorf("data dir %s: no readable cluster map (%v); the data dir is damaged", cfg.DataDir, err)
 		}
-		if cfg.BootstrapExplicit && cmap.GetClusterId() != initial.GetClusterId() {
-			return nil, fmt.Errorf("%w: data dir %s holds another cluster (id %x) than --initial-cluster/--shards/--replicas describe (id %x); use another --data-dir or start without bootstrap flags",
+		if cfg.BootstrapExplicit && cfg.Join == "" && cmap.GetClusterId() != initial.GetClusterId() {
+			return nil, false, fmt.Errorf("%w: data dir %s holds another cluster (id %x) than --initial-cluster/--shards/--replicas describe (id %x); use another --data-dir or start without bootstrap flags",
 				ErrConfig, cfg.DataDir, cmap.GetClusterId(), initial.GetClusterId())
 		}
-		s.log.Info("recovering from data dir; bootstrap flags ignored", "data_dir", cfg.DataDir, "epoch", cmap.GetEpoch())
-		return cmap, nil
+		s.log.Info("recovering from data dir; bootstrap and join flags ignored", "data_dir", cfg.DataDir, "epoch", cmap.GetEpoch())
+		return cmap, false, nil
+	}
+	if cfg.Join != "" {
+		cmap, err := s.join()
+		if err != nil {
+			return nil, false, err
+		}
+		if err := s.persistMap(cmap); err != nil {
+			return nil, false, err
+		}
+		s.log.Info("joined cluster", "via", cfg.Join, "epoch", cmap.GetEpoch(), "members", len(cmap.GetMembers()))
+		return cmap, true, nil
 	}
 	if err := cfg.validate(); err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	// Record our own client address in the initial map we start with; the
 	// replicated map learns it when this node publishes it.
 	if m := member(initial, cfg.NodeID); m != nil {
 		m.ClientAddr = cfg.AdvertiseClient
 	}
-	b, _ := proto.Marshal(initial)
-	if err := s.engine.PutMeta(metaClusterMap, b); err != nil {
-		return nil, err
-	}
-	if err := s.engine.PutMeta(metaClusterID, u64(initial.GetClusterId())); err != nil {
-		return nil, err
-	}
-	// The node id goes last: its presence means bootstrap completed.
-	if err := s.engine.PutMeta(metaNodeID, u64(cfg.NodeID)); err != nil {
-		return nil, err
+	if err := s.persistMap(initial); err != nil {
+		return nil, false, err
 	}
 	s.log.Info("bootstrapped new node", "cluster", FormatInitialCluster(cfg.InitialCluster),
 		"shards", cfg.Shards, "replicas", min(cfg.Replicas, len(cfg.InitialCluster)))
-	return initial, nil
+	return initial, true, nil
+}
+
+// persistMap records the map a fresh node starts with and its cluster id.
+func (s *Server) persistMap(m *kvpb.ClusterMap) error {
+	b, _ := proto.Marshal(m)
+	if err := s.engine.PutMeta(metaClusterMap, b); err != nil {
+		return err
+	}
+	return s.engine.PutMeta(metaClusterID, u64(m.GetClusterId()))
 }
 
 // setMap installs a cluster map for routing.
@@ -300,6 +330,9 @@ func (s *Server) maintainMap() {
 		case <-t.C:
 		}
 		replicated := s.readReplicatedMap()
+		if replicated == nil && s.host.Node(MetaShard) == nil {
+			replicated = s.fetchMap()
+		}
 		if replicated != nil && replicated.GetEpoch() > s.epoch() {
 			if err := s.setMap(replicated); err != nil {
 				s.log.Error("cannot use cluster map", "err", err)
@@ -311,6 +344,7 @@ func (s *Server) maintainMap() {
 				s.log.Error("persist cluster map", "err", err)
 			}
 			s.log.Info("cluster map updated", "epoch", replicated.GetEpoch())
+			s.startNewReplicas(replicated)
 		}
 		if published {
 			continue
@@ -400,37 +434,67 @@ func (s *Server) publishSelf(replicated *kvpb.ClusterMap) bool {
 }
 
 // proposeMeta replicates cmd on the meta shard, locally when this node
-// leads it, otherwise through the leader's Internal.Propose.
+// leads it, otherwise through the leader's Internal.Propose; a node with no
+// replica of the meta shard asks each of its replicas in turn. A command
+// the state machine refused comes back as a rejectedError.
 func (s *Server) proposeMeta(ctx context.Context, cmd []byte) error {
-	var leader uint64
+	var try []uint64
 	if n := s.host.Node(MetaShard); n != nil {
 		if n.IsLeader() {
 			res, err := n.Propose(ctx, cmd)
 			if err != nil {
 				return err
 			}
-			_, err = fsm.DecodeResult(res)
-			return err
+			return decodeMetaResult(res)
 		}
-		leader = n.Leader()
+		if l := n.Leader(); l != 0 {
+			try = []uint64{l}
+		}
+	} else {
+		for _, id := range replicasOf(s.clusterMap(), MetaShard) {
+			if id != s.cfg.NodeID {
+				try = append(try, id)
+			}
+		}
 	}
-	if leader == 0 {
-		return errors.New("meta shard has no known leader")
+	err := errors.New("meta shard has no known leader")
+	for _, id := range try {
+		var resp *peerpb.ProposeResponse
+		resp, err = internal(s, id, func(c peerpb.InternalClient) (*peerpb.ProposeResponse, error) {
+			return c.Propose(ctx, &peerpb.ProposeRequest{Shard: MetaShard, Command: cmd})
+		})
+		if err == nil {
+			return decodeMetaResult(resp.GetResult())
+		}
 	}
-	m := member(s.clusterMap(), leader)
+	return err
+}
+
+// rejectedError is a meta command the state machine refused (a bad or
+// conflicting change): retrying it cannot help.
+type rejectedError struct{ error }
+
+func (e rejectedError) Unwrap() error { return e.error }
+
+func decodeMetaResult(res []byte) error {
+	if _, err := fsm.DecodeResult(res); err != nil {
+		return rejectedError{err}
+	}
+	return nil
+}
+
+// internal calls another node's Internal service at its peer address.
+func internal[T any](s *Server, id uint64, call func(peerpb.InternalClient) (T, error)) (T, error) {
+	var zero T
+	m := member(s.clusterMap(), id)
 	if m == nil || m.GetPeerAddr() == "" {
-		return fmt.Errorf("no peer address for meta leader %d", leader)
+		return zero, fmt.Errorf("no peer address for node %d", id)
 	}
 	conn, err := s.peerConn(m.GetPeerAddr())
 	if err != nil {
-		return err
+		return zero, err
 	}
-	resp, err := peerpb.NewInternalClient(conn).Propose(ctx, &peerpb.ProposeRequest{Shard: MetaShard, Command: cmd})
-	if err != nil {
-		return err
-	}
-	_, err = fsm.DecodeResult(resp.GetResult())
-	return err
+	return call(peerpb.NewInternalClient(conn))
 }
 
 func (s *Server) peerConn(addr string) (*grpc.ClientConn, error) {

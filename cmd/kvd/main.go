@@ -36,7 +36,6 @@ func run(args []string, stderr io.Writer, stop <-chan struct{}) int {
 	var (
 		cfg            server.Config
 		initialCluster string
-		join           string
 		logLevel       string
 	)
 	cmd := &cobra.Command{
@@ -54,7 +53,14 @@ line wins over the environment.
 
 A node that restarts on an existing data dir recovers from it and ignores
 the bootstrap flags (--initial-cluster, --shards, --replicas); if they are
-given and describe another cluster, kvd refuses to start.`,
+given and describe another cluster, kvd refuses to start.
+
+A node started with --join on a fresh data dir adds itself to the running
+cluster instead of bootstrapping. The cluster then gives it replicas of the
+shards that have fewer copies than --replicas asked for at bootstrap (a
+cluster bootstrapped on one node with --replicas 3 grows to three copies as
+two nodes join); each new replica catches up from a snapshot as a Raft
+learner before it votes.`,
 		Example: `  # single node
   kvd
 
@@ -63,7 +69,11 @@ given and describe another cluster, kvd refuses to start.`,
       --initial-cluster 1=127.0.0.1:2380,2=127.0.0.1:22380,3=127.0.0.1:32380
   kvd --id 2 --data-dir data/2 --listen-client 127.0.0.1:22379 --listen-peer 127.0.0.1:22380 --listen-metrics 127.0.0.1:22381 \
       --initial-cluster 1=127.0.0.1:2380,2=127.0.0.1:22380,3=127.0.0.1:32380
-  (and node 3 likewise on 32379/32380/32381)`,
+  (and node 3 likewise on 32379/32380/32381)
+
+  # grow the cluster: a fourth node joins through any member
+  kvd --id 4 --data-dir data/4 --listen-client 127.0.0.1:42379 --listen-peer 127.0.0.1:42380 --listen-metrics 127.0.0.1:42381 \
+      --join 127.0.0.1:2379`,
 		Args: func(_ *cobra.Command, args []string) error {
 			if len(args) > 0 {
 				return usageError{fmt.Errorf("unknown command %q: kvd takes flags only (see kvd --help)", args[0])}
@@ -84,7 +94,7 @@ given and describe another cluster, kvd refuses to start.`,
 	f.StringVar(&initialCluster, "initial-cluster", "", "bootstrap members as ID=HOST:PEERPORT,... (default: this node alone at its peer address)")
 	f.IntVar(&cfg.Shards, "shards", server.DefaultShards, "data shards (Raft groups) created at bootstrap; the meta shard 0 comes on top")
 	f.IntVar(&cfg.Replicas, "replicas", server.DefaultReplicas, "copies of each shard, capped by the number of nodes")
-	f.StringVar(&join, "join", "", "client address of a running member, to join an existing cluster as a new node (not supported yet)")
+	f.StringVar(&cfg.Join, "join", "", "client address(es) of running members (HOST:PORT,...): a node on a fresh data dir joins their cluster and receives replicas of shards that lack copies; give it a new --id")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	f.DurationVar(&cfg.TickInterval, "tick-interval", 50*time.Millisecond, "length of one Raft tick")
 	f.IntVar(&cfg.ElectionTicks, "election-ticks", 10, "ticks without a leader before a follower campaigns (randomised up to twice this)")
@@ -108,8 +118,9 @@ given and describe another cluster, kvd refuses to start.`,
 		if err != nil {
 			return usageError{err}
 		}
-		if join != "" {
-			return usageError{errors.New("--join is not supported yet: start every member with the same --initial-cluster instead")}
+		fl := cmd.Flags()
+		if cfg.Join != "" && (fl.Changed("initial-cluster") || fl.Changed("shards") || fl.Changed("replicas")) {
+			return usageError{errors.New("--join adds a node to an existing cluster, whose shards and replicas are already set: drop --initial-cluster, --shards and --replicas")}
 		}
 		if cfg.NodeID == 0 {
 			return usageError{errors.New("--id must be a positive integer")}
@@ -119,7 +130,6 @@ given and describe another cluster, kvd refuses to start.`,
 				return usageError{err}
 			}
 		}
-		fl := cmd.Flags()
 		cfg.BootstrapExplicit = fl.Changed("initial-cluster") || fl.Changed("shards") || fl.Changed("replicas")
 		cfg.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 

@@ -68,7 +68,7 @@ func TestBadFlagsExit2WithOneLine(t *testing.T) {
 		{"unknown flag", []string{"--no-such-flag"}, "unknown flag"},
 		{"positional argument", []string{"extra"}, "unknown command"},
 		{"bad log level", []string{"--log-level", "loud"}, "--log-level"},
-		{"join", []string{"--join", "127.0.0.1:2379"}, "not supported yet"},
+		{"join with bootstrap flags", []string{"--join", "127.0.0.1:2379", "--initial-cluster", "1=127.0.0.1:2380"}, "drop --initial-cluster"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var out bytes.Buffer
@@ -123,7 +123,7 @@ func TestRestartIgnoresBootstrapFlagsAndRefusesAnotherCluster(t *testing.T) {
 		t.Fatalf("first start exit %d:\n%s", code, out)
 	}
 	// Same flags again: recovers and says it ignored them.
-	if code, out := startStop(t, append(node(t, dir), "--initial-cluster", "1="+peer, "--shards", "2")); code != 0 || !strings.Contains(out, "bootstrap flags ignored") {
+	if code, out := startStop(t, append(node(t, dir), "--initial-cluster", "1="+peer, "--shards", "2")); code != 0 || !strings.Contains(out, "bootstrap and join flags ignored") {
 		t.Fatalf("restart exit %d, output:\n%s", code, out)
 	}
 	// No bootstrap flags: recovers.

@@ -71,6 +71,9 @@ type Node struct {
 	// are the addresses clients and other nodes are told to dial instead
 	// of ClientAddr and PeerAddr: a proxy in front of the node, say.
 	AdvertiseClient, AdvertisePeer string
+	// Join, when set, starts the node with --join Join instead of the
+	// cluster's bootstrap flags (see AddNode).
+	Join string
 
 	mu  sync.Mutex
 	cmd *exec.Cmd
@@ -140,6 +143,25 @@ func Start(t testing.TB, n int, opts Options) *Cluster {
 	return c
 }
 
+// AddNode starts a new node that joins the cluster through the client
+// addresses in join (kvd --join) and returns it.
+func (c *Cluster) AddNode(join string) *Node {
+	c.t.Helper()
+	id := uint64(len(c.Nodes) + 1)
+	nd := &Node{
+		ID:          id,
+		ClientAddr:  freeAddr(c.t),
+		PeerAddr:    freeAddr(c.t),
+		MetricsAddr: freeAddr(c.t),
+		DataDir:     filepath.Join(c.Dir, fmt.Sprintf("node%d", id)),
+		LogPath:     filepath.Join(c.Dir, fmt.Sprintf("node%d.log", id)),
+		Join:        join,
+	}
+	c.Nodes = append(c.Nodes, nd)
+	c.StartNode(nd)
+	return nd
+}
+
 // freeAddr returns a loopback address with a port that was free just now.
 func freeAddr(t testing.TB) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -174,14 +196,18 @@ func (c *Cluster) StartNode(nd *Node) {
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	args := append([]string{
+	args := []string{
 		"--id", fmt.Sprint(nd.ID),
 		"--data-dir", nd.DataDir,
 		"--listen-client", nd.ClientAddr,
 		"--listen-peer", nd.PeerAddr,
 		"--listen-metrics", nd.MetricsAddr,
-		"--initial-cluster", c.initial,
-	}, c.extra...)
+	}
+	if nd.Join != "" {
+		args = append(args, "--join", nd.Join)
+	} else {
+		args = append(append(args, "--initial-cluster", c.initial), c.extra...)
+	}
 	if nd.AdvertiseClient != "" {
 		args = append(args, "--advertise-client", nd.AdvertiseClient)
 	}

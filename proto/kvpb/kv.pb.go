@@ -1492,7 +1492,12 @@ type ClusterMap struct {
 	// vnodes is the number of ring points per shard.
 	Vnodes uint32 `protobuf:"varint,4,opt,name=vnodes,proto3" json:"vnodes,omitempty"`
 	// cluster_id tells clusters apart (a data dir of another cluster is refused).
-	ClusterId     uint64 `protobuf:"varint,5,opt,name=cluster_id,json=clusterId,proto3" json:"cluster_id,omitempty"`
+	ClusterId uint64 `protobuf:"varint,5,opt,name=cluster_id,json=clusterId,proto3" json:"cluster_id,omitempty"`
+	// replicas is the number of copies of each shard the cluster aims for
+	// (--replicas at bootstrap). While a shard has fewer and a member that
+	// does not hold it exists (one that joined later), the meta shard's
+	// leader adds a replica there.
+	Replicas      uint32 `protobuf:"varint,6,opt,name=replicas,proto3" json:"replicas,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1558,6 +1563,13 @@ func (x *ClusterMap) GetVnodes() uint32 {
 func (x *ClusterMap) GetClusterId() uint64 {
 	if x != nil {
 		return x.ClusterId
+	}
+	return 0
+}
+
+func (x *ClusterMap) GetReplicas() uint32 {
+	if x != nil {
+		return x.Replicas
 	}
 	return 0
 }
@@ -1875,6 +1887,89 @@ func (x *MemberListResponse) GetMembers() []*Member {
 	return nil
 }
 
+// MemberAddRequest adds a node to the cluster map. A node started with
+// --join sends it for itself; adding a member that is already there with
+// the same peer address succeeds and changes nothing.
+type MemberAddRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Member        *Member                `protobuf:"bytes,1,opt,name=member,proto3" json:"member,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MemberAddRequest) Reset() {
+	*x = MemberAddRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MemberAddRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MemberAddRequest) ProtoMessage() {}
+
+func (x *MemberAddRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MemberAddRequest.ProtoReflect.Descriptor instead.
+func (*MemberAddRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *MemberAddRequest) GetMember() *Member {
+	if x != nil {
+		return x.Member
+	}
+	return nil
+}
+
+type MemberAddResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MemberAddResponse) Reset() {
+	*x = MemberAddResponse{}
+	mi := &file_kvpb_kv_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MemberAddResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MemberAddResponse) ProtoMessage() {}
+
+func (x *MemberAddResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MemberAddResponse.ProtoReflect.Descriptor instead.
+func (*MemberAddResponse) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{26}
+}
+
 // NotLeader rides in the details of an Unavailable status when this node is
 // not the shard's leader; leader_id 0 means the leader is not known.
 type NotLeader struct {
@@ -1888,7 +1983,7 @@ type NotLeader struct {
 
 func (x *NotLeader) Reset() {
 	*x = NotLeader{}
-	mi := &file_kvpb_kv_proto_msgTypes[25]
+	mi := &file_kvpb_kv_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1900,7 +1995,7 @@ func (x *NotLeader) String() string {
 func (*NotLeader) ProtoMessage() {}
 
 func (x *NotLeader) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[25]
+	mi := &file_kvpb_kv_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1913,7 +2008,7 @@ func (x *NotLeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NotLeader.ProtoReflect.Descriptor instead.
 func (*NotLeader) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{25}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *NotLeader) GetShard() uint64 {
@@ -1947,7 +2042,7 @@ type StaleEpoch struct {
 
 func (x *StaleEpoch) Reset() {
 	*x = StaleEpoch{}
-	mi := &file_kvpb_kv_proto_msgTypes[26]
+	mi := &file_kvpb_kv_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1959,7 +2054,7 @@ func (x *StaleEpoch) String() string {
 func (*StaleEpoch) ProtoMessage() {}
 
 func (x *StaleEpoch) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[26]
+	mi := &file_kvpb_kv_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1972,7 +2067,7 @@ func (x *StaleEpoch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StaleEpoch.ProtoReflect.Descriptor instead.
 func (*StaleEpoch) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{26}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *StaleEpoch) GetEpoch() uint64 {
@@ -2094,7 +2189,7 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\tpeer_addr\x18\x03 \x01(\tR\bpeerAddr\";\n" +
 	"\rShardReplicas\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x1a\n" +
-	"\breplicas\x18\x02 \x03(\x04R\breplicas\"\xb8\x01\n" +
+	"\breplicas\x18\x02 \x03(\x04R\breplicas\"\xd4\x01\n" +
 	"\n" +
 	"ClusterMap\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12+\n" +
@@ -2102,7 +2197,8 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\x06shards\x18\x03 \x03(\v2\x18.kvd.kv.v1.ShardReplicasR\x06shards\x12\x16\n" +
 	"\x06vnodes\x18\x04 \x01(\rR\x06vnodes\x12\x1d\n" +
 	"\n" +
-	"cluster_id\x18\x05 \x01(\x04R\tclusterId\"\f\n" +
+	"cluster_id\x18\x05 \x01(\x04R\tclusterId\x12\x1a\n" +
+	"\breplicas\x18\x06 \x01(\rR\breplicas\"\f\n" +
 	"\n" +
 	"MapRequest\"\xad\x01\n" +
 	"\vShardStatus\x12\x14\n" +
@@ -2121,7 +2217,10 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\x11MemberListRequest\"W\n" +
 	"\x12MemberListResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12+\n" +
-	"\amembers\x18\x02 \x03(\v2\x11.kvd.kv.v1.MemberR\amembers\"_\n" +
+	"\amembers\x18\x02 \x03(\v2\x11.kvd.kv.v1.MemberR\amembers\"=\n" +
+	"\x10MemberAddRequest\x12)\n" +
+	"\x06member\x18\x01 \x01(\v2\x11.kvd.kv.v1.MemberR\x06member\"\x13\n" +
+	"\x11MemberAddResponse\"_\n" +
 	"\tNotLeader\x12\x14\n" +
 	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x1b\n" +
 	"\tleader_id\x18\x02 \x01(\x04R\bleaderId\x12\x1f\n" +
@@ -2138,12 +2237,13 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\x03Get\x12\x15.kvd.kv.v1.GetRequest\x1a\x16.kvd.kv.v1.GetResponse\x12=\n" +
 	"\x06Delete\x12\x18.kvd.kv.v1.DeleteRequest\x1a\x19.kvd.kv.v1.DeleteResponse\x12:\n" +
 	"\x05Range\x12\x17.kvd.kv.v1.RangeRequest\x1a\x18.kvd.kv.v1.RangeResponse\x124\n" +
-	"\x03Txn\x12\x15.kvd.kv.v1.TxnRequest\x1a\x16.kvd.kv.v1.TxnResponse2\xc8\x01\n" +
+	"\x03Txn\x12\x15.kvd.kv.v1.TxnRequest\x1a\x16.kvd.kv.v1.TxnResponse2\x90\x02\n" +
 	"\aCluster\x123\n" +
 	"\x03Map\x12\x15.kvd.kv.v1.MapRequest\x1a\x15.kvd.kv.v1.ClusterMap\x12=\n" +
 	"\x06Status\x12\x18.kvd.kv.v1.StatusRequest\x1a\x19.kvd.kv.v1.StatusResponse\x12I\n" +
 	"\n" +
-	"MemberList\x12\x1c.kvd.kv.v1.MemberListRequest\x1a\x1d.kvd.kv.v1.MemberListResponseB\x1fZ\x1dgithub.com/kvd/kvd/proto/kvpbb\x06proto3"
+	"MemberList\x12\x1c.kvd.kv.v1.MemberListRequest\x1a\x1d.kvd.kv.v1.MemberListResponse\x12F\n" +
+	"\tMemberAdd\x12\x1b.kvd.kv.v1.MemberAddRequest\x1a\x1c.kvd.kv.v1.MemberAddResponseB\x1fZ\x1dgithub.com/kvd/kvd/proto/kvpbb\x06proto3"
 
 var (
 	file_kvpb_kv_proto_rawDescOnce sync.Once
@@ -2158,7 +2258,7 @@ func file_kvpb_kv_proto_rawDescGZIP() []byte {
 }
 
 var file_kvpb_kv_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_kvpb_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_kvpb_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_kvpb_kv_proto_goTypes = []any{
 	(Consistency)(0),           // 0: kvd.kv.v1.Consistency
 	(Compare_Target)(0),        // 1: kvd.kv.v1.Compare.Target
@@ -2188,8 +2288,10 @@ var file_kvpb_kv_proto_goTypes = []any{
 	(*StatusResponse)(nil),     // 25: kvd.kv.v1.StatusResponse
 	(*MemberListRequest)(nil),  // 26: kvd.kv.v1.MemberListRequest
 	(*MemberListResponse)(nil), // 27: kvd.kv.v1.MemberListResponse
-	(*NotLeader)(nil),          // 28: kvd.kv.v1.NotLeader
-	(*StaleEpoch)(nil),         // 29: kvd.kv.v1.StaleEpoch
+	(*MemberAddRequest)(nil),   // 28: kvd.kv.v1.MemberAddRequest
+	(*MemberAddResponse)(nil),  // 29: kvd.kv.v1.MemberAddResponse
+	(*NotLeader)(nil),          // 30: kvd.kv.v1.NotLeader
+	(*StaleEpoch)(nil),         // 31: kvd.kv.v1.StaleEpoch
 }
 var file_kvpb_kv_proto_depIdxs = []int32{
 	3,  // 0: kvd.kv.v1.PutRequest.header:type_name -> kvd.kv.v1.RequestHeader
@@ -2224,27 +2326,30 @@ var file_kvpb_kv_proto_depIdxs = []int32{
 	20, // 29: kvd.kv.v1.ClusterMap.shards:type_name -> kvd.kv.v1.ShardReplicas
 	23, // 30: kvd.kv.v1.StatusResponse.shards:type_name -> kvd.kv.v1.ShardStatus
 	19, // 31: kvd.kv.v1.MemberListResponse.members:type_name -> kvd.kv.v1.Member
-	6,  // 32: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
-	8,  // 33: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
-	10, // 34: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
-	12, // 35: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
-	17, // 36: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
-	22, // 37: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
-	24, // 38: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
-	26, // 39: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
-	7,  // 40: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
-	9,  // 41: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
-	11, // 42: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
-	13, // 43: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
-	18, // 44: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
-	21, // 45: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
-	25, // 46: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
-	27, // 47: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
-	40, // [40:48] is the sub-list for method output_type
-	32, // [32:40] is the sub-list for method input_type
-	32, // [32:32] is the sub-list for extension type_name
-	32, // [32:32] is the sub-list for extension extendee
-	0,  // [0:32] is the sub-list for field type_name
+	19, // 32: kvd.kv.v1.MemberAddRequest.member:type_name -> kvd.kv.v1.Member
+	6,  // 33: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
+	8,  // 34: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
+	10, // 35: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
+	12, // 36: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
+	17, // 37: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
+	22, // 38: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
+	24, // 39: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
+	26, // 40: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
+	28, // 41: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
+	7,  // 42: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
+	9,  // 43: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
+	11, // 44: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
+	13, // 45: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
+	18, // 46: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
+	21, // 47: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
+	25, // 48: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
+	27, // 49: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
+	29, // 50: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
+	42, // [42:51] is the sub-list for method output_type
+	33, // [33:42] is the sub-list for method input_type
+	33, // [33:33] is the sub-list for extension type_name
+	33, // [33:33] is the sub-list for extension extendee
+	0,  // [0:33] is the sub-list for field type_name
 }
 
 func init() { file_kvpb_kv_proto_init() }
@@ -2268,7 +2373,7 @@ func file_kvpb_kv_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvpb_kv_proto_rawDesc), len(file_kvpb_kv_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   27,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

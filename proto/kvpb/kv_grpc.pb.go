@@ -283,6 +283,7 @@ const (
 	Cluster_Map_FullMethodName        = "/kvd.kv.v1.Cluster/Map"
 	Cluster_Status_FullMethodName     = "/kvd.kv.v1.Cluster/Status"
 	Cluster_MemberList_FullMethodName = "/kvd.kv.v1.Cluster/MemberList"
+	Cluster_MemberAdd_FullMethodName  = "/kvd.kv.v1.Cluster/MemberAdd"
 )
 
 // ClusterClient is the client API for Cluster service.
@@ -292,6 +293,7 @@ type ClusterClient interface {
 	Map(ctx context.Context, in *MapRequest, opts ...grpc.CallOption) (*ClusterMap, error)
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusResponse, error)
 	MemberList(ctx context.Context, in *MemberListRequest, opts ...grpc.CallOption) (*MemberListResponse, error)
+	MemberAdd(ctx context.Context, in *MemberAddRequest, opts ...grpc.CallOption) (*MemberAddResponse, error)
 }
 
 type clusterClient struct {
@@ -332,6 +334,16 @@ func (c *clusterClient) MemberList(ctx context.Context, in *MemberListRequest, o
 	return out, nil
 }
 
+func (c *clusterClient) MemberAdd(ctx context.Context, in *MemberAddRequest, opts ...grpc.CallOption) (*MemberAddResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(MemberAddResponse)
+	err := c.cc.Invoke(ctx, Cluster_MemberAdd_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ClusterServer is the server API for Cluster service.
 // All implementations must embed UnimplementedClusterServer
 // for forward compatibility.
@@ -339,6 +351,7 @@ type ClusterServer interface {
 	Map(context.Context, *MapRequest) (*ClusterMap, error)
 	Status(context.Context, *StatusRequest) (*StatusResponse, error)
 	MemberList(context.Context, *MemberListRequest) (*MemberListResponse, error)
+	MemberAdd(context.Context, *MemberAddRequest) (*MemberAddResponse, error)
 	mustEmbedUnimplementedClusterServer()
 }
 
@@ -357,6 +370,9 @@ func (UnimplementedClusterServer) Status(context.Context, *StatusRequest) (*Stat
 }
 func (UnimplementedClusterServer) MemberList(context.Context, *MemberListRequest) (*MemberListResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method MemberList not implemented")
+}
+func (UnimplementedClusterServer) MemberAdd(context.Context, *MemberAddRequest) (*MemberAddResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method MemberAdd not implemented")
 }
 func (UnimplementedClusterServer) mustEmbedUnimplementedClusterServer() {}
 func (UnimplementedClusterServer) testEmbeddedByValue()                 {}
@@ -433,6 +449,24 @@ func _Cluster_MemberList_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Cluster_MemberAdd_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(MemberAddRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServer).MemberAdd(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Cluster_MemberAdd_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServer).MemberAdd(ctx, req.(*MemberAddRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Cluster_ServiceDesc is the grpc.ServiceDesc for Cluster service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -451,6 +485,10 @@ var Cluster_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "MemberList",
 			Handler:    _Cluster_MemberList_Handler,
+		},
+		{
+			MethodName: "MemberAdd",
+			Handler:    _Cluster_MemberAdd_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

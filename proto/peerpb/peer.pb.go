@@ -328,6 +328,94 @@ func (*SnapshotAck) Descriptor() ([]byte, []int) {
 	return file_peerpb_peer_proto_rawDescGZIP(), []int{4}
 }
 
+type AddReplicaRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Shard         uint64                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
+	Node          uint64                 `protobuf:"varint,2,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddReplicaRequest) Reset() {
+	*x = AddReplicaRequest{}
+	mi := &file_peerpb_peer_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddReplicaRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddReplicaRequest) ProtoMessage() {}
+
+func (x *AddReplicaRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddReplicaRequest.ProtoReflect.Descriptor instead.
+func (*AddReplicaRequest) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *AddReplicaRequest) GetShard() uint64 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+func (x *AddReplicaRequest) GetNode() uint64 {
+	if x != nil {
+		return x.Node
+	}
+	return 0
+}
+
+type AddReplicaResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddReplicaResponse) Reset() {
+	*x = AddReplicaResponse{}
+	mi := &file_peerpb_peer_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddReplicaResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddReplicaResponse) ProtoMessage() {}
+
+func (x *AddReplicaResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddReplicaResponse.ProtoReflect.Descriptor instead.
+func (*AddReplicaResponse) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{6}
+}
+
 type ProposeRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Shard uint64                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
@@ -339,7 +427,7 @@ type ProposeRequest struct {
 
 func (x *ProposeRequest) Reset() {
 	*x = ProposeRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[5]
+	mi := &file_peerpb_peer_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -351,7 +439,7 @@ func (x *ProposeRequest) String() string {
 func (*ProposeRequest) ProtoMessage() {}
 
 func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[5]
+	mi := &file_peerpb_peer_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -364,7 +452,7 @@ func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeRequest.ProtoReflect.Descriptor instead.
 func (*ProposeRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{5}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ProposeRequest) GetShard() uint64 {
@@ -391,7 +479,7 @@ type ProposeResponse struct {
 
 func (x *ProposeResponse) Reset() {
 	*x = ProposeResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[6]
+	mi := &file_peerpb_peer_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -403,7 +491,7 @@ func (x *ProposeResponse) String() string {
 func (*ProposeResponse) ProtoMessage() {}
 
 func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[6]
+	mi := &file_peerpb_peer_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -416,7 +504,7 @@ func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeResponse.ProtoReflect.Descriptor instead.
 func (*ProposeResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{6}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ProposeResponse) GetResult() []byte {
@@ -452,7 +540,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_peerpb_peer_proto_msgTypes[7]
+	mi := &file_peerpb_peer_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -464,7 +552,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[7]
+	mi := &file_peerpb_peer_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -477,7 +565,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{7}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Command) GetSession() uint64 {
@@ -613,15 +701,18 @@ func (*Command_UpdateMember) isCommand_Op() {}
 // only). The epoch advances only when something changed, so a node that
 // republishes the same addresses after a restart changes nothing.
 type UpdateMember struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Member        *kvpb.Member           `protobuf:"bytes,1,opt,name=member,proto3" json:"member,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Member *kvpb.Member           `protobuf:"bytes,1,opt,name=member,proto3" json:"member,omitempty"`
+	// add lets the command add a member the map does not list yet (a node
+	// joining with --join); without it an unknown member is an error.
+	Add           bool `protobuf:"varint,2,opt,name=add,proto3" json:"add,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *UpdateMember) Reset() {
 	*x = UpdateMember{}
-	mi := &file_peerpb_peer_proto_msgTypes[8]
+	mi := &file_peerpb_peer_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -633,7 +724,7 @@ func (x *UpdateMember) String() string {
 func (*UpdateMember) ProtoMessage() {}
 
 func (x *UpdateMember) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[8]
+	mi := &file_peerpb_peer_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -646,7 +737,7 @@ func (x *UpdateMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateMember.ProtoReflect.Descriptor instead.
 func (*UpdateMember) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{8}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *UpdateMember) GetMember() *kvpb.Member {
@@ -654,6 +745,13 @@ func (x *UpdateMember) GetMember() *kvpb.Member {
 		return x.Member
 	}
 	return nil
+}
+
+func (x *UpdateMember) GetAdd() bool {
+	if x != nil {
+		return x.Add
+	}
+	return false
 }
 
 // ExpireSessions drops, deterministically at one log index on every
@@ -670,7 +768,7 @@ type ExpireSessions struct {
 
 func (x *ExpireSessions) Reset() {
 	*x = ExpireSessions{}
-	mi := &file_peerpb_peer_proto_msgTypes[9]
+	mi := &file_peerpb_peer_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -682,7 +780,7 @@ func (x *ExpireSessions) String() string {
 func (*ExpireSessions) ProtoMessage() {}
 
 func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[9]
+	mi := &file_peerpb_peer_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -695,7 +793,7 @@ func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireSessions.ProtoReflect.Descriptor instead.
 func (*ExpireSessions) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{9}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ExpireSessions) GetNowUnixMs() int64 {
@@ -723,7 +821,7 @@ type SetClusterMap struct {
 
 func (x *SetClusterMap) Reset() {
 	*x = SetClusterMap{}
-	mi := &file_peerpb_peer_proto_msgTypes[10]
+	mi := &file_peerpb_peer_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -735,7 +833,7 @@ func (x *SetClusterMap) String() string {
 func (*SetClusterMap) ProtoMessage() {}
 
 func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[10]
+	mi := &file_peerpb_peer_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -748,7 +846,7 @@ func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetClusterMap.ProtoReflect.Descriptor instead.
 func (*SetClusterMap) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{10}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *SetClusterMap) GetMap() *kvpb.ClusterMap {
@@ -776,7 +874,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_peerpb_peer_proto_msgTypes[11]
+	mi := &file_peerpb_peer_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -788,7 +886,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[11]
+	mi := &file_peerpb_peer_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -801,7 +899,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{11}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Result) GetOp() isResult_Op {
@@ -880,7 +978,7 @@ type StoredValue struct {
 
 func (x *StoredValue) Reset() {
 	*x = StoredValue{}
-	mi := &file_peerpb_peer_proto_msgTypes[12]
+	mi := &file_peerpb_peer_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -892,7 +990,7 @@ func (x *StoredValue) String() string {
 func (*StoredValue) ProtoMessage() {}
 
 func (x *StoredValue) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[12]
+	mi := &file_peerpb_peer_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -905,7 +1003,7 @@ func (x *StoredValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredValue.ProtoReflect.Descriptor instead.
 func (*StoredValue) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{12}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *StoredValue) GetValue() []byte {
@@ -949,7 +1047,7 @@ type SessionState struct {
 
 func (x *SessionState) Reset() {
 	*x = SessionState{}
-	mi := &file_peerpb_peer_proto_msgTypes[13]
+	mi := &file_peerpb_peer_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -961,7 +1059,7 @@ func (x *SessionState) String() string {
 func (*SessionState) ProtoMessage() {}
 
 func (x *SessionState) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[13]
+	mi := &file_peerpb_peer_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -974,7 +1072,7 @@ func (x *SessionState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionState.ProtoReflect.Descriptor instead.
 func (*SessionState) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{13}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *SessionState) GetAckBelow() uint64 {
@@ -1014,7 +1112,11 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x06bucket\x18\x01 \x01(\fR\x06bucket\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\fR\x03key\x12\x14\n" +
 	"\x05value\x18\x03 \x01(\fR\x05value\"\r\n" +
-	"\vSnapshotAck\"@\n" +
+	"\vSnapshotAck\"=\n" +
+	"\x11AddReplicaRequest\x12\x14\n" +
+	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\x04R\x04node\"\x14\n" +
+	"\x12AddReplicaResponse\"@\n" +
 	"\x0eProposeRequest\x12\x14\n" +
 	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x18\n" +
 	"\acommand\x18\x02 \x01(\fR\acommand\")\n" +
@@ -1033,9 +1135,10 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x0fset_cluster_map\x18\a \x01(\v2\x1a.kvd.peer.v1.SetClusterMapH\x00R\rsetClusterMap\x12@\n" +
 	"\rupdate_member\x18\n" +
 	" \x01(\v2\x19.kvd.peer.v1.UpdateMemberH\x00R\fupdateMemberB\x04\n" +
-	"\x02op\"9\n" +
+	"\x02op\"K\n" +
 	"\fUpdateMember\x12)\n" +
-	"\x06member\x18\x01 \x01(\v2\x11.kvd.kv.v1.MemberR\x06member\"I\n" +
+	"\x06member\x18\x01 \x01(\v2\x11.kvd.kv.v1.MemberR\x06member\x12\x10\n" +
+	"\x03add\x18\x02 \x01(\bR\x03add\"I\n" +
 	"\x0eExpireSessions\x12\x1e\n" +
 	"\vnow_unix_ms\x18\x01 \x01(\x03R\tnowUnixMs\x12\x17\n" +
 	"\aidle_ms\x18\x02 \x01(\x03R\x06idleMs\"8\n" +
@@ -1057,9 +1160,11 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x11last_seen_unix_ms\x18\x02 \x01(\x03R\x0elastSeenUnixMs2\x80\x01\n" +
 	"\x04Raft\x124\n" +
 	"\x06Stream\x12\x12.kvd.peer.v1.Batch\x1a\x12.kvd.peer.v1.Batch(\x010\x01\x12B\n" +
-	"\bSnapshot\x12\x1a.kvd.peer.v1.SnapshotChunk\x1a\x18.kvd.peer.v1.SnapshotAck(\x012P\n" +
+	"\bSnapshot\x12\x1a.kvd.peer.v1.SnapshotChunk\x1a\x18.kvd.peer.v1.SnapshotAck(\x012\x9f\x01\n" +
 	"\bInternal\x12D\n" +
-	"\aPropose\x12\x1b.kvd.peer.v1.ProposeRequest\x1a\x1c.kvd.peer.v1.ProposeResponseB!Z\x1fgithub.com/kvd/kvd/proto/peerpbb\x06proto3"
+	"\aPropose\x12\x1b.kvd.peer.v1.ProposeRequest\x1a\x1c.kvd.peer.v1.ProposeResponse\x12M\n" +
+	"\n" +
+	"AddReplica\x12\x1e.kvd.peer.v1.AddReplicaRequest\x1a\x1f.kvd.peer.v1.AddReplicaResponseB!Z\x1fgithub.com/kvd/kvd/proto/peerpbb\x06proto3"
 
 var (
 	file_peerpb_peer_proto_rawDescOnce sync.Once
@@ -1073,53 +1178,57 @@ func file_peerpb_peer_proto_rawDescGZIP() []byte {
 	return file_peerpb_peer_proto_rawDescData
 }
 
-var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_peerpb_peer_proto_goTypes = []any{
 	(*Batch)(nil),               // 0: kvd.peer.v1.Batch
 	(*ShardMessage)(nil),        // 1: kvd.peer.v1.ShardMessage
 	(*SnapshotChunk)(nil),       // 2: kvd.peer.v1.SnapshotChunk
 	(*SnapshotPair)(nil),        // 3: kvd.peer.v1.SnapshotPair
 	(*SnapshotAck)(nil),         // 4: kvd.peer.v1.SnapshotAck
-	(*ProposeRequest)(nil),      // 5: kvd.peer.v1.ProposeRequest
-	(*ProposeResponse)(nil),     // 6: kvd.peer.v1.ProposeResponse
-	(*Command)(nil),             // 7: kvd.peer.v1.Command
-	(*UpdateMember)(nil),        // 8: kvd.peer.v1.UpdateMember
-	(*ExpireSessions)(nil),      // 9: kvd.peer.v1.ExpireSessions
-	(*SetClusterMap)(nil),       // 10: kvd.peer.v1.SetClusterMap
-	(*Result)(nil),              // 11: kvd.peer.v1.Result
-	(*StoredValue)(nil),         // 12: kvd.peer.v1.StoredValue
-	(*SessionState)(nil),        // 13: kvd.peer.v1.SessionState
-	(*kvpb.PutRequest)(nil),     // 14: kvd.kv.v1.PutRequest
-	(*kvpb.DeleteRequest)(nil),  // 15: kvd.kv.v1.DeleteRequest
-	(*kvpb.TxnRequest)(nil),     // 16: kvd.kv.v1.TxnRequest
-	(*kvpb.Member)(nil),         // 17: kvd.kv.v1.Member
-	(*kvpb.ClusterMap)(nil),     // 18: kvd.kv.v1.ClusterMap
-	(*kvpb.PutResponse)(nil),    // 19: kvd.kv.v1.PutResponse
-	(*kvpb.DeleteResponse)(nil), // 20: kvd.kv.v1.DeleteResponse
-	(*kvpb.TxnResponse)(nil),    // 21: kvd.kv.v1.TxnResponse
+	(*AddReplicaRequest)(nil),   // 5: kvd.peer.v1.AddReplicaRequest
+	(*AddReplicaResponse)(nil),  // 6: kvd.peer.v1.AddReplicaResponse
+	(*ProposeRequest)(nil),      // 7: kvd.peer.v1.ProposeRequest
+	(*ProposeResponse)(nil),     // 8: kvd.peer.v1.ProposeResponse
+	(*Command)(nil),             // 9: kvd.peer.v1.Command
+	(*UpdateMember)(nil),        // 10: kvd.peer.v1.UpdateMember
+	(*ExpireSessions)(nil),      // 11: kvd.peer.v1.ExpireSessions
+	(*SetClusterMap)(nil),       // 12: kvd.peer.v1.SetClusterMap
+	(*Result)(nil),              // 13: kvd.peer.v1.Result
+	(*StoredValue)(nil),         // 14: kvd.peer.v1.StoredValue
+	(*SessionState)(nil),        // 15: kvd.peer.v1.SessionState
+	(*kvpb.PutRequest)(nil),     // 16: kvd.kv.v1.PutRequest
+	(*kvpb.DeleteRequest)(nil),  // 17: kvd.kv.v1.DeleteRequest
+	(*kvpb.TxnRequest)(nil),     // 18: kvd.kv.v1.TxnRequest
+	(*kvpb.Member)(nil),         // 19: kvd.kv.v1.Member
+	(*kvpb.ClusterMap)(nil),     // 20: kvd.kv.v1.ClusterMap
+	(*kvpb.PutResponse)(nil),    // 21: kvd.kv.v1.PutResponse
+	(*kvpb.DeleteResponse)(nil), // 22: kvd.kv.v1.DeleteResponse
+	(*kvpb.TxnResponse)(nil),    // 23: kvd.kv.v1.TxnResponse
 }
 var file_peerpb_peer_proto_depIdxs = []int32{
 	1,  // 0: kvd.peer.v1.Batch.msgs:type_name -> kvd.peer.v1.ShardMessage
 	3,  // 1: kvd.peer.v1.SnapshotChunk.pairs:type_name -> kvd.peer.v1.SnapshotPair
-	14, // 2: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
-	15, // 3: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
-	16, // 4: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
-	9,  // 5: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
-	10, // 6: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
-	8,  // 7: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
-	17, // 8: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
-	18, // 9: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
-	19, // 10: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
-	20, // 11: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
-	21, // 12: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
+	16, // 2: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
+	17, // 3: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
+	18, // 4: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
+	11, // 5: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
+	12, // 6: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
+	10, // 7: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
+	19, // 8: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
+	20, // 9: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
+	21, // 10: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
+	22, // 11: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
+	23, // 12: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
 	0,  // 13: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
 	2,  // 14: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
-	5,  // 15: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
-	0,  // 16: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
-	4,  // 17: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
-	6,  // 18: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
-	16, // [16:19] is the sub-list for method output_type
-	13, // [13:16] is the sub-list for method input_type
+	7,  // 15: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
+	5,  // 16: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
+	0,  // 17: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
+	4,  // 18: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
+	8,  // 19: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
+	6,  // 20: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
+	17, // [17:21] is the sub-list for method output_type
+	13, // [13:17] is the sub-list for method input_type
 	13, // [13:13] is the sub-list for extension type_name
 	13, // [13:13] is the sub-list for extension extendee
 	0,  // [0:13] is the sub-list for field type_name
@@ -1130,7 +1239,7 @@ func file_peerpb_peer_proto_init() {
 	if File_peerpb_peer_proto != nil {
 		return
 	}
-	file_peerpb_peer_proto_msgTypes[7].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[9].OneofWrappers = []any{
 		(*Command_Put)(nil),
 		(*Command_Delete)(nil),
 		(*Command_Txn)(nil),
@@ -1138,7 +1247,7 @@ func file_peerpb_peer_proto_init() {
 		(*Command_SetClusterMap)(nil),
 		(*Command_UpdateMember)(nil),
 	}
-	file_peerpb_peer_proto_msgTypes[11].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[13].OneofWrappers = []any{
 		(*Result_Put)(nil),
 		(*Result_Delete)(nil),
 		(*Result_Txn)(nil),
@@ -1149,7 +1258,7 @@ func file_peerpb_peer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_peerpb_peer_proto_rawDesc), len(file_peerpb_peer_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   14,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

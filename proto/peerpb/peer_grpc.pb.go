@@ -157,7 +157,8 @@ var Raft_ServiceDesc = grpc.ServiceDesc{
 }
 
 const (
-	Internal_Propose_FullMethodName = "/kvd.peer.v1.Internal/Propose"
+	Internal_Propose_FullMethodName    = "/kvd.peer.v1.Internal/Propose"
+	Internal_AddReplica_FullMethodName = "/kvd.peer.v1.Internal/AddReplica"
 )
 
 // InternalClient is the client API for Internal service.
@@ -171,6 +172,11 @@ type InternalClient interface {
 	// that cannot (it does not lead the shard, and followers do not forward
 	// proposals). Used to publish a node's client address in the cluster map.
 	Propose(ctx context.Context, in *ProposeRequest, opts ...grpc.CallOption) (*ProposeResponse, error)
+	// AddReplica makes node a voter of shard: it joins as a learner, catches
+	// up (by snapshot), then is promoted. Served by the shard's leader; the
+	// meta shard's leader calls it for replicas the cluster map assigns to a
+	// node that joined. Idempotent: a node that is already a voter is done.
+	AddReplica(ctx context.Context, in *AddReplicaRequest, opts ...grpc.CallOption) (*AddReplicaResponse, error)
 }
 
 type internalClient struct {
@@ -191,6 +197,16 @@ func (c *internalClient) Propose(ctx context.Context, in *ProposeRequest, opts .
 	return out, nil
 }
 
+func (c *internalClient) AddReplica(ctx context.Context, in *AddReplicaRequest, opts ...grpc.CallOption) (*AddReplicaResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AddReplicaResponse)
+	err := c.cc.Invoke(ctx, Internal_AddReplica_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // InternalServer is the server API for Internal service.
 // All implementations must embed UnimplementedInternalServer
 // for forward compatibility.
@@ -202,6 +218,11 @@ type InternalServer interface {
 	// that cannot (it does not lead the shard, and followers do not forward
 	// proposals). Used to publish a node's client address in the cluster map.
 	Propose(context.Context, *ProposeRequest) (*ProposeResponse, error)
+	// AddReplica makes node a voter of shard: it joins as a learner, catches
+	// up (by snapshot), then is promoted. Served by the shard's leader; the
+	// meta shard's leader calls it for replicas the cluster map assigns to a
+	// node that joined. Idempotent: a node that is already a voter is done.
+	AddReplica(context.Context, *AddReplicaRequest) (*AddReplicaResponse, error)
 	mustEmbedUnimplementedInternalServer()
 }
 
@@ -214,6 +235,9 @@ type UnimplementedInternalServer struct{}
 
 func (UnimplementedInternalServer) Propose(context.Context, *ProposeRequest) (*ProposeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Propose not implemented")
+}
+func (UnimplementedInternalServer) AddReplica(context.Context, *AddReplicaRequest) (*AddReplicaResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method AddReplica not implemented")
 }
 func (UnimplementedInternalServer) mustEmbedUnimplementedInternalServer() {}
 func (UnimplementedInternalServer) testEmbeddedByValue()                  {}
@@ -254,6 +278,24 @@ func _Internal_Propose_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Internal_AddReplica_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AddReplicaRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(InternalServer).AddReplica(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Internal_AddReplica_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(InternalServer).AddReplica(ctx, req.(*AddReplicaRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Internal_ServiceDesc is the grpc.ServiceDesc for Internal service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -264,6 +306,10 @@ var Internal_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Propose",
 			Handler:    _Internal_Propose_Handler,
+		},
+		{
+			MethodName: "AddReplica",
+			Handler:    _Internal_AddReplica_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

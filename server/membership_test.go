@@ -1,0 +1,169 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kvd/kvd/client"
+	"github.com/kvd/kvd/proto/kvpb"
+)
+
+// joinNode starts node id as a new member joining through the running
+// node at index via.
+func (c *testCluster) joinNode(id uint64, via int) {
+	c.t.Helper()
+	cfg := c.cfgs[0]
+	cfg.NodeID = id
+	cfg.DataDir = filepath.Join(filepath.Dir(c.cfgs[0].DataDir), fmt.Sprint(id))
+	cfg.ClientListener, cfg.PeerListener = listenLocal(c.t), listenLocal(c.t)
+	cfg.InitialCluster = nil
+	cfg.Join = c.servers[via].ClientAddr()
+	cfg.Logger = testLogger().With("node", id)
+	c.cfgs = append(c.cfgs, cfg)
+	c.servers = append(c.servers, nil)
+	c.start(len(c.servers) - 1)
+}
+
+// shardVoters returns the voters and learners of shard as its leader sees
+// them, or nil when it has no leader.
+func (c *testCluster) shardVoters(shard uint64) (voters, learners []uint64) {
+	s := c.leaderOf(shard)
+	if s == nil {
+		return nil, nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	st, err := s.host.Node(shard).Status(ctx)
+	if err != nil {
+		return nil, nil
+	}
+	for id := range st.Config.Learners {
+		learners = append(learners, id)
+	}
+	slices.Sort(learners)
+	return st.Config.Voters[0].Slice(), learners
+}
+
+// TestJoinGrowsClusterToThreeReplicas bootstraps one node asking for three
+// replicas, writes, joins two nodes, and checks that every shard ends with
+// three voters holding the data: the first node can then die and every
+// write is still readable and writes go on.
+func TestJoinGrowsClusterToThreeReplicas(t *testing.T) {
+	const shards = 4
+	c := newTestCluster(t, 1, shards, func(cfg *Config) { cfg.Replicas = 3 })
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cl := c.client()
+	const keys = 200
+	for i := range keys {
+		if _, err := cl.Put(ctx, []byte(fmt.Sprintf("k/%03d", i)), []byte(fmt.Sprint(i))); err != nil {
+			t.Fatalf("put before join: %v", err)
+		}
+	}
+
+	c.joinNode(2, 0)
+	c.joinNode(3, 1) // through the second node: any member will do
+
+	waitFor(t, 90*time.Second, "three voters on every shard", func() bool {
+		for shard := uint64(0); shard <= shards; shard++ {
+			voters, learners := c.shardVoters(shard)
+			if !slices.Equal(voters, []uint64{1, 2, 3}) || len(learners) > 0 {
+				return false
+			}
+		}
+		m := c.servers[0].readReplicatedMap()
+		for _, sh := range m.GetShards() {
+			if len(sh.GetReplicas()) != 3 {
+				return false
+			}
+		}
+		return true
+	})
+	for _, s := range c.servers {
+		waitFor(t, 30*time.Second, fmt.Sprintf("node %d runs every shard", s.cfg.NodeID), func() bool {
+			return len(s.host.Nodes()) == shards+1
+		})
+	}
+	if got := c.servers[2].host.SnapshotsReceived(); got == 0 {
+		t.Errorf("node 3 received no snapshot; new replicas must catch up from one")
+	}
+
+	// Node 1, the only original copy, goes away: nodes 2 and 3 are a
+	// quorum of every shard and hold every acknowledged write.
+	c.stop(0)
+	cl2, err := client.New(ctx, client.Config{Endpoints: []string{c.servers[1].ClientAddr(), c.servers[2].ClientAddr()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl2.Close()
+	for i := range keys {
+		kv, err := cl2.Get(ctx, []byte(fmt.Sprintf("k/%03d", i)))
+		if err != nil {
+			t.Fatalf("get k/%03d after node 1 stopped: %v", i, err)
+		}
+		if string(kv.GetValue()) != fmt.Sprint(i) {
+			t.Fatalf("k/%03d = %q, want %q", i, kv.GetValue(), fmt.Sprint(i))
+		}
+	}
+	if _, err := cl2.Put(ctx, []byte("after"), []byte("x")); err != nil {
+		t.Fatalf("put with node 1 stopped: %v", err)
+	}
+}
+
+func TestJoinRefusesATakenID(t *testing.T) {
+	c := newTestCluster(t, 1, 2, nil)
+	cfg := c.cfgs[0]
+	cfg.DataDir = filepath.Join(t.TempDir(), "other")
+	cfg.ClientListener, cfg.PeerListener = listenLocal(t), listenLocal(t)
+	cfg.InitialCluster = nil
+	cfg.Join = c.servers[0].ClientAddr()
+	s, err := New(cfg) // same id 1, another peer address
+	if err == nil {
+		s.Stop()
+		t.Fatal("a node joined with the id of an existing member")
+	}
+	if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), "already a member") {
+		t.Fatalf("err = %v, want a config error saying the id is taken", err)
+	}
+}
+
+func TestPlanReplica(t *testing.T) {
+	m := &kvpb.ClusterMap{
+		Epoch:    7,
+		Replicas: 3,
+		Members:  []*kvpb.Member{{Id: 1}, {Id: 2}, {Id: 3}},
+		Shards: []*kvpb.ShardReplicas{
+			{Id: 0, Replicas: []uint64{1, 2, 3}},
+			{Id: 1, Replicas: []uint64{1, 2}},
+			{Id: 2, Replicas: []uint64{1}},
+		},
+	}
+	next := planReplica(m)
+	if next.GetEpoch() != 8 || !slices.Equal(next.GetShards()[1].GetReplicas(), []uint64{1, 2, 3}) {
+		t.Fatalf("first plan: %v", next)
+	}
+	next = planReplica(next)
+	// Shard 2 lacks two; nodes 2 and 3 hold two replicas each: lowest id.
+	if next.GetEpoch() != 9 || !slices.Equal(next.GetShards()[2].GetReplicas(), []uint64{1, 2}) {
+		t.Fatalf("second plan: %v", next)
+	}
+	next = planReplica(planReplica(next))
+	if next != nil {
+		t.Fatalf("plan after every shard has three replicas: %v", next)
+	}
+	// The member holding the fewest replicas gets the new one.
+	next = planReplica(&kvpb.ClusterMap{Replicas: 2, Members: []*kvpb.Member{{Id: 1}, {Id: 2}, {Id: 3}},
+		Shards: []*kvpb.ShardReplicas{{Id: 0, Replicas: []uint64{1, 2}}, {Id: 1, Replicas: []uint64{2}}}})
+	if !slices.Equal(next.GetShards()[1].GetReplicas(), []uint64{2, 3}) {
+		t.Fatalf("plan by load: %v", next)
+	}
+	if planReplica(&kvpb.ClusterMap{Members: []*kvpb.Member{{Id: 1}}, Shards: []*kvpb.ShardReplicas{{Id: 0, Replicas: []uint64{1}}}}) != nil {
+		t.Fatal("a map without a replica count (before it was recorded) must not be changed")
+	}
+}
