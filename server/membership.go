@@ -34,8 +34,10 @@ const (
 	// joinTimeout bounds how long a joining node tries its --join
 	// endpoints before it gives up and exits.
 	joinTimeout = time.Minute
-	// placeInterval is how often the meta leader looks for missing replicas.
-	placeInterval = 250 * time.Millisecond
+	// placeInterval is how often the meta leader looks for missing
+	// replicas; placeMaxBackoff bounds the wait after failed rounds.
+	placeInterval   = 250 * time.Millisecond
+	placeMaxBackoff = 10 * time.Second
 	// catchUpTimeout bounds one attempt to bring a learner up to date; the
 	// next round tries again.
 	catchUpTimeout = 30 * time.Second
@@ -175,6 +177,11 @@ func (s *Server) placeReplicas() {
 	// voters holds the (shard, node) pairs confirmed as voters while this
 	// node leads the meta shard, so steady state costs no RPCs.
 	voters := map[[2]uint64]bool{}
+	// A failed round (a shard without a leader, a node down) is retried
+	// after a backoff that doubles up to placeMaxBackoff, so an outage
+	// does not turn into a warning every 250 ms.
+	var backoff time.Duration
+	var retryAt time.Time
 	for {
 		select {
 		case <-s.stopc:
@@ -184,15 +191,20 @@ func (s *Server) placeReplicas() {
 		meta := s.host.Node(MetaShard)
 		if meta == nil || !meta.IsLeader() {
 			clear(voters)
+			backoff, retryAt = 0, time.Time{}
 			continue
 		}
 		m := s.readReplicatedMap()
-		if m == nil {
+		if m == nil || time.Now().Before(retryAt) {
 			continue
 		}
 		if err := s.placeRound(m, voters); err != nil {
-			s.log.Warn("placing replicas", "err", err)
+			backoff = min(max(2*backoff, placeInterval), placeMaxBackoff)
+			retryAt = time.Now().Add(backoff)
+			s.log.Warn("placing replicas; will retry", "err", err, "retry_in", backoff)
+			continue
 		}
+		backoff = 0
 	}
 }
 
