@@ -7,6 +7,7 @@ package proccluster
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -299,14 +300,30 @@ func (c *Cluster) WaitReady(d time.Duration) {
 		if !nd.Running() {
 			continue
 		}
-		WaitFor(c.t, d, fmt.Sprintf("node %d ready", nd.ID), func() bool {
+		var last string
+		deadline := time.Now().Add(d)
+		for {
 			resp, err := http.Get("http://" + nd.MetricsAddr + "/readyz")
-			if err != nil {
-				return false
+			if err == nil {
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode == http.StatusOK {
+					break
+				}
+				last = strings.TrimSpace(string(b))
+			} else {
+				last = err.Error()
 			}
-			resp.Body.Close()
-			return resp.StatusCode == http.StatusOK
-		})
+			if time.Now().After(deadline) {
+				logs := nd.Logs()
+				if len(logs) > 4000 {
+					logs = logs[len(logs)-4000:]
+				}
+				c.t.Fatalf("node %d not ready after %v (running: %v): last /readyz answer: %s\nlog tail:\n%s",
+					nd.ID, d, nd.Running(), last, logs)
+			}
+			time.Sleep(20 * time.Millisecond) // poll interval, not synchronisation
+		}
 	}
 }
 
