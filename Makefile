@@ -14,7 +14,9 @@ PROTOC_GEN_GRPC_VERSION := v1.6.2
 PROTO_FILES := proto/kvpb/kv.proto proto/peerpb/peer.proto
 
 # In-process packages run under the race detector; the process tests under
-# test/ drive separately built binaries, so -race would only slow them.
+# test/ drive separately built binaries, so -race would only slow them, and
+# they run one package at a time (-p 1) so that two sets of kvd clusters do
+# not compete for the two cores and the failover timings stay meaningful.
 RACE_PKGS = $$($(GO) list ./... | grep -v '/test/')
 PROC_PKGS = $$($(GO) list ./test/...)
 TEST_TIMEOUT ?= 15m
@@ -30,7 +32,7 @@ build: ## build kvd and kvctl into ./bin
 
 test: lint ## everything CI runs: lint, unit, race, cluster tests, compose test (when Docker answers)
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) -race $(RACE_PKGS)
-	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) $(PROC_PKGS)
+	$(GO) test -count=1 -p 1 -timeout $(TEST_TIMEOUT) $(PROC_PKGS)
 	./scripts/compose-test.sh
 
 lint: ## gofmt and go vet

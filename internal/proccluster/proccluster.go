@@ -16,6 +16,7 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -163,14 +164,38 @@ func (c *Cluster) AddNode(join string) *Node {
 	return nd
 }
 
-// freeAddr returns a loopback address with a port that was free just now.
+// Ports for kvd processes come from below Linux's ephemeral range
+// (32768-60999): a port taken from the ephemeral range and released for
+// kvd to bind can meanwhile become the local end of any outgoing
+// connection on the machine (kvd's own peer dials, a client), and a node
+// restarted on its old port then finds it taken. Each test process works
+// in its own block of portBlock ports, chosen by pid, and never hands out
+// a port twice, so concurrent test binaries rarely meet; a port found in
+// use is skipped.
+const (
+	portBase   = 15000 // 15000-21999: clear of make cluster and make bench
+	portBlock  = 200
+	portBlocks = 35
+)
+
+var nextPort atomic.Int64
+
+// freeAddr returns a loopback address with a port that was free just now
+// and that this process has not handed out before.
 func freeAddr(t testing.TB) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	block := portBase + (os.Getpid()%portBlocks)*portBlock
+	for range portBlock {
+		port := block + int(nextPort.Add(1)-1)%portBlock
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err != nil {
+			continue
+		}
+		addr := l.Addr().String()
+		l.Close()
+		return addr
 	}
-	defer l.Close()
-	return l.Addr().String()
+	t.Fatalf("no free port in 127.0.0.1:%d-%d", block, block+portBlock-1)
+	return ""
 }
 
 // Endpoints is the comma-separated client addresses of every node.
@@ -244,8 +269,24 @@ func (nd *Node) Pid() int {
 	return nd.cmd.Process.Pid
 }
 
-// Running reports whether nd has a live process.
+// Running reports whether nd was started and not stopped by the test.
+// A process that exited by itself still counts: WaitReady reports it.
 func (nd *Node) Running() bool { return nd.Pid() != 0 }
+
+// hasExited reports whether nd's process has exited.
+func (nd *Node) hasExited() bool {
+	nd.mu.Lock()
+	defer nd.mu.Unlock()
+	if nd.cmd == nil {
+		return false
+	}
+	select {
+	case <-nd.exited:
+		return true
+	default:
+		return false
+	}
+}
 
 // Kill sends SIGKILL to nd and waits until it is reaped.
 func (c *Cluster) Kill(nd *Node) { c.signalAndWait(nd, syscall.SIGKILL) }
@@ -293,6 +334,8 @@ func (c *Cluster) killAll() {
 	}
 }
 
+var readyClient = &http.Client{Timeout: 2 * time.Second}
+
 // WaitReady waits until every running node answers /readyz with 200.
 func (c *Cluster) WaitReady(d time.Duration) {
 	c.t.Helper()
@@ -303,7 +346,7 @@ func (c *Cluster) WaitReady(d time.Duration) {
 		var last string
 		deadline := time.Now().Add(d)
 		for {
-			resp, err := http.Get("http://" + nd.MetricsAddr + "/readyz")
+			resp, err := readyClient.Get("http://" + nd.MetricsAddr + "/readyz")
 			if err == nil {
 				b, _ := io.ReadAll(resp.Body)
 				resp.Body.Close()
@@ -314,13 +357,13 @@ func (c *Cluster) WaitReady(d time.Duration) {
 			} else {
 				last = err.Error()
 			}
-			if time.Now().After(deadline) {
+			if exited := nd.hasExited(); exited || time.Now().After(deadline) {
 				logs := nd.Logs()
 				if len(logs) > 4000 {
 					logs = logs[len(logs)-4000:]
 				}
-				c.t.Fatalf("node %d not ready after %v (running: %v): last /readyz answer: %s\nlog tail:\n%s",
-					nd.ID, d, nd.Running(), last, logs)
+				c.t.Fatalf("node %d not ready (process exited: %v): last /readyz answer: %s\nlog tail:\n%s",
+					nd.ID, exited, last, logs)
 			}
 			time.Sleep(20 * time.Millisecond) // poll interval, not synchronisation
 		}
