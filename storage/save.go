@@ -213,9 +213,17 @@ func (rs *round) appendLog(s *Shard, st *shardState, logb *bolt.Bucket, ents []*
 			return err
 		}
 	}
-	if cs := st.cacheStart(); first >= cs {
-		// Full slice expression: the published cache keeps its entries
-		// after first, which readers may still be returning.
+	if cs := st.cacheStart(); first == st.last+1 {
+		// A plain append writes only past the end of every published
+		// slice of this backing array (states are published in order and
+		// none is longer than st's), so it may use the spare capacity:
+		// copying the cache each round, up to 4 MiB of it per shard, cost
+		// an eighth of a node's CPU under load.
+		st.cache = append(st.cache, ents...)
+	} else if first >= cs {
+		// Overwriting entries: a full slice expression copies, because
+		// the published cache keeps its entries after first, which
+		// readers may still be returning.
 		off := first - cs
 		for _, e := range st.cache[off:] {
 			st.cacheBytes -= proto.Size(e)

@@ -46,8 +46,9 @@ type shardState struct {
 	last    uint64               // last index in the log; snap.Index if the log is empty
 
 	// cache holds the newest log entries, ending at last. Entries are
-	// immutable; the slice is shared copy-on-write between states (append
-	// only through full slice expressions).
+	// immutable; states share the backing array: a round appends in place
+	// past the end (no published slice reaches there) and copies before
+	// it overwrites (a truncation), see round.appendLog.
 	cache      []*pb.Entry
 	cacheBytes int
 
