@@ -29,10 +29,10 @@ var errNotServing = errors.New("health check: not serving")
 // Config configures a Client. Only Endpoints is required.
 type Config struct {
 	// Endpoints are client addresses (host:port) of any kvd nodes. New
-	// fetches the cluster map from the first that answers; afterwards the
-	// client talks to the members the map lists.
+	// asks them all for the cluster map at once and uses the first answer;
+	// afterwards the client talks to the members the map lists.
 	Endpoints []string
-	// DialTimeout bounds each bootstrap attempt (default 2 s).
+	// DialTimeout bounds each endpoint's bootstrap answer (default 2 s).
 	DialTimeout time.Duration
 	// HeartbeatInterval is how often every member is health-checked
 	// (default 250 ms). A member that misses 3 in a row is skipped until a
@@ -80,18 +80,20 @@ type Client struct {
 		shards  map[uint64][]uint64 // shard id → replica ids, in map order
 		leaders map[uint64]uint64   // shard id → cached leader id
 		closed  bool                // set by Close; applyMap then dials nothing
+		// overrides maps member id → an endpoint from Config.Endpoints
+		// that reaches it when the address the member advertises is not
+		// one the caller gave (a container name, say, seen from the host).
+		overrides map[uint64]string
 	}
-	// addrOverride maps member id → an endpoint from Config.Endpoints that
-	// reaches it when the address the member advertises is not one the
-	// caller gave (a container name, say, seen from the host). Written
-	// once in New before any dialing.
-	addrOverride map[uint64]string
+	// probes tracks bootstrap probes still running after New returned;
+	// Close waits for them.
+	probes sync.WaitGroup
 }
 
-// New connects to the cluster: it fetches the cluster map from the first
-// endpoint that answers, dials every member and starts the heartbeats.
-// It fails with ErrUnavailable when no endpoint answers within ctx and
-// DialTimeout each.
+// New connects to the cluster: it asks every endpoint at once for the
+// cluster map, takes the first (newest) answer, dials every member and
+// starts the heartbeats. It fails with ErrUnavailable when no endpoint
+// answers within ctx and DialTimeout.
 func New(ctx context.Context, cfg Config) (*Client, error) {
 	if len(cfg.Endpoints) == 0 {
 		return nil, fmt.Errorf("%w: no endpoints", ErrInvalidArgument)
@@ -118,74 +120,19 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	c.session = newSession()
 	c.seqs = newSeqTracker()
 
-	var errs []error
-	for _, ep := range cfg.Endpoints {
-		m, err := c.bootstrapFrom(ctx, ep)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", ep, err))
-			if ctx.Err() != nil {
-				break
-			}
-			continue
-		}
-		c.addrOverride = c.learnOverrides(ctx, m)
-		if err := c.applyMap(m); err != nil {
-			c.Close()
-			return nil, err
-		}
-		return c, nil
+	if err := c.bootstrap(ctx); err != nil {
+		c.Close()
+		return nil, err
 	}
-	return nil, fmt.Errorf("%w: no endpoint answered: %w", ErrUnavailable, errors.Join(errs...))
+	return c, nil
 }
 
-// learnOverrides finds, for each configured endpoint that is not the
-// advertised client address of any member, which member it reaches (by
-// asking it for its node id), so the client dials members at addresses
-// the caller knows work. With endpoints that are advertised addresses, as
-// usual, it makes no request.
-func (c *Client) learnOverrides(ctx context.Context, m *kvpb.ClusterMap) map[uint64]string {
-	advertised := map[string]bool{}
-	for _, mem := range m.GetMembers() {
-		advertised[mem.GetClientAddr()] = true
-	}
-	out := map[uint64]string{}
-	for _, ep := range c.cfg.Endpoints {
-		if advertised[ep] {
-			continue
-		}
-		n, err := dialNode(0, ep, 1, c.log)
-		if err != nil {
-			continue
-		}
-		sctx, cancel := context.WithTimeout(ctx, c.cfg.DialTimeout)
-		st, err := n.clu.Status(sctx, &kvpb.StatusRequest{})
-		cancel()
-		n.close(false)
-		if err == nil && st.GetNode() != 0 {
-			out[st.GetNode()] = ep
-			c.log.Info("client: reaching member through configured endpoint", "node", st.GetNode(), "endpoint", ep)
-		}
-	}
-	return out
-}
-
-// memberAddr is where the client dials member mem.
+// memberAddr is where the client dials member mem. Called with c.mu held.
 func (c *Client) memberAddr(mem *kvpb.Member) string {
-	if ep, ok := c.addrOverride[mem.GetId()]; ok {
+	if ep, ok := c.mu.overrides[mem.GetId()]; ok {
 		return ep
 	}
 	return mem.GetClientAddr()
-}
-
-func (c *Client) bootstrapFrom(ctx context.Context, ep string) (*kvpb.ClusterMap, error) {
-	n, err := dialNode(0, ep, 1, c.log)
-	if err != nil {
-		return nil, err
-	}
-	defer n.close(false)
-	ctx, cancel := context.WithTimeout(ctx, c.cfg.DialTimeout)
-	defer cancel()
-	return n.clu.Map(ctx, &kvpb.MapRequest{})
 }
 
 func newSession() uint64 {
@@ -381,6 +328,7 @@ func (c *Client) Map(ctx context.Context) (*kvpb.ClusterMap, error) {
 func (c *Client) Close() error {
 	c.closeOnce.Do(func() {
 		c.cancel()
+		c.probes.Wait() // cancelled above, so they end at once
 		c.mu.Lock()
 		c.mu.closed = true
 		nodes := c.mu.nodes

@@ -1,0 +1,176 @@
+package client
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/kvd/kvd/proto/kvpb"
+)
+
+// overrideGrace is how long New waits, once it holds a cluster map, for
+// endpoints that have not yet said which member they reach. A live node
+// answers within milliseconds; one that was just killed behind a port
+// forwarder can hold the connection open for the whole DialTimeout, and a
+// fresh kvctl must not pay that. A late answer still takes effect (see
+// lateProbes).
+const overrideGrace = 250 * time.Millisecond
+
+// probe is what one endpoint said during bootstrap.
+type probe struct {
+	ep   string
+	m    *kvpb.ClusterMap // nil if the endpoint did not answer
+	node uint64           // the member ep reaches, when ep is not an advertised address; else 0
+	err  error
+}
+
+// bootstrap asks every endpoint at once for the cluster map and, for an
+// endpoint that is not the advertised address of any member (a published
+// container port, say), which member it reaches, so that member is dialed
+// there. It applies the newest map it got once it knows an address for
+// every member, or overrideGrace after the first map, whichever is first.
+// Probes still running go on in the background.
+func (c *Client) bootstrap(ctx context.Context) error {
+	eps := c.cfg.Endpoints
+	results := make(chan probe, len(eps))
+	c.probes.Add(len(eps))
+	for _, ep := range eps {
+		go func() {
+			defer c.probes.Done()
+			results <- c.probe(ep)
+		}()
+	}
+
+	var (
+		best    *kvpb.ClusterMap
+		found   = map[uint64]string{}
+		errs    []error
+		pending = len(eps)
+		grace   <-chan time.Time
+	)
+wait:
+	for pending > 0 && !(best != nil && c.knowsEveryMember(best, found)) {
+		select {
+		case r := <-results:
+			pending--
+			if r.err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", r.ep, r.err))
+				continue
+			}
+			if best == nil || r.m.GetEpoch() > best.GetEpoch() {
+				best = r.m
+			}
+			if r.node != 0 {
+				found[r.node] = r.ep
+			}
+			if grace == nil {
+				t := time.NewTimer(overrideGrace)
+				defer t.Stop()
+				grace = t.C
+			}
+		case <-grace:
+			break wait
+		case <-ctx.Done():
+			if best == nil {
+				errs = append(errs, ctx.Err())
+			}
+			break wait
+		}
+	}
+	if best == nil {
+		return fmt.Errorf("%w: no endpoint answered: %w", ErrUnavailable, errors.Join(errs...))
+	}
+	c.mu.Lock()
+	c.mu.overrides = map[uint64]string{}
+	for id, ep := range found {
+		c.mu.overrides[id] = ep
+		c.log.Info("client: reaching member through configured endpoint", "node", id, "endpoint", ep)
+	}
+	c.mu.Unlock()
+	if err := c.applyMap(best); err != nil {
+		return err
+	}
+	if pending > 0 {
+		c.probes.Add(1)
+		go c.lateProbes(results, pending)
+	}
+	return nil
+}
+
+// probe asks ep for the cluster map and, if ep is not an address the map
+// advertises, for the id of the member behind it.
+func (c *Client) probe(ep string) probe {
+	r := probe{ep: ep}
+	n, err := dialNode(0, ep, 1, c.log)
+	if err != nil {
+		r.err = err
+		return r
+	}
+	defer n.close(false)
+	ctx, cancel := context.WithTimeout(c.base, c.cfg.DialTimeout)
+	defer cancel()
+	m, err := n.clu.Map(ctx, &kvpb.MapRequest{})
+	if err != nil {
+		r.err = err
+		return r
+	}
+	r.m = m
+	if slices.ContainsFunc(m.GetMembers(), func(mem *kvpb.Member) bool { return mem.GetClientAddr() == ep }) {
+		return r
+	}
+	if st, err := n.clu.Status(ctx, &kvpb.StatusRequest{}); err == nil {
+		r.node = st.GetNode()
+	}
+	return r
+}
+
+// knowsEveryMember reports whether every member of m can be dialed: at an
+// advertised address the caller gave, or through an endpoint found to
+// reach it.
+func (c *Client) knowsEveryMember(m *kvpb.ClusterMap, found map[uint64]string) bool {
+	for _, mem := range m.GetMembers() {
+		if _, ok := found[mem.GetId()]; !ok && !slices.Contains(c.cfg.Endpoints, mem.GetClientAddr()) {
+			return false
+		}
+	}
+	return true
+}
+
+// lateProbes applies what the probes New stopped waiting for say: an
+// endpoint that turns out to reach a member becomes that member's address.
+func (c *Client) lateProbes(results <-chan probe, pending int) {
+	defer c.probes.Done()
+	for ; pending > 0; pending-- {
+		if r := <-results; r.err == nil && r.node != 0 {
+			c.useEndpoint(r.node, r.ep)
+		}
+	}
+}
+
+// useEndpoint makes ep the address of member id, redialing it if it was
+// dialed elsewhere.
+func (c *Client) useEndpoint(id uint64, ep string) {
+	c.mu.Lock()
+	if c.mu.closed || c.mu.overrides[id] == ep {
+		c.mu.Unlock()
+		return
+	}
+	c.mu.overrides[id] = ep
+	old, ok := c.mu.nodes[id]
+	if !ok || old.addr == ep {
+		c.mu.Unlock()
+		return
+	}
+	n, err := dialNode(id, ep, c.cfg.MaxInFlightPerNode, c.log)
+	if err != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.mu.nodes[id] = n
+	go n.heartbeat(c.cfg.HeartbeatInterval, c.probeTimeout())
+	c.mu.Unlock()
+	c.log.Info("client: reaching member through configured endpoint", "node", id, "endpoint", ep)
+	old.close(true)
+}
