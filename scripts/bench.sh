@@ -118,7 +118,10 @@ Measured with \`kvctl bench\` against a local 3-node cluster (16 data
 shards, 3 replicas each, every node on this machine, data on its local
 disk), 8-byte keys and 256-byte values, closed loop. Written by
 \`make bench\` (scripts/bench.sh); numbers move between runs by some
-per cent, so compare runs made on the same machine.
+per cent, so compare runs made on the same machine. Two VMs of the same
+kind (2 vCPUs, AMD EPYC) have measured the same code up to a third apart
+(linearizable gets 20,200 vs 13,207 ops/s on two days); an A/B of two
+commits is only meaningful run back to back on one VM.
 
 - Date: $(date -u '+%Y-%m-%d %H:%M UTC')
 - Commit: $commit
