@@ -329,9 +329,34 @@ func (c *Cluster) signal(nd *Node, sig syscall.Signal) {
 }
 
 func (c *Cluster) killAll() {
+	failed := c.t.Failed()
 	for _, nd := range c.Nodes {
+		if failed {
+			// SIGQUIT: the Go runtime writes every goroutine's stack to
+			// the node's log before exiting, the evidence a stall needs.
+			c.signalAndWait(nd, syscall.SIGQUIT)
+		}
 		c.Kill(nd)
 	}
+	if failed {
+		c.keepLogs()
+	}
+}
+
+// keepLogs copies the node logs out of the test's temporary directory,
+// which is removed when the test ends, so a failure can be diagnosed.
+func (c *Cluster) keepLogs() {
+	dir, err := os.MkdirTemp("", "kvd-failed-logs-")
+	if err != nil {
+		c.t.Logf("cannot keep node logs: %v", err)
+		return
+	}
+	for _, nd := range c.Nodes {
+		if b, err := os.ReadFile(nd.LogPath); err == nil {
+			_ = os.WriteFile(filepath.Join(dir, filepath.Base(nd.LogPath)), b, 0o644)
+		}
+	}
+	c.t.Logf("node logs kept in %s", dir)
 }
 
 var readyClient = &http.Client{Timeout: 2 * time.Second}

@@ -73,7 +73,14 @@ func TestCheckerDetectsStaleReads(t *testing.T) {
 
 	mustPut := func(v string) {
 		t.Helper()
-		proccluster.WaitFor(t, 30*time.Second, "put "+v, func() bool { return r.put(key, v).Status == statusOK })
+		var last Op
+		proccluster.WaitFor(t, 30*time.Second, "put "+v, func() bool {
+			last = r.put(key, v)
+			if last.Status != statusOK {
+				t.Logf("put %s: %s: %s", v, last.Status, last.Err)
+			}
+			return last.Status == statusOK
+		})
 	}
 	mustPut("v1")
 	// Every replica has applied v1 before the cut.
@@ -92,16 +99,19 @@ func TestCheckerDetectsStaleReads(t *testing.T) {
 	e.net.Cut([]uint64{clientID}, majority)
 	h.event("cut clients from nodes %v", majority)
 
-	r.unsafeSerializable = true
+	r.unsafeNode = isolated.ClientAddr
 	var stale Op
 	proccluster.WaitFor(t, 30*time.Second, "unsafe read", func() bool {
 		stale = r.get(key, false)
+		if stale.Status != statusOK {
+			t.Logf("unsafe read: %s: %s", stale.Status, stale.Err)
+		}
 		return stale.Status == statusOK
 	})
 	if stale.Read != "v1" {
 		t.Fatalf("serializable read from the isolated node returned %q, want the stale v1", stale.Read)
 	}
-	r.unsafeSerializable = false
+	r.unsafeNode = ""
 	r.timeout = 3 * time.Second
 	if safe := r.get(key, false); safe.Status == statusOK && safe.Read != "v2" {
 		t.Errorf("linearizable read through the cut returned %q: a stale linearizable answer", safe.Read)

@@ -10,6 +10,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
 	"github.com/kvd/kvd/client"
 	"github.com/kvd/kvd/proto/kvpb"
 )
@@ -20,11 +23,14 @@ type recorder struct {
 	h       *History
 	cl      *client.Client
 	timeout time.Duration
-	// unsafeSerializable makes get use serializable reads while the
-	// history still presents them as linearizable: a deliberately broken
-	// harness, for showing that the checker catches stale reads. Only
-	// tests in this package set it.
-	unsafeSerializable bool
+	// unsafeNode, when set, makes get ask that one node (a client
+	// address) for its local, serializable value while the history still
+	// presents the answer as a linearizable read: a deliberately broken
+	// harness, for showing that the checker catches stale reads. It goes
+	// to the node directly, not through the client library, whose
+	// breaker rightly avoids a node that has lost its quorum. Only tests
+	// in this package set it.
+	unsafeNode string
 	// procs hands out porcupine client ids: a client whose operation is
 	// indeterminate continues as a new process, as in Jepsen, so that one
 	// process's operations never overlap in the visualization.
@@ -68,12 +74,16 @@ func (r *recorder) finish(op Op, err error) Op {
 func (r *recorder) get(key string, counter bool) Op {
 	ctx, cancel := context.WithTimeout(context.Background(), r.timeout)
 	defer cancel()
-	var opts []client.ReadOption
-	if r.unsafeSerializable {
-		opts = append(opts, client.WithSerializable())
-	}
 	op := Op{Key: key, Kind: kindGet, Counter: counter, Call: r.h.now()}
-	kv, err := r.cl.Get(ctx, []byte(key), opts...)
+	var (
+		kv  *kvpb.KeyValue
+		err error
+	)
+	if r.unsafeNode != "" {
+		kv, err = serializableGet(ctx, r.unsafeNode, key)
+	} else {
+		kv, err = r.cl.Get(ctx, []byte(key))
+	}
 	switch {
 	case err == nil:
 		op.Read = string(kv.GetValue())
@@ -226,4 +236,22 @@ func paceWait(rng *rand.Rand, stop <-chan struct{}, pace time.Duration) bool {
 	case <-t.C:
 		return true
 	}
+}
+
+// serializableGet asks the node at addr for its local value of key,
+// bypassing the client library. client.ErrNotFound when absent.
+func serializableGet(ctx context.Context, addr, key string) (*kvpb.KeyValue, error) {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	resp, err := kvpb.NewKVClient(conn).Get(ctx, &kvpb.GetRequest{Key: []byte(key), Consistency: kvpb.Consistency_SERIALIZABLE})
+	if err != nil {
+		return nil, err
+	}
+	if resp.GetKv() == nil {
+		return nil, client.ErrNotFound
+	}
+	return resp.GetKv(), nil
 }
