@@ -410,6 +410,8 @@ func TestResourceExhaustedBacksOff(t *testing.T) {
 func TestStaleEpochRefreshesMap(t *testing.T) {
 	f := newFake(t, 3, 4, 3)
 	c := newClient(t, f, Config{})
+	// New may still be probing endpoints it did not wait for.
+	c.probes.Wait()
 	maps := totalCalls(f, "Map")
 	f.BumpEpoch()
 	if _, err := c.Put(ctxT(t, 5*time.Second), []byte("k"), []byte("v")); err != nil {

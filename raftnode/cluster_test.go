@@ -280,12 +280,21 @@ func (c *testCluster) dump(id, shard uint64) (applied uint64, data []byte) {
 func (c *testCluster) waitConverged() {
 	c.t.Helper()
 	for _, s := range c.shards {
-		// Compare states read at the same applied index: a proposer is
-		// answered as soon as its entry applies on the leader, so a
-		// replica may still be one round behind when the writers return.
-		// Equal indexes with different data is divergence and fails at
-		// once; unequal indexes are waited out.
-		waitFor(c.t, 30*time.Second, fmt.Sprintf("replicas of shard %d to converge", s), func() bool {
+		// A proposer is answered as soon as its entry applies on the
+		// leader, inside the write round, so when the writers return even
+		// the leader's committed state may lack their last entries, and a
+		// follower may be a round behind. So: wait until every replica
+		// has applied what the leader had committed, then compare states
+		// read at the same applied index. Equal indexes with different
+		// data is divergence and fails at once; unequal ones are waited
+		// out.
+		var target uint64
+		for _, n := range c.nodes {
+			if n.host != nil {
+				target = max(target, n.host.Node(s).Commit())
+			}
+		}
+		waitFor(c.t, 30*time.Second, fmt.Sprintf("replicas of shard %d to converge at index %d or later", s, target), func() bool {
 			var (
 				ref        []byte
 				refID, idx uint64
@@ -295,6 +304,9 @@ func (c *testCluster) waitConverged() {
 					continue
 				}
 				applied, d := c.dump(id, s)
+				if applied < target {
+					return false
+				}
 				if ref == nil {
 					ref, refID, idx = d, id, applied
 					continue
