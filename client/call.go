@@ -217,7 +217,7 @@ func (c *Client) classify(ctx context.Context, r route, n *node, err error, ownT
 		}
 		// Our per-attempt timeout fired (the caller's did not): the
 		// node is hung or partitioned.
-		n.failure(err)
+		n.trip(err)
 		c.nextLeader(r.shard, n.id)
 		return retryNow, wrapped
 	case codes.Canceled:

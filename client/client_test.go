@@ -368,6 +368,35 @@ func TestHungLeaderFailsOverWithinDeadline(t *testing.T) {
 	}
 }
 
+// Followers that have not yet noticed their leader's death keep naming it
+// in their hints. Once an attempt on it timed out, the client must not go
+// back and wait on it again for every hint (a fresh kvctl, whose breakers
+// start closed, spent 5 s so after a docker kill).
+func TestHintToATimedOutNodeIsNotFollowedBack(t *testing.T) {
+	f := newFake(t, 3, 4, 3)
+	// No heartbeats in this test: only request outcomes move breakers.
+	c := newClient(t, f, Config{HeartbeatInterval: time.Hour, AttemptTimeout: 100 * time.Millisecond})
+	const shard = 1
+	hung := f.Node(f.Leader(shard))
+	hung.SetMode(clienttest.Hang)
+	t.Cleanup(func() { hung.SetMode(clienttest.Up) })
+	k := keyIn(f, shard, "hint")
+	if _, err := c.Put(ctxT(t, time.Second), k, []byte("v")); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Put while the leader hangs = %v, want ErrUnavailable", err)
+	}
+	if n := hung.Calls("Put"); n != 1 {
+		t.Fatalf("the hung leader got %d attempts; after the first timed out, hints to it must be skipped", n)
+	}
+	// An election moves leadership; the next hint leads to the new leader.
+	f.SetLeader(shard, f.Replicas(shard)[1])
+	if f.Leader(shard) == hung.ID {
+		f.SetLeader(shard, f.Replicas(shard)[2])
+	}
+	if _, err := c.Put(ctxT(t, 5*time.Second), k, []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestBulkheadBoundsInFlight(t *testing.T) {
 	f := newFake(t, 1, 2, 1)
 	c := newClient(t, f, Config{MaxInFlightPerNode: 2, AttemptTimeout: time.Second, HeartbeatInterval: time.Hour})

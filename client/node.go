@@ -13,8 +13,9 @@ import (
 	"github.com/kvd/kvd/proto/kvpb"
 )
 
-// breakerThreshold is how many consecutive failures (heartbeats or
-// requests) open a node's circuit breaker.
+// breakerThreshold is how many consecutive failures (heartbeats, or
+// requests the node could not be reached for) open a node's circuit
+// breaker. A request attempt that times out opens it at once (trip).
 const breakerThreshold = 3
 
 // breakerState is a node's circuit-breaker state.
@@ -149,6 +150,22 @@ func (n *node) failure(err error) {
 		}
 	case breakerHalfOpen:
 		n.mu.state = breakerOpen
+	}
+}
+
+// trip opens the breaker at once: a request that got no answer within
+// the attempt timeout is stronger evidence than a missed heartbeat, and a
+// leader hint from a follower that has not yet noticed the death would
+// otherwise send the next attempt straight back into the same wait. The
+// heartbeat closes it again as soon as the node answers.
+func (n *node) trip(err error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.mu.failures++
+	n.mu.lastErr = err
+	if n.mu.state != breakerOpen {
+		n.mu.state = breakerOpen
+		n.log.Warn("client: node marked down, breaker open", "reason", "attempt timed out", "err", err)
 	}
 }
 
