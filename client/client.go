@@ -35,7 +35,8 @@ type Config struct {
 	// DialTimeout bounds each endpoint's bootstrap answer (default 2 s).
 	DialTimeout time.Duration
 	// HeartbeatInterval is how often every member is health-checked
-	// (default 250 ms). A member that misses 3 in a row is skipped until a
+	// (default 250 ms). A member that misses 3 in a row, or leaves a
+	// request attempt unanswered for AttemptTimeout, is skipped until a
 	// later check succeeds.
 	HeartbeatInterval time.Duration
 	// MaxInFlightPerNode bounds the requests in flight to one node
