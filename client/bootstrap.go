@@ -174,3 +174,67 @@ func (c *Client) useEndpoint(id uint64, ep string) {
 	c.log.Info("client: reaching member through configured endpoint", "node", id, "endpoint", ep)
 	old.close(true)
 }
+
+// repairMap runs until Close. While the cached map leaves a member without
+// an address (a cluster that is still publishing them when the client
+// started), it asks the configured endpoints for a newer map, backing off
+// from HeartbeatInterval to 5 s. Without it such a client would only ever
+// talk to the members it knew, and a partition of those would strand it:
+// nothing else makes it ask for a new map.
+func (c *Client) repairMap() {
+	defer c.repair.Done()
+	const maxWait = 5 * time.Second
+	wait := c.cfg.HeartbeatInterval
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.base.Done():
+			return
+		case <-t.C:
+		}
+		if !c.mapIncomplete() {
+			wait = c.cfg.HeartbeatInterval
+		} else if !c.fetchNewerMap() {
+			wait = min(2*wait, maxWait)
+		}
+		t.Reset(wait)
+	}
+}
+
+// mapIncomplete reports whether a member of the cached map has no
+// connection (its address is not known yet).
+func (c *Client) mapIncomplete() bool {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	for _, mem := range c.mu.cmap.GetMembers() {
+		if _, ok := c.mu.nodes[mem.GetId()]; !ok {
+			return true
+		}
+	}
+	return false
+}
+
+// fetchNewerMap asks every configured endpoint for the map at once and
+// applies the newest; true if it was newer than the cached one.
+func (c *Client) fetchNewerMap() bool {
+	eps := c.cfg.Endpoints
+	results := make(chan probe, len(eps))
+	for _, ep := range eps {
+		go func() { results <- c.probe(ep) }()
+	}
+	var best *kvpb.ClusterMap
+	for range eps {
+		r := <-results
+		if r.err == nil && (best == nil || r.m.GetEpoch() > best.GetEpoch()) {
+			best = r.m
+		}
+		if r.err == nil && r.node != 0 {
+			c.useEndpoint(r.node, r.ep)
+		}
+	}
+	if best == nil || best.GetEpoch() <= c.epoch() {
+		return false
+	}
+	return c.applyMap(best) == nil
+}

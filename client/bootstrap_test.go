@@ -75,6 +75,34 @@ func TestBootstrapLearnsEndpointsBehindForwarders(t *testing.T) {
 	waitFor(t, "member 1 to be dialed at its endpoint once it answers", func() bool { return addr(1) == fwd[1] })
 }
 
+// A member whose address the map does not list yet when the client starts
+// (a cluster still publishing addresses) is dialed once it is published,
+// with no request around to make the client ask for a new map.
+func TestUnpublishedMemberIsPickedUpLater(t *testing.T) {
+	f := newFake(t, 3, 4, 3)
+	addr3 := f.Node(3).Addr
+	f.SetClientAddr(3, "")
+	c, err := New(ctxT(t, 5*time.Second), Config{
+		Endpoints:         []string{f.Node(1).Addr, f.Node(2).Addr},
+		HeartbeatInterval: 20 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	dialed := func() bool {
+		c.mu.RLock()
+		defer c.mu.RUnlock()
+		_, ok := c.mu.nodes[3]
+		return ok
+	}
+	if dialed() {
+		t.Fatal("member 3 dialed before it had an address")
+	}
+	f.SetClientAddr(3, addr3)
+	waitFor(t, "member 3 to be dialed once its address is published", dialed)
+}
+
 // forward listens on loopback and relays every connection to target until
 // the test ends; it returns the listening address.
 func forward(t *testing.T, target string) string {

@@ -87,8 +87,8 @@ type Client struct {
 		overrides map[uint64]string
 	}
 	// probes tracks bootstrap probes still running after New returned;
-	// Close waits for them.
-	probes sync.WaitGroup
+	// repair tracks repairMap. Close waits for both.
+	probes, repair sync.WaitGroup
 }
 
 // New connects to the cluster: it asks every endpoint at once for the
@@ -125,6 +125,8 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 		c.Close()
 		return nil, err
 	}
+	c.repair.Add(1)
+	go c.repairMap()
 	return c, nil
 }
 
@@ -183,8 +185,14 @@ func (c *Client) applyMap(m *kvpb.ClusterMap) error {
 	var stale []*node
 	keep := map[uint64]bool{}
 	for _, mem := range m.GetMembers() {
-		keep[mem.GetId()] = true
 		addr := c.memberAddr(mem)
+		if addr == "" {
+			// Not published yet (a cluster just bootstrapping): the
+			// member is unreachable until a later map lists it, which
+			// repairMap fetches.
+			continue
+		}
+		keep[mem.GetId()] = true
 		if n, ok := c.mu.nodes[mem.GetId()]; ok && n.addr == addr {
 			continue
 		} else if ok {
@@ -330,6 +338,7 @@ func (c *Client) Close() error {
 	c.closeOnce.Do(func() {
 		c.cancel()
 		c.probes.Wait() // cancelled above, so they end at once
+		c.repair.Wait()
 		c.mu.Lock()
 		c.mu.closed = true
 		nodes := c.mu.nodes

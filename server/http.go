@@ -31,6 +31,13 @@ func (s *Server) httpHandler() http.Handler {
 			fmt.Fprintf(w, "not ready: shards still catching up: %v\n", behind)
 			return
 		}
+		if !s.published.Load() {
+			// Clients find members through the map: a node it does not
+			// list yet is unreachable for them.
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, "not ready: this node's addresses are not yet in the cluster map")
+			return
+		}
 		fmt.Fprintln(w, "ready")
 	})
 	mux.HandleFunc("/debug/pprof/", pprof.Index)

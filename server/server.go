@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -57,6 +58,10 @@ type Server struct {
 	health    *health.Server
 	httpSrv   *http.Server
 	metrics   *metrics
+
+	// published is set once the replicated cluster map lists this node's
+	// addresses; until then clients cannot find it and /readyz says so.
+	published atomic.Bool
 
 	clientLis, peerLis, metricsLis net.Listener
 
@@ -350,6 +355,7 @@ func (s *Server) maintainMap() {
 			continue
 		}
 		published = s.publishSelf(replicated)
+		s.published.Store(published)
 	}
 }
 

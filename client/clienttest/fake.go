@@ -186,6 +186,20 @@ func (f *FakeCluster) Epoch() uint64 {
 	return f.cmap.Epoch
 }
 
+// SetClientAddr sets the client address member id advertises in the map
+// ("" = not published yet) and increments the epoch, as a member
+// publishing its address does.
+func (f *FakeCluster) SetClientAddr(id uint64, addr string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, m := range f.cmap.GetMembers() {
+		if m.GetId() == id {
+			m.ClientAddr = addr
+		}
+	}
+	f.cmap.Epoch++
+}
+
 // BumpEpoch increments the map epoch: requests routed with an older
 // (nonzero) epoch then fail with StaleEpoch until the client refreshes.
 func (f *FakeCluster) BumpEpoch() {
