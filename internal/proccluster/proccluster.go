@@ -495,3 +495,19 @@ func (c *Cluster) LeaderOf(ctx context.Context, shard uint64) *Node {
 	}
 	return nil
 }
+
+// LocalGet asks the node at addr (a client address) for its local,
+// serializable value of key, bypassing the client library; a nil KeyValue
+// when the key is absent.
+func LocalGet(ctx context.Context, addr, key string) (*kvpb.KeyValue, error) {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	resp, err := kvpb.NewKVClient(conn).Get(ctx, &kvpb.GetRequest{Key: []byte(key), Consistency: kvpb.Consistency_SERIALIZABLE})
+	if err != nil {
+		return nil, err
+	}
+	return resp.GetKv(), nil
+}

@@ -12,13 +12,9 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-
 	"github.com/kvd/kvd/client"
 	"github.com/kvd/kvd/hashring"
 	"github.com/kvd/kvd/internal/proccluster"
-	"github.com/kvd/kvd/proto/kvpb"
 )
 
 func TestKvctlAgainstCluster(t *testing.T) {
@@ -199,20 +195,6 @@ func (w *writer) ackedCount() int {
 	return len(w.acked)
 }
 
-// serializableGet reads key from one node's local state.
-func serializableGet(ctx context.Context, addr, key string) (*kvpb.KeyValue, error) {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return nil, err
-	}
-	defer conn.Close()
-	resp, err := kvpb.NewKVClient(conn).Get(ctx, &kvpb.GetRequest{Key: []byte(key), Consistency: kvpb.Consistency_SERIALIZABLE})
-	if err != nil {
-		return nil, err
-	}
-	return resp.GetKv(), nil
-}
-
 func TestFailoverKillLeaderAndRestart(t *testing.T) {
 	c := proccluster.Start(t, 3, proccluster.Options{Shards: 8})
 	cl := newClient(t, c)
@@ -249,7 +231,7 @@ func TestFailoverKillLeaderAndRestart(t *testing.T) {
 	defer rcancel()
 	for k, v := range acked {
 		proccluster.WaitFor(t, 20*time.Second, "restarted node to have "+k, func() bool {
-			kv, err := serializableGet(rctx, victim.ClientAddr, k)
+			kv, err := proccluster.LocalGet(rctx, victim.ClientAddr, k)
 			return err == nil && kv != nil && string(kv.GetValue()) == v
 		})
 	}
@@ -345,7 +327,7 @@ func TestClientBreakerOnPausedNode(t *testing.T) {
 	proccluster.WaitFor(t, 10*time.Second, "breaker to close after SIGCONT", func() bool { return breaker(victim.ID) == "closed" })
 	// The node is used again: a serializable read served by it works.
 	proccluster.WaitFor(t, 10*time.Second, "resumed node to serve reads", func() bool {
-		kv, err := serializableGet(ctx, victim.ClientAddr, "paused2/49")
+		kv, err := proccluster.LocalGet(ctx, victim.ClientAddr, "paused2/49")
 		return err == nil && kv != nil
 	})
 	if errors.Is(ctx.Err(), context.DeadlineExceeded) {

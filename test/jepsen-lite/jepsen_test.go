@@ -77,7 +77,7 @@ func TestCheckerDetectsStaleReads(t *testing.T) {
 		proccluster.WaitFor(t, 30*time.Second, "put "+v, func() bool {
 			last = r.put(key, v)
 			if last.Status != statusOK {
-				t.Logf("put %s: %s: %s", v, last.Status, last.Err)
+				t.Logf("put %s: %s: %s; nodes say: %s", v, last.Status, last.Err, shardViews(ctx, e.c.Nodes))
 			}
 			return last.Status == statusOK
 		})
@@ -86,7 +86,8 @@ func TestCheckerDetectsStaleReads(t *testing.T) {
 	// Every replica has applied v1 before the cut.
 	for _, nd := range e.c.Nodes {
 		proccluster.WaitFor(t, 10*time.Second, fmt.Sprintf("node %d applies v1", nd.ID), func() bool {
-			return localRead(ctx, nd.ClientAddr, key) == "v1"
+			kv, err := proccluster.LocalGet(ctx, nd.ClientAddr, key)
+			return err == nil && string(kv.GetValue()) == "v1"
 		})
 	}
 
@@ -135,21 +136,34 @@ func TestCheckerDetectsStaleReads(t *testing.T) {
 	}
 }
 
-// localRead asks one node directly (not through a proxy) for its local,
-// serializable value of key.
-func localRead(ctx context.Context, addr, key string) string {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return ""
+// shardViews asks every node directly for its view of each shard (leader
+// as its raftnode reports it, raft role, term, applied index), for
+// failure messages.
+func shardViews(ctx context.Context, nodes []*proccluster.Node) string {
+	var b strings.Builder
+	for _, nd := range nodes {
+		fmt.Fprintf(&b, "[node %d:", nd.ID)
+		func() {
+			conn, err := grpc.NewClient(nd.ClientAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				fmt.Fprintf(&b, " %v]", err)
+				return
+			}
+			defer conn.Close()
+			ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			defer cancel()
+			st, err := kvpb.NewClusterClient(conn).Status(ctx, &kvpb.StatusRequest{})
+			if err != nil {
+				fmt.Fprintf(&b, " %v]", err)
+				return
+			}
+			for _, sh := range st.GetShards() {
+				fmt.Fprintf(&b, " shard %d leader %d role %s term %d applied %d;", sh.GetShard(), sh.GetLeader(), sh.GetRole(), sh.GetTerm(), sh.GetApplied())
+			}
+			b.WriteString("]")
+		}()
 	}
-	defer conn.Close()
-	ctx, cancel := context.WithTimeout(ctx, time.Second)
-	defer cancel()
-	resp, err := kvpb.NewKVClient(conn).Get(ctx, &kvpb.GetRequest{Key: []byte(key), Consistency: kvpb.Consistency_SERIALIZABLE})
-	if err != nil {
-		return ""
-	}
-	return string(resp.GetKv().GetValue())
+	return b.String()
 }
 
 // TestJepsenShort is the run `make test` includes: about a minute.

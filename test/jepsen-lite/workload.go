@@ -10,10 +10,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-
 	"github.com/kvd/kvd/client"
+	"github.com/kvd/kvd/internal/proccluster"
 	"github.com/kvd/kvd/proto/kvpb"
 )
 
@@ -80,7 +78,9 @@ func (r *recorder) get(key string, counter bool) Op {
 		err error
 	)
 	if r.unsafeNode != "" {
-		kv, err = serializableGet(ctx, r.unsafeNode, key)
+		if kv, err = proccluster.LocalGet(ctx, r.unsafeNode, key); err == nil && kv == nil {
+			err = client.ErrNotFound
+		}
 	} else {
 		kv, err = r.cl.Get(ctx, []byte(key))
 	}
@@ -236,22 +236,4 @@ func paceWait(rng *rand.Rand, stop <-chan struct{}, pace time.Duration) bool {
 	case <-t.C:
 		return true
 	}
-}
-
-// serializableGet asks the node at addr for its local value of key,
-// bypassing the client library. client.ErrNotFound when absent.
-func serializableGet(ctx context.Context, addr, key string) (*kvpb.KeyValue, error) {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return nil, err
-	}
-	defer conn.Close()
-	resp, err := kvpb.NewKVClient(conn).Get(ctx, &kvpb.GetRequest{Key: []byte(key), Consistency: kvpb.Consistency_SERIALIZABLE})
-	if err != nil {
-		return nil, err
-	}
-	if resp.GetKv() == nil {
-		return nil, client.ErrNotFound
-	}
-	return resp.GetKv(), nil
 }
