@@ -147,6 +147,10 @@ $rss
 
 Or against any cluster: \`kvctl --endpoints HOST:PORT bench put --clients 100 --conns 10 --total 50000\`
 (see \`kvctl bench put --help\`; \`-o json\` for scripts).
+
+Hot-path microbenchmarks (no cluster): \`go test -run '^$' -bench . ./storage ./fsm ./hashring ./transport ./server\`
+(group commit with fsync, apply of a put, ring lookup, peer batch encode/decode, a put
+through one in-process node).
 MD
 echo "bench: wrote $OUT" >&2
 cat "$OUT"
