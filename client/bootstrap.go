@@ -31,27 +31,17 @@ type probe struct {
 // container port, say), which member it reaches, so that member is dialed
 // there. It applies the newest map it got once it knows an address for
 // every member, or overrideGrace after the first map, whichever is first.
-// Probes still running go on in the background.
+// Probes still running go on in the background (lateProbes).
 func (c *Client) bootstrap(ctx context.Context) error {
-	eps := c.cfg.Endpoints
-	results := make(chan probe, len(eps))
-	c.probes.Add(len(eps))
-	for _, ep := range eps {
-		go func() {
-			defer c.probes.Done()
-			results <- c.probe(ep)
-		}()
-	}
-
+	results := c.probeAll()
 	var (
 		best    *kvpb.ClusterMap
-		found   = map[uint64]string{}
 		errs    []error
-		pending = len(eps)
+		pending = len(c.cfg.Endpoints)
 		grace   <-chan time.Time
 	)
 wait:
-	for pending > 0 && !(best != nil && c.knowsEveryMember(best, found)) {
+	for pending > 0 && !(best != nil && c.knowsEveryMember(best)) {
 		select {
 		case r := <-results:
 			pending--
@@ -59,12 +49,7 @@ wait:
 				errs = append(errs, fmt.Errorf("%s: %w", r.ep, r.err))
 				continue
 			}
-			if best == nil || r.m.GetEpoch() > best.GetEpoch() {
-				best = r.m
-			}
-			if r.node != 0 {
-				found[r.node] = r.ep
-			}
+			best = c.absorb(r, best)
 			if grace == nil {
 				t := time.NewTimer(overrideGrace)
 				defer t.Stop()
@@ -82,13 +67,6 @@ wait:
 	if best == nil {
 		return fmt.Errorf("%w: no endpoint answered: %w", ErrUnavailable, errors.Join(errs...))
 	}
-	c.mu.Lock()
-	c.mu.overrides = map[uint64]string{}
-	for id, ep := range found {
-		c.mu.overrides[id] = ep
-		c.log.Info("client: reaching member through configured endpoint", "node", id, "endpoint", ep)
-	}
-	c.mu.Unlock()
 	if err := c.applyMap(best); err != nil {
 		return err
 	}
@@ -97,6 +75,37 @@ wait:
 		go c.lateProbes(results, pending)
 	}
 	return nil
+}
+
+// probeAll probes every endpoint at once (tracked by c.probes, so Close
+// waits for them); the channel has room for every answer.
+func (c *Client) probeAll() <-chan probe {
+	eps := c.cfg.Endpoints
+	results := make(chan probe, len(eps))
+	c.probes.Add(len(eps))
+	for _, ep := range eps {
+		go func() {
+			defer c.probes.Done()
+			results <- c.probe(ep)
+		}()
+	}
+	return results
+}
+
+// absorb takes in one endpoint's answer: the endpoint becomes the address
+// of the member behind it, when it said which, and the newer of best and
+// its map is returned.
+func (c *Client) absorb(r probe, best *kvpb.ClusterMap) *kvpb.ClusterMap {
+	if r.err != nil {
+		return best
+	}
+	if r.node != 0 {
+		c.useEndpoint(r.node, r.ep)
+	}
+	if best == nil || r.m.GetEpoch() > best.GetEpoch() {
+		return r.m
+	}
+	return best
 }
 
 // probe asks ep for the cluster map and, if ep is not an address the map
@@ -129,9 +138,11 @@ func (c *Client) probe(ep string) probe {
 // knowsEveryMember reports whether every member of m can be dialed: at an
 // advertised address the caller gave, or through an endpoint found to
 // reach it.
-func (c *Client) knowsEveryMember(m *kvpb.ClusterMap, found map[uint64]string) bool {
+func (c *Client) knowsEveryMember(m *kvpb.ClusterMap) bool {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
 	for _, mem := range m.GetMembers() {
-		if _, ok := found[mem.GetId()]; !ok && !slices.Contains(c.cfg.Endpoints, mem.GetClientAddr()) {
+		if _, ok := c.mu.overrides[mem.GetId()]; !ok && !slices.Contains(c.cfg.Endpoints, mem.GetClientAddr()) {
 			return false
 		}
 	}
@@ -143,9 +154,7 @@ func (c *Client) knowsEveryMember(m *kvpb.ClusterMap, found map[uint64]string) b
 func (c *Client) lateProbes(results <-chan probe, pending int) {
 	defer c.probes.Done()
 	for ; pending > 0; pending-- {
-		if r := <-results; r.err == nil && r.node != 0 {
-			c.useEndpoint(r.node, r.ep)
-		}
+		c.absorb(<-results, nil)
 	}
 }
 
@@ -158,6 +167,7 @@ func (c *Client) useEndpoint(id uint64, ep string) {
 		return
 	}
 	c.mu.overrides[id] = ep
+	c.log.Info("client: reaching member through configured endpoint", "node", id, "endpoint", ep)
 	old, ok := c.mu.nodes[id]
 	if !ok || old.addr == ep {
 		c.mu.Unlock()
@@ -171,7 +181,6 @@ func (c *Client) useEndpoint(id uint64, ep string) {
 	c.mu.nodes[id] = n
 	go n.heartbeat(c.cfg.HeartbeatInterval, c.probeTimeout())
 	c.mu.Unlock()
-	c.log.Info("client: reaching member through configured endpoint", "node", id, "endpoint", ep)
 	old.close(true)
 }
 
@@ -218,20 +227,10 @@ func (c *Client) mapIncomplete() bool {
 // fetchNewerMap asks every configured endpoint for the map at once and
 // applies the newest; true if it was newer than the cached one.
 func (c *Client) fetchNewerMap() bool {
-	eps := c.cfg.Endpoints
-	results := make(chan probe, len(eps))
-	for _, ep := range eps {
-		go func() { results <- c.probe(ep) }()
-	}
+	results := c.probeAll()
 	var best *kvpb.ClusterMap
-	for range eps {
-		r := <-results
-		if r.err == nil && (best == nil || r.m.GetEpoch() > best.GetEpoch()) {
-			best = r.m
-		}
-		if r.err == nil && r.node != 0 {
-			c.useEndpoint(r.node, r.ep)
-		}
+	for range c.cfg.Endpoints {
+		best = c.absorb(<-results, best)
 	}
 	if best == nil || best.GetEpoch() <= c.epoch() {
 		return false

@@ -118,6 +118,7 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	c := &Client{cfg: cfg, log: log}
 	c.base, c.cancel = context.WithCancel(context.Background())
 	c.mu.nodes = map[uint64]*node{}
+	c.mu.overrides = map[uint64]string{}
 	c.session = newSession()
 	c.seqs = newSeqTracker()
 
