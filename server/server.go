@@ -327,7 +327,6 @@ func (s *Server) maintainMap() {
 	defer s.wg.Done()
 	t := time.NewTicker(100 * time.Millisecond)
 	defer t.Stop()
-	published := false
 	for {
 		select {
 		case <-s.stopc:
@@ -351,11 +350,9 @@ func (s *Server) maintainMap() {
 			s.log.Info("cluster map updated", "epoch", replicated.GetEpoch())
 			s.startNewReplicas(replicated)
 		}
-		if published {
-			continue
+		if !s.published.Load() {
+			s.published.Store(s.publishSelf(replicated))
 		}
-		published = s.publishSelf(replicated)
-		s.published.Store(published)
 	}
 }
 

@@ -11,11 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-
 	"github.com/kvd/kvd/internal/proccluster"
-	"github.com/kvd/kvd/proto/kvpb"
 )
 
 var (
@@ -77,7 +73,7 @@ func TestCheckerDetectsStaleReads(t *testing.T) {
 		proccluster.WaitFor(t, 30*time.Second, "put "+v, func() bool {
 			last = r.put(key, v)
 			if last.Status != statusOK {
-				t.Logf("put %s: %s: %s; nodes say: %s", v, last.Status, last.Err, shardViews(ctx, e.c.Nodes))
+				t.Logf("put %s: %s: %s; nodes say: %s", v, last.Status, last.Err, shardViews(ctx, e.c))
 			}
 			return last.Status == statusOK
 		})
@@ -139,29 +135,20 @@ func TestCheckerDetectsStaleReads(t *testing.T) {
 // shardViews asks every node directly for its view of each shard (leader
 // as its raftnode reports it, raft role, term, applied index), for
 // failure messages.
-func shardViews(ctx context.Context, nodes []*proccluster.Node) string {
+func shardViews(ctx context.Context, c *proccluster.Cluster) string {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
 	var b strings.Builder
-	for _, nd := range nodes {
+	for _, nd := range c.Nodes {
 		fmt.Fprintf(&b, "[node %d:", nd.ID)
-		func() {
-			conn, err := grpc.NewClient(nd.ClientAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-			if err != nil {
-				fmt.Fprintf(&b, " %v]", err)
-				return
-			}
-			defer conn.Close()
-			ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-			defer cancel()
-			st, err := kvpb.NewClusterClient(conn).Status(ctx, &kvpb.StatusRequest{})
-			if err != nil {
-				fmt.Fprintf(&b, " %v]", err)
-				return
-			}
-			for _, sh := range st.GetShards() {
-				fmt.Fprintf(&b, " shard %d leader %d role %s term %d applied %d;", sh.GetShard(), sh.GetLeader(), sh.GetRole(), sh.GetTerm(), sh.GetApplied())
-			}
-			b.WriteString("]")
-		}()
+		st, err := c.Status(ctx, nd)
+		if err != nil {
+			fmt.Fprintf(&b, " %v", err)
+		}
+		for _, sh := range st.GetShards() {
+			fmt.Fprintf(&b, " shard %d leader %d role %s term %d applied %d;", sh.GetShard(), sh.GetLeader(), sh.GetRole(), sh.GetTerm(), sh.GetApplied())
+		}
+		b.WriteString("]")
 	}
 	return b.String()
 }
