@@ -601,3 +601,50 @@ func TestCloseWithPendingSaves(t *testing.T) {
 		mustIs(t, err, ErrClosed)
 	}
 }
+
+// The log cache is shared between published states: appends go in place
+// past the end, overwrites copy first. A state a reader still holds must
+// keep its entries through both.
+func TestPublishedCacheSurvivesAppendAndTruncation(t *testing.T) {
+	e, _ := openTest(t, Options{NoSync: true})
+	s, err := e.CreateShard(1, voters)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Two appends, so that the cache's array has spare room (2..5 fill
+	// four slots, 6 makes append grow it) and the next append stays in it.
+	for _, es := range [][]*pb.Entry{ents(2, 1, 1, 1, 1), ents(6, 1)} {
+		if _, err := s.Save(&Update{Entries: es}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.mu.Lock()
+	held := s.st // what a reader fetched before the next rounds
+	s.mu.Unlock()
+	if cap(held.cache) == len(held.cache) {
+		t.Fatal("test setup: the cache has no spare capacity, so nothing is shared")
+	}
+	want := make([]uint64, len(held.cache))
+	for i, en := range held.cache {
+		want[i] = en.GetTerm()
+	}
+	// An append in place (7), then a leader change that rewrites 4..
+	// with term 2: the held state must still say term 1 for 2..6.
+	if _, err := s.Save(&Update{Entries: ents(7, 1)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Save(&Update{Entries: ents(4, 2, 2, 2)}); err != nil {
+		t.Fatal(err)
+	}
+	for i, en := range held.cache {
+		if en.GetTerm() != want[i] || en.GetIndex() != uint64(2+i) {
+			t.Fatalf("held cache[%d] is now %d/%d, want %d/%d", i, en.GetIndex(), en.GetTerm(), 2+i, want[i])
+		}
+	}
+	if term, err := s.Term(4); err != nil || term != 2 {
+		t.Fatalf("Term(4) after the rewrite = %d, %v; want 2", term, err)
+	}
+	if last, _ := s.LastIndex(); last != 6 {
+		t.Fatalf("LastIndex after the rewrite = %d, want 6", last)
+	}
+}
