@@ -3,6 +3,7 @@ package client
 import (
 	"context"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -79,8 +80,20 @@ type node struct {
 	}
 }
 
+// dialNode makes the connection to one member. A plain host:port goes
+// through gRPC's passthrough resolver: the name is resolved by each
+// connection attempt, which gives up when the attempt is cancelled.
+// gRPC's default dns resolver runs its lookups (TXT included) in a
+// goroutine that ClientConn.Close waits for, and Go's resolver does not
+// cut a lookup short on cancellation: an unresolvable member name (a
+// container's service name seen from the host) held every Close, and so
+// every kvctl invocation, for the DNS timeout (3 s here).
 func dialNode(id uint64, addr string, maxInFlight int, log *slog.Logger) (*node, error) {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	target := addr
+	if !strings.Contains(addr, "://") {
+		target = "passthrough:///" + addr
+	}
+	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return nil, err
 	}
