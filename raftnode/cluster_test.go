@@ -45,6 +45,7 @@ type testCluster struct {
 	nodes    map[uint64]*testNode
 	shards   []uint64
 	snapshot uint64 // SnapshotEntries
+	linger   time.Duration
 }
 
 func logger(t *testing.T) *slog.Logger {
@@ -66,7 +67,14 @@ func (s snapSource) OpenSnapshot(shard uint64) (transport.SnapshotReader, error)
 
 func newCluster(t *testing.T, n int, shards int, snapshotEntries uint64) *testCluster {
 	t.Helper()
-	c := &testCluster{t: t, nodes: map[uint64]*testNode{}, snapshot: snapshotEntries}
+	return newClusterFrom(&testCluster{t: t, snapshot: snapshotEntries}, n, shards)
+}
+
+// newClusterFrom starts the cluster c describes.
+func newClusterFrom(c *testCluster, n int, shards int) *testCluster {
+	t := c.t
+	t.Helper()
+	c.nodes = map[uint64]*testNode{}
 	for s := 1; s <= shards; s++ {
 		c.shards = append(c.shards, uint64(s))
 	}
@@ -107,7 +115,7 @@ func (c *testCluster) start(id uint64, lis net.Listener) {
 			t.Fatalf("relisten node %d on %s: %v", id, n.addr, err)
 		}
 	}
-	eng, err := storage.Open(filepath.Join(n.dir, "kvd.db"), storage.Options{Logger: logger(t)})
+	eng, err := storage.Open(filepath.Join(n.dir, "kvd.db"), storage.Options{Logger: logger(t), ApplyLinger: c.linger})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -425,6 +433,30 @@ func TestReadIndexBatchesConcurrentReads(t *testing.T) {
 	t.Logf("100 concurrent linearizable reads cost %d ReadIndex rounds", rounds)
 	if rounds >= 100 {
 		t.Fatalf("reads were not batched: %d rounds for 100 reads", rounds)
+	}
+}
+
+// Applying a write does not wait for its commit (storage.Update.NoWait),
+// and with nothing else to write the round lingers, here for a minute. A
+// linearizable read of the write must not wait for that: the read makes
+// the round commit.
+func TestReadIndexDoesNotWaitForALingeringApply(t *testing.T) {
+	c := &testCluster{t: t, linger: time.Minute}
+	c = newClusterFrom(c, 3, 1)
+	c.waitLeaders()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := c.put(ctx, 1, "k", "v"); err != nil {
+		t.Fatal(err)
+	}
+	l := c.leader(1)
+	if err := l.ReadIndex(ctx); err != nil {
+		t.Fatalf("ReadIndex after a write: %v", err)
+	}
+	for id, n := range c.nodes {
+		if n.host.Node(1) == l && c.countKeys(id, 1, "k") != 1 {
+			t.Fatal("the leader's state lacks the write after ReadIndex returned")
+		}
 	}
 }
 

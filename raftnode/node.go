@@ -26,8 +26,13 @@ type Storage interface {
 	Save(u *storage.Update) ([][]byte, error)
 	// Compact drops the log up to index, which must not exceed Applied.
 	Compact(index uint64) error
-	// Applied returns the last applied index and its term.
+	// Applied returns the last applied index and its term, as readers
+	// see it: a NoWait Save may return before its round commits.
 	Applied() (index, term uint64)
+	// AppliedC receives a value when a commit has moved Applied.
+	AppliedC() <-chan struct{}
+	// Flush asks a round holding NoWait saves to commit now.
+	Flush()
 }
 
 // Sender hands Raft messages to the transport. Send must not block.
@@ -481,6 +486,9 @@ type loopState struct {
 	readsWaiting []*readWaiter
 	lastCompact  uint64
 	isLeader     bool
+	// applied is the last index handed to Storage.Save to apply; readers
+	// see it (n.applied) once its round commits.
+	applied uint64
 }
 
 func (n *Node) run(rn *raft.RawNode) {
@@ -497,7 +505,9 @@ func (n *Node) run(rn *raft.RawNode) {
 	if st.lastCompact > 0 {
 		st.lastCompact--
 	}
+	st.applied = n.applied.Load()
 	defer n.failAll(st, ErrStopped)
+	appliedc := n.cfg.Storage.AppliedC()
 
 	for {
 		select {
@@ -513,6 +523,8 @@ func (n *Node) run(rn *raft.RawNode) {
 			st.readsQueued = append(st.readsQueued, w)
 		case f := <-n.funcc:
 			f(rn)
+		case <-appliedc:
+			// Handled below, with every other wake-up.
 		}
 		// Drain whatever else is already queued so one Ready (one storage
 		// round, one message batch) carries as much as possible.
@@ -523,16 +535,38 @@ func (n *Node) run(rn *raft.RawNode) {
 		if len(st.readsQueued) > 0 && len(st.readRounds) == 0 {
 			n.startReadRound(st)
 		}
-		for rn.HasReady() {
-			if err := n.handleReady(st); err != nil {
-				n.log.Error("raft node stopping: cannot persist", "err", err)
-				n.errMu.Lock()
-				n.err = err
-				n.errMu.Unlock()
-				return
-			}
+		var err error
+		for rn.HasReady() && err == nil {
+			err = n.handleReady(st)
+		}
+		if err == nil {
+			err = n.afterApply(st)
+		}
+		if err != nil {
+			n.log.Error("raft node stopping: cannot persist", "err", err)
+			n.errMu.Lock()
+			n.err = err
+			n.errMu.Unlock()
+			return
 		}
 	}
+}
+
+// afterApply publishes the applied index readers can see, releases the
+// reads it satisfies and compacts the log when due.
+func (n *Node) afterApply(st *loopState) error {
+	visible, _ := n.cfg.Storage.Applied()
+	n.applied.Store(visible)
+	n.releaseReads(st)
+	for _, w := range st.readsWaiting {
+		if w.index <= st.applied {
+			// A read waits for entries applied in a round that is
+			// lingering for company: it should not wait for long.
+			n.cfg.Storage.Flush()
+			break
+		}
+	}
+	return n.maybeCompact(st)
 }
 
 func (n *Node) drain(st *loopState) {
@@ -682,6 +716,11 @@ func (n *Node) handleReady(st *loopState) error {
 		ConfState: cs,
 		Apply:     apply,
 		Sync:      rd.MustSync,
+		// Applying committed entries need not wait for its commit: they
+		// are durable in the log (a crash replays them to the same
+		// result), so the loop goes on to the next Ready, whose append
+		// may share the commit. Storage decides which updates qualify.
+		NoWait: true,
 	}
 	if rd.HardState != nil && !raft.IsEmptyHardState(rd.HardState) {
 		u.HardState = rd.HardState
@@ -726,10 +765,10 @@ func (n *Node) handleReady(st *loopState) error {
 	}
 
 	if u.Snapshot != nil {
-		n.applied.Store(u.Snapshot.GetMetadata().GetIndex())
+		st.applied = u.Snapshot.GetMetadata().GetIndex()
 	}
 	if len(rd.CommittedEntries) > 0 {
-		n.applied.Store(rd.CommittedEntries[len(rd.CommittedEntries)-1].GetIndex())
+		st.applied = rd.CommittedEntries[len(rd.CommittedEntries)-1].GetIndex()
 	}
 	for i, p := range waiting {
 		if p == nil {
@@ -763,10 +802,9 @@ func (n *Node) handleReady(st *loopState) error {
 		}
 		st.readsWaiting = append(st.readsWaiting, ws...)
 	}
-	n.releaseReads(st)
 
 	rn.Advance(rd)
-	return n.maybeCompact(st)
+	return nil
 }
 
 // waitingFor returns, aligned with ents, the proposals waiting for them

@@ -119,7 +119,7 @@ var (
 	descUpdates      = desc("kvd_storage_updates_total", "Shard updates merged into commits; updates / commits is the group-commit factor.")
 	descEntries      = desc("kvd_storage_entries_total", "Raft entries appended; entries / fsyncs is entries per fsync.")
 	descAppliedTotal = desc("kvd_storage_applied_entries_total", "Committed entries applied.")
-	descCommitTime   = desc("kvd_storage_commit_duration_seconds", "Duration of a group-commit round, fsync included.")
+	descCommitTime   = desc("kvd_storage_commit_duration_seconds", "Duration of a group-commit round's commit: page writes and fsyncs.")
 
 	descBatchesSent  = desc("kvd_transport_batches_sent_total", "Message batches sent; messages / batches is messages per batch.")
 	descMsgsSent     = desc("kvd_transport_messages_sent_total", "Raft messages sent.")

@@ -40,6 +40,14 @@
 // therefore never differs from the data it describes, and replay after a
 // crash is idempotent: entries at or below the applied index are skipped.
 //
+// A Save that only applies (Update.NoWait: no entries, no snapshot, no
+// membership change, no sync needed) is answered as soon as it has been
+// performed, before its round commits: its entries are durable in the log,
+// so a crash replays them. A round holding only such saves waits up to
+// Options.ApplyLinger for another request to share its commit; Flush and
+// Close end the wait. Readers see the applied state once the round
+// commits, and Shard.AppliedC signals it.
+//
 // # Locks
 //
 // Engine.mu guards the map of Shard objects (so OpenShard returns one

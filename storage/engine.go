@@ -35,10 +35,19 @@ type Options struct {
 	// slow peer holds one for a long time, and would stall every write of
 	// the node meanwhile. A generous map makes remaps rare.
 	InitialMmapSize int
+
+	// ApplyLinger bounds how long a round that holds only NoWait updates
+	// (applying committed entries, already durable in the raft log) waits
+	// for other writes before it commits, so that the apply of one write
+	// and the append of the next share one commit. Default 2 ms; negative
+	// commits at once. Readers see applied state only once it commits.
+	ApplyLinger time.Duration
 }
 
 const (
 	defaultMmapSize = 256 << 20
+
+	defaultApplyLinger = 2 * time.Millisecond
 
 	// defaultLogCacheBytes bounds, per shard, the log tail kept in memory.
 	// Raft reads the tail (to send appends to followers, to apply) and
@@ -68,6 +77,7 @@ type Engine struct {
 	// left queued behind a stopped writer.
 	reqc       chan *request
 	stopc      chan struct{} // closed by Close: the writer stops taking requests
+	flushc     chan struct{} // Flush: a lingering round commits now (buffered 1)
 	writerDone chan struct{} // closed when the writer goroutine has returned
 
 	// queued counts requests waiting for the writer to take them (tests use
@@ -106,6 +116,9 @@ func Open(path string, opts Options) (*Engine, error) {
 	}
 	if opts.InitialMmapSize <= 0 {
 		opts.InitialMmapSize = defaultMmapSize
+	}
+	if opts.ApplyLinger == 0 {
+		opts.ApplyLinger = defaultApplyLinger
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("storage: create data dir: %w", err)
@@ -150,6 +163,7 @@ func Open(path string, opts Options) (*Engine, error) {
 		cacheLimit: defaultLogCacheBytes,
 		reqc:       make(chan *request),
 		stopc:      make(chan struct{}),
+		flushc:     make(chan struct{}, 1),
 		writerDone: make(chan struct{}),
 	}
 	e.mu.shards = make(map[uint64]*Shard)
@@ -173,6 +187,15 @@ func (e *Engine) Close() error {
 		}
 	})
 	return e.closeErr
+}
+
+// Flush asks a round lingering over NoWait updates to commit now, because
+// a reader waits for what it applied. It never blocks.
+func (e *Engine) Flush() {
+	select {
+	case e.flushc <- struct{}{}:
+	default:
+	}
 }
 
 // view runs fn in a bbolt read transaction, mapping a closed database to

@@ -39,6 +39,23 @@ type Update struct {
 	// (unless Options.NoSync): skipping fsync on some bbolt commits would
 	// let a crash persist a meta page before the pages it points to.
 	Sync bool
+	// NoWait lets Save return once the update is performed in the current
+	// round, before that round commits. It is honoured only for updates
+	// that append no entries, install no snapshot, change no membership
+	// and need no sync: those that apply committed entries and record the
+	// commit index, which a
+	// crash may lose because raft replays them from the durable log. The
+	// raft goroutine then goes on while the round commits (and the round
+	// may wait Options.ApplyLinger for the next append to share its
+	// commit). Readers (Applied, View, snapshots) see the update only once
+	// it commits; AppliedC signals that.
+	NoWait bool
+}
+
+// noWait reports whether Save may answer u before its round commits.
+func (u *Update) noWait() bool {
+	return u.NoWait && !u.Sync && len(u.Entries) == 0 && u.ConfState == nil &&
+		(u.Snapshot == nil || raft.IsEmptySnap(u.Snapshot))
 }
 
 // ApplyFunc applies one committed entry to the shard's state through tx and
@@ -53,7 +70,7 @@ type ApplyFunc func(tx *Txn, e *pb.Entry) []byte
 
 // Save persists u durably and applies u.Committed, in one transaction
 // shared with the other shards' concurrent saves (group commit). It blocks
-// until the round is on disk. It returns one result per u.Committed entry,
+// until the round is on disk, unless u.NoWait. It returns one result per u.Committed entry,
 // nil for entries not passed to Apply. The applied index and term become
 // those of the last Committed entry in the same transaction as the state
 // changes they reflect.
@@ -63,7 +80,7 @@ type ApplyFunc func(tx *Txn, e *pb.Entry) []byte
 // Save must not be called concurrently for the same shard with updates
 // whose order matters (raft's one goroutine per group guarantees it).
 func (s *Shard) Save(u *Update) ([][]byte, error) {
-	resp := s.e.do(&request{save: true, exec: func(rs *round) (response, error) {
+	resp := s.e.do(&request{save: true, noWait: u.noWait(), exec: func(rs *round) (response, error) {
 		return rs.save(s, u)
 	}})
 	if resp.err != nil {

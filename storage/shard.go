@@ -35,6 +35,14 @@ type Shard struct {
 	// of two different logs.
 	mu sync.Mutex
 	st *shardState
+
+	// appliedc gets a value (never blocking, buffered 1) when a commit
+	// moves the applied index.
+	appliedc chan struct{}
+}
+
+func newShard(e *Engine, id uint64, incarnation []byte, st *shardState) *Shard {
+	return &Shard{e: e, id: id, incarnation: incarnation, st: st, appliedc: make(chan struct{}, 1)}
 }
 
 // shardState is a shard's persistent state as published to readers (then
@@ -104,7 +112,7 @@ func loadShard(e *Engine, id uint64, b *bolt.Bucket) (*Shard, error) {
 	if n := len(st.cache); n > 0 && st.cache[n-1].GetIndex() != st.last {
 		return nil, fmt.Errorf("storage: shard %d: corrupt log tail", id)
 	}
-	return &Shard{e: e, id: id, incarnation: bytesClone(raftb.Get(keyIncarnation)), st: st}, nil
+	return newShard(e, id, bytesClone(raftb.Get(keyIncarnation)), st), nil
 }
 
 func bytesClone(b []byte) []byte { return append([]byte(nil), b...) }
@@ -138,6 +146,16 @@ func (s *Shard) Applied() (index, term uint64) {
 	defer s.mu.Unlock()
 	return s.st.appliedIndex, s.st.appliedTerm
 }
+
+// AppliedC receives a value after a commit has moved Applied, when
+// nothing is waiting for an earlier one: a raft group whose NoWait saves
+// returned before their round committed learns here that readers can see
+// them.
+func (s *Shard) AppliedC() <-chan struct{} { return s.appliedc }
+
+// Flush asks the round holding this shard's NoWait updates to commit
+// without lingering (see Engine.Flush).
+func (s *Shard) Flush() { s.e.Flush() }
 
 // ConfState returns a copy of the conf state as of Applied.
 func (s *Shard) ConfState() *pb.ConfState {

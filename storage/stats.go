@@ -19,8 +19,9 @@ type Stats struct {
 	// Fsyncs counts commits that synced the file (all of them unless
 	// Options.NoSync). bbolt syncs data pages, then the meta page.
 	Fsyncs uint64
-	// CommitNanos is the distribution of round latency, from the start of
-	// the transaction to the end of the commit (including fsync).
+	// CommitNanos is the distribution of commit latency: bbolt's page
+	// writes and fsyncs at the end of a round (not the round's requests,
+	// nor a round's wait for company, Options.ApplyLinger).
 	CommitNanos Histogram
 }
 

@@ -20,7 +20,10 @@ type request struct {
 	exec func(rs *round) (response, error)
 	// save marks a Shard.Save, counted in Stats.Updates.
 	save bool
-	done chan response // buffered 1: the writer never blocks on a waiter
+	// noWait: answer as soon as exec returns, before the round commits
+	// (a Save with Update.NoWait).
+	noWait bool
+	done   chan response // buffered 1: the writer never blocks on a waiter
 }
 
 type response struct {
@@ -62,29 +65,29 @@ func (e *Engine) do(r *request) response {
 // speed, not the number of shards.
 func (e *Engine) writer() {
 	defer close(e.writerDone)
-	var batch []*request
 	for {
 		select {
 		case <-e.stopc:
 			return
 		case r := <-e.reqc:
-			batch = append(batch[:0], r)
+			e.runRound(r)
 		}
-		// The shards answered by the last round are runnable but may not
-		// have re-queued yet; yielding once lets them, so a round carries
-		// every shard that writes, not just the first to wake.
-		runtime.Gosched()
-	drain:
-		for {
-			select {
-			case r := <-e.reqc:
-				batch = append(batch, r)
-			default:
-				break drain
-			}
+	}
+}
+
+// collect appends to batch every request already waiting. The shards
+// answered by the last round are runnable but may not have re-queued yet;
+// yielding once lets them, so a round carries every shard that writes, not
+// just the first to wake.
+func (e *Engine) collect(batch []*request) []*request {
+	runtime.Gosched()
+	for {
+		select {
+		case r := <-e.reqc:
+			batch = append(batch, r)
+		default:
+			return batch
 		}
-		e.runRound(batch)
-		clear(batch) // let answered requests be collected
 	}
 }
 
@@ -103,32 +106,65 @@ type round struct {
 	deleted       []uint64
 
 	updates, entries, applied uint64
+	commitTime                time.Duration
 }
 
-func (e *Engine) runRound(batch []*request) {
+// waiter is a request executed in the round and waiting for its commit.
+type waiter struct {
+	r    *request
+	resp response
+}
+
+// runRound performs first and every request that joins it in one
+// transaction. NoWait requests are answered as soon as they are performed;
+// while the round holds nothing else, it lingers up to Options.ApplyLinger
+// for more requests to share its commit (see Update.NoWait).
+func (e *Engine) runRound(first *request) {
+	batch := e.collect([]*request{first})
 	if e.failed != nil {
 		for _, r := range batch {
 			r.done <- response{err: e.failed}
 		}
 		return
 	}
-	start := time.Now()
-	resps := make([]response, len(batch))
 	rs := &round{
 		e:             e,
 		states:        make(map[*Shard]*shardState),
 		lockForCommit: make(map[*Shard]bool),
 	}
+	var waiting []waiter
 	tx, fatal := e.db.Begin(true)
+	done := 0 // batch[:done] are performed
 	if fatal == nil {
 		rs.tx = tx
-		for i, r := range batch {
-			if resps[i], fatal = rs.exec(r); fatal != nil {
+		var deadline time.Time
+		for fatal == nil {
+			for ; done < len(batch); done++ {
+				r := batch[done]
+				var resp response
+				if resp, fatal = rs.exec(r); fatal != nil {
+					break
+				}
+				if r.save && resp.err == nil {
+					rs.updates++
+				}
+				if r.noWait {
+					r.done <- resp
+				} else {
+					waiting = append(waiting, waiter{r, resp})
+				}
+			}
+			if fatal != nil || len(waiting) > 0 || e.opts.ApplyLinger <= 0 {
 				break
 			}
-			if r.save && resps[i].err == nil {
-				rs.updates++
+			if deadline.IsZero() {
+				deadline = time.Now().Add(e.opts.ApplyLinger)
 			}
+			more := e.linger(deadline)
+			if more == nil {
+				break
+			}
+			batch = e.collect(append(batch, more))
 		}
 		if fatal != nil {
 			_ = tx.Rollback()
@@ -136,7 +172,9 @@ func (e *Engine) runRound(batch []*request) {
 			for s := range rs.lockForCommit {
 				s.mu.Lock()
 			}
+			start := time.Now()
 			fatal = tx.Commit() // rolls back by itself on failure
+			rs.commitTime = time.Since(start)
 		}
 	}
 	if fatal != nil {
@@ -145,12 +183,16 @@ func (e *Engine) runRound(batch []*request) {
 		}
 		e.failed = fmt.Errorf("%w: %w", ErrFailed, fatal)
 		e.log.Error("storage write failed; refusing further writes", "err", fatal, "requests", len(batch))
-		for _, r := range batch {
+		// NoWait requests already answered keep their answer: the engine
+		// refuses their shard's next write, which stops its raft group.
+		for _, w := range waiting {
+			w.r.done <- response{err: e.failed}
+		}
+		for _, r := range batch[min(done, len(batch)):] {
 			r.done <- response{err: e.failed}
 		}
 		return
 	}
-	elapsed := time.Since(start)
 	rs.publish()
 	e.stats.Lock()
 	e.stats.s.Commits++
@@ -160,11 +202,26 @@ func (e *Engine) runRound(batch []*request) {
 	e.stats.s.Updates += rs.updates
 	e.stats.s.Entries += rs.entries
 	e.stats.s.Applied += rs.applied
-	e.stats.s.CommitNanos.Observe(elapsed)
+	e.stats.s.CommitNanos.Observe(rs.commitTime)
 	e.stats.Unlock()
-	for i, r := range batch {
-		r.done <- resps[i]
+	for _, w := range waiting {
+		w.r.done <- w.resp
 	}
+}
+
+// linger waits until deadline for another request, and returns it; nil
+// when the deadline passes, Flush is called or the engine closes.
+func (e *Engine) linger(deadline time.Time) *request {
+	t := time.NewTimer(time.Until(deadline))
+	defer t.Stop()
+	select {
+	case r := <-e.reqc:
+		return r
+	case <-e.flushc:
+	case <-t.C:
+	case <-e.stopc:
+	}
+	return nil
 }
 
 // exec runs one request, turning a panic (from an ApplyFunc, or a broken
@@ -185,8 +242,15 @@ func (rs *round) publish() {
 		if !rs.lockForCommit[s] {
 			s.mu.Lock()
 		}
+		moved := s.st.appliedIndex != st.appliedIndex
 		s.st = st
 		s.mu.Unlock()
+		if moved {
+			select {
+			case s.appliedc <- struct{}{}:
+			default:
+			}
+		}
 	}
 	if len(rs.created) == 0 && len(rs.deleted) == 0 {
 		return
@@ -280,8 +344,7 @@ func (rs *round) createShard(id uint64, cs *pb.ConfState) (response, error) {
 			return response{}, err
 		}
 	}
-	s := &Shard{e: rs.e, id: id, incarnation: inc}
-	s.st = st
+	s := newShard(rs.e, id, inc, st)
 	// The working state is the one published after the commit; a later
 	// request of this round on s continues from it.
 	rs.states[s] = st
