@@ -45,7 +45,8 @@ type testCluster struct {
 	nodes    map[uint64]*testNode
 	shards   []uint64
 	snapshot uint64 // SnapshotEntries
-	linger   time.Duration
+	// commitInterval is storage.Options.CommitInterval.
+	commitInterval time.Duration
 }
 
 func logger(t *testing.T) *slog.Logger {
@@ -115,7 +116,7 @@ func (c *testCluster) start(id uint64, lis net.Listener) {
 			t.Fatalf("relisten node %d on %s: %v", id, n.addr, err)
 		}
 	}
-	eng, err := storage.Open(filepath.Join(n.dir, "kvd.db"), storage.Options{Logger: logger(t), ApplyLinger: c.linger})
+	eng, err := storage.Open(filepath.Join(n.dir, "kvd.db"), storage.Options{Logger: logger(t), CommitInterval: c.commitInterval})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -441,7 +442,7 @@ func TestReadIndexBatchesConcurrentReads(t *testing.T) {
 // linearizable read of the write must not wait for that: the read makes
 // the round commit.
 func TestReadIndexDoesNotWaitForALingeringApply(t *testing.T) {
-	c := &testCluster{t: t, linger: time.Minute}
+	c := &testCluster{t: t, commitInterval: time.Minute}
 	c = newClusterFrom(c, 3, 1)
 	c.waitLeaders()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

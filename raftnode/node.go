@@ -560,8 +560,8 @@ func (n *Node) afterApply(st *loopState) error {
 	n.releaseReads(st)
 	for _, w := range st.readsWaiting {
 		if w.index <= st.applied {
-			// A read waits for entries applied in a round that is
-			// lingering for company: it should not wait for long.
+			// A read waits for entries applied in the storage's open
+			// transaction: commit it now rather than at its interval.
 			n.cfg.Storage.Flush()
 			break
 		}

@@ -12,6 +12,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/storage"
 )
 
 // metrics is the node's Prometheus registry (never the global one, so
@@ -115,11 +117,12 @@ var (
 	descCompactions   = desc("kvd_raft_log_compactions_total", "Log compactions.", "shard")
 
 	descCommits      = desc("kvd_storage_commits_total", "bbolt write transactions committed (group-commit rounds).")
-	descFsyncs       = desc("kvd_storage_fsyncs_total", "Commits that synced the file.")
+	descFsyncs       = desc("kvd_storage_fsyncs_total", "Write rounds made durable: by a WAL record and one fdatasync, or by a bbolt commit.")
 	descUpdates      = desc("kvd_storage_updates_total", "Shard updates merged into commits; updates / commits is the group-commit factor.")
 	descEntries      = desc("kvd_storage_entries_total", "Raft entries appended; entries / fsyncs is entries per fsync.")
 	descAppliedTotal = desc("kvd_storage_applied_entries_total", "Committed entries applied.")
-	descCommitTime   = desc("kvd_storage_commit_duration_seconds", "Duration of a group-commit round's commit: page writes and fsyncs.")
+	descCommitTime   = desc("kvd_storage_commit_duration_seconds", "Duration of a bbolt commit: page writes and fsyncs.")
+	descSyncTime     = desc("kvd_storage_sync_duration_seconds", "Time a write round took to become durable (WAL write and fdatasync, or bbolt commit).")
 
 	descBatchesSent  = desc("kvd_transport_batches_sent_total", "Message batches sent; messages / batches is messages per batch.")
 	descMsgsSent     = desc("kvd_transport_messages_sent_total", "Raft messages sent.")
@@ -135,6 +138,17 @@ var (
 	descSnapRecv     = desc("kvd_snapshots_received_total", "Snapshots received and staged.")
 	descEpoch        = desc("kvd_cluster_map_epoch", "Epoch of the cluster map this node routes with.")
 )
+
+// constHistogram converts a storage histogram (nanoseconds) to seconds.
+func constHistogram(d *prometheus.Desc, h storage.Histogram) prometheus.Metric {
+	buckets := make(map[float64]uint64, len(h.Bounds))
+	var cum uint64
+	for i, b := range h.Bounds {
+		cum += h.Counts[i]
+		buckets[float64(b)/1e9] = cum
+	}
+	return prometheus.MustNewConstHistogram(d, h.Count(), float64(h.Sum)/1e9, buckets)
+}
 
 func desc(name, help string, labels ...string) *prometheus.Desc {
 	return prometheus.NewDesc(name, help, labels, nil)
@@ -167,18 +181,12 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 
 	es := s.engine.Stats()
 	ch <- prometheus.MustNewConstMetric(descCommits, counter, float64(es.Commits))
-	ch <- prometheus.MustNewConstMetric(descFsyncs, counter, float64(es.Fsyncs))
+	ch <- prometheus.MustNewConstMetric(descFsyncs, counter, float64(es.Syncs))
 	ch <- prometheus.MustNewConstMetric(descUpdates, counter, float64(es.Updates))
 	ch <- prometheus.MustNewConstMetric(descEntries, counter, float64(es.Entries))
 	ch <- prometheus.MustNewConstMetric(descAppliedTotal, counter, float64(es.Applied))
-	h := es.CommitNanos
-	buckets := make(map[float64]uint64, len(h.Bounds))
-	var cum uint64
-	for i, b := range h.Bounds {
-		cum += h.Counts[i]
-		buckets[float64(b)/1e9] = cum
-	}
-	ch <- prometheus.MustNewConstHistogram(descCommitTime, h.Count(), float64(h.Sum)/1e9, buckets)
+	ch <- constHistogram(descCommitTime, es.CommitNanos)
+	ch <- constHistogram(descSyncTime, es.SyncNanos)
 
 	ts := s.tr.Stats()
 	ch <- prometheus.MustNewConstMetric(descBatchesSent, counter, float64(ts.BatchesSent))

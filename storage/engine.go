@@ -36,18 +36,18 @@ type Options struct {
 	// the node meanwhile. A generous map makes remaps rare.
 	InitialMmapSize int
 
-	// ApplyLinger bounds how long a round that holds only NoWait updates
-	// (applying committed entries, already durable in the raft log) waits
-	// for other writes before it commits, so that the apply of one write
-	// and the append of the next share one commit. Default 2 ms; negative
-	// commits at once. Readers see applied state only once it commits.
-	ApplyLinger time.Duration
+	// CommitInterval bounds how long the bbolt transaction stays open
+	// across rounds (each made durable by the WAL) before it commits.
+	// Readers see applied state only once it commits, so it also bounds
+	// how far a serializable read may lag the writes this node applied.
+	// Default 10 ms; negative commits every round.
+	CommitInterval time.Duration
 }
 
 const (
 	defaultMmapSize = 256 << 20
 
-	defaultApplyLinger = 2 * time.Millisecond
+	defaultCommitInterval = 10 * time.Millisecond
 
 	// defaultLogCacheBytes bounds, per shard, the log tail kept in memory.
 	// Raft reads the tail (to send appends to followers, to apply) and
@@ -77,7 +77,7 @@ type Engine struct {
 	// left queued behind a stopped writer.
 	reqc       chan *request
 	stopc      chan struct{} // closed by Close: the writer stops taking requests
-	flushc     chan struct{} // Flush: a lingering round commits now (buffered 1)
+	flushc     chan struct{} // Flush: commit the open transaction now (buffered 1)
 	writerDone chan struct{} // closed when the writer goroutine has returned
 
 	// queued counts requests waiting for the writer to take them (tests use
@@ -91,6 +91,9 @@ type Engine struct {
 	// failed is set by the writer after a round could not be committed;
 	// every later write is refused with it. Owned by the writer goroutine.
 	failed error
+	// wal and open are owned by the writer goroutine.
+	wal  *wal
+	open openTx
 
 	// mu guards shards, the Shard objects handed out, so that OpenShard
 	// returns the same *Shard every time (its in-memory log must be the
@@ -117,8 +120,8 @@ func Open(path string, opts Options) (*Engine, error) {
 	if opts.InitialMmapSize <= 0 {
 		opts.InitialMmapSize = defaultMmapSize
 	}
-	if opts.ApplyLinger == 0 {
-		opts.ApplyLinger = defaultApplyLinger
+	if opts.CommitInterval == 0 {
+		opts.CommitInterval = defaultCommitInterval
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("storage: create data dir: %w", err)
@@ -138,7 +141,7 @@ func Open(path string, opts Options) (*Engine, error) {
 	}
 	dropped := 0
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketNode, bucketShards} {
+		for _, name := range [][]byte{bucketNode, bucketShards, bucketWAL} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
@@ -165,12 +168,83 @@ func Open(path string, opts Options) (*Engine, error) {
 		stopc:      make(chan struct{}),
 		flushc:     make(chan struct{}, 1),
 		writerDone: make(chan struct{}),
+		open:       openTx{touched: make(map[*Shard]struct{})},
 	}
 	e.mu.shards = make(map[uint64]*Shard)
 	e.stats.s = newStats()
-	e.log.Info("storage opened", "path", path, "nosync", opts.NoSync, "dropped_staged", dropped)
+	if e.wal, err = openWAL(filepath.Dir(path), !opts.NoSync); err != nil {
+		_ = db.Close()
+		return nil, err
+	}
+	replayed, err := e.recover()
+	if err != nil {
+		_ = e.wal.close()
+		_ = db.Close()
+		return nil, fmt.Errorf("storage: recover %s: %w", path, err)
+	}
+	e.log.Info("storage opened", "path", path, "nosync", opts.NoSync, "dropped_staged", dropped, "wal_records_replayed", replayed)
 	go e.writer()
 	return e, nil
+}
+
+// recover replays into bbolt the WAL records written since its last
+// commit (see wal.go), and commits them.
+func (e *Engine) recover() (records int, err error) {
+	tx, err := e.db.Begin(true)
+	if err != nil {
+		return 0, err
+	}
+	if v := tx.Bucket(bucketWAL).Get(keyWALGen); v != nil {
+		if e.wal.gen, err = decodeU64(v); err != nil {
+			_ = tx.Rollback()
+			return 0, err
+		}
+	}
+	rs := &round{e: e, tx: tx, states: map[*Shard]*shardState{}, lockForCommit: map[*Shard]bool{}}
+	shards := map[uint64]*Shard{}
+	records, err = e.wal.replay(e.wal.gen, func(op walOp) error {
+		s := shards[op.shard]
+		if s == nil {
+			b := shardBucket(tx, op.shard)
+			if b == nil {
+				return fmt.Errorf("wal holds shard %d, which is not on disk", op.shard)
+			}
+			if s, err = loadShard(e, op.shard, b); err != nil {
+				return err
+			}
+			shards[op.shard] = s
+		}
+		u := &Update{}
+		if op.hard != nil {
+			u.HardState = &pb.HardState{}
+			if err := proto.Unmarshal(op.hard, u.HardState); err != nil {
+				return fmt.Errorf("wal: shard %d: hard state: %w", op.shard, err)
+			}
+		}
+		for _, b := range op.entries {
+			ent := &pb.Entry{}
+			if err := proto.Unmarshal(b, ent); err != nil {
+				return fmt.Errorf("wal: shard %d: entry: %w", op.shard, err)
+			}
+			u.Entries = append(u.Entries, ent)
+		}
+		resp, err := rs.save(s, u)
+		if err == nil {
+			err = resp.err
+		}
+		if err != nil {
+			return fmt.Errorf("wal: replay into shard %d: %w", op.shard, err)
+		}
+		return nil
+	})
+	if err != nil {
+		_ = tx.Rollback()
+		return records, err
+	}
+	// Commit even with nothing replayed: the WAL then restarts under a
+	// generation no record on the file has.
+	e.open.tx, e.open.start = tx, time.Now()
+	return records, e.commit(rs)
 }
 
 // Close stops the writer (requests still waiting for it get ErrClosed; a
@@ -182,6 +256,9 @@ func (e *Engine) Close() error {
 		e.closed.Store(true)
 		close(e.stopc)
 		<-e.writerDone
+		if err := e.wal.close(); err != nil {
+			e.closeErr = fmt.Errorf("storage: close wal: %w", err)
+		}
 		if err := e.db.Close(); err != nil {
 			e.closeErr = fmt.Errorf("storage: close: %w", err)
 		}
@@ -189,8 +266,8 @@ func (e *Engine) Close() error {
 	return e.closeErr
 }
 
-// Flush asks a round lingering over NoWait updates to commit now, because
-// a reader waits for what it applied. It never blocks.
+// Flush asks the writer to commit the open transaction now, because a
+// reader waits for the applied state it holds. It never blocks.
 func (e *Engine) Flush() {
 	select {
 	case e.flushc <- struct{}{}:

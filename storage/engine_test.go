@@ -189,8 +189,8 @@ func TestGroupCommitRound(t *testing.T) {
 	if st.Entries-before.Entries != 8 || st.Applied-before.Applied != 8 {
 		t.Fatalf("entries %d applied %d", st.Entries-before.Entries, st.Applied-before.Applied)
 	}
-	if st.Fsyncs-before.Fsyncs != 2 || st.CommitNanos.Count() != st.Commits {
-		t.Fatalf("fsyncs %d, histogram count %d, commits %d", st.Fsyncs-before.Fsyncs, st.CommitNanos.Count(), st.Commits)
+	if st.Syncs-before.Syncs != 2 || st.CommitNanos.Count() != st.Commits || st.SyncNanos.Count() != st.Syncs {
+		t.Fatalf("syncs %d, histogram counts %d and %d, commits %d", st.Syncs-before.Syncs, st.CommitNanos.Count(), st.SyncNanos.Count(), st.Commits)
 	}
 }
 
@@ -264,8 +264,8 @@ func TestGroupCommitConcurrent(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := e.Stats()
-	commits, updates := st.Commits-before.Commits, st.Updates-before.Updates
-	t.Logf("%d updates in %d commits (%.1f per commit)", updates, commits, float64(updates)/float64(commits))
+	commits, updates := st.Syncs-before.Syncs, st.Updates-before.Updates
+	t.Logf("%d updates in %d rounds (%.1f per round)", updates, commits, float64(updates)/float64(commits))
 	if updates != nShards*nSaves || commits*4 > updates*3 {
 		t.Fatalf("%d updates in %d commits: group commit is not merging", updates, commits)
 	}

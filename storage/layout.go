@@ -15,6 +15,7 @@ import (
 //	    log/<index BE8>   marshaled raftpb.Entry, contiguous indexes
 //	    kv/               the state machine's key-value data (Txn.Get/Put)
 //	    meta/             the state machine's metadata (Txn.GetMeta/PutMeta)
+//	wal/gen               generation the WAL continues with (see wal.go)
 //	staging/<seq BE8>/    snapshots being received (StageSnapshot)
 //	    info, done        shard id + metadata; marker set by the last chunk
 //	    kv/, meta/        become the shard's kv/ and meta/ on install
@@ -22,6 +23,8 @@ var (
 	bucketNode    = []byte("node")
 	bucketShards  = []byte("shards")
 	bucketStaging = []byte("staging")
+	bucketWAL     = []byte("wal")
+	keyWALGen     = []byte("gen")
 
 	bucketRaft = []byte("raft")
 	bucketLog  = []byte("log")

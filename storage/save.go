@@ -35,20 +35,19 @@ type Update struct {
 	// Apply is called for each committed EntryNormal with data, inside the
 	// write transaction. nil skips them (the applied index still moves).
 	Apply ApplyFunc
-	// Sync is raft's MustSync. The engine syncs every round regardless
-	// (unless Options.NoSync): skipping fsync on some bbolt commits would
-	// let a crash persist a meta page before the pages it points to.
+	// Sync is raft's MustSync. Entries and a hard state are made durable
+	// (a WAL record, or a bbolt commit) before Save returns whatever Sync
+	// says; Sync only keeps a NoWait update from skipping that wait.
 	Sync bool
-	// NoWait lets Save return once the update is performed in the current
-	// round, before that round commits. It is honoured only for updates
-	// that append no entries, install no snapshot, change no membership
-	// and need no sync: those that apply committed entries and record the
-	// commit index, which a
-	// crash may lose because raft replays them from the durable log. The
-	// raft goroutine then goes on while the round commits (and the round
-	// may wait Options.ApplyLinger for the next append to share its
-	// commit). Readers (Applied, View, snapshots) see the update only once
-	// it commits; AppliedC signals that.
+	// NoWait says the caller does not need the applied state durable when
+	// Save returns: the entries it applies are durable in the log and a
+	// crash makes raft apply them again. Without NoWait, a Save that
+	// applies commits bbolt before it returns. An update that has nothing
+	// else to persist (no entries, no snapshot, no membership change, no
+	// sync: applying and recording the commit index) is answered as soon as
+	// it is performed, without waiting for its round. Readers (Applied,
+	// View, snapshots) see applied state only once bbolt commits, which
+	// AppliedC signals.
 	NoWait bool
 }
 
@@ -157,21 +156,34 @@ func (rs *round) save(s *Shard, u *Update) (response, error) {
 
 	b := shardBucket(rs.tx, s.id)
 	raftb := b.Bucket(bucketRaft)
+	noWait := u.noWait()
+	var op walOp
 	if install {
+		// Snapshots are not in the WAL: the round commits bbolt.
+		rs.commit = true
 		if err := rs.install(s, st, b, staged, stagedSeq, u.Snapshot.GetMetadata()); err != nil {
 			return response{}, err
 		}
 	}
 	if len(ents) > 0 {
-		if err := rs.appendLog(s, st, b.Bucket(bucketLog), ents); err != nil {
+		if op.entries, err = rs.appendLog(s, st, b.Bucket(bucketLog), ents); err != nil {
 			return response{}, err
 		}
 	}
 	if hs := u.HardState; hs != nil && !raft.IsEmptyHardState(hs) {
 		st.hard = proto.Clone(hs).(*pb.HardState)
-		if err := putProto(raftb, keyHardState, st.hard); err != nil {
+		v, err := proto.Marshal(st.hard)
+		if err != nil {
 			return response{}, err
 		}
+		if err := raftb.Put(keyHardState, v); err != nil {
+			return response{}, err
+		}
+		op.hard = v
+	}
+	if !noWait && !op.empty() {
+		op.shard = s.id
+		rs.walOps = append(rs.walOps, op)
 	}
 	results := make([][]byte, len(u.Committed))
 	var txn *Txn
@@ -197,8 +209,16 @@ func (rs *round) save(s *Shard, u *Update) (response, error) {
 		if err := raftb.Put(keyApplied, encodeApplied(st.appliedIndex, st.appliedTerm)); err != nil {
 			return response{}, err
 		}
+		// The WAL does not hold applied state: a caller that needs it
+		// durable when Save returns gets a bbolt commit.
+		if !u.NoWait {
+			rs.commit = true
+		}
 	}
 	if u.ConfState != nil {
+		// Nor membership: readers see ConfState as of the visible applied
+		// index, so it changes only with a commit.
+		rs.commit = true
 		st.conf = proto.Clone(pb.EnsureConfState(u.ConfState)).(*pb.ConfState)
 		if err := putProto(raftb, keyConfState, st.conf); err != nil {
 			return response{}, err
@@ -209,25 +229,28 @@ func (rs *round) save(s *Shard, u *Update) (response, error) {
 }
 
 // appendLog writes ents (validated: contiguous, starting at or below
-// st.last+1, above the snapshot index) and truncates the old suffix.
-func (rs *round) appendLog(s *Shard, st *shardState, logb *bolt.Bucket, ents []*pb.Entry) error {
+// st.last+1, above the snapshot index) and truncates the old suffix. It
+// returns the marshalled entries, for the WAL.
+func (rs *round) appendLog(s *Shard, st *shardState, logb *bolt.Bucket, ents []*pb.Entry) ([][]byte, error) {
 	first, newLast := ents[0].GetIndex(), ents[len(ents)-1].GetIndex()
 	// Log keys only grow: split full leaves, not half-full ones (bbolt's
 	// default suits random inserts and would leave every log page half
 	// empty, doubling the pages each commit writes).
 	logb.FillPercent = 0.95
-	for _, e := range ents {
+	marshalled := make([][]byte, len(ents))
+	for i, e := range ents {
 		v, err := proto.Marshal(e)
 		if err != nil {
-			return fmt.Errorf("storage: marshal entry %d: %w", e.GetIndex(), err)
+			return nil, fmt.Errorf("storage: marshal entry %d: %w", e.GetIndex(), err)
 		}
 		if err := logb.Put(u64(e.GetIndex()), v); err != nil {
-			return err
+			return nil, err
 		}
+		marshalled[i] = v
 	}
 	for i := newLast + 1; i <= st.last; i++ {
 		if err := logb.Delete(u64(i)); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	if cs := st.cacheStart(); first == st.last+1 {
@@ -257,21 +280,32 @@ func (rs *round) appendLog(s *Shard, st *shardState, logb *bolt.Bucket, ents []*
 		st.cacheBytes += proto.Size(e)
 	}
 	st.last = newLast
-	st.evict(rs.e.cacheLimit)
-	return nil
+	if gen := rs.e.wal.gen; st.unboltedGen != gen {
+		st.unboltedGen, st.unboltedFrom = gen, first
+	} else {
+		st.unboltedFrom = min(st.unboltedFrom, first)
+	}
+	if evicted := st.evict(rs.e.cacheLimit); evicted >= st.unboltedFrom {
+		// Evicted entries are read from committed bbolt: commit.
+		rs.commit = true
+	}
+	return marshalled, nil
 }
 
-// evict drops the oldest cached entries beyond limit bytes; they stay in
-// bbolt.
-func (st *shardState) evict(limit int) {
+// evict drops the oldest cached entries beyond limit bytes (they stay in
+// bbolt) and returns the index of the last it dropped, 0 for none.
+func (st *shardState) evict(limit int) uint64 {
 	n := 0
 	for n < len(st.cache) && st.cacheBytes > limit {
 		st.cacheBytes -= proto.Size(st.cache[n])
 		n++
 	}
-	if n > 0 {
-		st.cache = st.cache[n:]
+	if n == 0 {
+		return 0
 	}
+	last := st.cache[n-1].GetIndex()
+	st.cache = st.cache[n:]
+	return last
 }
 
 func (rs *round) compact(s *Shard, index uint64) (response, error) {

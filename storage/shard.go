@@ -36,13 +36,33 @@ type Shard struct {
 	mu sync.Mutex
 	st *shardState
 
+	// visible is the applied index and term of the last bbolt commit,
+	// which readers see (st's may be ahead, in the open transaction).
+	// Guarded by mu.
+	visible struct{ index, term uint64 }
 	// appliedc gets a value (never blocking, buffered 1) when a commit
-	// moves the applied index.
+	// moves visible.
 	appliedc chan struct{}
 }
 
 func newShard(e *Engine, id uint64, incarnation []byte, st *shardState) *Shard {
-	return &Shard{e: e, id: id, incarnation: incarnation, st: st, appliedc: make(chan struct{}, 1)}
+	s := &Shard{e: e, id: id, incarnation: incarnation, st: st, appliedc: make(chan struct{}, 1)}
+	s.visible.index, s.visible.term = st.appliedIndex, st.appliedTerm
+	return s
+}
+
+// showApplied makes the published applied index visible, after a commit.
+func (s *Shard) showApplied() {
+	s.mu.Lock()
+	moved := s.visible.index != s.st.appliedIndex
+	s.visible.index, s.visible.term = s.st.appliedIndex, s.st.appliedTerm
+	s.mu.Unlock()
+	if moved {
+		select {
+		case s.appliedc <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // shardState is a shard's persistent state as published to readers (then
@@ -59,6 +79,11 @@ type shardState struct {
 	// it overwrites (a truncation), see round.appendLog.
 	cache      []*pb.Entry
 	cacheBytes int
+	// The entries from unboltedFrom on are not in committed bbolt yet (only
+	// in the open transaction and the WAL) when unboltedGen is the WAL's
+	// current generation; the cache must keep them, since readers fetch
+	// older entries from committed bbolt.
+	unboltedGen, unboltedFrom uint64
 
 	appliedIndex, appliedTerm uint64
 	conf                      *pb.ConfState // as of appliedIndex; never nil
@@ -144,7 +169,7 @@ func (s *Shard) ID() uint64 { return s.id }
 func (s *Shard) Applied() (index, term uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.st.appliedIndex, s.st.appliedTerm
+	return s.visible.index, s.visible.term
 }
 
 // AppliedC receives a value after a commit has moved Applied, when
@@ -153,8 +178,8 @@ func (s *Shard) Applied() (index, term uint64) {
 // them.
 func (s *Shard) AppliedC() <-chan struct{} { return s.appliedc }
 
-// Flush asks the round holding this shard's NoWait updates to commit
-// without lingering (see Engine.Flush).
+// Flush asks the writer to commit its open transaction now (see
+// Engine.Flush).
 func (s *Shard) Flush() { s.e.Flush() }
 
 // ConfState returns a copy of the conf state as of Applied.

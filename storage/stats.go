@@ -7,21 +7,26 @@ import (
 
 // Stats are the engine's cumulative counters since Open.
 type Stats struct {
-	// Commits counts write rounds committed: one bbolt transaction each.
+	// Commits counts bbolt transactions committed; each spans the rounds
+	// since the previous one.
 	Commits uint64
-	// Updates counts Shard.Save calls merged into those rounds; Updates /
-	// Commits is the group-commit factor.
+	// Updates counts Shard.Save calls merged into rounds; Updates / Syncs
+	// is the group-commit factor.
 	Updates uint64
 	// Entries counts raft entries appended to shard logs.
 	Entries uint64
 	// Applied counts committed entries applied (all types).
 	Applied uint64
-	// Fsyncs counts commits that synced the file (all of them unless
-	// Options.NoSync). bbolt syncs data pages, then the meta page.
-	Fsyncs uint64
-	// CommitNanos is the distribution of commit latency: bbolt's page
-	// writes and fsyncs at the end of a round (not the round's requests,
-	// nor a round's wait for company, Options.ApplyLinger).
+	// Syncs counts rounds made durable: by a WAL record and one
+	// fdatasync, or by a bbolt commit (which syncs data pages, then the
+	// meta page), plus commits between rounds. Entries / Syncs is entries
+	// per sync.
+	Syncs uint64
+	// SyncNanos is the distribution of the time a round took to become
+	// durable (WAL write and fdatasync, or bbolt commit).
+	SyncNanos Histogram
+	// CommitNanos is the distribution of bbolt commit latency: page
+	// writes and fsyncs.
 	CommitNanos Histogram
 }
 
@@ -59,11 +64,16 @@ func newStats() Stats {
 	for b := 64 * time.Microsecond; b <= 1100*time.Millisecond; b *= 2 {
 		bounds = append(bounds, uint64(b))
 	}
-	return Stats{CommitNanos: Histogram{Bounds: bounds, Counts: make([]uint64, len(bounds)+1)}}
+	return Stats{
+		CommitNanos: Histogram{Bounds: bounds, Counts: make([]uint64, len(bounds)+1)},
+		SyncNanos:   Histogram{Bounds: slices.Clone(bounds), Counts: make([]uint64, len(bounds)+1)},
+	}
 }
 
 func (s Stats) clone() Stats {
 	s.CommitNanos.Bounds = slices.Clone(s.CommitNanos.Bounds)
 	s.CommitNanos.Counts = slices.Clone(s.CommitNanos.Counts)
+	s.SyncNanos.Bounds = slices.Clone(s.SyncNanos.Bounds)
+	s.SyncNanos.Counts = slices.Clone(s.SyncNanos.Counts)
 	return s
 }

@@ -59,19 +59,39 @@ func (e *Engine) do(r *request) response {
 }
 
 // writer is the one goroutine that writes to bbolt. It takes a request,
-// then every request already waiting, from all shards, and performs them in
-// one transaction with one fsync: while it syncs, the next requests pile
-// up and form the next round, so the number of fsyncs follows the disk's
-// speed, not the number of shards.
+// then every request already waiting, from all shards, and performs them
+// as one round: in the open bbolt transaction, made durable by one WAL
+// record and one fdatasync (or by committing the transaction). While it
+// syncs, the next requests pile up and form the next round, so the number
+// of syncs follows the disk's speed, not the number of shards.
+//
+// The transaction stays open across rounds and commits when a request
+// needs it (anything but a plain Save), Options.CommitInterval after it
+// began, when the WAL nears its size, on Flush, and on Close.
 func (e *Engine) writer() {
 	defer close(e.writerDone)
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
 	for {
+		var tick <-chan time.Time
+		if e.open.tx != nil {
+			timer.Reset(time.Until(e.open.start.Add(e.opts.CommitInterval)))
+			tick = timer.C
+		}
 		select {
 		case <-e.stopc:
+			if e.open.tx != nil {
+				e.commitIdle()
+			}
 			return
 		case r := <-e.reqc:
 			e.runRound(r)
+		case <-e.flushc:
+			e.commitIdle()
+		case <-tick:
+			e.commitIdle()
 		}
+		timer.Stop()
 	}
 }
 
@@ -91,12 +111,22 @@ func (e *Engine) collect(batch []*request) []*request {
 	}
 }
 
-// round is the state of one write transaction. Owned by the writer.
+// openTx is the bbolt transaction that spans rounds until it commits.
+// Owned by the writer.
+type openTx struct {
+	tx    *bolt.Tx
+	start time.Time
+	// touched are the shards whose state changed in tx: their applied
+	// index becomes visible when it commits.
+	touched map[*Shard]struct{}
+}
+
+// round is the state of one round of requests. Owned by the writer.
 type round struct {
 	e  *Engine
 	tx *bolt.Tx
 	// states are the working copies of the shards this round touches;
-	// they replace the published states once the commit succeeded.
+	// they replace the published states once the round is durable.
 	states map[*Shard]*shardState
 	// lockForCommit lists shards whose mu the writer holds across the
 	// commit, because the round rewrites log entries older than their
@@ -105,22 +135,34 @@ type round struct {
 	created       []*Shard
 	deleted       []uint64
 
+	// commit: the round must end with a bbolt commit, not a WAL record.
+	commit bool
+	// walOps are the durable parts of the round's saves.
+	walOps []walOp
+
 	updates, entries, applied uint64
-	commitTime                time.Duration
 }
 
-// waiter is a request executed in the round and waiting for its commit.
+// waiter is a request performed in the round and waiting for it to be
+// durable.
 type waiter struct {
 	r    *request
 	resp response
 }
 
-// runRound performs first and every request that joins it in one
-// transaction. NoWait requests are answered as soon as they are performed;
-// while the round holds nothing else, it lingers up to Options.ApplyLinger
-// for more requests to share its commit (see Update.NoWait).
+// runRound performs first and every request that joins it. NoWait saves
+// are answered as soon as they are performed; the others once the round
+// is durable.
 func (e *Engine) runRound(first *request) {
 	batch := e.collect([]*request{first})
+	if e.failed == nil && e.open.tx == nil {
+		tx, err := e.db.Begin(true)
+		if err != nil {
+			e.fail(err)
+		} else {
+			e.open.tx, e.open.start = tx, time.Now()
+		}
+	}
 	if e.failed != nil {
 		for _, r := range batch {
 			r.done <- response{err: e.failed}
@@ -129,99 +171,158 @@ func (e *Engine) runRound(first *request) {
 	}
 	rs := &round{
 		e:             e,
+		tx:            e.open.tx,
 		states:        make(map[*Shard]*shardState),
 		lockForCommit: make(map[*Shard]bool),
 	}
 	var waiting []waiter
-	tx, fatal := e.db.Begin(true)
+	var fatal error
 	done := 0 // batch[:done] are performed
-	if fatal == nil {
-		rs.tx = tx
-		var deadline time.Time
-		for fatal == nil {
-			for ; done < len(batch); done++ {
-				r := batch[done]
-				var resp response
-				if resp, fatal = rs.exec(r); fatal != nil {
-					break
-				}
-				if r.save && resp.err == nil {
-					rs.updates++
-				}
-				if r.noWait {
-					r.done <- resp
-				} else {
-					waiting = append(waiting, waiter{r, resp})
-				}
-			}
-			if fatal != nil || len(waiting) > 0 || e.opts.ApplyLinger <= 0 {
-				break
-			}
-			if deadline.IsZero() {
-				deadline = time.Now().Add(e.opts.ApplyLinger)
-			}
-			more := e.linger(deadline)
-			if more == nil {
-				break
-			}
-			batch = e.collect(append(batch, more))
+	for ; done < len(batch); done++ {
+		r := batch[done]
+		var resp response
+		if resp, fatal = rs.exec(r); fatal != nil {
+			break
 		}
-		if fatal != nil {
-			_ = tx.Rollback()
+		if r.save && resp.err == nil {
+			rs.updates++
+		}
+		if !r.save {
+			rs.commit = true
+		}
+		if r.noWait {
+			r.done <- resp
 		} else {
-			for s := range rs.lockForCommit {
-				s.mu.Lock()
+			waiting = append(waiting, waiter{r, resp})
+		}
+	}
+	start := time.Now()
+	synced := false
+	if fatal == nil {
+		switch {
+		case rs.commit || len(rs.lockForCommit) > 0:
+			fatal = e.commit(rs)
+			synced = fatal == nil
+		case len(rs.walOps) > 0:
+			if fatal = e.wal.write(rs.walOps); fatal == nil {
+				synced = true
+				rs.publish()
 			}
-			start := time.Now()
-			fatal = tx.Commit() // rolls back by itself on failure
-			rs.commitTime = time.Since(start)
+		default:
+			rs.publish()
 		}
 	}
 	if fatal != nil {
-		for s := range rs.lockForCommit {
-			s.mu.Unlock()
-		}
-		e.failed = fmt.Errorf("%w: %w", ErrFailed, fatal)
+		e.fail(fatal)
 		e.log.Error("storage write failed; refusing further writes", "err", fatal, "requests", len(batch))
 		// NoWait requests already answered keep their answer: the engine
 		// refuses their shard's next write, which stops its raft group.
 		for _, w := range waiting {
 			w.r.done <- response{err: e.failed}
 		}
-		for _, r := range batch[min(done, len(batch)):] {
+		for _, r := range batch[done:] {
 			r.done <- response{err: e.failed}
 		}
 		return
 	}
-	rs.publish()
+	for s := range rs.states {
+		if e.open.tx != nil {
+			e.open.touched[s] = struct{}{}
+		}
+	}
 	e.stats.Lock()
-	e.stats.s.Commits++
-	if !e.opts.NoSync {
-		e.stats.s.Fsyncs++
+	if synced {
+		e.stats.s.Syncs++
+		e.stats.s.SyncNanos.Observe(time.Since(start))
 	}
 	e.stats.s.Updates += rs.updates
 	e.stats.s.Entries += rs.entries
 	e.stats.s.Applied += rs.applied
-	e.stats.s.CommitNanos.Observe(rs.commitTime)
 	e.stats.Unlock()
 	for _, w := range waiting {
 		w.r.done <- w.resp
 	}
+	// Commit once the round's waiters have their answer: they need not
+	// wait for it.
+	if e.open.tx != nil && (e.flushRequested() || time.Since(e.open.start) >= e.opts.CommitInterval || e.wal.off >= walSoftLimit) {
+		e.commitIdle()
+	}
 }
 
-// linger waits until deadline for another request, and returns it; nil
-// when the deadline passes, Flush is called or the engine closes.
-func (e *Engine) linger(deadline time.Time) *request {
-	t := time.NewTimer(time.Until(deadline))
-	defer t.Stop()
+// flushRequested reports (and consumes) a pending Flush.
+func (e *Engine) flushRequested() bool {
 	select {
-	case r := <-e.reqc:
-		return r
 	case <-e.flushc:
-	case <-t.C:
-	case <-e.stopc:
+		return true
+	default:
+		return false
 	}
+}
+
+// commit commits the open transaction with rs's requests, publishes rs's
+// states, restarts the WAL and makes the applied state of every shard the
+// transaction touched visible.
+func (e *Engine) commit(rs *round) error {
+	gen := e.wal.gen + 1
+	if err := rs.tx.Bucket(bucketWAL).Put(keyWALGen, u64(gen)); err != nil {
+		return err
+	}
+	for s := range rs.lockForCommit {
+		s.mu.Lock()
+	}
+	start := time.Now()
+	if err := rs.tx.Commit(); err != nil { // rolls back by itself
+		e.open.tx = nil
+		for s := range rs.lockForCommit {
+			s.mu.Unlock()
+		}
+		return err
+	}
+	elapsed := time.Since(start)
+	rs.publish()
+	e.wal.restart(gen)
+	for s := range rs.states {
+		e.open.touched[s] = struct{}{}
+	}
+	for s := range e.open.touched {
+		s.showApplied()
+	}
+	e.open.tx = nil
+	clear(e.open.touched)
+	e.stats.Lock()
+	e.stats.s.Commits++
+	e.stats.s.CommitNanos.Observe(elapsed)
+	e.stats.Unlock()
 	return nil
+}
+
+// commitIdle commits the open transaction between rounds.
+func (e *Engine) commitIdle() {
+	if e.open.tx == nil || e.failed != nil {
+		return
+	}
+	rs := &round{e: e, tx: e.open.tx, lockForCommit: map[*Shard]bool{}}
+	start := time.Now()
+	if err := e.commit(rs); err != nil {
+		e.fail(err)
+		e.log.Error("storage commit failed; refusing further writes", "err", err)
+		return
+	}
+	e.stats.Lock()
+	e.stats.s.Syncs++
+	e.stats.s.SyncNanos.Observe(time.Since(start))
+	e.stats.Unlock()
+}
+
+// fail makes the engine refuse every later write with err, dropping the
+// open transaction: what it held since its last commit is in the WAL
+// (what was acknowledged) or may be lost (the rest).
+func (e *Engine) fail(err error) {
+	if e.open.tx != nil {
+		_ = e.open.tx.Rollback()
+		e.open.tx = nil
+	}
+	e.failed = fmt.Errorf("%w: %w", ErrFailed, err)
 }
 
 // exec runs one request, turning a panic (from an ApplyFunc, or a broken
@@ -236,21 +337,15 @@ func (rs *round) exec(r *request) (resp response, fatal error) {
 	return r.exec(rs)
 }
 
-// publish makes the committed working states visible to readers.
+// publish makes the round's working states, now durable, the shards'
+// states.
 func (rs *round) publish() {
 	for s, st := range rs.states {
 		if !rs.lockForCommit[s] {
 			s.mu.Lock()
 		}
-		moved := s.st.appliedIndex != st.appliedIndex
 		s.st = st
 		s.mu.Unlock()
-		if moved {
-			select {
-			case s.appliedc <- struct{}{}:
-			default:
-			}
-		}
 	}
 	if len(rs.created) == 0 && len(rs.deleted) == 0 {
 		return

@@ -1,0 +1,197 @@
+package storage
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	pb "go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
+)
+
+// walShard opens an engine whose bbolt transaction stays open for a minute,
+// so only a request that needs a commit, Flush or Close commits it, and a
+// shard holding entries 2 and 3 (committed, not applied).
+func walShard(t *testing.T) (*Engine, string, *Shard) {
+	t.Helper()
+	e, path := openTest(t, Options{CommitInterval: time.Minute})
+	s, err := e.CreateShard(1, &pb.ConfState{Voters: []uint64{1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Save(&Update{Entries: []*pb.Entry{putEntry(2, 1, "a", "1"), putEntry(3, 1, "b", "2")}, Sync: true}); err != nil {
+		t.Fatal(err)
+	}
+	return e, path, s
+}
+
+func applyNoWait(t *testing.T, s *Shard) {
+	t.Helper()
+	res, err := s.Save(&Update{Committed: []*pb.Entry{putEntry(2, 1, "a", "1"), putEntry(3, 1, "b", "2")}, Apply: applyPut, NoWait: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(res[0]) != "ok 2" || string(res[1]) != "ok 3" {
+		t.Fatalf("results %q", res)
+	}
+	if i, _ := s.Applied(); i != 1 {
+		t.Fatalf("Applied = %d before the transaction committed, want 1", i)
+	}
+	if d := dump(t, s); len(d) != 0 {
+		t.Fatalf("readers see the uncommitted apply: %v", d)
+	}
+}
+
+func waitApplied(t *testing.T, s *Shard, want uint64) {
+	t.Helper()
+	select {
+	case <-s.AppliedC():
+	case <-time.After(10 * time.Second):
+		t.Fatal("AppliedC did not fire")
+	}
+	if i, _ := s.Applied(); i != want {
+		t.Fatalf("Applied = %d, want %d", i, want)
+	}
+	if d := dump(t, s); d["kv/a"] != "1" || d["kv/b"] != "2" {
+		t.Fatalf("state after commit: %v", d)
+	}
+}
+
+// An append is made durable by a WAL record, not a bbolt commit; the apply
+// before it becomes visible only with the commit.
+func TestAppendIsDurableWithoutCommit(t *testing.T) {
+	e, _, s := walShard(t)
+	before := e.Stats()
+	applyNoWait(t, s)
+	if _, err := s.Save(&Update{Entries: []*pb.Entry{putEntry(4, 1, "c", "3")}, Sync: true, NoWait: true}); err != nil {
+		t.Fatal(err)
+	}
+	st := e.Stats()
+	if c, n := st.Commits-before.Commits, st.Syncs-before.Syncs; c != 0 || n != 1 {
+		t.Fatalf("%d commits and %d syncs for an apply and an append, want 0 and 1", c, n)
+	}
+	if li, _ := s.LastIndex(); li != 4 {
+		t.Fatalf("LastIndex = %d, want 4", li)
+	}
+	if i, _ := s.Applied(); i != 1 {
+		t.Fatalf("Applied = %d before the commit, want 1", i)
+	}
+	s.Flush()
+	waitApplied(t, s, 3)
+}
+
+// Flush commits the open transaction: a reader waiting for the applied
+// state need not wait for CommitInterval.
+func TestFlushCommits(t *testing.T) {
+	_, _, s := walShard(t)
+	applyNoWait(t, s)
+	s.Flush()
+	waitApplied(t, s, 3)
+}
+
+// Close commits the open transaction.
+func TestCloseCommits(t *testing.T) {
+	e, path, s := walShard(t)
+	applyNoWait(t, s)
+	e2 := reopen(t, e, path, Options{})
+	s2, err := e2.OpenShard(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if i, _ := s2.Applied(); i != 3 {
+		t.Fatalf("Applied after reopen = %d, want 3", i)
+	}
+}
+
+// A Save without NoWait that applies returns with its applied state
+// committed.
+func TestApplyWithoutNoWaitCommits(t *testing.T) {
+	_, _, s := walShard(t)
+	if _, err := s.Save(&Update{Entries: []*pb.Entry{putEntry(4, 1, "c", "3")}, Committed: []*pb.Entry{putEntry(2, 1, "a", "1"), putEntry(3, 1, "b", "2")}, Apply: applyPut}); err != nil {
+		t.Fatal(err)
+	}
+	if i, _ := s.Applied(); i != 3 {
+		t.Fatalf("Applied = %d when Save returned, want 3", i)
+	}
+}
+
+// A copy of the files taken while the transaction is open is what a crash
+// leaves: bbolt as of its last commit, and the WAL. Opening it replays the
+// WAL: every acknowledged append and hard state is there, including a
+// truncation; the applied index is the committed one, and the state
+// machine matches it.
+func TestWALReplayAfterCrash(t *testing.T) {
+	e, path, s := walShard(t)
+	if _, err := s.Save(&Update{Committed: []*pb.Entry{putEntry(2, 1, "a", "1")}, Apply: applyPut}); err != nil {
+		t.Fatal(err) // applied 2, committed
+	}
+	applyNoWait3 := &Update{Committed: []*pb.Entry{putEntry(3, 1, "b", "2")}, Apply: applyPut, NoWait: true}
+	if _, err := s.Save(applyNoWait3); err != nil {
+		t.Fatal(err)
+	}
+	hs := &pb.HardState{Term: proto.Uint64(2), Vote: proto.Uint64(1), Commit: proto.Uint64(3)}
+	for _, u := range []*Update{
+		{Entries: []*pb.Entry{putEntry(4, 1, "c", "3"), putEntry(5, 1, "d", "4")}, Sync: true, NoWait: true},
+		// A new leader overwrites 5.
+		{Entries: []*pb.Entry{putEntry(5, 2, "e", "5"), putEntry(6, 2, "f", "6")}, HardState: hs, Sync: true, NoWait: true},
+	} {
+		if _, err := s.Save(u); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := e.Stats().Commits; got == 0 {
+		t.Fatal("no commit counted")
+	}
+	crashed := filepath.Join(t.TempDir(), "kvd.db")
+	for _, name := range []string{filepath.Base(path), walName} {
+		b, err := os.ReadFile(filepath.Join(filepath.Dir(path), name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(filepath.Dir(crashed), name), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e2, err := Open(crashed, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e2.Close() })
+	s2, err := e2.OpenShard(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if i, _ := s2.Applied(); i != 2 {
+		t.Fatalf("Applied after the crash = %d, want the committed 2", i)
+	}
+	if d := dump(t, s2); d["kv/a"] != "1" || d["kv/b"] != "" {
+		t.Fatalf("state after the crash: %v", d)
+	}
+	if li, _ := s2.LastIndex(); li != 6 {
+		t.Fatalf("LastIndex after the crash = %d, want 6", li)
+	}
+	es, err := s2.Entries(2, 7, ^uint64(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"a=1", "b=2", "c=3", "e=5", "f=6"}
+	for i, en := range es {
+		if string(en.GetData()) != want[i] {
+			t.Fatalf("entry %d = %q, want %q", en.GetIndex(), en.GetData(), want[i])
+		}
+	}
+	got, _, err := s2.InitialState()
+	if err != nil || !proto.Equal(got, hs) {
+		t.Fatalf("hard state after the crash = %v, %v; want %v", got, err, hs)
+	}
+	// Reopening again replays nothing twice.
+	e3 := reopen(t, e2, crashed, Options{})
+	s3, err := e3.OpenShard(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if li, _ := s3.LastIndex(); li != 6 {
+		t.Fatalf("LastIndex after a second open = %d, want 6", li)
+	}
+}
