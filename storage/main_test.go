@@ -22,6 +22,9 @@ func TestMain(m *testing.M) {
 		crashChild()
 		return
 	}
+	// Hundreds of engines: 64 MiB of zeros each would be most of the
+	// package's test time.
+	walPrealloc = 1 << 20
 	goleak.VerifyTestMain(m)
 }
 

@@ -39,19 +39,21 @@ type wal struct {
 	off  int64  // where the next record goes
 	gen  uint64 // generation of the records being written
 	sync bool
+	// softLimit: past it, the writer commits bbolt, restarting the WAL.
+	softLimit int64
 	buf  []byte
 }
+
+// walPrealloc is the size the file is filled to once, so that rewriting it
+// from the start never changes its size and fdatasync need not write file
+// metadata. Past 15/16 of it, the writer commits bbolt, which restarts the
+// WAL. A variable so that tests, which open hundreds of engines, can use
+// less.
+var walPrealloc int64 = 64 << 20
 
 const (
 	walName       = "kvd.wal"
 	walHeaderSize = 16
-	// walPrealloc is the size the file is filled to once, so that
-	// rewriting it from the start never changes its size and fdatasync
-	// need not write file metadata.
-	walPrealloc = 64 << 20
-	// walSoftLimit: past it, the next round commits bbolt, which restarts
-	// the WAL.
-	walSoftLimit = walPrealloc - 4<<20
 	// maxWALRecord bounds a record's payload when reading, so a corrupt
 	// length cannot make Open allocate gigabytes.
 	maxWALRecord = 1 << 30
@@ -65,7 +67,7 @@ func openWAL(dir string, sync bool) (*wal, error) {
 	if err != nil {
 		return nil, fmt.Errorf("storage: open wal: %w", err)
 	}
-	w := &wal{f: f, sync: sync}
+	w := &wal{f: f, sync: sync, softLimit: walPrealloc / 16 * 15}
 	fi, err := f.Stat()
 	if err != nil {
 		_ = f.Close()

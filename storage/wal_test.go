@@ -143,21 +143,7 @@ func TestWALReplayAfterCrash(t *testing.T) {
 	if got := e.Stats().Commits; got == 0 {
 		t.Fatal("no commit counted")
 	}
-	crashed := filepath.Join(t.TempDir(), "kvd.db")
-	for _, name := range []string{filepath.Base(path), walName} {
-		b, err := os.ReadFile(filepath.Join(filepath.Dir(path), name))
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(filepath.Dir(crashed), name), b, 0o600); err != nil {
-			t.Fatal(err)
-		}
-	}
-	e2, err := Open(crashed, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = e2.Close() })
+	e2 := openCopy(t, path)
 	s2, err := e2.OpenShard(1)
 	if err != nil {
 		t.Fatal(err)
@@ -186,7 +172,7 @@ func TestWALReplayAfterCrash(t *testing.T) {
 		t.Fatalf("hard state after the crash = %v, %v; want %v", got, err, hs)
 	}
 	// Reopening again replays nothing twice.
-	e3 := reopen(t, e2, crashed, Options{})
+	e3 := reopen(t, e2, e2.db.Path(), Options{})
 	s3, err := e3.OpenShard(1)
 	if err != nil {
 		t.Fatal(err)
@@ -194,4 +180,65 @@ func TestWALReplayAfterCrash(t *testing.T) {
 	if li, _ := s3.LastIndex(); li != 6 {
 		t.Fatalf("LastIndex after a second open = %d, want 6", li)
 	}
+}
+
+// When the WAL nears its size the writer commits bbolt and the WAL starts
+// over under the next generation; a crash afterwards replays only the
+// records of that generation, over older ones left in the file.
+func TestWALRestartsWhenFull(t *testing.T) {
+	e, path, s := walShard(t)
+	before := e.Stats().Commits
+	value := make([]byte, 1000)
+	n := uint64(4)
+	for ; e.Stats().Commits-before < 2; n++ {
+		en := &pb.Entry{Index: proto.Uint64(n), Term: proto.Uint64(1), Data: append([]byte("k="), value...)}
+		if _, err := s.Save(&Update{Entries: []*pb.Entry{en}, Sync: true, NoWait: true}); err != nil {
+			t.Fatal(err)
+		}
+		if n > 100000 {
+			t.Fatal("the WAL never filled up")
+		}
+	}
+	// A few more rounds into the new generation, then "crash".
+	last := n + 9
+	for ; n <= last; n++ {
+		en := &pb.Entry{Index: proto.Uint64(n), Term: proto.Uint64(1), Data: []byte("k=v")}
+		if _, err := s.Save(&Update{Entries: []*pb.Entry{en}, Sync: true, NoWait: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e2 := openCopy(t, path)
+	s2, err := e2.OpenShard(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if li, _ := s2.LastIndex(); li != last {
+		t.Fatalf("LastIndex after the crash = %d, want %d", li, last)
+	}
+	es, err := s2.Entries(last-9, last+1, ^uint64(0))
+	if err != nil || len(es) != 10 || string(es[9].GetData()) != "k=v" {
+		t.Fatalf("tail after the crash: %d entries, %v", len(es), err)
+	}
+}
+
+// openCopy opens a copy of the engine files at path taken now, as a crash
+// would leave them (the writer must be idle).
+func openCopy(t *testing.T, path string) *Engine {
+	t.Helper()
+	crashed := filepath.Join(t.TempDir(), "kvd.db")
+	for _, name := range []string{filepath.Base(path), walName} {
+		b, err := os.ReadFile(filepath.Join(filepath.Dir(path), name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(filepath.Dir(crashed), name), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e, err := Open(crashed, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close() })
+	return e
 }

@@ -244,7 +244,7 @@ func (e *Engine) runRound(first *request) {
 	}
 	// Commit once the round's waiters have their answer: they need not
 	// wait for it.
-	if e.open.tx != nil && (e.flushRequested() || time.Since(e.open.start) >= e.opts.CommitInterval || e.wal.off >= walSoftLimit) {
+	if e.open.tx != nil && (e.flushRequested() || time.Since(e.open.start) >= e.opts.CommitInterval || e.wal.off >= e.wal.softLimit) {
 		e.commitIdle()
 	}
 }

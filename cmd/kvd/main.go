@@ -85,7 +85,7 @@ learner before it votes.`,
 	}
 	f := cmd.Flags()
 	f.Uint64Var(&cfg.NodeID, "id", 1, "this node's id: a positive integer, unique in the cluster and listed in --initial-cluster")
-	f.StringVar(&cfg.DataDir, "data-dir", server.DefaultDataDir, "directory for the node's data (one bbolt file holding every shard)")
+	f.StringVar(&cfg.DataDir, "data-dir", server.DefaultDataDir, "directory for the node's data (one bbolt file holding every shard, and its write-ahead log)")
 	f.StringVar(&cfg.ListenClient, "listen-client", server.DefaultClientAddr, "address for the client API (gRPC: KV, Cluster, health)")
 	f.StringVar(&cfg.AdvertiseClient, "advertise-client", "", "client address other nodes and clients should dial (default: --listen-client)")
 	f.StringVar(&cfg.ListenPeer, "listen-peer", server.DefaultPeerAddr, "address for Raft traffic between nodes (gRPC)")
