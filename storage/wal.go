@@ -41,7 +41,7 @@ type wal struct {
 	sync bool
 	// softLimit: past it, the writer commits bbolt, restarting the WAL.
 	softLimit int64
-	buf  []byte
+	buf       []byte
 }
 
 // walPrealloc is the size the file is filled to once, so that rewriting it
