@@ -194,6 +194,10 @@ func (e *Engine) recover() (records int, err error) {
 	if err != nil {
 		return 0, err
 	}
+	// A file that never stored a generation (new, or written before the
+	// WAL existed) has no records to replay; generation 1 matches none, and
+	// never the zeros of a preallocated file.
+	e.wal.gen = 1
 	if v := tx.Bucket(bucketWAL).Get(keyWALGen); v != nil {
 		if e.wal.gen, err = decodeU64(v); err != nil {
 			_ = tx.Rollback()

@@ -221,15 +221,46 @@ func TestWALRestartsWhenFull(t *testing.T) {
 	}
 }
 
+// A torn last record (a crash in the middle of its write, so it was never
+// acknowledged) is where replay stops; the records before it are replayed.
+func TestWALReplayStopsAtATornRecord(t *testing.T) {
+	e, path, s := walShard(t)
+	for i := uint64(4); i <= 6; i++ {
+		if _, err := s.Save(&Update{Entries: []*pb.Entry{putEntry(i, 1, "k", "v")}, Sync: true, NoWait: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	off := e.wal.off
+	e2 := openCopyWith(t, path, func(wal []byte) {
+		wal[off-1] ^= 0xff // the last byte of the last record
+	})
+	s2, err := e2.OpenShard(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if li, _ := s2.LastIndex(); li != 5 {
+		t.Fatalf("LastIndex after a torn record = %d, want 5", li)
+	}
+}
+
 // openCopy opens a copy of the engine files at path taken now, as a crash
 // would leave them (the writer must be idle).
 func openCopy(t *testing.T, path string) *Engine {
+	t.Helper()
+	return openCopyWith(t, path, func([]byte) {})
+}
+
+// openCopyWith is openCopy with the WAL's bytes passed through mangle.
+func openCopyWith(t *testing.T, path string, mangle func(wal []byte)) *Engine {
 	t.Helper()
 	crashed := filepath.Join(t.TempDir(), "kvd.db")
 	for _, name := range []string{filepath.Base(path), walName} {
 		b, err := os.ReadFile(filepath.Join(filepath.Dir(path), name))
 		if err != nil {
 			t.Fatal(err)
+		}
+		if name == walName {
+			mangle(b)
 		}
 		if err := os.WriteFile(filepath.Join(filepath.Dir(crashed), name), b, 0o600); err != nil {
 			t.Fatal(err)
