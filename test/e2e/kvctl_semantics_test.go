@@ -149,9 +149,14 @@ func TestKvctlSemantics(t *testing.T) {
 		if out, _ := run("", 0, "get", "--prefix", "cnt/", "--count-only"); out != "30\n" {
 			t.Fatalf("count-only: %q", out)
 		}
-		if out, _ := run("", 0, "get", "--prefix", "cnt/", "--count-only", "--consistency", "serializable", "-o", "json"); !strings.Contains(out, `"count": 30`) {
-			t.Fatalf("count-only json: %q", out)
-		}
+		// A serializable read may lag: a follower learns of commits with
+		// the next heartbeat, and any replica shows applied state once its
+		// storage commits (every CommitInterval).
+		var out string
+		proccluster.WaitFor(t, 10*time.Second, "a serializable count of 30", func() bool {
+			out, _ = run("", 0, "get", "--prefix", "cnt/", "--count-only", "--consistency", "serializable", "-o", "json")
+			return strings.Contains(out, `"count": 30`)
+		})
 		if out, _ := run("", 0, "get", "cnt/10", "--end", "cnt/20", "--count-only"); out != "10\n" {
 			t.Fatalf("range count: %q", out)
 		}
