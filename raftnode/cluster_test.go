@@ -437,11 +437,11 @@ func TestReadIndexBatchesConcurrentReads(t *testing.T) {
 	}
 }
 
-// Applying a write does not wait for its commit (storage.Update.NoWait),
-// and with nothing else to write the round lingers, here for a minute. A
-// linearizable read of the write must not wait for that: the read makes
-// the round commit.
-func TestReadIndexDoesNotWaitForALingeringApply(t *testing.T) {
+// Applying a write does not wait for its commit (storage.Update.NoWait):
+// readers see it when the storage next commits, here after a minute
+// (CommitInterval). A linearizable read of the write must not wait for
+// that: the read makes the storage commit.
+func TestReadIndexDoesNotWaitForTheCommitInterval(t *testing.T) {
 	c := &testCluster{t: t, commitInterval: time.Minute}
 	c = newClusterFrom(c, 3, 1)
 	c.waitLeaders()

@@ -31,7 +31,8 @@ type Storage interface {
 	Applied() (index, term uint64)
 	// AppliedC receives a value when a commit has moved Applied.
 	AppliedC() <-chan struct{}
-	// Flush asks a round holding NoWait saves to commit now.
+	// Flush asks the storage to commit now, so that Applied catches up
+	// with what Save applied.
 	Flush()
 }
 

@@ -169,7 +169,6 @@ func Open(path string, opts Options) (*Engine, error) {
 		stopc:      make(chan struct{}),
 		flushc:     make(chan struct{}, 1),
 		writerDone: make(chan struct{}),
-		open:       openTx{touched: make(map[*Shard]struct{})},
 	}
 	e.mu.shards = make(map[uint64]*Shard)
 	e.stats.s = newStats()

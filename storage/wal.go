@@ -125,7 +125,8 @@ func (op *walOp) empty() bool { return op.hard == nil && len(op.entries) == 0 }
 
 // write appends one record holding ops and syncs the file.
 func (w *wal) write(ops []walOp) error {
-	b := append(w.buf[:0], make([]byte, walHeaderSize)...)
+	var header [walHeaderSize]byte // filled in below
+	b := append(w.buf[:0], header[:]...)
 	for _, op := range ops {
 		b = binary.AppendUvarint(b, op.shard)
 		if op.hard == nil {

@@ -116,9 +116,6 @@ func (e *Engine) collect(batch []*request) []*request {
 type openTx struct {
 	tx    *bolt.Tx
 	start time.Time
-	// touched are the shards whose state changed in tx: their applied
-	// index becomes visible when it commits.
-	touched map[*Shard]struct{}
 }
 
 // round is the state of one round of requests. Owned by the writer.
@@ -225,11 +222,6 @@ func (e *Engine) runRound(first *request) {
 		}
 		return
 	}
-	for s := range rs.states {
-		if e.open.tx != nil {
-			e.open.touched[s] = struct{}{}
-		}
-	}
 	e.stats.Lock()
 	if synced {
 		e.stats.s.Syncs++
@@ -260,8 +252,7 @@ func (e *Engine) flushRequested() bool {
 }
 
 // commit commits the open transaction with rs's requests, publishes rs's
-// states, restarts the WAL and makes the applied state of every shard the
-// transaction touched visible.
+// states, restarts the WAL and makes every shard's applied state visible.
 func (e *Engine) commit(rs *round) error {
 	gen := e.wal.gen + 1
 	if err := rs.tx.Bucket(bucketWAL).Put(keyWALGen, u64(gen)); err != nil {
@@ -281,14 +272,20 @@ func (e *Engine) commit(rs *round) error {
 	elapsed := time.Since(start)
 	rs.publish()
 	e.wal.restart(gen)
-	for s := range rs.states {
-		e.open.touched[s] = struct{}{}
+	e.open.tx = nil
+	// Every shard's published state is now committed. Asking each (a few
+	// dozen, a few dozen times a second) is simpler than tracking which
+	// ones the transaction touched; showApplied signals only those whose
+	// applied index moved.
+	e.mu.Lock()
+	shards := make([]*Shard, 0, len(e.mu.shards))
+	for _, s := range e.mu.shards {
+		shards = append(shards, s)
 	}
-	for s := range e.open.touched {
+	e.mu.Unlock()
+	for _, s := range shards {
 		s.showApplied()
 	}
-	e.open.tx = nil
-	clear(e.open.touched)
 	e.stats.Lock()
 	e.stats.s.Commits++
 	e.stats.s.CommitNanos.Observe(elapsed)
