@@ -819,3 +819,57 @@ func TestConcurrentUse(t *testing.T) {
 		t.Fatalf("scan: %d keys, %v", len(p.KVs), err)
 	}
 }
+
+// Concurrent requests to a node share one Batch stream, and each caller
+// gets its own answer; a request too large to batch goes by its unary
+// method and arrives whole.
+func TestConcurrentRequestsShareOneStream(t *testing.T) {
+	f := newFake(t, 1, 1, 1)
+	c := newClient(t, f, Config{AttemptTimeout: 5 * time.Second})
+	ctx := ctxT(t, 20*time.Second)
+	const writers, each = 50, 20
+	var wg sync.WaitGroup
+	errs := make(chan error, writers)
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range each {
+				k, v := fmt.Appendf(nil, "k%d-%d", w, i), fmt.Appendf(nil, "v%d-%d", w, i)
+				if _, err := c.Put(ctx, k, v); err != nil {
+					errs <- err
+					return
+				}
+				kv, err := c.Get(ctx, k)
+				if err != nil {
+					errs <- err
+					return
+				}
+				if !bytes.Equal(kv.GetValue(), v) {
+					errs <- fmt.Errorf("get %s = %q, want %q", k, kv.GetValue(), v)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if got := f.Node(1).Calls("Put"); got != writers*each {
+		t.Errorf("node served %d puts, want %d", got, writers*each)
+	}
+	if got := f.Node(1).Calls("Batch"); got != 1 {
+		t.Errorf("%d Batch streams, want 1 for all %d requests", got, 2*writers*each)
+	}
+
+	big := bytes.Repeat([]byte("b"), maxBatchItemBytes+1)
+	if _, err := c.Put(ctx, []byte("big"), big); err != nil {
+		t.Fatalf("put of %d bytes: %v", len(big), err)
+	}
+	kv, err := c.Get(ctx, []byte("big"))
+	if err != nil || !bytes.Equal(kv.GetValue(), big) {
+		t.Fatalf("get big: %d bytes, %v; want %d bytes", len(kv.GetValue()), err, len(big))
+	}
+}

@@ -32,11 +32,12 @@ func (c *Client) writeHeader() *kvpb.RequestHeader {
 	return &kvpb.RequestHeader{Session: c.session, Seq: c.seqs.start()}
 }
 
-// stamp sets the per-attempt fields of a write header: the map epoch and
-// ack_below (which may rise between retries; Seq never changes).
-func (c *Client) stamp(h *kvpb.RequestHeader, epoch uint64) {
-	h.Epoch = epoch
-	h.AckBelow = c.seqs.ackBelow()
+// stamped returns h with the per-attempt fields of a write header set: the
+// map epoch and ack_below (which may rise between retries; Seq never
+// changes). It is a copy: an earlier attempt's request may still be in the
+// hands of the batch sender.
+func (c *Client) stamped(h *kvpb.RequestHeader, epoch uint64) *kvpb.RequestHeader {
+	return &kvpb.RequestHeader{Session: h.GetSession(), Seq: h.GetSeq(), Epoch: epoch, AckBelow: c.seqs.ackBelow()}
 }
 
 // seqTracker hands out the session's sequence numbers and knows the lowest
@@ -108,9 +109,9 @@ func (c *Client) Put(ctx context.Context, key, value []byte) (*kvpb.PutResponse,
 	defer c.seqs.finish(req.Header.Seq)
 	var resp *kvpb.PutResponse
 	err = c.invoke(ctx, route{shard: shard}, func(ctx context.Context, n *node, epoch uint64) error {
-		c.stamp(req.Header, epoch)
-		r, err := n.kv.Put(ctx, req)
-		resp = r
+		r, err := n.do(ctx, &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Put{Put: &kvpb.PutRequest{
+			Header: c.stamped(req.Header, epoch), Key: req.Key, Value: req.Value}}})
+		resp = r.GetPut()
 		return err
 	})
 	if err != nil {
@@ -133,9 +134,9 @@ func (c *Client) Get(ctx context.Context, key []byte, opts ...ReadOption) (*kvpb
 	var resp *kvpb.GetResponse
 	r := route{shard: shard, anyReplica: o.consistency == kvpb.Consistency_SERIALIZABLE}
 	err = c.invoke(ctx, r, func(ctx context.Context, n *node, epoch uint64) error {
-		req.Header.Epoch = epoch
-		g, err := n.kv.Get(ctx, req)
-		resp = g
+		g, err := n.do(ctx, &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Get{Get: &kvpb.GetRequest{
+			Header: &kvpb.RequestHeader{Epoch: epoch}, Key: req.Key, Consistency: req.Consistency}}})
+		resp = g.GetGet()
 		return err
 	})
 	if err != nil {
@@ -157,9 +158,9 @@ func (c *Client) Delete(ctx context.Context, key []byte) (*kvpb.DeleteResponse, 
 	defer c.seqs.finish(req.Header.Seq)
 	var resp *kvpb.DeleteResponse
 	err = c.invoke(ctx, route{shard: shard}, func(ctx context.Context, n *node, epoch uint64) error {
-		c.stamp(req.Header, epoch)
-		r, err := n.kv.Delete(ctx, req)
-		resp = r
+		r, err := n.do(ctx, &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Delete{Delete: &kvpb.DeleteRequest{
+			Header: c.stamped(req.Header, epoch), Key: req.Key}}})
+		resp = r.GetDelete()
 		return err
 	})
 	if err != nil {
@@ -187,9 +188,9 @@ func (c *Client) Txn(ctx context.Context, req *kvpb.TxnRequest) (*kvpb.TxnRespon
 	defer c.seqs.finish(req.Header.Seq)
 	var resp *kvpb.TxnResponse
 	err = c.invoke(ctx, route{shard: shard}, func(ctx context.Context, n *node, epoch uint64) error {
-		c.stamp(req.Header, epoch)
-		r, err := n.kv.Txn(ctx, req)
-		resp = r
+		r, err := n.do(ctx, &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Txn{Txn: &kvpb.TxnRequest{
+			Header: c.stamped(req.Header, epoch), Compare: req.Compare, Success: req.Success, Failure: req.Failure}}})
+		resp = r.GetTxn()
 		return err
 	})
 	if err != nil {

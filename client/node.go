@@ -64,6 +64,11 @@ type node struct {
 	// without blocking; a full node is "busy" and the caller goes elsewhere.
 	sem chan struct{}
 
+	// batch is the node's Batch stream (see batch.go), opened on first use
+	// and again after it breaks.
+	batchMu sync.Mutex
+	batch   *batchStream
+
 	// ctx is cancelled to stop the heartbeat goroutine (and its probe in
 	// flight); done is closed when that goroutine returned.
 	ctx    context.Context

@@ -81,7 +81,27 @@ workloads=(
   "serializable get, 100 clients|get --clients 100 --conns 10 --total $(scaled 100000) --key-space 10000 --consistency serializable"
 )
 
+# msum NAME...: each metric summed over the three nodes' /metrics, one per line.
+msum() {
+  local text="" id
+  for id in 1 2 3; do
+    text+=$(curl -sf "http://127.0.0.1:$P$((1 + id))381/metrics")$'\n'
+  done
+  local name
+  for name in "$@"; do
+    awk -v n="$name" '$1 == n || index($1, n "{") == 1 { s += $2 } END { printf "%.0f\n", s }' <<<"$text"
+  done
+}
+amort_metrics=(kvd_request_batch_items_total kvd_request_batches_total
+  kvd_raft_proposals_total kvd_raft_proposal_batches_total
+  kvd_storage_entries_total kvd_storage_fsyncs_total
+  kvd_transport_messages_sent_total kvd_transport_batches_sent_total
+  kvd_raft_linearizable_reads_total kvd_raft_read_index_rounds_total)
+# ratio A B: A/B to one decimal, or "–" when B is 0.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f", a / b; else printf "–" }'; }
+
 rows=""
+amort=""
 i=0
 for w in "${workloads[@]}"; do
   name=${w%%|*}
@@ -89,7 +109,12 @@ for w in "${workloads[@]}"; do
   i=$((i + 1))
   echo "bench: [$i/${#workloads[@]}] kvctl bench $args" >&2
   # shellcheck disable=SC2086 # args is a word list on purpose
+  mapfile -t m0 < <(msum "${amort_metrics[@]}")
   "$BIN/kvctl" --endpoints "$ENDPOINTS" --timeout 10s -o json bench $args >"$WORK/run$i.json"
+  mapfile -t m1 < <(msum "${amort_metrics[@]}")
+  d=()
+  for j in "${!m0[@]}"; do d+=($((m1[j] - m0[j]))); done
+  amort+="| $name | $(ratio "${d[0]}" "${d[1]}") | $(ratio "${d[2]}" "${d[3]}") | $(ratio "${d[4]}" "${d[5]}") | $(ratio "${d[6]}" "${d[7]}") | $(ratio "${d[8]}" "${d[9]}") |"$'\n'
   r="$WORK/run$i.json"
   jq -r '"bench:   \(.ops) ops, \(.ops_per_sec | round) ops/s, p50 \(.latency_ms.p50 * 100 | round / 100) ms, p99 \(.latency_ms.p99 * 100 | round / 100) ms, errors \(.errors)"' "$r" >&2
   rows+=$(jq -r --arg name "$name" --arg cmd "bench $args" \
@@ -134,6 +159,16 @@ $rows
 The get workloads first write their 10,000 keys (not measured). Latency is
 per successful operation, from the client's call to its answer, and
 includes the client's retries.
+
+How the work was shared out: the change of each node counter during a
+workload (its prefill included), summed over the three nodes.
+
+| workload | requests per client message | proposals per Raft batch | entries per fsync | messages per transport batch | reads per ReadIndex round |
+|---|---:|---:|---:|---:|---:|
+$amort
+Requests per client message is \`kvd_request_batch_items_total /
+kvd_request_batches_total\` (the client's \`Batch\` stream); an fsync is a
+WAL record's fdatasync or a bbolt commit.
 
 Resident memory of each node after the runs (VmRSS):
 

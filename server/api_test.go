@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"strings"
 	"testing"
 	"time"
 
+	spb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -203,5 +205,103 @@ func TestClientReachesMembersThroughGivenEndpoints(t *testing.T) {
 		if ns.Err != nil {
 			t.Errorf("node %d unreachable: %v", ns.ID, ns.Err)
 		}
+	}
+}
+
+// A Batch stream answers each item on its own, with the status its unary
+// method would have given (details included), and counts it under that
+// method's name.
+func TestBatchAnswersEachItemOnItsOwn(t *testing.T) {
+	c := newTestCluster(t, 3, 2, nil)
+	var leader, follower *Server
+	waitFor(t, 10*time.Second, "a leader of shard 1", func() bool { leader = c.leaderOf(1); return leader != nil })
+	for _, s := range c.servers {
+		if s != leader {
+			follower = s
+			break
+		}
+	}
+	waitFor(t, 5*time.Second, "follower to know the leader", func() bool { return follower.host.Node(1).Leader() != 0 })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	keys := keysIn(leader, 1, 2)
+	key2 := keysIn(leader, 2, 1)[0]
+
+	answers := func(s *Server, items ...*kvpb.BatchRequestItem) map[uint64]*kvpb.BatchResponseItem {
+		t.Helper()
+		stream, err := kvClient(t, s).Batch(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := stream.Send(&kvpb.BatchRequest{Items: items}); err != nil {
+			t.Fatal(err)
+		}
+		if err := stream.CloseSend(); err != nil {
+			t.Fatal(err)
+		}
+		got := map[uint64]*kvpb.BatchResponseItem{}
+		for {
+			resp, err := stream.Recv()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				t.Fatalf("recv: %v", err)
+			}
+			for _, it := range resp.GetItems() {
+				got[it.GetId()] = it
+			}
+		}
+		if len(got) != len(items) {
+			t.Fatalf("%d answers to %d items: %v", len(got), len(items), got)
+		}
+		return got
+	}
+	putItem := func(id uint64, key []byte) *kvpb.BatchRequestItem {
+		return &kvpb.BatchRequestItem{Id: id, Request: &kvpb.BatchRequestItem_Put{Put: &kvpb.PutRequest{Key: key, Value: []byte("v")}}}
+	}
+
+	got := answers(leader,
+		putItem(1, keys[0]),
+		putItem(2, nil),
+		&kvpb.BatchRequestItem{Id: 3, Request: &kvpb.BatchRequestItem_Get{Get: &kvpb.GetRequest{Key: keys[1]}}},
+		&kvpb.BatchRequestItem{Id: 4, Request: &kvpb.BatchRequestItem_Txn{Txn: &kvpb.TxnRequest{
+			Success: []*kvpb.RequestOp{put(string(keys[0])), put(string(key2))}}}},
+		&kvpb.BatchRequestItem{Id: 5},
+	)
+	if g := got[1]; g.GetError() != nil || g.GetPut().GetHeader().GetRevision() == 0 {
+		t.Errorf("put: %v, want success with a revision", g)
+	}
+	if g := got[2]; codes.Code(g.GetError().GetCode()) != codes.InvalidArgument || !strings.Contains(g.GetError().GetMessage(), "empty key") {
+		t.Errorf("put of an empty key: %v, want InvalidArgument", g)
+	}
+	if g := got[3]; g.GetError() != nil || g.GetGet() == nil || g.GetGet().GetKv() != nil {
+		t.Errorf("get of a missing key: %v, want an empty answer", g)
+	}
+	if g := got[4]; codes.Code(g.GetError().GetCode()) != codes.InvalidArgument || !strings.Contains(g.GetError().GetMessage(), "hash tag") {
+		t.Errorf("cross-shard txn: %v, want InvalidArgument", g)
+	}
+	if g := got[5]; codes.Code(g.GetError().GetCode()) != codes.InvalidArgument {
+		t.Errorf("item without a request: %v, want InvalidArgument", g)
+	}
+	m := scrape(t, leader)
+	for _, series := range []string{`kvd_requests_total{code="OK",method="Put"}`, `kvd_requests_total{code="InvalidArgument",method="Put"}`,
+		`kvd_requests_total{code="OK",method="Get"}`, `kvd_requests_total{code="InvalidArgument",method="Txn"}`} {
+		if !strings.Contains(m, series+" ") {
+			t.Errorf("no %s after a batch", series)
+		}
+	}
+
+	// A follower's refusal carries the leader hint, as the unary one does.
+	g := answers(follower, putItem(7, keys[0]))[7]
+	st := status.FromProto(&spb.Status{Code: g.GetError().GetCode(), Message: g.GetError().GetMessage(), Details: g.GetError().GetDetails()})
+	var nl *kvpb.NotLeader
+	for _, d := range st.Details() {
+		if v, ok := d.(*kvpb.NotLeader); ok {
+			nl = v
+		}
+	}
+	if st.Code() != codes.Unavailable || nl == nil || nl.GetLeaderAddr() != leader.ClientAddr() {
+		t.Fatalf("batched put on follower: %v (detail %v), want Unavailable naming %s", st, nl, leader.ClientAddr())
 	}
 }

@@ -110,6 +110,35 @@ func (s *Server) Get(ctx context.Context, req *kvpb.GetRequest) (*kvpb.GetRespon
 	return resp, nil
 }
 
+// Batch implements kvpb.KV: each item is admitted, served and counted as
+// its unary method would be (the metrics carry that method's name).
+func (s *Server) Batch(stream kvpb.KV_BatchServer) error {
+	return kvpb.ServeBatch(countedStream{stream, s.metrics}, func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
+		var res *kvpb.BatchResponseItem
+		_, err := s.metrics.observe(it.Method(), it.Inner(), func() (any, error) {
+			var err error
+			res, err = it.Call(ctx, s)
+			return res, err
+		})
+		return res, err
+	})
+}
+
+// countedStream counts the messages and items a Batch stream receives.
+type countedStream struct {
+	kvpb.KV_BatchServer
+	m *metrics
+}
+
+func (c countedStream) Recv() (*kvpb.BatchRequest, error) {
+	req, err := c.KV_BatchServer.Recv()
+	if err == nil {
+		c.m.batches.Inc()
+		c.m.batchItems.Add(float64(len(req.GetItems())))
+	}
+	return req, err
+}
+
 // Range implements kvpb.KV: one shard's keys in [start, end).
 func (s *Server) Range(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.RangeResponse, error) {
 	shard := req.GetShard()

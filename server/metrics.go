@@ -29,6 +29,9 @@ type metrics struct {
 	reg      *prometheus.Registry
 	requests *prometheus.CounterVec
 	latency  *prometheus.HistogramVec
+	// batches and batchItems count the messages and items of Batch
+	// streams: items / batches is client requests per message.
+	batches, batchItems prometheus.Counter
 }
 
 func newMetrics(s *Server) *metrics {
@@ -44,8 +47,16 @@ func newMetrics(s *Server) *metrics {
 			Help:    "Client API request latency by method.",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16), // 100µs .. ~3.3s
 		}, []string{"method"}),
+		batches: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvd_request_batches_total",
+			Help: "Messages received on client Batch streams; kvd_request_batch_items_total / this is requests per message.",
+		}),
+		batchItems: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvd_request_batch_items_total",
+			Help: "Requests received on client Batch streams (also counted in kvd_requests_total under their own method).",
+		}),
 	}
-	m.reg.MustRegister(m.requests, m.latency, collector{s},
+	m.reg.MustRegister(m.requests, m.latency, m.batches, m.batchItems, collector{s},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -53,16 +64,22 @@ func newMetrics(s *Server) *metrics {
 // interceptor admits each unary request against the node's in-flight byte
 // budget and records its code and latency.
 func (m *metrics) interceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	method := info.FullMethod
+	if i := lastSlash(method); i >= 0 {
+		method = method[i+1:]
+	}
+	return m.observe(method, req, func() (any, error) { return handler(ctx, req) })
+}
+
+// observe admits req, runs serve and records the outcome under method: the
+// unary interceptor and the items of a Batch stream both come through here.
+func (m *metrics) observe(method string, req any, serve func() (any, error)) (any, error) {
 	start := time.Now()
 	var resp any
 	err := m.admit(req)
 	if err == nil {
-		resp, err = handler(ctx, req)
+		resp, err = serve()
 		m.release(req)
-	}
-	method := info.FullMethod
-	if i := lastSlash(method); i >= 0 {
-		method = method[i+1:]
 	}
 	m.requests.WithLabelValues(method, status.Code(err).String()).Inc()
 	m.latency.WithLabelValues(method).Observe(time.Since(start).Seconds())

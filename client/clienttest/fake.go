@@ -531,6 +531,17 @@ func (s kvServer) Get(ctx context.Context, r *kvpb.GetRequest) (*kvpb.GetRespons
 	return out, nil
 }
 
+// Batch serves each item with the unary method above; Calls("Batch")
+// counts the streams.
+func (s kvServer) Batch(stream kvpb.KV_BatchServer) error {
+	s.n.mu.Lock()
+	s.n.mu.calls["Batch"]++
+	s.n.mu.Unlock()
+	return kvpb.ServeBatch(stream, func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
+		return it.Call(ctx, s)
+	})
+}
+
 func (s kvServer) Range(ctx context.Context, r *kvpb.RangeRequest) (*kvpb.RangeResponse, error) {
 	done, err := s.n.enter(ctx, "Range", true)
 	defer done()

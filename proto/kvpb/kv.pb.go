@@ -16,6 +16,7 @@ package kvpb
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	anypb "google.golang.org/protobuf/types/known/anypb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -1368,6 +1369,420 @@ func (x *TxnResponse) GetResponses() []*ResponseOp {
 	return nil
 }
 
+type BatchRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Items         []*BatchRequestItem    `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchRequest) Reset() {
+	*x = BatchRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchRequest) ProtoMessage() {}
+
+func (x *BatchRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchRequest.ProtoReflect.Descriptor instead.
+func (*BatchRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *BatchRequest) GetItems() []*BatchRequestItem {
+	if x != nil {
+		return x.Items
+	}
+	return nil
+}
+
+type BatchRequestItem struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// id is the client's; the answer carries it back.
+	Id uint64 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// timeout_us is what is left of the caller's deadline, in microseconds;
+	// 0 means the node's default request timeout.
+	TimeoutUs int64 `protobuf:"varint,2,opt,name=timeout_us,json=timeoutUs,proto3" json:"timeout_us,omitempty"`
+	// Types that are valid to be assigned to Request:
+	//
+	//	*BatchRequestItem_Put
+	//	*BatchRequestItem_Get
+	//	*BatchRequestItem_Delete
+	//	*BatchRequestItem_Txn
+	Request       isBatchRequestItem_Request `protobuf_oneof:"request"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchRequestItem) Reset() {
+	*x = BatchRequestItem{}
+	mi := &file_kvpb_kv_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchRequestItem) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchRequestItem) ProtoMessage() {}
+
+func (x *BatchRequestItem) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchRequestItem.ProtoReflect.Descriptor instead.
+func (*BatchRequestItem) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *BatchRequestItem) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *BatchRequestItem) GetTimeoutUs() int64 {
+	if x != nil {
+		return x.TimeoutUs
+	}
+	return 0
+}
+
+func (x *BatchRequestItem) GetRequest() isBatchRequestItem_Request {
+	if x != nil {
+		return x.Request
+	}
+	return nil
+}
+
+func (x *BatchRequestItem) GetPut() *PutRequest {
+	if x != nil {
+		if x, ok := x.Request.(*BatchRequestItem_Put); ok {
+			return x.Put
+		}
+	}
+	return nil
+}
+
+func (x *BatchRequestItem) GetGet() *GetRequest {
+	if x != nil {
+		if x, ok := x.Request.(*BatchRequestItem_Get); ok {
+			return x.Get
+		}
+	}
+	return nil
+}
+
+func (x *BatchRequestItem) GetDelete() *DeleteRequest {
+	if x != nil {
+		if x, ok := x.Request.(*BatchRequestItem_Delete); ok {
+			return x.Delete
+		}
+	}
+	return nil
+}
+
+func (x *BatchRequestItem) GetTxn() *TxnRequest {
+	if x != nil {
+		if x, ok := x.Request.(*BatchRequestItem_Txn); ok {
+			return x.Txn
+		}
+	}
+	return nil
+}
+
+type isBatchRequestItem_Request interface {
+	isBatchRequestItem_Request()
+}
+
+type BatchRequestItem_Put struct {
+	Put *PutRequest `protobuf:"bytes,3,opt,name=put,proto3,oneof"`
+}
+
+type BatchRequestItem_Get struct {
+	Get *GetRequest `protobuf:"bytes,4,opt,name=get,proto3,oneof"`
+}
+
+type BatchRequestItem_Delete struct {
+	Delete *DeleteRequest `protobuf:"bytes,5,opt,name=delete,proto3,oneof"`
+}
+
+type BatchRequestItem_Txn struct {
+	Txn *TxnRequest `protobuf:"bytes,6,opt,name=txn,proto3,oneof"`
+}
+
+func (*BatchRequestItem_Put) isBatchRequestItem_Request() {}
+
+func (*BatchRequestItem_Get) isBatchRequestItem_Request() {}
+
+func (*BatchRequestItem_Delete) isBatchRequestItem_Request() {}
+
+func (*BatchRequestItem_Txn) isBatchRequestItem_Request() {}
+
+type BatchResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Items         []*BatchResponseItem   `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchResponse) Reset() {
+	*x = BatchResponse{}
+	mi := &file_kvpb_kv_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchResponse) ProtoMessage() {}
+
+func (x *BatchResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchResponse.ProtoReflect.Descriptor instead.
+func (*BatchResponse) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *BatchResponse) GetItems() []*BatchResponseItem {
+	if x != nil {
+		return x.Items
+	}
+	return nil
+}
+
+type BatchResponseItem struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// error is set, and response is not, when the request failed: the status
+	// its unary method would have returned.
+	Error *Status `protobuf:"bytes,2,opt,name=error,proto3" json:"error,omitempty"`
+	// Types that are valid to be assigned to Response:
+	//
+	//	*BatchResponseItem_Put
+	//	*BatchResponseItem_Get
+	//	*BatchResponseItem_Delete
+	//	*BatchResponseItem_Txn
+	Response      isBatchResponseItem_Response `protobuf_oneof:"response"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BatchResponseItem) Reset() {
+	*x = BatchResponseItem{}
+	mi := &file_kvpb_kv_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BatchResponseItem) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BatchResponseItem) ProtoMessage() {}
+
+func (x *BatchResponseItem) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BatchResponseItem.ProtoReflect.Descriptor instead.
+func (*BatchResponseItem) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *BatchResponseItem) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *BatchResponseItem) GetError() *Status {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
+func (x *BatchResponseItem) GetResponse() isBatchResponseItem_Response {
+	if x != nil {
+		return x.Response
+	}
+	return nil
+}
+
+func (x *BatchResponseItem) GetPut() *PutResponse {
+	if x != nil {
+		if x, ok := x.Response.(*BatchResponseItem_Put); ok {
+			return x.Put
+		}
+	}
+	return nil
+}
+
+func (x *BatchResponseItem) GetGet() *GetResponse {
+	if x != nil {
+		if x, ok := x.Response.(*BatchResponseItem_Get); ok {
+			return x.Get
+		}
+	}
+	return nil
+}
+
+func (x *BatchResponseItem) GetDelete() *DeleteResponse {
+	if x != nil {
+		if x, ok := x.Response.(*BatchResponseItem_Delete); ok {
+			return x.Delete
+		}
+	}
+	return nil
+}
+
+func (x *BatchResponseItem) GetTxn() *TxnResponse {
+	if x != nil {
+		if x, ok := x.Response.(*BatchResponseItem_Txn); ok {
+			return x.Txn
+		}
+	}
+	return nil
+}
+
+type isBatchResponseItem_Response interface {
+	isBatchResponseItem_Response()
+}
+
+type BatchResponseItem_Put struct {
+	Put *PutResponse `protobuf:"bytes,3,opt,name=put,proto3,oneof"`
+}
+
+type BatchResponseItem_Get struct {
+	Get *GetResponse `protobuf:"bytes,4,opt,name=get,proto3,oneof"`
+}
+
+type BatchResponseItem_Delete struct {
+	Delete *DeleteResponse `protobuf:"bytes,5,opt,name=delete,proto3,oneof"`
+}
+
+type BatchResponseItem_Txn struct {
+	Txn *TxnResponse `protobuf:"bytes,6,opt,name=txn,proto3,oneof"`
+}
+
+func (*BatchResponseItem_Put) isBatchResponseItem_Response() {}
+
+func (*BatchResponseItem_Get) isBatchResponseItem_Response() {}
+
+func (*BatchResponseItem_Delete) isBatchResponseItem_Response() {}
+
+func (*BatchResponseItem_Txn) isBatchResponseItem_Response() {}
+
+// Status is a gRPC status; its encoding is google.rpc.Status's.
+type Status struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Code          int32                  `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
+	Message       string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	Details       []*anypb.Any           `protobuf:"bytes,3,rep,name=details,proto3" json:"details,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Status) Reset() {
+	*x = Status{}
+	mi := &file_kvpb_kv_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Status) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Status) ProtoMessage() {}
+
+func (x *Status) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Status.ProtoReflect.Descriptor instead.
+func (*Status) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *Status) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *Status) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *Status) GetDetails() []*anypb.Any {
+	if x != nil {
+		return x.Details
+	}
+	return nil
+}
+
 // Member is one kvd node.
 type Member struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -1380,7 +1795,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_kvpb_kv_proto_msgTypes[16]
+	mi := &file_kvpb_kv_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1392,7 +1807,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[16]
+	mi := &file_kvpb_kv_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1405,7 +1820,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{16}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Member) GetId() uint64 {
@@ -1439,7 +1854,7 @@ type ShardReplicas struct {
 
 func (x *ShardReplicas) Reset() {
 	*x = ShardReplicas{}
-	mi := &file_kvpb_kv_proto_msgTypes[17]
+	mi := &file_kvpb_kv_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1451,7 +1866,7 @@ func (x *ShardReplicas) String() string {
 func (*ShardReplicas) ProtoMessage() {}
 
 func (x *ShardReplicas) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[17]
+	mi := &file_kvpb_kv_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1464,7 +1879,7 @@ func (x *ShardReplicas) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShardReplicas.ProtoReflect.Descriptor instead.
 func (*ShardReplicas) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{17}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *ShardReplicas) GetId() uint64 {
@@ -1504,7 +1919,7 @@ type ClusterMap struct {
 
 func (x *ClusterMap) Reset() {
 	*x = ClusterMap{}
-	mi := &file_kvpb_kv_proto_msgTypes[18]
+	mi := &file_kvpb_kv_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1516,7 +1931,7 @@ func (x *ClusterMap) String() string {
 func (*ClusterMap) ProtoMessage() {}
 
 func (x *ClusterMap) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[18]
+	mi := &file_kvpb_kv_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1529,7 +1944,7 @@ func (x *ClusterMap) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterMap.ProtoReflect.Descriptor instead.
 func (*ClusterMap) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{18}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ClusterMap) GetEpoch() uint64 {
@@ -1582,7 +1997,7 @@ type MapRequest struct {
 
 func (x *MapRequest) Reset() {
 	*x = MapRequest{}
-	mi := &file_kvpb_kv_proto_msgTypes[19]
+	mi := &file_kvpb_kv_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1594,7 +2009,7 @@ func (x *MapRequest) String() string {
 func (*MapRequest) ProtoMessage() {}
 
 func (x *MapRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[19]
+	mi := &file_kvpb_kv_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1607,7 +2022,7 @@ func (x *MapRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MapRequest.ProtoReflect.Descriptor instead.
 func (*MapRequest) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{19}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{24}
 }
 
 type ShardStatus struct {
@@ -1626,7 +2041,7 @@ type ShardStatus struct {
 
 func (x *ShardStatus) Reset() {
 	*x = ShardStatus{}
-	mi := &file_kvpb_kv_proto_msgTypes[20]
+	mi := &file_kvpb_kv_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1638,7 +2053,7 @@ func (x *ShardStatus) String() string {
 func (*ShardStatus) ProtoMessage() {}
 
 func (x *ShardStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[20]
+	mi := &file_kvpb_kv_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1651,7 +2066,7 @@ func (x *ShardStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShardStatus.ProtoReflect.Descriptor instead.
 func (*ShardStatus) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{20}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ShardStatus) GetShard() uint64 {
@@ -1711,7 +2126,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_kvpb_kv_proto_msgTypes[21]
+	mi := &file_kvpb_kv_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1723,7 +2138,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[21]
+	mi := &file_kvpb_kv_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1736,7 +2151,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{21}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{26}
 }
 
 type StatusResponse struct {
@@ -1750,7 +2165,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_kvpb_kv_proto_msgTypes[22]
+	mi := &file_kvpb_kv_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1762,7 +2177,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[22]
+	mi := &file_kvpb_kv_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1775,7 +2190,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{22}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *StatusResponse) GetNode() uint64 {
@@ -1807,7 +2222,7 @@ type MemberListRequest struct {
 
 func (x *MemberListRequest) Reset() {
 	*x = MemberListRequest{}
-	mi := &file_kvpb_kv_proto_msgTypes[23]
+	mi := &file_kvpb_kv_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1819,7 +2234,7 @@ func (x *MemberListRequest) String() string {
 func (*MemberListRequest) ProtoMessage() {}
 
 func (x *MemberListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[23]
+	mi := &file_kvpb_kv_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1832,7 +2247,7 @@ func (x *MemberListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberListRequest.ProtoReflect.Descriptor instead.
 func (*MemberListRequest) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{23}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{28}
 }
 
 type MemberListResponse struct {
@@ -1845,7 +2260,7 @@ type MemberListResponse struct {
 
 func (x *MemberListResponse) Reset() {
 	*x = MemberListResponse{}
-	mi := &file_kvpb_kv_proto_msgTypes[24]
+	mi := &file_kvpb_kv_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1857,7 +2272,7 @@ func (x *MemberListResponse) String() string {
 func (*MemberListResponse) ProtoMessage() {}
 
 func (x *MemberListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[24]
+	mi := &file_kvpb_kv_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1870,7 +2285,7 @@ func (x *MemberListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberListResponse.ProtoReflect.Descriptor instead.
 func (*MemberListResponse) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{24}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *MemberListResponse) GetEpoch() uint64 {
@@ -1899,7 +2314,7 @@ type MemberAddRequest struct {
 
 func (x *MemberAddRequest) Reset() {
 	*x = MemberAddRequest{}
-	mi := &file_kvpb_kv_proto_msgTypes[25]
+	mi := &file_kvpb_kv_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1911,7 +2326,7 @@ func (x *MemberAddRequest) String() string {
 func (*MemberAddRequest) ProtoMessage() {}
 
 func (x *MemberAddRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[25]
+	mi := &file_kvpb_kv_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1924,7 +2339,7 @@ func (x *MemberAddRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberAddRequest.ProtoReflect.Descriptor instead.
 func (*MemberAddRequest) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{25}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *MemberAddRequest) GetMember() *Member {
@@ -1942,7 +2357,7 @@ type MemberAddResponse struct {
 
 func (x *MemberAddResponse) Reset() {
 	*x = MemberAddResponse{}
-	mi := &file_kvpb_kv_proto_msgTypes[26]
+	mi := &file_kvpb_kv_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1954,7 +2369,7 @@ func (x *MemberAddResponse) String() string {
 func (*MemberAddResponse) ProtoMessage() {}
 
 func (x *MemberAddResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[26]
+	mi := &file_kvpb_kv_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1967,7 +2382,7 @@ func (x *MemberAddResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberAddResponse.ProtoReflect.Descriptor instead.
 func (*MemberAddResponse) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{26}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{31}
 }
 
 // NotLeader rides in the details of an Unavailable status when this node is
@@ -1983,7 +2398,7 @@ type NotLeader struct {
 
 func (x *NotLeader) Reset() {
 	*x = NotLeader{}
-	mi := &file_kvpb_kv_proto_msgTypes[27]
+	mi := &file_kvpb_kv_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1995,7 +2410,7 @@ func (x *NotLeader) String() string {
 func (*NotLeader) ProtoMessage() {}
 
 func (x *NotLeader) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[27]
+	mi := &file_kvpb_kv_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2008,7 +2423,7 @@ func (x *NotLeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NotLeader.ProtoReflect.Descriptor instead.
 func (*NotLeader) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{27}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *NotLeader) GetShard() uint64 {
@@ -2042,7 +2457,7 @@ type StaleEpoch struct {
 
 func (x *StaleEpoch) Reset() {
 	*x = StaleEpoch{}
-	mi := &file_kvpb_kv_proto_msgTypes[28]
+	mi := &file_kvpb_kv_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2054,7 +2469,7 @@ func (x *StaleEpoch) String() string {
 func (*StaleEpoch) ProtoMessage() {}
 
 func (x *StaleEpoch) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[28]
+	mi := &file_kvpb_kv_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2067,7 +2482,7 @@ func (x *StaleEpoch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StaleEpoch.ProtoReflect.Descriptor instead.
 func (*StaleEpoch) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{28}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *StaleEpoch) GetEpoch() uint64 {
@@ -2081,7 +2496,7 @@ var File_kvpb_kv_proto protoreflect.FileDescriptor
 
 const file_kvpb_kv_proto_rawDesc = "" +
 	"\n" +
-	"\rkvpb/kv.proto\x12\tkvd.kv.v1\"n\n" +
+	"\rkvpb/kv.proto\x12\tkvd.kv.v1\x1a\x19google/protobuf/any.proto\"n\n" +
 	"\rRequestHeader\x12\x18\n" +
 	"\asession\x18\x01 \x01(\x04R\asession\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x14\n" +
@@ -2181,7 +2596,33 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\vTxnResponse\x121\n" +
 	"\x06header\x18\x01 \x01(\v2\x19.kvd.kv.v1.ResponseHeaderR\x06header\x12\x1c\n" +
 	"\tsucceeded\x18\x02 \x01(\bR\tsucceeded\x123\n" +
-	"\tresponses\x18\x03 \x03(\v2\x15.kvd.kv.v1.ResponseOpR\tresponses\"V\n" +
+	"\tresponses\x18\x03 \x03(\v2\x15.kvd.kv.v1.ResponseOpR\tresponses\"A\n" +
+	"\fBatchRequest\x121\n" +
+	"\x05items\x18\x01 \x03(\v2\x1b.kvd.kv.v1.BatchRequestItemR\x05items\"\x81\x02\n" +
+	"\x10BatchRequestItem\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x1d\n" +
+	"\n" +
+	"timeout_us\x18\x02 \x01(\x03R\ttimeoutUs\x12)\n" +
+	"\x03put\x18\x03 \x01(\v2\x15.kvd.kv.v1.PutRequestH\x00R\x03put\x12)\n" +
+	"\x03get\x18\x04 \x01(\v2\x15.kvd.kv.v1.GetRequestH\x00R\x03get\x122\n" +
+	"\x06delete\x18\x05 \x01(\v2\x18.kvd.kv.v1.DeleteRequestH\x00R\x06delete\x12)\n" +
+	"\x03txn\x18\x06 \x01(\v2\x15.kvd.kv.v1.TxnRequestH\x00R\x03txnB\t\n" +
+	"\arequest\"C\n" +
+	"\rBatchResponse\x122\n" +
+	"\x05items\x18\x01 \x03(\v2\x1c.kvd.kv.v1.BatchResponseItemR\x05items\"\x91\x02\n" +
+	"\x11BatchResponseItem\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12'\n" +
+	"\x05error\x18\x02 \x01(\v2\x11.kvd.kv.v1.StatusR\x05error\x12*\n" +
+	"\x03put\x18\x03 \x01(\v2\x16.kvd.kv.v1.PutResponseH\x00R\x03put\x12*\n" +
+	"\x03get\x18\x04 \x01(\v2\x16.kvd.kv.v1.GetResponseH\x00R\x03get\x123\n" +
+	"\x06delete\x18\x05 \x01(\v2\x19.kvd.kv.v1.DeleteResponseH\x00R\x06delete\x12*\n" +
+	"\x03txn\x18\x06 \x01(\v2\x16.kvd.kv.v1.TxnResponseH\x00R\x03txnB\n" +
+	"\n" +
+	"\bresponse\"f\n" +
+	"\x06Status\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\x12.\n" +
+	"\adetails\x18\x03 \x03(\v2\x14.google.protobuf.AnyR\adetails\"V\n" +
 	"\x06Member\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x1f\n" +
 	"\vclient_addr\x18\x02 \x01(\tR\n" +
@@ -2231,13 +2672,14 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch*1\n" +
 	"\vConsistency\x12\x10\n" +
 	"\fLINEARIZABLE\x10\x00\x12\x10\n" +
-	"\fSERIALIZABLE\x10\x012\xa1\x02\n" +
+	"\fSERIALIZABLE\x10\x012\xe1\x02\n" +
 	"\x02KV\x124\n" +
 	"\x03Put\x12\x15.kvd.kv.v1.PutRequest\x1a\x16.kvd.kv.v1.PutResponse\x124\n" +
 	"\x03Get\x12\x15.kvd.kv.v1.GetRequest\x1a\x16.kvd.kv.v1.GetResponse\x12=\n" +
 	"\x06Delete\x12\x18.kvd.kv.v1.DeleteRequest\x1a\x19.kvd.kv.v1.DeleteResponse\x12:\n" +
 	"\x05Range\x12\x17.kvd.kv.v1.RangeRequest\x1a\x18.kvd.kv.v1.RangeResponse\x124\n" +
-	"\x03Txn\x12\x15.kvd.kv.v1.TxnRequest\x1a\x16.kvd.kv.v1.TxnResponse2\x90\x02\n" +
+	"\x03Txn\x12\x15.kvd.kv.v1.TxnRequest\x1a\x16.kvd.kv.v1.TxnResponse\x12>\n" +
+	"\x05Batch\x12\x17.kvd.kv.v1.BatchRequest\x1a\x18.kvd.kv.v1.BatchResponse(\x010\x012\x90\x02\n" +
 	"\aCluster\x123\n" +
 	"\x03Map\x12\x15.kvd.kv.v1.MapRequest\x1a\x15.kvd.kv.v1.ClusterMap\x12=\n" +
 	"\x06Status\x12\x18.kvd.kv.v1.StatusRequest\x1a\x19.kvd.kv.v1.StatusResponse\x12I\n" +
@@ -2258,7 +2700,7 @@ func file_kvpb_kv_proto_rawDescGZIP() []byte {
 }
 
 var file_kvpb_kv_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_kvpb_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
+var file_kvpb_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
 var file_kvpb_kv_proto_goTypes = []any{
 	(Consistency)(0),           // 0: kvd.kv.v1.Consistency
 	(Compare_Target)(0),        // 1: kvd.kv.v1.Compare.Target
@@ -2279,19 +2721,25 @@ var file_kvpb_kv_proto_goTypes = []any{
 	(*ResponseOp)(nil),         // 16: kvd.kv.v1.ResponseOp
 	(*TxnRequest)(nil),         // 17: kvd.kv.v1.TxnRequest
 	(*TxnResponse)(nil),        // 18: kvd.kv.v1.TxnResponse
-	(*Member)(nil),             // 19: kvd.kv.v1.Member
-	(*ShardReplicas)(nil),      // 20: kvd.kv.v1.ShardReplicas
-	(*ClusterMap)(nil),         // 21: kvd.kv.v1.ClusterMap
-	(*MapRequest)(nil),         // 22: kvd.kv.v1.MapRequest
-	(*ShardStatus)(nil),        // 23: kvd.kv.v1.ShardStatus
-	(*StatusRequest)(nil),      // 24: kvd.kv.v1.StatusRequest
-	(*StatusResponse)(nil),     // 25: kvd.kv.v1.StatusResponse
-	(*MemberListRequest)(nil),  // 26: kvd.kv.v1.MemberListRequest
-	(*MemberListResponse)(nil), // 27: kvd.kv.v1.MemberListResponse
-	(*MemberAddRequest)(nil),   // 28: kvd.kv.v1.MemberAddRequest
-	(*MemberAddResponse)(nil),  // 29: kvd.kv.v1.MemberAddResponse
-	(*NotLeader)(nil),          // 30: kvd.kv.v1.NotLeader
-	(*StaleEpoch)(nil),         // 31: kvd.kv.v1.StaleEpoch
+	(*BatchRequest)(nil),       // 19: kvd.kv.v1.BatchRequest
+	(*BatchRequestItem)(nil),   // 20: kvd.kv.v1.BatchRequestItem
+	(*BatchResponse)(nil),      // 21: kvd.kv.v1.BatchResponse
+	(*BatchResponseItem)(nil),  // 22: kvd.kv.v1.BatchResponseItem
+	(*Status)(nil),             // 23: kvd.kv.v1.Status
+	(*Member)(nil),             // 24: kvd.kv.v1.Member
+	(*ShardReplicas)(nil),      // 25: kvd.kv.v1.ShardReplicas
+	(*ClusterMap)(nil),         // 26: kvd.kv.v1.ClusterMap
+	(*MapRequest)(nil),         // 27: kvd.kv.v1.MapRequest
+	(*ShardStatus)(nil),        // 28: kvd.kv.v1.ShardStatus
+	(*StatusRequest)(nil),      // 29: kvd.kv.v1.StatusRequest
+	(*StatusResponse)(nil),     // 30: kvd.kv.v1.StatusResponse
+	(*MemberListRequest)(nil),  // 31: kvd.kv.v1.MemberListRequest
+	(*MemberListResponse)(nil), // 32: kvd.kv.v1.MemberListResponse
+	(*MemberAddRequest)(nil),   // 33: kvd.kv.v1.MemberAddRequest
+	(*MemberAddResponse)(nil),  // 34: kvd.kv.v1.MemberAddResponse
+	(*NotLeader)(nil),          // 35: kvd.kv.v1.NotLeader
+	(*StaleEpoch)(nil),         // 36: kvd.kv.v1.StaleEpoch
+	(*anypb.Any)(nil),          // 37: google.protobuf.Any
 }
 var file_kvpb_kv_proto_depIdxs = []int32{
 	3,  // 0: kvd.kv.v1.PutRequest.header:type_name -> kvd.kv.v1.RequestHeader
@@ -2322,34 +2770,48 @@ var file_kvpb_kv_proto_depIdxs = []int32{
 	15, // 25: kvd.kv.v1.TxnRequest.failure:type_name -> kvd.kv.v1.RequestOp
 	4,  // 26: kvd.kv.v1.TxnResponse.header:type_name -> kvd.kv.v1.ResponseHeader
 	16, // 27: kvd.kv.v1.TxnResponse.responses:type_name -> kvd.kv.v1.ResponseOp
-	19, // 28: kvd.kv.v1.ClusterMap.members:type_name -> kvd.kv.v1.Member
-	20, // 29: kvd.kv.v1.ClusterMap.shards:type_name -> kvd.kv.v1.ShardReplicas
-	23, // 30: kvd.kv.v1.StatusResponse.shards:type_name -> kvd.kv.v1.ShardStatus
-	19, // 31: kvd.kv.v1.MemberListResponse.members:type_name -> kvd.kv.v1.Member
-	19, // 32: kvd.kv.v1.MemberAddRequest.member:type_name -> kvd.kv.v1.Member
-	6,  // 33: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
-	8,  // 34: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
-	10, // 35: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
-	12, // 36: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
-	17, // 37: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
-	22, // 38: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
-	24, // 39: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
-	26, // 40: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
-	28, // 41: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
-	7,  // 42: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
-	9,  // 43: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
-	11, // 44: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
-	13, // 45: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
-	18, // 46: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
-	21, // 47: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
-	25, // 48: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
-	27, // 49: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
-	29, // 50: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
-	42, // [42:51] is the sub-list for method output_type
-	33, // [33:42] is the sub-list for method input_type
-	33, // [33:33] is the sub-list for extension type_name
-	33, // [33:33] is the sub-list for extension extendee
-	0,  // [0:33] is the sub-list for field type_name
+	20, // 28: kvd.kv.v1.BatchRequest.items:type_name -> kvd.kv.v1.BatchRequestItem
+	6,  // 29: kvd.kv.v1.BatchRequestItem.put:type_name -> kvd.kv.v1.PutRequest
+	8,  // 30: kvd.kv.v1.BatchRequestItem.get:type_name -> kvd.kv.v1.GetRequest
+	10, // 31: kvd.kv.v1.BatchRequestItem.delete:type_name -> kvd.kv.v1.DeleteRequest
+	17, // 32: kvd.kv.v1.BatchRequestItem.txn:type_name -> kvd.kv.v1.TxnRequest
+	22, // 33: kvd.kv.v1.BatchResponse.items:type_name -> kvd.kv.v1.BatchResponseItem
+	23, // 34: kvd.kv.v1.BatchResponseItem.error:type_name -> kvd.kv.v1.Status
+	7,  // 35: kvd.kv.v1.BatchResponseItem.put:type_name -> kvd.kv.v1.PutResponse
+	9,  // 36: kvd.kv.v1.BatchResponseItem.get:type_name -> kvd.kv.v1.GetResponse
+	11, // 37: kvd.kv.v1.BatchResponseItem.delete:type_name -> kvd.kv.v1.DeleteResponse
+	18, // 38: kvd.kv.v1.BatchResponseItem.txn:type_name -> kvd.kv.v1.TxnResponse
+	37, // 39: kvd.kv.v1.Status.details:type_name -> google.protobuf.Any
+	24, // 40: kvd.kv.v1.ClusterMap.members:type_name -> kvd.kv.v1.Member
+	25, // 41: kvd.kv.v1.ClusterMap.shards:type_name -> kvd.kv.v1.ShardReplicas
+	28, // 42: kvd.kv.v1.StatusResponse.shards:type_name -> kvd.kv.v1.ShardStatus
+	24, // 43: kvd.kv.v1.MemberListResponse.members:type_name -> kvd.kv.v1.Member
+	24, // 44: kvd.kv.v1.MemberAddRequest.member:type_name -> kvd.kv.v1.Member
+	6,  // 45: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
+	8,  // 46: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
+	10, // 47: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
+	12, // 48: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
+	17, // 49: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
+	19, // 50: kvd.kv.v1.KV.Batch:input_type -> kvd.kv.v1.BatchRequest
+	27, // 51: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
+	29, // 52: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
+	31, // 53: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
+	33, // 54: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
+	7,  // 55: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
+	9,  // 56: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
+	11, // 57: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
+	13, // 58: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
+	18, // 59: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
+	21, // 60: kvd.kv.v1.KV.Batch:output_type -> kvd.kv.v1.BatchResponse
+	26, // 61: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
+	30, // 62: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
+	32, // 63: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
+	34, // 64: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
+	55, // [55:65] is the sub-list for method output_type
+	45, // [45:55] is the sub-list for method input_type
+	45, // [45:45] is the sub-list for extension type_name
+	45, // [45:45] is the sub-list for extension extendee
+	0,  // [0:45] is the sub-list for field type_name
 }
 
 func init() { file_kvpb_kv_proto_init() }
@@ -2367,13 +2829,25 @@ func file_kvpb_kv_proto_init() {
 		(*ResponseOp_Get)(nil),
 		(*ResponseOp_Delete)(nil),
 	}
+	file_kvpb_kv_proto_msgTypes[17].OneofWrappers = []any{
+		(*BatchRequestItem_Put)(nil),
+		(*BatchRequestItem_Get)(nil),
+		(*BatchRequestItem_Delete)(nil),
+		(*BatchRequestItem_Txn)(nil),
+	}
+	file_kvpb_kv_proto_msgTypes[19].OneofWrappers = []any{
+		(*BatchResponseItem_Put)(nil),
+		(*BatchResponseItem_Get)(nil),
+		(*BatchResponseItem_Delete)(nil),
+		(*BatchResponseItem_Txn)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvpb_kv_proto_rawDesc), len(file_kvpb_kv_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   29,
+			NumMessages:   34,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -1,0 +1,261 @@
+package client
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+	"time"
+
+	spb "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/proto/kvpb"
+)
+
+// Batch limits. A request larger than maxBatchItemBytes goes by its unary
+// method instead, so an oversized one fails alone, as it always has, and
+// never takes the stream and its neighbours down with it; a batch message
+// is cut at maxBatchBytes, far below the node's 2 MiB receive limit.
+const (
+	maxBatchItemBytes = 256 << 10
+	maxBatchBytes     = 1 << 20
+)
+
+// do sends one Put, Get, Delete or Txn to n and waits for its answer.
+// Requests travel on n's Batch stream, where everything queued for the
+// node while the previous message was being written leaves in the next
+// one: under load one pair of syscalls carries many requests, and a lone
+// request goes at once. The returned error is the gRPC status the unary
+// method would have returned, so the retry loop classifies both alike.
+//
+// item must be built afresh for each attempt: the stream's sender may
+// still be encoding it after do has returned on a timeout.
+func (n *node) do(ctx context.Context, item *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
+	if proto.Size(item) > maxBatchItemBytes {
+		return n.unary(ctx, item)
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		item.TimeoutUs = max(1, time.Until(dl).Microseconds())
+	}
+	b, err := n.batchStream(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return b.do(ctx, item)
+}
+
+// unary sends item by its own method.
+func (n *node) unary(ctx context.Context, item *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
+	res := &kvpb.BatchResponseItem{}
+	var err error
+	switch r := item.GetRequest().(type) {
+	case *kvpb.BatchRequestItem_Put:
+		var p *kvpb.PutResponse
+		p, err = n.kv.Put(ctx, r.Put)
+		res.Response = &kvpb.BatchResponseItem_Put{Put: p}
+	case *kvpb.BatchRequestItem_Get:
+		var g *kvpb.GetResponse
+		g, err = n.kv.Get(ctx, r.Get)
+		res.Response = &kvpb.BatchResponseItem_Get{Get: g}
+	case *kvpb.BatchRequestItem_Delete:
+		var d *kvpb.DeleteResponse
+		d, err = n.kv.Delete(ctx, r.Delete)
+		res.Response = &kvpb.BatchResponseItem_Delete{Delete: d}
+	case *kvpb.BatchRequestItem_Txn:
+		var t *kvpb.TxnResponse
+		t, err = n.kv.Txn(ctx, r.Txn)
+		res.Response = &kvpb.BatchResponseItem_Txn{Txn: t}
+	default:
+		return nil, status.Error(codes.Internal, "client: batch item without a request")
+	}
+	if err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+// batchStream returns n's open Batch stream, opening one if there is none
+// or the last one broke. Opening waits for the connection no longer than
+// ctx allows, though the stream itself lives as long as the node.
+func (n *node) batchStream(ctx context.Context) (*batchStream, error) {
+	n.batchMu.Lock()
+	defer n.batchMu.Unlock()
+	if b := n.batch; b != nil && b.alive() {
+		return b, nil
+	}
+	sctx, cancel := context.WithCancel(n.ctx)
+	stop := context.AfterFunc(ctx, cancel)
+	s, err := n.kv.Batch(sctx)
+	if !stop() {
+		// ctx ended while the stream was being opened; sctx is cancelled.
+		cancel()
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	b := &batchStream{
+		stream:  s,
+		cancel:  cancel,
+		waiting: map[uint64]*batchCall{},
+		wake:    make(chan struct{}, 1),
+	}
+	go b.sendLoop(sctx)
+	go b.recvLoop()
+	n.batch = b
+	return b, nil
+}
+
+// batchStream is one open Batch stream: callers queue items, sendLoop
+// writes them out, recvLoop hands each answer to its caller. When either
+// direction fails, every caller waiting on the stream gets that error and
+// the next request opens a new stream.
+type batchStream struct {
+	stream kvpb.KV_BatchClient
+	cancel context.CancelFunc
+	wake   chan struct{} // cap 1: the queue has items
+
+	mu      sync.Mutex
+	queue   []*batchCall          // not yet sent
+	waiting map[uint64]*batchCall // sent, by item id
+	nextID  uint64
+	err     error // why the stream broke; nil while it works
+}
+
+type batchCall struct {
+	ctx  context.Context
+	item *kvpb.BatchRequestItem
+	done chan struct{} // closed once resp or err is set
+	resp *kvpb.BatchResponseItem
+	err  error
+}
+
+func (b *batchStream) alive() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.err == nil
+}
+
+func (b *batchStream) do(ctx context.Context, item *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
+	c := &batchCall{ctx: ctx, item: item, done: make(chan struct{})}
+	b.mu.Lock()
+	if err := b.err; err != nil {
+		b.mu.Unlock()
+		return nil, err
+	}
+	b.queue = append(b.queue, c)
+	b.mu.Unlock()
+	select {
+	case b.wake <- struct{}{}:
+	default:
+	}
+	select {
+	case <-c.done:
+	case <-ctx.Done():
+		b.mu.Lock()
+		if c.item.GetId() != 0 && b.waiting[c.item.GetId()] == c {
+			delete(b.waiting, c.item.GetId())
+		}
+		b.mu.Unlock()
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
+	if c.err != nil {
+		return nil, c.err
+	}
+	if e := c.resp.GetError(); e != nil {
+		return nil, status.ErrorProto(&spb.Status{Code: e.GetCode(), Message: e.GetMessage(), Details: e.GetDetails()})
+	}
+	return c.resp, nil
+}
+
+// sendLoop writes out the queue, one message per wake-up (cut at
+// maxBatchBytes), skipping callers that have already given up.
+func (b *batchStream) sendLoop(ctx context.Context) {
+	var items []*kvpb.BatchRequestItem
+	for {
+		select {
+		case <-b.wake:
+		case <-ctx.Done():
+			return
+		}
+		b.mu.Lock()
+		queue := b.queue
+		b.queue = nil
+		items = items[:0]
+		for _, c := range queue {
+			if c.ctx.Err() != nil {
+				continue
+			}
+			b.nextID++
+			c.item.Id = b.nextID
+			b.waiting[b.nextID] = c
+			items = append(items, c.item)
+		}
+		b.mu.Unlock()
+		for len(items) > 0 {
+			n, size := 0, 0
+			for ; n < len(items); n++ {
+				size += proto.Size(items[n])
+				if n > 0 && size > maxBatchBytes {
+					break
+				}
+			}
+			if err := b.stream.Send(&kvpb.BatchRequest{Items: items[:n]}); err != nil {
+				// Send reports io.EOF when the stream ended; Recv has the cause.
+				b.fail(err)
+				return
+			}
+			items = items[n:]
+		}
+	}
+}
+
+// recvLoop hands answers to their callers until the stream ends.
+func (b *batchStream) recvLoop() {
+	for {
+		resp, err := b.stream.Recv()
+		if err != nil {
+			b.fail(err)
+			return
+		}
+		b.mu.Lock()
+		for _, it := range resp.GetItems() {
+			if c := b.waiting[it.GetId()]; c != nil {
+				delete(b.waiting, it.GetId())
+				c.resp = it
+				close(c.done)
+			}
+		}
+		b.mu.Unlock()
+	}
+}
+
+// fail ends the stream: every caller still waiting gets err, as a gRPC
+// status (a clean end is Unavailable: the node stopped serving it).
+func (b *batchStream) fail(err error) {
+	if errors.Is(err, io.EOF) {
+		err = status.Error(codes.Unavailable, "client: the node closed the batch stream")
+	} else if _, ok := status.FromError(err); !ok {
+		err = status.Error(codes.Unavailable, err.Error())
+	}
+	b.mu.Lock()
+	if b.err == nil {
+		b.err = err
+	}
+	err = b.err
+	calls := b.queue
+	for _, c := range b.waiting {
+		calls = append(calls, c)
+	}
+	b.queue, b.waiting = nil, map[uint64]*batchCall{}
+	b.mu.Unlock()
+	b.cancel()
+	for _, c := range calls {
+		c.err = err
+		close(c.done)
+	}
+}
