@@ -79,10 +79,17 @@ func (n *node) unary(ctx context.Context, item *kvpb.BatchRequestItem) (*kvpb.Ba
 
 // batchStream returns n's open Batch stream, opening one if there is none
 // or the last one broke. Opening waits for the connection no longer than
-// ctx allows, though the stream itself lives as long as the node.
+// ctx allows, though the stream itself lives as long as the node: a node
+// that accepts connections and never answers (paused, or behind a
+// partition) costs each caller one attempt timeout, as a unary call would.
+// Callers queue for the right to open, each only as long as its own ctx.
 func (n *node) batchStream(ctx context.Context) (*batchStream, error) {
-	n.batchMu.Lock()
-	defer n.batchMu.Unlock()
+	select {
+	case n.batchLock <- struct{}{}:
+	case <-ctx.Done():
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
+	defer func() { <-n.batchLock }()
 	if b := n.batch; b != nil && b.alive() {
 		return b, nil
 	}

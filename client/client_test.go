@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"slices"
 	"sync"
 	"testing"
@@ -871,5 +872,68 @@ func TestConcurrentRequestsShareOneStream(t *testing.T) {
 	kv, err := c.Get(ctx, []byte("big"))
 	if err != nil || !bytes.Equal(kv.GetValue(), big) {
 		t.Fatalf("get big: %d bytes, %v; want %d bytes", len(kv.GetValue()), err, len(big))
+	}
+}
+
+// A member that accepts connections and never speaks (a paused process, a
+// partition that holds connections open) costs a request one attempt
+// timeout: opening its Batch stream gives up with the attempt, the
+// breaker opens, and the request goes to the new leader.
+func TestSilentMemberCostsOneAttempt(t *testing.T) {
+	f := newFake(t, 3, 1, 3)
+	silent, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var held []net.Conn
+	var heldMu sync.Mutex
+	go func() {
+		for {
+			conn, err := silent.Accept()
+			if err != nil {
+				return
+			}
+			heldMu.Lock()
+			held = append(held, conn)
+			heldMu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		silent.Close()
+		heldMu.Lock()
+		defer heldMu.Unlock()
+		for _, c := range held {
+			c.Close()
+		}
+	})
+	f.SetClientAddr(1, silent.Addr().String())
+	f.SetLeader(1, 2)
+	ctx := ctxT(t, 10*time.Second)
+	c, err := New(ctx, Config{Endpoints: f.Endpoints()[1:], HeartbeatInterval: time.Hour, AttemptTimeout: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+
+	var wg sync.WaitGroup
+	errs := make(chan error, 20)
+	for i := range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			pctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+			defer cancel()
+			if _, err := c.Put(pctx, fmt.Appendf(nil, "k%d", i), []byte("v")); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if got := f.Node(2).Calls("Put"); got != 20 {
+		t.Errorf("the new leader served %d puts, want 20", got)
 	}
 }

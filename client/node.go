@@ -65,9 +65,9 @@ type node struct {
 	sem chan struct{}
 
 	// batch is the node's Batch stream (see batch.go), opened on first use
-	// and again after it breaks.
-	batchMu sync.Mutex
-	batch   *batchStream
+	// and again after it breaks; batchLock (cap 1) guards it.
+	batchLock chan struct{}
+	batch     *batchStream
 
 	// ctx is cancelled to stop the heartbeat goroutine (and its probe in
 	// flight); done is closed when that goroutine returned.
@@ -104,17 +104,18 @@ func dialNode(id uint64, addr string, maxInFlight int, log *slog.Logger) (*node,
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &node{
-		ctx:    ctx,
-		cancel: cancel,
-		id:     id,
-		addr:   addr,
-		conn:   conn,
-		kv:     kvpb.NewKVClient(conn),
-		clu:    kvpb.NewClusterClient(conn),
-		health: healthpb.NewHealthClient(conn),
-		log:    log.With("node", id, "addr", addr),
-		sem:    make(chan struct{}, maxInFlight),
-		done:   make(chan struct{}),
+		ctx:       ctx,
+		cancel:    cancel,
+		id:        id,
+		addr:      addr,
+		conn:      conn,
+		kv:        kvpb.NewKVClient(conn),
+		clu:       kvpb.NewClusterClient(conn),
+		health:    healthpb.NewHealthClient(conn),
+		log:       log.With("node", id, "addr", addr),
+		sem:       make(chan struct{}, maxInFlight),
+		batchLock: make(chan struct{}, 1),
+		done:      make(chan struct{}),
 	}, nil
 }
 
