@@ -70,8 +70,8 @@
 // and conf state. The writer replaces that state, never modifies it, after
 // a round is durable, so raft's reads (Entries, Term, FirstIndex...) on
 // the raft goroutine see only what is durable and never wait for an fsync.
-// Entries not yet in committed bbolt stay in the cache (evicting one forces
-// a commit).
+// Entries not yet in committed bbolt stay in the cache, even beyond its
+// limit, until a commit has put them there.
 // Entries older than the cache are read from bbolt with Shard.mu held; the
 // writer holds the same lock across a commit that rewrites such entries
 // (compaction, snapshot install, truncation below the cache), so a reader

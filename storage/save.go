@@ -2,6 +2,7 @@ package storage
 
 import (
 	"fmt"
+	"math"
 
 	bolt "go.etcd.io/bbolt"
 	"go.etcd.io/raft/v3"
@@ -257,7 +258,7 @@ func (rs *round) appendLog(s *Shard, st *shardState, logb *bolt.Bucket, ents []*
 		// A plain append writes only past the end of every published
 		// slice of this backing array (states are published in order and
 		// none is longer than st's), so it may use the spare capacity:
-		// copying the cache each round, up to 4 MiB of it per shard, cost
+		// copying the whole cache each round cost
 		// an eighth of a node's CPU under load.
 		st.cache = append(st.cache, ents...)
 	} else if first >= cs {
@@ -285,27 +286,27 @@ func (rs *round) appendLog(s *Shard, st *shardState, logb *bolt.Bucket, ents []*
 	} else {
 		st.unboltedFrom = min(st.unboltedFrom, first)
 	}
-	if evicted := st.evict(rs.e.cacheLimit); evicted >= st.unboltedFrom {
-		// Evicted entries are read from committed bbolt: commit.
-		rs.commit = true
+	keepFrom := uint64(math.MaxUint64) // every entry is in committed bbolt
+	if st.unboltedGen == rs.e.wal.gen {
+		keepFrom = st.unboltedFrom
 	}
+	st.evict(rs.e.cacheLimit, keepFrom)
 	return marshalled, nil
 }
 
-// evict drops the oldest cached entries beyond limit bytes (they stay in
-// bbolt) and returns the index of the last it dropped, 0 for none.
-func (st *shardState) evict(limit int) uint64 {
+// evict drops the oldest cached entries beyond limit bytes, but none from
+// keepFrom on: readers find an evicted entry in committed bbolt, and the
+// entries the open transaction holds are not there yet. The cache may so
+// exceed its limit by what one commit interval appends; the next append
+// after the commit trims it. (Evicting them and forcing a commit instead
+// made every round with a large value pay for a bbolt commit.)
+func (st *shardState) evict(limit int, keepFrom uint64) {
 	n := 0
-	for n < len(st.cache) && st.cacheBytes > limit {
+	for n < len(st.cache) && st.cacheBytes > limit && st.cache[n].GetIndex() < keepFrom {
 		st.cacheBytes -= proto.Size(st.cache[n])
 		n++
 	}
-	if n == 0 {
-		return 0
-	}
-	last := st.cache[n-1].GetIndex()
 	st.cache = st.cache[n:]
-	return last
 }
 
 func (rs *round) compact(s *Shard, index uint64) (response, error) {

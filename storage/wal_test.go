@@ -1,6 +1,8 @@
 package storage
 
 import (
+	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"testing"
@@ -272,4 +274,54 @@ func openCopyWith(t *testing.T, path string, mangle func(wal []byte)) *Engine {
 	}
 	t.Cleanup(func() { _ = e.Close() })
 	return e
+}
+
+// Entries the open transaction holds stay in the log cache beyond its
+// limit, without forcing a commit, and readers get every entry; after a
+// commit the next append trims the cache back to its limit.
+func TestCacheKeepsUncommittedEntriesWithoutCommitting(t *testing.T) {
+	e, _, s := walShard(t)
+	e.cacheLimit = 500 // a few entries; set before any append beyond walShard's
+	before := e.Stats()
+	for i := uint64(4); i < 40; i++ {
+		if _, err := s.Save(&Update{Entries: []*pb.Entry{putEntry(i, 1, "k", fmt.Sprintf("%060d", i))}, Sync: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if c := e.Stats().Commits - before.Commits; c != 0 {
+		t.Fatalf("%d commits for appends past the cache limit, want 0", c)
+	}
+	cached := func() (int, int) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		st, err := s.stateLocked()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(st.cache), st.cacheBytes
+	}
+	if n, b := cached(); n < 36 || b <= 500 {
+		t.Fatalf("cache holds %d entries (%d bytes), want every uncommitted one", n, b)
+	}
+	checkAll := func(last uint64) {
+		t.Helper()
+		ents, err := s.Entries(2, last+1, math.MaxUint64)
+		if err != nil || len(ents) != int(last-1) {
+			t.Fatalf("Entries(2, %d): %d entries, %v", last+1, len(ents), err)
+		}
+		for i, ent := range ents {
+			if ent.GetIndex() != uint64(i)+2 {
+				t.Fatalf("entry %d has index %d", i, ent.GetIndex())
+			}
+		}
+	}
+	checkAll(39)
+	s.Flush()
+	if _, err := s.Save(&Update{Entries: []*pb.Entry{putEntry(40, 1, "k", "last")}, Sync: true}); err != nil {
+		t.Fatal(err)
+	}
+	if n, b := cached(); b > 500+200 || n > 10 {
+		t.Fatalf("cache after a commit and an append: %d entries, %d bytes; want it trimmed to ~500 bytes", n, b)
+	}
+	checkAll(40)
 }
