@@ -145,8 +145,10 @@ disk), 8-byte keys and 256-byte values, closed loop. Written by
 \`make bench\` (scripts/bench.sh); numbers move between runs by some
 per cent, so compare runs made on the same machine. Two VMs of the same
 kind (2 vCPUs, AMD EPYC) have measured the same code up to a third apart
-(linearizable gets 20,200 vs 13,207 ops/s on two days); an A/B of two
-commits is only meaningful run back to back on one VM.
+(linearizable gets 20,200 vs 13,207 ops/s on two days), and on 2026-11-24
+one ran everything about three times slower than the day before (12-18%
+steal, fdatasync 0.55 ms instead of ~0.22); an A/B of two commits is only
+meaningful run back to back on one VM.
 
 - Date: $(date -u '+%Y-%m-%d %H:%M UTC')
 - Commit: $commit

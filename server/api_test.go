@@ -90,16 +90,22 @@ func TestBadInputGetsDocumentedCodes(t *testing.T) {
 	}
 }
 
-func TestStaleEpochAndNotLeaderDetails(t *testing.T) {
-	c := newTestCluster(t, 3, 2, nil)
-	var leader, follower *Server
+// leaderAndFollower waits for a leader of shard 1 and returns it and
+// another member.
+func leaderAndFollower(t *testing.T, c *testCluster) (leader, follower *Server) {
+	t.Helper()
 	waitFor(t, 10*time.Second, "a leader of shard 1", func() bool { leader = c.leaderOf(1); return leader != nil })
 	for _, s := range c.servers {
 		if s != leader {
-			follower = s
-			break
+			return leader, s
 		}
 	}
+	t.Fatal("a one-node cluster has no follower")
+	return nil, nil
+}
+
+func TestStaleEpochAndNotLeaderDetails(t *testing.T) {
+	leader, follower := leaderAndFollower(t, newTestCluster(t, 3, 2, nil))
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	key := keysIn(leader, 1, 1)[0]
@@ -212,15 +218,7 @@ func TestClientReachesMembersThroughGivenEndpoints(t *testing.T) {
 // method would have given (details included), and counts it under that
 // method's name.
 func TestBatchAnswersEachItemOnItsOwn(t *testing.T) {
-	c := newTestCluster(t, 3, 2, nil)
-	var leader, follower *Server
-	waitFor(t, 10*time.Second, "a leader of shard 1", func() bool { leader = c.leaderOf(1); return leader != nil })
-	for _, s := range c.servers {
-		if s != leader {
-			follower = s
-			break
-		}
-	}
+	leader, follower := leaderAndFollower(t, newTestCluster(t, 3, 2, nil))
 	waitFor(t, 5*time.Second, "follower to know the leader", func() bool { return follower.host.Node(1).Leader() != 0 })
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
