@@ -2,7 +2,6 @@ package storage
 
 import (
 	"fmt"
-	"math"
 
 	bolt "go.etcd.io/bbolt"
 	"go.etcd.io/raft/v3"
@@ -277,8 +276,8 @@ func (rs *round) appendLog(s *Shard, st *shardState, logb *bolt.Bucket, ents []*
 		st.cache = append([]*pb.Entry(nil), ents...)
 		st.cacheBytes = 0
 	}
-	for _, e := range ents {
-		st.cacheBytes += proto.Size(e)
+	for _, v := range marshalled {
+		st.cacheBytes += len(v) // proto.Size(e), already computed
 	}
 	st.last = newLast
 	if gen := rs.e.wal.gen; st.unboltedGen != gen {
@@ -286,11 +285,7 @@ func (rs *round) appendLog(s *Shard, st *shardState, logb *bolt.Bucket, ents []*
 	} else {
 		st.unboltedFrom = min(st.unboltedFrom, first)
 	}
-	keepFrom := uint64(math.MaxUint64) // every entry is in committed bbolt
-	if st.unboltedGen == rs.e.wal.gen {
-		keepFrom = st.unboltedFrom
-	}
-	st.evict(rs.e.cacheLimit, keepFrom)
+	st.evict(rs.e.cacheLimit, st.unboltedFrom)
 	return marshalled, nil
 }
 
