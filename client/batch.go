@@ -7,7 +7,6 @@ import (
 	"sync"
 	"time"
 
-	spb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -34,7 +33,8 @@ const (
 // item must be built afresh for each attempt: the stream's sender may
 // still be encoding it after do has returned on a timeout.
 func (n *node) do(ctx context.Context, item *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
-	if proto.Size(item) > maxBatchItemBytes {
+	size := proto.Size(item)
+	if size > maxBatchItemBytes {
 		return n.unary(ctx, item)
 	}
 	if dl, ok := ctx.Deadline(); ok {
@@ -44,37 +44,36 @@ func (n *node) do(ctx context.Context, item *kvpb.BatchRequestItem) (*kvpb.Batch
 	if err != nil {
 		return nil, err
 	}
-	return b.do(ctx, item)
+	return b.do(ctx, item, size)
 }
 
-// unary sends item by its own method.
+// unary sends item by its own method, through the same dispatch the
+// node uses for Batch items.
 func (n *node) unary(ctx context.Context, item *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
-	res := &kvpb.BatchResponseItem{}
-	var err error
-	switch r := item.GetRequest().(type) {
-	case *kvpb.BatchRequestItem_Put:
-		var p *kvpb.PutResponse
-		p, err = n.kv.Put(ctx, r.Put)
-		res.Response = &kvpb.BatchResponseItem_Put{Put: p}
-	case *kvpb.BatchRequestItem_Get:
-		var g *kvpb.GetResponse
-		g, err = n.kv.Get(ctx, r.Get)
-		res.Response = &kvpb.BatchResponseItem_Get{Get: g}
-	case *kvpb.BatchRequestItem_Delete:
-		var d *kvpb.DeleteResponse
-		d, err = n.kv.Delete(ctx, r.Delete)
-		res.Response = &kvpb.BatchResponseItem_Delete{Delete: d}
-	case *kvpb.BatchRequestItem_Txn:
-		var t *kvpb.TxnResponse
-		t, err = n.kv.Txn(ctx, r.Txn)
-		res.Response = &kvpb.BatchResponseItem_Txn{Txn: t}
-	default:
-		return nil, status.Error(codes.Internal, "client: batch item without a request")
-	}
-	if err != nil {
-		return nil, err
-	}
-	return res, nil
+	return item.Call(ctx, unaryKV{kv: n.kv})
+}
+
+// unaryKV presents a node's unary KV methods as a kvpb.KVServer, so that
+// BatchRequestItem.Call can send an item by its own method.
+type unaryKV struct {
+	kvpb.UnimplementedKVServer
+	kv kvpb.KVClient
+}
+
+func (u unaryKV) Put(ctx context.Context, r *kvpb.PutRequest) (*kvpb.PutResponse, error) {
+	return u.kv.Put(ctx, r)
+}
+
+func (u unaryKV) Get(ctx context.Context, r *kvpb.GetRequest) (*kvpb.GetResponse, error) {
+	return u.kv.Get(ctx, r)
+}
+
+func (u unaryKV) Delete(ctx context.Context, r *kvpb.DeleteRequest) (*kvpb.DeleteResponse, error) {
+	return u.kv.Delete(ctx, r)
+}
+
+func (u unaryKV) Txn(ctx context.Context, r *kvpb.TxnRequest) (*kvpb.TxnResponse, error) {
+	return u.kv.Txn(ctx, r)
 }
 
 // batchStream returns n's open Batch stream, opening one if there is none
@@ -136,6 +135,7 @@ type batchStream struct {
 type batchCall struct {
 	ctx  context.Context
 	item *kvpb.BatchRequestItem
+	size int           // item's encoded size, give or take its id and timeout
 	done chan struct{} // closed once resp or err is set
 	resp *kvpb.BatchResponseItem
 	err  error
@@ -147,8 +147,8 @@ func (b *batchStream) alive() bool {
 	return b.err == nil
 }
 
-func (b *batchStream) do(ctx context.Context, item *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
-	c := &batchCall{ctx: ctx, item: item, done: make(chan struct{})}
+func (b *batchStream) do(ctx context.Context, item *kvpb.BatchRequestItem, size int) (*kvpb.BatchResponseItem, error) {
+	c := &batchCall{ctx: ctx, item: item, size: size, done: make(chan struct{})}
 	b.mu.Lock()
 	if err := b.err; err != nil {
 		b.mu.Unlock()
@@ -174,7 +174,7 @@ func (b *batchStream) do(ctx context.Context, item *kvpb.BatchRequestItem) (*kvp
 		return nil, c.err
 	}
 	if e := c.resp.GetError(); e != nil {
-		return nil, status.ErrorProto(&spb.Status{Code: e.GetCode(), Message: e.GetMessage(), Details: e.GetDetails()})
+		return nil, e.Err()
 	}
 	return c.resp, nil
 }
@@ -182,7 +182,10 @@ func (b *batchStream) do(ctx context.Context, item *kvpb.BatchRequestItem) (*kvp
 // sendLoop writes out the queue, one message per wake-up (cut at
 // maxBatchBytes), skipping callers that have already given up.
 func (b *batchStream) sendLoop(ctx context.Context) {
-	var items []*kvpb.BatchRequestItem
+	var (
+		calls []*batchCall
+		items []*kvpb.BatchRequestItem
+	)
 	for {
 		select {
 		case <-b.wake:
@@ -192,7 +195,7 @@ func (b *batchStream) sendLoop(ctx context.Context) {
 		b.mu.Lock()
 		queue := b.queue
 		b.queue = nil
-		items = items[:0]
+		calls = calls[:0]
 		for _, c := range queue {
 			if c.ctx.Err() != nil {
 				continue
@@ -200,24 +203,26 @@ func (b *batchStream) sendLoop(ctx context.Context) {
 			b.nextID++
 			c.item.Id = b.nextID
 			b.waiting[b.nextID] = c
-			items = append(items, c.item)
+			calls = append(calls, c)
 		}
 		b.mu.Unlock()
-		for len(items) > 0 {
-			n, size := 0, 0
-			for ; n < len(items); n++ {
-				size += proto.Size(items[n])
-				if n > 0 && size > maxBatchBytes {
+		for len(calls) > 0 {
+			items = items[:0]
+			size := 0
+			for _, c := range calls {
+				if size += c.size; len(items) > 0 && size > maxBatchBytes {
 					break
 				}
+				items = append(items, c.item)
 			}
-			if err := b.stream.Send(&kvpb.BatchRequest{Items: items[:n]}); err != nil {
+			if err := b.stream.Send(&kvpb.BatchRequest{Items: items}); err != nil {
 				// Send reports io.EOF when the stream ended; Recv has the cause.
 				b.fail(err)
 				return
 			}
-			items = items[n:]
+			calls = calls[len(items):]
 		}
+		clear(items) // let answered items be collected
 	}
 }
 

@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	spb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -292,7 +291,7 @@ func TestBatchAnswersEachItemOnItsOwn(t *testing.T) {
 
 	// A follower's refusal carries the leader hint, as the unary one does.
 	g := answers(follower, putItem(7, keys[0]))[7]
-	st := status.FromProto(&spb.Status{Code: g.GetError().GetCode(), Message: g.GetError().GetMessage(), Details: g.GetError().GetDetails()})
+	st := status.Convert(g.GetError().Err())
 	var nl *kvpb.NotLeader
 	for _, d := range st.Details() {
 		if v, ok := d.(*kvpb.NotLeader); ok {

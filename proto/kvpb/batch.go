@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	spb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -91,6 +92,12 @@ func (it *BatchRequestItem) Inner() proto.Message {
 func StatusOf(err error) *Status {
 	p := status.Convert(err).Proto()
 	return &Status{Code: p.GetCode(), Message: p.GetMessage(), Details: p.GetDetails()}
+}
+
+// Err decodes s back into the gRPC status error StatusOf was given, details
+// included.
+func (s *Status) Err() error {
+	return status.ErrorProto(&spb.Status{Code: s.GetCode(), Message: s.GetMessage(), Details: s.GetDetails()})
 }
 
 // ServeBatch serves a Batch stream: serve runs for each item in a goroutine
