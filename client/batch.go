@@ -107,6 +107,7 @@ func (n *node) batchStream(ctx context.Context) (*batchStream, error) {
 	b := &batchStream{
 		stream:  s,
 		cancel:  cancel,
+		node:    n,
 		waiting: map[uint64]*batchCall{},
 		wake:    make(chan struct{}, 1),
 	}
@@ -123,6 +124,7 @@ func (n *node) batchStream(ctx context.Context) (*batchStream, error) {
 type batchStream struct {
 	stream kvpb.KV_BatchClient
 	cancel context.CancelFunc
+	node   *node
 	wake   chan struct{} // cap 1: the queue has items
 
 	mu      sync.Mutex
@@ -133,6 +135,10 @@ type batchStream struct {
 }
 
 type batchCall struct {
+	// abandoned: the caller gave up after the item was sent; its bulkhead
+	// token is released when the answer comes (guarded by batchStream.mu).
+	abandoned bool
+
 	ctx  context.Context
 	item *kvpb.BatchRequestItem
 	size int           // item's encoded size, give or take its id and timeout
@@ -165,7 +171,12 @@ func (b *batchStream) do(ctx context.Context, item *kvpb.BatchRequestItem, size 
 	case <-ctx.Done():
 		b.mu.Lock()
 		if c.item.GetId() != 0 && b.waiting[c.item.GetId()] == c {
-			delete(b.waiting, c.item.GetId())
+			// Sent: the node works on it until it answers (at its
+			// timeout, the same deadline as ctx's, at the latest). Its
+			// bulkhead token stays taken until then, so the bulkhead
+			// bounds what the node holds, not only who waits.
+			c.abandoned = true
+			b.node.keepToken()
 		}
 		b.mu.Unlock()
 		return nil, status.FromContextError(ctx.Err()).Err()
@@ -240,6 +251,9 @@ func (b *batchStream) recvLoop() {
 				delete(b.waiting, it.GetId())
 				c.resp = it
 				close(c.done)
+				if c.abandoned {
+					b.node.releaseKept()
+				}
 			}
 		}
 		b.mu.Unlock()
@@ -269,5 +283,8 @@ func (b *batchStream) fail(err error) {
 	for _, c := range calls {
 		c.err = err
 		close(c.done)
+		if c.abandoned {
+			b.node.releaseKept()
+		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -63,6 +64,9 @@ type node struct {
 	// sem is the bulkhead: one token per request in flight. Acquired
 	// without blocking; a full node is "busy" and the caller goes elsewhere.
 	sem chan struct{}
+	// kept counts slots held for requests whose callers gave up and
+	// released them (see release).
+	kept atomic.Int64
 
 	// batch is the node's Batch stream (see batch.go), opened on first use
 	// and again after it breaks; batchLock (cap 1) guards it.
@@ -129,7 +133,28 @@ func (n *node) acquire() bool {
 	}
 }
 
-func (n *node) release() { <-n.sem }
+// release frees a bulkhead slot, unless a request that outlived its
+// caller keeps one (keepToken): then this release is skipped, and
+// releaseKept frees the slot when that request's answer comes. Slots are
+// interchangeable, so which release is skipped does not matter.
+func (n *node) release() {
+	for {
+		k := n.kept.Load()
+		if k == 0 {
+			<-n.sem
+			return
+		}
+		if n.kept.CompareAndSwap(k, k-1) {
+			return
+		}
+	}
+}
+
+// keepToken keeps the caller's slot taken past its release.
+func (n *node) keepToken() { n.kept.Add(1) }
+
+// releaseKept frees a slot kept by keepToken.
+func (n *node) releaseKept() { <-n.sem }
 
 // available reports whether requests may go to n (breaker closed).
 func (n *node) available() bool {
