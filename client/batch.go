@@ -26,8 +26,8 @@ const (
 // do sends one Put, Get, Delete or Txn to n and waits for its answer.
 // Requests travel on n's Batch stream, where everything queued for the
 // node while the previous message was being written leaves in the next
-// one: under load one pair of syscalls carries many requests, and a lone
-// request goes at once. The returned error is the gRPC status the unary
+// one: when requests queue faster than the sender writes, one pair of
+// syscalls carries several, and a lone request goes at once. The returned error is the gRPC status the unary
 // method would have returned, so the retry loop classifies both alike.
 //
 // item must be built afresh for each attempt: the stream's sender may
