@@ -126,16 +126,7 @@ func TestStaleEpochAndNotLeaderDetails(t *testing.T) {
 
 	waitFor(t, 5*time.Second, "follower to know the leader", func() bool { return follower.host.Node(1).Leader() != 0 })
 	_, err = kvClient(t, follower).Put(ctx, &kvpb.PutRequest{Key: key, Value: []byte("v")})
-	st = status.Convert(err)
-	var nl *kvpb.NotLeader
-	for _, d := range st.Details() {
-		if v, ok := d.(*kvpb.NotLeader); ok {
-			nl = v
-		}
-	}
-	if st.Code() != codes.Unavailable || nl == nil || nl.GetLeaderAddr() != leader.ClientAddr() {
-		t.Fatalf("put on follower: %v (detail %v), want Unavailable naming %s", err, nl, leader.ClientAddr())
-	}
+	checkNotLeader(t, "put on follower", err, leader)
 	// A serializable read is served by the follower from local state.
 	if _, err := kvClient(t, follower).Get(ctx, &kvpb.GetRequest{Key: key, Consistency: kvpb.Consistency_SERIALIZABLE}); err != nil {
 		t.Fatalf("serializable get on follower: %v", err)
@@ -290,8 +281,14 @@ func TestBatchAnswersEachItemOnItsOwn(t *testing.T) {
 	}
 
 	// A follower's refusal carries the leader hint, as the unary one does.
-	g := answers(follower, putItem(7, keys[0]))[7]
-	st := status.Convert(g.GetError().Err())
+	checkNotLeader(t, "batched put on follower", answers(follower, putItem(7, keys[0]))[7].GetError().Err(), leader)
+}
+
+// checkNotLeader fails t unless err is Unavailable with a NotLeader detail
+// naming leader's client address.
+func checkNotLeader(t *testing.T, what string, err error, leader *Server) {
+	t.Helper()
+	st := status.Convert(err)
 	var nl *kvpb.NotLeader
 	for _, d := range st.Details() {
 		if v, ok := d.(*kvpb.NotLeader); ok {
@@ -299,6 +296,6 @@ func TestBatchAnswersEachItemOnItsOwn(t *testing.T) {
 		}
 	}
 	if st.Code() != codes.Unavailable || nl == nil || nl.GetLeaderAddr() != leader.ClientAddr() {
-		t.Fatalf("batched put on follower: %v (detail %v), want Unavailable naming %s", st, nl, leader.ClientAddr())
+		t.Fatalf("%s: %v (detail %v), want Unavailable naming %s", what, err, nl, leader.ClientAddr())
 	}
 }
