@@ -7,8 +7,13 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/encoding"
+	grpcproto "google.golang.org/grpc/encoding/proto"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/proto/kvpb"
@@ -27,25 +32,60 @@ const (
 // Requests travel on n's Batch stream, where everything queued for the
 // node while the previous message was being written leaves in the next
 // one: when requests queue faster than the sender writes, one pair of
-// syscalls carries several, and a lone request goes at once. The returned error is the gRPC status the unary
-// method would have returned, so the retry loop classifies both alike.
+// syscalls carries several, and a lone request goes at once. The returned
+// error is the gRPC status the unary method would have returned, so the
+// retry loop classifies both alike.
 //
-// item must be built afresh for each attempt: the stream's sender may
-// still be encoding it after do has returned on a timeout.
+// The item is encoded here, on the caller's goroutine, and never read
+// again once do returns: the caller may reuse its key and value buffers
+// at once, even after a timeout that leaves the item queued or on the
+// wire. (Encoding in the stream's sender raced with exactly that reuse and
+// could send a different key than the caller asked for.)
 func (n *node) do(ctx context.Context, item *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
+	item.Id = n.itemIDs.Add(1)
+	if dl, ok := ctx.Deadline(); ok {
+		item.TimeoutUs = max(1, time.Until(dl).Microseconds())
+	}
 	size := proto.Size(item)
 	if size > maxBatchItemBytes {
 		return n.unary(ctx, item)
 	}
-	if dl, ok := ctx.Deadline(); ok {
-		item.TimeoutUs = max(1, time.Until(dl).Microseconds())
+	enc, err := encodeItem(item, size)
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "client: encode request: %v", err)
 	}
 	b, err := n.batchStream(ctx)
 	if err != nil {
 		return nil, err
 	}
-	return b.do(ctx, item, size)
+	return b.do(ctx, item.Id, enc)
 }
+
+// encodeItem returns item as one entry of BatchRequest.items (field 1):
+// tag, length and message, ready to be concatenated with others.
+func encodeItem(item *kvpb.BatchRequestItem, size int) ([]byte, error) {
+	buf := make([]byte, 0, size+protowire.SizeTag(1)+protowire.SizeVarint(uint64(size)))
+	buf = protowire.AppendTag(buf, 1, protowire.BytesType)
+	buf = protowire.AppendVarint(buf, uint64(size))
+	return proto.MarshalOptions{UseCachedSize: true}.MarshalAppend(buf, item)
+}
+
+// encodedBatch is a BatchRequest already in wire form: its items'
+// encodings, concatenated. batchCodec sends it as it is.
+type encodedBatch []byte
+
+// batchCodec is the proto codec, except that it sends an encodedBatch's
+// bytes unchanged. Its name stays "proto": on the wire nothing differs.
+type batchCodec struct{ encoding.CodecV2 }
+
+func (c batchCodec) Marshal(v any) (mem.BufferSlice, error) {
+	if b, ok := v.(encodedBatch); ok {
+		return mem.BufferSlice{mem.SliceBuffer(b)}, nil
+	}
+	return c.CodecV2.Marshal(v)
+}
+
+var batchCallCodec = grpc.ForceCodecV2(batchCodec{encoding.GetCodecV2(grpcproto.Name)})
 
 // unary sends item by its own method, through the same dispatch the
 // node uses for Batch items.
@@ -94,7 +134,7 @@ func (n *node) batchStream(ctx context.Context) (*batchStream, error) {
 	}
 	sctx, cancel := context.WithCancel(n.ctx)
 	stop := context.AfterFunc(ctx, cancel)
-	s, err := n.kv.Batch(sctx)
+	s, err := n.kv.Batch(sctx, batchCallCodec)
 	if !stop() {
 		// ctx ended while the stream was being opened; sctx is cancelled.
 		cancel()
@@ -130,8 +170,7 @@ type batchStream struct {
 	mu      sync.Mutex
 	queue   []*batchCall          // not yet sent
 	waiting map[uint64]*batchCall // sent, by item id
-	nextID  uint64
-	err     error // why the stream broke; nil while it works
+	err     error                 // why the stream broke; nil while it works
 }
 
 type batchCall struct {
@@ -140,8 +179,8 @@ type batchCall struct {
 	abandoned bool
 
 	ctx  context.Context
-	item *kvpb.BatchRequestItem
-	size int           // item's encoded size, give or take its id and timeout
+	id   uint64
+	enc  []byte        // the item, encoded as an entry of BatchRequest.items
 	done chan struct{} // closed once resp or err is set
 	resp *kvpb.BatchResponseItem
 	err  error
@@ -153,8 +192,8 @@ func (b *batchStream) alive() bool {
 	return b.err == nil
 }
 
-func (b *batchStream) do(ctx context.Context, item *kvpb.BatchRequestItem, size int) (*kvpb.BatchResponseItem, error) {
-	c := &batchCall{ctx: ctx, item: item, size: size, done: make(chan struct{})}
+func (b *batchStream) do(ctx context.Context, id uint64, enc []byte) (*kvpb.BatchResponseItem, error) {
+	c := &batchCall{ctx: ctx, id: id, enc: enc, done: make(chan struct{})}
 	b.mu.Lock()
 	if err := b.err; err != nil {
 		b.mu.Unlock()
@@ -170,7 +209,7 @@ func (b *batchStream) do(ctx context.Context, item *kvpb.BatchRequestItem, size 
 	case <-c.done:
 	case <-ctx.Done():
 		b.mu.Lock()
-		if c.item.GetId() != 0 && b.waiting[c.item.GetId()] == c {
+		if b.waiting[c.id] == c {
 			// Sent: the node works on it until it answers (at its
 			// timeout, the same deadline as ctx's, at the latest). Its
 			// bulkhead token stays taken until then, so the bulkhead
@@ -193,10 +232,7 @@ func (b *batchStream) do(ctx context.Context, item *kvpb.BatchRequestItem, size 
 // sendLoop writes out the queue, one message per wake-up (cut at
 // maxBatchBytes), skipping callers that have already given up.
 func (b *batchStream) sendLoop(ctx context.Context) {
-	var (
-		calls []*batchCall
-		items []*kvpb.BatchRequestItem
-	)
+	var calls []*batchCall
 	for {
 		select {
 		case <-b.wake:
@@ -211,29 +247,32 @@ func (b *batchStream) sendLoop(ctx context.Context) {
 			if c.ctx.Err() != nil {
 				continue
 			}
-			b.nextID++
-			c.item.Id = b.nextID
-			b.waiting[b.nextID] = c
+			b.waiting[c.id] = c
 			calls = append(calls, c)
 		}
 		b.mu.Unlock()
-		for len(calls) > 0 {
-			items = items[:0]
-			size := 0
-			for _, c := range calls {
-				if size += c.size; len(items) > 0 && size > maxBatchBytes {
+		for pending := calls; len(pending) > 0; {
+			n, size := 0, 0
+			for _, c := range pending {
+				if n > 0 && size+len(c.enc) > maxBatchBytes {
 					break
 				}
-				items = append(items, c.item)
+				n, size = n+1, size+len(c.enc)
 			}
-			if err := b.stream.Send(&kvpb.BatchRequest{Items: items}); err != nil {
+			// A fresh buffer each message: gRPC may still be writing
+			// the last one when Send returns.
+			msg := make(encodedBatch, 0, size)
+			for _, c := range pending[:n] {
+				msg = append(msg, c.enc...)
+			}
+			if err := b.stream.SendMsg(msg); err != nil {
 				// Send reports io.EOF when the stream ended; Recv has the cause.
 				b.fail(err)
 				return
 			}
-			calls = calls[len(items):]
+			pending = pending[n:]
 		}
-		clear(items) // let answered items be collected
+		clear(calls) // let answered calls be collected
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -935,5 +936,55 @@ func TestSilentMemberCostsOneAttempt(t *testing.T) {
 	}
 	if got := f.Node(2).Calls("Put"); got != 20 {
 		t.Errorf("the new leader served %d puts, want 20", got)
+	}
+}
+
+// TestCallerMayReuseBuffersAfterGivingUp: once Put returns, on success or
+// on a timeout that leaves its request queued or in flight, the caller
+// owns its key and value again. Every writer here overwrites its buffers
+// with X the moment Put returns; had the stream's sender still been
+// encoding the request, a key or value of X would reach the node (and the
+// race detector would flag the overlap).
+func TestCallerMayReuseBuffersAfterGivingUp(t *testing.T) {
+	f := newFake(t, 1, 1, 1)
+	c := newClient(t, f, Config{AttemptTimeout: 5 * time.Second})
+	const writers, each = 32, 100
+	var wg sync.WaitGroup
+	var timedOut atomic.Int64
+	for w := range writers {
+		wg.Go(func() {
+			key, val := make([]byte, 0, 16), make([]byte, 0, 64)
+			for i := range each {
+				key = fmt.Appendf(key[:0], "k%02d-%03d", w, i)
+				val = fmt.Appendf(val[:0], "value of %s", key)
+				// Deadlines from 0 to ~3 ms: some answered, some given
+				// up while queued, some while on the wire.
+				ctx, cancel := context.WithTimeout(context.Background(), time.Duration(i%8)*400*time.Microsecond)
+				if _, err := c.Put(ctx, key, val); err != nil {
+					timedOut.Add(1)
+				}
+				cancel()
+				for j := range key {
+					key[j] = 'X'
+				}
+				for j := range val {
+					val[j] = 'X'
+				}
+			}
+		})
+	}
+	wg.Wait()
+	page, err := c.Scan(ctxT(t, 10*time.Second), nil, nil, ScanOptions{Limit: writers * each})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, kv := range page.KVs {
+		if bytes.ContainsRune(kv.GetKey(), 'X') || string(kv.GetValue()) != "value of "+string(kv.GetKey()) {
+			t.Errorf("the node stored %q = %q: a buffer the caller reused after Put returned", kv.GetKey(), kv.GetValue())
+		}
+	}
+	t.Logf("%d puts stored, %d of %d gave up", len(page.KVs), timedOut.Load(), writers*each)
+	if len(page.KVs) == 0 || timedOut.Load() == 0 {
+		t.Fatalf("the test needs both outcomes: %d stored, %d gave up", len(page.KVs), timedOut.Load())
 	}
 }

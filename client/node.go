@@ -72,6 +72,8 @@ type node struct {
 	// and again after it breaks; batchLock (cap 1) guards it.
 	batchLock chan struct{}
 	batch     *batchStream
+	// itemIDs numbers the node's Batch items; unique on every stream.
+	itemIDs atomic.Uint64
 
 	// ctx is cancelled to stop the heartbeat goroutine (and its probe in
 	// flight); done is closed when that goroutine returned.

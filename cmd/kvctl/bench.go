@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"regexp"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -39,6 +40,7 @@ type benchOpts struct {
 	rate        float64
 	seed        uint64
 	progress    bool
+	cpuProfile  string // file for the client's CPU profile of the measured phase
 }
 
 const (
@@ -145,6 +147,7 @@ func (a *app) benchWorkloadCmd(workload, short, long, example string) *cobra.Com
 	f.StringVar(&o.consistency, "consistency", "linearizable", "reads: linearizable (via the leader) or serializable (any replica, may be stale)")
 	f.Float64Var(&o.rate, "rate", 0, "open loop: target operations per second over all workers, latency counted from each operation's scheduled start (0: closed loop)")
 	f.Uint64Var(&o.seed, "seed", 1, "seed of the random key choice and the value bytes (same seed, same keys)")
+	f.StringVar(&o.cpuProfile, "cpuprofile", "", "write the client's CPU profile of the measured phase (not the prefill) to this file, for go tool pprof")
 	f.BoolVar(&progress, "progress", false, "print progress to stderr every second even when stderr is not a terminal")
 	if workload == "mixed" {
 		f.Float64Var(&o.readRatio, "read-ratio", 0.9, "fraction of operations that are reads")
@@ -252,6 +255,17 @@ func (a *app) runBench(o *benchOpts) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 
+	// Open the profile's file first: a bad path should fail before the
+	// prefill, not after it.
+	var profile *os.File
+	if o.cpuProfile != "" {
+		f, err := os.Create(o.cpuProfile)
+		if err != nil {
+			return usageErrorf("--cpuprofile: %v", err)
+		}
+		defer f.Close()
+		profile = f
+	}
 	r := &benchRun{o: o, timeout: a.timeout, value: make([]byte, o.valSize)}
 	rng := rand.New(rand.NewPCG(o.seed, 0x6b7664))
 	for i := range r.value {
@@ -290,6 +304,10 @@ func (a *app) runBench(o *benchOpts) error {
 		return usageErrorf("interrupted during the prefill")
 	}
 
+	stopProfile, err := startCPUProfile(profile)
+	if err != nil {
+		return err
+	}
 	workers := make([]*benchWorker, o.clients)
 	start := time.Now()
 	var wg sync.WaitGroup
@@ -306,6 +324,9 @@ func (a *app) runBench(o *benchOpts) error {
 	wg.Wait()
 	elapsed := time.Since(start)
 	stopProgress()
+	if err := stopProfile(); err != nil {
+		return err
+	}
 
 	rep := r.report(workers, elapsed, prefilled, ctx.Err() != nil)
 	if err := a.printBench(rep); err != nil {
@@ -677,4 +698,24 @@ func (a *app) printBench(rep *benchReport) error {
 	}
 	_, err := io.WriteString(a.stdout, b.String())
 	return err
+}
+
+// startCPUProfile profiles this process into f until the returned
+// function is called; with no file it does nothing. The client's own cost
+// is part of every figure the bench reports, so it needs a profile as
+// much as a node's /debug/pprof/profile does.
+func startCPUProfile(f *os.File) (stop func() error, err error) {
+	if f == nil {
+		return func() error { return nil }, nil
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		return nil, fmt.Errorf("--cpuprofile: %w", err)
+	}
+	return func() error {
+		pprof.StopCPUProfile()
+		if err := f.Close(); err != nil {
+			return fmt.Errorf("--cpuprofile: %w", err)
+		}
+		return nil
+	}, nil
 }

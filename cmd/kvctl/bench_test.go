@@ -3,6 +3,8 @@ package main
 import (
 	"encoding/json"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -147,6 +149,19 @@ func TestBenchWorkloads(t *testing.T) {
 	r = kvctl(t, eps, "", "bench", "put", "--duration", "1200ms", "--rate", "50", "--progress")
 	if r.code != 0 || !strings.Contains(r.stderr, "ops/s") {
 		t.Fatalf("--progress: %+v", r)
+	}
+
+	// --cpuprofile writes a profile go tool pprof reads (gzipped protobuf);
+	// a path that cannot be created fails before any work.
+	prof := filepath.Join(t.TempDir(), "client.pprof")
+	if r := kvctl(t, eps, "", "bench", "put", "--total", "200", "--key-space", "5", "--cpuprofile", prof); r.code != 0 {
+		t.Fatalf("bench --cpuprofile: %+v", r)
+	}
+	if data, err := os.ReadFile(prof); err != nil || len(data) < 2 || data[0] != 0x1f || data[1] != 0x8b {
+		t.Fatalf("--cpuprofile wrote %d bytes (err %v), want a gzipped profile", len(data), err)
+	}
+	if r := kvctl(t, eps, "", "bench", "put", "--total", "1", "--cpuprofile", filepath.Join(t.TempDir(), "no", "such", "dir")); r.code != 2 || !strings.Contains(r.stderr, "--cpuprofile") {
+		t.Fatalf("bench --cpuprofile into a missing dir: %+v", r)
 	}
 
 	// Errors are counted by class; all failing is exit 3.
