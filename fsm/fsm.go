@@ -52,30 +52,41 @@ var (
 	ErrUnknownCmd = errors.New("fsm: unknown command")
 )
 
-// Apply applies one encoded peerpb.Command and returns the encoded
-// peerpb.Result. Its signature matches raftnode.ApplyFunc.
-func Apply(tx *storage.Txn, _ uint64, data []byte) []byte {
+// Apply applies one encoded peerpb.Command and returns its
+// *peerpb.Result. The result goes to the proposer as it is; only a write
+// with a session encodes it, to record it for retries. Its signature
+// matches raftnode.ApplyFunc.
+func Apply(tx *storage.Txn, _ uint64, data []byte) any {
+	return apply(tx, data)
+}
+
+func apply(tx *storage.Txn, data []byte) *peerpb.Result {
 	var c peerpb.Command
 	if err := proto.Unmarshal(data, &c); err != nil {
-		return encode(&peerpb.Result{Error: ErrMalformed.Error()})
+		return &peerpb.Result{Error: ErrMalformed.Error()}
 	}
 	session, seq := c.GetSession(), c.GetSeq()
 	var st *peerpb.SessionState
 	if session != 0 {
 		st = loadSession(tx, session)
 		if seq < st.GetAckBelow() {
-			return encode(&peerpb.Result{Error: ErrStaleSeq.Error()})
+			return &peerpb.Result{Error: ErrStaleSeq.Error()}
 		}
 		if r := tx.GetMeta(resultKey(session, seq)); r != nil {
-			return bytes.Clone(r)
+			// A retry: answer what the first attempt got. Every replica
+			// holds the same bytes, so even a decode failure is the same
+			// answer everywhere.
+			var res peerpb.Result
+			if err := proto.Unmarshal(r, &res); err != nil {
+				return &peerpb.Result{Error: fmt.Sprintf("fsm: decode recorded result: %v", err)}
+			}
+			return &res
 		}
 	}
 
 	res := execute(tx, &c)
-	out := encode(res)
-
 	if session != 0 {
-		tx.PutMeta(resultKey(session, seq), out)
+		tx.PutMeta(resultKey(session, seq), encode(res))
 		if ack := c.GetAckBelow(); ack > st.GetAckBelow() {
 			dropResults(tx, session, st.GetAckBelow(), ack)
 			st.AckBelow = ack
@@ -83,20 +94,31 @@ func Apply(tx *storage.Txn, _ uint64, data []byte) []byte {
 		st.LastSeenUnixMs = max(st.GetLastSeenUnixMs(), c.GetTimeUnixMs())
 		tx.PutMeta(sessionKey(session), encode(st))
 	}
-	return out
+	return res
 }
 
-// DecodeResult decodes Apply's output; a recorded rejection becomes an
+// Outcome returns the *peerpb.Result that Apply returned (through
+// raftnode.Node.Propose), or the deterministic rejection it records as an
 // error.
+func Outcome(v any) (*peerpb.Result, error) {
+	r, ok := v.(*peerpb.Result)
+	if !ok {
+		return nil, fmt.Errorf("fsm: result is a %T, not a *peerpb.Result", v)
+	}
+	if r.GetError() != "" {
+		return r, errors.New(r.GetError())
+	}
+	return r, nil
+}
+
+// DecodeResult decodes an encoded Result (Internal.Propose's answer) and
+// returns its Outcome.
 func DecodeResult(b []byte) (*peerpb.Result, error) {
 	var r peerpb.Result
 	if err := proto.Unmarshal(b, &r); err != nil {
 		return nil, fmt.Errorf("fsm: decode result: %w", err)
 	}
-	if r.GetError() != "" {
-		return &r, errors.New(r.GetError())
-	}
-	return &r, nil
+	return Outcome(&r)
 }
 
 func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
@@ -426,8 +448,9 @@ func decodeStored(v []byte) (*peerpb.StoredValue, error) {
 
 func toKV(key []byte, sv *peerpb.StoredValue) *kvpb.KeyValue {
 	return &kvpb.KeyValue{
-		Key:            bytes.Clone(key),
-		Value:          bytes.Clone(sv.GetValue()),
+		Key: bytes.Clone(key),
+		// Already a copy: proto.Unmarshal never aliases its input.
+		Value:          sv.GetValue(),
 		CreateRevision: sv.GetCreateRevision(),
 		ModRevision:    sv.GetModRevision(),
 		Version:        sv.GetVersion(),

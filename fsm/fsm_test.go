@@ -45,7 +45,7 @@ func (sh *shard) applyRaw(data []byte) []byte {
 	res, err := sh.s.Save(&storage.Update{
 		Entries:   []*pb.Entry{e},
 		Committed: []*pb.Entry{e},
-		Apply:     func(tx *storage.Txn, e *pb.Entry) []byte { return Apply(tx, e.GetIndex(), e.GetData()) },
+		Apply:     func(tx *storage.Txn, e *pb.Entry) []byte { return encode(apply(tx, e.GetData())) },
 	})
 	if err != nil {
 		sh.t.Fatal(err)
@@ -428,7 +428,7 @@ func BenchmarkApplyPut(b *testing.B) {
 		ents[i] = &pb.Entry{Index: proto.Uint64(uint64(i + 2)), Term: proto.Uint64(1), Data: mustMarshal(c)}
 	}
 	b.ResetTimer()
-	if _, err := s.Save(&storage.Update{Entries: ents, Committed: ents, Apply: func(tx *storage.Txn, e *pb.Entry) []byte { return Apply(tx, e.GetIndex(), e.GetData()) }}); err != nil {
+	if _, err := s.Save(&storage.Update{Entries: ents, Committed: ents, Apply: func(tx *storage.Txn, e *pb.Entry) []byte { apply(tx, e.GetData()); return nil }}); err != nil {
 		b.Fatal(err)
 	}
 }

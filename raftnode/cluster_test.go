@@ -218,7 +218,7 @@ func (c *testCluster) put(ctx context.Context, shard uint64, key, value string) 
 		if l != nil {
 			res, err := l.Propose(ctx, putCmd(key, value))
 			if err == nil {
-				_, err = fsm.DecodeResult(res)
+				_, err = fsm.Outcome(res)
 				return err
 			}
 			if !errors.Is(err, raftnode.ErrNotLeader) && !errors.Is(err, raftnode.ErrLeadershipLost) &&

@@ -44,8 +44,9 @@ type Sender interface {
 // ApplyFunc applies one committed command to the shard state. It runs on the
 // storage writer goroutine inside the write transaction, so it must be
 // deterministic: no clocks, no randomness, no map order, no local settings.
-// The returned bytes are handed to the proposer, if it is still waiting.
-type ApplyFunc func(tx *storage.Txn, index uint64, cmd []byte) []byte
+// The returned value is handed to the proposer, if it is still waiting, as
+// it is: never encoded, and never read by raftnode.
+type ApplyFunc func(tx *storage.Txn, index uint64, cmd []byte) any
 
 // Config configures one Raft group replica.
 type Config struct {
@@ -154,8 +155,8 @@ func (e *NotLeaderError) Error() string {
 func (e *NotLeaderError) Unwrap() error { return ErrNotLeader }
 
 type result struct {
-	data []byte
-	err  error
+	value any // what ApplyFunc returned; nil for conf changes
+	err   error
 }
 
 type proposal struct {
@@ -382,7 +383,7 @@ func (n *Node) TransferLeadership(ctx context.Context, transferee uint64) error 
 
 // Propose replicates cmd and returns the state machine's result once it has
 // applied on this node. On a follower it fails fast with *NotLeaderError.
-func (n *Node) Propose(ctx context.Context, cmd []byte) ([]byte, error) {
+func (n *Node) Propose(ctx context.Context, cmd []byte) (any, error) {
 	p := &proposal{data: cmd, done: make(chan result, 1)}
 	return n.wait(ctx, p)
 }
@@ -395,13 +396,13 @@ func (n *Node) ProposeConfChange(ctx context.Context, cc pb.ConfChangeI) error {
 	return err
 }
 
-func (n *Node) wait(ctx context.Context, p *proposal) ([]byte, error) {
+func (n *Node) wait(ctx context.Context, p *proposal) (any, error) {
 	if err := send(ctx, n, n.propc, p); err != nil {
 		return nil, err
 	}
 	select {
 	case r := <-p.done:
-		return r.data, r.err
+		return r.value, r.err
 	case <-ctx.Done():
 		// The proposal stays tracked; its result is dropped into the
 		// buffered channel when it applies.
@@ -409,7 +410,7 @@ func (n *Node) wait(ctx context.Context, p *proposal) ([]byte, error) {
 	case <-n.donec:
 		select {
 		case r := <-p.done:
-			return r.data, r.err
+			return r.value, r.err
 		default:
 			return nil, ErrStopped
 		}
@@ -464,8 +465,8 @@ func decodeEntry(data []byte) (id uint64, cmd []byte, ok bool) {
 	return binary.BigEndian.Uint64(data), data[idPrefixLen:], true
 }
 
-// ApplyEntry adapts an ApplyFunc to storage: it strips the proposal id.
-func (n *Node) applyEntry(tx *storage.Txn, e *pb.Entry) []byte {
+// applyEntry runs the ApplyFunc on e's command, without its proposal id.
+func (n *Node) applyEntry(tx *storage.Txn, e *pb.Entry) any {
 	_, cmd, ok := decodeEntry(e.GetData())
 	if !ok {
 		return nil
@@ -732,16 +733,19 @@ func (n *Node) handleReady(st *loopState) error {
 	// result. Reads are unaffected: ReadIndex waits on n.applied, which
 	// moves only after the commit.
 	waiting, answered := n.waitingFor(st, rd.CommittedEntries)
-	apply := n.applyEntry
+	apply := func(tx *storage.Txn, e *pb.Entry) []byte {
+		n.applyEntry(tx, e)
+		return nil
+	}
 	if waiting != nil {
 		first := rd.CommittedEntries[0].GetIndex()
 		apply = func(tx *storage.Txn, e *pb.Entry) []byte {
 			res := n.applyEntry(tx, e)
 			if i := e.GetIndex() - first; waiting[i] != nil {
-				waiting[i].done <- result{data: res}
+				waiting[i].done <- result{value: res}
 				answered[i] = true
 			}
-			return res
+			return nil
 		}
 	}
 	u := &storage.Update{
@@ -772,11 +776,8 @@ func (n *Node) handleReady(st *loopState) error {
 	if sentEarly {
 		n.cfg.Sender.Send(n.cfg.Shard, rd.Messages)
 	}
-	var results [][]byte
 	if len(u.Entries) > 0 || len(u.Committed) > 0 || u.HardState != nil || u.Snapshot != nil {
-		var err error
-		results, err = n.cfg.Storage.Save(u)
-		if err != nil {
+		if _, err := n.cfg.Storage.Save(u); err != nil {
 			// Proposals answered from inside the failed round stay
 			// answered (their entries are committed); forget them so the
 			// stop path does not answer them twice.
@@ -811,11 +812,7 @@ func (n *Node) handleReady(st *loopState) error {
 		// Entries apply skipped (conf changes, empty entries) are
 		// answered here, after the commit.
 		if !answered[i] {
-			var data []byte
-			if i < len(results) {
-				data = results[i]
-			}
-			p.done <- result{data: data}
+			p.done <- result{}
 		}
 		delete(st.proposals, p.id)
 	}

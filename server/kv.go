@@ -208,7 +208,7 @@ func (s *Server) propose(ctx context.Context, shard uint64, h *kvpb.RequestHeade
 	if err != nil {
 		return nil, err
 	}
-	res, err := fsm.DecodeResult(out)
+	res, err := fsm.Outcome(out)
 	if err != nil {
 		// A deterministic rejection at apply time: the request itself was
 		// bad (validation normally catches it before proposing).

@@ -448,7 +448,7 @@ func (s *Server) proposeMeta(ctx context.Context, cmd []byte) error {
 			if err != nil {
 				return err
 			}
-			return decodeMetaResult(res)
+			return metaOutcome(res)
 		}
 		if l := n.Leader(); l != 0 {
 			try = []uint64{l}
@@ -467,7 +467,10 @@ func (s *Server) proposeMeta(ctx context.Context, cmd []byte) error {
 			return c.Propose(ctx, &peerpb.ProposeRequest{Shard: MetaShard, Command: cmd})
 		})
 		if err == nil {
-			return decodeMetaResult(resp.GetResult())
+			if _, err := fsm.DecodeResult(resp.GetResult()); err != nil {
+				return rejectedError{err}
+			}
+			return nil
 		}
 	}
 	return err
@@ -479,8 +482,8 @@ type rejectedError struct{ error }
 
 func (e rejectedError) Unwrap() error { return e.error }
 
-func decodeMetaResult(res []byte) error {
-	if _, err := fsm.DecodeResult(res); err != nil {
+func metaOutcome(res any) error {
+	if _, err := fsm.Outcome(res); err != nil {
 		return rejectedError{err}
 	}
 	return nil
@@ -525,7 +528,15 @@ func (s *Server) Propose(ctx context.Context, req *peerpb.ProposeRequest) (*peer
 	if err != nil {
 		return nil, s.toStatus(err, req.GetShard())
 	}
-	return &peerpb.ProposeResponse{Result: res}, nil
+	r, ok := res.(*peerpb.Result)
+	if !ok {
+		return nil, fmt.Errorf("propose: result is a %T", res)
+	}
+	out, err := proto.Marshal(r)
+	if err != nil {
+		return nil, fmt.Errorf("propose: encode result: %w", err)
+	}
+	return &peerpb.ProposeResponse{Result: out}, nil
 }
 
 // ClientAddr and PeerAddr are the bound listen addresses.
