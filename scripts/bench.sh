@@ -114,8 +114,9 @@ for w in "${workloads[@]}"; do
   mapfile -t m1 < <(msum "${amort_metrics[@]}")
   d=()
   for j in "${!m0[@]}"; do d+=($((m1[j] - m0[j]))); done
-  amort+="| $name | $(ratio "${d[0]}" "${d[1]}") | $(ratio "${d[2]}" "${d[3]}") | $(ratio "${d[4]}" "${d[5]}") | $(ratio "${d[6]}" "${d[7]}") | $(ratio "${d[8]}" "${d[9]}") |"$'\n'
   r="$WORK/run$i.json"
+  ops=$(jq '.ops + (.prefilled // 0)' "$r")
+  amort+="| $name | $(ratio "${d[0]}" "${d[1]}") | $(ratio "${d[2]}" "${d[3]}") | $(ratio "${d[4]}" "${d[5]}") | $(ratio "${d[6]}" "${d[7]}") | $(ratio "${d[6]}" "$ops") | $(ratio "${d[8]}" "${d[9]}") |"$'\n'
   jq -r '"bench:   \(.ops) ops, \(.ops_per_sec | round) ops/s, p50 \(.latency_ms.p50 * 100 | round / 100) ms, p99 \(.latency_ms.p99 * 100 | round / 100) ms, errors \(.errors)"' "$r" >&2
   rows+=$(jq -r --arg name "$name" --arg cmd "bench $args" \
     '"| \($name) | `\($cmd)` | \(.ops_per_sec | round) | \(.latency_ms.p50 * 100 | round / 100) | \(.latency_ms.p99 * 100 | round / 100) | \(.latency_ms.p99_9 * 100 | round / 100) | \(.errors) |"' "$r")
@@ -147,8 +148,10 @@ per cent, so compare runs made on the same machine. Two VMs of the same
 kind (2 vCPUs, AMD EPYC) have measured the same code up to a third apart
 (linearizable gets 20,200 vs 13,207 ops/s on two days), and on 2026-11-24
 one ran everything about three times slower than the day before (12-18%
-steal, fdatasync 0.55 ms instead of ~0.22); an A/B of two commits is only
-meaningful run back to back on one VM.
+steal, fdatasync 0.55 ms instead of ~0.22). Even one VM drifts: on
+2026-11-24 the same build measured 6,415 and then 10,178 distinct-key
+puts per second an hour apart. An A/B of two commits is only meaningful
+interleaved on one VM, several runs each.
 
 - Date: $(date -u '+%Y-%m-%d %H:%M UTC')
 - Commit: $commit
@@ -165,12 +168,14 @@ includes the client's retries.
 How the work was shared out: the change of each node counter during a
 workload (its prefill included), summed over the three nodes.
 
-| workload | requests per client message | proposals per Raft batch | entries per fsync | messages per transport batch | reads per ReadIndex round |
-|---|---:|---:|---:|---:|---:|
+| workload | requests per client message | proposals per Raft batch | entries per fsync | messages per transport batch | Raft messages per operation | reads per ReadIndex round |
+|---|---:|---:|---:|---:|---:|---:|
 $amort
 Requests per client message is \`kvd_request_batch_items_total /
 kvd_request_batches_total\` (the client's \`Batch\` stream); an fsync is a
-WAL record's fdatasync or a bbolt commit.
+WAL record's fdatasync or a bbolt commit; Raft messages per operation
+counts every message the nodes sent each other (appends, their answers,
+heartbeats) over the workload's operations, prefill included.
 
 Resident memory of each node after the runs (VmRSS):
 
@@ -184,6 +189,11 @@ $rss
 
 Or against any cluster: \`kvctl --endpoints HOST:PORT bench put --clients 100 --conns 10 --total 50000\`
 (see \`kvctl bench put --help\`; \`-o json\` for scripts).
+
+Where the time goes: \`kvctl bench ... --cpuprofile client.pprof\` profiles the
+client during the measured phase, and \`curl -o node.pprof
+'http://127.0.0.1:12381/debug/pprof/profile?seconds=15'\` a node meanwhile;
+read both with \`go tool pprof -top\`.
 
 Hot-path microbenchmarks (no cluster): \`go test -run '^$' -bench . ./storage ./fsm ./hashring ./transport ./server\`
 (group commit with fsync, apply of a put, ring lookup, peer batch encode/decode, a put
