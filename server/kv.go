@@ -246,9 +246,14 @@ func (s *Server) read(ctx context.Context, shard uint64, c kvpb.Consistency, fn 
 	return sh.View(fn)
 }
 
+// withTimeout bounds a request that came without a deadline by
+// --request-timeout. One that has a deadline keeps its ctx as it is:
+// nothing started under it outlives the request, so a derived context
+// would only cost its allocation and registration with the parent (3.3%
+// of node CPU in the linearizable-get profile).
 func (s *Server) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
 	if _, ok := ctx.Deadline(); ok {
-		return context.WithCancel(ctx)
+		return ctx, func() {}
 	}
 	return context.WithTimeout(ctx, s.cfg.RequestTimeout)
 }

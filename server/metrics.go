@@ -76,34 +76,29 @@ func (m *metrics) interceptor(ctx context.Context, req any, info *grpc.UnaryServ
 func (m *metrics) observe(method string, req any, serve func() (any, error)) (any, error) {
 	start := time.Now()
 	var resp any
-	err := m.admit(req)
+	charged, err := m.admit(req)
 	if err == nil {
 		resp, err = serve()
-		m.release(req)
+		m.inFlight.Add(-charged)
 	}
 	m.requests.WithLabelValues(method, status.Code(err).String()).Inc()
 	m.latency.WithLabelValues(method).Observe(time.Since(start).Seconds())
 	return resp, err
 }
 
-// admit reserves req's size in the in-flight budget, or refuses it.
-func (m *metrics) admit(req any) error {
+// admit reserves req's size in the in-flight budget and returns what it
+// charged, or refuses it.
+func (m *metrics) admit(req any) (int64, error) {
 	msg, ok := req.(proto.Message)
 	if !ok {
-		return nil
+		return 0, nil
 	}
 	n := int64(proto.Size(msg)) + requestOverhead
 	if m.inFlight.Add(n) > m.maxInFlight {
 		m.inFlight.Add(-n)
-		return status.Error(codes.ResourceExhausted, "node overloaded: too many request bytes in flight; back off and retry")
+		return 0, status.Error(codes.ResourceExhausted, "node overloaded: too many request bytes in flight; back off and retry")
 	}
-	return nil
-}
-
-func (m *metrics) release(req any) {
-	if msg, ok := req.(proto.Message); ok {
-		m.inFlight.Add(-(int64(proto.Size(msg)) + requestOverhead))
-	}
+	return n, nil
 }
 
 // requestOverhead is charged per request on top of its encoded size: the
