@@ -124,3 +124,7 @@ jepsen-short: ## the short jepsen-lite run of `make test` alone, verbose (about 
 .PHONY: bench
 bench: build ## benchmark a local 3-node cluster with kvctl bench; writes docs/benchmarks.md
 	./scripts/bench.sh
+
+.PHONY: bench-memory
+bench-memory: build ## 1,000,000 puts with each node capped at 150 MiB, page cache included (needs root); writes docs/memory.md
+	./scripts/bench-memory.sh

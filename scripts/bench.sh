@@ -182,6 +182,9 @@ Resident memory of each node after the runs (VmRSS):
 | node | VmRSS |
 |---|---:|
 $rss
+These runs are short. Memory after 1,000,000 puts, with each node capped
+at 150 MiB page cache included, is in docs/memory.md (\`make bench-memory\`).
+
 ## Reproduce
 
     make bench                 # builds, runs the table above, rewrites this file
