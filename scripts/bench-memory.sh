@@ -134,7 +134,7 @@ cat >"$OUT" <<MD
 
 Each node of a local 3-node cluster runs in its own memory cgroup
 capped at $CAP ($LIMIT), which counts the page cache of its bbolt file as
-well as what the process allocates, while \`kvctl $args\` writes
+well as what the process allocates, while \`kvctl bench $args\` writes
 $TOTAL distinct 8-byte keys with 256-byte values. Written by \`make
 bench-memory\` (scripts/bench-memory.sh).
 
