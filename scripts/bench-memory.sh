@@ -12,11 +12,12 @@
 # The cgroup limit counts them too, so a node that completes the run
 # under it has done the work in CAP, page cache included.
 #
-# Needs root and a cgroup memory controller (v1 or v2). Uses the ports of
-# make bench (12379-14381) and stops the cluster and removes its cgroups
-# on exit, success or failure.
+# Needs root and a cgroup memory controller (v1 or v2). Uses the cluster
+# and ports of make bench (scripts/cluster.sh) and stops the cluster and
+# removes its cgroups on exit, success or failure.
 #
 # Environment: BIN (default ./bin), OUT (default docs/memory.md), CAP,
+# PORT_PREFIX (default 1, as make bench),
 # TOTAL.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,61 +40,33 @@ else
 fi
 
 WORK=$(mktemp -d -t kvd-memory.XXXXXX)
-INITIAL=1=127.0.0.1:12380,2=127.0.0.1:13380,3=127.0.0.1:14380
-ENDPOINTS=127.0.0.1:12379,127.0.0.1:13379,127.0.0.1:14379
-pids=()
+NAME=bench-memory
+P=${PORT_PREFIX:-1}
+# shellcheck source=scripts/cluster.sh
+. scripts/cluster.sh
 cgroups=()
-
-stop() {
-  local rc=$?
-  trap - INT TERM EXIT
-  if [ ${#pids[@]} -gt 0 ]; then
-    echo "bench-memory: stopping kvd nodes (pids ${pids[*]})" >&2
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  fi
+cleanup_hook() {
+  local cg
   for cg in "${cgroups[@]}"; do rmdir "$cg" 2>/dev/null || true; done
-  if [ "$rc" -ne 0 ]; then
-    echo "bench-memory: failed (exit $rc); node logs kept in $WORK" >&2
-  else
-    rm -rf "$WORK"
-  fi
-  exit "$rc"
 }
-trap stop INT TERM EXIT
+trap on_exit INT TERM EXIT
 
+# in_cgroup ID COMMAND... runs COMMAND as node ID's process in its own
+# memory cgroup: the shell joins the cgroup, then becomes COMMAND, so kvd
+# never runs outside it.
+in_cgroup() {
+  local cg=${cgroups[$(($1 - 1))]}
+  shift
+  exec sh -c 'echo $$ >"$1/cgroup.procs"; shift; exec "$@"' sh "$cg" "$@"
+}
 for id in 1 2 3; do
-  base=1$((1 + id))
-  for port in "${base}379" "${base}380" "${base}381"; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      echo "bench-memory: port $port is in use; stop what listens there" >&2
-      exit 1
-    fi
-  done
   cg=$CGROOT/kvd-memory-$$-$id
   mkdir "$cg"
   cgroups+=("$cg")
   echo "$CAP" >"$cg/$LIMIT"
-  # The shell joins the cgroup, then becomes kvd: kvd never runs outside it.
-  sh -c 'echo $$ >"$1/cgroup.procs"; shift; exec "$@"' sh "$cg" \
-    "$BIN/kvd" --id "$id" --data-dir "$WORK/data$id" \
-    --listen-client "127.0.0.1:${base}379" \
-    --listen-peer "127.0.0.1:${base}380" \
-    --listen-metrics "127.0.0.1:${base}381" \
-    --initial-cluster "$INITIAL" >"$WORK/kvd$id.log" 2>&1 &
-  pids+=("$!")
 done
-echo "bench-memory: 3 nodes, each capped at $CAP (pids ${pids[*]}, data in $WORK)" >&2
-
-for id in 1 2 3; do
-  base=1$((1 + id))
-  for i in $(seq 1 300); do
-    curl -sf "http://127.0.0.1:${base}381/readyz" >/dev/null 2>&1 && break
-    kill -0 "${pids[$((id - 1))]}" 2>/dev/null || { echo "bench-memory: kvd $id exited; log:" >&2; tail -20 "$WORK/kvd$id.log" >&2; exit 1; }
-    [ "$i" = 300 ] && { echo "bench-memory: kvd $id not ready after 30s" >&2; exit 1; }
-    sleep 0.1
-  done
-done
+start_nodes in_cgroup
+echo "bench-memory: each node capped at $CAP" >&2
 
 args="put --clients 100 --conns 10 --total $TOTAL"
 echo "bench-memory: kvctl bench $args" >&2

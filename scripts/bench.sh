@@ -2,11 +2,10 @@
 # Benchmarks a local 3-node kvd cluster with kvctl bench (make bench) and
 # writes docs/benchmarks.md.
 #
-# The cluster uses its own ports (client 12379, 13379, 14379; peer and
-# metrics one and two above) and a temporary data dir, so it does not clash
-# with `make cluster` (2379, 22379, 32379). The ports sit below Linux's
-# ephemeral range (32768-60999), so no outgoing connection holds them by
-# chance. The cluster is stopped on exit, success or failure.
+# The cluster (scripts/cluster.sh) uses its own ports (client 12379, 13379,
+# 14379; peer and metrics one and two above) and a temporary data dir, so
+# it does not clash with `make cluster`. It is stopped on exit, success or
+# failure.
 #
 # Environment: BIN (default ./bin), OUT (default docs/benchmarks.md),
 # SCALE (default 1; multiplies every --total, e.g. SCALE=0.1 for a smoke run),
@@ -21,54 +20,11 @@ command -v jq >/dev/null || { echo "bench.sh: needs jq (apt-get install jq)" >&2
 [ -x "$BIN/kvd" ] && [ -x "$BIN/kvctl" ] || { echo "bench.sh: no $BIN/kvd or $BIN/kvctl; run make build" >&2; exit 2; }
 
 WORK=$(mktemp -d -t kvd-bench.XXXXXX)
-INITIAL=1=127.0.0.1:${P}2380,2=127.0.0.1:${P}3380,3=127.0.0.1:${P}4380
-ENDPOINTS=127.0.0.1:${P}2379,127.0.0.1:${P}3379,127.0.0.1:${P}4379
-pids=()
-
-stop() {
-  local rc=$?
-  trap - INT TERM EXIT
-  if [ ${#pids[@]} -gt 0 ]; then
-    echo "bench: stopping kvd nodes (pids ${pids[*]})" >&2
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  fi
-  if [ "$rc" -ne 0 ]; then
-    echo "bench: failed (exit $rc); node logs kept in $WORK" >&2
-  else
-    rm -rf "$WORK"
-  fi
-  exit "$rc"
-}
-trap stop INT TERM EXIT
-
-for id in 1 2 3; do
-  base=$P$((1 + id))
-  for port in "${base}379" "${base}380" "${base}381"; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      echo "bench: port $port is in use; stop what listens there or set PORT_PREFIX" >&2
-      exit 1
-    fi
-  done
-  "$BIN/kvd" --id "$id" --data-dir "$WORK/data$id" \
-    --listen-client "127.0.0.1:${base}379" \
-    --listen-peer "127.0.0.1:${base}380" \
-    --listen-metrics "127.0.0.1:${base}381" \
-    --initial-cluster "$INITIAL" >"$WORK/kvd$id.log" 2>&1 &
-  pids+=("$!")
-done
-echo "bench: 3-node cluster starting (pids ${pids[*]}, data in $WORK)" >&2
-
-for id in 1 2 3; do
-  base=$P$((1 + id))
-  for i in $(seq 1 300); do
-    curl -sf "http://127.0.0.1:${base}381/readyz" >/dev/null 2>&1 && break
-    kill -0 "${pids[$((id - 1))]}" 2>/dev/null || { echo "bench: kvd $id exited; log:" >&2; tail -20 "$WORK/kvd$id.log" >&2; exit 1; }
-    [ "$i" = 300 ] && { echo "bench: kvd $id not ready after 30s" >&2; exit 1; }
-    sleep 0.1
-  done
-done
-echo "bench: cluster ready" >&2
+NAME=bench
+# shellcheck source=scripts/cluster.sh
+. scripts/cluster.sh
+trap on_exit INT TERM EXIT
+start_nodes
 
 scaled() { awk -v n="$1" -v s="$SCALE" 'BEGIN { v = int(n * s); print (v < 1 ? 1 : v) }'; }
 
