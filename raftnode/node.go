@@ -588,6 +588,9 @@ func (n *Node) drain(st *loopState) {
 		case w := <-n.readc:
 			st.readsQueued = append(st.readsQueued, w)
 		case f := <-n.funcc:
+			// Proposals drained before f reach raft before it, as they
+			// did one by one: a leadership transfer must not drop them.
+			n.flushProposals(st)
 			f(st.rn)
 		default:
 			return
