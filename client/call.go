@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"time"
 
@@ -84,6 +85,7 @@ func (c *Client) invoke(ctx context.Context, r route, fn attemptFunc) error {
 			// the propagated grpc-timeout): that says nothing of the node.
 			dl, hasDL := ctx.Deadline()
 			ownTimeout := !hasDL || time.Until(dl) > c.cfg.AttemptTimeout
+			start := time.Now()
 			actx, cancel := c.attemptCtx(ctx)
 			err = fn(actx, n, epoch)
 			cancel()
@@ -91,6 +93,10 @@ func (c *Client) invoke(ctx context.Context, r route, fn attemptFunc) error {
 			if err == nil {
 				n.success()
 				return nil
+			}
+			if c.log.Enabled(ctx, slog.LevelDebug) {
+				c.log.Debug("client: attempt failed", "shard", r.shard, "node", n.id, "addr", n.addr,
+					"took", time.Since(start).Round(time.Millisecond), "err", err)
 			}
 			var v verdict
 			v, err = c.classify(ctx, r, n, err, ownTimeout)

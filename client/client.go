@@ -47,8 +47,9 @@ type Config struct {
 	// cannot consume the caller's whole deadline; the caller's context
 	// still bounds the request as a whole.
 	AttemptTimeout time.Duration
-	// Logger receives breaker transitions and map changes (never one line
-	// per request). Nil discards.
+	// Logger receives breaker transitions and map changes, and at debug
+	// level every attempt that failed (node, time taken, error); never a
+	// line for a request that succeeded at once. Nil discards.
 	Logger *slog.Logger
 }
 

@@ -188,7 +188,9 @@ writer() {
   while [ ! -e "$TMP/stop" ]; do
     i=$((i + 1)); k=$(printf 'w/%06d' "$i")
     s=${EPOCHREALTIME/./}
-    if "$KVCTL" --endpoints "$ALL_EPS" --timeout 5s put "$k" "v$i" >/dev/null 2>>"$TMP/writer.err"; then
+    # --debug: each failed attempt is logged with its node and duration,
+    # so the slowest put below can say where its time went.
+    if "$KVCTL" --endpoints "$ALL_EPS" --timeout 5s --debug put "$k" "v$i" >/dev/null 2>"$TMP/put.err"; then
       t=${EPOCHREALTIME/./}
       echo "$k v$i" >>"$ACKED"; echo "$((t / 1000))" >>"$TMP/acktimes"
     else
@@ -196,13 +198,14 @@ writer() {
       echo "$k" >>"$TMP/writefail"
     fi
     echo "$k $((s / 1000)) $(((t - s) / 1000))" >>"$TMP/latency"
+    { echo "== $k"; cat "$TMP/put.err"; } >>"$TMP/writer.err"
   done
 }
 acks() { [ -f "$TMP/acktimes" ] && wc -l <"$TMP/acktimes" || echo 0; }
 wait_acks() { # N: wait until at least N acks in all; bounded 60 s
   local i
   for ((i = 0; i < 120; i++)); do [ "$(acks)" -ge "$1" ] && return 0; sleep 0.5; done
-  fail "writes stalled at $(acks) acks (want $1); last errors: $(tail -3 "$TMP/writer.err" 2>/dev/null)"
+  fail "writes stalled at $(acks) acks (want $1); last errors: $(grep '^kvctl:' "$TMP/writer.err" 2>/dev/null | tail -3)"
 }
 writer & WRITER_PID=$!
 wait_acks 20
@@ -215,6 +218,15 @@ first_after=$(awk -v k="$kill_ms" '$1 > k { print $1 - k; exit }' "$TMP/acktimes
 nfail=$( [ -f "$TMP/writefail" ] && wc -l <"$TMP/writefail" || echo 0)
 slowest=$(sort -k3,3n "$TMP/latency" | tail -1 | awk -v k="$kill_ms" '{ printf "%s took %d ms, started %d ms after the kill", $1, $3, $2 - k }')
 say "writes resumed: longest gap between acks after the kill ${gap_ms} ms (first ack ${first_after} ms after it); $(acks) acked, $nfail failed; slowest put: $slowest"
+# Where the slowest put's time went: its failed attempts (kvctl --debug),
+# the first and last three of them.
+slow_key=$(sort -k3,3n "$TMP/latency" | tail -1 | cut -d' ' -f1)
+awk -v k="== $slow_key" '$0 == k { on = 1; next } /^== / { on = 0 } on && /attempt failed/' "$TMP/writer.err" >"$TMP/slow.err"
+if [ -s "$TMP/slow.err" ]; then
+  say "  $slow_key: $(wc -l <"$TMP/slow.err") failed attempts; the first and last:"
+  { head -3 "$TMP/slow.err"; [ "$(wc -l <"$TMP/slow.err")" -gt 6 ] && echo "..."; tail -n +4 "$TMP/slow.err" | tail -3; } |
+    while read -r line; do say "    ${line#*level=DEBUG }"; done
+fi
 
 docker start "$(cid "$victim")" >/dev/null
 wait_healthy "$victim"

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"strings"
 	"time"
@@ -24,6 +25,7 @@ type app struct {
 	endpoints []string
 	timeout   time.Duration
 	output    string
+	debug     bool
 
 	// ran is set once a command's RunE starts (past flag parsing).
 	ran bool
@@ -86,6 +88,7 @@ input; 3 cluster unavailable (no quorum, timeout, no endpoint answers).`,
 	pf.StringVar(&endpoints, "endpoints", defaultEndpoints, "comma-separated client addresses (host:port) of kvd nodes; env KVCTL_ENDPOINTS")
 	pf.DurationVar(&a.timeout, "timeout", 5*time.Second, "deadline of each request to the cluster (connecting, each read, write or scan page)")
 	pf.StringVarP(&a.output, "output", "o", "simple", "output format: simple, json or table")
+	pf.BoolVar(&a.debug, "debug", false, "log the client's work to stderr: cluster maps, breaker changes, and every attempt that failed, with its node and how long it took")
 
 	root.AddCommand(a.putCmd(), a.getCmd(), a.delCmd(), a.casCmd(), a.txnCmd(), a.benchCmd(), a.clusterCmd(), a.memberCmd())
 	return root
@@ -135,6 +138,9 @@ func (a *app) connectWith(adjust func(*client.Config)) (*client.Client, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
 	defer cancel()
 	cfg := client.Config{Endpoints: a.endpoints, DialTimeout: a.timeout}
+	if a.debug {
+		cfg.Logger = slog.New(slog.NewTextHandler(a.stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
 	if adjust != nil {
 		adjust(&cfg)
 	}

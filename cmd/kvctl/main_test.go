@@ -292,3 +292,25 @@ func TestHelpDocumentsFlags(t *testing.T) {
 		}
 	}
 }
+
+// TestDebugLogsTheClientsWork: --debug shows the cluster map the client
+// took and each failed attempt with its node, so a slow command can be
+// explained; without it stderr stays quiet.
+func TestDebugLogsTheClientsWork(t *testing.T) {
+	f, eps := fake(t)
+	if r := kvctl(t, eps, "", "put", "a", "1"); r.code != 0 || r.stderr != "" {
+		t.Fatalf("put without --debug: %+v", r)
+	}
+	r := kvctl(t, eps, "", "--debug", "put", "a", "2")
+	if r.code != 0 || !strings.Contains(r.stderr, "client: cluster map") {
+		t.Fatalf("put --debug: %+v", r)
+	}
+	// The key's leader is down: its attempts fail, and each is logged
+	// whatever the put's outcome.
+	shard := f.ShardOf([]byte("a"))
+	f.Node(f.Leader(shard)).SetMode(clienttest.Down)
+	r = kvctl(t, eps, "", "--debug", "--timeout", "500ms", "put", "a", "3")
+	if !strings.Contains(r.stderr, "client: attempt failed") || !strings.Contains(r.stderr, fmt.Sprintf("shard=%d", shard)) {
+		t.Fatalf("put --debug with the leader down logs no failed attempt: %+v", r)
+	}
+}
