@@ -13,7 +13,7 @@
 # under it has done the work in CAP, page cache included.
 #
 # Needs root and a cgroup memory controller (v1 or v2). Uses the cluster
-# and ports of make bench (scripts/cluster.sh) and stops the cluster and
+# and ports of make bench (scripts/bench-cluster.sh) and stops the cluster and
 # removes its cgroups on exit, success or failure.
 #
 # Environment: BIN (default ./bin), OUT (default docs/memory.md), CAP,
@@ -42,8 +42,8 @@ fi
 WORK=$(mktemp -d -t kvd-memory.XXXXXX)
 NAME=bench-memory
 P=${PORT_PREFIX:-1}
-# shellcheck source=scripts/cluster.sh
-. scripts/cluster.sh
+# shellcheck source=scripts/bench-cluster.sh
+. scripts/bench-cluster.sh
 cgroups=()
 cleanup_hook() {
   local cg

@@ -2,7 +2,7 @@
 # Benchmarks a local 3-node kvd cluster with kvctl bench (make bench) and
 # writes docs/benchmarks.md.
 #
-# The cluster (scripts/cluster.sh) uses its own ports (client 12379, 13379,
+# The cluster (scripts/bench-cluster.sh) uses its own ports (client 12379, 13379,
 # 14379; peer and metrics one and two above) and a temporary data dir, so
 # it does not clash with `make cluster`. It is stopped on exit, success or
 # failure.
@@ -21,8 +21,8 @@ command -v jq >/dev/null || { echo "bench.sh: needs jq (apt-get install jq)" >&2
 
 WORK=$(mktemp -d -t kvd-bench.XXXXXX)
 NAME=bench
-# shellcheck source=scripts/cluster.sh
-. scripts/cluster.sh
+# shellcheck source=scripts/bench-cluster.sh
+. scripts/bench-cluster.sh
 trap on_exit INT TERM EXIT
 start_nodes
 
