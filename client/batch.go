@@ -36,11 +36,13 @@ const (
 // error is the gRPC status the unary method would have returned, so the
 // retry loop classifies both alike.
 //
-// The item is encoded here, on the caller's goroutine, and never read
-// again once do returns: the caller may reuse its key and value buffers
-// at once, even after a timeout that leaves the item queued or on the
-// wire. (Encoding in the stream's sender raced with exactly that reuse and
-// could send a different key than the caller asked for.)
+// The item is encoded here, on the caller's goroutine (the unary path
+// encodes before it returns too), and never read again once do returns:
+// the caller may change the item for its next attempt and reuse its key
+// and value buffers at once, even after a timeout that leaves the item
+// queued or on the wire. (Encoding in the stream's sender raced with
+// exactly that reuse and could send a different key than the caller asked
+// for.) do sets the item's id and timeout.
 func (n *node) do(ctx context.Context, item *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
 	item.Id = n.itemIDs.Add(1)
 	if dl, ok := ctx.Deadline(); ok {

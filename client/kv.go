@@ -32,12 +32,12 @@ func (c *Client) writeHeader() *kvpb.RequestHeader {
 	return &kvpb.RequestHeader{Session: c.session, Seq: c.seqs.start()}
 }
 
-// stamped returns h with the per-attempt fields of a write header set: the
-// map epoch and ack_below (which may rise between retries; Seq never
-// changes). It is a copy: an earlier attempt's request may still be in the
-// hands of the batch sender.
-func (c *Client) stamped(h *kvpb.RequestHeader, epoch uint64) *kvpb.RequestHeader {
-	return &kvpb.RequestHeader{Session: h.GetSession(), Seq: h.GetSeq(), Epoch: epoch, AckBelow: c.seqs.ackBelow()}
+// stamp sets the per-attempt fields of a write header: the map epoch and
+// ack_below (which may rise between retries; Seq never changes). One
+// request serves every attempt: node.do encodes it before it returns.
+func (c *Client) stamp(h *kvpb.RequestHeader, epoch uint64) {
+	h.Epoch = epoch
+	h.AckBelow = c.seqs.ackBelow()
 }
 
 // seqTracker hands out the session's sequence numbers and knows the lowest
@@ -108,9 +108,10 @@ func (c *Client) Put(ctx context.Context, key, value []byte) (*kvpb.PutResponse,
 	req := &kvpb.PutRequest{Header: c.writeHeader(), Key: key, Value: value}
 	defer c.seqs.finish(req.Header.Seq)
 	var resp *kvpb.PutResponse
+	item := &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Put{Put: req}}
 	err = c.invoke(ctx, route{shard: shard}, func(ctx context.Context, n *node, epoch uint64) error {
-		r, err := n.do(ctx, &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Put{Put: &kvpb.PutRequest{
-			Header: c.stamped(req.Header, epoch), Key: req.Key, Value: req.Value}}})
+		c.stamp(req.Header, epoch)
+		r, err := n.do(ctx, item)
 		resp = r.GetPut()
 		return err
 	})
@@ -133,9 +134,10 @@ func (c *Client) Get(ctx context.Context, key []byte, opts ...ReadOption) (*kvpb
 	req := &kvpb.GetRequest{Header: &kvpb.RequestHeader{}, Key: key, Consistency: o.consistency}
 	var resp *kvpb.GetResponse
 	r := route{shard: shard, anyReplica: o.consistency == kvpb.Consistency_SERIALIZABLE}
+	item := &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Get{Get: req}}
 	err = c.invoke(ctx, r, func(ctx context.Context, n *node, epoch uint64) error {
-		g, err := n.do(ctx, &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Get{Get: &kvpb.GetRequest{
-			Header: &kvpb.RequestHeader{Epoch: epoch}, Key: req.Key, Consistency: req.Consistency}}})
+		req.Header.Epoch = epoch
+		g, err := n.do(ctx, item)
 		resp = g.GetGet()
 		return err
 	})
@@ -157,9 +159,10 @@ func (c *Client) Delete(ctx context.Context, key []byte) (*kvpb.DeleteResponse, 
 	req := &kvpb.DeleteRequest{Header: c.writeHeader(), Key: key}
 	defer c.seqs.finish(req.Header.Seq)
 	var resp *kvpb.DeleteResponse
+	item := &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Delete{Delete: req}}
 	err = c.invoke(ctx, route{shard: shard}, func(ctx context.Context, n *node, epoch uint64) error {
-		r, err := n.do(ctx, &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Delete{Delete: &kvpb.DeleteRequest{
-			Header: c.stamped(req.Header, epoch), Key: req.Key}}})
+		c.stamp(req.Header, epoch)
+		r, err := n.do(ctx, item)
 		resp = r.GetDelete()
 		return err
 	})
@@ -187,9 +190,10 @@ func (c *Client) Txn(ctx context.Context, req *kvpb.TxnRequest) (*kvpb.TxnRespon
 	req.Header = c.writeHeader()
 	defer c.seqs.finish(req.Header.Seq)
 	var resp *kvpb.TxnResponse
+	item := &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Txn{Txn: req}}
 	err = c.invoke(ctx, route{shard: shard}, func(ctx context.Context, n *node, epoch uint64) error {
-		r, err := n.do(ctx, &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Txn{Txn: &kvpb.TxnRequest{
-			Header: c.stamped(req.Header, epoch), Compare: req.Compare, Success: req.Success, Failure: req.Failure}}})
+		c.stamp(req.Header, epoch)
+		r, err := n.do(ctx, item)
 		resp = r.GetTxn()
 		return err
 	})
