@@ -183,6 +183,22 @@ func (q *replyQueue) signal() {
 	}
 }
 
+// fitting returns how many of items, at least one, fit in one message of
+// maxBatchResponseBytes. A lone answer, the usual case, is not sized:
+// Send sizes it anyway, and it goes alone whatever its size.
+func fitting(items []*BatchResponseItem) int {
+	if len(items) == 1 {
+		return 1
+	}
+	size := 0
+	for n, it := range items {
+		if size += proto.Size(it); n > 0 && size > maxBatchResponseBytes {
+			return n
+		}
+	}
+	return len(items)
+}
+
 // sendAll sends whatever is queued, one message per wake-up (cut at
 // maxBatchResponseBytes), until the queue is closed and empty. After a
 // Send error it sends no more, and returns the error once closed.
@@ -194,13 +210,7 @@ func (q *replyQueue) sendAll(stream KV_BatchServer) error {
 		q.items = nil
 		q.mu.Unlock()
 		for len(items) > 0 && sendErr == nil {
-			n, size := 0, 0
-			for ; n < len(items); n++ {
-				size += proto.Size(items[n])
-				if n > 0 && size > maxBatchResponseBytes {
-					break
-				}
-			}
+			n := fitting(items)
 			sendErr = stream.Send(&BatchResponse{Items: items[:n]})
 			items = items[n:]
 		}
