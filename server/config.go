@@ -53,6 +53,12 @@ type Config struct {
 	HeartbeatTicks  int
 	SnapshotEntries uint64
 
+	// CommitInterval is how long applied writes may wait in the open bbolt
+	// transaction, made durable by the WAL meanwhile, before it commits
+	// (storage.Options.CommitInterval). It bounds how stale a serializable
+	// read on the leader can be. Zero means the storage default, 200 ms.
+	CommitInterval time.Duration
+
 	// RequestTimeout bounds a request that arrives without a deadline.
 	RequestTimeout time.Duration
 
@@ -180,6 +186,9 @@ func (c *Config) validate() error {
 	}
 	if c.Replicas < 1 {
 		return fmt.Errorf("%w: --replicas %d must be at least 1", ErrConfig, c.Replicas)
+	}
+	if c.CommitInterval < 0 {
+		return fmt.Errorf("%w: --commit-interval %v must be positive", ErrConfig, c.CommitInterval)
 	}
 	if c.ElectionTicks <= c.HeartbeatTicks {
 		return fmt.Errorf("%w: election ticks (%d) must exceed heartbeat ticks (%d)", ErrConfig, c.ElectionTicks, c.HeartbeatTicks)

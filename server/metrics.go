@@ -128,7 +128,7 @@ var (
 	descReadRounds    = desc("kvd_raft_read_index_rounds_total", "ReadIndex rounds; reads_total / read_index_rounds_total is reads per round.", "shard")
 	descCompactions   = desc("kvd_raft_log_compactions_total", "Log compactions.", "shard")
 
-	descCommits      = desc("kvd_storage_commits_total", "bbolt write transactions committed; each holds the rounds since the last (every 50 ms, or sooner when a request or a reader needs it).")
+	descCommits      = desc("kvd_storage_commits_total", "bbolt write transactions committed; each holds the rounds since the last (every --commit-interval, 200 ms by default, or sooner when a request or a reader needs it).")
 	descFsyncs       = desc("kvd_storage_fsyncs_total", "Write rounds made durable: by a WAL record and one fdatasync, or by a bbolt commit.")
 	descUpdates      = desc("kvd_storage_updates_total", "Shard updates merged into write rounds; updates / fsyncs is the group-commit factor.")
 	descEntries      = desc("kvd_storage_entries_total", "Raft entries appended; entries / fsyncs is entries per fsync.")

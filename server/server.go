@@ -106,7 +106,7 @@ func New(cfg Config) (_ *Server, err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("%w: data dir %s: %v", ErrConfig, cfg.DataDir, err)
 	}
-	s.engine, err = storage.Open(filepath.Join(cfg.DataDir, "kvd.db"), storage.Options{Logger: cfg.Logger})
+	s.engine, err = storage.Open(filepath.Join(cfg.DataDir, "kvd.db"), storage.Options{Logger: cfg.Logger, CommitInterval: cfg.CommitInterval})
 	if err != nil {
 		return nil, fmt.Errorf("open data dir %s: %w", cfg.DataDir, err)
 	}

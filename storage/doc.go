@@ -36,7 +36,7 @@
 // the write-ahead log (kvd.wal next to the bbolt file: the rounds' new log
 // entries and hard states) and one fdatasync, ~0.1-0.3 ms, where a bbolt
 // commit writes every dirty B+tree page and syncs twice (~0.6-1.3 ms
-// here). The transaction commits every Options.CommitInterval (50 ms),
+// here). The transaction commits every Options.CommitInterval (200 ms),
 // when a request needs it (snapshot install, compaction, membership
 // change, log truncation below the cache, shard create/delete, node
 // metadata, a Save without NoWait that applies), on Flush, on Close, and

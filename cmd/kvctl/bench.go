@@ -380,7 +380,7 @@ func (r *benchRun) prefill(ctx context.Context) error {
 		return fmt.Errorf("prefill of the key space: %w", firstErr)
 	}
 	// A node makes applied writes readable when its storage commits
-	// (every 50 ms), and a linearizable read makes it commit at once: one
+	// (every --commit-interval), and a linearizable read makes it commit at once: one
 	// linearizable count over every shard, and the serializable reads that
 	// follow find the prefilled keys on the leaders.
 	cctx, ccancel := context.WithTimeout(ctx, r.timeout)

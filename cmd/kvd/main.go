@@ -100,6 +100,7 @@ learner before it votes.`,
 	f.IntVar(&cfg.ElectionTicks, "election-ticks", 10, "ticks without a leader before a follower campaigns (randomised up to twice this)")
 	f.IntVar(&cfg.HeartbeatTicks, "heartbeat-ticks", 2, "ticks between leader heartbeats")
 	f.Uint64Var(&cfg.SnapshotEntries, "snapshot-entries", 10000, "applied entries beyond the last compaction that trigger log compaction")
+	f.DurationVar(&cfg.CommitInterval, "commit-interval", 200*time.Millisecond, "how long applied writes wait (durable in the WAL) before the bbolt commit that makes them visible to serializable reads; longer is cheaper, shorter is fresher")
 	f.DurationVar(&cfg.SessionTTL, "session-ttl", time.Hour, "idle time after which a client session's exactly-once records are dropped")
 	f.DurationVar(&cfg.RequestTimeout, "request-timeout", 5*time.Second, "deadline for a request that arrives without one")
 	f.IntVar(&cfg.Limits.MaxKeyBytes, "max-key-bytes", 4<<10, "largest key accepted")

@@ -68,6 +68,7 @@ func TestBadFlagsExit2WithOneLine(t *testing.T) {
 		{"unknown flag", []string{"--no-such-flag"}, "unknown flag"},
 		{"positional argument", []string{"extra"}, "unknown command"},
 		{"bad log level", []string{"--log-level", "loud"}, "--log-level"},
+		{"negative commit interval", []string{"--commit-interval", "-1s"}, "--commit-interval"},
 		{"join with bootstrap flags", []string{"--join", "127.0.0.1:2379", "--initial-cluster", "1=127.0.0.1:2380"}, "drop --initial-cluster"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
