@@ -125,6 +125,10 @@ jepsen-short: ## the short jepsen-lite run of `make test` alone, verbose (about 
 bench: build ## benchmark a local 3-node cluster with kvctl bench; writes docs/benchmarks.md
 	./scripts/bench.sh
 
+.PHONY: ab
+ab: build ## compare two kvd builds side by side: make ab A=DIR B=DIR (each holding a kvd), ARGS='kvctl bench args'
+	./scripts/ab.sh "$(A)" "$(B)" $(ARGS)
+
 .PHONY: bench-memory
 bench-memory: build ## 1,000,000 puts with each node capped at 150 MiB, page cache included (needs root); writes docs/memory.md
 	./scripts/bench-memory.sh

@@ -106,8 +106,8 @@ kind (2 vCPUs, AMD EPYC) have measured the same code up to a third apart
 one ran everything about three times slower than the day before (12-18%
 steal, fdatasync 0.55 ms instead of ~0.22). Even one VM drifts: on
 2026-11-24 the same build measured 6,415 and then 10,178 distinct-key
-puts per second an hour apart. An A/B of two commits is only meaningful
-interleaved on one VM, several runs each.
+puts per second an hour apart. To compare two commits, run them side by
+side with \`make ab\` (README, Benchmarks), which cancels the drift.
 
 - Date: $(date -u '+%Y-%m-%d %H:%M UTC')
 - Commit: $commit
