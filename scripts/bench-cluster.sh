@@ -1,18 +1,20 @@
 # shellcheck shell=bash
-# The local 3-node cluster of make bench and make bench-memory; sourced,
-# not run. Set NAME (the prefix of messages), BIN, P (port prefix) and
-# WORK (data dirs and logs) first.
+# The local 3-node clusters of make bench, make bench-memory and make ab;
+# sourced, not run. Set NAME (the prefix of messages), BIN, P (port
+# prefix) and WORK (data dirs and logs) first. start_nodes reads BIN, P
+# and WORK when it is called, so a script can start clusters of two
+# builds on two port prefixes (make ab); ENDPOINTS is the cluster on the
+# P set when this file is sourced.
 #
 # Node N listens on ports P(N+1)379 (clients), P(N+1)380 (peers) and
 # P(N+1)381 (metrics): 12379-14381 with P=1, which stays clear of `make
 # cluster` (2379, 22379, 32379) and below Linux's ephemeral range
 # (32768-60999), so no outgoing connection holds them by chance.
 #
-# trap on_exit INT TERM EXIT stops every node started, runs the caller's
-# cleanup_hook when it defines one, and keeps WORK (with the node logs)
-# only when the script failed.
+# stop_nodes stops every node started. trap on_exit INT TERM EXIT does
+# that too, runs the caller's cleanup_hook when it defines one, and keeps
+# WORK (with the node logs) only when the script failed.
 
-INITIAL=1=127.0.0.1:${P}2380,2=127.0.0.1:${P}3380,3=127.0.0.1:${P}4380
 ENDPOINTS=127.0.0.1:${P}2379,127.0.0.1:${P}3379,127.0.0.1:${P}4379
 pids=()
 
@@ -20,7 +22,9 @@ pids=()
 # through "LAUNCHER ID COMMAND..." when given (a function that ends by
 # exec'ing COMMAND), and returns once every node is ready.
 start_nodes() {
-  local launcher=${1:-} id base port i
+  local launcher=${1:-} id base port i first=${#pids[@]}
+  local initial=1=127.0.0.1:${P}2380,2=127.0.0.1:${P}3380,3=127.0.0.1:${P}4380
+  mkdir -p "$WORK"
   for id in 1 2 3; do
     base=$P$((1 + id))
     for port in "${base}379" "${base}380" "${base}381"; do
@@ -33,15 +37,15 @@ start_nodes() {
       --listen-client "127.0.0.1:${base}379" \
       --listen-peer "127.0.0.1:${base}380" \
       --listen-metrics "127.0.0.1:${base}381" \
-      --initial-cluster "$INITIAL" >"$WORK/kvd$id.log" 2>&1 &
+      --initial-cluster "$initial" >"$WORK/kvd$id.log" 2>&1 &
     pids+=("$!")
   done
-  echo "$NAME: 3-node cluster starting (pids ${pids[*]}, data in $WORK)" >&2
+  echo "$NAME: 3-node cluster starting (pids ${pids[*]:$first}, data in $WORK)" >&2
   for id in 1 2 3; do
     base=$P$((1 + id))
     for i in $(seq 1 300); do
       curl -sf "http://127.0.0.1:${base}381/readyz" >/dev/null 2>&1 && break
-      kill -0 "${pids[$((id - 1))]}" 2>/dev/null || { echo "$NAME: kvd $id exited; log:" >&2; tail -20 "$WORK/kvd$id.log" >&2; exit 1; }
+      kill -0 "${pids[$((first + id - 1))]}" 2>/dev/null || { echo "$NAME: kvd $id exited; log:" >&2; tail -20 "$WORK/kvd$id.log" >&2; exit 1; }
       [ "$i" = 300 ] && { echo "$NAME: kvd $id not ready after 30s" >&2; exit 1; }
       sleep 0.1
     done
@@ -49,14 +53,20 @@ start_nodes() {
   echo "$NAME: cluster ready" >&2
 }
 
-on_exit() {
-  local rc=$? p
-  trap - INT TERM EXIT
+stop_nodes() {
+  local p
   if [ ${#pids[@]} -gt 0 ]; then
     echo "$NAME: stopping kvd nodes (pids ${pids[*]})" >&2
     for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   fi
+  pids=()
+}
+
+on_exit() {
+  local rc=$?
+  trap - INT TERM EXIT
+  stop_nodes
   if declare -F cleanup_hook >/dev/null; then
     cleanup_hook
   fi
