@@ -42,15 +42,16 @@ func (sh *shard) applyRaw(data []byte) []byte {
 	sh.t.Helper()
 	sh.index++
 	e := &pb.Entry{Index: proto.Uint64(sh.index), Term: proto.Uint64(1), Data: data}
-	res, err := sh.s.Save(&storage.Update{
+	var res []byte
+	err := sh.s.Save(&storage.Update{
 		Entries:   []*pb.Entry{e},
 		Committed: []*pb.Entry{e},
-		Apply:     func(tx *storage.Txn, e *pb.Entry) []byte { return encode(apply(tx, e.GetData())) },
+		Apply:     func(tx *storage.Txn, e *pb.Entry) { res = encode(apply(tx, e.GetData())) },
 	})
 	if err != nil {
 		sh.t.Fatal(err)
 	}
-	return res[0]
+	return res
 }
 
 func (sh *shard) apply(c *peerpb.Command) (*peerpb.Result, error) {
@@ -428,7 +429,7 @@ func BenchmarkApplyPut(b *testing.B) {
 		ents[i] = &pb.Entry{Index: proto.Uint64(uint64(i + 2)), Term: proto.Uint64(1), Data: mustMarshal(c)}
 	}
 	b.ResetTimer()
-	if _, err := s.Save(&storage.Update{Entries: ents, Committed: ents, Apply: func(tx *storage.Txn, e *pb.Entry) []byte { apply(tx, e.GetData()); return nil }}); err != nil {
+	if err := s.Save(&storage.Update{Entries: ents, Committed: ents, Apply: func(tx *storage.Txn, e *pb.Entry) { apply(tx, e.GetData()) }}); err != nil {
 		b.Fatal(err)
 	}
 }

@@ -23,7 +23,7 @@ type Storage interface {
 	raft.Storage
 	// Save persists u (durably when u.Sync) and applies u.Committed in the
 	// same transaction; it returns one result per committed entry.
-	Save(u *storage.Update) ([][]byte, error)
+	Save(u *storage.Update) error
 	// Compact drops the log up to index, which must not exceed Applied.
 	Compact(index uint64) error
 	// Applied returns the last applied index and its term, as readers
@@ -736,19 +736,15 @@ func (n *Node) handleReady(st *loopState) error {
 	// result. Reads are unaffected: ReadIndex waits on n.applied, which
 	// moves only after the commit.
 	waiting, answered := n.waitingFor(st, rd.CommittedEntries)
-	apply := func(tx *storage.Txn, e *pb.Entry) []byte {
-		n.applyEntry(tx, e)
-		return nil
-	}
+	apply := func(tx *storage.Txn, e *pb.Entry) { n.applyEntry(tx, e) }
 	if waiting != nil {
 		first := rd.CommittedEntries[0].GetIndex()
-		apply = func(tx *storage.Txn, e *pb.Entry) []byte {
+		apply = func(tx *storage.Txn, e *pb.Entry) {
 			res := n.applyEntry(tx, e)
 			if i := e.GetIndex() - first; waiting[i] != nil {
 				waiting[i].done <- result{value: res}
 				answered[i] = true
 			}
-			return nil
 		}
 	}
 	u := &storage.Update{
@@ -780,7 +776,7 @@ func (n *Node) handleReady(st *loopState) error {
 		n.cfg.Sender.Send(n.cfg.Shard, rd.Messages)
 	}
 	if len(u.Entries) > 0 || len(u.Committed) > 0 || u.HardState != nil || u.Snapshot != nil {
-		if _, err := n.cfg.Storage.Save(u); err != nil {
+		if err := n.cfg.Storage.Save(u); err != nil {
 			// Proposals answered from inside the failed round stay
 			// answered (their entries are committed); forget them so the
 			// stop path does not answer them twice.

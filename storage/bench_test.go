@@ -36,7 +36,7 @@ func BenchmarkGroupCommit(b *testing.B) {
 					defer wg.Done()
 					for i := uint64(2); i < uint64(2+b.N); i++ {
 						en := &pb.Entry{Index: proto.Uint64(i), Term: proto.Uint64(1), Data: append([]byte("k="), value...)}
-						if _, err := sh.Save(&Update{Entries: []*pb.Entry{en}, Committed: []*pb.Entry{en}, Apply: applyPut, Sync: true, NoWait: true}); err != nil {
+						if err := sh.Save(&Update{Entries: []*pb.Entry{en}, Committed: []*pb.Entry{en}, Apply: applyPut, Sync: true, NoWait: true}); err != nil {
 							b.Error(err)
 							return
 						}

@@ -48,7 +48,7 @@ func crashChild() {
 			defer wg.Done()
 			for i := uint64(2); ; i++ {
 				en := putEntry(i, 1, fmt.Sprintf("k%d", i), fmt.Sprintf("shard%d-v%d", s, i))
-				if _, err := sh.Save(&Update{
+				if err := sh.Save(&Update{
 					HardState: &pb.HardState{Term: proto.Uint64(1), Commit: proto.Uint64(i)},
 					Entries:   []*pb.Entry{en},
 					Committed: []*pb.Entry{en},
@@ -118,7 +118,7 @@ func TestCrashKeepsAcknowledgedWrites(t *testing.T) {
 				t.Fatal(err)
 			}
 			if applied < li {
-				if _, err := sh.Save(&Update{Committed: es[applied-1:], Apply: applyPut}); err != nil {
+				if err := sh.Save(&Update{Committed: es[applied-1:], Apply: applyPut}); err != nil {
 					t.Fatal(err)
 				}
 				t.Logf("kill %d shard %d: re-applied %d..%d", kill, s, applied+1, li)

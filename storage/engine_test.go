@@ -103,6 +103,7 @@ func TestRaftBootstrap(t *testing.T) {
 	}
 	proposed := false
 	var got []string
+	log := &applyLog{}
 	for i := 0; i < 20 && len(got) == 0; i++ {
 		if rn.Status().RaftState == raft.StateLeader && !proposed {
 			if err := rn.Propose([]byte("a=1")); err != nil {
@@ -114,19 +115,14 @@ func TestRaftBootstrap(t *testing.T) {
 			continue
 		}
 		rd := rn.Ready()
-		u := &Update{Entries: rd.Entries, Committed: rd.CommittedEntries, Apply: applyPut, Sync: rd.MustSync}
+		u := &Update{Entries: rd.Entries, Committed: rd.CommittedEntries, Apply: log.apply, Sync: rd.MustSync}
 		if !raft.IsEmptyHardState(rd.HardState) {
 			u.HardState = rd.HardState
 		}
-		res, err := s.Save(u)
-		if err != nil {
+		if err := s.Save(u); err != nil {
 			t.Fatal(err)
 		}
-		for _, r := range res {
-			if r != nil {
-				got = append(got, string(r))
-			}
-		}
+		got = append(got, log.take()...)
 		rn.Advance(rd)
 	}
 	if len(got) != 1 {
@@ -153,17 +149,17 @@ func TestGroupCommitRound(t *testing.T) {
 	before := e.Stats()
 	release := make(chan struct{})
 	entered := make(chan struct{})
-	block := func(tx *Txn, en *pb.Entry) []byte {
+	block := func(tx *Txn, en *pb.Entry) {
 		close(entered)
 		<-release
-		return applyPut(tx, en)
+		applyPut(tx, en)
 	}
 	var wg sync.WaitGroup
 	errs := make(chan error, 8)
 	save := func(s *Shard, apply ApplyFunc) {
 		defer wg.Done()
 		en := putEntry(2, 1, "k", "v")
-		_, err := s.Save(&Update{Entries: []*pb.Entry{en}, Committed: []*pb.Entry{en}, Apply: apply, Sync: true})
+		err := s.Save(&Update{Entries: []*pb.Entry{en}, Committed: []*pb.Entry{en}, Apply: apply, Sync: true})
 		errs <- err
 	}
 	wg.Add(1)
@@ -215,14 +211,15 @@ func TestGroupCommitConcurrent(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			defer close(stop)
+			log := &applyLog{}
 			for j := uint64(2); j < 2+nSaves; j++ {
 				en := putEntry(j, 1, fmt.Sprint("k", j), string(bytes.Repeat([]byte{'v'}, 256)))
-				res, err := s.Save(&Update{
+				err := s.Save(&Update{
 					HardState: &pb.HardState{Term: proto.Uint64(1), Commit: proto.Uint64(j)},
-					Entries:   []*pb.Entry{en}, Committed: []*pb.Entry{en}, Apply: applyPut, Sync: true,
+					Entries:   []*pb.Entry{en}, Committed: []*pb.Entry{en}, Apply: log.apply, Sync: true,
 				})
-				if err == nil && string(res[0]) != fmt.Sprint("ok ", j) {
-					err = fmt.Errorf("result %q for %d", res[0], j)
+				if got := log.take(); err == nil && !slices.Equal(got, []string{fmt.Sprint("ok ", j)}) {
+					err = fmt.Errorf("applied %q for %d", got, j)
 				}
 				if err != nil {
 					errs <- err
@@ -285,20 +282,19 @@ func TestApplyAndReopen(t *testing.T) {
 	// passed to Apply.
 	es = append(es, &pb.Entry{Index: proto.Uint64(7), Term: proto.Uint64(2)})
 	calls := 0
-	counting := func(tx *Txn, en *pb.Entry) []byte { calls++; return applyPut(tx, en) }
-	res, err := s.Save(&Update{Entries: es, Committed: es[:3], Apply: counting})
-	if err != nil {
+	log := &applyLog{}
+	counting := func(tx *Txn, en *pb.Entry) { calls++; log.apply(tx, en) }
+	if err := s.Save(&Update{Entries: es, Committed: es[:3], Apply: counting}); err != nil {
 		t.Fatal(err)
 	}
-	if want := []string{"ok 2", "ok 3", "ok 4"}; fmt.Sprintf("%s", res) != fmt.Sprintf("%s", want) {
-		t.Fatalf("results %s, want %s", res, want)
+	if got, want := log.take(), []string{"ok 2", "ok 3", "ok 4"}; !slices.Equal(got, want) {
+		t.Fatalf("applied %q, want %q", got, want)
 	}
-	res, err = s.Save(&Update{Committed: es[3:], Apply: counting, ConfState: &pb.ConfState{Voters: []uint64{1, 2}}})
-	if err != nil {
+	if err := s.Save(&Update{Committed: es[3:], Apply: counting, ConfState: &pb.ConfState{Voters: []uint64{1, 2}}}); err != nil {
 		t.Fatal(err)
 	}
-	if res[2] != nil || string(res[0]) != "ok 5" {
-		t.Fatalf("results %q", res)
+	if got, want := log.take(), []string{"ok 5", "ok 6"}; !slices.Equal(got, want) {
+		t.Fatalf("applied %q, want %q (the empty entry 7 is not passed to Apply)", got, want)
 	}
 	if i, term := s.Applied(); i != 7 || term != 2 {
 		t.Fatalf("Applied = %d/%d", i, term)
@@ -335,12 +331,11 @@ func TestApplyAndReopen(t *testing.T) {
 	// Replaying the same committed entries (a restart re-delivering a
 	// Ready) applies nothing twice.
 	calls = 0
-	res, err = s.Save(&Update{Committed: es, Apply: counting})
-	if err != nil {
+	if err := s.Save(&Update{Committed: es, Apply: counting}); err != nil {
 		t.Fatal(err)
 	}
-	if calls != 0 || slices.ContainsFunc(res, func(b []byte) bool { return b != nil }) {
-		t.Fatalf("replay applied again: %d calls, results %q", calls, res)
+	if got := log.take(); calls != 0 || len(got) != 0 {
+		t.Fatalf("replay applied again: %d calls, applied %q", calls, got)
 	}
 	if got := dump(t, s); fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("state after replay %v, want %v", got, want)
@@ -348,7 +343,7 @@ func TestApplyAndReopen(t *testing.T) {
 
 	// A gap in the applied sequence is rejected, and writes nothing.
 	gap := putEntry(9, 2, "gap", "x")
-	_, err = s.Save(&Update{Entries: []*pb.Entry{putEntry(8, 2, "a", "b"), gap}, Committed: []*pb.Entry{gap}, Apply: applyPut})
+	err = s.Save(&Update{Entries: []*pb.Entry{putEntry(8, 2, "a", "b"), gap}, Committed: []*pb.Entry{gap}, Apply: applyPut})
 	mustIs(t, err, ErrLogGap)
 	if l, _ := s.LastIndex(); l != 7 {
 		t.Fatalf("rejected update appended: last %d", l)
@@ -392,7 +387,7 @@ func TestApplyAtomicVisibility(t *testing.T) {
 	}()
 	for i := uint64(2); i < 200; i += 3 {
 		es := []*pb.Entry{putEntry(i, 1, "a", "1"), putEntry(i+1, 1, "b", "2"), putEntry(i+2, 1, "c", "3")}
-		if _, err := s.Save(&Update{Entries: es, Committed: es, Apply: applyPut}); err != nil {
+		if err := s.Save(&Update{Entries: es, Committed: es, Apply: applyPut}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -411,13 +406,13 @@ func TestApplyPanic(t *testing.T) {
 		t.Fatal(err)
 	}
 	en := putEntry(2, 1, "a", "1")
-	_, err = s.Save(&Update{Entries: []*pb.Entry{en}, Committed: []*pb.Entry{en},
-		Apply: func(tx *Txn, en *pb.Entry) []byte {
+	err = s.Save(&Update{Entries: []*pb.Entry{en}, Committed: []*pb.Entry{en},
+		Apply: func(tx *Txn, en *pb.Entry) {
 			applyPut(tx, en)
 			panic("boom")
 		}})
 	mustIs(t, err, ErrFailed)
-	_, err = s.Save(&Update{Entries: []*pb.Entry{en}})
+	err = s.Save(&Update{Entries: []*pb.Entry{en}})
 	mustIs(t, err, ErrFailed)
 	mustIs(t, e.PutMeta("x", []byte("y")), ErrFailed)
 
@@ -444,7 +439,7 @@ func TestCompact(t *testing.T) {
 		t.Fatal(err)
 	}
 	es := ents(2, 1, 1, 2, 2, 2)
-	if _, err := s.Save(&Update{Entries: es, Committed: es[:3]}); err != nil {
+	if err := s.Save(&Update{Entries: es, Committed: es[:3]}); err != nil {
 		t.Fatal(err)
 	}
 	mustIs(t, s.Compact(5), ErrNotApplied)
@@ -477,7 +472,7 @@ func TestCompact(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = s.Save(&Update{Snapshot: &pb.Snapshot{Data: tok, Metadata: &pb.SnapshotMetadata{Index: proto.Uint64(4), Term: proto.Uint64(2)}}})
+	err = s.Save(&Update{Snapshot: &pb.Snapshot{Data: tok, Metadata: &pb.SnapshotMetadata{Index: proto.Uint64(4), Term: proto.Uint64(2)}}})
 	mustIs(t, err, raft.ErrSnapOutOfDate)
 }
 
@@ -509,18 +504,19 @@ func TestErrors(t *testing.T) {
 	}
 	// Bad input through Txn fails the call, not the round.
 	en := putEntry(2, 1, "a", "1")
-	res, err := s.Save(&Update{Entries: []*pb.Entry{en}, Committed: []*pb.Entry{en}, Apply: func(tx *Txn, _ *pb.Entry) []byte {
-		return []byte(fmt.Sprint(errors.Is(tx.Put(nil, []byte("v")), ErrInvalid)))
+	invalid := false
+	err = s.Save(&Update{Entries: []*pb.Entry{en}, Committed: []*pb.Entry{en}, Apply: func(tx *Txn, _ *pb.Entry) {
+		invalid = errors.Is(tx.Put(nil, []byte("v")), ErrInvalid)
 	}})
-	if err != nil || string(res[0]) != "true" {
-		t.Fatalf("Put(nil) inside apply: %q, %v", res, err)
+	if err != nil || !invalid {
+		t.Fatalf("Put(nil) inside apply: ErrInvalid %v, Save %v", invalid, err)
 	}
 
 	// Delete: the old *Shard is dead, a new shard under the id is another.
 	if err := e.DeleteShard(1); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Save(&Update{Entries: ents(3, 1)}); !errors.Is(err, ErrShardNotFound) {
+	if err := s.Save(&Update{Entries: ents(3, 1)}); !errors.Is(err, ErrShardNotFound) {
 		t.Fatalf("Save after delete: %v", err)
 	}
 	if _, err := s.LastIndex(); !errors.Is(err, ErrShardNotFound) {
@@ -544,7 +540,7 @@ func TestErrors(t *testing.T) {
 		t.Fatalf("second Close: %v", err)
 	}
 	for name, err := range map[string]error{
-		"Save":         func() error { _, err := s2.Save(&Update{Entries: ents(1, 1)}); return err }(),
+		"Save":         s2.Save(&Update{Entries: ents(1, 1)}),
 		"Compact":      s2.Compact(1),
 		"CreateShard":  func() error { _, err := e.CreateShard(9, nil); return err }(),
 		"OpenShard":    func() error { _, err := e.OpenShard(1); return err }(),
@@ -584,7 +580,7 @@ func TestCloseWithPendingSaves(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for i := uint64(2); ; i++ {
-				if _, err := s.Save(&Update{Entries: ents(i, 1)}); err != nil {
+				if err := s.Save(&Update{Entries: ents(i, 1)}); err != nil {
 					errs <- err
 					return
 				}
@@ -614,7 +610,7 @@ func TestPublishedCacheSurvivesAppendAndTruncation(t *testing.T) {
 	// Two appends, so that the cache's array has spare room (2..5 fill
 	// four slots, 6 makes append grow it) and the next append stays in it.
 	for _, es := range [][]*pb.Entry{ents(2, 1, 1, 1, 1), ents(6, 1)} {
-		if _, err := s.Save(&Update{Entries: es}); err != nil {
+		if err := s.Save(&Update{Entries: es}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -630,10 +626,10 @@ func TestPublishedCacheSurvivesAppendAndTruncation(t *testing.T) {
 	}
 	// An append in place (7), then a leader change that rewrites 4..
 	// with term 2: the held state must still say term 1 for 2..6.
-	if _, err := s.Save(&Update{Entries: ents(7, 1)}); err != nil {
+	if err := s.Save(&Update{Entries: ents(7, 1)}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Save(&Update{Entries: ents(4, 2, 2, 2)}); err != nil {
+	if err := s.Save(&Update{Entries: ents(4, 2, 2, 2)}); err != nil {
 		t.Fatal(err)
 	}
 	for i, en := range held.cache {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -79,8 +80,8 @@ func putEntry(index, term uint64, k, v string) *pb.Entry {
 	return &pb.Entry{Index: proto.Uint64(index), Term: proto.Uint64(term), Data: []byte(k + "=" + v)}
 }
 
-// applyPut applies "k=v", bumps meta "count" and returns "ok <index>".
-func applyPut(tx *Txn, e *pb.Entry) []byte {
+// applyPut applies "k=v" and bumps meta "count".
+func applyPut(tx *Txn, e *pb.Entry) {
 	k, v, _ := bytes.Cut(e.GetData(), []byte("="))
 	if err := tx.Put(k, v); err != nil {
 		panic(err)
@@ -92,7 +93,29 @@ func applyPut(tx *Txn, e *pb.Entry) []byte {
 	if err := tx.PutMeta([]byte("count"), u64(n+1)); err != nil {
 		panic(err)
 	}
-	return fmt.Appendf(nil, "ok %d", e.GetIndex())
+}
+
+// applyLog is an ApplyFunc, applyPut's, that records "ok <index>" for
+// each entry Save passes it, in order: which entries were applied.
+type applyLog struct {
+	mu  sync.Mutex
+	got []string
+}
+
+func (l *applyLog) apply(tx *Txn, e *pb.Entry) {
+	applyPut(tx, e)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.got = append(l.got, fmt.Sprint("ok ", e.GetIndex()))
+}
+
+// take returns what was recorded since the last take.
+func (l *applyLog) take() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	got := l.got
+	l.got = nil
+	return got
 }
 
 // dump returns every kv and meta pair of the shard, for comparisons.

@@ -32,7 +32,7 @@ type shardAdapter struct {
 }
 
 func (a *shardAdapter) Append(es []*pb.Entry) error {
-	_, err := a.Save(&Update{Entries: es})
+	err := a.Save(&Update{Entries: es})
 	return err
 }
 
@@ -45,7 +45,7 @@ func (a *shardAdapter) Compact(i uint64) error {
 		if err != nil {
 			return err
 		}
-		if _, err := a.Save(&Update{Committed: es}); err != nil {
+		if err := a.Save(&Update{Committed: es}); err != nil {
 			return err
 		}
 	}
@@ -61,7 +61,7 @@ func (a *shardAdapter) ApplySnapshot(snap *pb.Snapshot) error {
 		snap = proto.Clone(snap).(*pb.Snapshot)
 		snap.Data = tok
 	}
-	_, err := a.Save(&Update{Snapshot: snap})
+	err := a.Save(&Update{Snapshot: snap})
 	return err
 }
 

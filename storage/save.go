@@ -57,20 +57,20 @@ func (u *Update) noWait() bool {
 		(u.Snapshot == nil || raft.IsEmptySnap(u.Snapshot))
 }
 
-// ApplyFunc applies one committed entry to the shard's state through tx and
-// returns the entry's result. It runs on the engine's writer goroutine,
-// inside the write transaction that also records the applied index, so it
-// must be deterministic (no clocks, randomness, map order or local
-// settings) and must not block: every shard of the node waits for the
-// round. A panic fails the round and the engine (ErrFailed); nothing of the
-// round is committed. The result slice is handed to the caller of Save and
-// must not alias tx memory.
-type ApplyFunc func(tx *Txn, e *pb.Entry) []byte
+// ApplyFunc applies one committed entry to the shard's state through tx.
+// It runs on the engine's writer goroutine, inside the write transaction
+// that also records the applied index, so it must be deterministic (no
+// clocks, randomness, map order or local settings) and must not block:
+// every shard of the node waits for the round. A panic fails the round and
+// the engine (ErrFailed); nothing of the round is committed. Storage
+// returns nothing of what it does: a caller that wants an entry's result
+// takes it in the function it passes (raftnode hands it to the proposer
+// there), and must not keep tx memory beyond the call.
+type ApplyFunc func(tx *Txn, e *pb.Entry)
 
 // Save persists u durably and applies u.Committed, in one transaction
 // shared with the other shards' concurrent saves (group commit). It blocks
-// until the round is on disk, unless u.NoWait. It returns one result per u.Committed entry,
-// nil for entries not passed to Apply. The applied index and term become
+// until the round is on disk, unless u.NoWait. The applied index and term become
 // those of the last Committed entry in the same transaction as the state
 // changes they reflect.
 //
@@ -78,14 +78,14 @@ type ApplyFunc func(tx *Txn, e *pb.Entry) []byte
 // (nothing of it is written); ErrFailed, ErrClosed, ErrShardNotFound.
 // Save must not be called concurrently for the same shard with updates
 // whose order matters (raft's one goroutine per group guarantees it).
-func (s *Shard) Save(u *Update) ([][]byte, error) {
+func (s *Shard) Save(u *Update) error {
 	resp := s.e.do(&request{save: true, noWait: u.noWait(), exec: func(rs *round) (response, error) {
 		return rs.save(s, u)
 	}})
 	if resp.err != nil {
-		return nil, fmt.Errorf("storage: shard %d: save: %w", s.id, resp.err)
+		return fmt.Errorf("storage: shard %d: save: %w", s.id, resp.err)
 	}
-	return resp.results, nil
+	return nil
 }
 
 // Compact drops the log entries up to and including index, through the
@@ -185,10 +185,9 @@ func (rs *round) save(s *Shard, u *Update) (response, error) {
 		op.shard = s.id
 		rs.walOps = append(rs.walOps, op)
 	}
-	results := make([][]byte, len(u.Committed))
 	var txn *Txn
 	moved := false
-	for i, e := range u.Committed {
+	for _, e := range u.Committed {
 		if e.GetIndex() <= st.appliedIndex {
 			continue
 		}
@@ -196,7 +195,7 @@ func (rs *round) save(s *Shard, u *Update) (response, error) {
 			if txn == nil {
 				txn = &Txn{kv: b.Bucket(bucketKV), meta: b.Bucket(bucketMeta)}
 			}
-			results[i] = u.Apply(txn, e)
+			u.Apply(txn, e)
 		}
 		st.appliedIndex, st.appliedTerm = e.GetIndex(), e.GetTerm()
 		rs.applied++
@@ -225,7 +224,7 @@ func (rs *round) save(s *Shard, u *Update) (response, error) {
 		}
 	}
 	rs.entries += uint64(len(ents))
-	return response{results: results}, nil
+	return response{}, nil
 }
 
 // appendLog writes ents (validated: contiguous, starting at or below

@@ -32,7 +32,7 @@ func fill(t testing.TB, s *Shard, n, size, per int) uint64 {
 			}
 			es = append(es, putEntry(idx, 1, fmt.Sprintf("key-%06d", j), string(v)))
 		}
-		if _, err := s.Save(&Update{Entries: es, Committed: es, Apply: applyPut}); err != nil {
+		if err := s.Save(&Update{Entries: es, Committed: es, Apply: applyPut}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -67,7 +67,7 @@ func transfer(t testing.TB, a *Shard, eb *Engine, b *Shard) ([]int, *pb.Snapshot
 		t.Fatal(err)
 	}
 	snap := &pb.Snapshot{Data: tok, Metadata: meta}
-	if _, err := b.Save(&Update{Snapshot: snap, HardState: &pb.HardState{Term: proto.Uint64(meta.GetTerm()), Commit: proto.Uint64(meta.GetIndex())}}); err != nil {
+	if err := b.Save(&Update{Snapshot: snap, HardState: &pb.HardState{Term: proto.Uint64(meta.GetTerm()), Commit: proto.Uint64(meta.GetIndex())}}); err != nil {
 		t.Fatal(err)
 	}
 	return sizes, meta
@@ -89,7 +89,7 @@ func TestSnapshotRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	// b had its own (stale) log: installing drops it.
-	if _, err := b.Save(&Update{Entries: ents(1, 1, 1, 1)}); err != nil {
+	if err := b.Save(&Update{Entries: ents(1, 1, 1, 1)}); err != nil {
 		t.Fatal(err)
 	}
 	_, meta := transfer(t, a, eb, b)
@@ -127,7 +127,7 @@ func TestSnapshotRoundTrip(t *testing.T) {
 	check(b)
 	// The log continues after the snapshot, and applying continues too.
 	en := putEntry(last+1, 2, "after", "snap")
-	if _, err := b.Save(&Update{Entries: []*pb.Entry{en}, Committed: []*pb.Entry{en}, Apply: applyPut}); err != nil {
+	if err := b.Save(&Update{Entries: []*pb.Entry{en}, Committed: []*pb.Entry{en}, Apply: applyPut}); err != nil {
 		t.Fatal(err)
 	}
 	want["kv/after"] = "snap"
@@ -210,7 +210,7 @@ func TestSnapshotErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	install := func(s *Shard, data []byte, m *pb.SnapshotMetadata) error {
-		_, err := s.Save(&Update{Snapshot: &pb.Snapshot{Data: data, Metadata: m}})
+		err := s.Save(&Update{Snapshot: &pb.Snapshot{Data: data, Metadata: m}})
 		return err
 	}
 	mustIs(t, install(s, []byte("garbage"), meta), ErrBadSnapshot)

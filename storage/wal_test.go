@@ -5,6 +5,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -22,7 +23,7 @@ func walShard(t *testing.T) (*Engine, string, *Shard) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Save(&Update{Entries: []*pb.Entry{putEntry(2, 1, "a", "1"), putEntry(3, 1, "b", "2")}, Sync: true}); err != nil {
+	if err := s.Save(&Update{Entries: []*pb.Entry{putEntry(2, 1, "a", "1"), putEntry(3, 1, "b", "2")}, Sync: true}); err != nil {
 		t.Fatal(err)
 	}
 	return e, path, s
@@ -30,12 +31,12 @@ func walShard(t *testing.T) (*Engine, string, *Shard) {
 
 func applyNoWait(t *testing.T, s *Shard) {
 	t.Helper()
-	res, err := s.Save(&Update{Committed: []*pb.Entry{putEntry(2, 1, "a", "1"), putEntry(3, 1, "b", "2")}, Apply: applyPut, NoWait: true})
-	if err != nil {
+	log := &applyLog{}
+	if err := s.Save(&Update{Committed: []*pb.Entry{putEntry(2, 1, "a", "1"), putEntry(3, 1, "b", "2")}, Apply: log.apply, NoWait: true}); err != nil {
 		t.Fatal(err)
 	}
-	if string(res[0]) != "ok 2" || string(res[1]) != "ok 3" {
-		t.Fatalf("results %q", res)
+	if got, want := log.take(), []string{"ok 2", "ok 3"}; !slices.Equal(got, want) {
+		t.Fatalf("applied %q, want %q", got, want)
 	}
 	if i, _ := s.Applied(); i != 1 {
 		t.Fatalf("Applied = %d before the transaction committed, want 1", i)
@@ -66,7 +67,7 @@ func TestAppendIsDurableWithoutCommit(t *testing.T) {
 	e, _, s := walShard(t)
 	before := e.Stats()
 	applyNoWait(t, s)
-	if _, err := s.Save(&Update{Entries: []*pb.Entry{putEntry(4, 1, "c", "3")}, Sync: true, NoWait: true}); err != nil {
+	if err := s.Save(&Update{Entries: []*pb.Entry{putEntry(4, 1, "c", "3")}, Sync: true, NoWait: true}); err != nil {
 		t.Fatal(err)
 	}
 	st := e.Stats()
@@ -110,7 +111,7 @@ func TestCloseCommits(t *testing.T) {
 // committed.
 func TestApplyWithoutNoWaitCommits(t *testing.T) {
 	_, _, s := walShard(t)
-	if _, err := s.Save(&Update{Entries: []*pb.Entry{putEntry(4, 1, "c", "3")}, Committed: []*pb.Entry{putEntry(2, 1, "a", "1"), putEntry(3, 1, "b", "2")}, Apply: applyPut}); err != nil {
+	if err := s.Save(&Update{Entries: []*pb.Entry{putEntry(4, 1, "c", "3")}, Committed: []*pb.Entry{putEntry(2, 1, "a", "1"), putEntry(3, 1, "b", "2")}, Apply: applyPut}); err != nil {
 		t.Fatal(err)
 	}
 	if i, _ := s.Applied(); i != 3 {
@@ -125,11 +126,11 @@ func TestApplyWithoutNoWaitCommits(t *testing.T) {
 // machine matches it.
 func TestWALReplayAfterCrash(t *testing.T) {
 	e, path, s := walShard(t)
-	if _, err := s.Save(&Update{Committed: []*pb.Entry{putEntry(2, 1, "a", "1")}, Apply: applyPut}); err != nil {
+	if err := s.Save(&Update{Committed: []*pb.Entry{putEntry(2, 1, "a", "1")}, Apply: applyPut}); err != nil {
 		t.Fatal(err) // applied 2, committed
 	}
 	applyNoWait3 := &Update{Committed: []*pb.Entry{putEntry(3, 1, "b", "2")}, Apply: applyPut, NoWait: true}
-	if _, err := s.Save(applyNoWait3); err != nil {
+	if err := s.Save(applyNoWait3); err != nil {
 		t.Fatal(err)
 	}
 	hs := &pb.HardState{Term: proto.Uint64(2), Vote: proto.Uint64(1), Commit: proto.Uint64(3)}
@@ -138,7 +139,7 @@ func TestWALReplayAfterCrash(t *testing.T) {
 		// A new leader overwrites 5.
 		{Entries: []*pb.Entry{putEntry(5, 2, "e", "5"), putEntry(6, 2, "f", "6")}, HardState: hs, Sync: true, NoWait: true},
 	} {
-		if _, err := s.Save(u); err != nil {
+		if err := s.Save(u); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -194,7 +195,7 @@ func TestWALRestartsWhenFull(t *testing.T) {
 	n := uint64(4)
 	for ; e.Stats().Commits-before < 2; n++ {
 		en := &pb.Entry{Index: proto.Uint64(n), Term: proto.Uint64(1), Data: append([]byte("k="), value...)}
-		if _, err := s.Save(&Update{Entries: []*pb.Entry{en}, Sync: true, NoWait: true}); err != nil {
+		if err := s.Save(&Update{Entries: []*pb.Entry{en}, Sync: true, NoWait: true}); err != nil {
 			t.Fatal(err)
 		}
 		if n > 100000 {
@@ -205,7 +206,7 @@ func TestWALRestartsWhenFull(t *testing.T) {
 	last := n + 9
 	for ; n <= last; n++ {
 		en := &pb.Entry{Index: proto.Uint64(n), Term: proto.Uint64(1), Data: []byte("k=v")}
-		if _, err := s.Save(&Update{Entries: []*pb.Entry{en}, Sync: true, NoWait: true}); err != nil {
+		if err := s.Save(&Update{Entries: []*pb.Entry{en}, Sync: true, NoWait: true}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -228,7 +229,7 @@ func TestWALRestartsWhenFull(t *testing.T) {
 func TestWALReplayStopsAtATornRecord(t *testing.T) {
 	e, path, s := walShard(t)
 	for i := uint64(4); i <= 6; i++ {
-		if _, err := s.Save(&Update{Entries: []*pb.Entry{putEntry(i, 1, "k", "v")}, Sync: true, NoWait: true}); err != nil {
+		if err := s.Save(&Update{Entries: []*pb.Entry{putEntry(i, 1, "k", "v")}, Sync: true, NoWait: true}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -284,7 +285,7 @@ func TestCacheKeepsUncommittedEntriesWithoutCommitting(t *testing.T) {
 	e.cacheLimit = 500 // a few entries; set before any append beyond walShard's
 	before := e.Stats()
 	for i := uint64(4); i < 40; i++ {
-		if _, err := s.Save(&Update{Entries: []*pb.Entry{putEntry(i, 1, "k", fmt.Sprintf("%060d", i))}, Sync: true}); err != nil {
+		if err := s.Save(&Update{Entries: []*pb.Entry{putEntry(i, 1, "k", fmt.Sprintf("%060d", i))}, Sync: true}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -317,7 +318,7 @@ func TestCacheKeepsUncommittedEntriesWithoutCommitting(t *testing.T) {
 	}
 	checkAll(39)
 	s.Flush()
-	if _, err := s.Save(&Update{Entries: []*pb.Entry{putEntry(40, 1, "k", "last")}, Sync: true}); err != nil {
+	if err := s.Save(&Update{Entries: []*pb.Entry{putEntry(40, 1, "k", "last")}, Sync: true}); err != nil {
 		t.Fatal(err)
 	}
 	if n, b := cached(); b > 500+200 || n > 10 {

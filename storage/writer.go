@@ -27,10 +27,9 @@ type request struct {
 }
 
 type response struct {
-	results [][]byte
-	shard   *Shard
-	seq     uint64
-	err     error
+	shard *Shard
+	seq   uint64
+	err   error
 }
 
 // do hands r to the writer and waits for its answer.
