@@ -5,9 +5,10 @@ import (
 	"net"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/kvd/kvd/internal/proccluster"
 )
 
 // The flags DESIGN.md §3 promises, each with its environment variable.
@@ -96,7 +97,7 @@ func lastLine(s string) string {
 func startStop(t *testing.T, args []string) (int, string) {
 	t.Helper()
 	stop := make(chan struct{})
-	var out safeBuffer
+	var out proccluster.SyncBuffer
 	done := make(chan int, 1)
 	go func() { done <- run(args, &out, stop) }()
 	deadline := time.Now().Add(10 * time.Second)
@@ -161,21 +162,4 @@ func TestEnvironmentSetsFlags(t *testing.T) {
 	if code := run(nil, &buf, nil); code != exitUsage || !strings.Contains(buf.String(), "KVD_SHARDS") {
 		t.Fatalf("bad KVD_SHARDS: exit %d:\n%s", code, buf.String())
 	}
-}
-
-type safeBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *safeBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *safeBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

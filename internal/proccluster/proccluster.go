@@ -511,3 +511,22 @@ func LocalGet(ctx context.Context, addr, key string) (*kvpb.KeyValue, error) {
 	}
 	return resp.GetKv(), nil
 }
+
+// SyncBuffer collects output (a process's, or a command run in-process)
+// that the test reads while it is still being written.
+type SyncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *SyncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *SyncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}

@@ -1,38 +1,18 @@
 package e2e
 
 import (
-	"bytes"
 	"errors"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/kvd/kvd/internal/proccluster"
 )
-
-// lockedBuffer collects a process's output while the test reads it.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 // TestMakeClusterScript runs scripts/cluster.sh, the README's first
 // command (make cluster), as a user would: the three nodes it starts serve
@@ -51,7 +31,7 @@ func TestMakeClusterScript(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var out lockedBuffer
+	var out proccluster.SyncBuffer
 	cmd := exec.Command(filepath.Join(root, "scripts", "cluster.sh"))
 	cmd.Env = append(os.Environ(), "BIN="+filepath.Dir(kvd), "DATA="+t.TempDir())
 	cmd.Stdout, cmd.Stderr = &out, &out
