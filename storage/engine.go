@@ -41,9 +41,10 @@ type Options struct {
 	// Readers see applied state only once it commits, so it also bounds
 	// how far a serializable read may lag the writes this node applied.
 	// Default 200 ms (etcd commits its backend every 100 ms): against 50
-	// ms it took make bench's distinct-key puts from 1,244 to 1,465 ops/s
-	// and 1,526 to 1,775 (two clusters run side by side on one VM), as a
-	// commit costs about the same with four times the writes in it.
+	// ms it took 100-client distinct-key puts from 1,270 to 1,465 ops/s
+	// and 1,526 to 1,775 (make ab: two clusters side by side on one slow
+	// VM), as a commit costs about the same with four times the writes in
+	// it.
 	// Negative commits after every round.
 	CommitInterval time.Duration
 }
