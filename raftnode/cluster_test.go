@@ -131,6 +131,7 @@ func (c *testCluster) start(id uint64, lis net.Listener) {
 		SnapshotEntries: c.snapshot,
 	})
 	tr := transport.New(transport.Config{NodeID: id, Handler: host, Snapshots: snapSource{eng}, Logger: logger(t)})
+	host.Start(tr)
 	srv := grpc.NewServer(transport.ServerOptions()...)
 	tr.Register(srv)
 	go func() { _ = srv.Serve(lis) }()
@@ -139,7 +140,6 @@ func (c *testCluster) start(id uint64, lis net.Listener) {
 			tr.SetPeer(pid, p.addr)
 		}
 	}
-	host.Start(tr)
 	for _, s := range c.shards {
 		if _, err := host.AddShard(s, c.voters()); err != nil {
 			t.Fatal(err)
@@ -414,7 +414,14 @@ func TestReadIndexBatchesConcurrentReads(t *testing.T) {
 	c.waitLeaders()
 	c.writeAll("a", 5, 1)
 	l := c.leader(1)
-	before := l.Stats().ReadRounds.Load()
+	var host *raftnode.Host
+	for _, n := range c.nodes {
+		if n.host.Node(1) == l {
+			host = n.host
+		}
+	}
+	rounds := func() uint64 { return l.Stats().ReadRounds.Load() + host.LeaderCheckRounds() }
+	before := rounds()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	var wg sync.WaitGroup
@@ -430,10 +437,10 @@ func TestReadIndexBatchesConcurrentReads(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	rounds := l.Stats().ReadRounds.Load() - before
-	t.Logf("100 concurrent linearizable reads cost %d ReadIndex rounds", rounds)
-	if rounds >= 100 {
-		t.Fatalf("reads were not batched: %d rounds for 100 reads", rounds)
+	n := rounds() - before
+	t.Logf("100 concurrent linearizable reads cost %d rounds (leadership checks and raft's own)", n)
+	if n >= 100 {
+		t.Fatalf("reads were not batched: %d rounds for 100 reads", n)
 	}
 }
 

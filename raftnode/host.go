@@ -50,6 +50,7 @@ type Host struct {
 	once  sync.Once
 
 	snapshotsReceived atomic.Uint64
+	checks            *leaderChecks
 }
 
 // ErrUnknownShard is returned for a shard this node does not host.
@@ -69,9 +70,13 @@ func NewHost(cfg HostConfig) *Host {
 }
 
 // Start sets the message sender (the transport, built with this Host as
-// its handler) and starts ticking.
+// its handler) and starts ticking. Call it before the transport can
+// receive: before SetPeer, and before its gRPC server serves.
 func (h *Host) Start(sender Sender) {
 	h.sender = sender
+	// A round whose answers are lost is asked again after two ticks: long
+	// past a loopback or LAN round trip, short next to a read's deadline.
+	h.checks = newLeaderChecks(h.cfg.NodeID, 2*h.cfg.TickInterval, sender.SendLeaderCheck)
 	h.wg.Add(1)
 	go func() {
 		defer h.wg.Done()
@@ -85,6 +90,7 @@ func (h *Host) Start(sender Sender) {
 					n.Tick()
 				}
 				h.mu.RUnlock()
+				h.checks.expire()
 			case <-h.stopc:
 				return
 			}
@@ -119,6 +125,7 @@ func (h *Host) AddShard(id uint64, voters []uint64) (*Node, error) {
 		HeartbeatTick:       h.cfg.HeartbeatTick,
 		SnapshotEntries:     h.cfg.SnapshotEntries,
 		MaxPendingProposals: h.cfg.MaxPendingProposals,
+		checks:              h.checks,
 	})
 	if err != nil {
 		return nil, err
@@ -187,6 +194,29 @@ func (h *Host) HandleSnapshot(shard uint64, m *pb.Message, next func() ([]*peerp
 
 // SnapshotsReceived counts snapshots staged for this node's replicas.
 func (h *Host) SnapshotsReceived() uint64 { return h.snapshotsReceived.Load() }
+
+// HandleLeaderCheck answers a peer's leadership check with this node's
+// term of each shard asked, or takes the answer to one of ours (transport
+// Handler). It reads only published state, so it wakes no replica.
+func (h *Host) HandleLeaderCheck(from uint64, c *peerpb.LeaderCheck) {
+	if c.GetReply() {
+		h.checks.answer(from, c)
+		return
+	}
+	terms := make([]uint64, len(c.GetShards()))
+	h.mu.RLock()
+	for i, shard := range c.GetShards() {
+		if n := h.mu.nodes[shard]; n != nil {
+			terms[i] = n.term.Load()
+		}
+	}
+	h.mu.RUnlock()
+	h.sender.SendLeaderCheck(from, &peerpb.LeaderCheck{Id: c.GetId(), Reply: true, Terms: terms})
+}
+
+// LeaderCheckRounds counts the leadership-check rounds this node started:
+// one confirms the reads of every shard it leads that were waiting.
+func (h *Host) LeaderCheckRounds() uint64 { return h.checks.started.Load() }
 
 // ReportUnreachable implements the transport Handler.
 func (h *Host) ReportUnreachable(shard, peer uint64) {

@@ -14,6 +14,7 @@ import (
 	pb "go.etcd.io/raft/v3/raftpb"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kvd/kvd/proto/peerpb"
 	"github.com/kvd/kvd/storage"
 )
 
@@ -39,6 +40,9 @@ type Storage interface {
 // Sender hands Raft messages to the transport. Send must not block.
 type Sender interface {
 	Send(shard uint64, msgs []*pb.Message)
+	// SendLeaderCheck sends a leadership check (readindex.go) to a peer.
+	// It must not block; a lost check is asked again.
+	SendLeaderCheck(to uint64, c *peerpb.LeaderCheck)
 }
 
 // ApplyFunc applies one committed command to the shard state. It runs on the
@@ -66,6 +70,10 @@ type Config struct {
 	// MaxPendingProposals bounds proposals waiting for apply; beyond it
 	// Propose fails fast with ErrBusy. Default 4096.
 	MaxPendingProposals int
+
+	// checks, set by a Host, confirms leadership for ReadIndex across the
+	// host's shards (readindex.go); nil uses raft's round per read batch.
+	checks *leaderChecks
 }
 
 func (c *Config) setDefaults() {
@@ -109,6 +117,12 @@ type Node struct {
 	commit  atomic.Uint64
 	applied atomic.Uint64
 	pending atomic.Int64
+	// readyTerm is the term in which this replica, as leader, has seen an
+	// entry of its own term commit; 0 when it does not lead.
+	readyTerm atomic.Uint64
+	// conf is the configuration applied last: the voters a leadership
+	// check asks.
+	conf atomic.Pointer[pb.ConfState]
 
 	errMu sync.Mutex
 	err   error // why run stopped, if not by Stop
@@ -121,7 +135,7 @@ type Stats struct {
 	Proposals    atomic.Uint64 // proposals accepted by Raft
 	ProposeBatch atomic.Uint64 // Ready rounds that carried new local entries
 	Reads        atomic.Uint64 // linearizable reads served
-	ReadRounds   atomic.Uint64 // ReadIndex rounds issued
+	ReadRounds   atomic.Uint64 // raft's own ReadIndex rounds issued (see readindex.go)
 	Compactions  atomic.Uint64
 	// LeaderChanges counts changes of the leader this replica knows of
 	// (including to "none").
@@ -168,7 +182,10 @@ type proposal struct {
 
 type readWaiter struct {
 	index uint64
-	done  chan error // buffered 1
+	// confirmed: leadership is confirmed and index set; the read only
+	// waits for apply.
+	confirmed bool
+	done      chan error // buffered 1
 }
 
 // Start opens a RawNode over cfg.Storage and runs it. The storage must
@@ -176,6 +193,10 @@ type readWaiter struct {
 func Start(cfg Config) (*Node, error) {
 	cfg.setDefaults()
 	applied, _ := cfg.Storage.Applied()
+	hs, cs, err := cfg.Storage.InitialState()
+	if err != nil {
+		return nil, fmt.Errorf("raftnode: shard %d: initial state: %w", cfg.Shard, err)
+	}
 	rn, err := raft.NewRawNode(&raft.Config{
 		ID:                        cfg.NodeID,
 		ElectionTick:              cfg.ElectionTick,
@@ -215,6 +236,11 @@ func Start(cfg Config) (*Node, error) {
 		donec: make(chan struct{}),
 	}
 	n.applied.Store(applied)
+	// A replica answers leadership checks with its term from the start,
+	// not only after its first Ready.
+	n.term.Store(hs.GetTerm())
+	n.commit.Store(hs.GetCommit())
+	n.conf.Store(cs)
 	go n.run(rn)
 	return n, nil
 }
@@ -420,9 +446,21 @@ func (n *Node) wait(ctx context.Context, p *proposal) (any, error) {
 // ReadIndex waits until this replica (the leader) has confirmed its
 // leadership with a quorum and applied everything committed before the
 // call: a read of local state afterwards is linearizable. Concurrent calls
-// share ReadIndex rounds.
+// share rounds: on a Host, one round for all its shards (readindex.go).
 func (n *Node) ReadIndex(ctx context.Context) error {
 	w := &readWaiter{done: make(chan error, 1)}
+	if n.cfg.checks != nil {
+		if term, index, voters, ok := n.readIndexTarget(); ok {
+			if err := n.cfg.checks.confirm(ctx, n, term, voters); err != nil {
+				return err
+			}
+			if n.applied.Load() >= index {
+				n.stats.Reads.Add(1)
+				return nil
+			}
+			w.index, w.confirmed = index, true
+		}
+	}
 	if err := send(ctx, n, n.readc, w); err != nil {
 		return err
 	}
@@ -526,7 +564,7 @@ func (n *Node) run(rn *raft.RawNode) {
 		case p := <-n.propc:
 			n.propose(st, p)
 		case w := <-n.readc:
-			st.readsQueued = append(st.readsQueued, w)
+			n.queueRead(st, w)
 		case f := <-n.funcc:
 			f(rn)
 		case <-appliedc:
@@ -586,7 +624,7 @@ func (n *Node) drain(st *loopState) {
 		case p := <-n.propc:
 			n.propose(st, p)
 		case w := <-n.readc:
-			st.readsQueued = append(st.readsQueued, w)
+			n.queueRead(st, w)
 		case f := <-n.funcc:
 			// Proposals drained before f reach raft before it, as they
 			// did one by one: a leadership transfer must not drop them.
@@ -595,6 +633,14 @@ func (n *Node) drain(st *loopState) {
 		default:
 			return
 		}
+	}
+}
+
+func (n *Node) queueRead(st *loopState, w *readWaiter) {
+	if w.confirmed {
+		st.readsWaiting = append(st.readsWaiting, w)
+	} else {
+		st.readsQueued = append(st.readsQueued, w)
 	}
 }
 
@@ -701,6 +747,7 @@ func (n *Node) handleReady(st *loopState) error {
 		wasLeader := st.isLeader
 		st.isLeader = rd.SoftState.RaftState == raft.StateLeader
 		if wasLeader && !st.isLeader {
+			n.readyTerm.Store(0)
 			n.failAll(st, ErrLeadershipLost)
 		}
 	}
@@ -727,6 +774,14 @@ func (n *Node) handleReady(st *loopState) error {
 			}
 			cs = rn.ApplyConfChange(&cc)
 		}
+	}
+	// The configuration the leadership checks ask: a snapshot's, then that
+	// of the conf changes committed after it.
+	if snap := rd.Snapshot; snap != nil && !raft.IsEmptySnap(snap) {
+		n.conf.Store(snap.GetMetadata().GetConfState())
+	}
+	if cs != nil {
+		n.conf.Store(cs)
 	}
 
 	// The proposals waiting for these entries are answered from inside
@@ -801,8 +856,14 @@ func (n *Node) handleReady(st *loopState) error {
 	if u.Snapshot != nil {
 		st.applied = u.Snapshot.GetMetadata().GetIndex()
 	}
-	if len(rd.CommittedEntries) > 0 {
-		st.applied = rd.CommittedEntries[len(rd.CommittedEntries)-1].GetIndex()
+	if k := len(rd.CommittedEntries); k > 0 {
+		last := rd.CommittedEntries[k-1]
+		st.applied = last.GetIndex()
+		// The commit index published above covers this entry; once one of
+		// the leader's own term commits, ReadIndex may use it (rule 1).
+		if st.isLeader && last.GetTerm() == n.term.Load() {
+			n.readyTerm.Store(last.GetTerm())
+		}
 	}
 	for i, p := range waiting {
 		if p == nil {

@@ -52,7 +52,8 @@ amort_metrics=(kvd_request_batch_items_total kvd_request_batches_total
   kvd_raft_proposals_total kvd_raft_proposal_batches_total
   kvd_storage_entries_total kvd_storage_fsyncs_total
   kvd_transport_messages_sent_total kvd_transport_batches_sent_total
-  kvd_raft_linearizable_reads_total kvd_raft_read_index_rounds_total)
+  kvd_raft_linearizable_reads_total kvd_raft_read_index_rounds_total
+  kvd_raft_leader_check_rounds_total)
 # ratio A B: A/B to one decimal, or "–" when B is 0.
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f", a / b; else printf "–" }'; }
 
@@ -72,7 +73,7 @@ for w in "${workloads[@]}"; do
   for j in "${!m0[@]}"; do d+=($((m1[j] - m0[j]))); done
   r="$WORK/run$i.json"
   ops=$(jq '.ops + (.prefilled // 0)' "$r")
-  amort+="| $name | $(ratio "${d[0]}" "${d[1]}") | $(ratio "${d[2]}" "${d[3]}") | $(ratio "${d[4]}" "${d[5]}") | $(ratio "${d[6]}" "${d[7]}") | $(ratio "${d[6]}" "$ops") | $(ratio "${d[8]}" "${d[9]}") |"$'\n'
+  amort+="| $name | $(ratio "${d[0]}" "${d[1]}") | $(ratio "${d[2]}" "${d[3]}") | $(ratio "${d[4]}" "${d[5]}") | $(ratio "${d[6]}" "${d[7]}") | $(ratio "${d[6]}" "$ops") | $(ratio "${d[8]}" "$((d[9] + d[10]))") |"$'\n'
   jq -r '"bench:   \(.ops) ops, \(.ops_per_sec | round) ops/s, p50 \(.latency_ms.p50 * 100 | round / 100) ms, p99 \(.latency_ms.p99 * 100 | round / 100) ms, errors \(.errors)"' "$r" >&2
   rows+=$(jq -r --arg name "$name" --arg cmd "bench $args" \
     '"| \($name) | `\($cmd)` | \(.ops_per_sec | round) | \(.latency_ms.p50 * 100 | round / 100) | \(.latency_ms.p99 * 100 | round / 100) | \(.latency_ms.p99_9 * 100 | round / 100) | \(.errors) |"' "$r")
@@ -124,14 +125,17 @@ includes the client's retries.
 How the work was shared out: the change of each node counter during a
 workload (its prefill included), summed over the three nodes.
 
-| workload | requests per client message | proposals per Raft batch | entries per fsync | messages per transport batch | Raft messages per operation | reads per ReadIndex round |
+| workload | requests per client message | proposals per Raft batch | entries per fsync | messages per transport batch | messages per operation | reads per read round |
 |---|---:|---:|---:|---:|---:|---:|
 $amort
 Requests per client message is \`kvd_request_batch_items_total /
 kvd_request_batches_total\` (the client's \`Batch\` stream); an fsync is a
-WAL record's fdatasync or a bbolt commit; Raft messages per operation
+WAL record's fdatasync or a bbolt commit; messages per operation
 counts every message the nodes sent each other (appends, their answers,
-heartbeats) over the workload's operations, prefill included.
+heartbeats, leadership checks) over the workload's operations, prefill
+included. A read round is one leadership check, which confirms the
+waiting reads of every shard a node leads at once, or one of raft's own
+ReadIndex rounds (a shard whose leader is new).
 
 Resident memory of each node after the runs (VmRSS):
 

@@ -206,6 +206,7 @@ func TestMetricsExistAndMove(t *testing.T) {
 		"kvd_raft_term", "kvd_raft_commit_index", "kvd_raft_applied_index", "kvd_raft_is_leader",
 		"kvd_raft_leader_changes_total", "kvd_raft_pending_proposals", "kvd_raft_proposals_total",
 		"kvd_raft_proposal_batches_total", "kvd_raft_linearizable_reads_total", "kvd_raft_read_index_rounds_total",
+		"kvd_raft_leader_check_rounds_total",
 		"kvd_storage_commits_total", "kvd_storage_fsyncs_total", "kvd_storage_entries_total",
 		"kvd_storage_updates_total", "kvd_storage_commit_duration_seconds_count", "kvd_storage_sync_duration_seconds_count",
 		"kvd_transport_batches_sent_total", "kvd_transport_messages_sent_total", "kvd_transport_bytes_sent_total",
@@ -253,7 +254,7 @@ func TestMetricsExistAndMove(t *testing.T) {
 		after := scrape(t, s)
 		for _, name := range []string{"kvd_requests_total", "kvd_storage_commits_total", "kvd_storage_entries_total",
 			"kvd_transport_messages_sent_total", "kvd_raft_applied_index", "kvd_raft_proposals_total",
-			"kvd_raft_linearizable_reads_total", "kvd_request_batch_items_total"} {
+			"kvd_raft_linearizable_reads_total", "kvd_request_batch_items_total", "kvd_raft_leader_check_rounds_total"} {
 			b, _ := metricSum(before[i], name)
 			a, _ := metricSum(after, name)
 			if a > b {
@@ -263,7 +264,7 @@ func TestMetricsExistAndMove(t *testing.T) {
 	}
 	for _, name := range []string{"kvd_requests_total", "kvd_storage_commits_total", "kvd_storage_entries_total",
 		"kvd_transport_messages_sent_total", "kvd_raft_applied_index", "kvd_raft_proposals_total",
-		"kvd_raft_linearizable_reads_total", "kvd_request_batch_items_total"} {
+		"kvd_raft_linearizable_reads_total", "kvd_request_batch_items_total", "kvd_raft_leader_check_rounds_total"} {
 		if !moved[name] {
 			t.Errorf("%s did not move under traffic", name)
 		}

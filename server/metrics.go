@@ -125,7 +125,8 @@ var (
 	descProposals     = desc("kvd_raft_proposals_total", "Proposals accepted by Raft.", "shard")
 	descProposeRounds = desc("kvd_raft_proposal_batches_total", "Raft Ready rounds that carried new local entries; proposals_total / proposal_batches_total is proposals per Raft entry batch.", "shard")
 	descReads         = desc("kvd_raft_linearizable_reads_total", "Linearizable reads served.", "shard")
-	descReadRounds    = desc("kvd_raft_read_index_rounds_total", "ReadIndex rounds; reads_total / read_index_rounds_total is reads per round.", "shard")
+	descReadRounds    = desc("kvd_raft_read_index_rounds_total", "Raft's own ReadIndex rounds, for reads the node-wide leadership check cannot serve (a new leader, a joint configuration).", "shard")
+	descCheckRounds   = desc("kvd_raft_leader_check_rounds_total", "Leadership-check rounds: each confirms the waiting linearizable reads of every shard this node leads with one message pair per peer. Reads per round: reads_total / (leader_check_rounds_total + read_index_rounds_total).")
 	descCompactions   = desc("kvd_raft_log_compactions_total", "Log compactions.", "shard")
 
 	descCommits      = desc("kvd_storage_commits_total", "bbolt write transactions committed; each holds the rounds since the last (every --commit-interval, 200 ms by default, or sooner when a request or a reader needs it).")
@@ -216,6 +217,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descSnapSent, counter, float64(ts.SnapshotsSent))
 	ch <- prometheus.MustNewConstMetric(descSnapFailed, counter, float64(ts.SnapshotsFailed))
 	ch <- prometheus.MustNewConstMetric(descSnapRecv, counter, float64(s.host.SnapshotsReceived()))
+	ch <- prometheus.MustNewConstMetric(descCheckRounds, counter, float64(s.host.LeaderCheckRounds()))
 	ch <- prometheus.MustNewConstMetric(descEpoch, gauge, float64(s.epoch()))
 }
 

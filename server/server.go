@@ -152,8 +152,10 @@ func New(cfg Config) (_ *Server, err error) {
 	peerpb.RegisterInternalServer(s.peerSrv, s)
 	// Nodes without a replica of the meta shard read the map from a peer.
 	kvpb.RegisterClusterServer(s.peerSrv, s)
-	s.updatePeers(cmap)
+	// The host handles what the transport receives, so it starts before
+	// any peer can reach the transport.
 	s.host.Start(s.tr)
+	s.updatePeers(cmap)
 	for shard, voters := range localShards(cmap, cfg.NodeID) {
 		// Only a bootstrapping node creates replicas with their voters;
 		// any other replica starts empty and waits for the leader's

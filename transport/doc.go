@@ -47,6 +47,12 @@
 // piled up while the previous batch was on the wire leave together.
 // Stats reports MessagesSent/BatchesSent as messages per batch.
 //
+// Leadership checks (raftnode's node-wide ReadIndex round: a question
+// listing shards, and its answer) share the peer's queue and batches
+// (SendLeaderCheck, Handler.HandleLeaderCheck) and count as messages. A
+// check that cannot be queued is dropped without a report: its sender
+// asks again.
+//
 // Messages of one shard to one peer leave in the order Send saw them, over
 // one stream, and are delivered in that order, so raft sees no reordering
 // except across a reconnect.

@@ -58,6 +58,7 @@ type recorder struct {
 	types       map[key][]raftpb.MessageType
 	unreachable map[key]int // (shard, to) → reports
 	snaps       []snapReport
+	checks      map[uint64][]*peerpb.LeaderCheck // from → checks, in arrival order
 	// onSnapshot serves HandleSnapshot; nil drains and accepts.
 	onSnapshot func(shard uint64, m *raftpb.Message, next func() ([]*peerpb.SnapshotPair, error)) error
 }
@@ -67,7 +68,20 @@ func newRecorder() *recorder {
 		msgs:        make(map[key][]uint64),
 		types:       make(map[key][]raftpb.MessageType),
 		unreachable: make(map[key]int),
+		checks:      make(map[uint64][]*peerpb.LeaderCheck),
 	}
+}
+
+func (r *recorder) HandleLeaderCheck(from uint64, c *peerpb.LeaderCheck) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.checks[from] = append(r.checks[from], c)
+}
+
+func (r *recorder) leaderChecks(from uint64) []*peerpb.LeaderCheck {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]*peerpb.LeaderCheck(nil), r.checks[from]...)
 }
 
 func (r *recorder) HandleMessage(shard uint64, m *raftpb.Message) {

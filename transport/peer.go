@@ -20,6 +20,8 @@ type outMsg struct {
 	shard uint64
 	m     *raftpb.Message
 	data  []byte // m marshalled, once the sender has looked at it
+	// check, when set, is a leader check travelling instead of m.
+	check *peerpb.LeaderCheck
 }
 
 // peer is a node SetPeer added. Its sender goroutine, and on the dialing
@@ -116,8 +118,11 @@ func (t *Transport) sendLoop(p *peer) {
 		}
 		b := &peerpb.Batch{From: t.id, To: p.id}
 		size := 0
-		for next != nil && len(b.Msgs) < t.cfg.MaxBatchMessages {
-			if next.data == nil {
+		for next != nil && len(b.Msgs)+len(b.Checks) < t.cfg.MaxBatchMessages {
+			if next.check != nil {
+				b.Checks = append(b.Checks, next.check)
+				next = nil
+			} else if next.data == nil {
 				data, err := proto.Marshal(next.m)
 				if err != nil {
 					// A message raft produced that does not marshal is a
@@ -144,7 +149,7 @@ func (t *Transport) sendLoop(p *peer) {
 			default:
 			}
 		}
-		if len(b.Msgs) == 0 {
+		if len(b.Msgs) == 0 && len(b.Checks) == 0 {
 			continue
 		}
 		sent = true
@@ -160,7 +165,7 @@ func (t *Transport) sendBatch(p *peer, b *peerpb.Batch, size int, unreachable ma
 		err := l.Send(b)
 		if err == nil {
 			t.stats.batchesSent.Add(1)
-			t.stats.messagesSent.Add(uint64(len(b.Msgs)))
+			t.stats.messagesSent.Add(uint64(len(b.Msgs) + len(b.Checks)))
 			t.stats.bytesSent.Add(uint64(size))
 			return
 		}
@@ -300,8 +305,8 @@ func (t *Transport) runStream(p *peer, cc *grpc.ClientConn, addr string) (up boo
 
 // deliver hands a received batch's messages to the handler in order.
 func (t *Transport) deliver(from uint64, b *peerpb.Batch) {
-	msgs := b.GetMsgs()
-	if len(msgs) == 0 {
+	msgs, checks := b.GetMsgs(), b.GetChecks()
+	if len(msgs) == 0 && len(checks) == 0 {
 		return // hello or idle ping
 	}
 	size := 0
@@ -319,8 +324,14 @@ func (t *Transport) deliver(from uint64, b *peerpb.Batch) {
 		}
 		t.cfg.Handler.HandleMessage(sm.GetShard(), m)
 	}
+	for _, c := range checks {
+		if t.ctx.Err() != nil {
+			return
+		}
+		t.cfg.Handler.HandleLeaderCheck(from, c)
+	}
 	t.stats.batchesReceived.Add(1)
-	t.stats.messagesReceived.Add(uint64(len(msgs)))
+	t.stats.messagesReceived.Add(uint64(len(msgs) + len(checks)))
 	t.stats.bytesReceived.Add(uint64(size))
 }
 

@@ -111,6 +111,10 @@ type Handler interface {
 	// io.EOF before returning nil. Returning an error fails the stream, and
 	// the sender reports the snapshot failed.
 	HandleSnapshot(shard uint64, m *raftpb.Message, next func() ([]*peerpb.SnapshotPair, error)) error
+	// HandleLeaderCheck is called on a peer's receive goroutine for each
+	// leader check (question or answer) the peer sent, after the raft
+	// messages of the same batch. It must not block. The handler owns c.
+	HandleLeaderCheck(from uint64, c *peerpb.LeaderCheck)
 	// ReportUnreachable says a message of shard to peer was dropped. It may
 	// be called on the goroutine that calls Send (unknown peer, full
 	// queue), so it must not wait for that goroutine.
@@ -357,6 +361,24 @@ func (t *Transport) Send(shard uint64, msgs []*raftpb.Message) {
 				t.cfg.Handler.ReportUnreachable(shard, to)
 			}
 		}
+	}
+}
+
+// SendLeaderCheck enqueues a leader check for peer to, to travel in the
+// next batch with the raft messages. It never blocks; a check that cannot
+// be queued is dropped silently: its sender times the round out and asks
+// again. The transport takes ownership of c.
+func (t *Transport) SendLeaderCheck(to uint64, c *peerpb.LeaderCheck) {
+	t.mu.RLock()
+	stopped, p := t.mu.stopped, t.mu.peers[to]
+	t.mu.RUnlock()
+	if stopped || p == nil {
+		return
+	}
+	select {
+	case p.queue <- outMsg{check: c}:
+	default:
+		p.dropped.Add(1)
 	}
 }
 

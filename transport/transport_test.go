@@ -88,6 +88,33 @@ func TestDeliveryAndOneStreamPerPair(t *testing.T) {
 	}
 }
 
+// Leader checks travel both ways on the pair's stream, in order with each
+// other, and arrive intact.
+func TestLeaderChecks(t *testing.T) {
+	nodes := cluster(t, nil, 1, 2)
+	waitConnected(t, nodes)
+	const n = 50
+	for _, pair := range [][2]uint64{{1, 2}, {2, 1}} { // dialer and acceptor side
+		a, b := nodes[pair[0]], nodes[pair[1]]
+		for i := uint64(1); i <= n; i++ {
+			a.tr.SendLeaderCheck(b.id, &peerpb.LeaderCheck{Id: i, Reply: i%2 == 0, Shards: []uint64{i, i + 1}, Terms: []uint64{7}})
+		}
+		waitFor(t, "checks delivered", func() bool { return len(b.h.leaderChecks(a.id)) >= n })
+		got := b.h.leaderChecks(a.id)
+		if len(got) != n {
+			t.Fatalf("node %d got %d checks from %d, want %d", b.id, len(got), a.id, n)
+		}
+		for i, c := range got {
+			id := uint64(i + 1)
+			if c.GetId() != id || c.GetReply() != (id%2 == 0) || !slices.Equal(c.GetShards(), []uint64{id, id + 1}) || !slices.Equal(c.GetTerms(), []uint64{7}) {
+				t.Fatalf("node %d: check %d from %d arrived as %v", b.id, id, a.id, c)
+			}
+		}
+	}
+	// A check for a peer the transport does not know is dropped quietly.
+	nodes[1].tr.SendLeaderCheck(9, &peerpb.LeaderCheck{Id: 1})
+}
+
 // Messages enqueued faster than one round trip leave in shared batches.
 func TestBatching(t *testing.T) {
 	nodes := clusterWith(t, nil, func(c *transport.Config) { c.QueueSize = 1 << 16 }, 1, 2)

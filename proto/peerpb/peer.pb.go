@@ -35,6 +35,7 @@ type Batch struct {
 	From          uint64          `protobuf:"varint,1,opt,name=from,proto3" json:"from,omitempty"`
 	To            uint64          `protobuf:"varint,2,opt,name=to,proto3" json:"to,omitempty"`
 	Msgs          []*ShardMessage `protobuf:"bytes,3,rep,name=msgs,proto3" json:"msgs,omitempty"`
+	Checks        []*LeaderCheck  `protobuf:"bytes,4,rep,name=checks,proto3" json:"checks,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -86,6 +87,13 @@ func (x *Batch) GetTo() uint64 {
 func (x *Batch) GetMsgs() []*ShardMessage {
 	if x != nil {
 		return x.Msgs
+	}
+	return nil
+}
+
+func (x *Batch) GetChecks() []*LeaderCheck {
+	if x != nil {
+		return x.Checks
 	}
 	return nil
 }
@@ -142,6 +150,83 @@ func (x *ShardMessage) GetMsg() []byte {
 	return nil
 }
 
+// LeaderCheck is the quorum round of ReadIndex for many shards at once: a
+// leader asks a peer for its current Raft term of each listed shard, and the
+// peer answers with terms in the same order (0 for a shard it does not
+// host). One round confirms the leadership of every shard the asking node
+// leads, so linearizable reads on all of them share one message pair per
+// peer. raftnode/readindex.go says why the answer is enough.
+type LeaderCheck struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// reply is false on the question, true on the answer.
+	Reply bool `protobuf:"varint,2,opt,name=reply,proto3" json:"reply,omitempty"`
+	// shards, on the question.
+	Shards []uint64 `protobuf:"varint,3,rep,packed,name=shards,proto3" json:"shards,omitempty"`
+	// terms, on the answer: one per shard of the question.
+	Terms         []uint64 `protobuf:"varint,4,rep,packed,name=terms,proto3" json:"terms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaderCheck) Reset() {
+	*x = LeaderCheck{}
+	mi := &file_peerpb_peer_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaderCheck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaderCheck) ProtoMessage() {}
+
+func (x *LeaderCheck) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaderCheck.ProtoReflect.Descriptor instead.
+func (*LeaderCheck) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *LeaderCheck) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *LeaderCheck) GetReply() bool {
+	if x != nil {
+		return x.Reply
+	}
+	return false
+}
+
+func (x *LeaderCheck) GetShards() []uint64 {
+	if x != nil {
+		return x.Shards
+	}
+	return nil
+}
+
+func (x *LeaderCheck) GetTerms() []uint64 {
+	if x != nil {
+		return x.Terms
+	}
+	return nil
+}
+
 // SnapshotChunk is one piece of a streamed snapshot. The first chunk carries
 // the header; the rest carry data; the last has last=true.
 type SnapshotChunk struct {
@@ -161,7 +246,7 @@ type SnapshotChunk struct {
 
 func (x *SnapshotChunk) Reset() {
 	*x = SnapshotChunk{}
-	mi := &file_peerpb_peer_proto_msgTypes[2]
+	mi := &file_peerpb_peer_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -173,7 +258,7 @@ func (x *SnapshotChunk) String() string {
 func (*SnapshotChunk) ProtoMessage() {}
 
 func (x *SnapshotChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[2]
+	mi := &file_peerpb_peer_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -186,7 +271,7 @@ func (x *SnapshotChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotChunk.ProtoReflect.Descriptor instead.
 func (*SnapshotChunk) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{2}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *SnapshotChunk) GetFrom() uint64 {
@@ -243,7 +328,7 @@ type SnapshotPair struct {
 
 func (x *SnapshotPair) Reset() {
 	*x = SnapshotPair{}
-	mi := &file_peerpb_peer_proto_msgTypes[3]
+	mi := &file_peerpb_peer_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -255,7 +340,7 @@ func (x *SnapshotPair) String() string {
 func (*SnapshotPair) ProtoMessage() {}
 
 func (x *SnapshotPair) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[3]
+	mi := &file_peerpb_peer_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -268,7 +353,7 @@ func (x *SnapshotPair) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotPair.ProtoReflect.Descriptor instead.
 func (*SnapshotPair) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{3}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *SnapshotPair) GetBucket() []byte {
@@ -300,7 +385,7 @@ type SnapshotAck struct {
 
 func (x *SnapshotAck) Reset() {
 	*x = SnapshotAck{}
-	mi := &file_peerpb_peer_proto_msgTypes[4]
+	mi := &file_peerpb_peer_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -312,7 +397,7 @@ func (x *SnapshotAck) String() string {
 func (*SnapshotAck) ProtoMessage() {}
 
 func (x *SnapshotAck) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[4]
+	mi := &file_peerpb_peer_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -325,7 +410,7 @@ func (x *SnapshotAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotAck.ProtoReflect.Descriptor instead.
 func (*SnapshotAck) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{4}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{5}
 }
 
 type AddReplicaRequest struct {
@@ -338,7 +423,7 @@ type AddReplicaRequest struct {
 
 func (x *AddReplicaRequest) Reset() {
 	*x = AddReplicaRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[5]
+	mi := &file_peerpb_peer_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -350,7 +435,7 @@ func (x *AddReplicaRequest) String() string {
 func (*AddReplicaRequest) ProtoMessage() {}
 
 func (x *AddReplicaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[5]
+	mi := &file_peerpb_peer_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -363,7 +448,7 @@ func (x *AddReplicaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddReplicaRequest.ProtoReflect.Descriptor instead.
 func (*AddReplicaRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{5}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *AddReplicaRequest) GetShard() uint64 {
@@ -388,7 +473,7 @@ type AddReplicaResponse struct {
 
 func (x *AddReplicaResponse) Reset() {
 	*x = AddReplicaResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[6]
+	mi := &file_peerpb_peer_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -400,7 +485,7 @@ func (x *AddReplicaResponse) String() string {
 func (*AddReplicaResponse) ProtoMessage() {}
 
 func (x *AddReplicaResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[6]
+	mi := &file_peerpb_peer_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -413,7 +498,7 @@ func (x *AddReplicaResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddReplicaResponse.ProtoReflect.Descriptor instead.
 func (*AddReplicaResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{6}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{7}
 }
 
 type ProposeRequest struct {
@@ -427,7 +512,7 @@ type ProposeRequest struct {
 
 func (x *ProposeRequest) Reset() {
 	*x = ProposeRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[7]
+	mi := &file_peerpb_peer_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -439,7 +524,7 @@ func (x *ProposeRequest) String() string {
 func (*ProposeRequest) ProtoMessage() {}
 
 func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[7]
+	mi := &file_peerpb_peer_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -452,7 +537,7 @@ func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeRequest.ProtoReflect.Descriptor instead.
 func (*ProposeRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{7}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ProposeRequest) GetShard() uint64 {
@@ -479,7 +564,7 @@ type ProposeResponse struct {
 
 func (x *ProposeResponse) Reset() {
 	*x = ProposeResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[8]
+	mi := &file_peerpb_peer_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -491,7 +576,7 @@ func (x *ProposeResponse) String() string {
 func (*ProposeResponse) ProtoMessage() {}
 
 func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[8]
+	mi := &file_peerpb_peer_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -504,7 +589,7 @@ func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeResponse.ProtoReflect.Descriptor instead.
 func (*ProposeResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{8}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ProposeResponse) GetResult() []byte {
@@ -540,7 +625,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_peerpb_peer_proto_msgTypes[9]
+	mi := &file_peerpb_peer_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -552,7 +637,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[9]
+	mi := &file_peerpb_peer_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -565,7 +650,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{9}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Command) GetSession() uint64 {
@@ -712,7 +797,7 @@ type UpdateMember struct {
 
 func (x *UpdateMember) Reset() {
 	*x = UpdateMember{}
-	mi := &file_peerpb_peer_proto_msgTypes[10]
+	mi := &file_peerpb_peer_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -724,7 +809,7 @@ func (x *UpdateMember) String() string {
 func (*UpdateMember) ProtoMessage() {}
 
 func (x *UpdateMember) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[10]
+	mi := &file_peerpb_peer_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -737,7 +822,7 @@ func (x *UpdateMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateMember.ProtoReflect.Descriptor instead.
 func (*UpdateMember) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{10}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *UpdateMember) GetMember() *kvpb.Member {
@@ -768,7 +853,7 @@ type ExpireSessions struct {
 
 func (x *ExpireSessions) Reset() {
 	*x = ExpireSessions{}
-	mi := &file_peerpb_peer_proto_msgTypes[11]
+	mi := &file_peerpb_peer_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -780,7 +865,7 @@ func (x *ExpireSessions) String() string {
 func (*ExpireSessions) ProtoMessage() {}
 
 func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[11]
+	mi := &file_peerpb_peer_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -793,7 +878,7 @@ func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireSessions.ProtoReflect.Descriptor instead.
 func (*ExpireSessions) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{11}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ExpireSessions) GetNowUnixMs() int64 {
@@ -821,7 +906,7 @@ type SetClusterMap struct {
 
 func (x *SetClusterMap) Reset() {
 	*x = SetClusterMap{}
-	mi := &file_peerpb_peer_proto_msgTypes[12]
+	mi := &file_peerpb_peer_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -833,7 +918,7 @@ func (x *SetClusterMap) String() string {
 func (*SetClusterMap) ProtoMessage() {}
 
 func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[12]
+	mi := &file_peerpb_peer_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -846,7 +931,7 @@ func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetClusterMap.ProtoReflect.Descriptor instead.
 func (*SetClusterMap) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{12}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *SetClusterMap) GetMap() *kvpb.ClusterMap {
@@ -874,7 +959,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_peerpb_peer_proto_msgTypes[13]
+	mi := &file_peerpb_peer_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -886,7 +971,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[13]
+	mi := &file_peerpb_peer_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -899,7 +984,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{13}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Result) GetOp() isResult_Op {
@@ -978,7 +1063,7 @@ type StoredValue struct {
 
 func (x *StoredValue) Reset() {
 	*x = StoredValue{}
-	mi := &file_peerpb_peer_proto_msgTypes[14]
+	mi := &file_peerpb_peer_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -990,7 +1075,7 @@ func (x *StoredValue) String() string {
 func (*StoredValue) ProtoMessage() {}
 
 func (x *StoredValue) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[14]
+	mi := &file_peerpb_peer_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1003,7 +1088,7 @@ func (x *StoredValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredValue.ProtoReflect.Descriptor instead.
 func (*StoredValue) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{14}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StoredValue) GetValue() []byte {
@@ -1047,7 +1132,7 @@ type SessionState struct {
 
 func (x *SessionState) Reset() {
 	*x = SessionState{}
-	mi := &file_peerpb_peer_proto_msgTypes[15]
+	mi := &file_peerpb_peer_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1059,7 +1144,7 @@ func (x *SessionState) String() string {
 func (*SessionState) ProtoMessage() {}
 
 func (x *SessionState) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[15]
+	mi := &file_peerpb_peer_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1072,7 +1157,7 @@ func (x *SessionState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionState.ProtoReflect.Descriptor instead.
 func (*SessionState) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{15}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *SessionState) GetAckBelow() uint64 {
@@ -1093,14 +1178,20 @@ var File_peerpb_peer_proto protoreflect.FileDescriptor
 
 const file_peerpb_peer_proto_rawDesc = "" +
 	"\n" +
-	"\x11peerpb/peer.proto\x12\vkvd.peer.v1\x1a\rkvpb/kv.proto\"Z\n" +
+	"\x11peerpb/peer.proto\x12\vkvd.peer.v1\x1a\rkvpb/kv.proto\"\x8c\x01\n" +
 	"\x05Batch\x12\x12\n" +
 	"\x04from\x18\x01 \x01(\x04R\x04from\x12\x0e\n" +
 	"\x02to\x18\x02 \x01(\x04R\x02to\x12-\n" +
-	"\x04msgs\x18\x03 \x03(\v2\x19.kvd.peer.v1.ShardMessageR\x04msgs\"6\n" +
+	"\x04msgs\x18\x03 \x03(\v2\x19.kvd.peer.v1.ShardMessageR\x04msgs\x120\n" +
+	"\x06checks\x18\x04 \x03(\v2\x18.kvd.peer.v1.LeaderCheckR\x06checks\"6\n" +
 	"\fShardMessage\x12\x14\n" +
 	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x10\n" +
-	"\x03msg\x18\x02 \x01(\fR\x03msg\"\xa6\x01\n" +
+	"\x03msg\x18\x02 \x01(\fR\x03msg\"a\n" +
+	"\vLeaderCheck\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x14\n" +
+	"\x05reply\x18\x02 \x01(\bR\x05reply\x12\x16\n" +
+	"\x06shards\x18\x03 \x03(\x04R\x06shards\x12\x14\n" +
+	"\x05terms\x18\x04 \x03(\x04R\x05terms\"\xa6\x01\n" +
 	"\rSnapshotChunk\x12\x12\n" +
 	"\x04from\x18\x01 \x01(\x04R\x04from\x12\x0e\n" +
 	"\x02to\x18\x02 \x01(\x04R\x02to\x12\x14\n" +
@@ -1178,60 +1269,62 @@ func file_peerpb_peer_proto_rawDescGZIP() []byte {
 	return file_peerpb_peer_proto_rawDescData
 }
 
-var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_peerpb_peer_proto_goTypes = []any{
 	(*Batch)(nil),               // 0: kvd.peer.v1.Batch
 	(*ShardMessage)(nil),        // 1: kvd.peer.v1.ShardMessage
-	(*SnapshotChunk)(nil),       // 2: kvd.peer.v1.SnapshotChunk
-	(*SnapshotPair)(nil),        // 3: kvd.peer.v1.SnapshotPair
-	(*SnapshotAck)(nil),         // 4: kvd.peer.v1.SnapshotAck
-	(*AddReplicaRequest)(nil),   // 5: kvd.peer.v1.AddReplicaRequest
-	(*AddReplicaResponse)(nil),  // 6: kvd.peer.v1.AddReplicaResponse
-	(*ProposeRequest)(nil),      // 7: kvd.peer.v1.ProposeRequest
-	(*ProposeResponse)(nil),     // 8: kvd.peer.v1.ProposeResponse
-	(*Command)(nil),             // 9: kvd.peer.v1.Command
-	(*UpdateMember)(nil),        // 10: kvd.peer.v1.UpdateMember
-	(*ExpireSessions)(nil),      // 11: kvd.peer.v1.ExpireSessions
-	(*SetClusterMap)(nil),       // 12: kvd.peer.v1.SetClusterMap
-	(*Result)(nil),              // 13: kvd.peer.v1.Result
-	(*StoredValue)(nil),         // 14: kvd.peer.v1.StoredValue
-	(*SessionState)(nil),        // 15: kvd.peer.v1.SessionState
-	(*kvpb.PutRequest)(nil),     // 16: kvd.kv.v1.PutRequest
-	(*kvpb.DeleteRequest)(nil),  // 17: kvd.kv.v1.DeleteRequest
-	(*kvpb.TxnRequest)(nil),     // 18: kvd.kv.v1.TxnRequest
-	(*kvpb.Member)(nil),         // 19: kvd.kv.v1.Member
-	(*kvpb.ClusterMap)(nil),     // 20: kvd.kv.v1.ClusterMap
-	(*kvpb.PutResponse)(nil),    // 21: kvd.kv.v1.PutResponse
-	(*kvpb.DeleteResponse)(nil), // 22: kvd.kv.v1.DeleteResponse
-	(*kvpb.TxnResponse)(nil),    // 23: kvd.kv.v1.TxnResponse
+	(*LeaderCheck)(nil),         // 2: kvd.peer.v1.LeaderCheck
+	(*SnapshotChunk)(nil),       // 3: kvd.peer.v1.SnapshotChunk
+	(*SnapshotPair)(nil),        // 4: kvd.peer.v1.SnapshotPair
+	(*SnapshotAck)(nil),         // 5: kvd.peer.v1.SnapshotAck
+	(*AddReplicaRequest)(nil),   // 6: kvd.peer.v1.AddReplicaRequest
+	(*AddReplicaResponse)(nil),  // 7: kvd.peer.v1.AddReplicaResponse
+	(*ProposeRequest)(nil),      // 8: kvd.peer.v1.ProposeRequest
+	(*ProposeResponse)(nil),     // 9: kvd.peer.v1.ProposeResponse
+	(*Command)(nil),             // 10: kvd.peer.v1.Command
+	(*UpdateMember)(nil),        // 11: kvd.peer.v1.UpdateMember
+	(*ExpireSessions)(nil),      // 12: kvd.peer.v1.ExpireSessions
+	(*SetClusterMap)(nil),       // 13: kvd.peer.v1.SetClusterMap
+	(*Result)(nil),              // 14: kvd.peer.v1.Result
+	(*StoredValue)(nil),         // 15: kvd.peer.v1.StoredValue
+	(*SessionState)(nil),        // 16: kvd.peer.v1.SessionState
+	(*kvpb.PutRequest)(nil),     // 17: kvd.kv.v1.PutRequest
+	(*kvpb.DeleteRequest)(nil),  // 18: kvd.kv.v1.DeleteRequest
+	(*kvpb.TxnRequest)(nil),     // 19: kvd.kv.v1.TxnRequest
+	(*kvpb.Member)(nil),         // 20: kvd.kv.v1.Member
+	(*kvpb.ClusterMap)(nil),     // 21: kvd.kv.v1.ClusterMap
+	(*kvpb.PutResponse)(nil),    // 22: kvd.kv.v1.PutResponse
+	(*kvpb.DeleteResponse)(nil), // 23: kvd.kv.v1.DeleteResponse
+	(*kvpb.TxnResponse)(nil),    // 24: kvd.kv.v1.TxnResponse
 }
 var file_peerpb_peer_proto_depIdxs = []int32{
 	1,  // 0: kvd.peer.v1.Batch.msgs:type_name -> kvd.peer.v1.ShardMessage
-	3,  // 1: kvd.peer.v1.SnapshotChunk.pairs:type_name -> kvd.peer.v1.SnapshotPair
-	16, // 2: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
-	17, // 3: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
-	18, // 4: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
-	11, // 5: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
-	12, // 6: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
-	10, // 7: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
-	19, // 8: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
-	20, // 9: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
-	21, // 10: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
-	22, // 11: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
-	23, // 12: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
-	0,  // 13: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
-	2,  // 14: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
-	7,  // 15: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
-	5,  // 16: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
-	0,  // 17: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
-	4,  // 18: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
-	8,  // 19: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
-	6,  // 20: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
-	17, // [17:21] is the sub-list for method output_type
-	13, // [13:17] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	2,  // 1: kvd.peer.v1.Batch.checks:type_name -> kvd.peer.v1.LeaderCheck
+	4,  // 2: kvd.peer.v1.SnapshotChunk.pairs:type_name -> kvd.peer.v1.SnapshotPair
+	17, // 3: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
+	18, // 4: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
+	19, // 5: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
+	12, // 6: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
+	13, // 7: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
+	11, // 8: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
+	20, // 9: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
+	21, // 10: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
+	22, // 11: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
+	23, // 12: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
+	24, // 13: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
+	0,  // 14: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
+	3,  // 15: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
+	8,  // 16: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
+	6,  // 17: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
+	0,  // 18: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
+	5,  // 19: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
+	9,  // 20: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
+	7,  // 21: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
+	18, // [18:22] is the sub-list for method output_type
+	14, // [14:18] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_peerpb_peer_proto_init() }
@@ -1239,7 +1332,7 @@ func file_peerpb_peer_proto_init() {
 	if File_peerpb_peer_proto != nil {
 		return
 	}
-	file_peerpb_peer_proto_msgTypes[9].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[10].OneofWrappers = []any{
 		(*Command_Put)(nil),
 		(*Command_Delete)(nil),
 		(*Command_Txn)(nil),
@@ -1247,7 +1340,7 @@ func file_peerpb_peer_proto_init() {
 		(*Command_SetClusterMap)(nil),
 		(*Command_UpdateMember)(nil),
 	}
-	file_peerpb_peer_proto_msgTypes[13].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[14].OneofWrappers = []any{
 		(*Result_Put)(nil),
 		(*Result_Delete)(nil),
 		(*Result_Txn)(nil),
@@ -1258,7 +1351,7 @@ func file_peerpb_peer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_peerpb_peer_proto_rawDesc), len(file_peerpb_peer_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   16,
+			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
