@@ -133,12 +133,12 @@ func (lc *leaderChecks) startRoundLocked(now time.Time) {
 		asked:   make(map[uint64][]uint64),
 	}
 	for _, w := range waiters {
+		// Waiters of one shard usually share their voters; one that saw
+		// a configuration change may not.
 		shard := w.node.cfg.Shard
-		if _, seen := r.byShard[shard]; !seen {
-			for _, v := range w.voters {
-				if v != lc.self {
-					r.asked[v] = append(r.asked[v], shard)
-				}
+		for _, v := range w.voters {
+			if v != lc.self && !slices.Contains(r.asked[v], shard) {
+				r.asked[v] = append(r.asked[v], shard)
 			}
 		}
 		r.byShard[shard] = append(r.byShard[shard], w)

@@ -327,3 +327,39 @@ func TestLeaderCheckFailsReadsOfAReplicaThatStepsDown(t *testing.T) {
 		t.Fatalf("confirm after a step-down = %v, want NotLeaderError naming node 2", err)
 	}
 }
+
+// Reads of one shard that saw different configurations share a round, and
+// every voter of each is asked, once.
+func TestLeaderCheckAsksEveryVoterOfEveryRead(t *testing.T) {
+	var net checkNet
+	lc := newLeaderChecks(1, time.Hour, net.send)
+	first := confirmAsync(context.Background(), lc, replica(9), 5, 1, 2)
+	id := net.nth(t, 2, 1).GetId()
+	a := confirmAsync(context.Background(), lc, replica(1), 5, 1, 2, 3)
+	waitQueued(t, lc, 1)
+	b := confirmAsync(context.Background(), lc, replica(1), 5, 1, 2, 3, 4, 5)
+	waitQueued(t, lc, 2)
+	lc.answer(2, reply(id, 5))
+	if err := outcome(t, first); err != nil {
+		t.Fatal(err)
+	}
+	for _, peer := range []uint64{2, 3, 4, 5} {
+		n := 1
+		if peer == 2 {
+			n = 2
+		}
+		if q := net.nth(t, peer, n); !slices.Equal(q.GetShards(), []uint64{1}) {
+			t.Fatalf("peer %d asked about %v, want shard 1 once", peer, q.GetShards())
+		}
+	}
+	id = net.nth(t, 2, 2).GetId()
+	lc.answer(4, reply(id, 5)) // not a voter of a: counts for b only
+	pending(t, lc)
+	lc.answer(2, reply(id, 5))
+	if err := outcome(t, a); err != nil {
+		t.Fatal(err)
+	}
+	if err := outcome(t, b); err != nil {
+		t.Fatal(err)
+	}
+}
