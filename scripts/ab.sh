@@ -15,13 +15,14 @@
 #
 # Usage: scripts/ab.sh DIR_A DIR_B [kvctl bench arguments]
 #   DIR_A, DIR_B: directories holding a kvd binary each (e.g. from
-#   `go build -o /tmp/a/kvd ./cmd/kvd` at two commits).
+#   `go build -o /tmp/a/kvd ./cmd/kvd` at two commits), and a kvctl too
+#   when the client is what changed: a side's own kvctl drives it.
 #   Default bench: put --clients 100 --conns 10 --duration 30s.
 # Environment: ROUNDS (default 2; each round runs both orders), KVCTL
-# (default ./bin/kvctl, one client binary for both sides).
+# (default ./bin/kvctl: the client of a side whose directory has none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n "2,21p" "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n "2,22p" "$0" >&2; exit 2; }
 A=$1 B=$2
 shift 2
 [ $# -gt 0 ] || set -- put --clients 100 --conns 10 --duration 30s
@@ -48,6 +49,9 @@ start() {
   WORK=$ROOT
 }
 
+# kvctl DIR: the client that drives DIR's cluster.
+kvctl() { if [ -x "$1/kvctl" ]; then echo "$1/kvctl"; else echo "$KVCTL"; fi; }
+
 report() { jq -r '"\(.ops_per_sec | round) ops/s  p50 \(.latency_ms.p50 * 100 | round / 100) ms  p99 \(.latency_ms.p99 * 100 | round / 100) ms  errors \(.errors)"' "$1"; }
 
 echo "ab: A=$A B=$B, kvctl bench $*" >&2
@@ -56,9 +60,9 @@ for r in $(seq 1 "$ROUNDS"); do
     if [ $order = AB ]; then x=$A y=$B; else x=$B y=$A; fi
     start "$x" 1
     start "$y" 2
-    "$KVCTL" --endpoints 127.0.0.1:12379,127.0.0.1:13379,127.0.0.1:14379 -o json bench "$@" >"$WORK/x.json" &
+    "$(kvctl "$x")" --endpoints 127.0.0.1:12379,127.0.0.1:13379,127.0.0.1:14379 -o json bench "$@" >"$WORK/x.json" &
     bx=$!
-    "$KVCTL" --endpoints 127.0.0.1:22379,127.0.0.1:23379,127.0.0.1:24379 -o json bench "$@" >"$WORK/y.json" &
+    "$(kvctl "$y")" --endpoints 127.0.0.1:22379,127.0.0.1:23379,127.0.0.1:24379 -o json bench "$@" >"$WORK/y.json" &
     by=$!
     wait $bx $by
     if [ $order = AB ]; then ra=$WORK/x.json rb=$WORK/y.json; else ra=$WORK/y.json rb=$WORK/x.json; fi
