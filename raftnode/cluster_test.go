@@ -47,7 +47,16 @@ type testCluster struct {
 	snapshot uint64 // SnapshotEntries
 	// commitInterval is storage.Options.CommitInterval.
 	commitInterval time.Duration
+	// mute: the hosts send no leadership checks, as if every peer ran a
+	// kvd that predates them (their questions are lost, and so are the
+	// answers).
+	mute bool
 }
+
+// muteChecks is a transport that loses every leadership check.
+type muteChecks struct{ *transport.Transport }
+
+func (muteChecks) SendLeaderCheck(uint64, *peerpb.LeaderCheck) {}
 
 func logger(t *testing.T) *slog.Logger {
 	if os.Getenv("KVD_TEST_LOG") != "" {
@@ -131,7 +140,11 @@ func (c *testCluster) start(id uint64, lis net.Listener) {
 		SnapshotEntries: c.snapshot,
 	})
 	tr := transport.New(transport.Config{NodeID: id, Handler: host, Snapshots: snapSource{eng}, Logger: logger(t)})
-	host.Start(tr)
+	var sender raftnode.Sender = tr
+	if c.mute {
+		sender = muteChecks{tr}
+	}
+	host.Start(sender)
 	srv := grpc.NewServer(transport.ServerOptions()...)
 	tr.Register(srv)
 	go func() { _ = srv.Serve(lis) }()
@@ -464,6 +477,27 @@ func TestReadIndexDoesNotWaitForTheCommitInterval(t *testing.T) {
 	for id, n := range c.nodes {
 		if n.host.Node(1) == l && c.countKeys(id, 1, "k") != 1 {
 			t.Fatal("the leader's state lacks the write after ReadIndex returned")
+		}
+	}
+}
+
+// Reads whose leadership checks go unanswered (peers running a kvd that
+// predates them) take raft's own ReadIndex round: slower, not stuck.
+func TestReadIndexWithoutLeaderCheckAnswers(t *testing.T) {
+	c := newClusterFrom(&testCluster{t: t, mute: true, snapshot: 10000}, 3, 2)
+	c.waitLeaders()
+	c.writeAll("a", 5, 1)
+	for _, shard := range c.shards {
+		l := c.leader(shard)
+		before := l.Stats().ReadRounds.Load()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err := l.ReadIndex(ctx)
+		cancel()
+		if err != nil {
+			t.Fatalf("shard %d: ReadIndex with unanswered checks: %v", shard, err)
+		}
+		if l.Stats().ReadRounds.Load() == before {
+			t.Fatalf("shard %d: the read was not served by raft's own round", shard)
 		}
 	}
 }

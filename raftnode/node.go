@@ -451,14 +451,16 @@ func (n *Node) ReadIndex(ctx context.Context) error {
 	w := &readWaiter{done: make(chan error, 1)}
 	if n.cfg.checks != nil {
 		if term, index, voters, ok := n.readIndexTarget(); ok {
-			if err := n.cfg.checks.confirm(ctx, n, term, voters); err != nil {
+			switch err := n.cfg.checks.confirm(ctx, n, term, voters); {
+			case err == nil:
+				if n.applied.Load() >= index {
+					n.stats.Reads.Add(1)
+					return nil
+				}
+				w.index, w.confirmed = index, true
+			case !errors.Is(err, errUnconfirmed):
 				return err
 			}
-			if n.applied.Load() >= index {
-				n.stats.Reads.Add(1)
-				return nil
-			}
-			w.index, w.confirmed = index, true
 		}
 	}
 	if err := send(ctx, n, n.readc, w); err != nil {

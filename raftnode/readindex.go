@@ -2,6 +2,7 @@ package raftnode
 
 import (
 	"context"
+	"errors"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -207,12 +208,20 @@ func (r *checkRound) finish(w *checkWaiter, err error) {
 	r.open--
 }
 
+// errUnconfirmed: no quorum answered a read's leadership check, asked
+// twice, within two timeouts. The read then takes raft's own ReadIndex
+// round, which needs no answer from the peers' hosts: peers running a kvd
+// that predates leader checks (a rolling upgrade) never answer, and a
+// very slow link answers too late.
+var errUnconfirmed = errors.New("raftnode: leadership check unanswered")
+
 // expire runs on every Host tick. It drops the reads whose callers gave
 // up, fails those whose replica stopped leading (as raft fails its pending
 // reads on a step-down, so the client goes to the new leader now rather
-// than at its deadline), asks again about rounds unanswered for the
-// timeout (a lost message, a slow link), and starts a round for reads
-// queued behind a stale one.
+// than at its deadline), hands reads unconfirmed for two timeouts to
+// raft's own round (errUnconfirmed), asks again about rounds unanswered
+// for the timeout (a lost message, a slow link), and starts a round for
+// reads queued behind a stale one.
 func (lc *leaderChecks) expire() {
 	lc.mu.Lock()
 	defer lc.mu.Unlock()
@@ -226,6 +235,8 @@ func (lc *leaderChecks) expire() {
 					r.finish(w, w.ctx.Err())
 				case w.node.readyTerm.Load() != w.term:
 					r.finish(w, &NotLeaderError{Shard: w.node.cfg.Shard, Leader: w.node.Leader()})
+				case now.Sub(r.started) >= 2*lc.timeout:
+					r.finish(w, errUnconfirmed)
 				}
 			}
 		}

@@ -363,3 +363,23 @@ func TestLeaderCheckAsksEveryVoterOfEveryRead(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A read no quorum confirms within two timeouts (peers whose kvd predates
+// leader checks never answer) is handed to raft's own round.
+func TestLeaderCheckGivesUpAfterTwoTimeouts(t *testing.T) {
+	var net checkNet
+	clk := &clock{t: time.Unix(1000, 0)}
+	lc := newLeaderChecks(1, time.Second, net.send)
+	lc.now = clk.now
+	ch := confirmAsync(context.Background(), lc, replica(1), 5, 1, 2, 3)
+	net.nth(t, 2, 1)
+	clk.advance(time.Second)
+	lc.expire() // asks again
+	net.nth(t, 2, 2)
+	pending(t, lc)
+	clk.advance(time.Second)
+	lc.expire()
+	if err := outcome(t, ch); !errors.Is(err, errUnconfirmed) {
+		t.Fatalf("confirm unanswered for two timeouts = %v, want errUnconfirmed", err)
+	}
+}
