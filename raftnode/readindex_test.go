@@ -233,14 +233,21 @@ func (c *clock) advance(d time.Duration) {
 	c.t = c.t.Add(d)
 }
 
+// clockedChecks returns node 1's leaderChecks with a one-second timeout on
+// a hand-moved clock, and what it sends.
+func clockedChecks() (*checkNet, *clock, *leaderChecks) {
+	net := &checkNet{}
+	clk := &clock{t: time.Unix(1000, 0)}
+	lc := newLeaderChecks(1, time.Second, net.send)
+	lc.now = clk.now
+	return net, clk, lc
+}
+
 // A round unanswered for the timeout is asked again under the same id, so
 // an answer to either question counts (a slow link, a lost message), and
 // reads arriving meanwhile no longer wait for it.
 func TestLeaderCheckRoundAskedAgainAfterTimeout(t *testing.T) {
-	var net checkNet
-	clk := &clock{t: time.Unix(1000, 0)}
-	lc := newLeaderChecks(1, time.Second, net.send)
-	lc.now = clk.now
+	net, clk, lc := clockedChecks()
 	slow := confirmAsync(context.Background(), lc, replica(1), 5, 1, 2, 3)
 	q1 := net.nth(t, 2, 1)
 
@@ -367,10 +374,7 @@ func TestLeaderCheckAsksEveryVoterOfEveryRead(t *testing.T) {
 // A read no quorum confirms within two timeouts (peers whose kvd predates
 // leader checks never answer) is handed to raft's own round.
 func TestLeaderCheckGivesUpAfterTwoTimeouts(t *testing.T) {
-	var net checkNet
-	clk := &clock{t: time.Unix(1000, 0)}
-	lc := newLeaderChecks(1, time.Second, net.send)
-	lc.now = clk.now
+	net, clk, lc := clockedChecks()
 	ch := confirmAsync(context.Background(), lc, replica(1), 5, 1, 2, 3)
 	net.nth(t, 2, 1)
 	clk.advance(time.Second)
