@@ -344,41 +344,45 @@ func (t *Transport) Send(shard uint64, msgs []*raftpb.Message) {
 			t.queueSnapshot(shard, m)
 			continue
 		}
-		t.mu.RLock()
-		stopped, p := t.mu.stopped, t.mu.peers[to]
-		t.mu.RUnlock()
-		switch {
-		case stopped:
+		switch err := t.enqueue(to, outMsg{shard: shard, m: m}); {
+		case errors.Is(err, ErrStopped):
 			return
-		case p == nil:
-			t.stats.droppedUnknownPeer.Add(1)
+		case err != nil:
 			t.cfg.Handler.ReportUnreachable(shard, to)
-		default:
-			select {
-			case p.queue <- outMsg{shard: shard, m: m}:
-			default:
-				p.dropped.Add(1)
-				t.cfg.Handler.ReportUnreachable(shard, to)
-			}
 		}
 	}
 }
 
 // SendLeaderCheck enqueues a leader check for peer to, to travel in the
 // next batch with the raft messages. It never blocks; a check that cannot
-// be queued is dropped silently: its sender times the round out and asks
-// again. The transport takes ownership of c.
+// be queued is dropped without a report: its sender times the round out
+// and asks again. The transport takes ownership of c.
 func (t *Transport) SendLeaderCheck(to uint64, c *peerpb.LeaderCheck) {
+	_ = t.enqueue(to, outMsg{check: c})
+}
+
+// errQueueFull: a peer's queue had no room for a message.
+var errQueueFull = errors.New("transport: peer queue full")
+
+// enqueue puts m on peer to's queue without blocking, counting what it
+// drops: ErrStopped, ErrUnknownPeer or errQueueFull when it does.
+func (t *Transport) enqueue(to uint64, m outMsg) error {
 	t.mu.RLock()
 	stopped, p := t.mu.stopped, t.mu.peers[to]
 	t.mu.RUnlock()
-	if stopped || p == nil {
-		return
+	switch {
+	case stopped:
+		return ErrStopped
+	case p == nil:
+		t.stats.droppedUnknownPeer.Add(1)
+		return ErrUnknownPeer
 	}
 	select {
-	case p.queue <- outMsg{check: c}:
+	case p.queue <- m:
+		return nil
 	default:
 		p.dropped.Add(1)
+		return errQueueFull
 	}
 }
 

@@ -111,8 +111,13 @@ func TestLeaderChecks(t *testing.T) {
 			}
 		}
 	}
-	// A check for a peer the transport does not know is dropped quietly.
+	// A check for a peer the transport does not know is dropped, and
+	// counted like any message to an unknown peer.
+	before := nodes[1].tr.Stats().DroppedUnknownPeer
 	nodes[1].tr.SendLeaderCheck(9, &peerpb.LeaderCheck{Id: 1})
+	if got := nodes[1].tr.Stats().DroppedUnknownPeer - before; got != 1 {
+		t.Fatalf("a check to an unknown peer counted %d drops, want 1", got)
+	}
 }
 
 // Messages enqueued faster than one round trip leave in shared batches.
