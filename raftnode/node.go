@@ -23,7 +23,7 @@ import (
 type Storage interface {
 	raft.Storage
 	// Save persists u (durably when u.Sync) and applies u.Committed in the
-	// same transaction; it returns one result per committed entry.
+	// same transaction, calling u.Apply for each entry.
 	Save(u *storage.Update) error
 	// Compact drops the log up to index, which must not exceed Applied.
 	Compact(index uint64) error
@@ -181,11 +181,12 @@ type proposal struct {
 }
 
 type readWaiter struct {
+	// index, once set, is the commit index the read waits to see
+	// applied. A read whose leadership check confirmed it arrives with
+	// it set (a leader's commit index is never 0); the others wait for
+	// raft's ReadIndex round to set it.
 	index uint64
-	// confirmed: leadership is confirmed and index set; the read only
-	// waits for apply.
-	confirmed bool
-	done      chan error // buffered 1
+	done  chan error // buffered 1
 }
 
 // Start opens a RawNode over cfg.Storage and runs it. The storage must
@@ -448,21 +449,22 @@ func (n *Node) wait(ctx context.Context, p *proposal) (any, error) {
 // call: a read of local state afterwards is linearizable. Concurrent calls
 // share rounds: on a Host, one round for all its shards (readindex.go).
 func (n *Node) ReadIndex(ctx context.Context) error {
-	w := &readWaiter{done: make(chan error, 1)}
+	var index uint64 // confirmed commit index, 0 for raft's round
 	if n.cfg.checks != nil {
-		if term, index, voters, ok := n.readIndexTarget(); ok {
+		if term, commit, voters, ok := n.readIndexTarget(); ok {
 			switch err := n.cfg.checks.confirm(ctx, n, term, voters); {
 			case err == nil:
-				if n.applied.Load() >= index {
+				if n.applied.Load() >= commit {
 					n.stats.Reads.Add(1)
 					return nil
 				}
-				w.index, w.confirmed = index, true
+				index = commit
 			case !errors.Is(err, errUnconfirmed):
 				return err
 			}
 		}
 	}
+	w := &readWaiter{index: index, done: make(chan error, 1)}
 	if err := send(ctx, n, n.readc, w); err != nil {
 		return err
 	}
@@ -639,7 +641,7 @@ func (n *Node) drain(st *loopState) {
 }
 
 func (n *Node) queueRead(st *loopState, w *readWaiter) {
-	if w.confirmed {
+	if w.index > 0 {
 		st.readsWaiting = append(st.readsWaiting, w)
 	} else {
 		st.readsQueued = append(st.readsQueued, w)

@@ -258,7 +258,7 @@ func (lc *leaderChecks) expire() {
 // the read must take raft's own round.
 func (n *Node) readIndexTarget() (term, index uint64, voters []uint64, ok bool) {
 	term = n.term.Load()
-	if n.readyTerm.Load() != term || n.leader.Load() != n.cfg.NodeID {
+	if n.readyTerm.Load() != term { // 0 unless this replica leads
 		return 0, 0, nil, false
 	}
 	index = n.commit.Load()
