@@ -183,16 +183,7 @@ func (c *testCluster) stopAll() {
 }
 
 // waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(5 * time.Millisecond) // polling interval, not synchronisation
-	}
-}
+var waitFor = raftnode.WaitFor
 
 // leader returns the running node that leads shard, or nil.
 func (c *testCluster) leader(shard uint64) *raftnode.Node {
@@ -397,11 +388,13 @@ func TestClusterCatchesUpBySnapshotAfterCompaction(t *testing.T) {
 	// Far more entries than the compaction threshold: the leaders drop the
 	// log node 3 would need.
 	c.writeAll("b", 4*snapEvery, 4)
+	// A replica compacts once its storage has committed what it applied,
+	// which may be up to a commit interval after the writes returned.
 	for _, s := range c.shards {
-		l := c.leader(s)
-		if l == nil || l.Stats().Compactions.Load() == 0 {
-			t.Fatalf("shard %d leader has not compacted its log", s)
-		}
+		waitFor(t, 10*time.Second, fmt.Sprintf("shard %d's leader to compact its log", s), func() bool {
+			l := c.leader(s)
+			return l != nil && l.Stats().Compactions.Load() > 0
+		})
 	}
 
 	c.start(3, nil)

@@ -3,6 +3,7 @@ package raftnode
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"sync"
 	"testing"
@@ -29,20 +30,10 @@ func (c *checkNet) send(to uint64, lc *peerpb.LeaderCheck) {
 // nth waits for the n-th check sent to peer and returns it.
 func (c *checkNet) nth(t *testing.T, peer uint64, n int) *peerpb.LeaderCheck {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		c.mu.Lock()
-		if len(c.sent[peer]) >= n {
-			lc := c.sent[peer][n-1]
-			c.mu.Unlock()
-			return lc
-		}
-		c.mu.Unlock()
-		if time.Now().After(deadline) {
-			t.Fatalf("no check #%d sent to peer %d", n, peer)
-		}
-		time.Sleep(time.Millisecond) // polling a condition, with a deadline
-	}
+	WaitFor(t, 5*time.Second, fmt.Sprintf("check #%d to peer %d", n, peer), func() bool { return c.count(peer) >= n })
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.sent[peer][n-1]
 }
 
 func (c *checkNet) count(peer uint64) int {
@@ -97,19 +88,11 @@ func pending(t *testing.T, lc *leaderChecks) {
 // waitQueued waits until n reads wait for the next round.
 func waitQueued(t *testing.T, lc *leaderChecks, n int) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	WaitFor(t, 5*time.Second, fmt.Sprintf("%d reads queued", n), func() bool {
 		lc.mu.Lock()
-		got := len(lc.queued)
-		lc.mu.Unlock()
-		if got == n {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d reads queued, want %d", got, n)
-		}
-		time.Sleep(time.Millisecond) // polling a condition, with a deadline
-	}
+		defer lc.mu.Unlock()
+		return len(lc.queued) == n
+	})
 }
 
 func TestLeaderCheckNeedsAQuorumOfTermsNoNewerThanTheLeaders(t *testing.T) {
