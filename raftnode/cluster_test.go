@@ -19,6 +19,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/fsm"
+	"github.com/kvd/kvd/internal/proccluster"
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
 	"github.com/kvd/kvd/raftnode"
@@ -183,7 +184,8 @@ func (c *testCluster) stopAll() {
 }
 
 // waitFor polls cond until it holds or the deadline passes.
-var waitFor = raftnode.WaitFor
+// waitFor polls a condition with a deadline.
+var waitFor = proccluster.WaitFor
 
 // leader returns the running node that leads shard, or nil.
 func (c *testCluster) leader(shard uint64) *raftnode.Node {

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kvd/kvd/internal/proccluster"
 	"github.com/kvd/kvd/proto/peerpb"
 )
 
@@ -30,7 +31,7 @@ func (c *checkNet) send(to uint64, lc *peerpb.LeaderCheck) {
 // nth waits for the n-th check sent to peer and returns it.
 func (c *checkNet) nth(t *testing.T, peer uint64, n int) *peerpb.LeaderCheck {
 	t.Helper()
-	WaitFor(t, 5*time.Second, fmt.Sprintf("check #%d to peer %d", n, peer), func() bool { return c.count(peer) >= n })
+	proccluster.WaitFor(t, 5*time.Second, fmt.Sprintf("check #%d to peer %d", n, peer), func() bool { return c.count(peer) >= n })
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.sent[peer][n-1]
@@ -88,7 +89,7 @@ func pending(t *testing.T, lc *leaderChecks) {
 // waitQueued waits until n reads wait for the next round.
 func waitQueued(t *testing.T, lc *leaderChecks, n int) {
 	t.Helper()
-	WaitFor(t, 5*time.Second, fmt.Sprintf("%d reads queued", n), func() bool {
+	proccluster.WaitFor(t, 5*time.Second, fmt.Sprintf("%d reads queued", n), func() bool {
 		lc.mu.Lock()
 		defer lc.mu.Unlock()
 		return len(lc.queued) == n

@@ -18,6 +18,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/kvd/kvd/client"
+	"github.com/kvd/kvd/internal/proccluster"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -157,16 +158,8 @@ func (c *testCluster) client() *client.Client {
 	return cl
 }
 
-func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(10 * time.Millisecond) // poll interval, not synchronisation
-	}
-}
+// waitFor polls a condition with a deadline.
+var waitFor = proccluster.WaitFor
 
 // scrape returns the /metrics text of server s.
 func scrape(t *testing.T, s *Server) string {
