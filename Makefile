@@ -122,8 +122,13 @@ jepsen-short: ## the short jepsen-lite run of `make test` alone, verbose (about 
 	  rc=$$?; grep '^jepsen-lite: histories=' $(JEPSEN_OUT)/jepsen-short.log | tail -n1; exit $$rc
 
 .PHONY: bench
-bench: build ## benchmark a local 3-node cluster with kvctl bench; writes docs/benchmarks.md
+bench: build ## benchmark a local 3-node cluster with kvctl bench, and etcd in the same run; writes docs/benchmarks.md
+	@./scripts/build-etcd.sh || echo "bench: could not build etcd; the table will have kvd alone" >&2
 	./scripts/bench.sh
+
+.PHONY: etcd
+etcd: ## build etcd v3.6.14 and its benchmark tool into bin/etcd-v3.6.14 (Go module proxy), for make bench
+	GO=$(GO) ./scripts/build-etcd.sh
 
 .PHONY: ab
 ab: build ## compare two kvd builds side by side: make ab A=DIR B=DIR (each holding a kvd), ARGS='kvctl bench args'

@@ -56,7 +56,7 @@ start_nodes() {
 stop_nodes() {
   local p
   if [ ${#pids[@]} -gt 0 ]; then
-    echo "$NAME: stopping kvd nodes (pids ${pids[*]})" >&2
+    echo "$NAME: stopping nodes (pids ${pids[*]})" >&2
     for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   fi

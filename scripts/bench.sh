@@ -7,9 +7,16 @@
 # it does not clash with `make cluster`. It is stopped on exit, success or
 # failure.
 #
+# Then, when etcd is built (make etcd, scripts/build-etcd.sh), it runs the
+# same workloads against a local 3-member etcd with etcd's own benchmark
+# tool, so the table compares kvd with etcd measured minutes apart on the
+# same VM, whose speed drifts by a third between days.
+#
 # Environment: BIN (default ./bin), OUT (default docs/benchmarks.md),
 # SCALE (default 1; multiplies every --total, e.g. SCALE=0.1 for a smoke run),
-# PORT_PREFIX (default 1: ports 1N379..1N381 for node N).
+# PORT_PREFIX (default 1: ports 1N379..1N381 for kvd node N, 1M379..1M380
+# for etcd member M-4), ETCD_DIR (default bin/etcd-v3.6.14; ETCD_DIR=none
+# skips etcd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-./bin}
@@ -26,6 +33,15 @@ NAME=bench
 trap on_exit INT TERM EXIT
 start_nodes
 
+ETCD_DIR=${ETCD_DIR:-bin/etcd-v3.6.14}
+etcd_note=""
+if [ "$ETCD_DIR" = none ]; then
+  etcd_note="etcd was not run (ETCD_DIR=none)."
+elif [ ! -x "$ETCD_DIR/etcd" ] || [ ! -x "$ETCD_DIR/benchmark" ]; then
+  etcd_note="etcd was not run: no etcd and benchmark in $ETCD_DIR (make etcd builds them)."
+  ETCD_DIR=none
+fi
+
 scaled() { awk -v n="$1" -v s="$SCALE" 'BEGIN { v = int(n * s); print (v < 1 ? 1 : v) }'; }
 
 # name | kvctl bench arguments (totals scaled by SCALE)
@@ -35,6 +51,17 @@ workloads=(
   "put, 100 clients, one key|put --clients 100 --conns 10 --total $(scaled 30000) --key-space 1"
   "linearizable get, 100 clients|get --clients 100 --conns 10 --total $(scaled 100000) --key-space 10000"
   "serializable get, 100 clients|get --clients 100 --conns 10 --total $(scaled 100000) --key-space 10000 --consistency serializable"
+)
+
+# The same workloads for etcd's benchmark tool, in the same order. etcd's
+# range benchmark reads one key (benchkey, written after a 10,000-key
+# prefill); kvd's get reads 10,000 keys at random.
+etcd_workloads=(
+  "--conns 1 --clients 1 put --key-size 8 --val-size 256 --total $(scaled 5000) --sequential-keys --key-space-size $(scaled 5000)"
+  "--conns 10 --clients 100 put --key-size 8 --val-size 256 --total $(scaled 50000) --sequential-keys --key-space-size $(scaled 50000)"
+  "--conns 10 --clients 100 put --key-size 8 --val-size 256 --total $(scaled 30000)"
+  "--conns 10 --clients 100 range benchkey --total $(scaled 100000) --consistency l"
+  "--conns 10 --clients 100 range benchkey --total $(scaled 100000) --consistency s"
 )
 
 # msum NAME...: each metric summed over the three nodes' /metrics, one per line.
@@ -56,8 +83,8 @@ amort_metrics=(kvd_request_batch_items_total kvd_request_batches_total
   kvd_raft_leader_check_rounds_total)
 # ratio A B: A/B to one decimal, or "–" when B is 0.
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f", a / b; else printf "–" }'; }
+ratio2() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "–" }'; }
 
-rows=""
 amort=""
 i=0
 for w in "${workloads[@]}"; do
@@ -75,9 +102,6 @@ for w in "${workloads[@]}"; do
   ops=$(jq '.ops + (.prefilled // 0)' "$r")
   amort+="| $name | $(ratio "${d[0]}" "${d[1]}") | $(ratio "${d[2]}" "${d[3]}") | $(ratio "${d[4]}" "${d[5]}") | $(ratio "${d[6]}" "${d[7]}") | $(ratio "${d[6]}" "$ops") | $(ratio "${d[8]}" "$((d[9] + d[10]))") |"$'\n'
   jq -r '"bench:   \(.ops) ops, \(.ops_per_sec | round) ops/s, p50 \(.latency_ms.p50 * 100 | round / 100) ms, p99 \(.latency_ms.p99 * 100 | round / 100) ms, errors \(.errors)"' "$r" >&2
-  rows+=$(jq -r --arg name "$name" --arg cmd "bench $args" \
-    '"| \($name) | `\($cmd)` | \(.ops_per_sec | round) | \(.latency_ms.p50 * 100 | round / 100) | \(.latency_ms.p99 * 100 | round / 100) | \(.latency_ms.p99_9 * 100 | round / 100) | \(.errors) |"' "$r")
-  rows+=$'\n'
 done
 
 rss=""
@@ -85,6 +109,100 @@ for id in 1 2 3; do
   kb=$(awk '/^VmRSS:/ { print $2 }' "/proc/${pids[$((id - 1))]}/status")
   rss+="| kvd $id | $((kb / 1024)) MiB |"$'\n'
 done
+
+stop_nodes
+
+# start_etcd: a 3-member etcd on ports P(4+M)379 (clients) and
+# P(4+M)380 (peers); its pids join the kvd ones, so on_exit stops them.
+etcd_endpoints=127.0.0.1:${P}5379,127.0.0.1:${P}6379,127.0.0.1:${P}7379
+start_etcd() {
+  local m base initial="" i
+  for m in 1 2 3; do initial+="${initial:+,}e$m=http://127.0.0.1:$P$((4 + m))380"; done
+  for m in 1 2 3; do
+    base=$P$((4 + m))
+    "$ETCD_DIR/etcd" --name "e$m" --data-dir "$WORK/etcd$m" \
+      --listen-client-urls "http://127.0.0.1:${base}379" --advertise-client-urls "http://127.0.0.1:${base}379" \
+      --listen-peer-urls "http://127.0.0.1:${base}380" --initial-advertise-peer-urls "http://127.0.0.1:${base}380" \
+      --initial-cluster "$initial" --initial-cluster-state new --log-level error >"$WORK/etcd$m.log" 2>&1 &
+    pids+=("$!")
+  done
+  for i in $(seq 1 300); do
+    "$ETCD_DIR/benchmark" --endpoints "$etcd_endpoints" put --total 1 >/dev/null 2>&1 && break
+    [ "$i" = 300 ] && { echo "bench: etcd not serving after 30s; logs in $WORK" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "bench: etcd $("$ETCD_DIR/etcd" --version | awk '/^etcd Version/ { print $3 }') ready (pids ${pids[*]})" >&2
+}
+
+# etcd_result FILE: ops/s, p50 ms, p99 ms and errors of a benchmark output.
+etcd_result() {
+  awk '/Requests\/sec:/ { ops = $2 }
+    $1 == "50%" { p50 = $3 * 1000 } $1 == "99%" { p99 = $3 * 1000 }
+    /^Error distribution/ { inerr = 1; next } inerr && /^ *\[[0-9]+\]/ { gsub(/[\[\]]/, "", $1); errs += $1 }
+    END { printf "%.0f %.2f %.2f %d\n", ops, p50, p99, errs }' "$1"
+}
+
+declare -a etcd_ops etcd_p50 etcd_p99 etcd_errs
+etcd_rss=""
+if [ "$ETCD_DIR" != none ]; then
+  start_etcd
+  prefilled=""
+  for i in "${!etcd_workloads[@]}"; do
+    args=${etcd_workloads[$i]}
+    if [[ $args == *range* && -z $prefilled ]]; then
+      "$ETCD_DIR/benchmark" --endpoints "$etcd_endpoints" --conns 10 --clients 100 put --key-size 8 --val-size 256 \
+        --total 10000 --sequential-keys --key-space-size 10000 >/dev/null 2>&1
+      curl -sf -X POST "http://127.0.0.1:${P}5379/v3/kv/put" \
+        -d "{\"key\":\"$(printf benchkey | base64)\",\"value\":\"$(head -c 256 /dev/zero | tr '\0' v | base64 -w0)\"}" >/dev/null
+      prefilled=1
+    fi
+    echo "bench: [etcd $((i + 1))/${#etcd_workloads[@]}] benchmark $args" >&2
+    # shellcheck disable=SC2086 # args is a word list on purpose
+    "$ETCD_DIR/benchmark" --endpoints "$etcd_endpoints" $args >"$WORK/etcd$i.txt" 2>/dev/null
+    read -r etcd_ops[i] etcd_p50[i] etcd_p99[i] etcd_errs[i] < <(etcd_result "$WORK/etcd$i.txt")
+    echo "bench:   ${etcd_ops[i]} ops/s, p50 ${etcd_p50[i]} ms, p99 ${etcd_p99[i]} ms, errors ${etcd_errs[i]}" >&2
+  done
+  for m in 1 2 3; do
+    kb=$(awk '/^VmRSS:/ { print $2 }' "/proc/${pids[$((m - 1))]}/status")
+    etcd_rss+="| etcd $m | $((kb / 1024)) MiB |"$'\n'
+  done
+  stop_nodes
+  etcd_note="etcd: $("$ETCD_DIR/etcd" --version | awk '/^etcd Version/ { print $3 }'), 3 members on this machine with default settings, measured with its own \`benchmark\` tool right after kvd; its get workloads read one key."
+fi
+
+# The table: kvd's figures, and etcd's beside them when it ran.
+rows=""
+for i in "${!workloads[@]}"; do
+  w=${workloads[$i]}
+  r="$WORK/run$((i + 1)).json"
+  rows+=$(jq -r --arg name "${w%%|*}" --arg cmd "bench ${w#*|}" \
+    '"| \($name) | `\($cmd)` | \(.ops_per_sec | round) | \(.latency_ms.p50 * 100 | round / 100) | \(.latency_ms.p99 * 100 | round / 100) | \(.latency_ms.p99_9 * 100 | round / 100) | \(.errors) |"' "$r")
+  if [ -n "${etcd_ops[i]:-}" ]; then
+    rows+=" ${etcd_ops[i]} | ${etcd_p50[i]} | ${etcd_p99[i]} | $(ratio2 "$(jq .ops_per_sec "$r")" "${etcd_ops[i]}") |"$'\n'
+  else
+    rows+=" – | – | – | – |"$'\n'
+  fi
+done
+
+# Issue 8's budget against this run. The issue set each throughput
+# budget as a multiple of etcd's figure on its day (12,000 = 1.45 x
+# 8,300 ops/s); the last column is that multiple, to hold against kvd ÷
+# etcd measured here.
+kv() { jq -r "$2" "$WORK/run$1.json"; }
+met() { awk -v v="$1" -v op="$2" -v b="$3" 'BEGIN { ok = (op == ">=") ? v >= b : v <= b; printf (ok ? "yes" : "no") }'; }
+budget_row() { # budget, kvd figure, met, etcd figure, kvd ÷ etcd, issue's multiple
+  budget+="| $1 | $2 | $3 | ${4:-–} | ${5:-–} | $6 |"$'\n'
+}
+budget=""
+p50=$(kv 1 '.latency_ms.p50 * 100 | round / 100')
+budget_row "sequential put p50 ≤ 1.0 ms" "$p50 ms" "$(met "$p50" "<=" 1.0)" "${etcd_p50[0]:+${etcd_p50[0]} ms}" "" "–"
+ops=$(kv 2 '.ops_per_sec | round') p99=$(kv 2 '.latency_ms.p99 * 100 | round / 100')
+budget_row "distinct-key puts ≥ 12,000 ops/s" "$ops" "$(met "$ops" ">=" 12000)" "${etcd_ops[1]:-}" "${etcd_ops[1]:+$(ratio2 "$ops" "${etcd_ops[1]}")}" "1.45 (12,000 ÷ 8,300)"
+budget_row "distinct-key puts p99 ≤ 30 ms" "$p99 ms" "$(met "$p99" "<=" 30)" "${etcd_p99[1]:+${etcd_p99[1]} ms}" "" "–"
+ops=$(kv 4 '.ops_per_sec | round')
+budget_row "linearizable gets ≥ 26,000 ops/s" "$ops" "$(met "$ops" ">=" 26000)" "${etcd_ops[3]:-}" "${etcd_ops[3]:+$(ratio2 "$ops" "${etcd_ops[3]}")}" "1.18 (26,000 ÷ 22,000)"
+ops=$(kv 5 '.ops_per_sec | round')
+budget_row "serializable gets ≥ 36,000 ops/s" "$ops" "$(met "$ops" ">=" 36000)" "${etcd_ops[4]:-}" "${etcd_ops[4]:+$(ratio2 "$ops" "${etcd_ops[4]}")}" "1.13 (36,000 ÷ 32,000)"
 
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
@@ -117,9 +235,18 @@ Benchmarks), which cancels the drift.
 - Machine: $(nproc) CPUs ($model), $mem memory, $(uname -sr)
 - Scale: totals × $SCALE
 
-| workload | command | ops/s | p50 ms | p99 ms | p99.9 ms | errors |
-|---|---|---:|---:|---:|---:|---:|
+| workload | command | ops/s | p50 ms | p99 ms | p99.9 ms | errors | etcd ops/s | etcd p50 ms | etcd p99 ms | kvd ÷ etcd |
+|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 $rows
+$etcd_note
+
+Issue 8's budget against this run (the throughput budgets were set as
+multiples of etcd's figures on the issue's day; kvd ÷ etcd is the same
+multiple measured here, which the VM's drift between days does not move):
+
+| budget | kvd | met | etcd, this run | kvd ÷ etcd | budget ÷ issue's etcd |
+|---|---:|:---:|---:|---:|---:|
+$budget
 The get workloads first write their 10,000 keys (not measured). Latency is
 per successful operation, from the client's call to its answer, and
 includes the client's retries.
@@ -143,7 +270,7 @@ Resident memory of each node after the runs (VmRSS):
 
 | node | VmRSS |
 |---|---:|
-$rss
+$rss$etcd_rss
 These runs are short. Memory after 1,000,000 puts, with each node capped
 at 150 MiB page cache included, is in docs/memory.md (\`make bench-memory\`).
 
