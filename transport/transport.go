@@ -61,6 +61,14 @@ const (
 	// either into a broken stream that reconnects forever.
 	maxMessageBytes = 64 << 20
 
+	// peerWindow is the flow-control window of a peer connection and of
+	// each stream on it, fixed on both sides: gRPC's adaptive window keeps
+	// a PING in flight on every connection that receives data, a frame and
+	// its answer per round trip on links that are never idle (see
+	// client.streamWindow for what that cost). 4 MiB holds a few snapshot
+	// chunks; the adaptive window could grow to 16 MiB.
+	peerWindow = 4 << 20
+
 	// snapshotWorkers bounds concurrent outgoing snapshots: each holds a
 	// storage read transaction and a connection's worth of bandwidth.
 	snapshotWorkers = 2
@@ -252,6 +260,7 @@ func New(cfg Config) *Transport {
 			MinConnectTimeout: handshakeTimeout,
 		}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMessageBytes), grpc.MaxCallSendMsgSize(maxMessageBytes)),
+		grpc.WithStaticStreamWindowSize(peerWindow), grpc.WithStaticConnWindowSize(peerWindow),
 	}, cfg.DialOptions...)
 	for range snapshotWorkers {
 		t.goroutine(t.snapshotWorker)
@@ -276,6 +285,7 @@ func ServerOptions() []grpc.ServerOption {
 			PermitWithoutStream: true,
 		}),
 		grpc.MaxRecvMsgSize(maxMessageBytes),
+		grpc.StaticStreamWindowSize(peerWindow), grpc.StaticConnWindowSize(peerWindow),
 	}
 }
 
