@@ -205,7 +205,7 @@ ops=$(kv 5 '.ops_per_sec | round')
 budget_row "serializable gets ≥ 36,000 ops/s" "$ops" "$(met "$ops" ">=" 36000)" "${etcd_ops[4]:-}" "${etcd_ops[4]:+$(ratio2 "$ops" "${etcd_ops[4]}")}" "1.13 (36,000 ÷ 32,000)"
 
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+if [ -n "$(git status --porcelain --untracked-files=no -- . ":(exclude)$OUT" 2>/dev/null)" ]; then
   commit="$commit (plus uncommitted changes)"
 fi
 model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
@@ -227,8 +227,11 @@ steal, fdatasync 0.55 ms instead of ~0.22). Even one VM drifts: on
 2026-11-24 the same build measured 6,415 and then 10,178 distinct-key
 puts per second an hour apart, and three make bench runs of another within
 ten minutes measured linearizable gets at 19,429, 26,070 and 21,639 ops/s.
-To compare two commits, run them side by side with \`make ab\` (README,
-Benchmarks), which cancels the drift.
+Because of that drift, the table puts etcd beside kvd, measured on
+the same machine a minute later (\`make etcd\` builds it; see the
+README): kvd ÷ etcd moves far less between days than either figure. To
+compare two commits of kvd, run them side by side with \`make ab\`
+(README, Benchmarks), which cancels the drift.
 
 - Date: $(date -u '+%Y-%m-%d %H:%M UTC')
 - Commit: $commit
