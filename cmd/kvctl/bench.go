@@ -650,7 +650,10 @@ func (a *app) printBench(rep *benchReport) error {
 		b.WriteString(" (interrupted)")
 	}
 	b.WriteString("\n")
-	fmt.Fprintf(&b, "  keys %d bytes × %d, values %d bytes, %s reads", rep.KeySize, rep.KeySpace, rep.ValSize, rep.Consistency)
+	fmt.Fprintf(&b, "  keys %d bytes × %d, values %d bytes", rep.KeySize, rep.KeySpace, rep.ValSize)
+	if rep.Workload == "get" || rep.Workload == "mixed" {
+		fmt.Fprintf(&b, ", %s reads", rep.Consistency)
+	}
 	if rep.ReadRatio != nil {
 		fmt.Fprintf(&b, ", read ratio %g", *rep.ReadRatio)
 	}

@@ -143,8 +143,15 @@ func TestBenchWorkloads(t *testing.T) {
 			t.Fatalf("text report lacks %q: %+v", s, r)
 		}
 	}
+	if strings.Contains(r.stdout, "reads") {
+		t.Fatalf("a put workload's report speaks of reads: %q", r.stdout)
+	}
 	if r.stderr != "" {
 		t.Fatalf("progress printed though stderr is not a terminal: %q", r.stderr)
+	}
+	r = kvctl(t, eps, "", "bench", "get", "--total", "20", "--key-space", "5", "--consistency", "serializable")
+	if r.code != 0 || !strings.Contains(r.stdout, "serializable reads") {
+		t.Fatalf("a get workload's report names its read consistency: %+v", r)
 	}
 	r = kvctl(t, eps, "", "bench", "put", "--duration", "1200ms", "--rate", "50", "--progress")
 	if r.code != 0 || !strings.Contains(r.stderr, "ops/s") {
