@@ -38,8 +38,8 @@ const maxStreamsPerConn = 256
 // its own (client.streamWindow): gRPC's adaptive windows keep a PING in
 // flight on every busy connection.
 const (
-	clientStreamWindow = 1 << 20
-	clientConnWindow   = 4 << 20
+	clientStreamWindow = 256 << 10
+	clientConnWindow   = 1 << 20
 )
 
 // Node-level records kept in the storage engine's metadata.
