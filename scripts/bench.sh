@@ -14,9 +14,9 @@
 #
 # Environment: BIN (default ./bin), OUT (default docs/benchmarks.md),
 # SCALE (default 1; multiplies every --total, e.g. SCALE=0.1 for a smoke run),
-# PORT_PREFIX (default 1: ports 1N379..1N381 for kvd node N, 1M379..1M380
-# for etcd member M-4), ETCD_DIR (default bin/etcd-v3.6.14; ETCD_DIR=none
-# skips etcd).
+# PORT_PREFIX (default 1: ports 1N379..1N381 for kvd node N of 1-3, and
+# 15379..17380 for the etcd members), ETCD_DIR (default bin/etcd-v3.6.14;
+# ETCD_DIR=none skips etcd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-./bin}
