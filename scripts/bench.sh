@@ -14,7 +14,7 @@
 #
 # Environment: BIN (default ./bin), OUT (default docs/benchmarks.md),
 # SCALE (default 1; multiplies every --total, e.g. SCALE=0.1 for a smoke run),
-# PORT_PREFIX (default 1: ports 1N379..1N381 for kvd node N of 1-3, and
+# PORT_PREFIX (default 1: ports 12379..14381 for kvd nodes 1-3, and
 # 15379..17380 for the etcd members), ETCD_DIR (default bin/etcd-v3.6.14;
 # ETCD_DIR=none skips etcd).
 set -euo pipefail
