@@ -91,21 +91,6 @@ type node struct {
 	}
 }
 
-// Flow-control windows of a member connection, fixed. gRPC's default
-// window grows by estimating the bandwidth-delay product, and to do so it
-// keeps a PING in flight on every connection that receives data: a frame
-// and its answer per round trip, which on a busy connection cost more
-// than they tell (make ab, kvd's own client and server both fixed:
-// linearizable gets +6.4..+8.0%, puts +1.0..+6.4%). 256 KiB per stream is
-// far more than a stream of small requests has in flight, and a full
-// 1 MiB batch message (maxBatchBytes) crosses it in four window updates;
-// the node fixes the same sizes for what it accepts, which bounds what a
-// client can make it buffer.
-const (
-	streamWindow = 256 << 10
-	connWindow   = 1 << 20
-)
-
 // dialNode makes the connection to one member. A plain host:port goes
 // through gRPC's passthrough resolver: the name is resolved by each
 // connection attempt, which gives up when the attempt is cancelled.
@@ -120,7 +105,7 @@ func dialNode(id uint64, addr string, maxInFlight int, log *slog.Logger) (*node,
 		target = "passthrough:///" + addr
 	}
 	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithStaticStreamWindowSize(streamWindow), grpc.WithStaticConnWindowSize(connWindow))
+		grpc.WithStaticStreamWindowSize(kvpb.ClientStreamWindow), grpc.WithStaticConnWindowSize(kvpb.ClientConnWindow))
 	if err != nil {
 		return nil, err
 	}

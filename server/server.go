@@ -34,14 +34,6 @@ import (
 // maxStreamsPerConn bounds concurrent requests per client connection.
 const maxStreamsPerConn = 256
 
-// Flow-control windows of a client connection, fixed, as the client fixes
-// its own (client.streamWindow): gRPC's adaptive windows keep a PING in
-// flight on every busy connection.
-const (
-	clientStreamWindow = 256 << 10
-	clientConnWindow   = 1 << 20
-)
-
 // Node-level records kept in the storage engine's metadata.
 const (
 	metaNodeID     = "node-id"
@@ -191,7 +183,7 @@ func New(cfg Config) (_ *Server, err error) {
 		// interceptor sees it, so admission alone cannot bound memory:
 		// streams beyond this wait on the client, not in our heap.
 		grpc.MaxConcurrentStreams(maxStreamsPerConn),
-		grpc.StaticStreamWindowSize(clientStreamWindow), grpc.StaticConnWindowSize(clientConnWindow),
+		grpc.StaticStreamWindowSize(kvpb.ClientStreamWindow), grpc.StaticConnWindowSize(kvpb.ClientConnWindow),
 		grpc.UnaryInterceptor(s.metrics.interceptor),
 	)
 	kvpb.RegisterKVServer(s.clientSrv, s)

@@ -65,7 +65,7 @@ const (
 	// each stream on it, fixed on both sides: gRPC's adaptive window keeps
 	// a PING in flight on every connection that receives data, a frame and
 	// its answer per round trip on links that are never idle (see
-	// client.streamWindow for what that cost). 4 MiB holds a few snapshot
+	// kvpb.ClientStreamWindow for what that cost). 4 MiB holds a few snapshot
 	// chunks; the adaptive window could grow to 16 MiB.
 	peerWindow = 4 << 20
 
