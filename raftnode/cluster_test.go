@@ -183,7 +183,6 @@ func (c *testCluster) stopAll() {
 	}
 }
 
-// waitFor polls cond until it holds or the deadline passes.
 // waitFor polls a condition with a deadline.
 var waitFor = proccluster.WaitFor
 
