@@ -60,9 +60,9 @@ for r in $(seq 1 "$ROUNDS"); do
     if [ $order = AB ]; then x=$A y=$B; else x=$B y=$A; fi
     start "$x" 1
     start "$y" 2
-    "$(kvctl "$x")" --endpoints 127.0.0.1:12379,127.0.0.1:13379,127.0.0.1:14379 -o json bench "$@" >"$WORK/x.json" &
+    "$(kvctl "$x")" --endpoints "$(endpoints 1)" -o json bench "$@" >"$WORK/x.json" &
     bx=$!
-    "$(kvctl "$y")" --endpoints 127.0.0.1:22379,127.0.0.1:23379,127.0.0.1:24379 -o json bench "$@" >"$WORK/y.json" &
+    "$(kvctl "$y")" --endpoints "$(endpoints 2)" -o json bench "$@" >"$WORK/y.json" &
     by=$!
     wait $bx $by
     if [ $order = AB ]; then ra=$WORK/x.json rb=$WORK/y.json; else ra=$WORK/y.json rb=$WORK/x.json; fi

@@ -15,7 +15,9 @@
 # that too, runs the caller's cleanup_hook when it defines one, and keeps
 # WORK (with the node logs) only when the script failed.
 
-ENDPOINTS=127.0.0.1:${P}2379,127.0.0.1:${P}3379,127.0.0.1:${P}4379
+# endpoints P: the client addresses of the cluster on port prefix P.
+endpoints() { echo "127.0.0.1:${1}2379,127.0.0.1:${1}3379,127.0.0.1:${1}4379"; }
+ENDPOINTS=$(endpoints "$P")
 pids=()
 
 # start_nodes [LAUNCHER] starts kvd 1, 2 and 3 in the background, each

@@ -131,7 +131,7 @@ start_etcd() {
     [ "$i" = 300 ] && { echo "bench: etcd not serving after 30s; logs in $WORK" >&2; exit 1; }
     sleep 0.1
   done
-  echo "bench: etcd $("$ETCD_DIR/etcd" --version | awk '/^etcd Version/ { print $3 }') ready (pids ${pids[*]})" >&2
+  echo "bench: etcd $etcd_version ready (pids ${pids[*]})" >&2
 }
 
 # etcd_result FILE: ops/s, p50 ms, p99 ms and errors of a benchmark output.
@@ -145,6 +145,7 @@ etcd_result() {
 declare -a etcd_ops etcd_p50 etcd_p99 etcd_errs
 etcd_rss=""
 if [ "$ETCD_DIR" != none ]; then
+  etcd_version=$("$ETCD_DIR/etcd" --version | awk '/^etcd Version/ { print $3 }')
   start_etcd
   prefilled=""
   for i in "${!etcd_workloads[@]}"; do
@@ -167,7 +168,7 @@ if [ "$ETCD_DIR" != none ]; then
     etcd_rss+="| etcd $m | $((kb / 1024)) MiB |"$'\n'
   done
   stop_nodes
-  etcd_note="etcd: $("$ETCD_DIR/etcd" --version | awk '/^etcd Version/ { print $3 }'), 3 members on this machine with default settings, measured with its own \`benchmark\` tool right after kvd; its get workloads read one key."
+  etcd_note="etcd: $etcd_version, 3 members on this machine with default settings, measured with its own \`benchmark\` tool right after kvd; its get workloads read one key."
 fi
 
 # The table: kvd's figures, and etcd's beside them when it ran.
