@@ -105,12 +105,14 @@ type Cluster struct {
 	Nodes   []*Node
 	initial string
 	extra   []string
+	env     []string
 }
 
 // Options tune a cluster.
 type Options struct {
 	Shards int      // default 8
 	Args   []string // extra kvd flags for every node
+	Env    []string // extra environment (NAME=value) for every node
 	// Advertise, when set, is called for every node once its listen
 	// addresses are chosen and before any node starts. It returns the
 	// client and peer addresses the node advertises (--advertise-client,
@@ -150,6 +152,7 @@ func Start(t testing.TB, n int, opts Options) *Cluster {
 	}
 	c.initial = strings.Join(parts, ",")
 	c.extra = append([]string{fmt.Sprintf("--shards=%d", opts.Shards)}, opts.Args...)
+	c.env = opts.Env
 	t.Cleanup(c.killAll)
 	for _, nd := range c.Nodes {
 		c.StartNode(nd)
@@ -254,6 +257,9 @@ func (c *Cluster) StartNode(nd *Node) {
 		args = append(args, "--advertise-peer", nd.AdvertisePeer)
 	}
 	cmd := exec.Command(c.KVD, args...)
+	if len(c.env) > 0 {
+		cmd.Env = append(os.Environ(), c.env...)
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Own process group: a pause or kill reaches kvd alone, and nothing
 	// of the test's terminal signals reach it.
