@@ -34,6 +34,40 @@ func backoff(attempt int) time.Duration {
 	return rand.N(d)
 }
 
+// errNotConnected: a member's connection did not come up within
+// ConnectTimeout.
+var errNotConnected = errors.New("connection not up")
+
+// connected waits until n's connection is up, for at most ConnectTimeout
+// within ctx. Only a connection that is being made is waited for: one in
+// transient failure lets the RPC fail at once, as it always has.
+func (c *Client) connected(ctx context.Context, n *node) error {
+	s := n.conn.GetState()
+	if s == connectivity.Ready {
+		return nil
+	}
+	wctx, cancel := context.WithTimeout(ctx, c.cfg.ConnectTimeout)
+	defer cancel()
+	for {
+		switch s {
+		case connectivity.Idle:
+			n.conn.Connect()
+		case connectivity.Connecting:
+		default: // Ready, TransientFailure, Shutdown
+			return nil
+		}
+		if !n.conn.WaitForStateChange(wctx, s) {
+			if ctx.Err() != nil {
+				// The attempt's own deadline, or the caller's: reported
+				// as an RPC that ran out of time would be.
+				return status.FromContextError(ctx.Err()).Err()
+			}
+			return fmt.Errorf("%w after %v", errNotConnected, c.cfg.ConnectTimeout)
+		}
+		s = n.conn.GetState()
+	}
+}
+
 // route says where a request may go.
 type route struct {
 	shard uint64
@@ -87,7 +121,9 @@ func (c *Client) invoke(ctx context.Context, r route, fn attemptFunc) error {
 			ownTimeout := !hasDL || time.Until(dl) > c.cfg.AttemptTimeout
 			start := time.Now()
 			actx, cancel := c.attemptCtx(ctx)
-			err = fn(actx, n, epoch)
+			if err = c.connected(actx, n); err == nil {
+				err = fn(actx, n, epoch)
+			}
 			cancel()
 			n.release()
 			if err == nil {
@@ -192,8 +228,14 @@ func (c *Client) classify(ctx context.Context, r route, n *node, err error, ownT
 	if c.isClosed() {
 		return done, ErrClosed
 	}
-	st, _ := status.FromError(err)
 	wrapped := fmt.Errorf("node %d (%s): %w", n.id, n.addr, err)
+	if errors.Is(err, errNotConnected) {
+		// As for a hung node: skip it until a heartbeat reaches it.
+		n.trip(err)
+		c.nextLeader(r.shard, n.id)
+		return retryNow, wrapped
+	}
+	st, _ := status.FromError(err)
 	switch st.Code() {
 	case codes.InvalidArgument:
 		return done, fmt.Errorf("%w: %s", ErrInvalidArgument, st.Message())

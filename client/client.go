@@ -22,6 +22,7 @@ const (
 	DefaultHeartbeatInterval  = 250 * time.Millisecond
 	DefaultMaxInFlightPerNode = 128
 	DefaultAttemptTimeout     = 2 * time.Second
+	DefaultConnectTimeout     = 500 * time.Millisecond
 )
 
 var errNotServing = errors.New("health check: not serving")
@@ -47,6 +48,15 @@ type Config struct {
 	// cannot consume the caller's whole deadline; the caller's context
 	// still bounds the request as a whole.
 	AttemptTimeout time.Duration
+	// ConnectTimeout bounds how long a request attempt waits for a
+	// member's connection to come up (default 500 ms). A member still
+	// unconnected then is skipped as a hung one is: its breaker opens
+	// until a heartbeat reaches it, and the request goes on to the next
+	// replica. The connection attempt itself goes on. Without it, a
+	// member whose connection never comes up (a name whose DNS lookup
+	// hangs, an address that drops packets) cost every request that
+	// chose it the whole AttemptTimeout.
+	ConnectTimeout time.Duration
 	// Logger receives breaker transitions and map changes, and at debug
 	// level every attempt that failed (node, time taken, error); never a
 	// line for a request that succeeded at once. Nil discards.
@@ -111,6 +121,9 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	}
 	if cfg.AttemptTimeout <= 0 {
 		cfg.AttemptTimeout = DefaultAttemptTimeout
+	}
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = DefaultConnectTimeout
 	}
 	log := cfg.Logger
 	if log == nil {

@@ -81,6 +81,48 @@ func keyIn(f *clienttest.FakeCluster, shard uint64, tag string) []byte {
 	}
 }
 
+// silentListener returns the address of a listener that accepts
+// connections and never says a word on them: a gRPC connection to it
+// never comes up.
+func silentListener(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var held []net.Conn
+	var heldMu sync.Mutex
+	go func() {
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				return
+			}
+			heldMu.Lock()
+			held = append(held, conn)
+			heldMu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		heldMu.Lock()
+		defer heldMu.Unlock()
+		for _, c := range held {
+			c.Close()
+		}
+	})
+	return l.Addr().String()
+}
+
+// breakerOf returns the state of member id's breaker.
+func breakerOf(c *Client, id uint64) breakerState {
+	c.mu.RLock()
+	n := c.mu.nodes[id]
+	c.mu.RUnlock()
+	s, _ := n.state()
+	return s
+}
+
 func totalCalls(f *clienttest.FakeCluster, method string) int {
 	n := 0
 	for _, node := range f.Nodes {
@@ -301,13 +343,7 @@ func TestBreakerOpensOnHungNodeAndCloses(t *testing.T) {
 	f := newFake(t, 3, 4, 3)
 	c := newClient(t, f, Config{HeartbeatInterval: 10 * time.Millisecond, AttemptTimeout: 100 * time.Millisecond})
 	hung := f.Node(1)
-	state := func(id uint64) breakerState {
-		c.mu.RLock()
-		n := c.mu.nodes[id]
-		c.mu.RUnlock()
-		s, _ := n.state()
-		return s
-	}
+	state := func(id uint64) breakerState { return breakerOf(c, id) }
 	hung.SetMode(clienttest.Hang)
 	waitFor(t, "breaker of hung node 1 to open", func() bool { return state(1) != breakerClosed })
 	if state(2) != breakerClosed || state(3) != breakerClosed {
@@ -878,36 +914,13 @@ func TestConcurrentRequestsShareOneStream(t *testing.T) {
 
 // A member that accepts connections and never speaks (a paused process, a
 // partition that holds connections open) costs a request one attempt
-// timeout: opening its Batch stream gives up with the attempt, the
-// breaker opens, and the request goes to the new leader.
+// timeout, here shorter than ConnectTimeout: opening its Batch stream
+// gives up with the attempt, the breaker opens, and the request goes to
+// the new leader.
 func TestSilentMemberCostsOneAttempt(t *testing.T) {
 	f := newFake(t, 3, 1, 3)
-	silent, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var held []net.Conn
-	var heldMu sync.Mutex
-	go func() {
-		for {
-			conn, err := silent.Accept()
-			if err != nil {
-				return
-			}
-			heldMu.Lock()
-			held = append(held, conn)
-			heldMu.Unlock()
-		}
-	}()
-	t.Cleanup(func() {
-		silent.Close()
-		heldMu.Lock()
-		defer heldMu.Unlock()
-		for _, c := range held {
-			c.Close()
-		}
-	})
-	f.SetClientAddr(1, silent.Addr().String())
+	silent := silentListener(t)
+	f.SetClientAddr(1, silent)
 	f.SetLeader(1, 2)
 	ctx := ctxT(t, 10*time.Second)
 	c, err := New(ctx, Config{Endpoints: f.Endpoints()[1:], HeartbeatInterval: time.Hour, AttemptTimeout: 200 * time.Millisecond})
@@ -992,5 +1005,40 @@ func TestCallerMayReuseBuffersAfterGivingUp(t *testing.T) {
 	t.Logf("%d puts stored, %d of %d gave up", len(page.KVs), timedOut.Load(), writers*(each+1))
 	if len(page.KVs) < writers || timedOut.Load() == 0 {
 		t.Fatalf("the test needs both outcomes: %d stored, %d gave up", len(page.KVs), timedOut.Load())
+	}
+}
+
+// A cached leader whose connection never comes up (its advertised name
+// does not resolve, or its address drops packets: here, a listener that
+// never speaks HTTP/2) costs a request ConnectTimeout, not AttemptTimeout.
+func TestUnconnectedLeaderCostsConnectTimeout(t *testing.T) {
+	f := newFake(t, 3, 1, 3)
+	silent := silentListener(t)
+	const shard = 1
+	f.SetClientAddr(1, silent)
+	f.SetLeader(shard, 1)
+	ctx := ctxT(t, 20*time.Second)
+	// The attempt timeout is far longer than the connect timeout, and no
+	// heartbeat runs: only the connect timeout can end the wait on node 1.
+	c, err := New(ctx, Config{Endpoints: f.Endpoints()[1:], HeartbeatInterval: time.Hour,
+		AttemptTimeout: 10 * time.Second, ConnectTimeout: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	f.SetLeader(shard, 2) // an election the client has not heard of
+
+	start := time.Now()
+	if _, err := c.Put(ctx, keyIn(f, shard, "unconnected"), []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	if el := time.Since(start); el > 5*time.Second {
+		t.Fatalf("Put took %v: it waited for the attempt timeout, not the connect timeout", el)
+	}
+	if got := f.Node(2).Calls("Put"); got != 1 {
+		t.Errorf("the new leader served %d puts, want 1", got)
+	}
+	if st := breakerOf(c, 1); st == breakerClosed {
+		t.Errorf("node 1's breaker is %v after its connection timed out, want open", st)
 	}
 }
