@@ -49,8 +49,12 @@ const (
 	prefillWriters            = 64
 )
 
-const benchLong = `--clients workers run concurrently, sharing --conns clients (each a set of
-gRPC connections to every node) round-robin. Keys are --key-size bytes,
+const benchLong = `--clients workers run concurrently over about --conns gRPC connections in
+all, the way etcd's benchmark counts them. A client instance holds one
+connection to every member, since it sends each request to its shard's
+leader, so the workers share round(--conns / members) instances (at least
+one) round-robin: --conns 10 on 3 members is 3 instances, 9 connections.
+The report says how many were opened. Keys are --key-size bytes,
 the zero-padded decimal index of the key, so every key has the same size;
 values are --val-size bytes. Each operation has --timeout.
 
@@ -138,7 +142,7 @@ func (a *app) benchWorkloadCmd(workload, short, long, example string) *cobra.Com
 	}
 	f := cmd.Flags()
 	f.IntVar(&o.clients, "clients", 1, "concurrent workers")
-	f.IntVar(&o.conns, "conns", 1, "client instances (gRPC connection sets) the workers share round-robin")
+	f.IntVar(&o.conns, "conns", 1, "gRPC connections in all, counted as etcd's benchmark counts them: the workers share round(conns/members) client instances (at least 1), each connected to every member")
 	f.Int64Var(&o.total, "total", defaultBenchTotal, "operations to run (not with --duration)")
 	f.DurationVar(&o.duration, "duration", 0, "run for this long instead of --total operations")
 	f.IntVar(&o.keySize, "key-size", 8, "key size in bytes")
@@ -244,6 +248,7 @@ type benchRun struct {
 	o       *benchOpts
 	timeout time.Duration
 	clients []*client.Client
+	members int // in the cluster map: each client holds a connection to every one
 	value   []byte
 
 	next atomic.Int64 // index of the next operation
@@ -271,23 +276,41 @@ func (a *app) runBench(o *benchOpts) error {
 	for i := range r.value {
 		r.value[i] = 'a' + byte(rng.IntN(26))
 	}
-	perConn := (o.clients + o.conns - 1) / o.conns
 	defer func() {
 		for _, c := range r.clients {
 			c.Close()
 		}
 	}()
-	for range o.conns {
+	connect := func() error {
 		c, err := a.connectWith(func(cfg *client.Config) {
-			// Let every worker of a connection have a request in flight
-			// to one node: the bench measures the cluster, not the
-			// client's bulkhead.
-			cfg.MaxInFlightPerNode = max(client.DefaultMaxInFlightPerNode, perConn)
+			// Let every worker have a request in flight to one node:
+			// the bench measures the cluster, not the client's bulkhead.
+			cfg.MaxInFlightPerNode = max(client.DefaultMaxInFlightPerNode, o.clients)
 		})
-		if err != nil {
+		if err == nil {
+			r.clients = append(r.clients, c)
+		}
+		return err
+	}
+	if err := connect(); err != nil {
+		return err
+	}
+	// --conns counts connections as etcd's benchmark does, in all. A
+	// client instance holds one to every member (it sends each request
+	// to its shard's leader), so the workers share round(conns/members)
+	// instances: 100 clients over 10 connections are 3 instances, 9
+	// connections, on a 3-member cluster.
+	mctx, cancel := a.ctx()
+	m, err := r.clients[0].Map(mctx)
+	cancel()
+	if err != nil {
+		return fmt.Errorf("bench: cluster map: %w", err)
+	}
+	r.members = max(len(m.GetMembers()), 1)
+	for len(r.clients) < min(max((o.conns+r.members/2)/r.members, 1), o.clients) {
+		if err := connect(); err != nil {
 			return err
 		}
-		r.clients = append(r.clients, c)
 	}
 
 	var prefilled int64
@@ -541,7 +564,8 @@ type benchReport struct {
 	Mode          string           `json:"mode"` // closed or open loop
 	Rate          float64          `json:"rate,omitempty"`
 	Clients       int              `json:"clients"`
-	Conns         int              `json:"conns"`
+	Conns         int              `json:"conns"`            // connections opened: client instances × members
+	Instances     int              `json:"client_instances"` // the workers share them round-robin
 	KeySize       int              `json:"key_size"`
 	ValSize       int              `json:"val_size"`
 	KeySpace      int64            `json:"key_space"`
@@ -582,7 +606,8 @@ func (r *benchRun) report(workers []*benchWorker, elapsed time.Duration, prefill
 	o := r.o
 	h := newHistogram()
 	rep := &benchReport{
-		Workload: o.workload, Mode: "closed", Rate: o.rate, Clients: o.clients, Conns: o.conns,
+		Workload: o.workload, Mode: "closed", Rate: o.rate, Clients: o.clients,
+		Conns: len(r.clients) * r.members, Instances: len(r.clients),
 		KeySize: o.keySize, ValSize: o.valSize, KeySpace: o.keySpace, Consistency: o.consistency,
 		Seed: o.seed, Prefilled: prefilled, ErrorsByClass: map[string]int64{}, OpsByType: map[string]int64{},
 		ElapsedSec: elapsed.Seconds(), Interrupted: interrupted, Histogram: []benchHistRow{},
@@ -644,8 +669,8 @@ func (a *app) printBench(rep *benchReport) error {
 	if rep.Mode == "open" {
 		loop = fmt.Sprintf("open loop at %g ops/s", rep.Rate)
 	}
-	fmt.Fprintf(&b, "bench %s: %d ops in %.2fs, %s, %d client(s) over %d connection(s)",
-		rep.Workload, rep.Ops, rep.ElapsedSec, loop, rep.Clients, rep.Conns)
+	fmt.Fprintf(&b, "bench %s: %d ops in %.2fs, %s, %d client(s) over %d connection(s) (%d client instance(s), each connected to every member)",
+		rep.Workload, rep.Ops, rep.ElapsedSec, loop, rep.Clients, rep.Conns, rep.Instances)
 	if rep.Interrupted {
 		b.WriteString(" (interrupted)")
 	}

@@ -109,6 +109,15 @@ func TestBenchWorkloads(t *testing.T) {
 		rep.Latency.P50 > rep.Latency.P99 || rep.Latency.P99 > rep.Latency.Max || len(rep.Histogram) == 0 || rep.Mode != "closed" {
 		t.Fatalf("bench put report: %+v", rep)
 	}
+	// --conns counts connections in all: 2 on 3 members round to one
+	// client instance, its 3 connections.
+	if rep.Instances != 1 || rep.Conns != 3 {
+		t.Fatalf("--conns 2 on 3 members: %d instances, %d connections; want 1, 3", rep.Instances, rep.Conns)
+	}
+	rep = benchJSON(t, kvctl(t, eps, "", "-o", "json", "bench", "put", "--clients", "20", "--conns", "10", "--total", "100"))
+	if rep.Instances != 3 || rep.Conns != 9 || rep.Errors != 0 {
+		t.Fatalf("--conns 10 on 3 members: %d instances, %d connections, %d errors; want 3, 9, 0", rep.Instances, rep.Conns, rep.Errors)
+	}
 	// Default key space = total: 300 distinct 8-byte keys.
 	if r := kvctl(t, eps, "", "get", "--prefix", "000", "--count-only"); r.stdout != "300\n" {
 		t.Fatalf("bench put wrote %s keys, want 300", r.stdout)
