@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"runtime"
 	"sync"
 	"time"
 
@@ -241,6 +242,11 @@ func (b *batchStream) sendLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		}
+		// Yield once before taking the queue: the callers an answer
+		// message just woke are runnable but have not queued their next
+		// request yet, and on a busy machine this goroutine would
+		// otherwise run first and send a message per caller.
+		runtime.Gosched()
 		b.mu.Lock()
 		queue := b.queue
 		b.queue = nil

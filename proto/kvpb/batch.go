@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"runtime"
 	"sync"
 	"time"
 
@@ -221,6 +222,11 @@ func fitting(items []*BatchResponseItem) int {
 func (q *replyQueue) sendAll(stream KV_BatchServer) error {
 	var sendErr error
 	for range q.wake {
+		// Yield once before taking the queue, so that item goroutines
+		// woken together (a storage round answers many proposals at
+		// once, a leadership check many reads) queue their answers for
+		// the same message instead of one message each.
+		runtime.Gosched()
 		q.mu.Lock()
 		items, closed := q.items, q.closed
 		q.items = nil
