@@ -247,7 +247,7 @@ $etcd_note
 Issue 8's budget against this run (the throughput budgets were set as
 multiples of etcd's figures on the issue's day; kvd ÷ etcd is the same
 multiple measured here, which the VM's drift moves far less than either
-figure, though by up to a tenth between runs: take the median of three):
+figure, though by a tenth to a fifth between runs: take the median of three):
 
 | budget | kvd | met | etcd, this run | kvd ÷ etcd | budget ÷ issue's etcd |
 |---|---:|:---:|---:|---:|---:|
