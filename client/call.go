@@ -229,14 +229,14 @@ func (c *Client) classify(ctx context.Context, r route, n *node, err error, ownT
 		return done, ErrClosed
 	}
 	wrapped := fmt.Errorf("node %d (%s): %w", n.id, n.addr, err)
-	if errors.Is(err, errNotConnected) {
-		// As for a hung node: skip it until a heartbeat reaches it.
-		n.trip(err)
-		c.nextLeader(r.shard, n.id)
-		return retryNow, wrapped
-	}
 	st, _ := status.FromError(err)
-	switch st.Code() {
+	code := st.Code()
+	if errors.Is(err, errNotConnected) {
+		// Our connect timeout fired, not the caller's deadline: the
+		// node is as good as hung.
+		code, ownTimeout = codes.DeadlineExceeded, true
+	}
+	switch code {
 	case codes.InvalidArgument:
 		return done, fmt.Errorf("%w: %s", ErrInvalidArgument, st.Message())
 	case codes.Unavailable:
@@ -263,8 +263,8 @@ func (c *Client) classify(ctx context.Context, r route, n *node, err error, ownT
 		if !ownTimeout {
 			return retryLater, wrapped // the caller's deadline; the loop reports it
 		}
-		// Our per-attempt timeout fired (the caller's did not): the
-		// node is hung or partitioned.
+		// Our per-attempt or connect timeout fired (the caller's did
+		// not): the node is hung, partitioned or unreachable.
 		n.trip(err)
 		c.nextLeader(r.shard, n.id)
 		return retryNow, wrapped
