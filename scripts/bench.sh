@@ -44,24 +44,16 @@ fi
 
 scaled() { awk -v n="$1" -v s="$SCALE" 'BEGIN { v = int(n * s); print (v < 1 ? 1 : v) }'; }
 
-# name | kvctl bench arguments (totals scaled by SCALE)
+# name | kvctl bench arguments | the same workload for etcd's benchmark
+# tool (totals scaled by SCALE). etcd's range benchmark reads one key
+# (benchkey, written after a 10,000-key prefill); kvd's get reads 10,000
+# keys at random.
 workloads=(
-  "sequential put, 1 client|put --clients 1 --conns 1 --total $(scaled 5000)"
-  "put, 100 clients over 10 connections, $(scaled 50000) distinct keys|put --clients 100 --conns 10 --total $(scaled 50000)"
-  "put, 100 clients, one key|put --clients 100 --conns 10 --total $(scaled 30000) --key-space 1"
-  "linearizable get, 100 clients|get --clients 100 --conns 10 --total $(scaled 100000) --key-space 10000"
-  "serializable get, 100 clients|get --clients 100 --conns 10 --total $(scaled 100000) --key-space 10000 --consistency serializable"
-)
-
-# The same workloads for etcd's benchmark tool, in the same order. etcd's
-# range benchmark reads one key (benchkey, written after a 10,000-key
-# prefill); kvd's get reads 10,000 keys at random.
-etcd_workloads=(
-  "--conns 1 --clients 1 put --key-size 8 --val-size 256 --total $(scaled 5000) --sequential-keys --key-space-size $(scaled 5000)"
-  "--conns 10 --clients 100 put --key-size 8 --val-size 256 --total $(scaled 50000) --sequential-keys --key-space-size $(scaled 50000)"
-  "--conns 10 --clients 100 put --key-size 8 --val-size 256 --total $(scaled 30000)"
-  "--conns 10 --clients 100 range benchkey --total $(scaled 100000) --consistency l"
-  "--conns 10 --clients 100 range benchkey --total $(scaled 100000) --consistency s"
+  "sequential put, 1 client|put --clients 1 --conns 1 --total $(scaled 5000)|--conns 1 --clients 1 put --key-size 8 --val-size 256 --total $(scaled 5000) --sequential-keys --key-space-size $(scaled 5000)"
+  "put, 100 clients over 10 connections, $(scaled 50000) distinct keys|put --clients 100 --conns 10 --total $(scaled 50000)|--conns 10 --clients 100 put --key-size 8 --val-size 256 --total $(scaled 50000) --sequential-keys --key-space-size $(scaled 50000)"
+  "put, 100 clients, one key|put --clients 100 --conns 10 --total $(scaled 30000) --key-space 1|--conns 10 --clients 100 put --key-size 8 --val-size 256 --total $(scaled 30000)"
+  "linearizable get, 100 clients|get --clients 100 --conns 10 --total $(scaled 100000) --key-space 10000|--conns 10 --clients 100 range benchkey --total $(scaled 100000) --consistency l"
+  "serializable get, 100 clients|get --clients 100 --conns 10 --total $(scaled 100000) --key-space 10000 --consistency serializable|--conns 10 --clients 100 range benchkey --total $(scaled 100000) --consistency s"
 )
 
 # msum NAME...: each metric summed over the three nodes' /metrics, one per line.
@@ -81,15 +73,13 @@ amort_metrics=(kvd_request_batch_items_total kvd_request_batches_total
   kvd_transport_messages_sent_total kvd_transport_batches_sent_total
   kvd_raft_linearizable_reads_total kvd_raft_read_index_rounds_total
   kvd_raft_leader_check_rounds_total)
-# ratio A B: A/B to one decimal, or "–" when B is 0.
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.1f", a / b; else printf "–" }'; }
-ratio2() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "–" }'; }
+# ratio A B [DIGITS]: A/B to DIGITS decimals (default 1), or "–" when B is 0.
+ratio() { awk -v a="$1" -v b="$2" -v d="${3:-1}" 'BEGIN { if (b > 0) printf "%.*f", d, a / b; else printf "–" }'; }
 
 amort=""
 i=0
 for w in "${workloads[@]}"; do
-  name=${w%%|*}
-  args=${w#*|}
+  IFS='|' read -r name args _ <<<"$w"
   i=$((i + 1))
   echo "bench: [$i/${#workloads[@]}] kvctl bench $args" >&2
   # shellcheck disable=SC2086 # args is a word list on purpose
@@ -148,8 +138,8 @@ if [ "$ETCD_DIR" != none ]; then
   etcd_version=$("$ETCD_DIR/etcd" --version | awk '/^etcd Version/ { print $3 }')
   start_etcd
   prefilled=""
-  for i in "${!etcd_workloads[@]}"; do
-    args=${etcd_workloads[$i]}
+  for i in "${!workloads[@]}"; do
+    IFS='|' read -r _ _ args <<<"${workloads[$i]}"
     if [[ $args == *range* && -z $prefilled ]]; then
       "$ETCD_DIR/benchmark" --endpoints "$etcd_endpoints" --conns 10 --clients 100 put --key-size 8 --val-size 256 \
         --total 10000 --sequential-keys --key-space-size 10000 >/dev/null 2>&1
@@ -157,7 +147,7 @@ if [ "$ETCD_DIR" != none ]; then
         -d "{\"key\":\"$(printf benchkey | base64)\",\"value\":\"$(head -c 256 /dev/zero | tr '\0' v | base64 -w0)\"}" >/dev/null
       prefilled=1
     fi
-    echo "bench: [etcd $((i + 1))/${#etcd_workloads[@]}] benchmark $args" >&2
+    echo "bench: [etcd $((i + 1))/${#workloads[@]}] benchmark $args" >&2
     # shellcheck disable=SC2086 # args is a word list on purpose
     "$ETCD_DIR/benchmark" --endpoints "$etcd_endpoints" $args >"$WORK/etcd$i.txt" 2>/dev/null
     read -r etcd_ops[i] etcd_p50[i] etcd_p99[i] etcd_errs[i] < <(etcd_result "$WORK/etcd$i.txt")
@@ -174,12 +164,12 @@ fi
 # The table: kvd's figures, and etcd's beside them when it ran.
 rows=""
 for i in "${!workloads[@]}"; do
-  w=${workloads[$i]}
+  IFS='|' read -r name args _ <<<"${workloads[$i]}"
   r="$WORK/run$((i + 1)).json"
-  rows+=$(jq -r --arg name "${w%%|*}" --arg cmd "bench ${w#*|}" \
+  rows+=$(jq -r --arg name "$name" --arg cmd "bench $args" \
     '"| \($name) | `\($cmd)` | \(.ops_per_sec | round) | \(.latency_ms.p50 * 100 | round / 100) | \(.latency_ms.p99 * 100 | round / 100) | \(.latency_ms.p99_9 * 100 | round / 100) | \(.errors) |"' "$r")
   if [ -n "${etcd_ops[i]:-}" ]; then
-    rows+=" ${etcd_ops[i]} | ${etcd_p50[i]} | ${etcd_p99[i]} | $(ratio2 "$(jq .ops_per_sec "$r")" "${etcd_ops[i]}") |"$'\n'
+    rows+=" ${etcd_ops[i]} | ${etcd_p50[i]} | ${etcd_p99[i]} | $(ratio "$(jq .ops_per_sec "$r")" "${etcd_ops[i]}" 2) |"$'\n'
   else
     rows+=" – | – | – | – |"$'\n'
   fi
@@ -198,12 +188,12 @@ budget=""
 p50=$(kv 1 '.latency_ms.p50 * 100 | round / 100')
 budget_row "sequential put p50 ≤ 1.0 ms" "$p50 ms" "$(met "$p50" "<=" 1.0)" "${etcd_p50[0]:+${etcd_p50[0]} ms}" "" "–"
 ops=$(kv 2 '.ops_per_sec | round') p99=$(kv 2 '.latency_ms.p99 * 100 | round / 100')
-budget_row "distinct-key puts ≥ 12,000 ops/s" "$ops" "$(met "$ops" ">=" 12000)" "${etcd_ops[1]:-}" "${etcd_ops[1]:+$(ratio2 "$ops" "${etcd_ops[1]}")}" "1.45 (12,000 ÷ 8,300)"
+budget_row "distinct-key puts ≥ 12,000 ops/s" "$ops" "$(met "$ops" ">=" 12000)" "${etcd_ops[1]:-}" "${etcd_ops[1]:+$(ratio "$ops" "${etcd_ops[1]}" 2)}" "1.45 (12,000 ÷ 8,300)"
 budget_row "distinct-key puts p99 ≤ 30 ms" "$p99 ms" "$(met "$p99" "<=" 30)" "${etcd_p99[1]:+${etcd_p99[1]} ms}" "" "–"
 ops=$(kv 4 '.ops_per_sec | round')
-budget_row "linearizable gets ≥ 26,000 ops/s" "$ops" "$(met "$ops" ">=" 26000)" "${etcd_ops[3]:-}" "${etcd_ops[3]:+$(ratio2 "$ops" "${etcd_ops[3]}")}" "1.18 (26,000 ÷ 22,000)"
+budget_row "linearizable gets ≥ 26,000 ops/s" "$ops" "$(met "$ops" ">=" 26000)" "${etcd_ops[3]:-}" "${etcd_ops[3]:+$(ratio "$ops" "${etcd_ops[3]}" 2)}" "1.18 (26,000 ÷ 22,000)"
 ops=$(kv 5 '.ops_per_sec | round')
-budget_row "serializable gets ≥ 36,000 ops/s" "$ops" "$(met "$ops" ">=" 36000)" "${etcd_ops[4]:-}" "${etcd_ops[4]:+$(ratio2 "$ops" "${etcd_ops[4]}")}" "1.13 (36,000 ÷ 32,000)"
+budget_row "serializable gets ≥ 36,000 ops/s" "$ops" "$(met "$ops" ">=" 36000)" "${etcd_ops[4]:-}" "${etcd_ops[4]:+$(ratio "$ops" "${etcd_ops[4]}" 2)}" "1.13 (36,000 ÷ 32,000)"
 
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [ -n "$(git status --porcelain --untracked-files=no -- . ":(exclude)$OUT" 2>/dev/null)" ]; then
