@@ -130,12 +130,12 @@ var (
 	descCompactions   = desc("kvd_raft_log_compactions_total", "Log compactions.", "shard")
 
 	descCommits      = desc("kvd_storage_commits_total", "bbolt write transactions committed; each holds the rounds since the last (every --commit-interval, 200 ms by default, or sooner when a request or a reader needs it).")
-	descFsyncs       = desc("kvd_storage_fsyncs_total", "Write rounds made durable: by a WAL record and one fdatasync, or by a bbolt commit.")
+	descFsyncs       = desc("kvd_storage_fsyncs_total", "Times write rounds were made durable: a WAL fdatasync (covering every round written since the last) or a bbolt commit.")
 	descUpdates      = desc("kvd_storage_updates_total", "Shard updates merged into write rounds; updates / fsyncs is the group-commit factor.")
 	descEntries      = desc("kvd_storage_entries_total", "Raft entries appended; entries / fsyncs is entries per fsync.")
 	descAppliedTotal = desc("kvd_storage_applied_entries_total", "Committed entries applied.")
 	descCommitTime   = desc("kvd_storage_commit_duration_seconds", "Duration of a bbolt commit: page writes and fsyncs.")
-	descSyncTime     = desc("kvd_storage_sync_duration_seconds", "Time a write round took to become durable (WAL write and fdatasync, or bbolt commit).")
+	descSyncTime     = desc("kvd_storage_sync_duration_seconds", "Time from a write round's WAL record to the fdatasync that made it durable (the oldest round's, when one covers several), or a bbolt commit.")
 
 	descBatchesSent  = desc("kvd_transport_batches_sent_total", "Message batches sent; messages / batches is messages per batch.")
 	descMsgsSent     = desc("kvd_transport_messages_sent_total", "Raft messages sent.")

@@ -88,6 +88,17 @@ type Engine struct {
 	flushc     chan struct{} // Flush: commit the open transaction now (buffered 1)
 	writerDone chan struct{} // closed when the writer goroutine has returned
 
+	// The syncer (syncer.go): syncc carries rounds from the writer, which
+	// closes it as it returns; syncPending counts rounds handed over and
+	// not yet done; syncErr is why an fdatasync failed.
+	syncc       chan *syncBatch
+	syncPending atomic.Int64
+	syncErr     atomic.Pointer[error]
+	syncerDone  chan struct{}
+	// latest is the newest state of each shard a round has built since the
+	// last commit, published or not. Owned by the writer.
+	latest map[*Shard]*shardState
+
 	// queued counts requests waiting for the writer to take them (tests use
 	// it to build a round deterministically).
 	queued atomic.Int64
@@ -176,6 +187,9 @@ func Open(path string, opts Options) (*Engine, error) {
 		stopc:      make(chan struct{}),
 		flushc:     make(chan struct{}, 1),
 		writerDone: make(chan struct{}),
+		syncc:      make(chan *syncBatch, 256),
+		syncerDone: make(chan struct{}),
+		latest:     make(map[*Shard]*shardState),
 	}
 	e.mu.shards = make(map[uint64]*Shard)
 	e.stats.s = newStats()
@@ -190,6 +204,7 @@ func Open(path string, opts Options) (*Engine, error) {
 		return nil, fmt.Errorf("storage: recover %s: %w", path, err)
 	}
 	e.log.Info("storage opened", "path", path, "nosync", opts.NoSync, "dropped_staged", dropped, "wal_records_replayed", replayed)
+	go e.syncer()
 	go e.writer()
 	return e, nil
 }

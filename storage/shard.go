@@ -25,8 +25,10 @@ type Shard struct {
 	id          uint64
 	incarnation []byte // the bucket's incarnation this Shard belongs to
 
-	// mu guards st. st is replaced, never modified, by the writer after a
-	// commit, so it always describes what is durable on disk.
+	// mu guards st. st is replaced, never modified, once the round that
+	// built it is durable (by the syncer after its fdatasync, or by the
+	// writer after a commit), so it always describes what is on disk. The
+	// writer builds each round from Engine.newest, which may be ahead.
 	//
 	// mu is also held while reading log entries older than the cache from
 	// bbolt, and the writer holds it across a commit that rewrites those

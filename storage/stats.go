@@ -17,13 +17,14 @@ type Stats struct {
 	Entries uint64
 	// Applied counts committed entries applied (all types).
 	Applied uint64
-	// Syncs counts rounds made durable: by a WAL record and one
-	// fdatasync, or by a bbolt commit (which syncs data pages, then the
-	// meta page), plus commits between rounds. Entries / Syncs is entries
-	// per sync.
+	// Syncs counts the times rounds were made durable: an fdatasync of
+	// the WAL, covering every round written since the previous one, or a
+	// bbolt commit (which syncs data pages, then the meta page), between
+	// rounds too. Entries / Syncs is entries per sync.
 	Syncs uint64
-	// SyncNanos is the distribution of the time a round took to become
-	// durable (WAL write and fdatasync, or bbolt commit).
+	// SyncNanos is the distribution of the time from a round's WAL write
+	// to the fdatasync that made it durable (the oldest round's, when one
+	// covers several), or of a bbolt commit.
 	SyncNanos Histogram
 	// CommitNanos is the distribution of bbolt commit latency: page
 	// writes and fsyncs.

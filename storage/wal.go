@@ -123,7 +123,7 @@ type walOp struct {
 
 func (op *walOp) empty() bool { return op.hard == nil && len(op.entries) == 0 }
 
-// write appends one record holding ops and syncs the file.
+// write appends one record holding ops; the syncer makes it durable.
 func (w *wal) write(ops []walOp) error {
 	var header [walHeaderSize]byte // filled in below
 	b := append(w.buf[:0], header[:]...)
@@ -149,11 +149,6 @@ func (w *wal) write(ops []walOp) error {
 		return fmt.Errorf("storage: write wal: %w", err)
 	}
 	w.off += int64(len(b))
-	if w.sync {
-		if err := fdatasync(w.f); err != nil {
-			return fmt.Errorf("storage: sync wal: %w", err)
-		}
-	}
 	return nil
 }
 

@@ -60,15 +60,21 @@ func (e *Engine) do(r *request) response {
 // writer is the one goroutine that writes to bbolt. It takes a request,
 // then every request already waiting, from all shards, and performs them
 // as one round: in the open bbolt transaction, made durable by one WAL
-// record and one fdatasync (or by committing the transaction). While it
-// syncs, the next requests pile up and form the next round, so the number
-// of syncs follows the disk's speed, not the number of shards.
+// record, which the syncer (syncer.go) fdatasyncs while the writer goes
+// on to the next round, or by committing the transaction. Rounds written
+// while an fdatasync runs share the next one, so the number of syncs
+// follows the disk's speed, not the number of shards.
 //
 // The transaction stays open across rounds and commits when a request
 // needs it (anything but a plain Save), Options.CommitInterval after it
 // began, when the WAL nears its size, on Flush, and on Close.
 func (e *Engine) writer() {
 	defer close(e.writerDone)
+	defer func() {
+		// Every round handed over is answered before Close returns.
+		close(e.syncc)
+		<-e.syncerDone
+	}()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for {
@@ -148,9 +154,15 @@ type waiter struct {
 
 // runRound performs first and every request that joins it. NoWait saves
 // are answered as soon as they are performed; the others once the round
-// is durable.
+// is durable: by the syncer when the round writes a WAL record, here when
+// it commits.
 func (e *Engine) runRound(first *request) {
 	batch := e.collect([]*request{first})
+	if e.failed == nil {
+		if err := e.syncFailure(); err != nil {
+			e.fail(err)
+		}
+	}
 	if e.failed == nil && e.open.tx == nil {
 		tx, err := e.db.Begin(true)
 		if err != nil {
@@ -193,18 +205,26 @@ func (e *Engine) runRound(first *request) {
 		}
 	}
 	start := time.Now()
-	synced := false
+	synced, handedOff := false, false
 	if fatal == nil {
 		switch {
 		case rs.commit || len(rs.lockForCommit) > 0:
 			fatal = e.commit(rs)
 			synced = fatal == nil
-		case len(rs.walOps) > 0:
-			if fatal = e.wal.write(rs.walOps); fatal == nil {
-				synced = true
-				rs.publish()
+		case len(rs.walOps) > 0 || e.syncPending.Load() > 0:
+			// The syncer makes the record durable, then publishes and
+			// answers; a round without one still waits its turn there, so
+			// no shard's states are published out of order.
+			if len(rs.walOps) > 0 {
+				fatal = e.wal.write(rs.walOps)
+			}
+			if fatal == nil {
+				e.remember(rs)
+				e.handOff(rs, waiting, len(rs.walOps) > 0, start)
+				handedOff = true
 			}
 		default:
+			e.remember(rs)
 			rs.publish()
 		}
 	}
@@ -230,8 +250,10 @@ func (e *Engine) runRound(first *request) {
 	e.stats.s.Entries += rs.entries
 	e.stats.s.Applied += rs.applied
 	e.stats.Unlock()
-	for _, w := range waiting {
-		w.r.done <- w.resp
+	if !handedOff {
+		for _, w := range waiting {
+			w.r.done <- w.resp
+		}
 	}
 	// Commit once the round's waiters have their answer: they need not
 	// wait for it.
@@ -253,6 +275,9 @@ func (e *Engine) flushRequested() bool {
 // commit commits the open transaction with rs's requests, publishes rs's
 // states, restarts the WAL and makes every shard's applied state visible.
 func (e *Engine) commit(rs *round) error {
+	if err := e.drainSyncs(); err != nil {
+		return err
+	}
 	gen := e.wal.gen + 1
 	if err := rs.tx.Bucket(bucketWAL).Put(keyWALGen, u64(gen)); err != nil {
 		return err
@@ -270,6 +295,7 @@ func (e *Engine) commit(rs *round) error {
 	}
 	elapsed := time.Since(start)
 	rs.publish()
+	clear(e.latest) // everything is published
 	e.wal.restart(gen)
 	e.open.tx = nil
 	// Every shard's published state is now committed. Asking each (a few
@@ -318,6 +344,7 @@ func (e *Engine) fail(err error) {
 		_ = e.open.tx.Rollback()
 		e.open.tx = nil
 	}
+	clear(e.latest)
 	e.failed = fmt.Errorf("%w: %w", ErrFailed, err)
 }
 
@@ -364,6 +391,24 @@ func (rs *round) publish() {
 	}
 }
 
+// remember records rs's states as the newest of their shards.
+func (e *Engine) remember(rs *round) {
+	for s, st := range rs.states {
+		e.latest[s] = st
+	}
+}
+
+// newest returns the newest state of s a round has built: the published
+// one, or one still in the syncer. Called by the writer.
+func (e *Engine) newest(s *Shard) *shardState {
+	if st, ok := e.latest[s]; ok {
+		return st
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.st
+}
+
 // state returns the round's working copy of s's state, making it from the
 // published one on first use.
 func (rs *round) state(s *Shard) (*shardState, error) {
@@ -373,9 +418,7 @@ func (rs *round) state(s *Shard) (*shardState, error) {
 		}
 		return st, nil
 	}
-	s.mu.Lock()
-	pub := s.st
-	s.mu.Unlock()
+	pub := rs.e.newest(s)
 	if pub.deleted {
 		return nil, ErrShardNotFound
 	}
@@ -466,9 +509,7 @@ func (rs *round) deleteShard(id uint64) (response, error) {
 	rs.e.mu.Unlock()
 	if ok {
 		if _, seen := rs.states[s]; !seen {
-			s.mu.Lock()
-			st := *s.st
-			s.mu.Unlock()
+			st := *rs.e.newest(s)
 			st.deleted = true
 			rs.states[s] = &st
 		}

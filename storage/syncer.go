@@ -1,0 +1,117 @@
+package storage
+
+import (
+	"fmt"
+	"time"
+)
+
+// The syncer makes WAL records durable on its own goroutine, so the
+// writer need not wait for fdatasync: it hands each round over with its
+// record written and goes on to the next round while the disk syncs. The
+// next round's applies, which answer proposals and need no sync, then no
+// longer wait behind the previous round's fdatasync, and its record is
+// written by the time that fdatasync returns. Rounds that pile up
+// meanwhile share the next fdatasync. Under make bench's 100-client puts
+// the writer spent two thirds of its time in fdatasync (0.83 ms per
+// round) before this.
+//
+// The syncer publishes rounds' states and answers their waiters in the
+// order the writer handed them over, each only after an fdatasync that
+// began after its record was written. The writer reads the newest state
+// of a shard from Engine.latest, not from the published one, which may
+// lag by the rounds in the syncer. Anything that commits bbolt first
+// waits until the syncer has caught up (drainSyncs): a commit restarts the
+// WAL, and publishes states that must not be overtaken.
+
+// syncBatch is a round handed to the syncer, or a barrier.
+type syncBatch struct {
+	rs       *round
+	waiting  []waiter
+	needSync bool      // rs wrote a WAL record
+	written  time.Time // when the writer started the record
+	// barrier, when non-nil, is closed once every earlier batch is done.
+	barrier chan struct{}
+}
+
+// handOff gives rs to the syncer; its record, if any, is written.
+func (e *Engine) handOff(rs *round, waiting []waiter, needSync bool, written time.Time) {
+	e.syncPending.Add(1)
+	e.syncc <- &syncBatch{rs: rs, waiting: waiting, needSync: needSync, written: written}
+}
+
+// drainSyncs waits until the syncer has done every round handed to it, and
+// returns the error that failed one, if any.
+func (e *Engine) drainSyncs() error {
+	if e.syncPending.Load() > 0 {
+		b := &syncBatch{barrier: make(chan struct{})}
+		e.syncc <- b
+		<-b.barrier
+	}
+	return e.syncFailure()
+}
+
+// syncFailure returns why an fdatasync failed, or nil.
+func (e *Engine) syncFailure() error {
+	if p := e.syncErr.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// syncer runs until syncc is closed (by the writer, as it returns).
+func (e *Engine) syncer() {
+	defer close(e.syncerDone)
+	var failed error
+	var batch []*syncBatch
+	for first := range e.syncc {
+		batch = append(batch[:0], first)
+	more:
+		for {
+			select {
+			case b, ok := <-e.syncc:
+				if !ok {
+					break more
+				}
+				batch = append(batch, b)
+			default:
+				break more
+			}
+		}
+		needSync, oldest := false, time.Time{}
+		for _, b := range batch {
+			if b.needSync && !needSync {
+				needSync, oldest = true, b.written
+			}
+		}
+		if needSync && failed == nil && e.wal.sync {
+			if err := fdatasync(e.wal.f); err != nil {
+				failed = fmt.Errorf("storage: sync wal: %w", err)
+				e.syncErr.Store(&failed)
+				e.log.Error("storage WAL sync failed; refusing further writes", "err", failed)
+			}
+		}
+		if needSync && failed == nil {
+			e.stats.Lock()
+			e.stats.s.Syncs++
+			e.stats.s.SyncNanos.Observe(time.Since(oldest))
+			e.stats.Unlock()
+		}
+		for i, b := range batch {
+			if b.barrier != nil {
+				close(b.barrier)
+				continue
+			}
+			if failed == nil {
+				b.rs.publish()
+			}
+			for _, w := range b.waiting {
+				if failed != nil {
+					w.resp = response{err: fmt.Errorf("%w: %w", ErrFailed, failed)}
+				}
+				w.r.done <- w.resp
+			}
+			e.syncPending.Add(-1)
+			batch[i] = nil
+		}
+	}
+}
