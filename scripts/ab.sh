@@ -11,7 +11,12 @@
 # drift, and the ratio of their throughputs is steady to a few per cent
 # (a change that made no difference measured -3..+1 %, one that did
 # +15/+16 %). Each cluster gets about half the machine, so the absolute
-# figures are not make bench's.
+# figures are not make bench's. The two compete for the CPU and the
+# disk, so a change to how much a node blocks (rather than to the work
+# it does per request) moves its share and shows here as a gain that
+# single-cluster runs do not see: a WAL fdatasync moved off the writer's
+# path measured +13..+19% here and -2..+3% in interleaved make-bench-
+# style runs. Check such changes with one cluster at a time.
 #
 # Usage: scripts/ab.sh DIR_A DIR_B [kvctl bench arguments]
 #   DIR_A, DIR_B: directories holding a kvd binary each (e.g. from

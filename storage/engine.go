@@ -57,10 +57,12 @@ const (
 	// defaultLogCacheBytes bounds, per shard, the committed log tail kept
 	// in memory (entries the open transaction holds stay too). Raft reads
 	// the tail (to send appends to followers, to apply) and rarely
-	// anything older, which comes from bbolt. 1 MiB is ~3,000 entries of
-	// a 256-byte put; 4 MiB per shard was half a node's heap after a
-	// million puts.
-	defaultLogCacheBytes = 1 << 20
+	// anything older, which comes from bbolt. 256 KiB is ~750 entries of
+	// a 256-byte put, seconds of a shard's writes under load. 4 MiB per
+	// shard was half a node's heap after a million puts; 1 MiB was most
+	// of the ~40 MB live heap under make bench's puts, which kvd's GOGC
+	// of 300 (cmd/kvd) would have let grow to 160 MB.
+	defaultLogCacheBytes = 256 << 10
 
 	// openTimeout bounds the wait for bbolt's file lock, so a second process
 	// on the same data dir fails instead of hanging.

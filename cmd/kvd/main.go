@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -27,7 +28,26 @@ const (
 )
 
 func main() {
+	setGCPercent()
 	os.Exit(run(os.Args[1:], os.Stderr, nil))
+}
+
+// defaultGOGC is the garbage collector's target unless the GOGC
+// environment variable sets one. A node's live heap is small and bounded
+// (each shard's log cache, and what admission lets in), while it allocates
+// fast: ~90 MB/s per node under make bench's 100-client puts. Collection
+// work per second follows the allocation rate divided by GOGC, so Go's
+// default of 100 spent a large share of the CPU collecting a ~40 MB heap.
+// 300, with the log cache cut from 1 MiB to 256 KiB per shard, left the
+// nodes' anonymous memory where it was (64-73 MiB after 15 s of puts)
+// and measured +5.4..+7.5% distinct-key puts (three interleaved pairs of
+// single-cluster runs). GOMEMLIMIT still caps the heap when set.
+const defaultGOGC = 300
+
+func setGCPercent() {
+	if _, ok := os.LookupEnv("GOGC"); !ok {
+		debug.SetGCPercent(defaultGOGC)
+	}
 }
 
 // run parses args and runs a node until SIGINT/SIGTERM (or until stop is
@@ -54,6 +74,10 @@ line wins over the environment.
 A node that restarts on an existing data dir recovers from it and ignores
 the bootstrap flags (--initial-cluster, --shards, --replicas); if they are
 given and describe another cluster, kvd refuses to start.
+
+kvd runs Go's garbage collector with GOGC=300 unless the GOGC environment
+variable says otherwise; set GOMEMLIMIT (e.g. GOMEMLIMIT=200MiB) to give a
+node a soft memory limit.
 
 A node started with --join on a fresh data dir adds itself to the running
 cluster instead of bootstrapping. The cluster then gives it replicas of the
