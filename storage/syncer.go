@@ -2,6 +2,7 @@ package storage
 
 import (
 	"fmt"
+	"runtime"
 	"time"
 )
 
@@ -64,6 +65,9 @@ func (e *Engine) syncer() {
 	var failed error
 	var batch []*syncBatch
 	for first := range e.syncc {
+		// The writer is likely building its next round: let it hand that
+		// over too, so one fdatasync covers both.
+		runtime.Gosched()
 		batch = append(batch[:0], first)
 	more:
 		for {
