@@ -2,7 +2,6 @@ package storage
 
 import (
 	"fmt"
-	"runtime"
 	"time"
 )
 
@@ -62,25 +61,11 @@ func (e *Engine) syncFailure() error {
 // syncer runs until syncc is closed (by the writer, as it returns).
 func (e *Engine) syncer() {
 	defer close(e.syncerDone)
-	var failed error
+	var failed error // why an fdatasync failed; answerFailed is what waiters get
+	var answerFailed response
 	var batch []*syncBatch
 	for first := range e.syncc {
-		// The writer is likely building its next round: let it hand that
-		// over too, so one fdatasync covers both.
-		runtime.Gosched()
-		batch = append(batch[:0], first)
-	more:
-		for {
-			select {
-			case b, ok := <-e.syncc:
-				if !ok {
-					break more
-				}
-				batch = append(batch, b)
-			default:
-				break more
-			}
-		}
+		batch = takeQueued(e.syncc, append(batch[:0], first))
 		needSync, oldest := false, time.Time{}
 		for _, b := range batch {
 			if b.needSync && !needSync {
@@ -90,6 +75,7 @@ func (e *Engine) syncer() {
 		if needSync && failed == nil && e.wal.sync {
 			if err := fdatasync(e.wal.f); err != nil {
 				failed = fmt.Errorf("storage: sync wal: %w", err)
+				answerFailed = response{err: fmt.Errorf("%w: %w", ErrFailed, failed)}
 				e.syncErr.Store(&failed)
 				e.log.Error("storage WAL sync failed; refusing further writes", "err", failed)
 			}
@@ -110,7 +96,7 @@ func (e *Engine) syncer() {
 			}
 			for _, w := range b.waiting {
 				if failed != nil {
-					w.resp = response{err: fmt.Errorf("%w: %w", ErrFailed, failed)}
+					w.resp = answerFailed
 				}
 				w.r.done <- w.resp
 			}

@@ -100,16 +100,21 @@ func (e *Engine) writer() {
 	}
 }
 
-// collect appends to batch every request already waiting. The shards
-// answered by the last round are runnable but may not have re-queued yet;
-// yielding once lets them, so a round carries every shard that writes, not
-// just the first to wake.
-func (e *Engine) collect(batch []*request) []*request {
+// takeQueued yields once, then appends to batch every value already
+// waiting on c, stopping at an empty or closed channel. The writer takes
+// its round this way (the shards the last round answered are runnable but
+// may not have re-queued yet; yielding lets them, so a round carries every
+// shard that writes, not just the first to wake), and the syncer its
+// rounds (so one fdatasync covers the round the writer is building too).
+func takeQueued[T any](c <-chan T, batch []T) []T {
 	runtime.Gosched()
 	for {
 		select {
-		case r := <-e.reqc:
-			batch = append(batch, r)
+		case v, ok := <-c:
+			if !ok {
+				return batch
+			}
+			batch = append(batch, v)
 		default:
 			return batch
 		}
@@ -157,7 +162,7 @@ type waiter struct {
 // is durable: by the syncer when the round writes a WAL record, here when
 // it commits.
 func (e *Engine) runRound(first *request) {
-	batch := e.collect([]*request{first})
+	batch := takeQueued(e.reqc, []*request{first})
 	if e.failed == nil {
 		if err := e.syncFailure(); err != nil {
 			e.fail(err)
