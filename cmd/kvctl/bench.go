@@ -307,7 +307,8 @@ func (a *app) runBench(o *benchOpts) error {
 		return fmt.Errorf("bench: cluster map: %w", err)
 	}
 	r.members = max(len(m.GetMembers()), 1)
-	for len(r.clients) < min(max((o.conns+r.members/2)/r.members, 1), o.clients) {
+	instances := min(max((o.conns+r.members/2)/r.members, 1), o.clients)
+	for len(r.clients) < instances {
 		if err := connect(); err != nil {
 			return err
 		}
