@@ -131,7 +131,7 @@ etcd: ## build etcd v3.6.14 and its benchmark tool into bin/etcd-v3.6.14 (Go mod
 	GO=$(GO) ./scripts/build-etcd.sh
 
 .PHONY: ab
-ab: build ## compare two kvd builds side by side: make ab A=DIR B=DIR (each holding a kvd), ARGS='kvctl bench args'
+ab: build ## compare two kvd builds side by side: make ab A=DIR B=DIR (each holding a kvd), ARGS='kvctl bench args'; MODE=interleaved: one cluster at a time
 	./scripts/ab.sh "$(A)" "$(B)" $(ARGS)
 
 .PHONY: bench-memory

@@ -18,6 +18,14 @@
 # path measured +13..+19% here and -2..+3% in interleaved make-bench-
 # style runs. Check such changes with one cluster at a time.
 #
+# MODE=interleaved runs one cluster at a time instead, the builds
+# alternating (A B, then B A, ROUNDS times), each for the same bench on
+# fresh data; it prints each run's throughput and CPU per operation
+# (the three nodes', then the client's, in microseconds), and at the end
+# the median of B/A over the adjacent pairs. Use it for changes to
+# blocking or batching; it needs more rounds (ROUNDS=5 or more), as
+# runs one after the other see the VM's drift.
+#
 # Usage: scripts/ab.sh DIR_A DIR_B [kvctl bench arguments]
 #   DIR_A, DIR_B: directories holding a kvd binary each (e.g. from
 #   `go build -o /tmp/a/kvd ./cmd/kvd` at two commits), and a kvctl too
@@ -27,7 +35,7 @@
 # (default ./bin/kvctl: the client of a side whose directory has none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { sed -n "2,22p" "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n "2,30p" "$0" >&2; exit 2; }
 A=$1 B=$2
 shift 2
 [ $# -gt 0 ] || set -- put --clients 100 --conns 10 --duration 30s
@@ -58,6 +66,40 @@ start() {
 kvctl() { if [ -x "$1/kvctl" ]; then echo "$1/kvctl"; else echo "$KVCTL"; fi; }
 
 report() { jq -r '"\(.ops_per_sec | round) ops/s  p50 \(.latency_ms.p50 * 100 | round / 100) ms  p99 \(.latency_ms.p99 * 100 | round / 100) ms  errors \(.errors)"' "$1"; }
+
+# ticks PID...: CPU time (user + system) of the processes, in clock ticks.
+ticks() { local p t=0; for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$t"; }
+
+# interleaved: one cluster at a time, A and B alternating.
+interleaved() {
+  local hz r order side dir t0 t1 ops client ratios=""
+  hz=$(getconf CLK_TCK)
+  echo "ab: A=$A B=$B, one cluster at a time, kvctl bench $*" >&2
+  for r in $(seq 1 "$ROUNDS"); do
+    for order in AB BA; do
+      for side in ${order:0:1} ${order:1:1}; do
+        if [ "$side" = A ]; then dir=$A; else dir=$B; fi
+        start "$dir" 1
+        t0=$(ticks "${pids[@]}")
+        TIMEFORMAT='%U %S'
+        client=$({ time "$(kvctl "$dir")" --endpoints "$(endpoints 1)" -o json bench "$@" >"$WORK/$side.json" 2>"$WORK/$side.err"; } 2>&1)
+        t1=$(ticks "${pids[@]}")
+        ops=$(jq '.ops + (.prefilled // 0)' "$WORK/$side.json")
+        echo "round $r/$order  $side: $(report "$WORK/$side.json")  CPU us/op nodes $(awk -v d=$((t1 - t0)) -v hz="$hz" -v o="$ops" 'BEGIN { printf "%.0f", d / hz * 1e6 / o }') client $(awk -v c="$client" -v o="$ops" 'BEGIN { split(c, t, " "); printf "%.0f", (t[1] + t[2]) * 1e6 / o }')"
+        stop_nodes 2>/dev/null
+        rm -rf "$ROOT/1"
+      done
+      # B/A of this pair, run back to back.
+      ratios+="$(jq -n --slurpfile a "$WORK/A.json" --slurpfile b "$WORK/B.json" '$b[0].ops_per_sec / $a[0].ops_per_sec')"$'\n'
+    done
+  done
+  printf '%s' "$ratios" | sort -g | awk '{ r[++n] = $1 } END { m = (n % 2) ? r[(n + 1) / 2] : (r[n / 2] + r[n / 2 + 1]) / 2; printf "median B/A over %d pairs: %+.1f%% (range %+.1f%% .. %+.1f%%)\n", n, (m - 1) * 100, (r[1] - 1) * 100, (r[n] - 1) * 100 }'
+}
+
+if [ "${MODE:-}" = interleaved ]; then
+  interleaved "$@"
+  exit 0
+fi
 
 echo "ab: A=$A B=$B, kvctl bench $*" >&2
 for r in $(seq 1 "$ROUNDS"); do
