@@ -209,23 +209,22 @@ func (e *Engine) runRound(first *request) {
 			waiting = append(waiting, waiter{r, resp})
 		}
 	}
-	start := time.Now()
-	synced, handedOff := false, false
+	handedOff := false
 	if fatal == nil {
 		switch {
 		case rs.commit || len(rs.lockForCommit) > 0:
 			fatal = e.commit(rs)
-			synced = fatal == nil
 		case len(rs.walOps) > 0 || e.syncPending.Load() > 0:
 			// The syncer makes the record durable, then publishes and
 			// answers; a round without one still waits its turn there, so
 			// no shard's states are published out of order.
+			written := time.Now()
 			if len(rs.walOps) > 0 {
 				fatal = e.wal.write(rs.walOps)
 			}
 			if fatal == nil {
 				e.remember(rs)
-				e.handOff(rs, waiting, len(rs.walOps) > 0, start)
+				e.handOff(rs, waiting, len(rs.walOps) > 0, written)
 				handedOff = true
 			}
 		default:
@@ -247,10 +246,6 @@ func (e *Engine) runRound(first *request) {
 		return
 	}
 	e.stats.Lock()
-	if synced {
-		e.stats.s.Syncs++
-		e.stats.s.SyncNanos.Observe(time.Since(start))
-	}
 	e.stats.s.Updates += rs.updates
 	e.stats.s.Entries += rs.entries
 	e.stats.s.Applied += rs.applied
@@ -279,7 +274,9 @@ func (e *Engine) flushRequested() bool {
 
 // commit commits the open transaction with rs's requests, publishes rs's
 // states, restarts the WAL and makes every shard's applied state visible.
+// It counts as a sync (Stats.Syncs), from the wait for the syncer on.
 func (e *Engine) commit(rs *round) error {
+	begin := time.Now()
 	if err := e.drainSyncs(); err != nil {
 		return err
 	}
@@ -319,6 +316,8 @@ func (e *Engine) commit(rs *round) error {
 	e.stats.Lock()
 	e.stats.s.Commits++
 	e.stats.s.CommitNanos.Observe(elapsed)
+	e.stats.s.Syncs++
+	e.stats.s.SyncNanos.Observe(time.Since(begin))
 	e.stats.Unlock()
 	return nil
 }
@@ -329,16 +328,10 @@ func (e *Engine) commitIdle() {
 		return
 	}
 	rs := &round{e: e, tx: e.open.tx, lockForCommit: map[*Shard]bool{}}
-	start := time.Now()
 	if err := e.commit(rs); err != nil {
 		e.fail(err)
 		e.log.Error("storage commit failed; refusing further writes", "err", err)
-		return
 	}
-	e.stats.Lock()
-	e.stats.s.Syncs++
-	e.stats.s.SyncNanos.Observe(time.Since(start))
-	e.stats.Unlock()
 }
 
 // fail makes the engine refuse every later write with err, dropping the
