@@ -462,12 +462,12 @@ func TestAckBelowDropsResultsNearAndFar(t *testing.T) {
 		})
 		return got
 	}
-	// Near: 1 → 3 drops seqs 1 and 2 one by one.
+	// Near: ack_below 1 → 3 drops seqs 1 and 2.
 	sh.apply(withSession(cmdPut("n", "v"), session, far+2, 3, 2000))
 	if got, want := left(), []uint64{3, 5, 40, far - 1, far, far + 1}; !slices.Equal(got, want) {
 		t.Fatalf("after ack 3: results %v, want %v", got, want)
 	}
-	// Far: 3 → far scans past 5, 40 and far-1.
+	// Far: 3 → far drops 3, 5, 40 and far-1, gaps included.
 	sh.apply(withSession(cmdPut("m", "v"), session, far+3, far, 2001))
 	if got, want := left(), []uint64{far, far + 1}; !slices.Equal(got, want) {
 		t.Fatalf("after ack %d: results %v, want %v", uint64(far), got, want)
