@@ -72,7 +72,7 @@ ticks() { local p t=0; for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/
 
 # interleaved: one cluster at a time, A and B alternating.
 interleaved() {
-  local hz r order side dir t0 t1 ops client ratios=""
+  local hz r order side dir t0 t1 ops client ratios="" TIMEFORMAT='%U %S' # bash's time: user and system seconds
   hz=$(getconf CLK_TCK)
   echo "ab: A=$A B=$B, one cluster at a time, kvctl bench $*" >&2
   for r in $(seq 1 "$ROUNDS"); do
@@ -81,7 +81,6 @@ interleaved() {
         if [ "$side" = A ]; then dir=$A; else dir=$B; fi
         start "$dir" 1
         t0=$(ticks "${pids[@]}")
-        TIMEFORMAT='%U %S'
         client=$({ time "$(kvctl "$dir")" --endpoints "$(endpoints 1)" -o json bench "$@" >"$WORK/$side.json" 2>"$WORK/$side.err"; } 2>&1)
         t1=$(ticks "${pids[@]}")
         ops=$(jq '.ops + (.prefilled // 0)' "$WORK/$side.json")
