@@ -517,3 +517,43 @@ func TestFollowerRefusesProposalsWithHint(t *testing.T) {
 		t.Fatalf("hint names node %d, leader is %d", nl.Leader, l.Leader())
 	}
 }
+
+// One replica stopped on its own leaves its host's loop running the
+// others: the host's other shards keep serving, and the stopped shard
+// elects a leader among its remaining replicas.
+func TestStoppedReplicaLeavesTheHostRunning(t *testing.T) {
+	c := newCluster(t, 3, 2, 10000)
+	c.waitLeaders()
+	l := c.leader(1)
+	l.Stop()
+	select {
+	case <-l.Done():
+	default:
+		t.Fatal("Done not closed after Stop returned")
+	}
+	if _, err := l.Propose(context.Background(), putCmd("k", "v")); !errors.Is(err, raftnode.ErrStopped) {
+		t.Fatalf("propose on a stopped replica: got %v, want ErrStopped", err)
+	}
+	if err := l.ReadIndex(context.Background()); !errors.Is(err, raftnode.ErrStopped) {
+		t.Fatalf("read on a stopped replica: got %v, want ErrStopped", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, s := range c.shards {
+		if err := c.put(ctx, s, fmt.Sprintf("after/%d", s), "v"); err != nil {
+			t.Fatalf("shard %d after stopping a replica of shard 1: %v", s, err)
+		}
+	}
+	if nl := c.leader(1); nl == l {
+		t.Fatal("the stopped replica still leads shard 1")
+	}
+}
+
+func TestAddShardOnAStoppedHost(t *testing.T) {
+	c := newCluster(t, 1, 1, 10000)
+	h := c.nodes[1].host
+	h.Stop()
+	if _, err := h.AddShard(2, []uint64{1}); !errors.Is(err, raftnode.ErrHostStopped) {
+		t.Fatalf("AddShard after Stop: got %v, want ErrHostStopped", err)
+	}
+}

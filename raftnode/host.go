@@ -32,10 +32,10 @@ type HostConfig struct {
 	MaxPendingProposals int
 }
 
-// Host runs every Raft group replica of one node over one storage engine:
-// it creates and opens shards, ticks them from one ticker, and routes
-// incoming messages and snapshots to them. It implements the transport's
-// Handler.
+// Host runs every Raft group replica of one node over one storage engine,
+// all from one goroutine (loop.go): it creates and opens shards, ticks
+// them, and routes incoming messages and snapshots to them. It implements
+// the transport's Handler.
 type Host struct {
 	cfg    HostConfig
 	log    *slog.Logger
@@ -43,8 +43,16 @@ type Host struct {
 
 	mu struct {
 		sync.RWMutex
-		nodes map[uint64]*Node // by shard id
+		nodes   map[uint64]*Node // by shard id
+		stopped bool             // the loop has let every replica go
 	}
+	// woken lists the replicas the loop visits next (Node.wake); spare is
+	// the list the loop took last time, reused.
+	woken struct {
+		sync.Mutex
+		nodes, spare []*Node
+	}
+	wakec chan struct{} // buffered 1: the loop has replicas to visit
 	stopc chan struct{}
 	wg    sync.WaitGroup
 	once  sync.Once
@@ -56,6 +64,10 @@ type Host struct {
 // ErrUnknownShard is returned for a shard this node does not host.
 var ErrUnknownShard = errors.New("raftnode: shard not hosted on this node")
 
+// ErrHostStopped is returned by AddShard on a host not running: before
+// Start or after Stop.
+var ErrHostStopped = errors.New("raftnode: host not running")
+
 // NewHost returns a Host; call Start with the transport before AddShard.
 func NewHost(cfg HostConfig) *Host {
 	if cfg.TickInterval == 0 {
@@ -64,7 +76,7 @@ func NewHost(cfg HostConfig) *Host {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	h := &Host{cfg: cfg, log: cfg.Logger, stopc: make(chan struct{})}
+	h := &Host{cfg: cfg, log: cfg.Logger, stopc: make(chan struct{}), wakec: make(chan struct{}, 1)}
 	h.mu.nodes = make(map[uint64]*Node)
 	return h
 }
@@ -78,24 +90,7 @@ func (h *Host) Start(sender Sender) {
 	// past a loopback or LAN round trip, short next to a read's deadline.
 	h.checks = newLeaderChecks(h.cfg.NodeID, 2*h.cfg.TickInterval, sender.SendLeaderCheck)
 	h.wg.Add(1)
-	go func() {
-		defer h.wg.Done()
-		t := time.NewTicker(h.cfg.TickInterval)
-		defer t.Stop()
-		for {
-			select {
-			case <-t.C:
-				h.mu.RLock()
-				for _, n := range h.mu.nodes {
-					n.Tick()
-				}
-				h.mu.RUnlock()
-				h.checks.expire()
-			case <-h.stopc:
-				return
-			}
-		}
-	}()
+	go h.run()
 }
 
 // AddShard starts the replica of shard id, opening its storage when it
@@ -107,6 +102,9 @@ func (h *Host) AddShard(id uint64, voters []uint64) (*Node, error) {
 	if n, ok := h.mu.nodes[id]; ok {
 		return n, nil
 	}
+	if h.sender == nil || h.mu.stopped {
+		return nil, ErrHostStopped
+	}
 	st, err := h.cfg.Engine.OpenShard(id)
 	if errors.Is(err, storage.ErrShardNotFound) {
 		st, err = h.cfg.Engine.CreateShard(id, &pb.ConfState{Voters: slices.Clone(voters)})
@@ -114,7 +112,7 @@ func (h *Host) AddShard(id uint64, voters []uint64) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("raftnode: open shard %d: %w", id, err)
 	}
-	n, err := Start(Config{
+	n, err := newNode(Config{
 		NodeID:              h.cfg.NodeID,
 		Shard:               id,
 		Storage:             st,
@@ -126,11 +124,12 @@ func (h *Host) AddShard(id uint64, voters []uint64) (*Node, error) {
 		SnapshotEntries:     h.cfg.SnapshotEntries,
 		MaxPendingProposals: h.cfg.MaxPendingProposals,
 		checks:              h.checks,
-	})
+	}, h)
 	if err != nil {
 		return nil, err
 	}
 	h.mu.nodes[id] = n
+	n.wake()
 	return n, nil
 }
 
@@ -153,16 +152,10 @@ func (h *Host) Nodes() []*Node {
 	return out
 }
 
-// Stop stops ticking and every replica, and waits. Idempotent.
+// Stop stops the loop, which lets every replica go, and waits. Idempotent.
 func (h *Host) Stop() {
 	h.once.Do(func() { close(h.stopc) })
 	h.wg.Wait()
-	var wg sync.WaitGroup
-	for _, n := range h.Nodes() {
-		wg.Add(1)
-		go func() { defer wg.Done(); n.Stop() }()
-	}
-	wg.Wait()
 }
 
 // HandleMessage delivers a peer's message to its shard (transport Handler).

@@ -18,25 +18,6 @@ import (
 	"github.com/kvd/kvd/storage"
 )
 
-// Storage is what a Node needs from its shard's storage. *storage.Shard
-// implements it; tests may wrap it to inject faults.
-type Storage interface {
-	raft.Storage
-	// Save persists u (durably when u.Sync) and applies u.Committed in the
-	// same transaction, calling u.Apply for each entry.
-	Save(u *storage.Update) error
-	// Compact drops the log up to index, which must not exceed Applied.
-	Compact(index uint64) error
-	// Applied returns the last applied index and its term, as readers
-	// see it: a NoWait Save may return before its round commits.
-	Applied() (index, term uint64)
-	// AppliedC receives a value when a commit has moved Applied.
-	AppliedC() <-chan struct{}
-	// Flush asks the storage to commit now, so that Applied catches up
-	// with what Save applied.
-	Flush()
-}
-
 // Sender hands Raft messages to the transport. Send must not block.
 type Sender interface {
 	Send(shard uint64, msgs []*pb.Message)
@@ -56,7 +37,7 @@ type ApplyFunc func(tx *storage.Txn, index uint64, cmd []byte) any
 type Config struct {
 	NodeID  uint64
 	Shard   uint64
-	Storage Storage
+	Storage *storage.Shard
 	Sender  Sender
 	Apply   ApplyFunc
 	Logger  *slog.Logger
@@ -94,23 +75,27 @@ func (c *Config) setDefaults() {
 	}
 }
 
-// Node runs one Raft group replica. A single goroutine (run) owns the
-// RawNode; every other goroutine reaches it through channels, and every send
-// also selects on the node's stop channel and the caller's context.
+// Node is one Raft group replica. Its Host's loop goroutine (loop.go) owns
+// the RawNode and st; every other goroutine reaches it through channels,
+// and every send also selects on the node's stop channel and the caller's
+// context, then wakes the loop.
 type Node struct {
-	cfg Config
-	log *slog.Logger
+	cfg  Config
+	log  *slog.Logger
+	host *Host
+	st   *loopState
+	// woken is set while the node is on its host's list of nodes to visit.
+	woken atomic.Bool
 
 	propc  chan *proposal
 	readc  chan *readWaiter
 	recvc  chan *pb.Message
-	tickc  chan struct{}
 	funcc  chan func(*raft.RawNode)
 	stopc  chan struct{}
 	donec  chan struct{}
 	stopMu sync.Once
 
-	// Published by the run goroutine for lock-free readers (routing,
+	// Published by the loop goroutine for lock-free readers (routing,
 	// metrics, status). They may lag the RawNode by one loop iteration.
 	leader  atomic.Uint64
 	term    atomic.Uint64
@@ -125,7 +110,7 @@ type Node struct {
 	conf atomic.Pointer[pb.ConfState]
 
 	errMu sync.Mutex
-	err   error // why run stopped, if not by Stop
+	err   error // why the node stopped, if not by Stop
 
 	stats Stats
 }
@@ -177,7 +162,7 @@ type proposal struct {
 	id   uint64
 	data []byte         // command, nil for conf changes
 	cc   pb.ConfChangeI // set for conf changes
-	done chan result    // buffered 1: the run goroutine never blocks on it
+	done chan result    // buffered 1: the loop goroutine never blocks on it
 }
 
 type readWaiter struct {
@@ -189,9 +174,10 @@ type readWaiter struct {
 	done  chan error // buffered 1
 }
 
-// Start opens a RawNode over cfg.Storage and runs it. The storage must
-// already hold the group's initial state (storage.Engine.CreateShard).
-func Start(cfg Config) (*Node, error) {
+// newNode opens a RawNode over cfg.Storage, for h's loop to run. The
+// storage must already hold the group's initial state
+// (storage.Engine.CreateShard).
+func newNode(cfg Config, h *Host) (*Node, error) {
 	cfg.setDefaults()
 	applied, _ := cfg.Storage.Applied()
 	hs, cs, err := cfg.Storage.InitialState()
@@ -228,10 +214,10 @@ func Start(cfg Config) (*Node, error) {
 	n := &Node{
 		cfg:   cfg,
 		log:   cfg.Logger.With("shard", cfg.Shard, "node", cfg.NodeID),
+		host:  h,
 		propc: make(chan *proposal, 1024),
 		readc: make(chan *readWaiter, 1024),
 		recvc: make(chan *pb.Message, 4096),
-		tickc: make(chan struct{}, 64),
 		funcc: make(chan func(*raft.RawNode), 64),
 		stopc: make(chan struct{}),
 		donec: make(chan struct{}),
@@ -242,7 +228,7 @@ func Start(cfg Config) (*Node, error) {
 	n.term.Store(hs.GetTerm())
 	n.commit.Store(hs.GetCommit())
 	n.conf.Store(cs)
-	go n.run(rn)
+	n.st = newLoopState(n, rn)
 	return n, nil
 }
 
@@ -276,20 +262,12 @@ func (n *Node) Err() error {
 	return n.err
 }
 
-// Stop stops the node and waits for its goroutine. Idempotent.
+// Stop stops the node and waits until its host's loop has let it go.
+// Idempotent.
 func (n *Node) Stop() {
 	n.stopMu.Do(func() { close(n.stopc) })
+	n.wake()
 	<-n.donec
-}
-
-// Tick advances the node's logical clock by one tick. It never blocks: if
-// the node is behind, the tick is dropped (elections then take a little
-// longer, which is safe).
-func (n *Node) Tick() {
-	select {
-	case n.tickc <- struct{}{}:
-	default:
-	}
 }
 
 // Step delivers a message from a peer. It never blocks; when the inbox is
@@ -297,6 +275,7 @@ func (n *Node) Tick() {
 func (n *Node) Step(m *pb.Message) {
 	select {
 	case n.recvc <- m:
+		n.wake()
 	default:
 	}
 }
@@ -321,17 +300,19 @@ func (n *Node) do(f func(*raft.RawNode), wait bool) {
 	if wait {
 		select {
 		case n.funcc <- f:
+			n.wake()
 		case <-n.stopc:
 		}
 		return
 	}
 	select {
 	case n.funcc <- f:
+		n.wake()
 	default:
 	}
 }
 
-// Status returns the full Raft status, read on the run goroutine.
+// Status returns the full Raft status, read on the loop goroutine.
 func (n *Node) Status(ctx context.Context) (raft.Status, error) {
 	ch := make(chan raft.Status, 1)
 	if err := n.send(ctx, n.funcc, func(rn *raft.RawNode) { ch <- rn.Status() }); err != nil {
@@ -485,6 +466,7 @@ func (n *Node) send(ctx context.Context, ch chan func(*raft.RawNode), f func(*ra
 func send[T any](ctx context.Context, n *Node, ch chan T, v T) error {
 	select {
 	case ch <- v:
+		n.wake()
 		return nil
 	case <-ctx.Done():
 		return ctx.Err()
@@ -516,7 +498,8 @@ func (n *Node) applyEntry(tx *storage.Txn, e *pb.Entry) any {
 	return n.cfg.Apply(tx, e.GetIndex(), cmd)
 }
 
-// loopState is owned by the run goroutine.
+// loopState is a node's part of its host's loop, owned by the loop
+// goroutine.
 type loopState struct {
 	rn        *raft.RawNode
 	nextID    uint64
@@ -534,13 +517,16 @@ type loopState struct {
 	readsWaiting []*readWaiter
 	lastCompact  uint64
 	isLeader     bool
-	// applied is the last index handed to Storage.Save to apply; readers
-	// see it (n.applied) once its round commits.
+	// applied is the last index handed to storage to apply; readers see
+	// it (n.applied) once its round commits.
 	applied uint64
+
+	// visiting: the node is on the loop's list this iteration; done: the
+	// loop has let it go (stopped, or failed to persist).
+	visiting, done bool
 }
 
-func (n *Node) run(rn *raft.RawNode) {
-	defer close(n.donec)
+func newLoopState(n *Node, rn *raft.RawNode) *loopState {
 	st := &loopState{
 		rn:         rn,
 		proposals:  make(map[uint64]*proposal),
@@ -554,56 +540,59 @@ func (n *Node) run(rn *raft.RawNode) {
 		st.lastCompact--
 	}
 	st.applied = n.applied.Load()
-	defer n.failAll(st, ErrStopped)
-	appliedc := n.cfg.Storage.AppliedC()
+	return st
+}
 
-	for {
-		select {
-		case <-n.stopc:
-			return
-		case <-n.tickc:
-			rn.Tick()
-		case m := <-n.recvc:
-			n.step(rn, m)
-		case p := <-n.propc:
-			n.propose(st, p)
-		case w := <-n.readc:
-			n.queueRead(st, w)
-		case f := <-n.funcc:
-			f(rn)
-		case <-appliedc:
-			// Handled below, with every other wake-up.
-		}
-		// Drain whatever else is already queued so one Ready (one storage
-		// round, one message batch) carries as much as possible.
-		n.drain(st)
-		n.flushProposals(st)
-		// One ReadIndex round at a time: reads that arrive while a round is
-		// in flight share the next one, so a burst of reads costs a couple
-		// of quorum round trips, not one each.
-		if len(st.readsQueued) > 0 && len(st.readRounds) == 0 {
-			n.startReadRound(st)
-		}
-		var err error
-		for rn.HasReady() && err == nil {
-			err = n.handleReady(st)
-		}
-		if err == nil {
-			err = n.afterApply(st)
-		}
-		if err != nil {
-			n.log.Error("raft node stopping: cannot persist", "err", err)
-			n.errMu.Lock()
-			n.err = err
-			n.errMu.Unlock()
-			return
-		}
+// wake puts the node on its host's list of nodes to visit, after a send
+// to one of its channels.
+func (n *Node) wake() {
+	if n.woken.CompareAndSwap(false, true) {
+		n.host.wake(n)
 	}
+}
+
+// takeInput steps everything queued for the node into raft, so that one
+// Ready (one storage round, one message batch) carries as much as
+// possible. Once Stop was called, it lets the node go instead.
+func (n *Node) takeInput() {
+	st := n.st
+	select {
+	case <-n.stopc:
+		n.halt(nil)
+		return
+	default:
+	}
+	n.drain(st)
+	n.flushProposals(st)
+	// One ReadIndex round at a time: reads that arrive while a round is
+	// in flight share the next one, so a burst of reads costs a couple
+	// of quorum round trips, not one each.
+	if len(st.readsQueued) > 0 && len(st.readRounds) == 0 {
+		n.startReadRound(st)
+	}
+}
+
+// halt lets the node go: everything waiting on it fails with ErrStopped,
+// and err, when the node could not persist, is what Err reports.
+func (n *Node) halt(err error) {
+	if err != nil {
+		n.log.Error("raft node stopping: cannot persist", "err", err)
+		n.errMu.Lock()
+		n.err = err
+		n.errMu.Unlock()
+	}
+	n.failAll(n.st, ErrStopped)
+	// A replica let go leads nothing, whatever it last published.
+	n.leader.Store(0)
+	n.readyTerm.Store(0)
+	n.st.done = true
+	close(n.donec)
 }
 
 // afterApply publishes the applied index readers can see, releases the
 // reads it satisfies and compacts the log when due.
-func (n *Node) afterApply(st *loopState) error {
+func (n *Node) afterApply() error {
+	st := n.st
 	visible, _ := n.cfg.Storage.Applied()
 	n.applied.Store(visible)
 	n.releaseReads(st)
@@ -621,8 +610,6 @@ func (n *Node) afterApply(st *loopState) error {
 func (n *Node) drain(st *loopState) {
 	for i := 0; i < 4096; i++ {
 		select {
-		case <-n.tickc:
-			st.rn.Tick()
 		case m := <-n.recvc:
 			n.step(st.rn, m)
 		case p := <-n.propc:
@@ -740,7 +727,21 @@ func (n *Node) startReadRound(st *loopState) {
 	n.stats.ReadRounds.Add(1)
 }
 
-func (n *Node) handleReady(st *loopState) error {
+// pendingReady is a node's Ready from takeReady to finishReady: its
+// storage update (nil when it has nothing to persist) is saved in between,
+// with the other nodes' of the same loop iteration.
+type pendingReady struct {
+	n         *Node
+	rd        raft.Ready
+	u         *storage.Update
+	waiting   []*proposal
+	answered  []bool
+	sentEarly bool
+}
+
+// takeReady takes the node's Ready and prepares its storage update.
+func (n *Node) takeReady() (*pendingReady, error) {
+	st := n.st
 	rn := st.rn
 	rd := rn.Ready()
 
@@ -768,13 +769,13 @@ func (n *Node) handleReady(st *loopState) error {
 		case pb.EntryConfChange:
 			var cc pb.ConfChange
 			if err := proto.Unmarshal(e.GetData(), &cc); err != nil {
-				return fmt.Errorf("shard %d: decode conf change at %d: %w", n.cfg.Shard, e.GetIndex(), err)
+				return nil, fmt.Errorf("shard %d: decode conf change at %d: %w", n.cfg.Shard, e.GetIndex(), err)
 			}
 			cs = rn.ApplyConfChange(&cc)
 		case pb.EntryConfChangeV2:
 			var cc pb.ConfChangeV2
 			if err := proto.Unmarshal(e.GetData(), &cc); err != nil {
-				return fmt.Errorf("shard %d: decode conf change at %d: %w", n.cfg.Shard, e.GetIndex(), err)
+				return nil, fmt.Errorf("shard %d: decode conf change at %d: %w", n.cfg.Shard, e.GetIndex(), err)
 			}
 			cs = rn.ApplyConfChange(&cc)
 		}
@@ -830,22 +831,32 @@ func (n *Node) handleReady(st *loopState) error {
 	// its own entry toward a quorum only after Advance, so nothing commits
 	// on the strength of an entry it has not persisted. Everyone else
 	// must persist first: a follower's MsgAppResp or vote promises it.
-	sentEarly := st.isLeader && len(rd.Messages) > 0
-	if sentEarly {
+	pr := &pendingReady{n: n, rd: rd, waiting: waiting, answered: answered}
+	pr.sentEarly = st.isLeader && len(rd.Messages) > 0
+	if pr.sentEarly {
 		n.cfg.Sender.Send(n.cfg.Shard, rd.Messages)
 	}
 	if len(u.Entries) > 0 || len(u.Committed) > 0 || u.HardState != nil || u.Snapshot != nil {
-		if err := n.cfg.Storage.Save(u); err != nil {
-			// Proposals answered from inside the failed round stay
-			// answered (their entries are committed); forget them so the
-			// stop path does not answer them twice.
-			for i, p := range waiting {
-				if p != nil && answered[i] {
-					delete(st.proposals, p.id)
-				}
+		pr.u = u
+	}
+	return pr, nil
+}
+
+// finishReady completes pr once its update was saved (saveErr, when it
+// was not): it sends what had to wait for the save, answers proposals and
+// reads, and advances raft.
+func (n *Node) finishReady(pr *pendingReady, saveErr error) error {
+	st, rn, rd, u, waiting, answered := n.st, n.st.rn, pr.rd, pr.u, pr.waiting, pr.answered
+	if saveErr != nil {
+		// Proposals answered from inside the failed round stay answered
+		// (their entries are committed); forget them so the stop path
+		// does not answer them twice.
+		for i, p := range waiting {
+			if p != nil && answered[i] {
+				delete(st.proposals, p.id)
 			}
-			return fmt.Errorf("shard %d: save: %w", n.cfg.Shard, err)
 		}
+		return fmt.Errorf("shard %d: save: %w", n.cfg.Shard, saveErr)
 	}
 	if len(rd.Entries) > 0 && st.isLeader {
 		n.stats.ProposeBatch.Add(1)
@@ -853,11 +864,11 @@ func (n *Node) handleReady(st *loopState) error {
 
 	// Only now, with entries and hard state durable, may messages that
 	// depend on them leave.
-	if len(rd.Messages) > 0 && !sentEarly {
+	if len(rd.Messages) > 0 && !pr.sentEarly {
 		n.cfg.Sender.Send(n.cfg.Shard, rd.Messages)
 	}
 
-	if u.Snapshot != nil {
+	if u != nil && u.Snapshot != nil {
 		st.applied = u.Snapshot.GetMetadata().GetIndex()
 	}
 	if k := len(rd.CommittedEntries); k > 0 {
@@ -904,7 +915,7 @@ func (n *Node) handleReady(st *loopState) error {
 
 // waitingFor returns, aligned with ents, the proposals waiting for them
 // (nil when none is), and a slice to mark those answered. Called on the
-// run goroutine.
+// loop goroutine.
 func (n *Node) waitingFor(st *loopState, ents []*pb.Entry) (waiting []*proposal, answered []bool) {
 	for i, e := range ents {
 		var id uint64

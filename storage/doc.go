@@ -59,8 +59,9 @@
 // idempotent: entries at or below the applied index are skipped. The WAL
 // does not hold applied state, so a crash rolls the applied index back to
 // the last commit and raft applies the rest again. Readers (Shard.Applied,
-// View, snapshots) see the applied state of the last commit; AppliedC
-// signals each commit that moves it, and Flush asks for one.
+// View, snapshots) see the applied state of the last commit;
+// Engine.AppliedC signals each commit that moves it, and Flush asks for
+// one.
 //
 // # Locks
 //

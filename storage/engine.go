@@ -89,6 +89,9 @@ type Engine struct {
 	stopc      chan struct{} // closed by Close: the writer stops taking requests
 	flushc     chan struct{} // Flush: commit the open transaction now (buffered 1)
 	writerDone chan struct{} // closed when the writer goroutine has returned
+	// appliedc gets a value (never blocking, buffered 1) when a commit
+	// moves any shard's visible applied index (AppliedC).
+	appliedc chan struct{}
 
 	// The syncer (syncer.go): syncc carries rounds from the writer, which
 	// closes it as it returns; syncPending counts rounds handed over and
@@ -189,6 +192,7 @@ func Open(path string, opts Options) (*Engine, error) {
 		stopc:      make(chan struct{}),
 		flushc:     make(chan struct{}, 1),
 		writerDone: make(chan struct{}),
+		appliedc:   make(chan struct{}, 1),
 		syncc:      make(chan *syncBatch, 256),
 		syncerDone: make(chan struct{}),
 		latest:     make(map[*Shard]*shardState),
@@ -302,6 +306,12 @@ func (e *Engine) Flush() {
 	default:
 	}
 }
+
+// AppliedC receives a value after a commit has moved the applied index
+// readers see (Shard.Applied) of any shard, when nothing is waiting for an
+// earlier one: raft groups whose NoWait saves returned before their round
+// committed learn here that readers can see them.
+func (e *Engine) AppliedC() <-chan struct{} { return e.appliedc }
 
 // view runs fn in a bbolt read transaction, mapping a closed database to
 // ErrClosed.

@@ -47,7 +47,7 @@ type Update struct {
 	// sync: applying and recording the commit index) is answered as soon as
 	// it is performed, without waiting for its round. Readers (Applied,
 	// View, snapshots) see applied state only once bbolt commits, which
-	// AppliedC signals.
+	// Engine.AppliedC signals.
 	NoWait bool
 }
 
@@ -77,15 +77,51 @@ type ApplyFunc func(tx *Txn, e *pb.Entry)
 // Errors: raft.ErrSnapOutOfDate, ErrBadSnapshot, ErrLogGap reject u alone
 // (nothing of it is written); ErrFailed, ErrClosed, ErrShardNotFound.
 // Save must not be called concurrently for the same shard with updates
-// whose order matters (raft's one goroutine per group guarantees it).
+// whose order matters (the one goroutine that runs a raft group
+// guarantees it).
 func (s *Shard) Save(u *Update) error {
-	resp := s.e.do(&request{save: true, noWait: u.noWait(), exec: func(rs *round) (response, error) {
-		return rs.save(s, u)
-	}})
-	if resp.err != nil {
-		return fmt.Errorf("storage: shard %d: save: %w", s.id, resp.err)
+	return s.e.SaveAll([]ShardUpdate{{s, u}})[0]
+}
+
+// ShardUpdate is one shard's update in a SaveAll.
+type ShardUpdate struct {
+	Shard  *Shard
+	Update *Update
+}
+
+// SaveAll performs Save for every update, in order, as one request to the
+// writer: they share a round, and the caller one wake-up, however many
+// shards it saves for. It returns once every update is durable (or, when
+// every update is NoWait, performed), with each update's error at its
+// position; an error rejecting one update leaves the others saved.
+func (e *Engine) SaveAll(us []ShardUpdate) []error {
+	errs := make([]error, len(us))
+	noWait := true
+	for _, su := range us {
+		noWait = noWait && su.Update.noWait()
 	}
-	return nil
+	resp := e.do(&request{save: true, noWait: noWait, exec: func(rs *round) (response, error) {
+		for i, su := range us {
+			resp, fatal := rs.save(su.Shard, su.Update)
+			if fatal != nil {
+				return response{}, fatal
+			}
+			if resp.err == nil {
+				rs.updates++
+			}
+			errs[i] = resp.err
+		}
+		return response{}, nil
+	}})
+	for i, su := range us {
+		if resp.err != nil {
+			errs[i] = resp.err
+		}
+		if errs[i] != nil {
+			errs[i] = fmt.Errorf("storage: shard %d: save: %w", su.Shard.id, errs[i])
+		}
+	}
+	return errs
 }
 
 // Compact drops the log entries up to and including index, through the

@@ -42,29 +42,22 @@ type Shard struct {
 	// which readers see (st's may be ahead, in the open transaction).
 	// Guarded by mu.
 	visible struct{ index, term uint64 }
-	// appliedc gets a value (never blocking, buffered 1) when a commit
-	// moves visible.
-	appliedc chan struct{}
 }
 
 func newShard(e *Engine, id uint64, incarnation []byte, st *shardState) *Shard {
-	s := &Shard{e: e, id: id, incarnation: incarnation, st: st, appliedc: make(chan struct{}, 1)}
+	s := &Shard{e: e, id: id, incarnation: incarnation, st: st}
 	s.visible.index, s.visible.term = st.appliedIndex, st.appliedTerm
 	return s
 }
 
-// showApplied makes the published applied index visible, after a commit.
-func (s *Shard) showApplied() {
+// showApplied makes the published applied index visible, after a commit,
+// and reports whether it moved.
+func (s *Shard) showApplied() bool {
 	s.mu.Lock()
 	moved := s.visible.index != s.st.appliedIndex
 	s.visible.index, s.visible.term = s.st.appliedIndex, s.st.appliedTerm
 	s.mu.Unlock()
-	if moved {
-		select {
-		case s.appliedc <- struct{}{}:
-		default:
-		}
-	}
+	return moved
 }
 
 // shardState is a shard's persistent state as published to readers (then
@@ -173,12 +166,6 @@ func (s *Shard) Applied() (index, term uint64) {
 	defer s.mu.Unlock()
 	return s.visible.index, s.visible.term
 }
-
-// AppliedC receives a value after a commit has moved Applied, when
-// nothing is waiting for an earlier one: a raft group whose NoWait saves
-// returned before their round committed learns here that readers can see
-// them.
-func (s *Shard) AppliedC() <-chan struct{} { return s.appliedc }
 
 // Flush asks the writer to commit its open transaction now (see
 // Engine.Flush).

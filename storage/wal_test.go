@@ -49,7 +49,7 @@ func applyNoWait(t *testing.T, s *Shard) {
 func waitApplied(t *testing.T, s *Shard, want uint64) {
 	t.Helper()
 	select {
-	case <-s.AppliedC():
+	case <-s.e.AppliedC():
 	case <-time.After(10 * time.Second):
 		t.Fatal("AppliedC did not fire")
 	}

@@ -18,7 +18,8 @@ type request struct {
 	// before exec writes anything), and a fatal error that fails the
 	// whole round (bbolt refused a write).
 	exec func(rs *round) (response, error)
-	// save marks a Shard.Save, counted in Stats.Updates.
+	// save marks saves (SaveAll), which count their updates themselves
+	// and, unlike every other request, need no bbolt commit.
 	save bool
 	// noWait: answer as soon as exec returns, before the round commits
 	// (a Save with Update.NoWait).
@@ -197,9 +198,6 @@ func (e *Engine) runRound(first *request) {
 		if resp, fatal = rs.exec(r); fatal != nil {
 			break
 		}
-		if r.save && resp.err == nil {
-			rs.updates++
-		}
 		if !r.save {
 			rs.commit = true
 		}
@@ -310,8 +308,15 @@ func (e *Engine) commit(rs *round) error {
 		shards = append(shards, s)
 	}
 	e.mu.Unlock()
+	moved := false
 	for _, s := range shards {
-		s.showApplied()
+		moved = s.showApplied() || moved
+	}
+	if moved {
+		select {
+		case e.appliedc <- struct{}{}:
+		default:
+		}
 	}
 	e.stats.Lock()
 	e.stats.s.Commits++
