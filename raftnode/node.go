@@ -286,8 +286,10 @@ func (n *Node) ReportUnreachable(peer uint64) {
 }
 
 // ReportSnapshot tells Raft how sending a snapshot to peer ended. It must not
-// be lost (the peer's progress stays paused until it is reported), so it
-// waits for room in the queue.
+// be lost (the peer's progress stays paused until it is reported), so when
+// the queue is full a goroutine waits for room; the caller never waits:
+// the transport reports a snapshot it could not queue from inside Send,
+// on the loop goroutine, which is the one that empties the queue.
 func (n *Node) ReportSnapshot(peer uint64, failed bool) {
 	st := raft.SnapshotFinish
 	if failed {
@@ -296,20 +298,27 @@ func (n *Node) ReportSnapshot(peer uint64, failed bool) {
 	n.do(func(rn *raft.RawNode) { rn.ReportSnapshot(peer, st) }, true)
 }
 
-func (n *Node) do(f func(*raft.RawNode), wait bool) {
-	if wait {
+// do queues f to run on the loop goroutine without blocking. When the
+// queue is full, f is dropped, or, if it must not be lost, queued by a
+// goroutine that waits for room until the node stops.
+func (n *Node) do(f func(*raft.RawNode), mustRun bool) {
+	select {
+	case n.funcc <- f:
+		n.wake()
+		return
+	default:
+	}
+	if !mustRun {
+		return
+	}
+	go func() {
 		select {
 		case n.funcc <- f:
 			n.wake()
 		case <-n.stopc:
+		case <-n.donec:
 		}
-		return
-	}
-	select {
-	case n.funcc <- f:
-		n.wake()
-	default:
-	}
+	}()
 }
 
 // Status returns the full Raft status, read on the loop goroutine.
