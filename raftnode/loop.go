@@ -150,13 +150,9 @@ func (h *Host) handleReadies(nodes []*Node) {
 // stopAll lets every replica go, as the loop stops.
 func (h *Host) stopAll() {
 	h.mu.Lock()
+	defer h.mu.Unlock()
 	h.mu.stopped = true
-	nodes := make([]*Node, 0, len(h.mu.nodes))
 	for _, n := range h.mu.nodes {
-		nodes = append(nodes, n)
-	}
-	h.mu.Unlock()
-	for _, n := range nodes {
 		if !n.st.done {
 			n.halt(nil)
 		}
