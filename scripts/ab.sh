@@ -41,8 +41,12 @@ shift 2
 [ $# -gt 0 ] || set -- put --clients 100 --conns 10 --duration 30s
 KVCTL=${KVCTL:-./bin/kvctl}
 ROUNDS=${ROUNDS:-2}
-for f in "$A/kvd" "$B/kvd" "$KVCTL"; do
-  [ -x "$f" ] || { echo "ab: no $f (make build, or build kvd into the directories)" >&2; exit 2; }
+for f in "$A/kvd" "$B/kvd"; do
+  [ -x "$f" ] || { echo "ab: no $f (build kvd into the directories)" >&2; exit 2; }
+done
+# The shared client is needed only by a side without its own.
+for d in "$A" "$B"; do
+  [ -x "$d/kvctl" ] || [ -x "$KVCTL" ] || { echo "ab: no $d/kvctl and no $KVCTL (make build, or set KVCTL)" >&2; exit 2; }
 done
 command -v jq >/dev/null || { echo "ab: needs jq" >&2; exit 2; }
 
