@@ -52,6 +52,15 @@ func (h *Host) run() {
 			}
 			if err := n.afterApply(); err != nil {
 				n.halt(err)
+				continue
+			}
+			// A replica with another Ready (its own append acknowledged
+			// by Advance, say) is visited again at once, after the input
+			// that arrived during the save: proposals that join its next
+			// Ready send their entries with the commit index it moved,
+			// which then needs no append of its own (dropCoveredCommits).
+			if n.st.rn.HasReady() {
+				n.wake()
 			}
 		}
 		for _, n := range visit {
@@ -104,46 +113,38 @@ func (h *Host) wake(n *Node) {
 }
 
 // handleReadies takes the Ready of every replica in nodes that has one,
-// saves them in one storage request, and finishes each; again while any
-// has a new Ready (a leader's own append acknowledged by Advance, say).
+// saves them in one storage request, and finishes each.
 func (h *Host) handleReadies(nodes []*Node) {
 	var readies []*pendingReady
 	var updates []storage.ShardUpdate
-	for {
-		readies, updates = readies[:0], updates[:0]
-		for _, n := range nodes {
-			if n.st.done || !n.st.rn.HasReady() {
-				continue
-			}
-			pr, err := n.takeReady()
-			if err != nil {
-				n.halt(err)
-				continue
-			}
-			readies = append(readies, pr)
-			if pr.u != nil {
-				updates = append(updates, storage.ShardUpdate{Shard: n.cfg.Storage, Update: pr.u})
-			}
+	for _, n := range nodes {
+		if n.st.done || !n.st.rn.HasReady() {
+			continue
 		}
-		if len(readies) == 0 {
-			return
+		pr, err := n.takeReady()
+		if err != nil {
+			n.halt(err)
+			continue
 		}
-		var errs []error
-		if len(updates) > 0 {
-			errs = h.cfg.Engine.SaveAll(updates)
+		readies = append(readies, pr)
+		if pr.u != nil {
+			updates = append(updates, storage.ShardUpdate{Shard: n.cfg.Storage, Update: pr.u})
 		}
-		i := 0
-		for _, pr := range readies {
-			var err error
-			if pr.u != nil {
-				err = errs[i]
-				i++
-			}
-			if err = pr.n.finishReady(pr, err); err != nil {
-				pr.n.halt(err)
-			}
+	}
+	var errs []error
+	if len(updates) > 0 {
+		errs = h.cfg.Engine.SaveAll(updates)
+	}
+	i := 0
+	for _, pr := range readies {
+		var err error
+		if pr.u != nil {
+			err = errs[i]
+			i++
 		}
-		clear(readies)
+		if err = pr.n.finishReady(pr, err); err != nil {
+			pr.n.halt(err)
+		}
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -736,6 +737,55 @@ func (n *Node) startReadRound(st *loopState) {
 	n.stats.ReadRounds.Add(1)
 }
 
+// dropCoveredCommits drops from msgs each append without entries that a
+// later append with entries to the same peer makes redundant, by carrying
+// a commit index at least as high. A leader whose commit index moves sends
+// every follower such an empty append, only to tell it the new commit
+// index; when the same Ready also sends that follower new entries
+// (acknowledgements and proposals arrived in the same loop iteration, as
+// under load they do), the second append tells it as well. Dropping the
+// first saves the message and the follower's answer to it. Raft tolerates
+// lost messages, so dropping one is always safe; this drops only those
+// whose content arrives anyway, in the same batch. msgs is the caller's
+// (raft gives up a Ready's messages), so it is compacted in place.
+func dropCoveredCommits(msgs []*pb.Message) []*pb.Message {
+	// For each peer, the highest commit index an append with entries
+	// later in msgs carries; a node has a handful of peers.
+	type carried struct{ to, commit uint64 }
+	var buf [4]carried
+	later := buf[:0]
+	var drop []bool
+	for i := len(msgs) - 1; i >= 0; i-- {
+		m := msgs[i]
+		if m.GetType() != pb.MsgApp {
+			continue
+		}
+		j := slices.IndexFunc(later, func(c carried) bool { return c.to == m.GetTo() })
+		switch {
+		case len(m.GetEntries()) > 0 && j < 0:
+			later = append(later, carried{m.GetTo(), m.GetCommit()})
+		case len(m.GetEntries()) > 0:
+			later[j].commit = max(later[j].commit, m.GetCommit())
+		case j >= 0 && later[j].commit >= m.GetCommit():
+			if drop == nil {
+				drop = make([]bool, len(msgs))
+			}
+			drop[i] = true
+		}
+	}
+	if drop == nil {
+		return msgs
+	}
+	kept := msgs[:0]
+	for i, m := range msgs {
+		if !drop[i] {
+			kept = append(kept, m)
+		}
+	}
+	clear(msgs[len(kept):])
+	return kept
+}
+
 // pendingReady is a node's Ready from takeReady to finishReady: its
 // storage update (nil when it has nothing to persist) is saved in between,
 // with the other nodes' of the same loop iteration.
@@ -840,6 +890,7 @@ func (n *Node) takeReady() (*pendingReady, error) {
 	// its own entry toward a quorum only after Advance, so nothing commits
 	// on the strength of an entry it has not persisted. Everyone else
 	// must persist first: a follower's MsgAppResp or vote promises it.
+	rd.Messages = dropCoveredCommits(rd.Messages)
 	pr := &pendingReady{n: n, rd: rd, waiting: waiting, answered: answered}
 	pr.sentEarly = st.isLeader && len(rd.Messages) > 0
 	if pr.sentEarly {
