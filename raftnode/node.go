@@ -572,13 +572,13 @@ func (n *Node) takeInput() {
 		return
 	default:
 	}
-	n.drain(st)
-	n.flushProposals(st)
+	n.drain()
+	n.flushProposals()
 	// One ReadIndex round at a time: reads that arrive while a round is
 	// in flight share the next one, so a burst of reads costs a couple
 	// of quorum round trips, not one each.
 	if len(st.readsQueued) > 0 && len(st.readRounds) == 0 {
-		n.startReadRound(st)
+		n.startReadRound()
 	}
 }
 
@@ -591,7 +591,7 @@ func (n *Node) halt(err error) {
 		n.err = err
 		n.errMu.Unlock()
 	}
-	n.failAll(n.st, ErrStopped)
+	n.failAll(ErrStopped)
 	// A replica let go leads nothing, whatever it last published.
 	n.leader.Store(0)
 	n.readyTerm.Store(0)
@@ -605,7 +605,7 @@ func (n *Node) afterApply() error {
 	st := n.st
 	visible, _ := n.cfg.Storage.Applied()
 	n.applied.Store(visible)
-	n.releaseReads(st)
+	n.releaseReads()
 	for _, w := range st.readsWaiting {
 		if w.index <= st.applied {
 			// A read waits for entries applied in the storage's open
@@ -614,22 +614,23 @@ func (n *Node) afterApply() error {
 			break
 		}
 	}
-	return n.maybeCompact(st)
+	return n.maybeCompact()
 }
 
-func (n *Node) drain(st *loopState) {
+func (n *Node) drain() {
+	st := n.st
 	for i := 0; i < 4096; i++ {
 		select {
 		case m := <-n.recvc:
 			n.step(st.rn, m)
 		case p := <-n.propc:
-			n.propose(st, p)
+			n.propose(p)
 		case w := <-n.readc:
-			n.queueRead(st, w)
+			n.queueRead(w)
 		case f := <-n.funcc:
 			// Proposals drained before f reach raft before it, as they
 			// did one by one: a leadership transfer must not drop them.
-			n.flushProposals(st)
+			n.flushProposals()
 			f(st.rn)
 		default:
 			return
@@ -637,7 +638,8 @@ func (n *Node) drain(st *loopState) {
 	}
 }
 
-func (n *Node) queueRead(st *loopState, w *readWaiter) {
+func (n *Node) queueRead(w *readWaiter) {
+	st := n.st
 	if w.index > 0 {
 		st.readsWaiting = append(st.readsWaiting, w)
 	} else {
@@ -651,7 +653,8 @@ func (n *Node) step(rn *raft.RawNode, m *pb.Message) {
 	}
 }
 
-func (n *Node) propose(st *loopState, p *proposal) {
+func (n *Node) propose(p *proposal) {
+	st := n.st
 	if !st.isLeader {
 		p.done <- result{err: &NotLeaderError{Shard: n.cfg.Shard, Leader: n.leader.Load()}}
 		return
@@ -670,11 +673,11 @@ func (n *Node) propose(st *loopState, p *proposal) {
 		st.batchEntries = append(st.batchEntries, &pb.Entry{Data: data})
 		return
 	}
-	n.flushProposals(st) // keep proposal order
+	n.flushProposals() // keep proposal order
 	cc := proto.CloneOf(p.cc.AsV2())
 	cc.Context = make([]byte, idPrefixLen)
 	binary.BigEndian.PutUint64(cc.Context, p.id)
-	n.proposed(st, []*proposal{p}, st.rn.ProposeConfChange(cc))
+	n.proposed([]*proposal{p}, st.rn.ProposeConfChange(cc))
 }
 
 // flushProposals gives raft every normal proposal drained this loop
@@ -683,7 +686,8 @@ func (n *Node) propose(st *loopState, p *proposal) {
 // a MsgApp per proposal per follower (and a MsgAppResp back, and often
 // an empty MsgApp to advance the commit index), however many shared the
 // Ready: 8.2 raft messages per put in make bench's 100-client run.
-func (n *Node) flushProposals(st *loopState) {
+func (n *Node) flushProposals() {
+	st := n.st
 	if len(st.batch) == 0 {
 		return
 	}
@@ -692,14 +696,15 @@ func (n *Node) flushProposals(st *loopState) {
 		From:    proto.Uint64(n.cfg.NodeID),
 		Entries: st.batchEntries,
 	})
-	n.proposed(st, st.batch, err)
+	n.proposed(st.batch, err)
 	clear(st.batch)
 	st.batch, st.batchEntries = st.batch[:0], nil // raft keeps the entries
 }
 
 // proposed records ps as waiting for their entries, or answers them with
 // err when raft refused them.
-func (n *Node) proposed(st *loopState, ps []*proposal, err error) {
+func (n *Node) proposed(ps []*proposal, err error) {
+	st := n.st
 	if err != nil {
 		if errors.Is(err, raft.ErrProposalDropped) {
 			// Dropped by a leader in transfer, or over the uncommitted
@@ -719,7 +724,8 @@ func (n *Node) proposed(st *loopState, ps []*proposal, err error) {
 	n.stats.Proposals.Add(uint64(len(ps)))
 }
 
-func (n *Node) startReadRound(st *loopState) {
+func (n *Node) startReadRound() {
+	st := n.st
 	if !st.isLeader {
 		err := &NotLeaderError{Shard: n.cfg.Shard, Leader: n.leader.Load()}
 		for _, w := range st.readsQueued {
@@ -812,7 +818,7 @@ func (n *Node) takeReady() (*pendingReady, error) {
 		st.isLeader = rd.SoftState.RaftState == raft.StateLeader
 		if wasLeader && !st.isLeader {
 			n.readyTerm.Store(0)
-			n.failAll(st, ErrLeadershipLost)
+			n.failAll(ErrLeadershipLost)
 		}
 	}
 	if hs := rd.HardState; hs != nil && !raft.IsEmptyHardState(hs) {
@@ -854,7 +860,7 @@ func (n *Node) takeReady() (*pendingReady, error) {
 	// quorum, and a crash before this commit replays them to the same
 	// result. Reads are unaffected: ReadIndex waits on n.applied, which
 	// moves only after the commit.
-	waiting, answered := n.waitingFor(st, rd.CommittedEntries)
+	waiting, answered := n.waitingFor(rd.CommittedEntries)
 	apply := func(tx *storage.Txn, e *pb.Entry) { n.applyEntry(tx, e) }
 	if waiting != nil {
 		first := rd.CommittedEntries[0].GetIndex()
@@ -976,7 +982,8 @@ func (n *Node) finishReady(pr *pendingReady, saveErr error) error {
 // waitingFor returns, aligned with ents, the proposals waiting for them
 // (nil when none is), and a slice to mark those answered. Called on the
 // loop goroutine.
-func (n *Node) waitingFor(st *loopState, ents []*pb.Entry) (waiting []*proposal, answered []bool) {
+func (n *Node) waitingFor(ents []*pb.Entry) (waiting []*proposal, answered []bool) {
+	st := n.st
 	for i, e := range ents {
 		var id uint64
 		switch e.GetType() {
@@ -1014,7 +1021,8 @@ func confChangeID(e *pb.Entry) uint64 {
 	return binary.BigEndian.Uint64(cc.GetContext())
 }
 
-func (n *Node) releaseReads(st *loopState) {
+func (n *Node) releaseReads() {
+	st := n.st
 	applied := n.applied.Load()
 	kept := st.readsWaiting[:0]
 	for _, w := range st.readsWaiting {
@@ -1029,7 +1037,8 @@ func (n *Node) releaseReads(st *loopState) {
 	st.readsWaiting = kept
 }
 
-func (n *Node) maybeCompact(st *loopState) error {
+func (n *Node) maybeCompact() error {
+	st := n.st
 	applied := n.applied.Load()
 	if applied <= st.lastCompact || applied-st.lastCompact < n.cfg.SnapshotEntries {
 		return nil
@@ -1049,7 +1058,8 @@ func (n *Node) maybeCompact(st *loopState) error {
 }
 
 // failAll answers every waiting proposal and read with err.
-func (n *Node) failAll(st *loopState, err error) {
+func (n *Node) failAll(err error) {
+	st := n.st
 	for _, p := range st.batch {
 		p.done <- result{err: err}
 	}
