@@ -525,11 +525,23 @@ func TestStoppedReplicaLeavesTheHostRunning(t *testing.T) {
 	c := newCluster(t, 3, 2, 10000)
 	c.waitLeaders()
 	l := c.leader(1)
+	var host uint64 // the node whose replica of shard 1 is stopped
+	for id, n := range c.nodes {
+		if n.host.Node(1) == l {
+			host = id
+		}
+	}
 	l.Stop()
 	select {
 	case <-l.Done():
 	default:
 		t.Fatal("Done not closed after Stop returned")
+	}
+	if l.IsLeader() || l.Leader() != 0 {
+		t.Fatalf("a stopped replica reports leader %d", l.Leader())
+	}
+	if err := l.Err(); err != nil {
+		t.Fatalf("Err after Stop = %v, want nil (stopped, not failed)", err)
 	}
 	if _, err := l.Propose(context.Background(), putCmd("k", "v")); !errors.Is(err, raftnode.ErrStopped) {
 		t.Fatalf("propose on a stopped replica: got %v, want ErrStopped", err)
@@ -547,6 +559,12 @@ func TestStoppedReplicaLeavesTheHostRunning(t *testing.T) {
 	if nl := c.leader(1); nl == l {
 		t.Fatal("the stopped replica still leads shard 1")
 	}
+	// The write to shard 2 had a quorum without the stopped replica's
+	// host; only that host's own replica applying it shows its loop
+	// still runs.
+	waitFor(t, 10*time.Second, fmt.Sprintf("node %d's replica of shard 2 to apply the write", host), func() bool {
+		return c.countKeys(host, 2, "after/") == 1
+	})
 }
 
 func TestAddShardOnAStoppedHost(t *testing.T) {
