@@ -571,7 +571,7 @@ func TestAddShardOnAStoppedHost(t *testing.T) {
 	c := newCluster(t, 1, 1, 10000)
 	h := c.nodes[1].host
 	h.Stop()
-	if _, err := h.AddShard(2, []uint64{1}); !errors.Is(err, raftnode.ErrHostStopped) {
-		t.Fatalf("AddShard after Stop: got %v, want ErrHostStopped", err)
+	if _, err := h.AddShard(2, []uint64{1}); !errors.Is(err, raftnode.ErrStopped) {
+		t.Fatalf("AddShard after Stop: got %v, want ErrStopped", err)
 	}
 }

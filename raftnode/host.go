@@ -64,10 +64,6 @@ type Host struct {
 // ErrUnknownShard is returned for a shard this node does not host.
 var ErrUnknownShard = errors.New("raftnode: shard not hosted on this node")
 
-// ErrHostStopped is returned by AddShard on a host not running: before
-// Start or after Stop.
-var ErrHostStopped = errors.New("raftnode: host not running")
-
 // NewHost returns a Host; call Start with the transport before AddShard.
 func NewHost(cfg HostConfig) *Host {
 	if cfg.TickInterval == 0 {
@@ -102,8 +98,11 @@ func (h *Host) AddShard(id uint64, voters []uint64) (*Node, error) {
 	if n, ok := h.mu.nodes[id]; ok {
 		return n, nil
 	}
-	if h.sender == nil || h.mu.stopped {
-		return nil, ErrHostStopped
+	if h.sender == nil {
+		return nil, errors.New("raftnode: AddShard before Start")
+	}
+	if h.mu.stopped {
+		return nil, fmt.Errorf("raftnode: add shard %d: host: %w", id, ErrStopped)
 	}
 	st, err := h.cfg.Engine.OpenShard(id)
 	if errors.Is(err, storage.ErrShardNotFound) {
