@@ -29,7 +29,7 @@ import (
 //     published, and one committed under an earlier term lies below the
 //     first entry this leader committed in T (Leader Completeness).
 //  2. A peer answers with its published term. A replica publishes a term
-//     before it sends any message in that term (handleReady stores it
+//     before it sends any message in that term (takeReady stores it
 //     before anything leaves), and terms only grow.
 //  3. The read is confirmed when a majority of the shard's voters, the
 //     leader included, had a published term ≤ T after the read arrived.

@@ -75,7 +75,7 @@ type Config struct {
 	ClientListener, PeerListener net.Listener
 }
 
-// Limits bound request sizes and queues (DESIGN.md §3).
+// Limits bound request sizes and queues (docs/design.md, Limits).
 type Limits struct {
 	MaxKeyBytes     int // default 4 KiB
 	MaxValueBytes   int // default 1 MiB

@@ -25,7 +25,7 @@ func invalid(format string, a ...any) error {
 }
 
 // toStatus maps an internal error to the gRPC status clients see. It is the
-// one place where kvd errors become status codes (DESIGN.md §3).
+// one place where kvd errors become status codes (docs/design.md, Errors).
 func (s *Server) toStatus(err error, shard uint64) error {
 	if err == nil {
 		return nil

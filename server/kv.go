@@ -249,8 +249,8 @@ func (s *Server) read(ctx context.Context, shard uint64, c kvpb.Consistency, fn 
 // withTimeout bounds a request that came without a deadline by
 // --request-timeout. One that has a deadline keeps its ctx as it is:
 // nothing started under it outlives the request, so a derived context
-// would only cost its allocation and registration with the parent (3.3%
-// of node CPU in the linearizable-get profile).
+// would only cost its allocation and registration with the parent, which
+// showed in the node's CPU profile of linearizable gets (9393794).
 func (s *Server) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
 	if _, ok := ctx.Deadline(); ok {
 		return ctx, func() {}

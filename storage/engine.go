@@ -40,11 +40,10 @@ type Options struct {
 	// across rounds (each made durable by the WAL) before it commits.
 	// Readers see applied state only once it commits, so it also bounds
 	// how far a serializable read may lag the writes this node applied.
-	// Default 200 ms (etcd commits its backend every 100 ms): against 50
-	// ms it took 100-client distinct-key puts from 1,270 to 1,465 ops/s
-	// and 1,526 to 1,775 (make ab: two clusters side by side on one slow
-	// VM), as a commit costs about the same with four times the writes in
-	// it.
+	// Default 200 ms (etcd commits its backend every 100 ms): a commit
+	// costs about the same with four times the writes in it, so fewer
+	// commits leave the writer more time for rounds (991a3f6 has the
+	// measurements).
 	// Negative commits after every round.
 	CommitInterval time.Duration
 }
@@ -58,10 +57,9 @@ const (
 	// in memory (entries the open transaction holds stay too). Raft reads
 	// the tail (to send appends to followers, to apply) and rarely
 	// anything older, which comes from bbolt. 256 KiB is ~750 entries of
-	// a 256-byte put, seconds of a shard's writes under load. 4 MiB per
-	// shard was half a node's heap after a million puts; 1 MiB was most
-	// of the ~40 MB live heap under make bench's puts, which kvd's GOGC
-	// of 300 (cmd/kvd) would have let grow to 160 MB.
+	// a 256-byte put, seconds of a shard's writes under load. Larger
+	// caches were most of a node's live heap, which kvd's GOGC of 300
+	// (cmd/kvd) lets grow to four times its size (a681cab).
 	defaultLogCacheBytes = 256 << 10
 
 	// openTimeout bounds the wait for bbolt's file lock, so a second process

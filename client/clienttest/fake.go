@@ -5,10 +5,10 @@
 // 127.0.0.1:0 serving the public KV and Cluster services and the gRPC health
 // service, but the data lives in one shared in-memory map and nothing is
 // replicated. What it does model faithfully is the client-facing contract
-// of DESIGN.md §3: routing by the ring, NotLeader answers with or without
-// a leader hint, StaleEpoch, InvalidArgument, exactly-once (session, seq)
-// deduplication, and faults a test switches on per node (down, hung,
-// failing the next calls).
+// that docs/design.md describes (Errors, Client behaviour): routing by the
+// ring, NotLeader answers with or without a leader hint, StaleEpoch,
+// InvalidArgument, exactly-once (session, seq) deduplication, and faults a
+// test switches on per node (down, hung, failing the next calls).
 package clienttest
 
 import (

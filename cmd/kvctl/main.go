@@ -1,6 +1,6 @@
 // Command kvctl is the command-line client of kvd.
 //
-// Exit codes (DESIGN.md §3): 0 success; 1 key not found (or compare
+// Exit codes (docs/design.md, kvctl): 0 success; 1 key not found (or compare
 // failed); 2 bad usage or input; 3 cluster unavailable (no quorum,
 // timeout, no endpoint answers). Errors go to stderr as one line that says
 // what to do next.

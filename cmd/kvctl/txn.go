@@ -15,7 +15,7 @@ import (
 )
 
 // exitCompareFailed is exit 1 for a transaction whose compares failed
-// (DESIGN.md §3 shares it with "key not found").
+// (docs/design.md, kvctl, shares it with "key not found").
 const exitCompareFailed = exitNotFound
 
 func (a *app) casCmd() *cobra.Command {

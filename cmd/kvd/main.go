@@ -35,14 +35,11 @@ func main() {
 // defaultGOGC is the garbage collector's target unless the GOGC
 // environment variable sets one. A node's live heap is small and bounded
 // (each shard's log cache, and what admission lets in), while it allocates
-// fast: ~90 MB/s per node under make bench's 100-client puts. Collection
-// work per second follows the allocation rate divided by GOGC, so Go's
-// default of 100 spent a large share of the CPU collecting a ~40 MB heap.
-// 300, with the log cache cut from 1 MiB to 256 KiB per shard, left the
-// nodes' anonymous memory after 15 s of puts where it was (64-73 MiB;
-// 81-82 MiB after a million puts, from 64-73) and measured +5.4..+7.5%
-// distinct-key puts (three interleaved pairs of single-cluster runs).
-// GOMEMLIMIT still caps the heap when set.
+// fast under load. Collection work per second follows the allocation
+// rate divided by GOGC, so Go's default of 100 spent a large share of the
+// CPU collecting a small heap. 300, with the log cache cut to 256 KiB per
+// shard, kept the nodes' memory about where it was and made puts faster
+// (a681cab has the measurements). GOMEMLIMIT still caps the heap when set.
 const defaultGOGC = 300
 
 func setGCPercent() {

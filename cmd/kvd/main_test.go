@@ -11,7 +11,8 @@ import (
 	"github.com/kvd/kvd/internal/proccluster"
 )
 
-// The flags DESIGN.md §3 promises, each with its environment variable.
+// The flags docs/design.md (kvd flags) promises, each with its environment
+// variable.
 var documentedFlags = []string{
 	"--id", "--data-dir", "--listen-client", "--advertise-client",
 	"--listen-peer", "--advertise-peer", "--listen-metrics",

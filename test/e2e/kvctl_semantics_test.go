@@ -12,7 +12,8 @@ import (
 	"github.com/kvd/kvd/internal/proccluster"
 )
 
-// TestKvctlSemantics drives the semantics users rely on (DESIGN.md §2-§3)
+// TestKvctlSemantics drives the semantics users rely on (docs/design.md,
+// Semantics and kvctl)
 // through kvctl against a real 3-node cluster: compare-and-swap,
 // transactions within and across shards, revisions, counts, ranges and the
 // request limits, each with its exit code.
