@@ -22,7 +22,8 @@
 // deterministic rule needs no negotiation: one side reconnects (jittered
 // exponential backoff, 50 ms to 2 s), the other waits, and a newer inbound
 // stream from a peer always replaces the older one, which is dead or about
-// to be. This is the "one gRPC stream per peer" budget of DESIGN §5.
+// to be. This keeps the "one gRPC stream per peer" of docs/design.md
+// (Durability and availability).
 //
 // Dead links are noticed in seconds, not at the next TCP timeout. Each side
 // sends an empty batch after a second without traffic, and breaks the

@@ -32,7 +32,8 @@ import (
 	"github.com/kvd/kvd/proto/kvpb"
 )
 
-// MaxKeySize mirrors the server's default key limit (DESIGN §3).
+// MaxKeySize mirrors the server's default key limit (docs/design.md,
+// Limits).
 const MaxKeySize = 4096
 
 // Mode is a FakeNode's behaviour.
