@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Builds etcd and etcd's own benchmark tool, at ETCD_VERSION (default
-# v3.6.14, the version issue 8's budget was set against), into
-# bin/etcd-VERSION/ (make etcd). make bench runs them next to kvd, so its
-# table carries a same-run etcd comparison: this VM's speed drifts by a
-# third between days, and a ratio measured in one run far less (by a
-# tenth to a fifth between runs; take the median of three).
+# v3.6.14, the version the throughput budget in docs/benchmarks.md was
+# set against), into bin/etcd-VERSION/ (make etcd). make bench runs them
+# next to kvd, so its table carries a same-run etcd comparison: this VM's
+# speed drifts by a third between days, and a ratio measured in one run
+# far less (by a tenth to a fifth between runs; take the median of
+# three).
 #
 # Both come from the Go module proxy, built from source in a throwaway
 # module (etcd's own go.mod has replace directives, so `go install
