@@ -34,12 +34,13 @@
 // A round's requests run in a bbolt write transaction that stays open
 // across rounds. A round of plain Saves is made durable by one record in
 // the write-ahead log (kvd.wal next to the bbolt file: the rounds' new log
-// entries and hard states) and one fdatasync, ~0.1-0.3 ms, where a bbolt
-// commit writes every dirty B+tree page and syncs twice (~0.6-1.3 ms
-// here). The transaction commits every Options.CommitInterval (200 ms),
-// when a request needs it (snapshot install, compaction, membership
-// change, log truncation below the cache, shard create/delete, node
-// metadata, a Save without NoWait that applies), on Flush, on Close, and
+// entries and hard states) and one fdatasync of a preallocated file, where
+// a bbolt commit writes every dirty B+tree page and syncs twice, several
+// times as long (8c4144d). The transaction commits every
+// Options.CommitInterval (200 ms), when a request needs it (snapshot
+// install, compaction, membership change, log truncation below the
+// cache, shard create/delete, node metadata, a Save without NoWait that
+// applies), on Flush, on Close, and
 // when the WAL nears its preallocated size; each commit restarts the WAL.
 // Open replays the WAL records written since the last commit (wal.go
 // explains how generations tell them apart) and commits them.
