@@ -102,6 +102,10 @@ func apply(tx *storage.Txn, data []byte) *peerpb.Result {
 			if err := proto.Unmarshal(r, &res); err != nil {
 				return reject(fmt.Errorf("%w: recorded result: %v", ErrCorrupt, err))
 			}
+			// Another request reusing the seq must not get this one's
+			// result (and have its own write silently dropped). A record
+			// without a fingerprint predates them: it matches, as it
+			// always did, since nothing tells what request made it.
 			if len(res.GetFingerprint()) > 0 && !bytes.Equal(res.GetFingerprint(), fp) {
 				return reject(fmt.Errorf("%w (session %#x, seq %d)", ErrSeqReused, session, seq))
 			}
