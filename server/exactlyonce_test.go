@@ -233,9 +233,16 @@ func TestHandlerPanicIsRecovered(t *testing.T) {
 	if status.Code(err) != codes.Internal {
 		t.Fatalf("stream panic: %v, want Internal", err)
 	}
-	serve := s.recoverItems(func(context.Context, *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) { panic("boom") })
+	// As Batch serves an item: admitted and observed inside the recovery.
+	serve := s.recoverItems(func(_ context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
+		_, err := s.metrics.observe(it.Method(), it.Inner(), func() (any, error) { panic("boom") })
+		return nil, err
+	})
 	if _, err := serve(ctx, &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Get{Get: &kvpb.GetRequest{Key: []byte("k")}}}); status.Code(err) != codes.Internal {
 		t.Fatalf("batch item panic: %v, want Internal", err)
+	}
+	if n := s.metrics.inFlight.Load(); n != 0 {
+		t.Fatalf("a recovered batch item panic left %d bytes charged in flight", n)
 	}
 	text := scrape(t, s)
 	for _, m := range []string{`kvd_handler_panics_total{method="Put"}`, `kvd_handler_panics_total{method="Batch"}`, `kvd_handler_panics_total{method="Batch/Get"}`} {
