@@ -3,6 +3,7 @@ package fsm
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -194,5 +195,13 @@ func TestRecordedTxnReadsStaySmall(t *testing.T) {
 	again, err := sh.apply(withSession(proto.CloneOf(smallTxn), 1, 2, 0, 4))
 	if err != nil || !proto.Equal(first, again) {
 		t.Fatalf("retry of a small txn: %v, %v; want %v", again, err, first)
+	}
+}
+
+// A rejection whose message is not valid UTF-8 still encodes.
+func TestRejectionMessageIsValidUTF8(t *testing.T) {
+	r := reject(fmt.Errorf("%w: key %s", ErrEmptyKey, "\xff\xfe"))
+	if _, err := DecodeResult(encode(r)); !errors.Is(err, ErrEmptyKey) {
+		t.Fatalf("decoded %v, want ErrEmptyKey", err)
 	}
 }

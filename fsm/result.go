@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"strings"
 
 	"google.golang.org/protobuf/encoding/protowire"
 
@@ -47,9 +48,12 @@ var sentinels = []struct {
 }
 
 // reject builds the Result of a deterministic rejection, with the code of
-// the sentinel err wraps (unspecified when none does).
+// the sentinel err wraps (unspecified when none does). The message is made
+// valid UTF-8: a proto string that is not fails to encode, and encode
+// panics, so a message quoting a client's key with %s must not take the
+// node down.
 func reject(err error) *peerpb.Result {
-	r := &peerpb.Result{Error: err.Error()}
+	r := &peerpb.Result{Error: strings.ToValidUTF8(err.Error(), "\uFFFD")}
 	for _, s := range sentinels {
 		if errors.Is(err, s.err) {
 			r.Code = s.code
