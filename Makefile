@@ -21,7 +21,15 @@ RACE_PKGS = $$($(GO) list ./... | grep -v '/test/')
 PROC_PKGS = $$($(GO) list ./test/...)
 TEST_TIMEOUT ?= 15m
 
-.PHONY: help build test test-unit lint proto tools clean
+# Fuzz targets: package:name. `make test` runs each for FUZZ_SHORT, `make
+# fuzz` for FUZZTIME. An input that fails is written to the package's
+# testdata/fuzz, where plain `go test` replays it from then on.
+FUZZ_TARGETS := ./fsm:FuzzApplySequences ./fsm:FuzzApply ./fsm:FuzzStoredDecoders \
+                ./server:FuzzCheckTxn ./hashring:FuzzShard ./client:FuzzDecodeToken
+FUZZ_SHORT   ?= 10s
+FUZZTIME     ?= 2m
+
+.PHONY: help build test test-unit lint proto tools clean fuzz
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -32,8 +40,15 @@ build: ## build kvd and kvctl into ./bin
 
 test: lint ## everything CI runs: lint, unit, race, cluster tests, compose test (when Docker answers)
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) -race $(RACE_PKGS)
+	$(MAKE) --no-print-directory fuzz FUZZTIME=$(FUZZ_SHORT)
 	$(GO) test -count=1 -p 1 -timeout $(TEST_TIMEOUT) $(PROC_PKGS)
 	./scripts/compose-test.sh
+
+fuzz: ## run every fuzz target for FUZZTIME (default 2m) each
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  echo "fuzz $${t#*:} ($${t%%:*}) for $(FUZZTIME)"; \
+	  $(GO) test -count=1 -run '^$$' -fuzz "^$${t#*:}\$$" -fuzztime $(FUZZTIME) "$${t%%:*}"; \
+	done
 
 lint: ## gofmt and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); \

@@ -239,6 +239,10 @@ func (c *Client) classify(ctx context.Context, r route, n *node, err error, ownT
 	switch code {
 	case codes.InvalidArgument:
 		return done, fmt.Errorf("%w: %s", ErrInvalidArgument, st.Message())
+	case codes.Aborted:
+		// The only Aborted a node answers: the write applied on an
+		// earlier attempt and its result is gone. Not transient.
+		return done, fmt.Errorf("%w: %s", ErrResultNotKept, st.Message())
 	case codes.Unavailable:
 		if nl := notLeader(st); nl != nil {
 			if nl.GetLeaderId() != 0 && nl.GetLeaderId() != n.id {

@@ -16,7 +16,10 @@
 // the result of every write per (session, seq) and answers a retry with it;
 // the client's ack_below watermark says which results it will never ask for
 // again, so they are dropped. Unlike "last seq per session", this lets one
-// session keep many writes in flight.
+// session keep many writes in flight. A record carries a fingerprint of its
+// request, so a different request reusing a (session, seq) is rejected
+// rather than answered with another write's result; and it keeps what a
+// retry needs, not large read results (MaxRecordedReadBytes).
 package fsm
 
 import (
@@ -41,8 +44,9 @@ var (
 	prefixResult   = []byte("r/")
 )
 
-// Errors recorded in Result.error. They are deterministic rejections: every
-// replica reaches the same one.
+// Errors recorded in Result.error, with their Result.code. They are
+// deterministic rejections: every replica reaches the same one. Outcome and
+// DecodeResult return errors that errors.Is matches with them.
 var (
 	ErrMalformed  = errors.New("fsm: malformed command")
 	ErrStaleSeq   = errors.New("fsm: write already acknowledged by the client (seq below ack_below)")
@@ -50,6 +54,22 @@ var (
 	ErrNotMeta    = errors.New("fsm: cluster map can only be set on the meta shard")
 	ErrEmptyKey   = errors.New("fsm: empty key")
 	ErrUnknownCmd = errors.New("fsm: unknown command")
+	// ErrSeqReused: the (session, seq) holds the result of a different
+	// request. Answering the new one with it would drop the new write.
+	ErrSeqReused = errors.New("fsm: the session's sequence number was reused for a different request; a new write needs a new seq")
+	// ErrTxnTooLarge: the transaction's read payload exceeds
+	// MaxTxnReadBytes; nothing was applied.
+	ErrTxnTooLarge = errors.New("fsm: transaction result too large")
+	// ErrResultNotKept: a retry of a transaction that was applied, whose
+	// read results were too large to keep for it.
+	ErrResultNotKept = errors.New("fsm: result not kept for a retry")
+	// ErrMemberConflict: a member change conflicts with the cluster map.
+	ErrMemberConflict = errors.New("fsm: member change conflicts with the cluster map")
+	// ErrCorrupt: a stored record does not decode.
+	ErrCorrupt = errors.New("fsm: stored record does not decode")
+	// ErrRejected is what a rejection recorded without a code (or with
+	// one this version does not know) matches.
+	ErrRejected = errors.New("fsm: command rejected")
 )
 
 // Apply applies one encoded peerpb.Command and returns its
@@ -63,30 +83,40 @@ func Apply(tx *storage.Txn, _ uint64, data []byte) any {
 func apply(tx *storage.Txn, data []byte) *peerpb.Result {
 	var c peerpb.Command
 	if err := proto.Unmarshal(data, &c); err != nil {
-		return &peerpb.Result{Error: ErrMalformed.Error()}
+		return reject(ErrMalformed)
 	}
 	session, seq := c.GetSession(), c.GetSeq()
 	var st *peerpb.SessionState
+	var fp []byte
 	if session != 0 {
 		st = loadSession(tx, session)
 		if seq < st.GetAckBelow() {
-			return &peerpb.Result{Error: ErrStaleSeq.Error()}
+			return reject(ErrStaleSeq)
 		}
+		fp = fingerprint(&c)
 		if r := tx.GetMeta(resultKey(session, seq)); r != nil {
 			// A retry: answer what the first attempt got. Every replica
 			// holds the same bytes, so even a decode failure is the same
 			// answer everywhere.
 			var res peerpb.Result
 			if err := proto.Unmarshal(r, &res); err != nil {
-				return &peerpb.Result{Error: fmt.Sprintf("fsm: decode recorded result: %v", err)}
+				return reject(fmt.Errorf("%w: recorded result: %v", ErrCorrupt, err))
 			}
+			// Another request reusing the seq must not get this one's
+			// result (and have its own write silently dropped). A record
+			// without a fingerprint predates them: it matches, as it
+			// always did, since nothing tells what request made it.
+			if len(res.GetFingerprint()) > 0 && !bytes.Equal(res.GetFingerprint(), fp) {
+				return reject(fmt.Errorf("%w (session %#x, seq %d)", ErrSeqReused, session, seq))
+			}
+			res.Fingerprint = nil
 			return &res
 		}
 	}
 
 	res := execute(tx, &c)
 	if session != 0 {
-		tx.PutMeta(resultKey(session, seq), encode(res))
+		tx.PutMeta(resultKey(session, seq), recorded(res, fp))
 		if ack := c.GetAckBelow(); ack > st.GetAckBelow() {
 			dropResults(tx, session, st.GetAckBelow(), ack)
 			st.AckBelow = ack
@@ -105,8 +135,8 @@ func Outcome(v any) (*peerpb.Result, error) {
 	if !ok {
 		return nil, fmt.Errorf("fsm: result is a %T, not a *peerpb.Result", v)
 	}
-	if r.GetError() != "" {
-		return r, errors.New(r.GetError())
+	if err := rejectionOf(r); err != nil {
+		return r, err
 	}
 	return r, nil
 }
@@ -127,7 +157,7 @@ func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
 		rev := nextRevision(tx)
 		resp, err := put(tx, op.Put, rev)
 		if err != nil {
-			return &peerpb.Result{Error: err.Error()}
+			return reject(err)
 		}
 		setRevision(tx, rev)
 		resp.Header = &kvpb.ResponseHeader{Revision: rev}
@@ -136,7 +166,7 @@ func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
 		rev := nextRevision(tx)
 		resp, err := del(tx, op.Delete)
 		if err != nil {
-			return &peerpb.Result{Error: err.Error()}
+			return reject(err)
 		}
 		if resp.GetDeleted() > 0 {
 			setRevision(tx, rev)
@@ -148,7 +178,7 @@ func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
 	case *peerpb.Command_Txn:
 		resp, err := txn(tx, op.Txn)
 		if err != nil {
-			return &peerpb.Result{Error: err.Error()}
+			return reject(err)
 		}
 		return &peerpb.Result{Op: &peerpb.Result_Txn{Txn: resp}}
 	case *peerpb.Command_ExpireSessions:
@@ -156,16 +186,16 @@ func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
 		return &peerpb.Result{}
 	case *peerpb.Command_UpdateMember:
 		if err := updateMember(tx, op.UpdateMember.GetMember(), op.UpdateMember.GetAdd()); err != nil {
-			return &peerpb.Result{Error: err.Error()}
+			return reject(err)
 		}
 		return &peerpb.Result{}
 	case *peerpb.Command_SetClusterMap:
 		if err := setClusterMap(tx, op.SetClusterMap.GetMap()); err != nil {
-			return &peerpb.Result{Error: err.Error()}
+			return reject(err)
 		}
 		return &peerpb.Result{}
 	default:
-		return &peerpb.Result{Error: ErrUnknownCmd.Error()}
+		return reject(ErrUnknownCmd)
 	}
 }
 
@@ -231,6 +261,14 @@ func txn(tx *storage.Txn, r *kvpb.TxnRequest) (*kvpb.TxnResponse, error) {
 	ops := r.GetSuccess()
 	if !ok {
 		ops = r.GetFailure()
+	}
+	size, err := checkTxnOps(tx, ops)
+	if err != nil {
+		return nil, err
+	}
+	if size > MaxTxnReadBytes {
+		return nil, fmt.Errorf("%w: transaction would return %d bytes; the limit is %d; read fewer or smaller keys per transaction",
+			ErrTxnTooLarge, size, MaxTxnReadBytes)
 	}
 	rev := nextRevision(tx)
 	changed := false
@@ -357,12 +395,12 @@ func updateMember(tx *storage.Txn, m *kvpb.Member, add bool) error {
 	for _, have := range cur.GetMembers() {
 		if have.GetId() != m.GetId() {
 			if add && have.GetPeerAddr() == m.GetPeerAddr() {
-				return fmt.Errorf("fsm: peer address %s belongs to member %d", m.GetPeerAddr(), have.GetId())
+				return fmt.Errorf("%w: peer address %s belongs to member %d", ErrMemberConflict, m.GetPeerAddr(), have.GetId())
 			}
 			continue
 		}
 		if add && have.GetPeerAddr() != m.GetPeerAddr() {
-			return fmt.Errorf("fsm: member %d already exists with peer address %s", m.GetId(), have.GetPeerAddr())
+			return fmt.Errorf("%w: member %d already exists with peer address %s", ErrMemberConflict, m.GetId(), have.GetPeerAddr())
 		}
 		if have.GetClientAddr() == m.GetClientAddr() && have.GetPeerAddr() == m.GetPeerAddr() {
 			return nil
@@ -372,7 +410,7 @@ func updateMember(tx *storage.Txn, m *kvpb.Member, add bool) error {
 		return tx.PutMeta(metaClusterMap, encode(cur))
 	}
 	if !add {
-		return fmt.Errorf("fsm: member %d is not in the cluster map", m.GetId())
+		return fmt.Errorf("%w: member %d is not in the cluster map", ErrMemberConflict, m.GetId())
 	}
 	cur.Members = append(cur.Members, proto.CloneOf(m))
 	slices.SortFunc(cur.Members, func(a, b *kvpb.Member) int { return cmp.Compare(a.GetId(), b.GetId()) })
@@ -387,7 +425,7 @@ func ClusterMapFrom(b []byte) (*kvpb.ClusterMap, error) {
 	}
 	var m kvpb.ClusterMap
 	if err := proto.Unmarshal(b, &m); err != nil {
-		return nil, fmt.Errorf("fsm: decode cluster map: %w", err)
+		return nil, fmt.Errorf("%w: cluster map: %v", ErrCorrupt, err)
 	}
 	return &m, nil
 }
@@ -441,7 +479,7 @@ func load(tx *storage.Txn, key []byte) (*peerpb.StoredValue, error) {
 func decodeStored(v []byte) (*peerpb.StoredValue, error) {
 	var sv peerpb.StoredValue
 	if err := proto.Unmarshal(v, &sv); err != nil {
-		return nil, fmt.Errorf("fsm: decode stored value: %w", err)
+		return nil, fmt.Errorf("%w: stored value: %v", ErrCorrupt, err)
 	}
 	return &sv, nil
 }

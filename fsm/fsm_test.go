@@ -26,12 +26,23 @@ type shard struct {
 
 func newShard(t *testing.T) *shard {
 	t.Helper()
-	e, err := storage.Open(filepath.Join(t.TempDir(), "kvd.db"), storage.Options{NoSync: true})
+	return newShardOn(t, openEngine(t), 1)
+}
+
+func openEngine(tb testing.TB) *storage.Engine {
+	tb.Helper()
+	e, err := storage.Open(filepath.Join(tb.TempDir(), "kvd.db"), storage.Options{NoSync: true})
 	if err != nil {
-		t.Fatal(err)
+		tb.Fatal(err)
 	}
-	t.Cleanup(func() { e.Close() })
-	s, err := e.CreateShard(1, &pb.ConfState{Voters: []uint64{1}})
+	tb.Cleanup(func() { e.Close() })
+	return e
+}
+
+// newShardOn creates shard id in e.
+func newShardOn(t *testing.T, e *storage.Engine, id uint64) *shard {
+	t.Helper()
+	s, err := e.CreateShard(id, &pb.ConfState{Voters: []uint64{1}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -402,8 +413,15 @@ func FuzzStoredDecoders(f *testing.F) {
 	f.Add(mustMarshal(&kvpb.ClusterMap{Epoch: 3, Members: []*kvpb.Member{{Id: 1}}}))
 	f.Add([]byte{0xff})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		if sv, err := decodeStored(b); err == nil {
+		sv, err := decodeStored(b)
+		if err == nil {
 			_ = toKV([]byte("k"), sv)
+		}
+		// The size pre-pass of transactions reads a value's length
+		// without decoding; it must agree with the decoder.
+		n, lerr := storedValueLen(b)
+		if err == nil && (lerr != nil || n != len(sv.GetValue())) {
+			t.Fatalf("storedValueLen = %d, %v; the decoded value is %d bytes", n, lerr, len(sv.GetValue()))
 		}
 		_, _ = ClusterMapFrom(b)
 	})

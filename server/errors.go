@@ -8,6 +8,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/kvd/kvd/fsm"
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/raftnode"
 )
@@ -17,6 +18,11 @@ var (
 	ErrInvalid    = errors.New("invalid request")
 	ErrStaleEpoch = errors.New("stale cluster map epoch")
 	ErrNoReplica  = errors.New("shard not hosted on this node")
+	// ErrWrongResult: the state machine answered a write with the result
+	// of another kind of operation. fsm rejects a (session, seq) reused for
+	// another request, so this is a broken invariant, answered as Internal
+	// for the one request rather than a crash of the node.
+	ErrWrongResult = errors.New("state machine answered with the result of another operation")
 )
 
 // invalid builds an InvalidArgument error with a message for the user.
@@ -41,6 +47,20 @@ func (s *Server) toStatus(err error, shard uint64) error {
 		return s.notLeader(shard, 0)
 	case errors.Is(err, ErrInvalid):
 		return status.Error(codes.InvalidArgument, err.Error())
+	// Deterministic rejections of the state machine.
+	case errors.Is(err, fsm.ErrSeqReused), errors.Is(err, fsm.ErrTxnTooLarge),
+		errors.Is(err, fsm.ErrEmptyKey), errors.Is(err, fsm.ErrMalformed),
+		errors.Is(err, fsm.ErrUnknownCmd), errors.Is(err, fsm.ErrRejected):
+		return status.Errorf(codes.InvalidArgument, "shard %d: %v", shard, err)
+	case errors.Is(err, fsm.ErrStaleSeq):
+		return status.Errorf(codes.FailedPrecondition, "shard %d: %v", shard, err)
+	case errors.Is(err, fsm.ErrResultNotKept):
+		// Applied, but its answer is gone: retrying cannot bring it back.
+		return status.Errorf(codes.Aborted, "shard %d: %v", shard, err)
+	case errors.Is(err, fsm.ErrEpoch), errors.Is(err, fsm.ErrNotMeta), errors.Is(err, fsm.ErrMemberConflict):
+		return status.Errorf(codes.FailedPrecondition, "shard %d: %v", shard, err)
+	case errors.Is(err, fsm.ErrCorrupt), errors.Is(err, ErrWrongResult):
+		return status.Errorf(codes.Internal, "shard %d: %v", shard, err)
 	case errors.Is(err, ErrStaleEpoch):
 		st, _ := status.New(codes.FailedPrecondition, err.Error()).WithDetails(&kvpb.StaleEpoch{Epoch: s.epoch()})
 		return st.Err()

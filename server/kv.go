@@ -41,6 +41,9 @@ func (s *Server) Put(ctx context.Context, req *kvpb.PutRequest) (*kvpb.PutRespon
 		return nil, s.toStatus(err, shard)
 	}
 	resp := res.GetPut()
+	if resp == nil {
+		return nil, s.toStatus(s.wrongResult(shard, "put", res), shard)
+	}
 	resp.Header = s.header(shard, resp.GetHeader().GetRevision())
 	return resp, nil
 }
@@ -60,6 +63,9 @@ func (s *Server) Delete(ctx context.Context, req *kvpb.DeleteRequest) (*kvpb.Del
 		return nil, s.toStatus(err, shard)
 	}
 	resp := res.GetDelete()
+	if resp == nil {
+		return nil, s.toStatus(s.wrongResult(shard, "delete", res), shard)
+	}
 	resp.Header = s.header(shard, resp.GetHeader().GetRevision())
 	return resp, nil
 }
@@ -84,6 +90,9 @@ func (s *Server) Txn(ctx context.Context, req *kvpb.TxnRequest) (*kvpb.TxnRespon
 		return nil, s.toStatus(err, shard)
 	}
 	resp := res.GetTxn()
+	if resp == nil {
+		return nil, s.toStatus(s.wrongResult(shard, "txn", res), shard)
+	}
 	resp.Header = s.header(shard, resp.GetHeader().GetRevision())
 	return resp, nil
 }
@@ -113,7 +122,7 @@ func (s *Server) Get(ctx context.Context, req *kvpb.GetRequest) (*kvpb.GetRespon
 // Batch implements kvpb.KV: each item is admitted, served and counted as
 // its unary method would be (the metrics carry that method's name).
 func (s *Server) Batch(stream kvpb.KV_BatchServer) error {
-	return kvpb.ServeBatch(countedStream{stream, s.metrics}, func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
+	return kvpb.ServeBatch(countedStream{stream, s.metrics}, s.recoverItems(func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
 		var res *kvpb.BatchResponseItem
 		_, err := s.metrics.observe(it.Method(), it.Inner(), func() (any, error) {
 			var err error
@@ -121,7 +130,7 @@ func (s *Server) Batch(stream kvpb.KV_BatchServer) error {
 			return res, err
 		})
 		return res, err
-	})
+	}))
 }
 
 // countedStream counts the messages and items a Batch stream receives.
@@ -208,13 +217,17 @@ func (s *Server) propose(ctx context.Context, shard uint64, h *kvpb.RequestHeade
 	if err != nil {
 		return nil, err
 	}
-	res, err := fsm.Outcome(out)
-	if err != nil {
-		// A deterministic rejection at apply time: the request itself was
-		// bad (validation normally catches it before proposing).
-		return nil, invalid("%v", err)
-	}
-	return res, nil
+	// A deterministic rejection at apply time keeps its fsm sentinel for
+	// toStatus: most are bad requests that validation did not catch, some
+	// (a result not kept for a retry) are not.
+	return fsm.Outcome(out)
+}
+
+// wrongResult logs and returns the error for a result that does not hold
+// the operation proposed.
+func (s *Server) wrongResult(shard uint64, want string, res *peerpb.Result) error {
+	s.log.Error("state machine answered with the result of another operation", "shard", shard, "want", want, "got", fmt.Sprintf("%T", res.GetOp()))
+	return fmt.Errorf("%w: want a %s result, got %T", ErrWrongResult, want, res.GetOp())
 }
 
 // read runs fn against shard's local state: after a ReadIndex round for

@@ -53,7 +53,10 @@ func (s *Server) MemberAdd(ctx context.Context, req *kvpb.MemberAddRequest) (*kv
 	if m.GetId() == 0 || m.GetPeerAddr() == "" {
 		return nil, status.Error(codes.InvalidArgument, "member add needs a positive id and a peer address")
 	}
-	cmd, _ := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_UpdateMember{UpdateMember: &peerpb.UpdateMember{Member: m, Add: true}}})
+	cmd, err := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_UpdateMember{UpdateMember: &peerpb.UpdateMember{Member: m, Add: true}}})
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "member add: %v", err)
+	}
 	if err := s.proposeMeta(ctx, cmd); err != nil {
 		if rej := (rejectedError{}); errors.As(err, &rej) {
 			return nil, status.Errorf(codes.FailedPrecondition, "member add: %v", rej.error)
@@ -228,7 +231,10 @@ func (s *Server) placeRound(m *kvpb.ClusterMap, voters map[[2]uint64]bool) error
 	if next == nil {
 		return nil
 	}
-	cmd, _ := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_SetClusterMap{SetClusterMap: &peerpb.SetClusterMap{Map: next}}})
+	cmd, err := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_SetClusterMap{SetClusterMap: &peerpb.SetClusterMap{Map: next}}})
+	if err != nil {
+		return fmt.Errorf("encode cluster map (epoch %d): %w", next.GetEpoch(), err)
+	}
 	ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
 	defer cancel()
 	if err := s.proposeMeta(ctx, cmd); err != nil {

@@ -32,6 +32,8 @@ type metrics struct {
 	// batches and batchItems count the messages and items of Batch
 	// streams: items / batches is client requests per message.
 	batches, batchItems prometheus.Counter
+	// panics counts handler panics turned into Internal (recover.go).
+	panics *prometheus.CounterVec
 }
 
 func newMetrics(s *Server) *metrics {
@@ -55,8 +57,12 @@ func newMetrics(s *Server) *metrics {
 			Name: "kvd_request_batch_items_total",
 			Help: "Requests received on client Batch streams (also counted in kvd_requests_total under their own method).",
 		}),
+		panics: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kvd_handler_panics_total",
+			Help: "Client requests whose handler panicked (a bug; the stack is logged); each failed with Internal. Batch items count as Batch/<method>.",
+		}, []string{"method"}),
 	}
-	m.reg.MustRegister(m.requests, m.latency, m.batches, m.batchItems, collector{s},
+	m.reg.MustRegister(m.requests, m.latency, m.batches, m.batchItems, m.panics, collector{s},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -78,8 +84,10 @@ func (m *metrics) observe(method string, req any, serve func() (any, error)) (an
 	var resp any
 	charged, err := m.admit(req)
 	if err == nil {
+		// Deferred: a panic in serve, recovered further out, must not
+		// keep the request's bytes charged for ever.
+		defer m.inFlight.Add(-charged)
 		resp, err = serve()
-		m.inFlight.Add(-charged)
 	}
 	m.requests.WithLabelValues(method, status.Code(err).String()).Inc()
 	m.latency.WithLabelValues(method).Observe(time.Since(start).Seconds())

@@ -184,7 +184,8 @@ func New(cfg Config) (_ *Server, err error) {
 		// streams beyond this wait on the client, not in our heap.
 		grpc.MaxConcurrentStreams(maxStreamsPerConn),
 		grpc.StaticStreamWindowSize(kvpb.ClientStreamWindow), grpc.StaticConnWindowSize(kvpb.ClientConnWindow),
-		grpc.UnaryInterceptor(s.metrics.interceptor),
+		grpc.ChainUnaryInterceptor(s.metrics.interceptor, s.recoverUnary),
+		grpc.StreamInterceptor(s.recoverStream),
 	)
 	kvpb.RegisterKVServer(s.clientSrv, s)
 	kvpb.RegisterClusterServer(s.clientSrv, s)
@@ -289,7 +290,10 @@ func (s *Server) loadOrBootstrap() (_ *kvpb.ClusterMap, fresh bool, _ error) {
 
 // persistMap records the map a fresh node starts with and its cluster id.
 func (s *Server) persistMap(m *kvpb.ClusterMap) error {
-	b, _ := proto.Marshal(m)
+	b, err := proto.Marshal(m)
+	if err != nil {
+		return fmt.Errorf("encode cluster map: %w", err)
+	}
 	if err := s.engine.PutMeta(metaClusterMap, b); err != nil {
 		return err
 	}
@@ -346,8 +350,9 @@ func (s *Server) maintainMap() {
 				continue
 			}
 			s.updatePeers(replicated)
-			b, _ := proto.Marshal(replicated)
-			if err := s.engine.PutMeta(metaClusterMap, b); err != nil {
+			if b, err := proto.Marshal(replicated); err != nil {
+				s.log.Error("encode cluster map", "err", err)
+			} else if err := s.engine.PutMeta(metaClusterMap, b); err != nil {
 				s.log.Error("persist cluster map", "err", err)
 			}
 			s.log.Info("cluster map updated", "epoch", replicated.GetEpoch())
@@ -373,10 +378,14 @@ func (s *Server) expireSessions() {
 			return
 		case <-t.C:
 		}
-		cmd, _ := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_ExpireSessions{ExpireSessions: &peerpb.ExpireSessions{
+		cmd, err := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_ExpireSessions{ExpireSessions: &peerpb.ExpireSessions{
 			NowUnixMs: time.Now().UnixMilli(),
 			IdleMs:    s.cfg.SessionTTL.Milliseconds(),
 		}}})
+		if err != nil {
+			s.log.Error("encode expire sessions", "err", err)
+			continue
+		}
 		for _, n := range s.host.Nodes() {
 			if !n.IsLeader() {
 				continue
@@ -426,13 +435,23 @@ func (s *Server) publishSelf(replicated *kvpb.ClusterMap) bool {
 		if initial.GetEpoch() != 1 {
 			return false
 		}
-		cmd, _ := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_SetClusterMap{SetClusterMap: &peerpb.SetClusterMap{Map: initial}}})
+		cmd, err := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_SetClusterMap{SetClusterMap: &peerpb.SetClusterMap{Map: initial}}})
+		if err != nil {
+			s.log.Error("encode initial cluster map", "err", err)
+			return false
+		}
 		if _, err := n.Propose(ctx, cmd); err != nil {
 			s.log.Debug("propose initial cluster map", "err", err)
 		}
 		return false
 	}
-	cmd, _ := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_UpdateMember{UpdateMember: &peerpb.UpdateMember{Member: self}}})
+	cmd, err := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_UpdateMember{UpdateMember: &peerpb.UpdateMember{Member: self}}})
+	if err != nil {
+		// Addresses that are not UTF-8 cannot be published; the log says so
+		// on every attempt.
+		s.log.Error("encode member addresses", "err", err)
+		return false
+	}
 	if err := s.proposeMeta(ctx, cmd); err != nil {
 		s.log.Debug("publish member addresses", "err", err)
 	}

@@ -226,6 +226,8 @@ type FakeNode struct {
 		failNext    int // KV calls left to fail with Unavailable (no detail)
 		failAfter   int // writes left to apply and then fail with Unavailable
 		exhaustNext int // KV calls left to fail with ResourceExhausted
+		answerNext  int // KV calls left to fail with answer
+		answer      error
 		calls       map[string]int
 		headers     []*kvpb.RequestHeader
 		inFlight    int
@@ -273,6 +275,13 @@ func (n *FakeNode) ExhaustNext(k int) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.mu.exhaustNext = k
+}
+
+// AnswerNext makes the next k KV calls fail with err (a gRPC status error).
+func (n *FakeNode) AnswerNext(k int, err error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.mu.answerNext, n.mu.answer = k, err
 }
 
 // Calls counts the RPCs that reached the node, by method name ("Put",
@@ -338,6 +347,10 @@ func (n *FakeNode) enter(ctx context.Context, method string, kv bool) (done func
 	if n.mu.exhaustNext > 0 {
 		n.mu.exhaustNext--
 		return done, status.Error(codes.ResourceExhausted, "fake: too many pending proposals")
+	}
+	if n.mu.answerNext > 0 {
+		n.mu.answerNext--
+		return done, n.mu.answer
 	}
 	return done, nil
 }

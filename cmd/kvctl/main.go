@@ -73,6 +73,10 @@ func classify(err error, a *app) (int, string) {
 		return exitNotFound, err.Error()
 	case errors.Is(err, client.ErrInvalidArgument), errors.Is(err, client.ErrInvalidToken):
 		return exitUsage, fmt.Sprintf("%s; fix the input and try again", clean(err))
+	case errors.Is(err, client.ErrResultNotKept):
+		// The write applied; the message says where and what to read
+		// again. The cluster is fine: no advice to check it.
+		return exitUnavailable, clean(err)
 	case errors.Is(err, client.ErrUnavailable):
 		return exitUnavailable, fmt.Sprintf("cluster unavailable at %s: %s; check the cluster with 'kvctl cluster status' or retry with a longer --timeout",
 			strings.Join(a.endpoints, ","), clean(err))

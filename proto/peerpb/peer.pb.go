@@ -25,6 +25,89 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// ResultCode classifies a rejected command; each maps to an fsm sentinel.
+type ResultCode int32
+
+const (
+	ResultCode_RESULT_CODE_UNSPECIFIED ResultCode = 0
+	ResultCode_RESULT_CODE_MALFORMED   ResultCode = 1
+	ResultCode_RESULT_CODE_STALE_SEQ   ResultCode = 2
+	ResultCode_RESULT_CODE_EPOCH       ResultCode = 3
+	ResultCode_RESULT_CODE_NOT_META    ResultCode = 4
+	ResultCode_RESULT_CODE_EMPTY_KEY   ResultCode = 5
+	ResultCode_RESULT_CODE_UNKNOWN_CMD ResultCode = 6
+	// The (session, seq) already holds the result of a different request.
+	ResultCode_RESULT_CODE_SEQ_REUSED ResultCode = 7
+	// A transaction would return more read payload than a response carries.
+	ResultCode_RESULT_CODE_TXN_TOO_LARGE ResultCode = 8
+	// The command was applied, but its read results were too large to keep
+	// for a retry: the recorded copy holds this code instead.
+	ResultCode_RESULT_CODE_RESULT_NOT_KEPT ResultCode = 9
+	// A member change conflicts with the cluster map.
+	ResultCode_RESULT_CODE_MEMBER_CONFLICT ResultCode = 10
+	// A stored record does not decode.
+	ResultCode_RESULT_CODE_CORRUPT ResultCode = 11
+)
+
+// Enum value maps for ResultCode.
+var (
+	ResultCode_name = map[int32]string{
+		0:  "RESULT_CODE_UNSPECIFIED",
+		1:  "RESULT_CODE_MALFORMED",
+		2:  "RESULT_CODE_STALE_SEQ",
+		3:  "RESULT_CODE_EPOCH",
+		4:  "RESULT_CODE_NOT_META",
+		5:  "RESULT_CODE_EMPTY_KEY",
+		6:  "RESULT_CODE_UNKNOWN_CMD",
+		7:  "RESULT_CODE_SEQ_REUSED",
+		8:  "RESULT_CODE_TXN_TOO_LARGE",
+		9:  "RESULT_CODE_RESULT_NOT_KEPT",
+		10: "RESULT_CODE_MEMBER_CONFLICT",
+		11: "RESULT_CODE_CORRUPT",
+	}
+	ResultCode_value = map[string]int32{
+		"RESULT_CODE_UNSPECIFIED":     0,
+		"RESULT_CODE_MALFORMED":       1,
+		"RESULT_CODE_STALE_SEQ":       2,
+		"RESULT_CODE_EPOCH":           3,
+		"RESULT_CODE_NOT_META":        4,
+		"RESULT_CODE_EMPTY_KEY":       5,
+		"RESULT_CODE_UNKNOWN_CMD":     6,
+		"RESULT_CODE_SEQ_REUSED":      7,
+		"RESULT_CODE_TXN_TOO_LARGE":   8,
+		"RESULT_CODE_RESULT_NOT_KEPT": 9,
+		"RESULT_CODE_MEMBER_CONFLICT": 10,
+		"RESULT_CODE_CORRUPT":         11,
+	}
+)
+
+func (x ResultCode) Enum() *ResultCode {
+	p := new(ResultCode)
+	*p = x
+	return p
+}
+
+func (x ResultCode) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (ResultCode) Descriptor() protoreflect.EnumDescriptor {
+	return file_peerpb_peer_proto_enumTypes[0].Descriptor()
+}
+
+func (ResultCode) Type() protoreflect.EnumType {
+	return &file_peerpb_peer_proto_enumTypes[0]
+}
+
+func (x ResultCode) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use ResultCode.Descriptor instead.
+func (ResultCode) EnumDescriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{0}
+}
+
 // Batch carries Raft messages of any number of shards between two nodes.
 // msgs are go.etcd.io/raft/v3/raftpb.Message values in wire form; carrying
 // them as bytes keeps raft's .proto out of our build.
@@ -951,8 +1034,18 @@ type Result struct {
 	//	*Result_Delete
 	//	*Result_Txn
 	Op isResult_Op `protobuf_oneof:"op"`
-	// error is a deterministic rejection (bad request) found at apply time.
-	Error         string `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
+	// error is a deterministic rejection found at apply time, for people.
+	Error string `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
+	// code says which rejection error is, so that it keeps its type across
+	// the record and the Internal service (fsm maps it back to a sentinel).
+	// Records written before codes existed have RESULT_CODE_UNSPECIFIED with
+	// an error: a rejection of no particular kind.
+	Code ResultCode `protobuf:"varint,5,opt,name=code,proto3,enum=kvd.peer.v1.ResultCode" json:"code,omitempty"`
+	// fingerprint is set only on the copy recorded for a (session, seq): a
+	// hash of the command's op, so that a retry is told apart from another
+	// request reusing the seq. A record without one (written before
+	// fingerprints existed) matches any retry: there is no way to know.
+	Fingerprint   []byte `protobuf:"bytes,6,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1026,6 +1119,20 @@ func (x *Result) GetError() string {
 		return x.Error
 	}
 	return ""
+}
+
+func (x *Result) GetCode() ResultCode {
+	if x != nil {
+		return x.Code
+	}
+	return ResultCode_RESULT_CODE_UNSPECIFIED
+}
+
+func (x *Result) GetFingerprint() []byte {
+	if x != nil {
+		return x.Fingerprint
+	}
+	return nil
 }
 
 type isResult_Op interface {
@@ -1234,12 +1341,14 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\vnow_unix_ms\x18\x01 \x01(\x03R\tnowUnixMs\x12\x17\n" +
 	"\aidle_ms\x18\x02 \x01(\x03R\x06idleMs\"8\n" +
 	"\rSetClusterMap\x12'\n" +
-	"\x03map\x18\x01 \x01(\v2\x15.kvd.kv.v1.ClusterMapR\x03map\"\xb1\x01\n" +
+	"\x03map\x18\x01 \x01(\v2\x15.kvd.kv.v1.ClusterMapR\x03map\"\x80\x02\n" +
 	"\x06Result\x12*\n" +
 	"\x03put\x18\x01 \x01(\v2\x16.kvd.kv.v1.PutResponseH\x00R\x03put\x123\n" +
 	"\x06delete\x18\x02 \x01(\v2\x19.kvd.kv.v1.DeleteResponseH\x00R\x06delete\x12*\n" +
 	"\x03txn\x18\x03 \x01(\v2\x16.kvd.kv.v1.TxnResponseH\x00R\x03txn\x12\x14\n" +
-	"\x05error\x18\x04 \x01(\tR\x05errorB\x04\n" +
+	"\x05error\x18\x04 \x01(\tR\x05error\x12+\n" +
+	"\x04code\x18\x05 \x01(\x0e2\x17.kvd.peer.v1.ResultCodeR\x04code\x12 \n" +
+	"\vfingerprint\x18\x06 \x01(\fR\vfingerprintB\x04\n" +
 	"\x02op\"\x89\x01\n" +
 	"\vStoredValue\x12\x14\n" +
 	"\x05value\x18\x01 \x01(\fR\x05value\x12'\n" +
@@ -1248,7 +1357,22 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\aversion\x18\x04 \x01(\x03R\aversion\"V\n" +
 	"\fSessionState\x12\x1b\n" +
 	"\tack_below\x18\x01 \x01(\x04R\backBelow\x12)\n" +
-	"\x11last_seen_unix_ms\x18\x02 \x01(\x03R\x0elastSeenUnixMs2\x80\x01\n" +
+	"\x11last_seen_unix_ms\x18\x02 \x01(\x03R\x0elastSeenUnixMs*\xde\x02\n" +
+	"\n" +
+	"ResultCode\x12\x1b\n" +
+	"\x17RESULT_CODE_UNSPECIFIED\x10\x00\x12\x19\n" +
+	"\x15RESULT_CODE_MALFORMED\x10\x01\x12\x19\n" +
+	"\x15RESULT_CODE_STALE_SEQ\x10\x02\x12\x15\n" +
+	"\x11RESULT_CODE_EPOCH\x10\x03\x12\x18\n" +
+	"\x14RESULT_CODE_NOT_META\x10\x04\x12\x19\n" +
+	"\x15RESULT_CODE_EMPTY_KEY\x10\x05\x12\x1b\n" +
+	"\x17RESULT_CODE_UNKNOWN_CMD\x10\x06\x12\x1a\n" +
+	"\x16RESULT_CODE_SEQ_REUSED\x10\a\x12\x1d\n" +
+	"\x19RESULT_CODE_TXN_TOO_LARGE\x10\b\x12\x1f\n" +
+	"\x1bRESULT_CODE_RESULT_NOT_KEPT\x10\t\x12\x1f\n" +
+	"\x1bRESULT_CODE_MEMBER_CONFLICT\x10\n" +
+	"\x12\x17\n" +
+	"\x13RESULT_CODE_CORRUPT\x10\v2\x80\x01\n" +
 	"\x04Raft\x124\n" +
 	"\x06Stream\x12\x12.kvd.peer.v1.Batch\x1a\x12.kvd.peer.v1.Batch(\x010\x01\x12B\n" +
 	"\bSnapshot\x12\x1a.kvd.peer.v1.SnapshotChunk\x1a\x18.kvd.peer.v1.SnapshotAck(\x012\x9f\x01\n" +
@@ -1269,62 +1393,65 @@ func file_peerpb_peer_proto_rawDescGZIP() []byte {
 	return file_peerpb_peer_proto_rawDescData
 }
 
+var file_peerpb_peer_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
 var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
 var file_peerpb_peer_proto_goTypes = []any{
-	(*Batch)(nil),               // 0: kvd.peer.v1.Batch
-	(*ShardMessage)(nil),        // 1: kvd.peer.v1.ShardMessage
-	(*LeaderCheck)(nil),         // 2: kvd.peer.v1.LeaderCheck
-	(*SnapshotChunk)(nil),       // 3: kvd.peer.v1.SnapshotChunk
-	(*SnapshotPair)(nil),        // 4: kvd.peer.v1.SnapshotPair
-	(*SnapshotAck)(nil),         // 5: kvd.peer.v1.SnapshotAck
-	(*AddReplicaRequest)(nil),   // 6: kvd.peer.v1.AddReplicaRequest
-	(*AddReplicaResponse)(nil),  // 7: kvd.peer.v1.AddReplicaResponse
-	(*ProposeRequest)(nil),      // 8: kvd.peer.v1.ProposeRequest
-	(*ProposeResponse)(nil),     // 9: kvd.peer.v1.ProposeResponse
-	(*Command)(nil),             // 10: kvd.peer.v1.Command
-	(*UpdateMember)(nil),        // 11: kvd.peer.v1.UpdateMember
-	(*ExpireSessions)(nil),      // 12: kvd.peer.v1.ExpireSessions
-	(*SetClusterMap)(nil),       // 13: kvd.peer.v1.SetClusterMap
-	(*Result)(nil),              // 14: kvd.peer.v1.Result
-	(*StoredValue)(nil),         // 15: kvd.peer.v1.StoredValue
-	(*SessionState)(nil),        // 16: kvd.peer.v1.SessionState
-	(*kvpb.PutRequest)(nil),     // 17: kvd.kv.v1.PutRequest
-	(*kvpb.DeleteRequest)(nil),  // 18: kvd.kv.v1.DeleteRequest
-	(*kvpb.TxnRequest)(nil),     // 19: kvd.kv.v1.TxnRequest
-	(*kvpb.Member)(nil),         // 20: kvd.kv.v1.Member
-	(*kvpb.ClusterMap)(nil),     // 21: kvd.kv.v1.ClusterMap
-	(*kvpb.PutResponse)(nil),    // 22: kvd.kv.v1.PutResponse
-	(*kvpb.DeleteResponse)(nil), // 23: kvd.kv.v1.DeleteResponse
-	(*kvpb.TxnResponse)(nil),    // 24: kvd.kv.v1.TxnResponse
+	(ResultCode)(0),             // 0: kvd.peer.v1.ResultCode
+	(*Batch)(nil),               // 1: kvd.peer.v1.Batch
+	(*ShardMessage)(nil),        // 2: kvd.peer.v1.ShardMessage
+	(*LeaderCheck)(nil),         // 3: kvd.peer.v1.LeaderCheck
+	(*SnapshotChunk)(nil),       // 4: kvd.peer.v1.SnapshotChunk
+	(*SnapshotPair)(nil),        // 5: kvd.peer.v1.SnapshotPair
+	(*SnapshotAck)(nil),         // 6: kvd.peer.v1.SnapshotAck
+	(*AddReplicaRequest)(nil),   // 7: kvd.peer.v1.AddReplicaRequest
+	(*AddReplicaResponse)(nil),  // 8: kvd.peer.v1.AddReplicaResponse
+	(*ProposeRequest)(nil),      // 9: kvd.peer.v1.ProposeRequest
+	(*ProposeResponse)(nil),     // 10: kvd.peer.v1.ProposeResponse
+	(*Command)(nil),             // 11: kvd.peer.v1.Command
+	(*UpdateMember)(nil),        // 12: kvd.peer.v1.UpdateMember
+	(*ExpireSessions)(nil),      // 13: kvd.peer.v1.ExpireSessions
+	(*SetClusterMap)(nil),       // 14: kvd.peer.v1.SetClusterMap
+	(*Result)(nil),              // 15: kvd.peer.v1.Result
+	(*StoredValue)(nil),         // 16: kvd.peer.v1.StoredValue
+	(*SessionState)(nil),        // 17: kvd.peer.v1.SessionState
+	(*kvpb.PutRequest)(nil),     // 18: kvd.kv.v1.PutRequest
+	(*kvpb.DeleteRequest)(nil),  // 19: kvd.kv.v1.DeleteRequest
+	(*kvpb.TxnRequest)(nil),     // 20: kvd.kv.v1.TxnRequest
+	(*kvpb.Member)(nil),         // 21: kvd.kv.v1.Member
+	(*kvpb.ClusterMap)(nil),     // 22: kvd.kv.v1.ClusterMap
+	(*kvpb.PutResponse)(nil),    // 23: kvd.kv.v1.PutResponse
+	(*kvpb.DeleteResponse)(nil), // 24: kvd.kv.v1.DeleteResponse
+	(*kvpb.TxnResponse)(nil),    // 25: kvd.kv.v1.TxnResponse
 }
 var file_peerpb_peer_proto_depIdxs = []int32{
-	1,  // 0: kvd.peer.v1.Batch.msgs:type_name -> kvd.peer.v1.ShardMessage
-	2,  // 1: kvd.peer.v1.Batch.checks:type_name -> kvd.peer.v1.LeaderCheck
-	4,  // 2: kvd.peer.v1.SnapshotChunk.pairs:type_name -> kvd.peer.v1.SnapshotPair
-	17, // 3: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
-	18, // 4: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
-	19, // 5: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
-	12, // 6: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
-	13, // 7: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
-	11, // 8: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
-	20, // 9: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
-	21, // 10: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
-	22, // 11: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
-	23, // 12: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
-	24, // 13: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
-	0,  // 14: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
-	3,  // 15: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
-	8,  // 16: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
-	6,  // 17: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
-	0,  // 18: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
-	5,  // 19: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
-	9,  // 20: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
-	7,  // 21: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
-	18, // [18:22] is the sub-list for method output_type
-	14, // [14:18] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	2,  // 0: kvd.peer.v1.Batch.msgs:type_name -> kvd.peer.v1.ShardMessage
+	3,  // 1: kvd.peer.v1.Batch.checks:type_name -> kvd.peer.v1.LeaderCheck
+	5,  // 2: kvd.peer.v1.SnapshotChunk.pairs:type_name -> kvd.peer.v1.SnapshotPair
+	18, // 3: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
+	19, // 4: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
+	20, // 5: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
+	13, // 6: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
+	14, // 7: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
+	12, // 8: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
+	21, // 9: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
+	22, // 10: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
+	23, // 11: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
+	24, // 12: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
+	25, // 13: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
+	0,  // 14: kvd.peer.v1.Result.code:type_name -> kvd.peer.v1.ResultCode
+	1,  // 15: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
+	4,  // 16: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
+	9,  // 17: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
+	7,  // 18: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
+	1,  // 19: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
+	6,  // 20: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
+	10, // 21: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
+	8,  // 22: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
+	19, // [19:23] is the sub-list for method output_type
+	15, // [15:19] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_peerpb_peer_proto_init() }
@@ -1350,13 +1477,14 @@ func file_peerpb_peer_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_peerpb_peer_proto_rawDesc), len(file_peerpb_peer_proto_rawDesc)),
-			NumEnums:      0,
+			NumEnums:      1,
 			NumMessages:   17,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
 		GoTypes:           file_peerpb_peer_proto_goTypes,
 		DependencyIndexes: file_peerpb_peer_proto_depIdxs,
+		EnumInfos:         file_peerpb_peer_proto_enumTypes,
 		MessageInfos:      file_peerpb_peer_proto_msgTypes,
 	}.Build()
 	File_peerpb_peer_proto = out.File

@@ -1,0 +1,207 @@
+package fsm
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+
+	pb "go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/proto/kvpb"
+	"github.com/kvd/kvd/proto/peerpb"
+	"github.com/kvd/kvd/storage"
+)
+
+func opDel(k string, prev bool) *kvpb.RequestOp {
+	return &kvpb.RequestOp{Op: &kvpb.RequestOp_Delete{Delete: &kvpb.DeleteRequest{Key: []byte(k), PrevKv: prev}}}
+}
+
+// record reads the stored exactly-once record of (session, seq).
+func (sh *shard) record(session, seq uint64) []byte {
+	var b []byte
+	_ = sh.s.View(func(r *storage.Reader) error {
+		b = bytes.Clone(r.GetMeta(resultKey(session, seq)))
+		return nil
+	})
+	return b
+}
+
+// putRecord writes a (session, seq) record directly, as an older version
+// would have written it.
+func (sh *shard) putRecord(session, seq uint64, res *peerpb.Result) {
+	sh.t.Helper()
+	sh.index++
+	e := &pb.Entry{Index: proto.Uint64(sh.index), Term: proto.Uint64(1), Data: []byte("record")}
+	err := sh.s.Save(&storage.Update{
+		Entries:   []*pb.Entry{e},
+		Committed: []*pb.Entry{e},
+		Apply: func(tx *storage.Txn, _ *pb.Entry) {
+			tx.PutMeta(resultKey(session, seq), encode(res))
+		},
+	})
+	if err != nil {
+		sh.t.Fatal(err)
+	}
+}
+
+func TestSeqReusedForAnotherRequestIsRejected(t *testing.T) {
+	sh := newShard(t)
+	const session = 5
+	first, err := sh.apply(withSession(cmdPut("a", "1"), session, 1, 0, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev := sh.revision()
+	for name, c := range map[string]*peerpb.Command{
+		"delete":      cmdDel("a"),
+		"txn":         cmdTxn(nil, []*kvpb.RequestOp{opPut("a", "2")}, nil),
+		"another put": cmdPut("a", "2"),
+		"other key":   cmdPut("b", "1"),
+	} {
+		_, err := sh.apply(withSession(c, session, 1, 0, 2))
+		if !errors.Is(err, ErrSeqReused) {
+			t.Errorf("%s reusing (session, seq): err %v, want ErrSeqReused", name, err)
+		}
+		if err != nil && !strings.Contains(err.Error(), "reused for a different request") {
+			t.Errorf("%s: message %q does not say the seq was reused", name, err)
+		}
+	}
+	if sh.revision() != rev || string(sh.get("a").GetValue()) != "1" || sh.get("b") != nil {
+		t.Fatalf("a rejected reuse changed state: rev %d→%d, a=%v b=%v", rev, sh.revision(), sh.get("a"), sh.get("b"))
+	}
+	// The real retry, with a later ack_below and time, still gets the
+	// first result.
+	again, err := sh.apply(withSession(cmdPut("a", "1"), session, 1, 1, 3))
+	if err != nil || !proto.Equal(again, first) {
+		t.Fatalf("retry: %v, %v; want %v", again, err, first)
+	}
+	if len(again.GetFingerprint()) != 0 {
+		t.Fatal("a retry's answer carries the record's fingerprint")
+	}
+}
+
+func TestRecordWithoutFingerprintMatchesAnyRetry(t *testing.T) {
+	sh := newShard(t)
+	old := &peerpb.Result{Op: &peerpb.Result_Put{Put: &kvpb.PutResponse{Header: &kvpb.ResponseHeader{Revision: 7}}}}
+	sh.putRecord(9, 1, old)
+	got, err := sh.apply(withSession(cmdDel("x"), 9, 1, 0, 1))
+	if err != nil || !proto.Equal(got, old) {
+		t.Fatalf("retry against a record without fingerprint: %v, %v; want the record %v", got, err, old)
+	}
+}
+
+func TestRejectionsKeepTheirType(t *testing.T) {
+	sh := newShard(t)
+	sh.apply(withSession(cmdPut("a", "1"), 3, 5, 5, 1))
+	setMap := func(epoch uint64) *peerpb.Command {
+		return &peerpb.Command{Op: &peerpb.Command_SetClusterMap{SetClusterMap: &peerpb.SetClusterMap{Map: &kvpb.ClusterMap{
+			Epoch: epoch, Members: []*kvpb.Member{{Id: 1, PeerAddr: "p1"}}}}}}
+	}
+	sh.apply(setMap(1))
+	for _, tc := range []struct {
+		name string
+		data []byte
+		want error
+	}{
+		{"garbage", []byte("\xff\xff\xff"), ErrMalformed},
+		{"no op", mustMarshal(&peerpb.Command{Seq: 7}), ErrUnknownCmd},
+		{"empty key", mustMarshal(cmdPut("", "v")), ErrEmptyKey},
+		{"empty key in txn", mustMarshal(cmdTxn(nil, []*kvpb.RequestOp{opPut("", "v")}, nil)), ErrEmptyKey},
+		{"stale seq", mustMarshal(withSession(cmdPut("a", "1"), 3, 4, 0, 2)), ErrStaleSeq},
+		{"epoch", mustMarshal(setMap(5)), ErrEpoch},
+		{"member conflict", mustMarshal(&peerpb.Command{Op: &peerpb.Command_UpdateMember{UpdateMember: &peerpb.UpdateMember{
+			Member: &kvpb.Member{Id: 2, PeerAddr: "p1"}, Add: true}}}), ErrMemberConflict},
+	} {
+		_, err := DecodeResult(sh.applyRaw(tc.data))
+		if !errors.Is(err, tc.want) {
+			t.Errorf("%s: err %v, want errors.Is %v", tc.name, err, tc.want)
+		}
+	}
+	// A rejection recorded before codes existed is a rejection of no
+	// particular kind, with its message.
+	_, err := DecodeResult(mustMarshal(&peerpb.Result{Error: "fsm: something old"}))
+	if !errors.Is(err, ErrRejected) || err.Error() != "fsm: something old" {
+		t.Fatalf("uncoded rejection: %v", err)
+	}
+}
+
+// A transaction that would return more than MaxTxnReadBytes is rejected
+// before any of its changes, counting values its own puts wrote.
+func TestTxnReadPayloadIsCapped(t *testing.T) {
+	sh := newShard(t)
+	big := strings.Repeat("v", 1<<20)
+	for _, k := range []string{"a", "b", "c", "d", "e"} {
+		if _, err := sh.apply(cmdPut(k, big)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rev := sh.revision()
+	reads := []*kvpb.RequestOp{opPut("z", "new"), opGet("a"), opGet("b"), opGet("c"), opGet("d"), opGet("e")}
+	_, err := sh.apply(cmdTxn(nil, reads, nil))
+	if !errors.Is(err, ErrTxnTooLarge) || !strings.Contains(err.Error(), "read fewer or smaller keys") {
+		t.Fatalf("txn of 5 MiB of gets: err %v, want ErrTxnTooLarge", err)
+	}
+	if sh.revision() != rev || sh.get("z") != nil {
+		t.Fatalf("rejected txn changed state: rev %d→%d, z=%v", rev, sh.revision(), sh.get("z"))
+	}
+	// Overwriting the keys with small values first brings it under.
+	small := []*kvpb.RequestOp{opPut("a", "1"), opPut("b", "1"), opGet("a"), opGet("b"), opGet("c"), opGet("d")}
+	if _, err := sh.apply(cmdTxn(nil, small, nil)); err != nil {
+		t.Fatalf("txn reading its own small puts: %v", err)
+	}
+	// A put of a large value read back by the same txn counts.
+	grow := []*kvpb.RequestOp{opPut("c", big+big), opGet("c"), opGet("d"), opGet("e")}
+	if _, err := sh.apply(cmdTxn(nil, grow, nil)); !errors.Is(err, ErrTxnTooLarge) {
+		t.Fatalf("txn reading back its own 2 MiB put: err %v, want ErrTxnTooLarge", err)
+	}
+	// Deleted keys return nothing; the failure branch is the one sized.
+	del := []*kvpb.RequestOp{opDel("c", true), opGet("c"), opGet("c"), opGet("c"), opGet("d"), opGet("e")}
+	never := []*kvpb.Compare{{Key: []byte("a"), Target: kvpb.Compare_VALUE, Value: []byte("no")}}
+	if _, err := sh.apply(cmdTxn(never, reads, del)); err != nil {
+		t.Fatalf("failure branch of 3 MiB: %v", err)
+	}
+}
+
+// A transaction's exactly-once record keeps small read results for a retry
+// and drops large ones, answering a retry with ErrResultNotKept.
+func TestRecordedTxnReadsStaySmall(t *testing.T) {
+	sh := newShard(t)
+	big := strings.Repeat("v", 1<<20)
+	for _, k := range []string{"a", "b", "c"} {
+		sh.apply(cmdPut(k, big))
+	}
+	sh.apply(cmdPut("s", "small"))
+	gets := cmdTxn(nil, []*kvpb.RequestOp{opGet("a"), opGet("b"), opGet("c")}, nil)
+	first, err := sh.apply(withSession(proto.CloneOf(gets), 1, 1, 0, 1))
+	if err != nil || len(first.GetTxn().GetResponses()) != 3 || len(first.GetTxn().GetResponses()[2].GetGet().GetKv().GetValue()) != 1<<20 {
+		t.Fatalf("first attempt: %v", err)
+	}
+	if n := len(sh.record(1, 1)); n == 0 || n > MaxRecordedReadBytes {
+		t.Fatalf("record of a 3 MiB read is %d bytes; want at most %d", n, MaxRecordedReadBytes)
+	}
+	_, err = sh.apply(withSession(proto.CloneOf(gets), 1, 1, 0, 2))
+	if !errors.Is(err, ErrResultNotKept) || !strings.Contains(err.Error(), "applied at revision 4 (succeeded=true)") {
+		t.Fatalf("retry of a large read: err %v, want ErrResultNotKept naming revision 4", err)
+	}
+	// A small read is kept whole and the retry gets it.
+	smallTxn := cmdTxn(nil, []*kvpb.RequestOp{opPut("t", "1"), opGet("s")}, nil)
+	first, err = sh.apply(withSession(proto.CloneOf(smallTxn), 1, 2, 0, 3))
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := sh.apply(withSession(proto.CloneOf(smallTxn), 1, 2, 0, 4))
+	if err != nil || !proto.Equal(first, again) {
+		t.Fatalf("retry of a small txn: %v, %v; want %v", again, err, first)
+	}
+}
+
+// A rejection whose message is not valid UTF-8 still encodes.
+func TestRejectionMessageIsValidUTF8(t *testing.T) {
+	r := reject(fmt.Errorf("%w: key %s", ErrEmptyKey, "\xff\xfe"))
+	if _, err := DecodeResult(encode(r)); !errors.Is(err, ErrEmptyKey) {
+		t.Fatalf("decoded %v, want ErrEmptyKey", err)
+	}
+}

@@ -1,0 +1,231 @@
+package fsm
+
+import (
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"strings"
+
+	"google.golang.org/protobuf/encoding/protowire"
+
+	"github.com/kvd/kvd/proto/kvpb"
+	"github.com/kvd/kvd/proto/peerpb"
+	"github.com/kvd/kvd/storage"
+)
+
+// Size bounds of what a command returns and of what is kept of it. They are
+// constants, not configuration: every replica must reach the same decision.
+const (
+	// MaxTxnReadBytes bounds a transaction's read payload (keys and values
+	// of its Gets and prev_kvs). A larger one is rejected before it changes
+	// anything: its response would not fit the 4 MiB a gRPC client
+	// receives by default, and every replica would build it in memory. The
+	// 64 KiB left below 4 MiB covers the response's framing.
+	MaxTxnReadBytes = 4<<20 - 64<<10
+	// MaxRecordedReadBytes bounds the read payload kept in a transaction's
+	// exactly-once record. Larger read results are dropped from the record
+	// (it keeps the revision and the branch taken), so a session cannot
+	// make every replica store megabytes per write for the session's TTL.
+	MaxRecordedReadBytes = 64 << 10
+)
+
+// sentinels maps each ResultCode to the error it stands for, both ways.
+var sentinels = []struct {
+	code peerpb.ResultCode
+	err  error
+}{
+	{peerpb.ResultCode_RESULT_CODE_MALFORMED, ErrMalformed},
+	{peerpb.ResultCode_RESULT_CODE_STALE_SEQ, ErrStaleSeq},
+	{peerpb.ResultCode_RESULT_CODE_EPOCH, ErrEpoch},
+	{peerpb.ResultCode_RESULT_CODE_NOT_META, ErrNotMeta},
+	{peerpb.ResultCode_RESULT_CODE_EMPTY_KEY, ErrEmptyKey},
+	{peerpb.ResultCode_RESULT_CODE_UNKNOWN_CMD, ErrUnknownCmd},
+	{peerpb.ResultCode_RESULT_CODE_SEQ_REUSED, ErrSeqReused},
+	{peerpb.ResultCode_RESULT_CODE_TXN_TOO_LARGE, ErrTxnTooLarge},
+	{peerpb.ResultCode_RESULT_CODE_RESULT_NOT_KEPT, ErrResultNotKept},
+	{peerpb.ResultCode_RESULT_CODE_MEMBER_CONFLICT, ErrMemberConflict},
+	{peerpb.ResultCode_RESULT_CODE_CORRUPT, ErrCorrupt},
+}
+
+// reject builds the Result of a deterministic rejection, with the code of
+// the sentinel err wraps (unspecified when none does). The message is made
+// valid UTF-8: a proto string that is not fails to encode, and encode
+// panics, so a message quoting a client's key with %s must not take the
+// node down.
+func reject(err error) *peerpb.Result {
+	r := &peerpb.Result{Error: strings.ToValidUTF8(err.Error(), "\uFFFD")}
+	for _, s := range sentinels {
+		if errors.Is(err, s.err) {
+			r.Code = s.code
+			break
+		}
+	}
+	return r
+}
+
+// rejection is a recorded rejection decoded back: its message as recorded,
+// matching its sentinel with errors.Is.
+type rejection struct {
+	msg string
+	err error
+}
+
+func (r *rejection) Error() string { return r.msg }
+func (r *rejection) Unwrap() error { return r.err }
+
+// rejectionOf returns r's rejection, or nil when r is a success.
+func rejectionOf(r *peerpb.Result) error {
+	if r.GetError() == "" && r.GetCode() == peerpb.ResultCode_RESULT_CODE_UNSPECIFIED {
+		return nil
+	}
+	sentinel := ErrRejected
+	for _, s := range sentinels {
+		if s.code == r.GetCode() {
+			sentinel = s.err
+			break
+		}
+	}
+	msg := r.GetError()
+	if msg == "" {
+		msg = sentinel.Error()
+	}
+	return &rejection{msg: msg, err: sentinel}
+}
+
+// fingerprint identifies a command's request: a hash of the deterministic
+// encoding of its op, everything that decides the outcome. Session, seq,
+// ack_below and the proposer's time are left out: a retry may differ in
+// them.
+func fingerprint(c *peerpb.Command) []byte {
+	sum := sha256.Sum256(encode(&peerpb.Command{Op: c.GetOp()}))
+	return sum[:]
+}
+
+// recorded returns the copy of res kept for retries of (session, seq),
+// stamped with the request's fingerprint. A transaction's read results
+// above MaxRecordedReadBytes are replaced by a RESULT_NOT_KEPT rejection
+// that still tells a retry the revision and branch it got.
+func recorded(res *peerpb.Result, fp []byte) []byte {
+	if t := res.GetTxn(); t != nil {
+		if n := txnReadBytes(t); n > MaxRecordedReadBytes {
+			rec := reject(fmt.Errorf("%w: the transaction was applied at revision %d (succeeded=%t); its read results (%d bytes) were too large to keep for a retry; read the keys again",
+				ErrResultNotKept, t.GetHeader().GetRevision(), t.GetSucceeded(), n))
+			rec.Fingerprint = fp
+			return encode(rec)
+		}
+	}
+	// res goes on to the proposer: stamp it only for the encoding.
+	res.Fingerprint = fp
+	b := encode(res)
+	res.Fingerprint = nil
+	return b
+}
+
+// txnReadBytes is the read payload of a transaction's response: the keys
+// and values of its Gets and prev_kvs.
+func txnReadBytes(t *kvpb.TxnResponse) int {
+	n := 0
+	add := func(kv *kvpb.KeyValue) {
+		if kv != nil {
+			n += len(kv.GetKey()) + len(kv.GetValue())
+		}
+	}
+	for _, r := range t.GetResponses() {
+		switch o := r.GetOp().(type) {
+		case *kvpb.ResponseOp_Get:
+			add(o.Get.GetKv())
+		case *kvpb.ResponseOp_Put:
+			add(o.Put.GetPrevKv())
+		case *kvpb.ResponseOp_Delete:
+			add(o.Delete.GetPrevKv())
+		}
+	}
+	return n
+}
+
+// checkTxnOps validates the branch a transaction takes and returns the read
+// payload it would return, reading only sizes and changing nothing, so
+// that a rejection leaves no partial change behind. Earlier operations of
+// the branch are accounted for: a Get after a Put of the same key sees the
+// put's value.
+func checkTxnOps(tx *storage.Txn, ops []*kvpb.RequestOp) (int, error) {
+	// pending: the value length of keys the branch wrote so far; -1 for
+	// deleted.
+	pending := map[string]int{}
+	valueLen := func(key []byte) (int, bool, error) {
+		if n, ok := pending[string(key)]; ok {
+			return n, n >= 0, nil
+		}
+		v := tx.Get(key)
+		if v == nil {
+			return 0, false, nil
+		}
+		n, err := storedValueLen(v)
+		return n, err == nil, err
+	}
+	total := 0
+	read := func(key []byte) error {
+		n, ok, err := valueLen(key)
+		if ok {
+			total += len(key) + n
+		}
+		return err
+	}
+	for _, op := range ops {
+		var err error
+		switch o := op.GetOp().(type) {
+		case *kvpb.RequestOp_Put:
+			if len(o.Put.GetKey()) == 0 {
+				return 0, ErrEmptyKey
+			}
+			if o.Put.GetPrevKv() {
+				err = read(o.Put.GetKey())
+			}
+			pending[string(o.Put.GetKey())] = len(o.Put.GetValue())
+		case *kvpb.RequestOp_Delete:
+			if len(o.Delete.GetKey()) == 0 {
+				return 0, ErrEmptyKey
+			}
+			if o.Delete.GetPrevKv() {
+				err = read(o.Delete.GetKey())
+			}
+			pending[string(o.Delete.GetKey())] = -1
+		case *kvpb.RequestOp_Get:
+			err = read(o.Get.GetKey())
+		default:
+			return 0, ErrUnknownCmd
+		}
+		if err != nil {
+			return 0, err
+		}
+	}
+	return total, nil
+}
+
+// storedValueLen is the length of the value in an encoded StoredValue,
+// found without copying the value.
+func storedValueLen(b []byte) (int, error) {
+	n := 0
+	for len(b) > 0 {
+		num, typ, tl := protowire.ConsumeTag(b)
+		if tl < 0 {
+			return 0, fmt.Errorf("%w: stored value: %v", ErrCorrupt, protowire.ParseError(tl))
+		}
+		b = b[tl:]
+		if num == 1 && typ == protowire.BytesType {
+			v, vl := protowire.ConsumeBytes(b)
+			if vl < 0 {
+				return 0, fmt.Errorf("%w: stored value: %v", ErrCorrupt, protowire.ParseError(vl))
+			}
+			n = len(v) // the last occurrence wins, as in proto.Unmarshal
+			b = b[vl:]
+			continue
+		}
+		fl := protowire.ConsumeFieldValue(num, typ, b)
+		if fl < 0 {
+			return 0, fmt.Errorf("%w: stored value: %v", ErrCorrupt, protowire.ParseError(fl))
+		}
+		b = b[fl:]
+	}
+	return n, nil
+}
