@@ -198,6 +198,10 @@ func appendWALOps(b []byte, ops []walOp) []byte {
 	return b
 }
 
+// walCorruptAdvice ends the errors of a damaged WAL: what an operator does.
+const walCorruptAdvice = "do not delete or edit the file to get past this: restore the node's data directory from a backup, " +
+	"or remove it and add the node back to its cluster as a new member (a new --id, with --join)"
+
 // walReplay is what replay found.
 type walReplay struct {
 	records int
@@ -260,7 +264,7 @@ func (w *wal) replay(gen uint64, fn func(walOp) error) (walReplay, error) {
 		ops, err := decodeWALOps(payload)
 		if payload == nil || err != nil {
 			// The checksum matched, so this is not a torn write.
-			return res, fmt.Errorf("%w: %s: record %d at byte offset %d is malformed though its checksum matches", ErrCorrupt, w.path, res.records, off)
+			return res, fmt.Errorf("%w: %s: record %d at byte offset %d is malformed though its checksum matches; %s", ErrCorrupt, w.path, res.records, off, walCorruptAdvice)
 		}
 		for _, op := range ops {
 			if err := fn(op); err != nil {
@@ -307,10 +311,8 @@ func (w *wal) checkTail(tag uint64, stop, size int64, res *walReplay) error {
 			}
 			if ok && synced > stop {
 				return fmt.Errorf("%w: %s: the record at byte offset %d does not check out, but the one at offset %d was written after it had been synced: "+
-					"the file was damaged after it was written, and replaying up to the damage would lose acknowledged writes. "+
-					"Do not delete or edit the file to get past this: restore the node's data directory from a backup, "+
-					"or remove it and add the node back to its cluster as a new member with --join",
-					ErrCorrupt, w.path, stop, at)
+					"the file was damaged after it was written, and replaying up to the damage would lose acknowledged writes; %s",
+					ErrCorrupt, w.path, stop, at, walCorruptAdvice)
 			}
 			if ok {
 				res.unacked++
