@@ -1,6 +1,9 @@
 package raftnode
 
 import (
+	"fmt"
+	"runtime/debug"
+	"strings"
 	"time"
 
 	"github.com/kvd/kvd/storage"
@@ -38,30 +41,35 @@ func (h *Host) run() {
 		visit = h.toVisit(visit[:0], all)
 		if tick {
 			for _, n := range visit {
-				n.st.rn.Tick()
+				n.guard("tick", func() error { n.st.rn.Tick(); return nil })
 			}
 			h.checks.expire()
 		}
 		for _, n := range visit {
-			n.takeInput()
+			if !n.st.done {
+				n.guard("step", func() error { n.takeInput(); return nil })
+			}
 		}
 		h.handleReadies(visit)
 		for _, n := range visit {
 			if n.st.done {
 				continue
 			}
-			if err := n.afterApply(); err != nil {
-				n.halt(err)
-				continue
-			}
-			// A replica with another Ready (its own append acknowledged
-			// by Advance, say) is visited again at once, after the input
-			// that arrived during the save: proposals that join its next
-			// Ready send their entries with the commit index it moved,
-			// which then needs no append of its own (dropCoveredCommits).
-			if n.st.rn.HasReady() {
-				n.wake()
-			}
+			n.guard("apply", func() error {
+				if err := n.afterApply(); err != nil {
+					return err
+				}
+				// A replica with another Ready (its own append
+				// acknowledged by Advance, say) is visited again at once,
+				// after the input that arrived during the save: proposals
+				// that join its next Ready send their entries with the
+				// commit index it moved, which then needs no append of its
+				// own (dropCoveredCommits).
+				if n.st.rn.HasReady() {
+					n.wake()
+				}
+				return nil
+			})
 		}
 		for _, n := range visit {
 			n.st.visiting = false
@@ -118,12 +126,17 @@ func (h *Host) handleReadies(nodes []*Node) {
 	var readies []*pendingReady
 	var updates []storage.ShardUpdate
 	for _, n := range nodes {
-		if n.st.done || !n.st.rn.HasReady() {
+		if n.st.done {
 			continue
 		}
-		pr, err := n.takeReady()
-		if err != nil {
-			n.halt(err)
+		var pr *pendingReady
+		n.guard("ready", func() (err error) {
+			if n.st.rn.HasReady() {
+				pr, err = n.takeReady()
+			}
+			return err
+		})
+		if pr == nil || n.st.done {
 			continue
 		}
 		readies = append(readies, pr)
@@ -142,10 +155,41 @@ func (h *Host) handleReadies(nodes []*Node) {
 			err = errs[i]
 			i++
 		}
-		if err = pr.n.finishReady(pr, err); err != nil {
-			pr.n.halt(err)
-		}
+		pr.n.guard("ready", func() error { return pr.n.finishReady(pr, err) })
 	}
+}
+
+// guard runs f, one step of n's part of an iteration, and stops n alone
+// with the error f returns or the panic it raises. The raft library
+// panics on a broken invariant, such as a leader committing beyond this
+// replica's log when the log lost entries it had acknowledged; that must
+// stop this group, with an error its owner sees (Err, Done), not the
+// node's other groups or the process.
+func (n *Node) guard(what string, f func() error) {
+	defer func() {
+		p := recover()
+		if p == nil {
+			return
+		}
+		err := panicError(n.cfg.Shard, p)
+		n.log.Error("raft group failed; stopping this replica", "during", what, "panic", fmt.Sprint(p), "err", err, "stack", string(debug.Stack()))
+		if !n.st.done {
+			n.stop(err)
+		}
+	}()
+	if err := f(); err != nil && !n.st.done {
+		n.halt(err)
+	}
+}
+
+// panicError is the error a replica stops with after raft panicked with p.
+func panicError(shard uint64, p any) error {
+	msg := fmt.Sprint(p)
+	// raft's raftLog.commitTo: a leader commits beyond this log.
+	if strings.Contains(msg, "out of range [lastIndex(") {
+		return fmt.Errorf("%w: %w: shard %d: %s; %s", ErrRaftPanic, ErrLogBehind, shard, msg, rejoinAdvice)
+	}
+	return fmt.Errorf("%w: shard %d: %s", ErrRaftPanic, shard, msg)
 }
 
 // stopAll lets every replica go, as the loop stops.

@@ -138,7 +138,23 @@ var (
 	// sequence number, which the state machine deduplicates.
 	ErrLeadershipLost = errors.New("raftnode: leadership lost; outcome unknown")
 	ErrBusy           = errors.New("raftnode: too many pending proposals")
+	// ErrLogBehind means the shard's log on this node ends before entries
+	// this node had acknowledged (its hard state commits them, or the
+	// group's leader does): its storage lost writes. Raft cannot run such a
+	// replica; it must be removed and added back as a new member.
+	ErrLogBehind = errors.New("raftnode: log lost entries this node had acknowledged")
+	// ErrBadState means the raft state on disk contradicts itself (commit
+	// or applied index outside the log, a snapshot that is not where the
+	// log starts).
+	ErrBadState = errors.New("raftnode: inconsistent raft state on disk")
+	// ErrRaftPanic means the raft library panicked while this replica was
+	// processed, on a broken invariant; the replica stopped, the node's
+	// other replicas did not.
+	ErrRaftPanic = errors.New("raftnode: raft group failed")
 )
+
+// rejoinAdvice is what to do with a replica whose storage lost entries.
+const rejoinAdvice = "the node cannot serve this shard from this data: stop it, remove its data directory, and start it again with a new --id and --join to add it back to the cluster as a new member (its replicas catch up from the others)"
 
 // NotLeaderError says which node leads the shard, when known (Leader 0).
 type NotLeaderError struct {
@@ -184,6 +200,9 @@ func newNode(cfg Config, h *Host) (*Node, error) {
 	hs, cs, err := cfg.Storage.InitialState()
 	if err != nil {
 		return nil, fmt.Errorf("raftnode: shard %d: initial state: %w", cfg.Shard, err)
+	}
+	if err := checkRecoverable(cfg.Shard, cfg.Storage, hs, applied); err != nil {
+		return nil, err
 	}
 	rn, err := raft.NewRawNode(&raft.Config{
 		ID:                        cfg.NodeID,
@@ -231,6 +250,41 @@ func newNode(cfg Config, h *Host) (*Node, error) {
 	n.conf.Store(cs)
 	n.st = newLoopState(n, rn)
 	return n, nil
+}
+
+// checkRecoverable checks that the stored log can satisfy the hard state
+// and the applied index, as raft.NewRawNode requires: it panics
+// otherwise. A log behind its hard state's commit index lost entries this
+// node had acknowledged (a damaged or lost write-ahead log).
+func checkRecoverable(shard uint64, s *storage.Shard, hs *pb.HardState, applied uint64) error {
+	first, err := s.FirstIndex()
+	if err != nil {
+		return fmt.Errorf("raftnode: shard %d: first index: %w", shard, err)
+	}
+	last, err := s.LastIndex()
+	if err != nil {
+		return fmt.Errorf("raftnode: shard %d: last index: %w", shard, err)
+	}
+	snap, err := s.Snapshot()
+	if err != nil {
+		return fmt.Errorf("raftnode: shard %d: snapshot: %w", shard, err)
+	}
+	commit := hs.GetCommit()
+	switch {
+	case commit > last || applied > last:
+		return fmt.Errorf("%w: shard %d: its hard state commits index %d and %d is applied, but its log ends at index %d; %s",
+			ErrLogBehind, shard, commit, applied, last, rejoinAdvice)
+	case snap.GetMetadata().GetIndex() != first-1:
+		return fmt.Errorf("%w: shard %d: snapshot at index %d, but the log starts at %d; %s",
+			ErrBadState, shard, snap.GetMetadata().GetIndex(), first, rejoinAdvice)
+	case !raft.IsEmptyHardState(hs) && commit < first-1:
+		return fmt.Errorf("%w: shard %d: hard state commits index %d, below its snapshot at %d; %s",
+			ErrBadState, shard, commit, first-1, rejoinAdvice)
+	case applied > 0 && (applied < first-1 || applied > commit):
+		return fmt.Errorf("%w: shard %d: applied index %d outside [%d, %d] (snapshot, commit); %s",
+			ErrBadState, shard, applied, first-1, commit, rejoinAdvice)
+	}
+	return nil
 }
 
 // Shard returns the group's shard id.
@@ -588,6 +642,13 @@ func (n *Node) takeInput() {
 func (n *Node) halt(err error) {
 	if err != nil {
 		n.log.Error("raft node stopping: cannot persist", "err", err)
+	}
+	n.stop(err)
+}
+
+// stop is halt without its log line.
+func (n *Node) stop(err error) {
+	if err != nil {
 		n.errMu.Lock()
 		n.err = err
 		n.errMu.Unlock()
@@ -1067,7 +1128,13 @@ func (n *Node) failAll(err error) {
 	clear(st.batch)
 	st.batch, st.batchEntries = st.batch[:0], nil
 	for id, p := range st.proposals {
-		p.done <- result{err: err}
+		// Never blocking: a proposal answered from inside the apply of a
+		// Ready whose finishing panicked (guard) is still listed, and its
+		// answer stands.
+		select {
+		case p.done <- result{err: err}:
+		default:
+		}
 		delete(st.proposals, id)
 	}
 	n.pending.Store(0)

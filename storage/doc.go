@@ -43,7 +43,11 @@
 // applies), on Flush, on Close, and
 // when the WAL nears its preallocated size; each commit restarts the WAL.
 // Open replays the WAL records written since the last commit (wal.go
-// explains how generations tell them apart) and commits them.
+// explains how generations tell them apart) and commits them. A torn last
+// record (never acknowledged) ends the replay, with a warning; a damaged
+// record that had been synced, found because a later record says so,
+// fails Open with ErrCorrupt rather than lose the acknowledged rounds
+// after it.
 //
 // A request is validated before it writes anything, so a rejected request
 // (an out-of-date snapshot, a log gap, compacting beyond applied) fails

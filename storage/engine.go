@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
@@ -221,9 +222,12 @@ func (e *Engine) recover() (records int, err error) {
 		return 0, err
 	}
 	// A file that never stored a generation (new, or written before the
-	// WAL existed) has no records to replay; generation 1 matches none, and
-	// never the zeros of a preallocated file.
-	e.wal.gen = 1
+	// WAL existed) has no records to replay. It starts at a random
+	// generation, which matches none in the WAL (nothing is written under
+	// the first: recover commits the next), neither the zeros of a
+	// preallocated file nor those a WAL left over from another bbolt file
+	// holds, and leaves room for walFormat2.
+	e.wal.gen = rand.Uint64()>>2 | 1
 	if v := tx.Bucket(bucketWAL).Get(keyWALGen); v != nil {
 		if e.wal.gen, err = decodeU64(v); err != nil {
 			_ = tx.Rollback()
@@ -232,7 +236,7 @@ func (e *Engine) recover() (records int, err error) {
 	}
 	rs := &round{e: e, tx: tx, states: map[*Shard]*shardState{}, lockForCommit: map[*Shard]bool{}}
 	shards := map[uint64]*Shard{}
-	records, err = e.wal.replay(e.wal.gen, func(op walOp) error {
+	res, err := e.wal.replay(e.wal.gen, func(op walOp) error {
 		s := shards[op.shard]
 		if s == nil {
 			b := shardBucket(tx, op.shard)
@@ -269,12 +273,16 @@ func (e *Engine) recover() (records int, err error) {
 	})
 	if err != nil {
 		_ = tx.Rollback()
-		return records, err
+		return res.records, err
+	}
+	if res.torn >= 0 {
+		e.log.Warn("storage: WAL ends with a torn record, written when the node stopped and never acknowledged; replay stops there and the next write overwrites it",
+			"path", e.wal.path, "offset", res.torn, "records_replayed", res.records, "later_unacknowledged_records", res.unacked)
 	}
 	// Commit even with nothing replayed: the WAL then restarts under a
 	// generation no record on the file has.
 	e.open.tx, e.open.start = tx, time.Now()
-	return records, e.commit(rs)
+	return res.records, e.commit(rs)
 }
 
 // Close stops the writer (requests still waiting for it get ErrClosed; a

@@ -43,4 +43,10 @@ var (
 	// ErrInvalid is returned for an invalid argument (empty key, key too
 	// large for bbolt).
 	ErrInvalid = errors.New("storage: invalid argument")
+
+	// ErrCorrupt is returned by Open when the write-ahead log is damaged:
+	// a record that had been made durable does not check out. Replaying
+	// up to it would silently lose the acknowledged writes after it, so
+	// the node must not start on these files.
+	ErrCorrupt = errors.New("storage: corrupt write-ahead log")
 )

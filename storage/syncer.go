@@ -71,6 +71,9 @@ func (e *Engine) syncer() {
 				needSync, oldest = true, b.written
 			}
 		}
+		// Every record written before the fdatasync begins is durable once
+		// it returns; later records say so (wal.go).
+		written := e.wal.written.Load()
 		if needSync && failed == nil && e.wal.sync {
 			if err := fdatasync(e.wal.f); err != nil {
 				failed = fmt.Errorf("storage: sync wal: %w", err)
@@ -80,6 +83,7 @@ func (e *Engine) syncer() {
 			}
 		}
 		if needSync && failed == nil {
+			e.wal.synced.Store(written)
 			e.stats.Lock()
 			e.stats.s.Syncs++
 			e.stats.s.SyncNanos.Observe(time.Since(oldest))

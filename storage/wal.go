@@ -2,6 +2,7 @@ package storage
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 )
 
 // The write-ahead log makes a round durable with one sequential write and
@@ -24,24 +26,56 @@ import (
 // bucket, the generation the WAL continues with, and the WAL then writes
 // that generation's records from offset 0. At Open, the records of the
 // stored generation, read from offset 0 up to the first that does not
-// check out (torn, zeroed, or of an older generation), are exactly the
-// rounds acknowledged since the last commit; they are replayed into bbolt
-// and committed. Applied state is not in the WAL: the applied index in
-// bbolt is the one of the last commit, and raft re-applies from there.
+// check out, are exactly the rounds acknowledged since the last commit;
+// they are replayed into bbolt and committed. Applied state is not in the
+// WAL: the applied index in bbolt is the one of the last commit, and raft
+// re-applies from there. A new bbolt file starts at a random generation,
+// so that the records of a WAL left over from another file never match.
 //
 // A record is: crc32c (4) | payload length (4) | generation (8) | payload;
-// the checksum covers the generation and the payload. The payload is a
-// sequence of ops, one per Save: shard id, hard state (length-prefixed
-// protobuf, its length plus one, 0 for none), entry count, entries (length-prefixed
-// protobuf).
+// the checksum covers the generation and the payload. The generation
+// field carries walFormat2 (its top bit). The payload starts with the
+// synced offset, a uvarint: the end of the records whose fdatasync had
+// completed (so that Save had acknowledged them) when this record was
+// written. Then come ops, one per Save: shard id, hard state
+// (length-prefixed protobuf, its length plus one, 0 for none), entry
+// count, entries (length-prefixed protobuf).
+//
+// The synced offset tells a torn tail from a damaged log. Replay stops at
+// the first record that does not check out; the rest of the file is then
+// scanned, at every offset, for a valid record of the same generation (the
+// generation is unique to one pass over the file, so older records lying
+// beyond the live ones never match). A later record whose synced offset
+// lies beyond the bad one proves the bad one had been made durable and
+// acknowledged: the file was damaged afterwards, and Open fails with
+// ErrCorrupt rather than drop the acknowledged rounds after it. Otherwise
+// the bad record was being written when the node stopped (the writer
+// writes the next rounds' records while the previous one syncs, so later
+// records of that window may be whole while it is torn): none of it was
+// acknowledged, replay ends there, and the next generation overwrites it.
+// A damaged record that is the last one written cannot be told from a torn
+// one; raft then finds its log behind what it acknowledged
+// (raftnode.ErrLogBehind).
+//
+// Records written before the synced offset existed have a generation
+// field without walFormat2. A file that holds them was left by an older
+// kvd that did not commit bbolt before it stopped; they are replayed as
+// that kvd did (up to the first that does not check out) and the commit
+// at the end of Open moves on to a new generation in the current format.
 type wal struct {
 	f    *os.File
+	path string
 	off  int64  // where the next record goes
 	gen  uint64 // generation of the records being written
 	sync bool
 	// softLimit: past it, the writer commits bbolt, restarting the WAL.
 	softLimit int64
 	buf       []byte
+	// written is off, published for the syncer, which stores in synced the
+	// written it loaded before an fdatasync that then completed: every
+	// record before synced was acknowledged as durable. The writer puts
+	// synced in each record.
+	written, synced atomic.Int64
 }
 
 // walPrealloc is the size the file is filled to once, so that rewriting it
@@ -57,6 +91,9 @@ const (
 	// maxWALRecord bounds a record's payload when reading, so a corrupt
 	// length cannot make Open allocate gigabytes.
 	maxWALRecord = 1 << 30
+	// walFormat2 marks, in a record's generation field, a record whose
+	// payload starts with the synced offset.
+	walFormat2 = 1 << 63
 )
 
 var crc32c = crc32.MakeTable(crc32.Castagnoli)
@@ -67,7 +104,7 @@ func openWAL(dir string, sync bool) (*wal, error) {
 	if err != nil {
 		return nil, fmt.Errorf("storage: open wal: %w", err)
 	}
-	w := &wal{f: f, sync: sync, softLimit: walPrealloc / 16 * 15}
+	w := &wal{f: f, path: path, sync: sync, softLimit: walPrealloc / 16 * 15}
 	fi, err := f.Stat()
 	if err != nil {
 		_ = f.Close()
@@ -112,6 +149,8 @@ func (w *wal) close() error { return w.f.Close() }
 // from the start of the file.
 func (w *wal) restart(gen uint64) {
 	w.gen, w.off = gen, 0
+	w.written.Store(0)
+	w.synced.Store(0)
 }
 
 // walOp is one Save's durable part.
@@ -127,6 +166,21 @@ func (op *walOp) empty() bool { return op.hard == nil && len(op.entries) == 0 }
 func (w *wal) write(ops []walOp) error {
 	var header [walHeaderSize]byte // filled in below
 	b := append(w.buf[:0], header[:]...)
+	b = binary.AppendUvarint(b, uint64(w.synced.Load()))
+	b = appendWALOps(b, ops)
+	binary.LittleEndian.PutUint32(b[4:], uint32(len(b)-walHeaderSize))
+	binary.LittleEndian.PutUint64(b[8:], w.gen|walFormat2)
+	binary.LittleEndian.PutUint32(b[0:], crc32.Checksum(b[8:], crc32c))
+	w.buf = b
+	if _, err := w.f.WriteAt(b, w.off); err != nil {
+		return fmt.Errorf("storage: write wal: %w", err)
+	}
+	w.off += int64(len(b))
+	w.written.Store(w.off)
+	return nil
+}
+
+func appendWALOps(b []byte, ops []walOp) []byte {
 	for _, op := range ops {
 		b = binary.AppendUvarint(b, op.shard)
 		if op.hard == nil {
@@ -141,50 +195,169 @@ func (w *wal) write(ops []walOp) error {
 			b = append(b, e...)
 		}
 	}
-	binary.LittleEndian.PutUint32(b[4:], uint32(len(b)-walHeaderSize))
-	binary.LittleEndian.PutUint64(b[8:], w.gen)
-	binary.LittleEndian.PutUint32(b[0:], crc32.Checksum(b[8:], crc32c))
-	w.buf = b
-	if _, err := w.f.WriteAt(b, w.off); err != nil {
-		return fmt.Errorf("storage: write wal: %w", err)
-	}
-	w.off += int64(len(b))
-	return nil
+	return b
+}
+
+// walCorruptAdvice ends the errors of a damaged WAL: what an operator does.
+const walCorruptAdvice = "do not delete or edit the file to get past this: restore the node's data directory from a backup, " +
+	"or remove it and add the node back to its cluster as a new member (a new --id, with --join)"
+
+// walReplay is what replay found.
+type walReplay struct {
+	records int
+	// torn is the offset of the torn record replay stopped at, -1 when
+	// the generation's records simply ended.
+	torn int64
+	// unacked counts valid records of the generation after the torn one:
+	// written while it synced, never acknowledged, dropped with it.
+	unacked int
 }
 
 // replay calls fn for every op of the records of generation gen, from the
-// start of the file up to the first record that is not one.
-func (w *wal) replay(gen uint64, fn func(walOp) error) (records int, err error) {
-	r := bufio.NewReaderSize(io.NewSectionReader(w.f, 0, 1<<62), 1<<20)
+// start of the file up to the first record that is not one, and checks
+// that nothing acknowledged lies beyond it (see the top of this file).
+func (w *wal) replay(gen uint64, fn func(walOp) error) (walReplay, error) {
+	res := walReplay{torn: -1}
+	fi, err := w.f.Stat()
+	if err != nil {
+		return res, fmt.Errorf("storage: stat wal: %w", err)
+	}
+	size := fi.Size()
+	r := bufio.NewReaderSize(io.NewSectionReader(w.f, 0, size), 1<<20)
+	tag := gen | walFormat2
+	legacy := false
 	hdr := make([]byte, walHeaderSize)
+	var off int64 // where the record being read starts
 	for {
 		if _, err := io.ReadFull(r, hdr); err != nil {
-			return records, nil // end of file: no more records
+			break // end of file: no more records
 		}
-		n := binary.LittleEndian.Uint32(hdr[4:])
-		if binary.LittleEndian.Uint64(hdr[8:]) != gen || n > maxWALRecord {
-			return records, nil
+		n := int64(binary.LittleEndian.Uint32(hdr[4:]))
+		g := binary.LittleEndian.Uint64(hdr[8:])
+		if off == 0 && g == gen {
+			legacy = true
 		}
-		body := make([]byte, 8+int(n))
+		if g != tag && !(legacy && g == gen) {
+			break // zeros or an older generation: the end, unless damaged
+		}
+		if n > maxWALRecord || off+walHeaderSize+n > size {
+			res.torn = off
+			break
+		}
+		body := make([]byte, 8+n)
 		copy(body, hdr[8:])
 		if _, err := io.ReadFull(r, body[8:]); err != nil {
-			return records, nil // torn
+			return res, fmt.Errorf("storage: read wal: %w", err)
 		}
 		if crc32.Checksum(body, crc32c) != binary.LittleEndian.Uint32(hdr) {
-			return records, nil // torn or stale
+			res.torn = off
+			break
 		}
-		ops, err := decodeWALOps(body[8:])
-		if err != nil {
+		payload := body[8:]
+		if !legacy {
+			if _, k := binary.Uvarint(payload); k > 0 {
+				payload = payload[k:]
+			} else {
+				payload = nil
+			}
+		}
+		ops, err := decodeWALOps(payload)
+		if payload == nil || err != nil {
 			// The checksum matched, so this is not a torn write.
-			return records, fmt.Errorf("storage: wal record %d: %w", records, err)
+			return res, fmt.Errorf("%w: %s: record %d at byte offset %d is malformed though its checksum matches; %s", ErrCorrupt, w.path, res.records, off, walCorruptAdvice)
 		}
 		for _, op := range ops {
 			if err := fn(op); err != nil {
-				return records, err
+				return res, err
 			}
 		}
-		records++
+		res.records++
+		off += walHeaderSize + n
 	}
+	if legacy {
+		// Written before records carried the synced offset: a damaged
+		// record cannot be told from a torn one.
+		return res, nil
+	}
+	return res, w.checkTail(tag, off, size, &res)
+}
+
+// checkTail scans the file after stop, where replay stopped, at every
+// offset for a valid record of the generation tagged tag. One that says
+// the record at stop was synced before it was written proves the log
+// damaged (ErrCorrupt); others were never acknowledged, and make the
+// record at stop a torn one.
+func (w *wal) checkTail(tag uint64, stop, size int64, res *walReplay) error {
+	var pat [8]byte
+	binary.LittleEndian.PutUint64(pat[:], tag)
+	buf := make([]byte, 1<<20)
+	// pos is the file offset of buf[0]; a record's generation field is
+	// 8 bytes into it.
+	for pos := stop + 1 + 8; pos+8 <= size; {
+		n, err := w.f.ReadAt(buf[:min(int64(len(buf)), size-pos)], pos)
+		if err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("storage: read wal: %w", err)
+		}
+		chunk := buf[:n]
+		for i := 0; ; {
+			j := bytes.Index(chunk[i:], pat[:])
+			if j < 0 {
+				break
+			}
+			at := pos + int64(i+j) - 8
+			synced, ok, err := w.recordAt(at, size)
+			if err != nil {
+				return err
+			}
+			if ok && synced > stop {
+				return fmt.Errorf("%w: %s: the record at byte offset %d does not check out, but the one at offset %d was written after it had been synced: "+
+					"the file was damaged after it was written, and replaying up to the damage would lose acknowledged writes; %s",
+					ErrCorrupt, w.path, stop, at, walCorruptAdvice)
+			}
+			if ok {
+				res.unacked++
+				if res.torn < 0 {
+					res.torn = stop
+				}
+			}
+			i += j + 1
+		}
+		if n < 8 || pos+int64(n) >= size {
+			break
+		}
+		// Overlap the next chunk so a tag across the boundary is found.
+		pos += int64(n) - 7
+	}
+	return nil
+}
+
+// recordAt reads the record at off if it checks out, and returns its
+// synced offset.
+func (w *wal) recordAt(off, size int64) (synced int64, ok bool, err error) {
+	if off+walHeaderSize > size {
+		return 0, false, nil
+	}
+	hdr := make([]byte, walHeaderSize)
+	if _, err := w.f.ReadAt(hdr, off); err != nil {
+		return 0, false, fmt.Errorf("storage: read wal: %w", err)
+	}
+	n := int64(binary.LittleEndian.Uint32(hdr[4:]))
+	if n > maxWALRecord || off+walHeaderSize+n > size {
+		return 0, false, nil
+	}
+	body := make([]byte, 8+n)
+	copy(body, hdr[8:])
+	if _, err := w.f.ReadAt(body[8:], off+walHeaderSize); err != nil {
+		return 0, false, fmt.Errorf("storage: read wal: %w", err)
+	}
+	if crc32.Checksum(body, crc32c) != binary.LittleEndian.Uint32(hdr) {
+		return 0, false, nil
+	}
+	v, k := binary.Uvarint(body[8:])
+	if k <= 0 {
+		return 0, false, nil
+	}
+	return int64(v), true, nil
 }
 
 var errBadWALRecord = errors.New("malformed record")
