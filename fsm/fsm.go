@@ -93,7 +93,7 @@ func apply(tx *storage.Txn, data []byte) *peerpb.Result {
 		if seq < st.GetAckBelow() {
 			return reject(ErrStaleSeq)
 		}
-		fp = fingerprint(&c)
+		fp = fingerprint(data)
 		if r := tx.GetMeta(resultKey(session, seq)); r != nil {
 			// A retry: answer what the first attempt got. Every replica
 			// holds the same bytes, so even a decode failure is the same

@@ -1,11 +1,12 @@
 package fsm
 
 import (
-	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"strings"
 
+	"github.com/cespare/xxhash/v2"
 	"google.golang.org/protobuf/encoding/protowire"
 
 	"github.com/kvd/kvd/proto/kvpb"
@@ -92,14 +93,44 @@ func rejectionOf(r *peerpb.Result) error {
 	return &rejection{msg: msg, err: sentinel}
 }
 
-// fingerprint identifies a command's request: a hash of the deterministic
-// encoding of its op, everything that decides the outcome. Session, seq,
-// ack_below and the proposer's time are left out: a retry may differ in
-// them.
-func fingerprint(c *peerpb.Command) []byte {
-	sum := sha256.Sum256(encode(&peerpb.Command{Op: c.GetOp()}))
-	return sum[:]
+// fingerprint identifies a command's request: a 64-bit xxhash of the
+// encoded fields of data, the command as proposed, other than session,
+// seq, ack_below and the proposer's time, in which a retry may differ. It
+// hashes the bytes as they came rather than a re-encoding of the decoded
+// op: apply pays for it on every session write on every replica, and a
+// retry's op is encoded by the same code from the same request, so it
+// arrives as the same bytes. A collision could only make a client's own
+// reused seq look like a retry, which is what every record did before it
+// had a fingerprint.
+func fingerprint(data []byte) []byte {
+	var d xxhash.Digest
+	d.Reset()
+	for len(data) > 0 {
+		num, typ, n := protowire.ConsumeTag(data)
+		if n < 0 {
+			break // Unmarshal accepted data, so this does not happen
+		}
+		m := protowire.ConsumeFieldValue(num, typ, data[n:])
+		if m < 0 {
+			break
+		}
+		switch num {
+		case fieldSession, fieldSeq, fieldAckBelow, fieldTime:
+		default:
+			_, _ = d.Write(data[:n+m])
+		}
+		data = data[n+m:]
+	}
+	return binary.BigEndian.AppendUint64(nil, d.Sum64())
 }
+
+// The peerpb.Command fields a retry may change (peer.proto).
+const (
+	fieldSession  = 1
+	fieldSeq      = 2
+	fieldAckBelow = 8
+	fieldTime     = 9
+)
 
 // recorded returns the copy of res kept for retries of (session, seq),
 // stamped with the request's fingerprint. A transaction's read results

@@ -1041,10 +1041,11 @@ type Result struct {
 	// Records written before codes existed have RESULT_CODE_UNSPECIFIED with
 	// an error: a rejection of no particular kind.
 	Code ResultCode `protobuf:"varint,5,opt,name=code,proto3,enum=kvd.peer.v1.ResultCode" json:"code,omitempty"`
-	// fingerprint is set only on the copy recorded for a (session, seq): a
-	// hash of the command's op, so that a retry is told apart from another
-	// request reusing the seq. A record without one (written before
-	// fingerprints existed) matches any retry: there is no way to know.
+	// fingerprint is set only on the copy recorded for a (session, seq): an
+	// 8-byte xxhash of the command's fields other than session, seq,
+	// ack_below and time, so that a retry is told apart from another request
+	// reusing the seq. A record without one (written before fingerprints
+	// existed) matches any retry: there is no way to know.
 	Fingerprint   []byte `protobuf:"bytes,6,opt,name=fingerprint,proto3" json:"fingerprint,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
