@@ -229,7 +229,7 @@ func (rs *round) save(s *Shard, u *Update) (response, error) {
 		}
 		if u.Apply != nil && e.GetType() == pb.EntryNormal && len(e.GetData()) > 0 {
 			if txn == nil {
-				txn = &Txn{kv: b.Bucket(bucketKV), meta: b.Bucket(bucketMeta)}
+				txn = &Txn{shard: s.id, kv: b.Bucket(bucketKV), meta: b.Bucket(bucketMeta), raft: raftb}
 			}
 			u.Apply(txn, e)
 		}
@@ -238,7 +238,11 @@ func (rs *round) save(s *Shard, u *Update) (response, error) {
 		moved = true
 	}
 	if txn != nil {
+		err := txn.finish()
 		txn.end()
+		if err != nil {
+			return response{}, err
+		}
 	}
 	if moved {
 		if err := raftb.Put(keyApplied, encodeApplied(st.appliedIndex, st.appliedTerm)); err != nil {

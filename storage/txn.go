@@ -17,43 +17,145 @@ import (
 // you keep. bbolt keeps the key and value slices given to Put until the
 // commit, so do not modify them afterwards.
 type Txn struct {
-	kv, meta *bolt.Bucket
+	shard          uint64
+	kv, meta, raft *bolt.Bucket
+
+	// hash is the shard's state hash as changed by this Txn's puts and
+	// deletes (loaded on first use); it is stored by finish.
+	hash               uint64
+	hashLoaded, hashed bool
 }
 
 // end invalidates t, so that an ApplyFunc keeping it fails loudly instead
 // of writing outside its transaction.
-func (t *Txn) end() { t.kv, t.meta = nil, nil }
+func (t *Txn) end() { t.kv, t.meta, t.raft = nil, nil, nil }
+
+// finish stores the state hash if it changed.
+func (t *Txn) finish() error {
+	if t.hashed {
+		return putStateHash(t.raft, t.hash)
+	}
+	return nil
+}
+
+// abortApply is the panic value with which a Txn read that met a corrupt
+// value unwinds the ApplyFunc. Returning nil instead would let the
+// ApplyFunc compute, and hand its proposer (raftnode answers from inside
+// the transaction), a result built on a value that is not what this node
+// stored; unwinding stops it there. The writer recovers it
+// (round.exec) and fails the round with err, so the engine stops writing.
+type abortApply struct{ err error }
+
+func (t *Txn) corrupt(err error) {
+	panic(abortApply{fmt.Errorf("shard %d: %w", t.shard, err)})
+}
+
+func (t *Txn) get(b *bolt.Bucket, key []byte) []byte {
+	v, _, err := unseal(key, b.Get(key))
+	if err != nil {
+		t.corrupt(err)
+		return nil
+	}
+	return v
+}
+
+// addHash moves the state hash by the checksum of a pair written (add) or
+// of the stored value it replaces or deletes (sub).
+func (t *Txn) addHash(add, sub uint64) {
+	if !t.hashLoaded {
+		t.hash, t.hashLoaded = getStateHash(t.raft), true
+	}
+	t.hash += add - sub
+	t.hashed = true
+}
 
 // Get returns the value of key in the shard's key-value data, nil if
-// absent.
-func (t *Txn) Get(key []byte) []byte { return t.kv.Get(key) }
+// absent. A value that fails its checksum aborts the ApplyFunc and fails
+// the round with ErrCorrupt (see abortApply).
+func (t *Txn) Get(key []byte) []byte { return t.get(t.kv, key) }
 
 // Put sets key to value in the shard's key-value data. It fails with
 // ErrInvalid for an empty or oversized key; nothing is written then.
-func (t *Txn) Put(key, value []byte) error { return put(t.kv, key, value) }
+func (t *Txn) Put(key, value []byte) error {
+	if err := validKey(key); err != nil {
+		return err
+	}
+	old := storedSum(t.kv.Get(key))
+	sealed := seal(key, value)
+	if err := t.kv.Put(key, sealed); err != nil {
+		return fmt.Errorf("storage: put: %w", err)
+	}
+	t.addHash(storedSum(sealed), old)
+	return nil
+}
 
 // Delete removes key from the shard's key-value data.
-func (t *Txn) Delete(key []byte) error { return del(t.kv, key) }
+func (t *Txn) Delete(key []byte) error {
+	if len(key) == 0 {
+		return nil
+	}
+	old := t.kv.Get(key)
+	if old == nil {
+		return nil
+	}
+	if err := t.kv.Delete(key); err != nil {
+		return fmt.Errorf("storage: delete: %w", err)
+	}
+	t.addHash(0, storedSum(old))
+	return nil
+}
 
 // Range calls fn for each key in [start, end) in key order (end nil: to
-// the last key) until fn returns false.
-func (t *Txn) Range(start, end []byte, fn func(k, v []byte) bool) { rangeBucket(t.kv, start, end, fn) }
+// the last key) until fn returns false. A corrupt value aborts like Get.
+func (t *Txn) Range(start, end []byte, fn func(k, v []byte) bool) {
+	rangeBucket(t.kv, start, end, func(k, v []byte) bool {
+		v, _, err := unseal(k, v)
+		if err != nil {
+			t.corrupt(err)
+			return false
+		}
+		return fn(k, v)
+	})
+}
 
 // GetMeta returns the value of key in the shard's state-machine metadata
 // (revision counter, client sessions); nil if absent. The metadata is part
 // of snapshots.
-func (t *Txn) GetMeta(key []byte) []byte { return t.meta.Get(key) }
+func (t *Txn) GetMeta(key []byte) []byte { return t.get(t.meta, key) }
 
 // PutMeta sets key to value in the shard's state-machine metadata.
-func (t *Txn) PutMeta(key, value []byte) error { return put(t.meta, key, value) }
+func (t *Txn) PutMeta(key, value []byte) error {
+	if err := validKey(key); err != nil {
+		return err
+	}
+	return put(t.meta, key, seal(key, value))
+}
 
 // DeleteMeta removes key from the shard's state-machine metadata.
 func (t *Txn) DeleteMeta(key []byte) error { return del(t.meta, key) }
 
 // RangeMeta calls fn for each metadata key with prefix, in key order,
-// until fn returns false. fn may delete the key it is given.
+// until fn returns false. fn may delete the key it is given. It stops at a
+// corrupt value, aborting like Get.
 func (t *Txn) RangeMeta(prefix []byte, fn func(k, v []byte) bool) {
-	rangePrefix(t.meta, prefix, fn)
+	rangePrefix(t.meta, prefix, func(k, v []byte) bool {
+		v, _, err := unseal(k, v)
+		if err != nil {
+			t.corrupt(err)
+			return false
+		}
+		return fn(k, v)
+	})
+}
+
+// StateHash returns the shard's state hash as of this point of the round:
+// the sum of the checksums of its kv pairs (checksum.go). Replicas that
+// applied the same entries have the same hash.
+func (t *Txn) StateHash() uint64 {
+	if !t.hashLoaded {
+		t.hash, t.hashLoaded = getStateHash(t.raft), true
+	}
+	return t.hash
 }
 
 func put(b *bolt.Bucket, key, value []byte) error {
@@ -103,20 +205,48 @@ func rangePrefix(b *bolt.Bucket, prefix []byte, fn func(k, v []byte) bool) {
 // applied index. Valid only during the View callback; returned slices
 // likewise.
 type Reader struct {
+	shard          uint64
 	kv, meta, raft *bolt.Bucket
+	// err is the first corruption a read met; View returns it.
+	err error
 }
 
-// Get returns the value of key, nil if absent.
-func (r *Reader) Get(key []byte) []byte { return r.kv.Get(key) }
+func (r *Reader) get(b *bolt.Bucket, key []byte) []byte {
+	v, _, err := unseal(key, b.Get(key))
+	if err != nil {
+		r.corrupt(err)
+		return nil
+	}
+	return v
+}
+
+func (r *Reader) corrupt(err error) {
+	if r.err == nil {
+		r.err = fmt.Errorf("shard %d: %w", r.shard, err)
+	}
+}
+
+// Get returns the value of key, nil if absent. A value that fails its
+// checksum reads as nil, and View returns ErrCorrupt.
+func (r *Reader) Get(key []byte) []byte { return r.get(r.kv, key) }
 
 // Range calls fn for each key in [start, end) (end nil: to the last key)
-// until fn returns false.
+// until fn returns false. It stops at a corrupt value, and View returns
+// ErrCorrupt.
 func (r *Reader) Range(start, end []byte, fn func(k, v []byte) bool) {
-	rangeBucket(r.kv, start, end, fn)
+	rangeBucket(r.kv, start, end, func(k, v []byte) bool {
+		v, _, err := unseal(k, v)
+		if err != nil {
+			r.corrupt(err)
+			return false
+		}
+		return fn(k, v)
+	})
 }
 
-// GetMeta returns the value of a state-machine metadata key, nil if absent.
-func (r *Reader) GetMeta(key []byte) []byte { return r.meta.Get(key) }
+// GetMeta returns the value of a state-machine metadata key, nil if absent
+// (or corrupt: then View returns ErrCorrupt).
+func (r *Reader) GetMeta(key []byte) []byte { return r.get(r.meta, key) }
 
 // Applied returns the applied index and term this view reflects.
 func (r *Reader) Applied() (index, term uint64) {
@@ -124,17 +254,28 @@ func (r *Reader) Applied() (index, term uint64) {
 	return index, term
 }
 
+// StateHash returns the shard's state hash as of Applied.
+func (r *Reader) StateHash() uint64 { return getStateHash(r.raft) }
+
 // View runs fn with a read-only view of the shard's committed state (for
 // serializable reads). It does not block writers, but a long fn delays
 // bbolt remaps; keep it short. Returns ErrShardNotFound if the shard is
-// gone, ErrClosed after Close, or fn's error.
+// gone, ErrClosed after Close, or fn's error. If a read in fn met a value
+// that fails its checksum, View returns ErrCorrupt (wrapped with the shard
+// and key) whatever fn returned: what fn built from the view is not to be
+// used.
 func (s *Shard) View(fn func(r *Reader) error) error {
 	return s.e.view(func(tx *bolt.Tx) error {
 		b, err := s.bucket(tx)
 		if err != nil {
 			return err
 		}
-		return fn(&Reader{kv: b.Bucket(bucketKV), meta: b.Bucket(bucketMeta), raft: b.Bucket(bucketRaft)})
+		r := &Reader{shard: s.id, kv: b.Bucket(bucketKV), meta: b.Bucket(bucketMeta), raft: b.Bucket(bucketRaft)}
+		err = fn(r)
+		if r.err != nil {
+			return fmt.Errorf("storage: %w", r.err)
+		}
+		return err
 	})
 }
 
