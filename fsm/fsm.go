@@ -164,6 +164,12 @@ func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
 			return &peerpb.Result{Error: err.Error()}
 		}
 		return &peerpb.Result{}
+	case *peerpb.Command_HashCheck:
+		index, hash, err := tx.CheckHash()
+		if err != nil {
+			return &peerpb.Result{Error: err.Error()}
+		}
+		return &peerpb.Result{Op: &peerpb.Result_HashCheck{HashCheck: &peerpb.HashCheckResult{Index: index, Hash: hash}}}
 	default:
 		return &peerpb.Result{Error: ErrUnknownCmd.Error()}
 	}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/raftnode"
+	"github.com/kvd/kvd/storage"
 )
 
 // Errors of request validation and routing; toStatus maps them.
@@ -39,6 +40,8 @@ func (s *Server) toStatus(err error, shard uint64) error {
 		return s.notLeader(shard, nl.Leader)
 	case errors.Is(err, ErrNoReplica):
 		return s.notLeader(shard, 0)
+	case errors.Is(err, ErrReplicaCorrupt), errors.Is(err, storage.ErrCorrupt):
+		return status.Errorf(codes.DataLoss, "shard %d: %v; this replica must be rebuilt from its peers", shard, err)
 	case errors.Is(err, ErrInvalid):
 		return status.Error(codes.InvalidArgument, err.Error())
 	case errors.Is(err, ErrStaleEpoch):

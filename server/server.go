@@ -58,6 +58,7 @@ type Server struct {
 	health    *health.Server
 	httpSrv   *http.Server
 	metrics   *metrics
+	corrupt   corruption // corruption.go
 
 	// published is set once the replicated cluster map lists this node's
 	// addresses; until then clients cannot find it and /readyz says so.
@@ -177,6 +178,7 @@ func New(cfg Config) (_ *Server, err error) {
 	}
 
 	s.metrics = newMetrics(s)
+	s.initCorruption()
 	s.clientSrv = grpc.NewServer(
 		grpc.MaxRecvMsgSize(cfg.Limits.MaxRequestBytes+64<<10),
 		// gRPC reads and decodes a request before any handler or

@@ -2,6 +2,7 @@ package storage
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 
 	"github.com/cespare/xxhash/v2"
@@ -89,11 +90,11 @@ func putStateHash(raftb *bolt.Bucket, h uint64) error {
 	return raftb.Put(keyStateHash, u64(h))
 }
 
-// sumBucket verifies every pair of a kv bucket and returns the sum of
-// their checksums; the first corrupt pair is an error wrapping ErrCorrupt.
-// yield, if not nil, is called after every pair (the scrubber throttles
-// there).
-func sumBucket(b *bolt.Bucket, yield func()) (uint64, error) {
+// sumBucket verifies every pair of a bucket and returns the sum of their
+// checksums; the first corrupt pair is an error wrapping ErrCorrupt. pace,
+// if not nil, is told the bytes of every pair and stops the scan
+// (errScrubStopped) by returning false.
+func sumBucket(b *bolt.Bucket, pace func(n int) bool) (uint64, error) {
 	var sum uint64
 	c := b.Cursor()
 	for k, v := c.First(); k != nil; k, v = c.Next() {
@@ -102,9 +103,44 @@ func sumBucket(b *bolt.Bucket, yield func()) (uint64, error) {
 			return 0, err
 		}
 		sum += s
-		if yield != nil {
-			yield()
+		if pace != nil && !pace(len(k)+len(v)) {
+			return 0, errScrubStopped
 		}
 	}
 	return sum, nil
+}
+
+var errScrubStopped = errors.New("storage: scrub stopped")
+
+// Scrub verifies the checksum of every kv and meta pair of the shard and
+// that the kv pairs add up to the stored state hash, in one read
+// transaction (a consistent view; writers are not blocked, but pages freed
+// meanwhile wait for it, so pace it rather than hold it for long). pace is
+// told the size of each pair read and stops the scrub, returning nil, with
+// false. A mismatch is ErrCorrupt.
+func (s *Shard) Scrub(pace func(n int) bool) error {
+	err := s.e.view(func(tx *bolt.Tx) error {
+		b, err := s.bucket(tx)
+		if err != nil {
+			return err
+		}
+		sum, err := sumBucket(b.Bucket(bucketKV), pace)
+		if err != nil {
+			return err
+		}
+		if _, err := sumBucket(b.Bucket(bucketMeta), pace); err != nil {
+			return err
+		}
+		if want := getStateHash(b.Bucket(bucketRaft)); sum != want {
+			return fmt.Errorf("%w: the pairs add up to state hash %016x, stored %016x", ErrCorrupt, sum, want)
+		}
+		return nil
+	})
+	switch {
+	case errors.Is(err, errScrubStopped):
+		return nil
+	case err != nil:
+		return fmt.Errorf("storage: shard %d: scrub: %w", s.id, err)
+	}
+	return nil
 }

@@ -13,7 +13,7 @@ import (
 //	node/layout           on-disk layout version (layoutVersion)
 //	shards/<id BE8>/      one bucket per shard
 //	    raft/             hardstate, snapmeta, applied, confstate, incarnation,
-//	                      state-hash
+//	                      state-hash, hash-check
 //	    log/<index BE8>   marshaled raftpb.Entry, contiguous indexes
 //	    kv/               the state machine's key-value data (Txn.Get/Put)
 //	    meta/             the state machine's metadata (Txn.GetMeta/PutMeta)
@@ -40,6 +40,7 @@ var (
 	keyConfState   = []byte("confstate")
 	keyIncarnation = []byte("incarnation")
 	keyStateHash   = []byte("state-hash") // running sum of kv checksums BE8 (checksum.go)
+	keyHashCheck   = []byte("hash-check") // index BE8 | state hash BE8 (Txn.CheckHash)
 
 	keyLayout = []byte("layout") // in node/: layout version BE8
 

@@ -231,6 +231,7 @@ func (rs *round) save(s *Shard, u *Update) (response, error) {
 			if txn == nil {
 				txn = &Txn{shard: s.id, kv: b.Bucket(bucketKV), meta: b.Bucket(bucketMeta), raft: raftb}
 			}
+			txn.index = e.GetIndex()
 			u.Apply(txn, e)
 		}
 		st.appliedIndex, st.appliedTerm = e.GetIndex(), e.GetTerm()

@@ -18,6 +18,7 @@ import (
 // commit, so do not modify them afterwards.
 type Txn struct {
 	shard          uint64
+	index          uint64 // of the entry being applied
 	kv, meta, raft *bolt.Bucket
 
 	// hash is the shard's state hash as changed by this Txn's puts and
@@ -201,6 +202,16 @@ func rangePrefix(b *bolt.Bucket, prefix []byte, fn func(k, v []byte) bool) {
 	}
 }
 
+// CheckHash records, and returns, the state hash with the index of the
+// entry being applied, for Reader.HashCheck: replicas that applied the same
+// log record the same hash at the same index, and a leader compares them.
+// The record is kept beside the raft state, outside snapshots, so that
+// each replica answers with its own hash; a later check replaces it.
+func (t *Txn) CheckHash() (index, hash uint64, err error) {
+	hash = t.StateHash()
+	return t.index, hash, t.raft.Put(keyHashCheck, encodeApplied(t.index, hash))
+}
+
 // Reader is a read-only view of one shard's state, consistent with its
 // applied index. Valid only during the View callback; returned slices
 // likewise.
@@ -252,6 +263,17 @@ func (r *Reader) GetMeta(key []byte) []byte { return r.get(r.meta, key) }
 func (r *Reader) Applied() (index, term uint64) {
 	index, term, _ = decodeApplied(r.raft.Get(keyApplied))
 	return index, term
+}
+
+// HashCheck returns the last hash recorded by Txn.CheckHash and the index
+// it was recorded at; ok is false if none was.
+func (r *Reader) HashCheck() (index, hash uint64, ok bool) {
+	v := r.raft.Get(keyHashCheck)
+	if v == nil {
+		return 0, 0, false
+	}
+	index, hash, err := decodeApplied(v)
+	return index, hash, err == nil
 }
 
 // StateHash returns the shard's state hash as of Applied.

@@ -413,6 +413,209 @@ func (*SnapshotAck) Descriptor() ([]byte, []int) {
 	return file_peerpb_peer_proto_rawDescGZIP(), []int{5}
 }
 
+type ShardHashRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Shard         uint64                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
+	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShardHashRequest) Reset() {
+	*x = ShardHashRequest{}
+	mi := &file_peerpb_peer_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShardHashRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShardHashRequest) ProtoMessage() {}
+
+func (x *ShardHashRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShardHashRequest.ProtoReflect.Descriptor instead.
+func (*ShardHashRequest) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ShardHashRequest) GetShard() uint64 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+func (x *ShardHashRequest) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type ShardHashResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// found is false when the replica holds no record for index: it
+	// installed a snapshot past it, or recorded a later check already.
+	Found         bool   `protobuf:"varint,1,opt,name=found,proto3" json:"found,omitempty"`
+	Hash          uint64 `protobuf:"varint,2,opt,name=hash,proto3" json:"hash,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShardHashResponse) Reset() {
+	*x = ShardHashResponse{}
+	mi := &file_peerpb_peer_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShardHashResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShardHashResponse) ProtoMessage() {}
+
+func (x *ShardHashResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShardHashResponse.ProtoReflect.Descriptor instead.
+func (*ShardHashResponse) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *ShardHashResponse) GetFound() bool {
+	if x != nil {
+		return x.Found
+	}
+	return false
+}
+
+func (x *ShardHashResponse) GetHash() uint64 {
+	if x != nil {
+		return x.Hash
+	}
+	return 0
+}
+
+type ReportCorruptionRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Shard uint64                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
+	// reporter is the leader that compared the hashes.
+	Reporter      uint64 `protobuf:"varint,2,opt,name=reporter,proto3" json:"reporter,omitempty"`
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportCorruptionRequest) Reset() {
+	*x = ReportCorruptionRequest{}
+	mi := &file_peerpb_peer_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportCorruptionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportCorruptionRequest) ProtoMessage() {}
+
+func (x *ReportCorruptionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportCorruptionRequest.ProtoReflect.Descriptor instead.
+func (*ReportCorruptionRequest) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ReportCorruptionRequest) GetShard() uint64 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+func (x *ReportCorruptionRequest) GetReporter() uint64 {
+	if x != nil {
+		return x.Reporter
+	}
+	return 0
+}
+
+func (x *ReportCorruptionRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type ReportCorruptionResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportCorruptionResponse) Reset() {
+	*x = ReportCorruptionResponse{}
+	mi := &file_peerpb_peer_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportCorruptionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportCorruptionResponse) ProtoMessage() {}
+
+func (x *ReportCorruptionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportCorruptionResponse.ProtoReflect.Descriptor instead.
+func (*ReportCorruptionResponse) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{9}
+}
+
 type AddReplicaRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Shard         uint64                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
@@ -423,7 +626,7 @@ type AddReplicaRequest struct {
 
 func (x *AddReplicaRequest) Reset() {
 	*x = AddReplicaRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[6]
+	mi := &file_peerpb_peer_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -435,7 +638,7 @@ func (x *AddReplicaRequest) String() string {
 func (*AddReplicaRequest) ProtoMessage() {}
 
 func (x *AddReplicaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[6]
+	mi := &file_peerpb_peer_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -448,7 +651,7 @@ func (x *AddReplicaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddReplicaRequest.ProtoReflect.Descriptor instead.
 func (*AddReplicaRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{6}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *AddReplicaRequest) GetShard() uint64 {
@@ -473,7 +676,7 @@ type AddReplicaResponse struct {
 
 func (x *AddReplicaResponse) Reset() {
 	*x = AddReplicaResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[7]
+	mi := &file_peerpb_peer_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -485,7 +688,7 @@ func (x *AddReplicaResponse) String() string {
 func (*AddReplicaResponse) ProtoMessage() {}
 
 func (x *AddReplicaResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[7]
+	mi := &file_peerpb_peer_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -498,7 +701,7 @@ func (x *AddReplicaResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddReplicaResponse.ProtoReflect.Descriptor instead.
 func (*AddReplicaResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{7}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{11}
 }
 
 type ProposeRequest struct {
@@ -512,7 +715,7 @@ type ProposeRequest struct {
 
 func (x *ProposeRequest) Reset() {
 	*x = ProposeRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[8]
+	mi := &file_peerpb_peer_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -524,7 +727,7 @@ func (x *ProposeRequest) String() string {
 func (*ProposeRequest) ProtoMessage() {}
 
 func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[8]
+	mi := &file_peerpb_peer_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -537,7 +740,7 @@ func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeRequest.ProtoReflect.Descriptor instead.
 func (*ProposeRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{8}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ProposeRequest) GetShard() uint64 {
@@ -564,7 +767,7 @@ type ProposeResponse struct {
 
 func (x *ProposeResponse) Reset() {
 	*x = ProposeResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[9]
+	mi := &file_peerpb_peer_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -576,7 +779,7 @@ func (x *ProposeResponse) String() string {
 func (*ProposeResponse) ProtoMessage() {}
 
 func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[9]
+	mi := &file_peerpb_peer_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -589,7 +792,7 @@ func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeResponse.ProtoReflect.Descriptor instead.
 func (*ProposeResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{9}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ProposeResponse) GetResult() []byte {
@@ -618,6 +821,7 @@ type Command struct {
 	//	*Command_ExpireSessions
 	//	*Command_SetClusterMap
 	//	*Command_UpdateMember
+	//	*Command_HashCheck
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -625,7 +829,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_peerpb_peer_proto_msgTypes[10]
+	mi := &file_peerpb_peer_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -637,7 +841,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[10]
+	mi := &file_peerpb_peer_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -650,7 +854,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{10}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Command) GetSession() uint64 {
@@ -742,6 +946,15 @@ func (x *Command) GetUpdateMember() *UpdateMember {
 	return nil
 }
 
+func (x *Command) GetHashCheck() *HashCheck {
+	if x != nil {
+		if x, ok := x.Op.(*Command_HashCheck); ok {
+			return x.HashCheck
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -770,6 +983,10 @@ type Command_UpdateMember struct {
 	UpdateMember *UpdateMember `protobuf:"bytes,10,opt,name=update_member,json=updateMember,proto3,oneof"`
 }
 
+type Command_HashCheck struct {
+	HashCheck *HashCheck `protobuf:"bytes,11,opt,name=hash_check,json=hashCheck,proto3,oneof"`
+}
+
 func (*Command_Put) isCommand_Op() {}
 
 func (*Command_Delete) isCommand_Op() {}
@@ -781,6 +998,8 @@ func (*Command_ExpireSessions) isCommand_Op() {}
 func (*Command_SetClusterMap) isCommand_Op() {}
 
 func (*Command_UpdateMember) isCommand_Op() {}
+
+func (*Command_HashCheck) isCommand_Op() {}
 
 // UpdateMember sets a member's addresses in the cluster map (meta shard
 // only). The epoch advances only when something changed, so a node that
@@ -797,7 +1016,7 @@ type UpdateMember struct {
 
 func (x *UpdateMember) Reset() {
 	*x = UpdateMember{}
-	mi := &file_peerpb_peer_proto_msgTypes[11]
+	mi := &file_peerpb_peer_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -809,7 +1028,7 @@ func (x *UpdateMember) String() string {
 func (*UpdateMember) ProtoMessage() {}
 
 func (x *UpdateMember) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[11]
+	mi := &file_peerpb_peer_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -822,7 +1041,7 @@ func (x *UpdateMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateMember.ProtoReflect.Descriptor instead.
 func (*UpdateMember) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{11}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *UpdateMember) GetMember() *kvpb.Member {
@@ -839,6 +1058,97 @@ func (x *UpdateMember) GetAdd() bool {
 	return false
 }
 
+// HashCheck makes every replica record its state hash at the command's log
+// index, for the leader to compare (storage.Txn.CheckHash).
+type HashCheck struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HashCheck) Reset() {
+	*x = HashCheck{}
+	mi := &file_peerpb_peer_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HashCheck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HashCheck) ProtoMessage() {}
+
+func (x *HashCheck) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HashCheck.ProtoReflect.Descriptor instead.
+func (*HashCheck) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{16}
+}
+
+// HashCheckResult is HashCheck's result on the replica that answers.
+type HashCheckResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	Hash          uint64                 `protobuf:"varint,2,opt,name=hash,proto3" json:"hash,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HashCheckResult) Reset() {
+	*x = HashCheckResult{}
+	mi := &file_peerpb_peer_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HashCheckResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HashCheckResult) ProtoMessage() {}
+
+func (x *HashCheckResult) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HashCheckResult.ProtoReflect.Descriptor instead.
+func (*HashCheckResult) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *HashCheckResult) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *HashCheckResult) GetHash() uint64 {
+	if x != nil {
+		return x.Hash
+	}
+	return 0
+}
+
 // ExpireSessions drops, deterministically at one log index on every
 // replica, the sessions idle since before the given logical time.
 type ExpireSessions struct {
@@ -853,7 +1163,7 @@ type ExpireSessions struct {
 
 func (x *ExpireSessions) Reset() {
 	*x = ExpireSessions{}
-	mi := &file_peerpb_peer_proto_msgTypes[12]
+	mi := &file_peerpb_peer_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -865,7 +1175,7 @@ func (x *ExpireSessions) String() string {
 func (*ExpireSessions) ProtoMessage() {}
 
 func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[12]
+	mi := &file_peerpb_peer_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -878,7 +1188,7 @@ func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireSessions.ProtoReflect.Descriptor instead.
 func (*ExpireSessions) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{12}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ExpireSessions) GetNowUnixMs() int64 {
@@ -906,7 +1216,7 @@ type SetClusterMap struct {
 
 func (x *SetClusterMap) Reset() {
 	*x = SetClusterMap{}
-	mi := &file_peerpb_peer_proto_msgTypes[13]
+	mi := &file_peerpb_peer_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -918,7 +1228,7 @@ func (x *SetClusterMap) String() string {
 func (*SetClusterMap) ProtoMessage() {}
 
 func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[13]
+	mi := &file_peerpb_peer_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -931,7 +1241,7 @@ func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetClusterMap.ProtoReflect.Descriptor instead.
 func (*SetClusterMap) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{13}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SetClusterMap) GetMap() *kvpb.ClusterMap {
@@ -950,6 +1260,7 @@ type Result struct {
 	//	*Result_Put
 	//	*Result_Delete
 	//	*Result_Txn
+	//	*Result_HashCheck
 	Op isResult_Op `protobuf_oneof:"op"`
 	// error is a deterministic rejection (bad request) found at apply time.
 	Error         string `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
@@ -959,7 +1270,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_peerpb_peer_proto_msgTypes[14]
+	mi := &file_peerpb_peer_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -971,7 +1282,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[14]
+	mi := &file_peerpb_peer_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -984,7 +1295,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{14}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Result) GetOp() isResult_Op {
@@ -1021,6 +1332,15 @@ func (x *Result) GetTxn() *kvpb.TxnResponse {
 	return nil
 }
 
+func (x *Result) GetHashCheck() *HashCheckResult {
+	if x != nil {
+		if x, ok := x.Op.(*Result_HashCheck); ok {
+			return x.HashCheck
+		}
+	}
+	return nil
+}
+
 func (x *Result) GetError() string {
 	if x != nil {
 		return x.Error
@@ -1044,11 +1364,17 @@ type Result_Txn struct {
 	Txn *kvpb.TxnResponse `protobuf:"bytes,3,opt,name=txn,proto3,oneof"`
 }
 
+type Result_HashCheck struct {
+	HashCheck *HashCheckResult `protobuf:"bytes,5,opt,name=hash_check,json=hashCheck,proto3,oneof"`
+}
+
 func (*Result_Put) isResult_Op() {}
 
 func (*Result_Delete) isResult_Op() {}
 
 func (*Result_Txn) isResult_Op() {}
+
+func (*Result_HashCheck) isResult_Op() {}
 
 // StoredValue is a key's record in a shard's key-value bucket.
 type StoredValue struct {
@@ -1063,7 +1389,7 @@ type StoredValue struct {
 
 func (x *StoredValue) Reset() {
 	*x = StoredValue{}
-	mi := &file_peerpb_peer_proto_msgTypes[15]
+	mi := &file_peerpb_peer_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1075,7 +1401,7 @@ func (x *StoredValue) String() string {
 func (*StoredValue) ProtoMessage() {}
 
 func (x *StoredValue) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[15]
+	mi := &file_peerpb_peer_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1088,7 +1414,7 @@ func (x *StoredValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredValue.ProtoReflect.Descriptor instead.
 func (*StoredValue) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{15}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *StoredValue) GetValue() []byte {
@@ -1132,7 +1458,7 @@ type SessionState struct {
 
 func (x *SessionState) Reset() {
 	*x = SessionState{}
-	mi := &file_peerpb_peer_proto_msgTypes[16]
+	mi := &file_peerpb_peer_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1144,7 +1470,7 @@ func (x *SessionState) String() string {
 func (*SessionState) ProtoMessage() {}
 
 func (x *SessionState) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[16]
+	mi := &file_peerpb_peer_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1157,7 +1483,7 @@ func (x *SessionState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionState.ProtoReflect.Descriptor instead.
 func (*SessionState) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{16}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SessionState) GetAckBelow() uint64 {
@@ -1203,7 +1529,18 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x06bucket\x18\x01 \x01(\fR\x06bucket\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\fR\x03key\x12\x14\n" +
 	"\x05value\x18\x03 \x01(\fR\x05value\"\r\n" +
-	"\vSnapshotAck\"=\n" +
+	"\vSnapshotAck\">\n" +
+	"\x10ShardHashRequest\x12\x14\n" +
+	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"=\n" +
+	"\x11ShardHashResponse\x12\x14\n" +
+	"\x05found\x18\x01 \x01(\bR\x05found\x12\x12\n" +
+	"\x04hash\x18\x02 \x01(\x04R\x04hash\"c\n" +
+	"\x17ReportCorruptionRequest\x12\x14\n" +
+	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x1a\n" +
+	"\breporter\x18\x02 \x01(\x04R\breporter\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\x1a\n" +
+	"\x18ReportCorruptionResponse\"=\n" +
 	"\x11AddReplicaRequest\x12\x14\n" +
 	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\x04R\x04node\"\x14\n" +
@@ -1212,7 +1549,7 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x18\n" +
 	"\acommand\x18\x02 \x01(\fR\acommand\")\n" +
 	"\x0fProposeResponse\x12\x16\n" +
-	"\x06result\x18\x01 \x01(\fR\x06result\"\xd4\x03\n" +
+	"\x06result\x18\x01 \x01(\fR\x06result\"\x8d\x04\n" +
 	"\aCommand\x12\x18\n" +
 	"\asession\x18\x01 \x01(\x04R\asession\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x1b\n" +
@@ -1225,20 +1562,28 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x0fexpire_sessions\x18\x06 \x01(\v2\x1b.kvd.peer.v1.ExpireSessionsH\x00R\x0eexpireSessions\x12D\n" +
 	"\x0fset_cluster_map\x18\a \x01(\v2\x1a.kvd.peer.v1.SetClusterMapH\x00R\rsetClusterMap\x12@\n" +
 	"\rupdate_member\x18\n" +
-	" \x01(\v2\x19.kvd.peer.v1.UpdateMemberH\x00R\fupdateMemberB\x04\n" +
+	" \x01(\v2\x19.kvd.peer.v1.UpdateMemberH\x00R\fupdateMember\x127\n" +
+	"\n" +
+	"hash_check\x18\v \x01(\v2\x16.kvd.peer.v1.HashCheckH\x00R\thashCheckB\x04\n" +
 	"\x02op\"K\n" +
 	"\fUpdateMember\x12)\n" +
 	"\x06member\x18\x01 \x01(\v2\x11.kvd.kv.v1.MemberR\x06member\x12\x10\n" +
-	"\x03add\x18\x02 \x01(\bR\x03add\"I\n" +
+	"\x03add\x18\x02 \x01(\bR\x03add\"\v\n" +
+	"\tHashCheck\";\n" +
+	"\x0fHashCheckResult\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x12\n" +
+	"\x04hash\x18\x02 \x01(\x04R\x04hash\"I\n" +
 	"\x0eExpireSessions\x12\x1e\n" +
 	"\vnow_unix_ms\x18\x01 \x01(\x03R\tnowUnixMs\x12\x17\n" +
 	"\aidle_ms\x18\x02 \x01(\x03R\x06idleMs\"8\n" +
 	"\rSetClusterMap\x12'\n" +
-	"\x03map\x18\x01 \x01(\v2\x15.kvd.kv.v1.ClusterMapR\x03map\"\xb1\x01\n" +
+	"\x03map\x18\x01 \x01(\v2\x15.kvd.kv.v1.ClusterMapR\x03map\"\xf0\x01\n" +
 	"\x06Result\x12*\n" +
 	"\x03put\x18\x01 \x01(\v2\x16.kvd.kv.v1.PutResponseH\x00R\x03put\x123\n" +
 	"\x06delete\x18\x02 \x01(\v2\x19.kvd.kv.v1.DeleteResponseH\x00R\x06delete\x12*\n" +
-	"\x03txn\x18\x03 \x01(\v2\x16.kvd.kv.v1.TxnResponseH\x00R\x03txn\x12\x14\n" +
+	"\x03txn\x18\x03 \x01(\v2\x16.kvd.kv.v1.TxnResponseH\x00R\x03txn\x12=\n" +
+	"\n" +
+	"hash_check\x18\x05 \x01(\v2\x1c.kvd.peer.v1.HashCheckResultH\x00R\thashCheck\x12\x14\n" +
 	"\x05error\x18\x04 \x01(\tR\x05errorB\x04\n" +
 	"\x02op\"\x89\x01\n" +
 	"\vStoredValue\x12\x14\n" +
@@ -1251,11 +1596,13 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x11last_seen_unix_ms\x18\x02 \x01(\x03R\x0elastSeenUnixMs2\x80\x01\n" +
 	"\x04Raft\x124\n" +
 	"\x06Stream\x12\x12.kvd.peer.v1.Batch\x1a\x12.kvd.peer.v1.Batch(\x010\x01\x12B\n" +
-	"\bSnapshot\x12\x1a.kvd.peer.v1.SnapshotChunk\x1a\x18.kvd.peer.v1.SnapshotAck(\x012\x9f\x01\n" +
+	"\bSnapshot\x12\x1a.kvd.peer.v1.SnapshotChunk\x1a\x18.kvd.peer.v1.SnapshotAck(\x012\xcc\x02\n" +
 	"\bInternal\x12D\n" +
 	"\aPropose\x12\x1b.kvd.peer.v1.ProposeRequest\x1a\x1c.kvd.peer.v1.ProposeResponse\x12M\n" +
 	"\n" +
-	"AddReplica\x12\x1e.kvd.peer.v1.AddReplicaRequest\x1a\x1f.kvd.peer.v1.AddReplicaResponseB!Z\x1fgithub.com/kvd/kvd/proto/peerpbb\x06proto3"
+	"AddReplica\x12\x1e.kvd.peer.v1.AddReplicaRequest\x1a\x1f.kvd.peer.v1.AddReplicaResponse\x12J\n" +
+	"\tShardHash\x12\x1d.kvd.peer.v1.ShardHashRequest\x1a\x1e.kvd.peer.v1.ShardHashResponse\x12_\n" +
+	"\x10ReportCorruption\x12$.kvd.peer.v1.ReportCorruptionRequest\x1a%.kvd.peer.v1.ReportCorruptionResponseB!Z\x1fgithub.com/kvd/kvd/proto/peerpbb\x06proto3"
 
 var (
 	file_peerpb_peer_proto_rawDescOnce sync.Once
@@ -1269,62 +1616,74 @@ func file_peerpb_peer_proto_rawDescGZIP() []byte {
 	return file_peerpb_peer_proto_rawDescData
 }
 
-var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_peerpb_peer_proto_goTypes = []any{
-	(*Batch)(nil),               // 0: kvd.peer.v1.Batch
-	(*ShardMessage)(nil),        // 1: kvd.peer.v1.ShardMessage
-	(*LeaderCheck)(nil),         // 2: kvd.peer.v1.LeaderCheck
-	(*SnapshotChunk)(nil),       // 3: kvd.peer.v1.SnapshotChunk
-	(*SnapshotPair)(nil),        // 4: kvd.peer.v1.SnapshotPair
-	(*SnapshotAck)(nil),         // 5: kvd.peer.v1.SnapshotAck
-	(*AddReplicaRequest)(nil),   // 6: kvd.peer.v1.AddReplicaRequest
-	(*AddReplicaResponse)(nil),  // 7: kvd.peer.v1.AddReplicaResponse
-	(*ProposeRequest)(nil),      // 8: kvd.peer.v1.ProposeRequest
-	(*ProposeResponse)(nil),     // 9: kvd.peer.v1.ProposeResponse
-	(*Command)(nil),             // 10: kvd.peer.v1.Command
-	(*UpdateMember)(nil),        // 11: kvd.peer.v1.UpdateMember
-	(*ExpireSessions)(nil),      // 12: kvd.peer.v1.ExpireSessions
-	(*SetClusterMap)(nil),       // 13: kvd.peer.v1.SetClusterMap
-	(*Result)(nil),              // 14: kvd.peer.v1.Result
-	(*StoredValue)(nil),         // 15: kvd.peer.v1.StoredValue
-	(*SessionState)(nil),        // 16: kvd.peer.v1.SessionState
-	(*kvpb.PutRequest)(nil),     // 17: kvd.kv.v1.PutRequest
-	(*kvpb.DeleteRequest)(nil),  // 18: kvd.kv.v1.DeleteRequest
-	(*kvpb.TxnRequest)(nil),     // 19: kvd.kv.v1.TxnRequest
-	(*kvpb.Member)(nil),         // 20: kvd.kv.v1.Member
-	(*kvpb.ClusterMap)(nil),     // 21: kvd.kv.v1.ClusterMap
-	(*kvpb.PutResponse)(nil),    // 22: kvd.kv.v1.PutResponse
-	(*kvpb.DeleteResponse)(nil), // 23: kvd.kv.v1.DeleteResponse
-	(*kvpb.TxnResponse)(nil),    // 24: kvd.kv.v1.TxnResponse
+	(*Batch)(nil),                    // 0: kvd.peer.v1.Batch
+	(*ShardMessage)(nil),             // 1: kvd.peer.v1.ShardMessage
+	(*LeaderCheck)(nil),              // 2: kvd.peer.v1.LeaderCheck
+	(*SnapshotChunk)(nil),            // 3: kvd.peer.v1.SnapshotChunk
+	(*SnapshotPair)(nil),             // 4: kvd.peer.v1.SnapshotPair
+	(*SnapshotAck)(nil),              // 5: kvd.peer.v1.SnapshotAck
+	(*ShardHashRequest)(nil),         // 6: kvd.peer.v1.ShardHashRequest
+	(*ShardHashResponse)(nil),        // 7: kvd.peer.v1.ShardHashResponse
+	(*ReportCorruptionRequest)(nil),  // 8: kvd.peer.v1.ReportCorruptionRequest
+	(*ReportCorruptionResponse)(nil), // 9: kvd.peer.v1.ReportCorruptionResponse
+	(*AddReplicaRequest)(nil),        // 10: kvd.peer.v1.AddReplicaRequest
+	(*AddReplicaResponse)(nil),       // 11: kvd.peer.v1.AddReplicaResponse
+	(*ProposeRequest)(nil),           // 12: kvd.peer.v1.ProposeRequest
+	(*ProposeResponse)(nil),          // 13: kvd.peer.v1.ProposeResponse
+	(*Command)(nil),                  // 14: kvd.peer.v1.Command
+	(*UpdateMember)(nil),             // 15: kvd.peer.v1.UpdateMember
+	(*HashCheck)(nil),                // 16: kvd.peer.v1.HashCheck
+	(*HashCheckResult)(nil),          // 17: kvd.peer.v1.HashCheckResult
+	(*ExpireSessions)(nil),           // 18: kvd.peer.v1.ExpireSessions
+	(*SetClusterMap)(nil),            // 19: kvd.peer.v1.SetClusterMap
+	(*Result)(nil),                   // 20: kvd.peer.v1.Result
+	(*StoredValue)(nil),              // 21: kvd.peer.v1.StoredValue
+	(*SessionState)(nil),             // 22: kvd.peer.v1.SessionState
+	(*kvpb.PutRequest)(nil),          // 23: kvd.kv.v1.PutRequest
+	(*kvpb.DeleteRequest)(nil),       // 24: kvd.kv.v1.DeleteRequest
+	(*kvpb.TxnRequest)(nil),          // 25: kvd.kv.v1.TxnRequest
+	(*kvpb.Member)(nil),              // 26: kvd.kv.v1.Member
+	(*kvpb.ClusterMap)(nil),          // 27: kvd.kv.v1.ClusterMap
+	(*kvpb.PutResponse)(nil),         // 28: kvd.kv.v1.PutResponse
+	(*kvpb.DeleteResponse)(nil),      // 29: kvd.kv.v1.DeleteResponse
+	(*kvpb.TxnResponse)(nil),         // 30: kvd.kv.v1.TxnResponse
 }
 var file_peerpb_peer_proto_depIdxs = []int32{
 	1,  // 0: kvd.peer.v1.Batch.msgs:type_name -> kvd.peer.v1.ShardMessage
 	2,  // 1: kvd.peer.v1.Batch.checks:type_name -> kvd.peer.v1.LeaderCheck
 	4,  // 2: kvd.peer.v1.SnapshotChunk.pairs:type_name -> kvd.peer.v1.SnapshotPair
-	17, // 3: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
-	18, // 4: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
-	19, // 5: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
-	12, // 6: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
-	13, // 7: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
-	11, // 8: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
-	20, // 9: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
-	21, // 10: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
-	22, // 11: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
-	23, // 12: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
-	24, // 13: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
-	0,  // 14: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
-	3,  // 15: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
-	8,  // 16: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
-	6,  // 17: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
-	0,  // 18: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
-	5,  // 19: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
-	9,  // 20: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
-	7,  // 21: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
-	18, // [18:22] is the sub-list for method output_type
-	14, // [14:18] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	23, // 3: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
+	24, // 4: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
+	25, // 5: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
+	18, // 6: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
+	19, // 7: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
+	15, // 8: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
+	16, // 9: kvd.peer.v1.Command.hash_check:type_name -> kvd.peer.v1.HashCheck
+	26, // 10: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
+	27, // 11: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
+	28, // 12: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
+	29, // 13: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
+	30, // 14: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
+	17, // 15: kvd.peer.v1.Result.hash_check:type_name -> kvd.peer.v1.HashCheckResult
+	0,  // 16: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
+	3,  // 17: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
+	12, // 18: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
+	10, // 19: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
+	6,  // 20: kvd.peer.v1.Internal.ShardHash:input_type -> kvd.peer.v1.ShardHashRequest
+	8,  // 21: kvd.peer.v1.Internal.ReportCorruption:input_type -> kvd.peer.v1.ReportCorruptionRequest
+	0,  // 22: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
+	5,  // 23: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
+	13, // 24: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
+	11, // 25: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
+	7,  // 26: kvd.peer.v1.Internal.ShardHash:output_type -> kvd.peer.v1.ShardHashResponse
+	9,  // 27: kvd.peer.v1.Internal.ReportCorruption:output_type -> kvd.peer.v1.ReportCorruptionResponse
+	22, // [22:28] is the sub-list for method output_type
+	16, // [16:22] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_peerpb_peer_proto_init() }
@@ -1332,18 +1691,20 @@ func file_peerpb_peer_proto_init() {
 	if File_peerpb_peer_proto != nil {
 		return
 	}
-	file_peerpb_peer_proto_msgTypes[10].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[14].OneofWrappers = []any{
 		(*Command_Put)(nil),
 		(*Command_Delete)(nil),
 		(*Command_Txn)(nil),
 		(*Command_ExpireSessions)(nil),
 		(*Command_SetClusterMap)(nil),
 		(*Command_UpdateMember)(nil),
+		(*Command_HashCheck)(nil),
 	}
-	file_peerpb_peer_proto_msgTypes[14].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[20].OneofWrappers = []any{
 		(*Result_Put)(nil),
 		(*Result_Delete)(nil),
 		(*Result_Txn)(nil),
+		(*Result_HashCheck)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1351,7 +1712,7 @@ func file_peerpb_peer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_peerpb_peer_proto_rawDesc), len(file_peerpb_peer_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   17,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
