@@ -26,8 +26,8 @@ package server
 // the corrupt node with Internal.ReportCorruption (no replicated alarm: a
 // node learns it directly, or finds it itself by scrub or by its own hash
 // check as leader); the node stores the alarm in its own data dir, so it
-// keeps refusing after a restart, until the replica is rebuilt (its data
-// dir removed and the node joined again).
+// keeps refusing after a restart, until the replica is rebuilt from its
+// peers (a manual step for now).
 
 import (
 	"context"
@@ -45,6 +45,7 @@ import (
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
 	"github.com/kvd/kvd/storage"
+	"github.com/kvd/kvd/transport"
 )
 
 // ErrReplicaCorrupt is returned for a shard whose local replica was found
@@ -78,14 +79,21 @@ type corruption struct {
 	}
 }
 
-func (s *Server) initCorruption() {
-	s.corrupt.mu.alarms = map[alarmKey]string{}
-	s.corrupt.gauge = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+// init prepares the alarm state before anything (a snapshot being sent)
+// can raise an alarm.
+func (c *corruption) init() {
+	c.mu.alarms = map[alarmKey]string{}
+	c.gauge = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "kvd_corruption_alarm",
-		Help: "1 for a replica (shard, node) found corrupt by the hash check or the scrubber; it must be rebuilt.",
+		Help: "1 for a replica (shard, node) found corrupt by the hash check, the scrubber or a read; it must be rebuilt.",
 	}, []string{"shard", "node"})
+	c.leave = make(chan uint64, 1)
+}
+
+// startCorruptionChecks exports the alarms, restores those of local
+// replicas from the data dir, and starts the hash check and the scrubber.
+func (s *Server) startCorruptionChecks() {
 	s.metrics.reg.MustRegister(s.corrupt.gauge)
-	s.corrupt.leave = make(chan uint64, 1)
 	s.wg.Add(1)
 	go s.leaveLoop()
 	for _, n := range s.host.Nodes() {
@@ -413,4 +421,28 @@ func (s *Server) scrub() {
 			s.log.Debug("scrub", "shard", shard, "err", err)
 		}
 	}
+}
+
+// checkedSnapshots is the transport's snapshot source: a snapshot that
+// meets a corrupt pair (storage refuses to send it) raises the alarm for
+// this node's replica too.
+type checkedSnapshots struct{ s *Server }
+
+func (c checkedSnapshots) OpenSnapshot(shard uint64) (transport.SnapshotReader, error) {
+	r, err := snapshotSource{c.s.engine}.OpenSnapshot(shard)
+	if err != nil {
+		return nil, c.s.noteCorrupt(shard, err)
+	}
+	return checkedReader{r, c.s, shard}, nil
+}
+
+type checkedReader struct {
+	transport.SnapshotReader
+	s     *Server
+	shard uint64
+}
+
+func (r checkedReader) Next() ([]*peerpb.SnapshotPair, error) {
+	ps, err := r.SnapshotReader.Next()
+	return ps, r.s.noteCorrupt(r.shard, err)
 }

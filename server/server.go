@@ -98,6 +98,7 @@ func New(cfg Config) (_ *Server, err error) {
 	s := &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeID), stopc: make(chan struct{})}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.peerConns.byAddr = map[string]*grpc.ClientConn{}
+	s.corrupt.init()
 	defer func() {
 		if err != nil {
 			s.Stop()
@@ -145,7 +146,7 @@ func New(cfg Config) (_ *Server, err error) {
 	s.tr = transport.New(transport.Config{
 		NodeID:    cfg.NodeID,
 		Handler:   s.host,
-		Snapshots: snapshotSource{s.engine},
+		Snapshots: checkedSnapshots{s},
 		Logger:    cfg.Logger,
 	})
 	s.peerSrv = grpc.NewServer(transport.ServerOptions()...)
@@ -178,7 +179,7 @@ func New(cfg Config) (_ *Server, err error) {
 	}
 
 	s.metrics = newMetrics(s)
-	s.initCorruption()
+	s.startCorruptionChecks()
 	s.clientSrv = grpc.NewServer(
 		grpc.MaxRecvMsgSize(cfg.Limits.MaxRequestBytes+64<<10),
 		// gRPC reads and decodes a request before any handler or
