@@ -21,8 +21,11 @@ package server
 //
 // Either raises an alarm: the kvd_corruption_alarm{shard,node} gauge, an
 // ERROR log line, and an entry in `kvctl cluster status`. A replica found
-// corrupt stops serving its shard: reads and writes get DataLoss, and if it
-// leads the shard it hands leadership to another voter. The leader tells
+// corrupt stops serving its shard: reads and writes get Unavailable saying
+// it is corrupt and must be rebuilt, with the NotLeader hint that sends
+// clients to another replica, and if it leads the shard it hands
+// leadership to another voter. (The read that first meets a corrupt value
+// gets DataLoss.) The leader tells
 // the corrupt node with Internal.ReportCorruption (no replicated alarm: a
 // node learns it directly, or finds it itself by scrub or by its own hash
 // check as leader); the node stores the alarm in its own data dir, so it
@@ -39,6 +42,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/fsm"
@@ -49,7 +54,8 @@ import (
 )
 
 // ErrReplicaCorrupt is returned for a shard whose local replica was found
-// corrupt; toStatus maps it to DataLoss.
+// corrupt; toStatus maps it to Unavailable with a NotLeader hint
+// (corruptStatus).
 var ErrReplicaCorrupt = errors.New("replica is corrupt and must be rebuilt")
 
 // metaCorruptPrefix + shard id is the node metadata key under which a
@@ -189,6 +195,25 @@ func (s *Server) corruptErr(shard uint64) error {
 		return nil
 	}
 	return fmt.Errorf("%w: shard %d on node %d: %s", ErrReplicaCorrupt, shard, s.cfg.NodeID, reason)
+}
+
+// corruptStatus answers for a replica known corrupt: Unavailable, with the
+// NotLeader hint the client follows to another replica (the leader when it
+// is another node), and a message saying why.
+func (s *Server) corruptStatus(shard uint64, err error) error {
+	hint := &kvpb.NotLeader{Shard: shard}
+	if n := s.host.Node(shard); n != nil && n.Leader() != s.cfg.NodeID {
+		hint.LeaderId = n.Leader()
+		if m := member(s.clusterMap(), hint.LeaderId); m != nil {
+			hint.LeaderAddr = m.GetClientAddr()
+		}
+	}
+	msg := fmt.Sprintf("%v; ask another replica (leader: node %d)", err, hint.LeaderId)
+	st, serr := status.New(codes.Unavailable, msg).WithDetails(hint)
+	if serr != nil {
+		return status.Error(codes.Unavailable, msg)
+	}
+	return st.Err()
 }
 
 // noteCorrupt raises the alarm for this node's replica of shard when err

@@ -81,24 +81,36 @@ func TestChangedValueIsNotServed(t *testing.T) {
 	c.start(0)
 	c.waitReady()
 	s = c.servers[0]
-	for _, cons := range []kvpb.Consistency{kvpb.Consistency_LINEARIZABLE, kvpb.Consistency_SERIALIZABLE} {
-		var resp *kvpb.GetResponse
-		var err error
-		waitFor(t, 10*time.Second, "a leader to answer", func() bool {
-			resp, err = getFrom(t, s, key, cons)
-			return status.Code(err) != codes.Unavailable
-		})
-		if resp.GetKv() != nil {
-			t.Fatalf("%v read served %q", cons, resp.GetKv().GetValue())
-		}
-		if code := status.Code(err); code != codes.DataLoss {
-			t.Fatalf("%v read: %v, want DataLoss", cons, err)
-		}
+	var resp *kvpb.GetResponse
+	var err error
+	waitFor(t, 10*time.Second, "a leader to answer", func() bool {
+		resp, err = getFrom(t, s, key, kvpb.Consistency_LINEARIZABLE)
+		return status.Code(err) != codes.Unavailable
+	})
+	if resp.GetKv() != nil {
+		t.Fatalf("linearizable read served %q", resp.GetKv().GetValue())
+	}
+	if code := status.Code(err); code != codes.DataLoss {
+		t.Fatalf("linearizable read: %v, want DataLoss", err)
+	}
+	// The read raised the alarm: the replica now refuses the shard.
+	resp, err = getFrom(t, s, key, kvpb.Consistency_SERIALIZABLE)
+	if resp.GetKv() != nil || !isCorruptRefusal(err) {
+		t.Fatalf("serializable read: %v, %v; want a corrupt-replica refusal", resp, err)
 	}
 	rr, err := kvClient(t, s).Range(ctx, &kvpb.RangeRequest{Shard: 1, Consistency: kvpb.Consistency_SERIALIZABLE})
-	if status.Code(err) != codes.DataLoss || len(rr.GetKvs()) > 0 {
-		t.Fatalf("range: %v, %v; want DataLoss", rr, err)
+	if len(rr.GetKvs()) > 0 || !isCorruptRefusal(err) {
+		t.Fatalf("range: %v, %v; want a corrupt-replica refusal", rr, err)
 	}
+	if al := alarmsOf(t, s); len(al) != 1 || al[0].GetNode() != 1 || al[0].GetShard() != 1 {
+		t.Fatalf("alarms %v", al)
+	}
+}
+
+// isCorruptRefusal reports whether err is a replica's refusal to serve a
+// shard it holds corrupt.
+func isCorruptRefusal(err error) bool {
+	return status.Code(err) == codes.Unavailable && strings.Contains(err.Error(), "corrupt and must be rebuilt")
 }
 
 func alarmsOf(t *testing.T, s *Server) []*kvpb.CorruptionAlarm {
@@ -222,9 +234,9 @@ func testHashCheck(t *testing.T, badLeads bool) {
 	if want := fmt.Sprintf(`kvd_corruption_alarm{node="%d",shard="1"} 1`, badID); !strings.Contains(scrape(t, reporter), want) {
 		t.Fatalf("/metrics lacks %s", want)
 	}
-	_, err := getFrom(t, c.servers[bad], keys[0], kvpb.Consistency_SERIALIZABLE)
-	if status.Code(err) != codes.DataLoss || !strings.Contains(err.Error(), "rebuilt") {
-		t.Fatalf("read from the corrupt replica: %v, want DataLoss saying it must be rebuilt", err)
+	resp, err := getFrom(t, c.servers[bad], keys[0], kvpb.Consistency_SERIALIZABLE)
+	if resp.GetKv() != nil || !isCorruptRefusal(err) {
+		t.Fatalf("read from the corrupt replica: %v, %v; want a refusal saying it must be rebuilt", resp, err)
 	}
 	// The healthy replicas still serve, and lead.
 	if _, err := cl.Put(ctx, keys[1], []byte("after")); err != nil {
@@ -267,7 +279,7 @@ func TestScrubFindsCorruptReplica(t *testing.T) {
 	c.start(0)
 	c.waitReady()
 	resp, err := getFrom(t, c.servers[0], key, kvpb.Consistency_SERIALIZABLE)
-	if status.Code(err) != codes.DataLoss || resp.GetKv() != nil {
-		t.Fatalf("read after restart: %v, %v; want DataLoss", resp, err)
+	if resp.GetKv() != nil || !isCorruptRefusal(err) {
+		t.Fatalf("read after restart: %v, %v; want a corrupt-replica refusal", resp, err)
 	}
 }

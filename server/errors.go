@@ -40,7 +40,9 @@ func (s *Server) toStatus(err error, shard uint64) error {
 		return s.notLeader(shard, nl.Leader)
 	case errors.Is(err, ErrNoReplica):
 		return s.notLeader(shard, 0)
-	case errors.Is(err, ErrReplicaCorrupt), errors.Is(err, storage.ErrCorrupt):
+	case errors.Is(err, ErrReplicaCorrupt):
+		return s.corruptStatus(shard, err)
+	case errors.Is(err, storage.ErrCorrupt):
 		return status.Errorf(codes.DataLoss, "shard %d: %v; this replica must be rebuilt from its peers", shard, err)
 	case errors.Is(err, ErrInvalid):
 		return status.Error(codes.InvalidArgument, err.Error())
