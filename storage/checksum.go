@@ -71,12 +71,14 @@ func storedSum(stored []byte) uint64 {
 }
 
 // The state hash of a shard is the sum (mod 2^64) of the checksums of its
-// kv pairs. Addition makes it independent of the order in which pairs were
-// written and cheap to maintain: a put adds the new pair's checksum and
-// subtracts the old one's, a delete subtracts. Replicas that applied the
-// same log agree on it at every applied index; the scrubber recomputes it
-// from the stored pairs. It lives in raft/ under keyStateHash, written in
-// the same transaction as the data it describes.
+// kv and meta pairs: the user data and the state machine's own (revision,
+// sessions, recorded results, cluster map), all of which replicas derive
+// from the same log. Addition makes it independent of the order in which
+// pairs were written and cheap to maintain: a put adds the new pair's
+// checksum and subtracts the old one's, a delete subtracts. Replicas that
+// applied the same log agree on it at every applied index; the scrubber
+// recomputes it from the stored pairs. It lives in raft/ under
+// keyStateHash, written in the same transaction as the data it describes.
 
 func getStateHash(raftb *bolt.Bucket) uint64 {
 	v := raftb.Get(keyStateHash)
@@ -113,7 +115,7 @@ func sumBucket(b *bolt.Bucket, pace func(n int) bool) (uint64, error) {
 var errScrubStopped = errors.New("storage: scrub stopped")
 
 // Scrub verifies the checksum of every kv and meta pair of the shard and
-// that the kv pairs add up to the stored state hash, in one read
+// that they add up to the stored state hash, in one read
 // transaction (a consistent view; writers are not blocked, but pages freed
 // meanwhile wait for it, so pace it rather than hold it for long). pace is
 // told the size of each pair read and stops the scrub, returning nil, with
@@ -128,9 +130,11 @@ func (s *Shard) Scrub(pace func(n int) bool) error {
 		if err != nil {
 			return err
 		}
-		if _, err := sumBucket(b.Bucket(bucketMeta), pace); err != nil {
+		msum, err := sumBucket(b.Bucket(bucketMeta), pace)
+		if err != nil {
 			return err
 		}
+		sum += msum
 		if want := getStateHash(b.Bucket(bucketRaft)); sum != want {
 			return fmt.Errorf("%w: the pairs add up to state hash %016x, stored %016x", ErrCorrupt, sum, want)
 		}

@@ -41,9 +41,12 @@ func flipStored(t *testing.T, path string, shard uint64, bucket, key string) {
 func stateHashOf(t *testing.T, s *Shard) (stored, recomputed uint64) {
 	t.Helper()
 	err := s.View(func(r *Reader) error {
-		var err error
-		recomputed, err = sumBucket(r.kv, nil)
-		stored = r.StateHash()
+		kv, err := sumBucket(r.kv, nil)
+		if err != nil {
+			return err
+		}
+		meta, err := sumBucket(r.meta, nil)
+		recomputed, stored = kv+meta, r.StateHash()
 		return err
 	})
 	if err != nil {
@@ -235,7 +238,7 @@ func TestStateHash(t *testing.T) {
 	if stored == 0 || stored != sum {
 		t.Fatalf("state hash %x, pairs add up to %x", stored, sum)
 	}
-	if want := pairSum([]byte("a"), []byte("4")) + pairSum([]byte("b"), []byte("2")); stored != want {
+	if want := pairSum([]byte("a"), []byte("4")) + pairSum([]byte("b"), []byte("2")) + pairSum([]byte("count"), u64(4)); stored != want {
 		t.Fatalf("state hash %x, want %x", stored, want)
 	}
 	e = reopen(t, e, path, Options{NoSync: true})

@@ -158,16 +158,15 @@ func (rs *round) stage(seq uint64, info []byte, pairs []*peerpb.SnapshotPair, fi
 		return response{err: fmt.Errorf("%w: staging %d dropped", ErrBadSnapshot, seq)}, nil
 	}
 	kv, meta := b.Bucket(bucketKV), b.Bucket(bucketMeta)
-	// The state hash of the staged kv pairs (verified by validPair)
+	// The state hash of the staged pairs (verified by validPair)
 	// becomes the shard's on install.
 	hash := getStateHash(b)
 	for _, p := range pairs {
 		dst := kv
 		if string(p.GetBucket()) == PairBucketMeta {
 			dst = meta
-		} else {
-			hash += storedSum(p.GetValue()) - storedSum(kv.Get(p.GetKey()))
 		}
+		hash += storedSum(p.GetValue()) - storedSum(dst.Get(p.GetKey()))
 		if err := dst.Put(p.GetKey(), p.GetValue()); err != nil {
 			return response{}, err
 		}

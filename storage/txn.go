@@ -77,29 +77,34 @@ func (t *Txn) Get(key []byte) []byte { return t.get(t.kv, key) }
 
 // Put sets key to value in the shard's key-value data. It fails with
 // ErrInvalid for an empty or oversized key; nothing is written then.
-func (t *Txn) Put(key, value []byte) error {
+func (t *Txn) Put(key, value []byte) error { return t.put(t.kv, key, value) }
+
+// Delete removes key from the shard's key-value data.
+func (t *Txn) Delete(key []byte) error { return t.del(t.kv, key) }
+
+// put stores value under key in b, sealed, and moves the state hash.
+func (t *Txn) put(b *bolt.Bucket, key, value []byte) error {
 	if err := validKey(key); err != nil {
 		return err
 	}
-	old := storedSum(t.kv.Get(key))
+	old := storedSum(b.Get(key))
 	sealed := seal(key, value)
-	if err := t.kv.Put(key, sealed); err != nil {
+	if err := b.Put(key, sealed); err != nil {
 		return fmt.Errorf("storage: put: %w", err)
 	}
 	t.addHash(storedSum(sealed), old)
 	return nil
 }
 
-// Delete removes key from the shard's key-value data.
-func (t *Txn) Delete(key []byte) error {
+func (t *Txn) del(b *bolt.Bucket, key []byte) error {
 	if len(key) == 0 {
 		return nil
 	}
-	old := t.kv.Get(key)
+	old := b.Get(key)
 	if old == nil {
 		return nil
 	}
-	if err := t.kv.Delete(key); err != nil {
+	if err := b.Delete(key); err != nil {
 		return fmt.Errorf("storage: delete: %w", err)
 	}
 	t.addHash(0, storedSum(old))
@@ -125,15 +130,10 @@ func (t *Txn) Range(start, end []byte, fn func(k, v []byte) bool) {
 func (t *Txn) GetMeta(key []byte) []byte { return t.get(t.meta, key) }
 
 // PutMeta sets key to value in the shard's state-machine metadata.
-func (t *Txn) PutMeta(key, value []byte) error {
-	if err := validKey(key); err != nil {
-		return err
-	}
-	return put(t.meta, key, seal(key, value))
-}
+func (t *Txn) PutMeta(key, value []byte) error { return t.put(t.meta, key, value) }
 
 // DeleteMeta removes key from the shard's state-machine metadata.
-func (t *Txn) DeleteMeta(key []byte) error { return del(t.meta, key) }
+func (t *Txn) DeleteMeta(key []byte) error { return t.del(t.meta, key) }
 
 // RangeMeta calls fn for each metadata key with prefix, in key order,
 // until fn returns false. fn may delete the key it is given. It stops at a
@@ -150,33 +150,13 @@ func (t *Txn) RangeMeta(prefix []byte, fn func(k, v []byte) bool) {
 }
 
 // StateHash returns the shard's state hash as of this point of the round:
-// the sum of the checksums of its kv pairs (checksum.go). Replicas that
+// the sum of the checksums of its kv and meta pairs (checksum.go). Replicas that
 // applied the same entries have the same hash.
 func (t *Txn) StateHash() uint64 {
 	if !t.hashLoaded {
 		t.hash, t.hashLoaded = getStateHash(t.raft), true
 	}
 	return t.hash
-}
-
-func put(b *bolt.Bucket, key, value []byte) error {
-	if err := validKey(key); err != nil {
-		return err
-	}
-	if err := b.Put(key, value); err != nil {
-		return fmt.Errorf("storage: put: %w", err)
-	}
-	return nil
-}
-
-func del(b *bolt.Bucket, key []byte) error {
-	if len(key) == 0 {
-		return nil
-	}
-	if err := b.Delete(key); err != nil {
-		return fmt.Errorf("storage: delete: %w", err)
-	}
-	return nil
 }
 
 func rangeBucket(b *bolt.Bucket, start, end []byte, fn func(k, v []byte) bool) {
