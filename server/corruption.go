@@ -430,7 +430,7 @@ func (s *Server) scrub() {
 		err = sh.Scrub(func(n int) bool {
 			read += n
 			// Sleep off whatever runs ahead of the pace.
-			if ahead := time.Duration(read)*time.Second/scrubBytesPerSec - time.Since(start); ahead > 10*time.Millisecond {
+			if ahead := time.Duration(float64(read)/scrubBytesPerSec*float64(time.Second)) - time.Since(start); ahead > 10*time.Millisecond {
 				select {
 				case <-s.stopc:
 					return false
