@@ -76,8 +76,9 @@ type alarmKey struct{ shard, node uint64 }
 
 // corruption is a node's knowledge of corrupt replicas.
 type corruption struct {
-	gauge *prometheus.GaugeVec
-	leave chan uint64 // to leaveLoop
+	gauge  *prometheus.GaugeVec
+	checks *prometheus.CounterVec // hash checks by result
+	leave  chan uint64            // to leaveLoop
 
 	mu struct {
 		sync.Mutex
@@ -93,13 +94,17 @@ func (c *corruption) init() {
 		Name: "kvd_corruption_alarm",
 		Help: "1 for a replica (shard, node) found corrupt by the hash check, the scrubber or a read; it must be rebuilt.",
 	}, []string{"shard", "node"})
+	c.checks = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "kvd_corruption_checks_total",
+		Help: "Hash checks this node ran as a shard leader, by result: agree (every voter answered the same hash), partial (the voters that answered agree), mismatch (an alarm was raised), no_majority.",
+	}, []string{"result"})
 	c.leave = make(chan uint64, 1)
 }
 
 // startCorruptionChecks exports the alarms, restores those of local
 // replicas from the data dir, and starts the hash check and the scrubber.
 func (s *Server) startCorruptionChecks() {
-	s.metrics.reg.MustRegister(s.corrupt.gauge)
+	s.metrics.reg.MustRegister(s.corrupt.gauge, s.corrupt.checks)
 	s.wg.Add(1)
 	go s.leaveLoop()
 	for _, n := range s.host.Nodes() {
@@ -343,11 +348,19 @@ func (s *Server) checkShardHash(shard uint64) error {
 			majority, found = h, true
 		}
 	}
-	if !found {
+	switch {
+	case !found:
+		s.corrupt.checks.WithLabelValues("no_majority").Inc()
 		if len(count) > 1 {
-			s.log.Warn("hash check: replicas disagree and no majority agrees", "shard", shard, "index", index, "hashes", fmt.Sprint(hashes))
+			s.log.Warn("hash check: no majority of the voters answered with the same hash", "shard", shard, "index", index, "hashes", fmt.Sprint(hashes))
 		}
 		return nil
+	case len(count) > 1:
+		s.corrupt.checks.WithLabelValues("mismatch").Inc()
+	case len(hashes) == len(voters):
+		s.corrupt.checks.WithLabelValues("agree").Inc()
+	default:
+		s.corrupt.checks.WithLabelValues("partial").Inc()
 	}
 	for id, h := range hashes {
 		if h == majority {
