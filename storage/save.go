@@ -62,7 +62,10 @@ func (u *Update) noWait() bool {
 // that also records the applied index, so it must be deterministic (no
 // clocks, randomness, map order or local settings) and must not block:
 // every shard of the node waits for the round. A panic fails the round and
-// the engine (ErrFailed); nothing of the round is committed. Storage
+// the engine (ErrFailed); nothing of the round is committed. A Txn read
+// that meets a value failing its checksum unwinds the ApplyFunc the same
+// way (the round fails with ErrCorrupt), so that nothing it computes from
+// the value reaches the state or its proposer. Storage
 // returns nothing of what it does: a caller that wants an entry's result
 // takes it in the function it passes (raftnode hands it to the proposer
 // there), and must not keep tx memory beyond the call.
