@@ -194,6 +194,12 @@ func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
 			return reject(err)
 		}
 		return &peerpb.Result{}
+	case *peerpb.Command_HashCheck:
+		index, hash, err := tx.CheckHash()
+		if err != nil {
+			return &peerpb.Result{Error: err.Error()}
+		}
+		return &peerpb.Result{Op: &peerpb.Result_HashCheck{HashCheck: &peerpb.HashCheckResult{Index: index, Hash: hash}}}
 	default:
 		return reject(ErrUnknownCmd)
 	}

@@ -45,6 +45,7 @@ func (s *Server) Status(ctx context.Context, _ *kvpb.StatusRequest) (*kvpb.Statu
 		}
 		resp.Shards = append(resp.Shards, ss)
 	}
+	resp.Alarms = s.alarms()
 	return resp, nil
 }
 

@@ -68,6 +68,14 @@ type Config struct {
 	// this that retries an old write may apply it twice.
 	SessionTTL time.Duration
 
+	// CorruptionCheckInterval is how often the leader of each shard has
+	// the replicas compare their state hashes (corruption.go); zero
+	// disables the check.
+	CorruptionCheckInterval time.Duration
+	// ScrubInterval is how often each node verifies its stored shards
+	// against their checksums and state hashes; zero disables it.
+	ScrubInterval time.Duration
+
 	Logger *slog.Logger
 
 	// ClientListener and PeerListener, when set, are used instead of

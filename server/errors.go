@@ -11,6 +11,7 @@ import (
 	"github.com/kvd/kvd/fsm"
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/raftnode"
+	"github.com/kvd/kvd/storage"
 )
 
 // Errors of request validation and routing; toStatus maps them.
@@ -45,6 +46,10 @@ func (s *Server) toStatus(err error, shard uint64) error {
 		return s.notLeader(shard, nl.Leader)
 	case errors.Is(err, ErrNoReplica):
 		return s.notLeader(shard, 0)
+	case errors.Is(err, ErrReplicaCorrupt):
+		return s.corruptStatus(shard, err)
+	case errors.Is(err, storage.ErrCorrupt):
+		return status.Errorf(codes.DataLoss, "shard %d: %v; this replica must be rebuilt from its peers", shard, err)
 	case errors.Is(err, ErrInvalid):
 		return status.Error(codes.InvalidArgument, err.Error())
 	// Deterministic rejections of the state machine.

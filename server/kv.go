@@ -205,6 +205,9 @@ func (s *Server) propose(ctx context.Context, shard uint64, h *kvpb.RequestHeade
 	if !n.IsLeader() {
 		return nil, &raftnode.NotLeaderError{Shard: shard, Leader: n.Leader()}
 	}
+	if err := s.corruptErr(shard); err != nil {
+		return nil, err
+	}
 	ctx, cancel := s.withTimeout(ctx)
 	defer cancel()
 	cmd.Session, cmd.Seq, cmd.AckBelow = h.GetSession(), h.GetSeq(), h.GetAckBelow()
@@ -252,11 +255,14 @@ func (s *Server) read(ctx context.Context, shard uint64, c kvpb.Consistency, fn 
 		// than answer "not found" for every key.
 		return &raftnode.NotLeaderError{Shard: shard, Leader: n.Leader()}
 	}
+	if err := s.corruptErr(shard); err != nil {
+		return err
+	}
 	sh, err := s.engine.OpenShard(shard)
 	if err != nil {
 		return err
 	}
-	return sh.View(fn)
+	return s.noteCorrupt(shard, sh.View(fn))
 }
 
 // withTimeout bounds a request that came without a deadline by

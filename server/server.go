@@ -58,6 +58,7 @@ type Server struct {
 	health    *health.Server
 	httpSrv   *http.Server
 	metrics   *metrics
+	corrupt   corruption // corruption.go
 
 	// published is set once the replicated cluster map lists this node's
 	// addresses; until then clients cannot find it and /readyz says so.
@@ -97,6 +98,7 @@ func New(cfg Config) (_ *Server, err error) {
 	s := &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeID), stopc: make(chan struct{})}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.peerConns.byAddr = map[string]*grpc.ClientConn{}
+	s.corrupt.init()
 	defer func() {
 		if err != nil {
 			s.Stop()
@@ -144,7 +146,7 @@ func New(cfg Config) (_ *Server, err error) {
 	s.tr = transport.New(transport.Config{
 		NodeID:    cfg.NodeID,
 		Handler:   s.host,
-		Snapshots: snapshotSource{s.engine},
+		Snapshots: checkedSnapshots{s},
 		Logger:    cfg.Logger,
 	})
 	s.peerSrv = grpc.NewServer(transport.ServerOptions()...)
@@ -177,6 +179,7 @@ func New(cfg Config) (_ *Server, err error) {
 	}
 
 	s.metrics = newMetrics(s)
+	s.startCorruptionChecks()
 	s.clientSrv = grpc.NewServer(
 		grpc.MaxRecvMsgSize(cfg.Limits.MaxRequestBytes+64<<10),
 		// gRPC reads and decodes a request before any handler or

@@ -16,6 +16,14 @@
 //	staging/<seq>/         snapshots being received
 //	wal/gen                the WAL generation that follows this commit
 //
+// Every value in kv/ and meta/ is stored behind a 64-bit checksum of its key
+// and value (checksum.go); reads verify it, so a value changed on disk is
+// reported as ErrCorrupt and never returned, and snapshots neither send nor
+// accept a pair that fails it. Each shard also keeps a state hash, the sum
+// of its kv checksums, updated with the data: replicas compare it at the
+// same applied index and a scrub compares it with the stored pairs. node/
+// records the layout version; Open refuses a file of another one.
+//
 // and kvd.wal beside it is the write-ahead log of the rounds since the last
 // bbolt commit (below).
 //

@@ -164,6 +164,9 @@ func Open(path string, opts Options) (*Engine, error) {
 	}
 	dropped := 0
 	err = db.Update(func(tx *bolt.Tx) error {
+		if err := checkLayout(tx); err != nil {
+			return err
+		}
 		for _, name := range [][]byte{bucketNode, bucketShards, bucketWAL} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err

@@ -40,13 +40,22 @@ var (
 	// term, or when a streamed snapshot holds an invalid pair.
 	ErrBadSnapshot = errors.New("storage: snapshot not staged or invalid")
 
+	// ErrCorrupt is returned when a stored value does not match its
+	// checksum, or a shard's stored pairs do not add up to its state hash:
+	// the disk holds something this node did not write. The value is never
+	// returned. Reads fail with it; a write round that meets it fails the
+	// engine (ErrFailed). The replica must be rebuilt from its peers.
+	// Open returns it too when the write-ahead log is damaged: a record
+	// that had been made durable does not check out, and replaying up to
+	// it would silently lose the acknowledged writes after it.
+	ErrCorrupt = errors.New("storage: corrupt data")
+
+	// ErrLayout is returned by Open for a data file of another on-disk
+	// layout version than this code's.
+	ErrLayout = errors.New("storage: unsupported on-disk layout")
+
 	// ErrInvalid is returned for an invalid argument (empty key, key too
 	// large for bbolt).
 	ErrInvalid = errors.New("storage: invalid argument")
 
-	// ErrCorrupt is returned by Open when the write-ahead log is damaged:
-	// a record that had been made durable does not check out. Replaying
-	// up to it would silently lose the acknowledged writes after it, so
-	// the node must not start on these files.
-	ErrCorrupt = errors.New("storage: corrupt write-ahead log")
 )

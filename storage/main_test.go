@@ -128,7 +128,7 @@ func dump(t testing.TB, s *Shard) map[string]string {
 			return true
 		})
 		rangePrefix(r.meta, nil, func(k, v []byte) bool {
-			out["meta/"+string(k)] = string(v)
+			out["meta/"+string(k)] = string(r.GetMeta(k))
 			return true
 		})
 		return nil

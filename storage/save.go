@@ -62,7 +62,10 @@ func (u *Update) noWait() bool {
 // that also records the applied index, so it must be deterministic (no
 // clocks, randomness, map order or local settings) and must not block:
 // every shard of the node waits for the round. A panic fails the round and
-// the engine (ErrFailed); nothing of the round is committed. Storage
+// the engine (ErrFailed); nothing of the round is committed. A Txn read
+// that meets a value failing its checksum unwinds the ApplyFunc the same
+// way (the round fails with ErrCorrupt), so that nothing it computes from
+// the value reaches the state or its proposer. Storage
 // returns nothing of what it does: a caller that wants an entry's result
 // takes it in the function it passes (raftnode hands it to the proposer
 // there), and must not keep tx memory beyond the call.
@@ -229,8 +232,9 @@ func (rs *round) save(s *Shard, u *Update) (response, error) {
 		}
 		if u.Apply != nil && e.GetType() == pb.EntryNormal && len(e.GetData()) > 0 {
 			if txn == nil {
-				txn = &Txn{kv: b.Bucket(bucketKV), meta: b.Bucket(bucketMeta)}
+				txn = &Txn{shard: s.id, kv: b.Bucket(bucketKV), meta: b.Bucket(bucketMeta), raft: raftb}
 			}
+			txn.index = e.GetIndex()
 			u.Apply(txn, e)
 		}
 		st.appliedIndex, st.appliedTerm = e.GetIndex(), e.GetTerm()
@@ -238,7 +242,11 @@ func (rs *round) save(s *Shard, u *Update) (response, error) {
 		moved = true
 	}
 	if txn != nil {
+		err := txn.finish()
 		txn.end()
+		if err != nil {
+			return response{}, err
+		}
 	}
 	if moved {
 		if err := raftb.Put(keyApplied, encodeApplied(st.appliedIndex, st.appliedTerm)); err != nil {

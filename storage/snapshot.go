@@ -112,6 +112,10 @@ func (e *Engine) StageSnapshot(shard uint64, meta *pb.SnapshotMetadata, next fun
 	return append(bytes.Clone(tokenPrefix), u64(seq)...), nil
 }
 
+// validPair checks a received pair: a known bucket, a key bbolt takes, and
+// a value that matches its checksum, so that a replica never installs a
+// value the sender's disk changed (it would then pass the checksums of
+// every later read). A corrupt pair is ErrBadSnapshot and ErrCorrupt.
 func validPair(p *peerpb.SnapshotPair) error {
 	switch string(p.GetBucket()) {
 	case PairBucketKV, PairBucketMeta:
@@ -119,6 +123,9 @@ func validPair(p *peerpb.SnapshotPair) error {
 		return fmt.Errorf("%w: pair in unknown bucket %q", ErrBadSnapshot, p.GetBucket())
 	}
 	if err := validKey(p.GetKey()); err != nil {
+		return fmt.Errorf("%w: %w", ErrBadSnapshot, err)
+	}
+	if _, _, err := unseal(p.GetKey(), p.GetValue()); err != nil {
 		return fmt.Errorf("%w: %w", ErrBadSnapshot, err)
 	}
 	return nil
@@ -151,14 +158,21 @@ func (rs *round) stage(seq uint64, info []byte, pairs []*peerpb.SnapshotPair, fi
 		return response{err: fmt.Errorf("%w: staging %d dropped", ErrBadSnapshot, seq)}, nil
 	}
 	kv, meta := b.Bucket(bucketKV), b.Bucket(bucketMeta)
+	// The state hash of the staged pairs (verified by validPair)
+	// becomes the shard's on install.
+	hash := getStateHash(b)
 	for _, p := range pairs {
 		dst := kv
 		if string(p.GetBucket()) == PairBucketMeta {
 			dst = meta
 		}
+		hash += storedSum(p.GetValue()) - storedSum(dst.Get(p.GetKey()))
 		if err := dst.Put(p.GetKey(), p.GetValue()); err != nil {
 			return response{}, err
 		}
+	}
+	if err := putStateHash(b, hash); err != nil {
+		return response{}, err
 	}
 	if final {
 		if err := b.Put(keyStageDone, []byte{1}); err != nil {
@@ -206,6 +220,7 @@ func decodeStageInfo(v []byte) (uint64, *pb.SnapshotMetadata, error) {
 // install replaces the shard's state with the staged one and resets its
 // log to start after meta.Index. Validated by the caller.
 func (rs *round) install(s *Shard, st *shardState, b, staged *bolt.Bucket, seq uint64, meta *pb.SnapshotMetadata) error {
+	hash := getStateHash(staged)
 	// Moving the staged buckets is a pointer swap in bbolt: installing a
 	// large snapshot costs no copy.
 	for _, name := range [][]byte{bucketKV, bucketMeta} {
@@ -239,6 +254,9 @@ func (rs *round) install(s *Shard, st *shardState, b, staged *bolt.Bucket, seq u
 		return err
 	}
 	if err := raftb.Put(keyApplied, encodeApplied(st.appliedIndex, st.appliedTerm)); err != nil {
+		return err
+	}
+	if err := putStateHash(raftb, hash); err != nil {
 		return err
 	}
 	rs.lockForCommit[s] = true
@@ -289,6 +307,7 @@ func (rs *round) dropStagedSeq(seq uint64) error {
 // reused, so the file grows while a snapshot is being sent. Not safe for
 // concurrent use.
 type SnapshotReader struct {
+	id    uint64
 	tx    *bolt.Tx
 	shard *bolt.Bucket
 	meta  *pb.SnapshotMetadata
@@ -328,6 +347,7 @@ func (s *Shard) OpenSnapshot() (*SnapshotReader, error) {
 		return nil, err
 	}
 	r := &SnapshotReader{
+		id:    s.id,
 		tx:    tx,
 		shard: b,
 		meta: &pb.SnapshotMetadata{
@@ -350,7 +370,8 @@ func (r *SnapshotReader) Metadata() *pb.SnapshotMetadata {
 
 // Next returns the next chunk of pairs, about 1 MiB (at least one pair),
 // kv pairs first then meta pairs, in key order; io.EOF after the last. The
-// pairs are copies owned by the caller.
+// pairs are copies owned by the caller, values in their stored form (with
+// their checksums, which Next verifies: a corrupt pair is ErrCorrupt).
 func (r *SnapshotReader) Next() ([]*peerpb.SnapshotPair, error) {
 	if r.closed {
 		return nil, ErrClosed
@@ -363,6 +384,12 @@ func (r *SnapshotReader) Next() ([]*peerpb.SnapshotPair, error) {
 		// One copy of the bucket name per chunk, shared by its pairs.
 		name := bytes.Clone(r.buckets[0])
 		for ; r.k != nil; r.k, r.v = r.cur.Next() {
+			// A corrupt pair must not spread: the receiver would store it
+			// as its own (it verifies too, in case this side's memory or
+			// the wire changed it).
+			if _, _, err := unseal(r.k, r.v); err != nil {
+				return nil, fmt.Errorf("storage: snapshot of shard %d: %w", r.id, err)
+			}
 			n := len(r.k) + len(r.v) + pairOverhead
 			if len(out) > 0 && size+n > sendChunkBytes {
 				return out, nil

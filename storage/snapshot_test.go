@@ -184,7 +184,7 @@ func TestSnapshotErrors(t *testing.T) {
 		}
 	}
 	kv := func(k string) *peerpb.SnapshotPair {
-		return &peerpb.SnapshotPair{Bucket: []byte("kv"), Key: []byte(k), Value: []byte("v")}
+		return &peerpb.SnapshotPair{Bucket: []byte("kv"), Key: []byte(k), Value: seal([]byte(k), []byte("v"))}
 	}
 
 	// A stream that fails, or carries a bad pair, leaves nothing staged.

@@ -17,63 +17,146 @@ import (
 // you keep. bbolt keeps the key and value slices given to Put until the
 // commit, so do not modify them afterwards.
 type Txn struct {
-	kv, meta *bolt.Bucket
+	shard          uint64
+	index          uint64 // of the entry being applied
+	kv, meta, raft *bolt.Bucket
+
+	// hash is the shard's state hash as changed by this Txn's puts and
+	// deletes (loaded on first use); it is stored by finish.
+	hash               uint64
+	hashLoaded, hashed bool
 }
 
 // end invalidates t, so that an ApplyFunc keeping it fails loudly instead
 // of writing outside its transaction.
-func (t *Txn) end() { t.kv, t.meta = nil, nil }
+func (t *Txn) end() { t.kv, t.meta, t.raft = nil, nil, nil }
 
-// Get returns the value of key in the shard's key-value data, nil if
-// absent.
-func (t *Txn) Get(key []byte) []byte { return t.kv.Get(key) }
-
-// Put sets key to value in the shard's key-value data. It fails with
-// ErrInvalid for an empty or oversized key; nothing is written then.
-func (t *Txn) Put(key, value []byte) error { return put(t.kv, key, value) }
-
-// Delete removes key from the shard's key-value data.
-func (t *Txn) Delete(key []byte) error { return del(t.kv, key) }
-
-// Range calls fn for each key in [start, end) in key order (end nil: to
-// the last key) until fn returns false.
-func (t *Txn) Range(start, end []byte, fn func(k, v []byte) bool) { rangeBucket(t.kv, start, end, fn) }
-
-// GetMeta returns the value of key in the shard's state-machine metadata
-// (revision counter, client sessions); nil if absent. The metadata is part
-// of snapshots.
-func (t *Txn) GetMeta(key []byte) []byte { return t.meta.Get(key) }
-
-// PutMeta sets key to value in the shard's state-machine metadata.
-func (t *Txn) PutMeta(key, value []byte) error { return put(t.meta, key, value) }
-
-// DeleteMeta removes key from the shard's state-machine metadata.
-func (t *Txn) DeleteMeta(key []byte) error { return del(t.meta, key) }
-
-// RangeMeta calls fn for each metadata key with prefix, in key order,
-// until fn returns false. fn may delete the key it is given.
-func (t *Txn) RangeMeta(prefix []byte, fn func(k, v []byte) bool) {
-	rangePrefix(t.meta, prefix, fn)
-}
-
-func put(b *bolt.Bucket, key, value []byte) error {
-	if err := validKey(key); err != nil {
-		return err
-	}
-	if err := b.Put(key, value); err != nil {
-		return fmt.Errorf("storage: put: %w", err)
+// finish stores the state hash if it changed.
+func (t *Txn) finish() error {
+	if t.hashed {
+		return putStateHash(t.raft, t.hash)
 	}
 	return nil
 }
 
-func del(b *bolt.Bucket, key []byte) error {
+// abortApply is the panic value with which a Txn read that met a corrupt
+// value unwinds the ApplyFunc. Returning nil instead would let the
+// ApplyFunc compute, and hand its proposer (raftnode answers from inside
+// the transaction), a result built on a value that is not what this node
+// stored; unwinding stops it there. The writer recovers it
+// (round.exec) and fails the round with err, so the engine stops writing.
+type abortApply struct{ err error }
+
+func (t *Txn) corrupt(err error) {
+	panic(abortApply{fmt.Errorf("shard %d: %w", t.shard, err)})
+}
+
+func (t *Txn) get(b *bolt.Bucket, key []byte) []byte {
+	v, _, err := unseal(key, b.Get(key))
+	if err != nil {
+		t.corrupt(err)
+		return nil
+	}
+	return v
+}
+
+// addHash moves the state hash by the checksum of a pair written (add) or
+// of the stored value it replaces or deletes (sub).
+func (t *Txn) addHash(add, sub uint64) {
+	if !t.hashLoaded {
+		t.hash, t.hashLoaded = getStateHash(t.raft), true
+	}
+	t.hash += add - sub
+	t.hashed = true
+}
+
+// Get returns the value of key in the shard's key-value data, nil if
+// absent. A value that fails its checksum aborts the ApplyFunc and fails
+// the round with ErrCorrupt (see abortApply).
+func (t *Txn) Get(key []byte) []byte { return t.get(t.kv, key) }
+
+// Put sets key to value in the shard's key-value data. It fails with
+// ErrInvalid for an empty or oversized key; nothing is written then.
+func (t *Txn) Put(key, value []byte) error { return t.put(t.kv, key, value) }
+
+// Delete removes key from the shard's key-value data.
+func (t *Txn) Delete(key []byte) error { return t.del(t.kv, key) }
+
+// put stores value under key in b, sealed, and moves the state hash.
+func (t *Txn) put(b *bolt.Bucket, key, value []byte) error {
+	if err := validKey(key); err != nil {
+		return err
+	}
+	old := storedSum(b.Get(key))
+	sealed := seal(key, value)
+	if err := b.Put(key, sealed); err != nil {
+		return fmt.Errorf("storage: put: %w", err)
+	}
+	t.addHash(storedSum(sealed), old)
+	return nil
+}
+
+func (t *Txn) del(b *bolt.Bucket, key []byte) error {
 	if len(key) == 0 {
+		return nil
+	}
+	old := b.Get(key)
+	if old == nil {
 		return nil
 	}
 	if err := b.Delete(key); err != nil {
 		return fmt.Errorf("storage: delete: %w", err)
 	}
+	t.addHash(0, storedSum(old))
 	return nil
+}
+
+// Range calls fn for each key in [start, end) in key order (end nil: to
+// the last key) until fn returns false. A corrupt value aborts like Get.
+func (t *Txn) Range(start, end []byte, fn func(k, v []byte) bool) {
+	rangeBucket(t.kv, start, end, func(k, v []byte) bool {
+		v, _, err := unseal(k, v)
+		if err != nil {
+			t.corrupt(err)
+			return false
+		}
+		return fn(k, v)
+	})
+}
+
+// GetMeta returns the value of key in the shard's state-machine metadata
+// (revision counter, client sessions); nil if absent. The metadata is part
+// of snapshots.
+func (t *Txn) GetMeta(key []byte) []byte { return t.get(t.meta, key) }
+
+// PutMeta sets key to value in the shard's state-machine metadata.
+func (t *Txn) PutMeta(key, value []byte) error { return t.put(t.meta, key, value) }
+
+// DeleteMeta removes key from the shard's state-machine metadata.
+func (t *Txn) DeleteMeta(key []byte) error { return t.del(t.meta, key) }
+
+// RangeMeta calls fn for each metadata key with prefix, in key order,
+// until fn returns false. fn may delete the key it is given. It stops at a
+// corrupt value, aborting like Get.
+func (t *Txn) RangeMeta(prefix []byte, fn func(k, v []byte) bool) {
+	rangePrefix(t.meta, prefix, func(k, v []byte) bool {
+		v, _, err := unseal(k, v)
+		if err != nil {
+			t.corrupt(err)
+			return false
+		}
+		return fn(k, v)
+	})
+}
+
+// StateHash returns the shard's state hash as of this point of the round:
+// the sum of the checksums of its kv and meta pairs (checksum.go). Replicas that
+// applied the same entries have the same hash.
+func (t *Txn) StateHash() uint64 {
+	if !t.hashLoaded {
+		t.hash, t.hashLoaded = getStateHash(t.raft), true
+	}
+	return t.hash
 }
 
 func rangeBucket(b *bolt.Bucket, start, end []byte, fn func(k, v []byte) bool) {
@@ -99,24 +182,62 @@ func rangePrefix(b *bolt.Bucket, prefix []byte, fn func(k, v []byte) bool) {
 	}
 }
 
+// CheckHash records, and returns, the state hash with the index of the
+// entry being applied, for Reader.HashCheck: replicas that applied the same
+// log record the same hash at the same index, and a leader compares them.
+// The record is kept beside the raft state, outside snapshots, so that
+// each replica answers with its own hash; a later check replaces it.
+func (t *Txn) CheckHash() (index, hash uint64, err error) {
+	hash = t.StateHash()
+	return t.index, hash, t.raft.Put(keyHashCheck, encodeApplied(t.index, hash))
+}
+
 // Reader is a read-only view of one shard's state, consistent with its
 // applied index. Valid only during the View callback; returned slices
 // likewise.
 type Reader struct {
+	shard          uint64
 	kv, meta, raft *bolt.Bucket
+	// err is the first corruption a read met; View returns it.
+	err error
 }
 
-// Get returns the value of key, nil if absent.
-func (r *Reader) Get(key []byte) []byte { return r.kv.Get(key) }
+func (r *Reader) get(b *bolt.Bucket, key []byte) []byte {
+	v, _, err := unseal(key, b.Get(key))
+	if err != nil {
+		r.corrupt(err)
+		return nil
+	}
+	return v
+}
+
+func (r *Reader) corrupt(err error) {
+	if r.err == nil {
+		r.err = fmt.Errorf("shard %d: %w", r.shard, err)
+	}
+}
+
+// Get returns the value of key, nil if absent. A value that fails its
+// checksum reads as nil, and View returns ErrCorrupt.
+func (r *Reader) Get(key []byte) []byte { return r.get(r.kv, key) }
 
 // Range calls fn for each key in [start, end) (end nil: to the last key)
-// until fn returns false.
+// until fn returns false. It stops at a corrupt value, and View returns
+// ErrCorrupt.
 func (r *Reader) Range(start, end []byte, fn func(k, v []byte) bool) {
-	rangeBucket(r.kv, start, end, fn)
+	rangeBucket(r.kv, start, end, func(k, v []byte) bool {
+		v, _, err := unseal(k, v)
+		if err != nil {
+			r.corrupt(err)
+			return false
+		}
+		return fn(k, v)
+	})
 }
 
-// GetMeta returns the value of a state-machine metadata key, nil if absent.
-func (r *Reader) GetMeta(key []byte) []byte { return r.meta.Get(key) }
+// GetMeta returns the value of a state-machine metadata key, nil if absent
+// (or corrupt: then View returns ErrCorrupt).
+func (r *Reader) GetMeta(key []byte) []byte { return r.get(r.meta, key) }
 
 // Applied returns the applied index and term this view reflects.
 func (r *Reader) Applied() (index, term uint64) {
@@ -124,17 +245,39 @@ func (r *Reader) Applied() (index, term uint64) {
 	return index, term
 }
 
+// HashCheck returns the last hash recorded by Txn.CheckHash and the index
+// it was recorded at; ok is false if none was.
+func (r *Reader) HashCheck() (index, hash uint64, ok bool) {
+	v := r.raft.Get(keyHashCheck)
+	if v == nil {
+		return 0, 0, false
+	}
+	index, hash, err := decodeApplied(v)
+	return index, hash, err == nil
+}
+
+// StateHash returns the shard's state hash as of Applied.
+func (r *Reader) StateHash() uint64 { return getStateHash(r.raft) }
+
 // View runs fn with a read-only view of the shard's committed state (for
 // serializable reads). It does not block writers, but a long fn delays
 // bbolt remaps; keep it short. Returns ErrShardNotFound if the shard is
-// gone, ErrClosed after Close, or fn's error.
+// gone, ErrClosed after Close, or fn's error. If a read in fn met a value
+// that fails its checksum, View returns ErrCorrupt (wrapped with the shard
+// and key) whatever fn returned: what fn built from the view is not to be
+// used.
 func (s *Shard) View(fn func(r *Reader) error) error {
 	return s.e.view(func(tx *bolt.Tx) error {
 		b, err := s.bucket(tx)
 		if err != nil {
 			return err
 		}
-		return fn(&Reader{kv: b.Bucket(bucketKV), meta: b.Bucket(bucketMeta), raft: b.Bucket(bucketRaft)})
+		r := &Reader{shard: s.id, kv: b.Bucket(bucketKV), meta: b.Bucket(bucketMeta), raft: b.Bucket(bucketRaft)}
+		err = fn(r)
+		if r.err != nil {
+			return fmt.Errorf("storage: %w", r.err)
+		}
+		return err
 	})
 }
 

@@ -357,6 +357,10 @@ func (e *Engine) fail(err error) {
 func (rs *round) exec(r *request) (resp response, fatal error) {
 	defer func() {
 		if p := recover(); p != nil {
+			if a, ok := p.(abortApply); ok {
+				fatal = fmt.Errorf("storage: apply: %w", a.err)
+				return
+			}
 			fatal = fmt.Errorf("storage: panic in write round: %v\n%s", p, debug.Stack())
 		}
 	}()

@@ -233,8 +233,9 @@ func (a *app) printStatus(st []client.NodeStatus) error {
 		nodes = append(nodes, j)
 	}
 	shards := shardView(st)
+	alarms := alarmView(st)
 	if a.output == "json" {
-		return writeJSON(a.stdout, map[string]any{"nodes": nodes, "shards": shards})
+		return writeJSON(a.stdout, map[string]any{"nodes": nodes, "shards": shards, "alarms": alarms})
 	}
 	tw := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "NODE\tADDRESS\tHEALTH\tEPOCH\tERROR")
@@ -254,7 +255,49 @@ func (a *app) printStatus(st []client.NodeStatus) error {
 		}
 		fmt.Fprintf(tw, "%d\t%s\t%d\t%d\t%d\t%s\n", s.Shard, leader, s.Term, s.Commit, s.Applied, joinIDs(s.Voters))
 	}
+	if len(alarms) > 0 {
+		fmt.Fprintln(tw)
+		fmt.Fprintln(tw, "ALARM\tSHARD\tNODE\tREPORTED_BY\tREASON")
+		for _, al := range alarms {
+			fmt.Fprintf(tw, "CORRUPT\t%d\t%d\t%d\t%s\n", al.Shard, al.Node, al.Reporter, al.Reason)
+		}
+	}
 	return tw.Flush()
+}
+
+// jsonAlarm is a corrupt replica some node reported: it refuses to serve
+// its shard until rebuilt.
+type jsonAlarm struct {
+	Shard    uint64 `json:"shard"`
+	Node     uint64 `json:"node"`
+	Reason   string `json:"reason"`
+	Reporter uint64 `json:"reported_by"`
+}
+
+// alarmView lists each (shard, node) alarm once, as the first node that
+// reports it says it.
+func alarmView(st []client.NodeStatus) []jsonAlarm {
+	out := []jsonAlarm{}
+	seen := map[[2]uint64]bool{}
+	for _, ns := range st {
+		if ns.Status == nil {
+			continue
+		}
+		for _, al := range ns.Status.Alarms {
+			k := [2]uint64{al.Shard, al.Node}
+			if !seen[k] {
+				seen[k] = true
+				out = append(out, jsonAlarm{Shard: al.Shard, Node: al.Node, Reason: oneLine(al.Reason), Reporter: ns.ID})
+			}
+		}
+	}
+	slices.SortFunc(out, func(x, y jsonAlarm) int {
+		if x.Shard != y.Shard {
+			return int(x.Shard) - int(y.Shard)
+		}
+		return int(x.Node) - int(y.Node)
+	})
+	return out
 }
 
 func joinIDs(ids []uint64) string {

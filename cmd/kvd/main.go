@@ -124,6 +124,8 @@ learner before it votes.`,
 	f.Uint64Var(&cfg.SnapshotEntries, "snapshot-entries", 10000, "applied entries beyond the last compaction that trigger log compaction")
 	f.DurationVar(&cfg.CommitInterval, "commit-interval", 200*time.Millisecond, "how long applied writes wait (durable in the WAL) before the bbolt commit that makes them visible to serializable reads; longer is cheaper, shorter is fresher")
 	f.DurationVar(&cfg.SessionTTL, "session-ttl", time.Hour, "idle time after which a client session's exactly-once records are dropped")
+	f.DurationVar(&cfg.CorruptionCheckInterval, "corruption-check-interval", time.Minute, "how often each shard's leader has its replicas compare state hashes; a replica that differs from the majority raises an alarm and stops serving the shard (0 disables)")
+	f.DurationVar(&cfg.ScrubInterval, "scrub-interval", time.Hour, "how often the node verifies every stored value's checksum and each shard's state hash, paced to 32 MiB/s (0 disables)")
 	f.DurationVar(&cfg.RequestTimeout, "request-timeout", 5*time.Second, "deadline for a request that arrives without one")
 	f.IntVar(&cfg.Limits.MaxKeyBytes, "max-key-bytes", 4<<10, "largest key accepted")
 	f.IntVar(&cfg.Limits.MaxValueBytes, "max-value-bytes", 1<<20, "largest value accepted")

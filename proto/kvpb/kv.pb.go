@@ -2155,10 +2155,15 @@ func (*StatusRequest) Descriptor() ([]byte, []int) {
 }
 
 type StatusResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Node          uint64                 `protobuf:"varint,1,opt,name=node,proto3" json:"node,omitempty"`
-	Epoch         uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
-	Shards        []*ShardStatus         `protobuf:"bytes,3,rep,name=shards,proto3" json:"shards,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Node   uint64                 `protobuf:"varint,1,opt,name=node,proto3" json:"node,omitempty"`
+	Epoch  uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Shards []*ShardStatus         `protobuf:"bytes,3,rep,name=shards,proto3" json:"shards,omitempty"`
+	// alarms are the corruption alarms this node knows of: replicas whose
+	// state differs from their shard's majority (raised by the shard's
+	// leader), or that fail a scrub. Such a replica refuses to serve the
+	// shard until it is rebuilt.
+	Alarms        []*CorruptionAlarm `protobuf:"bytes,4,rep,name=alarms,proto3" json:"alarms,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2214,6 +2219,73 @@ func (x *StatusResponse) GetShards() []*ShardStatus {
 	return nil
 }
 
+func (x *StatusResponse) GetAlarms() []*CorruptionAlarm {
+	if x != nil {
+		return x.Alarms
+	}
+	return nil
+}
+
+type CorruptionAlarm struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Shard         uint64                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
+	Node          uint64                 `protobuf:"varint,2,opt,name=node,proto3" json:"node,omitempty"`
+	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CorruptionAlarm) Reset() {
+	*x = CorruptionAlarm{}
+	mi := &file_kvpb_kv_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CorruptionAlarm) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CorruptionAlarm) ProtoMessage() {}
+
+func (x *CorruptionAlarm) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CorruptionAlarm.ProtoReflect.Descriptor instead.
+func (*CorruptionAlarm) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *CorruptionAlarm) GetShard() uint64 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+func (x *CorruptionAlarm) GetNode() uint64 {
+	if x != nil {
+		return x.Node
+	}
+	return 0
+}
+
+func (x *CorruptionAlarm) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 type MemberListRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -2222,7 +2294,7 @@ type MemberListRequest struct {
 
 func (x *MemberListRequest) Reset() {
 	*x = MemberListRequest{}
-	mi := &file_kvpb_kv_proto_msgTypes[28]
+	mi := &file_kvpb_kv_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2234,7 +2306,7 @@ func (x *MemberListRequest) String() string {
 func (*MemberListRequest) ProtoMessage() {}
 
 func (x *MemberListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[28]
+	mi := &file_kvpb_kv_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2247,7 +2319,7 @@ func (x *MemberListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberListRequest.ProtoReflect.Descriptor instead.
 func (*MemberListRequest) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{28}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{29}
 }
 
 type MemberListResponse struct {
@@ -2260,7 +2332,7 @@ type MemberListResponse struct {
 
 func (x *MemberListResponse) Reset() {
 	*x = MemberListResponse{}
-	mi := &file_kvpb_kv_proto_msgTypes[29]
+	mi := &file_kvpb_kv_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2272,7 +2344,7 @@ func (x *MemberListResponse) String() string {
 func (*MemberListResponse) ProtoMessage() {}
 
 func (x *MemberListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[29]
+	mi := &file_kvpb_kv_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2285,7 +2357,7 @@ func (x *MemberListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberListResponse.ProtoReflect.Descriptor instead.
 func (*MemberListResponse) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{29}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *MemberListResponse) GetEpoch() uint64 {
@@ -2314,7 +2386,7 @@ type MemberAddRequest struct {
 
 func (x *MemberAddRequest) Reset() {
 	*x = MemberAddRequest{}
-	mi := &file_kvpb_kv_proto_msgTypes[30]
+	mi := &file_kvpb_kv_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2326,7 +2398,7 @@ func (x *MemberAddRequest) String() string {
 func (*MemberAddRequest) ProtoMessage() {}
 
 func (x *MemberAddRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[30]
+	mi := &file_kvpb_kv_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2339,7 +2411,7 @@ func (x *MemberAddRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberAddRequest.ProtoReflect.Descriptor instead.
 func (*MemberAddRequest) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{30}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *MemberAddRequest) GetMember() *Member {
@@ -2357,7 +2429,7 @@ type MemberAddResponse struct {
 
 func (x *MemberAddResponse) Reset() {
 	*x = MemberAddResponse{}
-	mi := &file_kvpb_kv_proto_msgTypes[31]
+	mi := &file_kvpb_kv_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2369,7 +2441,7 @@ func (x *MemberAddResponse) String() string {
 func (*MemberAddResponse) ProtoMessage() {}
 
 func (x *MemberAddResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[31]
+	mi := &file_kvpb_kv_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2382,7 +2454,7 @@ func (x *MemberAddResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberAddResponse.ProtoReflect.Descriptor instead.
 func (*MemberAddResponse) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{31}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{32}
 }
 
 // NotLeader rides in the details of an Unavailable status when this node is
@@ -2398,7 +2470,7 @@ type NotLeader struct {
 
 func (x *NotLeader) Reset() {
 	*x = NotLeader{}
-	mi := &file_kvpb_kv_proto_msgTypes[32]
+	mi := &file_kvpb_kv_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2410,7 +2482,7 @@ func (x *NotLeader) String() string {
 func (*NotLeader) ProtoMessage() {}
 
 func (x *NotLeader) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[32]
+	mi := &file_kvpb_kv_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2423,7 +2495,7 @@ func (x *NotLeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NotLeader.ProtoReflect.Descriptor instead.
 func (*NotLeader) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{32}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *NotLeader) GetShard() uint64 {
@@ -2457,7 +2529,7 @@ type StaleEpoch struct {
 
 func (x *StaleEpoch) Reset() {
 	*x = StaleEpoch{}
-	mi := &file_kvpb_kv_proto_msgTypes[33]
+	mi := &file_kvpb_kv_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2469,7 +2541,7 @@ func (x *StaleEpoch) String() string {
 func (*StaleEpoch) ProtoMessage() {}
 
 func (x *StaleEpoch) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[33]
+	mi := &file_kvpb_kv_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2482,7 +2554,7 @@ func (x *StaleEpoch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StaleEpoch.ProtoReflect.Descriptor instead.
 func (*StaleEpoch) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{33}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *StaleEpoch) GetEpoch() uint64 {
@@ -2650,11 +2722,16 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\aapplied\x18\x05 \x01(\x04R\aapplied\x12\x12\n" +
 	"\x04role\x18\x06 \x01(\tR\x04role\x12\x16\n" +
 	"\x06voters\x18\a \x03(\x04R\x06voters\"\x0f\n" +
-	"\rStatusRequest\"j\n" +
+	"\rStatusRequest\"\x9e\x01\n" +
 	"\x0eStatusResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\x04R\x04node\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12.\n" +
-	"\x06shards\x18\x03 \x03(\v2\x16.kvd.kv.v1.ShardStatusR\x06shards\"\x13\n" +
+	"\x06shards\x18\x03 \x03(\v2\x16.kvd.kv.v1.ShardStatusR\x06shards\x122\n" +
+	"\x06alarms\x18\x04 \x03(\v2\x1a.kvd.kv.v1.CorruptionAlarmR\x06alarms\"S\n" +
+	"\x0fCorruptionAlarm\x12\x14\n" +
+	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\x04R\x04node\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\x13\n" +
 	"\x11MemberListRequest\"W\n" +
 	"\x12MemberListResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12+\n" +
@@ -2700,7 +2777,7 @@ func file_kvpb_kv_proto_rawDescGZIP() []byte {
 }
 
 var file_kvpb_kv_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_kvpb_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 34)
+var file_kvpb_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_kvpb_kv_proto_goTypes = []any{
 	(Consistency)(0),           // 0: kvd.kv.v1.Consistency
 	(Compare_Target)(0),        // 1: kvd.kv.v1.Compare.Target
@@ -2733,13 +2810,14 @@ var file_kvpb_kv_proto_goTypes = []any{
 	(*ShardStatus)(nil),        // 28: kvd.kv.v1.ShardStatus
 	(*StatusRequest)(nil),      // 29: kvd.kv.v1.StatusRequest
 	(*StatusResponse)(nil),     // 30: kvd.kv.v1.StatusResponse
-	(*MemberListRequest)(nil),  // 31: kvd.kv.v1.MemberListRequest
-	(*MemberListResponse)(nil), // 32: kvd.kv.v1.MemberListResponse
-	(*MemberAddRequest)(nil),   // 33: kvd.kv.v1.MemberAddRequest
-	(*MemberAddResponse)(nil),  // 34: kvd.kv.v1.MemberAddResponse
-	(*NotLeader)(nil),          // 35: kvd.kv.v1.NotLeader
-	(*StaleEpoch)(nil),         // 36: kvd.kv.v1.StaleEpoch
-	(*anypb.Any)(nil),          // 37: google.protobuf.Any
+	(*CorruptionAlarm)(nil),    // 31: kvd.kv.v1.CorruptionAlarm
+	(*MemberListRequest)(nil),  // 32: kvd.kv.v1.MemberListRequest
+	(*MemberListResponse)(nil), // 33: kvd.kv.v1.MemberListResponse
+	(*MemberAddRequest)(nil),   // 34: kvd.kv.v1.MemberAddRequest
+	(*MemberAddResponse)(nil),  // 35: kvd.kv.v1.MemberAddResponse
+	(*NotLeader)(nil),          // 36: kvd.kv.v1.NotLeader
+	(*StaleEpoch)(nil),         // 37: kvd.kv.v1.StaleEpoch
+	(*anypb.Any)(nil),          // 38: google.protobuf.Any
 }
 var file_kvpb_kv_proto_depIdxs = []int32{
 	3,  // 0: kvd.kv.v1.PutRequest.header:type_name -> kvd.kv.v1.RequestHeader
@@ -2781,37 +2859,38 @@ var file_kvpb_kv_proto_depIdxs = []int32{
 	9,  // 36: kvd.kv.v1.BatchResponseItem.get:type_name -> kvd.kv.v1.GetResponse
 	11, // 37: kvd.kv.v1.BatchResponseItem.delete:type_name -> kvd.kv.v1.DeleteResponse
 	18, // 38: kvd.kv.v1.BatchResponseItem.txn:type_name -> kvd.kv.v1.TxnResponse
-	37, // 39: kvd.kv.v1.Status.details:type_name -> google.protobuf.Any
+	38, // 39: kvd.kv.v1.Status.details:type_name -> google.protobuf.Any
 	24, // 40: kvd.kv.v1.ClusterMap.members:type_name -> kvd.kv.v1.Member
 	25, // 41: kvd.kv.v1.ClusterMap.shards:type_name -> kvd.kv.v1.ShardReplicas
 	28, // 42: kvd.kv.v1.StatusResponse.shards:type_name -> kvd.kv.v1.ShardStatus
-	24, // 43: kvd.kv.v1.MemberListResponse.members:type_name -> kvd.kv.v1.Member
-	24, // 44: kvd.kv.v1.MemberAddRequest.member:type_name -> kvd.kv.v1.Member
-	6,  // 45: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
-	8,  // 46: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
-	10, // 47: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
-	12, // 48: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
-	17, // 49: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
-	19, // 50: kvd.kv.v1.KV.Batch:input_type -> kvd.kv.v1.BatchRequest
-	27, // 51: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
-	29, // 52: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
-	31, // 53: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
-	33, // 54: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
-	7,  // 55: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
-	9,  // 56: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
-	11, // 57: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
-	13, // 58: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
-	18, // 59: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
-	21, // 60: kvd.kv.v1.KV.Batch:output_type -> kvd.kv.v1.BatchResponse
-	26, // 61: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
-	30, // 62: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
-	32, // 63: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
-	34, // 64: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
-	55, // [55:65] is the sub-list for method output_type
-	45, // [45:55] is the sub-list for method input_type
-	45, // [45:45] is the sub-list for extension type_name
-	45, // [45:45] is the sub-list for extension extendee
-	0,  // [0:45] is the sub-list for field type_name
+	31, // 43: kvd.kv.v1.StatusResponse.alarms:type_name -> kvd.kv.v1.CorruptionAlarm
+	24, // 44: kvd.kv.v1.MemberListResponse.members:type_name -> kvd.kv.v1.Member
+	24, // 45: kvd.kv.v1.MemberAddRequest.member:type_name -> kvd.kv.v1.Member
+	6,  // 46: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
+	8,  // 47: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
+	10, // 48: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
+	12, // 49: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
+	17, // 50: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
+	19, // 51: kvd.kv.v1.KV.Batch:input_type -> kvd.kv.v1.BatchRequest
+	27, // 52: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
+	29, // 53: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
+	32, // 54: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
+	34, // 55: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
+	7,  // 56: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
+	9,  // 57: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
+	11, // 58: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
+	13, // 59: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
+	18, // 60: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
+	21, // 61: kvd.kv.v1.KV.Batch:output_type -> kvd.kv.v1.BatchResponse
+	26, // 62: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
+	30, // 63: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
+	33, // 64: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
+	35, // 65: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
+	56, // [56:66] is the sub-list for method output_type
+	46, // [46:56] is the sub-list for method input_type
+	46, // [46:46] is the sub-list for extension type_name
+	46, // [46:46] is the sub-list for extension extendee
+	0,  // [0:46] is the sub-list for field type_name
 }
 
 func init() { file_kvpb_kv_proto_init() }
@@ -2847,7 +2926,7 @@ func file_kvpb_kv_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvpb_kv_proto_rawDesc), len(file_kvpb_kv_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   34,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -496,6 +496,209 @@ func (*SnapshotAck) Descriptor() ([]byte, []int) {
 	return file_peerpb_peer_proto_rawDescGZIP(), []int{5}
 }
 
+type ShardHashRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Shard         uint64                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
+	Index         uint64                 `protobuf:"varint,2,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShardHashRequest) Reset() {
+	*x = ShardHashRequest{}
+	mi := &file_peerpb_peer_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShardHashRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShardHashRequest) ProtoMessage() {}
+
+func (x *ShardHashRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShardHashRequest.ProtoReflect.Descriptor instead.
+func (*ShardHashRequest) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ShardHashRequest) GetShard() uint64 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+func (x *ShardHashRequest) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type ShardHashResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// found is false when the replica holds no record for index: it
+	// installed a snapshot past it, or recorded a later check already.
+	Found         bool   `protobuf:"varint,1,opt,name=found,proto3" json:"found,omitempty"`
+	Hash          uint64 `protobuf:"varint,2,opt,name=hash,proto3" json:"hash,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShardHashResponse) Reset() {
+	*x = ShardHashResponse{}
+	mi := &file_peerpb_peer_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShardHashResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShardHashResponse) ProtoMessage() {}
+
+func (x *ShardHashResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShardHashResponse.ProtoReflect.Descriptor instead.
+func (*ShardHashResponse) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *ShardHashResponse) GetFound() bool {
+	if x != nil {
+		return x.Found
+	}
+	return false
+}
+
+func (x *ShardHashResponse) GetHash() uint64 {
+	if x != nil {
+		return x.Hash
+	}
+	return 0
+}
+
+type ReportCorruptionRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Shard uint64                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
+	// reporter is the leader that compared the hashes.
+	Reporter      uint64 `protobuf:"varint,2,opt,name=reporter,proto3" json:"reporter,omitempty"`
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportCorruptionRequest) Reset() {
+	*x = ReportCorruptionRequest{}
+	mi := &file_peerpb_peer_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportCorruptionRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportCorruptionRequest) ProtoMessage() {}
+
+func (x *ReportCorruptionRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportCorruptionRequest.ProtoReflect.Descriptor instead.
+func (*ReportCorruptionRequest) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *ReportCorruptionRequest) GetShard() uint64 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+func (x *ReportCorruptionRequest) GetReporter() uint64 {
+	if x != nil {
+		return x.Reporter
+	}
+	return 0
+}
+
+func (x *ReportCorruptionRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type ReportCorruptionResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReportCorruptionResponse) Reset() {
+	*x = ReportCorruptionResponse{}
+	mi := &file_peerpb_peer_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReportCorruptionResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReportCorruptionResponse) ProtoMessage() {}
+
+func (x *ReportCorruptionResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReportCorruptionResponse.ProtoReflect.Descriptor instead.
+func (*ReportCorruptionResponse) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{9}
+}
+
 type AddReplicaRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Shard         uint64                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
@@ -506,7 +709,7 @@ type AddReplicaRequest struct {
 
 func (x *AddReplicaRequest) Reset() {
 	*x = AddReplicaRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[6]
+	mi := &file_peerpb_peer_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -518,7 +721,7 @@ func (x *AddReplicaRequest) String() string {
 func (*AddReplicaRequest) ProtoMessage() {}
 
 func (x *AddReplicaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[6]
+	mi := &file_peerpb_peer_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -531,7 +734,7 @@ func (x *AddReplicaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddReplicaRequest.ProtoReflect.Descriptor instead.
 func (*AddReplicaRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{6}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *AddReplicaRequest) GetShard() uint64 {
@@ -556,7 +759,7 @@ type AddReplicaResponse struct {
 
 func (x *AddReplicaResponse) Reset() {
 	*x = AddReplicaResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[7]
+	mi := &file_peerpb_peer_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -568,7 +771,7 @@ func (x *AddReplicaResponse) String() string {
 func (*AddReplicaResponse) ProtoMessage() {}
 
 func (x *AddReplicaResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[7]
+	mi := &file_peerpb_peer_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -581,7 +784,7 @@ func (x *AddReplicaResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddReplicaResponse.ProtoReflect.Descriptor instead.
 func (*AddReplicaResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{7}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{11}
 }
 
 type ProposeRequest struct {
@@ -595,7 +798,7 @@ type ProposeRequest struct {
 
 func (x *ProposeRequest) Reset() {
 	*x = ProposeRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[8]
+	mi := &file_peerpb_peer_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -607,7 +810,7 @@ func (x *ProposeRequest) String() string {
 func (*ProposeRequest) ProtoMessage() {}
 
 func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[8]
+	mi := &file_peerpb_peer_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -620,7 +823,7 @@ func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeRequest.ProtoReflect.Descriptor instead.
 func (*ProposeRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{8}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ProposeRequest) GetShard() uint64 {
@@ -647,7 +850,7 @@ type ProposeResponse struct {
 
 func (x *ProposeResponse) Reset() {
 	*x = ProposeResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[9]
+	mi := &file_peerpb_peer_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -659,7 +862,7 @@ func (x *ProposeResponse) String() string {
 func (*ProposeResponse) ProtoMessage() {}
 
 func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[9]
+	mi := &file_peerpb_peer_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -672,7 +875,7 @@ func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeResponse.ProtoReflect.Descriptor instead.
 func (*ProposeResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{9}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ProposeResponse) GetResult() []byte {
@@ -701,6 +904,7 @@ type Command struct {
 	//	*Command_ExpireSessions
 	//	*Command_SetClusterMap
 	//	*Command_UpdateMember
+	//	*Command_HashCheck
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -708,7 +912,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_peerpb_peer_proto_msgTypes[10]
+	mi := &file_peerpb_peer_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -720,7 +924,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[10]
+	mi := &file_peerpb_peer_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -733,7 +937,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{10}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Command) GetSession() uint64 {
@@ -825,6 +1029,15 @@ func (x *Command) GetUpdateMember() *UpdateMember {
 	return nil
 }
 
+func (x *Command) GetHashCheck() *HashCheck {
+	if x != nil {
+		if x, ok := x.Op.(*Command_HashCheck); ok {
+			return x.HashCheck
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -853,6 +1066,10 @@ type Command_UpdateMember struct {
 	UpdateMember *UpdateMember `protobuf:"bytes,10,opt,name=update_member,json=updateMember,proto3,oneof"`
 }
 
+type Command_HashCheck struct {
+	HashCheck *HashCheck `protobuf:"bytes,11,opt,name=hash_check,json=hashCheck,proto3,oneof"`
+}
+
 func (*Command_Put) isCommand_Op() {}
 
 func (*Command_Delete) isCommand_Op() {}
@@ -864,6 +1081,8 @@ func (*Command_ExpireSessions) isCommand_Op() {}
 func (*Command_SetClusterMap) isCommand_Op() {}
 
 func (*Command_UpdateMember) isCommand_Op() {}
+
+func (*Command_HashCheck) isCommand_Op() {}
 
 // UpdateMember sets a member's addresses in the cluster map (meta shard
 // only). The epoch advances only when something changed, so a node that
@@ -880,7 +1099,7 @@ type UpdateMember struct {
 
 func (x *UpdateMember) Reset() {
 	*x = UpdateMember{}
-	mi := &file_peerpb_peer_proto_msgTypes[11]
+	mi := &file_peerpb_peer_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -892,7 +1111,7 @@ func (x *UpdateMember) String() string {
 func (*UpdateMember) ProtoMessage() {}
 
 func (x *UpdateMember) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[11]
+	mi := &file_peerpb_peer_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -905,7 +1124,7 @@ func (x *UpdateMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateMember.ProtoReflect.Descriptor instead.
 func (*UpdateMember) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{11}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *UpdateMember) GetMember() *kvpb.Member {
@@ -922,6 +1141,97 @@ func (x *UpdateMember) GetAdd() bool {
 	return false
 }
 
+// HashCheck makes every replica record its state hash at the command's log
+// index, for the leader to compare (storage.Txn.CheckHash).
+type HashCheck struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HashCheck) Reset() {
+	*x = HashCheck{}
+	mi := &file_peerpb_peer_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HashCheck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HashCheck) ProtoMessage() {}
+
+func (x *HashCheck) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HashCheck.ProtoReflect.Descriptor instead.
+func (*HashCheck) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{16}
+}
+
+// HashCheckResult is HashCheck's result on the replica that answers.
+type HashCheckResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	Hash          uint64                 `protobuf:"varint,2,opt,name=hash,proto3" json:"hash,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HashCheckResult) Reset() {
+	*x = HashCheckResult{}
+	mi := &file_peerpb_peer_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HashCheckResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HashCheckResult) ProtoMessage() {}
+
+func (x *HashCheckResult) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HashCheckResult.ProtoReflect.Descriptor instead.
+func (*HashCheckResult) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *HashCheckResult) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *HashCheckResult) GetHash() uint64 {
+	if x != nil {
+		return x.Hash
+	}
+	return 0
+}
+
 // ExpireSessions drops, deterministically at one log index on every
 // replica, the sessions idle since before the given logical time.
 type ExpireSessions struct {
@@ -936,7 +1246,7 @@ type ExpireSessions struct {
 
 func (x *ExpireSessions) Reset() {
 	*x = ExpireSessions{}
-	mi := &file_peerpb_peer_proto_msgTypes[12]
+	mi := &file_peerpb_peer_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -948,7 +1258,7 @@ func (x *ExpireSessions) String() string {
 func (*ExpireSessions) ProtoMessage() {}
 
 func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[12]
+	mi := &file_peerpb_peer_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -961,7 +1271,7 @@ func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireSessions.ProtoReflect.Descriptor instead.
 func (*ExpireSessions) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{12}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ExpireSessions) GetNowUnixMs() int64 {
@@ -989,7 +1299,7 @@ type SetClusterMap struct {
 
 func (x *SetClusterMap) Reset() {
 	*x = SetClusterMap{}
-	mi := &file_peerpb_peer_proto_msgTypes[13]
+	mi := &file_peerpb_peer_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1001,7 +1311,7 @@ func (x *SetClusterMap) String() string {
 func (*SetClusterMap) ProtoMessage() {}
 
 func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[13]
+	mi := &file_peerpb_peer_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1014,7 +1324,7 @@ func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetClusterMap.ProtoReflect.Descriptor instead.
 func (*SetClusterMap) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{13}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SetClusterMap) GetMap() *kvpb.ClusterMap {
@@ -1033,6 +1343,7 @@ type Result struct {
 	//	*Result_Put
 	//	*Result_Delete
 	//	*Result_Txn
+	//	*Result_HashCheck
 	Op isResult_Op `protobuf_oneof:"op"`
 	// error is a deterministic rejection found at apply time, for people.
 	Error string `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
@@ -1053,7 +1364,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_peerpb_peer_proto_msgTypes[14]
+	mi := &file_peerpb_peer_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1065,7 +1376,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[14]
+	mi := &file_peerpb_peer_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1078,7 +1389,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{14}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Result) GetOp() isResult_Op {
@@ -1110,6 +1421,15 @@ func (x *Result) GetTxn() *kvpb.TxnResponse {
 	if x != nil {
 		if x, ok := x.Op.(*Result_Txn); ok {
 			return x.Txn
+		}
+	}
+	return nil
+}
+
+func (x *Result) GetHashCheck() *HashCheckResult {
+	if x != nil {
+		if x, ok := x.Op.(*Result_HashCheck); ok {
+			return x.HashCheck
 		}
 	}
 	return nil
@@ -1152,11 +1472,17 @@ type Result_Txn struct {
 	Txn *kvpb.TxnResponse `protobuf:"bytes,3,opt,name=txn,proto3,oneof"`
 }
 
+type Result_HashCheck struct {
+	HashCheck *HashCheckResult `protobuf:"bytes,7,opt,name=hash_check,json=hashCheck,proto3,oneof"`
+}
+
 func (*Result_Put) isResult_Op() {}
 
 func (*Result_Delete) isResult_Op() {}
 
 func (*Result_Txn) isResult_Op() {}
+
+func (*Result_HashCheck) isResult_Op() {}
 
 // StoredValue is a key's record in a shard's key-value bucket.
 type StoredValue struct {
@@ -1171,7 +1497,7 @@ type StoredValue struct {
 
 func (x *StoredValue) Reset() {
 	*x = StoredValue{}
-	mi := &file_peerpb_peer_proto_msgTypes[15]
+	mi := &file_peerpb_peer_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1183,7 +1509,7 @@ func (x *StoredValue) String() string {
 func (*StoredValue) ProtoMessage() {}
 
 func (x *StoredValue) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[15]
+	mi := &file_peerpb_peer_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1196,7 +1522,7 @@ func (x *StoredValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredValue.ProtoReflect.Descriptor instead.
 func (*StoredValue) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{15}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *StoredValue) GetValue() []byte {
@@ -1240,7 +1566,7 @@ type SessionState struct {
 
 func (x *SessionState) Reset() {
 	*x = SessionState{}
-	mi := &file_peerpb_peer_proto_msgTypes[16]
+	mi := &file_peerpb_peer_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1252,7 +1578,7 @@ func (x *SessionState) String() string {
 func (*SessionState) ProtoMessage() {}
 
 func (x *SessionState) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[16]
+	mi := &file_peerpb_peer_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1265,7 +1591,7 @@ func (x *SessionState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionState.ProtoReflect.Descriptor instead.
 func (*SessionState) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{16}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SessionState) GetAckBelow() uint64 {
@@ -1311,7 +1637,18 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x06bucket\x18\x01 \x01(\fR\x06bucket\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\fR\x03key\x12\x14\n" +
 	"\x05value\x18\x03 \x01(\fR\x05value\"\r\n" +
-	"\vSnapshotAck\"=\n" +
+	"\vSnapshotAck\">\n" +
+	"\x10ShardHashRequest\x12\x14\n" +
+	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x14\n" +
+	"\x05index\x18\x02 \x01(\x04R\x05index\"=\n" +
+	"\x11ShardHashResponse\x12\x14\n" +
+	"\x05found\x18\x01 \x01(\bR\x05found\x12\x12\n" +
+	"\x04hash\x18\x02 \x01(\x04R\x04hash\"c\n" +
+	"\x17ReportCorruptionRequest\x12\x14\n" +
+	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x1a\n" +
+	"\breporter\x18\x02 \x01(\x04R\breporter\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\x1a\n" +
+	"\x18ReportCorruptionResponse\"=\n" +
 	"\x11AddReplicaRequest\x12\x14\n" +
 	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\x04R\x04node\"\x14\n" +
@@ -1320,7 +1657,7 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x18\n" +
 	"\acommand\x18\x02 \x01(\fR\acommand\")\n" +
 	"\x0fProposeResponse\x12\x16\n" +
-	"\x06result\x18\x01 \x01(\fR\x06result\"\xd4\x03\n" +
+	"\x06result\x18\x01 \x01(\fR\x06result\"\x8d\x04\n" +
 	"\aCommand\x12\x18\n" +
 	"\asession\x18\x01 \x01(\x04R\asession\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x1b\n" +
@@ -1333,20 +1670,28 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x0fexpire_sessions\x18\x06 \x01(\v2\x1b.kvd.peer.v1.ExpireSessionsH\x00R\x0eexpireSessions\x12D\n" +
 	"\x0fset_cluster_map\x18\a \x01(\v2\x1a.kvd.peer.v1.SetClusterMapH\x00R\rsetClusterMap\x12@\n" +
 	"\rupdate_member\x18\n" +
-	" \x01(\v2\x19.kvd.peer.v1.UpdateMemberH\x00R\fupdateMemberB\x04\n" +
+	" \x01(\v2\x19.kvd.peer.v1.UpdateMemberH\x00R\fupdateMember\x127\n" +
+	"\n" +
+	"hash_check\x18\v \x01(\v2\x16.kvd.peer.v1.HashCheckH\x00R\thashCheckB\x04\n" +
 	"\x02op\"K\n" +
 	"\fUpdateMember\x12)\n" +
 	"\x06member\x18\x01 \x01(\v2\x11.kvd.kv.v1.MemberR\x06member\x12\x10\n" +
-	"\x03add\x18\x02 \x01(\bR\x03add\"I\n" +
+	"\x03add\x18\x02 \x01(\bR\x03add\"\v\n" +
+	"\tHashCheck\";\n" +
+	"\x0fHashCheckResult\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x12\n" +
+	"\x04hash\x18\x02 \x01(\x04R\x04hash\"I\n" +
 	"\x0eExpireSessions\x12\x1e\n" +
 	"\vnow_unix_ms\x18\x01 \x01(\x03R\tnowUnixMs\x12\x17\n" +
 	"\aidle_ms\x18\x02 \x01(\x03R\x06idleMs\"8\n" +
 	"\rSetClusterMap\x12'\n" +
-	"\x03map\x18\x01 \x01(\v2\x15.kvd.kv.v1.ClusterMapR\x03map\"\x80\x02\n" +
+	"\x03map\x18\x01 \x01(\v2\x15.kvd.kv.v1.ClusterMapR\x03map\"\xbf\x02\n" +
 	"\x06Result\x12*\n" +
 	"\x03put\x18\x01 \x01(\v2\x16.kvd.kv.v1.PutResponseH\x00R\x03put\x123\n" +
 	"\x06delete\x18\x02 \x01(\v2\x19.kvd.kv.v1.DeleteResponseH\x00R\x06delete\x12*\n" +
-	"\x03txn\x18\x03 \x01(\v2\x16.kvd.kv.v1.TxnResponseH\x00R\x03txn\x12\x14\n" +
+	"\x03txn\x18\x03 \x01(\v2\x16.kvd.kv.v1.TxnResponseH\x00R\x03txn\x12=\n" +
+	"\n" +
+	"hash_check\x18\a \x01(\v2\x1c.kvd.peer.v1.HashCheckResultH\x00R\thashCheck\x12\x14\n" +
 	"\x05error\x18\x04 \x01(\tR\x05error\x12+\n" +
 	"\x04code\x18\x05 \x01(\x0e2\x17.kvd.peer.v1.ResultCodeR\x04code\x12 \n" +
 	"\vfingerprint\x18\x06 \x01(\fR\vfingerprintB\x04\n" +
@@ -1376,11 +1721,13 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x13RESULT_CODE_CORRUPT\x10\v2\x80\x01\n" +
 	"\x04Raft\x124\n" +
 	"\x06Stream\x12\x12.kvd.peer.v1.Batch\x1a\x12.kvd.peer.v1.Batch(\x010\x01\x12B\n" +
-	"\bSnapshot\x12\x1a.kvd.peer.v1.SnapshotChunk\x1a\x18.kvd.peer.v1.SnapshotAck(\x012\x9f\x01\n" +
+	"\bSnapshot\x12\x1a.kvd.peer.v1.SnapshotChunk\x1a\x18.kvd.peer.v1.SnapshotAck(\x012\xcc\x02\n" +
 	"\bInternal\x12D\n" +
 	"\aPropose\x12\x1b.kvd.peer.v1.ProposeRequest\x1a\x1c.kvd.peer.v1.ProposeResponse\x12M\n" +
 	"\n" +
-	"AddReplica\x12\x1e.kvd.peer.v1.AddReplicaRequest\x1a\x1f.kvd.peer.v1.AddReplicaResponseB!Z\x1fgithub.com/kvd/kvd/proto/peerpbb\x06proto3"
+	"AddReplica\x12\x1e.kvd.peer.v1.AddReplicaRequest\x1a\x1f.kvd.peer.v1.AddReplicaResponse\x12J\n" +
+	"\tShardHash\x12\x1d.kvd.peer.v1.ShardHashRequest\x1a\x1e.kvd.peer.v1.ShardHashResponse\x12_\n" +
+	"\x10ReportCorruption\x12$.kvd.peer.v1.ReportCorruptionRequest\x1a%.kvd.peer.v1.ReportCorruptionResponseB!Z\x1fgithub.com/kvd/kvd/proto/peerpbb\x06proto3"
 
 var (
 	file_peerpb_peer_proto_rawDescOnce sync.Once
@@ -1395,64 +1742,76 @@ func file_peerpb_peer_proto_rawDescGZIP() []byte {
 }
 
 var file_peerpb_peer_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 17)
+var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
 var file_peerpb_peer_proto_goTypes = []any{
-	(ResultCode)(0),             // 0: kvd.peer.v1.ResultCode
-	(*Batch)(nil),               // 1: kvd.peer.v1.Batch
-	(*ShardMessage)(nil),        // 2: kvd.peer.v1.ShardMessage
-	(*LeaderCheck)(nil),         // 3: kvd.peer.v1.LeaderCheck
-	(*SnapshotChunk)(nil),       // 4: kvd.peer.v1.SnapshotChunk
-	(*SnapshotPair)(nil),        // 5: kvd.peer.v1.SnapshotPair
-	(*SnapshotAck)(nil),         // 6: kvd.peer.v1.SnapshotAck
-	(*AddReplicaRequest)(nil),   // 7: kvd.peer.v1.AddReplicaRequest
-	(*AddReplicaResponse)(nil),  // 8: kvd.peer.v1.AddReplicaResponse
-	(*ProposeRequest)(nil),      // 9: kvd.peer.v1.ProposeRequest
-	(*ProposeResponse)(nil),     // 10: kvd.peer.v1.ProposeResponse
-	(*Command)(nil),             // 11: kvd.peer.v1.Command
-	(*UpdateMember)(nil),        // 12: kvd.peer.v1.UpdateMember
-	(*ExpireSessions)(nil),      // 13: kvd.peer.v1.ExpireSessions
-	(*SetClusterMap)(nil),       // 14: kvd.peer.v1.SetClusterMap
-	(*Result)(nil),              // 15: kvd.peer.v1.Result
-	(*StoredValue)(nil),         // 16: kvd.peer.v1.StoredValue
-	(*SessionState)(nil),        // 17: kvd.peer.v1.SessionState
-	(*kvpb.PutRequest)(nil),     // 18: kvd.kv.v1.PutRequest
-	(*kvpb.DeleteRequest)(nil),  // 19: kvd.kv.v1.DeleteRequest
-	(*kvpb.TxnRequest)(nil),     // 20: kvd.kv.v1.TxnRequest
-	(*kvpb.Member)(nil),         // 21: kvd.kv.v1.Member
-	(*kvpb.ClusterMap)(nil),     // 22: kvd.kv.v1.ClusterMap
-	(*kvpb.PutResponse)(nil),    // 23: kvd.kv.v1.PutResponse
-	(*kvpb.DeleteResponse)(nil), // 24: kvd.kv.v1.DeleteResponse
-	(*kvpb.TxnResponse)(nil),    // 25: kvd.kv.v1.TxnResponse
+	(ResultCode)(0),                  // 0: kvd.peer.v1.ResultCode
+	(*Batch)(nil),                    // 1: kvd.peer.v1.Batch
+	(*ShardMessage)(nil),             // 2: kvd.peer.v1.ShardMessage
+	(*LeaderCheck)(nil),              // 3: kvd.peer.v1.LeaderCheck
+	(*SnapshotChunk)(nil),            // 4: kvd.peer.v1.SnapshotChunk
+	(*SnapshotPair)(nil),             // 5: kvd.peer.v1.SnapshotPair
+	(*SnapshotAck)(nil),              // 6: kvd.peer.v1.SnapshotAck
+	(*ShardHashRequest)(nil),         // 7: kvd.peer.v1.ShardHashRequest
+	(*ShardHashResponse)(nil),        // 8: kvd.peer.v1.ShardHashResponse
+	(*ReportCorruptionRequest)(nil),  // 9: kvd.peer.v1.ReportCorruptionRequest
+	(*ReportCorruptionResponse)(nil), // 10: kvd.peer.v1.ReportCorruptionResponse
+	(*AddReplicaRequest)(nil),        // 11: kvd.peer.v1.AddReplicaRequest
+	(*AddReplicaResponse)(nil),       // 12: kvd.peer.v1.AddReplicaResponse
+	(*ProposeRequest)(nil),           // 13: kvd.peer.v1.ProposeRequest
+	(*ProposeResponse)(nil),          // 14: kvd.peer.v1.ProposeResponse
+	(*Command)(nil),                  // 15: kvd.peer.v1.Command
+	(*UpdateMember)(nil),             // 16: kvd.peer.v1.UpdateMember
+	(*HashCheck)(nil),                // 17: kvd.peer.v1.HashCheck
+	(*HashCheckResult)(nil),          // 18: kvd.peer.v1.HashCheckResult
+	(*ExpireSessions)(nil),           // 19: kvd.peer.v1.ExpireSessions
+	(*SetClusterMap)(nil),            // 20: kvd.peer.v1.SetClusterMap
+	(*Result)(nil),                   // 21: kvd.peer.v1.Result
+	(*StoredValue)(nil),              // 22: kvd.peer.v1.StoredValue
+	(*SessionState)(nil),             // 23: kvd.peer.v1.SessionState
+	(*kvpb.PutRequest)(nil),          // 24: kvd.kv.v1.PutRequest
+	(*kvpb.DeleteRequest)(nil),       // 25: kvd.kv.v1.DeleteRequest
+	(*kvpb.TxnRequest)(nil),          // 26: kvd.kv.v1.TxnRequest
+	(*kvpb.Member)(nil),              // 27: kvd.kv.v1.Member
+	(*kvpb.ClusterMap)(nil),          // 28: kvd.kv.v1.ClusterMap
+	(*kvpb.PutResponse)(nil),         // 29: kvd.kv.v1.PutResponse
+	(*kvpb.DeleteResponse)(nil),      // 30: kvd.kv.v1.DeleteResponse
+	(*kvpb.TxnResponse)(nil),         // 31: kvd.kv.v1.TxnResponse
 }
 var file_peerpb_peer_proto_depIdxs = []int32{
 	2,  // 0: kvd.peer.v1.Batch.msgs:type_name -> kvd.peer.v1.ShardMessage
 	3,  // 1: kvd.peer.v1.Batch.checks:type_name -> kvd.peer.v1.LeaderCheck
 	5,  // 2: kvd.peer.v1.SnapshotChunk.pairs:type_name -> kvd.peer.v1.SnapshotPair
-	18, // 3: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
-	19, // 4: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
-	20, // 5: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
-	13, // 6: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
-	14, // 7: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
-	12, // 8: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
-	21, // 9: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
-	22, // 10: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
-	23, // 11: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
-	24, // 12: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
-	25, // 13: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
-	0,  // 14: kvd.peer.v1.Result.code:type_name -> kvd.peer.v1.ResultCode
-	1,  // 15: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
-	4,  // 16: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
-	9,  // 17: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
-	7,  // 18: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
-	1,  // 19: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
-	6,  // 20: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
-	10, // 21: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
-	8,  // 22: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
-	19, // [19:23] is the sub-list for method output_type
-	15, // [15:19] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	24, // 3: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
+	25, // 4: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
+	26, // 5: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
+	19, // 6: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
+	20, // 7: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
+	16, // 8: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
+	17, // 9: kvd.peer.v1.Command.hash_check:type_name -> kvd.peer.v1.HashCheck
+	27, // 10: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
+	28, // 11: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
+	29, // 12: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
+	30, // 13: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
+	31, // 14: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
+	18, // 15: kvd.peer.v1.Result.hash_check:type_name -> kvd.peer.v1.HashCheckResult
+	0,  // 16: kvd.peer.v1.Result.code:type_name -> kvd.peer.v1.ResultCode
+	1,  // 17: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
+	4,  // 18: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
+	13, // 19: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
+	11, // 20: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
+	7,  // 21: kvd.peer.v1.Internal.ShardHash:input_type -> kvd.peer.v1.ShardHashRequest
+	9,  // 22: kvd.peer.v1.Internal.ReportCorruption:input_type -> kvd.peer.v1.ReportCorruptionRequest
+	1,  // 23: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
+	6,  // 24: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
+	14, // 25: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
+	12, // 26: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
+	8,  // 27: kvd.peer.v1.Internal.ShardHash:output_type -> kvd.peer.v1.ShardHashResponse
+	10, // 28: kvd.peer.v1.Internal.ReportCorruption:output_type -> kvd.peer.v1.ReportCorruptionResponse
+	23, // [23:29] is the sub-list for method output_type
+	17, // [17:23] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_peerpb_peer_proto_init() }
@@ -1460,18 +1819,20 @@ func file_peerpb_peer_proto_init() {
 	if File_peerpb_peer_proto != nil {
 		return
 	}
-	file_peerpb_peer_proto_msgTypes[10].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[14].OneofWrappers = []any{
 		(*Command_Put)(nil),
 		(*Command_Delete)(nil),
 		(*Command_Txn)(nil),
 		(*Command_ExpireSessions)(nil),
 		(*Command_SetClusterMap)(nil),
 		(*Command_UpdateMember)(nil),
+		(*Command_HashCheck)(nil),
 	}
-	file_peerpb_peer_proto_msgTypes[14].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[20].OneofWrappers = []any{
 		(*Result_Put)(nil),
 		(*Result_Delete)(nil),
 		(*Result_Txn)(nil),
+		(*Result_HashCheck)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1479,7 +1840,7 @@ func file_peerpb_peer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_peerpb_peer_proto_rawDesc), len(file_peerpb_peer_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   17,
+			NumMessages:   23,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -157,8 +157,10 @@ var Raft_ServiceDesc = grpc.ServiceDesc{
 }
 
 const (
-	Internal_Propose_FullMethodName    = "/kvd.peer.v1.Internal/Propose"
-	Internal_AddReplica_FullMethodName = "/kvd.peer.v1.Internal/AddReplica"
+	Internal_Propose_FullMethodName          = "/kvd.peer.v1.Internal/Propose"
+	Internal_AddReplica_FullMethodName       = "/kvd.peer.v1.Internal/AddReplica"
+	Internal_ShardHash_FullMethodName        = "/kvd.peer.v1.Internal/ShardHash"
+	Internal_ReportCorruption_FullMethodName = "/kvd.peer.v1.Internal/ReportCorruption"
 )
 
 // InternalClient is the client API for Internal service.
@@ -177,6 +179,13 @@ type InternalClient interface {
 	// meta shard's leader calls it for replicas the cluster map assigns to a
 	// node that joined. Idempotent: a node that is already a voter is done.
 	AddReplica(ctx context.Context, in *AddReplicaRequest, opts ...grpc.CallOption) (*AddReplicaResponse, error)
+	// ShardHash returns the state hash this node's replica of shard recorded
+	// when it applied the HashCheck command at index; it waits (bounded) for
+	// the replica to apply that far. A shard leader compares the answers.
+	ShardHash(ctx context.Context, in *ShardHashRequest, opts ...grpc.CallOption) (*ShardHashResponse, error)
+	// ReportCorruption tells a node that its replica of shard disagrees with
+	// the majority's state hash: it stops serving the shard.
+	ReportCorruption(ctx context.Context, in *ReportCorruptionRequest, opts ...grpc.CallOption) (*ReportCorruptionResponse, error)
 }
 
 type internalClient struct {
@@ -207,6 +216,26 @@ func (c *internalClient) AddReplica(ctx context.Context, in *AddReplicaRequest, 
 	return out, nil
 }
 
+func (c *internalClient) ShardHash(ctx context.Context, in *ShardHashRequest, opts ...grpc.CallOption) (*ShardHashResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ShardHashResponse)
+	err := c.cc.Invoke(ctx, Internal_ShardHash_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *internalClient) ReportCorruption(ctx context.Context, in *ReportCorruptionRequest, opts ...grpc.CallOption) (*ReportCorruptionResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReportCorruptionResponse)
+	err := c.cc.Invoke(ctx, Internal_ReportCorruption_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // InternalServer is the server API for Internal service.
 // All implementations must embed UnimplementedInternalServer
 // for forward compatibility.
@@ -223,6 +252,13 @@ type InternalServer interface {
 	// meta shard's leader calls it for replicas the cluster map assigns to a
 	// node that joined. Idempotent: a node that is already a voter is done.
 	AddReplica(context.Context, *AddReplicaRequest) (*AddReplicaResponse, error)
+	// ShardHash returns the state hash this node's replica of shard recorded
+	// when it applied the HashCheck command at index; it waits (bounded) for
+	// the replica to apply that far. A shard leader compares the answers.
+	ShardHash(context.Context, *ShardHashRequest) (*ShardHashResponse, error)
+	// ReportCorruption tells a node that its replica of shard disagrees with
+	// the majority's state hash: it stops serving the shard.
+	ReportCorruption(context.Context, *ReportCorruptionRequest) (*ReportCorruptionResponse, error)
 	mustEmbedUnimplementedInternalServer()
 }
 
@@ -238,6 +274,12 @@ func (UnimplementedInternalServer) Propose(context.Context, *ProposeRequest) (*P
 }
 func (UnimplementedInternalServer) AddReplica(context.Context, *AddReplicaRequest) (*AddReplicaResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method AddReplica not implemented")
+}
+func (UnimplementedInternalServer) ShardHash(context.Context, *ShardHashRequest) (*ShardHashResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ShardHash not implemented")
+}
+func (UnimplementedInternalServer) ReportCorruption(context.Context, *ReportCorruptionRequest) (*ReportCorruptionResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReportCorruption not implemented")
 }
 func (UnimplementedInternalServer) mustEmbedUnimplementedInternalServer() {}
 func (UnimplementedInternalServer) testEmbeddedByValue()                  {}
@@ -296,6 +338,42 @@ func _Internal_AddReplica_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Internal_ShardHash_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ShardHashRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(InternalServer).ShardHash(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Internal_ShardHash_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(InternalServer).ShardHash(ctx, req.(*ShardHashRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Internal_ReportCorruption_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReportCorruptionRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(InternalServer).ReportCorruption(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Internal_ReportCorruption_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(InternalServer).ReportCorruption(ctx, req.(*ReportCorruptionRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Internal_ServiceDesc is the grpc.ServiceDesc for Internal service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -310,6 +388,14 @@ var Internal_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "AddReplica",
 			Handler:    _Internal_AddReplica_Handler,
+		},
+		{
+			MethodName: "ShardHash",
+			Handler:    _Internal_ShardHash_Handler,
+		},
+		{
+			MethodName: "ReportCorruption",
+			Handler:    _Internal_ReportCorruption_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -1,0 +1,276 @@
+package storage
+
+import (
+	"errors"
+	"io"
+	"strings"
+	"testing"
+
+	bolt "go.etcd.io/bbolt"
+	pb "go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/proto/peerpb"
+)
+
+// flipStored changes the last byte of the stored value of key in shard's
+// bucket (kv or meta) of a closed engine's file, as a bad disk would.
+func flipStored(t *testing.T, path string, shard uint64, bucket, key string) {
+	t.Helper()
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	err = db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketShards).Bucket(u64(shard)).Bucket([]byte(bucket))
+		v := append([]byte(nil), b.Get([]byte(key))...)
+		if len(v) == 0 {
+			return errors.New("no such value")
+		}
+		v[len(v)-1] ^= 0x01
+		return b.Put([]byte(key), v)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// stateHashOf recomputes shard's state hash from its stored pairs and
+// returns it with the running one.
+func stateHashOf(t *testing.T, s *Shard) (stored, recomputed uint64) {
+	t.Helper()
+	err := s.View(func(r *Reader) error {
+		kv, err := sumBucket(r.kv, nil)
+		if err != nil {
+			return err
+		}
+		meta, err := sumBucket(r.meta, nil)
+		recomputed, stored = kv+meta, r.StateHash()
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return stored, recomputed
+}
+
+func putAll(t *testing.T, s *Shard, first uint64, kvs ...string) uint64 {
+	t.Helper()
+	var es []*pb.Entry
+	for i := 0; i+1 < len(kvs); i += 2 {
+		es = append(es, putEntry(first+uint64(len(es)), 1, kvs[i], kvs[i+1]))
+	}
+	if err := s.Save(&Update{Entries: es, Committed: es, Apply: applyPut}); err != nil {
+		t.Fatal(err)
+	}
+	return first + uint64(len(es))
+}
+
+// TestCorruptValueNotServed: a value changed in the file is never returned
+// by a read, and a write round that reads it fails the engine before the
+// ApplyFunc can act on it.
+func TestCorruptValueNotServed(t *testing.T) {
+	e, path := openTest(t, Options{NoSync: true})
+	s, _ := e.CreateShard(1, voters)
+	putAll(t, s, 2, "a", "1", "b", "secret", "c", "3")
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	flipStored(t, path, 1, "kv", "b")
+	e, err := Open(path, Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close() })
+	s, _ = e.OpenShard(1)
+
+	var got []byte
+	err = s.View(func(r *Reader) error {
+		got = r.Get([]byte("b"))
+		return nil
+	})
+	if !errors.Is(err, ErrCorrupt) || got != nil {
+		t.Fatalf("Get of the changed value: %q, %v; want nil, ErrCorrupt", got, err)
+	}
+	if !strings.Contains(err.Error(), "shard 1") || !strings.Contains(err.Error(), `"b"`) {
+		t.Fatalf("error %q does not name shard and key", err)
+	}
+	var seen []string
+	err = s.View(func(r *Reader) error {
+		r.Range(nil, nil, func(k, v []byte) bool {
+			seen = append(seen, string(k)+"="+string(v))
+			return true
+		})
+		return nil
+	})
+	if !errors.Is(err, ErrCorrupt) || len(seen) != 1 {
+		t.Fatalf("Range: %q, %v; want only a=1 and ErrCorrupt", seen, err)
+	}
+	// Intact values still read.
+	if err := s.View(func(r *Reader) error {
+		if v := string(r.Get([]byte("c"))); v != "3" {
+			t.Errorf("c = %q", v)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+
+	// The state machine reads b while applying: the apply never sees a
+	// value, the round fails, and so does every later write.
+	reached := false
+	en := putEntry(5, 1, "x", "y")
+	err = s.Save(&Update{Entries: []*pb.Entry{en}, Committed: []*pb.Entry{en}, Apply: func(tx *Txn, e *pb.Entry) {
+		v := tx.Get([]byte("b"))
+		reached = true
+		_ = tx.Put([]byte("b-copy"), v)
+	}})
+	if !errors.Is(err, ErrCorrupt) || reached {
+		t.Fatalf("apply over a corrupt value: %v (apply went on: %v); want ErrCorrupt", err, reached)
+	}
+	if err := s.Save(&Update{HardState: &pb.HardState{Term: proto.Uint64(1), Commit: proto.Uint64(4)}}); !errors.Is(err, ErrFailed) {
+		t.Fatalf("write after the failed round: %v, want ErrFailed", err)
+	}
+}
+
+// TestCorruptMetaNotServed: metadata values are checked the same way.
+func TestCorruptMetaNotServed(t *testing.T) {
+	e, path := openTest(t, Options{NoSync: true})
+	s, _ := e.CreateShard(1, voters)
+	putAll(t, s, 2, "a", "1")
+	_ = e.Close()
+	flipStored(t, path, 1, "meta", "count")
+	e, err := Open(path, Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close() })
+	s, _ = e.OpenShard(1)
+	err = s.View(func(r *Reader) error {
+		r.GetMeta([]byte("count"))
+		return nil
+	})
+	mustIs(t, err, ErrCorrupt)
+}
+
+// TestSnapshotCorruptPair: a corrupt pair is neither sent nor installed.
+func TestSnapshotCorruptPair(t *testing.T) {
+	ea, path := openTest(t, Options{NoSync: true})
+	a, _ := ea.CreateShard(1, voters)
+	putAll(t, a, 2, "a", "1", "b", "2")
+	_ = ea.Close()
+	flipStored(t, path, 1, "kv", "b")
+	ea, err := Open(path, Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = ea.Close() })
+	a, _ = ea.OpenShard(1)
+
+	// Sender.
+	r, err := a.OpenSnapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sent []*peerpb.SnapshotPair
+	for {
+		ps, err := r.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			mustIs(t, err, ErrCorrupt)
+			break
+		}
+		sent = append(sent, ps...)
+	}
+	_ = r.Close()
+	for _, p := range sent {
+		if string(p.GetKey()) == "b" {
+			t.Fatal("the corrupt pair was sent")
+		}
+	}
+
+	// Receiver, given a pair changed on the way (or by a sender without
+	// the check).
+	eb, _ := openTest(t, Options{NoSync: true})
+	if _, err := eb.CreateShard(1, nil); err != nil {
+		t.Fatal(err)
+	}
+	bad := &peerpb.SnapshotPair{Bucket: []byte(PairBucketKV), Key: []byte("b"), Value: seal([]byte("b"), []byte("2"))}
+	bad.Value[len(bad.Value)-1] ^= 1
+	done := false
+	meta := &pb.SnapshotMetadata{Index: proto.Uint64(10), Term: proto.Uint64(1), ConfState: voters}
+	_, err = eb.StageSnapshot(1, meta, func() ([]*peerpb.SnapshotPair, error) {
+		if done {
+			return nil, io.EOF
+		}
+		done = true
+		return []*peerpb.SnapshotPair{bad}, nil
+	})
+	mustIs(t, err, ErrBadSnapshot)
+	mustIs(t, err, ErrCorrupt)
+	if n := stagedCount(t, eb); n != 0 {
+		t.Fatalf("%d staged after a corrupt pair", n)
+	}
+}
+
+// TestStateHash: the running state hash follows puts, overwrites and
+// deletes, equals the sum recomputed from the pairs, survives a reopen and
+// travels with a snapshot.
+func TestStateHash(t *testing.T) {
+	e, path := openTest(t, Options{NoSync: true})
+	s, _ := e.CreateShard(1, voters)
+	next := putAll(t, s, 2, "a", "1", "b", "2", "c", "3", "a", "4")
+	del := &pb.Entry{Index: proto.Uint64(next), Term: proto.Uint64(1), Data: []byte("c")}
+	if err := s.Save(&Update{Entries: []*pb.Entry{del}, Committed: []*pb.Entry{del}, Apply: func(tx *Txn, _ *pb.Entry) {
+		if err := tx.Delete([]byte("c")); err != nil {
+			panic(err)
+		}
+		if err := tx.Delete([]byte("never-there")); err != nil {
+			panic(err)
+		}
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	stored, sum := stateHashOf(t, s)
+	if stored == 0 || stored != sum {
+		t.Fatalf("state hash %x, pairs add up to %x", stored, sum)
+	}
+	if want := pairSum([]byte("a"), []byte("4")) + pairSum([]byte("b"), []byte("2")) + pairSum([]byte("count"), u64(4)); stored != want {
+		t.Fatalf("state hash %x, want %x", stored, want)
+	}
+	e = reopen(t, e, path, Options{NoSync: true})
+	s, _ = e.OpenShard(1)
+	if again, _ := stateHashOf(t, s); again != stored {
+		t.Fatalf("after reopen %x, want %x", again, stored)
+	}
+
+	eb, _ := openTest(t, Options{NoSync: true})
+	b, _ := eb.CreateShard(1, nil)
+	transfer(t, s, eb, b)
+	if got, sum := stateHashOf(t, b); got != stored || sum != stored {
+		t.Fatalf("installed state hash %x (pairs %x), want %x", got, sum, stored)
+	}
+}
+
+// TestLayoutRefused: a file of the layout before checksums is refused with
+// both versions named, not misread.
+func TestLayoutRefused(t *testing.T) {
+	e, path := openTest(t, Options{NoSync: true})
+	_ = e.Close()
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketNode).Delete(keyLayout) }); err != nil {
+		t.Fatal(err)
+	}
+	_ = db.Close()
+	_, err = Open(path, Options{NoSync: true})
+	mustIs(t, err, ErrLayout)
+	if !strings.Contains(err.Error(), "layout 1") || !strings.Contains(err.Error(), "layout 2") {
+		t.Fatalf("error %q does not name both layouts", err)
+	}
+}
