@@ -57,5 +57,4 @@ var (
 	// ErrInvalid is returned for an invalid argument (empty key, key too
 	// large for bbolt).
 	ErrInvalid = errors.New("storage: invalid argument")
-
 )
