@@ -69,14 +69,10 @@ func (c *Client) Scan(ctx context.Context, start, end []byte, opts ScanOptions) 
 		return &ScanPage{}, nil
 	}
 
-	c.mu.RLock()
 	var parts []*scanPart
-	for _, s := range c.mu.cmap.GetShards() {
-		if s.GetId() != 0 {
-			parts = append(parts, &scanPart{shard: s.GetId(), next: start, more: true})
-		}
+	for _, shard := range c.dataShards() {
+		parts = append(parts, &scanPart{shard: shard, next: start, more: true})
 	}
-	c.mu.RUnlock()
 	if len(parts) == 0 {
 		return &ScanPage{}, nil
 	}
@@ -278,14 +274,7 @@ func (c *Client) Count(ctx context.Context, start, end []byte, serializable bool
 	if len(end) > 0 && bytes.Compare(start, end) >= 0 {
 		return 0, nil
 	}
-	c.mu.RLock()
-	var shards []uint64
-	for _, s := range c.mu.cmap.GetShards() {
-		if s.GetId() != 0 {
-			shards = append(shards, s.GetId())
-		}
-	}
-	c.mu.RUnlock()
+	shards := c.dataShards()
 
 	cons := kvpb.Consistency_LINEARIZABLE
 	if serializable {

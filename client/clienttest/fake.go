@@ -88,7 +88,6 @@ func NewFakeCluster(nodes, shards, replicas int) (*FakeCluster, error) {
 		f.Nodes = append(f.Nodes, n)
 		m.Members = append(m.Members, &kvpb.Member{Id: n.ID, ClientAddr: n.Addr, PeerAddr: "127.0.0.1:1"})
 	}
-	var ids []uint64
 	for s := 1; s <= shards; s++ {
 		sr := &kvpb.ShardReplicas{Id: uint64(s)}
 		for r := 0; r < replicas; r++ {
@@ -97,9 +96,8 @@ func NewFakeCluster(nodes, shards, replicas int) (*FakeCluster, error) {
 		m.Shards = append(m.Shards, sr)
 		f.leaders[sr.Id] = sr.Replicas[0]
 		f.data[sr.Id] = map[string]*kvpb.KeyValue{}
-		ids = append(ids, sr.Id)
 	}
-	ring, err := hashring.New(ids, int(m.Vnodes))
+	ring, err := hashring.FromMap(m)
 	if err != nil {
 		f.Close()
 		return nil, err
