@@ -254,13 +254,9 @@ but the whole is not one snapshot.`,
   kvctl get --consistency serializable greeting`,
 		Args: exactArgs(1, "KEY (or PREFIX with --prefix)"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var serializable bool
-			switch consistency {
-			case "linearizable", "l":
-			case "serializable", "s":
-				serializable = true
-			default:
-				return usageErrorf("--consistency %q is not valid; use linearizable or serializable", consistency)
+			serializable, err := parseConsistency(consistency)
+			if err != nil {
+				return err
 			}
 			if limit < 0 {
 				return usageErrorf("--limit must be ≥ 0, got %d", limit)
@@ -424,6 +420,18 @@ header; json prints {"epoch", "members": [{"id", "client_addr", "peer_addr"}]}.`
 		},
 	})
 	return cmd
+}
+
+// parseConsistency reads a --consistency flag: linearizable (l) or
+// serializable (s, true).
+func parseConsistency(s string) (serializable bool, err error) {
+	switch s {
+	case "linearizable", "l":
+		return false, nil
+	case "serializable", "s":
+		return true, nil
+	}
+	return false, usageErrorf("--consistency %q is not valid; use linearizable or serializable", s)
 }
 
 // commonPrefix suggests a prefix to list near key: up to its last '/',
