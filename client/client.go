@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -227,7 +228,7 @@ func (c *Client) applyMap(m *kvpb.ClusterMap) error {
 	for _, s := range m.GetShards() {
 		reps := append([]uint64(nil), s.GetReplicas()...)
 		shards[s.GetId()] = reps
-		if l, ok := c.mu.leaders[s.GetId()]; ok && contains(reps, l) {
+		if l, ok := c.mu.leaders[s.GetId()]; ok && slices.Contains(reps, l) {
 			leaders[s.GetId()] = l
 		} else if len(reps) > 0 {
 			leaders[s.GetId()] = reps[0]
@@ -246,21 +247,9 @@ func (c *Client) applyMap(m *kvpb.ClusterMap) error {
 	return nil
 }
 
+// probeTimeout bounds one heartbeat: two intervals, at most DialTimeout.
 func (c *Client) probeTimeout() time.Duration {
-	t := 2 * c.cfg.HeartbeatInterval
-	if t > c.cfg.DialTimeout {
-		t = c.cfg.DialTimeout
-	}
-	return t
-}
-
-func contains(s []uint64, v uint64) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
+	return min(2*c.cfg.HeartbeatInterval, c.cfg.DialTimeout)
 }
 
 // refreshMap fetches the cluster map from any available member and applies
