@@ -5,13 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/status"
 
+	// Named apart from backoff, the client's own wait function.
+	backoffpolicy "github.com/kvd/kvd/internal/backoff"
 	"github.com/kvd/kvd/proto/kvpb"
 )
 
@@ -24,15 +25,10 @@ const (
 	backoffCap  = 250 * time.Millisecond
 )
 
-func backoff(attempt int) time.Duration {
-	d := backoffCap
-	if attempt < 16 {
-		if e := backoffBase << attempt; e < d {
-			d = e
-		}
-	}
-	return rand.N(d)
-}
+var retryBackoff = backoffpolicy.Policy{Base: backoffBase, Max: backoffCap, Jitter: backoffpolicy.Full}
+
+// backoff is the wait before the retry that follows attempt earlier waits.
+func backoff(attempt int) time.Duration { return retryBackoff.Delay(attempt) }
 
 // errNotConnected: a member's connection did not come up within
 // ConnectTimeout.

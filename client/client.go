@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -173,19 +174,11 @@ func (c *Client) Session() uint64 { return c.session }
 // the ring, dials new members, closes removed ones and keeps cached
 // leaders that are still replicas of their shard.
 func (c *Client) applyMap(m *kvpb.ClusterMap) error {
-	ids := make([]uint64, 0, len(m.GetShards()))
-	for _, s := range m.GetShards() {
-		if s.GetId() != 0 { // the meta shard is never on the ring
-			ids = append(ids, s.GetId())
-		}
-	}
-	var ring *hashring.Ring
-	if len(ids) > 0 {
-		r, err := hashring.New(ids, int(m.GetVnodes()))
-		if err != nil {
-			return fmt.Errorf("client: cluster map epoch %d: %w", m.GetEpoch(), err)
-		}
-		ring = r
+	// A map without data shards yet (a cluster still bootstrapping)
+	// leaves the ring nil: shardOf then says so, and routeKey refreshes.
+	ring, err := hashring.FromMap(m)
+	if err != nil && !errors.Is(err, hashring.ErrNoShards) {
+		return fmt.Errorf("client: cluster map epoch %d: %w", m.GetEpoch(), err)
 	}
 
 	c.mu.Lock()
@@ -235,7 +228,7 @@ func (c *Client) applyMap(m *kvpb.ClusterMap) error {
 	for _, s := range m.GetShards() {
 		reps := append([]uint64(nil), s.GetReplicas()...)
 		shards[s.GetId()] = reps
-		if l, ok := c.mu.leaders[s.GetId()]; ok && contains(reps, l) {
+		if l, ok := c.mu.leaders[s.GetId()]; ok && slices.Contains(reps, l) {
 			leaders[s.GetId()] = l
 		} else if len(reps) > 0 {
 			leaders[s.GetId()] = reps[0]
@@ -247,28 +240,16 @@ func (c *Client) applyMap(m *kvpb.ClusterMap) error {
 	c.mu.leaders = leaders
 	c.mu.Unlock()
 
-	c.log.Info("client: cluster map", "epoch", m.GetEpoch(), "members", len(m.GetMembers()), "shards", len(ids))
+	c.log.Info("client: cluster map", "epoch", m.GetEpoch(), "members", len(m.GetMembers()), "shards", len(hashring.DataShards(m)))
 	for _, n := range stale {
 		n.close(true)
 	}
 	return nil
 }
 
+// probeTimeout bounds one heartbeat: two intervals, at most DialTimeout.
 func (c *Client) probeTimeout() time.Duration {
-	t := 2 * c.cfg.HeartbeatInterval
-	if t > c.cfg.DialTimeout {
-		t = c.cfg.DialTimeout
-	}
-	return t
-}
-
-func contains(s []uint64, v uint64) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
+	return min(2*c.cfg.HeartbeatInterval, c.cfg.DialTimeout)
 }
 
 // refreshMap fetches the cluster map from any available member and applies
@@ -317,6 +298,13 @@ func (c *Client) nodesInOrder() []*node {
 		}
 	}
 	return append(up, down...)
+}
+
+// dataShards lists the data shards of the cached map, in map order.
+func (c *Client) dataShards() []uint64 {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return hashring.DataShards(c.mu.cmap)
 }
 
 func (c *Client) epoch() uint64 {

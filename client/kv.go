@@ -40,6 +40,22 @@ func (c *Client) stamp(h *kvpb.RequestHeader, epoch uint64) {
 	h.AckBelow = c.seqs.ackBelow()
 }
 
+// write sends item, a write whose header is h (from writeHeader), to the
+// leader of shard until it succeeds, fails for good or ctx ends, and
+// finishes h's sequence number. Every attempt sends the same item with
+// the same (session, seq), stamped afresh.
+func (c *Client) write(ctx context.Context, shard uint64, h *kvpb.RequestHeader, item *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
+	defer c.seqs.finish(h.Seq)
+	var resp *kvpb.BatchResponseItem
+	err := c.invoke(ctx, route{shard: shard}, func(ctx context.Context, n *node, epoch uint64) error {
+		c.stamp(h, epoch)
+		r, err := n.do(ctx, item)
+		resp = r
+		return err
+	})
+	return resp, err
+}
+
 // seqTracker hands out the session's sequence numbers and knows the lowest
 // one still in flight, which is what RequestHeader.ack_below reports: every
 // write below it has returned (answered, or given up by its caller, who
@@ -106,19 +122,11 @@ func (c *Client) Put(ctx context.Context, key, value []byte) (*kvpb.PutResponse,
 		return nil, fmt.Errorf("put %s: %w", keyString(key), err)
 	}
 	req := &kvpb.PutRequest{Header: c.writeHeader(), Key: key, Value: value}
-	defer c.seqs.finish(req.Header.Seq)
-	var resp *kvpb.PutResponse
-	item := &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Put{Put: req}}
-	err = c.invoke(ctx, route{shard: shard}, func(ctx context.Context, n *node, epoch uint64) error {
-		c.stamp(req.Header, epoch)
-		r, err := n.do(ctx, item)
-		resp = r.GetPut()
-		return err
-	})
+	resp, err := c.write(ctx, shard, req.Header, &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Put{Put: req}})
 	if err != nil {
 		return nil, fmt.Errorf("put %s: %w", keyString(key), err)
 	}
-	return resp, nil
+	return resp.GetPut(), nil
 }
 
 // Get reads key. It returns ErrNotFound when the key does not exist.
@@ -157,19 +165,11 @@ func (c *Client) Delete(ctx context.Context, key []byte) (*kvpb.DeleteResponse, 
 		return nil, fmt.Errorf("delete %s: %w", keyString(key), err)
 	}
 	req := &kvpb.DeleteRequest{Header: c.writeHeader(), Key: key}
-	defer c.seqs.finish(req.Header.Seq)
-	var resp *kvpb.DeleteResponse
-	item := &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Delete{Delete: req}}
-	err = c.invoke(ctx, route{shard: shard}, func(ctx context.Context, n *node, epoch uint64) error {
-		c.stamp(req.Header, epoch)
-		r, err := n.do(ctx, item)
-		resp = r.GetDelete()
-		return err
-	})
+	resp, err := c.write(ctx, shard, req.Header, &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Delete{Delete: req}})
 	if err != nil {
 		return nil, fmt.Errorf("delete %s: %w", keyString(key), err)
 	}
-	return resp, nil
+	return resp.GetDelete(), nil
 }
 
 // Txn runs req atomically on one shard: the shard of its first key (in
@@ -188,19 +188,11 @@ func (c *Client) Txn(ctx context.Context, req *kvpb.TxnRequest) (*kvpb.TxnRespon
 	}
 	req = proto.Clone(req).(*kvpb.TxnRequest)
 	req.Header = c.writeHeader()
-	defer c.seqs.finish(req.Header.Seq)
-	var resp *kvpb.TxnResponse
-	item := &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Txn{Txn: req}}
-	err = c.invoke(ctx, route{shard: shard}, func(ctx context.Context, n *node, epoch uint64) error {
-		c.stamp(req.Header, epoch)
-		r, err := n.do(ctx, item)
-		resp = r.GetTxn()
-		return err
-	})
+	resp, err := c.write(ctx, shard, req.Header, &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Txn{Txn: req}})
 	if err != nil {
 		return nil, fmt.Errorf("txn on key %s: %w", keyString(key), err)
 	}
-	return resp, nil
+	return resp.GetTxn(), nil
 }
 
 func firstTxnKey(req *kvpb.TxnRequest) []byte {

@@ -69,14 +69,10 @@ func (c *Client) Scan(ctx context.Context, start, end []byte, opts ScanOptions) 
 		return &ScanPage{}, nil
 	}
 
-	c.mu.RLock()
 	var parts []*scanPart
-	for _, s := range c.mu.cmap.GetShards() {
-		if s.GetId() != 0 {
-			parts = append(parts, &scanPart{shard: s.GetId(), next: start, more: true})
-		}
+	for _, shard := range c.dataShards() {
+		parts = append(parts, &scanPart{shard: shard, next: start, more: true})
 	}
-	c.mu.RUnlock()
 	if len(parts) == 0 {
 		return &ScanPage{}, nil
 	}
@@ -163,22 +159,10 @@ func (sc *scanner) fetchAll(ctx context.Context, parts []*scanPart) error {
 
 // fetch reads the next batch of p's shard into p.buf.
 func (sc *scanner) fetch(ctx context.Context, p *scanPart) error {
-	cons := kvpb.Consistency_LINEARIZABLE
-	if sc.opts.Serializable {
-		cons = kvpb.Consistency_SERIALIZABLE
-	}
-	req := &kvpb.RangeRequest{
+	resp, err := sc.c.rangeShard(ctx, &kvpb.RangeRequest{
 		Header: &kvpb.RequestHeader{}, Shard: p.shard, Start: p.next, End: sc.end,
-		Limit: int64(sc.batch), Consistency: cons, KeysOnly: sc.opts.KeysOnly,
-	}
-	var resp *kvpb.RangeResponse
-	err := sc.c.invoke(ctx, route{shard: p.shard, anyReplica: sc.opts.Serializable},
-		func(ctx context.Context, n *node, epoch uint64) error {
-			req.Header.Epoch = epoch
-			r, err := n.kv.Range(ctx, req)
-			resp = r
-			return err
-		})
+		Limit: int64(sc.batch), Consistency: consistency(sc.opts.Serializable), KeysOnly: sc.opts.KeysOnly,
+	})
 	if err != nil {
 		return err
 	}
@@ -207,6 +191,28 @@ func (sc *scanner) fetch(ctx context.Context, p *scanPart) error {
 		p.next = keySuccessor(out[len(out)-1].GetKey())
 	}
 	return nil
+}
+
+// rangeShard sends req to its shard (any replica when it is serializable)
+// until it succeeds, fails for good or ctx ends.
+func (c *Client) rangeShard(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.RangeResponse, error) {
+	var resp *kvpb.RangeResponse
+	r := route{shard: req.GetShard(), anyReplica: req.GetConsistency() == kvpb.Consistency_SERIALIZABLE}
+	err := c.invoke(ctx, r, func(ctx context.Context, n *node, epoch uint64) error {
+		req.Header.Epoch = epoch
+		var err error
+		resp, err = n.kv.Range(ctx, req)
+		return err
+	})
+	return resp, err
+}
+
+// consistency is the read consistency a serializable flag asks for.
+func consistency(serializable bool) kvpb.Consistency {
+	if serializable {
+		return kvpb.Consistency_SERIALIZABLE
+	}
+	return kvpb.Consistency_LINEARIZABLE
 }
 
 // keySuccessor is the smallest key greater than k.
@@ -278,19 +284,8 @@ func (c *Client) Count(ctx context.Context, start, end []byte, serializable bool
 	if len(end) > 0 && bytes.Compare(start, end) >= 0 {
 		return 0, nil
 	}
-	c.mu.RLock()
-	var shards []uint64
-	for _, s := range c.mu.cmap.GetShards() {
-		if s.GetId() != 0 {
-			shards = append(shards, s.GetId())
-		}
-	}
-	c.mu.RUnlock()
+	shards := c.dataShards()
 
-	cons := kvpb.Consistency_LINEARIZABLE
-	if serializable {
-		cons = kvpb.Consistency_SERIALIZABLE
-	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	counts := make([]int64, len(shards))
@@ -301,23 +296,16 @@ func (c *Client) Count(ctx context.Context, start, end []byte, serializable bool
 	)
 	for i, shard := range shards {
 		wg.Go(func() {
-			req := &kvpb.RangeRequest{
+			resp, err := c.rangeShard(ctx, &kvpb.RangeRequest{
 				Header: &kvpb.RequestHeader{}, Shard: shard, Start: start, End: end,
-				Consistency: cons, CountOnly: true,
-			}
-			err := c.invoke(ctx, route{shard: shard, anyReplica: serializable},
-				func(ctx context.Context, n *node, epoch uint64) error {
-					req.Header.Epoch = epoch
-					r, err := n.kv.Range(ctx, req)
-					if err == nil {
-						counts[i] = r.GetCount()
-					}
-					return err
-				})
+				Consistency: consistency(serializable), CountOnly: true,
+			})
 			if err != nil {
 				errOnce.Do(func() { firstErr = err })
 				cancel()
+				return
 			}
+			counts[i] = resp.GetCount()
 		})
 	}
 	wg.Wait()

@@ -16,7 +16,8 @@
 //
 // # Determinism
 //
-// Every node and client must compute the same answer from the cluster map.
+// Every node and client must compute the same answer from the cluster map,
+// so each builds its ring with FromMap.
 // KeyHash is XXH64 (seed 0), defined byte for byte and independent of
 // machine and Go version; hash/maphash is per process and would not do.
 // Point positions use only integer arithmetic on (shard id, vnode index,

@@ -13,6 +13,7 @@ package clienttest
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -88,7 +89,6 @@ func NewFakeCluster(nodes, shards, replicas int) (*FakeCluster, error) {
 		f.Nodes = append(f.Nodes, n)
 		m.Members = append(m.Members, &kvpb.Member{Id: n.ID, ClientAddr: n.Addr, PeerAddr: "127.0.0.1:1"})
 	}
-	var ids []uint64
 	for s := 1; s <= shards; s++ {
 		sr := &kvpb.ShardReplicas{Id: uint64(s)}
 		for r := 0; r < replicas; r++ {
@@ -97,9 +97,8 @@ func NewFakeCluster(nodes, shards, replicas int) (*FakeCluster, error) {
 		m.Shards = append(m.Shards, sr)
 		f.leaders[sr.Id] = sr.Replicas[0]
 		f.data[sr.Id] = map[string]*kvpb.KeyValue{}
-		ids = append(ids, sr.Id)
 	}
-	ring, err := hashring.New(ids, int(m.Vnodes))
+	ring, err := hashring.FromMap(m)
 	if err != nil {
 		f.Close()
 		return nil, err
@@ -158,9 +157,14 @@ func (f *FakeCluster) ShardOf(key []byte) uint64 {
 func (f *FakeCluster) Replicas(shard uint64) []uint64 {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	return slices.Clone(f.replicas(shard))
+}
+
+// replicas is Replicas without the copy; f.mu is held.
+func (f *FakeCluster) replicas(shard uint64) []uint64 {
 	for _, s := range f.cmap.Shards {
 		if s.Id == shard {
-			return slices.Clone(s.Replicas)
+			return s.Replicas
 		}
 	}
 	return nil
@@ -380,12 +384,7 @@ func (n *FakeNode) check(shard uint64, h *kvpb.RequestHeader, anyReplica bool) e
 			WithDetails(protoadapt.MessageV1Of(&kvpb.StaleEpoch{Epoch: f.cmap.Epoch}))
 		return st.Err()
 	}
-	var reps []uint64
-	for _, s := range f.cmap.Shards {
-		if s.Id == shard {
-			reps = s.Replicas
-		}
-	}
+	reps := f.replicas(shard)
 	if reps == nil {
 		return status.Errorf(codes.InvalidArgument, "fake: no shard %d", shard)
 	}
@@ -670,47 +669,37 @@ func opKey(op *kvpb.RequestOp) []byte {
 // compare evaluates c on shard; f.mu is held.
 func (f *FakeCluster) compare(shard uint64, c *kvpb.Compare) bool {
 	kv := f.data[shard][string(c.Key)]
-	var cmp int
+	var order int
 	switch c.Target {
 	case kvpb.Compare_VALUE:
 		if kv == nil {
 			return false
 		}
-		cmp = bytes.Compare(kv.Value, c.Value)
+		order = bytes.Compare(kv.Value, c.Value)
 	case kvpb.Compare_VERSION:
-		cmp = cmpInt(kv.GetVersion(), c.Version)
+		order = cmp.Compare(kv.GetVersion(), c.Version)
 	case kvpb.Compare_MOD:
-		cmp = cmpInt(kv.GetModRevision(), c.ModRevision)
+		order = cmp.Compare(kv.GetModRevision(), c.ModRevision)
 	case kvpb.Compare_CREATE:
-		cmp = cmpInt(kv.GetCreateRevision(), c.CreateRevision)
+		order = cmp.Compare(kv.GetCreateRevision(), c.CreateRevision)
 	case kvpb.Compare_EXISTS:
 		if (kv != nil) == c.Exists {
-			cmp = 0
+			order = 0
 		} else {
-			cmp = 1
+			order = 1
 		}
 	}
 	switch c.Result {
 	case kvpb.Compare_EQUAL:
-		return cmp == 0
+		return order == 0
 	case kvpb.Compare_NOT_EQUAL:
-		return cmp != 0
+		return order != 0
 	case kvpb.Compare_GREATER:
-		return cmp > 0
+		return order > 0
 	case kvpb.Compare_LESS:
-		return cmp < 0
+		return order < 0
 	}
 	return false
-}
-
-func cmpInt(a, b int64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 type clusterServer struct {

@@ -181,13 +181,13 @@ func (o *benchOpts) check(totalSet, durationSet, keySpaceSet bool) error {
 	case o.readRatio < 0 || o.readRatio > 1:
 		return usageErrorf("--read-ratio must be between 0 and 1, got %g", o.readRatio)
 	}
-	switch o.consistency {
-	case "linearizable", "l":
-		o.consistency = "linearizable"
-	case "serializable", "s":
+	serializable, err := parseConsistency(o.consistency)
+	if err != nil {
+		return err
+	}
+	o.consistency = "linearizable" // the report names it in full
+	if serializable {
 		o.consistency = "serializable"
-	default:
-		return usageErrorf("--consistency %q is not valid; use linearizable or serializable", o.consistency)
 	}
 	if durationSet {
 		o.total = 0

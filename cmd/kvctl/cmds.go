@@ -161,6 +161,26 @@ func (a *app) ctx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), a.timeout)
 }
 
+// withClient connects, runs f, and closes the client once f returns.
+func (a *app) withClient(f func(c *client.Client) error) error {
+	c, err := a.connect()
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	return f(c)
+}
+
+// request runs f, one request and the printing of its answer, with a
+// client and the request's deadline.
+func (a *app) request(f func(ctx context.Context, c *client.Client) error) error {
+	return a.withClient(func(c *client.Client) error {
+		ctx, cancel := a.ctx()
+		defer cancel()
+		return f(ctx, c)
+	})
+}
+
 func (a *app) putCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "put KEY VALUE",
@@ -181,18 +201,13 @@ Output: simple prints OK; json prints the shard and revision of the write.`,
 				}
 				value = b
 			}
-			c, err := a.connect()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := a.ctx()
-			defer cancel()
-			resp, err := c.Put(ctx, []byte(args[0]), value)
-			if err != nil {
-				return err
-			}
-			return a.printPut(resp)
+			return a.request(func(ctx context.Context, c *client.Client) error {
+				resp, err := c.Put(ctx, []byte(args[0]), value)
+				if err != nil {
+					return err
+				}
+				return a.printPut(resp)
+			})
 		},
 	}
 }
@@ -239,13 +254,9 @@ but the whole is not one snapshot.`,
   kvctl get --consistency serializable greeting`,
 		Args: exactArgs(1, "KEY (or PREFIX with --prefix)"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var serializable bool
-			switch consistency {
-			case "linearizable", "l":
-			case "serializable", "s":
-				serializable = true
-			default:
-				return usageErrorf("--consistency %q is not valid; use linearizable or serializable", consistency)
+			serializable, err := parseConsistency(consistency)
+			if err != nil {
+				return err
 			}
 			if limit < 0 {
 				return usageErrorf("--limit must be ≥ 0, got %d", limit)
@@ -264,41 +275,37 @@ but the whole is not one snapshot.`,
 			if prefix {
 				stop = client.PrefixEnd(start)
 			}
-			c, err := a.connect()
-			if err != nil {
-				return err
+			if isRange && !countOnly {
+				// A page at a time, each with its own deadline.
+				return a.withClient(func(c *client.Client) error {
+					return a.scanRange(c, start, stop, limit, keysOnly, serializable)
+				})
 			}
-			defer c.Close()
-			if countOnly {
-				ctx, cancel := a.ctx()
-				defer cancel()
-				n, err := c.Count(ctx, start, stop, serializable)
+			return a.request(func(ctx context.Context, c *client.Client) error {
+				if countOnly {
+					n, err := c.Count(ctx, start, stop, serializable)
+					if err != nil {
+						return err
+					}
+					return a.printCount(n)
+				}
+				var opts []client.ReadOption
+				if serializable {
+					opts = append(opts, client.WithSerializable())
+				}
+				kv, err := c.Get(ctx, []byte(args[0]), opts...)
+				if errors.Is(err, client.ErrNotFound) {
+					msg := fmt.Sprintf("key %q not found", args[0])
+					if p := commonPrefix(args[0]); p != "" {
+						msg += fmt.Sprintf("; list its neighbours with 'kvctl get --prefix %s --keys-only'", shellQuote(p))
+					}
+					return &exitError{code: exitNotFound, msg: msg}
+				}
 				if err != nil {
 					return err
 				}
-				return a.printCount(n)
-			}
-			if isRange {
-				return a.scanRange(c, start, stop, limit, keysOnly, serializable)
-			}
-			ctx, cancel := a.ctx()
-			defer cancel()
-			var opts []client.ReadOption
-			if serializable {
-				opts = append(opts, client.WithSerializable())
-			}
-			kv, err := c.Get(ctx, []byte(args[0]), opts...)
-			if errors.Is(err, client.ErrNotFound) {
-				msg := fmt.Sprintf("key %q not found", args[0])
-				if p := commonPrefix(args[0]); p != "" {
-					msg += fmt.Sprintf("; list its neighbours with 'kvctl get --prefix %s --keys-only'", shellQuote(p))
-				}
-				return &exitError{code: exitNotFound, msg: msg}
-			}
-			if err != nil {
-				return err
-			}
-			return a.printKV(kv)
+				return a.printKV(kv)
+			})
 		},
 	}
 	f := cmd.Flags()
@@ -352,18 +359,13 @@ Output: simple prints the number of keys deleted (1 or 0); json prints
 		Example: `  kvctl del greeting`,
 		Args:    exactArgs(1, "KEY"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := a.connect()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := a.ctx()
-			defer cancel()
-			resp, err := c.Delete(ctx, []byte(args[0]))
-			if err != nil {
-				return err
-			}
-			return a.printDelete(resp)
+			return a.request(func(ctx context.Context, c *client.Client) error {
+				resp, err := c.Delete(ctx, []byte(args[0]))
+				if err != nil {
+					return err
+				}
+				return a.printDelete(resp)
+			})
 		},
 	}
 }
@@ -383,18 +385,13 @@ Exits 0 when at least one node answers (down nodes are listed), 3 when none does
   kvctl --endpoints 10.0.0.1:2379 cluster status -o json`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := a.connect()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := a.ctx()
-			defer cancel()
-			st, err := c.Status(ctx)
-			if err != nil {
-				return err
-			}
-			return a.printStatus(st)
+			return a.request(func(ctx context.Context, c *client.Client) error {
+				st, err := c.Status(ctx)
+				if err != nil {
+					return err
+				}
+				return a.printStatus(st)
+			})
 		},
 	})
 	return cmd
@@ -413,21 +410,28 @@ header; json prints {"epoch", "members": [{"id", "client_addr", "peer_addr"}]}.`
   kvctl member list -o table`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := a.connect()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := a.ctx()
-			defer cancel()
-			ml, err := c.MemberList(ctx)
-			if err != nil {
-				return err
-			}
-			return a.printMembers(ml)
+			return a.request(func(ctx context.Context, c *client.Client) error {
+				ml, err := c.MemberList(ctx)
+				if err != nil {
+					return err
+				}
+				return a.printMembers(ml)
+			})
 		},
 	})
 	return cmd
+}
+
+// parseConsistency reads a --consistency flag: linearizable (l) or
+// serializable (s, true).
+func parseConsistency(s string) (serializable bool, err error) {
+	switch s {
+	case "linearizable", "l":
+		return false, nil
+	case "serializable", "s":
+		return true, nil
+	}
+	return false, usageErrorf("--consistency %q is not valid; use linearizable or serializable", s)
 }
 
 // commonPrefix suggests a prefix to list near key: up to its last '/',

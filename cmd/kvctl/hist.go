@@ -15,6 +15,14 @@ import (
 //
 // A histogram is not safe for concurrent use: each bench worker records
 // into its own, and the report merges them.
+//
+// It is not github.com/HdrHistogram/hdrhistogram-go (v1.4.0), whose layout
+// at 2 significant digits is this one: that library rounds a quantile's
+// rank half up and answers its bucket's highest value uncapped, so a p90 of
+// 7 recordings is the 6th and p100 exceeds the largest recording, and its
+// min, max and mean are bucket approximations. The report promises
+// quantiles that never understate and an exact min, mean and max; keeping
+// those beside the library would leave only the bucket index to it.
 type histogram struct {
 	counts   []uint64
 	n        uint64

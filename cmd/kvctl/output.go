@@ -28,19 +28,20 @@ type jsonKV struct {
 
 func toJSONKV(kv *kvpb.KeyValue, keysOnly bool) jsonKV {
 	j := jsonKV{CreateRevision: kv.CreateRevision, ModRevision: kv.ModRevision, Version: kv.Version}
-	if utf8.Valid(kv.Key) {
-		j.Key = string(kv.Key)
-	} else {
-		j.KeyBase64 = base64.StdEncoding.EncodeToString(kv.Key)
-	}
+	j.Key, j.KeyBase64 = textOrBase64(kv.Key)
 	if !keysOnly {
-		if utf8.Valid(kv.Value) {
-			j.Value = string(kv.Value)
-		} else {
-			j.ValueBase64 = base64.StdEncoding.EncodeToString(kv.Value)
-		}
+		j.Value, j.ValueBase64 = textOrBase64(kv.Value)
 	}
 	return j
+}
+
+// textOrBase64 returns b as text when it is UTF-8, else base64-encoded
+// in the second result.
+func textOrBase64(b []byte) (text, b64 string) {
+	if utf8.Valid(b) {
+		return string(b), ""
+	}
+	return "", base64.StdEncoding.EncodeToString(b)
 }
 
 func writeJSON(w io.Writer, v any) error {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/kvd/kvd/client"
 	"github.com/kvd/kvd/proto/kvpb"
 )
 
@@ -58,54 +60,49 @@ and, when the compare failed, "current" (the key as it is, or null).`,
 				// On failure read the key, to say what it holds instead.
 				Failure: []*kvpb.RequestOp{{Op: &kvpb.RequestOp_Get{Get: &kvpb.GetRequest{Key: key}}}},
 			}
-			c, err := a.connect()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := a.ctx()
-			defer cancel()
-			resp, err := c.Txn(ctx, req)
-			if err != nil {
-				return err
-			}
-			var cur *kvpb.KeyValue
-			if !resp.GetSucceeded() && len(resp.GetResponses()) > 0 {
-				cur = resp.GetResponses()[0].GetGet().GetKv()
-			}
-			if a.output == "json" {
-				out := map[string]any{
-					"succeeded": resp.GetSucceeded(),
-					"revision":  resp.GetHeader().GetRevision(),
-					"shard":     resp.GetHeader().GetShard(),
+			return a.request(func(ctx context.Context, c *client.Client) error {
+				resp, err := c.Txn(ctx, req)
+				if err != nil {
+					return err
 				}
-				if !resp.GetSucceeded() {
-					out["current"] = nil
-					if cur != nil {
-						out["current"] = toJSONKV(cur, false)
+				var cur *kvpb.KeyValue
+				if !resp.GetSucceeded() && len(resp.GetResponses()) > 0 {
+					cur = resp.GetResponses()[0].GetGet().GetKv()
+				}
+				if a.output == "json" {
+					out := map[string]any{
+						"succeeded": resp.GetSucceeded(),
+						"revision":  resp.GetHeader().GetRevision(),
+						"shard":     resp.GetHeader().GetShard(),
+					}
+					if !resp.GetSucceeded() {
+						out["current"] = nil
+						if cur != nil {
+							out["current"] = toJSONKV(cur, false)
+						}
+					}
+					if err := writeJSON(a.stdout, out); err != nil {
+						return err
+					}
+				} else if resp.GetSucceeded() {
+					if _, err := fmt.Fprintln(a.stdout, "OK"); err != nil {
+						return err
 					}
 				}
-				if err := writeJSON(a.stdout, out); err != nil {
-					return err
+				if resp.GetSucceeded() {
+					return nil
 				}
-			} else if resp.GetSucceeded() {
-				if _, err := fmt.Fprintln(a.stdout, "OK"); err != nil {
-					return err
+				var msg string
+				switch {
+				case cur == nil:
+					msg = fmt.Sprintf("compare failed: %s does not exist", quoteShort([]byte(args[0])))
+				case create:
+					msg = fmt.Sprintf("compare failed: %s already exists (value %s)", quoteShort(key), quoteShort(cur.GetValue()))
+				default:
+					msg = fmt.Sprintf("compare failed: %s is %s, not %s", quoteShort(key), quoteShort(cur.GetValue()), quoteShort([]byte(args[1])))
 				}
-			}
-			if resp.GetSucceeded() {
-				return nil
-			}
-			var msg string
-			switch {
-			case cur == nil:
-				msg = fmt.Sprintf("compare failed: %s does not exist", quoteShort([]byte(args[0])))
-			case create:
-				msg = fmt.Sprintf("compare failed: %s already exists (value %s)", quoteShort(key), quoteShort(cur.GetValue()))
-			default:
-				msg = fmt.Sprintf("compare failed: %s is %s, not %s", quoteShort(key), quoteShort(cur.GetValue()), quoteShort([]byte(args[1])))
-			}
-			return &exitError{code: exitCompareFailed, msg: msg}
+				return &exitError{code: exitCompareFailed, msg: msg}
+			})
 		},
 	}
 	cmd.Flags().BoolVar(&create, "create", false, "succeed only if KEY does not exist yet (arguments: KEY NEW)")
@@ -181,29 +178,24 @@ cluster rejects; 3 unavailable.`,
 			if err != nil {
 				return usageErrorf("transaction from %s: %v; see 'kvctl txn --help'", name, err)
 			}
-			c, err := a.connect()
-			if err != nil {
-				return err
-			}
-			defer c.Close()
-			ctx, cancel := a.ctx()
-			defer cancel()
-			resp, err := c.Txn(ctx, req)
-			if err != nil {
-				return err
-			}
-			ops := req.GetSuccess()
-			if !resp.GetSucceeded() {
-				ops = req.GetFailure()
-			}
-			if err := a.printTxn(ops, resp); err != nil {
-				return err
-			}
-			if !resp.GetSucceeded() {
-				return &exitError{code: exitCompareFailed, msg: fmt.Sprintf(
-					"compare failed: the failure branch ran (%d operation(s))", len(ops))}
-			}
-			return nil
+			return a.request(func(ctx context.Context, c *client.Client) error {
+				resp, err := c.Txn(ctx, req)
+				if err != nil {
+					return err
+				}
+				ops := req.GetSuccess()
+				if !resp.GetSucceeded() {
+					ops = req.GetFailure()
+				}
+				if err := a.printTxn(ops, resp); err != nil {
+					return err
+				}
+				if !resp.GetSucceeded() {
+					return &exitError{code: exitCompareFailed, msg: fmt.Sprintf(
+						"compare failed: the failure branch ran (%d operation(s))", len(ops))}
+				}
+				return nil
+			})
 		},
 	}
 	cmd.Flags().StringVarP(&file, "file", "f", "", "read the transaction from FILE instead of stdin (\"-\": stdin)")
