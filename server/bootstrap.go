@@ -48,17 +48,6 @@ func clusterID(initial string, shards, replicas int) uint64 {
 	return h.Sum64()
 }
 
-// dataShards lists the data shard ids of a map (the ring's input).
-func dataShards(m *kvpb.ClusterMap) []uint64 {
-	var out []uint64
-	for _, s := range m.GetShards() {
-		if s.GetId() != MetaShard {
-			out = append(out, s.GetId())
-		}
-	}
-	return out
-}
-
 // localShards lists the shards of m that node id replicates, with voters.
 func localShards(m *kvpb.ClusterMap, id uint64) map[uint64][]uint64 {
 	out := map[uint64][]uint64{}

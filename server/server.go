@@ -305,7 +305,7 @@ func (s *Server) persistMap(m *kvpb.ClusterMap) error {
 
 // setMap installs a cluster map for routing.
 func (s *Server) setMap(m *kvpb.ClusterMap) error {
-	ring, err := hashring.New(dataShards(m), int(m.GetVnodes()))
+	ring, err := hashring.FromMap(m)
 	if err != nil {
 		return fmt.Errorf("cluster map epoch %d: %w", m.GetEpoch(), err)
 	}
