@@ -35,6 +35,8 @@ func (s *Server) toStatus(err error, shard uint64) error {
 	}
 	var nl *raftnode.NotLeaderError
 	switch {
+	case errors.Is(err, ErrNodeFailed):
+		return status.Error(codes.Unavailable, err.Error())
 	case errors.As(err, &nl):
 		return s.notLeader(shard, nl.Leader)
 	case errors.Is(err, ErrNoReplica):

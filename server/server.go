@@ -79,6 +79,13 @@ type Server struct {
 		byAddr map[string]*grpc.ClientConn
 	}
 
+	// fatal is set once the node cannot be trusted to serve (fatal.go).
+	fatal struct {
+		once sync.Once
+		err  atomic.Pointer[error]
+		c    chan error // buffered 1: receives err once
+	}
+
 	stopc chan struct{}
 	// ctx is cancelled by Stop, so background work started by the server
 	// (map publishing) never delays shutdown.
@@ -95,6 +102,10 @@ type Server struct {
 func New(cfg Config) (_ *Server, err error) {
 	cfg.setDefaults()
 	s := &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeID), stopc: make(chan struct{})}
+	s.fatal.c = make(chan error, 1)
+	// Made first: the node may turn fatal (a peer refusing it) before its
+	// client server exists.
+	s.health = health.NewServer()
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.peerConns.byAddr = map[string]*grpc.ClientConn{}
 	defer func() {
@@ -185,10 +196,10 @@ func New(cfg Config) (_ *Server, err error) {
 		grpc.MaxConcurrentStreams(maxStreamsPerConn),
 		grpc.StaticStreamWindowSize(kvpb.ClientStreamWindow), grpc.StaticConnWindowSize(kvpb.ClientConnWindow),
 		grpc.UnaryInterceptor(s.metrics.interceptor),
+		grpc.ChainUnaryInterceptor(s.refuseUnaryIfFailed), grpc.ChainStreamInterceptor(s.refuseStreamIfFailed),
 	)
 	kvpb.RegisterKVServer(s.clientSrv, s)
 	kvpb.RegisterClusterServer(s.clientSrv, s)
-	s.health = health.NewServer()
 	healthpb.RegisterHealthServer(s.clientSrv, s.health)
 
 	s.goServe("peer", func() error { return s.peerSrv.Serve(s.peerLis) })
@@ -202,6 +213,8 @@ func New(cfg Config) (_ *Server, err error) {
 	go s.expireSessions()
 	go s.placeReplicas()
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	s.wg.Add(1)
+	go s.watchFatal()
 	s.log.Info("kvd node started", "client", s.ClientAddr(), "peer", s.PeerAddr(),
 		"shards", len(localShards(cmap, cfg.NodeID)), "data_dir", cfg.DataDir)
 	return s, nil
