@@ -152,11 +152,19 @@ func New(cfg Config) (_ *Server, err error) {
 		SnapshotEntries:     cfg.SnapshotEntries,
 		MaxPendingProposals: cfg.Limits.MaxPendingProposals,
 	})
+	incarnation, err := loadIncarnation(s.engine)
+	if err != nil {
+		return nil, err
+	}
 	s.tr = transport.New(transport.Config{
-		NodeID:    cfg.NodeID,
-		Handler:   s.host,
-		Snapshots: snapshotSource{s.engine},
-		Logger:    cfg.Logger,
+		NodeID:       cfg.NodeID,
+		Handler:      s.host,
+		Snapshots:    snapshotSource{s.engine},
+		Logger:       cfg.Logger,
+		ClusterID:    cmap.GetClusterId(),
+		Incarnation:  incarnation,
+		Incarnations: newPeerIncarnations(s.engine),
+		Evicted:      s.setFatal,
 	})
 	s.peerSrv = grpc.NewServer(transport.ServerOptions()...)
 	s.tr.Register(s.peerSrv)

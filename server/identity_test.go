@@ -1,0 +1,64 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+// A node whose data dir was wiped and that restarts under its old id is
+// refused by its peers and turns fatal with a reason that says so, instead
+// of taking the leader's heartbeats for a log it no longer has.
+func TestWipedNodeRefusedClearly(t *testing.T) {
+	c := newTestCluster(t, 3, 2, nil)
+	cl := c.client()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, k := range []string{"a", "b", "c", "d"} {
+		if _, err := cl.Put(ctx, []byte(k), []byte("v")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.stop(2)
+	if err := os.RemoveAll(c.cfgs[2].DataDir); err != nil {
+		t.Fatal(err)
+	}
+	c.start(2)
+	var err error
+	select {
+	case err = <-c.servers[2].Fatal():
+	case <-ctx.Done():
+		t.Fatal("the wiped node was not refused")
+	}
+	if !errors.Is(err, ErrNodeFailed) || !strings.Contains(err.Error(), "data dir") || !strings.Contains(err.Error(), "new member") {
+		t.Fatalf("fatal error %q does not say the data dir is new and it must rejoin as a new member", err)
+	}
+	// The others are not affected.
+	for i := range 2 {
+		if e := c.servers[i].failure(); e != nil {
+			t.Fatalf("node %d turned fatal: %v", i+1, e)
+		}
+	}
+	if _, err := cl.Put(ctx, []byte("e"), []byte("v")); err != nil {
+		t.Fatalf("put with the wiped node refused: %v", err)
+	}
+}
+
+// A bootstrapping node whose --initial-cluster entry is not its
+// advertised peer address refuses to start.
+func TestAdvertisePeerMismatchRefused(t *testing.T) {
+	pl := listenLocal(t)
+	defer pl.Close()
+	cl := listenLocal(t)
+	defer cl.Close()
+	_, err := New(Config{
+		NodeID: 1, DataDir: t.TempDir(), ClientListener: cl, PeerListener: pl,
+		InitialCluster: map[uint64]string{1: "127.0.0.1:1", 2: "127.0.0.1:2"},
+	})
+	if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), "127.0.0.1:1") || !strings.Contains(err.Error(), pl.Addr().String()) {
+		t.Fatalf("New = %v, want ErrConfig naming both addresses", err)
+	}
+}
