@@ -1,13 +1,19 @@
 package server
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"fmt"
 	"strconv"
 	"sync"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
+	grpcpeer "google.golang.org/grpc/peer"
+
 	"github.com/kvd/kvd/storage"
+	"github.com/kvd/kvd/transport"
 )
 
 // Node metadata of peer identity (see transport's handshake).
@@ -84,4 +90,38 @@ func (p *peerIncarnations) RecordPeerIncarnation(id, inc uint64) error {
 	p.m[id] = inc
 	p.mu.Unlock()
 	return nil
+}
+
+// Internal and Cluster calls between nodes carry the caller's cluster and
+// node id, as raft streams do (the key names are transport's), so that a
+// wrong peer address cannot feed a node another cluster's map or commands.
+const (
+	mdPeerCluster = "kvd-cluster-id"
+	mdPeerFrom    = "kvd-from"
+)
+
+// tagPeerCall adds this node's identity to a call to another node.
+func (s *Server) tagPeerCall(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	ctx = metadata.AppendToOutgoingContext(ctx, mdPeerCluster, strconv.FormatUint(s.clusterMap().GetClusterId(), 16),
+		mdPeerFrom, strconv.FormatUint(s.cfg.NodeID, 16))
+	return invoker(ctx, method, req, reply, cc, opts...)
+}
+
+// checkPeerCall refuses a call on the peer listener from a node of another
+// cluster. A call without identity (a client tool) passes.
+func (s *Server) checkPeerCall(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	if v := md.Get(mdPeerCluster); len(v) > 0 {
+		own := strconv.FormatUint(s.clusterMap().GetClusterId(), 16)
+		if v[0] != own {
+			from, addr := md.Get(mdPeerFrom), "unknown address"
+			if p, ok := grpcpeer.FromContext(ctx); ok {
+				addr = p.Addr.String()
+			}
+			err := fmt.Errorf("%w: node %v at %s is of cluster %s, but node %d is of cluster %s", transport.ErrPeerMismatch, from, addr, v[0], s.cfg.NodeID, own)
+			s.log.Error("refused a call from another cluster", "method", info.FullMethod, "err", err)
+			return nil, s.toStatus(err, 0)
+		}
+	}
+	return handler(ctx, req)
 }

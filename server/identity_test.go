@@ -4,9 +4,18 @@ import (
 	"context"
 	"errors"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/kvd/kvd/proto/kvpb"
 )
 
 // A node whose data dir was wiped and that restarts under its old id is
@@ -60,5 +69,32 @@ func TestAdvertisePeerMismatchRefused(t *testing.T) {
 	})
 	if !errors.Is(err, ErrConfig) || !strings.Contains(err.Error(), "127.0.0.1:1") || !strings.Contains(err.Error(), pl.Addr().String()) {
 		t.Fatalf("New = %v, want ErrConfig naming both addresses", err)
+	}
+}
+
+// A node refuses Internal and Cluster calls on its peer listener from a
+// node of another cluster: a wrong peer address must not feed it another
+// cluster's commands or map.
+func TestPeerCallFromAnotherClusterRefused(t *testing.T) {
+	c := newTestCluster(t, 1, 1, nil)
+	s := c.servers[0]
+	conn, err := grpc.NewClient(s.PeerAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	own := strconv.FormatUint(s.clusterMap().GetClusterId(), 16)
+	call := func(cluster string) error {
+		cctx := metadata.AppendToOutgoingContext(ctx, "kvd-cluster-id", cluster, "kvd-from", "9")
+		_, err := kvpb.NewClusterClient(conn).Map(cctx, &kvpb.MapRequest{})
+		return err
+	}
+	if err := call(own + "1"); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "cluster") {
+		t.Fatalf("Map from another cluster = %v, want FailedPrecondition", err)
+	}
+	if err := call(own); err != nil {
+		t.Fatalf("Map from this cluster = %v", err)
 	}
 }

@@ -161,8 +161,8 @@ func (t *Transport) admit(stream grpc.ServerStream, kind string) (identity, erro
 		return refuse(fmt.Errorf("%w: a node at %s calls itself node %d", ErrPeerMismatch, addr, id.node), false)
 	}
 	if l := t.link(id.node); l != nil && l.live() && l.remoteNonce != id.nonce {
-		return refuse(fmt.Errorf("%w: node %d at %s, but node %d has a live stream from another process with that id; is a second process running with --id %d?",
-			ErrDuplicateNode, id.node, addr, t.id, id.node), false)
+		return refuse(fmt.Errorf("%w: node %d at %s, but node %d has a live stream from another process with that id: a second process running with --id %d (or node %d restarted and its old stream has not timed out yet)",
+			ErrDuplicateNode, id.node, addr, t.id, id.node, id.node), false)
 	}
 	if id.expect != 0 && t.cfg.Incarnation != 0 && id.expect != t.cfg.Incarnation {
 		err := fmt.Errorf("%w: node %d at %s knew node %d with data dir incarnation %s, but its data dir is %s: this data dir is new (wiped or replaced); it must rejoin the cluster as a new member with a new --id",
