@@ -3,9 +3,11 @@ package server
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -96,5 +98,73 @@ func TestPeerCallFromAnotherClusterRefused(t *testing.T) {
 	}
 	if err := call(own); err != nil {
 		t.Fatalf("Map from this cluster = %v", err)
+	}
+}
+
+// logBuf collects a node's log lines for a test to read.
+type logBuf struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *logBuf) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuf) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// A second process started with the id of a running node (here with its
+// advertised peer address too, so its configuration checks pass) is
+// refused by the peers it dials, which log it; the cluster keeps serving
+// through the original node.
+func TestSecondServerWithSameIDRefused(t *testing.T) {
+	var log3 logBuf
+	c := newTestCluster(t, 3, 2, func(cfg *Config) {
+		if cfg.NodeID == 3 {
+			cfg.Logger = slog.New(slog.NewTextHandler(&log3, nil))
+		}
+	})
+	cfg := c.cfgs[1]
+	cfg.DataDir = t.TempDir()
+	cfg.ClientListener, cfg.PeerListener = listenLocal(t), listenLocal(t)
+	cfg.ListenClient, cfg.ListenPeer = "", ""
+	cfg.AdvertisePeer = c.servers[1].PeerAddr()
+	dup, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dup.Stop()
+	waitFor(t, 20*time.Second, "node 3 to log the refused second node 2", func() bool {
+		for _, line := range strings.Split(log3.String(), "\n") {
+			if strings.Contains(line, "level=ERROR") && strings.Contains(line, "from=2") && strings.Contains(line, "second process") {
+				return true
+			}
+		}
+		return false
+	})
+	if dup.tr.Stats().Peers[3].Connected {
+		t.Fatal("the second node 2 has a stream to node 3")
+	}
+	cl := c.client()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for i := range 20 {
+		if _, err := cl.Put(ctx, []byte(strconv.Itoa(i)), []byte("v")); err != nil {
+			t.Fatalf("put %d with a second node 2 running: %v", i, err)
+		}
+	}
+	for i, s := range c.servers {
+		if err := s.failure(); err != nil {
+			t.Fatalf("node %d turned fatal: %v", i+1, err)
+		}
+		if i != 1 && !s.tr.Stats().Peers[2].Connected {
+			t.Fatalf("node %d lost its link to the original node 2", i+1)
+		}
 	}
 }
