@@ -166,7 +166,7 @@ func New(cfg Config) (_ *Server, err error) {
 		Incarnations: newPeerIncarnations(s.engine),
 		Evicted:      s.setFatal,
 	})
-	s.peerSrv = grpc.NewServer(append(transport.ServerOptions(), grpc.UnaryInterceptor(s.checkPeerCall))...)
+	s.peerSrv = grpc.NewServer(append(transport.ServerOptions(), grpc.ChainUnaryInterceptor(s.checkPeerCall))...)
 	s.tr.Register(s.peerSrv)
 	peerpb.RegisterInternalServer(s.peerSrv, s)
 	// Nodes without a replica of the meta shard read the map from a peer.
@@ -533,7 +533,7 @@ func (s *Server) peerConn(addr string) (*grpc.ClientConn, error) {
 	if c, ok := s.peerConns.byAddr[addr]; ok {
 		return c, nil
 	}
-	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithUnaryInterceptor(s.tagPeerCall))
+	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithChainUnaryInterceptor(s.tagPeerCall))
 	if err != nil {
 		return nil, err
 	}
