@@ -185,9 +185,17 @@ func (c *Config) setDefaults() {
 }
 
 func (c *Config) validate() error {
-	if _, ok := c.InitialCluster[c.NodeID]; !ok {
+	own, ok := c.InitialCluster[c.NodeID]
+	if !ok {
 		return fmt.Errorf("%w: node id %d is not in --initial-cluster (%s); add %d=HOST:PEERPORT or fix --id",
 			ErrConfig, c.NodeID, FormatInitialCluster(c.InitialCluster), c.NodeID)
+	}
+	// Peers dial what --initial-cluster says; this node publishes
+	// --advertise-peer. Two addresses for one node leave peers dialing
+	// one that is not it (or nothing), and its shards without a leader.
+	if own != c.AdvertisePeer {
+		return fmt.Errorf("%w: --initial-cluster gives node %d the peer address %s, but it advertises %s (--advertise-peer, default --listen-peer); make them the same",
+			ErrConfig, c.NodeID, own, c.AdvertisePeer)
 	}
 	if c.Shards < 1 || c.Shards > 4096 {
 		return fmt.Errorf("%w: --shards %d out of range; use 1..4096", ErrConfig, c.Shards)

@@ -12,6 +12,7 @@ import (
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/raftnode"
 	"github.com/kvd/kvd/storage"
+	"github.com/kvd/kvd/transport"
 )
 
 // Errors of request validation and routing; toStatus maps them.
@@ -42,6 +43,10 @@ func (s *Server) toStatus(err error, shard uint64) error {
 	}
 	var nl *raftnode.NotLeaderError
 	switch {
+	case errors.Is(err, ErrNodeFailed):
+		return status.Error(codes.Unavailable, err.Error())
+	case errors.Is(err, transport.ErrPeerMismatch):
+		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.As(err, &nl):
 		return s.notLeader(shard, nl.Leader)
 	case errors.Is(err, ErrNoReplica):

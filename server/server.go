@@ -80,6 +80,13 @@ type Server struct {
 		byAddr map[string]*grpc.ClientConn
 	}
 
+	// fatal is set once the node cannot be trusted to serve (fatal.go).
+	fatal struct {
+		once sync.Once
+		err  atomic.Pointer[error]
+		c    chan error // buffered 1: receives err once
+	}
+
 	stopc chan struct{}
 	// ctx is cancelled by Stop, so background work started by the server
 	// (map publishing) never delays shutdown.
@@ -96,6 +103,10 @@ type Server struct {
 func New(cfg Config) (_ *Server, err error) {
 	cfg.setDefaults()
 	s := &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeID), stopc: make(chan struct{})}
+	s.fatal.c = make(chan error, 1)
+	// Made first: the node may turn fatal (a peer refusing it) before its
+	// client server exists.
+	s.health = health.NewServer()
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.peerConns.byAddr = map[string]*grpc.ClientConn{}
 	s.corrupt.init()
@@ -143,13 +154,21 @@ func New(cfg Config) (_ *Server, err error) {
 		SnapshotEntries:     cfg.SnapshotEntries,
 		MaxPendingProposals: cfg.Limits.MaxPendingProposals,
 	})
+	incarnation, err := loadIncarnation(s.engine)
+	if err != nil {
+		return nil, err
+	}
 	s.tr = transport.New(transport.Config{
-		NodeID:    cfg.NodeID,
-		Handler:   s.host,
-		Snapshots: checkedSnapshots{s},
-		Logger:    cfg.Logger,
+		NodeID:       cfg.NodeID,
+		Handler:      s.host,
+		Snapshots:    checkedSnapshots{s},
+		Logger:       cfg.Logger,
+		ClusterID:    cmap.GetClusterId(),
+		Incarnation:  incarnation,
+		Incarnations: newPeerIncarnations(s.engine),
+		Evicted:      s.setFatal,
 	})
-	s.peerSrv = grpc.NewServer(transport.ServerOptions()...)
+	s.peerSrv = grpc.NewServer(append(transport.ServerOptions(), grpc.ChainUnaryInterceptor(s.checkPeerCall))...)
 	s.tr.Register(s.peerSrv)
 	peerpb.RegisterInternalServer(s.peerSrv, s)
 	// Nodes without a replica of the meta shard read the map from a peer.
@@ -187,12 +206,13 @@ func New(cfg Config) (_ *Server, err error) {
 		// streams beyond this wait on the client, not in our heap.
 		grpc.MaxConcurrentStreams(maxStreamsPerConn),
 		grpc.StaticStreamWindowSize(kvpb.ClientStreamWindow), grpc.StaticConnWindowSize(kvpb.ClientConnWindow),
-		grpc.ChainUnaryInterceptor(s.metrics.interceptor, s.recoverUnary),
-		grpc.StreamInterceptor(s.recoverStream),
+		// Outermost first: every request is counted, a panic anywhere
+		// below is recovered, and a failed node refuses before serving.
+		grpc.ChainUnaryInterceptor(s.metrics.interceptor, s.recoverUnary, s.refuseUnaryIfFailed),
+		grpc.ChainStreamInterceptor(s.recoverStream, s.refuseStreamIfFailed),
 	)
 	kvpb.RegisterKVServer(s.clientSrv, s)
 	kvpb.RegisterClusterServer(s.clientSrv, s)
-	s.health = health.NewServer()
 	healthpb.RegisterHealthServer(s.clientSrv, s.health)
 
 	s.goServe("peer", func() error { return s.peerSrv.Serve(s.peerLis) })
@@ -206,6 +226,8 @@ func New(cfg Config) (_ *Server, err error) {
 	go s.expireSessions()
 	go s.placeReplicas()
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	s.wg.Add(1)
+	go s.watchFatal()
 	s.log.Info("kvd node started", "client", s.ClientAddr(), "peer", s.PeerAddr(),
 		"shards", len(localShards(cmap, cfg.NodeID)), "data_dir", cfg.DataDir)
 	return s, nil
@@ -534,7 +556,7 @@ func (s *Server) peerConn(addr string) (*grpc.ClientConn, error) {
 	if c, ok := s.peerConns.byAddr[addr]; ok {
 		return c, nil
 	}
-	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithChainUnaryInterceptor(s.tagPeerCall))
 	if err != nil {
 		return nil, err
 	}

@@ -114,6 +114,14 @@ type Engine struct {
 	// failed is set by the writer after a round could not be committed;
 	// every later write is refused with it. Owned by the writer goroutine.
 	failed error
+	// failure publishes the engine's failure to other goroutines: err is
+	// set and c closed once, by whichever of the writer and the syncer
+	// sees it first.
+	failure struct {
+		once sync.Once
+		c    chan struct{}
+		err  atomic.Pointer[error]
+	}
 	// wal and open are owned by the writer goroutine.
 	wal  *wal
 	open openTx
@@ -200,6 +208,7 @@ func Open(path string, opts Options) (*Engine, error) {
 		latest:     make(map[*Shard]*shardState),
 	}
 	e.mu.shards = make(map[uint64]*Shard)
+	e.failure.c = make(chan struct{})
 	e.stats.s = newStats()
 	if e.wal, err = openWAL(filepath.Dir(path), !opts.NoSync); err != nil {
 		_ = db.Close()
@@ -286,6 +295,28 @@ func (e *Engine) recover() (records int, err error) {
 	// generation no record on the file has.
 	e.open.tx, e.open.start = tx, time.Now()
 	return res.records, e.commit(rs)
+}
+
+// Failed is closed when the engine has failed (a write, commit or WAL sync
+// did not reach the disk): from then on it refuses every write with
+// ErrFailed, and the node must restart from what is on disk. Err says why.
+func (e *Engine) Failed() <-chan struct{} { return e.failure.c }
+
+// Err returns why the engine failed, wrapping ErrFailed, or nil.
+func (e *Engine) Err() error {
+	if p := e.failure.err.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// markFailed publishes err (wrapping ErrFailed) as the engine's failure,
+// unless one was published before.
+func (e *Engine) markFailed(err error) {
+	e.failure.once.Do(func() {
+		e.failure.err.Store(&err)
+		close(e.failure.c)
+	})
 }
 
 // Close stops the writer (requests still waiting for it get ErrClosed; a

@@ -79,6 +79,7 @@ func (e *Engine) syncer() {
 				failed = fmt.Errorf("storage: sync wal: %w", err)
 				answerFailed = response{err: fmt.Errorf("%w: %w", ErrFailed, failed)}
 				e.syncErr.Store(&failed)
+				e.markFailed(answerFailed.err)
 				e.log.Error("storage WAL sync failed; refusing further writes", "err", failed)
 			}
 		}

@@ -349,6 +349,7 @@ func (e *Engine) fail(err error) {
 	}
 	clear(e.latest)
 	e.failed = fmt.Errorf("%w: %w", ErrFailed, err)
+	e.markFailed(e.failed)
 }
 
 // exec runs one request, turning a panic (from an ApplyFunc, or a broken

@@ -25,6 +25,31 @@
 // to be. This keeps the "one gRPC stream per peer" of docs/design.md
 // (Durability and availability).
 //
+// A newer inbound stream replaces the older one only if it comes from the
+// same process; see Identity.
+//
+// # Identity
+//
+// Every Stream and Snapshot RPC opens with the dialer's identity in its
+// request metadata: cluster id, node id, the node id it means to reach, a
+// nonce drawn at each start, and its data dir's incarnation
+// (Config.Incarnation), with the incarnation it recorded for the target.
+// The acceptor answers with its own cluster id, node id, nonce and
+// incarnation in the response header before any message flows. The
+// acceptor refuses (FailedPrecondition) a stream of another cluster, one
+// meant for another node id (the dialer's address for its peer is wrong),
+// one from a node id that already has a live stream with another nonce (a
+// second process started with that id; a restarted node waits until its
+// old stream is noticed dead), and one whose incarnation differs from the
+// one first recorded for that id (Config.Incarnations): that node lost its
+// raft state, and letting it vote or take appends would break raft's
+// guarantees. The dialer checks the header the same way and never uses a
+// link that fails. Refusals are logged at ERROR on both sides, at most
+// once per 30 s per cause. The node whose data dir is new learns it either
+// from the refusal's trailer or from the incarnation the dialer expected,
+// and Config.Evicted tells the embedder, which must stop serving: the node
+// can only rejoin as a new member.
+//
 // Dead links are noticed in seconds, not at the next TCP timeout. Each side
 // sends an empty batch after a second without traffic, and breaks the
 // stream when nothing at all has arrived for four seconds; the dialer then

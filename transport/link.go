@@ -16,6 +16,9 @@ type link struct {
 	// cancel ends a client stream; nil for an inbound stream, which only
 	// its gRPC handler can end (by returning).
 	cancel func()
+	// remoteNonce is the nonce the peer's process sent in the handshake:
+	// a stream from the same id with another one is a second process.
+	remoteNonce uint64
 
 	done     chan struct{} // closed by shutdown
 	doneOnce sync.Once
@@ -42,6 +45,16 @@ func (l *link) Send(b *peerpb.Batch) error {
 		return fmt.Errorf("send to peer %d: %w", l.peer, err)
 	}
 	return nil
+}
+
+// live reports whether the link has not been shut down.
+func (l *link) live() bool {
+	select {
+	case <-l.done:
+		return false
+	default:
+		return true
+	}
 }
 
 // shutdown asks the stream's owner to end it. It never blocks, so the

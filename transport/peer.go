@@ -2,7 +2,9 @@ package transport
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"sync"
 	"sync/atomic"
@@ -260,11 +262,17 @@ func (t *Transport) runStream(p *peer, cc *grpc.ClientConn, addr string) (up boo
 
 	// WaitForReady: while the peer is down, gRPC reconnects under its own
 	// backoff (set to ours in New) and the call waits instead of failing.
-	stream, err := peerpb.NewRaftClient(cc).Stream(ctx, grpc.WaitForReady(true))
+	sctx, err := t.outgoing(ctx, p.id)
+	if err != nil {
+		return false, err
+	}
+	stream, err := peerpb.NewRaftClient(cc).Stream(sctx, grpc.WaitForReady(true))
 	if err != nil {
 		return false, fmt.Errorf("transport: open stream to peer %d: %w", p.id, err)
 	}
-	if err := stream.Send(&peerpb.Batch{From: t.id, To: p.id}); err != nil {
+	// A refusing acceptor ends the stream at once, and Send then fails
+	// with io.EOF: its reason comes from Recv.
+	if err := stream.Send(&peerpb.Batch{From: t.id, To: p.id}); err != nil && !errors.Is(err, io.EOF) {
 		return false, fmt.Errorf("transport: hello to peer %d: %w", p.id, err)
 	}
 	// The acceptor answers with its own hello once it has installed its
@@ -273,13 +281,21 @@ func (t *Transport) runStream(p *peer, cc *grpc.ClientConn, addr string) (up boo
 	hello, err := stream.Recv()
 	timer.Stop()
 	if err != nil {
+		t.refused(err, stream.Trailer(), p.id, addr, "stream")
 		return false, fmt.Errorf("transport: hello from peer %d: %w", p.id, err)
+	}
+	md, _ := stream.Header()
+	who, err := t.checkAnswer(md, p.id, addr)
+	if err != nil {
+		t.refused(err, nil, p.id, addr, "stream")
+		return false, err
 	}
 	if hello.GetFrom() != p.id {
 		return false, fmt.Errorf("%w: %s answered as node %d, want %d", ErrPeerMismatch, addr, hello.GetFrom(), p.id)
 	}
 
 	l := newLink(p.id, stream.Send, cancel)
+	l.remoteNonce = who.nonce
 	if !t.installLink(l) {
 		return false, ErrStopped
 	}

@@ -36,6 +36,10 @@ func (t *Transport) acceptStream(stream peerpb.Raft_StreamServer) error {
 	if t.ctx.Err() != nil {
 		return ErrStopped
 	}
+	who, err := t.admit(stream, "stream")
+	if err != nil {
+		return err
+	}
 	hello, err := stream.Recv()
 	if err != nil {
 		return fmt.Errorf("transport: receive hello: %w", err)
@@ -47,6 +51,9 @@ func (t *Transport) acceptStream(stream peerpb.Raft_StreamServer) error {
 	if to := hello.GetTo(); to != 0 && to != t.id {
 		return fmt.Errorf("%w: node %d dialed node %d at this address, but this is node %d", ErrPeerMismatch, from, to, t.id)
 	}
+	if from != who.node {
+		return fmt.Errorf("%w: node %d's stream says hello from node %d", ErrPeerMismatch, who.node, from)
+	}
 	// Answer before installing the link, so this Send cannot overlap with
 	// the sender goroutine's.
 	if err := stream.Send(&peerpb.Batch{From: t.id, To: from}); err != nil {
@@ -55,8 +62,9 @@ func (t *Transport) acceptStream(stream peerpb.Raft_StreamServer) error {
 	t.deliver(from, hello)
 
 	l := newLink(from, stream.Send, nil)
-	if !t.installLink(l) {
-		return ErrStopped
+	l.remoteNonce = who.nonce
+	if err := t.installInbound(l); err != nil {
+		return err
 	}
 	defer func() {
 		t.removeLink(l)
@@ -103,11 +111,18 @@ func (t *Transport) receiveSnapshot(stream peerpb.Raft_SnapshotServer) error {
 	if t.ctx.Err() != nil {
 		return ErrStopped
 	}
+	who, err := t.admit(stream, "snapshot")
+	if err != nil {
+		return err
+	}
 	first, err := stream.Recv()
 	if err != nil {
 		return fmt.Errorf("transport: receive snapshot header: %w", err)
 	}
 	shard, from := first.GetShard(), first.GetFrom()
+	if from != who.node {
+		return fmt.Errorf("%w: node %d's snapshot says it is from node %d", ErrPeerMismatch, who.node, from)
+	}
 	if to := first.GetTo(); to != 0 && to != t.id {
 		return fmt.Errorf("%w: snapshot for node %d arrived at node %d", ErrPeerMismatch, to, t.id)
 	}
@@ -138,8 +153,8 @@ func toStatus(err error) error {
 	switch {
 	case errors.Is(err, ErrStopped):
 		return status.Error(codes.Unavailable, err.Error())
-	case errors.Is(err, ErrPeerMismatch):
-		return status.Error(codes.FailedPrecondition, err.Error())
+	case errors.Is(err, ErrPeerMismatch), errors.Is(err, ErrDuplicateNode), errors.Is(err, ErrNewDataDir):
+		return status.Error(codeRefused, err.Error())
 	case errors.Is(err, ErrProtocol), errors.Is(err, ErrSnapshotTruncated):
 		return status.Error(codes.InvalidArgument, err.Error())
 	}

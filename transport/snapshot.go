@@ -98,16 +98,38 @@ func (t *Transport) streamSnapshot(job snapJob) (err error) {
 		return fmt.Errorf("transport: marshal snapshot header of shard %d: %w", job.shard, err)
 	}
 
-	cc, err := grpc.NewClient(p.address(), t.dialOpts...)
+	addr := p.address()
+	cc, err := grpc.NewClient(addr, t.dialOpts...)
 	if err != nil {
 		return fmt.Errorf("transport: dial peer %d for snapshot: %w", to, err)
 	}
 	defer cc.Close()
 	ctx, cancel := context.WithCancel(p.ctx) // ends on RemovePeer and Stop
 	defer cancel()
-	stream, err := peerpb.NewRaftClient(cc).Snapshot(ctx)
+	sctx, err := t.outgoing(ctx, to)
+	if err != nil {
+		return err
+	}
+	stream, err := peerpb.NewRaftClient(cc).Snapshot(sctx)
 	if err != nil {
 		return fmt.Errorf("transport: open snapshot stream to peer %d: %w", to, err)
+	}
+	// The receiver answers with its identity before it reads anything; a
+	// refusal ends the stream without one.
+	hdr, err := stream.Header()
+	if err != nil || len(hdr.Get(mdNode)) == 0 {
+		if _, rerr := stream.CloseAndRecv(); rerr != nil {
+			err = rerr
+		}
+		if err == nil {
+			err = fmt.Errorf("%w: node %d at %s answered without its identity", ErrProtocol, to, addr)
+		}
+		t.refused(err, stream.Trailer(), to, addr, "snapshot")
+		return fmt.Errorf("transport: snapshot of shard %d to peer %d: %w", job.shard, to, err)
+	}
+	if _, err := t.checkAnswer(hdr, to, addr); err != nil {
+		t.refused(err, nil, to, addr, "snapshot")
+		return fmt.Errorf("transport: snapshot of shard %d: %w", job.shard, err)
 	}
 	chunk := &peerpb.SnapshotChunk{From: t.id, To: to, Shard: job.shard, Header: header}
 	if err := stream.Send(chunk); err != nil {

@@ -3,7 +3,9 @@ package transport
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -171,6 +173,20 @@ type Config struct {
 	// marshalled messages (default 4 MiB); a single larger message is sent
 	// alone.
 	MaxBatchBytes int
+	// ClusterID is the cluster this node belongs to: streams from, or
+	// answers by, nodes of another cluster are refused.
+	ClusterID uint64
+	// Incarnation identifies this node's data dir (a random number drawn
+	// when it was created). Peers refuse a node id that comes back with
+	// another one: its raft state is gone. 0 disables the check.
+	Incarnation uint64
+	// Incarnations records peers' incarnations; nil disables the check.
+	Incarnations Incarnations
+	// Evicted is called, once, when a peer refuses this node because its
+	// data dir is not the one the cluster knew for its id; the node must
+	// stop serving (it can only rejoin as a new member). It must not
+	// block or call back into the transport.
+	Evicted func(error)
 	// DialOptions are appended to the defaults (insecure credentials,
 	// keepalive, reconnect backoff, message size limits), so a later option
 	// such as grpc.WithTransportCredentials overrides a default.
@@ -191,6 +207,13 @@ type Transport struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	once   sync.Once // Stop's signal runs once
+
+	// nonce is drawn at start: two processes with one node id differ in it.
+	nonce uint64
+	// incMu makes looking up and recording a peer's incarnation atomic.
+	incMu     sync.Mutex
+	evictOnce sync.Once
+	refusals  refusalLog
 
 	// snapq feeds the snapshot workers.
 	snapq chan snapJob
@@ -237,6 +260,7 @@ func New(cfg Config) *Transport {
 		cfg:   cfg,
 		log:   log.With("node", cfg.NodeID),
 		snapq: make(chan snapJob, snapshotQueueSize),
+		nonce: rand.Uint64() | 1, // never 0, which means "none sent"
 	}
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	t.mu.peers = make(map[uint64]*peer)
@@ -539,6 +563,29 @@ func (t *Transport) installLink(l *link) bool {
 		old.shutdown()
 	}
 	return true
+}
+
+// installInbound is installLink for a stream a peer dialed: it refuses
+// to replace a live stream that came from another process (another nonce)
+// with the same node id. admit checked that before answering; this check
+// closes the window between the two.
+func (t *Transport) installInbound(l *link) error {
+	t.mu.Lock()
+	if t.mu.stopped {
+		t.mu.Unlock()
+		return ErrStopped
+	}
+	old := t.mu.links[l.peer]
+	if old != nil && old.live() && old.remoteNonce != l.remoteNonce {
+		t.mu.Unlock()
+		return fmt.Errorf("%w: node %d connected from two processes at once", ErrDuplicateNode, l.peer)
+	}
+	t.mu.links[l.peer] = l
+	t.mu.Unlock()
+	if old != nil {
+		old.shutdown()
+	}
+	return nil
 }
 
 // removeLink forgets l if it is still the peer's current stream.

@@ -25,7 +25,21 @@ const (
 	exitOK     = 0
 	exitFailed = 1
 	exitUsage  = 2
+	// exitNodeFailed: the node failed while running (its storage, a Raft
+	// replica, or its peers refused its identity) and stopped serving.
+	exitNodeFailed = 3
 )
+
+// fatalGrace is how long a node that failed keeps answering before it
+// exits: NOT_SERVING on health, 503 on /healthz, Unavailable with the
+// reason on KV requests, so health checkers and clients that poll see why
+// it went away rather than only a refused connection. It is short because
+// the node serves nothing meanwhile and its supervisor should restart it.
+const fatalGrace = time.Second
+
+// fatalStopTimeout bounds Stop after a failure: a node whose disk failed
+// may hang closing it, and must exit all the same.
+const fatalStopTimeout = 10 * time.Second
 
 func main() {
 	setGCPercent()
@@ -82,7 +96,15 @@ cluster instead of bootstrapping. The cluster then gives it replicas of the
 shards that have fewer copies than --replicas asked for at bootstrap (a
 cluster bootstrapped on one node with --replicas 3 grows to three copies as
 two nodes join); each new replica catches up from a snapshot as a Raft
-learner before it votes.`,
+learner before it votes.
+
+A node that can no longer be trusted (its storage failed, one of its Raft
+replicas stopped on an error, or its peers refused it because its data dir
+is not the one the cluster knew) stops serving at once: health reports
+NOT_SERVING, /healthz and /readyz answer 503 with the reason, and KV
+requests get Unavailable. One second later it exits with code 3 and the
+reason on its last line; restart it (a refused data dir must instead join
+as a new member with a new --id).`,
 		Example: `  # single node
   kvd
 
@@ -172,6 +194,17 @@ learner before it votes.`,
 		case sig := <-sigc:
 			cfg.Logger.Info("shutting down", "signal", sig.String())
 		case <-stop:
+		case err := <-srv.Fatal():
+			cfg.Logger.Error("node failed; exiting", "err", err, "grace", fatalGrace)
+			time.Sleep(fatalGrace)
+			stopped := make(chan struct{})
+			go func() { _ = srv.Stop(); close(stopped) }()
+			select {
+			case <-stopped:
+			case <-time.After(fatalStopTimeout):
+				cfg.Logger.Error("node failed and did not stop in time; exiting anyway", "timeout", fatalStopTimeout)
+			}
+			return nodeFailedError{err}
 		}
 		if err := srv.Stop(); err != nil {
 			return fmt.Errorf("shutdown: %w", err)
@@ -184,16 +217,35 @@ learner before it votes.`,
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	if err := cmd.Execute(); err != nil {
 		var ue usageError
+		var nf nodeFailedError
 		code = exitFailed
-		if errors.As(err, &ue) {
+		msg := oneLine(err)
+		switch {
+		case errors.As(err, &ue):
 			code = exitUsage
+		case errors.As(err, &nf):
+			code, msg = exitNodeFailed, nf.line()
 		}
-		fmt.Fprintf(stderr, "kvd: %v\n", oneLine(err))
+		fmt.Fprintf(stderr, "kvd: %s\n", msg)
 	}
 	return code
 }
 
 type usageError struct{ error }
+
+// nodeFailedError is a running node's failure (server.Server.Fatal).
+type nodeFailedError struct{ error }
+
+// line is the failure in one line: a reason that carries a stack (a
+// storage panic) keeps only its first line here; the log has the rest.
+func (e nodeFailedError) line() string {
+	var fe *server.FailedError
+	if !errors.As(e.error, &fe) {
+		return oneLine(e.error)
+	}
+	reason, _, _ := strings.Cut(fe.Reason.Error(), "\n")
+	return fmt.Sprintf("node %d failed: %s; it must be restarted", fe.Node, reason)
+}
 
 func (u usageError) Unwrap() error { return u.error }
 

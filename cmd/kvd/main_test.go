@@ -66,6 +66,7 @@ func TestBadFlagsExit2WithOneLine(t *testing.T) {
 		{"malformed initial cluster", []string{"--initial-cluster", "1:127.0.0.1:2380"}, "ID=HOST:PORT"},
 		{"bad id in initial cluster", []string{"--initial-cluster", "x=127.0.0.1:2380"}, "positive integer"},
 		{"id not in initial cluster", []string{"--id", "4", "--initial-cluster", "1=127.0.0.1:2380,2=127.0.0.1:2390"}, "not in --initial-cluster"},
+		{"own peer address differs from advertised", []string{"--advertise-peer", "127.0.0.1:2380", "--initial-cluster", "1=127.0.0.1:2390,2=127.0.0.1:2400"}, "gives node 1 the peer address 127.0.0.1:2390, but it advertises 127.0.0.1:2380"},
 		{"port in use", []string{"--listen-client", busy.Addr().String()}, "pick a free port"},
 		{"unknown flag", []string{"--no-such-flag"}, "unknown flag"},
 		{"positional argument", []string{"extra"}, "unknown command"},
@@ -121,7 +122,7 @@ func startStop(t *testing.T, args []string) (int, string) {
 func TestRestartIgnoresBootstrapFlagsAndRefusesAnotherCluster(t *testing.T) {
 	dir := t.TempDir()
 	peer := freePort(t)
-	first := append(node(t, dir), "--initial-cluster", "1="+peer, "--shards", "2")
+	first := append(node(t, dir), "--listen-peer", peer, "--initial-cluster", "1="+peer, "--shards", "2")
 	if code, out := startStop(t, first); code != 0 {
 		t.Fatalf("first start exit %d:\n%s", code, out)
 	}

@@ -1,0 +1,127 @@
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"fmt"
+	"strconv"
+	"sync"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
+	grpcpeer "google.golang.org/grpc/peer"
+
+	"github.com/kvd/kvd/storage"
+	"github.com/kvd/kvd/transport"
+)
+
+// Node metadata of peer identity (see transport's handshake).
+const (
+	// metaIncarnation is a random number drawn when the data dir is first
+	// used. A node id that comes back with another one lost its raft
+	// state, and its peers refuse it.
+	metaIncarnation = "incarnation"
+	// metaPeerIncarnation prefixes, per peer id, the incarnation this node
+	// first saw that peer with.
+	metaPeerIncarnation = "peer-incarnation/"
+)
+
+// loadIncarnation returns the data dir's incarnation, drawing and
+// persisting one if it has none yet: a fresh data dir, or one written
+// before incarnations existed, whose peers have no record to contradict.
+// A bootstrap that crashes before completing keeps the one it drew.
+func loadIncarnation(e *storage.Engine) (uint64, error) {
+	b, err := e.GetMeta(metaIncarnation)
+	if err != nil {
+		return 0, err
+	}
+	if b != nil {
+		return fromU64(b), nil
+	}
+	var r [8]byte
+	var inc uint64
+	for inc == 0 {
+		if _, err := rand.Read(r[:]); err != nil {
+			return 0, fmt.Errorf("draw the data dir's incarnation: %w", err)
+		}
+		inc = binary.BigEndian.Uint64(r[:])
+	}
+	if err := e.PutMeta(metaIncarnation, u64(inc)); err != nil {
+		return 0, err
+	}
+	return inc, nil
+}
+
+// peerIncarnations implements transport.Incarnations over the engine's
+// node metadata, with a cache: the transport asks on every stream.
+type peerIncarnations struct {
+	e  *storage.Engine
+	mu sync.Mutex
+	m  map[uint64]uint64
+}
+
+func newPeerIncarnations(e *storage.Engine) *peerIncarnations {
+	return &peerIncarnations{e: e, m: map[uint64]uint64{}}
+}
+
+func (p *peerIncarnations) PeerIncarnation(id uint64) (uint64, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if inc, ok := p.m[id]; ok {
+		return inc, nil
+	}
+	b, err := p.e.GetMeta(metaPeerIncarnation + strconv.FormatUint(id, 10))
+	if err != nil {
+		return 0, err
+	}
+	if b == nil {
+		return 0, nil
+	}
+	p.m[id] = fromU64(b)
+	return p.m[id], nil
+}
+
+func (p *peerIncarnations) RecordPeerIncarnation(id, inc uint64) error {
+	if err := p.e.PutMeta(metaPeerIncarnation+strconv.FormatUint(id, 10), u64(inc)); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	p.m[id] = inc
+	p.mu.Unlock()
+	return nil
+}
+
+// Internal and Cluster calls between nodes carry the caller's cluster and
+// node id, as raft streams do (the key names are transport's), so that a
+// wrong peer address cannot feed a node another cluster's map or commands.
+const (
+	mdPeerCluster = "kvd-cluster-id"
+	mdPeerFrom    = "kvd-from"
+)
+
+// tagPeerCall adds this node's identity to a call to another node.
+func (s *Server) tagPeerCall(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	ctx = metadata.AppendToOutgoingContext(ctx, mdPeerCluster, strconv.FormatUint(s.clusterMap().GetClusterId(), 16),
+		mdPeerFrom, strconv.FormatUint(s.cfg.NodeID, 16))
+	return invoker(ctx, method, req, reply, cc, opts...)
+}
+
+// checkPeerCall refuses a call on the peer listener from a node of another
+// cluster. A call without identity (a client tool) passes.
+func (s *Server) checkPeerCall(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	if v := md.Get(mdPeerCluster); len(v) > 0 {
+		own := strconv.FormatUint(s.clusterMap().GetClusterId(), 16)
+		if v[0] != own {
+			from, addr := md.Get(mdPeerFrom), "unknown address"
+			if p, ok := grpcpeer.FromContext(ctx); ok {
+				addr = p.Addr.String()
+			}
+			err := fmt.Errorf("%w: node %v at %s is of cluster %s, but node %d is of cluster %s", transport.ErrPeerMismatch, from, addr, v[0], s.cfg.NodeID, own)
+			s.log.Error("refused a call from another cluster", "method", info.FullMethod, "err", err)
+			return nil, s.toStatus(err, 0)
+		}
+	}
+	return handler(ctx, req)
+}

@@ -1,0 +1,257 @@
+package transport
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	grpcpeer "google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+)
+
+// Every peer stream (Stream and Snapshot) opens with the dialer's identity
+// in its request metadata, and the acceptor answers with its own in the
+// response header, before any raft message flows. The acceptor refuses a
+// stream of another cluster, one meant for another node id (the dialer has
+// a wrong address for its peer), one from a node id that already has a
+// live stream from another process (a second process started with the same
+// id), and one whose data dir the cluster does not know under that id (it
+// was wiped or replaced). The dialer checks the answer the same way, so a
+// wrong address is noticed on both sides and the link is never used.
+const (
+	mdCluster     = "kvd-cluster-id"
+	mdFrom        = "kvd-from"
+	mdTo          = "kvd-to"
+	mdNode        = "kvd-node-id" // the acceptor's own id, in its header
+	mdNonce       = "kvd-nonce"
+	mdIncarnation = "kvd-incarnation"
+	// mdExpect is the incarnation the dialer recorded for the node it
+	// dials, 0 when none: an acceptor whose own differs is the new one.
+	mdExpect = "kvd-expect-incarnation"
+	// mdRefusal, in the trailer of a refused stream, says which side must
+	// act: refusalNewDataDir means the dialer's data dir is new.
+	mdRefusal         = "kvd-refusal"
+	refusalNewDataDir = "new-data-dir"
+)
+
+// Identity errors; toStatus answers them with FailedPrecondition.
+var (
+	// ErrDuplicateNode: a stream arrived from a node id that already has
+	// a live stream from another process.
+	ErrDuplicateNode = errors.New("transport: node id already connected from another process")
+	// ErrNewDataDir: a node id came with a data dir (incarnation) other
+	// than the one its peers first knew it by. Its log and votes are gone:
+	// letting it take part would break raft's guarantees, so it must join
+	// again as a new member.
+	ErrNewDataDir = errors.New("transport: data dir is not the one the cluster knew for this node id")
+)
+
+// Incarnations remembers, persistently, the incarnation each peer had when
+// this node first heard from it.
+type Incarnations interface {
+	// PeerIncarnation returns the incarnation recorded for peer id, or 0.
+	PeerIncarnation(id uint64) (uint64, error)
+	// RecordPeerIncarnation records inc for peer id; called when none is.
+	RecordPeerIncarnation(id, inc uint64) error
+}
+
+// codeRefused is the status code of an identity refusal.
+const codeRefused = codes.FailedPrecondition
+
+// identity is what one side of a stream says about itself.
+type identity struct {
+	cluster, node, nonce, incarnation uint64
+	to, expect                        uint64 // dialer only
+}
+
+func mdUint(md metadata.MD, key string) uint64 {
+	v := md.Get(key)
+	if len(v) == 0 {
+		return 0
+	}
+	n, _ := strconv.ParseUint(v[0], 16, 64)
+	return n
+}
+
+func hex(n uint64) string { return strconv.FormatUint(n, 16) }
+
+// outgoing adds this node's identity, for a stream to peer to, to ctx.
+func (t *Transport) outgoing(ctx context.Context, to uint64) (context.Context, error) {
+	expect, err := t.knownIncarnation(to)
+	if err != nil {
+		return nil, err
+	}
+	return metadata.AppendToOutgoingContext(ctx,
+		mdCluster, hex(t.cfg.ClusterID), mdFrom, hex(t.id), mdTo, hex(to),
+		mdNonce, hex(t.nonce), mdIncarnation, hex(t.cfg.Incarnation), mdExpect, hex(expect)), nil
+}
+
+// header is the acceptor's answer: its own identity.
+func (t *Transport) header() metadata.MD {
+	return metadata.Pairs(mdCluster, hex(t.cfg.ClusterID), mdNode, hex(t.id),
+		mdNonce, hex(t.nonce), mdIncarnation, hex(t.cfg.Incarnation))
+}
+
+func (t *Transport) knownIncarnation(id uint64) (uint64, error) {
+	if t.cfg.Incarnations == nil {
+		return 0, nil
+	}
+	return t.cfg.Incarnations.PeerIncarnation(id)
+}
+
+// checkIncarnation compares inc with what this node recorded for peer id,
+// recording it if nothing is.
+func (t *Transport) checkIncarnation(id, inc uint64, addr string) error {
+	if t.cfg.Incarnations == nil || inc == 0 {
+		return nil
+	}
+	t.incMu.Lock()
+	defer t.incMu.Unlock()
+	known, err := t.cfg.Incarnations.PeerIncarnation(id)
+	if err != nil {
+		return fmt.Errorf("transport: look up the incarnation of peer %d: %w", id, err)
+	}
+	switch {
+	case known == 0:
+		return t.cfg.Incarnations.RecordPeerIncarnation(id, inc)
+	case known != inc:
+		return fmt.Errorf("%w: node %d at %s has data dir incarnation %s, but node %d knew it as %s: its data dir is new (wiped or replaced), or another process runs with --id %d; it must rejoin the cluster as a new member with a new --id",
+			ErrNewDataDir, id, addr, hex(inc), t.id, hex(known), id)
+	}
+	return nil
+}
+
+// admit checks the identity a dialer sent on an inbound stream of kind
+// ("stream" or "snapshot"), and answers with this node's in the header. A
+// refusal is logged and returned; when the dialer's data dir is the
+// problem, the trailer tells it so.
+func (t *Transport) admit(stream grpc.ServerStream, kind string) (identity, error) {
+	ctx := stream.Context()
+	md, _ := metadata.FromIncomingContext(ctx)
+	id := identity{
+		cluster: mdUint(md, mdCluster), node: mdUint(md, mdFrom), to: mdUint(md, mdTo),
+		nonce: mdUint(md, mdNonce), incarnation: mdUint(md, mdIncarnation), expect: mdUint(md, mdExpect),
+	}
+	addr := "unknown address"
+	if p, ok := grpcpeer.FromContext(ctx); ok {
+		addr = p.Addr.String()
+	}
+	refuse := func(err error, dialerMustRejoin bool) (identity, error) {
+		if dialerMustRejoin {
+			stream.SetTrailer(metadata.Pairs(mdRefusal, refusalNewDataDir))
+		}
+		t.logRefusal(fmt.Sprint(kind, id.node, id.to, id.cluster, id.nonce, id.incarnation), "transport: refused a peer's "+kind,
+			"from", id.node, "to", id.to, "addr", addr, "err", err)
+		return id, err
+	}
+	switch {
+	case id.cluster != t.cfg.ClusterID:
+		return refuse(fmt.Errorf("%w: node %d at %s is of cluster %s, but node %d is of cluster %s",
+			ErrPeerMismatch, id.node, addr, hex(id.cluster), t.id, hex(t.cfg.ClusterID)), false)
+	case id.to != t.id:
+		return refuse(fmt.Errorf("%w: node %d at %s dialed node %d, but reached node %d: its address for node %d is wrong",
+			ErrPeerMismatch, id.node, addr, id.to, t.id, id.to), false)
+	case id.node == 0 || id.node == t.id:
+		return refuse(fmt.Errorf("%w: a node at %s calls itself node %d", ErrPeerMismatch, addr, id.node), false)
+	}
+	if l := t.link(id.node); l != nil && l.live() && l.remoteNonce != id.nonce {
+		return refuse(fmt.Errorf("%w: node %d at %s, but node %d has a live stream from another process with that id: a second process running with --id %d (or node %d restarted and its old stream has not timed out yet)",
+			ErrDuplicateNode, id.node, addr, t.id, id.node, id.node), false)
+	}
+	if id.expect != 0 && t.cfg.Incarnation != 0 && id.expect != t.cfg.Incarnation {
+		err := fmt.Errorf("%w: node %d at %s knew node %d with data dir incarnation %s, but its data dir is %s: this data dir is new (wiped or replaced); it must rejoin the cluster as a new member with a new --id",
+			ErrNewDataDir, id.node, addr, t.id, hex(id.expect), hex(t.cfg.Incarnation))
+		t.evict(err)
+		return refuse(err, false)
+	}
+	if err := t.checkIncarnation(id.node, id.incarnation, addr); err != nil {
+		return refuse(err, errors.Is(err, ErrNewDataDir))
+	}
+	if err := stream.SendHeader(t.header()); err != nil {
+		return id, fmt.Errorf("transport: answer %s of peer %d: %w", kind, id.node, err)
+	}
+	return id, nil
+}
+
+// checkAnswer checks the acceptor's header on a stream this node opened to
+// peer want at addr.
+func (t *Transport) checkAnswer(md metadata.MD, want uint64, addr string) (identity, error) {
+	id := identity{cluster: mdUint(md, mdCluster), node: mdUint(md, mdNode),
+		nonce: mdUint(md, mdNonce), incarnation: mdUint(md, mdIncarnation)}
+	switch {
+	case id.node != want:
+		return id, fmt.Errorf("%w: %s answered as node %d, want node %d: the address of node %d is wrong",
+			ErrPeerMismatch, addr, id.node, want, want)
+	case id.cluster != t.cfg.ClusterID:
+		return id, fmt.Errorf("%w: node %d at %s is of cluster %s, but node %d is of cluster %s",
+			ErrPeerMismatch, want, addr, hex(id.cluster), t.id, hex(t.cfg.ClusterID))
+	}
+	if err := t.checkIncarnation(want, id.incarnation, addr); err != nil {
+		return id, err
+	}
+	return id, nil
+}
+
+// refused handles an error that ended a stream this node opened to peer
+// to at addr before it was up: an identity refusal is logged at ERROR, and
+// one that says this node's data dir is new evicts it. trailer is the
+// stream's trailer, if any.
+func (t *Transport) refused(err error, trailer metadata.MD, to uint64, addr, kind string) {
+	if len(trailer.Get(mdRefusal)) > 0 && trailer.Get(mdRefusal)[0] == refusalNewDataDir {
+		t.evict(fmt.Errorf("%w: refused by node %d: %s", ErrNewDataDir, to, status.Convert(err).Message()))
+	}
+	if isRefusal(err) {
+		t.logRefusal(fmt.Sprint("dial", kind, to, addr), "transport: peer "+kind+" refused", "peer", to, "addr", addr, "err", err)
+	}
+}
+
+// isRefusal reports whether err is an identity check's verdict, ours or
+// the acceptor's.
+func isRefusal(err error) bool {
+	if errors.Is(err, ErrPeerMismatch) || errors.Is(err, ErrDuplicateNode) || errors.Is(err, ErrNewDataDir) {
+		return true
+	}
+	s, ok := status.FromError(err)
+	return ok && s.Code() == codeRefused
+}
+
+// evict reports, once, that peers refuse this node for good.
+func (t *Transport) evict(err error) {
+	t.evictOnce.Do(func() {
+		t.log.Error("transport: this node's data dir is not the one the cluster knew; it must rejoin as a new member", "err", err)
+		if t.cfg.Evicted != nil {
+			t.cfg.Evicted(err)
+		}
+	})
+}
+
+// refusalLogEvery bounds how often the same refusal is logged: the dialer
+// retries every few seconds for as long as the misconfiguration lasts.
+const refusalLogEvery = 30 * time.Second
+
+// refusalLog throttles refusal logs by key.
+type refusalLog struct {
+	mu   sync.Mutex
+	last map[string]time.Time
+}
+
+func (t *Transport) logRefusal(key, msg string, args ...any) {
+	t.refusals.mu.Lock()
+	now := time.Now()
+	if last, ok := t.refusals.last[key]; ok && now.Sub(last) < refusalLogEvery {
+		t.refusals.mu.Unlock()
+		return
+	}
+	if t.refusals.last == nil {
+		t.refusals.last = make(map[string]time.Time)
+	}
+	t.refusals.last[key] = now
+	t.refusals.mu.Unlock()
+	t.log.Error(msg, args...)
+}
