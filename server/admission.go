@@ -70,6 +70,9 @@ func (a *admission) admit(req any) (int64, error) {
 
 // acquire reserves n bytes if the budget of their class allows.
 func (a *admission) acquire(n int64) bool {
+	if n <= 0 {
+		return true
+	}
 	limit := a.largeLimit
 	if n <= smallRequestBytes {
 		limit = a.limit

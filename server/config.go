@@ -94,7 +94,7 @@ type Limits struct {
 	// of queueing, so memory stays bounded under overload. A quarter of it
 	// is kept for small requests (see admission), so a flood of large
 	// writes cannot starve small reads.
-	MaxInFlightBytes int // default 64 MiB
+	MaxInFlightBytes int // default 32 MiB
 	// MaxResponseBytes bounds the kvs of one Range page: a page stops at
 	// it (with More set) as it stops at the key limit, so a scan of large
 	// values pages by bytes. A page always holds at least one kv.
@@ -117,7 +117,7 @@ const (
 	DefaultShards      = 16
 	DefaultReplicas    = 3
 
-	DefaultMaxInFlightBytes    = 64 << 20
+	DefaultMaxInFlightBytes    = 32 << 20
 	DefaultMaxResponseBytes    = 4 << 20
 	DefaultMaxBatchStreamBytes = 4 << 20
 	DefaultMaxClientConns      = 1024

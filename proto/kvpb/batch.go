@@ -131,25 +131,32 @@ type BatchOptions struct {
 	MaxHeldBytes int
 	// MaxServing bounds the items being served at once, whose answers'
 	// sizes are not known yet (each is held at the stream's average answer
-	// so far): what answers can add beyond MaxHeldBytes is at most this
-	// many answers.
+	// so far, and at most 4 are served before 4 answers have been seen):
+	// what answers can add beyond MaxHeldBytes is at most this many.
 	MaxServing int
 	// SendTimeout cuts off a stream whose Send has been blocked this long:
 	// its client is not reading its answers, and every answer it does not
 	// read would stay in the node's memory.
 	SendTimeout time.Duration
-	// Charge, when set, is asked to charge each answer's size to a
-	// node-wide budget before the answer is queued; if it refuses, the
-	// item is answered with ErrAnswerRefused instead (it should refuse
-	// only the answers of reads: a write's answer says it was applied).
-	// Release gets back what Charge accepted once the answer is sent or
-	// dropped.
+	// Charge, when set, is asked to charge each answer's bytes to a
+	// node-wide budget: the stream's expected answer size before the item
+	// is served, and the rest once the answer is known to be larger. If it
+	// refuses, the item is answered with ErrAnswerRefused instead (not
+	// served, or its answer dropped; it should refuse only reads: a
+	// write's answer says it was applied). Release gets back what Charge
+	// accepted, once the answer is sent or dropped.
 	Charge  func(it *BatchRequestItem, bytes int64) bool
 	Release func(bytes int64)
 	// CutOff, when set, is called once when the stream is cut off for not
 	// reading (a metric).
 	CutOff func()
 }
+
+// batchSlowStart is how many items a stream serves at once until it has
+// answered as many: a stream's first answers could each be as large as a
+// value, and until they are seen, their size cannot be held against
+// MaxHeldBytes.
+const batchSlowStart = 4
 
 // Defaults of BatchOptions.
 const (
@@ -254,6 +261,7 @@ type batchServer struct {
 		items, bytes int  // held: items being served, answers not yet sent
 		serving      int  // items being served
 		avgAnswer    int  // moving average of the stream's answer sizes
+		answers      int  // answers so far
 		stopped      bool // cut off: start no more items
 	}
 	items   sync.WaitGroup // item goroutines
@@ -279,7 +287,12 @@ func (b *batchServer) answered(n, est int) {
 	b.mu.Lock()
 	b.mu.bytes += n - est
 	b.mu.serving--
-	b.mu.avgAnswer += (n - b.mu.avgAnswer) / 8
+	b.mu.answers++
+	if b.mu.answers == 1 {
+		b.mu.avgAnswer = n
+	} else {
+		b.mu.avgAnswer += (n - b.mu.avgAnswer) / 8
+	}
 	b.mu.Unlock()
 	b.signalSpace()
 }
@@ -295,7 +308,12 @@ func (b *batchServer) signalSpace() {
 func (b *batchServer) full() bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.mu.items >= b.opts.MaxHeldItems || b.mu.bytes >= b.opts.MaxHeldBytes || b.mu.serving >= b.opts.MaxServing
+	serving := b.opts.MaxServing
+	if b.mu.answers < batchSlowStart {
+		// Until answers tell how large they are, few items at a time.
+		serving = min(serving, batchSlowStart)
+	}
+	return b.mu.items >= b.opts.MaxHeldItems || b.mu.bytes >= b.opts.MaxHeldBytes || b.mu.serving >= serving
 }
 
 // hold changes what the stream holds by items and bytes.
@@ -331,26 +349,38 @@ func (b *batchServer) recvAll(ctx context.Context, stream KV_BatchServer,
 				b.mu.Unlock()
 				return ErrNotReading
 			}
-			// An item is held at what its answer is expected to take:
-			// the stream's recent answers, or its request if larger.
-			est := max(proto.Size(it), b.mu.avgAnswer)
+			// An item's answer is expected to take what the stream's
+			// recent answers took; its request is held besides.
+			est, reqSize := b.mu.avgAnswer, proto.Size(it)
 			b.mu.items++
 			b.mu.serving++
-			b.mu.bytes += est
+			b.mu.bytes += reqSize + est
 			b.items.Add(1)
 			b.mu.Unlock()
 			go func() {
 				defer b.items.Done()
-				res := serveItem(ctx, it, serve)
-				n := proto.Size(res)
+				var res *BatchResponseItem
 				charged := 0
-				if b.opts.Charge(it, int64(n)) {
-					charged = n
+				if b.opts.Charge(it, int64(est)) {
+					res = serveItem(ctx, it, serve)
+					charged = est
 				} else {
 					res = &BatchResponseItem{Id: it.GetId(), Error: StatusOf(ErrAnswerRefused)}
-					n = proto.Size(res)
 				}
-				b.answered(n, est)
+				n := proto.Size(res)
+				switch {
+				case n > charged && charged == est && !b.opts.Charge(it, int64(n-est)):
+					// No room for the answer: drop it.
+					b.opts.Release(int64(est))
+					res = &BatchResponseItem{Id: it.GetId(), Error: StatusOf(ErrAnswerRefused)}
+					n, charged = proto.Size(res), 0
+				case n > charged && charged == est:
+					charged = n
+				case n < charged:
+					b.opts.Release(int64(charged - n))
+					charged = n
+				}
+				b.answered(n, reqSize+est)
 				b.out.put(reply{it: res, size: n, charged: charged})
 			}()
 		}
