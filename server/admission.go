@@ -100,9 +100,17 @@ func (a *admission) release(n int64) { a.inFlight.Add(-n) }
 // listen backlog.
 type connLimiter struct {
 	net.Listener
-	max     int64
-	open    atomic.Int64
-	refused prometheus.Counter
+	max      int64
+	open     atomic.Int64
+	accepted atomic.Int64 // connections accepted and kept, ever
+	refused  prometheus.Counter
+}
+
+func (l *connLimiter) openGauge() prometheus.Collector {
+	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "kvd_client_conns",
+		Help: "Client connections open (at most --max-client-conns).",
+	}, func() float64 { return float64(l.open.Load()) })
 }
 
 func newConnLimiter(l net.Listener, max int) *connLimiter {
@@ -128,6 +136,7 @@ func (l *connLimiter) Accept() (net.Conn, error) {
 			_ = c.Close()
 			continue
 		}
+		l.accepted.Add(1)
 		return &limitedConn{Conn: c, l: l}, nil
 	}
 }

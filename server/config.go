@@ -67,6 +67,11 @@ type Config struct {
 	// with ResourceExhausted and what it held is freed. Default 10 s.
 	BatchSendTimeout time.Duration
 
+	// ClientConnIdle is how long a client connection may go without a
+	// request before the node closes it (it holds one of MaxClientConns).
+	// Default 5 minutes.
+	ClientConnIdle time.Duration
+
 	// SessionTTL is how long a client session may stay idle before its
 	// exactly-once records are dropped (by a replicated command, so every
 	// replica drops them at the same log index). A client idle longer than
@@ -185,6 +190,9 @@ func (c *Config) setDefaults() {
 	}
 	if l.MaxClientConns == 0 {
 		l.MaxClientConns = DefaultMaxClientConns
+	}
+	if c.ClientConnIdle == 0 {
+		c.ClientConnIdle = 5 * time.Minute
 	}
 	if c.BatchSendTimeout == 0 {
 		c.BatchSendTimeout = DefaultBatchSendTimeout

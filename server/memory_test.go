@@ -330,3 +330,58 @@ func counterValue(c prometheus.Counter) float64 {
 	}
 	return m.GetCounter().GetValue()
 }
+
+// TestClientConnsCappedAndIdleClosed: connections beyond MaxClientConns
+// are closed on accept, an idle connection is closed after
+// ClientConnIdle, and the kvd client, which health-checks its
+// connections, keeps the ones it has.
+func TestClientConnsCappedAndIdleClosed(t *testing.T) {
+	c := newTestCluster(t, 1, 1, func(cfg *Config) {
+		cfg.Limits.MaxClientConns = 3
+		cfg.ClientConnIdle = time.Second
+	})
+	s := c.servers[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	cl := c.client()
+	if _, err := cl.Put(ctx, []byte("k"), []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	kept := s.conns.accepted.Load()
+
+	// Raw connections: two fit beside the client's, the third does not.
+	var raw []*grpc.ClientConn
+	for range 3 {
+		conn, err := grpc.NewClient(s.ClientAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		raw = append(raw, conn)
+	}
+	for i, conn := range raw[:2] {
+		if _, err := kvpb.NewKVClient(conn).Get(ctx, &kvpb.GetRequest{Key: []byte("k")}); err != nil {
+			t.Fatalf("connection %d under the cap: %v", i+1, err)
+		}
+	}
+	gctx, gcancel := context.WithTimeout(ctx, time.Second)
+	_, err := kvpb.NewKVClient(raw[2]).Get(gctx, &kvpb.GetRequest{Key: []byte("k")}, grpc.WaitForReady(false))
+	gcancel()
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("connection over the cap: got %v, want Unavailable", err)
+	}
+	if counterValue(s.conns.refused) == 0 {
+		t.Fatal("no connection counted as refused")
+	}
+	raw[2].Close() // or it redials once there is room
+
+	// The raw connections go idle and are closed; the client's stay.
+	waitFor(t, 10*time.Second, "idle connections to be closed", func() bool { return s.conns.open.Load() <= 1 })
+	if _, err := cl.Get(ctx, []byte("k")); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.conns.accepted.Load(); got != kept+2 {
+		t.Fatalf("%d connections accepted; want the client's %d and the two raw ones: the client's connection was replaced", got, kept+2)
+	}
+}

@@ -35,10 +35,6 @@ import (
 // maxStreamsPerConn bounds concurrent requests per client connection.
 const maxStreamsPerConn = 256
 
-// clientConnIdle is how long a client connection may go without a request
-// before the node closes it.
-const clientConnIdle = 5 * time.Minute
-
 // Node-level records kept in the storage engine's metadata.
 const (
 	metaNodeID     = "node-id"
@@ -197,14 +193,14 @@ func New(cfg Config) (_ *Server, err error) {
 		// its connections are never idle, and it redials after a close),
 		// and pinged to find dead peers. Clients may ping every 10 s.
 		grpc.KeepaliveParams(keepalive.ServerParameters{
-			MaxConnectionIdle: clientConnIdle,
+			MaxConnectionIdle: cfg.ClientConnIdle,
 			Time:              time.Minute,
 			Timeout:           20 * time.Second,
 		}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
 	s.conns = newConnLimiter(s.clientLis, cfg.Limits.MaxClientConns)
-	s.metrics.reg.MustRegister(s.conns.refused)
+	s.metrics.reg.MustRegister(s.conns.refused, s.conns.openGauge())
 	kvpb.RegisterKVServer(s.clientSrv, s)
 	kvpb.RegisterClusterServer(s.clientSrv, s)
 	s.health = health.NewServer()

@@ -144,8 +144,8 @@ func mibs(v []int64) []int64 {
 func table(results []*result, b Budget) string {
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "\nflood results (budget: every node's RssAnon below %d MiB, victim success >= %.0f%%, every node alive):\n\n", b.MaxRSS/mib, 100*b.MinVictimRate)
-	sb.WriteString("| flood | peak RssAnon MiB (nodes 1/2/3) | peak VmRSS MiB | ResourceExhausted | flood ok | other errors | victim gets | victim success | victim p99 | alive |\n")
-	sb.WriteString("|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
+	sb.WriteString("| flood | RssAnon at start MiB (nodes 1/2/3) | peak RssAnon MiB | peak VmRSS MiB | ResourceExhausted | flood ok | other errors | victim gets | victim success | victim p99 | alive |\n")
+	sb.WriteString("|---|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
 	join := func(v []int64) string {
 		var out []string
 		for _, p := range v {
@@ -158,7 +158,7 @@ func table(results []*result, b Budget) string {
 		if slices.Contains(r.alive, false) {
 			alive = "NO"
 		}
-		fmt.Fprintf(&sb, "| %s | %s | %s | %d | %d | %d | %d | %.2f%% | %v | %s |\n", r.name, join(r.peakAnon), join(r.peakRSS),
+		fmt.Fprintf(&sb, "| %s | %s | %s | %s | %d | %d | %d | %d | %.2f%% | %v | %s |\n", r.name, join(r.startAnon), join(r.peakAnon), join(r.peakRSS),
 			r.exhausted, r.ok, r.other, r.victimOK+r.victimErr, 100*r.victimRate(), r.p99.Round(time.Millisecond), alive)
 	}
 	return sb.String()
