@@ -282,16 +282,21 @@ func (b *batchServer) cutOff(cancel context.CancelFunc) error {
 	return ErrNotReading
 }
 
-// answered replaces an item's estimate est by its answer's size n.
-func (b *batchServer) answered(n, est int) {
+// answered replaces what an item was held at, est, by its answer's size
+// n. served is the size of the answer the item was served with, or -1 if
+// it was refused unserved: only served answers tell what the stream's
+// items cost (refusals, small, would make the next items look cheap).
+func (b *batchServer) answered(n, est, served int) {
 	b.mu.Lock()
 	b.mu.bytes += n - est
 	b.mu.serving--
-	b.mu.answers++
-	if b.mu.answers == 1 {
-		b.mu.avgAnswer = n
-	} else {
-		b.mu.avgAnswer += (n - b.mu.avgAnswer) / 8
+	if served >= 0 {
+		b.mu.answers++
+		if b.mu.answers == 1 {
+			b.mu.avgAnswer = served
+		} else {
+			b.mu.avgAnswer += (served - b.mu.avgAnswer) / 8
+		}
 	}
 	b.mu.Unlock()
 	b.signalSpace()
@@ -360,27 +365,28 @@ func (b *batchServer) recvAll(ctx context.Context, stream KV_BatchServer,
 			go func() {
 				defer b.items.Done()
 				var res *BatchResponseItem
-				charged := 0
+				charged, served := 0, -1
 				if b.opts.Charge(it, int64(est)) {
 					res = serveItem(ctx, it, serve)
 					charged = est
+					served = proto.Size(res)
 				} else {
 					res = &BatchResponseItem{Id: it.GetId(), Error: StatusOf(ErrAnswerRefused)}
 				}
 				n := proto.Size(res)
 				switch {
-				case n > charged && charged == est && !b.opts.Charge(it, int64(n-est)):
+				case served >= 0 && n > est && !b.opts.Charge(it, int64(n-est)):
 					// No room for the answer: drop it.
 					b.opts.Release(int64(est))
 					res = &BatchResponseItem{Id: it.GetId(), Error: StatusOf(ErrAnswerRefused)}
 					n, charged = proto.Size(res), 0
-				case n > charged && charged == est:
+				case served >= 0 && n > est:
 					charged = n
 				case n < charged:
 					b.opts.Release(int64(charged - n))
 					charged = n
 				}
-				b.answered(n, reqSize+est)
+				b.answered(n, reqSize+est, served)
 				b.out.put(reply{it: res, size: n, charged: charged})
 			}()
 		}

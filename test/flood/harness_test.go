@@ -49,6 +49,7 @@ var DefaultBudget = Budget{MaxRSS: 512 << 20, MinVictimRate: 0.99}
 type Plan struct {
 	Duration   time.Duration
 	ScanValues int
+	Only       string // when set, run only the floods whose name contains it
 }
 
 const mib = 1 << 20
@@ -59,6 +60,7 @@ type result struct {
 	peakRSS   []int64 // per node: the largest VmRSS sampled, or VmHWM since the flood began
 	peakAnon  []int64 // per node: the largest RssAnon sampled: what kvd allocated
 	startAnon []int64 // per node: RssAnon when the flood began
+	cutOff    float64 // Batch streams the nodes cut off for not reading
 	exhausted int64   // ResourceExhausted answers the flood's clients got
 	ok, other int64   // the flood's other answers: successes, other errors
 	victimOK  int
@@ -104,6 +106,9 @@ func run(t *testing.T, plan Plan, b Budget) {
 	}
 	var results []*result
 	for _, f := range floods {
+		if !strings.Contains(f.name, plan.Only) {
+			continue
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		if f.setup != nil {
 			f.setup(ctx)
@@ -144,8 +149,8 @@ func mibs(v []int64) []int64 {
 func table(results []*result, b Budget) string {
 	var sb strings.Builder
 	fmt.Fprintf(&sb, "\nflood results (budget: every node's RssAnon below %d MiB, victim success >= %.0f%%, every node alive):\n\n", b.MaxRSS/mib, 100*b.MinVictimRate)
-	sb.WriteString("| flood | RssAnon at start MiB (nodes 1/2/3) | peak RssAnon MiB | peak VmRSS MiB | ResourceExhausted | flood ok | other errors | victim gets | victim success | victim p99 | alive |\n")
-	sb.WriteString("|---|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
+	sb.WriteString("| flood | RssAnon at start MiB (nodes 1/2/3) | peak RssAnon MiB | peak VmRSS MiB | ResourceExhausted | streams cut off | flood ok | other errors | victim gets | victim success | victim p99 | alive |\n")
+	sb.WriteString("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
 	join := func(v []int64) string {
 		var out []string
 		for _, p := range v {
@@ -158,8 +163,8 @@ func table(results []*result, b Budget) string {
 		if slices.Contains(r.alive, false) {
 			alive = "NO"
 		}
-		fmt.Fprintf(&sb, "| %s | %s | %s | %s | %d | %d | %d | %d | %.2f%% | %v | %s |\n", r.name, join(r.startAnon), join(r.peakAnon), join(r.peakRSS),
-			r.exhausted, r.ok, r.other, r.victimOK+r.victimErr, 100*r.victimRate(), r.p99.Round(time.Millisecond), alive)
+		fmt.Fprintf(&sb, "| %s | %s | %s | %s | %d | %.0f | %d | %d | %d | %.2f%% | %v | %s |\n", r.name, join(r.startAnon), join(r.peakAnon), join(r.peakRSS),
+			r.exhausted, r.cutOff, r.ok, r.other, r.victimOK+r.victimErr, 100*r.victimRate(), r.p99.Round(time.Millisecond), alive)
 	}
 	return sb.String()
 }
@@ -175,6 +180,7 @@ func (e *env) measure(ctx context.Context, name string, flood func(context.Conte
 		// Reset VmHWM, so it says the peak of this flood alone.
 		_ = os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", pids[i]), []byte("5"), 0)
 	}
+	cutBefore := e.metricSum("kvd_batch_streams_cut_off_total")
 	fctx, cancel := context.WithTimeout(ctx, e.plan.Duration)
 	defer cancel()
 	var wg sync.WaitGroup
@@ -203,11 +209,33 @@ func (e *env) measure(ctx context.Context, name string, flood func(context.Conte
 	<-victimDone
 	close(stopSampling)
 	wg.Wait()
+	r.cutOff = e.metricSum("kvd_batch_streams_cut_off_total") - cutBefore
 	for i, pid := range pids {
 		r.peakRSS[i] = max(r.peakRSS[i], procStatus(pid, "VmHWM:"))
 		r.alive = append(r.alive, e.alive(pid, e.c.Nodes[i].MetricsAddr))
 	}
 	return r
+}
+
+// metricSum adds up an unlabelled counter over every node's /metrics.
+func (e *env) metricSum(name string) float64 {
+	hc := &http.Client{Timeout: 2 * time.Second}
+	sum := 0.0
+	for _, nd := range e.c.Nodes {
+		resp, err := hc.Get("http://" + nd.MetricsAddr + "/metrics")
+		if err != nil {
+			continue
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, name+" "); ok {
+				f, _ := strconv.ParseFloat(strings.TrimSpace(v), 64)
+				sum += f
+			}
+		}
+	}
+	return sum
 }
 
 // procStatus reads a field of /proc/PID/status in bytes; 0 if unreadable.
