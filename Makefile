@@ -136,6 +136,21 @@ jepsen-short: ## the short jepsen-lite run of `make test` alone, verbose (about 
 	  -jepsen.seed=$(JEPSEN_SEED) -jepsen.faults=$(JEPSEN_FAULTS) 2>&1 | tee $(JEPSEN_OUT)/jepsen-short.log; \
 	  rc=$$?; grep '^jepsen-lite: histories=' $(JEPSEN_OUT)/jepsen-short.log | tail -n1; exit $$rc
 
+# --- floods (test/flood) -------------------------------------------------
+# Hostile clients against a 3-node cluster at its defaults while a victim
+# client does linearizable gets; asserts the budget of docs/memory.md
+# (every node's RssAnon below 512 MiB, victim success >= 99%, every node
+# alive) and prints a table of the figures.
+FLOOD_DURATION ?= 30s
+
+.PHONY: flood flood-short
+
+flood: ## flood a local 3-node cluster with hostile clients; checks memory and a victim's reads (about 4 minutes)
+	$(GO) test -count=1 -v -tags flood -timeout 30m -run 'TestFlood$$' ./test/flood -flood.duration=$(FLOOD_DURATION)
+
+flood-short: ## make flood with 5 s floods (about 2 minutes)
+	$(GO) test -count=1 -v -tags flood -timeout 15m -run 'TestFloodShort$$' ./test/flood
+
 .PHONY: bench
 bench: build ## benchmark a local 3-node cluster with kvctl bench, and etcd in the same run; writes docs/benchmarks.md
 	@./scripts/build-etcd.sh || echo "bench: could not build etcd; the table will have kvd alone" >&2

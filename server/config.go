@@ -62,6 +62,16 @@ type Config struct {
 	// RequestTimeout bounds a request that arrives without a deadline.
 	RequestTimeout time.Duration
 
+	// BatchSendTimeout cuts off a Batch stream whose answers could not be
+	// sent for this long (its client is not reading them): the stream ends
+	// with ResourceExhausted and what it held is freed. Default 10 s.
+	BatchSendTimeout time.Duration
+
+	// ClientConnIdle is how long a client connection may go without a
+	// request before the node closes it (it holds one of MaxClientConns).
+	// Default 5 minutes.
+	ClientConnIdle time.Duration
+
 	// SessionTTL is how long a client session may stay idle before its
 	// exactly-once records are dropped (by a replicated command, so every
 	// replica drops them at the same log index). A client idle longer than
@@ -92,10 +102,23 @@ type Limits struct {
 	// MaxPendingProposals per shard; beyond it writes get ResourceExhausted.
 	MaxPendingProposals int // default 4096
 	// MaxInFlightBytes bounds the request bytes the node holds at once,
-	// across all requests; beyond it requests get ResourceExhausted at
-	// admission instead of queueing, so memory stays bounded under
-	// overload.
-	MaxInFlightBytes int // default 256 MiB
+	// across all requests, and the Batch answers it holds until they are
+	// sent; beyond it requests get ResourceExhausted at admission instead
+	// of queueing, so memory stays bounded under overload. A quarter of it
+	// is kept for small requests (see admission), so a flood of large
+	// writes cannot starve small reads.
+	MaxInFlightBytes int // default 32 MiB
+	// MaxResponseBytes bounds the kvs of one Range page: a page stops at
+	// it (with More set) as it stops at the key limit, so a scan of large
+	// values pages by bytes. A page always holds at least one kv.
+	MaxResponseBytes int // default 4 MiB, the client's default receive limit
+	// MaxBatchStreamBytes bounds what one Batch stream holds: requests
+	// being served plus answers not yet sent. At it the node stops reading
+	// the stream, so flow control pushes back on its client.
+	MaxBatchStreamBytes int // default 4 MiB
+	// MaxClientConns bounds the client connections the node keeps open;
+	// beyond it new connections are closed as soon as they are accepted.
+	MaxClientConns int // default 1024
 }
 
 // Defaults for a single node started with no flags.
@@ -106,6 +129,12 @@ const (
 	DefaultDataDir     = "kvd-data"
 	DefaultShards      = 16
 	DefaultReplicas    = 3
+
+	DefaultMaxInFlightBytes    = 32 << 20
+	DefaultMaxResponseBytes    = 4 << 20
+	DefaultMaxBatchStreamBytes = 4 << 20
+	DefaultMaxClientConns      = 1024
+	DefaultBatchSendTimeout    = 10 * time.Second
 )
 
 // ErrConfig marks a configuration error: cmd/kvd exits 2 on it.
@@ -159,7 +188,22 @@ func (c *Config) setDefaults() {
 		l.MaxTxnOps = 128
 	}
 	if l.MaxInFlightBytes == 0 {
-		l.MaxInFlightBytes = 256 << 20
+		l.MaxInFlightBytes = DefaultMaxInFlightBytes
+	}
+	if l.MaxResponseBytes == 0 {
+		l.MaxResponseBytes = DefaultMaxResponseBytes
+	}
+	if l.MaxBatchStreamBytes == 0 {
+		l.MaxBatchStreamBytes = DefaultMaxBatchStreamBytes
+	}
+	if l.MaxClientConns == 0 {
+		l.MaxClientConns = DefaultMaxClientConns
+	}
+	if c.ClientConnIdle == 0 {
+		c.ClientConnIdle = 5 * time.Minute
+	}
+	if c.BatchSendTimeout == 0 {
+		c.BatchSendTimeout = DefaultBatchSendTimeout
 	}
 	if l.MaxPendingProposals == 0 {
 		l.MaxPendingProposals = 4096

@@ -226,7 +226,7 @@ func TestHandlerPanicIsRecovered(t *testing.T) {
 	if status.Code(err) != codes.Internal {
 		t.Fatalf("unary panic: %v, want Internal", err)
 	}
-	if n := s.metrics.inFlight.Load(); n != 0 {
+	if n := s.metrics.adm.inFlight.Load(); n != 0 {
 		t.Fatalf("a recovered panic left %d bytes charged in flight", n)
 	}
 	err = s.recoverStream(nil, nil, &grpc.StreamServerInfo{FullMethod: "/kvd.kv.v1.KV/Batch"}, func(any, grpc.ServerStream) error { panic("boom") })
@@ -241,7 +241,7 @@ func TestHandlerPanicIsRecovered(t *testing.T) {
 	if _, err := serve(ctx, &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Get{Get: &kvpb.GetRequest{Key: []byte("k")}}}); status.Code(err) != codes.Internal {
 		t.Fatalf("batch item panic: %v, want Internal", err)
 	}
-	if n := s.metrics.inFlight.Load(); n != 0 {
+	if n := s.metrics.adm.inFlight.Load(); n != 0 {
 		t.Fatalf("a recovered batch item panic left %d bytes charged in flight", n)
 	}
 	text := scrape(t, s)

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/fsm"
@@ -120,9 +121,28 @@ func (s *Server) Get(ctx context.Context, req *kvpb.GetRequest) (*kvpb.GetRespon
 }
 
 // Batch implements kvpb.KV: each item is admitted, served and counted as
-// its unary method would be (the metrics carry that method's name).
+// its unary method would be (the metrics carry that method's name). Its
+// answers count against the in-flight budget until they are sent: a Get's
+// answer is refused with ResourceExhausted when the budget has no room
+// for it, any other answer (a write's, which must reach the client) is
+// charged regardless. The stream holds at most MaxBatchStreamBytes (see
+// kvpb.BatchOptions).
 func (s *Server) Batch(stream kvpb.KV_BatchServer) error {
-	return kvpb.ServeBatch(countedStream{stream, s.metrics}, s.recoverItems(func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
+	adm := s.metrics.adm
+	opts := kvpb.BatchOptions{
+		MaxHeldBytes: s.cfg.Limits.MaxBatchStreamBytes,
+		SendTimeout:  s.cfg.BatchSendTimeout,
+		Charge: func(it *kvpb.BatchRequestItem, n int64) bool {
+			if it.GetGet() != nil {
+				return adm.acquire(n)
+			}
+			adm.hold(n)
+			return true
+		},
+		Release: adm.release,
+		CutOff:  s.metrics.batchCutOff.Inc,
+	}
+	return kvpb.ServeBatchWith(countedStream{stream, s.metrics}, opts, s.recoverItems(func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
 		var res *kvpb.BatchResponseItem
 		_, err := s.metrics.observe(it.Method(), it.Inner(), func() (any, error) {
 			var err error
@@ -148,7 +168,14 @@ func (c countedStream) Recv() (*kvpb.BatchRequest, error) {
 	return req, err
 }
 
-// Range implements kvpb.KV: one shard's keys in [start, end).
+// rangeHeaderBytes is what Range keeps of MaxResponseBytes for the rest of
+// the response (header, count, framing), so a full page still fits a
+// client receive limit of MaxResponseBytes.
+const rangeHeaderBytes = 1 << 10
+
+// Range implements kvpb.KV: one shard's keys in [start, end). A page ends
+// (with More set) at the key limit or when the next kv would take it past
+// MaxResponseBytes, whichever comes first, and holds at least one kv.
 func (s *Server) Range(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.RangeResponse, error) {
 	shard := req.GetShard()
 	if shard == MetaShard || replicasOf(s.clusterMap(), shard) == nil {
@@ -168,6 +195,8 @@ func (s *Server) Range(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.Range
 	if req.GetLimit() < 0 {
 		return nil, s.toStatus(invalid("limit must not be negative"), shard)
 	}
+	maxBytes := s.cfg.Limits.MaxResponseBytes - rangeHeaderBytes
+	size := 0
 	resp := &kvpb.RangeResponse{}
 	err := s.read(ctx, shard, req.GetConsistency(), func(r *storage.Reader) error {
 		resp.Header = s.header(shard, fsm.Revision(r))
@@ -183,6 +212,12 @@ func (s *Server) Range(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.Range
 			if req.GetKeysOnly() {
 				kv.Value = nil
 			}
+			n := protowire.SizeBytes(proto.Size(kv))
+			if len(resp.Kvs) > 0 && size+n > maxBytes {
+				resp.More = true
+				return false
+			}
+			size += n
 			resp.Kvs = append(resp.Kvs, kv)
 			return true
 		})

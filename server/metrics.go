@@ -3,15 +3,12 @@ package server
 import (
 	"context"
 	"strconv"
-	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/storage"
 )
@@ -22,9 +19,7 @@ import (
 // counters at scrape time by collector, so no hot path pays for metrics it
 // already counts.
 type metrics struct {
-	// inFlight is the bytes of requests admitted and not yet answered.
-	inFlight    atomic.Int64
-	maxInFlight int64
+	adm *admission
 
 	reg      *prometheus.Registry
 	requests *prometheus.CounterVec
@@ -34,12 +29,14 @@ type metrics struct {
 	batches, batchItems prometheus.Counter
 	// panics counts handler panics turned into Internal (recover.go).
 	panics *prometheus.CounterVec
+	// batchCutOff counts Batch streams ended for not reading answers.
+	batchCutOff prometheus.Counter
 }
 
 func newMetrics(s *Server) *metrics {
 	m := &metrics{
-		maxInFlight: int64(s.cfg.Limits.MaxInFlightBytes),
-		reg:         prometheus.NewRegistry(),
+		adm: newAdmission(s.cfg.Limits.MaxInFlightBytes),
+		reg: prometheus.NewRegistry(),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kvd_requests_total",
 			Help: "Client API requests by method and gRPC status code.",
@@ -61,8 +58,16 @@ func newMetrics(s *Server) *metrics {
 			Name: "kvd_handler_panics_total",
 			Help: "Client requests whose handler panicked (a bug; the stack is logged); each failed with Internal. Batch items count as Batch/<method>.",
 		}, []string{"method"}),
+		batchCutOff: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvd_batch_streams_cut_off_total",
+			Help: "Batch streams ended with ResourceExhausted because their client did not read its answers for --batch-send-timeout.",
+		}),
 	}
-	m.reg.MustRegister(m.requests, m.latency, m.batches, m.batchItems, m.panics, collector{s},
+	inFlight := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "kvd_inflight_bytes",
+		Help: "Bytes charged to the in-flight budget: requests being served and Batch answers not yet sent.",
+	}, func() float64 { return float64(m.adm.inFlight.Load()) })
+	m.reg.MustRegister(m.requests, m.latency, m.batches, m.batchItems, m.panics, m.batchCutOff, m.adm.refused, inFlight, collector{s},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -82,36 +87,17 @@ func (m *metrics) interceptor(ctx context.Context, req any, info *grpc.UnaryServ
 func (m *metrics) observe(method string, req any, serve func() (any, error)) (any, error) {
 	start := time.Now()
 	var resp any
-	charged, err := m.admit(req)
+	charged, err := m.adm.admit(req)
 	if err == nil {
 		// Deferred: a panic in serve, recovered further out, must not
 		// keep the request's bytes charged for ever.
-		defer m.inFlight.Add(-charged)
+		defer m.adm.release(charged)
 		resp, err = serve()
 	}
 	m.requests.WithLabelValues(method, status.Code(err).String()).Inc()
 	m.latency.WithLabelValues(method).Observe(time.Since(start).Seconds())
 	return resp, err
 }
-
-// admit reserves req's size in the in-flight budget and returns what it
-// charged, or refuses it.
-func (m *metrics) admit(req any) (int64, error) {
-	msg, ok := req.(proto.Message)
-	if !ok {
-		return 0, nil
-	}
-	n := int64(proto.Size(msg)) + requestOverhead
-	if m.inFlight.Add(n) > m.maxInFlight {
-		m.inFlight.Add(-n)
-		return 0, status.Error(codes.ResourceExhausted, "node overloaded: too many request bytes in flight; back off and retry")
-	}
-	return n, nil
-}
-
-// requestOverhead is charged per request on top of its encoded size: the
-// goroutine, decoded message and bookkeeping a request costs.
-const requestOverhead = 4 << 10
 
 func lastSlash(s string) int {
 	for i := len(s) - 1; i >= 0; i-- {

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/fsm"
@@ -58,7 +59,8 @@ type Server struct {
 	health    *health.Server
 	httpSrv   *http.Server
 	metrics   *metrics
-	corrupt   corruption // corruption.go
+	corrupt   corruption   // corruption.go
+	conns     *connLimiter // the client listener, capped
 
 	// published is set once the replicated cluster map lists this node's
 	// addresses; until then clients cannot find it and /readyz says so.
@@ -210,13 +212,26 @@ func New(cfg Config) (_ *Server, err error) {
 		// below is recovered, and a failed node refuses before serving.
 		grpc.ChainUnaryInterceptor(s.metrics.interceptor, s.recoverUnary, s.refuseUnaryIfFailed),
 		grpc.ChainStreamInterceptor(s.recoverStream, s.refuseStreamIfFailed),
+		// Connections are capped (connLimiter), so idle ones must not keep
+		// slots forever: closed after MaxConnectionIdle without a request
+		// (kvd's client health-checks its connections every 250 ms, so
+		// its connections are never idle, and it redials after a close),
+		// and pinged to find dead peers. Clients may ping every 10 s.
+		grpc.KeepaliveParams(keepalive.ServerParameters{
+			MaxConnectionIdle: cfg.ClientConnIdle,
+			Time:              time.Minute,
+			Timeout:           20 * time.Second,
+		}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
+	s.conns = newConnLimiter(s.clientLis, cfg.Limits.MaxClientConns)
+	s.metrics.reg.MustRegister(s.conns.refused, s.conns.openGauge())
 	kvpb.RegisterKVServer(s.clientSrv, s)
 	kvpb.RegisterClusterServer(s.clientSrv, s)
 	healthpb.RegisterHealthServer(s.clientSrv, s.health)
 
 	s.goServe("peer", func() error { return s.peerSrv.Serve(s.peerLis) })
-	s.goServe("client", func() error { return s.clientSrv.Serve(s.clientLis) })
+	s.goServe("client", func() error { return s.clientSrv.Serve(s.conns) })
 	if s.metricsLis != nil {
 		s.httpSrv = &http.Server{Handler: s.httpHandler(), ReadHeaderTimeout: 5 * time.Second}
 		s.goServe("metrics", func() error { return s.httpSrv.Serve(s.metricsLis) })

@@ -43,6 +43,7 @@ const fatalStopTimeout = 10 * time.Second
 
 func main() {
 	setGCPercent()
+	setMemoryLimit()
 	os.Exit(run(os.Args[1:], os.Stderr, nil))
 }
 
@@ -59,6 +60,21 @@ const defaultGOGC = 300
 func setGCPercent() {
 	if _, ok := os.LookupEnv("GOGC"); !ok {
 		debug.SetGCPercent(defaultGOGC)
+	}
+}
+
+// defaultMemoryLimit is the soft memory limit of the Go runtime unless the
+// GOMEMLIMIT environment variable sets one. With GOGC=300 the heap may grow
+// to four times what is live before a collection; under a flood of large
+// requests what is live is bounded by admission (--max-inflight-bytes) and
+// the per-stream bounds, but four times it is not. The limit makes the
+// collector work harder as the heap nears it instead, which keeps a node
+// under 512 MiB resident in make flood (docs/memory.md).
+const defaultMemoryLimit = 384 << 20
+
+func setMemoryLimit() {
+	if _, ok := os.LookupEnv("GOMEMLIMIT"); !ok {
+		debug.SetMemoryLimit(defaultMemoryLimit)
 	}
 }
 
@@ -88,8 +104,8 @@ the bootstrap flags (--initial-cluster, --shards, --replicas); if they are
 given and describe another cluster, kvd refuses to start.
 
 kvd runs Go's garbage collector with GOGC=300 unless the GOGC environment
-variable says otherwise; set GOMEMLIMIT (e.g. GOMEMLIMIT=200MiB) to give a
-node a soft memory limit.
+variable says otherwise, and with a soft memory limit of 384 MiB unless
+GOMEMLIMIT sets another (e.g. GOMEMLIMIT=200MiB, or GOMEMLIMIT=off).
 
 A node started with --join on a fresh data dir adds itself to the running
 cluster instead of bootstrapping. The cluster then gives it replicas of the
@@ -153,7 +169,11 @@ as a new member with a new --id).`,
 	f.IntVar(&cfg.Limits.MaxValueBytes, "max-value-bytes", 1<<20, "largest value accepted")
 	f.IntVar(&cfg.Limits.MaxRequestBytes, "max-request-bytes", 2<<20, "largest request accepted")
 	f.IntVar(&cfg.Limits.MaxTxnOps, "max-txn-ops", 128, "most compares and operations in one transaction")
-	f.IntVar(&cfg.Limits.MaxInFlightBytes, "max-inflight-bytes", 256<<20, "request bytes the node holds at once before new requests get ResourceExhausted")
+	f.IntVar(&cfg.Limits.MaxInFlightBytes, "max-inflight-bytes", server.DefaultMaxInFlightBytes, "request bytes (and Batch answers not yet sent) the node holds at once before new requests get ResourceExhausted; a quarter is kept for requests of 64 KiB or less")
+	f.IntVar(&cfg.Limits.MaxResponseBytes, "max-response-bytes", server.DefaultMaxResponseBytes, "largest Range page in bytes: a page stops before it (and says there is more), holding at least one key")
+	f.IntVar(&cfg.Limits.MaxBatchStreamBytes, "max-batch-stream-bytes", server.DefaultMaxBatchStreamBytes, "bytes one Batch stream may hold (requests being served, answers not yet sent) before the node stops reading it")
+	f.IntVar(&cfg.Limits.MaxClientConns, "max-client-conns", server.DefaultMaxClientConns, "client connections the node keeps open; more are closed on accept")
+	f.DurationVar(&cfg.BatchSendTimeout, "batch-send-timeout", server.DefaultBatchSendTimeout, "a Batch stream whose answers could not be sent for this long (its client is not reading) ends with ResourceExhausted")
 	f.IntVar(&cfg.Limits.MaxPendingProposals, "max-pending-proposals", 4096, "writes waiting to commit per shard before new ones get ResourceExhausted")
 
 	code := exitOK

@@ -2,8 +2,11 @@ package main
 
 import (
 	"bytes"
+	"math"
 	"net"
+	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"testing"
 	"time"
@@ -17,6 +20,8 @@ var documentedFlags = []string{
 	"--id", "--data-dir", "--listen-client", "--advertise-client",
 	"--listen-peer", "--advertise-peer", "--listen-metrics",
 	"--initial-cluster", "--shards", "--replicas", "--join",
+	"--max-inflight-bytes", "--max-response-bytes", "--max-batch-stream-bytes",
+	"--max-client-conns", "--batch-send-timeout",
 }
 
 func TestHelpDocumentsEveryFlag(t *testing.T) {
@@ -163,5 +168,45 @@ func TestEnvironmentSetsFlags(t *testing.T) {
 	var buf bytes.Buffer
 	if code := run(nil, &buf, nil); code != exitUsage || !strings.Contains(buf.String(), "KVD_SHARDS") {
 		t.Fatalf("bad KVD_SHARDS: exit %d:\n%s", code, buf.String())
+	}
+}
+
+// TestLimitFlagsFromEnvironment: the limit flags are read from KVD_*
+// like every flag, and a bad value is a usage error naming the variable.
+func TestLimitFlagsFromEnvironment(t *testing.T) {
+	for _, name := range []string{"KVD_MAX_RESPONSE_BYTES", "KVD_MAX_CLIENT_CONNS", "KVD_MAX_BATCH_STREAM_BYTES", "KVD_BATCH_SEND_TIMEOUT"} {
+		t.Run(name, func(t *testing.T) {
+			t.Setenv(name, "lots")
+			var buf bytes.Buffer
+			if code := run(node(t, t.TempDir()), &buf, nil); code != exitUsage || !strings.Contains(buf.String(), name) {
+				t.Fatalf("bad %s: exit %d:\n%s", name, code, buf.String())
+			}
+		})
+	}
+}
+
+// TestDefaultMemoryLimit: without GOMEMLIMIT kvd sets its own soft
+// memory limit; with it, the runtime's (from GOMEMLIMIT) stays.
+func TestDefaultMemoryLimit(t *testing.T) {
+	prev := debug.SetMemoryLimit(-1)
+	defer debug.SetMemoryLimit(prev)
+	if v, ok := os.LookupEnv("GOMEMLIMIT"); ok {
+		defer os.Setenv("GOMEMLIMIT", v)
+	} else {
+		defer os.Unsetenv("GOMEMLIMIT")
+	}
+
+	os.Unsetenv("GOMEMLIMIT")
+	debug.SetMemoryLimit(math.MaxInt64)
+	setMemoryLimit()
+	if got := debug.SetMemoryLimit(-1); got != defaultMemoryLimit {
+		t.Fatalf("memory limit %d without GOMEMLIMIT, want %d", got, defaultMemoryLimit)
+	}
+
+	os.Setenv("GOMEMLIMIT", "1GiB")
+	debug.SetMemoryLimit(1 << 30)
+	setMemoryLimit()
+	if got := debug.SetMemoryLimit(-1); got != 1<<30 {
+		t.Fatalf("memory limit %d with GOMEMLIMIT=1GiB, want it kept", got)
 	}
 }

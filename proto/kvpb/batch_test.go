@@ -2,28 +2,145 @@ package kvpb
 
 import (
 	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"runtime"
+	"sync/atomic"
 	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/proto"
 )
 
 // TestFittingCutsAtOneMessage: answers are packed up to
 // maxBatchResponseBytes, and every message carries at least one.
 func TestFittingCutsAtOneMessage(t *testing.T) {
-	answer := func(n int) *BatchResponseItem {
-		return &BatchResponseItem{Response: &BatchResponseItem_Get{Get: &GetResponse{Kv: &KeyValue{Value: bytes.Repeat([]byte("v"), n)}}}}
+	answer := func(n int) reply {
+		it := &BatchResponseItem{Response: &BatchResponseItem_Get{Get: &GetResponse{Kv: &KeyValue{Value: bytes.Repeat([]byte("v"), n)}}}}
+		return reply{it: it, size: proto.Size(it)}
 	}
 	big := 600 << 10
 	for _, tc := range []struct {
 		name  string
-		items []*BatchResponseItem
+		items []reply
 		want  int
 	}{
-		{"one answer over the limit goes alone", []*BatchResponseItem{answer(2 << 20)}, 1},
-		{"small answers share a message", []*BatchResponseItem{answer(10), answer(10), answer(10)}, 3},
-		{"the answer that crosses the limit opens the next message", []*BatchResponseItem{answer(big), answer(big), answer(10)}, 1},
-		{"up to the limit", []*BatchResponseItem{answer(10), answer(big), answer(big)}, 2},
+		{"one answer over the limit goes alone", []reply{answer(2 << 20)}, 1},
+		{"small answers share a message", []reply{answer(10), answer(10), answer(10)}, 3},
+		{"the answer that crosses the limit opens the next message", []reply{answer(big), answer(big), answer(10)}, 1},
+		{"up to the limit", []reply{answer(10), answer(big), answer(big)}, 2},
 	} {
 		if got := fitting(tc.items); got != tc.want {
 			t.Errorf("%s: fitting = %d, want %d", tc.name, got, tc.want)
 		}
+	}
+}
+
+// batchOnly serves Batch with ServeBatchWith; gets of "slow" wait for
+// the stream to end, other gets answer a 64 KiB value at once.
+type batchOnly struct {
+	UnimplementedKVServer
+	opts BatchOptions
+	done chan error // what each Batch handler returned
+}
+
+func (b batchOnly) Batch(stream KV_BatchServer) error {
+	err := ServeBatchWith(stream, b.opts, func(ctx context.Context, it *BatchRequestItem) (*BatchResponseItem, error) {
+		if string(it.GetGet().GetKey()) == "slow" {
+			<-ctx.Done()
+			return nil, ctx.Err()
+		}
+		return &BatchResponseItem{Response: &BatchResponseItem_Get{Get: &GetResponse{Kv: &KeyValue{Value: make([]byte, 64<<10)}}}}, nil
+	})
+	b.done <- err
+	return err
+}
+
+// TestServeBatchCutsOffAClientNotReading: a client that sends and never
+// reads makes ServeBatchWith stop receiving at its bound, and once Send
+// has been blocked for SendTimeout the handler returns ErrNotReading,
+// with every goroutine it started (item, receiver, sender) ended soon
+// after and every byte charged released.
+func TestServeBatchCutsOffAClientNotReading(t *testing.T) {
+	var charged atomic.Int64
+	srv := batchOnly{done: make(chan error, 4), opts: BatchOptions{
+		MaxHeldBytes: 256 << 10,
+		SendTimeout:  200 * time.Millisecond,
+		Charge:       func(_ *BatchRequestItem, n int64) bool { charged.Add(n); return true },
+		Release:      func(n int64) { charged.Add(-n) },
+	}}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer()
+	RegisterKVServer(gs, srv)
+	go gs.Serve(lis)
+	defer gs.Stop()
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithStaticStreamWindowSize(64<<10), grpc.WithStaticConnWindowSize(64<<10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	kv := NewKVClient(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	// A well-behaved stream first: the connection and its goroutines
+	// are then part of the baseline.
+	s, err := kv.Batch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Recv(); !errors.Is(err, io.EOF) {
+		t.Fatalf("empty stream: %v", err)
+	}
+	if err := <-srv.done; err != nil {
+		t.Fatal(err)
+	}
+	baseline := runtime.NumGoroutine()
+
+	sctx, scancel := context.WithCancel(ctx)
+	defer scancel()
+	s, err = kv.Batch(sctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for i := uint64(1); i <= 2000; i++ {
+			key := "fast"
+			if i%50 == 0 {
+				key = "slow"
+			}
+			item := &BatchRequestItem{Id: i, Request: &BatchRequestItem_Get{Get: &GetRequest{Key: []byte(key)}}}
+			if s.Send(&BatchRequest{Items: []*BatchRequestItem{item}}) != nil {
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-srv.done:
+		if !errors.Is(err, ErrNotReading) {
+			t.Fatalf("handler returned %v, want ErrNotReading", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("the stream of a client not reading was never cut off")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for runtime.NumGoroutine() > baseline || charged.Load() != 0 {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			t.Fatalf("%d goroutines, %d before the stream; %d bytes still charged\n%s",
+				runtime.NumGoroutine(), baseline, charged.Load(), buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(10 * time.Millisecond) // poll interval, not synchronisation
 	}
 }
