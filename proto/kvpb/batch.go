@@ -262,6 +262,10 @@ type batchServer struct {
 		avgAnswer    int  // moving average of the stream's answer sizes
 		answers      int  // answers so far
 		stopped      bool // cut off: start no more items
+		// pause is how long the stream waits before its next Recv: it
+		// doubles with each item refused with ResourceExhausted and is
+		// cleared by an item served.
+		pause time.Duration
 	}
 	items   sync.WaitGroup // item goroutines
 	space   chan struct{}  // cap 1: held items or bytes went down
@@ -343,6 +347,9 @@ func (b *batchServer) recvAll(ctx context.Context, stream KV_BatchServer,
 				return ctx.Err()
 			}
 		}
+		if err := b.waitPause(ctx); err != nil {
+			return err
+		}
 		req, err := stream.Recv()
 		if err != nil {
 			return err
@@ -386,9 +393,51 @@ func (b *batchServer) recvAll(ctx context.Context, stream KV_BatchServer,
 					charged = n
 				}
 				b.answered(n, reqSize+est, served)
+				b.throttle(res)
 				b.out.put(reply{it: res, size: n, charged: charged})
 			}()
 		}
+	}
+}
+
+// Bounds of a stream's pause after refusals (batchServer.mu.pause).
+const (
+	minRefusedPause = 5 * time.Millisecond
+	maxRefusedPause = time.Second
+)
+
+// throttle moves the stream's pause by res: a client that sends on
+// through ResourceExhausted answers is slowed by gRPC's flow control, as
+// the stream stops receiving for a while, instead of having the node
+// receive and decode its requests only to refuse them; that work is what
+// starved other clients of CPU under a flood of large writes.
+func (b *batchServer) throttle(res *BatchResponseItem) {
+	code := codes.Code(res.GetError().GetCode())
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	switch {
+	case code == codes.ResourceExhausted:
+		b.mu.pause = min(max(2*b.mu.pause, minRefusedPause), maxRefusedPause)
+	case res.GetError() == nil:
+		b.mu.pause = 0
+	}
+}
+
+// waitPause waits out the stream's pause, if any.
+func (b *batchServer) waitPause(ctx context.Context) error {
+	b.mu.Lock()
+	d := b.mu.pause
+	b.mu.Unlock()
+	if d == 0 {
+		return nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
 	}
 }
 

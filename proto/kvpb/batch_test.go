@@ -12,7 +12,9 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -142,5 +144,40 @@ func TestServeBatchCutsOffAClientNotReading(t *testing.T) {
 				runtime.NumGoroutine(), baseline, charged.Load(), buf[:runtime.Stack(buf, true)])
 		}
 		time.Sleep(10 * time.Millisecond) // poll interval, not synchronisation
+	}
+}
+
+// A stream whose items are refused with ResourceExhausted waits longer
+// before each next Recv, up to a bound, and an item served ends the wait.
+func TestBatchPauseAfterRefusals(t *testing.T) {
+	b := &batchServer{}
+	refused := &BatchResponseItem{Error: StatusOf(status.Error(codes.ResourceExhausted, "full"))}
+	invalid := &BatchResponseItem{Error: StatusOf(status.Error(codes.InvalidArgument, "bad"))}
+	want := []time.Duration{minRefusedPause, 2 * minRefusedPause, 4 * minRefusedPause}
+	for i, w := range want {
+		b.throttle(refused)
+		if b.mu.pause != w {
+			t.Fatalf("after %d refusals the pause is %v, want %v", i+1, b.mu.pause, w)
+		}
+	}
+	b.throttle(invalid)
+	if b.mu.pause != want[len(want)-1] {
+		t.Fatalf("an InvalidArgument answer moved the pause to %v", b.mu.pause)
+	}
+	for range 20 {
+		b.throttle(refused)
+	}
+	if b.mu.pause != maxRefusedPause {
+		t.Fatalf("pause after many refusals is %v, want the bound %v", b.mu.pause, maxRefusedPause)
+	}
+	b.throttle(&BatchResponseItem{})
+	if b.mu.pause != 0 {
+		t.Fatalf("an item served left a pause of %v", b.mu.pause)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	b.throttle(refused)
+	cancel()
+	if err := b.waitPause(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("waitPause on a cancelled stream: %v, want context.Canceled", err)
 	}
 }
