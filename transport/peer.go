@@ -22,6 +22,7 @@ type outMsg struct {
 	shard uint64
 	m     *raftpb.Message
 	data  []byte // m marshalled, once the sender has looked at it
+	bytes int64  // m's entry bytes, charged to peer.queuedBytes
 	// check, when set, is a leader check travelling instead of m.
 	check *peerpb.LeaderCheck
 }
@@ -31,12 +32,23 @@ type outMsg struct {
 type peer struct {
 	id     uint64
 	queue  chan outMsg
+	// urgent holds what must not wait behind queued appends: every raft
+	// message but MsgApp (heartbeats, votes, acknowledgements) and leader
+	// checks. The sender takes from it first, so a read's leader check or
+	// a heartbeat waits for at most the batch on the wire, not for every
+	// megabyte of appends queued before it; otherwise a flood of large
+	// writes cost leaders their leadership (CheckQuorum) and reads their
+	// deadline.
+	urgent chan outMsg
 	ctx    context.Context
 	cancel context.CancelFunc
 	// wake cuts the dial loop's backoff short after an address change.
 	wake chan struct{}
 
 	sendFailures, dropped atomic.Uint64
+	// queuedBytes is the entry bytes of the messages in queue
+	// (Config.MaxQueueBytes).
+	queuedBytes atomic.Int64
 
 	mu struct {
 		sync.Mutex
@@ -48,7 +60,7 @@ type peer struct {
 }
 
 func newPeer(parent context.Context, id uint64, addr string, queueSize int) *peer {
-	p := &peer{id: id, queue: make(chan outMsg, queueSize), wake: make(chan struct{}, 1)}
+	p := &peer{id: id, queue: make(chan outMsg, queueSize), urgent: make(chan outMsg, queueSize), wake: make(chan struct{}, 1)}
 	p.ctx, p.cancel = context.WithCancel(parent)
 	p.mu.addr = addr
 	return p
@@ -94,6 +106,23 @@ func (p *peer) setStreamCancel(addr string, cancel context.CancelFunc) bool {
 	return true
 }
 
+// poll takes the next queued message without waiting, urgent ones
+// first; nil when both queues are empty.
+func (p *peer) poll() *outMsg {
+	select {
+	case m := <-p.urgent:
+		return &m
+	default:
+	}
+	select {
+	case m := <-p.queue:
+		p.queuedBytes.Add(-m.bytes)
+		return &m
+	default:
+		return nil
+	}
+}
+
 // sendLoop is the peer's sender goroutine: it blocks on the queue, then
 // drains what is queued into one batch, so messages of all shards that
 // piled up while the previous batch was on the wire leave together.
@@ -105,6 +134,9 @@ func (t *Transport) sendLoop(p *peer) {
 	unreachable := make(map[uint64]struct{})
 	for {
 		if next == nil {
+			next = p.poll()
+		}
+		if next == nil {
 			select {
 			case <-p.ctx.Done():
 				return
@@ -114,7 +146,10 @@ func (t *Transport) sendLoop(p *peer) {
 				}
 				sent = false
 				continue
+			case m := <-p.urgent:
+				next = &m
 			case m := <-p.queue:
+				p.queuedBytes.Add(-m.bytes)
 				next = &m
 			}
 		}
@@ -145,11 +180,7 @@ func (t *Transport) sendLoop(p *peer) {
 				size += len(next.data)
 				next = nil
 			}
-			select {
-			case m := <-p.queue:
-				next = &m
-			default:
-			}
+			next = p.poll()
 		}
 		if len(b.Msgs) == 0 && len(b.Checks) == 0 {
 			continue

@@ -53,6 +53,7 @@ var (
 // package has a reason to change them; tests do not depend on their values.
 const (
 	defaultQueueSize        = 4096
+	defaultMaxQueueBytes    = 32 << 20
 	defaultMaxBatchMessages = 512
 	defaultMaxBatchBytes    = 4 << 20
 
@@ -167,6 +168,13 @@ type Config struct {
 	// When it is full, Send drops the message and reports the peer
 	// unreachable: backpressure, never unbounded memory.
 	QueueSize int
+	// MaxQueueBytes bounds the entry bytes waiting in one peer's queue
+	// (default 32 MiB): a count alone would let 4096 appends of 1 MiB
+	// entries queue 4 GiB. A message carrying entries that would pass it
+	// is dropped and reported like one that finds the queue full;
+	// messages without entries (heartbeats, votes, answers) are bounded
+	// by QueueSize alone.
+	MaxQueueBytes int
 	// MaxBatchMessages caps the messages in one batch (default 512).
 	MaxBatchMessages int
 	// MaxBatchBytes stops a batch from growing past this many bytes of
@@ -244,6 +252,9 @@ type Transport struct {
 func New(cfg Config) *Transport {
 	if cfg.QueueSize <= 0 {
 		cfg.QueueSize = defaultQueueSize
+	}
+	if cfg.MaxQueueBytes <= 0 {
+		cfg.MaxQueueBytes = defaultMaxQueueBytes
 	}
 	if cfg.MaxBatchMessages <= 0 {
 		cfg.MaxBatchMessages = defaultMaxBatchMessages
@@ -411,10 +422,28 @@ func (t *Transport) enqueue(to uint64, m outMsg) error {
 		t.stats.droppedUnknownPeer.Add(1)
 		return ErrUnknownPeer
 	}
+	// Appends keep their order in the bulk queue: an empty append (a
+	// commit index) that overtook the entries before it would be rejected
+	// and make the leader resend. Anything else may overtake them, as raft
+	// allows any reordering (etcd's rafthttp sends appends on a stream of
+	// their own for the same reason).
+	q := p.urgent
+	if m.m != nil && m.m.GetType() == raftpb.MsgApp {
+		q = p.queue
+		for _, e := range m.m.GetEntries() {
+			m.bytes += int64(len(e.GetData()))
+		}
+	}
+	if m.bytes > 0 && p.queuedBytes.Add(m.bytes) > int64(t.cfg.MaxQueueBytes) {
+		p.queuedBytes.Add(-m.bytes)
+		p.dropped.Add(1)
+		return errQueueFull
+	}
 	select {
-	case p.queue <- m:
+	case q <- m:
 		return nil
 	default:
+		p.queuedBytes.Add(-m.bytes)
 		p.dropped.Add(1)
 		return errQueueFull
 	}
