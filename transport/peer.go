@@ -30,8 +30,8 @@ type outMsg struct {
 // peer is a node SetPeer added. Its sender goroutine, and on the dialing
 // side its dial goroutine, live until ctx is cancelled (RemovePeer, Stop).
 type peer struct {
-	id     uint64
-	queue  chan outMsg
+	id    uint64
+	queue chan outMsg
 	// urgent holds what must not wait behind queued appends: every raft
 	// message but MsgApp (heartbeats, votes, acknowledgements) and leader
 	// checks. The sender takes from it first, so a read's leader check or
