@@ -12,7 +12,7 @@
 // (reset when the flood begins) when it ends.
 //
 // The budget asserted: every node alive after every flood, every node's
-// peak anonymous resident memory (RssAnon) below 512 MiB, and at least 99%
+// peak anonymous resident memory (RssAnon) below 640 MiB, and at least 99%
 // of the victim's gets answered. VmRSS, which adds the resident pages of
 // the bbolt file, is reported. The tests build only with the tag flood:
 // `make flood` runs TestFlood (30 s per flood), `make flood-short`

@@ -42,7 +42,7 @@ type Budget struct {
 
 // DefaultBudget is the documented budget of a node at its defaults
 // (docs/memory.md).
-var DefaultBudget = Budget{MaxRSS: 512 << 20, MinVictimRate: 0.99}
+var DefaultBudget = Budget{MaxRSS: 640 << 20, MinVictimRate: 0.99}
 
 // Plan sizes a run: how long each flood lasts and how many large values
 // the scan flood reads.
