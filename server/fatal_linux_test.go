@@ -4,10 +4,7 @@ import (
 	"context"
 	"io"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -17,40 +14,9 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/kvd/kvd/internal/testkit"
 	"github.com/kvd/kvd/proto/kvpb"
 )
-
-// breakWAL makes the WAL of the engine in dataDir fail its next fdatasync,
-// as a disk gone bad does: /dev/null takes the place of its file
-// descriptor, which the process finds in /proc/self/fd.
-func breakWAL(t *testing.T, dataDir string) {
-	t.Helper()
-	want := filepath.Join(dataDir, "kvd.wal")
-	fds, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	null, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer null.Close()
-	for _, fd := range fds {
-		target, err := os.Readlink(filepath.Join("/proc/self/fd", fd.Name()))
-		if err != nil || target != want {
-			continue
-		}
-		var n int
-		for _, c := range fd.Name() {
-			n = n*10 + int(c-'0')
-		}
-		if err := syscall.Dup3(int(null.Fd()), n, syscall.O_CLOEXEC); err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
-	t.Fatalf("no open file descriptor on %s", want)
-}
 
 func httpGet(t *testing.T, url string) (int, string) {
 	t.Helper()
@@ -83,7 +49,7 @@ func TestFailedEngineStopsServing(t *testing.T) {
 		t.Fatalf("/healthz before the failure = %d", code)
 	}
 
-	breakWAL(t, c.cfgs[0].DataDir)
+	testkit.BreakWAL(t, c.cfgs[0].DataDir)
 	if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: keys[1], Value: []byte("v")}); err == nil {
 		t.Fatal("Put on a node whose WAL cannot sync succeeded")
 	}

@@ -7,7 +7,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -17,6 +16,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/kvd/kvd/internal/testkit"
 	"github.com/kvd/kvd/proto/kvpb"
 )
 
@@ -101,30 +101,12 @@ func TestPeerCallFromAnotherClusterRefused(t *testing.T) {
 	}
 }
 
-// logBuf collects a node's log lines for a test to read.
-type logBuf struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *logBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // A second process started with the id of a running node (here with its
 // advertised peer address too, so its configuration checks pass) is
 // refused by the peers it dials, which log it; the cluster keeps serving
 // through the original node.
 func TestSecondServerWithSameIDRefused(t *testing.T) {
-	var log3 logBuf
+	var log3 testkit.LogBuffer
 	c := newTestCluster(t, 3, 2, func(cfg *Config) {
 		if cfg.NodeID == 3 {
 			cfg.Logger = slog.New(slog.NewTextHandler(&log3, nil))

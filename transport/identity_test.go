@@ -11,45 +11,12 @@ import (
 
 	"go.etcd.io/raft/v3/raftpb"
 
+	"github.com/kvd/kvd/internal/testkit"
 	"github.com/kvd/kvd/transport"
 )
 
-// logBuf collects a transport's log lines.
-type logBuf struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *logBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-// hasError reports whether an ERROR line mentions every one of words.
-func (l *logBuf) hasError(words ...string) bool {
-	for _, line := range strings.Split(l.String(), "\n") {
-		if !strings.Contains(line, "level=ERROR") {
-			continue
-		}
-		all := true
-		for _, w := range words {
-			all = all && strings.Contains(line, w)
-		}
-		if all {
-			return true
-		}
-	}
-	return false
-}
-
-func (l *logBuf) logger() *slog.Logger { return slog.New(slog.NewTextHandler(l, nil)) }
+// logTo returns a logger writing to l.
+func logTo(l *testkit.LogBuffer) *slog.Logger { return slog.New(slog.NewTextHandler(l, nil)) }
 
 // memIncarnations is an in-memory transport.Incarnations.
 type memIncarnations struct {
@@ -115,17 +82,17 @@ func startNode(t *testing.T, lis net.Listener, cfg transport.Config) *node {
 // A second process started with an existing node id is refused, both
 // sides log it, and the original node's link keeps working.
 func TestSecondNodeWithSameIDRefused(t *testing.T) {
-	var log2, logDup logBuf
+	var log2, logDup testkit.LogBuffer
 	n1 := startNode(t, nil, transport.Config{NodeID: 1, ClusterID: 7})
-	n2 := startNode(t, nil, transport.Config{NodeID: 2, ClusterID: 7, Logger: log2.logger()})
+	n2 := startNode(t, nil, transport.Config{NodeID: 2, ClusterID: 7, Logger: logTo(&log2)})
 	n1.tr.SetPeer(2, n2.addr)
 	n2.tr.SetPeer(1, n1.addr)
 	waitConnected(t, map[uint64]*node{1: n1, 2: n2})
 
-	dup := startNode(t, nil, transport.Config{NodeID: 1, ClusterID: 7, Logger: logDup.logger()})
+	dup := startNode(t, nil, transport.Config{NodeID: 1, ClusterID: 7, Logger: logTo(&logDup)})
 	dup.tr.SetPeer(2, n2.addr)
 	waitForOr(t, "both sides to log the refusal", func() bool {
-		return log2.hasError("from=1", "second process") && logDup.hasError("peer=2", "second process")
+		return log2.HasError("from=1", "second process") && logDup.HasError("peer=2", "second process")
 	}, func() string { return "\nnode 2:\n" + log2.String() + "\nduplicate:\n" + logDup.String() })
 	if dup.tr.Stats().Peers[2].Connected {
 		t.Fatal("the duplicate node 1 got a stream to node 2")
@@ -145,17 +112,17 @@ func TestSecondNodeWithSameIDRefused(t *testing.T) {
 // A peer address that reaches another node is detected on both sides and
 // the link is not used; so is a node of another cluster.
 func TestWrongAddressDetected(t *testing.T) {
-	var log1, log3, logOther logBuf
-	n1 := startNode(t, nil, transport.Config{NodeID: 1, ClusterID: 7, Logger: log1.logger()})
-	n3 := startNode(t, nil, transport.Config{NodeID: 3, ClusterID: 7, Logger: log3.logger()})
-	other := startNode(t, nil, transport.Config{NodeID: 4, ClusterID: 8, Logger: logOther.logger()})
+	var log1, log3, logOther testkit.LogBuffer
+	n1 := startNode(t, nil, transport.Config{NodeID: 1, ClusterID: 7, Logger: logTo(&log1)})
+	n3 := startNode(t, nil, transport.Config{NodeID: 3, ClusterID: 7, Logger: logTo(&log3)})
+	other := startNode(t, nil, transport.Config{NodeID: 4, ClusterID: 8, Logger: logTo(&logOther)})
 	n1.tr.SetPeer(2, n3.addr) // node 1 thinks node 2 is at node 3's address
 	n1.tr.SetPeer(4, other.addr)
 	waitForOr(t, "the wrong address logged on both sides", func() bool {
-		return log1.hasError("peer=2", n3.addr, "reached node 3") && log3.hasError("from=1", "to=2", "reached node 3")
+		return log1.HasError("peer=2", n3.addr, "reached node 3") && log3.HasError("from=1", "to=2", "reached node 3")
 	}, func() string { return "\nnode 1:\n" + log1.String() + "\nnode 3:\n" + log3.String() })
 	waitForOr(t, "the other cluster logged on both sides", func() bool {
-		return log1.hasError("peer=4", "cluster 8") && logOther.hasError("from=1", "cluster 7")
+		return log1.HasError("peer=4", "cluster 8") && logOther.HasError("from=1", "cluster 7")
 	}, func() string { return "\nnode 1:\n" + log1.String() + "\nother:\n" + logOther.String() })
 	n1.tr.Send(1, []*raftpb.Message{msg(raftpb.MsgApp, 1, 2, 5), msg(raftpb.MsgApp, 1, 4, 5)})
 	st := n1.tr.Stats()
@@ -179,12 +146,12 @@ func TestNewDataDirRefused(t *testing.T) {
 		wiped uint64 // the node that comes back with a new data dir
 	}{{"wiped node dials", 1}, {"wiped node is dialed", 2}} {
 		t.Run(tc.name, func(t *testing.T) {
-			var logs [3]logBuf
+			var logs [3]testkit.LogBuffer
 			var ev [3]evictions
 			stores := [3]*memIncarnations{nil, {}, {}}
 			cfg := func(id, inc uint64) transport.Config {
 				return transport.Config{NodeID: id, ClusterID: 7, Incarnation: inc, Incarnations: stores[id],
-					Evicted: ev[id].evicted, Logger: logs[id].logger()}
+					Evicted: ev[id].evicted, Logger: logTo(&logs[id])}
 			}
 			n1 := startNode(t, nil, cfg(1, 0x11))
 			n2 := startNode(t, nil, cfg(2, 0x22))
@@ -211,7 +178,7 @@ func TestNewDataDirRefused(t *testing.T) {
 			back.tr.SetPeer(keep.id, keep.addr)
 
 			waitForOr(t, "the wiped node evicted, and the refusal logged at ERROR on both sides", func() bool {
-				return len(ev[tc.wiped].get()) > 0 && logs[tc.wiped].hasError("new member") && logs[keep.id].hasError("new member")
+				return len(ev[tc.wiped].get()) > 0 && logs[tc.wiped].HasError("new member") && logs[keep.id].HasError("new member")
 			},
 				func() string { return "\nwiped:\n" + logs[tc.wiped].String() + "\nkept:\n" + logs[keep.id].String() })
 			err := ev[tc.wiped].get()[0]

@@ -2,11 +2,8 @@ package main
 
 import (
 	"context"
-	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -14,39 +11,9 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/kvd/kvd/internal/proccluster"
+	"github.com/kvd/kvd/internal/testkit"
 	"github.com/kvd/kvd/proto/kvpb"
 )
-
-// breakWAL makes the WAL in dataDir fail its next fdatasync: /dev/null
-// takes the place of its file descriptor (found in /proc/self/fd), as a
-// disk gone bad fails the sync.
-func breakWAL(t *testing.T, dataDir string) {
-	t.Helper()
-	want := filepath.Join(dataDir, "kvd.wal")
-	fds, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	null, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer null.Close()
-	for _, fd := range fds {
-		if target, err := os.Readlink(filepath.Join("/proc/self/fd", fd.Name())); err != nil || target != want {
-			continue
-		}
-		n, err := strconv.Atoi(fd.Name())
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := syscall.Dup3(int(null.Fd()), n, syscall.O_CLOEXEC); err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
-	t.Fatalf("no open file descriptor on %s", want)
-}
 
 // A node whose engine fails exits on its own, non-zero, with the reason
 // in one line.
@@ -76,7 +43,7 @@ func TestFailedEngineExitsWithReason(t *testing.T) {
 		return err
 	}
 	proccluster.WaitFor(t, 20*time.Second, "a first put", func() bool { return put() == nil })
-	breakWAL(t, dir)
+	testkit.BreakWAL(t, dir)
 	_ = put() // fails: its WAL sync does
 
 	select {
