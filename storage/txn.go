@@ -25,6 +25,45 @@ type Txn struct {
 	// deletes (loaded on first use); it is stored by finish.
 	hash               uint64
 	hashLoaded, hashed bool
+
+	// seen remembers the stored checksums of the last pairs this Txn read
+	// or wrote, so that a put replacing a value the state machine has just
+	// read (it reads before it writes: the previous value, the revision,
+	// the session) need not look it up again to move the state hash. A
+	// key is kept by reference: bbolt already requires keys to stay
+	// unchanged for the life of the transaction.
+	seen     [6]seenSum
+	seenNext int
+}
+
+// seenSum is the stored checksum of key in bucket b (0: absent).
+type seenSum struct {
+	b   *bolt.Bucket
+	key []byte
+	sum uint64
+}
+
+// remember records key's stored checksum in b.
+func (t *Txn) remember(b *bolt.Bucket, key []byte, sum uint64) {
+	for i := range t.seen {
+		if e := &t.seen[i]; e.b == b && bytes.Equal(e.key, key) {
+			e.sum = sum
+			return
+		}
+	}
+	t.seen[t.seenNext] = seenSum{b: b, key: key, sum: sum}
+	t.seenNext = (t.seenNext + 1) % len(t.seen)
+}
+
+// storedSumOf returns the checksum stored with key in b (0: absent),
+// from what this Txn has seen when it can.
+func (t *Txn) storedSumOf(b *bolt.Bucket, key []byte) uint64 {
+	for i := range t.seen {
+		if e := &t.seen[i]; e.b == b && bytes.Equal(e.key, key) {
+			return e.sum
+		}
+	}
+	return storedSum(b.Get(key))
 }
 
 // end invalidates t, so that an ApplyFunc keeping it fails loudly instead
@@ -52,11 +91,12 @@ func (t *Txn) corrupt(err error) {
 }
 
 func (t *Txn) get(b *bolt.Bucket, key []byte) []byte {
-	v, _, err := unseal(key, b.Get(key))
+	v, sum, err := unseal(key, b.Get(key))
 	if err != nil {
 		t.corrupt(err)
 		return nil
 	}
+	t.remember(b, key, sum)
 	return v
 }
 
@@ -87,12 +127,14 @@ func (t *Txn) put(b *bolt.Bucket, key, value []byte) error {
 	if err := validKey(key); err != nil {
 		return err
 	}
-	old := storedSum(b.Get(key))
+	old := t.storedSumOf(b, key)
 	sealed := seal(key, value)
 	if err := b.Put(key, sealed); err != nil {
 		return fmt.Errorf("storage: put: %w", err)
 	}
-	t.addHash(storedSum(sealed), old)
+	sum := storedSum(sealed)
+	t.remember(b, key, sum)
+	t.addHash(sum, old)
 	return nil
 }
 
@@ -107,6 +149,7 @@ func (t *Txn) del(b *bolt.Bucket, key []byte) error {
 	if err := b.Delete(key); err != nil {
 		return fmt.Errorf("storage: delete: %w", err)
 	}
+	t.remember(b, key, 0)
 	t.addHash(0, storedSum(old))
 	return nil
 }
