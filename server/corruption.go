@@ -39,6 +39,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -79,6 +80,10 @@ type corruption struct {
 	gauge  *prometheus.GaugeVec
 	checks *prometheus.CounterVec // hash checks by result
 	leave  chan uint64            // to leaveLoop
+	// local is set once a replica of this node has an alarm: until then
+	// corruptErr, on every read and write, costs one atomic load rather
+	// than a lock.
+	local atomic.Bool
 
 	mu struct {
 		sync.Mutex
@@ -142,6 +147,9 @@ func (s *Server) setAlarm(shard, node uint64, reason string) (added bool) {
 	s.corrupt.mu.Lock()
 	_, had := s.corrupt.mu.alarms[alarmKey{shard, node}]
 	s.corrupt.mu.alarms[alarmKey{shard, node}] = reason
+	if node == s.cfg.NodeID {
+		s.corrupt.local.Store(true)
+	}
 	s.corrupt.mu.Unlock()
 	s.corrupt.gauge.WithLabelValues(strconv.FormatUint(shard, 10), strconv.FormatUint(node, 10)).Set(1)
 	return !had
@@ -193,6 +201,9 @@ func (s *Server) leaveLoop() {
 // corruptErr returns ErrReplicaCorrupt if this node's replica of shard is
 // known corrupt: it must not answer from it.
 func (s *Server) corruptErr(shard uint64) error {
+	if !s.corrupt.local.Load() {
+		return nil
+	}
 	s.corrupt.mu.Lock()
 	reason, bad := s.corrupt.mu.alarms[alarmKey{shard, s.cfg.NodeID}]
 	s.corrupt.mu.Unlock()

@@ -379,7 +379,10 @@ func (b *batchServer) recvAll(ctx context.Context, stream KV_BatchServer,
 				} else {
 					res = &BatchResponseItem{Id: it.GetId(), Error: StatusOf(ErrAnswerRefused)}
 				}
-				n := proto.Size(res)
+				n := served
+				if served < 0 {
+					n = proto.Size(res)
+				}
 				switch {
 				case served >= 0 && n > est && !b.opts.Charge(it, int64(n-est)):
 					// No room for the answer: drop it.
