@@ -145,7 +145,7 @@ FLOOD_DURATION ?= 30s
 
 .PHONY: flood flood-short
 
-flood: ## flood a local 3-node cluster with hostile clients; checks memory and a victim's reads (about 4 minutes)
+flood: ## flood a local 3-node cluster with hostile clients; checks memory and a victim's reads (about 3 minutes)
 	$(GO) test -count=1 -v -tags flood -timeout 30m -run 'TestFlood$$' ./test/flood -flood.duration=$(FLOOD_DURATION)
 
 flood-short: ## make flood with 5 s floods (about 2 minutes)
