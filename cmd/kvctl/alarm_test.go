@@ -48,3 +48,22 @@ func TestStatusShowsCorruptionAlarms(t *testing.T) {
 		t.Fatalf("alarm section without alarms:\n%s", out.String())
 	}
 }
+
+// TestAlarmViewOrder: alarms are listed by shard, then node, across the
+// whole range of ids (a node id may be any uint64).
+func TestAlarmViewOrder(t *testing.T) {
+	const big = 1 << 63
+	alarms := []*kvpb.CorruptionAlarm{
+		{Shard: big + 5, Node: 1}, {Shard: 1, Node: big + 5}, {Shard: 1, Node: 2},
+	}
+	got := alarmView([]client.NodeStatus{{ID: 1, Status: &kvpb.StatusResponse{Alarms: alarms}}})
+	want := [][2]uint64{{1, 2}, {1, big + 5}, {big + 5, 1}}
+	if len(got) != len(want) {
+		t.Fatalf("alarmView = %+v", got)
+	}
+	for i, w := range want {
+		if got[i].Shard != w[0] || got[i].Node != w[1] {
+			t.Fatalf("alarm %d is (shard %d, node %d), want (%d, %d): %+v", i, got[i].Shard, got[i].Node, w[0], w[1], got)
+		}
+	}
+}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -217,7 +218,7 @@ func shardView(st []client.NodeStatus) []jsonShard {
 	for _, j := range best {
 		out = append(out, j)
 	}
-	slices.SortFunc(out, func(x, y jsonShard) int { return int(x.Shard) - int(y.Shard) })
+	slices.SortFunc(out, func(x, y jsonShard) int { return cmp.Compare(x.Shard, y.Shard) })
 	return out
 }
 
@@ -293,10 +294,7 @@ func alarmView(st []client.NodeStatus) []jsonAlarm {
 		}
 	}
 	slices.SortFunc(out, func(x, y jsonAlarm) int {
-		if x.Shard != y.Shard {
-			return int(x.Shard) - int(y.Shard)
-		}
-		return int(x.Node) - int(y.Node)
+		return cmp.Or(cmp.Compare(x.Shard, y.Shard), cmp.Compare(x.Node, y.Node))
 	})
 	return out
 }
