@@ -51,7 +51,8 @@ func (t *Txn) remember(b *bolt.Bucket, key []byte, sum uint64) {
 			return
 		}
 	}
-	t.seen[t.seenNext] = seenSum{b: b, key: key, sum: sum}
+	e := &t.seen[t.seenNext]
+	e.b, e.key, e.sum = b, append(e.key[:0], key...), sum
 	t.seenNext = (t.seenNext + 1) % len(t.seen)
 }
 
