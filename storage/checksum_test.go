@@ -274,3 +274,42 @@ func TestLayoutRefused(t *testing.T) {
 		t.Fatalf("error %q does not name both layouts", err)
 	}
 }
+
+// TestStateHashKeyBufferReused: a caller may reuse the buffer of a key it
+// only read, and a range callback may delete the key bbolt hands it; the
+// state hash still adds up to the stored pairs.
+func TestStateHashKeyBufferReused(t *testing.T) {
+	e, _ := openTest(t, Options{NoSync: true})
+	s, _ := e.CreateShard(1, voters)
+	next := putAll(t, s, 2, "a", "1", "b", "2")
+	en := &pb.Entry{Index: proto.Uint64(next), Term: proto.Uint64(1), Data: []byte("x")}
+	if err := s.Save(&Update{Entries: []*pb.Entry{en}, Committed: []*pb.Entry{en}, Apply: func(tx *Txn, _ *pb.Entry) {
+		k := []byte("a")
+		_ = tx.Get(k)
+		k[0] = 'c' // the buffer now names a key that is absent
+		if err := tx.Put(k, []byte("3")); err != nil {
+			panic(err)
+		}
+		if err := tx.PutMeta([]byte("m1"), []byte("x")); err != nil {
+			panic(err)
+		}
+		tx.RangeMeta([]byte("m"), func(k, _ []byte) bool {
+			if err := tx.DeleteMeta(k); err != nil {
+				panic(err)
+			}
+			return true
+		})
+		if err := tx.PutMeta([]byte("m1"), []byte("y")); err != nil {
+			panic(err)
+		}
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	stored, sum := stateHashOf(t, s)
+	if stored != sum {
+		t.Fatalf("state hash %x, pairs add up to %x", stored, sum)
+	}
+	if err := s.Scrub(nil); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -20,9 +20,9 @@
 // and value (checksum.go); reads verify it, so a value changed on disk is
 // reported as ErrCorrupt and never returned, and snapshots neither send nor
 // accept a pair that fails it. Each shard also keeps a state hash, the sum
-// of its kv checksums, updated with the data: replicas compare it at the
-// same applied index and a scrub compares it with the stored pairs. node/
-// records the layout version; Open refuses a file of another one.
+// of its kv and meta checksums, updated with the data: replicas compare it
+// at the same applied index and a scrub compares it with the stored pairs.
+// node/ records the layout version; Open refuses a file of another one.
 //
 // and kvd.wal beside it is the write-ahead log of the rounds since the last
 // bbolt commit (below).

@@ -20,7 +20,7 @@ import (
 //	wal/gen               generation the WAL continues with (see wal.go)
 //	staging/<seq BE8>/    snapshots being received (StageSnapshot)
 //	    info, done        shard id + metadata; marker set by the last chunk
-//	    state-hash        the state hash of the kv pairs staged so far
+//	    state-hash        the state hash of the pairs staged so far
 //	    kv/, meta/        become the shard's kv/ and meta/ on install
 var (
 	bucketNode    = []byte("node")
@@ -39,7 +39,7 @@ var (
 	keyApplied     = []byte("applied") // index BE8 | term BE8
 	keyConfState   = []byte("confstate")
 	keyIncarnation = []byte("incarnation")
-	keyStateHash   = []byte("state-hash") // running sum of kv checksums BE8 (checksum.go)
+	keyStateHash   = []byte("state-hash") // running sum of kv and meta checksums BE8 (checksum.go)
 	keyHashCheck   = []byte("hash-check") // index BE8 | state hash BE8 (Txn.CheckHash)
 
 	keyLayout = []byte("layout") // in node/: layout version BE8

@@ -51,7 +51,8 @@ func (t *Txn) remember(b *bolt.Bucket, key []byte, sum uint64) {
 			return
 		}
 	}
-	t.seen[t.seenNext] = seenSum{b: b, key: key, sum: sum}
+	e := &t.seen[t.seenNext]
+	e.b, e.key, e.sum = b, append(e.key[:0], key...), sum
 	t.seenNext = (t.seenNext + 1) % len(t.seen)
 }
 
@@ -91,13 +92,34 @@ func (t *Txn) corrupt(err error) {
 }
 
 func (t *Txn) get(b *bolt.Bucket, key []byte) []byte {
-	v, sum, err := unseal(key, b.Get(key))
-	if err != nil {
-		t.corrupt(err)
-		return nil
-	}
+	v, sum := getUnsealed(b, key, t.corrupt)
 	t.remember(b, key, sum)
 	return v
+}
+
+// getUnsealed returns key's value in b without its checksum, and the
+// checksum; a corrupt value is handed to corrupt and reads as absent.
+func getUnsealed(b *bolt.Bucket, key []byte, corrupt func(error)) ([]byte, uint64) {
+	v, sum, err := unseal(key, b.Get(key))
+	if err != nil {
+		corrupt(err)
+		return nil, 0
+	}
+	return v, sum
+}
+
+// rangeUnsealed wraps a range callback fn so that it is given values
+// without their checksum; a corrupt value is handed to corrupt instead
+// and stops the range.
+func rangeUnsealed(fn func(k, v []byte) bool, corrupt func(error)) func(k, v []byte) bool {
+	return func(k, v []byte) bool {
+		v, _, err := unseal(k, v)
+		if err != nil {
+			corrupt(err)
+			return false
+		}
+		return fn(k, v)
+	}
 }
 
 // addHash moves the state hash by the checksum of a pair written (add) or
@@ -157,14 +179,7 @@ func (t *Txn) del(b *bolt.Bucket, key []byte) error {
 // Range calls fn for each key in [start, end) in key order (end nil: to
 // the last key) until fn returns false. A corrupt value aborts like Get.
 func (t *Txn) Range(start, end []byte, fn func(k, v []byte) bool) {
-	rangeBucket(t.kv, start, end, func(k, v []byte) bool {
-		v, _, err := unseal(k, v)
-		if err != nil {
-			t.corrupt(err)
-			return false
-		}
-		return fn(k, v)
-	})
+	rangeBucket(t.kv, start, end, rangeUnsealed(fn, t.corrupt))
 }
 
 // GetMeta returns the value of key in the shard's state-machine metadata
@@ -182,14 +197,7 @@ func (t *Txn) DeleteMeta(key []byte) error { return t.del(t.meta, key) }
 // until fn returns false. fn may delete the key it is given. It stops at a
 // corrupt value, aborting like Get.
 func (t *Txn) RangeMeta(prefix []byte, fn func(k, v []byte) bool) {
-	rangePrefix(t.meta, prefix, func(k, v []byte) bool {
-		v, _, err := unseal(k, v)
-		if err != nil {
-			t.corrupt(err)
-			return false
-		}
-		return fn(k, v)
-	})
+	rangePrefix(t.meta, prefix, rangeUnsealed(fn, t.corrupt))
 }
 
 // StateHash returns the shard's state hash as of this point of the round:
@@ -246,11 +254,7 @@ type Reader struct {
 }
 
 func (r *Reader) get(b *bolt.Bucket, key []byte) []byte {
-	v, _, err := unseal(key, b.Get(key))
-	if err != nil {
-		r.corrupt(err)
-		return nil
-	}
+	v, _ := getUnsealed(b, key, r.corrupt)
 	return v
 }
 
@@ -268,14 +272,7 @@ func (r *Reader) Get(key []byte) []byte { return r.get(r.kv, key) }
 // until fn returns false. It stops at a corrupt value, and View returns
 // ErrCorrupt.
 func (r *Reader) Range(start, end []byte, fn func(k, v []byte) bool) {
-	rangeBucket(r.kv, start, end, func(k, v []byte) bool {
-		v, _, err := unseal(k, v)
-		if err != nil {
-			r.corrupt(err)
-			return false
-		}
-		return fn(k, v)
-	})
+	rangeBucket(r.kv, start, end, rangeUnsealed(fn, r.corrupt))
 }
 
 // GetMeta returns the value of a state-machine metadata key, nil if absent

@@ -232,7 +232,6 @@ func (w *wal) replay(gen uint64, fn func(walOp) error) (walReplay, error) {
 		if _, err := io.ReadFull(r, hdr); err != nil {
 			break // end of file: no more records
 		}
-		n := int64(binary.LittleEndian.Uint32(hdr[4:]))
 		g := binary.LittleEndian.Uint64(hdr[8:])
 		if off == 0 && g == gen {
 			legacy = true
@@ -240,20 +239,18 @@ func (w *wal) replay(gen uint64, fn func(walOp) error) (walReplay, error) {
 		if g != tag && !(legacy && g == gen) {
 			break // zeros or an older generation: the end, unless damaged
 		}
-		if n > maxWALRecord || off+walHeaderSize+n > size {
+		body, ok, err := readRecord(hdr, off, size, func(p []byte) error {
+			_, err := io.ReadFull(r, p)
+			return err
+		})
+		if err != nil {
+			return res, err
+		}
+		if !ok {
 			res.torn = off
 			break
 		}
-		body := make([]byte, 8+n)
-		copy(body, hdr[8:])
-		if _, err := io.ReadFull(r, body[8:]); err != nil {
-			return res, fmt.Errorf("storage: read wal: %w", err)
-		}
-		if crc32.Checksum(body, crc32c) != binary.LittleEndian.Uint32(hdr) {
-			res.torn = off
-			break
-		}
-		payload := body[8:]
+		payload := body
 		if !legacy {
 			if _, k := binary.Uvarint(payload); k > 0 {
 				payload = payload[k:]
@@ -272,7 +269,7 @@ func (w *wal) replay(gen uint64, fn func(walOp) error) (walReplay, error) {
 			}
 		}
 		res.records++
-		off += walHeaderSize + n
+		off += walHeaderSize + int64(len(body))
 	}
 	if legacy {
 		// Written before records carried the synced offset: a damaged
@@ -341,23 +338,38 @@ func (w *wal) recordAt(off, size int64) (synced int64, ok bool, err error) {
 	if _, err := w.f.ReadAt(hdr, off); err != nil {
 		return 0, false, fmt.Errorf("storage: read wal: %w", err)
 	}
-	n := int64(binary.LittleEndian.Uint32(hdr[4:]))
-	if n > maxWALRecord || off+walHeaderSize+n > size {
-		return 0, false, nil
+	payload, ok, err := readRecord(hdr, off, size, func(p []byte) error {
+		_, err := w.f.ReadAt(p, off+walHeaderSize)
+		return err
+	})
+	if !ok || err != nil {
+		return 0, false, err
 	}
-	body := make([]byte, 8+n)
-	copy(body, hdr[8:])
-	if _, err := w.f.ReadAt(body[8:], off+walHeaderSize); err != nil {
-		return 0, false, fmt.Errorf("storage: read wal: %w", err)
-	}
-	if crc32.Checksum(body, crc32c) != binary.LittleEndian.Uint32(hdr) {
-		return 0, false, nil
-	}
-	v, k := binary.Uvarint(body[8:])
+	v, k := binary.Uvarint(payload)
 	if k <= 0 {
 		return 0, false, nil
 	}
 	return int64(v), true, nil
+}
+
+// readRecord reads, through read, the payload of the record at off whose
+// header is hdr, in a file of size bytes; ok is false if the record does
+// not check out (its length runs past the file or the bound, or its
+// checksum fails).
+func readRecord(hdr []byte, off, size int64, read func(p []byte) error) (payload []byte, ok bool, err error) {
+	n := int64(binary.LittleEndian.Uint32(hdr[4:]))
+	if n > maxWALRecord || off+walHeaderSize+n > size {
+		return nil, false, nil
+	}
+	body := make([]byte, 8+n)
+	copy(body, hdr[8:])
+	if err := read(body[8:]); err != nil {
+		return nil, false, fmt.Errorf("storage: read wal: %w", err)
+	}
+	if crc32.Checksum(body, crc32c) != binary.LittleEndian.Uint32(hdr) {
+		return nil, false, nil
+	}
+	return body[8:], true, nil
 }
 
 var errBadWALRecord = errors.New("malformed record")
