@@ -144,7 +144,7 @@ func (s *Server) Batch(stream kvpb.KV_BatchServer) error {
 	}
 	return kvpb.ServeBatchWith(countedStream{stream, s.metrics}, opts, s.recoverItems(func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
 		var res *kvpb.BatchResponseItem
-		_, err := s.metrics.observe(it.Method(), it.Inner(), func() (any, error) {
+		_, err := s.metrics.observeCharged(it.Method(), requestCharge(it.Inner(), sizedBefore), func() (any, error) {
 			var err error
 			res, err = it.Call(ctx, s)
 			return res, err
