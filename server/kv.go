@@ -173,6 +173,11 @@ func (c countedStream) Recv() (*kvpb.BatchRequest, error) {
 // client receive limit of MaxResponseBytes.
 const rangeHeaderBytes = 1 << 10
 
+// rangeKvTag is the size of the field tag each kv of a RangeResponse
+// carries (kvs is field 2): a page of thousands of small kvs has more of
+// them than rangeHeaderBytes could absorb.
+var rangeKvTag = protowire.SizeTag(2)
+
 // Range implements kvpb.KV: one shard's keys in [start, end). A page ends
 // (with More set) at the key limit or when the next kv would take it past
 // MaxResponseBytes, whichever comes first, and holds at least one kv.
@@ -212,7 +217,7 @@ func (s *Server) Range(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.Range
 			if req.GetKeysOnly() {
 				kv.Value = nil
 			}
-			n := protowire.SizeBytes(proto.Size(kv))
+			n := rangeKvTag + protowire.SizeBytes(proto.Size(kv))
 			if len(resp.Kvs) > 0 && size+n > maxBytes {
 				resp.More = true
 				return false
