@@ -50,22 +50,32 @@ func newAdmission(limit int) *admission {
 	}
 }
 
-// admit reserves req's size and returns what it charged, or refuses it.
-func (a *admission) admit(req any) (int64, error) {
+// requestCharge is what admitting req costs: its encoded size, as size
+// gives it, plus requestOverhead; nothing for a req that is no message.
+func requestCharge(req any, size func(proto.Message) int) int64 {
 	msg, ok := req.(proto.Message)
 	if !ok {
-		return 0, nil
+		return 0
 	}
-	n := int64(proto.Size(msg)) + requestOverhead
+	return int64(size(msg)) + requestOverhead
+}
+
+// sizedBefore is the size of a message proto.Size has sized already and
+// that has not changed since: a Batch item's request, sized with its item
+// as the stream received it (kvpb.ServeBatchWith), is not walked again.
+var sizedBefore = proto.MarshalOptions{UseCachedSize: true}.Size
+
+// admit reserves n bytes, a request's charge, or refuses the request.
+func (a *admission) admit(n int64) error {
 	if !a.acquire(n) {
 		class := "large"
 		if n <= smallRequestBytes {
 			class = "small"
 		}
 		a.refused.WithLabelValues(class).Inc()
-		return 0, errOverloaded
+		return errOverloaded
 	}
-	return n, nil
+	return nil
 }
 
 // acquire reserves n bytes if the budget of their class allows.

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/kvd/kvd/proto/kvpb"
 )
 
 // Config is everything a kvd node is started with. cmd/kvd fills it from
@@ -132,9 +134,9 @@ const (
 
 	DefaultMaxInFlightBytes    = 32 << 20
 	DefaultMaxResponseBytes    = 4 << 20
-	DefaultMaxBatchStreamBytes = 4 << 20
+	DefaultMaxBatchStreamBytes = kvpb.DefaultBatchHeldBytes
 	DefaultMaxClientConns      = 1024
-	DefaultBatchSendTimeout    = 10 * time.Second
+	DefaultBatchSendTimeout    = kvpb.DefaultBatchSendTimeout
 )
 
 // ErrConfig marks a configuration error: cmd/kvd exits 2 on it.

@@ -144,7 +144,7 @@ func (s *Server) Batch(stream kvpb.KV_BatchServer) error {
 	}
 	return kvpb.ServeBatchWith(countedStream{stream, s.metrics}, opts, s.recoverItems(func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
 		var res *kvpb.BatchResponseItem
-		_, err := s.metrics.observe(it.Method(), it.Inner(), func() (any, error) {
+		_, err := s.metrics.observeCharged(it.Method(), requestCharge(it.Inner(), sizedBefore), func() (any, error) {
 			var err error
 			res, err = it.Call(ctx, s)
 			return res, err
@@ -172,6 +172,11 @@ func (c countedStream) Recv() (*kvpb.BatchRequest, error) {
 // the response (header, count, framing), so a full page still fits a
 // client receive limit of MaxResponseBytes.
 const rangeHeaderBytes = 1 << 10
+
+// rangeKvTag is the size of the field tag each kv of a RangeResponse
+// carries (kvs is field 2): a page of thousands of small kvs has more of
+// them than rangeHeaderBytes could absorb.
+var rangeKvTag = protowire.SizeTag(2)
 
 // Range implements kvpb.KV: one shard's keys in [start, end). A page ends
 // (with More set) at the key limit or when the next kv would take it past
@@ -212,7 +217,7 @@ func (s *Server) Range(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.Range
 			if req.GetKeysOnly() {
 				kv.Value = nil
 			}
-			n := protowire.SizeBytes(proto.Size(kv))
+			n := rangeKvTag + protowire.SizeBytes(proto.Size(kv))
 			if len(resp.Kvs) > 0 && size+n > maxBytes {
 				resp.More = true
 				return false

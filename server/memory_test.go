@@ -385,3 +385,35 @@ func TestClientConnsCappedAndIdleClosed(t *testing.T) {
 		t.Fatalf("%d connections accepted; want the client's %d and the two raw ones: the client's connection was replaced", got, kept+2)
 	}
 }
+
+// TestRangePageOfManySmallKvsFitsTheCap: a page of thousands of small kvs,
+// where each kv's field tag adds up to more than the page keeps for its
+// header, still stays within MaxResponseBytes.
+func TestRangePageOfManySmallKvsFitsTheCap(t *testing.T) {
+	const maxResp = 32 << 10
+	c := newTestCluster(t, 1, 1, func(cfg *Config) { cfg.Limits.MaxResponseBytes = maxResp })
+	kv := kvClient(t, c.servers[0])
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	const keys, perTxn = 3000, 100
+	for i := 0; i < keys; i += perTxn {
+		txn := &kvpb.TxnRequest{}
+		for j := i; j < i+perTxn; j++ {
+			txn.Success = append(txn.Success, &kvpb.RequestOp{Op: &kvpb.RequestOp_Put{
+				Put: &kvpb.PutRequest{Key: []byte(fmt.Sprintf("m/%04d", j)), Value: []byte("v")}}})
+		}
+		if _, err := kv.Txn(ctx, txn); err != nil {
+			t.Fatal(err)
+		}
+	}
+	resp, err := kv.Range(ctx, &kvpb.RangeRequest{Shard: 1, Start: []byte("m/"), End: []byte("m0"), Limit: keys})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !resp.GetMore() || len(resp.GetKvs()) < 1024 {
+		t.Fatalf("page of %d kvs, more=%v; want over 1024 kvs, cut by bytes", len(resp.GetKvs()), resp.GetMore())
+	}
+	if sz := proto.Size(resp); sz > maxResp {
+		t.Fatalf("page of %d kvs is %d bytes; the cap is %d", len(resp.GetKvs()), sz, maxResp)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/storage"
 )
@@ -83,15 +84,22 @@ func (m *metrics) interceptor(ctx context.Context, req any, info *grpc.UnaryServ
 }
 
 // observe admits req, runs serve and records the outcome under method: the
-// unary interceptor and the items of a Batch stream both come through here.
+// unary interceptor comes through here, the items of a Batch stream
+// through observeCharged.
 func (m *metrics) observe(method string, req any, serve func() (any, error)) (any, error) {
+	return m.observeCharged(method, requestCharge(req, proto.Size), serve)
+}
+
+// observeCharged is observe for a request whose charge (requestCharge) is
+// known.
+func (m *metrics) observeCharged(method string, charge int64, serve func() (any, error)) (any, error) {
 	start := time.Now()
 	var resp any
-	charged, err := m.adm.admit(req)
+	err := m.adm.admit(charge)
 	if err == nil {
 		// Deferred: a panic in serve, recovered further out, must not
 		// keep the request's bytes charged for ever.
-		defer m.adm.release(charged)
+		defer m.adm.release(charge)
 		resp, err = serve()
 	}
 	m.requests.WithLabelValues(method, status.Code(err).String()).Inc()

@@ -210,7 +210,9 @@ func ServeBatch(stream KV_BatchServer, serve func(context.Context, *BatchRequest
 // returns when the client has half-closed or gone and every item is
 // answered, or, with ErrNotReading, when a Send stayed blocked for
 // opts.SendTimeout; every item goroutine has then ended, and the goroutines
-// blocked in Recv and Send end as gRPC closes the stream.
+// blocked in Recv and Send end as gRPC closes the stream. Each item is
+// sized with proto.Size before serve gets it, so serve may size it, or
+// its request, again with proto.MarshalOptions{UseCachedSize: true}.
 func ServeBatchWith(stream KV_BatchServer, opts BatchOptions, serve func(context.Context, *BatchRequestItem) (*BatchResponseItem, error)) error {
 	opts.setDefaults()
 	ctx, cancel := context.WithCancel(stream.Context())
