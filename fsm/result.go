@@ -180,9 +180,27 @@ func txnReadBytes(t *kvpb.TxnResponse) int {
 // the branch are accounted for: a Get after a Put of the same key sees the
 // put's value.
 func checkTxnOps(tx *storage.Txn, ops []*kvpb.RequestOp) (int, error) {
+	// Only ops before the branch's last read can change what a read sees:
+	// a branch that reads nothing (Puts and Deletes without prev_kv) keeps
+	// no record of its writes.
+	lastRead := -1
+	for i, op := range ops {
+		if opReads(op) {
+			lastRead = i
+		}
+	}
 	// pending: the value length of keys the branch wrote so far; -1 for
 	// deleted.
-	pending := map[string]int{}
+	var pending map[string]int
+	write := func(i int, key []byte, n int) {
+		if i >= lastRead {
+			return
+		}
+		if pending == nil {
+			pending = map[string]int{}
+		}
+		pending[string(key)] = n
+	}
 	valueLen := func(key []byte) (int, bool, error) {
 		if n, ok := pending[string(key)]; ok {
 			return n, n >= 0, nil
@@ -202,7 +220,7 @@ func checkTxnOps(tx *storage.Txn, ops []*kvpb.RequestOp) (int, error) {
 		}
 		return err
 	}
-	for _, op := range ops {
+	for i, op := range ops {
 		var err error
 		switch o := op.GetOp().(type) {
 		case *kvpb.RequestOp_Put:
@@ -212,7 +230,7 @@ func checkTxnOps(tx *storage.Txn, ops []*kvpb.RequestOp) (int, error) {
 			if o.Put.GetPrevKv() {
 				err = read(o.Put.GetKey())
 			}
-			pending[string(o.Put.GetKey())] = len(o.Put.GetValue())
+			write(i, o.Put.GetKey(), len(o.Put.GetValue()))
 		case *kvpb.RequestOp_Delete:
 			if len(o.Delete.GetKey()) == 0 {
 				return 0, ErrEmptyKey
@@ -220,7 +238,7 @@ func checkTxnOps(tx *storage.Txn, ops []*kvpb.RequestOp) (int, error) {
 			if o.Delete.GetPrevKv() {
 				err = read(o.Delete.GetKey())
 			}
-			pending[string(o.Delete.GetKey())] = -1
+			write(i, o.Delete.GetKey(), -1)
 		case *kvpb.RequestOp_Get:
 			err = read(o.Get.GetKey())
 		default:
@@ -231,6 +249,20 @@ func checkTxnOps(tx *storage.Txn, ops []*kvpb.RequestOp) (int, error) {
 		}
 	}
 	return total, nil
+}
+
+// opReads reports whether op returns a stored value: a Get, or a Put or
+// Delete with prev_kv.
+func opReads(op *kvpb.RequestOp) bool {
+	switch o := op.GetOp().(type) {
+	case *kvpb.RequestOp_Get:
+		return true
+	case *kvpb.RequestOp_Put:
+		return o.Put.GetPrevKv()
+	case *kvpb.RequestOp_Delete:
+		return o.Delete.GetPrevKv()
+	}
+	return false
 }
 
 // storedValueLen is the length of the value in an encoded StoredValue,
