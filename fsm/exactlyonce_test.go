@@ -205,3 +205,32 @@ func TestRejectionMessageIsValidUTF8(t *testing.T) {
 		t.Fatalf("decoded %v, want ErrEmptyKey", err)
 	}
 }
+
+// A transaction's Gets see the stored value, or what an earlier op of the
+// same branch wrote to the key.
+func TestTxnGetsSeeEarlierOps(t *testing.T) {
+	sh := newShard(t)
+	for _, k := range []string{"a", "b"} {
+		if _, err := sh.apply(cmdPut(k, "old")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ops := []*kvpb.RequestOp{opGet("a"), opGet("b"), opPut("a", "new"), opGet("a"), opDel("b", false), opGet("b"), opGet("c"), opPut("c", "c1"), opGet("c")}
+	r, err := sh.apply(cmdTxn(nil, ops, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := []string{}
+	for _, o := range r.GetTxn().GetResponses() {
+		if g := o.GetGet(); g != nil {
+			if g.GetKv() == nil {
+				got = append(got, "-")
+			} else {
+				got = append(got, string(g.GetKv().GetKey())+"="+string(g.GetKv().GetValue()))
+			}
+		}
+	}
+	if want := "a=old b=old a=new - - c=c1"; strings.Join(got, " ") != want {
+		t.Fatalf("gets = %q, want %q", strings.Join(got, " "), want)
+	}
+}
