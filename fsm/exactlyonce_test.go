@@ -95,12 +95,16 @@ func TestRecordWithoutFingerprintMatchesAnyRetry(t *testing.T) {
 
 func TestRejectionsKeepTheirType(t *testing.T) {
 	sh := newShard(t)
-	sh.apply(withSession(cmdPut("a", "1"), 3, 5, 5, 1))
+	if _, err := sh.apply(withSession(cmdPut("a", "1"), 3, 5, 5, 1)); err != nil {
+		t.Fatal(err)
+	}
 	setMap := func(epoch uint64) *peerpb.Command {
 		return &peerpb.Command{Op: &peerpb.Command_SetClusterMap{SetClusterMap: &peerpb.SetClusterMap{Map: &kvpb.ClusterMap{
 			Epoch: epoch, Members: []*kvpb.Member{{Id: 1, PeerAddr: "p1"}}}}}}
 	}
-	sh.apply(setMap(1))
+	if _, err := sh.apply(setMap(1)); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		name string
 		data []byte
@@ -171,9 +175,13 @@ func TestRecordedTxnReadsStaySmall(t *testing.T) {
 	sh := newShard(t)
 	big := strings.Repeat("v", 1<<20)
 	for _, k := range []string{"a", "b", "c"} {
-		sh.apply(cmdPut(k, big))
+		if _, err := sh.apply(cmdPut(k, big)); err != nil {
+			t.Fatal(err)
+		}
 	}
-	sh.apply(cmdPut("s", "small"))
+	if _, err := sh.apply(cmdPut("s", "small")); err != nil {
+		t.Fatal(err)
+	}
 	gets := cmdTxn(nil, []*kvpb.RequestOp{opGet("a"), opGet("b"), opGet("c")}, nil)
 	first, err := sh.apply(withSession(proto.CloneOf(gets), 1, 1, 0, 1))
 	if err != nil || len(first.GetTxn().GetResponses()) != 3 || len(first.GetTxn().GetResponses()[2].GetGet().GetKv().GetValue()) != 1<<20 {
