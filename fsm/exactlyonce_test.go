@@ -95,12 +95,16 @@ func TestRecordWithoutFingerprintMatchesAnyRetry(t *testing.T) {
 
 func TestRejectionsKeepTheirType(t *testing.T) {
 	sh := newShard(t)
-	sh.apply(withSession(cmdPut("a", "1"), 3, 5, 5, 1))
+	if _, err := sh.apply(withSession(cmdPut("a", "1"), 3, 5, 5, 1)); err != nil {
+		t.Fatal(err)
+	}
 	setMap := func(epoch uint64) *peerpb.Command {
 		return &peerpb.Command{Op: &peerpb.Command_SetClusterMap{SetClusterMap: &peerpb.SetClusterMap{Map: &kvpb.ClusterMap{
 			Epoch: epoch, Members: []*kvpb.Member{{Id: 1, PeerAddr: "p1"}}}}}}
 	}
-	sh.apply(setMap(1))
+	if _, err := sh.apply(setMap(1)); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		name string
 		data []byte
@@ -171,9 +175,13 @@ func TestRecordedTxnReadsStaySmall(t *testing.T) {
 	sh := newShard(t)
 	big := strings.Repeat("v", 1<<20)
 	for _, k := range []string{"a", "b", "c"} {
-		sh.apply(cmdPut(k, big))
+		if _, err := sh.apply(cmdPut(k, big)); err != nil {
+			t.Fatal(err)
+		}
 	}
-	sh.apply(cmdPut("s", "small"))
+	if _, err := sh.apply(cmdPut("s", "small")); err != nil {
+		t.Fatal(err)
+	}
 	gets := cmdTxn(nil, []*kvpb.RequestOp{opGet("a"), opGet("b"), opGet("c")}, nil)
 	first, err := sh.apply(withSession(proto.CloneOf(gets), 1, 1, 0, 1))
 	if err != nil || len(first.GetTxn().GetResponses()) != 3 || len(first.GetTxn().GetResponses()[2].GetGet().GetKv().GetValue()) != 1<<20 {
@@ -203,5 +211,34 @@ func TestRejectionMessageIsValidUTF8(t *testing.T) {
 	r := reject(fmt.Errorf("%w: key %s", ErrEmptyKey, "\xff\xfe"))
 	if _, err := DecodeResult(encode(r)); !errors.Is(err, ErrEmptyKey) {
 		t.Fatalf("decoded %v, want ErrEmptyKey", err)
+	}
+}
+
+// A transaction's Gets see the stored value, or what an earlier op of the
+// same branch wrote to the key.
+func TestTxnGetsSeeEarlierOps(t *testing.T) {
+	sh := newShard(t)
+	for _, k := range []string{"a", "b"} {
+		if _, err := sh.apply(cmdPut(k, "old")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ops := []*kvpb.RequestOp{opGet("a"), opGet("b"), opPut("a", "new"), opGet("a"), opDel("b", false), opGet("b"), opGet("c"), opPut("c", "c1"), opGet("c")}
+	r, err := sh.apply(cmdTxn(nil, ops, nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := []string{}
+	for _, o := range r.GetTxn().GetResponses() {
+		if g := o.GetGet(); g != nil {
+			if g.GetKv() == nil {
+				got = append(got, "-")
+			} else {
+				got = append(got, string(g.GetKv().GetKey())+"="+string(g.GetKv().GetValue()))
+			}
+		}
+	}
+	if want := "a=old b=old a=new - - c=c1"; strings.Join(got, " ") != want {
+		t.Fatalf("gets = %q, want %q", strings.Join(got, " "), want)
 	}
 }

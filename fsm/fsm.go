@@ -268,7 +268,7 @@ func txn(tx *storage.Txn, r *kvpb.TxnRequest) (*kvpb.TxnResponse, error) {
 	if !ok {
 		ops = r.GetFailure()
 	}
-	size, err := checkTxnOps(tx, ops)
+	size, stored, err := checkTxnOps(tx, ops)
 	if err != nil {
 		return nil, err
 	}
@@ -279,7 +279,7 @@ func txn(tx *storage.Txn, r *kvpb.TxnRequest) (*kvpb.TxnResponse, error) {
 	rev := nextRevision(tx)
 	changed := false
 	resp := &kvpb.TxnResponse{Succeeded: ok}
-	for _, op := range ops {
+	for i, op := range ops {
 		switch o := op.GetOp().(type) {
 		case *kvpb.RequestOp_Put:
 			pr, err := put(tx, o.Put, rev)
@@ -296,7 +296,12 @@ func txn(tx *storage.Txn, r *kvpb.TxnRequest) (*kvpb.TxnResponse, error) {
 			changed = changed || dr.GetDeleted() > 0
 			resp.Responses = append(resp.Responses, &kvpb.ResponseOp{Op: &kvpb.ResponseOp_Delete{Delete: dr}})
 		case *kvpb.RequestOp_Get:
-			cur, err := load(tx, o.Get.GetKey())
+			var cur *peerpb.StoredValue
+			if i < len(stored) && stored[i] != nil {
+				cur, err = decodeStored(stored[i])
+			} else {
+				cur, err = load(tx, o.Get.GetKey())
+			}
 			if err != nil {
 				return nil, err
 			}

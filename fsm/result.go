@@ -178,59 +178,100 @@ func txnReadBytes(t *kvpb.TxnResponse) int {
 // payload it would return, reading only sizes and changing nothing, so
 // that a rejection leaves no partial change behind. Earlier operations of
 // the branch are accounted for: a Get after a Put of the same key sees the
-// put's value.
-func checkTxnOps(tx *storage.Txn, ops []*kvpb.RequestOp) (int, error) {
+// put's value. stored holds, by op index, the encoded value each Get of a
+// key the branch has not written before it found in storage (nil when it
+// found none), so that txn decodes it instead of looking the key up and
+// verifying its checksum again.
+func checkTxnOps(tx *storage.Txn, ops []*kvpb.RequestOp) (total int, stored [][]byte, err error) {
+	// Only ops before the branch's last read can change what a read sees:
+	// a branch that reads nothing (Puts and Deletes without prev_kv) keeps
+	// no record of its writes.
+	lastRead := -1
+	for i, op := range ops {
+		if opReads(op) {
+			lastRead = i
+		}
+	}
 	// pending: the value length of keys the branch wrote so far; -1 for
 	// deleted.
-	pending := map[string]int{}
-	valueLen := func(key []byte) (int, bool, error) {
+	var pending map[string]int
+	write := func(i int, key []byte, n int) {
+		if i >= lastRead {
+			return
+		}
+		if pending == nil {
+			pending = map[string]int{}
+		}
+		pending[string(key)] = n
+	}
+	// read adds what reading key returns to total, and returns the
+	// encoded value it found in storage, if any.
+	read := func(key []byte) ([]byte, error) {
 		if n, ok := pending[string(key)]; ok {
-			return n, n >= 0, nil
+			if n >= 0 {
+				total += len(key) + n
+			}
+			return nil, nil
 		}
 		v := tx.Get(key)
 		if v == nil {
-			return 0, false, nil
+			return nil, nil
 		}
 		n, err := storedValueLen(v)
-		return n, err == nil, err
-	}
-	total := 0
-	read := func(key []byte) error {
-		n, ok, err := valueLen(key)
-		if ok {
-			total += len(key) + n
+		if err != nil {
+			return nil, err
 		}
-		return err
+		total += len(key) + n
+		return v, nil
 	}
-	for _, op := range ops {
-		var err error
+	for i, op := range ops {
 		switch o := op.GetOp().(type) {
 		case *kvpb.RequestOp_Put:
 			if len(o.Put.GetKey()) == 0 {
-				return 0, ErrEmptyKey
+				return 0, nil, ErrEmptyKey
 			}
 			if o.Put.GetPrevKv() {
-				err = read(o.Put.GetKey())
+				_, err = read(o.Put.GetKey())
 			}
-			pending[string(o.Put.GetKey())] = len(o.Put.GetValue())
+			write(i, o.Put.GetKey(), len(o.Put.GetValue()))
 		case *kvpb.RequestOp_Delete:
 			if len(o.Delete.GetKey()) == 0 {
-				return 0, ErrEmptyKey
+				return 0, nil, ErrEmptyKey
 			}
 			if o.Delete.GetPrevKv() {
-				err = read(o.Delete.GetKey())
+				_, err = read(o.Delete.GetKey())
 			}
-			pending[string(o.Delete.GetKey())] = -1
+			write(i, o.Delete.GetKey(), -1)
 		case *kvpb.RequestOp_Get:
-			err = read(o.Get.GetKey())
+			var v []byte
+			if v, err = read(o.Get.GetKey()); v != nil {
+				if stored == nil {
+					stored = make([][]byte, len(ops))
+				}
+				stored[i] = v
+			}
 		default:
-			return 0, ErrUnknownCmd
+			return 0, nil, ErrUnknownCmd
 		}
 		if err != nil {
-			return 0, err
+			return 0, nil, err
 		}
 	}
-	return total, nil
+	return total, stored, nil
+}
+
+// opReads reports whether op returns a stored value: a Get, or a Put or
+// Delete with prev_kv.
+func opReads(op *kvpb.RequestOp) bool {
+	switch o := op.GetOp().(type) {
+	case *kvpb.RequestOp_Get:
+		return true
+	case *kvpb.RequestOp_Put:
+		return o.Put.GetPrevKv()
+	case *kvpb.RequestOp_Delete:
+		return o.Delete.GetPrevKv()
+	}
+	return false
 }
 
 // storedValueLen is the length of the value in an encoded StoredValue,

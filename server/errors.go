@@ -62,13 +62,12 @@ func (s *Server) toStatus(err error, shard uint64) error {
 		errors.Is(err, fsm.ErrEmptyKey), errors.Is(err, fsm.ErrMalformed),
 		errors.Is(err, fsm.ErrUnknownCmd), errors.Is(err, fsm.ErrRejected):
 		return status.Errorf(codes.InvalidArgument, "shard %d: %v", shard, err)
-	case errors.Is(err, fsm.ErrStaleSeq):
+	case errors.Is(err, fsm.ErrStaleSeq), errors.Is(err, fsm.ErrEpoch),
+		errors.Is(err, fsm.ErrNotMeta), errors.Is(err, fsm.ErrMemberConflict):
 		return status.Errorf(codes.FailedPrecondition, "shard %d: %v", shard, err)
 	case errors.Is(err, fsm.ErrResultNotKept):
 		// Applied, but its answer is gone: retrying cannot bring it back.
 		return status.Errorf(codes.Aborted, "shard %d: %v", shard, err)
-	case errors.Is(err, fsm.ErrEpoch), errors.Is(err, fsm.ErrNotMeta), errors.Is(err, fsm.ErrMemberConflict):
-		return status.Errorf(codes.FailedPrecondition, "shard %d: %v", shard, err)
 	case errors.Is(err, fsm.ErrCorrupt), errors.Is(err, ErrWrongResult):
 		return status.Errorf(codes.Internal, "shard %d: %v", shard, err)
 	case errors.Is(err, ErrStaleEpoch):

@@ -37,13 +37,9 @@ func (s *Server) Put(ctx context.Context, req *kvpb.PutRequest) (*kvpb.PutRespon
 		return nil, s.toStatus(err, shard)
 	}
 	op := &kvpb.PutRequest{Key: req.GetKey(), Value: req.GetValue(), PrevKv: req.GetPrevKv()}
-	res, err := s.propose(ctx, shard, req.GetHeader(), &peerpb.Command{Op: &peerpb.Command_Put{Put: op}})
+	resp, err := proposeOp(ctx, s, shard, req.GetHeader(), &peerpb.Command{Op: &peerpb.Command_Put{Put: op}}, "put", (*peerpb.Result).GetPut)
 	if err != nil {
 		return nil, s.toStatus(err, shard)
-	}
-	resp := res.GetPut()
-	if resp == nil {
-		return nil, s.toStatus(s.wrongResult(shard, "put", res), shard)
 	}
 	resp.Header = s.header(shard, resp.GetHeader().GetRevision())
 	return resp, nil
@@ -59,13 +55,9 @@ func (s *Server) Delete(ctx context.Context, req *kvpb.DeleteRequest) (*kvpb.Del
 		return nil, s.toStatus(err, shard)
 	}
 	op := &kvpb.DeleteRequest{Key: req.GetKey(), PrevKv: req.GetPrevKv()}
-	res, err := s.propose(ctx, shard, req.GetHeader(), &peerpb.Command{Op: &peerpb.Command_Delete{Delete: op}})
+	resp, err := proposeOp(ctx, s, shard, req.GetHeader(), &peerpb.Command{Op: &peerpb.Command_Delete{Delete: op}}, "delete", (*peerpb.Result).GetDelete)
 	if err != nil {
 		return nil, s.toStatus(err, shard)
-	}
-	resp := res.GetDelete()
-	if resp == nil {
-		return nil, s.toStatus(s.wrongResult(shard, "delete", res), shard)
 	}
 	resp.Header = s.header(shard, resp.GetHeader().GetRevision())
 	return resp, nil
@@ -86,13 +78,9 @@ func (s *Server) Txn(ctx context.Context, req *kvpb.TxnRequest) (*kvpb.TxnRespon
 	}
 	// The header travels in the Command; the ops are shared, not copied.
 	op := &kvpb.TxnRequest{Compare: req.GetCompare(), Success: req.GetSuccess(), Failure: req.GetFailure()}
-	res, err := s.propose(ctx, shard, req.GetHeader(), &peerpb.Command{Op: &peerpb.Command_Txn{Txn: op}})
+	resp, err := proposeOp(ctx, s, shard, req.GetHeader(), &peerpb.Command{Op: &peerpb.Command_Txn{Txn: op}}, "txn", (*peerpb.Result).GetTxn)
 	if err != nil {
 		return nil, s.toStatus(err, shard)
-	}
-	resp := res.GetTxn()
-	if resp == nil {
-		return nil, s.toStatus(s.wrongResult(shard, "txn", res), shard)
 	}
 	resp.Header = s.header(shard, resp.GetHeader().GetRevision())
 	return resp, nil
@@ -266,11 +254,20 @@ func (s *Server) propose(ctx context.Context, shard uint64, h *kvpb.RequestHeade
 	return fsm.Outcome(out)
 }
 
-// wrongResult logs and returns the error for a result that does not hold
-// the operation proposed.
-func (s *Server) wrongResult(shard uint64, want string, res *peerpb.Result) error {
+// proposeOp proposes cmd and returns the response of the operation it
+// holds, the part of its result get picks. A result without one (the
+// state machine answered with another operation's) is logged and is
+// ErrWrongResult.
+func proposeOp[T any](ctx context.Context, s *Server, shard uint64, h *kvpb.RequestHeader, cmd *peerpb.Command, want string, get func(*peerpb.Result) *T) (*T, error) {
+	res, err := s.propose(ctx, shard, h, cmd)
+	if err != nil {
+		return nil, err
+	}
+	if resp := get(res); resp != nil {
+		return resp, nil
+	}
 	s.log.Error("state machine answered with the result of another operation", "shard", shard, "want", want, "got", fmt.Sprintf("%T", res.GetOp()))
-	return fmt.Errorf("%w: want a %s result, got %T", ErrWrongResult, want, res.GetOp())
+	return nil, fmt.Errorf("%w: want a %s result, got %T", ErrWrongResult, want, res.GetOp())
 }
 
 // read runs fn against shard's local state: after a ReadIndex round for
