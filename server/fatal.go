@@ -53,15 +53,15 @@ func (s *Server) failure() error {
 
 // setFatal makes the node fatal with reason, unless it already is.
 func (s *Server) setFatal(reason error) {
-	s.fatal.once.Do(func() {
-		var err error = &FailedError{Node: s.cfg.NodeID, Reason: reason}
-		s.fatal.err.Store(&err)
-		s.log.Error("node failed; refusing every request until it is restarted", "err", reason)
-		// Shutdown sets every service NOT_SERVING and ignores later
-		// updates, so nothing can flip it back.
-		s.health.Shutdown()
-		s.fatal.c <- err
-	})
+	var err error = &FailedError{Node: s.cfg.NodeID, Reason: reason}
+	if !s.fatal.err.CompareAndSwap(nil, &err) {
+		return
+	}
+	s.log.Error("node failed; refusing every request until it is restarted", "err", reason)
+	// Shutdown sets every service NOT_SERVING and ignores later
+	// updates, so nothing can flip it back.
+	s.health.Shutdown()
+	s.fatal.c <- err
 }
 
 // watchFatal makes the node fatal when the engine fails or a replica stops

@@ -84,9 +84,8 @@ type Server struct {
 
 	// fatal is set once the node cannot be trusted to serve (fatal.go).
 	fatal struct {
-		once sync.Once
-		err  atomic.Pointer[error]
-		c    chan error // buffered 1: receives err once
+		err atomic.Pointer[error] // set once, by the first setFatal
+		c   chan error            // buffered 1: receives err once
 	}
 
 	stopc chan struct{}
