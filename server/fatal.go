@@ -120,7 +120,8 @@ func (s *Server) refuseStreamIfFailed(srv any, ss grpc.ServerStream, info *grpc.
 }
 
 // refusingStream ends a KV stream opened before the node became fatal at
-// its next request.
+// its next request. The handler is usually already blocked in RecvMsg when
+// the node fails, so the check also runs after a message arrives.
 type refusingStream struct {
 	grpc.ServerStream
 	s *Server
@@ -130,5 +131,11 @@ func (r refusingStream) RecvMsg(m any) error {
 	if err := r.s.failure(); err != nil {
 		return r.s.toStatus(err, 0)
 	}
-	return r.ServerStream.RecvMsg(m)
+	if err := r.ServerStream.RecvMsg(m); err != nil {
+		return err
+	}
+	if err := r.s.failure(); err != nil {
+		return r.s.toStatus(err, 0)
+	}
+	return nil
 }
