@@ -128,21 +128,6 @@ func (s *Server) startCorruptionChecks() {
 	}
 }
 
-// every runs f each interval until Stop.
-func (s *Server) every(interval time.Duration, f func()) {
-	defer s.wg.Done()
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-s.stopc:
-			return
-		case <-t.C:
-			f()
-		}
-	}
-}
-
 func (s *Server) setAlarm(shard, node uint64, reason string) (added bool) {
 	s.corrupt.mu.Lock()
 	_, had := s.corrupt.mu.alarms[alarmKey{shard, node}]

@@ -53,15 +53,15 @@ func (s *Server) failure() error {
 
 // setFatal makes the node fatal with reason, unless it already is.
 func (s *Server) setFatal(reason error) {
-	s.fatal.once.Do(func() {
-		var err error = &FailedError{Node: s.cfg.NodeID, Reason: reason}
-		s.fatal.err.Store(&err)
-		s.log.Error("node failed; refusing every request until it is restarted", "err", reason)
-		// Shutdown sets every service NOT_SERVING and ignores later
-		// updates, so nothing can flip it back.
-		s.health.Shutdown()
-		s.fatal.c <- err
-	})
+	var err error = &FailedError{Node: s.cfg.NodeID, Reason: reason}
+	if !s.fatal.err.CompareAndSwap(nil, &err) {
+		return
+	}
+	s.log.Error("node failed; refusing every request until it is restarted", "err", reason)
+	// Shutdown sets every service NOT_SERVING and ignores later
+	// updates, so nothing can flip it back.
+	s.health.Shutdown()
+	s.fatal.c <- err
 }
 
 // watchFatal makes the node fatal when the engine fails or a replica stops
@@ -120,7 +120,8 @@ func (s *Server) refuseStreamIfFailed(srv any, ss grpc.ServerStream, info *grpc.
 }
 
 // refusingStream ends a KV stream opened before the node became fatal at
-// its next request.
+// its next request. The handler is usually already blocked in RecvMsg when
+// the node fails, so the check also runs after a message arrives.
 type refusingStream struct {
 	grpc.ServerStream
 	s *Server
@@ -130,5 +131,11 @@ func (r refusingStream) RecvMsg(m any) error {
 	if err := r.s.failure(); err != nil {
 		return r.s.toStatus(err, 0)
 	}
-	return r.ServerStream.RecvMsg(m)
+	if err := r.ServerStream.RecvMsg(m); err != nil {
+		return err
+	}
+	if err := r.s.failure(); err != nil {
+		return r.s.toStatus(err, 0)
+	}
+	return nil
 }

@@ -49,6 +49,22 @@ func TestFailedEngineStopsServing(t *testing.T) {
 		t.Fatalf("/healthz before the failure = %d", code)
 	}
 
+	// A Batch stream opened, and used, before the failure.
+	early, err := kv.Batch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	getItem := func(id uint64) *kvpb.BatchRequest {
+		return &kvpb.BatchRequest{Items: []*kvpb.BatchRequestItem{{Id: id, Request: &kvpb.BatchRequestItem_Get{
+			Get: &kvpb.GetRequest{Key: keys[0]}}}}}
+	}
+	if err := early.Send(getItem(1)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := early.Recv(); err != nil {
+		t.Fatalf("Batch before the failure: %v", err)
+	}
+
 	testkit.BreakWAL(t, c.cfgs[0].DataDir)
 	if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: keys[1], Value: []byte("v")}); err == nil {
 		t.Fatal("Put on a node whose WAL cannot sync succeeded")
@@ -94,5 +110,11 @@ func TestFailedEngineStopsServing(t *testing.T) {
 	}
 	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "node 1 failed") {
 		t.Fatalf("Batch on a failed node = %v, want Unavailable naming the failure", err)
+	}
+	// The stream opened before the failure is ended at its next request,
+	// without an answer.
+	_ = early.Send(getItem(2)) // may fail with io.EOF once the server ended it
+	if resp, err := early.Recv(); status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "node 1 failed") {
+		t.Fatalf("Batch stream opened before the failure answered %v, %v; want Unavailable naming the failure", resp, err)
 	}
 }

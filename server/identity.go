@@ -93,11 +93,11 @@ func (p *peerIncarnations) RecordPeerIncarnation(id, inc uint64) error {
 }
 
 // Internal and Cluster calls between nodes carry the caller's cluster and
-// node id, as raft streams do (the key names are transport's), so that a
-// wrong peer address cannot feed a node another cluster's map or commands.
+// node id, as raft streams do, so that a wrong peer address cannot feed a
+// node another cluster's map or commands.
 const (
-	mdPeerCluster = "kvd-cluster-id"
-	mdPeerFrom    = "kvd-from"
+	mdPeerCluster = transport.MetadataCluster
+	mdPeerFrom    = transport.MetadataFrom
 )
 
 // tagPeerCall adds this node's identity to a call to another node.

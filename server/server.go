@@ -84,9 +84,8 @@ type Server struct {
 
 	// fatal is set once the node cannot be trusted to serve (fatal.go).
 	fatal struct {
-		once sync.Once
-		err  atomic.Pointer[error]
-		c    chan error // buffered 1: receives err once
+		err atomic.Pointer[error] // set once, by the first setFatal
+		c   chan error            // buffered 1: receives err once
 	}
 
 	stopc chan struct{}
@@ -238,7 +237,7 @@ func New(cfg Config) (_ *Server, err error) {
 	}
 	s.wg.Add(3)
 	go s.maintainMap()
-	go s.expireSessions()
+	go s.every(min(s.cfg.SessionTTL/10, time.Minute), s.expireSessions)
 	go s.placeReplicas()
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.wg.Add(1)
@@ -246,6 +245,21 @@ func New(cfg Config) (_ *Server, err error) {
 	s.log.Info("kvd node started", "client", s.ClientAddr(), "peer", s.PeerAddr(),
 		"shards", len(localShards(cmap, cfg.NodeID)), "data_dir", cfg.DataDir)
 	return s, nil
+}
+
+// every runs f each interval until Stop.
+func (s *Server) every(interval time.Duration, f func()) {
+	defer s.wg.Done()
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stopc:
+			return
+		case <-t.C:
+			f()
+		}
+	}
 }
 
 func listen(l net.Listener, addr, flag string) (net.Listener, error) {
@@ -408,34 +422,23 @@ func (s *Server) maintainMap() {
 // for longer than SessionTTL. The decision uses the leader's clock at
 // proposal time, carried in the command; apply never reads a clock.
 func (s *Server) expireSessions() {
-	defer s.wg.Done()
-	every := min(s.cfg.SessionTTL/10, time.Minute)
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
-		select {
-		case <-s.stopc:
-			return
-		case <-t.C:
-		}
-		cmd, err := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_ExpireSessions{ExpireSessions: &peerpb.ExpireSessions{
-			NowUnixMs: time.Now().UnixMilli(),
-			IdleMs:    s.cfg.SessionTTL.Milliseconds(),
-		}}})
-		if err != nil {
-			s.log.Error("encode expire sessions", "err", err)
+	cmd, err := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_ExpireSessions{ExpireSessions: &peerpb.ExpireSessions{
+		NowUnixMs: time.Now().UnixMilli(),
+		IdleMs:    s.cfg.SessionTTL.Milliseconds(),
+	}}})
+	if err != nil {
+		s.log.Error("encode expire sessions", "err", err)
+		return
+	}
+	for _, n := range s.host.Nodes() {
+		if !n.IsLeader() {
 			continue
 		}
-		for _, n := range s.host.Nodes() {
-			if !n.IsLeader() {
-				continue
-			}
-			ctx, cancel := context.WithTimeout(s.ctx, s.cfg.RequestTimeout)
-			if _, err := n.Propose(ctx, cmd); err != nil {
-				s.log.Debug("expire sessions", "shard", n.Shard(), "err", err)
-			}
-			cancel()
+		ctx, cancel := context.WithTimeout(s.ctx, s.cfg.RequestTimeout)
+		if _, err := n.Propose(ctx, cmd); err != nil {
+			s.log.Debug("expire sessions", "shard", n.Shard(), "err", err)
 		}
+		cancel()
 	}
 }
 

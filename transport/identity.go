@@ -25,8 +25,8 @@ import (
 // was wiped or replaced). The dialer checks the answer the same way, so a
 // wrong address is noticed on both sides and the link is never used.
 const (
-	mdCluster     = "kvd-cluster-id"
-	mdFrom        = "kvd-from"
+	mdCluster     = MetadataCluster
+	mdFrom        = MetadataFrom
 	mdTo          = "kvd-to"
 	mdNode        = "kvd-node-id" // the acceptor's own id, in its header
 	mdNonce       = "kvd-nonce"
@@ -38,6 +38,14 @@ const (
 	// act: refusalNewDataDir means the dialer's data dir is new.
 	mdRefusal         = "kvd-refusal"
 	refusalNewDataDir = "new-data-dir"
+)
+
+// The metadata keys of the caller's cluster and node id, both in hex. The
+// server tags its own node-to-node calls with them, so a peer checks them
+// whatever the call.
+const (
+	MetadataCluster = "kvd-cluster-id"
+	MetadataFrom    = "kvd-from"
 )
 
 // Identity errors; toStatus answers them with FailedPrecondition.

@@ -327,8 +327,8 @@ func (t *Transport) runStream(p *peer, cc *grpc.ClientConn, addr string) (up boo
 
 	l := newLink(p.id, stream.Send, cancel)
 	l.remoteNonce = who.nonce
-	if !t.installLink(l) {
-		return false, ErrStopped
+	if err := t.installLink(l, false); err != nil {
+		return false, err
 	}
 	defer func() {
 		t.removeLink(l)

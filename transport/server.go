@@ -63,7 +63,7 @@ func (t *Transport) acceptStream(stream peerpb.Raft_StreamServer) error {
 
 	l := newLink(from, stream.Send, nil)
 	l.remoteNonce = who.nonce
-	if err := t.installInbound(l); err != nil {
+	if err := t.installLink(l, true); err != nil {
 		return err
 	}
 	defer func() {

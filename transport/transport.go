@@ -578,34 +578,18 @@ func (t *Transport) link(id uint64) *link {
 // installLink makes l the stream to its peer, shutting down the one it
 // replaces: a newer stream means the peer reconnected, and the old one is
 // dead or about to be. It fails once the transport is stopping, so Stop
-// never misses a link.
-func (t *Transport) installLink(l *link) bool {
-	t.mu.Lock()
-	if t.mu.stopped {
-		t.mu.Unlock()
-		return false
-	}
-	old := t.mu.links[l.peer]
-	t.mu.links[l.peer] = l
-	t.mu.Unlock()
-	if old != nil {
-		old.shutdown()
-	}
-	return true
-}
-
-// installInbound is installLink for a stream a peer dialed: it refuses
-// to replace a live stream that came from another process (another nonce)
-// with the same node id. admit checked that before answering; this check
-// closes the window between the two.
-func (t *Transport) installInbound(l *link) error {
+// never misses a link. For a stream the peer dialed (inbound) it also
+// refuses to replace a live stream that came from another process
+// (another nonce) with the same node id: admit checked that before
+// answering; this check closes the window between the two.
+func (t *Transport) installLink(l *link, inbound bool) error {
 	t.mu.Lock()
 	if t.mu.stopped {
 		t.mu.Unlock()
 		return ErrStopped
 	}
 	old := t.mu.links[l.peer]
-	if old != nil && old.live() && old.remoteNonce != l.remoteNonce {
+	if inbound && old != nil && old.live() && old.remoteNonce != l.remoteNonce {
 		t.mu.Unlock()
 		return fmt.Errorf("%w: node %d connected from two processes at once", ErrDuplicateNode, l.peer)
 	}
