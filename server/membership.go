@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kvd/kvd/internal/backoff"
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
 	"github.com/kvd/kvd/raftnode"
@@ -183,7 +184,7 @@ func (s *Server) placeReplicas() {
 	// A failed round (a shard without a leader, a node down) is retried
 	// after a backoff that doubles up to placeMaxBackoff, so an outage
 	// does not turn into a warning every 250 ms.
-	var backoff time.Duration
+	bo := backoff.Backoff{Policy: backoff.Policy{Base: placeInterval, Max: placeMaxBackoff}}
 	var retryAt time.Time
 	for {
 		select {
@@ -194,7 +195,8 @@ func (s *Server) placeReplicas() {
 		meta := s.host.Node(MetaShard)
 		if meta == nil || !meta.IsLeader() {
 			clear(voters)
-			backoff, retryAt = 0, time.Time{}
+			bo.Reset()
+			retryAt = time.Time{}
 			continue
 		}
 		m := s.readReplicatedMap()
@@ -202,12 +204,12 @@ func (s *Server) placeReplicas() {
 			continue
 		}
 		if err := s.placeRound(m, voters); err != nil {
-			backoff = min(max(2*backoff, placeInterval), placeMaxBackoff)
-			retryAt = time.Now().Add(backoff)
-			s.log.Warn("placing replicas; will retry", "err", err, "retry_in", backoff)
+			wait := bo.Next()
+			retryAt = time.Now().Add(wait)
+			s.log.Warn("placing replicas; will retry", "err", err, "retry_in", wait)
 			continue
 		}
-		backoff = 0
+		bo.Reset()
 	}
 }
 

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -14,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kvd/kvd/internal/backoff"
 	"github.com/kvd/kvd/proto/peerpb"
 )
 
@@ -241,7 +241,7 @@ func (t *Transport) dialLoop(p *peer) {
 	var (
 		cc     *grpc.ClientConn
 		ccAddr string
-		bo     backoffTimer
+		bo     = newBackoffTimer()
 	)
 	defer func() {
 		if cc != nil {
@@ -382,22 +382,21 @@ func (t *Transport) deliver(from uint64, b *peerpb.Batch) {
 	t.stats.bytesReceived.Add(uint64(size))
 }
 
-// backoffTimer is jittered exponential backoff between reconnect attempts.
-type backoffTimer struct{ cur time.Duration }
+// backoffTimer waits between reconnect attempts: exponential from
+// backoffMin to backoffMax, jittered in [d/2, d) so that peers that lost a
+// link at the same moment do not come back in lockstep.
+type backoffTimer struct{ backoff.Backoff }
 
-func (b *backoffTimer) reset() { b.cur = 0 }
+func newBackoffTimer() backoffTimer {
+	return backoffTimer{backoff.Backoff{Policy: backoff.Policy{Base: backoffMin, Max: backoffMax, Jitter: backoff.Equal}}}
+}
+
+func (b *backoffTimer) reset() { b.Reset() }
 
 // wait sleeps for the next backoff, or until ctx ends (false) or wake
 // fires (true, without growing the backoff further).
 func (b *backoffTimer) wait(ctx context.Context, wake <-chan struct{}) bool {
-	if b.cur == 0 {
-		b.cur = backoffMin
-	} else {
-		b.cur = min(2*b.cur, backoffMax)
-	}
-	// Jitter in [cur/2, cur): peers that lost a link at the same moment do
-	// not come back in lockstep.
-	d := b.cur/2 + rand.N(b.cur/2)
+	d := b.Next()
 	timer := time.NewTimer(d)
 	defer timer.Stop()
 	select {
