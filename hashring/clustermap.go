@@ -2,16 +2,16 @@ package hashring
 
 import "github.com/kvd/kvd/proto/kvpb"
 
-// metaShard is the shard that holds the cluster map itself. It is never on
+// MetaShard is the shard that holds the cluster map itself. It is never on
 // the ring: no key is routed to it.
-const metaShard = 0
+const MetaShard = 0
 
 // DataShards returns the ids of m's data shards, in map order: every shard
 // of m but the meta shard (id 0).
 func DataShards(m *kvpb.ClusterMap) []uint64 {
 	var out []uint64
 	for _, s := range m.GetShards() {
-		if s.GetId() != metaShard {
+		if s.GetId() != MetaShard {
 			out = append(out, s.GetId())
 		}
 	}

@@ -11,7 +11,7 @@ import (
 )
 
 // MetaShard is the Raft group that holds the cluster map.
-const MetaShard = 0
+const MetaShard = hashring.MetaShard
 
 // InitialMap is the cluster map every node computes from the same bootstrap
 // flags: members sorted by id, shard s (0 = meta, 1..shards = data) on
