@@ -143,13 +143,16 @@ jepsen-short: ## the short jepsen-lite run of `make test` alone, verbose (about 
 # alive) and prints a table of the figures.
 FLOOD_DURATION ?= 30s
 
-.PHONY: flood flood-short
+.PHONY: flood flood-short apply-lag
 
 flood: ## flood a local 3-node cluster with hostile clients; checks memory and a victim's reads (about 3 minutes)
 	$(GO) test -count=1 -v -tags flood -timeout 30m -run 'TestFlood$$' ./test/flood -flood.duration=$(FLOOD_DURATION)
 
 flood-short: ## make flood with 5 s floods (about 2 minutes)
 	$(GO) test -count=1 -v -tags flood -timeout 15m -run 'TestFloodShort$$' ./test/flood
+
+apply-lag: ## latency of small puts alone and beside 1 MiB transactions on another shard (about a minute)
+	$(GO) test -count=1 -v -tags flood -timeout 10m -run 'TestLargeTxnLag$$' ./test/flood
 
 .PHONY: bench
 bench: build ## benchmark a local 3-node cluster with kvctl bench, and etcd in the same run; writes docs/benchmarks.md

@@ -1,0 +1,169 @@
+//go:build flood
+
+package flood
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/kvd/kvd/internal/proccluster"
+	"github.com/kvd/kvd/proto/kvpb"
+)
+
+// TestLargeTxnLag is make apply-lag: how much transactions of 128 puts of
+// 8 KiB (1 MiB each) on one shard delay small puts on the node's other
+// shards. Every shard of a node is applied on its storage writer, so a
+// large apply holds back the log appends and fsyncs of the rest. The
+// small puts run at a fixed rate, first alone and then beside the large
+// transactions; the test prints their latency in both phases.
+func TestLargeTxnLag(t *testing.T) {
+	c := proccluster.Start(t, 3, proccluster.Options{})
+	e := &env{t: t, c: c}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	rt := e.router(ctx)
+
+	// The large transactions' keys all map to the shard of "lag/big/0";
+	// the small puts' keys to every other shard.
+	bigShard := rt.ring.Shard([]byte("lag/big/0"))
+	var bigKeys, smallKeys [][]byte
+	for i := 0; len(bigKeys) < 128 || len(smallKeys) < 1000; i++ {
+		if k := []byte(fmt.Sprintf("lag/big/%d", i)); rt.ring.Shard(k) == bigShard && len(bigKeys) < 128 {
+			bigKeys = append(bigKeys, k)
+		}
+		if k := []byte(fmt.Sprintf("lag/small/%d", i)); rt.ring.Shard(k) != bigShard && len(smallKeys) < 1000 {
+			smallKeys = append(smallKeys, k)
+		}
+	}
+	ops := make([]*kvpb.RequestOp, len(bigKeys))
+	val := bytes.Repeat([]byte("t"), 8<<10)
+	for i, k := range bigKeys {
+		ops[i] = &kvpb.RequestOp{Op: &kvpb.RequestOp_Put{Put: &kvpb.PutRequest{Key: k, Value: val}}}
+	}
+
+	const phase = 20 * time.Second
+	// Each phase also reports how long the nodes' storage writers spent in
+	// bbolt commits (they hold up every shard's appends meanwhile).
+	commits := func() (float64, float64) {
+		return e.metricSum("kvd_storage_commit_duration_seconds_sum"), e.metricSum("kvd_storage_commit_duration_seconds_count")
+	}
+	s0, n0 := commits()
+	base := e.smallPuts(ctx, smallKeys, phase, nil)
+	s1, n1 := commits()
+	var txns, txnErrs atomic.Int64
+	loaded := e.smallPuts(ctx, smallKeys, phase, func(lctx context.Context, wg *sync.WaitGroup) {
+		conn := e.dial(rt.leaders[bigShard].ClientAddr)
+		kv := kvpb.NewKVClient(conn)
+		for range 4 {
+			wg.Go(func() {
+				for lctx.Err() == nil {
+					tctx, cancel := context.WithTimeout(lctx, 10*time.Second)
+					_, err := kv.Txn(tctx, &kvpb.TxnRequest{Success: ops})
+					cancel()
+					if lctx.Err() != nil {
+						return
+					}
+					if err != nil {
+						txnErrs.Add(1)
+						continue
+					}
+					txns.Add(1)
+				}
+			})
+		}
+		context.AfterFunc(lctx, func() { wg.Wait(); conn.Close() })
+	})
+	s2, n2 := commits()
+	fmt.Printf("small puts alone:          %s; bbolt commits %.0f, %.1f ms each\n", base, n1-n0, 1000*(s1-s0)/max(n1-n0, 1))
+	fmt.Printf("beside 1 MiB transactions: %s; bbolt commits %.0f, %.1f ms each; transactions %d (%.1f/s), failed %d\n",
+		loaded, n2-n1, 1000*(s2-s1)/max(n2-n1, 1), txns.Load(), float64(txns.Load())/phase.Seconds(), txnErrs.Load())
+	for _, s := range []lagStats{base, loaded} {
+		if s.ok == 0 || s.errs > 0 {
+			t.Errorf("small puts: %d ok, %d failed (first: %v)", s.ok, s.errs, s.firstErr)
+		}
+	}
+	if txns.Load() == 0 {
+		t.Errorf("no large transaction succeeded (%d failed)", txnErrs.Load())
+	}
+}
+
+type lagStats struct {
+	ok, errs       int
+	firstErr       error
+	p50, p99, pmax time.Duration
+}
+
+func (s lagStats) String() string {
+	return fmt.Sprintf("%d puts, p50 %v, p99 %v, max %v", s.ok, s.p50.Round(10*time.Microsecond), s.p99.Round(10*time.Microsecond), s.pmax.Round(10*time.Microsecond))
+}
+
+// smallPuts writes 64-byte values to keys, open loop at 200 puts/s (each
+// put's latency counts from when it was due, so a stall shows in every put
+// it delayed), for d; load, when given, runs beside it until d ends.
+func (e *env) smallPuts(ctx context.Context, keys [][]byte, d time.Duration, load func(context.Context, *sync.WaitGroup)) lagStats {
+	cl := e.client(ctx)
+	defer cl.Close()
+	pctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	var loadWG sync.WaitGroup
+	if load != nil {
+		load(pctx, &loadWG)
+	}
+	const rate = 200
+	val := bytes.Repeat([]byte("s"), 64)
+	var (
+		mu  sync.Mutex
+		s   lagStats
+		lat []time.Duration
+		wg  sync.WaitGroup
+	)
+	start := time.Now()
+	for i := 0; ; i++ {
+		due := start.Add(time.Duration(i) * time.Second / rate)
+		if due.Sub(start) >= d {
+			break
+		}
+		if w := time.Until(due); w > 0 {
+			t := time.NewTimer(w)
+			select {
+			case <-pctx.Done():
+			case <-t.C:
+			}
+			t.Stop()
+		}
+		if pctx.Err() != nil {
+			break
+		}
+		wg.Go(func() {
+			octx, ocancel := context.WithTimeout(ctx, 10*time.Second)
+			defer ocancel()
+			_, err := cl.Put(octx, keys[i%len(keys)], val)
+			l := time.Since(due)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				s.errs++
+				if s.firstErr == nil {
+					s.firstErr = err
+				}
+				return
+			}
+			s.ok++
+			lat = append(lat, l)
+		})
+	}
+	wg.Wait()
+	cancel()
+	loadWG.Wait()
+	if len(lat) > 0 {
+		slices.Sort(lat)
+		s.p50, s.p99, s.pmax = lat[len(lat)/2], lat[len(lat)*99/100], lat[len(lat)-1]
+	}
+	return s
+}
