@@ -1,18 +1,19 @@
 package server
 
 import (
-	"net"
-	"sync"
+	"context"
 	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
 
 // admission is the node's in-flight byte budget: the bytes of requests
-// admitted and not yet answered, plus the Batch answers not yet sent.
+// admitted and not yet answered, plus the answers of reads (unary Get,
+// Range and Txn, and Batch items) not yet sent.
 // Beyond it requests are refused with ResourceExhausted instead of
 // queueing, so a node's memory stays bounded however clients behave.
 //
@@ -39,13 +40,19 @@ const requestOverhead = 4 << 10
 // errOverloaded is the status of a refused request.
 var errOverloaded = status.Error(codes.ResourceExhausted, "node overloaded: too many request bytes in flight; back off and retry")
 
+// errAnswerOverloaded is the status of a read whose answer, computed, did
+// not fit the budget.
+func errAnswerOverloaded(n int) error {
+	return status.Errorf(codes.ResourceExhausted, "node overloaded: no room for an answer of %d bytes among the bytes in flight; back off and retry, or read fewer bytes at a time (a Range limit)", n)
+}
+
 func newAdmission(limit int) *admission {
 	return &admission{
 		limit:      int64(limit),
 		largeLimit: int64(limit) - int64(limit)/4,
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kvd_admission_refused_total",
-			Help: "Requests refused with ResourceExhausted because the node's in-flight byte budget (--max-inflight-bytes) was spent, by class: large (over 64 KiB) requests may use three quarters of it, small ones all of it.",
+			Help: "Requests refused with ResourceExhausted because the node's in-flight byte budget (--max-inflight-bytes) was spent, by class: large (over 64 KiB) requests may use three quarters of it, small ones all of it; answer: a read's answer, computed, did not fit.",
 		}, []string{"class"}),
 	}
 }
@@ -102,64 +109,46 @@ func (a *admission) hold(delta int64) { a.inFlight.Add(delta) }
 // release returns what admit charged.
 func (a *admission) release(n int64) { a.inFlight.Add(-n) }
 
-// connLimiter caps the client connections a node keeps open: each costs
-// buffers and up to maxStreamsPerConn concurrent requests, so without a
-// cap a client opening connections could grow the node without bound. A
-// connection beyond the cap is closed as soon as it is accepted, which a
-// client sees at once (and tries another node) rather than hanging in the
-// listen backlog.
-type connLimiter struct {
-	net.Listener
-	max      int64
-	open     atomic.Int64
-	accepted atomic.Int64 // connections accepted and kept, ever
-	refused  prometheus.Counter
-}
-
-func (l *connLimiter) openGauge() prometheus.Collector {
-	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Name: "kvd_client_conns",
-		Help: "Client connections open (at most --max-client-conns).",
-	}, func() float64 { return float64(l.open.Load()) })
-}
-
-func newConnLimiter(l net.Listener, max int) *connLimiter {
-	return &connLimiter{
-		Listener: l,
-		max:      int64(max),
-		refused: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "kvd_client_conns_refused_total",
-			Help: "Client connections closed on accept because the node had --max-client-conns open.",
-		}),
+// serve admits a request of the given charge, runs it and releases the
+// charge when it returns (or panics: a panic recovered further out must
+// not keep the bytes charged for ever).
+func (a *admission) serve(charge int64, run func() (any, error)) (any, error) {
+	if err := a.admit(charge); err != nil {
+		return nil, err
 	}
+	defer a.release(charge)
+	return run()
 }
 
-func (l *connLimiter) Accept() (net.Conn, error) {
-	for {
-		c, err := l.Listener.Accept()
-		if err != nil {
-			return nil, err
-		}
-		if l.open.Add(1) > l.max {
-			l.open.Add(-1)
-			l.refused.Inc()
-			_ = c.Close()
-			continue
-		}
-		l.accepted.Add(1)
-		return &limitedConn{Conn: c, l: l}, nil
+// collectors are the admission metrics.
+func (a *admission) collectors() []prometheus.Collector {
+	return []prometheus.Collector{a.refused, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "kvd_inflight_bytes",
+		Help: "Bytes charged to the in-flight budget: requests being served and read answers not yet sent.",
+	}, func() float64 { return float64(a.inFlight.Load()) })}
+}
+
+// unary admits each unary request; the answer of a read is charged too,
+// from when it is computed until gRPC has written it (answerHolds), and
+// refused with ResourceExhausted when the budget has no room for it. A
+// request is small, but a Range page or a Txn of gets can answer with
+// megabytes: charged only for their requests, many at once could hold far
+// more than the budget.
+func (a *admission) unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	resp, err := a.serve(requestCharge(req, proto.Size), func() (any, error) { return handler(ctx, req) })
+	h := holdOf(ctx)
+	if err != nil || h == nil {
+		return resp, err
 	}
-}
-
-// limitedConn gives its slot back once, however often it is closed.
-type limitedConn struct {
-	net.Conn
-	l    *connLimiter
-	once sync.Once
-}
-
-func (c *limitedConn) Close() error {
-	err := c.Conn.Close()
-	c.once.Do(func() { c.l.open.Add(-1) })
-	return err
+	msg, ok := resp.(proto.Message)
+	if !ok {
+		return resp, nil
+	}
+	n := proto.Size(msg)
+	if !a.acquire(int64(n)) {
+		a.refused.WithLabelValues("answer").Inc()
+		return nil, errAnswerOverloaded(n)
+	}
+	h.n = int64(n)
+	return resp, nil
 }

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/fsm"
 	"github.com/kvd/kvd/proto/kvpb"
@@ -219,14 +220,16 @@ func TestHandlerPanicIsRecovered(t *testing.T) {
 	ctx := context.Background()
 	boom := func(context.Context, any) (any, error) { panic("boom") }
 	info := &grpc.UnaryServerInfo{FullMethod: "/kvd.kv.v1.KV/Put"}
-	// As the server chains them: metrics around recovery.
+	// As the server chains them: metrics around admission around recovery.
 	_, err := s.metrics.interceptor(ctx, &kvpb.PutRequest{Key: []byte("k")}, info, func(ctx context.Context, req any) (any, error) {
-		return s.recoverUnary(ctx, req, info, boom)
+		return s.adm.unary(ctx, req, info, func(ctx context.Context, req any) (any, error) {
+			return s.recoverUnary(ctx, req, info, boom)
+		})
 	})
 	if status.Code(err) != codes.Internal {
 		t.Fatalf("unary panic: %v, want Internal", err)
 	}
-	if n := s.metrics.adm.inFlight.Load(); n != 0 {
+	if n := s.adm.inFlight.Load(); n != 0 {
 		t.Fatalf("a recovered panic left %d bytes charged in flight", n)
 	}
 	err = s.recoverStream(nil, nil, &grpc.StreamServerInfo{FullMethod: "/kvd.kv.v1.KV/Batch"}, func(any, grpc.ServerStream) error { panic("boom") })
@@ -235,13 +238,15 @@ func TestHandlerPanicIsRecovered(t *testing.T) {
 	}
 	// As Batch serves an item: admitted and observed inside the recovery.
 	serve := s.recoverItems(func(_ context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
-		_, err := s.metrics.observe(it.Method(), it.Inner(), func() (any, error) { panic("boom") })
+		_, err := s.metrics.observe(it.Method(), func() (any, error) {
+			return s.adm.serve(requestCharge(it.Inner(), proto.Size), func() (any, error) { panic("boom") })
+		})
 		return nil, err
 	})
 	if _, err := serve(ctx, &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Get{Get: &kvpb.GetRequest{Key: []byte("k")}}}); status.Code(err) != codes.Internal {
 		t.Fatalf("batch item panic: %v, want Internal", err)
 	}
-	if n := s.metrics.adm.inFlight.Load(); n != 0 {
+	if n := s.adm.inFlight.Load(); n != 0 {
 		t.Fatalf("a recovered batch item panic left %d bytes charged in flight", n)
 	}
 	text := scrape(t, s)

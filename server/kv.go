@@ -116,7 +116,7 @@ func (s *Server) Get(ctx context.Context, req *kvpb.GetRequest) (*kvpb.GetRespon
 // charged regardless. The stream holds at most MaxBatchStreamBytes (see
 // kvpb.BatchOptions).
 func (s *Server) Batch(stream kvpb.KV_BatchServer) error {
-	adm := s.metrics.adm
+	adm := s.adm
 	opts := kvpb.BatchOptions{
 		MaxHeldBytes: s.cfg.Limits.MaxBatchStreamBytes,
 		SendTimeout:  s.cfg.BatchSendTimeout,
@@ -132,10 +132,12 @@ func (s *Server) Batch(stream kvpb.KV_BatchServer) error {
 	}
 	return kvpb.ServeBatchWith(countedStream{stream, s.metrics}, opts, s.recoverItems(func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
 		var res *kvpb.BatchResponseItem
-		_, err := s.metrics.observeCharged(it.Method(), requestCharge(it.Inner(), sizedBefore), func() (any, error) {
-			var err error
-			res, err = it.Call(ctx, s)
-			return res, err
+		_, err := s.metrics.observe(it.Method(), func() (any, error) {
+			return adm.serve(requestCharge(it.Inner(), sizedBefore), func() (any, error) {
+				var err error
+				res, err = it.Call(ctx, s)
+				return res, err
+			})
 		})
 		return res, err
 	}))

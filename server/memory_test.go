@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -96,7 +97,7 @@ func TestBatchNeverReadingClientIsBoundedAndCutOff(t *testing.T) {
 	cancel()
 	<-sendDone
 	waitFor(t, 10*time.Second, "the in-flight budget to be released", func() bool {
-		return s.metrics.adm.inFlight.Load() == 0
+		return s.adm.inFlight.Load() == 0
 	})
 }
 
@@ -415,5 +416,151 @@ func TestRangePageOfManySmallKvsFitsTheCap(t *testing.T) {
 	}
 	if sz := proto.Size(resp); sz > maxResp {
 		t.Fatalf("page of %d kvs is %d bytes; the cap is %d", len(resp.GetKvs()), sz, maxResp)
+	}
+}
+
+// TestReadAnswersAreChargedUntilSent: a unary read's answer counts against
+// the in-flight budget from when it is computed until gRPC has written it.
+// A client that asks for a large Range page and does not read it keeps the
+// page charged, so the next large answer is refused with
+// ResourceExhausted while small reads are still served; once the first
+// client reads, the charge is released and the same Range succeeds.
+func TestReadAnswersAreChargedUntilSent(t *testing.T) {
+	const budget = 4 << 20 // large answers may fill 3 MiB of it
+	c := newTestCluster(t, 1, 1, func(cfg *Config) { cfg.Limits.MaxInFlightBytes = budget })
+	s := c.servers[0]
+	kv := kvClient(t, s)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for i := range 3 {
+		if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: []byte(fmt.Sprintf("big/%d", i)), Value: bytes.Repeat([]byte("v"), 900<<10)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: []byte("small"), Value: []byte("v")}); err != nil {
+		t.Fatal(err)
+	}
+	page := &kvpb.RangeRequest{Shard: 1, Start: []byte("big/"), End: []byte("big0")}
+
+	// The stalled reader: a connection whose receive window stays at
+	// 64 KiB, and a Range call whose answer it never reads.
+	conn, err := grpc.NewClient(s.ClientAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	stalled, err := conn.NewStream(ctx, &grpc.StreamDesc{StreamName: "Range"}, "/"+kvpb.KV_ServiceDesc.ServiceName+"/Range")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stalled.SendMsg(page); err != nil {
+		t.Fatal(err)
+	}
+	if err := stalled.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the unread page to be charged", func() bool { return s.adm.inFlight.Load() >= 2700<<10 })
+
+	_, err = kv.Range(ctx, page)
+	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "answer of") {
+		t.Fatalf("second large Range while the first is unread: %v, want ResourceExhausted for its answer", err)
+	}
+	if _, err := kv.Get(ctx, &kvpb.GetRequest{Key: []byte("small")}); err != nil {
+		t.Fatalf("small get while a large answer is unread: %v", err)
+	}
+
+	var got kvpb.RangeResponse
+	if err := stalled.RecvMsg(&got); err != nil {
+		t.Fatal(err)
+	}
+	if len(got.GetKvs()) != 3 {
+		t.Fatalf("stalled Range read %d kvs, want 3", len(got.GetKvs()))
+	}
+	waitFor(t, 10*time.Second, "the read page's charge to be released", func() bool { return s.adm.inFlight.Load() == 0 })
+	resp, err := kv.Range(ctx, page)
+	if err != nil || len(resp.GetKvs()) != 3 {
+		t.Fatalf("Range after the first was read: %d kvs, %v", len(resp.GetKvs()), err)
+	}
+	if v := counterValue(s.adm.refused.WithLabelValues("answer")); v != 1 {
+		t.Errorf("kvd_admission_refused_total{class=answer} = %v, want 1", v)
+	}
+}
+
+// TestUnreadUnaryAnswersAreBoundedAndCutOff: a client that sends Range
+// after Range of megabytes on one connection and reads nothing makes the
+// node hold at most its in-flight budget of answers (the rest are
+// refused), and once nothing has been written to the connection for
+// BatchSendTimeout the node closes it and releases them. Before answers
+// were charged until sent, 200 such calls held 760 MiB.
+func TestUnreadUnaryAnswersAreBoundedAndCutOff(t *testing.T) {
+	const budget = 8 << 20
+	c := newTestCluster(t, 1, 1, func(cfg *Config) {
+		cfg.Limits.MaxInFlightBytes = budget
+		cfg.BatchSendTimeout = time.Second
+	})
+	s := c.servers[0]
+	kv := kvClient(t, s)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for i := range 3 {
+		if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: []byte(fmt.Sprintf("big/%d", i)), Value: bytes.Repeat([]byte("v"), 900<<10)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runtime.GC()
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+
+	conn, err := grpc.NewClient(s.ClientAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	const calls = 50
+	var streams []grpc.ClientStream
+	for range calls {
+		st, err := conn.NewStream(ctx, &grpc.StreamDesc{StreamName: "Range"}, "/"+kvpb.KV_ServiceDesc.ServiceName+"/Range")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := st.SendMsg(&kvpb.RangeRequest{Shard: 1, Start: []byte("big/"), End: []byte("big0")}); err != nil {
+			t.Fatal(err)
+		}
+		streams = append(streams, st)
+	}
+	waitFor(t, 20*time.Second, "every Range to be answered or refused", func() bool {
+		v, _ := metricSum(scrape(t, s), `kvd_requests_total{code="OK",method="Range"}`)
+		r, _ := metricSum(scrape(t, s), `kvd_requests_total{code="ResourceExhausted",method="Range"}`)
+		return v+r == calls
+	})
+	if n := s.adm.inFlight.Load(); n > budget {
+		t.Fatalf("%d bytes charged in flight; the budget is %d", n, budget)
+	}
+	if v := counterValue(s.adm.refused.WithLabelValues("answer")); v == 0 {
+		t.Fatal("no answer refused: the node took every unread page")
+	}
+	runtime.GC()
+	var during runtime.MemStats
+	runtime.ReadMemStats(&during)
+	if grew := int64(during.HeapInuse) - int64(before.HeapInuse); grew > 3*budget {
+		t.Fatalf("heap grew by %d MiB holding unread answers; the budget is %d MiB", grew>>20, budget>>20)
+	}
+
+	waitFor(t, 20*time.Second, "the stalled connection to be cut off", func() bool {
+		return counterValue(s.conns.cutOff) == 1 && s.adm.inFlight.Load() == 0
+	})
+	// Each call was refused, or lost with the connection.
+	codesSeen := map[codes.Code]int{}
+	for _, st := range streams {
+		var resp kvpb.RangeResponse
+		codesSeen[status.Code(st.RecvMsg(&resp))]++
+	}
+	if codesSeen[codes.Unavailable] == 0 || codesSeen[codes.Unavailable]+codesSeen[codes.ResourceExhausted] != calls {
+		t.Fatalf("reads on the cut-off connection ended with %v; want Unavailable (cut off) or ResourceExhausted (refused)", codesSeen)
+	}
+	if resp, err := kv.Range(ctx, &kvpb.RangeRequest{Shard: 1, Start: []byte("big/"), End: []byte("big0")}); err != nil || len(resp.GetKvs()) != 3 {
+		t.Fatalf("Range on another connection after the cut-off: %d kvs, %v", len(resp.GetKvs()), err)
 	}
 }

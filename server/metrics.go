@@ -9,7 +9,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/storage"
 )
@@ -20,8 +19,6 @@ import (
 // counters at scrape time by collector, so no hot path pays for metrics it
 // already counts.
 type metrics struct {
-	adm *admission
-
 	reg      *prometheus.Registry
 	requests *prometheus.CounterVec
 	latency  *prometheus.HistogramVec
@@ -36,7 +33,6 @@ type metrics struct {
 
 func newMetrics(s *Server) *metrics {
 	m := &metrics{
-		adm: newAdmission(s.cfg.Limits.MaxInFlightBytes),
 		reg: prometheus.NewRegistry(),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kvd_requests_total",
@@ -64,44 +60,27 @@ func newMetrics(s *Server) *metrics {
 			Help: "Batch streams ended with ResourceExhausted because their client did not read its answers for --batch-send-timeout.",
 		}),
 	}
-	inFlight := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Name: "kvd_inflight_bytes",
-		Help: "Bytes charged to the in-flight budget: requests being served and Batch answers not yet sent.",
-	}, func() float64 { return float64(m.adm.inFlight.Load()) })
-	m.reg.MustRegister(m.requests, m.latency, m.batches, m.batchItems, m.panics, m.batchCutOff, m.adm.refused, inFlight, collector{s},
+	m.reg.MustRegister(m.requests, m.latency, m.batches, m.batchItems, m.panics, m.batchCutOff, collector{s},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m.reg.MustRegister(s.adm.collectors()...)
 	return m
 }
 
-// interceptor admits each unary request against the node's in-flight byte
-// budget and records its code and latency.
+// interceptor records each unary request's code and latency, refusals
+// by admission included.
 func (m *metrics) interceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	method := info.FullMethod
 	if i := lastSlash(method); i >= 0 {
 		method = method[i+1:]
 	}
-	return m.observe(method, req, func() (any, error) { return handler(ctx, req) })
+	return m.observe(method, func() (any, error) { return handler(ctx, req) })
 }
 
-// observe admits req, runs serve and records the outcome under method: the
-// unary interceptor comes through here, the items of a Batch stream
-// through observeCharged.
-func (m *metrics) observe(method string, req any, serve func() (any, error)) (any, error) {
-	return m.observeCharged(method, requestCharge(req, proto.Size), serve)
-}
-
-// observeCharged is observe for a request whose charge (requestCharge) is
-// known.
-func (m *metrics) observeCharged(method string, charge int64, serve func() (any, error)) (any, error) {
+// observe runs serve and records its outcome under method: the unary
+// interceptor comes through here, and each item of a Batch stream.
+func (m *metrics) observe(method string, serve func() (any, error)) (any, error) {
 	start := time.Now()
-	var resp any
-	err := m.adm.admit(charge)
-	if err == nil {
-		// Deferred: a panic in serve, recovered further out, must not
-		// keep the request's bytes charged for ever.
-		defer m.adm.release(charge)
-		resp, err = serve()
-	}
+	resp, err := serve()
 	m.requests.WithLabelValues(method, status.Code(err).String()).Inc()
 	m.latency.WithLabelValues(method).Observe(time.Since(start).Seconds())
 	return resp, err

@@ -59,8 +59,9 @@ type Server struct {
 	health    *health.Server
 	httpSrv   *http.Server
 	metrics   *metrics
+	adm       *admission   // the in-flight byte budget (admission.go)
 	corrupt   corruption   // corruption.go
-	conns     *connLimiter // the client listener, capped
+	conns     *connLimiter // the client listener: capped, and holding unsent answers (conns.go)
 
 	// published is set once the replicated cluster map lists this node's
 	// addresses; until then clients cannot find it and /readyz says so.
@@ -198,6 +199,8 @@ func New(cfg Config) (_ *Server, err error) {
 		}
 	}
 
+	s.adm = newAdmission(cfg.Limits.MaxInFlightBytes)
+	s.conns = newConnLimiter(s.clientLis, cfg.Limits.MaxClientConns, s.adm, cfg.BatchSendTimeout, s.log)
 	s.metrics = newMetrics(s)
 	s.startCorruptionChecks()
 	s.clientSrv = grpc.NewServer(
@@ -207,9 +210,12 @@ func New(cfg Config) (_ *Server, err error) {
 		// streams beyond this wait on the client, not in our heap.
 		grpc.MaxConcurrentStreams(maxStreamsPerConn),
 		grpc.StaticStreamWindowSize(kvpb.ClientStreamWindow), grpc.StaticConnWindowSize(kvpb.ClientConnWindow),
-		// Outermost first: every request is counted, a panic anywhere
-		// below is recovered, and a failed node refuses before serving.
-		grpc.ChainUnaryInterceptor(s.metrics.interceptor, s.recoverUnary, s.refuseUnaryIfFailed),
+		// Outermost first: every request is counted, admitted against
+		// the in-flight budget (a read's answer too, until its connection
+		// has written it: connLimiter), a panic anywhere below is
+		// recovered, and a failed node refuses before serving.
+		grpc.ChainUnaryInterceptor(s.metrics.interceptor, s.adm.unary, s.recoverUnary, s.refuseUnaryIfFailed),
+		grpc.StatsHandler(answerTracker{s.conns}),
 		grpc.ChainStreamInterceptor(s.recoverStream, s.refuseStreamIfFailed),
 		// Connections are capped (connLimiter), so idle ones must not keep
 		// slots forever: closed after MaxConnectionIdle without a request
@@ -223,8 +229,7 @@ func New(cfg Config) (_ *Server, err error) {
 		}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
-	s.conns = newConnLimiter(s.clientLis, cfg.Limits.MaxClientConns)
-	s.metrics.reg.MustRegister(s.conns.refused, s.conns.openGauge())
+	s.metrics.reg.MustRegister(s.conns.collectors()...)
 	kvpb.RegisterKVServer(s.clientSrv, s)
 	kvpb.RegisterClusterServer(s.clientSrv, s)
 	healthpb.RegisterHealthServer(s.clientSrv, s.health)
@@ -240,8 +245,9 @@ func New(cfg Config) (_ *Server, err error) {
 	go s.every(min(s.cfg.SessionTTL/10, time.Minute), s.expireSessions)
 	go s.placeReplicas()
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	s.wg.Add(1)
+	s.wg.Add(2)
 	go s.watchFatal()
+	go func() { defer s.wg.Done(); s.conns.cutOffStalled(s.stopc) }()
 	s.log.Info("kvd node started", "client", s.ClientAddr(), "peer", s.PeerAddr(),
 		"shards", len(localShards(cmap, cfg.NodeID)), "data_dir", cfg.DataDir)
 	return s, nil

@@ -5,8 +5,10 @@ package flood
 import (
 	"bytes"
 	"context"
+	"flag"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -16,6 +18,8 @@ import (
 	"github.com/kvd/kvd/proto/kvpb"
 )
 
+var lagArgs = flag.String("lag.kvd-args", "", "extra kvd flags for TestLargeTxnLag's nodes")
+
 // TestLargeTxnLag is make apply-lag: how much transactions of 128 puts of
 // 8 KiB (1 MiB each) on one shard delay small puts on the node's other
 // shards. Every shard of a node is applied on its storage writer, so a
@@ -23,7 +27,7 @@ import (
 // small puts run at a fixed rate, first alone and then beside the large
 // transactions; the test prints their latency in both phases.
 func TestLargeTxnLag(t *testing.T) {
-	c := proccluster.Start(t, 3, proccluster.Options{})
+	c := proccluster.Start(t, 3, proccluster.Options{Args: strings.Fields(*lagArgs)})
 	e := &env{t: t, c: c}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
