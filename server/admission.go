@@ -86,12 +86,16 @@ func (a *admission) admit(n int64) error {
 }
 
 // acquire reserves n bytes if the budget of their class allows.
-func (a *admission) acquire(n int64) bool {
+func (a *admission) acquire(n int64) bool { return a.acquireAs(n, n) }
+
+// acquireAs reserves n bytes if the budget allows them as part of a
+// charge of total bytes: total decides the class.
+func (a *admission) acquireAs(n, total int64) bool {
 	if n <= 0 {
 		return true
 	}
 	limit := a.largeLimit
-	if n <= smallRequestBytes {
+	if total <= smallRequestBytes {
 		limit = a.limit
 	}
 	if a.inFlight.Add(n) > limit {
@@ -137,18 +141,30 @@ func (a *admission) collectors() []prometheus.Collector {
 func (a *admission) unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	resp, err := a.serve(requestCharge(req, proto.Size), func() (any, error) { return handler(ctx, req) })
 	h := holdOf(ctx)
-	if err != nil || h == nil {
+	if err != nil || h == nil || h.growing {
 		return resp, err
 	}
 	msg, ok := resp.(proto.Message)
 	if !ok {
 		return resp, nil
 	}
-	n := proto.Size(msg)
-	if !a.acquire(int64(n)) {
-		a.refused.WithLabelValues("answer").Inc()
+	if n := proto.Size(msg); !a.grow(h, n) {
 		return nil, errAnswerOverloaded(n)
 	}
-	h.n = int64(n)
 	return resp, nil
+}
+
+// grow charges n more bytes of an answer to its hold, as one charge of
+// the hold's total; false, counted as refused, when the budget has no
+// room. A nil hold (a call that did not come through gRPC) always grows.
+func (a *admission) grow(h *answerHold, n int) bool {
+	if h == nil {
+		return true
+	}
+	if !a.acquireAs(int64(n), h.n+int64(n)) {
+		a.refused.WithLabelValues("answer").Inc()
+		return false
+	}
+	h.n += int64(n)
+	return true
 }

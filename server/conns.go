@@ -243,10 +243,14 @@ type (
 	answerHoldKey struct{}
 )
 
-// answerHold is the charge of one read's answer, set by admission.unary,
-// and how many bytes had been handed to gRPC on its connection once the
-// answer was.
-type answerHold struct{ n, mark int64 }
+// answerHold is the charge of one read's answer (admission.grow), and how
+// many bytes had been handed to gRPC on its connection once the answer
+// was. growing is set by a handler that charges its answer as it builds
+// it (Range), so that admission.unary does not charge it again.
+type answerHold struct {
+	n, mark int64
+	growing bool
+}
 
 func holdOf(ctx context.Context) *answerHold {
 	h, _ := ctx.Value(answerHoldKey{}).(*answerHold)

@@ -193,6 +193,15 @@ func (s *Server) Range(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.Range
 	maxBytes := s.cfg.Limits.MaxResponseBytes - rangeHeaderBytes
 	size := 0
 	resp := &kvpb.RangeResponse{}
+	// The page is charged to the in-flight budget as it grows; where the
+	// budget runs out the page ends early (more set), or, with nothing in
+	// it yet, the call is refused, so pages are never built to be thrown
+	// away.
+	hold := holdOf(ctx)
+	if hold != nil {
+		hold.growing = true
+	}
+	var refused error
 	err := s.read(ctx, shard, req.GetConsistency(), func(r *storage.Reader) error {
 		resp.Header = s.header(shard, fsm.Revision(r))
 		return fsm.Range(r, req.GetStart(), req.GetEnd(), func(kv *kvpb.KeyValue) bool {
@@ -212,6 +221,14 @@ func (s *Server) Range(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.Range
 				resp.More = true
 				return false
 			}
+			if !s.adm.grow(hold, n) {
+				if len(resp.Kvs) > 0 {
+					resp.More = true
+				} else {
+					refused = errAnswerOverloaded(n)
+				}
+				return false
+			}
 			size += n
 			resp.Kvs = append(resp.Kvs, kv)
 			return true
@@ -219,6 +236,9 @@ func (s *Server) Range(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.Range
 	})
 	if err != nil {
 		return nil, s.toStatus(err, shard)
+	}
+	if refused != nil {
+		return nil, refused
 	}
 	if !req.GetCountOnly() {
 		resp.Count = int64(len(resp.Kvs))

@@ -20,6 +20,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
@@ -101,6 +102,7 @@ func run(t *testing.T, plan Plan, b Budget) {
 		{"batch puts: 24 streams of 1 MiB puts", nil, e.batchPuts},
 		{"batch, never reading: 8 streams of 1 MiB gets", e.writeBig, e.neverReading},
 		{fmt.Sprintf("range over %d values of 1 MiB", plan.ScanValues), e.writeScanValues, e.ranges},
+		{"range, never reading: 4 connections of 256 unread pages", e.writeScanValues, e.neverReadingRanges},
 		{"txn of 128 gets of 1 MiB, no session", e.writeBig, func(ctx context.Context, r *result) { e.txnGets(ctx, r, false) }},
 		{"txn of 128 gets of 1 MiB, session", e.writeBig, func(ctx context.Context, r *result) { e.txnGets(ctx, r, true) }},
 	}
@@ -623,6 +625,52 @@ func (e *env) ranges(ctx context.Context, r *result) {
 					}
 					tok = page.Next
 				}
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// neverReadingRanges: 4 connections, each with its receive window at
+// gRPC's 64 KiB minimum, send 256 serializable Ranges of scan/ (pages of
+// up to 4 MiB) to every node and never read an answer; when the node cuts
+// a connection off, the client dials again and repeats.
+func (e *env) neverReadingRanges(ctx context.Context, r *result) {
+	var wg sync.WaitGroup
+	for w := range 4 {
+		nd := e.c.Nodes[w%len(e.c.Nodes)]
+		wg.Go(func() {
+			for ctx.Err() == nil {
+				conn, err := grpc.NewClient(nd.ClientAddr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+					grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+				if err != nil {
+					e.t.Error(err)
+					return
+				}
+				var streams []grpc.ClientStream
+				for range 256 {
+					st, err := conn.NewStream(ctx, &grpc.StreamDesc{StreamName: "Range"}, "/"+kvpb.KV_ServiceDesc.ServiceName+"/Range")
+					if err != nil {
+						break
+					}
+					if st.SendMsg(&kvpb.RangeRequest{Shard: uint64(1 + len(streams)%8), Start: []byte("scan/"), End: []byte("scan0"), Limit: 10000, Consistency: kvpb.Consistency_SERIALIZABLE}) != nil {
+						break
+					}
+					streams = append(streams, st)
+				}
+				// Wait, unread, for the node to cut the connection off
+				// (or the flood to end): then count how each call ended.
+				for ctx.Err() == nil && conn.GetState() == connectivity.Ready {
+					conn.WaitForStateChange(ctx, connectivity.Ready)
+				}
+				for _, st := range streams {
+					_, err := st.Header()
+					if err == nil {
+						err = st.RecvMsg(&kvpb.RangeResponse{})
+					}
+					r.count(err)
+				}
+				conn.Close()
 			}
 		})
 	}
