@@ -25,7 +25,12 @@ type HostConfig struct {
 
 	// TickInterval is the length of one Raft tick. Default 50 ms, so with
 	// ElectionTick 10 a dead leader is replaced within 0.5–1 s.
-	TickInterval        time.Duration
+	TickInterval time.Duration
+	// Ticks, when set, is the host's tick source instead of a time.Ticker
+	// of TickInterval: each value received is one Raft tick. Tests drive
+	// it by hand, so time moves only when they say. TickInterval still
+	// paces leadership checks (readindex.go).
+	Ticks               <-chan time.Time
 	ElectionTick        int
 	HeartbeatTick       int
 	SnapshotEntries     uint64
@@ -81,12 +86,18 @@ func NewHost(cfg HostConfig) *Host {
 // its handler) and starts ticking. Call it before the transport can
 // receive: before SetPeer, and before its gRPC server serves.
 func (h *Host) Start(sender Sender) {
+	h.setSender(sender)
+	h.wg.Add(1)
+	go h.run()
+}
+
+// setSender is Start without the loop goroutine: tests that step the
+// host themselves (iterate) call it instead.
+func (h *Host) setSender(sender Sender) {
 	h.sender = sender
 	// A round whose answers are lost is asked again after two ticks: long
 	// past a loopback or LAN round trip, short next to a read's deadline.
 	h.checks = newLeaderChecks(h.cfg.NodeID, 2*h.cfg.TickInterval, sender.SendLeaderCheck)
-	h.wg.Add(1)
-	go h.run()
 }
 
 // AddShard starts the replica of shard id, opening its storage when it
