@@ -43,6 +43,7 @@ type HostConfig struct {
 // the transport's Handler.
 type Host struct {
 	cfg    HostConfig
+	eng    engine // cfg.Engine, or the tests' memory engine
 	log    *slog.Logger
 	sender Sender
 
@@ -71,13 +72,18 @@ var ErrUnknownShard = errors.New("raftnode: shard not hosted on this node")
 
 // NewHost returns a Host; call Start with the transport before AddShard.
 func NewHost(cfg HostConfig) *Host {
+	return newHost(cfg, &boltEngine{e: cfg.Engine})
+}
+
+// newHost is NewHost over any engine; cfg.Engine is not used.
+func newHost(cfg HostConfig, eng engine) *Host {
 	if cfg.TickInterval == 0 {
 		cfg.TickInterval = 50 * time.Millisecond
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	h := &Host{cfg: cfg, log: cfg.Logger, stopc: make(chan struct{}), wakec: make(chan struct{}, 1)}
+	h := &Host{cfg: cfg, eng: eng, log: cfg.Logger, stopc: make(chan struct{}), wakec: make(chan struct{}, 1)}
 	h.mu.nodes = make(map[uint64]*Node)
 	return h
 }
@@ -115,9 +121,9 @@ func (h *Host) AddShard(id uint64, voters []uint64) (*Node, error) {
 	if h.mu.stopped {
 		return nil, fmt.Errorf("raftnode: add shard %d: host: %w", id, ErrStopped)
 	}
-	st, err := h.cfg.Engine.OpenShard(id)
+	st, err := h.eng.OpenShard(id)
 	if errors.Is(err, storage.ErrShardNotFound) {
-		st, err = h.cfg.Engine.CreateShard(id, &pb.ConfState{Voters: slices.Clone(voters)})
+		st, err = h.eng.CreateShard(id, &pb.ConfState{Voters: slices.Clone(voters)})
 	}
 	if err != nil {
 		return nil, fmt.Errorf("raftnode: open shard %d: %w", id, err)
@@ -183,7 +189,7 @@ func (h *Host) HandleSnapshot(shard uint64, m *pb.Message, next func() ([]*peerp
 		return fmt.Errorf("%w: %d", ErrUnknownShard, shard)
 	}
 	snap := m.GetSnapshot()
-	token, err := h.cfg.Engine.StageSnapshot(shard, snap.GetMetadata(), next)
+	token, err := h.eng.StageSnapshot(shard, snap.GetMetadata(), next)
 	if err != nil {
 		return fmt.Errorf("raftnode: stage snapshot of shard %d: %w", shard, err)
 	}

@@ -5,8 +5,6 @@ import (
 	"runtime/debug"
 	"strings"
 	"time"
-
-	"github.com/kvd/kvd/storage"
 )
 
 // run is the host's loop: the one goroutine that owns every replica's
@@ -26,7 +24,7 @@ func (h *Host) run() {
 		defer t.Stop()
 		ticks = t.C
 	}
-	appliedc := h.cfg.Engine.AppliedC()
+	appliedc := h.eng.AppliedC()
 	var visit []*Node
 	for {
 		var tick, all bool
@@ -137,7 +135,7 @@ func (h *Host) wake(n *Node) {
 // saves them in one storage request, and finishes each.
 func (h *Host) handleReadies(nodes []*Node) {
 	var readies []*pendingReady
-	var updates []storage.ShardUpdate
+	var updates []shardUpdate
 	for _, n := range nodes {
 		if n.st.done {
 			continue
@@ -154,12 +152,12 @@ func (h *Host) handleReadies(nodes []*Node) {
 		}
 		readies = append(readies, pr)
 		if pr.u != nil {
-			updates = append(updates, storage.ShardUpdate{Shard: n.cfg.Storage, Update: pr.u})
+			updates = append(updates, shardUpdate{shard: n.cfg.Storage, update: pr.u})
 		}
 	}
 	var errs []error
 	if len(updates) > 0 {
-		errs = h.cfg.Engine.SaveAll(updates)
+		errs = h.eng.SaveAll(updates)
 	}
 	i := 0
 	for _, pr := range readies {
