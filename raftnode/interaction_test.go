@@ -26,7 +26,9 @@ import (
 //	add-nodes N                 nodes 1..N, each one Host with a replica of shard 1, all voters
 //	campaign ID                 the replica campaigns (Node.Campaign)
 //	propose ID k=v              a proposal; its waiter is named pN
-//	read ID                     a linearizable read through raft's ReadIndex round; named rN
+//	read-round ID               a linearizable read that takes raft's ReadIndex round; named rN
+//	read-index ID               Node.ReadIndex on its own goroutine: the host's leadership check
+//	                            first when it applies (readindex.go); named rN
 //	tick ID [COUNT]             COUNT ticks (default 1) through the host's tick source, each processed
 //	process [ID...]             run the hosts' loops until they idle or wait in a held save
 //	hold ID / unhold ID         the node's saves wait for persist / proceed by themselves
@@ -81,6 +83,27 @@ func (r *recorder) event(node uint64, format string, args ...any) {
 	// Answers given before this event are reported before it.
 	r.scanLocked()
 	r.addLocked(node, fmt.Sprintf(format, args...))
+}
+
+// eventInRun records line for node, placed in order among the trailing
+// lines inRun accepts: events whose order the code leaves to chance.
+func (r *recorder) eventInRun(node uint64, line string, inRun func(string) bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.scanLocked()
+	if r.muted[node] {
+		return
+	}
+	line = fmt.Sprintf("%d: %s", node, line)
+	insert := func(lines []string) []string {
+		i := len(lines)
+		for i > 0 && inRun(lines[i-1]) && lines[i-1] > line {
+			i--
+		}
+		return slices.Insert(lines, i, line)
+	}
+	r.out = insert(r.out)
+	r.log[node] = insert(r.log[node])
 }
 
 func (r *recorder) violation(node uint64, err error) {
@@ -161,6 +184,8 @@ type harness struct {
 	voters []uint64
 	props  int
 	reads  int
+	// calls are the Node.ReadIndex calls in flight, oldest first.
+	calls []*readCall
 }
 
 // hnode is one node: its storage, which outlives crashes, and its Host.
@@ -185,12 +210,17 @@ func newHarness(t *testing.T) *harness {
 	return c
 }
 
-// close lets every held pass end, so that no goroutine outlives the test.
+// close lets every held pass end and every ReadIndex call return, so
+// that no goroutine outlives the test.
 func (c *harness) close() {
 	for _, hn := range c.nodes {
 		if hn.heldPass != nil {
 			c.crash(hn)
 		}
+	}
+	for _, rc := range c.calls {
+		rc.cancel()
+		<-rc.res
 	}
 }
 
@@ -251,7 +281,9 @@ func (c *harness) handle(d *datadriven.TestData) string {
 		if err := send(context.Background(), hn.replica(), hn.replica().propc, p); err != nil {
 			d.Fatalf(c.t, "propose: %v", err)
 		}
-	case "read":
+	case "read-index":
+		c.readIndex(running(0))
+	case "read-round":
 		hn := running(0)
 		c.reads++
 		w := &readWaiter{done: make(chan error, 1)}
@@ -353,6 +385,9 @@ func (c *harness) handle(d *datadriven.TestData) string {
 				c.rec.out = append(c.rec.out, fmt.Sprintf("%d: %s waits", w.node.cfg.NodeID, w.name))
 			}
 		}
+		for _, rc := range c.calls {
+			c.rec.out = append(c.rec.out, fmt.Sprintf("%d: %s waits", rc.node.cfg.NodeID, rc.name))
+		}
 		c.rec.mu.Unlock()
 	case "print-log":
 		hn := node(0)
@@ -365,6 +400,7 @@ func (c *harness) handle(d *datadriven.TestData) string {
 	default:
 		d.Fatalf(c.t, "unknown command %q", d.Cmd)
 	}
+	c.settle()
 	return c.rec.take()
 }
 
@@ -417,6 +453,7 @@ func (hn *hnode) replica() *Node { return hn.h.Node(testShard) }
 // order (stop, wake-ups, commits, ticks) where the loop's select picks
 // among those ready at random, so that the output is the same every run.
 func (c *harness) process(hn *hnode) {
+	c.settle()
 	if hn.h == nil || hn.heldPass != nil || hn.stopped {
 		return
 	}
@@ -478,6 +515,14 @@ func (c *harness) crash(hn *hnode) {
 	if hn.heldPass != nil {
 		hn.finishHeld(true)
 	}
+	// Its ReadIndex callers die with it.
+	for _, rc := range c.calls {
+		if rc.node.host == hn.h {
+			rc.cancel()
+			<-rc.res
+			rc.lost = true
+		}
+	}
 	c.rec.mu.Lock()
 	c.rec.muted[hn.id] = false
 	c.rec.addLocked(hn.id, "crash")
@@ -488,6 +533,12 @@ func (c *harness) crash(hn *hnode) {
 		}
 	}
 	c.rec.mu.Unlock()
+	c.calls = slices.DeleteFunc(c.calls, func(rc *readCall) bool {
+		if rc.lost {
+			c.rec.event(hn.id, "%s dies with the process", rc.name)
+		}
+		return rc.lost
+	})
 	hn.h = nil
 }
 
@@ -517,6 +568,7 @@ func (c *harness) deliver(match func(envelope) bool, print bool) int {
 			hn.h.HandleMessage(env.shard, env.msg)
 		}
 	}
+	c.settle()
 	return len(envs)
 }
 
@@ -561,4 +613,121 @@ func (c *harness) checkSend(from uint64, m *pb.Message) error {
 		return fmt.Errorf("MsgAppResp acknowledges index %d, but the durable log ends at %d", m.GetIndex(), last)
 	}
 	return nil
+}
+
+// readCall is a Node.ReadIndex call the test made, on a goroutine of its
+// own since the call blocks. Its context identifies its leadership-check
+// waiter (checkWaiter.ctx).
+type readCall struct {
+	name   string
+	node   *Node
+	ctx    context.Context
+	cancel context.CancelFunc
+	res    chan error
+	cw     *checkWaiter // once seen in the host's leaderChecks
+	lost   bool
+}
+
+func (c *harness) readIndex(hn *hnode) {
+	c.reads++
+	ctx, cancel := context.WithCancel(context.Background())
+	rc := &readCall{name: fmt.Sprintf("r%d", c.reads), node: hn.replica(), ctx: ctx, cancel: cancel, res: make(chan error, 1)}
+	c.calls = append(c.calls, rc)
+	go func() { rc.res <- rc.node.ReadIndex(rc.ctx) }()
+	c.settle()
+}
+
+// settle waits until every ReadIndex call in flight has returned or
+// waits on something only the test can move: a leadership check no quorum
+// has answered, or a read queued on its replica, which only the loop
+// serves. Then it reports the calls that returned, oldest first. It polls
+// the state it reads with a deadline; time decides nothing.
+func (c *harness) settle() {
+	if len(c.calls) == 0 {
+		return
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !c.callsParked() {
+		if time.Now().After(deadline) {
+			c.t.Fatal("ReadIndex calls did not settle")
+		}
+		time.Sleep(time.Millisecond) // poll interval, not synchronisation
+	}
+	c.calls = slices.DeleteFunc(c.calls, func(rc *readCall) bool {
+		select {
+		case err := <-rc.res:
+			s := fmt.Sprintf("ok, applied %d", rc.node.applied.Load())
+			if err != nil {
+				s = "error: " + err.Error()
+			}
+			c.rec.event(rc.node.cfg.NodeID, "answer %s: %s", rc.name, s)
+			rc.cancel()
+			return true
+		default:
+			return false
+		}
+	})
+}
+
+// callsParked reports whether each call in flight has returned, waits in
+// a leadership check unanswered, or waits on a read its replica holds.
+// A call past its check cannot be told apart from the others on its
+// replica, so per replica the calls past their checks are counted
+// against the reads it holds that the test did not queue itself.
+func (c *harness) callsParked() bool {
+	past := map[*Node]int{}
+	for _, rc := range c.calls {
+		if len(rc.res) > 0 {
+			continue
+		}
+		if c.inCheck(rc) {
+			continue
+		}
+		past[rc.node]++
+	}
+	for n, k := range past {
+		if n.st.done {
+			return false // a stopped replica answers everything: the call returns
+		}
+		held := len(n.readc) + len(n.st.readsQueued) + len(n.st.readsWaiting)
+		for _, ws := range n.st.readRounds {
+			held += len(ws)
+		}
+		c.rec.mu.Lock()
+		for _, w := range c.rec.waiters {
+			if w.read != nil && w.node == n && !w.answered && len(w.read.done) == 0 {
+				held--
+			}
+		}
+		c.rec.mu.Unlock()
+		if held != k {
+			return false
+		}
+	}
+	return true
+}
+
+// inCheck reports whether rc waits in its host's leadership check,
+// unanswered.
+func (c *harness) inCheck(rc *readCall) bool {
+	lc := rc.node.host.checks
+	lc.mu.Lock()
+	defer lc.mu.Unlock()
+	if rc.cw == nil {
+		for _, w := range lc.queued {
+			if w.ctx == rc.ctx {
+				rc.cw = w
+			}
+		}
+		for _, r := range lc.rounds {
+			for _, ws := range r.byShard {
+				for _, w := range ws {
+					if w.ctx == rc.ctx {
+						rc.cw = w
+					}
+				}
+			}
+		}
+	}
+	return rc.cw != nil && rc.cw.acks > 0
 }

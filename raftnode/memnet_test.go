@@ -64,11 +64,31 @@ func (s netSender) Send(shard uint64, msgs []*pb.Message) {
 	}
 }
 
+// SendLeaderCheck puts the questions of one round in peer order:
+// leaderChecks.askLocked walks a map, and the output must be the same
+// every run.
 func (s netSender) SendLeaderCheck(to uint64, c *peerpb.LeaderCheck) {
 	env := envelope{from: s.from, to: to, check: proto.CloneOf(c)}
-	s.nt.rec.event(s.from, "send %s", env)
+	if c.GetReply() {
+		s.nt.rec.event(s.from, "send %s", env)
+		s.nt.mu.Lock()
+		s.nt.pending = append(s.nt.pending, env)
+		s.nt.mu.Unlock()
+		return
+	}
+	sameRound := func(e envelope) bool {
+		return e.check != nil && !e.check.GetReply() && e.from == s.from && e.check.GetId() == c.GetId()
+	}
+	s.nt.rec.eventInRun(s.from, "send "+env.String(), func(line string) bool {
+		return strings.HasPrefix(line, fmt.Sprintf("%d: send %d->", s.from, s.from)) &&
+			strings.Contains(line, fmt.Sprintf(" LeaderCheck id=%d ", c.GetId()))
+	})
 	s.nt.mu.Lock()
-	s.nt.pending = append(s.nt.pending, env)
+	i := len(s.nt.pending)
+	for i > 0 && sameRound(s.nt.pending[i-1]) && s.nt.pending[i-1].to > to {
+		i--
+	}
+	s.nt.pending = slices.Insert(s.nt.pending, i, env)
 	s.nt.mu.Unlock()
 }
 
