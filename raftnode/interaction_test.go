@@ -21,7 +21,10 @@ import (
 // so that the order in which a node persists, sends and answers is the
 // output, and it is the same on every run. No goroutine timing enters it:
 // the test runs each loop pass itself (Host.iterate) and moves on only
-// when the pass has ended or waits in a held save. Commands:
+// when the pass has ended or waits in a held save, and when every
+// Node.ReadIndex call it made has returned or waits on something only the
+// test moves (settle). The loop's inputs are taken in a fixed order
+// (process), and messages are delivered in send order. Commands:
 //
 //	add-nodes N                 nodes 1..N, each one Host with a replica of shard 1, all voters
 //	campaign ID                 the replica campaigns (Node.Campaign)
