@@ -228,7 +228,6 @@ func (c *harness) close() {
 }
 
 func (c *harness) handle(d *datadriven.TestData) string {
-	defer func() { c.rec.t = c.t }()
 	c.rec.t = c.t
 	args := d.CmdArgs
 	id := func(i int) uint64 {
