@@ -25,7 +25,12 @@ type HostConfig struct {
 
 	// TickInterval is the length of one Raft tick. Default 50 ms, so with
 	// ElectionTick 10 a dead leader is replaced within 0.5–1 s.
-	TickInterval        time.Duration
+	TickInterval time.Duration
+	// Ticks, when set, is the host's tick source instead of a time.Ticker
+	// of TickInterval: each value received is one Raft tick. Tests drive
+	// it by hand, so time moves only when they say. TickInterval still
+	// paces leadership checks (readindex.go).
+	Ticks               <-chan time.Time
 	ElectionTick        int
 	HeartbeatTick       int
 	SnapshotEntries     uint64
@@ -38,6 +43,7 @@ type HostConfig struct {
 // the transport's Handler.
 type Host struct {
 	cfg    HostConfig
+	eng    engine // cfg.Engine, or the tests' memory engine
 	log    *slog.Logger
 	sender Sender
 
@@ -66,13 +72,18 @@ var ErrUnknownShard = errors.New("raftnode: shard not hosted on this node")
 
 // NewHost returns a Host; call Start with the transport before AddShard.
 func NewHost(cfg HostConfig) *Host {
+	return newHost(cfg, &boltEngine{e: cfg.Engine})
+}
+
+// newHost is NewHost over any engine; cfg.Engine is not used.
+func newHost(cfg HostConfig, eng engine) *Host {
 	if cfg.TickInterval == 0 {
 		cfg.TickInterval = 50 * time.Millisecond
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	h := &Host{cfg: cfg, log: cfg.Logger, stopc: make(chan struct{}), wakec: make(chan struct{}, 1)}
+	h := &Host{cfg: cfg, eng: eng, log: cfg.Logger, stopc: make(chan struct{}), wakec: make(chan struct{}, 1)}
 	h.mu.nodes = make(map[uint64]*Node)
 	return h
 }
@@ -81,12 +92,18 @@ func NewHost(cfg HostConfig) *Host {
 // its handler) and starts ticking. Call it before the transport can
 // receive: before SetPeer, and before its gRPC server serves.
 func (h *Host) Start(sender Sender) {
+	h.setSender(sender)
+	h.wg.Add(1)
+	go h.run()
+}
+
+// setSender is Start without the loop goroutine: tests that step the
+// host themselves (iterate) call it instead.
+func (h *Host) setSender(sender Sender) {
 	h.sender = sender
 	// A round whose answers are lost is asked again after two ticks: long
 	// past a loopback or LAN round trip, short next to a read's deadline.
 	h.checks = newLeaderChecks(h.cfg.NodeID, 2*h.cfg.TickInterval, sender.SendLeaderCheck)
-	h.wg.Add(1)
-	go h.run()
 }
 
 // AddShard starts the replica of shard id, opening its storage when it
@@ -104,9 +121,9 @@ func (h *Host) AddShard(id uint64, voters []uint64) (*Node, error) {
 	if h.mu.stopped {
 		return nil, fmt.Errorf("raftnode: add shard %d: host: %w", id, ErrStopped)
 	}
-	st, err := h.cfg.Engine.OpenShard(id)
+	st, err := h.eng.OpenShard(id)
 	if errors.Is(err, storage.ErrShardNotFound) {
-		st, err = h.cfg.Engine.CreateShard(id, &pb.ConfState{Voters: slices.Clone(voters)})
+		st, err = h.eng.CreateShard(id, &pb.ConfState{Voters: slices.Clone(voters)})
 	}
 	if err != nil {
 		return nil, fmt.Errorf("raftnode: open shard %d: %w", id, err)
@@ -172,7 +189,7 @@ func (h *Host) HandleSnapshot(shard uint64, m *pb.Message, next func() ([]*peerp
 		return fmt.Errorf("%w: %d", ErrUnknownShard, shard)
 	}
 	snap := m.GetSnapshot()
-	token, err := h.cfg.Engine.StageSnapshot(shard, snap.GetMetadata(), next)
+	token, err := h.eng.StageSnapshot(shard, snap.GetMetadata(), next)
 	if err != nil {
 		return fmt.Errorf("raftnode: stage snapshot of shard %d: %w", shard, err)
 	}

@@ -5,8 +5,6 @@ import (
 	"runtime/debug"
 	"strings"
 	"time"
-
-	"github.com/kvd/kvd/storage"
 )
 
 // run is the host's loop: the one goroutine that owns every replica's
@@ -20,9 +18,13 @@ import (
 // its user, and the one dragonboat and TiKV chose for many groups).
 func (h *Host) run() {
 	defer h.wg.Done()
-	t := time.NewTicker(h.cfg.TickInterval)
-	defer t.Stop()
-	appliedc := h.cfg.Engine.AppliedC()
+	ticks := h.cfg.Ticks
+	if ticks == nil {
+		t := time.NewTicker(h.cfg.TickInterval)
+		defer t.Stop()
+		ticks = t.C
+	}
+	appliedc := h.eng.AppliedC()
 	var visit []*Node
 	for {
 		var tick, all bool
@@ -30,7 +32,7 @@ func (h *Host) run() {
 		case <-h.stopc:
 			h.stopAll()
 			return
-		case <-t.C:
+		case <-ticks:
 			tick, all = true, true
 		case <-appliedc:
 			// A commit moved what readers see: every replica publishes
@@ -38,44 +40,53 @@ func (h *Host) run() {
 			all = true
 		case <-h.wakec:
 		}
-		visit = h.toVisit(visit[:0], all)
-		if tick {
-			for _, n := range visit {
-				n.guard("tick", func() error { n.st.rn.Tick(); return nil })
-			}
-			h.checks.expire()
-		}
-		for _, n := range visit {
-			if !n.st.done {
-				n.guard("step", func() error { n.takeInput(); return nil })
-			}
-		}
-		h.handleReadies(visit)
-		for _, n := range visit {
-			if n.st.done {
-				continue
-			}
-			n.guard("apply", func() error {
-				if err := n.afterApply(); err != nil {
-					return err
-				}
-				// A replica with another Ready (its own append
-				// acknowledged by Advance, say) is visited again at once,
-				// after the input that arrived during the save: proposals
-				// that join its next Ready send their entries with the
-				// commit index it moved, which then needs no append of its
-				// own (dropCoveredCommits).
-				if n.st.rn.HasReady() {
-					n.wake()
-				}
-				return nil
-			})
-		}
-		for _, n := range visit {
-			n.st.visiting = false
-		}
-		clear(visit)
+		visit = h.iterate(visit[:0], tick, all)
 	}
+}
+
+// iterate is one pass of the loop over the replicas woken since the last
+// one, or over all of them when all; tick ticks them first. It returns
+// visit, emptied, for the next pass to reuse. Tests call it directly to
+// step a host without its goroutine.
+func (h *Host) iterate(visit []*Node, tick, all bool) []*Node {
+	visit = h.toVisit(visit, all)
+	if tick {
+		for _, n := range visit {
+			n.guard("tick", func() error { n.st.rn.Tick(); return nil })
+		}
+		h.checks.expire()
+	}
+	for _, n := range visit {
+		if !n.st.done {
+			n.guard("step", func() error { n.takeInput(); return nil })
+		}
+	}
+	h.handleReadies(visit)
+	for _, n := range visit {
+		if n.st.done {
+			continue
+		}
+		n.guard("apply", func() error {
+			if err := n.afterApply(); err != nil {
+				return err
+			}
+			// A replica with another Ready (its own append
+			// acknowledged by Advance, say) is visited again at once,
+			// after the input that arrived during the save: proposals
+			// that join its next Ready send their entries with the
+			// commit index it moved, which then needs no append of its
+			// own (dropCoveredCommits).
+			if n.st.rn.HasReady() {
+				n.wake()
+			}
+			return nil
+		})
+	}
+	for _, n := range visit {
+		n.st.visiting = false
+	}
+	clear(visit)
+	return visit[:0]
 }
 
 // toVisit appends to visit the replicas woken since the last iteration,
@@ -124,7 +135,7 @@ func (h *Host) wake(n *Node) {
 // saves them in one storage request, and finishes each.
 func (h *Host) handleReadies(nodes []*Node) {
 	var readies []*pendingReady
-	var updates []storage.ShardUpdate
+	var updates []shardUpdate
 	for _, n := range nodes {
 		if n.st.done {
 			continue
@@ -141,12 +152,12 @@ func (h *Host) handleReadies(nodes []*Node) {
 		}
 		readies = append(readies, pr)
 		if pr.u != nil {
-			updates = append(updates, storage.ShardUpdate{Shard: n.cfg.Storage, Update: pr.u})
+			updates = append(updates, shardUpdate{shard: n.cfg.Storage, update: pr.u})
 		}
 	}
 	var errs []error
 	if len(updates) > 0 {
-		errs = h.cfg.Engine.SaveAll(updates)
+		errs = h.eng.SaveAll(updates)
 	}
 	i := 0
 	for _, pr := range readies {

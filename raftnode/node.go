@@ -38,7 +38,7 @@ type ApplyFunc func(tx *storage.Txn, index uint64, cmd []byte) any
 type Config struct {
 	NodeID  uint64
 	Shard   uint64
-	Storage *storage.Shard
+	Storage shardStorage
 	Sender  Sender
 	Apply   ApplyFunc
 	Logger  *slog.Logger
@@ -256,7 +256,7 @@ func newNode(cfg Config, h *Host) (*Node, error) {
 // and the applied index, as raft.NewRawNode requires: it panics
 // otherwise. A log behind its hard state's commit index lost entries this
 // node had acknowledged (a damaged or lost write-ahead log).
-func checkRecoverable(shard uint64, s *storage.Shard, hs *pb.HardState, applied uint64) error {
+func checkRecoverable(shard uint64, s shardStorage, hs *pb.HardState, applied uint64) error {
 	first, err := s.FirstIndex()
 	if err != nil {
 		return fmt.Errorf("raftnode: shard %d: first index: %w", shard, err)

@@ -1,0 +1,59 @@
+package raftnode
+
+import (
+	"context"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"go.etcd.io/raft/v3"
+
+	"github.com/kvd/kvd/internal/proccluster"
+	"github.com/kvd/kvd/storage"
+)
+
+// A host given a tick source ticks only when it delivers: a single voter
+// has not campaigned after ElectionTick-1 ticks however long they take, and
+// leads once it has had 2*ElectionTick (raft's randomized election timeout
+// is below that). The loop is the real one, over bbolt.
+func TestHostTicksOnlyFromItsTickSource(t *testing.T) {
+	e, err := storage.Open(filepath.Join(t.TempDir(), "kvd.db"), storage.Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = e.Close() }()
+	ticks := make(chan time.Time) // unbuffered: a send returns once the loop took the tick
+	h := NewHost(HostConfig{
+		NodeID:       1,
+		Engine:       e,
+		Apply:        func(*storage.Txn, uint64, []byte) any { return nil },
+		TickInterval: time.Hour, // would never tick on its own
+		Ticks:        ticks,
+		ElectionTick: 10,
+	})
+	h.Start(nullSender{})
+	defer h.Stop()
+	n, err := h.AddShard(1, []uint64{1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	for range 9 {
+		ticks <- time.Time{}
+	}
+	// Status runs on the loop after the pass of the ninth tick.
+	st, err := n.Status(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A shard created with voters starts in term 1 (storage.CreateShard).
+	if st.RaftState != raft.StateFollower || st.GetTerm() != 1 {
+		t.Fatalf("after 9 ticks: %v in term %d, want a follower in term 1", st.RaftState, st.GetTerm())
+	}
+	for range 11 {
+		ticks <- time.Time{}
+	}
+	// Winning its own vote takes the loop a few Ready rounds, no ticks.
+	proccluster.WaitFor(t, 10*time.Second, "the single voter to lead", n.IsLeader)
+}
