@@ -18,10 +18,10 @@ var (
 	// client version or was corrupted.
 	ErrInvalidToken = errors.New("client: invalid scan token")
 	// ErrResultNotKept: a retried write was applied by an earlier attempt,
-	// but the cluster did not keep its result for a retry (a transaction
-	// whose read results were too large to keep). The error says at which
-	// revision it applied and which branch it took; its reads must be done
-	// again. Retrying the same request cannot bring the result back.
+	// but the cluster did not keep its result for a retry (its read
+	// results, a transaction's gets or a prev_kv, were too large to keep).
+	// The error says at which revision it applied (and which branch a
+	// transaction took); its reads must be done again. Retrying the same request cannot bring the result back.
 	ErrResultNotKept = errors.New("client: write applied, result not kept")
 	// ErrClosed: the Client was closed.
 	ErrClosed = errors.New("client: closed")

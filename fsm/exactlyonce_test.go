@@ -206,6 +206,50 @@ func TestRecordedTxnReadsStaySmall(t *testing.T) {
 	}
 }
 
+// A put's or delete's exactly-once record keeps a small prev_kv for a
+// retry and drops a large one, answering a retry with ErrResultNotKept.
+func TestRecordedPrevKvStaysSmall(t *testing.T) {
+	sh := newShard(t)
+	big := strings.Repeat("v", 1<<20)
+	if _, err := sh.apply(cmdPut("a", big)); err != nil {
+		t.Fatal(err)
+	}
+	over := withSession(cmdPut("a", "small"), 1, 1, 0, 1) // prev_kv: the 1 MiB value
+	first, err := sh.apply(proto.CloneOf(over))
+	if err != nil || len(first.GetPut().GetPrevKv().GetValue()) != 1<<20 {
+		t.Fatalf("first attempt: %v", err)
+	}
+	if n := len(sh.record(1, 1)); n == 0 || n > MaxRecordedReadBytes {
+		t.Fatalf("record of a put with a 1 MiB prev_kv is %d bytes; want at most %d", n, MaxRecordedReadBytes)
+	}
+	if _, err := sh.apply(proto.CloneOf(over)); !errors.Is(err, ErrResultNotKept) || !strings.Contains(err.Error(), "put was applied at revision 2") {
+		t.Fatalf("retry of a put with a large prev_kv: %v, want ErrResultNotKept naming revision 2", err)
+	}
+	// A small prev_kv is kept whole.
+	small := withSession(cmdPut("a", "again"), 1, 2, 0, 2)
+	first, err = sh.apply(proto.CloneOf(small))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again, err := sh.apply(proto.CloneOf(small)); err != nil || !proto.Equal(first, again) {
+		t.Fatalf("retry of a put with a small prev_kv: %v, %v; want %v", again, err, first)
+	}
+	// A delete's large prev_kv likewise.
+	if _, err := sh.apply(cmdPut("d", big)); err != nil {
+		t.Fatal(err)
+	}
+	del := withSession(&peerpb.Command{Op: &peerpb.Command_Delete{Delete: &kvpb.DeleteRequest{Key: []byte("d"), PrevKv: true}}}, 1, 3, 0, 3)
+	if _, err := sh.apply(proto.CloneOf(del)); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(sh.record(1, 3)); n == 0 || n > MaxRecordedReadBytes {
+		t.Fatalf("record of a delete with a 1 MiB prev_kv is %d bytes", n)
+	}
+	if _, err := sh.apply(proto.CloneOf(del)); !errors.Is(err, ErrResultNotKept) || !strings.Contains(err.Error(), "delete was applied at revision 5 (deleted 1)") {
+		t.Fatalf("retry of a delete with a large prev_kv: %v, want ErrResultNotKept naming revision 5", err)
+	}
+}
+
 // A rejection whose message is not valid UTF-8 still encodes.
 func TestRejectionMessageIsValidUTF8(t *testing.T) {
 	r := reject(fmt.Errorf("%w: key %s", ErrEmptyKey, "\xff\xfe"))

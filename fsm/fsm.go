@@ -60,8 +60,9 @@ var (
 	// ErrTxnTooLarge: the transaction's read payload exceeds
 	// MaxTxnReadBytes; nothing was applied.
 	ErrTxnTooLarge = errors.New("fsm: transaction result too large")
-	// ErrResultNotKept: a retry of a transaction that was applied, whose
-	// read results were too large to keep for it.
+	// ErrResultNotKept: a retry of a write that was applied, whose read
+	// results (a transaction's gets and prev_kvs, a put's or delete's
+	// prev_kv) were too large to keep for it.
 	ErrResultNotKept = errors.New("fsm: result not kept for a retry")
 	// ErrMemberConflict: a member change conflicts with the cluster map.
 	ErrMemberConflict = errors.New("fsm: member change conflicts with the cluster map")

@@ -171,7 +171,7 @@ func FuzzApplySequences(f *testing.F) {
 				}
 				continue
 			case rec != nil:
-				if txn := rec.result.GetTxn(); txn != nil && txnReadBytes(txn) > MaxRecordedReadBytes {
+				if resultReadBytes(rec.result) > MaxRecordedReadBytes {
 					if !errors.Is(err, ErrResultNotKept) {
 						t.Fatalf("step %d: retry of a large read: %v, %v; want ErrResultNotKept", step, got, err)
 					}

@@ -133,17 +133,16 @@ const (
 )
 
 // recorded returns the copy of res kept for retries of (session, seq),
-// stamped with the request's fingerprint. A transaction's read results
-// above MaxRecordedReadBytes are replaced by a RESULT_NOT_KEPT rejection
-// that still tells a retry the revision and branch it got.
+// stamped with the request's fingerprint. Read results (a transaction's
+// gets and prev_kvs, a put's or delete's prev_kv) above
+// MaxRecordedReadBytes are replaced by a RESULT_NOT_KEPT rejection that
+// still tells a retry the revision (and a transaction's branch) it got.
 func recorded(res *peerpb.Result, fp []byte) []byte {
-	if t := res.GetTxn(); t != nil {
-		if n := txnReadBytes(t); n > MaxRecordedReadBytes {
-			rec := reject(fmt.Errorf("%w: the transaction was applied at revision %d (succeeded=%t); its read results (%d bytes) were too large to keep for a retry; read the keys again",
-				ErrResultNotKept, t.GetHeader().GetRevision(), t.GetSucceeded(), n))
-			rec.Fingerprint = fp
-			return encode(rec)
-		}
+	if n := resultReadBytes(res); n > MaxRecordedReadBytes {
+		rec := reject(fmt.Errorf("%w: %s; its read results (%d bytes) were too large to keep for a retry; read the keys again",
+			ErrResultNotKept, appliedAt(res), n))
+		rec.Fingerprint = fp
+		return encode(rec)
 	}
 	// res goes on to the proposer: stamp it only for the encoding.
 	res.Fingerprint = fp
@@ -152,23 +151,51 @@ func recorded(res *peerpb.Result, fp []byte) []byte {
 	return b
 }
 
+// resultReadBytes is the read payload of a result: the keys and values it
+// returns from storage.
+func resultReadBytes(res *peerpb.Result) int {
+	switch {
+	case res.GetTxn() != nil:
+		return txnReadBytes(res.GetTxn())
+	case res.GetPut() != nil:
+		return kvBytes(res.GetPut().GetPrevKv())
+	case res.GetDelete() != nil:
+		return kvBytes(res.GetDelete().GetPrevKv())
+	}
+	return 0
+}
+
+// appliedAt says, for a retry, what a result whose reads were not kept did.
+func appliedAt(res *peerpb.Result) string {
+	switch {
+	case res.GetTxn() != nil:
+		return fmt.Sprintf("the transaction was applied at revision %d (succeeded=%t)", res.GetTxn().GetHeader().GetRevision(), res.GetTxn().GetSucceeded())
+	case res.GetPut() != nil:
+		return fmt.Sprintf("the put was applied at revision %d", res.GetPut().GetHeader().GetRevision())
+	default:
+		return fmt.Sprintf("the delete was applied at revision %d (deleted %d)", res.GetDelete().GetHeader().GetRevision(), res.GetDelete().GetDeleted())
+	}
+}
+
+func kvBytes(kv *kvpb.KeyValue) int {
+	if kv == nil {
+		return 0
+	}
+	return len(kv.GetKey()) + len(kv.GetValue())
+}
+
 // txnReadBytes is the read payload of a transaction's response: the keys
 // and values of its Gets and prev_kvs.
 func txnReadBytes(t *kvpb.TxnResponse) int {
 	n := 0
-	add := func(kv *kvpb.KeyValue) {
-		if kv != nil {
-			n += len(kv.GetKey()) + len(kv.GetValue())
-		}
-	}
 	for _, r := range t.GetResponses() {
 		switch o := r.GetOp().(type) {
 		case *kvpb.ResponseOp_Get:
-			add(o.Get.GetKv())
+			n += kvBytes(o.Get.GetKv())
 		case *kvpb.ResponseOp_Put:
-			add(o.Put.GetPrevKv())
+			n += kvBytes(o.Put.GetPrevKv())
 		case *kvpb.ResponseOp_Delete:
-			add(o.Delete.GetPrevKv())
+			n += kvBytes(o.Delete.GetPrevKv())
 		}
 	}
 	return n
