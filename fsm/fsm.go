@@ -256,9 +256,13 @@ func del(tx *storage.Txn, r *kvpb.DeleteRequest) (*kvpb.DeleteResponse, error) {
 func txn(tx *storage.Txn, r *kvpb.TxnRequest) (*kvpb.TxnResponse, error) {
 	ok := true
 	for _, c := range r.GetCompare() {
-		cur, err := load(tx, c.GetKey())
-		if err != nil {
-			return nil, err
+		var cur *storedView
+		if b := tx.Get(c.GetKey()); b != nil {
+			v, err := viewStored(b)
+			if err != nil {
+				return nil, err
+			}
+			cur = &v
 		}
 		if !compare(c, cur) {
 			ok = false
@@ -324,7 +328,8 @@ func txn(tx *storage.Txn, r *kvpb.TxnRequest) (*kvpb.TxnResponse, error) {
 	return resp, nil
 }
 
-func compare(c *kvpb.Compare, cur *peerpb.StoredValue) bool {
+// compare evaluates c against the key's stored value, nil when absent.
+func compare(c *kvpb.Compare, cur *storedView) bool {
 	var order int
 	switch c.GetTarget() {
 	case kvpb.Compare_EXISTS:
@@ -337,13 +342,13 @@ func compare(c *kvpb.Compare, cur *peerpb.StoredValue) bool {
 		if cur == nil {
 			return false
 		}
-		order = bytes.Compare(cur.GetValue(), c.GetValue())
+		order = bytes.Compare(cur.value, c.GetValue())
 	case kvpb.Compare_VERSION:
-		order = cmp.Compare(cur.GetVersion(), c.GetVersion())
+		order = cmp.Compare(cur.version(), c.GetVersion())
 	case kvpb.Compare_MOD:
-		order = cmp.Compare(cur.GetModRevision(), c.GetModRevision())
+		order = cmp.Compare(cur.modRev(), c.GetModRevision())
 	case kvpb.Compare_CREATE:
-		order = cmp.Compare(cur.GetCreateRevision(), c.GetCreateRevision())
+		order = cmp.Compare(cur.createRev(), c.GetCreateRevision())
 	default:
 		return false
 	}

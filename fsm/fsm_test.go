@@ -19,12 +19,12 @@ import (
 // shard is one real storage shard that commands are applied to, as the
 // Raft node would: one committed entry per Save.
 type shard struct {
-	t     *testing.T
+	t     testing.TB
 	s     *storage.Shard
 	index uint64
 }
 
-func newShard(t *testing.T) *shard {
+func newShard(t testing.TB) *shard {
 	t.Helper()
 	return newShardOn(t, openEngine(t), 1)
 }
@@ -40,7 +40,7 @@ func openEngine(tb testing.TB) *storage.Engine {
 }
 
 // newShardOn creates shard id in e.
-func newShardOn(t *testing.T, e *storage.Engine, id uint64) *shard {
+func newShardOn(t testing.TB, e *storage.Engine, id uint64) *shard {
 	t.Helper()
 	s, err := e.CreateShard(id, &pb.ConfState{Voters: []uint64{1}})
 	if err != nil {
@@ -417,11 +417,11 @@ func FuzzStoredDecoders(f *testing.F) {
 		if err == nil {
 			_ = toKV([]byte("k"), sv)
 		}
-		// The size pre-pass of transactions reads a value's length
-		// without decoding; it must agree with the decoder.
-		n, lerr := storedValueLen(b)
-		if err == nil && (lerr != nil || n != len(sv.GetValue())) {
-			t.Fatalf("storedValueLen = %d, %v; the decoded value is %d bytes", n, lerr, len(sv.GetValue()))
+		// Compares and the size pre-pass of transactions read a value
+		// in place; they must agree with the decoder.
+		v, verr := viewStored(b)
+		if err == nil && (verr != nil || !bytes.Equal(v.value, sv.GetValue()) || v.create != sv.GetCreateRevision() || v.mod != sv.GetModRevision() || v.ver != sv.GetVersion()) {
+			t.Fatalf("viewStored = %+v, %v; the decoder gives %v", v, verr, sv)
 		}
 		_, _ = ClusterMapFrom(b)
 	})
@@ -489,5 +489,28 @@ func TestAckBelowDropsResultsNearAndFar(t *testing.T) {
 	sh.apply(withSession(cmdPut("m", "v"), session, far+3, far, 2001))
 	if got, want := left(), []uint64{far, far + 1}; !slices.Equal(got, want) {
 		t.Fatalf("after ack %d: results %v, want %v", uint64(far), got, want)
+	}
+}
+
+// BenchmarkTxnComparesOfLargeValue: a transaction of 128 value compares
+// against a 1 MiB value. Compares read the stored value in place, so
+// its bytes are not copied once per compare.
+func BenchmarkTxnComparesOfLargeValue(b *testing.B) {
+	sh := newShard(b)
+	big := strings.Repeat("v", 1<<20)
+	if _, err := sh.apply(cmdPut("a", big)); err != nil {
+		b.Fatal(err)
+	}
+	cmps := make([]*kvpb.Compare, 128)
+	for i := range cmps {
+		cmps[i] = &kvpb.Compare{Key: []byte("a"), Target: kvpb.Compare_VALUE, Result: kvpb.Compare_NOT_EQUAL, Value: []byte("x")}
+	}
+	c := cmdTxn(cmps, nil, nil)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		if _, err := sh.apply(proto.CloneOf(c)); err != nil {
+			b.Fatal(err)
+		}
 	}
 }

@@ -244,11 +244,11 @@ func checkTxnOps(tx *storage.Txn, ops []*kvpb.RequestOp) (total int, stored [][]
 		if v == nil {
 			return nil, nil
 		}
-		n, err := storedValueLen(v)
+		sv, err := viewStored(v)
 		if err != nil {
 			return nil, err
 		}
-		total += len(key) + n
+		total += len(key) + len(sv.value)
 		return v, nil
 	}
 	for i, op := range ops {
@@ -301,30 +301,68 @@ func opReads(op *kvpb.RequestOp) bool {
 	return false
 }
 
-// storedValueLen is the length of the value in an encoded StoredValue,
-// found without copying the value.
-func storedValueLen(b []byte) (int, error) {
-	n := 0
+// storedView is an encoded StoredValue read in place: value aliases the
+// encoding, so a compare against a 1 MiB value copies nothing.
+type storedView struct {
+	value            []byte
+	create, mod, ver int64
+}
+
+// The revisions and version of a view, 0 for an absent key (nil), as the
+// generated getters of an absent StoredValue give.
+func (v *storedView) createRev() int64 {
+	if v == nil {
+		return 0
+	}
+	return v.create
+}
+
+func (v *storedView) modRev() int64 {
+	if v == nil {
+		return 0
+	}
+	return v.mod
+}
+
+func (v *storedView) version() int64 {
+	if v == nil {
+		return 0
+	}
+	return v.ver
+}
+
+// viewStored reads an encoded StoredValue without copying its value. The
+// last occurrence of a field wins, as in proto.Unmarshal.
+func viewStored(b []byte) (storedView, error) {
+	var v storedView
 	for len(b) > 0 {
 		num, typ, tl := protowire.ConsumeTag(b)
 		if tl < 0 {
-			return 0, fmt.Errorf("%w: stored value: %v", ErrCorrupt, protowire.ParseError(tl))
+			return v, fmt.Errorf("%w: stored value: %v", ErrCorrupt, protowire.ParseError(tl))
 		}
 		b = b[tl:]
-		if num == 1 && typ == protowire.BytesType {
-			v, vl := protowire.ConsumeBytes(b)
-			if vl < 0 {
-				return 0, fmt.Errorf("%w: stored value: %v", ErrCorrupt, protowire.ParseError(vl))
+		var fl int
+		switch {
+		case num == 1 && typ == protowire.BytesType:
+			v.value, fl = protowire.ConsumeBytes(b)
+		case num >= 2 && num <= 4 && typ == protowire.VarintType:
+			var x uint64
+			x, fl = protowire.ConsumeVarint(b)
+			switch num {
+			case 2:
+				v.create = int64(x)
+			case 3:
+				v.mod = int64(x)
+			case 4:
+				v.ver = int64(x)
 			}
-			n = len(v) // the last occurrence wins, as in proto.Unmarshal
-			b = b[vl:]
-			continue
+		default:
+			fl = protowire.ConsumeFieldValue(num, typ, b)
 		}
-		fl := protowire.ConsumeFieldValue(num, typ, b)
 		if fl < 0 {
-			return 0, fmt.Errorf("%w: stored value: %v", ErrCorrupt, protowire.ParseError(fl))
+			return v, fmt.Errorf("%w: stored value: %v", ErrCorrupt, protowire.ParseError(fl))
 		}
 		b = b[fl:]
 	}
-	return n, nil
+	return v, nil
 }
