@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -42,10 +43,11 @@ type testNode struct {
 }
 
 type testCluster struct {
-	t        *testing.T
-	nodes    map[uint64]*testNode
-	shards   []uint64
-	snapshot uint64 // SnapshotEntries
+	t             *testing.T
+	nodes         map[uint64]*testNode
+	shards        []uint64
+	snapshot      uint64 // SnapshotEntries
+	snapshotBytes uint64 // SnapshotBytes
 	// commitInterval is storage.Options.CommitInterval.
 	commitInterval time.Duration
 	// mute: the hosts send no leadership checks, as if every peer ran a
@@ -139,6 +141,7 @@ func (c *testCluster) start(id uint64, lis net.Listener) {
 		ElectionTick:    10,
 		HeartbeatTick:   1,
 		SnapshotEntries: c.snapshot,
+		SnapshotBytes:   c.snapshotBytes,
 	})
 	tr := transport.New(transport.Config{NodeID: id, Handler: host, Snapshots: snapSource{eng}, Logger: logger(t)})
 	var sender raftnode.Sender = tr
@@ -414,6 +417,23 @@ func TestClusterCatchesUpBySnapshotAfterCompaction(t *testing.T) {
 	// After installing snapshots the node keeps replicating by log.
 	c.writeAll("c", 20, 2)
 	c.waitConverged()
+}
+
+// TestLogCompactedByBytes: a shard whose entries are large compacts its
+// log once they add up to SnapshotBytes, long before SnapshotEntries.
+func TestLogCompactedByBytes(t *testing.T) {
+	c := newClusterFrom(&testCluster{t: t, snapshot: 10000, snapshotBytes: 256 << 10}, 1, 1)
+	c.waitLeaders()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	big := strings.Repeat("v", 64<<10)
+	for i := range 8 { // 512 KiB of commands in 8 entries
+		if err := c.put(ctx, 1, fmt.Sprintf("k%d", i), big); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l := c.leader(1)
+	waitFor(t, 10*time.Second, "the log to be compacted by bytes", func() bool { return l.Stats().Compactions.Load() > 0 })
 }
 
 func TestReadIndexBatchesConcurrentReads(t *testing.T) {

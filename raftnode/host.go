@@ -34,6 +34,7 @@ type HostConfig struct {
 	ElectionTick        int
 	HeartbeatTick       int
 	SnapshotEntries     uint64
+	SnapshotBytes       uint64
 	MaxPendingProposals int
 }
 
@@ -138,6 +139,7 @@ func (h *Host) AddShard(id uint64, voters []uint64) (*Node, error) {
 		ElectionTick:        h.cfg.ElectionTick,
 		HeartbeatTick:       h.cfg.HeartbeatTick,
 		SnapshotEntries:     h.cfg.SnapshotEntries,
+		SnapshotBytes:       h.cfg.SnapshotBytes,
 		MaxPendingProposals: h.cfg.MaxPendingProposals,
 		checks:              h.checks,
 	}, h)

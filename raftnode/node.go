@@ -49,6 +49,11 @@ type Config struct {
 	// SnapshotEntries is how many applied entries beyond the last compaction
 	// trigger the next one. Default 10,000.
 	SnapshotEntries uint64
+	// SnapshotBytes triggers a compaction as well once the entries applied
+	// since the last one carry this many bytes of commands. Default
+	// 64 MiB. By count alone, a shard taking transactions of 1 MiB kept
+	// up to 10,000 of them, gigabytes of log in the node's file.
+	SnapshotBytes uint64
 	// MaxPendingProposals bounds proposals waiting for apply; beyond it
 	// Propose fails fast with ErrBusy. Default 4096.
 	MaxPendingProposals int
@@ -67,6 +72,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.SnapshotEntries == 0 {
 		c.SnapshotEntries = 10000
+	}
+	if c.SnapshotBytes == 0 {
+		c.SnapshotBytes = 64 << 20
 	}
 	if c.MaxPendingProposals == 0 {
 		c.MaxPendingProposals = 4096
@@ -581,7 +589,10 @@ type loopState struct {
 	// reads whose round returned an index not yet applied.
 	readsWaiting []*readWaiter
 	lastCompact  uint64
-	isLeader     bool
+	// logBytes is the command bytes of the entries applied since the last
+	// compaction (counted from this start: a restart begins again at 0).
+	logBytes uint64
+	isLeader bool
 	// applied is the last index handed to storage to apply; readers see
 	// it (n.applied) once its round commits.
 	applied uint64
@@ -1000,6 +1011,9 @@ func (n *Node) finishReady(pr *pendingReady, saveErr error) error {
 		st.applied = u.Snapshot.GetMetadata().GetIndex()
 	}
 	if k := len(rd.CommittedEntries); k > 0 {
+		for _, e := range rd.CommittedEntries {
+			st.logBytes += uint64(len(e.GetData()))
+		}
 		last := rd.CommittedEntries[k-1]
 		st.applied = last.GetIndex()
 		// The commit index published above covers this entry; once one of
@@ -1102,18 +1116,18 @@ func (n *Node) releaseReads() {
 func (n *Node) maybeCompact() error {
 	st := n.st
 	applied := n.applied.Load()
-	if applied <= st.lastCompact || applied-st.lastCompact < n.cfg.SnapshotEntries {
+	if applied <= st.lastCompact || (applied-st.lastCompact < n.cfg.SnapshotEntries && st.logBytes < n.cfg.SnapshotBytes) {
 		return nil
 	}
 	if err := n.cfg.Storage.Compact(applied); err != nil {
 		if errors.Is(err, raft.ErrCompacted) {
 			// A snapshot installed meanwhile already moved the log start.
-			st.lastCompact = applied
+			st.lastCompact, st.logBytes = applied, 0
 			return nil
 		}
 		return fmt.Errorf("shard %d: compact to %d: %w", n.cfg.Shard, applied, err)
 	}
-	st.lastCompact = applied
+	st.lastCompact, st.logBytes = applied, 0
 	n.stats.Compactions.Add(1)
 	n.log.Debug("compacted log", "index", applied)
 	return nil

@@ -50,10 +50,13 @@ type Config struct {
 
 	// Raft timing: one tick every TickInterval; a follower that hears
 	// nothing for ElectionTicks..2*ElectionTicks ticks campaigns.
-	TickInterval    time.Duration
-	ElectionTicks   int
-	HeartbeatTicks  int
+	TickInterval   time.Duration
+	ElectionTicks  int
+	HeartbeatTicks int
+	// A shard compacts its log once SnapshotEntries entries, or
+	// SnapshotBytes bytes of commands, were applied since the last time.
 	SnapshotEntries uint64
+	SnapshotBytes   uint64
 
 	// CommitInterval is how long applied writes may wait in the open bbolt
 	// transaction, made durable by the WAL meanwhile, before it commits

@@ -154,6 +154,7 @@ func New(cfg Config) (_ *Server, err error) {
 		ElectionTick:        cfg.ElectionTicks,
 		HeartbeatTick:       cfg.HeartbeatTicks,
 		SnapshotEntries:     cfg.SnapshotEntries,
+		SnapshotBytes:       cfg.SnapshotBytes,
 		MaxPendingProposals: cfg.Limits.MaxPendingProposals,
 	})
 	incarnation, err := loadIncarnation(s.engine)

@@ -160,6 +160,7 @@ as a new member with a new --id).`,
 	f.IntVar(&cfg.ElectionTicks, "election-ticks", 10, "ticks without a leader before a follower campaigns (randomised up to twice this)")
 	f.IntVar(&cfg.HeartbeatTicks, "heartbeat-ticks", 2, "ticks between leader heartbeats")
 	f.Uint64Var(&cfg.SnapshotEntries, "snapshot-entries", 10000, "applied entries beyond the last compaction that trigger log compaction")
+	f.Uint64Var(&cfg.SnapshotBytes, "snapshot-bytes", 64<<20, "bytes of commands applied since the last compaction that trigger log compaction (whichever of this and --snapshot-entries comes first)")
 	f.DurationVar(&cfg.CommitInterval, "commit-interval", 200*time.Millisecond, "how long applied writes wait (durable in the WAL) before the bbolt commit that makes them visible to serializable reads; longer is cheaper, shorter is fresher")
 	f.DurationVar(&cfg.SessionTTL, "session-ttl", time.Hour, "idle time after which a client session's exactly-once records are dropped")
 	f.DurationVar(&cfg.CorruptionCheckInterval, "corruption-check-interval", time.Minute, "how often each shard's leader has its replicas compare state hashes; a replica that differs from the majority raises an alarm and stops serving the shard (0 disables)")

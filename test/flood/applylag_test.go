@@ -7,6 +7,8 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -60,7 +62,10 @@ func TestLargeTxnLag(t *testing.T) {
 	s0, n0 := commits()
 	base := e.smallPuts(ctx, smallKeys, phase, nil)
 	s1, n1 := commits()
-	var txns, txnErrs atomic.Int64
+	var (
+		txns, txnErrs atomic.Int64
+		firstTxnErr   atomic.Value
+	)
 	loaded := e.smallPuts(ctx, smallKeys, phase, func(lctx context.Context, wg *sync.WaitGroup) {
 		conn := e.dial(rt.leaders[bigShard].ClientAddr)
 		kv := kvpb.NewKVClient(conn)
@@ -75,6 +80,7 @@ func TestLargeTxnLag(t *testing.T) {
 					}
 					if err != nil {
 						txnErrs.Add(1)
+						firstTxnErr.CompareAndSwap(nil, err.Error())
 						continue
 					}
 					txns.Add(1)
@@ -85,8 +91,15 @@ func TestLargeTxnLag(t *testing.T) {
 	})
 	s2, n2 := commits()
 	fmt.Printf("small puts alone:          %s; bbolt commits %.0f, %.1f ms each\n", base, n1-n0, 1000*(s1-s0)/max(n1-n0, 1))
-	fmt.Printf("beside 1 MiB transactions: %s; bbolt commits %.0f, %.1f ms each; transactions %d (%.1f/s), failed %d\n",
-		loaded, n2-n1, 1000*(s2-s1)/max(n2-n1, 1), txns.Load(), float64(txns.Load())/phase.Seconds(), txnErrs.Load())
+	fmt.Printf("beside 1 MiB transactions: %s; bbolt commits %.0f, %.1f ms each; transactions %d (%.1f/s), failed %d (first: %v)\n",
+		loaded, n2-n1, 1000*(s2-s1)/max(n2-n1, 1), txns.Load(), float64(txns.Load())/phase.Seconds(), txnErrs.Load(), firstTxnErr.Load())
+	var sizes []string
+	for _, nd := range c.Nodes {
+		if fi, err := os.Stat(filepath.Join(nd.DataDir, "kvd.db")); err == nil {
+			sizes = append(sizes, fmt.Sprintf("%d MiB", fi.Size()>>20))
+		}
+	}
+	fmt.Printf("kvd.db per node after both phases: %s\n", strings.Join(sizes, ", "))
 	for _, s := range []lagStats{base, loaded} {
 		if s.ok == 0 || s.errs > 0 {
 			t.Errorf("small puts: %d ok, %d failed (first: %v)", s.ok, s.errs, s.firstErr)
