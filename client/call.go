@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -100,7 +101,7 @@ func (c *Client) invoke(ctx context.Context, r route, fn attemptFunc) error {
 			return ErrClosed
 		}
 		if err := ctx.Err(); err != nil {
-			return c.giveUp(ctx, fmt.Sprintf("shard %d", r.shard), lastErr)
+			return c.giveUpShard(ctx, r.shard, lastErr)
 		}
 		n, epoch, nreps, err := c.pick(r)
 		if err != nil {
@@ -152,7 +153,7 @@ func (c *Client) invoke(ctx context.Context, r route, fn attemptFunc) error {
 			if c.isClosed() {
 				return ErrClosed
 			}
-			return c.giveUp(ctx, fmt.Sprintf("shard %d", r.shard), lastErr)
+			return c.giveUpShard(ctx, r.shard, lastErr)
 		}
 		backoffs++
 	}
@@ -167,6 +168,47 @@ func (c *Client) giveUp(ctx context.Context, what string, lastErr error) error {
 		return fmt.Errorf("%w: %s: %w", ErrUnavailable, what, ctx.Err())
 	}
 	return fmt.Errorf("%w: %s: %w (last error: %v)", ErrUnavailable, what, ctx.Err(), lastErr)
+}
+
+// giveUpShard is giveUp for a request to shard. When the client cannot
+// reach a majority of the shard's replicas (breaker open, or a connection
+// that failed), that is the cause, and the error says so: the last
+// replica's "not the leader; leader unknown" only describes the symptom.
+func (c *Client) giveUpShard(ctx context.Context, shard uint64, lastErr error) error {
+	what := fmt.Sprintf("shard %d", shard)
+	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		if down, total := c.unreachable(shard); total > 0 && 2*len(down) >= total {
+			return fmt.Errorf("%w: %s has no quorum (%d of %d replicas unreachable: %s)",
+				ErrUnavailable, what, len(down), total, strings.Join(down, "; "))
+		}
+	}
+	return c.giveUp(ctx, what, lastErr)
+}
+
+// unreachable lists the replicas of shard the client cannot reach, as
+// its heartbeats and connection state say, each with why; total is the
+// number of replicas.
+func (c *Client) unreachable(shard uint64) (down []string, total int) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	reps := c.mu.shards[shard]
+	for _, id := range reps {
+		n := c.mu.nodes[id]
+		if n == nil {
+			down = append(down, fmt.Sprintf("node %d: no address", id))
+			continue
+		}
+		state, lastErr := n.state()
+		if state == breakerClosed && n.conn.GetState() != connectivity.TransientFailure {
+			continue
+		}
+		why := "not answering"
+		if lastErr != nil {
+			why = lastErr.Error()
+		}
+		down = append(down, fmt.Sprintf("node %d at %s: %s", id, n.addr, why))
+	}
+	return down, len(reps)
 }
 
 // sleep waits d, or less if ctx ends or the client closes; false then.

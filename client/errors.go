@@ -1,6 +1,9 @@
 package client
 
-import "errors"
+import (
+	"errors"
+	"fmt"
+)
 
 // Sentinel errors. Every error the client returns wraps at most one of these
 // (plus context); match them with errors.Is.
@@ -26,3 +29,13 @@ var (
 	// ErrClosed: the Client was closed.
 	ErrClosed = errors.New("client: closed")
 )
+
+// EndpointError is why one of Config.Endpoints did not answer New. The
+// ErrUnavailable that New returns when none answered wraps one for each.
+type EndpointError struct {
+	Endpoint string
+	Err      error
+}
+
+func (e *EndpointError) Error() string { return fmt.Sprintf("%s: %v", e.Endpoint, e.Err) }
+func (e *EndpointError) Unwrap() error { return e.Err }

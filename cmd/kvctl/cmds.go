@@ -1,12 +1,14 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -147,13 +149,81 @@ func (a *app) connectWith(adjust func(*client.Config)) (*client.Client, error) {
 	c, err := client.New(ctx, cfg)
 	if err != nil {
 		if errors.Is(err, client.ErrUnavailable) {
-			return nil, &exitError{code: exitUnavailable, msg: fmt.Sprintf(
-				"cluster unavailable at %s: no node answered within %v; check that kvd is running and --endpoints is right (%s)",
-				strings.Join(a.endpoints, ","), a.timeout, clean(err))}
+			return nil, &exitError{code: exitUnavailable, msg: "cluster unavailable: " + noEndpointAnswered(err, a.endpoints, a.timeout) +
+				"; check that kvd is running and --endpoints is right"}
 		}
 		return nil, err
 	}
 	return c, nil
+}
+
+// noEndpointAnswered says why client.New found no endpoint: the one
+// reason they all gave ("connection refused by every endpoint: ..."),
+// or each endpoint's own.
+func noEndpointAnswered(err error, endpoints []string, timeout time.Duration) string {
+	var eps []*client.EndpointError
+	walkErrors(err, func(e error) {
+		if ee, ok := e.(*client.EndpointError); ok {
+			eps = append(eps, ee)
+		}
+	})
+	// In the order the user gave them, not the order they failed in.
+	slices.SortStableFunc(eps, func(x, y *client.EndpointError) int {
+		return cmp.Compare(slices.Index(endpoints, x.Endpoint), slices.Index(endpoints, y.Endpoint))
+	})
+	if len(eps) == 0 {
+		return fmt.Sprintf("no endpoint answered within %v", timeout)
+	}
+	var (
+		names, each []string
+		common      = dialReason(eps[0].Err, timeout)
+	)
+	for _, ee := range eps {
+		why := dialReason(ee.Err, timeout)
+		if why != common {
+			common = ""
+		}
+		names = append(names, ee.Endpoint)
+		each = append(each, ee.Endpoint+": "+why)
+	}
+	switch {
+	case common == "connection refused":
+		return "connection refused by every endpoint: " + strings.Join(names, ", ")
+	case common != "":
+		return fmt.Sprintf("no endpoint answered (%s): %s", common, strings.Join(names, ", "))
+	}
+	return "no endpoint answered: " + strings.Join(each, "; ")
+}
+
+// dialReason names why a call to an endpoint failed, in the words of the
+// error gRPC reports for it.
+func dialReason(err error, timeout time.Duration) string {
+	s := err.Error()
+	switch {
+	case strings.Contains(s, "connection refused"):
+		return "connection refused"
+	case strings.Contains(s, "no such host"), strings.Contains(s, "server misbehaving"):
+		return "host name not resolved"
+	case strings.Contains(s, "DeadlineExceeded"), strings.Contains(s, "deadline exceeded"):
+		return fmt.Sprintf("no answer within %v", timeout)
+	}
+	return clean(err)
+}
+
+// walkErrors calls f on err and every error it wraps.
+func walkErrors(err error, f func(error)) {
+	if err == nil {
+		return
+	}
+	f(err)
+	switch u := err.(type) {
+	case interface{ Unwrap() error }:
+		walkErrors(u.Unwrap(), f)
+	case interface{ Unwrap() []error }:
+		for _, e := range u.Unwrap() {
+			walkErrors(e, f)
+		}
+	}
 }
 
 // ctx is the deadline of one request.
@@ -380,7 +450,9 @@ address, health, map epoch) and the shards (leader, term, commit and applied
 index, voters), as reported by each shard's leader.
 
 simple and table print the tables; json prints {"nodes": [...], "shards": [...]}.
-Exits 0 when at least one node answers (down nodes are listed), 3 when none does.`,
+Exits 0 when at least one node answers and every shard has a leader (down
+nodes are listed); 3 when no node answers or a shard has no leader (its
+LEADER reads NONE).`,
 		Example: `  kvctl cluster status
   kvctl --endpoints 10.0.0.1:2379 cluster status -o json`,
 		Args: exactArgs(0, "no arguments"),

@@ -97,7 +97,7 @@ func oneLine(s string) string {
 // clean strips the layers of gRPC and client boilerplate from an error
 // message, which the one-line error has no room for.
 func clean(err error) string {
-	s := oneLine(err.Error())
+	s := dialError.ReplaceAllString(oneLine(err.Error()), "$1")
 	for _, junk := range []string{
 		"client: cluster unavailable: ", "client: invalid argument: ", "client: ",
 		"transport: Error while dialing: ", "connection error: desc = ",
@@ -107,4 +107,8 @@ func clean(err error) string {
 	return rpcPrefix.ReplaceAllString(s, "")
 }
 
-var rpcPrefix = regexp.MustCompile(`rpc error: code = \w+ desc = `)
+var (
+	rpcPrefix = regexp.MustCompile(`rpc error: code = \w+ desc = `)
+	// dialError is how gRPC words a failed dial, the cause quoted.
+	dialError = regexp.MustCompile(`(?:connection error: desc = )?"transport: Error while dialing: ([^"]*)"`)
+)

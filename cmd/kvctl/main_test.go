@@ -211,7 +211,7 @@ func TestExitCodes(t *testing.T) {
 		{"bad timeout", eps, []string{"--timeout", "soon", "get", "k"}, 2, "invalid argument"},
 		{"limit without prefix", eps, []string{"get", "--limit", "3", "k"}, 2, "need --prefix"},
 		{"server invalid argument", eps, []string{"put", big, "v"}, 2, "limit"},
-		{"no endpoint answers", dead, []string{"--timeout", "500ms", "get", "k"}, 3, "cluster unavailable at " + dead},
+		{"no endpoint answers", dead, []string{"--timeout", "500ms", "get", "k"}, 3, "connection refused by every endpoint: " + dead},
 		{"no endpoint answers status", dead, []string{"--timeout", "500ms", "cluster", "status"}, 3, "check that kvd is running"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -237,7 +237,10 @@ func (a *app) printStatus(st []client.NodeStatus) error {
 	shards := shardView(st)
 	alarms := alarmView(st)
 	if a.output == "json" {
-		return writeJSON(a.stdout, map[string]any{"nodes": nodes, "shards": shards, "alarms": alarms})
+		if err := writeJSON(a.stdout, map[string]any{"nodes": nodes, "shards": shards, "alarms": alarms}); err != nil {
+			return err
+		}
+		return leaderless(shards)
 	}
 	tw := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "NODE\tADDRESS\tHEALTH\tEPOCH\tERROR")
@@ -253,7 +256,7 @@ func (a *app) printStatus(st []client.NodeStatus) error {
 	for _, s := range shards {
 		leader := fmt.Sprint(s.Leader)
 		if s.Leader == 0 {
-			leader = "none"
+			leader = "NONE"
 		}
 		fmt.Fprintf(tw, "%d\t%s\t%d\t%d\t%d\t%s\n", s.Shard, leader, s.Term, s.Commit, s.Applied, joinIDs(s.Voters))
 	}
@@ -264,7 +267,28 @@ func (a *app) printStatus(st []client.NodeStatus) error {
 			fmt.Fprintf(tw, "CORRUPT\t%d\t%d\t%d\t%s\n", al.Shard, al.Node, al.Reporter, al.Reason)
 		}
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	return leaderless(shards)
+}
+
+// leaderless fails a status that shows shards without a leader: they
+// take no writes and no linearizable reads, so a script checking
+// `kvctl cluster status` must not see success.
+func leaderless(shards []jsonShard) error {
+	var ids []string
+	for _, s := range shards {
+		if s.Leader == 0 {
+			ids = append(ids, fmt.Sprint(s.Shard))
+		}
+	}
+	if len(ids) == 0 {
+		return nil
+	}
+	return &exitError{code: exitUnavailable, msg: fmt.Sprintf(
+		"%d of %d shards have no leader (shard %s): they serve no writes and no linearizable reads until a majority of their voters is up",
+		len(ids), len(shards), strings.Join(ids, ", "))}
 }
 
 // jsonAlarm is a corrupt replica some node reported: it refuses to serve
