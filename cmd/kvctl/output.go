@@ -155,23 +155,71 @@ func printable(b []byte) string {
 	return s
 }
 
-func (a *app) printPut(resp *kvpb.PutResponse) error {
-	if a.output == "json" {
-		return writeJSON(a.stdout, map[string]any{
-			"shard": resp.GetHeader().GetShard(), "revision": resp.GetHeader().GetRevision(),
-		})
+// printPut prints a put's answer; withPrev adds the key as it was.
+func (a *app) printPut(resp *kvpb.PutResponse, withPrev bool) error {
+	h, prev := resp.GetHeader(), resp.GetPrevKv()
+	switch a.output {
+	case "json":
+		out := map[string]any{"shard": h.GetShard(), "revision": h.GetRevision()}
+		if withPrev {
+			out["prev_kv"] = nil
+			if prev != nil {
+				out["prev_kv"] = toJSONKV(prev, false)
+			}
+		}
+		return writeJSON(a.stdout, out)
+	case "table":
+		tw := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
+		if withPrev {
+			fmt.Fprintln(tw, "SHARD\tREVISION\tPREV_VALUE\tPREV_MOD_REV")
+			pv, pm := "", ""
+			if prev != nil {
+				pv, pm = printable(prev.GetValue()), fmt.Sprint(prev.GetModRevision())
+			}
+			fmt.Fprintf(tw, "%d\t%d\t%s\t%s\n", h.GetShard(), h.GetRevision(), pv, pm)
+		} else {
+			fmt.Fprintln(tw, "SHARD\tREVISION")
+			fmt.Fprintf(tw, "%d\t%d\n", h.GetShard(), h.GetRevision())
+		}
+		return tw.Flush()
 	}
-	_, err := fmt.Fprintln(a.stdout, "OK")
-	return err
+	if _, err := fmt.Fprintln(a.stdout, "OK"); err != nil {
+		return err
+	}
+	if withPrev && prev != nil {
+		_, err := fmt.Fprintf(a.stdout, "%s\n%s\n", prev.GetKey(), prev.GetValue())
+		return err
+	}
+	return nil
 }
 
 func (a *app) printDelete(resp *kvpb.DeleteResponse) error {
-	if a.output == "json" {
+	h := resp.GetHeader()
+	switch a.output {
+	case "json":
 		return writeJSON(a.stdout, map[string]any{
-			"deleted": resp.GetDeleted(), "shard": resp.GetHeader().GetShard(), "revision": resp.GetHeader().GetRevision(),
+			"deleted": resp.GetDeleted(), "shard": h.GetShard(), "revision": h.GetRevision(),
 		})
+	case "table":
+		tw := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "DELETED\tSHARD\tREVISION")
+		fmt.Fprintf(tw, "%d\t%d\t%d\n", resp.GetDeleted(), h.GetShard(), h.GetRevision())
+		return tw.Flush()
 	}
 	_, err := fmt.Fprintln(a.stdout, resp.GetDeleted())
+	return err
+}
+
+// printDeleted prints the count of a del --prefix, which spans shards.
+func (a *app) printDeleted(n int64) error {
+	switch a.output {
+	case "json":
+		return writeJSON(a.stdout, map[string]any{"deleted": n})
+	case "table":
+		_, err := fmt.Fprintf(a.stdout, "DELETED\n%d\n", n)
+		return err
+	}
+	_, err := fmt.Fprintln(a.stdout, n)
 	return err
 }
 
@@ -364,8 +412,12 @@ func (a *app) printMembers(ml *kvpb.MemberListResponse) error {
 }
 
 func (a *app) printCount(n int64) error {
-	if a.output == "json" {
+	switch a.output {
+	case "json":
 		return writeJSON(a.stdout, map[string]any{"count": n})
+	case "table":
+		_, err := fmt.Fprintf(a.stdout, "COUNT\n%d\n", n)
+		return err
 	}
 	_, err := fmt.Fprintln(a.stdout, n)
 	return err
