@@ -41,7 +41,11 @@ help: ## list targets
 
 build: ## build kvd and kvctl into ./bin
 	@mkdir -p $(BIN)
-	@for c in kvd kvctl; do [ -d cmd/$$c ] && CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/$$c ./cmd/$$c || true; done
+	@for c in kvd kvctl; do \
+	  [ -d cmd/$$c ] || continue; \
+	  echo "building $(BIN)/$$c ($(VERSION))"; \
+	  CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/$$c ./cmd/$$c || exit 1; \
+	done
 
 test: lint ## everything CI runs: lint, unit, race, cluster tests, compose test (when Docker answers)
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) -race $(RACE_PKGS)
@@ -78,7 +82,7 @@ clean: ## remove build output
 	rm -rf $(BIN)
 
 .PHONY: cluster
-cluster: build ## run a 3-node cluster as local processes (Ctrl-C stops it)
+cluster: build ## run a 3-node cluster as local processes (Ctrl-C stops the three kvd it started)
 	./scripts/cluster.sh
 
 # --- docker compose deployment (deploy/) ---------------------------------
