@@ -29,7 +29,7 @@ import (
 // that lost its leadership meanwhile answers NotLeader, and the client
 // retries), so a request cannot loop. When the leader cannot be reached
 // either, the client gets the follower's own NotLeader answer, with its
-// hint, as before.
+// hint.
 
 // forwardedKV serves, on the peer listener, the KV requests other members
 // forward. Only unary calls from a node of this cluster are accepted.
@@ -41,61 +41,48 @@ type forwardedKV struct {
 // forwardedKey marks the context of a forwarded request.
 type forwardedKey struct{}
 
-func (f forwardedKV) mark(ctx context.Context) (context.Context, error) {
+// serveForwarded serves one forwarded request with h, the client port's
+// handler, under what the client port's interceptors give a request: a
+// failed node refuses it, and a panic fails the request alone.
+func serveForwarded[Req, Resp any](ctx context.Context, s *Server, method string, req Req, h func(context.Context, Req) (Resp, error)) (resp Resp, err error) {
+	defer s.recovered("Forwarded/"+method, &err)
 	md, _ := metadata.FromIncomingContext(ctx)
 	if len(md.Get(mdPeerCluster)) == 0 || len(md.Get(mdPeerFrom)) == 0 {
 		// checkPeerCall has verified a cluster id when there is one.
-		return nil, status.Error(codes.PermissionDenied, "the peer port serves KV requests forwarded by members only; send requests to a client address")
+		return resp, status.Error(codes.PermissionDenied, "the peer port serves KV requests forwarded by members only; send requests to a client address")
 	}
 	// Any answer, an error included, carries this header: the forwarder
 	// tells an answer from a call that never reached us by it.
-	if err := grpc.SetHeader(ctx, metadata.Pairs(mdAnsweredBy, strconv.FormatUint(f.s.cfg.NodeID, 10))); err != nil {
-		return nil, status.Errorf(codes.Internal, "set header: %v", err)
+	if err := grpc.SetHeader(ctx, metadata.Pairs(mdAnsweredBy, strconv.FormatUint(s.cfg.NodeID, 10))); err != nil {
+		return resp, status.Errorf(codes.Internal, "set header: %v", err)
 	}
-	return context.WithValue(ctx, forwardedKey{}, true), nil
+	if err := s.failure(); err != nil {
+		return resp, s.toStatus(err, 0)
+	}
+	return h(context.WithValue(ctx, forwardedKey{}, true), req)
 }
 
 // mdAnsweredBy is the header of every answer to a forwarded request.
 const mdAnsweredBy = "kvd-answered-by"
 
 func (f forwardedKV) Put(ctx context.Context, req *kvpb.PutRequest) (*kvpb.PutResponse, error) {
-	ctx, err := f.mark(ctx)
-	if err != nil {
-		return nil, err
-	}
-	return f.s.Put(ctx, req)
+	return serveForwarded(ctx, f.s, "Put", req, f.s.Put)
 }
 
 func (f forwardedKV) Delete(ctx context.Context, req *kvpb.DeleteRequest) (*kvpb.DeleteResponse, error) {
-	ctx, err := f.mark(ctx)
-	if err != nil {
-		return nil, err
-	}
-	return f.s.Delete(ctx, req)
+	return serveForwarded(ctx, f.s, "Delete", req, f.s.Delete)
 }
 
 func (f forwardedKV) Txn(ctx context.Context, req *kvpb.TxnRequest) (*kvpb.TxnResponse, error) {
-	ctx, err := f.mark(ctx)
-	if err != nil {
-		return nil, err
-	}
-	return f.s.Txn(ctx, req)
+	return serveForwarded(ctx, f.s, "Txn", req, f.s.Txn)
 }
 
 func (f forwardedKV) Get(ctx context.Context, req *kvpb.GetRequest) (*kvpb.GetResponse, error) {
-	ctx, err := f.mark(ctx)
-	if err != nil {
-		return nil, err
-	}
-	return f.s.Get(ctx, req)
+	return serveForwarded(ctx, f.s, "Get", req, f.s.Get)
 }
 
 func (f forwardedKV) Range(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.RangeResponse, error) {
-	ctx, err := f.mark(ctx)
-	if err != nil {
-		return nil, err
-	}
-	return f.s.Range(ctx, req)
+	return serveForwarded(ctx, f.s, "Range", req, f.s.Range)
 }
 
 // forward sends a request that failed here with err to shard's leader,
