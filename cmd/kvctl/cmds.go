@@ -48,7 +48,8 @@ input; 3 cluster unavailable (no quorum, timeout, no endpoint answers).`,
   kvctl cas greeting hello hi
   kvctl bench put --clients 10
   kvctl --endpoints 10.0.0.1:2379,10.0.0.2:2379 -o json get greeting
-  kvctl cluster status`,
+  kvctl cluster status
+  kvctl endpoint health`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		Args:          noArgsOrUnknown,
@@ -94,7 +95,7 @@ input; 3 cluster unavailable (no quorum, timeout, no endpoint answers).`,
 	// argument, as etcdctl's and kubectl's do.
 	root.CompletionOptions.DisableDefaultCmd = true
 	pf := root.PersistentFlags()
-	pf.StringVar(&endpoints, "endpoints", defaultEndpoints, "comma-separated client addresses (host:port) of kvd nodes; env KVCTL_ENDPOINTS")
+	pf.StringVar(&endpoints, "endpoints", defaultEndpoints, "comma-separated client addresses (host:port, or http://host:port) of kvd nodes; one is enough, all of them spare a hop and survive a node's loss; env KVCTL_ENDPOINTS")
 	pf.DurationVar(&a.timeout, "timeout", 5*time.Second, "deadline of each request to the cluster (connecting, each read, write or scan page)")
 	pf.StringVarP(&a.output, "output", "o", "simple", "output format: simple, json or table")
 	pf.BoolVar(&a.debug, "debug", false, "log the client's work to stderr: cluster maps, breaker changes, and every attempt that failed, with its node and how long it took")
