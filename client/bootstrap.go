@@ -46,7 +46,7 @@ wait:
 		case r := <-results:
 			pending--
 			if r.err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", r.ep, r.err))
+				errs = append(errs, &EndpointError{Endpoint: r.ep, Err: r.err})
 				continue
 			}
 			best = c.absorb(r, best)

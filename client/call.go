@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
+	"strings"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -93,14 +95,15 @@ func (c *Client) invoke(ctx context.Context, r route, fn attemptFunc) error {
 	var (
 		lastErr  error
 		backoffs int
-		hops     int // immediate retries since the last backoff
+		hops     int    // immediate retries since the last backoff
+		hint     uint64 // the last leader a NotLeader answer named
 	)
 	for {
 		if c.isClosed() {
 			return ErrClosed
 		}
 		if err := ctx.Err(); err != nil {
-			return c.giveUp(ctx, fmt.Sprintf("shard %d", r.shard), lastErr)
+			return c.giveUpShard(ctx, r.shard, hint, lastErr)
 		}
 		n, epoch, nreps, err := c.pick(r)
 		if err != nil {
@@ -130,6 +133,11 @@ func (c *Client) invoke(ctx context.Context, r route, fn attemptFunc) error {
 				c.log.Debug("client: attempt failed", "shard", r.shard, "node", n.id, "addr", n.addr,
 					"took", time.Since(start).Round(time.Millisecond), "err", err)
 			}
+			if st, ok := status.FromError(err); ok {
+				if nl := notLeader(st); nl != nil && nl.GetLeaderId() != 0 {
+					hint = nl.GetLeaderId()
+				}
+			}
 			var v verdict
 			v, err = c.classify(ctx, r, n, err, ownTimeout)
 			switch v {
@@ -152,7 +160,7 @@ func (c *Client) invoke(ctx context.Context, r route, fn attemptFunc) error {
 			if c.isClosed() {
 				return ErrClosed
 			}
-			return c.giveUp(ctx, fmt.Sprintf("shard %d", r.shard), lastErr)
+			return c.giveUpShard(ctx, r.shard, hint, lastErr)
 		}
 		backoffs++
 	}
@@ -167,6 +175,78 @@ func (c *Client) giveUp(ctx context.Context, what string, lastErr error) error {
 		return fmt.Errorf("%w: %s: %w", ErrUnavailable, what, ctx.Err())
 	}
 	return fmt.Errorf("%w: %s: %w (last error: %v)", ErrUnavailable, what, ctx.Err(), lastErr)
+}
+
+// giveUpShard is giveUp for a request to shard that ran out of time; it
+// names the cause when the client saw one:
+//   - a replica named a leader the client cannot reach, and could not
+//     forward the request to it; or a majority of the replicas is out of
+//     reach at addresses the client was not given and never reached:
+//     an UnreachableError (the members advertise addresses this client
+//     cannot use, the cluster may be healthy);
+//   - a majority of the replicas is unreachable (breaker open, or a
+//     connection that failed): "shard 7 has no quorum (2 of 3 replicas
+//     unreachable: ...)". The last replica's "not the leader; leader
+//     unknown" only describes the symptom.
+func (c *Client) giveUpShard(ctx context.Context, shard, hint uint64, lastErr error) error {
+	what := fmt.Sprintf("shard %d", shard)
+	if !errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return c.giveUp(ctx, what, lastErr)
+	}
+	if hint != 0 {
+		if desc, unverified := c.reach(hint); desc != "" && unverified {
+			return &UnreachableError{Shard: shard, Nodes: []string{desc}}
+		}
+	}
+	c.mu.RLock()
+	reps := c.mu.shards[shard]
+	c.mu.RUnlock()
+	var down, unverified []string
+	for _, id := range reps {
+		if desc, u := c.reach(id); u {
+			unverified = append(unverified, desc)
+		} else if desc != "" {
+			down = append(down, desc)
+		}
+	}
+	switch n := len(down) + len(unverified); {
+	case len(reps) == 0 || 2*n < len(reps):
+		return c.giveUp(ctx, what, lastErr)
+	case len(unverified) > 0:
+		return &UnreachableError{Shard: shard, Nodes: unverified}
+	default:
+		return fmt.Errorf("%w: %s has no quorum (%d of %d replicas unreachable: %s)",
+			ErrUnavailable, what, n, len(reps), strings.Join(down, "; "))
+	}
+}
+
+// reach describes member id when it is out of the client's reach
+// (breaker open, or its connection failed): "node 2 at ADDR: why"; ""
+// when it is reachable. unverified is set when the client never reached
+// it, its address is not one the caller gave and nothing there refused
+// the connection: an advertised address this client may be unable to use
+// at all (a name it cannot resolve), however healthy the member.
+func (c *Client) reach(id uint64) (desc string, unverified bool) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	n := c.mu.nodes[id]
+	if n == nil {
+		return fmt.Sprintf("node %d: no address", id), false
+	}
+	n.mu.Lock()
+	state, lastErr, everOK := n.mu.state, n.mu.lastErr, !n.mu.lastOK.IsZero()
+	n.mu.Unlock()
+	if state == breakerClosed && n.conn.GetState() != connectivity.TransientFailure {
+		return "", false
+	}
+	why := "not answering"
+	if lastErr != nil {
+		why = lastErr.Error()
+	}
+	// A refused connection reached the member's host: it is down, not
+	// out of reach.
+	refused := strings.Contains(why, "connection refused")
+	return fmt.Sprintf("node %d at %s: %s", id, n.addr, why), !everOK && !refused && !slices.Contains(c.cfg.Endpoints, n.addr)
 }
 
 // sleep waits d, or less if ctx ends or the client closes; false then.
@@ -324,6 +404,25 @@ func (c *Client) setLeader(ctx context.Context, shard, id uint64) {
 			}
 			c.mu.Unlock()
 		}
+	}
+}
+
+// answered notes who answered a request sent to n: a header naming
+// another node means n forwarded it to that node, the shard's leader
+// (see server/forward.go). The client caches it as the leader when it can
+// reach it itself, so the next request goes there directly instead of
+// costing a hop through n; one it cannot reach (an address only the
+// nodes resolve) it goes on reaching through n.
+func (c *Client) answered(shard uint64, n *node, h *kvpb.ResponseHeader) {
+	id := h.GetNode()
+	if id == 0 || id == n.id {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if l := c.mu.nodes[id]; l != nil && l.available() && l.conn.GetState() != connectivity.TransientFailure &&
+		slices.Contains(c.mu.shards[shard], id) {
+		c.mu.leaders[shard] = id
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -1040,5 +1041,40 @@ func TestUnconnectedLeaderCostsConnectTimeout(t *testing.T) {
 	}
 	if st := breakerOf(c, 1); st == breakerClosed {
 		t.Errorf("node 1's breaker is %v after its connection timed out, want open", st)
+	}
+}
+
+// TestNoQuorumSaysSo: with two of three replicas down, a write that runs
+// out of time says the shard has no quorum and names the replicas the
+// client could not reach, rather than repeat the last replica's
+// "leader unknown".
+func TestNoQuorumSaysSo(t *testing.T) {
+	f := newFake(t, 3, 4, 3)
+	c := newClient(t, f, Config{})
+	f.Node(2).SetMode(clienttest.Down)
+	f.Node(3).SetMode(clienttest.Down)
+	for s := uint64(1); s <= 4; s++ {
+		f.SetLeader(s, 0)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		d2, _ := c.reach(2)
+		d3, _ := c.reach(3)
+		if d2 != "" && d3 != "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("heartbeats did not mark nodes 2 and 3 down within 5 s")
+		}
+		time.Sleep(10 * time.Millisecond) // poll interval, not synchronisation
+	}
+	_, err := c.Put(ctxT(t, 300*time.Millisecond), []byte("a"), []byte("b"))
+	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "has no quorum (2 of 3 replicas unreachable: ") ||
+		!strings.Contains(err.Error(), "node 2 at "+f.Node(2).Addr+": ") || !strings.Contains(err.Error(), "node 3 at "+f.Node(3).Addr+": ") {
+		t.Fatalf("err = %v, want ErrUnavailable saying the shard has no quorum", err)
+	}
+	var ue *UnreachableError
+	if errors.As(err, &ue) {
+		t.Fatalf("err = %v: members at addresses the caller gave are down, not out of reach", err)
 	}
 }

@@ -1,6 +1,10 @@
 package client
 
-import "errors"
+import (
+	"errors"
+	"fmt"
+	"strings"
+)
 
 // Sentinel errors. Every error the client returns wraps at most one of these
 // (plus context); match them with errors.Is.
@@ -26,3 +30,32 @@ var (
 	// ErrClosed: the Client was closed.
 	ErrClosed = errors.New("client: closed")
 )
+
+// EndpointError is why one of Config.Endpoints did not answer New. The
+// ErrUnavailable that New returns when none answered wraps one for each.
+type EndpointError struct {
+	Endpoint string
+	Err      error
+}
+
+func (e *EndpointError) Error() string { return fmt.Sprintf("%s: %v", e.Endpoint, e.Err) }
+func (e *EndpointError) Unwrap() error { return e.Err }
+
+// UnreachableError: a request ran out of time because members it needed
+// (its shard's leader, or a majority of its replicas) were out of the
+// client's reach at the addresses they advertise, which the client was
+// not given and never reached, and no member it reached could forward
+// the request. The cluster may well be healthy: the client needs an
+// address of every member that it can reach (Config.Endpoints). Nodes
+// describes each member: "node 2 at ADDR: why". It wraps ErrUnavailable.
+type UnreachableError struct {
+	Shard uint64
+	Nodes []string
+}
+
+func (e *UnreachableError) Error() string {
+	return fmt.Sprintf("%v: shard %d: out of this client's reach at the addresses they advertise: %s",
+		ErrUnavailable, e.Shard, strings.Join(e.Nodes, "; "))
+}
+
+func (e *UnreachableError) Unwrap() error { return ErrUnavailable }

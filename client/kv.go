@@ -1,6 +1,7 @@
 package client
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"sync"
@@ -51,6 +52,9 @@ func (c *Client) write(ctx context.Context, shard uint64, h *kvpb.RequestHeader,
 		c.stamp(h, epoch)
 		r, err := n.do(ctx, item)
 		resp = r
+		if err == nil {
+			c.answered(shard, n, cmp.Or(r.GetPut().GetHeader(), r.GetDelete().GetHeader(), r.GetTxn().GetHeader()))
+		}
 		return err
 	})
 	return resp, err
@@ -147,6 +151,9 @@ func (c *Client) Get(ctx context.Context, key []byte, opts ...ReadOption) (*kvpb
 		req.Header.Epoch = epoch
 		g, err := n.do(ctx, item)
 		resp = g.GetGet()
+		if err == nil {
+			c.answered(shard, n, resp.GetHeader())
+		}
 		return err
 	})
 	if err != nil {

@@ -202,6 +202,9 @@ func (c *Client) rangeShard(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.
 		req.Header.Epoch = epoch
 		var err error
 		resp, err = n.kv.Range(ctx, req)
+		if err == nil {
+			c.answered(r.shard, n, resp.GetHeader())
+		}
 		return err
 	})
 	return resp, err

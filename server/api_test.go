@@ -125,16 +125,48 @@ func TestStaleEpochAndNotLeaderDetails(t *testing.T) {
 	}
 
 	waitFor(t, 5*time.Second, "follower to know the leader", func() bool { return follower.host.Node(1).Leader() != 0 })
-	_, err = kvClient(t, follower).Put(ctx, &kvpb.PutRequest{Key: key, Value: []byte("v")})
-	checkNotLeader(t, "put on follower", err, leader)
+	// A follower forwards a write to the leader, whose header answers.
+	resp, err := kvClient(t, follower).Put(ctx, &kvpb.PutRequest{Key: key, Value: []byte("v")})
+	if err != nil || resp.GetHeader().GetNode() != leader.cfg.NodeID {
+		t.Fatalf("put on follower: %v, header %v; want the leader's (node %d) answer", err, resp.GetHeader(), leader.cfg.NodeID)
+	}
 	// A serializable read is served by the follower from local state.
-	if _, err := kvClient(t, follower).Get(ctx, &kvpb.GetRequest{Key: key, Consistency: kvpb.Consistency_SERIALIZABLE}); err != nil {
-		t.Fatalf("serializable get on follower: %v", err)
+	g, err := kvClient(t, follower).Get(ctx, &kvpb.GetRequest{Key: key, Consistency: kvpb.Consistency_SERIALIZABLE})
+	if err != nil || g.GetHeader().GetNode() != follower.cfg.NodeID {
+		t.Fatalf("serializable get on follower: %v, header %v", err, g.GetHeader())
 	}
-	// A linearizable one is redirected.
-	if _, err := kvClient(t, follower).Get(ctx, &kvpb.GetRequest{Key: key}); status.Code(err) != codes.Unavailable {
-		t.Fatalf("linearizable get on follower: %v, want Unavailable with a hint", err)
+	// A linearizable one is forwarded.
+	g, err = kvClient(t, follower).Get(ctx, &kvpb.GetRequest{Key: key})
+	if err != nil || g.GetHeader().GetNode() != leader.cfg.NodeID || string(g.GetKv().GetValue()) != "v" {
+		t.Fatalf("linearizable get on follower: %v, %v; want the leader's answer", err, g)
 	}
+	// A forwarded request is not forwarded again: a follower answers it
+	// with the leader hint.
+	_, err = forwardedKVClient(t, follower, leader).Put(ctx, &kvpb.PutRequest{Key: key, Value: []byte("v")})
+	checkNotLeader(t, "forwarded put on follower", err, leader)
+	// The peer port serves forwarded requests only.
+	if _, err := peerKVClient(t, follower, nil).Get(ctx, &kvpb.GetRequest{Key: key}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("client call on the peer port: %v, want PermissionDenied", err)
+	}
+}
+
+// forwardedKVClient calls s's peer port as member from would forward.
+func forwardedKVClient(t *testing.T, s, from *Server) kvpb.KVClient {
+	return peerKVClient(t, s, grpc.WithChainUnaryInterceptor(from.tagPeerCall))
+}
+
+func peerKVClient(t *testing.T, s *Server, opt grpc.DialOption) kvpb.KVClient {
+	t.Helper()
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	if opt != nil {
+		opts = append(opts, opt)
+	}
+	conn, err := grpc.NewClient(s.PeerAddr(), opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return kvpb.NewKVClient(conn)
 }
 
 func TestRangePagesInKeyOrder(t *testing.T) {
@@ -280,8 +312,10 @@ func TestBatchAnswersEachItemOnItsOwn(t *testing.T) {
 		}
 	}
 
-	// A follower's refusal carries the leader hint, as the unary one does.
-	checkNotLeader(t, "batched put on follower", answers(follower, putItem(7, keys[0]))[7].GetError().Err(), leader)
+	// A follower forwards a batched write to the leader, as a unary one.
+	if g := answers(follower, putItem(7, keys[0]))[7]; g.GetError() != nil || g.GetPut().GetHeader().GetNode() != leader.cfg.NodeID {
+		t.Errorf("batched put on follower: %v, want the leader's (node %d) answer", g, leader.cfg.NodeID)
+	}
 }
 
 // checkNotLeader fails t unless err is Unavailable with a NotLeader detail

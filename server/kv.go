@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
@@ -39,6 +40,11 @@ func (s *Server) Put(ctx context.Context, req *kvpb.PutRequest) (*kvpb.PutRespon
 	op := &kvpb.PutRequest{Key: req.GetKey(), Value: req.GetValue(), PrevKv: req.GetPrevKv()}
 	resp, err := proposeOp(ctx, s, shard, req.GetHeader(), &peerpb.Command{Op: &peerpb.Command_Put{Put: op}}, "put", (*peerpb.Result).GetPut)
 	if err != nil {
+		if fr, ferr, ok := forward(ctx, s, err, shard, func(ctx context.Context, c kvpb.KVClient, o ...grpc.CallOption) (*kvpb.PutResponse, error) {
+			return c.Put(ctx, req, o...)
+		}); ok {
+			return fr, ferr
+		}
 		return nil, s.toStatus(err, shard)
 	}
 	resp.Header = s.header(shard, resp.GetHeader().GetRevision())
@@ -57,6 +63,11 @@ func (s *Server) Delete(ctx context.Context, req *kvpb.DeleteRequest) (*kvpb.Del
 	op := &kvpb.DeleteRequest{Key: req.GetKey(), PrevKv: req.GetPrevKv()}
 	resp, err := proposeOp(ctx, s, shard, req.GetHeader(), &peerpb.Command{Op: &peerpb.Command_Delete{Delete: op}}, "delete", (*peerpb.Result).GetDelete)
 	if err != nil {
+		if fr, ferr, ok := forward(ctx, s, err, shard, func(ctx context.Context, c kvpb.KVClient, o ...grpc.CallOption) (*kvpb.DeleteResponse, error) {
+			return c.Delete(ctx, req, o...)
+		}); ok {
+			return fr, ferr
+		}
 		return nil, s.toStatus(err, shard)
 	}
 	resp.Header = s.header(shard, resp.GetHeader().GetRevision())
@@ -80,6 +91,11 @@ func (s *Server) Txn(ctx context.Context, req *kvpb.TxnRequest) (*kvpb.TxnRespon
 	op := &kvpb.TxnRequest{Compare: req.GetCompare(), Success: req.GetSuccess(), Failure: req.GetFailure()}
 	resp, err := proposeOp(ctx, s, shard, req.GetHeader(), &peerpb.Command{Op: &peerpb.Command_Txn{Txn: op}}, "txn", (*peerpb.Result).GetTxn)
 	if err != nil {
+		if fr, ferr, ok := forward(ctx, s, err, shard, func(ctx context.Context, c kvpb.KVClient, o ...grpc.CallOption) (*kvpb.TxnResponse, error) {
+			return c.Txn(ctx, req, o...)
+		}); ok {
+			return fr, ferr
+		}
 		return nil, s.toStatus(err, shard)
 	}
 	resp.Header = s.header(shard, resp.GetHeader().GetRevision())
@@ -103,6 +119,11 @@ func (s *Server) Get(ctx context.Context, req *kvpb.GetRequest) (*kvpb.GetRespon
 		return err
 	})
 	if err != nil {
+		if fr, ferr, ok := forward(ctx, s, err, shard, func(ctx context.Context, c kvpb.KVClient, o ...grpc.CallOption) (*kvpb.GetResponse, error) {
+			return c.Get(ctx, req, o...)
+		}); ok {
+			return fr, ferr
+		}
 		return nil, s.toStatus(err, shard)
 	}
 	return resp, nil
@@ -235,6 +256,14 @@ func (s *Server) Range(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.Range
 		})
 	})
 	if err != nil {
+		if fr, ferr, ok := forward(ctx, s, err, shard, func(ctx context.Context, c kvpb.KVClient, o ...grpc.CallOption) (*kvpb.RangeResponse, error) {
+			return c.Range(ctx, req, o...)
+		}); ok {
+			if hold != nil {
+				hold.growing = false // the leader's page is charged whole
+			}
+			return fr, ferr
+		}
 		return nil, s.toStatus(err, shard)
 	}
 	if refused != nil {

@@ -39,6 +39,11 @@ const (
 	// replicas; placeMaxBackoff bounds the wait after failed rounds.
 	placeInterval   = 250 * time.Millisecond
 	placeMaxBackoff = 10 * time.Second
+	// placeWarnAfter and joinWarnAfter are how long placing replicas or
+	// joining may keep failing, as they do while a cluster forms, before
+	// it is worth a WARN.
+	placeWarnAfter = 10 * time.Second
+	joinWarnAfter  = 10 * time.Second
 	// catchUpTimeout bounds one attempt to bring a learner up to date; the
 	// next round tries again.
 	catchUpTimeout = 30 * time.Second
@@ -75,7 +80,15 @@ func (s *Server) join() (*kvpb.ClusterMap, error) {
 	self := &kvpb.Member{Id: cfg.NodeID, ClientAddr: cfg.AdvertiseClient, PeerAddr: cfg.AdvertisePeer}
 	ctx, cancel := context.WithTimeout(s.ctx, joinTimeout)
 	defer cancel()
-	var err error
+	var (
+		err    error
+		start  = time.Now()
+		warned bool
+	)
+	// Members started together (compose, make cluster) are often not up
+	// when a joining node first calls: that is retried quietly, with one
+	// INFO line, and worth a WARN only when it lasts joinWarnAfter.
+	s.log.Info("joining the cluster", "via", cfg.Join)
 	for {
 		for _, ep := range strings.Split(cfg.Join, ",") {
 			var m *kvpb.ClusterMap
@@ -85,7 +98,12 @@ func (s *Server) join() (*kvpb.ClusterMap, error) {
 			if errors.Is(err, ErrConfig) {
 				return nil, err
 			}
-			s.log.Warn("join attempt failed", "endpoint", ep, "err", err)
+			if d := time.Since(start); d >= joinWarnAfter && !warned {
+				warned = true
+				s.log.Warn("still not joined; retrying", "for", d.Round(time.Second), "endpoint", ep, "err", err)
+			} else {
+				s.log.Debug("join attempt failed", "endpoint", ep, "err", err)
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -185,7 +203,21 @@ func (s *Server) placeReplicas() {
 	// after a backoff that doubles up to placeMaxBackoff, so an outage
 	// does not turn into a warning every 250 ms.
 	bo := backoff.Backoff{Policy: backoff.Policy{Base: placeInterval, Max: placeMaxBackoff}}
-	var retryAt time.Time
+	var (
+		retryAt time.Time
+		// assigned is the epoch of the last map this node committed.
+		// The stored map shows it only once the storage engine's group
+		// commit ran (up to --commit-interval later): a round planned
+		// from the older map before then proposed the same epoch again,
+		// and the state machine refused it, a WARN per replica placed.
+		assigned uint64
+		// failingSince is when the current run of failed rounds began.
+		// Rounds fail while a cluster forms (a shard still electing, a
+		// learner catching up): that is retried quietly, and only a run
+		// longer than placeWarnAfter is worth a WARN, once.
+		failingSince time.Time
+		warned       bool
+	)
 	for {
 		select {
 		case <-s.stopc:
@@ -196,24 +228,40 @@ func (s *Server) placeReplicas() {
 		if meta == nil || !meta.IsLeader() {
 			clear(voters)
 			bo.Reset()
-			retryAt = time.Time{}
+			retryAt, assigned, failingSince, warned = time.Time{}, 0, time.Time{}, false
 			continue
 		}
 		m := s.readReplicatedMap()
-		if m == nil || time.Now().Before(retryAt) {
+		if m == nil || m.GetEpoch() < assigned || time.Now().Before(retryAt) {
 			continue
 		}
-		if err := s.placeRound(m, voters); err != nil {
+		epoch, err := s.placeRound(m, voters)
+		if err != nil {
 			wait := bo.Next()
 			retryAt = time.Now().Add(wait)
-			s.log.Warn("placing replicas; will retry", "err", err, "retry_in", wait)
+			if failingSince.IsZero() {
+				failingSince = time.Now()
+			}
+			if d := time.Since(failingSince); d >= placeWarnAfter && !warned {
+				warned = true
+				s.log.Warn("placing replicas keeps failing; will retry", "for", d.Round(time.Second), "err", err, "retry_in", wait)
+			} else {
+				s.log.Debug("placing replicas; will retry", "err", err, "retry_in", wait)
+			}
 			continue
 		}
+		if warned {
+			s.log.Info("placing replicas works again", "after", time.Since(failingSince).Round(time.Second))
+		}
+		assigned = max(assigned, epoch)
+		failingSince, warned = time.Time{}, false
 		bo.Reset()
 	}
 }
 
-func (s *Server) placeRound(m *kvpb.ClusterMap, voters map[[2]uint64]bool) error {
+// placeRound makes the replicas of m voters and assigns one missing
+// replica; it returns the epoch of the map it committed, or 0.
+func (s *Server) placeRound(m *kvpb.ClusterMap, voters map[[2]uint64]bool) (uint64, error) {
 	for _, sh := range m.GetShards() {
 		for _, id := range sh.GetReplicas() {
 			key := [2]uint64{sh.GetId(), id}
@@ -224,26 +272,26 @@ func (s *Server) placeRound(m *kvpb.ClusterMap, voters map[[2]uint64]bool) error
 			err := s.addReplica(ctx, sh.GetId(), id)
 			cancel()
 			if err != nil {
-				return fmt.Errorf("shard %d, replica on node %d: %w", sh.GetId(), id, err)
+				return 0, fmt.Errorf("shard %d, replica on node %d: %w", sh.GetId(), id, err)
 			}
 			voters[key] = true
 		}
 	}
 	next := planReplica(m)
 	if next == nil {
-		return nil
+		return 0, nil
 	}
 	cmd, err := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_SetClusterMap{SetClusterMap: &peerpb.SetClusterMap{Map: next}}})
 	if err != nil {
-		return fmt.Errorf("encode cluster map (epoch %d): %w", next.GetEpoch(), err)
+		return 0, fmt.Errorf("encode cluster map (epoch %d): %w", next.GetEpoch(), err)
 	}
 	ctx, cancel := context.WithTimeout(s.ctx, 5*time.Second)
 	defer cancel()
 	if err := s.proposeMeta(ctx, cmd); err != nil {
-		return fmt.Errorf("assign replica (epoch %d): %w", next.GetEpoch(), err)
+		return 0, fmt.Errorf("assign replica (epoch %d): %w", next.GetEpoch(), err)
 	}
 	s.log.Info("assigned replica", "epoch", next.GetEpoch())
-	return nil
+	return next.GetEpoch(), nil
 }
 
 // planReplica returns the successor of m with one more replica for the

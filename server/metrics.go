@@ -29,6 +29,9 @@ type metrics struct {
 	panics *prometheus.CounterVec
 	// batchCutOff counts Batch streams ended for not reading answers.
 	batchCutOff prometheus.Counter
+	// forwards counts requests forwarded to their shard's leader
+	// (forward.go), by whether the leader answered.
+	forwards *prometheus.CounterVec
 }
 
 func newMetrics(s *Server) *metrics {
@@ -59,8 +62,12 @@ func newMetrics(s *Server) *metrics {
 			Name: "kvd_batch_streams_cut_off_total",
 			Help: "Batch streams ended with ResourceExhausted because their client did not read its answers for --batch-send-timeout.",
 		}),
+		forwards: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kvd_forwarded_requests_total",
+			Help: "Client requests this follower forwarded to their shard's leader, by result: answered (the leader's answer, success or error, went back) or failed (the leader was not reached; the client got a NotLeader hint).",
+		}, []string{"result"}),
 	}
-	m.reg.MustRegister(m.requests, m.latency, m.batches, m.batchItems, m.panics, m.batchCutOff, collector{s},
+	m.reg.MustRegister(m.requests, m.latency, m.batches, m.batchItems, m.panics, m.batchCutOff, m.forwards, collector{s},
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.reg.MustRegister(s.adm.collectors()...)
 	return m

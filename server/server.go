@@ -176,6 +176,8 @@ func New(cfg Config) (_ *Server, err error) {
 	peerpb.RegisterInternalServer(s.peerSrv, s)
 	// Nodes without a replica of the meta shard read the map from a peer.
 	kvpb.RegisterClusterServer(s.peerSrv, s)
+	// Followers forward client requests to their shard's leader here.
+	kvpb.RegisterKVServer(s.peerSrv, forwardedKV{s: s})
 	// The host handles what the transport receives, so it starts before
 	// any peer can reach the transport.
 	s.host.Start(s.tr)

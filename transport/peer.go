@@ -268,8 +268,9 @@ func (t *Transport) dialLoop(p *peer) {
 				return
 			}
 			if up {
+				// removeLink reported the peer unreachable, once.
 				bo.reset()
-				t.log.Warn("transport: stream to peer broke", "peer", p.id, "err", err)
+				t.log.Debug("transport: stream to peer broke", "peer", p.id, "err", err)
 			} else {
 				t.log.Debug("transport: cannot open stream to peer", "peer", p.id, "err", err)
 			}

@@ -238,6 +238,10 @@ type Transport struct {
 		// dial us before we learn its address, and the link is used as
 		// soon as SetPeer adds it.
 		links map[uint64]*link
+		// downSince holds, for each peer whose stream broke and has not
+		// come back, when it broke: the peer is reported unreachable
+		// once, and reachable again once, not at every redial.
+		downSince map[uint64]time.Time
 	}
 
 	stats struct {
@@ -276,6 +280,7 @@ func New(cfg Config) *Transport {
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	t.mu.peers = make(map[uint64]*peer)
 	t.mu.links = make(map[uint64]*link)
+	t.mu.downSince = make(map[uint64]time.Time)
 	t.dialOpts = append([]grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{
@@ -367,6 +372,7 @@ func (t *Transport) RemovePeer(id uint64) {
 	delete(t.mu.peers, id)
 	l := t.mu.links[id]
 	delete(t.mu.links, id)
+	delete(t.mu.downSince, id)
 	t.mu.Unlock()
 	if p != nil {
 		p.cancel()
@@ -594,18 +600,38 @@ func (t *Transport) installLink(l *link, inbound bool) error {
 		return fmt.Errorf("%w: node %d connected from two processes at once", ErrDuplicateNode, l.peer)
 	}
 	t.mu.links[l.peer] = l
+	since, wasDown := t.mu.downSince[l.peer]
+	delete(t.mu.downSince, l.peer)
 	t.mu.Unlock()
 	if old != nil {
 		old.shutdown()
 	}
+	if wasDown {
+		t.log.Info("transport: peer reachable again", "peer", l.peer, "down_for", time.Since(since).Round(time.Millisecond))
+	}
 	return nil
 }
 
-// removeLink forgets l if it is still the peer's current stream.
+// removeLink forgets l if it is still the peer's current stream. The
+// peer is then unreachable until a new stream is installed: that is
+// logged here, once, however often the dialer retries meanwhile, and
+// not when this node is stopping or the peer was removed.
 func (t *Transport) removeLink(l *link) {
 	t.mu.Lock()
-	if t.mu.links[l.peer] == l {
-		delete(t.mu.links, l.peer)
+	if t.mu.links[l.peer] != l {
+		t.mu.Unlock()
+		return
+	}
+	delete(t.mu.links, l.peer)
+	_, known := t.mu.peers[l.peer]
+	report := known && !t.mu.stopped && t.ctx.Err() == nil
+	_, already := t.mu.downSince[l.peer]
+	now := time.Now()
+	if report && !already {
+		t.mu.downSince[l.peer] = now
 	}
 	t.mu.Unlock()
+	if report && !already {
+		t.log.Warn("transport: peer unreachable", "peer", l.peer, "since", now.UTC().Format(time.RFC3339Nano))
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"slices"
 	"strings"
@@ -21,6 +22,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kvd/kvd/internal/testkit"
 	"github.com/kvd/kvd/proto/peerpb"
 	"github.com/kvd/kvd/transport"
 )
@@ -537,5 +539,41 @@ func TestStreamFromAnotherProcessRefused(t *testing.T) {
 	waitFor(t, "2→1 on the original stream", func() bool { return slices.Contains(n1.h.received(1, 2), 8) })
 	if got := n2.streams.Load(); got != 3 { // real, refused twice
 		t.Errorf("node 2 saw %d streams, want 3", got)
+	}
+}
+
+// TestPeerOutageLoggedOnce: a peer that goes away is reported once by
+// each side, at WARN, however often the dialer retries, and once at INFO
+// when it is back; nothing else is logged at WARN or above.
+func TestPeerOutageLoggedOnce(t *testing.T) {
+	logs := map[uint64]*testkit.LogBuffer{1: {}, 2: {}}
+	nodes := clusterWith(t, nil, func(c *transport.Config) {
+		c.Logger = slog.New(slog.NewTextHandler(logs[c.NodeID], &slog.HandlerOptions{Level: slog.LevelInfo}))
+	}, 1, 2)
+	waitConnected(t, nodes)
+	n1, n2 := nodes[1], nodes[2]
+	count := func(id uint64, s string) int { return strings.Count(logs[id].String(), s) }
+
+	n2.stopServer()
+	waitFor(t, "both sides report the outage", func() bool {
+		// Traffic during the outage: every send finds no stream.
+		n1.tr.Send(7, []*raftpb.Message{msg(raftpb.MsgHeartbeat, 1, 2, 1)})
+		return n1.h.unreachableCount(7, 2) > 3 &&
+			count(1, `msg="transport: peer unreachable" node=1 peer=2`) == 1 &&
+			count(2, `msg="transport: peer unreachable" node=2 peer=1`) == 1
+	})
+	n2.restartServer(t)
+	waitConnected(t, nodes)
+	waitFor(t, "both sides report the peer back", func() bool {
+		return count(1, `msg="transport: peer reachable again" node=1 peer=2`) == 1 &&
+			count(2, `msg="transport: peer reachable again" node=2 peer=1`) == 1
+	})
+	for id, l := range logs {
+		if n := count(id, "peer unreachable"); n != 1 {
+			t.Errorf("node %d reported the outage %d times, want once:\n%s", id, n, l)
+		}
+		if n := count(id, "level=WARN") + count(id, "level=ERROR"); n != 1 {
+			t.Errorf("node %d logged %d lines at WARN or above, want 1:\n%s", id, n, l)
+		}
 	}
 }

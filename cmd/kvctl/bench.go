@@ -123,11 +123,12 @@ func (a *app) benchWorkloadCmd(workload, short, long, example string) *cobra.Com
 	o := &benchOpts{workload: workload}
 	var progress bool
 	cmd := &cobra.Command{
-		Use:     workload,
-		Short:   short,
-		Long:    long + "\n\n" + benchLong,
-		Example: example,
-		Args:    exactArgs(0, "no arguments"),
+		Annotations: map[string]string{outputsKey: "simple,json"},
+		Use:         workload,
+		Short:       short,
+		Long:        long + "\n\n" + benchLong,
+		Example:     example,
+		Args:        exactArgs(0, "no arguments"),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			f := cmd.Flags()
 			if err := o.check(f.Changed("total"), f.Changed("duration"), f.Changed("key-space")); err != nil {

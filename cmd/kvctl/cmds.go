@@ -1,18 +1,21 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/kvd/kvd/client"
+	"github.com/kvd/kvd/proto/kvpb"
 )
 
 const defaultEndpoints = "127.0.0.1:2379"
@@ -45,7 +48,8 @@ input; 3 cluster unavailable (no quorum, timeout, no endpoint answers).`,
   kvctl cas greeting hello hi
   kvctl bench put --clients 10
   kvctl --endpoints 10.0.0.1:2379,10.0.0.2:2379 -o json get greeting
-  kvctl cluster status`,
+  kvctl cluster status
+  kvctl endpoint health`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		Args:          noArgsOrUnknown,
@@ -63,7 +67,11 @@ input; 3 cluster unavailable (no quorum, timeout, no endpoint answers).`,
 			a.endpoints = nil
 			for _, ep := range strings.Split(endpoints, ",") {
 				if ep = strings.TrimSpace(ep); ep != "" {
-					a.endpoints = append(a.endpoints, ep)
+					hp, err := hostPort(ep)
+					if err != nil {
+						return err
+					}
+					a.endpoints = append(a.endpoints, hp)
 				}
 			}
 			if len(a.endpoints) == 0 {
@@ -77,30 +85,83 @@ input; 3 cluster unavailable (no quorum, timeout, no endpoint answers).`,
 			default:
 				return usageErrorf("-o %q is not an output format; use simple, json or table", a.output)
 			}
-			return nil
+			return checkOutput(cmd, a.output)
 		},
 	}
 	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error {
 		return usageErrorf("%v; see 'kvctl %s --help'", err, strings.TrimPrefix(cmd.CommandPath()+" ", "kvctl "))
 	})
+	// Our own completion command (completion.go) takes the shell as an
+	// argument, as etcdctl's and kubectl's do.
 	root.CompletionOptions.DisableDefaultCmd = true
 	pf := root.PersistentFlags()
-	pf.StringVar(&endpoints, "endpoints", defaultEndpoints, "comma-separated client addresses (host:port) of kvd nodes; env KVCTL_ENDPOINTS")
+	pf.StringVar(&endpoints, "endpoints", defaultEndpoints, "comma-separated client addresses (host:port, or http://host:port) of kvd nodes; one is enough, all of them spare a hop and survive a node's loss; env KVCTL_ENDPOINTS")
 	pf.DurationVar(&a.timeout, "timeout", 5*time.Second, "deadline of each request to the cluster (connecting, each read, write or scan page)")
 	pf.StringVarP(&a.output, "output", "o", "simple", "output format: simple, json or table")
 	pf.BoolVar(&a.debug, "debug", false, "log the client's work to stderr: cluster maps, breaker changes, and every attempt that failed, with its node and how long it took")
 
-	root.AddCommand(a.putCmd(), a.getCmd(), a.delCmd(), a.casCmd(), a.txnCmd(), a.benchCmd(), a.clusterCmd(), a.memberCmd())
+	root.AddCommand(a.putCmd(), a.getCmd(), a.delCmd(), a.casCmd(), a.txnCmd(), a.benchCmd(), a.clusterCmd(), a.memberCmd(),
+		a.endpointCmd(), a.versionCmd(), a.completionCmd(root))
 	return root
 }
 
 // noArgsOrUnknown reports an unknown command as usage error (cobra only
-// does so by itself for commands without a Run).
+// does so by itself for commands without a Run), with the commands it
+// may have meant.
 func noArgsOrUnknown(cmd *cobra.Command, args []string) error {
 	if len(args) > 0 {
-		return usageErrorf("unknown command %q; see 'kvctl --help'", args[0])
+		return usageErrorf("unknown command %q%s; see 'kvctl --help'", args[0], didYouMean(cmd, args[0]))
 	}
 	return nil
+}
+
+// didYouMean names the subcommands of cmd close to typed (by
+// Levenshtein distance or prefix, as cobra judges), or says nothing.
+func didYouMean(cmd *cobra.Command, typed string) string {
+	if cmd.SuggestionsMinimumDistance <= 0 {
+		cmd.SuggestionsMinimumDistance = 2 // cobra's default, which SuggestionsFor does not apply
+	}
+	s := cmd.SuggestionsFor(typed)
+	if len(s) == 0 {
+		return ""
+	}
+	return fmt.Sprintf(" (did you mean %s?)", strings.Join(s, " or "))
+}
+
+// outputsKey annotates a command with the -o formats it prints
+// ("simple,json"); a command without it prints all three.
+const outputsKey = "kvctl/outputs"
+
+// checkOutput refuses an -o format the command does not print, rather
+// than print another silently.
+func checkOutput(cmd *cobra.Command, format string) error {
+	ok, found := cmd.Annotations[outputsKey]
+	if !found || slices.Contains(strings.Split(ok, ","), format) {
+		return nil
+	}
+	return usageErrorf("%s prints no %s output; use -o %s", cmd.CommandPath(), format, strings.ReplaceAll(ok, ",", " or -o "))
+}
+
+// hostPort reads one --endpoints entry: host:port, or a URL
+// (http://host:port, as etcdctl users write them) whose scheme is
+// dropped. kvd speaks plaintext gRPC, so https:// and other schemes are
+// refused with what to write instead.
+func hostPort(ep string) (string, error) {
+	scheme, rest, hasScheme := strings.Cut(ep, "://")
+	if !hasScheme {
+		return ep, nil
+	}
+	rest = strings.TrimSuffix(rest, "/")
+	switch strings.ToLower(scheme) {
+	case "http":
+		if rest == "" || strings.Contains(rest, "/") {
+			return "", usageErrorf("--endpoints %q: give host:port (a URL may not have a path)", ep)
+		}
+		return rest, nil
+	case "https":
+		return "", usageErrorf("--endpoints %q: kvd serves plaintext gRPC, not TLS; give %s", ep, rest)
+	}
+	return "", usageErrorf("--endpoints %q: unknown scheme %q; give host:port", ep, scheme)
 }
 
 // exactArgs is cobra.ExactArgs with a message that names the command.
@@ -119,7 +180,7 @@ func groupCmd(use, short, example string) *cobra.Command {
 		Use: use, Short: short, Example: example,
 		Args: func(cmd *cobra.Command, args []string) error {
 			if len(args) > 0 {
-				return usageErrorf("unknown command %q for %s; see '%s --help'", args[0], cmd.CommandPath(), cmd.CommandPath())
+				return usageErrorf("unknown command %q for %s%s; see '%s --help'", args[0], cmd.CommandPath(), didYouMean(cmd, args[0]), cmd.CommandPath())
 			}
 			return nil
 		},
@@ -147,13 +208,81 @@ func (a *app) connectWith(adjust func(*client.Config)) (*client.Client, error) {
 	c, err := client.New(ctx, cfg)
 	if err != nil {
 		if errors.Is(err, client.ErrUnavailable) {
-			return nil, &exitError{code: exitUnavailable, msg: fmt.Sprintf(
-				"cluster unavailable at %s: no node answered within %v; check that kvd is running and --endpoints is right (%s)",
-				strings.Join(a.endpoints, ","), a.timeout, clean(err))}
+			return nil, &exitError{code: exitUnavailable, msg: "cluster unavailable: " + noEndpointAnswered(err, a.endpoints, a.timeout) +
+				"; check that kvd is running and --endpoints is right"}
 		}
 		return nil, err
 	}
 	return c, nil
+}
+
+// noEndpointAnswered says why client.New found no endpoint: the one
+// reason they all gave ("connection refused by every endpoint: ..."),
+// or each endpoint's own.
+func noEndpointAnswered(err error, endpoints []string, timeout time.Duration) string {
+	var eps []*client.EndpointError
+	walkErrors(err, func(e error) {
+		if ee, ok := e.(*client.EndpointError); ok {
+			eps = append(eps, ee)
+		}
+	})
+	// In the order the user gave them, not the order they failed in.
+	slices.SortStableFunc(eps, func(x, y *client.EndpointError) int {
+		return cmp.Compare(slices.Index(endpoints, x.Endpoint), slices.Index(endpoints, y.Endpoint))
+	})
+	if len(eps) == 0 {
+		return fmt.Sprintf("no endpoint answered within %v", timeout)
+	}
+	var (
+		names, each []string
+		common      = dialReason(eps[0].Err, timeout)
+	)
+	for _, ee := range eps {
+		why := dialReason(ee.Err, timeout)
+		if why != common {
+			common = ""
+		}
+		names = append(names, ee.Endpoint)
+		each = append(each, ee.Endpoint+": "+why)
+	}
+	switch {
+	case common == "connection refused":
+		return "connection refused by every endpoint: " + strings.Join(names, ", ")
+	case common != "":
+		return fmt.Sprintf("no endpoint answered (%s): %s", common, strings.Join(names, ", "))
+	}
+	return "no endpoint answered: " + strings.Join(each, "; ")
+}
+
+// dialReason names why a call to an endpoint failed, in the words of the
+// error gRPC reports for it.
+func dialReason(err error, timeout time.Duration) string {
+	s := err.Error()
+	switch {
+	case strings.Contains(s, "connection refused"):
+		return "connection refused"
+	case strings.Contains(s, "no such host"), strings.Contains(s, "server misbehaving"):
+		return "host name not resolved"
+	case strings.Contains(s, "DeadlineExceeded"), strings.Contains(s, "deadline exceeded"):
+		return fmt.Sprintf("no answer within %v", timeout)
+	}
+	return clean(err)
+}
+
+// walkErrors calls f on err and every error it wraps.
+func walkErrors(err error, f func(error)) {
+	if err == nil {
+		return
+	}
+	f(err)
+	switch u := err.(type) {
+	case interface{ Unwrap() error }:
+		walkErrors(u.Unwrap(), f)
+	case interface{ Unwrap() []error }:
+		for _, e := range u.Unwrap() {
+			walkErrors(e, f)
+		}
+	}
 }
 
 // ctx is the deadline of one request.
@@ -182,18 +311,25 @@ func (a *app) request(f func(ctx context.Context, c *client.Client) error) error
 }
 
 func (a *app) putCmd() *cobra.Command {
-	return &cobra.Command{
+	var prevKV bool
+	cmd := &cobra.Command{
 		Use:   "put KEY VALUE",
 		Short: "Set KEY to VALUE",
 		Long: `Set KEY to VALUE. With VALUE "-" the value is read from stdin, byte
-for byte (a trailing newline is kept).
+for byte (a trailing newline is kept). With --prev-kv the answer also
+carries the key as it was before the put (the put is then a one-key
+transaction, still applied exactly once).
 
-Output: simple prints OK; json prints the shard and revision of the write.`,
+Output: simple prints OK (with --prev-kv, then the previous key and value
+on two lines, as etcdctl does, when there was one); json prints the shard
+and revision of the write (and "prev_kv", null when the key was new);
+table prints the same as columns.`,
 		Example: `  kvctl put greeting hello
+  kvctl put --prev-kv greeting hi
   printf 'multi\nline' | kvctl put note -`,
 		Args: exactArgs(2, "KEY and VALUE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			value := []byte(args[1])
+			key, value := []byte(args[0]), []byte(args[1])
 			if args[1] == "-" {
 				b, err := io.ReadAll(a.stdin)
 				if err != nil {
@@ -202,14 +338,32 @@ Output: simple prints OK; json prints the shard and revision of the write.`,
 				value = b
 			}
 			return a.request(func(ctx context.Context, c *client.Client) error {
-				resp, err := c.Put(ctx, []byte(args[0]), value)
+				if !prevKV {
+					resp, err := c.Put(ctx, key, value)
+					if err != nil {
+						return err
+					}
+					return a.printPut(resp, false)
+				}
+				// The client's Put does not ask for the previous value;
+				// a transaction of one put does, with the same
+				// exactly-once guarantee.
+				resp, err := c.Txn(ctx, &kvpb.TxnRequest{Success: []*kvpb.RequestOp{
+					{Op: &kvpb.RequestOp_Put{Put: &kvpb.PutRequest{Key: key, Value: value, PrevKv: true}}},
+				}})
 				if err != nil {
 					return err
 				}
-				return a.printPut(resp)
+				put := &kvpb.PutResponse{Header: resp.GetHeader()}
+				if rs := resp.GetResponses(); len(rs) > 0 {
+					put.PrevKv = rs[0].GetPut().GetPrevKv()
+				}
+				return a.printPut(put, true)
 			})
 		},
 	}
+	cmd.Flags().BoolVar(&prevKV, "prev-kv", false, "print the key's previous value (and revisions) too")
+	return cmd
 }
 
 func (a *app) getCmd() *cobra.Command {
@@ -348,17 +502,35 @@ func (a *app) scanRange(c *client.Client, start, end []byte, limit int, keysOnly
 }
 
 func (a *app) delCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:   "del KEY",
-		Short: "Delete a key",
+	var prefix bool
+	cmd := &cobra.Command{
+		Use:   "del KEY | del --prefix PREFIX",
+		Short: "Delete a key, or every key with a prefix",
 		Long: `Delete KEY. Deleting a key that does not exist succeeds (exit 0) and
 reports 0 deleted, so a retried delete is harmless.
 
-Output: simple prints the number of keys deleted (1 or 0); json prints
-{"deleted", "revision", "shard"}.`,
-		Example: `  kvctl del greeting`,
-		Args:    exactArgs(1, "KEY"),
+With --prefix, delete every key that starts with PREFIX: the keys are
+listed page by page and deleted one by one, each exactly once. It is not
+one atomic operation (the keys span shards): a key written under the
+prefix meanwhile may survive, and an interrupted run leaves the rest,
+which running it again deletes.
+
+Output: simple prints the number of keys deleted; json prints
+{"deleted", "revision", "shard"} ({"deleted"} alone with --prefix); table
+prints the same as columns.`,
+		Example: `  kvctl del greeting
+  kvctl del --prefix session/`,
+		Args: exactArgs(1, "KEY (or PREFIX with --prefix)"),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if prefix {
+				return a.withClient(func(c *client.Client) error {
+					n, err := a.deletePrefix(c, []byte(args[0]))
+					if err != nil {
+						return err
+					}
+					return a.printDeleted(n)
+				})
+			}
 			return a.request(func(ctx context.Context, c *client.Client) error {
 				resp, err := c.Delete(ctx, []byte(args[0]))
 				if err != nil {
@@ -367,6 +539,40 @@ Output: simple prints the number of keys deleted (1 or 0); json prints
 				return a.printDelete(resp)
 			})
 		},
+	}
+	cmd.Flags().BoolVar(&prefix, "prefix", false, "delete every key that starts with the argument")
+	return cmd
+}
+
+// deletePrefix deletes every key that starts with prefix, a page of keys
+// at a time, each page and each delete with its own deadline; it returns
+// how many it deleted.
+func (a *app) deletePrefix(c *client.Client, prefix []byte) (int64, error) {
+	if len(prefix) == 0 {
+		return 0, usageErrorf("del --prefix needs a non-empty prefix; deleting every key is not offered")
+	}
+	opts := client.ScanOptions{KeysOnly: true, Limit: 1000}
+	var deleted int64
+	for {
+		ctx, cancel := a.ctx()
+		pg, err := c.Scan(ctx, prefix, client.PrefixEnd(prefix), opts)
+		cancel()
+		if err != nil {
+			return deleted, err
+		}
+		for _, kv := range pg.KVs {
+			ctx, cancel := a.ctx()
+			resp, err := c.Delete(ctx, kv.GetKey())
+			cancel()
+			if err != nil {
+				return deleted, fmt.Errorf("after deleting %d key(s): %w", deleted, err)
+			}
+			deleted += resp.GetDeleted()
+		}
+		if pg.Next == "" {
+			return deleted, nil
+		}
+		opts.Token = pg.Next
 	}
 }
 
@@ -380,7 +586,9 @@ address, health, map epoch) and the shards (leader, term, commit and applied
 index, voters), as reported by each shard's leader.
 
 simple and table print the tables; json prints {"nodes": [...], "shards": [...]}.
-Exits 0 when at least one node answers (down nodes are listed), 3 when none does.`,
+Exits 0 when at least one node answers and every shard has a leader (down
+nodes are listed); 3 when no node answers or a shard has no leader (its
+LEADER reads NONE).`,
 		Example: `  kvctl cluster status
   kvctl --endpoints 10.0.0.1:2379 cluster status -o json`,
 		Args: exactArgs(0, "no arguments"),

@@ -65,10 +65,16 @@ func usageErrorf(format string, a ...any) error {
 // not exitErrors and not client errors come from cobra's own parsing
 // (unknown flag or command, wrong argument count): bad usage.
 func classify(err error, a *app) (int, string) {
-	var ee *exitError
+	var (
+		ee *exitError
+		ue *client.UnreachableError
+	)
 	switch {
 	case errors.As(err, &ee):
 		return ee.code, ee.msg
+	case errors.As(err, &ue):
+		return exitUnavailable, fmt.Sprintf("cluster unavailable: shard %d cannot be served from here: %s; either those members are down, or they advertise addresses this host cannot reach and no node in --endpoints could forward to them: list every member in --endpoints",
+			ue.Shard, clean(errors.New(strings.Join(ue.Nodes, "; "))))
 	case errors.Is(err, client.ErrNotFound):
 		return exitNotFound, err.Error()
 	case errors.Is(err, client.ErrInvalidArgument), errors.Is(err, client.ErrInvalidToken):
@@ -97,7 +103,7 @@ func oneLine(s string) string {
 // clean strips the layers of gRPC and client boilerplate from an error
 // message, which the one-line error has no room for.
 func clean(err error) string {
-	s := oneLine(err.Error())
+	s := dialError.ReplaceAllString(oneLine(err.Error()), "$1")
 	for _, junk := range []string{
 		"client: cluster unavailable: ", "client: invalid argument: ", "client: ",
 		"transport: Error while dialing: ", "connection error: desc = ",
@@ -107,4 +113,8 @@ func clean(err error) string {
 	return rpcPrefix.ReplaceAllString(s, "")
 }
 
-var rpcPrefix = regexp.MustCompile(`rpc error: code = \w+ desc = `)
+var (
+	rpcPrefix = regexp.MustCompile(`rpc error: code = \w+ desc = `)
+	// dialError is how gRPC words a failed dial, the cause quoted.
+	dialError = regexp.MustCompile(`(?:connection error: desc = )?"transport: Error while dialing: ([^"]*)"`)
+)

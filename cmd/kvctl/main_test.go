@@ -211,7 +211,14 @@ func TestExitCodes(t *testing.T) {
 		{"bad timeout", eps, []string{"--timeout", "soon", "get", "k"}, 2, "invalid argument"},
 		{"limit without prefix", eps, []string{"get", "--limit", "3", "k"}, 2, "need --prefix"},
 		{"server invalid argument", eps, []string{"put", big, "v"}, 2, "limit"},
-		{"no endpoint answers", dead, []string{"--timeout", "500ms", "get", "k"}, 3, "cluster unavailable at " + dead},
+		{"mistyped command", eps, []string{"pt", "k", "v"}, 2, `unknown command "pt" (did you mean put or get?)`},
+		{"mistyped subcommand", eps, []string{"cluster", "stauts"}, 2, "(did you mean status?)"},
+		{"URL endpoint", "http://" + strings.ReplaceAll(eps, ",", ",http://"), []string{"put", "k", "v"}, 0, ""},
+		{"https endpoint", "https://" + strings.Split(eps, ",")[0], []string{"get", "k"}, 2, "kvd serves plaintext gRPC, not TLS; give " + strings.Split(eps, ",")[0]},
+		{"unknown scheme", "unix:///tmp/kvd.sock", []string{"get", "k"}, 2, `unknown scheme "unix"`},
+		{"format a command does not print", eps, []string{"-o", "table", "cas", "k", "v", "w"}, 2, "kvctl cas prints no table output; use -o simple or -o json"},
+		{"completion for an unknown shell", eps, []string{"completion", "tcsh"}, 2, `unknown shell "tcsh"`},
+		{"no endpoint answers", dead, []string{"--timeout", "500ms", "get", "k"}, 3, "connection refused by every endpoint: " + dead},
 		{"no endpoint answers status", dead, []string{"--timeout", "500ms", "cluster", "status"}, 3, "check that kvd is running"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -263,7 +270,7 @@ func TestHelpDocumentsFlags(t *testing.T) {
 		flags []string
 	}{
 		{nil, nil},
-		{[]string{"put"}, nil},
+		{[]string{"put"}, []string{"--prev-kv"}},
 		{[]string{"get"}, []string{"--prefix", "--end", "--keys-only", "--count-only", "--limit", "--consistency"}},
 		{[]string{"cas"}, []string{"--create"}},
 		{[]string{"txn"}, []string{"-f, --file"}},
@@ -272,11 +279,16 @@ func TestHelpDocumentsFlags(t *testing.T) {
 		{[]string{"bench", "get"}, benchFlags},
 		{[]string{"bench", "mixed"}, append([]string{"--read-ratio"}, benchFlags...)},
 		{[]string{"bench", "txn"}, benchFlags},
-		{[]string{"del"}, nil},
+		{[]string{"del"}, []string{"--prefix"}},
 		{[]string{"cluster"}, nil},
 		{[]string{"cluster", "status"}, nil},
 		{[]string{"member"}, nil},
 		{[]string{"member", "list"}, nil},
+		{[]string{"endpoint"}, nil},
+		{[]string{"endpoint", "health"}, nil},
+		{[]string{"endpoint", "status"}, nil},
+		{[]string{"version"}, nil},
+		{[]string{"completion"}, nil},
 	} {
 		r := kvctl(t, "", "", append(tc.cmd, "--help")...)
 		if r.code != 0 {
@@ -312,5 +324,56 @@ func TestDebugLogsTheClientsWork(t *testing.T) {
 	r = kvctl(t, eps, "", "--debug", "--timeout", "500ms", "put", "a", "3")
 	if !strings.Contains(r.stderr, "client: attempt failed") || !strings.Contains(r.stderr, fmt.Sprintf("shard=%d", shard)) {
 		t.Fatalf("put --debug with the leader down logs no failed attempt: %+v", r)
+	}
+}
+
+// TestEveryCommandHonoursOutput: put and del print json and tables as
+// get does, and del --prefix
+// deletes every key under the prefix and nothing else.
+func TestEveryCommandHonoursOutput(t *testing.T) {
+	_, eps := fake(t)
+	r := kvctl(t, eps, "", "-o", "table", "put", "k", "v1")
+	if r.code != 0 || !strings.HasPrefix(r.stdout, "SHARD") || strings.Count(r.stdout, "\n") != 2 {
+		t.Fatalf("put -o table: %+v", r)
+	}
+	// put --prev-kv needs a real state machine: test/e2e TestKvctlConveniences.
+	if r := kvctl(t, eps, "", "-o", "table", "del", "k"); r.code != 0 || !strings.HasPrefix(r.stdout, "DELETED") || !strings.Contains(r.stdout, "\n1 ") {
+		t.Fatalf("del -o table: %+v", r)
+	}
+	for i := range 25 {
+		kvctl(t, eps, "", "put", fmt.Sprintf("tmp/%02d", i), "v")
+	}
+	kvctl(t, eps, "", "put", "tmpx", "stays")
+	if r := kvctl(t, eps, "", "-o", "json", "del", "--prefix", "tmp/"); r.code != 0 || strings.TrimSpace(r.stdout) != "{\n  \"deleted\": 25\n}" {
+		t.Fatalf("del --prefix: %+v", r)
+	}
+	if r := kvctl(t, eps, "", "get", "--prefix", "tmp", "--keys-only"); r.stdout != "tmpx\n" {
+		t.Fatalf("after del --prefix tmp/: %+v", r)
+	}
+	if r := kvctl(t, eps, "", "del", "--prefix", ""); r.code != 2 {
+		t.Fatalf("del --prefix of everything: %+v", r)
+	}
+	if r := kvctl(t, eps, "", "-o", "table", "member", "list"); r.code != 0 || !strings.HasPrefix(r.stdout, "ID") {
+		t.Fatalf("member list -o table: %+v", r)
+	}
+	r = kvctl(t, eps, "", "-o", "json", "endpoint", "status")
+	var rows []map[string]any
+	if err := json.Unmarshal([]byte(r.stdout), &rows); err != nil || r.code != 0 || len(rows) != 3 {
+		t.Fatalf("endpoint status -o json: %v %+v", err, r)
+	}
+	if r := kvctl(t, eps, "", "endpoint", "health"); r.code != 0 || strings.Count(r.stdout, "is healthy: took") != 3 {
+		t.Fatalf("endpoint health: %+v", r)
+	}
+	if r := kvctl(t, eps+","+deadAddr(t), "", "endpoint", "health"); r.code != 3 || !strings.Contains(r.stdout, "is unhealthy: connection refused") ||
+		!strings.Contains(r.stderr, "1 of 4 endpoints unhealthy") {
+		t.Fatalf("endpoint health with one endpoint down: %+v", r)
+	}
+	if r := kvctl(t, "", "", "version"); r.code != 0 || !strings.HasPrefix(r.stdout, "kvctl ") {
+		t.Fatalf("version: %+v", r)
+	}
+	for _, sh := range []string{"bash", "zsh", "fish"} {
+		if r := kvctl(t, "", "", "completion", sh); r.code != 0 || !strings.Contains(r.stdout, "kvctl") || len(r.stdout) < 1000 {
+			t.Fatalf("completion %s: exit %d, %d bytes", sh, r.code, len(r.stdout))
+		}
 	}
 }

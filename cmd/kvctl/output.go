@@ -155,23 +155,71 @@ func printable(b []byte) string {
 	return s
 }
 
-func (a *app) printPut(resp *kvpb.PutResponse) error {
-	if a.output == "json" {
-		return writeJSON(a.stdout, map[string]any{
-			"shard": resp.GetHeader().GetShard(), "revision": resp.GetHeader().GetRevision(),
-		})
+// printPut prints a put's answer; withPrev adds the key as it was.
+func (a *app) printPut(resp *kvpb.PutResponse, withPrev bool) error {
+	h, prev := resp.GetHeader(), resp.GetPrevKv()
+	switch a.output {
+	case "json":
+		out := map[string]any{"shard": h.GetShard(), "revision": h.GetRevision()}
+		if withPrev {
+			out["prev_kv"] = nil
+			if prev != nil {
+				out["prev_kv"] = toJSONKV(prev, false)
+			}
+		}
+		return writeJSON(a.stdout, out)
+	case "table":
+		tw := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
+		if withPrev {
+			fmt.Fprintln(tw, "SHARD\tREVISION\tPREV_VALUE\tPREV_MOD_REV")
+			pv, pm := "", ""
+			if prev != nil {
+				pv, pm = printable(prev.GetValue()), fmt.Sprint(prev.GetModRevision())
+			}
+			fmt.Fprintf(tw, "%d\t%d\t%s\t%s\n", h.GetShard(), h.GetRevision(), pv, pm)
+		} else {
+			fmt.Fprintln(tw, "SHARD\tREVISION")
+			fmt.Fprintf(tw, "%d\t%d\n", h.GetShard(), h.GetRevision())
+		}
+		return tw.Flush()
 	}
-	_, err := fmt.Fprintln(a.stdout, "OK")
-	return err
+	if _, err := fmt.Fprintln(a.stdout, "OK"); err != nil {
+		return err
+	}
+	if withPrev && prev != nil {
+		_, err := fmt.Fprintf(a.stdout, "%s\n%s\n", prev.GetKey(), prev.GetValue())
+		return err
+	}
+	return nil
 }
 
 func (a *app) printDelete(resp *kvpb.DeleteResponse) error {
-	if a.output == "json" {
+	h := resp.GetHeader()
+	switch a.output {
+	case "json":
 		return writeJSON(a.stdout, map[string]any{
-			"deleted": resp.GetDeleted(), "shard": resp.GetHeader().GetShard(), "revision": resp.GetHeader().GetRevision(),
+			"deleted": resp.GetDeleted(), "shard": h.GetShard(), "revision": h.GetRevision(),
 		})
+	case "table":
+		tw := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "DELETED\tSHARD\tREVISION")
+		fmt.Fprintf(tw, "%d\t%d\t%d\n", resp.GetDeleted(), h.GetShard(), h.GetRevision())
+		return tw.Flush()
 	}
 	_, err := fmt.Fprintln(a.stdout, resp.GetDeleted())
+	return err
+}
+
+// printDeleted prints the count of a del --prefix, which spans shards.
+func (a *app) printDeleted(n int64) error {
+	switch a.output {
+	case "json":
+		return writeJSON(a.stdout, map[string]any{"deleted": n})
+	case "table":
+		_, err := fmt.Fprintf(a.stdout, "DELETED\n%d\n", n)
+		return err
+	}
+	_, err := fmt.Fprintln(a.stdout, n)
 	return err
 }
 
@@ -237,7 +285,10 @@ func (a *app) printStatus(st []client.NodeStatus) error {
 	shards := shardView(st)
 	alarms := alarmView(st)
 	if a.output == "json" {
-		return writeJSON(a.stdout, map[string]any{"nodes": nodes, "shards": shards, "alarms": alarms})
+		if err := writeJSON(a.stdout, map[string]any{"nodes": nodes, "shards": shards, "alarms": alarms}); err != nil {
+			return err
+		}
+		return leaderless(shards)
 	}
 	tw := tabwriter.NewWriter(a.stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "NODE\tADDRESS\tHEALTH\tEPOCH\tERROR")
@@ -253,7 +304,7 @@ func (a *app) printStatus(st []client.NodeStatus) error {
 	for _, s := range shards {
 		leader := fmt.Sprint(s.Leader)
 		if s.Leader == 0 {
-			leader = "none"
+			leader = "NONE"
 		}
 		fmt.Fprintf(tw, "%d\t%s\t%d\t%d\t%d\t%s\n", s.Shard, leader, s.Term, s.Commit, s.Applied, joinIDs(s.Voters))
 	}
@@ -264,7 +315,28 @@ func (a *app) printStatus(st []client.NodeStatus) error {
 			fmt.Fprintf(tw, "CORRUPT\t%d\t%d\t%d\t%s\n", al.Shard, al.Node, al.Reporter, al.Reason)
 		}
 	}
-	return tw.Flush()
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	return leaderless(shards)
+}
+
+// leaderless fails a status that shows shards without a leader: they
+// take no writes and no linearizable reads, so a script checking
+// `kvctl cluster status` must not see success.
+func leaderless(shards []jsonShard) error {
+	var ids []string
+	for _, s := range shards {
+		if s.Leader == 0 {
+			ids = append(ids, fmt.Sprint(s.Shard))
+		}
+	}
+	if len(ids) == 0 {
+		return nil
+	}
+	return &exitError{code: exitUnavailable, msg: fmt.Sprintf(
+		"%d of %d shards have no leader (shard %s): they serve no writes and no linearizable reads until a majority of their voters is up",
+		len(ids), len(shards), strings.Join(ids, ", "))}
 }
 
 // jsonAlarm is a corrupt replica some node reported: it refuses to serve
@@ -340,8 +412,12 @@ func (a *app) printMembers(ml *kvpb.MemberListResponse) error {
 }
 
 func (a *app) printCount(n int64) error {
-	if a.output == "json" {
+	switch a.output {
+	case "json":
 		return writeJSON(a.stdout, map[string]any{"count": n})
+	case "table":
+		_, err := fmt.Fprintf(a.stdout, "COUNT\n%d\n", n)
+		return err
 	}
 	_, err := fmt.Fprintln(a.stdout, n)
 	return err

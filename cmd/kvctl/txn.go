@@ -23,8 +23,9 @@ const exitCompareFailed = exitNotFound
 func (a *app) casCmd() *cobra.Command {
 	var create bool
 	cmd := &cobra.Command{
-		Use:   "cas KEY OLD NEW | cas --create KEY NEW",
-		Short: "Compare-and-swap: set KEY to NEW only if its value is OLD",
+		Annotations: map[string]string{outputsKey: "simple,json"},
+		Use:         "cas KEY OLD NEW | cas --create KEY NEW",
+		Short:       "Compare-and-swap: set KEY to NEW only if its value is OLD",
 		Long: `Atomically set KEY to NEW if its current value is OLD. With --create, set
 KEY to NEW only if KEY does not exist.
 
@@ -121,8 +122,9 @@ func quoteShort(b []byte) string {
 func (a *app) txnCmd() *cobra.Command {
 	var file string
 	cmd := &cobra.Command{
-		Use:   "txn [-f FILE]",
-		Short: "Run a transaction (compares, then success or failure operations) read as JSON",
+		Annotations: map[string]string{outputsKey: "simple,json"},
+		Use:         "txn [-f FILE]",
+		Short:       "Run a transaction (compares, then success or failure operations) read as JSON",
 		Long: `Run one atomic transaction, read as JSON from stdin (or from -f FILE):
 if every compare holds, the "success" operations run, else the "failure"
 ones, all in one step on one shard.

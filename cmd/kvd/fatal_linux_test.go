@@ -28,7 +28,7 @@ func TestFailedEngineExitsWithReason(t *testing.T) {
 	defer close(stop)
 	var out proccluster.SyncBuffer
 	done := make(chan int, 1)
-	go func() { done <- run(args, &out, stop) }()
+	go func() { done <- run(args, &out, &out, stop) }()
 
 	conn, err := grpc.NewClient(client, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {

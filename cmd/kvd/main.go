@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/kvd/kvd/internal/version"
 	"github.com/kvd/kvd/server"
 )
 
@@ -44,7 +45,7 @@ const fatalStopTimeout = 10 * time.Second
 func main() {
 	setGCPercent()
 	setMemoryLimit()
-	os.Exit(run(os.Args[1:], os.Stderr, nil))
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr, nil))
 }
 
 // defaultGOGC is the garbage collector's target unless the GOGC
@@ -79,12 +80,15 @@ func setMemoryLimit() {
 }
 
 // run parses args and runs a node until SIGINT/SIGTERM (or until stop is
-// closed, for tests). It returns the process exit code.
-func run(args []string, stderr io.Writer, stop <-chan struct{}) int {
+// closed, for tests). It returns the process exit code. --help and
+// --version print to stdout, as a user piping them to less expects;
+// everything else (logs, errors) goes to stderr.
+func run(args []string, stdout, stderr io.Writer, stop <-chan struct{}) int {
 	var (
 		cfg            server.Config
 		initialCluster string
 		logLevel       string
+		showVersion    bool
 	)
 	cmd := &cobra.Command{
 		Use:   "kvd",
@@ -176,9 +180,14 @@ as a new member with a new --id).`,
 	f.IntVar(&cfg.Limits.MaxClientConns, "max-client-conns", server.DefaultMaxClientConns, "client connections the node keeps open; more are closed on accept")
 	f.DurationVar(&cfg.BatchSendTimeout, "batch-send-timeout", server.DefaultBatchSendTimeout, "a Batch stream whose answers could not be sent for this long (its client is not reading) ends with ResourceExhausted, and a client connection owing unary answers that wrote nothing for this long is closed")
 	f.IntVar(&cfg.Limits.MaxPendingProposals, "max-pending-proposals", 4096, "writes waiting to commit per shard before new ones get ResourceExhausted")
+	f.BoolVar(&showVersion, "version", false, "print kvd's version (release, commit, Go version) and exit")
 
 	code := exitOK
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		if showVersion {
+			_, err := fmt.Fprintln(stdout, version.Get().Line("kvd"))
+			return err
+		}
 		if err := applyEnv(cmd.Flags()); err != nil {
 			return usageError{err}
 		}
@@ -233,7 +242,7 @@ as a new member with a new --id).`,
 		return nil
 	}
 	cmd.SetArgs(args)
-	cmd.SetOut(stderr)
+	cmd.SetOut(stdout)
 	cmd.SetErr(stderr)
 	cmd.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	if err := cmd.Execute(); err != nil {

@@ -25,9 +25,9 @@ var documentedFlags = []string{
 }
 
 func TestHelpDocumentsEveryFlag(t *testing.T) {
-	var out bytes.Buffer
-	if code := run([]string{"--help"}, &out, nil); code != 0 {
-		t.Fatalf("--help exit %d", code)
+	var out, errOut bytes.Buffer
+	if code := run([]string{"--help"}, &out, &errOut, nil); code != 0 || errOut.Len() != 0 {
+		t.Fatalf("--help: exit %d, stderr %q; want 0 and the help on stdout", code, errOut.String())
 	}
 	help := out.String()
 	for _, f := range documentedFlags {
@@ -82,7 +82,7 @@ func TestBadFlagsExit2WithOneLine(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			var out bytes.Buffer
 			args := append(node(t, filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-"))), tc.args...)
-			code := run(args, &out, nil)
+			code := run(args, &out, &out, nil)
 			if code != exitUsage {
 				t.Fatalf("exit %d, want %d; output:\n%s", code, exitUsage, out.String())
 			}
@@ -106,7 +106,7 @@ func startStop(t *testing.T, args []string) (int, string) {
 	stop := make(chan struct{})
 	var out proccluster.SyncBuffer
 	done := make(chan int, 1)
-	go func() { done <- run(args, &out, stop) }()
+	go func() { done <- run(args, &out, &out, stop) }()
 	deadline := time.Now().Add(10 * time.Second)
 	for !strings.Contains(out.String(), "kvd node started") {
 		select {
@@ -141,13 +141,13 @@ func TestRestartIgnoresBootstrapFlagsAndRefusesAnotherCluster(t *testing.T) {
 	}
 	// Flags of another cluster: refused with exit 2.
 	var out bytes.Buffer
-	code := run(append(node(t, dir), "--initial-cluster", "1="+peer+",2=127.0.0.1:1", "--shards", "2"), &out, nil)
+	code := run(append(node(t, dir), "--initial-cluster", "1="+peer+",2=127.0.0.1:1", "--shards", "2"), &out, &out, nil)
 	if code != exitUsage || !strings.Contains(lastLine(out.String()), "another cluster") {
 		t.Fatalf("another cluster's flags: exit %d, output:\n%s", code, out.String())
 	}
 	// Another node's id: refused with exit 2.
 	out.Reset()
-	code = run(append(node(t, dir), "--id", "2"), &out, nil)
+	code = run(append(node(t, dir), "--id", "2"), &out, &out, nil)
 	if code != exitUsage || !strings.Contains(lastLine(out.String()), "belongs to node 1") {
 		t.Fatalf("other node id: exit %d, output:\n%s", code, out.String())
 	}
@@ -166,7 +166,7 @@ func TestEnvironmentSetsFlags(t *testing.T) {
 	}
 	t.Setenv("KVD_SHARDS", "many")
 	var buf bytes.Buffer
-	if code := run(nil, &buf, nil); code != exitUsage || !strings.Contains(buf.String(), "KVD_SHARDS") {
+	if code := run(nil, &buf, &buf, nil); code != exitUsage || !strings.Contains(buf.String(), "KVD_SHARDS") {
 		t.Fatalf("bad KVD_SHARDS: exit %d:\n%s", code, buf.String())
 	}
 }
@@ -178,7 +178,7 @@ func TestLimitFlagsFromEnvironment(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			t.Setenv(name, "lots")
 			var buf bytes.Buffer
-			if code := run(node(t, t.TempDir()), &buf, nil); code != exitUsage || !strings.Contains(buf.String(), name) {
+			if code := run(node(t, t.TempDir()), &buf, &buf, nil); code != exitUsage || !strings.Contains(buf.String(), name) {
 				t.Fatalf("bad %s: exit %d:\n%s", name, code, buf.String())
 			}
 		})
@@ -208,5 +208,16 @@ func TestDefaultMemoryLimit(t *testing.T) {
 	setMemoryLimit()
 	if got := debug.SetMemoryLimit(-1); got != 1<<30 {
 		t.Fatalf("memory limit %d with GOMEMLIMIT=1GiB, want it kept", got)
+	}
+}
+
+// TestVersion: kvd --version prints one line on stdout and starts nothing.
+func TestVersion(t *testing.T) {
+	var out, errOut bytes.Buffer
+	if code := run([]string{"--version"}, &out, &errOut, nil); code != 0 || errOut.Len() != 0 {
+		t.Fatalf("--version: exit %d, stderr %q", code, errOut.String())
+	}
+	if v := out.String(); !strings.HasPrefix(v, "kvd ") || strings.Count(v, "\n") != 1 || !strings.Contains(v, "go1.") {
+		t.Fatalf("--version printed %q, want one line \"kvd VERSION ... goX\"", v)
 	}
 }

@@ -110,13 +110,30 @@ func TestUnavailableWithoutQuorum(t *testing.T) {
 	}
 	c.Kill(c.Node(2))
 	c.Kill(c.Node(3))
+	// The message names the cause the client saw (two replicas whose
+	// connections are refused), not the symptom of the last attempt.
+	noQuorum := fmt.Sprintf("has no quorum (2 of 3 replicas unreachable: node 2 at %s: dial tcp %[1]s: connect: connection refused; node 3 at %s:",
+		c.Node(2).ClientAddr, c.Node(3).ClientAddr)
 	_, errOut, code := c.Kvctl("", "--timeout", "2s", "put", "k", "v2")
-	if code != 3 {
-		t.Fatalf("put without quorum: exit %d, want 3 (stderr %q)", code, errOut)
+	if code != 3 || !strings.Contains(errOut, noQuorum) {
+		t.Fatalf("put without quorum: exit %d, want 3 and %q in stderr %q", code, noQuorum, errOut)
 	}
 	_, errOut, code = c.Kvctl("", "--timeout", "2s", "get", "k")
-	if code != 3 {
-		t.Fatalf("linearizable get without quorum: exit %d, want 3 (stderr %q)", code, errOut)
+	if code != 3 || !strings.Contains(errOut, noQuorum) {
+		t.Fatalf("linearizable get without quorum: exit %d, want 3 and %q in stderr %q", code, noQuorum, errOut)
+	}
+	out, errOut, code := c.Kvctl("", "cluster", "status")
+	if code != 3 || !strings.Contains(errOut, "3 of 3 shards have no leader (shard 0, 1, 2)") || strings.Count(out, " NONE ") != 3 {
+		t.Fatalf("cluster status without quorum: exit %d, want 3, every shard marked NONE: stdout:\n%s\nstderr: %s", code, out, errOut)
+	}
+
+	// Every node down: said at once, not after the timeout.
+	c.Kill(c.Node(1))
+	start := time.Now()
+	_, errOut, code = c.Kvctl("", "--timeout", "5s", "put", "k", "v3")
+	if took := time.Since(start); code != 3 || took > 3*time.Second ||
+		!strings.Contains(errOut, "connection refused by every endpoint: "+strings.ReplaceAll(c.Endpoints(), ",", ", ")) {
+		t.Fatalf("put with every node down: exit %d after %v, stderr %q", code, took, errOut)
 	}
 }
 

@@ -6,6 +6,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -64,11 +66,25 @@ func TestMakeClusterScript(t *testing.T) {
 	if got, err := run("get", "greeting"); err != nil || got != "hello\n" {
 		t.Fatalf("kvctl get greeting = %q, %v; want hello", got, err)
 	}
-	for _, s := range []string{"[kvd1]", "[kvd2]", "[kvd3]", "export KVCTL_ENDPOINTS=" + endpoints} {
+	for _, s := range []string{"[kvd1]", "[kvd2]", "[kvd3]", "export KVCTL_ENDPOINTS=" + endpoints,
+		"cluster.sh: started kvd1 (pid ", "client 127.0.0.1:22379", "Press Ctrl-C to stop the three kvd processes"} {
 		if !strings.Contains(out.String(), s) {
 			t.Errorf("cluster.sh output lacks %q", s)
 		}
 	}
+
+	// A node that dies is reported, with how.
+	m := regexp.MustCompile(`started kvd2 \(pid (\d+)\)`).FindStringSubmatch(out.String())
+	if m == nil {
+		t.Fatalf("cluster.sh does not say kvd2's pid:\n%s", out.String())
+	}
+	pid, _ := strconv.Atoi(m[1])
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	proccluster.WaitFor(t, 10*time.Second, "cluster.sh to report kvd2's death", func() bool {
+		return strings.Contains(out.String(), "cluster.sh: kvd2 (pid "+m[1]+") was killed by signal 9 (SIGKILL)")
+	})
 
 	// Ctrl-C in a terminal reaches the script; TERM takes the same path.
 	if err := syscall.Kill(pgid, syscall.SIGTERM); err != nil {
@@ -82,4 +98,9 @@ func TestMakeClusterScript(t *testing.T) {
 	proccluster.WaitFor(t, 10*time.Second, "every process of make cluster gone", func() bool {
 		return errors.Is(syscall.Kill(-pgid, 0), syscall.ESRCH)
 	})
+	for _, s := range []string{"cluster.sh: stopping the kvd nodes it started", "cluster.sh: kvd1 (pid ", "exited cleanly (status 0)", "all stopped; data kept"} {
+		if !strings.Contains(out.String(), s) {
+			t.Errorf("cluster.sh output lacks %q after SIGTERM:\n%s", s, out.String())
+		}
+	}
 }

@@ -1,0 +1,60 @@
+package e2e
+
+import (
+	"context"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kvd/kvd/internal/proccluster"
+)
+
+// TestHealthyClusterLogsNoWarnings forms a cluster as compose does (one
+// node, two more started at once with --join), waits until every shard
+// has three voters, runs a few seconds of writes and reads, and checks
+// that no node logged a line at WARN or above: in a healthy cluster
+// doing what it is asked, a WARN means an operator should look. Joining
+// once logged a WARN per replica placed ("cluster map epoch must advance
+// by one") and per join attempt made before the seed answered.
+func TestHealthyClusterLogsNoWarnings(t *testing.T) {
+	const shards = 4
+	c := proccluster.Start(t, 1, proccluster.Options{Shards: shards, Args: []string{"--replicas=3"}})
+	seed := c.Node(1).ClientAddr
+	c.AddNode(seed)
+	c.AddNode(seed)
+
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	proccluster.WaitFor(t, 45*time.Second, "three voters on every shard", func() bool {
+		for shard := uint64(0); shard <= shards; shard++ {
+			leader := c.LeaderOf(ctx, shard)
+			if leader == nil {
+				return false
+			}
+			st, err := c.Status(ctx, leader)
+			if err != nil {
+				return false
+			}
+			for _, s := range st.GetShards() {
+				if s.GetShard() == shard && !slices.Equal(s.GetVoters(), []uint64{1, 2, 3}) {
+					return false
+				}
+			}
+		}
+		return true
+	})
+	if _, errOut, code := c.Kvctl("", "bench", "mixed", "--duration", "5s", "--clients", "8", "--key-space", "1000"); code != 0 {
+		t.Fatalf("kvctl bench mixed: exit %d: %s", code, errOut)
+	}
+	if _, errOut, code := c.Kvctl("", "cluster", "status"); code != 0 {
+		t.Fatalf("kvctl cluster status: exit %d: %s", code, errOut)
+	}
+	for _, nd := range c.Nodes {
+		for _, line := range strings.Split(nd.Logs(), "\n") {
+			if strings.Contains(line, "level=WARN") || strings.Contains(line, "level=ERROR") {
+				t.Errorf("node %d: %s", nd.ID, line)
+			}
+		}
+	}
+}
