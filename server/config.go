@@ -80,6 +80,18 @@ type Config struct {
 	// this that retries an old write may apply it twice.
 	SessionTTL time.Duration
 
+	// HistoryRevisions is how many revisions of changes each shard keeps
+	// for reads at a revision and watches (default 100,000; negative:
+	// no count limit). HistoryRetention, if positive, also drops changes
+	// older than it, by the proposers' clocks recorded with them. The
+	// leader trims by a replicated command, so all replicas agree on the
+	// oldest revision.
+	HistoryRevisions int64
+	HistoryRetention time.Duration
+	// WatchProgressInterval is how often an idle watch is told the
+	// shard's revision (default 1 s).
+	WatchProgressInterval time.Duration
+
 	// CorruptionCheckInterval is how often the leader of each shard has
 	// the replicas compare their state hashes (corruption.go); zero
 	// disables the check.
@@ -218,6 +230,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.HeartbeatTicks == 0 {
 		c.HeartbeatTicks = 2
+	}
+	if c.HistoryRevisions == 0 {
+		c.HistoryRevisions = 100_000
+	}
+	if c.WatchProgressInterval == 0 {
+		c.WatchProgressInterval = time.Second
 	}
 	if c.SessionTTL == 0 {
 		c.SessionTTL = time.Hour

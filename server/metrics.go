@@ -32,6 +32,14 @@ type metrics struct {
 	panics *prometheus.CounterVec
 	// batchCutOff counts Batch streams ended for not reading answers.
 	batchCutOff prometheus.Counter
+
+	// History and watches (history.go, watch.go).
+	compactions prometheus.Counter
+	historySize *prometheus.GaugeVec
+	watchers    prometheus.Gauge
+	watchEvents prometheus.Counter
+	watchLag    prometheus.Histogram
+	watchCutOff prometheus.Counter
 }
 
 func newMetrics(s *Server) *metrics {
@@ -63,12 +71,38 @@ func newMetrics(s *Server) *metrics {
 			Name: "kvd_batch_streams_cut_off_total",
 			Help: "Batch streams ended with ResourceExhausted because their client did not read its answers for --batch-send-timeout.",
 		}),
+		compactions: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvd_history_compactions_total",
+			Help: "CompactHistory commands this node proposed as a shard leader (each drops at most 10,000 events).",
+		}),
+		historySize: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "kvd_history_revisions",
+			Help: "Revisions of changes the local replica of a shard keeps (updated every second).",
+		}, []string{"shard"}),
+		watchers: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "kvd_watchers",
+			Help: "Open watches served by this node.",
+		}),
+		watchEvents: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvd_watch_events_sent_total",
+			Help: "Events sent to watchers.",
+		}),
+		watchLag: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "kvd_watch_event_lag_seconds",
+			Help:    "Time from a change becoming visible on the leader to its event being handed to the watch stream.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}),
+		watchCutOff: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvd_watch_streams_cut_off_total",
+			Help: "Watch streams ended with ResourceExhausted because their client did not read its events for --batch-send-timeout.",
+		}),
 	}
 	inFlight := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "kvd_inflight_bytes",
 		Help: "Bytes charged to the in-flight budget: requests being served and Batch answers not yet sent.",
 	}, func() float64 { return float64(m.adm.inFlight.Load()) })
 	m.reg.MustRegister(m.requests, m.latency, m.batches, m.batchItems, m.panics, m.batchCutOff, m.adm.refused, inFlight, collector{s},
+		m.compactions, m.historySize, m.watchers, m.watchEvents, m.watchLag, m.watchCutOff,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }

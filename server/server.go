@@ -238,6 +238,8 @@ func New(cfg Config) (_ *Server, err error) {
 	s.wg.Add(3)
 	go s.maintainMap()
 	go s.every(min(s.cfg.SessionTTL/10, time.Minute), s.expireSessions)
+	s.wg.Add(1)
+	go s.every(time.Second, s.trimHistory)
 	go s.placeReplicas()
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.wg.Add(1)
