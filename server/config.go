@@ -133,6 +133,11 @@ type Limits struct {
 	// MaxClientConns bounds the client connections the node keeps open;
 	// beyond it new connections are closed as soon as they are accepted.
 	MaxClientConns int // default 1024
+	// MaxWatchStreams bounds the Watch streams the node serves at once;
+	// MaxWatchesPerStream the watches one stream carries. A watch stream
+	// holds at most MaxBatchStreamBytes of unsent events (watch.go).
+	MaxWatchStreams     int // default 1024
+	MaxWatchesPerStream int // default 1000
 }
 
 // Defaults for a single node started with no flags.
@@ -212,6 +217,12 @@ func (c *Config) setDefaults() {
 	}
 	if l.MaxClientConns == 0 {
 		l.MaxClientConns = DefaultMaxClientConns
+	}
+	if l.MaxWatchStreams == 0 {
+		l.MaxWatchStreams = 1024
+	}
+	if l.MaxWatchesPerStream == 0 {
+		l.MaxWatchesPerStream = 1000
 	}
 	if c.ClientConnIdle == 0 {
 		c.ClientConnIdle = 5 * time.Minute

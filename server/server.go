@@ -46,6 +46,7 @@ const (
 type Server struct {
 	kvpb.UnimplementedKVServer
 	kvpb.UnimplementedClusterServer
+	kvpb.UnimplementedWatchServer
 	peerpb.UnimplementedInternalServer
 
 	cfg Config
@@ -91,8 +92,10 @@ type Server struct {
 	stopc chan struct{}
 	// ctx is cancelled by Stop, so background work started by the server
 	// (map publishing) never delays shutdown.
-	ctx      context.Context
-	cancel   context.CancelFunc
+	ctx    context.Context
+	cancel context.CancelFunc
+	// watch holds the node's watches (watch.go).
+	watch    watchRegistry
 	wg       sync.WaitGroup
 	stopOnce sync.Once
 	stopErr  error
@@ -227,6 +230,7 @@ func New(cfg Config) (_ *Server, err error) {
 	s.metrics.reg.MustRegister(s.conns.refused, s.conns.openGauge())
 	kvpb.RegisterKVServer(s.clientSrv, s)
 	kvpb.RegisterClusterServer(s.clientSrv, s)
+	kvpb.RegisterWatchServer(s.clientSrv, s)
 	healthpb.RegisterHealthServer(s.clientSrv, s.health)
 
 	s.goServe("peer", func() error { return s.peerSrv.Serve(s.peerLis) })
@@ -649,6 +653,7 @@ func (s *Server) Stop() error {
 				_ = l.Close()
 			}
 		}
+		s.watch.stop()
 		s.wg.Wait()
 		s.peerConns.Lock()
 		for _, c := range s.peerConns.byAddr {

@@ -176,6 +176,8 @@ as a new member with a new --id).`,
 	f.IntVar(&cfg.Limits.MaxResponseBytes, "max-response-bytes", server.DefaultMaxResponseBytes, "largest Range page in bytes: a page stops before it (and says there is more), holding at least one key")
 	f.IntVar(&cfg.Limits.MaxBatchStreamBytes, "max-batch-stream-bytes", server.DefaultMaxBatchStreamBytes, "bytes one Batch stream may hold (requests being served, answers not yet sent) before the node stops reading it")
 	f.IntVar(&cfg.Limits.MaxClientConns, "max-client-conns", server.DefaultMaxClientConns, "client connections the node keeps open; more are closed on accept")
+	f.IntVar(&cfg.Limits.MaxWatchStreams, "max-watch-streams", 1024, "Watch streams the node serves at once")
+	f.IntVar(&cfg.Limits.MaxWatchesPerStream, "max-watches-per-stream", 1000, "watches one Watch stream may carry")
 	f.DurationVar(&cfg.BatchSendTimeout, "batch-send-timeout", server.DefaultBatchSendTimeout, "a Batch stream whose answers could not be sent for this long (its client is not reading) ends with ResourceExhausted")
 	f.IntVar(&cfg.Limits.MaxPendingProposals, "max-pending-proposals", 4096, "writes waiting to commit per shard before new ones get ResourceExhausted")
 
