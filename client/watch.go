@@ -1,0 +1,360 @@
+package client
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"slices"
+	"sync"
+
+	spb "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/proto/kvpb"
+)
+
+// ErrCompacted: a watch or a read at a revision needs history a shard no
+// longer keeps. The error is a *CompactedError naming the oldest revision.
+var ErrCompacted = errors.New("client: revision compacted")
+
+// CompactedError says which shard dropped the history needed, and the
+// oldest revision it keeps.
+type CompactedError struct {
+	Shard  uint64
+	Oldest int64
+}
+
+func (e *CompactedError) Error() string {
+	return fmt.Sprintf("%v: shard %d keeps history from revision %d", ErrCompacted, e.Shard, e.Oldest)
+}
+
+func (e *CompactedError) Unwrap() error { return ErrCompacted }
+
+// WatchOption tunes Watch.
+type WatchOption func(*watchOptions)
+
+type watchOptions struct {
+	prefix bool
+	rev    int64
+	resume string
+	prevKV bool
+}
+
+// WithPrefix watches every key starting with the given key, on every
+// shard.
+func WithPrefix() WatchOption { return func(o *watchOptions) { o.prefix = true } }
+
+// WithRevision starts the watch at a revision, replaying the changes from
+// it on. Revisions are per shard, so it applies only to a watch on one
+// shard: a key, or a prefix on a cluster of one data shard. Use
+// WithResume to continue a prefix watch.
+func WithRevision(rev int64) WatchOption { return func(o *watchOptions) { o.rev = rev } }
+
+// WithResume continues a watch after the events of the response whose
+// Resume this is: nothing before them again, nothing after them missed.
+func WithResume(token string) WatchOption { return func(o *watchOptions) { o.resume = token } }
+
+// WithPrevKV has events carry the key's value before the change.
+func WithPrevKV() WatchOption { return func(o *watchOptions) { o.prevKV = true } }
+
+// WatchResponse is what a watch delivers: events of one shard, in order,
+// or its end.
+type WatchResponse struct {
+	Events []*kvpb.Event
+	// Resume continues the watch after these events (WithResume).
+	Resume string
+	// Err, on the last response, says why the watch ended: a
+	// *CompactedError, ErrInvalidArgument, ErrInvalidToken, or the
+	// context's error.
+	Err error
+}
+
+// Watch watches key (or, WithPrefix, every key with that prefix) and
+// delivers every change from now (or the start WithRevision / WithResume
+// gives) in order: each shard's events in revision order, each once. The
+// channel is closed after a response with Err; read it until then, or
+// cancel ctx.
+//
+// A watch follows each shard's leader (only leaders serve watches): on a
+// leader change, a node's death or a broken connection it reconnects by
+// itself and continues from the last revision delivered, with no gap and
+// no duplicate. It ends with a *CompactedError only when a shard no longer
+// holds the history it needs. Each watched shard has its own stream.
+func (c *Client) Watch(ctx context.Context, key []byte, opts ...WatchOption) <-chan WatchResponse {
+	var o watchOptions
+	for _, f := range opts {
+		f(&o)
+	}
+	ch := make(chan WatchResponse, 16)
+	w := &watch{c: c, ch: ch, opts: o, key: key, next: map[uint64]int64{}}
+	fail := func(err error) <-chan WatchResponse {
+		ch <- WatchResponse{Err: err}
+		close(ch)
+		return ch
+	}
+	if c.isClosed() {
+		return fail(ErrClosed)
+	}
+	var shards []uint64
+	switch {
+	case o.resume != "":
+		next, err := decodeWatchToken(o.resume)
+		if err != nil {
+			return fail(err)
+		}
+		for sh, rev := range next {
+			shards, w.next[sh] = append(shards, sh), rev
+		}
+		slices.Sort(shards)
+	case o.prefix:
+		shards = c.dataShards()
+		if o.rev > 0 && len(shards) > 1 {
+			return fail(fmt.Errorf("%w: a prefix watch spans %d shards and revisions are per shard; start it at a revision of one key, or resume it with a token", ErrInvalidArgument, len(shards)))
+		}
+	default:
+		if len(key) == 0 {
+			return fail(fmt.Errorf("%w: empty key", ErrInvalidArgument))
+		}
+		sh, err := c.shardOf(key)
+		if err != nil {
+			return fail(err)
+		}
+		shards = []uint64{sh}
+	}
+	if o.resume == "" {
+		for _, sh := range shards {
+			w.next[sh] = o.rev // 0: from now
+		}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	w.cancel = cancel
+	var wg sync.WaitGroup
+	for _, sh := range shards {
+		wg.Go(func() { w.follow(ctx, sh) })
+	}
+	go func() {
+		wg.Wait()
+		w.mu.Lock()
+		err := w.err
+		w.mu.Unlock()
+		if err == nil {
+			// The caller's ctx ended; it may not read any more.
+			err = ctx.Err()
+			select {
+			case ch <- WatchResponse{Err: err}:
+			default:
+			}
+		} else {
+			ch <- WatchResponse{Err: err}
+		}
+		cancel()
+		close(ch)
+	}()
+	return ch
+}
+
+// watch is one Watch call: a follower goroutine per shard, delivering
+// through ch.
+type watch struct {
+	c      *Client
+	ch     chan WatchResponse
+	opts   watchOptions
+	key    []byte
+	cancel context.CancelFunc
+
+	// mu is held across a delivery, so that Resume tokens are handed out
+	// in the order of the responses that carry them.
+	mu   sync.Mutex
+	next map[uint64]int64 // per shard: first revision not yet delivered (0: now)
+	err  error            // why the watch ended, first cause
+}
+
+// end stops the watch with err.
+func (w *watch) end(err error) {
+	w.mu.Lock()
+	if w.err == nil {
+		w.err = err
+	}
+	w.mu.Unlock()
+	w.cancel()
+}
+
+// follow runs shard's part of the watch until ctx ends or it fails for
+// good.
+func (w *watch) follow(ctx context.Context, shard uint64) {
+	for ctx.Err() == nil {
+		st, err := w.open(ctx, shard)
+		if err != nil {
+			var ce *CompactedError
+			if errors.As(err, &ce) || errors.Is(err, ErrInvalidArgument) || errors.Is(err, ErrClosed) {
+				w.end(err)
+			}
+			return // otherwise ctx ended
+		}
+		err = w.receive(ctx, shard, st)
+		st.cancel()
+		if err != nil {
+			w.end(err)
+			return
+		}
+	}
+}
+
+type watchStream struct {
+	kvpb.Watch_WatchClient
+	cancel context.CancelFunc
+}
+
+// open creates shard's watch on its leader, from the first revision not
+// yet delivered, retrying like any request (leader hints, failover,
+// backoff) until ctx ends.
+func (w *watch) open(ctx context.Context, shard uint64) (*watchStream, error) {
+	var st *watchStream
+	err := w.c.invoke(ctx, route{shard: shard}, func(actx context.Context, n *node, epoch uint64) error {
+		w.mu.Lock()
+		next := w.next[shard]
+		w.mu.Unlock()
+		req := &kvpb.WatchCreateRequest{WatchId: 1, Shard: shard, Key: w.key, StartRevision: next, PrevKv: w.opts.prevKV,
+			Header: &kvpb.RequestHeader{Epoch: epoch}}
+		if w.opts.prefix {
+			req.Prefix = true
+		}
+		// The stream outlives the attempt; only its creation is bounded
+		// by the attempt's context.
+		sctx, cancel := context.WithCancel(ctx)
+		stop := context.AfterFunc(actx, cancel)
+		s, err := kvpb.NewWatchClient(n.conn).Watch(sctx)
+		if err == nil {
+			err = s.Send(&kvpb.WatchRequest{Request: &kvpb.WatchRequest_Create{Create: req}})
+		}
+		var resp *kvpb.WatchResponse
+		if err == nil {
+			resp, err = s.Recv()
+		}
+		if !stop() {
+			// The attempt timed out and cancelled the stream.
+			err = status.FromContextError(actx.Err()).Err()
+		}
+		if err == nil && resp.GetCanceled() {
+			err = canceledErr(resp)
+		}
+		if err != nil {
+			cancel()
+			return err
+		}
+		if next == 0 {
+			w.mu.Lock()
+			w.next[shard] = resp.GetHeader().GetRevision() + 1
+			w.mu.Unlock()
+		}
+		st = &watchStream{s, cancel}
+		return nil
+	})
+	return st, err
+}
+
+// canceledErr is the error a canceled watch response carries.
+func canceledErr(resp *kvpb.WatchResponse) error {
+	if oldest := resp.GetCompactRevision(); oldest > 0 {
+		return &CompactedError{Shard: resp.GetHeader().GetShard(), Oldest: oldest}
+	}
+	b, err := proto.Marshal(resp.GetError())
+	if err != nil {
+		return status.Error(codes.Internal, "watch canceled")
+	}
+	sp := new(spb.Status)
+	if err := proto.Unmarshal(b, sp); err != nil {
+		return status.Error(codes.Internal, "watch canceled")
+	}
+	return status.ErrorProto(sp)
+}
+
+// receive delivers shard's events until the stream breaks or its watch
+// is canceled (nil then: follow opens it again) or fails for good.
+func (w *watch) receive(ctx context.Context, shard uint64, st *watchStream) error {
+	for {
+		resp, err := st.Recv()
+		if err != nil {
+			return nil
+		}
+		if resp.GetCanceled() {
+			err := canceledErr(resp)
+			var ce *CompactedError
+			if errors.As(err, &ce) {
+				return err
+			}
+			if nl := notLeader(status.Convert(err)); nl != nil && nl.GetLeaderId() != 0 {
+				w.c.setLeader(ctx, shard, nl.GetLeaderId())
+			}
+			return nil
+		}
+		through := resp.GetHeader().GetRevision()
+		w.mu.Lock()
+		if through+1 <= w.next[shard] {
+			// Nothing new: a created or progress response.
+			w.mu.Unlock()
+			continue
+		}
+		w.next[shard] = through + 1
+		if len(resp.GetEvents()) == 0 {
+			w.mu.Unlock()
+			continue
+		}
+		out := WatchResponse{Events: resp.GetEvents(), Resume: encodeWatchToken(w.next)}
+		select {
+		case w.ch <- out:
+		case <-ctx.Done():
+		}
+		w.mu.Unlock()
+	}
+}
+
+// Watch resume tokens: base64url(version | (uvarint shard | uvarint next)*
+// | crc32(all before)), shards ascending.
+const watchTokenVersion = 1
+
+func encodeWatchToken(next map[uint64]int64) string {
+	shards := make([]uint64, 0, len(next))
+	for sh := range next {
+		shards = append(shards, sh)
+	}
+	slices.Sort(shards)
+	b := []byte{watchTokenVersion}
+	for _, sh := range shards {
+		b = binary.AppendUvarint(b, sh)
+		b = binary.AppendUvarint(b, uint64(next[sh]))
+	}
+	b = binary.BigEndian.AppendUint32(b, crc32.ChecksumIEEE(b))
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+func decodeWatchToken(tok string) (map[uint64]int64, error) {
+	b, err := base64.RawURLEncoding.DecodeString(tok)
+	if err != nil || len(b) < 1+4 {
+		return nil, fmt.Errorf("%w: not a watch resume token", ErrInvalidToken)
+	}
+	body, sum := b[:len(b)-4], binary.BigEndian.Uint32(b[len(b)-4:])
+	if crc32.ChecksumIEEE(body) != sum || body[0] != watchTokenVersion {
+		return nil, fmt.Errorf("%w: not a watch resume token of this version", ErrInvalidToken)
+	}
+	next := map[uint64]int64{}
+	r := bytes.NewReader(body[1:])
+	for r.Len() > 0 {
+		sh, err1 := binary.ReadUvarint(r)
+		rev, err2 := binary.ReadUvarint(r)
+		if err1 != nil || err2 != nil || rev == 0 {
+			return nil, fmt.Errorf("%w: bad watch resume token", ErrInvalidToken)
+		}
+		next[sh] = int64(rev)
+	}
+	if len(next) == 0 {
+		return nil, fmt.Errorf("%w: empty watch resume token", ErrInvalidToken)
+	}
+	return next, nil
+}
