@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"maps"
 	"slices"
 	"sync"
 
@@ -69,10 +70,34 @@ type WatchResponse struct {
 	Events []*kvpb.Event
 	// Resume continues the watch after these events (WithResume).
 	Resume string
+
 	// Err, on the last response, says why the watch ended: a
 	// *CompactedError, ErrInvalidArgument, ErrInvalidToken, or the
 	// context's error.
 	Err error
+
+	// before is every shard's next revision before these events.
+	before map[uint64]int64
+}
+
+// ResumeAfter is a token that continues the watch after Events[i]: after
+// the last revision that ends at or before it (a transaction's events
+// share a revision, and a watch resumes at a revision boundary, so
+// resuming in the middle of one replays its events).
+func (r WatchResponse) ResumeAfter(i int) string {
+	if i >= len(r.Events)-1 {
+		return r.Resume
+	}
+	ev := r.Events[i]
+	next := maps.Clone(r.before)
+	rev := ev.GetKv().GetModRevision()
+	if r.Events[i+1].GetKv().GetModRevision() == rev {
+		rev-- // the revision goes on after Events[i]
+	}
+	if rev+1 > next[ev.GetShard()] {
+		next[ev.GetShard()] = rev + 1
+	}
+	return encodeWatchToken(next)
 }
 
 // Watch watches key (or, WithPrefix, every key with that prefix) and
@@ -301,12 +326,16 @@ func (w *watch) receive(ctx context.Context, shard uint64, st *watchStream) erro
 			w.mu.Unlock()
 			continue
 		}
+		var before map[uint64]int64
+		if len(resp.GetEvents()) > 0 {
+			before = maps.Clone(w.next)
+		}
 		w.next[shard] = through + 1
 		if len(resp.GetEvents()) == 0 {
 			w.mu.Unlock()
 			continue
 		}
-		out := WatchResponse{Events: resp.GetEvents(), Resume: encodeWatchToken(w.next)}
+		out := WatchResponse{Events: resp.GetEvents(), Resume: encodeWatchToken(w.next), before: before}
 		select {
 		case w.ch <- out:
 		case <-ctx.Done():
