@@ -202,3 +202,47 @@ func TestHistoryRetentionTrims(t *testing.T) {
 		return true
 	})
 }
+
+// TestHistoryRetentionByTime: with --history-retention the leader drops
+// the changes older than it, by the proposer times recorded in them, on
+// every replica, and keeps newer ones.
+func TestHistoryRetentionByTime(t *testing.T) {
+	const retention = 2 * time.Second
+	c := newTestCluster(t, 3, 1, func(cfg *Config) {
+		cfg.HistoryRevisions = -1
+		cfg.HistoryRetention = retention
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cl := c.client()
+	var rev int64
+	for i := range 5 {
+		resp, err := cl.Put(ctx, []byte(fmt.Sprint("t/", i)), []byte("v"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		rev = max(rev, resp.GetHeader().GetRevision())
+	}
+	waitFor(t, 20*time.Second, "old changes dropped on every replica", func() bool {
+		for _, s := range c.servers {
+			if _, oldest := localEvents(t, s, 1); oldest != rev+1 {
+				return false
+			}
+		}
+		return true
+	})
+	resp, err := cl.Put(ctx, []byte("t/new"), []byte("v"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Right after its put, the new change is younger than the retention.
+	var evs []*kvpb.Event
+	var oldest int64
+	waitFor(t, 10*time.Second, "the put visible on the leader", func() bool {
+		evs, oldest = localEvents(t, c.leaderOf(1), 1)
+		return len(evs) > 0 || oldest > resp.GetHeader().GetRevision()
+	})
+	if oldest != resp.GetHeader().GetRevision() || len(evs) != 1 {
+		t.Fatalf("history after a new put: oldest %d, %d events; want %d, 1", oldest, len(evs), resp.GetHeader().GetRevision())
+	}
+}
