@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"maps"
+	"math"
 	"slices"
 	"sync"
 
@@ -364,7 +365,7 @@ func encodeWatchToken(next map[uint64]int64) string {
 }
 
 func decodeWatchToken(tok string) (map[uint64]int64, error) {
-	b, err := base64.RawURLEncoding.DecodeString(tok)
+	b, err := base64.RawURLEncoding.Strict().DecodeString(tok)
 	if err != nil || len(b) < 1+4 {
 		return nil, fmt.Errorf("%w: not a watch resume token", ErrInvalidToken)
 	}
@@ -374,13 +375,16 @@ func decodeWatchToken(tok string) (map[uint64]int64, error) {
 	}
 	next := map[uint64]int64{}
 	r := bytes.NewReader(body[1:])
+	var prev uint64
 	for r.Len() > 0 {
 		sh, err1 := binary.ReadUvarint(r)
 		rev, err2 := binary.ReadUvarint(r)
-		if err1 != nil || err2 != nil || rev == 0 {
+		// Shards ascend, each once, and revisions are positive int64s:
+		// the one encoding encodeWatchToken makes.
+		if err1 != nil || err2 != nil || rev == 0 || rev > math.MaxInt64 || (len(next) > 0 && sh <= prev) {
 			return nil, fmt.Errorf("%w: bad watch resume token", ErrInvalidToken)
 		}
-		next[sh] = int64(rev)
+		next[sh], prev = int64(rev), sh
 	}
 	if len(next) == 0 {
 		return nil, fmt.Errorf("%w: empty watch resume token", ErrInvalidToken)
