@@ -111,7 +111,8 @@ func (r WatchResponse) ResumeAfter(i int) string {
 // leader change, a node's death or a broken connection it reconnects by
 // itself and continues from the last revision delivered, with no gap and
 // no duplicate. It ends with a *CompactedError only when a shard no longer
-// holds the history it needs. Each watched shard has its own stream.
+// holds the history it needs. The Client's watches share one stream per
+// node.
 func (c *Client) Watch(ctx context.Context, key []byte, opts ...WatchOption) <-chan WatchResponse {
 	var o watchOptions
 	for _, f := range opts {
@@ -224,7 +225,7 @@ func (w *watch) follow(ctx context.Context, shard uint64) {
 			return // otherwise ctx ended
 		}
 		err = w.receive(ctx, shard, st)
-		st.cancel()
+		st.unsubscribe()
 		if err != nil {
 			w.end(err)
 			return
@@ -232,46 +233,42 @@ func (w *watch) follow(ctx context.Context, shard uint64) {
 	}
 }
 
-type watchStream struct {
-	kvpb.Watch_WatchClient
-	cancel context.CancelFunc
-}
-
 // open creates shard's watch on its leader, from the first revision not
 // yet delivered, retrying like any request (leader hints, failover,
-// backoff) until ctx ends.
-func (w *watch) open(ctx context.Context, shard uint64) (*watchStream, error) {
-	var st *watchStream
+// backoff) until ctx ends. It shares the node's watch stream with the
+// Client's other watches there (watchmux.go).
+func (w *watch) open(ctx context.Context, shard uint64) (*watchSub, error) {
+	var sub *watchSub
 	err := w.c.invoke(ctx, route{shard: shard}, func(actx context.Context, n *node, epoch uint64) error {
 		w.mu.Lock()
 		next := w.next[shard]
 		w.mu.Unlock()
-		req := &kvpb.WatchCreateRequest{WatchId: 1, Shard: shard, Key: w.key, StartRevision: next, PrevKv: w.opts.prevKV,
-			Header: &kvpb.RequestHeader{Epoch: epoch}}
-		if w.opts.prefix {
-			req.Prefix = true
+		s, err := subscribe(w.c.base, n)
+		if err != nil {
+			return err
 		}
-		// The stream outlives the attempt; only its creation is bounded
-		// by the attempt's context.
-		sctx, cancel := context.WithCancel(ctx)
-		stop := context.AfterFunc(actx, cancel)
-		s, err := kvpb.NewWatchClient(n.conn).Watch(sctx)
-		if err == nil {
-			err = s.Send(&kvpb.WatchRequest{Request: &kvpb.WatchRequest_Create{Create: req}})
+		req := &kvpb.WatchCreateRequest{WatchId: s.id, Shard: shard, Key: w.key, Prefix: w.opts.prefix, StartRevision: next,
+			PrevKv: w.opts.prevKV, Header: &kvpb.RequestHeader{Epoch: epoch}}
+		if err := s.m.send(&kvpb.WatchRequest{Request: &kvpb.WatchRequest_Create{Create: req}}); err != nil {
+			s.unsubscribe()
+			return errMuxBroken
 		}
+		// Only the creation is bounded by the attempt's context; the
+		// watch lives on.
 		var resp *kvpb.WatchResponse
-		if err == nil {
-			resp, err = s.Recv()
-		}
-		if !stop() {
-			// The attempt timed out and cancelled the stream.
+		select {
+		case r, ok := <-s.ch:
+			if !ok {
+				err = errMuxBroken
+			} else if r.GetCanceled() {
+				err = canceledErr(r)
+			}
+			resp = r
+		case <-actx.Done():
 			err = status.FromContextError(actx.Err()).Err()
 		}
-		if err == nil && resp.GetCanceled() {
-			err = canceledErr(resp)
-		}
 		if err != nil {
-			cancel()
+			s.unsubscribe()
 			return err
 		}
 		if next == 0 {
@@ -279,10 +276,10 @@ func (w *watch) open(ctx context.Context, shard uint64) (*watchStream, error) {
 			w.next[shard] = resp.GetHeader().GetRevision() + 1
 			w.mu.Unlock()
 		}
-		st = &watchStream{s, cancel}
+		sub = s
 		return nil
 	})
-	return st, err
+	return sub, err
 }
 
 // canceledErr is the error a canceled watch response carries.
@@ -303,10 +300,16 @@ func canceledErr(resp *kvpb.WatchResponse) error {
 
 // receive delivers shard's events until the stream breaks or its watch
 // is canceled (nil then: follow opens it again) or fails for good.
-func (w *watch) receive(ctx context.Context, shard uint64, st *watchStream) error {
+func (w *watch) receive(ctx context.Context, shard uint64, sub *watchSub) error {
 	for {
-		resp, err := st.Recv()
-		if err != nil {
+		var resp *kvpb.WatchResponse
+		select {
+		case r, ok := <-sub.ch:
+			if !ok {
+				return nil
+			}
+			resp = r
+		case <-ctx.Done():
 			return nil
 		}
 		if resp.GetCanceled() {
