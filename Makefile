@@ -30,7 +30,7 @@ TEST_TIMEOUT ?= 15m
 # fuzz` for FUZZTIME. An input that fails is written to the package's
 # testdata/fuzz, where plain `go test` replays it from then on.
 FUZZ_TARGETS := ./fsm:FuzzApplySequences ./fsm:FuzzApply ./fsm:FuzzStoredDecoders \
-                ./server:FuzzCheckTxn ./hashring:FuzzShard ./client:FuzzDecodeToken
+                ./server:FuzzCheckTxn ./hashring:FuzzShard ./client:FuzzDecodeToken ./client:FuzzDecodeWatchToken
 FUZZ_SHORT   ?= 10s
 FUZZTIME     ?= 2m
 

@@ -11,6 +11,7 @@
 //	      "s/" session        → peerpb.SessionState
 //	      "r/" session seq    → the recorded peerpb.Result of that write
 //	      "cluster-map"       → kvpb.ClusterMap (meta shard only)
+//	      "h/" rev | index    → peerpb.HistoryEvent (history.go)
 //
 // Exactly-once writes follow RIFL (Lee et al., SOSP 2015): a shard records
 // the result of every write per (session, seq) and answers a retry with it;
@@ -156,7 +157,7 @@ func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
 	switch op := c.GetOp().(type) {
 	case *peerpb.Command_Put:
 		rev := nextRevision(tx)
-		resp, err := put(tx, op.Put, rev)
+		resp, err := put(tx, op.Put, &changes{rev: rev, time: c.GetTimeUnixMs()})
 		if err != nil {
 			return reject(err)
 		}
@@ -165,7 +166,7 @@ func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
 		return &peerpb.Result{Op: &peerpb.Result_Put{Put: resp}}
 	case *peerpb.Command_Delete:
 		rev := nextRevision(tx)
-		resp, err := del(tx, op.Delete)
+		resp, err := del(tx, op.Delete, &changes{rev: rev, time: c.GetTimeUnixMs()})
 		if err != nil {
 			return reject(err)
 		}
@@ -177,7 +178,7 @@ func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
 		resp.Header = &kvpb.ResponseHeader{Revision: rev}
 		return &peerpb.Result{Op: &peerpb.Result_Delete{Delete: resp}}
 	case *peerpb.Command_Txn:
-		resp, err := txn(tx, op.Txn)
+		resp, err := txn(tx, op.Txn, c.GetTimeUnixMs())
 		if err != nil {
 			return reject(err)
 		}
@@ -195,6 +196,8 @@ func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
 			return reject(err)
 		}
 		return &peerpb.Result{}
+	case *peerpb.Command_CompactHistory:
+		return &peerpb.Result{Op: &peerpb.Result_CompactHistory{CompactHistory: compactHistory(tx, op.CompactHistory)}}
 	case *peerpb.Command_HashCheck:
 		index, hash, err := tx.CheckHash()
 		if err != nil {
@@ -206,7 +209,8 @@ func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
 	}
 }
 
-func put(tx *storage.Txn, r *kvpb.PutRequest, rev int64) (*kvpb.PutResponse, error) {
+func put(tx *storage.Txn, r *kvpb.PutRequest, ch *changes) (*kvpb.PutResponse, error) {
+	rev := ch.rev
 	if len(r.GetKey()) == 0 {
 		return nil, ErrEmptyKey
 	}
@@ -222,6 +226,12 @@ func put(tx *storage.Txn, r *kvpb.PutRequest, rev int64) (*kvpb.PutResponse, err
 	if err := tx.Put(r.GetKey(), encode(sv)); err != nil {
 		return nil, err
 	}
+	// The event leaves out the value: it is the key's record while
+	// mod_revision is rev, and the next event's prev after (history.go).
+	ev := &peerpb.HistoryEvent{Key: r.GetKey(), CreateRevision: sv.CreateRevision, Version: sv.Version}
+	if err := ch.record(tx, ev, prev); err != nil {
+		return nil, err
+	}
 	resp := &kvpb.PutResponse{}
 	if r.GetPrevKv() && prev != nil {
 		resp.PrevKv = toKV(r.GetKey(), prev)
@@ -229,7 +239,7 @@ func put(tx *storage.Txn, r *kvpb.PutRequest, rev int64) (*kvpb.PutResponse, err
 	return resp, nil
 }
 
-func del(tx *storage.Txn, r *kvpb.DeleteRequest) (*kvpb.DeleteResponse, error) {
+func del(tx *storage.Txn, r *kvpb.DeleteRequest, ch *changes) (*kvpb.DeleteResponse, error) {
 	if len(r.GetKey()) == 0 {
 		return nil, ErrEmptyKey
 	}
@@ -244,6 +254,9 @@ func del(tx *storage.Txn, r *kvpb.DeleteRequest) (*kvpb.DeleteResponse, error) {
 	if err := tx.Delete(r.GetKey()); err != nil {
 		return nil, err
 	}
+	if err := ch.record(tx, &peerpb.HistoryEvent{Delete: true, Key: r.GetKey()}, prev); err != nil {
+		return nil, err
+	}
 	resp.Deleted = 1
 	if r.GetPrevKv() {
 		resp.PrevKv = toKV(r.GetKey(), prev)
@@ -253,7 +266,7 @@ func del(tx *storage.Txn, r *kvpb.DeleteRequest) (*kvpb.DeleteResponse, error) {
 
 // txn evaluates the compares and applies one branch; all its changes share
 // one new revision, as in etcd.
-func txn(tx *storage.Txn, r *kvpb.TxnRequest) (*kvpb.TxnResponse, error) {
+func txn(tx *storage.Txn, r *kvpb.TxnRequest, now int64) (*kvpb.TxnResponse, error) {
 	ok := true
 	for _, c := range r.GetCompare() {
 		var cur *storedView
@@ -282,19 +295,20 @@ func txn(tx *storage.Txn, r *kvpb.TxnRequest) (*kvpb.TxnResponse, error) {
 			ErrTxnTooLarge, size, MaxTxnReadBytes)
 	}
 	rev := nextRevision(tx)
+	ch := &changes{rev: rev, time: now}
 	changed := false
 	resp := &kvpb.TxnResponse{Succeeded: ok}
 	for i, op := range ops {
 		switch o := op.GetOp().(type) {
 		case *kvpb.RequestOp_Put:
-			pr, err := put(tx, o.Put, rev)
+			pr, err := put(tx, o.Put, ch)
 			if err != nil {
 				return nil, err
 			}
 			changed = true
 			resp.Responses = append(resp.Responses, &kvpb.ResponseOp{Op: &kvpb.ResponseOp_Put{Put: pr}})
 		case *kvpb.RequestOp_Delete:
-			dr, err := del(tx, o.Delete)
+			dr, err := del(tx, o.Delete, ch)
 			if err != nil {
 				return nil, err
 			}

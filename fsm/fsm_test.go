@@ -432,6 +432,13 @@ func FuzzStoredDecoders(f *testing.F) {
 // session result, encode the response. Storage commits are excluded: all
 // entries apply in one Save.
 func BenchmarkApplyPut(b *testing.B) {
+	b.Run("overwrite", func(b *testing.B) { benchApplyPut(b, 1000) })
+	b.Run("distinct", func(b *testing.B) { benchApplyPut(b, 0) })
+}
+
+// benchApplyPut applies b.N puts of 256-byte values to keys cycling
+// through keys distinct ones (0: every key new).
+func benchApplyPut(b *testing.B, keys int) {
 	e, err := storage.Open(filepath.Join(b.TempDir(), "kvd.db"), storage.Options{NoSync: true})
 	if err != nil {
 		b.Fatal(err)
@@ -444,13 +451,20 @@ func BenchmarkApplyPut(b *testing.B) {
 	value := bytes.Repeat([]byte("v"), 256)
 	ents := make([]*pb.Entry, b.N)
 	for i := range ents {
-		c := withSession(&peerpb.Command{Op: &peerpb.Command_Put{Put: &kvpb.PutRequest{Key: []byte(fmt.Sprintf("key%08d", i%1000)), Value: value}}}, 7, uint64(i+1), uint64(i), 1)
+		c := withSession(&peerpb.Command{Op: &peerpb.Command_Put{Put: &kvpb.PutRequest{Key: []byte(fmt.Sprintf("key%08d", keyIndex(i, keys))), Value: value}}}, 7, uint64(i+1), uint64(i), 1)
 		ents[i] = &pb.Entry{Index: proto.Uint64(uint64(i + 2)), Term: proto.Uint64(1), Data: mustMarshal(c)}
 	}
 	b.ResetTimer()
 	if err := s.Save(&storage.Update{Entries: ents, Committed: ents, Apply: func(tx *storage.Txn, e *pb.Entry) { apply(tx, e.GetData()) }}); err != nil {
 		b.Fatal(err)
 	}
+}
+
+func keyIndex(i, keys int) int {
+	if keys == 0 {
+		return i
+	}
+	return i % keys
 }
 
 // A watermark that moves, by a little or a lot, leaves only the results

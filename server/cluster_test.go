@@ -205,6 +205,8 @@ func TestMetricsExistAndMove(t *testing.T) {
 		"kvd_transport_batches_sent_total", "kvd_transport_messages_sent_total", "kvd_transport_bytes_sent_total",
 		"kvd_transport_send_failures_total", "kvd_transport_peer_connected",
 		"kvd_snapshots_sent_total", "kvd_snapshots_received_total", "kvd_cluster_map_epoch",
+		"kvd_watchers", "kvd_watch_events_sent_total", "kvd_watch_event_lag_seconds_count", "kvd_watch_streams_cut_off_total",
+		"kvd_history_compactions_total",
 		"go_goroutines", "process_resident_memory_bytes",
 	}
 	cl := c.client()

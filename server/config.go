@@ -83,6 +83,18 @@ type Config struct {
 	// this that retries an old write may apply it twice.
 	SessionTTL time.Duration
 
+	// HistoryRevisions is how many revisions of changes each shard keeps
+	// for reads at a revision and watches (default 100,000; negative:
+	// no count limit). HistoryRetention, if positive, also drops changes
+	// older than it, by the proposers' clocks recorded with them. The
+	// leader trims by a replicated command, so all replicas agree on the
+	// oldest revision.
+	HistoryRevisions int64
+	HistoryRetention time.Duration
+	// WatchProgressInterval is how often an idle watch is told the
+	// shard's revision (default 1 s).
+	WatchProgressInterval time.Duration
+
 	// CorruptionCheckInterval is how often the leader of each shard has
 	// the replicas compare their state hashes (corruption.go); zero
 	// disables the check.
@@ -124,6 +136,11 @@ type Limits struct {
 	// MaxClientConns bounds the client connections the node keeps open;
 	// beyond it new connections are closed as soon as they are accepted.
 	MaxClientConns int // default 1024
+	// MaxWatchStreams bounds the Watch streams the node serves at once;
+	// MaxWatchesPerStream the watches one stream carries. A watch stream
+	// holds at most MaxBatchStreamBytes of unsent events (watch.go).
+	MaxWatchStreams     int // default 1024
+	MaxWatchesPerStream int // default 1000
 }
 
 // Defaults for a single node started with no flags.
@@ -204,6 +221,12 @@ func (c *Config) setDefaults() {
 	if l.MaxClientConns == 0 {
 		l.MaxClientConns = DefaultMaxClientConns
 	}
+	if l.MaxWatchStreams == 0 {
+		l.MaxWatchStreams = 1024
+	}
+	if l.MaxWatchesPerStream == 0 {
+		l.MaxWatchesPerStream = 1000
+	}
 	if c.ClientConnIdle == 0 {
 		c.ClientConnIdle = 5 * time.Minute
 	}
@@ -221,6 +244,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.HeartbeatTicks == 0 {
 		c.HeartbeatTicks = 2
+	}
+	if c.HistoryRevisions == 0 {
+		c.HistoryRevisions = 100_000
+	}
+	if c.WatchProgressInterval == 0 {
+		c.WatchProgressInterval = time.Second
 	}
 	if c.SessionTTL == 0 {
 		c.SessionTTL = time.Hour

@@ -55,6 +55,10 @@ func (s *Server) toStatus(err error, shard uint64) error {
 		return s.corruptStatus(shard, err)
 	case errors.Is(err, storage.ErrCorrupt):
 		return status.Errorf(codes.DataLoss, "shard %d: %v; this replica must be rebuilt from its peers", shard, err)
+	case errors.Is(err, fsm.ErrCompacted):
+		return compactedStatus(shard, err)
+	case errors.Is(err, fsm.ErrFutureRevision):
+		return status.Errorf(codes.OutOfRange, "shard %d: %v", shard, err)
 	case errors.Is(err, ErrInvalid):
 		return status.Error(codes.InvalidArgument, err.Error())
 	// Deterministic rejections of the state machine.

@@ -113,7 +113,13 @@ func (s *Server) Get(ctx context.Context, req *kvpb.GetRequest) (*kvpb.GetRespon
 	}
 	resp := &kvpb.GetResponse{}
 	err = s.read(ctx, shard, req.GetConsistency(), func(r *storage.Reader) error {
-		kv, err := fsm.Get(r, req.GetKey())
+		var kv *kvpb.KeyValue
+		var err error
+		if rev := req.GetRevision(); rev > 0 {
+			kv, err = fsm.GetAt(r, req.GetKey(), rev)
+		} else {
+			kv, err = fsm.Get(r, req.GetKey())
+		}
 		resp.Kv = kv
 		resp.Header = s.header(shard, fsm.Revision(r))
 		return err
@@ -225,7 +231,11 @@ func (s *Server) Range(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.Range
 	var refused error
 	err := s.read(ctx, shard, req.GetConsistency(), func(r *storage.Reader) error {
 		resp.Header = s.header(shard, fsm.Revision(r))
-		return fsm.Range(r, req.GetStart(), req.GetEnd(), func(kv *kvpb.KeyValue) bool {
+		scan := func(fn func(*kvpb.KeyValue) bool) error { return fsm.Range(r, req.GetStart(), req.GetEnd(), fn) }
+		if rev := req.GetRevision(); rev > 0 {
+			scan = func(fn func(*kvpb.KeyValue) bool) error { return fsm.RangeAt(r, req.GetStart(), req.GetEnd(), rev, fn) }
+		}
+		return scan(func(kv *kvpb.KeyValue) bool {
 			if req.GetCountOnly() {
 				resp.Count++
 				return true

@@ -32,6 +32,14 @@ type metrics struct {
 	// forwards counts requests forwarded to their shard's leader
 	// (forward.go), by whether the leader answered.
 	forwards *prometheus.CounterVec
+
+	// History and watches (history.go, watch.go).
+	compactions prometheus.Counter
+	historySize *prometheus.GaugeVec
+	watchers    prometheus.Gauge
+	watchEvents prometheus.Counter
+	watchLag    prometheus.Histogram
+	watchCutOff prometheus.Counter
 }
 
 func newMetrics(s *Server) *metrics {
@@ -66,8 +74,34 @@ func newMetrics(s *Server) *metrics {
 			Name: "kvd_forwarded_requests_total",
 			Help: "Client requests this follower forwarded to their shard's leader, by result: answered (the leader's answer, success or error, went back) or failed (the leader was not reached; the client got a NotLeader hint).",
 		}, []string{"result"}),
+		compactions: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvd_history_compactions_total",
+			Help: "CompactHistory commands this node proposed as a shard leader (each drops at most 10,000 events).",
+		}),
+		historySize: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "kvd_history_revisions",
+			Help: "Revisions of changes the local replica of a shard keeps (updated every second).",
+		}, []string{"shard"}),
+		watchers: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "kvd_watchers",
+			Help: "Open watches served by this node.",
+		}),
+		watchEvents: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvd_watch_events_sent_total",
+			Help: "Events sent to watchers.",
+		}),
+		watchLag: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "kvd_watch_event_lag_seconds",
+			Help:    "Time from a change becoming visible on the leader to its event being handed to the watch stream.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}),
+		watchCutOff: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvd_watch_streams_cut_off_total",
+			Help: "Watch streams ended with ResourceExhausted because their client did not read its events for --batch-send-timeout.",
+		}),
 	}
 	m.reg.MustRegister(m.requests, m.latency, m.batches, m.batchItems, m.panics, m.batchCutOff, m.forwards, collector{s},
+		m.compactions, m.historySize, m.watchers, m.watchEvents, m.watchLag, m.watchCutOff,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	m.reg.MustRegister(s.adm.collectors()...)
 	return m

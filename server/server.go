@@ -46,6 +46,7 @@ const (
 type Server struct {
 	kvpb.UnimplementedKVServer
 	kvpb.UnimplementedClusterServer
+	kvpb.UnimplementedWatchServer
 	peerpb.UnimplementedInternalServer
 
 	cfg Config
@@ -92,8 +93,10 @@ type Server struct {
 	stopc chan struct{}
 	// ctx is cancelled by Stop, so background work started by the server
 	// (map publishing) never delays shutdown.
-	ctx      context.Context
-	cancel   context.CancelFunc
+	ctx    context.Context
+	cancel context.CancelFunc
+	// watch holds the node's watches (watch.go).
+	watch    watchRegistry
 	wg       sync.WaitGroup
 	stopOnce sync.Once
 	stopErr  error
@@ -235,6 +238,7 @@ func New(cfg Config) (_ *Server, err error) {
 	s.metrics.reg.MustRegister(s.conns.collectors()...)
 	kvpb.RegisterKVServer(s.clientSrv, s)
 	kvpb.RegisterClusterServer(s.clientSrv, s)
+	kvpb.RegisterWatchServer(s.clientSrv, s)
 	healthpb.RegisterHealthServer(s.clientSrv, s.health)
 
 	s.goServe("peer", func() error { return s.peerSrv.Serve(s.peerLis) })
@@ -246,6 +250,8 @@ func New(cfg Config) (_ *Server, err error) {
 	s.wg.Add(3)
 	go s.maintainMap()
 	go s.every(min(s.cfg.SessionTTL/10, time.Minute), s.expireSessions)
+	s.wg.Add(1)
+	go s.every(time.Second, s.trimHistory)
 	go s.placeReplicas()
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.wg.Add(2)
@@ -656,6 +662,7 @@ func (s *Server) Stop() error {
 				_ = l.Close()
 			}
 		}
+		s.watch.stop()
 		s.wg.Wait()
 		s.peerConns.Lock()
 		for _, c := range s.peerConns.byAddr {

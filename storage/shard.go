@@ -42,6 +42,9 @@ type Shard struct {
 	// which readers see (st's may be ahead, in the open transaction).
 	// Guarded by mu.
 	visible struct{ index, term uint64 }
+	// changed, if not nil, is closed when visible.index next moves
+	// (AppliedChanged). Guarded by mu.
+	changed chan struct{}
 }
 
 func newShard(e *Engine, id uint64, incarnation []byte, st *shardState) *Shard {
@@ -56,8 +59,26 @@ func (s *Shard) showApplied() bool {
 	s.mu.Lock()
 	moved := s.visible.index != s.st.appliedIndex
 	s.visible.index, s.visible.term = s.st.appliedIndex, s.st.appliedTerm
+	if moved && s.changed != nil {
+		close(s.changed)
+		s.changed = nil
+	}
 	s.mu.Unlock()
 	return moved
+}
+
+// AppliedChanged returns a channel closed once the applied index readers
+// see (Applied) moves past what it is now, for readers that follow the
+// shard's state, such as watches: a View after it is closed sees the
+// newer state. Any goroutine may call it; one channel serves every
+// caller until it is closed.
+func (s *Shard) AppliedChanged() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.changed == nil {
+		s.changed = make(chan struct{})
+	}
+	return s.changed
 }
 
 // shardState is a shard's persistent state as published to readers (then

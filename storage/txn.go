@@ -279,6 +279,13 @@ func (r *Reader) Range(start, end []byte, fn func(k, v []byte) bool) {
 // (or corrupt: then View returns ErrCorrupt).
 func (r *Reader) GetMeta(key []byte) []byte { return r.get(r.meta, key) }
 
+// RangeMeta calls fn for each metadata key in [start, end) in key order
+// until fn returns false. It stops at a corrupt value, and View returns
+// ErrCorrupt.
+func (r *Reader) RangeMeta(start, end []byte, fn func(k, v []byte) bool) {
+	rangeBucket(r.meta, start, end, rangeUnsealed(fn, r.corrupt))
+}
+
 // Applied returns the applied index and term this view reflects.
 func (r *Reader) Applied() (index, term uint64) {
 	index, term, _ = decodeApplied(r.raft.Get(keyApplied))

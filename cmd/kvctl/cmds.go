@@ -100,8 +100,8 @@ input; 3 cluster unavailable (no quorum, timeout, no endpoint answers).`,
 	pf.StringVarP(&a.output, "output", "o", "simple", "output format: simple, json or table")
 	pf.BoolVar(&a.debug, "debug", false, "log the client's work to stderr: cluster maps, breaker changes, and every attempt that failed, with its node and how long it took")
 
-	root.AddCommand(a.putCmd(), a.getCmd(), a.delCmd(), a.casCmd(), a.txnCmd(), a.benchCmd(), a.clusterCmd(), a.memberCmd(),
-		a.endpointCmd(), a.versionCmd(), a.completionCmd(root))
+	root.AddCommand(a.putCmd(), a.withRevision(a.getCmd()), a.delCmd(), a.casCmd(), a.txnCmd(), a.benchCmd(), a.clusterCmd(), a.memberCmd(),
+		a.endpointCmd(), a.versionCmd(), a.completionCmd(root), a.watchCmd(), a.compactCmd())
 	return root
 }
 

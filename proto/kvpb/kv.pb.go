@@ -186,6 +186,52 @@ func (Compare_Result) EnumDescriptor() ([]byte, []int) {
 	return file_kvpb_kv_proto_rawDescGZIP(), []int{11, 1}
 }
 
+type Event_EventType int32
+
+const (
+	Event_PUT    Event_EventType = 0
+	Event_DELETE Event_EventType = 1
+)
+
+// Enum value maps for Event_EventType.
+var (
+	Event_EventType_name = map[int32]string{
+		0: "PUT",
+		1: "DELETE",
+	}
+	Event_EventType_value = map[string]int32{
+		"PUT":    0,
+		"DELETE": 1,
+	}
+)
+
+func (x Event_EventType) Enum() *Event_EventType {
+	p := new(Event_EventType)
+	*p = x
+	return p
+}
+
+func (x Event_EventType) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Event_EventType) Descriptor() protoreflect.EnumDescriptor {
+	return file_kvpb_kv_proto_enumTypes[3].Descriptor()
+}
+
+func (Event_EventType) Type() protoreflect.EnumType {
+	return &file_kvpb_kv_proto_enumTypes[3]
+}
+
+func (x Event_EventType) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Event_EventType.Descriptor instead.
+func (Event_EventType) EnumDescriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{35, 0}
+}
+
 // RequestHeader travels with every request that may change state.
 type RequestHeader struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -538,10 +584,14 @@ func (x *PutResponse) GetPrevKv() *KeyValue {
 }
 
 type GetRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Header        *RequestHeader         `protobuf:"bytes,1,opt,name=header,proto3" json:"header,omitempty"`
-	Key           []byte                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
-	Consistency   Consistency            `protobuf:"varint,3,opt,name=consistency,proto3,enum=kvd.kv.v1.Consistency" json:"consistency,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Header      *RequestHeader         `protobuf:"bytes,1,opt,name=header,proto3" json:"header,omitempty"`
+	Key         []byte                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	Consistency Consistency            `protobuf:"varint,3,opt,name=consistency,proto3,enum=kvd.kv.v1.Consistency" json:"consistency,omitempty"`
+	// revision, when positive, reads the key as it was at that revision of
+	// its shard (from the shard's history); Compacted below the oldest
+	// revision kept, InvalidArgument above the current one.
+	Revision      int64 `protobuf:"varint,4,opt,name=revision,proto3" json:"revision,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -595,6 +645,13 @@ func (x *GetRequest) GetConsistency() Consistency {
 		return x.Consistency
 	}
 	return Consistency_LINEARIZABLE
+}
+
+func (x *GetRequest) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
 }
 
 type GetResponse struct {
@@ -779,10 +836,14 @@ type RangeRequest struct {
 	Start  []byte                 `protobuf:"bytes,3,opt,name=start,proto3" json:"start,omitempty"`
 	End    []byte                 `protobuf:"bytes,4,opt,name=end,proto3" json:"end,omitempty"`
 	// limit bounds the keys returned; 0 means the server's page size.
-	Limit         int64       `protobuf:"varint,5,opt,name=limit,proto3" json:"limit,omitempty"`
-	Consistency   Consistency `protobuf:"varint,6,opt,name=consistency,proto3,enum=kvd.kv.v1.Consistency" json:"consistency,omitempty"`
-	KeysOnly      bool        `protobuf:"varint,7,opt,name=keys_only,json=keysOnly,proto3" json:"keys_only,omitempty"`
-	CountOnly     bool        `protobuf:"varint,8,opt,name=count_only,json=countOnly,proto3" json:"count_only,omitempty"`
+	Limit       int64       `protobuf:"varint,5,opt,name=limit,proto3" json:"limit,omitempty"`
+	Consistency Consistency `protobuf:"varint,6,opt,name=consistency,proto3,enum=kvd.kv.v1.Consistency" json:"consistency,omitempty"`
+	KeysOnly    bool        `protobuf:"varint,7,opt,name=keys_only,json=keysOnly,proto3" json:"keys_only,omitempty"`
+	CountOnly   bool        `protobuf:"varint,8,opt,name=count_only,json=countOnly,proto3" json:"count_only,omitempty"`
+	// revision, when positive, reads the shard as it was at that revision
+	// (see GetRequest.revision). Every page of a scan at a revision must
+	// name the same one.
+	Revision      int64 `protobuf:"varint,9,opt,name=revision,proto3" json:"revision,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -871,6 +932,13 @@ func (x *RangeRequest) GetCountOnly() bool {
 		return x.CountOnly
 	}
 	return false
+}
+
+func (x *RangeRequest) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
 }
 
 type RangeResponse struct {
@@ -2564,6 +2632,589 @@ func (x *StaleEpoch) GetEpoch() uint64 {
 	return 0
 }
 
+// Event is one change of a shard's history: a put or a delete at one
+// revision. The writes of one transaction share its revision and come in
+// the order the transaction made them.
+type Event struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Type  Event_EventType        `protobuf:"varint,1,opt,name=type,proto3,enum=kvd.kv.v1.Event_EventType" json:"type,omitempty"`
+	// kv is the key after the change; for a DELETE only key and
+	// mod_revision (the revision of the delete) are set.
+	Kv *KeyValue `protobuf:"bytes,2,opt,name=kv,proto3" json:"kv,omitempty"`
+	// prev_kv is the key before the change, when the watch asked for it and
+	// the key existed.
+	PrevKv        *KeyValue `protobuf:"bytes,3,opt,name=prev_kv,json=prevKv,proto3" json:"prev_kv,omitempty"`
+	Shard         uint64    `protobuf:"varint,4,opt,name=shard,proto3" json:"shard,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Event) Reset() {
+	*x = Event{}
+	mi := &file_kvpb_kv_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Event) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Event) ProtoMessage() {}
+
+func (x *Event) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Event.ProtoReflect.Descriptor instead.
+func (*Event) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *Event) GetType() Event_EventType {
+	if x != nil {
+		return x.Type
+	}
+	return Event_PUT
+}
+
+func (x *Event) GetKv() *KeyValue {
+	if x != nil {
+		return x.Kv
+	}
+	return nil
+}
+
+func (x *Event) GetPrevKv() *KeyValue {
+	if x != nil {
+		return x.PrevKv
+	}
+	return nil
+}
+
+func (x *Event) GetShard() uint64 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+type WatchRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Request:
+	//
+	//	*WatchRequest_Create
+	//	*WatchRequest_Cancel
+	Request       isWatchRequest_Request `protobuf_oneof:"request"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchRequest) Reset() {
+	*x = WatchRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchRequest) ProtoMessage() {}
+
+func (x *WatchRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchRequest.ProtoReflect.Descriptor instead.
+func (*WatchRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *WatchRequest) GetRequest() isWatchRequest_Request {
+	if x != nil {
+		return x.Request
+	}
+	return nil
+}
+
+func (x *WatchRequest) GetCreate() *WatchCreateRequest {
+	if x != nil {
+		if x, ok := x.Request.(*WatchRequest_Create); ok {
+			return x.Create
+		}
+	}
+	return nil
+}
+
+func (x *WatchRequest) GetCancel() *WatchCancelRequest {
+	if x != nil {
+		if x, ok := x.Request.(*WatchRequest_Cancel); ok {
+			return x.Cancel
+		}
+	}
+	return nil
+}
+
+type isWatchRequest_Request interface {
+	isWatchRequest_Request()
+}
+
+type WatchRequest_Create struct {
+	Create *WatchCreateRequest `protobuf:"bytes,1,opt,name=create,proto3,oneof"`
+}
+
+type WatchRequest_Cancel struct {
+	Cancel *WatchCancelRequest `protobuf:"bytes,2,opt,name=cancel,proto3,oneof"`
+}
+
+func (*WatchRequest_Create) isWatchRequest_Request() {}
+
+func (*WatchRequest_Cancel) isWatchRequest_Request() {}
+
+// WatchCreateRequest starts a watch on [key, range_end) of one shard. An
+// empty range_end watches key alone; prefix watches every key starting
+// with key (range_end is then ignored).
+type WatchCreateRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// watch_id names the watch on this stream; chosen by the client, unique
+	// among the stream's open watches.
+	WatchId int64 `protobuf:"varint,1,opt,name=watch_id,json=watchId,proto3" json:"watch_id,omitempty"`
+	// shard is the shard to watch; 0 means the shard of key, which only a
+	// one-key watch may leave to the server.
+	Shard    uint64 `protobuf:"varint,2,opt,name=shard,proto3" json:"shard,omitempty"`
+	Key      []byte `protobuf:"bytes,3,opt,name=key,proto3" json:"key,omitempty"`
+	RangeEnd []byte `protobuf:"bytes,4,opt,name=range_end,json=rangeEnd,proto3" json:"range_end,omitempty"`
+	Prefix   bool   `protobuf:"varint,5,opt,name=prefix,proto3" json:"prefix,omitempty"`
+	// start_revision is the first revision whose changes are sent; 0 means
+	// the next change after the watch is created.
+	StartRevision int64          `protobuf:"varint,6,opt,name=start_revision,json=startRevision,proto3" json:"start_revision,omitempty"`
+	PrevKv        bool           `protobuf:"varint,7,opt,name=prev_kv,json=prevKv,proto3" json:"prev_kv,omitempty"`
+	Header        *RequestHeader `protobuf:"bytes,8,opt,name=header,proto3" json:"header,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchCreateRequest) Reset() {
+	*x = WatchCreateRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchCreateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchCreateRequest) ProtoMessage() {}
+
+func (x *WatchCreateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchCreateRequest.ProtoReflect.Descriptor instead.
+func (*WatchCreateRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *WatchCreateRequest) GetWatchId() int64 {
+	if x != nil {
+		return x.WatchId
+	}
+	return 0
+}
+
+func (x *WatchCreateRequest) GetShard() uint64 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+func (x *WatchCreateRequest) GetKey() []byte {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *WatchCreateRequest) GetRangeEnd() []byte {
+	if x != nil {
+		return x.RangeEnd
+	}
+	return nil
+}
+
+func (x *WatchCreateRequest) GetPrefix() bool {
+	if x != nil {
+		return x.Prefix
+	}
+	return false
+}
+
+func (x *WatchCreateRequest) GetStartRevision() int64 {
+	if x != nil {
+		return x.StartRevision
+	}
+	return 0
+}
+
+func (x *WatchCreateRequest) GetPrevKv() bool {
+	if x != nil {
+		return x.PrevKv
+	}
+	return false
+}
+
+func (x *WatchCreateRequest) GetHeader() *RequestHeader {
+	if x != nil {
+		return x.Header
+	}
+	return nil
+}
+
+type WatchCancelRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	WatchId       int64                  `protobuf:"varint,1,opt,name=watch_id,json=watchId,proto3" json:"watch_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchCancelRequest) Reset() {
+	*x = WatchCancelRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchCancelRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchCancelRequest) ProtoMessage() {}
+
+func (x *WatchCancelRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchCancelRequest.ProtoReflect.Descriptor instead.
+func (*WatchCancelRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *WatchCancelRequest) GetWatchId() int64 {
+	if x != nil {
+		return x.WatchId
+	}
+	return 0
+}
+
+// WatchResponse carries one watch's events, or news of it: created,
+// progress, canceled (with the reason). Every response's header.revision
+// is the shard revision through which the watch has seen every change:
+// a client resuming the watch starts at header.revision + 1.
+type WatchResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Header  *ResponseHeader        `protobuf:"bytes,1,opt,name=header,proto3" json:"header,omitempty"`
+	WatchId int64                  `protobuf:"varint,2,opt,name=watch_id,json=watchId,proto3" json:"watch_id,omitempty"`
+	Created bool                   `protobuf:"varint,3,opt,name=created,proto3" json:"created,omitempty"`
+	// progress: no change matched since the last response, through
+	// header.revision.
+	Progress bool `protobuf:"varint,4,opt,name=progress,proto3" json:"progress,omitempty"`
+	// canceled ends the watch; error says why unless the client canceled it.
+	Canceled bool    `protobuf:"varint,5,opt,name=canceled,proto3" json:"canceled,omitempty"`
+	Error    *Status `protobuf:"bytes,6,opt,name=error,proto3" json:"error,omitempty"`
+	// compact_revision, on a watch canceled because its start is below the
+	// shard's history, is the oldest revision it still holds.
+	CompactRevision int64    `protobuf:"varint,7,opt,name=compact_revision,json=compactRevision,proto3" json:"compact_revision,omitempty"`
+	Events          []*Event `protobuf:"bytes,8,rep,name=events,proto3" json:"events,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *WatchResponse) Reset() {
+	*x = WatchResponse{}
+	mi := &file_kvpb_kv_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchResponse) ProtoMessage() {}
+
+func (x *WatchResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchResponse.ProtoReflect.Descriptor instead.
+func (*WatchResponse) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *WatchResponse) GetHeader() *ResponseHeader {
+	if x != nil {
+		return x.Header
+	}
+	return nil
+}
+
+func (x *WatchResponse) GetWatchId() int64 {
+	if x != nil {
+		return x.WatchId
+	}
+	return 0
+}
+
+func (x *WatchResponse) GetCreated() bool {
+	if x != nil {
+		return x.Created
+	}
+	return false
+}
+
+func (x *WatchResponse) GetProgress() bool {
+	if x != nil {
+		return x.Progress
+	}
+	return false
+}
+
+func (x *WatchResponse) GetCanceled() bool {
+	if x != nil {
+		return x.Canceled
+	}
+	return false
+}
+
+func (x *WatchResponse) GetError() *Status {
+	if x != nil {
+		return x.Error
+	}
+	return nil
+}
+
+func (x *WatchResponse) GetCompactRevision() int64 {
+	if x != nil {
+		return x.CompactRevision
+	}
+	return 0
+}
+
+func (x *WatchResponse) GetEvents() []*Event {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+// CompactRequest drops a shard's history below a revision (docs/design.md,
+// History). Replicated: every replica drops the same.
+type CompactRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Header *RequestHeader         `protobuf:"bytes,1,opt,name=header,proto3" json:"header,omitempty"`
+	// shard: 0 compacts every data shard.
+	Shard uint64 `protobuf:"varint,2,opt,name=shard,proto3" json:"shard,omitempty"`
+	// revision: events below it are dropped; it may be at most the shard's
+	// revision + 1. With shard 0 it applies to every shard, capped at each
+	// one's revision + 1.
+	Revision      int64 `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CompactRequest) Reset() {
+	*x = CompactRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CompactRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CompactRequest) ProtoMessage() {}
+
+func (x *CompactRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CompactRequest.ProtoReflect.Descriptor instead.
+func (*CompactRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *CompactRequest) GetHeader() *RequestHeader {
+	if x != nil {
+		return x.Header
+	}
+	return nil
+}
+
+func (x *CompactRequest) GetShard() uint64 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+func (x *CompactRequest) GetRevision() int64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
+type CompactResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// shards lists each compacted shard: its header.revision and the
+	// oldest revision its history now holds.
+	Shards        []*CompactedShard `protobuf:"bytes,1,rep,name=shards,proto3" json:"shards,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CompactResponse) Reset() {
+	*x = CompactResponse{}
+	mi := &file_kvpb_kv_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CompactResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CompactResponse) ProtoMessage() {}
+
+func (x *CompactResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CompactResponse.ProtoReflect.Descriptor instead.
+func (*CompactResponse) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *CompactResponse) GetShards() []*CompactedShard {
+	if x != nil {
+		return x.Shards
+	}
+	return nil
+}
+
+type CompactedShard struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Header         *ResponseHeader        `protobuf:"bytes,1,opt,name=header,proto3" json:"header,omitempty"`
+	OldestRevision int64                  `protobuf:"varint,2,opt,name=oldest_revision,json=oldestRevision,proto3" json:"oldest_revision,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *CompactedShard) Reset() {
+	*x = CompactedShard{}
+	mi := &file_kvpb_kv_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CompactedShard) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CompactedShard) ProtoMessage() {}
+
+func (x *CompactedShard) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CompactedShard.ProtoReflect.Descriptor instead.
+func (*CompactedShard) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *CompactedShard) GetHeader() *ResponseHeader {
+	if x != nil {
+		return x.Header
+	}
+	return nil
+}
+
+func (x *CompactedShard) GetOldestRevision() int64 {
+	if x != nil {
+		return x.OldestRevision
+	}
+	return 0
+}
+
 var File_kvpb_kv_proto protoreflect.FileDescriptor
 
 const file_kvpb_kv_proto_rawDesc = "" +
@@ -2594,12 +3245,13 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\aprev_kv\x18\x04 \x01(\bR\x06prevKv\"n\n" +
 	"\vPutResponse\x121\n" +
 	"\x06header\x18\x01 \x01(\v2\x19.kvd.kv.v1.ResponseHeaderR\x06header\x12,\n" +
-	"\aprev_kv\x18\x02 \x01(\v2\x13.kvd.kv.v1.KeyValueR\x06prevKv\"\x8a\x01\n" +
+	"\aprev_kv\x18\x02 \x01(\v2\x13.kvd.kv.v1.KeyValueR\x06prevKv\"\xa6\x01\n" +
 	"\n" +
 	"GetRequest\x120\n" +
 	"\x06header\x18\x01 \x01(\v2\x18.kvd.kv.v1.RequestHeaderR\x06header\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\fR\x03key\x128\n" +
-	"\vconsistency\x18\x03 \x01(\x0e2\x16.kvd.kv.v1.ConsistencyR\vconsistency\"e\n" +
+	"\vconsistency\x18\x03 \x01(\x0e2\x16.kvd.kv.v1.ConsistencyR\vconsistency\x12\x1a\n" +
+	"\brevision\x18\x04 \x01(\x03R\brevision\"e\n" +
 	"\vGetResponse\x121\n" +
 	"\x06header\x18\x01 \x01(\v2\x19.kvd.kv.v1.ResponseHeaderR\x06header\x12#\n" +
 	"\x02kv\x18\x02 \x01(\v2\x13.kvd.kv.v1.KeyValueR\x02kv\"l\n" +
@@ -2610,7 +3262,7 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\x0eDeleteResponse\x121\n" +
 	"\x06header\x18\x01 \x01(\v2\x19.kvd.kv.v1.ResponseHeaderR\x06header\x12\x18\n" +
 	"\adeleted\x18\x02 \x01(\x03R\adeleted\x12,\n" +
-	"\aprev_kv\x18\x03 \x01(\v2\x13.kvd.kv.v1.KeyValueR\x06prevKv\"\x8a\x02\n" +
+	"\aprev_kv\x18\x03 \x01(\v2\x13.kvd.kv.v1.KeyValueR\x06prevKv\"\xa6\x02\n" +
 	"\fRangeRequest\x120\n" +
 	"\x06header\x18\x01 \x01(\v2\x18.kvd.kv.v1.RequestHeaderR\x06header\x12\x14\n" +
 	"\x05shard\x18\x02 \x01(\x04R\x05shard\x12\x14\n" +
@@ -2620,7 +3272,8 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\vconsistency\x18\x06 \x01(\x0e2\x16.kvd.kv.v1.ConsistencyR\vconsistency\x12\x1b\n" +
 	"\tkeys_only\x18\a \x01(\bR\bkeysOnly\x12\x1d\n" +
 	"\n" +
-	"count_only\x18\b \x01(\bR\tcountOnly\"\x93\x01\n" +
+	"count_only\x18\b \x01(\bR\tcountOnly\x12\x1a\n" +
+	"\brevision\x18\t \x01(\x03R\brevision\"\x93\x01\n" +
 	"\rRangeResponse\x121\n" +
 	"\x06header\x18\x01 \x01(\v2\x19.kvd.kv.v1.ResponseHeaderR\x06header\x12%\n" +
 	"\x03kvs\x18\x02 \x03(\v2\x13.kvd.kv.v1.KeyValueR\x03kvs\x12\x12\n" +
@@ -2746,7 +3399,49 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"leaderAddr\"\"\n" +
 	"\n" +
 	"StaleEpoch\x12\x14\n" +
-	"\x05epoch\x18\x01 \x01(\x04R\x05epoch*1\n" +
+	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\"\xc2\x01\n" +
+	"\x05Event\x12.\n" +
+	"\x04type\x18\x01 \x01(\x0e2\x1a.kvd.kv.v1.Event.EventTypeR\x04type\x12#\n" +
+	"\x02kv\x18\x02 \x01(\v2\x13.kvd.kv.v1.KeyValueR\x02kv\x12,\n" +
+	"\aprev_kv\x18\x03 \x01(\v2\x13.kvd.kv.v1.KeyValueR\x06prevKv\x12\x14\n" +
+	"\x05shard\x18\x04 \x01(\x04R\x05shard\" \n" +
+	"\tEventType\x12\a\n" +
+	"\x03PUT\x10\x00\x12\n" +
+	"\n" +
+	"\x06DELETE\x10\x01\"\x8b\x01\n" +
+	"\fWatchRequest\x127\n" +
+	"\x06create\x18\x01 \x01(\v2\x1d.kvd.kv.v1.WatchCreateRequestH\x00R\x06create\x127\n" +
+	"\x06cancel\x18\x02 \x01(\v2\x1d.kvd.kv.v1.WatchCancelRequestH\x00R\x06cancelB\t\n" +
+	"\arequest\"\xfe\x01\n" +
+	"\x12WatchCreateRequest\x12\x19\n" +
+	"\bwatch_id\x18\x01 \x01(\x03R\awatchId\x12\x14\n" +
+	"\x05shard\x18\x02 \x01(\x04R\x05shard\x12\x10\n" +
+	"\x03key\x18\x03 \x01(\fR\x03key\x12\x1b\n" +
+	"\trange_end\x18\x04 \x01(\fR\brangeEnd\x12\x16\n" +
+	"\x06prefix\x18\x05 \x01(\bR\x06prefix\x12%\n" +
+	"\x0estart_revision\x18\x06 \x01(\x03R\rstartRevision\x12\x17\n" +
+	"\aprev_kv\x18\a \x01(\bR\x06prevKv\x120\n" +
+	"\x06header\x18\b \x01(\v2\x18.kvd.kv.v1.RequestHeaderR\x06header\"/\n" +
+	"\x12WatchCancelRequest\x12\x19\n" +
+	"\bwatch_id\x18\x01 \x01(\x03R\awatchId\"\xad\x02\n" +
+	"\rWatchResponse\x121\n" +
+	"\x06header\x18\x01 \x01(\v2\x19.kvd.kv.v1.ResponseHeaderR\x06header\x12\x19\n" +
+	"\bwatch_id\x18\x02 \x01(\x03R\awatchId\x12\x18\n" +
+	"\acreated\x18\x03 \x01(\bR\acreated\x12\x1a\n" +
+	"\bprogress\x18\x04 \x01(\bR\bprogress\x12\x1a\n" +
+	"\bcanceled\x18\x05 \x01(\bR\bcanceled\x12'\n" +
+	"\x05error\x18\x06 \x01(\v2\x11.kvd.kv.v1.StatusR\x05error\x12)\n" +
+	"\x10compact_revision\x18\a \x01(\x03R\x0fcompactRevision\x12(\n" +
+	"\x06events\x18\b \x03(\v2\x10.kvd.kv.v1.EventR\x06events\"t\n" +
+	"\x0eCompactRequest\x120\n" +
+	"\x06header\x18\x01 \x01(\v2\x18.kvd.kv.v1.RequestHeaderR\x06header\x12\x14\n" +
+	"\x05shard\x18\x02 \x01(\x04R\x05shard\x12\x1a\n" +
+	"\brevision\x18\x03 \x01(\x03R\brevision\"D\n" +
+	"\x0fCompactResponse\x121\n" +
+	"\x06shards\x18\x01 \x03(\v2\x19.kvd.kv.v1.CompactedShardR\x06shards\"l\n" +
+	"\x0eCompactedShard\x121\n" +
+	"\x06header\x18\x01 \x01(\v2\x19.kvd.kv.v1.ResponseHeaderR\x06header\x12'\n" +
+	"\x0foldest_revision\x18\x02 \x01(\x03R\x0eoldestRevision*1\n" +
 	"\vConsistency\x12\x10\n" +
 	"\fLINEARIZABLE\x10\x00\x12\x10\n" +
 	"\fSERIALIZABLE\x10\x012\xe1\x02\n" +
@@ -2756,13 +3451,16 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\x06Delete\x12\x18.kvd.kv.v1.DeleteRequest\x1a\x19.kvd.kv.v1.DeleteResponse\x12:\n" +
 	"\x05Range\x12\x17.kvd.kv.v1.RangeRequest\x1a\x18.kvd.kv.v1.RangeResponse\x124\n" +
 	"\x03Txn\x12\x15.kvd.kv.v1.TxnRequest\x1a\x16.kvd.kv.v1.TxnResponse\x12>\n" +
-	"\x05Batch\x12\x17.kvd.kv.v1.BatchRequest\x1a\x18.kvd.kv.v1.BatchResponse(\x010\x012\x90\x02\n" +
+	"\x05Batch\x12\x17.kvd.kv.v1.BatchRequest\x1a\x18.kvd.kv.v1.BatchResponse(\x010\x012\xd2\x02\n" +
 	"\aCluster\x123\n" +
 	"\x03Map\x12\x15.kvd.kv.v1.MapRequest\x1a\x15.kvd.kv.v1.ClusterMap\x12=\n" +
 	"\x06Status\x12\x18.kvd.kv.v1.StatusRequest\x1a\x19.kvd.kv.v1.StatusResponse\x12I\n" +
 	"\n" +
 	"MemberList\x12\x1c.kvd.kv.v1.MemberListRequest\x1a\x1d.kvd.kv.v1.MemberListResponse\x12F\n" +
-	"\tMemberAdd\x12\x1b.kvd.kv.v1.MemberAddRequest\x1a\x1c.kvd.kv.v1.MemberAddResponseB\x1fZ\x1dgithub.com/kvd/kvd/proto/kvpbb\x06proto3"
+	"\tMemberAdd\x12\x1b.kvd.kv.v1.MemberAddRequest\x1a\x1c.kvd.kv.v1.MemberAddResponse\x12@\n" +
+	"\aCompact\x12\x19.kvd.kv.v1.CompactRequest\x1a\x1a.kvd.kv.v1.CompactResponse2G\n" +
+	"\x05Watch\x12>\n" +
+	"\x05Watch\x12\x17.kvd.kv.v1.WatchRequest\x1a\x18.kvd.kv.v1.WatchResponse(\x010\x01B\x1fZ\x1dgithub.com/kvd/kvd/proto/kvpbb\x06proto3"
 
 var (
 	file_kvpb_kv_proto_rawDescOnce sync.Once
@@ -2776,121 +3474,146 @@ func file_kvpb_kv_proto_rawDescGZIP() []byte {
 	return file_kvpb_kv_proto_rawDescData
 }
 
-var file_kvpb_kv_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_kvpb_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_kvpb_kv_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_kvpb_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
 var file_kvpb_kv_proto_goTypes = []any{
 	(Consistency)(0),           // 0: kvd.kv.v1.Consistency
 	(Compare_Target)(0),        // 1: kvd.kv.v1.Compare.Target
 	(Compare_Result)(0),        // 2: kvd.kv.v1.Compare.Result
-	(*RequestHeader)(nil),      // 3: kvd.kv.v1.RequestHeader
-	(*ResponseHeader)(nil),     // 4: kvd.kv.v1.ResponseHeader
-	(*KeyValue)(nil),           // 5: kvd.kv.v1.KeyValue
-	(*PutRequest)(nil),         // 6: kvd.kv.v1.PutRequest
-	(*PutResponse)(nil),        // 7: kvd.kv.v1.PutResponse
-	(*GetRequest)(nil),         // 8: kvd.kv.v1.GetRequest
-	(*GetResponse)(nil),        // 9: kvd.kv.v1.GetResponse
-	(*DeleteRequest)(nil),      // 10: kvd.kv.v1.DeleteRequest
-	(*DeleteResponse)(nil),     // 11: kvd.kv.v1.DeleteResponse
-	(*RangeRequest)(nil),       // 12: kvd.kv.v1.RangeRequest
-	(*RangeResponse)(nil),      // 13: kvd.kv.v1.RangeResponse
-	(*Compare)(nil),            // 14: kvd.kv.v1.Compare
-	(*RequestOp)(nil),          // 15: kvd.kv.v1.RequestOp
-	(*ResponseOp)(nil),         // 16: kvd.kv.v1.ResponseOp
-	(*TxnRequest)(nil),         // 17: kvd.kv.v1.TxnRequest
-	(*TxnResponse)(nil),        // 18: kvd.kv.v1.TxnResponse
-	(*BatchRequest)(nil),       // 19: kvd.kv.v1.BatchRequest
-	(*BatchRequestItem)(nil),   // 20: kvd.kv.v1.BatchRequestItem
-	(*BatchResponse)(nil),      // 21: kvd.kv.v1.BatchResponse
-	(*BatchResponseItem)(nil),  // 22: kvd.kv.v1.BatchResponseItem
-	(*Status)(nil),             // 23: kvd.kv.v1.Status
-	(*Member)(nil),             // 24: kvd.kv.v1.Member
-	(*ShardReplicas)(nil),      // 25: kvd.kv.v1.ShardReplicas
-	(*ClusterMap)(nil),         // 26: kvd.kv.v1.ClusterMap
-	(*MapRequest)(nil),         // 27: kvd.kv.v1.MapRequest
-	(*ShardStatus)(nil),        // 28: kvd.kv.v1.ShardStatus
-	(*StatusRequest)(nil),      // 29: kvd.kv.v1.StatusRequest
-	(*StatusResponse)(nil),     // 30: kvd.kv.v1.StatusResponse
-	(*CorruptionAlarm)(nil),    // 31: kvd.kv.v1.CorruptionAlarm
-	(*MemberListRequest)(nil),  // 32: kvd.kv.v1.MemberListRequest
-	(*MemberListResponse)(nil), // 33: kvd.kv.v1.MemberListResponse
-	(*MemberAddRequest)(nil),   // 34: kvd.kv.v1.MemberAddRequest
-	(*MemberAddResponse)(nil),  // 35: kvd.kv.v1.MemberAddResponse
-	(*NotLeader)(nil),          // 36: kvd.kv.v1.NotLeader
-	(*StaleEpoch)(nil),         // 37: kvd.kv.v1.StaleEpoch
-	(*anypb.Any)(nil),          // 38: google.protobuf.Any
+	(Event_EventType)(0),       // 3: kvd.kv.v1.Event.EventType
+	(*RequestHeader)(nil),      // 4: kvd.kv.v1.RequestHeader
+	(*ResponseHeader)(nil),     // 5: kvd.kv.v1.ResponseHeader
+	(*KeyValue)(nil),           // 6: kvd.kv.v1.KeyValue
+	(*PutRequest)(nil),         // 7: kvd.kv.v1.PutRequest
+	(*PutResponse)(nil),        // 8: kvd.kv.v1.PutResponse
+	(*GetRequest)(nil),         // 9: kvd.kv.v1.GetRequest
+	(*GetResponse)(nil),        // 10: kvd.kv.v1.GetResponse
+	(*DeleteRequest)(nil),      // 11: kvd.kv.v1.DeleteRequest
+	(*DeleteResponse)(nil),     // 12: kvd.kv.v1.DeleteResponse
+	(*RangeRequest)(nil),       // 13: kvd.kv.v1.RangeRequest
+	(*RangeResponse)(nil),      // 14: kvd.kv.v1.RangeResponse
+	(*Compare)(nil),            // 15: kvd.kv.v1.Compare
+	(*RequestOp)(nil),          // 16: kvd.kv.v1.RequestOp
+	(*ResponseOp)(nil),         // 17: kvd.kv.v1.ResponseOp
+	(*TxnRequest)(nil),         // 18: kvd.kv.v1.TxnRequest
+	(*TxnResponse)(nil),        // 19: kvd.kv.v1.TxnResponse
+	(*BatchRequest)(nil),       // 20: kvd.kv.v1.BatchRequest
+	(*BatchRequestItem)(nil),   // 21: kvd.kv.v1.BatchRequestItem
+	(*BatchResponse)(nil),      // 22: kvd.kv.v1.BatchResponse
+	(*BatchResponseItem)(nil),  // 23: kvd.kv.v1.BatchResponseItem
+	(*Status)(nil),             // 24: kvd.kv.v1.Status
+	(*Member)(nil),             // 25: kvd.kv.v1.Member
+	(*ShardReplicas)(nil),      // 26: kvd.kv.v1.ShardReplicas
+	(*ClusterMap)(nil),         // 27: kvd.kv.v1.ClusterMap
+	(*MapRequest)(nil),         // 28: kvd.kv.v1.MapRequest
+	(*ShardStatus)(nil),        // 29: kvd.kv.v1.ShardStatus
+	(*StatusRequest)(nil),      // 30: kvd.kv.v1.StatusRequest
+	(*StatusResponse)(nil),     // 31: kvd.kv.v1.StatusResponse
+	(*CorruptionAlarm)(nil),    // 32: kvd.kv.v1.CorruptionAlarm
+	(*MemberListRequest)(nil),  // 33: kvd.kv.v1.MemberListRequest
+	(*MemberListResponse)(nil), // 34: kvd.kv.v1.MemberListResponse
+	(*MemberAddRequest)(nil),   // 35: kvd.kv.v1.MemberAddRequest
+	(*MemberAddResponse)(nil),  // 36: kvd.kv.v1.MemberAddResponse
+	(*NotLeader)(nil),          // 37: kvd.kv.v1.NotLeader
+	(*StaleEpoch)(nil),         // 38: kvd.kv.v1.StaleEpoch
+	(*Event)(nil),              // 39: kvd.kv.v1.Event
+	(*WatchRequest)(nil),       // 40: kvd.kv.v1.WatchRequest
+	(*WatchCreateRequest)(nil), // 41: kvd.kv.v1.WatchCreateRequest
+	(*WatchCancelRequest)(nil), // 42: kvd.kv.v1.WatchCancelRequest
+	(*WatchResponse)(nil),      // 43: kvd.kv.v1.WatchResponse
+	(*CompactRequest)(nil),     // 44: kvd.kv.v1.CompactRequest
+	(*CompactResponse)(nil),    // 45: kvd.kv.v1.CompactResponse
+	(*CompactedShard)(nil),     // 46: kvd.kv.v1.CompactedShard
+	(*anypb.Any)(nil),          // 47: google.protobuf.Any
 }
 var file_kvpb_kv_proto_depIdxs = []int32{
-	3,  // 0: kvd.kv.v1.PutRequest.header:type_name -> kvd.kv.v1.RequestHeader
-	4,  // 1: kvd.kv.v1.PutResponse.header:type_name -> kvd.kv.v1.ResponseHeader
-	5,  // 2: kvd.kv.v1.PutResponse.prev_kv:type_name -> kvd.kv.v1.KeyValue
-	3,  // 3: kvd.kv.v1.GetRequest.header:type_name -> kvd.kv.v1.RequestHeader
+	4,  // 0: kvd.kv.v1.PutRequest.header:type_name -> kvd.kv.v1.RequestHeader
+	5,  // 1: kvd.kv.v1.PutResponse.header:type_name -> kvd.kv.v1.ResponseHeader
+	6,  // 2: kvd.kv.v1.PutResponse.prev_kv:type_name -> kvd.kv.v1.KeyValue
+	4,  // 3: kvd.kv.v1.GetRequest.header:type_name -> kvd.kv.v1.RequestHeader
 	0,  // 4: kvd.kv.v1.GetRequest.consistency:type_name -> kvd.kv.v1.Consistency
-	4,  // 5: kvd.kv.v1.GetResponse.header:type_name -> kvd.kv.v1.ResponseHeader
-	5,  // 6: kvd.kv.v1.GetResponse.kv:type_name -> kvd.kv.v1.KeyValue
-	3,  // 7: kvd.kv.v1.DeleteRequest.header:type_name -> kvd.kv.v1.RequestHeader
-	4,  // 8: kvd.kv.v1.DeleteResponse.header:type_name -> kvd.kv.v1.ResponseHeader
-	5,  // 9: kvd.kv.v1.DeleteResponse.prev_kv:type_name -> kvd.kv.v1.KeyValue
-	3,  // 10: kvd.kv.v1.RangeRequest.header:type_name -> kvd.kv.v1.RequestHeader
+	5,  // 5: kvd.kv.v1.GetResponse.header:type_name -> kvd.kv.v1.ResponseHeader
+	6,  // 6: kvd.kv.v1.GetResponse.kv:type_name -> kvd.kv.v1.KeyValue
+	4,  // 7: kvd.kv.v1.DeleteRequest.header:type_name -> kvd.kv.v1.RequestHeader
+	5,  // 8: kvd.kv.v1.DeleteResponse.header:type_name -> kvd.kv.v1.ResponseHeader
+	6,  // 9: kvd.kv.v1.DeleteResponse.prev_kv:type_name -> kvd.kv.v1.KeyValue
+	4,  // 10: kvd.kv.v1.RangeRequest.header:type_name -> kvd.kv.v1.RequestHeader
 	0,  // 11: kvd.kv.v1.RangeRequest.consistency:type_name -> kvd.kv.v1.Consistency
-	4,  // 12: kvd.kv.v1.RangeResponse.header:type_name -> kvd.kv.v1.ResponseHeader
-	5,  // 13: kvd.kv.v1.RangeResponse.kvs:type_name -> kvd.kv.v1.KeyValue
+	5,  // 12: kvd.kv.v1.RangeResponse.header:type_name -> kvd.kv.v1.ResponseHeader
+	6,  // 13: kvd.kv.v1.RangeResponse.kvs:type_name -> kvd.kv.v1.KeyValue
 	1,  // 14: kvd.kv.v1.Compare.target:type_name -> kvd.kv.v1.Compare.Target
 	2,  // 15: kvd.kv.v1.Compare.result:type_name -> kvd.kv.v1.Compare.Result
-	6,  // 16: kvd.kv.v1.RequestOp.put:type_name -> kvd.kv.v1.PutRequest
-	8,  // 17: kvd.kv.v1.RequestOp.get:type_name -> kvd.kv.v1.GetRequest
-	10, // 18: kvd.kv.v1.RequestOp.delete:type_name -> kvd.kv.v1.DeleteRequest
-	7,  // 19: kvd.kv.v1.ResponseOp.put:type_name -> kvd.kv.v1.PutResponse
-	9,  // 20: kvd.kv.v1.ResponseOp.get:type_name -> kvd.kv.v1.GetResponse
-	11, // 21: kvd.kv.v1.ResponseOp.delete:type_name -> kvd.kv.v1.DeleteResponse
-	3,  // 22: kvd.kv.v1.TxnRequest.header:type_name -> kvd.kv.v1.RequestHeader
-	14, // 23: kvd.kv.v1.TxnRequest.compare:type_name -> kvd.kv.v1.Compare
-	15, // 24: kvd.kv.v1.TxnRequest.success:type_name -> kvd.kv.v1.RequestOp
-	15, // 25: kvd.kv.v1.TxnRequest.failure:type_name -> kvd.kv.v1.RequestOp
-	4,  // 26: kvd.kv.v1.TxnResponse.header:type_name -> kvd.kv.v1.ResponseHeader
-	16, // 27: kvd.kv.v1.TxnResponse.responses:type_name -> kvd.kv.v1.ResponseOp
-	20, // 28: kvd.kv.v1.BatchRequest.items:type_name -> kvd.kv.v1.BatchRequestItem
-	6,  // 29: kvd.kv.v1.BatchRequestItem.put:type_name -> kvd.kv.v1.PutRequest
-	8,  // 30: kvd.kv.v1.BatchRequestItem.get:type_name -> kvd.kv.v1.GetRequest
-	10, // 31: kvd.kv.v1.BatchRequestItem.delete:type_name -> kvd.kv.v1.DeleteRequest
-	17, // 32: kvd.kv.v1.BatchRequestItem.txn:type_name -> kvd.kv.v1.TxnRequest
-	22, // 33: kvd.kv.v1.BatchResponse.items:type_name -> kvd.kv.v1.BatchResponseItem
-	23, // 34: kvd.kv.v1.BatchResponseItem.error:type_name -> kvd.kv.v1.Status
-	7,  // 35: kvd.kv.v1.BatchResponseItem.put:type_name -> kvd.kv.v1.PutResponse
-	9,  // 36: kvd.kv.v1.BatchResponseItem.get:type_name -> kvd.kv.v1.GetResponse
-	11, // 37: kvd.kv.v1.BatchResponseItem.delete:type_name -> kvd.kv.v1.DeleteResponse
-	18, // 38: kvd.kv.v1.BatchResponseItem.txn:type_name -> kvd.kv.v1.TxnResponse
-	38, // 39: kvd.kv.v1.Status.details:type_name -> google.protobuf.Any
-	24, // 40: kvd.kv.v1.ClusterMap.members:type_name -> kvd.kv.v1.Member
-	25, // 41: kvd.kv.v1.ClusterMap.shards:type_name -> kvd.kv.v1.ShardReplicas
-	28, // 42: kvd.kv.v1.StatusResponse.shards:type_name -> kvd.kv.v1.ShardStatus
-	31, // 43: kvd.kv.v1.StatusResponse.alarms:type_name -> kvd.kv.v1.CorruptionAlarm
-	24, // 44: kvd.kv.v1.MemberListResponse.members:type_name -> kvd.kv.v1.Member
-	24, // 45: kvd.kv.v1.MemberAddRequest.member:type_name -> kvd.kv.v1.Member
-	6,  // 46: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
-	8,  // 47: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
-	10, // 48: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
-	12, // 49: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
-	17, // 50: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
-	19, // 51: kvd.kv.v1.KV.Batch:input_type -> kvd.kv.v1.BatchRequest
-	27, // 52: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
-	29, // 53: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
-	32, // 54: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
-	34, // 55: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
-	7,  // 56: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
-	9,  // 57: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
-	11, // 58: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
-	13, // 59: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
-	18, // 60: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
-	21, // 61: kvd.kv.v1.KV.Batch:output_type -> kvd.kv.v1.BatchResponse
-	26, // 62: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
-	30, // 63: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
-	33, // 64: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
-	35, // 65: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
-	56, // [56:66] is the sub-list for method output_type
-	46, // [46:56] is the sub-list for method input_type
-	46, // [46:46] is the sub-list for extension type_name
-	46, // [46:46] is the sub-list for extension extendee
-	0,  // [0:46] is the sub-list for field type_name
+	7,  // 16: kvd.kv.v1.RequestOp.put:type_name -> kvd.kv.v1.PutRequest
+	9,  // 17: kvd.kv.v1.RequestOp.get:type_name -> kvd.kv.v1.GetRequest
+	11, // 18: kvd.kv.v1.RequestOp.delete:type_name -> kvd.kv.v1.DeleteRequest
+	8,  // 19: kvd.kv.v1.ResponseOp.put:type_name -> kvd.kv.v1.PutResponse
+	10, // 20: kvd.kv.v1.ResponseOp.get:type_name -> kvd.kv.v1.GetResponse
+	12, // 21: kvd.kv.v1.ResponseOp.delete:type_name -> kvd.kv.v1.DeleteResponse
+	4,  // 22: kvd.kv.v1.TxnRequest.header:type_name -> kvd.kv.v1.RequestHeader
+	15, // 23: kvd.kv.v1.TxnRequest.compare:type_name -> kvd.kv.v1.Compare
+	16, // 24: kvd.kv.v1.TxnRequest.success:type_name -> kvd.kv.v1.RequestOp
+	16, // 25: kvd.kv.v1.TxnRequest.failure:type_name -> kvd.kv.v1.RequestOp
+	5,  // 26: kvd.kv.v1.TxnResponse.header:type_name -> kvd.kv.v1.ResponseHeader
+	17, // 27: kvd.kv.v1.TxnResponse.responses:type_name -> kvd.kv.v1.ResponseOp
+	21, // 28: kvd.kv.v1.BatchRequest.items:type_name -> kvd.kv.v1.BatchRequestItem
+	7,  // 29: kvd.kv.v1.BatchRequestItem.put:type_name -> kvd.kv.v1.PutRequest
+	9,  // 30: kvd.kv.v1.BatchRequestItem.get:type_name -> kvd.kv.v1.GetRequest
+	11, // 31: kvd.kv.v1.BatchRequestItem.delete:type_name -> kvd.kv.v1.DeleteRequest
+	18, // 32: kvd.kv.v1.BatchRequestItem.txn:type_name -> kvd.kv.v1.TxnRequest
+	23, // 33: kvd.kv.v1.BatchResponse.items:type_name -> kvd.kv.v1.BatchResponseItem
+	24, // 34: kvd.kv.v1.BatchResponseItem.error:type_name -> kvd.kv.v1.Status
+	8,  // 35: kvd.kv.v1.BatchResponseItem.put:type_name -> kvd.kv.v1.PutResponse
+	10, // 36: kvd.kv.v1.BatchResponseItem.get:type_name -> kvd.kv.v1.GetResponse
+	12, // 37: kvd.kv.v1.BatchResponseItem.delete:type_name -> kvd.kv.v1.DeleteResponse
+	19, // 38: kvd.kv.v1.BatchResponseItem.txn:type_name -> kvd.kv.v1.TxnResponse
+	47, // 39: kvd.kv.v1.Status.details:type_name -> google.protobuf.Any
+	25, // 40: kvd.kv.v1.ClusterMap.members:type_name -> kvd.kv.v1.Member
+	26, // 41: kvd.kv.v1.ClusterMap.shards:type_name -> kvd.kv.v1.ShardReplicas
+	29, // 42: kvd.kv.v1.StatusResponse.shards:type_name -> kvd.kv.v1.ShardStatus
+	32, // 43: kvd.kv.v1.StatusResponse.alarms:type_name -> kvd.kv.v1.CorruptionAlarm
+	25, // 44: kvd.kv.v1.MemberListResponse.members:type_name -> kvd.kv.v1.Member
+	25, // 45: kvd.kv.v1.MemberAddRequest.member:type_name -> kvd.kv.v1.Member
+	3,  // 46: kvd.kv.v1.Event.type:type_name -> kvd.kv.v1.Event.EventType
+	6,  // 47: kvd.kv.v1.Event.kv:type_name -> kvd.kv.v1.KeyValue
+	6,  // 48: kvd.kv.v1.Event.prev_kv:type_name -> kvd.kv.v1.KeyValue
+	41, // 49: kvd.kv.v1.WatchRequest.create:type_name -> kvd.kv.v1.WatchCreateRequest
+	42, // 50: kvd.kv.v1.WatchRequest.cancel:type_name -> kvd.kv.v1.WatchCancelRequest
+	4,  // 51: kvd.kv.v1.WatchCreateRequest.header:type_name -> kvd.kv.v1.RequestHeader
+	5,  // 52: kvd.kv.v1.WatchResponse.header:type_name -> kvd.kv.v1.ResponseHeader
+	24, // 53: kvd.kv.v1.WatchResponse.error:type_name -> kvd.kv.v1.Status
+	39, // 54: kvd.kv.v1.WatchResponse.events:type_name -> kvd.kv.v1.Event
+	4,  // 55: kvd.kv.v1.CompactRequest.header:type_name -> kvd.kv.v1.RequestHeader
+	46, // 56: kvd.kv.v1.CompactResponse.shards:type_name -> kvd.kv.v1.CompactedShard
+	5,  // 57: kvd.kv.v1.CompactedShard.header:type_name -> kvd.kv.v1.ResponseHeader
+	7,  // 58: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
+	9,  // 59: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
+	11, // 60: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
+	13, // 61: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
+	18, // 62: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
+	20, // 63: kvd.kv.v1.KV.Batch:input_type -> kvd.kv.v1.BatchRequest
+	28, // 64: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
+	30, // 65: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
+	33, // 66: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
+	35, // 67: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
+	44, // 68: kvd.kv.v1.Cluster.Compact:input_type -> kvd.kv.v1.CompactRequest
+	40, // 69: kvd.kv.v1.Watch.Watch:input_type -> kvd.kv.v1.WatchRequest
+	8,  // 70: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
+	10, // 71: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
+	12, // 72: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
+	14, // 73: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
+	19, // 74: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
+	22, // 75: kvd.kv.v1.KV.Batch:output_type -> kvd.kv.v1.BatchResponse
+	27, // 76: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
+	31, // 77: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
+	34, // 78: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
+	36, // 79: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
+	45, // 80: kvd.kv.v1.Cluster.Compact:output_type -> kvd.kv.v1.CompactResponse
+	43, // 81: kvd.kv.v1.Watch.Watch:output_type -> kvd.kv.v1.WatchResponse
+	70, // [70:82] is the sub-list for method output_type
+	58, // [58:70] is the sub-list for method input_type
+	58, // [58:58] is the sub-list for extension type_name
+	58, // [58:58] is the sub-list for extension extendee
+	0,  // [0:58] is the sub-list for field type_name
 }
 
 func init() { file_kvpb_kv_proto_init() }
@@ -2920,15 +3643,19 @@ func file_kvpb_kv_proto_init() {
 		(*BatchResponseItem_Delete)(nil),
 		(*BatchResponseItem_Txn)(nil),
 	}
+	file_kvpb_kv_proto_msgTypes[36].OneofWrappers = []any{
+		(*WatchRequest_Create)(nil),
+		(*WatchRequest_Cancel)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvpb_kv_proto_rawDesc), len(file_kvpb_kv_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   35,
+			NumEnums:      4,
+			NumMessages:   43,
 			NumExtensions: 0,
-			NumServices:   2,
+			NumServices:   3,
 		},
 		GoTypes:           file_kvpb_kv_proto_goTypes,
 		DependencyIndexes: file_kvpb_kv_proto_depIdxs,

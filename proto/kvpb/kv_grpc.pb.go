@@ -329,6 +329,7 @@ const (
 	Cluster_Status_FullMethodName     = "/kvd.kv.v1.Cluster/Status"
 	Cluster_MemberList_FullMethodName = "/kvd.kv.v1.Cluster/MemberList"
 	Cluster_MemberAdd_FullMethodName  = "/kvd.kv.v1.Cluster/MemberAdd"
+	Cluster_Compact_FullMethodName    = "/kvd.kv.v1.Cluster/Compact"
 )
 
 // ClusterClient is the client API for Cluster service.
@@ -339,6 +340,8 @@ type ClusterClient interface {
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusResponse, error)
 	MemberList(ctx context.Context, in *MemberListRequest, opts ...grpc.CallOption) (*MemberListResponse, error)
 	MemberAdd(ctx context.Context, in *MemberAddRequest, opts ...grpc.CallOption) (*MemberAddResponse, error)
+	// Compact drops shard history below a revision.
+	Compact(ctx context.Context, in *CompactRequest, opts ...grpc.CallOption) (*CompactResponse, error)
 }
 
 type clusterClient struct {
@@ -389,6 +392,16 @@ func (c *clusterClient) MemberAdd(ctx context.Context, in *MemberAddRequest, opt
 	return out, nil
 }
 
+func (c *clusterClient) Compact(ctx context.Context, in *CompactRequest, opts ...grpc.CallOption) (*CompactResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CompactResponse)
+	err := c.cc.Invoke(ctx, Cluster_Compact_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ClusterServer is the server API for Cluster service.
 // All implementations must embed UnimplementedClusterServer
 // for forward compatibility.
@@ -397,6 +410,8 @@ type ClusterServer interface {
 	Status(context.Context, *StatusRequest) (*StatusResponse, error)
 	MemberList(context.Context, *MemberListRequest) (*MemberListResponse, error)
 	MemberAdd(context.Context, *MemberAddRequest) (*MemberAddResponse, error)
+	// Compact drops shard history below a revision.
+	Compact(context.Context, *CompactRequest) (*CompactResponse, error)
 	mustEmbedUnimplementedClusterServer()
 }
 
@@ -418,6 +433,9 @@ func (UnimplementedClusterServer) MemberList(context.Context, *MemberListRequest
 }
 func (UnimplementedClusterServer) MemberAdd(context.Context, *MemberAddRequest) (*MemberAddResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method MemberAdd not implemented")
+}
+func (UnimplementedClusterServer) Compact(context.Context, *CompactRequest) (*CompactResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Compact not implemented")
 }
 func (UnimplementedClusterServer) mustEmbedUnimplementedClusterServer() {}
 func (UnimplementedClusterServer) testEmbeddedByValue()                 {}
@@ -512,6 +530,24 @@ func _Cluster_MemberAdd_Handler(srv interface{}, ctx context.Context, dec func(i
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Cluster_Compact_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CompactRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServer).Compact(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Cluster_Compact_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServer).Compact(ctx, req.(*CompactRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Cluster_ServiceDesc is the grpc.ServiceDesc for Cluster service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -535,7 +571,113 @@ var Cluster_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "MemberAdd",
 			Handler:    _Cluster_MemberAdd_Handler,
 		},
+		{
+			MethodName: "Compact",
+			Handler:    _Cluster_Compact_Handler,
+		},
 	},
 	Streams:  []grpc.StreamDesc{},
+	Metadata: "kvpb/kv.proto",
+}
+
+const (
+	Watch_Watch_FullMethodName = "/kvd.kv.v1.Watch/Watch"
+)
+
+// WatchClient is the client API for Watch service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// Watch streams the changes of keys of one shard, in revision order, from
+// a revision on (docs/design.md, Watch). One stream carries many watches.
+type WatchClient interface {
+	Watch(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[WatchRequest, WatchResponse], error)
+}
+
+type watchClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewWatchClient(cc grpc.ClientConnInterface) WatchClient {
+	return &watchClient{cc}
+}
+
+func (c *watchClient) Watch(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[WatchRequest, WatchResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Watch_ServiceDesc.Streams[0], Watch_Watch_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchRequest, WatchResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Watch_WatchClient = grpc.BidiStreamingClient[WatchRequest, WatchResponse]
+
+// WatchServer is the server API for Watch service.
+// All implementations must embed UnimplementedWatchServer
+// for forward compatibility.
+//
+// Watch streams the changes of keys of one shard, in revision order, from
+// a revision on (docs/design.md, Watch). One stream carries many watches.
+type WatchServer interface {
+	Watch(grpc.BidiStreamingServer[WatchRequest, WatchResponse]) error
+	mustEmbedUnimplementedWatchServer()
+}
+
+// UnimplementedWatchServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedWatchServer struct{}
+
+func (UnimplementedWatchServer) Watch(grpc.BidiStreamingServer[WatchRequest, WatchResponse]) error {
+	return status.Error(codes.Unimplemented, "method Watch not implemented")
+}
+func (UnimplementedWatchServer) mustEmbedUnimplementedWatchServer() {}
+func (UnimplementedWatchServer) testEmbeddedByValue()               {}
+
+// UnsafeWatchServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to WatchServer will
+// result in compilation errors.
+type UnsafeWatchServer interface {
+	mustEmbedUnimplementedWatchServer()
+}
+
+func RegisterWatchServer(s grpc.ServiceRegistrar, srv WatchServer) {
+	// If the following call panics, it indicates UnimplementedWatchServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&Watch_ServiceDesc, srv)
+}
+
+func _Watch_Watch_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(WatchServer).Watch(&grpc.GenericServerStream[WatchRequest, WatchResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Watch_WatchServer = grpc.BidiStreamingServer[WatchRequest, WatchResponse]
+
+// Watch_ServiceDesc is the grpc.ServiceDesc for Watch service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var Watch_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "kvd.kv.v1.Watch",
+	HandlerType: (*WatchServer)(nil),
+	Methods:     []grpc.MethodDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Watch",
+			Handler:       _Watch_Watch_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "kvpb/kv.proto",
 }

@@ -905,6 +905,7 @@ type Command struct {
 	//	*Command_SetClusterMap
 	//	*Command_UpdateMember
 	//	*Command_HashCheck
+	//	*Command_CompactHistory
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1038,6 +1039,15 @@ func (x *Command) GetHashCheck() *HashCheck {
 	return nil
 }
 
+func (x *Command) GetCompactHistory() *CompactHistory {
+	if x != nil {
+		if x, ok := x.Op.(*Command_CompactHistory); ok {
+			return x.CompactHistory
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -1070,6 +1080,10 @@ type Command_HashCheck struct {
 	HashCheck *HashCheck `protobuf:"bytes,11,opt,name=hash_check,json=hashCheck,proto3,oneof"`
 }
 
+type Command_CompactHistory struct {
+	CompactHistory *CompactHistory `protobuf:"bytes,12,opt,name=compact_history,json=compactHistory,proto3,oneof"`
+}
+
 func (*Command_Put) isCommand_Op() {}
 
 func (*Command_Delete) isCommand_Op() {}
@@ -1083,6 +1097,207 @@ func (*Command_SetClusterMap) isCommand_Op() {}
 func (*Command_UpdateMember) isCommand_Op() {}
 
 func (*Command_HashCheck) isCommand_Op() {}
+
+func (*Command_CompactHistory) isCommand_Op() {}
+
+// CompactHistory drops the shard's history events below a revision, at
+// most max_events of them, so one apply stays short: the leader proposes
+// it again until the history starts at below (fsm/history.go).
+type CompactHistory struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Below         int64                  `protobuf:"varint,1,opt,name=below,proto3" json:"below,omitempty"`
+	MaxEvents     uint32                 `protobuf:"varint,2,opt,name=max_events,json=maxEvents,proto3" json:"max_events,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CompactHistory) Reset() {
+	*x = CompactHistory{}
+	mi := &file_peerpb_peer_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CompactHistory) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CompactHistory) ProtoMessage() {}
+
+func (x *CompactHistory) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CompactHistory.ProtoReflect.Descriptor instead.
+func (*CompactHistory) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *CompactHistory) GetBelow() int64 {
+	if x != nil {
+		return x.Below
+	}
+	return 0
+}
+
+func (x *CompactHistory) GetMaxEvents() uint32 {
+	if x != nil {
+		return x.MaxEvents
+	}
+	return 0
+}
+
+// CompactHistoryResult: the oldest revision the history holds after the
+// command (the shard revision + 1 when it holds none).
+type CompactHistoryResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Oldest        int64                  `protobuf:"varint,1,opt,name=oldest,proto3" json:"oldest,omitempty"`
+	Done          bool                   `protobuf:"varint,2,opt,name=done,proto3" json:"done,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CompactHistoryResult) Reset() {
+	*x = CompactHistoryResult{}
+	mi := &file_peerpb_peer_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CompactHistoryResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CompactHistoryResult) ProtoMessage() {}
+
+func (x *CompactHistoryResult) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CompactHistoryResult.ProtoReflect.Descriptor instead.
+func (*CompactHistoryResult) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *CompactHistoryResult) GetOldest() int64 {
+	if x != nil {
+		return x.Oldest
+	}
+	return 0
+}
+
+func (x *CompactHistoryResult) GetDone() bool {
+	if x != nil {
+		return x.Done
+	}
+	return false
+}
+
+// HistoryEvent is one stored change of a shard's history, kept in its meta
+// bucket under "h/" revision BE8 | index BE4 (fsm/history.go). Its
+// revision is in the key; a put's mod revision is that revision.
+type HistoryEvent struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Delete         bool                   `protobuf:"varint,1,opt,name=delete,proto3" json:"delete,omitempty"`
+	Key            []byte                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	CreateRevision int64                  `protobuf:"varint,4,opt,name=create_revision,json=createRevision,proto3" json:"create_revision,omitempty"`
+	Version        int64                  `protobuf:"varint,5,opt,name=version,proto3" json:"version,omitempty"`
+	// prev is the key's stored record before the change; unset when absent.
+	Prev *StoredValue `protobuf:"bytes,6,opt,name=prev,proto3" json:"prev,omitempty"`
+	// time_unix_ms is the proposer's clock of the command (Command), for
+	// --history-retention: ages compare replicated times only.
+	TimeUnixMs    int64 `protobuf:"varint,7,opt,name=time_unix_ms,json=timeUnixMs,proto3" json:"time_unix_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HistoryEvent) Reset() {
+	*x = HistoryEvent{}
+	mi := &file_peerpb_peer_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HistoryEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HistoryEvent) ProtoMessage() {}
+
+func (x *HistoryEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HistoryEvent.ProtoReflect.Descriptor instead.
+func (*HistoryEvent) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *HistoryEvent) GetDelete() bool {
+	if x != nil {
+		return x.Delete
+	}
+	return false
+}
+
+func (x *HistoryEvent) GetKey() []byte {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *HistoryEvent) GetCreateRevision() int64 {
+	if x != nil {
+		return x.CreateRevision
+	}
+	return 0
+}
+
+func (x *HistoryEvent) GetVersion() int64 {
+	if x != nil {
+		return x.Version
+	}
+	return 0
+}
+
+func (x *HistoryEvent) GetPrev() *StoredValue {
+	if x != nil {
+		return x.Prev
+	}
+	return nil
+}
+
+func (x *HistoryEvent) GetTimeUnixMs() int64 {
+	if x != nil {
+		return x.TimeUnixMs
+	}
+	return 0
+}
 
 // UpdateMember sets a member's addresses in the cluster map (meta shard
 // only). The epoch advances only when something changed, so a node that
@@ -1099,7 +1314,7 @@ type UpdateMember struct {
 
 func (x *UpdateMember) Reset() {
 	*x = UpdateMember{}
-	mi := &file_peerpb_peer_proto_msgTypes[15]
+	mi := &file_peerpb_peer_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1111,7 +1326,7 @@ func (x *UpdateMember) String() string {
 func (*UpdateMember) ProtoMessage() {}
 
 func (x *UpdateMember) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[15]
+	mi := &file_peerpb_peer_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1124,7 +1339,7 @@ func (x *UpdateMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateMember.ProtoReflect.Descriptor instead.
 func (*UpdateMember) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{15}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *UpdateMember) GetMember() *kvpb.Member {
@@ -1151,7 +1366,7 @@ type HashCheck struct {
 
 func (x *HashCheck) Reset() {
 	*x = HashCheck{}
-	mi := &file_peerpb_peer_proto_msgTypes[16]
+	mi := &file_peerpb_peer_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1163,7 +1378,7 @@ func (x *HashCheck) String() string {
 func (*HashCheck) ProtoMessage() {}
 
 func (x *HashCheck) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[16]
+	mi := &file_peerpb_peer_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1176,7 +1391,7 @@ func (x *HashCheck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HashCheck.ProtoReflect.Descriptor instead.
 func (*HashCheck) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{16}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{19}
 }
 
 // HashCheckResult is HashCheck's result on the replica that answers.
@@ -1190,7 +1405,7 @@ type HashCheckResult struct {
 
 func (x *HashCheckResult) Reset() {
 	*x = HashCheckResult{}
-	mi := &file_peerpb_peer_proto_msgTypes[17]
+	mi := &file_peerpb_peer_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1202,7 +1417,7 @@ func (x *HashCheckResult) String() string {
 func (*HashCheckResult) ProtoMessage() {}
 
 func (x *HashCheckResult) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[17]
+	mi := &file_peerpb_peer_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1215,7 +1430,7 @@ func (x *HashCheckResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HashCheckResult.ProtoReflect.Descriptor instead.
 func (*HashCheckResult) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{17}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *HashCheckResult) GetIndex() uint64 {
@@ -1246,7 +1461,7 @@ type ExpireSessions struct {
 
 func (x *ExpireSessions) Reset() {
 	*x = ExpireSessions{}
-	mi := &file_peerpb_peer_proto_msgTypes[18]
+	mi := &file_peerpb_peer_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1258,7 +1473,7 @@ func (x *ExpireSessions) String() string {
 func (*ExpireSessions) ProtoMessage() {}
 
 func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[18]
+	mi := &file_peerpb_peer_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1271,7 +1486,7 @@ func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireSessions.ProtoReflect.Descriptor instead.
 func (*ExpireSessions) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{18}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ExpireSessions) GetNowUnixMs() int64 {
@@ -1299,7 +1514,7 @@ type SetClusterMap struct {
 
 func (x *SetClusterMap) Reset() {
 	*x = SetClusterMap{}
-	mi := &file_peerpb_peer_proto_msgTypes[19]
+	mi := &file_peerpb_peer_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1311,7 +1526,7 @@ func (x *SetClusterMap) String() string {
 func (*SetClusterMap) ProtoMessage() {}
 
 func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[19]
+	mi := &file_peerpb_peer_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1324,7 +1539,7 @@ func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetClusterMap.ProtoReflect.Descriptor instead.
 func (*SetClusterMap) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{19}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SetClusterMap) GetMap() *kvpb.ClusterMap {
@@ -1344,6 +1559,7 @@ type Result struct {
 	//	*Result_Delete
 	//	*Result_Txn
 	//	*Result_HashCheck
+	//	*Result_CompactHistory
 	Op isResult_Op `protobuf_oneof:"op"`
 	// error is a deterministic rejection found at apply time, for people.
 	Error string `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
@@ -1364,7 +1580,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_peerpb_peer_proto_msgTypes[20]
+	mi := &file_peerpb_peer_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1376,7 +1592,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[20]
+	mi := &file_peerpb_peer_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1389,7 +1605,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{20}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *Result) GetOp() isResult_Op {
@@ -1430,6 +1646,15 @@ func (x *Result) GetHashCheck() *HashCheckResult {
 	if x != nil {
 		if x, ok := x.Op.(*Result_HashCheck); ok {
 			return x.HashCheck
+		}
+	}
+	return nil
+}
+
+func (x *Result) GetCompactHistory() *CompactHistoryResult {
+	if x != nil {
+		if x, ok := x.Op.(*Result_CompactHistory); ok {
+			return x.CompactHistory
 		}
 	}
 	return nil
@@ -1476,6 +1701,10 @@ type Result_HashCheck struct {
 	HashCheck *HashCheckResult `protobuf:"bytes,7,opt,name=hash_check,json=hashCheck,proto3,oneof"`
 }
 
+type Result_CompactHistory struct {
+	CompactHistory *CompactHistoryResult `protobuf:"bytes,8,opt,name=compact_history,json=compactHistory,proto3,oneof"`
+}
+
 func (*Result_Put) isResult_Op() {}
 
 func (*Result_Delete) isResult_Op() {}
@@ -1483,6 +1712,8 @@ func (*Result_Delete) isResult_Op() {}
 func (*Result_Txn) isResult_Op() {}
 
 func (*Result_HashCheck) isResult_Op() {}
+
+func (*Result_CompactHistory) isResult_Op() {}
 
 // StoredValue is a key's record in a shard's key-value bucket.
 type StoredValue struct {
@@ -1497,7 +1728,7 @@ type StoredValue struct {
 
 func (x *StoredValue) Reset() {
 	*x = StoredValue{}
-	mi := &file_peerpb_peer_proto_msgTypes[21]
+	mi := &file_peerpb_peer_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1509,7 +1740,7 @@ func (x *StoredValue) String() string {
 func (*StoredValue) ProtoMessage() {}
 
 func (x *StoredValue) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[21]
+	mi := &file_peerpb_peer_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1522,7 +1753,7 @@ func (x *StoredValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredValue.ProtoReflect.Descriptor instead.
 func (*StoredValue) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{21}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *StoredValue) GetValue() []byte {
@@ -1566,7 +1797,7 @@ type SessionState struct {
 
 func (x *SessionState) Reset() {
 	*x = SessionState{}
-	mi := &file_peerpb_peer_proto_msgTypes[22]
+	mi := &file_peerpb_peer_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1578,7 +1809,7 @@ func (x *SessionState) String() string {
 func (*SessionState) ProtoMessage() {}
 
 func (x *SessionState) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[22]
+	mi := &file_peerpb_peer_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1591,7 +1822,7 @@ func (x *SessionState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionState.ProtoReflect.Descriptor instead.
 func (*SessionState) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{22}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *SessionState) GetAckBelow() uint64 {
@@ -1657,7 +1888,7 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x18\n" +
 	"\acommand\x18\x02 \x01(\fR\acommand\")\n" +
 	"\x0fProposeResponse\x12\x16\n" +
-	"\x06result\x18\x01 \x01(\fR\x06result\"\x8d\x04\n" +
+	"\x06result\x18\x01 \x01(\fR\x06result\"\xd5\x04\n" +
 	"\aCommand\x12\x18\n" +
 	"\asession\x18\x01 \x01(\x04R\asession\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x1b\n" +
@@ -1672,8 +1903,24 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\rupdate_member\x18\n" +
 	" \x01(\v2\x19.kvd.peer.v1.UpdateMemberH\x00R\fupdateMember\x127\n" +
 	"\n" +
-	"hash_check\x18\v \x01(\v2\x16.kvd.peer.v1.HashCheckH\x00R\thashCheckB\x04\n" +
-	"\x02op\"K\n" +
+	"hash_check\x18\v \x01(\v2\x16.kvd.peer.v1.HashCheckH\x00R\thashCheck\x12F\n" +
+	"\x0fcompact_history\x18\f \x01(\v2\x1b.kvd.peer.v1.CompactHistoryH\x00R\x0ecompactHistoryB\x04\n" +
+	"\x02op\"E\n" +
+	"\x0eCompactHistory\x12\x14\n" +
+	"\x05below\x18\x01 \x01(\x03R\x05below\x12\x1d\n" +
+	"\n" +
+	"max_events\x18\x02 \x01(\rR\tmaxEvents\"B\n" +
+	"\x14CompactHistoryResult\x12\x16\n" +
+	"\x06oldest\x18\x01 \x01(\x03R\x06oldest\x12\x12\n" +
+	"\x04done\x18\x02 \x01(\bR\x04done\"\xd1\x01\n" +
+	"\fHistoryEvent\x12\x16\n" +
+	"\x06delete\x18\x01 \x01(\bR\x06delete\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\fR\x03key\x12'\n" +
+	"\x0fcreate_revision\x18\x04 \x01(\x03R\x0ecreateRevision\x12\x18\n" +
+	"\aversion\x18\x05 \x01(\x03R\aversion\x12,\n" +
+	"\x04prev\x18\x06 \x01(\v2\x18.kvd.peer.v1.StoredValueR\x04prev\x12 \n" +
+	"\ftime_unix_ms\x18\a \x01(\x03R\n" +
+	"timeUnixMsJ\x04\b\x03\x10\x04\"K\n" +
 	"\fUpdateMember\x12)\n" +
 	"\x06member\x18\x01 \x01(\v2\x11.kvd.kv.v1.MemberR\x06member\x12\x10\n" +
 	"\x03add\x18\x02 \x01(\bR\x03add\"\v\n" +
@@ -1685,13 +1932,14 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\vnow_unix_ms\x18\x01 \x01(\x03R\tnowUnixMs\x12\x17\n" +
 	"\aidle_ms\x18\x02 \x01(\x03R\x06idleMs\"8\n" +
 	"\rSetClusterMap\x12'\n" +
-	"\x03map\x18\x01 \x01(\v2\x15.kvd.kv.v1.ClusterMapR\x03map\"\xbf\x02\n" +
+	"\x03map\x18\x01 \x01(\v2\x15.kvd.kv.v1.ClusterMapR\x03map\"\x8d\x03\n" +
 	"\x06Result\x12*\n" +
 	"\x03put\x18\x01 \x01(\v2\x16.kvd.kv.v1.PutResponseH\x00R\x03put\x123\n" +
 	"\x06delete\x18\x02 \x01(\v2\x19.kvd.kv.v1.DeleteResponseH\x00R\x06delete\x12*\n" +
 	"\x03txn\x18\x03 \x01(\v2\x16.kvd.kv.v1.TxnResponseH\x00R\x03txn\x12=\n" +
 	"\n" +
-	"hash_check\x18\a \x01(\v2\x1c.kvd.peer.v1.HashCheckResultH\x00R\thashCheck\x12\x14\n" +
+	"hash_check\x18\a \x01(\v2\x1c.kvd.peer.v1.HashCheckResultH\x00R\thashCheck\x12L\n" +
+	"\x0fcompact_history\x18\b \x01(\v2!.kvd.peer.v1.CompactHistoryResultH\x00R\x0ecompactHistory\x12\x14\n" +
 	"\x05error\x18\x04 \x01(\tR\x05error\x12+\n" +
 	"\x04code\x18\x05 \x01(\x0e2\x17.kvd.peer.v1.ResultCodeR\x04code\x12 \n" +
 	"\vfingerprint\x18\x06 \x01(\fR\vfingerprintB\x04\n" +
@@ -1742,7 +1990,7 @@ func file_peerpb_peer_proto_rawDescGZIP() []byte {
 }
 
 var file_peerpb_peer_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
 var file_peerpb_peer_proto_goTypes = []any{
 	(ResultCode)(0),                  // 0: kvd.peer.v1.ResultCode
 	(*Batch)(nil),                    // 1: kvd.peer.v1.Batch
@@ -1760,58 +2008,64 @@ var file_peerpb_peer_proto_goTypes = []any{
 	(*ProposeRequest)(nil),           // 13: kvd.peer.v1.ProposeRequest
 	(*ProposeResponse)(nil),          // 14: kvd.peer.v1.ProposeResponse
 	(*Command)(nil),                  // 15: kvd.peer.v1.Command
-	(*UpdateMember)(nil),             // 16: kvd.peer.v1.UpdateMember
-	(*HashCheck)(nil),                // 17: kvd.peer.v1.HashCheck
-	(*HashCheckResult)(nil),          // 18: kvd.peer.v1.HashCheckResult
-	(*ExpireSessions)(nil),           // 19: kvd.peer.v1.ExpireSessions
-	(*SetClusterMap)(nil),            // 20: kvd.peer.v1.SetClusterMap
-	(*Result)(nil),                   // 21: kvd.peer.v1.Result
-	(*StoredValue)(nil),              // 22: kvd.peer.v1.StoredValue
-	(*SessionState)(nil),             // 23: kvd.peer.v1.SessionState
-	(*kvpb.PutRequest)(nil),          // 24: kvd.kv.v1.PutRequest
-	(*kvpb.DeleteRequest)(nil),       // 25: kvd.kv.v1.DeleteRequest
-	(*kvpb.TxnRequest)(nil),          // 26: kvd.kv.v1.TxnRequest
-	(*kvpb.Member)(nil),              // 27: kvd.kv.v1.Member
-	(*kvpb.ClusterMap)(nil),          // 28: kvd.kv.v1.ClusterMap
-	(*kvpb.PutResponse)(nil),         // 29: kvd.kv.v1.PutResponse
-	(*kvpb.DeleteResponse)(nil),      // 30: kvd.kv.v1.DeleteResponse
-	(*kvpb.TxnResponse)(nil),         // 31: kvd.kv.v1.TxnResponse
+	(*CompactHistory)(nil),           // 16: kvd.peer.v1.CompactHistory
+	(*CompactHistoryResult)(nil),     // 17: kvd.peer.v1.CompactHistoryResult
+	(*HistoryEvent)(nil),             // 18: kvd.peer.v1.HistoryEvent
+	(*UpdateMember)(nil),             // 19: kvd.peer.v1.UpdateMember
+	(*HashCheck)(nil),                // 20: kvd.peer.v1.HashCheck
+	(*HashCheckResult)(nil),          // 21: kvd.peer.v1.HashCheckResult
+	(*ExpireSessions)(nil),           // 22: kvd.peer.v1.ExpireSessions
+	(*SetClusterMap)(nil),            // 23: kvd.peer.v1.SetClusterMap
+	(*Result)(nil),                   // 24: kvd.peer.v1.Result
+	(*StoredValue)(nil),              // 25: kvd.peer.v1.StoredValue
+	(*SessionState)(nil),             // 26: kvd.peer.v1.SessionState
+	(*kvpb.PutRequest)(nil),          // 27: kvd.kv.v1.PutRequest
+	(*kvpb.DeleteRequest)(nil),       // 28: kvd.kv.v1.DeleteRequest
+	(*kvpb.TxnRequest)(nil),          // 29: kvd.kv.v1.TxnRequest
+	(*kvpb.Member)(nil),              // 30: kvd.kv.v1.Member
+	(*kvpb.ClusterMap)(nil),          // 31: kvd.kv.v1.ClusterMap
+	(*kvpb.PutResponse)(nil),         // 32: kvd.kv.v1.PutResponse
+	(*kvpb.DeleteResponse)(nil),      // 33: kvd.kv.v1.DeleteResponse
+	(*kvpb.TxnResponse)(nil),         // 34: kvd.kv.v1.TxnResponse
 }
 var file_peerpb_peer_proto_depIdxs = []int32{
 	2,  // 0: kvd.peer.v1.Batch.msgs:type_name -> kvd.peer.v1.ShardMessage
 	3,  // 1: kvd.peer.v1.Batch.checks:type_name -> kvd.peer.v1.LeaderCheck
 	5,  // 2: kvd.peer.v1.SnapshotChunk.pairs:type_name -> kvd.peer.v1.SnapshotPair
-	24, // 3: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
-	25, // 4: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
-	26, // 5: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
-	19, // 6: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
-	20, // 7: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
-	16, // 8: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
-	17, // 9: kvd.peer.v1.Command.hash_check:type_name -> kvd.peer.v1.HashCheck
-	27, // 10: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
-	28, // 11: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
-	29, // 12: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
-	30, // 13: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
-	31, // 14: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
-	18, // 15: kvd.peer.v1.Result.hash_check:type_name -> kvd.peer.v1.HashCheckResult
-	0,  // 16: kvd.peer.v1.Result.code:type_name -> kvd.peer.v1.ResultCode
-	1,  // 17: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
-	4,  // 18: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
-	13, // 19: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
-	11, // 20: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
-	7,  // 21: kvd.peer.v1.Internal.ShardHash:input_type -> kvd.peer.v1.ShardHashRequest
-	9,  // 22: kvd.peer.v1.Internal.ReportCorruption:input_type -> kvd.peer.v1.ReportCorruptionRequest
-	1,  // 23: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
-	6,  // 24: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
-	14, // 25: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
-	12, // 26: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
-	8,  // 27: kvd.peer.v1.Internal.ShardHash:output_type -> kvd.peer.v1.ShardHashResponse
-	10, // 28: kvd.peer.v1.Internal.ReportCorruption:output_type -> kvd.peer.v1.ReportCorruptionResponse
-	23, // [23:29] is the sub-list for method output_type
-	17, // [17:23] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	27, // 3: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
+	28, // 4: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
+	29, // 5: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
+	22, // 6: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
+	23, // 7: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
+	19, // 8: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
+	20, // 9: kvd.peer.v1.Command.hash_check:type_name -> kvd.peer.v1.HashCheck
+	16, // 10: kvd.peer.v1.Command.compact_history:type_name -> kvd.peer.v1.CompactHistory
+	25, // 11: kvd.peer.v1.HistoryEvent.prev:type_name -> kvd.peer.v1.StoredValue
+	30, // 12: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
+	31, // 13: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
+	32, // 14: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
+	33, // 15: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
+	34, // 16: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
+	21, // 17: kvd.peer.v1.Result.hash_check:type_name -> kvd.peer.v1.HashCheckResult
+	17, // 18: kvd.peer.v1.Result.compact_history:type_name -> kvd.peer.v1.CompactHistoryResult
+	0,  // 19: kvd.peer.v1.Result.code:type_name -> kvd.peer.v1.ResultCode
+	1,  // 20: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
+	4,  // 21: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
+	13, // 22: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
+	11, // 23: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
+	7,  // 24: kvd.peer.v1.Internal.ShardHash:input_type -> kvd.peer.v1.ShardHashRequest
+	9,  // 25: kvd.peer.v1.Internal.ReportCorruption:input_type -> kvd.peer.v1.ReportCorruptionRequest
+	1,  // 26: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
+	6,  // 27: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
+	14, // 28: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
+	12, // 29: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
+	8,  // 30: kvd.peer.v1.Internal.ShardHash:output_type -> kvd.peer.v1.ShardHashResponse
+	10, // 31: kvd.peer.v1.Internal.ReportCorruption:output_type -> kvd.peer.v1.ReportCorruptionResponse
+	26, // [26:32] is the sub-list for method output_type
+	20, // [20:26] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_peerpb_peer_proto_init() }
@@ -1827,12 +2081,14 @@ func file_peerpb_peer_proto_init() {
 		(*Command_SetClusterMap)(nil),
 		(*Command_UpdateMember)(nil),
 		(*Command_HashCheck)(nil),
+		(*Command_CompactHistory)(nil),
 	}
-	file_peerpb_peer_proto_msgTypes[20].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[23].OneofWrappers = []any{
 		(*Result_Put)(nil),
 		(*Result_Delete)(nil),
 		(*Result_Txn)(nil),
 		(*Result_HashCheck)(nil),
+		(*Result_CompactHistory)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1840,7 +2096,7 @@ func file_peerpb_peer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_peerpb_peer_proto_rawDesc), len(file_peerpb_peer_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   23,
+			NumMessages:   26,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -1,0 +1,366 @@
+package fsm
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"slices"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/proto/kvpb"
+	"github.com/kvd/kvd/proto/peerpb"
+	"github.com/kvd/kvd/storage"
+)
+
+// A shard's history is the list of its changes, one peerpb.HistoryEvent per
+// put or delete, kept in its meta bucket under
+//
+//	"h/" revision BE8 | index BE4
+//
+// where index orders the writes of one transaction (which share its
+// revision). Apply writes an event in the same transaction as the change,
+// so the history is exactly as durable as the data; being meta pairs,
+// events travel in snapshots, carry the store's checksum and are part of
+// the state hash: replicas that applied the same log hold the same history,
+// and the hash check proves it. Revisions are dense (every revision has at
+// least one event), so the history holds exactly the revisions from its
+// first key on: compaction (CompactHistory) drops a prefix and nothing
+// else.
+//
+// Each event keeps the key's previous record as well, which the put or
+// delete read anyway: a read at a past revision undoes the events after
+// it (GetAt, RangeAt) instead of keeping every version under its own key.
+var prefixHistory = []byte("h/")
+
+// MaxCompactEvents bounds the events one CompactHistory command drops, so
+// that one apply (and the write round holding it) stays short however far
+// behind the trim is; the leader proposes the command again until done.
+const MaxCompactEvents = 10_000
+
+var (
+	// ErrCompacted: a read or watch needs history the shard has dropped.
+	// Returned wrapped in a *CompactedError.
+	ErrCompacted = errors.New("fsm: revision compacted")
+	// ErrFutureRevision: a read at a revision the shard has not reached.
+	ErrFutureRevision = errors.New("fsm: revision not reached yet")
+)
+
+// CompactedError says which revisions a shard's history still holds.
+type CompactedError struct {
+	Revision int64 // asked for
+	Oldest   int64 // the oldest revision whose changes are kept
+}
+
+func (e *CompactedError) Error() string {
+	return fmt.Sprintf("%v: revision %d is gone; the shard's history starts at revision %d (reads from %d, watches from %d)",
+		ErrCompacted, e.Revision, e.Oldest, e.Oldest-1, e.Oldest)
+}
+
+func (e *CompactedError) Unwrap() error { return ErrCompacted }
+
+// changes records the events of one command: they share its revision and
+// the proposer's time.
+type changes struct {
+	rev, time int64
+	n         uint32
+}
+
+// record stores one change event; prev is the key's record before it.
+func (c *changes) record(tx *storage.Txn, ev *peerpb.HistoryEvent, prev *peerpb.StoredValue) error {
+	ev.Prev, ev.TimeUnixMs = prev, c.time
+	k := historyKey(c.rev)
+	k = binary.BigEndian.AppendUint32(k, c.n)
+	c.n++
+	return tx.PutMeta(k, encode(ev))
+}
+
+// historyKey is the first key of rev's events.
+func historyKey(rev int64) []byte {
+	k := make([]byte, 0, len(prefixHistory)+12)
+	k = append(k, prefixHistory...)
+	return binary.BigEndian.AppendUint64(k, uint64(rev))
+}
+
+func historyRev(k []byte) (int64, bool) {
+	if len(k) != len(prefixHistory)+12 {
+		return 0, false
+	}
+	return int64(binary.BigEndian.Uint64(k[len(prefixHistory):])), true
+}
+
+// historyEnd is the first key after the history.
+var historyEnd = []byte("h0")
+
+// compactHistory drops up to MaxCompactEvents events below c.below (capped
+// at the shard revision + 1).
+func compactHistory(tx *storage.Txn, c *peerpb.CompactHistory) *peerpb.CompactHistoryResult {
+	rev := nextRevision(tx) - 1
+	below := min(c.GetBelow(), rev+1)
+	limit := int(c.GetMaxEvents())
+	if limit <= 0 || limit > MaxCompactEvents {
+		limit = MaxCompactEvents
+	}
+	var drop [][]byte
+	oldest := rev + 1
+	tx.RangeMeta(prefixHistory, func(k, _ []byte) bool {
+		r, ok := historyRev(k)
+		if !ok {
+			return true
+		}
+		if r >= below || len(drop) == limit {
+			oldest = r
+			return false
+		}
+		drop = append(drop, bytes.Clone(k))
+		return true
+	})
+	for _, k := range drop {
+		tx.DeleteMeta(k)
+	}
+	return &peerpb.CompactHistoryResult{Oldest: oldest, Done: oldest >= below}
+}
+
+// HistoryBounds returns the oldest revision a shard's history holds (its
+// revision + 1 when it holds none) and the shard's revision. Reads are
+// possible at oldest-1 and later, watches from oldest.
+func HistoryBounds(r *storage.Reader) (oldest, rev int64) {
+	rev = Revision(r)
+	oldest = rev + 1
+	r.RangeMeta(prefixHistory, historyEnd, func(k, _ []byte) bool {
+		if h, ok := historyRev(k); ok {
+			oldest = h
+			return false
+		}
+		return true
+	})
+	return oldest, rev
+}
+
+// HistoryCut returns the revision of the first event recorded at or after
+// cutoffMs (by the proposer's clock), looking at no more than maxScan
+// events: past them, the revision after the last one looked at. The
+// leader trims below it for --history-retention.
+func HistoryCut(r *storage.Reader, cutoffMs int64, maxScan int) (int64, error) {
+	oldest, _ := HistoryBounds(r)
+	cut, n := oldest, 0
+	err := events(r, oldest, func(rev int64, he *peerpb.HistoryEvent) bool {
+		if he.GetTimeUnixMs() >= cutoffMs {
+			cut = rev
+			return false
+		}
+		cut = rev + 1
+		n++
+		return n < maxScan
+	})
+	return cut, err
+}
+
+// ReadEvents returns the events from revision from on whose key match
+// accepts, in order, with their values and prev kvs (kv.Value is filled in
+// as history.go's header explains), and through: the revision up to which
+// they are complete. It stops after the revision at which it has at least
+// limit events (0: no limit), so a revision's events are never split; else
+// through is the shard's revision. A from below the oldest revision kept
+// is a *CompactedError. Events' Shard is not set.
+func ReadEvents(r *storage.Reader, from int64, match func(key []byte) bool, limit int) (evs []*kvpb.Event, through int64, err error) {
+	oldest, cur := HistoryBounds(r)
+	if from < oldest {
+		return nil, 0, &CompactedError{Revision: from, Oldest: oldest}
+	}
+	through = cur
+	// open: the puts whose value the key's next change (or its current
+	// record) tells, by key.
+	open := map[string]*kvpb.Event{}
+	err = events(r, from, func(rev int64, he *peerpb.HistoryEvent) bool {
+		if !match(he.GetKey()) {
+			return true
+		}
+		if limit > 0 && len(evs) >= limit && rev > evs[len(evs)-1].GetKv().GetModRevision() {
+			through = rev - 1
+			return false
+		}
+		ev := toEvent(rev, he)
+		if p, ok := open[string(he.GetKey())]; ok {
+			p.Kv.Value = ev.GetPrevKv().GetValue()
+			delete(open, string(he.GetKey()))
+		}
+		if ev.GetType() == kvpb.Event_PUT {
+			open[string(he.GetKey())] = ev
+		}
+		evs = append(evs, ev)
+		return true
+	})
+	if err != nil || len(open) == 0 {
+		return evs, through, err
+	}
+	// The rest changed after through, or not since: their value is the
+	// current record's, or the prev of their next change.
+	later := map[string]*kvpb.Event{}
+	for k, ev := range open {
+		kv, err := Get(r, []byte(k))
+		if err != nil {
+			return nil, 0, err
+		}
+		if kv != nil && kv.GetModRevision() == ev.GetKv().GetModRevision() {
+			ev.Kv.Value = kv.GetValue()
+			continue
+		}
+		later[k] = ev
+	}
+	if len(later) == 0 {
+		return evs, through, nil
+	}
+	err = events(r, through+1, func(_ int64, he *peerpb.HistoryEvent) bool {
+		if ev, ok := later[string(he.GetKey())]; ok {
+			ev.Kv.Value = he.GetPrev().GetValue()
+			delete(later, string(he.GetKey()))
+		}
+		return len(later) > 0
+	})
+	return evs, through, err
+}
+
+// events calls fn with each stored event from revision from on, in order,
+// until fn returns false.
+func events(r *storage.Reader, from int64, fn func(rev int64, he *peerpb.HistoryEvent) bool) error {
+	var err error
+	r.RangeMeta(historyKey(from), historyEnd, func(k, v []byte) bool {
+		rev, ok := historyRev(k)
+		if !ok {
+			return true
+		}
+		var he peerpb.HistoryEvent
+		if err = proto.Unmarshal(v, &he); err != nil {
+			err = fmt.Errorf("%w: history event at revision %d: %v", ErrCorrupt, rev, err)
+			return false
+		}
+		return fn(rev, &he)
+	})
+	return err
+}
+
+// toEvent is he as a kvpb.Event without the value of a put.
+func toEvent(rev int64, he *peerpb.HistoryEvent) *kvpb.Event {
+	ev := &kvpb.Event{Kv: &kvpb.KeyValue{Key: he.GetKey(), ModRevision: rev}}
+	if he.GetDelete() {
+		ev.Type = kvpb.Event_DELETE
+	} else {
+		ev.Kv.CreateRevision, ev.Kv.Version = he.GetCreateRevision(), he.GetVersion()
+	}
+	if p := he.GetPrev(); p != nil {
+		ev.PrevKv = toKV(he.GetKey(), p)
+	}
+	return ev
+}
+
+// pastRevision checks that the shard can be read at rev.
+func pastRevision(r *storage.Reader, rev int64) error {
+	oldest, cur := HistoryBounds(r)
+	switch {
+	case rev > cur:
+		return fmt.Errorf("%w: revision %d; the shard is at revision %d", ErrFutureRevision, rev, cur)
+	case rev < oldest-1:
+		return &CompactedError{Revision: rev, Oldest: oldest}
+	}
+	return nil
+}
+
+// GetAt reads key as it was at revision rev of its shard: the previous
+// record of the first event on key after rev, or the current record if
+// none changed it since. It scans the history after rev.
+func GetAt(r *storage.Reader, key []byte, rev int64) (*kvpb.KeyValue, error) {
+	if err := pastRevision(r, rev); err != nil {
+		return nil, err
+	}
+	var (
+		kv    *kvpb.KeyValue
+		found bool
+	)
+	err := events(r, rev+1, func(_ int64, he *peerpb.HistoryEvent) bool {
+		if bytes.Equal(he.GetKey(), key) {
+			if p := he.GetPrev(); p != nil {
+				kv = toKV(key, p)
+			}
+			found = true
+			return false
+		}
+		return true
+	})
+	if err != nil || found {
+		return kv, err
+	}
+	return Get(r, key)
+}
+
+// RangeAt calls fn for each key in [start, end) as it was at revision rev,
+// in key order, until fn returns false. It undoes the events after rev on
+// the keys of the range, so it costs a scan of the history after rev and
+// holds the earliest change of every key it touched.
+func RangeAt(r *storage.Reader, start, end []byte, rev int64, fn func(*kvpb.KeyValue) bool) error {
+	if err := pastRevision(r, rev); err != nil {
+		return err
+	}
+	past := map[string]*kvpb.KeyValue{} // key → its record at rev (nil: absent)
+	err := events(r, rev+1, func(_ int64, he *peerpb.HistoryEvent) bool {
+		k := he.GetKey()
+		if bytes.Compare(k, start) < 0 || (len(end) > 0 && bytes.Compare(k, end) >= 0) {
+			return true
+		}
+		if _, ok := past[string(k)]; !ok {
+			var kv *kvpb.KeyValue
+			if p := he.GetPrev(); p != nil {
+				kv = toKV(k, p)
+			}
+			past[string(k)] = kv
+		}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	// Keys that existed at rev and are gone now come from past alone;
+	// merge them, in order, with the current keys.
+	var gone []string
+	for k, kv := range past {
+		if kv != nil {
+			gone = append(gone, k)
+		}
+	}
+	slices.Sort(gone)
+	more := true
+	emitGone := func(until []byte) bool {
+		for len(gone) > 0 && (until == nil || gone[0] < string(until)) {
+			k := gone[0]
+			gone = gone[1:]
+			if !fn(past[k]) {
+				return false
+			}
+		}
+		return true
+	}
+	err = Range(r, start, end, func(kv *kvpb.KeyValue) bool {
+		k := string(kv.GetKey())
+		if more = emitGone(kv.GetKey()); !more {
+			return false
+		}
+		if p, ok := past[k]; ok {
+			if len(gone) > 0 && gone[0] == k {
+				gone = gone[1:]
+			}
+			if p == nil {
+				return true
+			}
+			more = fn(p)
+			return more
+		}
+		more = fn(kv)
+		return more
+	})
+	if err != nil || !more {
+		return err
+	}
+	emitGone(nil)
+	return nil
+}

@@ -1,0 +1,278 @@
+package fsm
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/proto/kvpb"
+	"github.com/kvd/kvd/proto/peerpb"
+	"github.com/kvd/kvd/storage"
+)
+
+// historyModel is the reference for a shard's history: every state by
+// revision and every event, kept the dumb way.
+type historyModel struct {
+	rev    int64
+	state  map[string]*kvpb.KeyValue
+	states []map[string]*kvpb.KeyValue // by revision
+	events []*kvpb.Event
+}
+
+func newHistoryModel() *historyModel {
+	m := &historyModel{state: map[string]*kvpb.KeyValue{}}
+	m.states = append(m.states, map[string]*kvpb.KeyValue{})
+	return m
+}
+
+func (m *historyModel) put(k, v string, rev int64) {
+	prev := m.state[k]
+	kv := &kvpb.KeyValue{Key: []byte(k), Value: []byte(v), CreateRevision: rev, ModRevision: rev, Version: 1}
+	if prev != nil {
+		kv.CreateRevision, kv.Version = prev.GetCreateRevision(), prev.GetVersion()+1
+	}
+	m.state[k] = kv
+	m.events = append(m.events, &kvpb.Event{Kv: kv, PrevKv: prev})
+}
+
+func (m *historyModel) del(k string, rev int64) bool {
+	prev := m.state[k]
+	if prev == nil {
+		return false
+	}
+	delete(m.state, k)
+	m.events = append(m.events, &kvpb.Event{Type: kvpb.Event_DELETE, Kv: &kvpb.KeyValue{Key: []byte(k), ModRevision: rev}, PrevKv: prev})
+	return true
+}
+
+func (m *historyModel) commit(changed bool) {
+	if !changed {
+		return
+	}
+	m.rev++
+	snap := make(map[string]*kvpb.KeyValue, len(m.state))
+	for k, v := range m.state {
+		snap[k] = v
+	}
+	m.states = append(m.states, snap)
+}
+
+// randomHistory applies n random puts, deletes and transactions to sh and
+// to a model.
+func randomHistory(t *testing.T, sh *shard, seed uint64, n int) *historyModel {
+	t.Helper()
+	rnd := rand.New(rand.NewPCG(seed, 1))
+	m := newHistoryModel()
+	key := func() string { return fmt.Sprintf("k%d", rnd.IntN(6)) }
+	for i := range n {
+		var c *peerpb.Command
+		switch rnd.IntN(4) {
+		case 0, 1:
+			k, v := key(), fmt.Sprintf("v%d", i)
+			m.put(k, v, m.rev+1)
+			m.commit(true)
+			c = cmdPut(k, v)
+		case 2:
+			k := key()
+			m.commit(m.del(k, m.rev+1))
+			c = cmdDel(k)
+		case 3:
+			// Two writes at one revision: a put and a delete, perhaps of
+			// the same key.
+			k1, k2, v := key(), key(), fmt.Sprintf("t%d", i)
+			m.put(k1, v, m.rev+1)
+			m.del(k2, m.rev+1)
+			m.commit(true)
+			c = &peerpb.Command{Op: &peerpb.Command_Txn{Txn: &kvpb.TxnRequest{Success: []*kvpb.RequestOp{
+				{Op: &kvpb.RequestOp_Put{Put: &kvpb.PutRequest{Key: []byte(k1), Value: []byte(v)}}},
+				{Op: &kvpb.RequestOp_Delete{Delete: &kvpb.DeleteRequest{Key: []byte(k2)}}},
+			}}}}
+		}
+		c.TimeUnixMs = int64(1000 + i)
+		if _, err := sh.apply(c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := sh.revision(); got != m.rev {
+		t.Fatalf("shard at revision %d, model at %d", got, m.rev)
+	}
+	return m
+}
+
+func (sh *shard) view(fn func(r *storage.Reader) error) {
+	sh.t.Helper()
+	if err := sh.s.View(fn); err != nil {
+		sh.t.Fatal(err)
+	}
+}
+
+func all([]byte) bool { return true }
+
+// TestHistoryMatchesModel: every event is recorded in order with its
+// value and prev kv, and a read at every past revision gives the state
+// the model had then.
+func TestHistoryMatchesModel(t *testing.T) {
+	sh := newShard(t)
+	m := randomHistory(t, sh, 7, 300)
+	sh.view(func(r *storage.Reader) error {
+		for _, limit := range []int{0, 1, 7} {
+			for from := int64(1); from <= m.rev+1; from += 13 {
+				evs, through, err := ReadEvents(r, from, all, limit)
+				if err != nil {
+					return err
+				}
+				want := slices.DeleteFunc(slices.Clone(m.events), func(e *kvpb.Event) bool {
+					return e.GetKv().GetModRevision() < from || e.GetKv().GetModRevision() > through
+				})
+				if limit == 0 && through != m.rev {
+					t.Fatalf("from %d: through %d, want %d", from, through, m.rev)
+				}
+				if len(evs) != len(want) {
+					t.Fatalf("from %d limit %d: %d events through %d, want %d", from, limit, len(evs), through, len(want))
+				}
+				for i := range evs {
+					if !proto.Equal(evs[i], want[i]) {
+						t.Fatalf("from %d: event %d is %v, want %v", from, i, evs[i], want[i])
+					}
+				}
+			}
+		}
+		for rev := int64(0); rev <= m.rev; rev++ {
+			past := m.states[rev]
+			var keys []string
+			for k := range past {
+				keys = append(keys, k)
+			}
+			slices.Sort(keys)
+			var got []string
+			err := RangeAt(r, []byte("k"), nil, rev, func(kv *kvpb.KeyValue) bool {
+				got = append(got, string(kv.GetKey()))
+				if !proto.Equal(kv, past[string(kv.GetKey())]) {
+					t.Errorf("at %d: range gives %v, want %v", rev, kv, past[string(kv.GetKey())])
+				}
+				return true
+			})
+			if err != nil {
+				return err
+			}
+			if !slices.Equal(got, keys) {
+				t.Fatalf("at %d: range gives keys %q, want %q", rev, got, keys)
+			}
+			for i := range 6 {
+				k := fmt.Sprintf("k%d", i)
+				kv, err := GetAt(r, []byte(k), rev)
+				if err != nil {
+					return err
+				}
+				if want := past[k]; !proto.Equal(kv, want) && !(kv == nil && want == nil) {
+					t.Fatalf("at %d: get %s = %v, want %v", rev, k, kv, want)
+				}
+			}
+		}
+		if _, err := GetAt(r, []byte("k1"), m.rev+1); !errors.Is(err, ErrFutureRevision) {
+			t.Fatalf("read past the revision: %v", err)
+		}
+		return nil
+	})
+}
+
+// TestCompactHistoryInChunks: compaction drops at most max_events per
+// command, reports when it is done, and reads and watches below what is
+// left fail with the oldest revision.
+func TestCompactHistoryInChunks(t *testing.T) {
+	sh := newShard(t)
+	m := randomHistory(t, sh, 3, 100)
+	below := m.rev - 10
+	rounds := 0
+	for {
+		res, err := sh.apply(&peerpb.Command{Op: &peerpb.Command_CompactHistory{CompactHistory: &peerpb.CompactHistory{Below: below, MaxEvents: 16}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rounds++
+		if res.GetCompactHistory().GetDone() {
+			if got := res.GetCompactHistory().GetOldest(); got != below {
+				t.Fatalf("done with oldest %d, want %d", got, below)
+			}
+			break
+		}
+		if rounds > 20 {
+			t.Fatal("compaction does not finish")
+		}
+	}
+	if rounds < 5 {
+		t.Fatalf("compacted %d revisions in %d rounds of at most 16 events", below-1, rounds)
+	}
+	sh.view(func(r *storage.Reader) error {
+		if oldest, rev := HistoryBounds(r); oldest != below || rev != m.rev {
+			t.Fatalf("bounds %d, %d; want %d, %d", oldest, rev, below, m.rev)
+		}
+		var ce *CompactedError
+		if _, _, err := ReadEvents(r, below-1, all, 0); !errors.As(err, &ce) || ce.Oldest != below {
+			t.Fatalf("watch below the history: %v", err)
+		}
+		if _, err := GetAt(r, []byte("k1"), below-2); !errors.As(err, &ce) || ce.Oldest != below {
+			t.Fatalf("read below the history: %v", err)
+		}
+		for rev := below - 1; rev <= m.rev; rev++ {
+			for i := range 6 {
+				k := fmt.Sprintf("k%d", i)
+				kv, err := GetAt(r, []byte(k), rev)
+				if err != nil {
+					return err
+				}
+				if want := m.states[rev][k]; !proto.Equal(kv, want) && !(kv == nil && want == nil) {
+					t.Fatalf("at %d: get %s = %v, want %v", rev, k, kv, want)
+				}
+			}
+		}
+		evs, _, err := ReadEvents(r, below, all, 0)
+		if err != nil {
+			return err
+		}
+		if first := evs[0].GetKv().GetModRevision(); first != below {
+			t.Fatalf("first event at %d, want %d", first, below)
+		}
+		return nil
+	})
+	// Compacting everything leaves the current state readable.
+	res, err := sh.apply(&peerpb.Command{Op: &peerpb.Command_CompactHistory{CompactHistory: &peerpb.CompactHistory{Below: m.rev + 100}}})
+	if err != nil || !res.GetCompactHistory().GetDone() || res.GetCompactHistory().GetOldest() != m.rev+1 {
+		t.Fatalf("compact all: %v, %v", res, err)
+	}
+	sh.view(func(r *storage.Reader) error {
+		if _, err := GetAt(r, []byte("k1"), m.rev); err != nil {
+			t.Fatalf("read at the current revision with no history: %v", err)
+		}
+		return nil
+	})
+}
+
+// TestHistoryInStateHash: two replicas given the same commands hold the
+// same history; a compaction moves the hash (every replica applies it).
+func TestHistoryInStateHash(t *testing.T) {
+	a, b := newShard(t), newShard(t)
+	randomHistory(t, a, 5, 50)
+	randomHistory(t, b, 5, 50)
+	hash := func(sh *shard) (h uint64) {
+		sh.view(func(r *storage.Reader) error { h = r.StateHash(); return nil })
+		return h
+	}
+	if hash(a) != hash(b) {
+		t.Fatal("replicas of the same log differ")
+	}
+	before := hash(a)
+	if _, err := a.apply(&peerpb.Command{Op: &peerpb.Command_CompactHistory{CompactHistory: &peerpb.CompactHistory{Below: 10}}}); err != nil {
+		t.Fatal(err)
+	}
+	if hash(a) == before {
+		t.Fatal("compaction left the state hash as it was")
+	}
+	if err := a.s.Scrub(nil); err != nil {
+		t.Fatal(err)
+	}
+}

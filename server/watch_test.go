@@ -1,0 +1,258 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/kvd/kvd/proto/kvpb"
+)
+
+// watchOn opens a Watch stream to s that ends with the test.
+func watchOn(t *testing.T, ctx context.Context, s *Server) kvpb.Watch_WatchClient {
+	t.Helper()
+	conn, err := grpc.NewClient(s.ClientAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	ctx, cancel := context.WithCancel(ctx)
+	t.Cleanup(cancel)
+	st, err := kvpb.NewWatchClient(conn).Watch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func createWatch(t *testing.T, st kvpb.Watch_WatchClient, c *kvpb.WatchCreateRequest) {
+	t.Helper()
+	if err := st.Send(&kvpb.WatchRequest{Request: &kvpb.WatchRequest_Create{Create: c}}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// recvUntil receives responses of watch id until done says so, and
+// returns the events among them. It fails on a response out of revision
+// order or on the stream's end.
+func recvUntil(t *testing.T, st kvpb.Watch_WatchClient, id int64, done func(*kvpb.WatchResponse, []*kvpb.Event) bool) []*kvpb.Event {
+	t.Helper()
+	var evs []*kvpb.Event
+	var seen int64
+	for {
+		resp, err := st.Recv()
+		if err != nil {
+			t.Fatalf("watch stream ended: %v", err)
+		}
+		if resp.GetWatchId() != id {
+			continue
+		}
+		if r := resp.GetHeader().GetRevision(); r < seen && !resp.GetCanceled() {
+			t.Fatalf("response through revision %d after one through %d", r, seen)
+		} else if !resp.GetCanceled() {
+			seen = r
+		}
+		for _, ev := range resp.GetEvents() {
+			if n := len(evs); n > 0 && ev.GetKv().GetModRevision() < evs[n-1].GetKv().GetModRevision() {
+				t.Fatalf("event at %d after one at %d", ev.GetKv().GetModRevision(), evs[n-1].GetKv().GetModRevision())
+			}
+			if ev.GetKv().GetModRevision() > resp.GetHeader().GetRevision() {
+				t.Fatalf("event at %d in a response through %d", ev.GetKv().GetModRevision(), resp.GetHeader().GetRevision())
+			}
+		}
+		evs = append(evs, resp.GetEvents()...)
+		if done(resp, evs) {
+			return evs
+		}
+		if resp.GetCanceled() {
+			t.Fatalf("watch canceled: %v", resp.GetError())
+		}
+	}
+}
+
+// TestWatchReplaysAndFollows: a prefix watch from revision 1 replays the
+// shard's changes in order, with values and prev kvs, then follows new
+// ones; a one-key watch from now sees only its key; a start below the
+// history is answered with the oldest revision, never a gap.
+func TestWatchReplaysAndFollows(t *testing.T) {
+	c := newTestCluster(t, 1, 1, func(cfg *Config) { cfg.WatchProgressInterval = 100 * time.Millisecond })
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	kv := kvClient(t, c.servers[0])
+	for i := range 30 {
+		if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: []byte(fmt.Sprint("w/", i%4)), Value: []byte(fmt.Sprint("v", i))}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := kv.Delete(ctx, &kvpb.DeleteRequest{Key: []byte("w/0")}); err != nil {
+		t.Fatal(err)
+	}
+	st := watchOn(t, ctx, c.servers[0])
+	createWatch(t, st, &kvpb.WatchCreateRequest{WatchId: 1, Shard: 1, Key: []byte("w/"), Prefix: true, StartRevision: 1, PrevKv: true})
+	createWatch(t, st, &kvpb.WatchCreateRequest{WatchId: 2, Key: []byte("w/3")})
+	evs := recvUntil(t, st, 1, func(_ *kvpb.WatchResponse, evs []*kvpb.Event) bool { return len(evs) >= 31 })
+	for i, ev := range evs[:30] {
+		if ev.GetType() != kvpb.Event_PUT || string(ev.GetKv().GetKey()) != fmt.Sprint("w/", i%4) ||
+			string(ev.GetKv().GetValue()) != fmt.Sprint("v", i) || ev.GetKv().GetModRevision() != int64(i+1) ||
+			ev.GetKv().GetVersion() != int64(i/4+1) || ev.GetShard() != 1 {
+			t.Fatalf("event %d: %v", i, ev)
+		}
+		if i >= 4 && string(ev.GetPrevKv().GetValue()) != fmt.Sprint("v", i-4) {
+			t.Fatalf("event %d: prev %v", i, ev.GetPrevKv())
+		}
+	}
+	if del := evs[30]; del.GetType() != kvpb.Event_DELETE || string(del.GetKv().GetKey()) != "w/0" || string(del.GetPrevKv().GetValue()) != "v28" {
+		t.Fatalf("delete event: %v", del)
+	}
+	// Live: a put reaches both watches, another key only the prefix one.
+	if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: []byte("w/1"), Value: []byte("live1")}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: []byte("w/3"), Value: []byte("live3")}); err != nil {
+		t.Fatal(err)
+	}
+	one := recvUntil(t, st, 2, func(_ *kvpb.WatchResponse, evs []*kvpb.Event) bool { return len(evs) >= 1 })
+	if string(one[0].GetKv().GetValue()) != "live3" || one[0].GetPrevKv() != nil {
+		t.Fatalf("one-key watch got %v", one)
+	}
+	// An idle watch is told how far it has seen.
+	resp := recvUntil(t, st, 2, func(r *kvpb.WatchResponse, _ []*kvpb.Event) bool { return r.GetProgress() })
+	_ = resp
+
+	// Compacted start.
+	if _, err := clusterClient(t, c.servers[0]).Compact(ctx, &kvpb.CompactRequest{Shard: 1, Revision: 10}); err != nil {
+		t.Fatal(err)
+	}
+	createWatch(t, st, &kvpb.WatchCreateRequest{WatchId: 3, Shard: 1, Key: []byte("w/"), Prefix: true, StartRevision: 5})
+	for {
+		r, err := st.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.GetWatchId() != 3 {
+			continue
+		}
+		if !r.GetCanceled() || r.GetCompactRevision() != 10 || codes.Code(r.GetError().GetCode()) != codes.OutOfRange {
+			t.Fatalf("watch below the history: %v", r)
+		}
+		break
+	}
+}
+
+// TestWatchProgressWhenIdle: a watch on a key nobody writes still hears
+// the shard's revision, and it moves when other keys change.
+func TestWatchProgressWhenIdle(t *testing.T) {
+	c := newTestCluster(t, 1, 1, func(cfg *Config) { cfg.WatchProgressInterval = 50 * time.Millisecond })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	st := watchOn(t, ctx, c.servers[0])
+	createWatch(t, st, &kvpb.WatchCreateRequest{WatchId: 7, Key: []byte("idle")})
+	recvUntil(t, st, 7, func(r *kvpb.WatchResponse, _ []*kvpb.Event) bool { return r.GetProgress() })
+	resp, err := kvClient(t, c.servers[0]).Put(ctx, &kvpb.PutRequest{Key: []byte("other"), Value: []byte("v")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev := resp.GetHeader().GetRevision()
+	evs := recvUntil(t, st, 7, func(r *kvpb.WatchResponse, _ []*kvpb.Event) bool {
+		return r.GetProgress() && r.GetHeader().GetRevision() >= rev
+	})
+	if len(evs) > 0 {
+		t.Fatalf("a watch on idle got %v", evs)
+	}
+}
+
+// TestWatchEndsOnStepDownAndResumesOnSnapshotReplica: a leader that
+// gives up its shard ends its watches with NotLeader; the new leader,
+// which joined by snapshot, replays the same events from the same
+// revision.
+func TestWatchEndsOnStepDownAndResumesOnSnapshotReplica(t *testing.T) {
+	const shard = 1
+	c := newTestCluster(t, 1, 1, func(cfg *Config) { cfg.Replicas = 3 })
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cl := c.client()
+	for i := range 20 {
+		if _, err := cl.Put(ctx, []byte(fmt.Sprint("s/", i%5)), []byte(fmt.Sprint("v", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.joinNode(2, 0)
+	c.joinNode(3, 0)
+	waitFor(t, 90*time.Second, "three voters on shard 1", func() bool {
+		voters, learners := c.shardVoters(shard)
+		return len(voters) == 3 && len(learners) == 0
+	})
+	if c.servers[2].host.SnapshotsReceived() == 0 {
+		t.Fatal("node 3 received no snapshot")
+	}
+	leader := c.leaderOf(shard)
+	st := watchOn(t, ctx, leader)
+	createWatch(t, st, &kvpb.WatchCreateRequest{WatchId: 1, Shard: shard, Key: []byte("s/"), Prefix: true, StartRevision: 1, PrevKv: true})
+	before := recvUntil(t, st, 1, func(_ *kvpb.WatchResponse, evs []*kvpb.Event) bool { return len(evs) >= 20 })
+
+	target := c.servers[2]
+	waitFor(t, 30*time.Second, "node 3 leads shard 1", func() bool {
+		if target.host.Node(shard).IsLeader() {
+			return true
+		}
+		if l := c.leaderOf(shard); l != nil {
+			tctx, tcancel := context.WithTimeout(ctx, time.Second)
+			_ = l.host.Node(shard).TransferLeadership(tctx, 3)
+			tcancel()
+		}
+		return target.host.Node(shard).IsLeader()
+	})
+	if leader != target {
+		end := recvUntil(t, st, 1, func(r *kvpb.WatchResponse, _ []*kvpb.Event) bool { return r.GetCanceled() })
+		_ = end
+	}
+	st3 := watchOn(t, ctx, target)
+	createWatch(t, st3, &kvpb.WatchCreateRequest{WatchId: 1, Shard: shard, Key: []byte("s/"), Prefix: true, StartRevision: 1, PrevKv: true})
+	after := recvUntil(t, st3, 1, func(_ *kvpb.WatchResponse, evs []*kvpb.Event) bool { return len(evs) >= 20 })
+	if !sameEvents(before, after) {
+		t.Fatalf("the snapshot replica replays\n%v\nthe old leader replayed\n%v", after, before)
+	}
+}
+
+// TestSlowWatcherIsCutOff: a client that stops reading its events is cut
+// off after BatchSendTimeout instead of having them held without end, and
+// what its stream held is released.
+func TestSlowWatcherIsCutOff(t *testing.T) {
+	c := newTestCluster(t, 1, 1, func(cfg *Config) {
+		cfg.Limits.MaxBatchStreamBytes = 64 << 10
+		cfg.BatchSendTimeout = 200 * time.Millisecond
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	kv := kvClient(t, c.servers[0])
+	value := make([]byte, 16<<10)
+	for i := range 200 {
+		if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: []byte(fmt.Sprint("big/", i)), Value: value}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A fixed window (no BDP growth) so that a client that does not read
+	// soon stops gRPC flow control.
+	conn, err := grpc.NewClient(c.servers[0].ClientAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	st, err := kvpb.NewWatchClient(conn).Watch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	createWatch(t, st, &kvpb.WatchCreateRequest{WatchId: 1, Shard: 1, Key: []byte("big/"), Prefix: true, StartRevision: 1})
+	// Read nothing: the node must give up on the stream.
+	s := c.servers[0]
+	waitFor(t, 30*time.Second, "the stream cut off and its bytes released", func() bool {
+		cut, _ := metricSum(scrape(t, s), "kvd_watch_streams_cut_off_total")
+		return cut >= 1 && s.adm.inFlight.Load() == 0 && s.watch.streams.Load() == 0
+	})
+}
