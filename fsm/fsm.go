@@ -156,22 +156,23 @@ func DecodeResult(b []byte) (*peerpb.Result, error) {
 func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
 	switch op := c.GetOp().(type) {
 	case *peerpb.Command_Put:
-		rev := nextRevision(tx)
-		resp, err := put(tx, op.Put, &changes{rev: rev, time: c.GetTimeUnixMs()})
+		ch := newChanges(tx, c.GetTimeUnixMs())
+		resp, err := put(tx, op.Put, ch)
 		if err != nil {
 			return reject(err)
 		}
-		setRevision(tx, rev)
-		resp.Header = &kvpb.ResponseHeader{Revision: rev}
+		ch.commit(tx)
+		resp.Header = &kvpb.ResponseHeader{Revision: ch.rev}
 		return &peerpb.Result{Op: &peerpb.Result_Put{Put: resp}}
 	case *peerpb.Command_Delete:
-		rev := nextRevision(tx)
-		resp, err := del(tx, op.Delete, &changes{rev: rev, time: c.GetTimeUnixMs()})
+		ch := newChanges(tx, c.GetTimeUnixMs())
+		rev := ch.rev
+		resp, err := del(tx, op.Delete, ch)
 		if err != nil {
 			return reject(err)
 		}
 		if resp.GetDeleted() > 0 {
-			setRevision(tx, rev)
+			ch.commit(tx)
 		} else {
 			rev--
 		}
@@ -228,7 +229,7 @@ func put(tx *storage.Txn, r *kvpb.PutRequest, ch *changes) (*kvpb.PutResponse, e
 	}
 	// The event leaves out the value: it is the key's record while
 	// mod_revision is rev, and the next event's prev after (history.go).
-	ev := &peerpb.HistoryEvent{Key: r.GetKey(), CreateRevision: sv.CreateRevision, Version: sv.Version}
+	ev := &peerpb.HistoryEvent{Key: r.GetKey(), CreateRevision: sv.CreateRevision, Version: sv.Version, ValueSize: int64(len(r.GetValue()))}
 	if err := ch.record(tx, ev, prev); err != nil {
 		return nil, err
 	}
@@ -294,8 +295,8 @@ func txn(tx *storage.Txn, r *kvpb.TxnRequest, now int64) (*kvpb.TxnResponse, err
 		return nil, fmt.Errorf("%w: transaction would return %d bytes; the limit is %d; read fewer or smaller keys per transaction",
 			ErrTxnTooLarge, size, MaxTxnReadBytes)
 	}
-	rev := nextRevision(tx)
-	ch := &changes{rev: rev, time: now}
+	ch := newChanges(tx, now)
+	rev := ch.rev
 	changed := false
 	resp := &kvpb.TxnResponse{Succeeded: ok}
 	for i, op := range ops {
@@ -334,7 +335,7 @@ func txn(tx *storage.Txn, r *kvpb.TxnRequest, now int64) (*kvpb.TxnResponse, err
 		}
 	}
 	if changed {
-		setRevision(tx, rev)
+		ch.commit(tx)
 	} else {
 		rev--
 	}
@@ -468,7 +469,8 @@ func ClusterMap(r *storage.Reader) (*kvpb.ClusterMap, error) {
 
 // Revision reads a shard's current revision.
 func Revision(r *storage.Reader) int64 {
-	return decodeRevision(r.GetMeta(metaRevision))
+	rev, _ := decodeRevision(r.GetMeta(metaRevision))
+	return rev
 }
 
 // Get reads one key from a shard for a read request; nil when absent.
@@ -526,21 +528,30 @@ func toKV(key []byte, sv *peerpb.StoredValue) *kvpb.KeyValue {
 	}
 }
 
-func nextRevision(tx *storage.Txn) int64 {
-	return decodeRevision(tx.GetMeta(metaRevision)) + 1
+// The "rev" meta record holds the shard's revision, then the bytes its
+// history holds (history.go): both change with every change event, so one
+// record costs a change one read and one write.
+
+// loadRevision returns the shard's revision and history size.
+func loadRevision(tx *storage.Txn) (rev, history int64) {
+	return decodeRevision(tx.GetMeta(metaRevision))
 }
 
-func setRevision(tx *storage.Txn, rev int64) {
-	var b [8]byte
-	binary.BigEndian.PutUint64(b[:], uint64(rev))
+func storeRevision(tx *storage.Txn, rev, history int64) {
+	var b [16]byte
+	binary.BigEndian.PutUint64(b[:8], uint64(rev))
+	binary.BigEndian.PutUint64(b[8:], uint64(history))
 	tx.PutMeta(metaRevision, b[:])
 }
 
-func decodeRevision(b []byte) int64 {
-	if len(b) != 8 {
-		return 0
+func decodeRevision(b []byte) (rev, history int64) {
+	if len(b) >= 8 {
+		rev = int64(binary.BigEndian.Uint64(b))
 	}
-	return int64(binary.BigEndian.Uint64(b))
+	if len(b) >= 16 {
+		history = int64(binary.BigEndian.Uint64(b[8:]))
+	}
+	return rev, history
 }
 
 func loadSession(tx *storage.Txn, session uint64) *peerpb.SessionState {

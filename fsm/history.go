@@ -61,10 +61,19 @@ func (e *CompactedError) Error() string {
 func (e *CompactedError) Unwrap() error { return ErrCompacted }
 
 // changes records the events of one command: they share its revision and
-// the proposer's time.
+// the proposer's time. history is the bytes the shard's history held
+// before the command; bytes, what its events add.
 type changes struct {
-	rev, time int64
-	n         uint32
+	rev, time      int64
+	n              uint32
+	history, bytes int64
+}
+
+// newChanges starts the changes of a command applied at the shard's next
+// revision.
+func newChanges(tx *storage.Txn, time int64) *changes {
+	rev, history := loadRevision(tx)
+	return &changes{rev: rev + 1, time: time, history: history}
 }
 
 // record stores one change event; prev is the key's record before it.
@@ -73,7 +82,15 @@ func (c *changes) record(tx *storage.Txn, ev *peerpb.HistoryEvent, prev *peerpb.
 	k := historyKey(c.rev)
 	k = binary.BigEndian.AppendUint32(k, c.n)
 	c.n++
-	return tx.PutMeta(k, encode(ev))
+	v := encode(ev)
+	c.bytes += int64(len(k) + len(v))
+	return tx.PutMeta(k, v)
+}
+
+// commit makes the command's revision the shard's, with its history's
+// new size.
+func (c *changes) commit(tx *storage.Txn) {
+	storeRevision(tx, c.rev, c.history+c.bytes)
 }
 
 // historyKey is the first key of rev's events.
@@ -96,15 +113,18 @@ var historyEnd = []byte("h0")
 // compactHistory drops up to MaxCompactEvents events below c.below (capped
 // at the shard revision + 1).
 func compactHistory(tx *storage.Txn, c *peerpb.CompactHistory) *peerpb.CompactHistoryResult {
-	rev := nextRevision(tx) - 1
+	rev, history := loadRevision(tx)
 	below := min(c.GetBelow(), rev+1)
 	limit := int(c.GetMaxEvents())
 	if limit <= 0 || limit > MaxCompactEvents {
 		limit = MaxCompactEvents
 	}
-	var drop [][]byte
+	var (
+		drop    [][]byte
+		dropped int64
+	)
 	oldest := rev + 1
-	tx.RangeMeta(prefixHistory, func(k, _ []byte) bool {
+	tx.RangeMeta(prefixHistory, func(k, v []byte) bool {
 		r, ok := historyRev(k)
 		if !ok {
 			return true
@@ -114,12 +134,48 @@ func compactHistory(tx *storage.Txn, c *peerpb.CompactHistory) *peerpb.CompactHi
 			return false
 		}
 		drop = append(drop, bytes.Clone(k))
+		dropped += int64(len(k) + len(v))
 		return true
 	})
 	for _, k := range drop {
 		tx.DeleteMeta(k)
 	}
+	if dropped > 0 {
+		storeRevision(tx, rev, max(history-dropped, 0))
+	}
 	return &peerpb.CompactHistoryResult{Oldest: oldest, Done: oldest >= below}
+}
+
+// HistoryBytes is the size of a shard's history: the bytes of its events'
+// keys and encoded values, kept with the revision as events are written
+// and dropped.
+func HistoryBytes(r *storage.Reader) int64 {
+	_, history := decodeRevision(r.GetMeta(metaRevision))
+	return history
+}
+
+// HistoryByteCut returns the revision below which dropping the oldest
+// events frees at least excess bytes (whole revisions: a revision's events
+// go together), looking at no more than maxScan events: past them, the
+// revision after the last one looked at.
+func HistoryByteCut(r *storage.Reader, excess int64, maxScan int) int64 {
+	oldest, _ := HistoryBounds(r)
+	cut, n := oldest, 0
+	var freed int64
+	r.RangeMeta(prefixHistory, historyEnd, func(k, v []byte) bool {
+		rev, ok := historyRev(k)
+		if !ok {
+			return true
+		}
+		if rev >= cut && (freed >= excess || n >= maxScan) {
+			return false
+		}
+		freed += int64(len(k) + len(v))
+		cut = rev + 1
+		n++
+		return true
+	})
+	return cut
 }
 
 // HistoryBounds returns the oldest revision a shard's history holds (its
@@ -164,7 +220,7 @@ func HistoryCut(r *storage.Reader, cutoffMs int64, maxScan int) (int64, error) {
 // limit events (0: no limit), so a revision's events are never split; else
 // through is the shard's revision. A from below the oldest revision kept
 // is a *CompactedError. Events' Shard is not set.
-func ReadEvents(r *storage.Reader, from int64, match func(key []byte) bool, limit int) (evs []*kvpb.Event, through int64, err error) {
+func ReadEvents(r *storage.Reader, from int64, match func(key []byte) bool, limit int, maxBytes int64) (evs []*kvpb.Event, through int64, err error) {
 	oldest, cur := HistoryBounds(r)
 	if from < oldest {
 		return nil, 0, &CompactedError{Revision: from, Oldest: oldest}
@@ -173,14 +229,17 @@ func ReadEvents(r *storage.Reader, from int64, match func(key []byte) bool, limi
 	// open: the puts whose value the key's next change (or its current
 	// record) tells, by key.
 	open := map[string]*kvpb.Event{}
+	var size int64 // of the events gathered, their values included
 	err = events(r, from, func(rev int64, he *peerpb.HistoryEvent) bool {
 		if !match(he.GetKey()) {
 			return true
 		}
-		if limit > 0 && len(evs) >= limit && rev > evs[len(evs)-1].GetKv().GetModRevision() {
+		if len(evs) > 0 && rev > evs[len(evs)-1].GetKv().GetModRevision() &&
+			((limit > 0 && len(evs) >= limit) || (maxBytes > 0 && size >= maxBytes)) {
 			through = rev - 1
 			return false
 		}
+		size += int64(2*len(he.GetKey())) + he.GetValueSize() + int64(len(he.GetPrev().GetValue()))
 		ev := toEvent(rev, he)
 		if p, ok := open[string(he.GetKey())]; ok {
 			p.Kv.Value = ev.GetPrevKv().GetValue()

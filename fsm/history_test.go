@@ -119,9 +119,13 @@ func TestHistoryMatchesModel(t *testing.T) {
 	sh := newShard(t)
 	m := randomHistory(t, sh, 7, 300)
 	sh.view(func(r *storage.Reader) error {
-		for _, limit := range []int{0, 1, 7} {
+		for _, lim := range []struct {
+			events int
+			bytes  int64
+		}{{0, 0}, {1, 0}, {7, 0}, {0, 1}, {0, 200}, {7, 200}} {
+			limit := lim.events + int(lim.bytes) // 0 only with no limit at all
 			for from := int64(1); from <= m.rev+1; from += 13 {
-				evs, through, err := ReadEvents(r, from, all, limit)
+				evs, through, err := ReadEvents(r, from, all, lim.events, lim.bytes)
 				if err != nil {
 					return err
 				}
@@ -212,7 +216,7 @@ func TestCompactHistoryInChunks(t *testing.T) {
 			t.Fatalf("bounds %d, %d; want %d, %d", oldest, rev, below, m.rev)
 		}
 		var ce *CompactedError
-		if _, _, err := ReadEvents(r, below-1, all, 0); !errors.As(err, &ce) || ce.Oldest != below {
+		if _, _, err := ReadEvents(r, below-1, all, 0, 0); !errors.As(err, &ce) || ce.Oldest != below {
 			t.Fatalf("watch below the history: %v", err)
 		}
 		if _, err := GetAt(r, []byte("k1"), below-2); !errors.As(err, &ce) || ce.Oldest != below {
@@ -230,7 +234,7 @@ func TestCompactHistoryInChunks(t *testing.T) {
 				}
 			}
 		}
-		evs, _, err := ReadEvents(r, below, all, 0)
+		evs, _, err := ReadEvents(r, below, all, 0, 0)
 		if err != nil {
 			return err
 		}
@@ -275,4 +279,55 @@ func TestHistoryInStateHash(t *testing.T) {
 	if err := a.s.Scrub(nil); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestHistoryBytesAreCounted: the history size kept with the revision is
+// the bytes of the stored events, after writes and after compactions, and
+// HistoryByteCut names the first revision whose dropping frees enough.
+func TestHistoryBytesAreCounted(t *testing.T) {
+	sh := newShard(t)
+	m := randomHistory(t, sh, 5, 200)
+	stored := func() (total int64, byRev map[int64]int64) {
+		byRev = map[int64]int64{}
+		sh.view(func(r *storage.Reader) error {
+			r.RangeMeta(prefixHistory, historyEnd, func(k, v []byte) bool {
+				rev, _ := historyRev(k)
+				total += int64(len(k) + len(v))
+				byRev[rev] += int64(len(k) + len(v))
+				return true
+			})
+			return nil
+		})
+		return total, byRev
+	}
+	check := func(when string) {
+		t.Helper()
+		want, _ := stored()
+		var got int64
+		sh.view(func(r *storage.Reader) error { got = HistoryBytes(r); return nil })
+		if got != want || want == 0 {
+			t.Fatalf("%s: HistoryBytes %d, stored events %d", when, got, want)
+		}
+	}
+	check("after writes")
+	total, byRev := stored()
+	excess := total / 3
+	var cut int64
+	sh.view(func(r *storage.Reader) error { cut = HistoryByteCut(r, excess, 1<<20); return nil })
+	var freed, freedBefore int64
+	for rev := int64(1); rev < cut; rev++ {
+		freedBefore = freed
+		freed += byRev[rev]
+	}
+	if freed < excess || freedBefore >= excess {
+		t.Fatalf("cut %d frees %d bytes (one revision less: %d); want the first to free %d", cut, freed, freedBefore, excess)
+	}
+	if _, err := sh.apply(&peerpb.Command{Op: &peerpb.Command_CompactHistory{CompactHistory: &peerpb.CompactHistory{Below: cut}}}); err != nil {
+		t.Fatal(err)
+	}
+	check("after a compaction")
+	if got, _ := stored(); got != total-freed {
+		t.Fatalf("after dropping below %d: %d bytes stored, want %d", cut, got, total-freed)
+	}
+	_ = m
 }

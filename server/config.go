@@ -91,6 +91,12 @@ type Config struct {
 	// oldest revision.
 	HistoryRevisions int64
 	HistoryRetention time.Duration
+	// HistoryBytes bounds the bytes of each shard's history (its events,
+	// with the previous values of overwritten and deleted keys): beyond
+	// it the leader trims the oldest revisions. Default 64 MiB; negative:
+	// no byte limit. Without it, overwriting one 1 MiB key kept every old
+	// value for HistoryRevisions revisions: 100 GB.
+	HistoryBytes int64
 	// WatchProgressInterval is how often an idle watch is told the
 	// shard's revision (default 1 s).
 	WatchProgressInterval time.Duration
@@ -247,6 +253,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.HistoryRevisions == 0 {
 		c.HistoryRevisions = 100_000
+	}
+	if c.HistoryBytes == 0 {
+		c.HistoryBytes = 64 << 20
 	}
 	if c.WatchProgressInterval == 0 {
 		c.WatchProgressInterval = time.Second

@@ -24,7 +24,8 @@ import (
 const maxTrimRounds = 8
 
 // trimHistory has every data shard this node leads drop the history that
-// --history-revisions and --history-retention no longer keep. The cut is
+// --history-revisions, --history-bytes and --history-retention no longer
+// keep. The cut is
 // decided here, on the leader, and replicated as a revision, so every
 // replica drops the same events.
 func (s *Server) trimHistory() {
@@ -63,6 +64,11 @@ func (s *Server) trimPoint(shard uint64, nowMs int64) (int64, error) {
 		s.metrics.historySize.WithLabelValues(strconv.FormatUint(shard, 10)).Set(float64(rev - oldest + 1))
 		if keep := s.cfg.HistoryRevisions; keep > 0 {
 			below = rev - keep + 1
+		}
+		if limit := s.cfg.HistoryBytes; limit > 0 {
+			if size := fsm.HistoryBytes(r); size > limit {
+				below = max(below, fsm.HistoryByteCut(r, size-limit, fsm.MaxCompactEvents*maxTrimRounds))
+			}
 		}
 		if ret := s.cfg.HistoryRetention; ret > 0 {
 			cut, err := fsm.HistoryCut(r, nowMs-ret.Milliseconds(), fsm.MaxCompactEvents*maxTrimRounds)

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"testing"
@@ -37,7 +38,7 @@ func localEvents(t *testing.T, s *Server, shard uint64) (evs []*kvpb.Event, olde
 	}
 	err = sh.View(func(r *storage.Reader) error {
 		oldest, _ = fsm.HistoryBounds(r)
-		evs, _, err = fsm.ReadEvents(r, oldest, func([]byte) bool { return true }, 0)
+		evs, _, err = fsm.ReadEvents(r, oldest, func([]byte) bool { return true }, 0, 0)
 		return err
 	})
 	if err != nil {
@@ -196,6 +197,37 @@ func TestHistoryRetentionTrims(t *testing.T) {
 	waitFor(t, 20*time.Second, "history trimmed to the last revisions on every replica", func() bool {
 		for _, s := range c.servers {
 			if _, oldest := localEvents(t, s, 1); oldest != rev-keep+1 {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+// TestHistoryTrimmedByBytes: overwriting one key with large values keeps
+// every old value in the history; the leader trims it to HistoryBytes on
+// every replica, however few revisions that leaves.
+func TestHistoryTrimmedByBytes(t *testing.T) {
+	const limit = 64 << 10
+	c := newTestCluster(t, 3, 1, func(cfg *Config) { cfg.HistoryBytes = limit })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cl := c.client()
+	value := bytes.Repeat([]byte("v"), 8<<10)
+	for range 40 { // about 320 KiB of previous values
+		if _, err := cl.Put(ctx, []byte("b"), value); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 20*time.Second, "history trimmed to its byte limit on every replica", func() bool {
+		for _, s := range c.servers {
+			sh, err := s.engine.OpenShard(1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var size int64
+			_ = sh.View(func(r *storage.Reader) error { size = fsm.HistoryBytes(r); return nil })
+			if size > limit || size == 0 {
 				return false
 			}
 		}

@@ -32,9 +32,13 @@ import (
 // could diverge from what is stored: a snapshot install or a restart
 // changes what the next read finds, nothing else.
 
-// watchReadEvents is how many events a hub reads at a time; a cursor far
-// behind catches up over several reads.
-const watchReadEvents = 512
+// watchReadEvents and watchReadBytes bound what a hub reads at a time (the
+// events' values and prev values counted), whichever is reached first; a
+// cursor far behind catches up over several reads.
+const (
+	watchReadEvents = 512
+	watchReadBytes  = 4 << 20
+)
 
 // errNotReadingEvents ends a watch stream whose client has not read its
 // events for BatchSendTimeout.
@@ -272,7 +276,7 @@ func (h *watchHub) serve(now time.Time) (more bool, err error) {
 			return nil
 		}
 		var err error
-		evs, through, err = fsm.ReadEvents(r, max(from, oldest), func([]byte) bool { return true }, watchReadEvents)
+		evs, through, err = fsm.ReadEvents(r, max(from, oldest), func([]byte) bool { return true }, watchReadEvents, watchReadBytes)
 		return err
 	})
 	if err != nil {

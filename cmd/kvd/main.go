@@ -168,6 +168,7 @@ as a new member with a new --id).`,
 	f.DurationVar(&cfg.CommitInterval, "commit-interval", 200*time.Millisecond, "how long applied writes wait (durable in the WAL) before the bbolt commit that makes them visible to serializable reads; longer is cheaper, shorter is fresher")
 	f.DurationVar(&cfg.SessionTTL, "session-ttl", time.Hour, "idle time after which a client session's exactly-once records are dropped")
 	f.Int64Var(&cfg.HistoryRevisions, "history-revisions", 100_000, "revisions of changes each shard keeps for reads at a revision and watches (negative: no count limit)")
+	f.Int64Var(&cfg.HistoryBytes, "history-bytes", 64<<20, "bytes of history each shard keeps, previous values of overwritten and deleted keys included; the oldest revisions are trimmed beyond it (negative: no byte limit)")
 	f.DurationVar(&cfg.HistoryRetention, "history-retention", 0, "also drop changes older than this (0: off)")
 	f.DurationVar(&cfg.WatchProgressInterval, "watch-progress-interval", time.Second, "how often an idle watch is told its shard's revision")
 	f.DurationVar(&cfg.CorruptionCheckInterval, "corruption-check-interval", time.Minute, "how often each shard's leader has its replicas compare state hashes; a replica that differs from the majority raises an alarm and stops serving the shard (0 disables)")

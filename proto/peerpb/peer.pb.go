@@ -1222,7 +1222,10 @@ type HistoryEvent struct {
 	Prev *StoredValue `protobuf:"bytes,6,opt,name=prev,proto3" json:"prev,omitempty"`
 	// time_unix_ms is the proposer's clock of the command (Command), for
 	// --history-retention: ages compare replicated times only.
-	TimeUnixMs    int64 `protobuf:"varint,7,opt,name=time_unix_ms,json=timeUnixMs,proto3" json:"time_unix_ms,omitempty"`
+	TimeUnixMs int64 `protobuf:"varint,7,opt,name=time_unix_ms,json=timeUnixMs,proto3" json:"time_unix_ms,omitempty"`
+	// value_size is a put's value length, so that a reader can bound the
+	// bytes of the events it gathers before it resolves their values.
+	ValueSize     int64 `protobuf:"varint,8,opt,name=value_size,json=valueSize,proto3" json:"value_size,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1295,6 +1298,13 @@ func (x *HistoryEvent) GetPrev() *StoredValue {
 func (x *HistoryEvent) GetTimeUnixMs() int64 {
 	if x != nil {
 		return x.TimeUnixMs
+	}
+	return 0
+}
+
+func (x *HistoryEvent) GetValueSize() int64 {
+	if x != nil {
+		return x.ValueSize
 	}
 	return 0
 }
@@ -1912,7 +1922,7 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"max_events\x18\x02 \x01(\rR\tmaxEvents\"B\n" +
 	"\x14CompactHistoryResult\x12\x16\n" +
 	"\x06oldest\x18\x01 \x01(\x03R\x06oldest\x12\x12\n" +
-	"\x04done\x18\x02 \x01(\bR\x04done\"\xd1\x01\n" +
+	"\x04done\x18\x02 \x01(\bR\x04done\"\xf0\x01\n" +
 	"\fHistoryEvent\x12\x16\n" +
 	"\x06delete\x18\x01 \x01(\bR\x06delete\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\fR\x03key\x12'\n" +
@@ -1920,7 +1930,9 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\aversion\x18\x05 \x01(\x03R\aversion\x12,\n" +
 	"\x04prev\x18\x06 \x01(\v2\x18.kvd.peer.v1.StoredValueR\x04prev\x12 \n" +
 	"\ftime_unix_ms\x18\a \x01(\x03R\n" +
-	"timeUnixMsJ\x04\b\x03\x10\x04\"K\n" +
+	"timeUnixMs\x12\x1d\n" +
+	"\n" +
+	"value_size\x18\b \x01(\x03R\tvalueSizeJ\x04\b\x03\x10\x04\"K\n" +
 	"\fUpdateMember\x12)\n" +
 	"\x06member\x18\x01 \x01(\v2\x11.kvd.kv.v1.MemberR\x06member\x12\x10\n" +
 	"\x03add\x18\x02 \x01(\bR\x03add\"\v\n" +
