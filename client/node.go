@@ -68,6 +68,13 @@ type node struct {
 	// released them (see release).
 	kept atomic.Int64
 
+	// watch is the node's Watch stream (watchmux.go), opened on first use
+	// and dropped when it breaks or its last watch ends.
+	watch struct {
+		sync.Mutex
+		mux *watchMux
+	}
+
 	// batch is the node's Batch stream (see batch.go), opened on first use
 	// and again after it breaks; batchLock (cap 1) guards it.
 	batchLock chan struct{}

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -158,10 +159,19 @@ func collect(t *testing.T, ch <-chan client.WatchResponse, want int) (evs []*kvp
 		if r.Err != nil {
 			t.Fatalf("watch ended after %d events: %v", len(evs), r.Err)
 		}
-		evs, resume = append(evs, r.Events...), r.Resume
+		for _, ev := range r.Events {
+			if !strings.HasPrefix(string(ev.GetKv().GetKey()), probePrefix) {
+				evs = append(evs, ev)
+			}
+		}
+		resume = r.Resume
 	}
 	return evs, resume
 }
+
+// probePrefix marks the puts a test makes to see its watch started; collect
+// leaves their events out.
+const probePrefix = "p/probe/"
 
 // checkOnce fails unless evs holds each put of keys exactly once, in
 // revision order per shard.
@@ -206,8 +216,25 @@ func TestWatchFollowsLeaderChangesAndResumes(t *testing.T) {
 
 	wctx, stop := context.WithCancel(ctx)
 	ch := c.Watch(wctx, []byte("p/"), client.WithPrefix())
-	// The watch starts "now" on each shard once created; a first put and
-	// its event say it is.
+	// The watch starts "now" on each shard once created there: probe puts
+	// until an event from each of the 2 shards says it is. collect leaves
+	// the probes out.
+	shardsSeen := map[uint64]bool{}
+	for i := 0; len(shardsSeen) < 2; i++ {
+		if _, err := c.Put(ctx, []byte(fmt.Sprint(probePrefix, i)), []byte("v")); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case r := <-ch:
+			if r.Err != nil {
+				t.Fatal(r.Err)
+			}
+			for _, ev := range r.Events {
+				shardsSeen[ev.GetShard()] = true
+			}
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 	const total = 60
 	if _, err := c.Put(ctx, []byte("p/0"), []byte("v")); err != nil {
 		t.Fatal(err)

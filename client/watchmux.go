@@ -10,14 +10,10 @@ import (
 	"github.com/kvd/kvd/proto/kvpb"
 )
 
-// A Client keeps one Watch stream per node, shared by all its watches of
-// shards that node leads (the server multiplexes watches by id). The
-// streams are found by node in muxes; a stream that breaks, or whose
-// last watch ends, is dropped, and the next watch opens a new one.
-var muxes struct {
-	sync.Mutex
-	byNode map[*node]*watchMux
-}
+// A Client keeps one Watch stream per node (node.watch), shared by all its
+// watches of shards that node leads (the server multiplexes watches by
+// id). A stream that breaks, or whose last watch ends, is dropped, and the
+// next watch opens a new one.
 
 // errMuxBroken: the node's watch stream ended under a watch; the
 // watch opens again, elsewhere if need be.
@@ -56,9 +52,9 @@ const watchSubBuffer = 64
 // need be) and returns its id and its responses; the channel is closed
 // when the stream breaks. base bounds the stream's life (the Client's).
 func subscribe(base context.Context, n *node) (*watchSub, error) {
-	muxes.Lock()
-	defer muxes.Unlock()
-	m := muxes.byNode[n]
+	n.watch.Lock()
+	defer n.watch.Unlock()
+	m := n.watch.mux
 	if m != nil {
 		m.mu.Lock()
 		if !m.broken {
@@ -75,10 +71,7 @@ func subscribe(base context.Context, n *node) (*watchSub, error) {
 		return nil, err
 	}
 	m = &watchMux{n: n, stream: stream, cancel: cancel, subs: map[int64]*watchSub{}}
-	if muxes.byNode == nil {
-		muxes.byNode = map[*node]*watchMux{}
-	}
-	muxes.byNode[n] = m
+	n.watch.mux = m
 	m.mu.Lock()
 	sub := m.addLocked()
 	m.mu.Unlock()
@@ -120,13 +113,13 @@ func (sub *watchSub) unsubscribe() {
 	}
 }
 
-// close drops the stream from muxes and ends it.
+// close drops the stream from its node and ends it.
 func (m *watchMux) close() {
-	muxes.Lock()
-	if muxes.byNode[m.n] == m {
-		delete(muxes.byNode, m.n)
+	m.n.watch.Lock()
+	if m.n.watch.mux == m {
+		m.n.watch.mux = nil
 	}
-	muxes.Unlock()
+	m.n.watch.Unlock()
 	m.cancel()
 }
 

@@ -61,15 +61,17 @@ func TestWatchesShareOneStreamPerNode(t *testing.T) {
 	first(ch1, "a")
 	first(ch2, "p/x")
 	streams := func() (n, subs int) {
-		muxes.Lock()
-		defer muxes.Unlock()
-		for nd, m := range muxes.byNode {
-			if nd.addr == s.ClientAddr() {
+		c.mu.RLock()
+		defer c.mu.RUnlock()
+		for _, nd := range c.mu.nodes {
+			nd.watch.Lock()
+			if m := nd.watch.mux; m != nil && nd.addr == s.ClientAddr() {
 				n++
 				m.mu.Lock()
 				subs += len(m.subs)
 				m.mu.Unlock()
 			}
+			nd.watch.Unlock()
 		}
 		return n, subs
 	}
