@@ -17,10 +17,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"slices"
 	"sort"
 	"sync"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -550,9 +552,37 @@ func (s kvServer) Batch(stream kvpb.KV_BatchServer) error {
 	s.n.mu.Lock()
 	s.n.mu.calls["Batch"]++
 	s.n.mu.Unlock()
-	return kvpb.ServeBatch(stream, func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
-		return it.Call(ctx, s)
-	})
+	// Each item is served in a goroutine of its own, as the server does,
+	// and answered in a message of its own.
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	var sendMu sync.Mutex
+	for {
+		req, err := stream.Recv()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
+		}
+		for _, it := range req.GetItems() {
+			wg.Go(func() {
+				ctx := stream.Context()
+				if t := it.GetTimeoutUs(); t > 0 {
+					var cancel context.CancelFunc
+					ctx, cancel = context.WithTimeout(ctx, time.Duration(t)*time.Microsecond)
+					defer cancel()
+				}
+				res, err := it.Call(ctx, s)
+				if err != nil {
+					res = &kvpb.BatchResponseItem{Id: it.GetId(), Error: kvpb.StatusOf(err)}
+				}
+				sendMu.Lock()
+				defer sendMu.Unlock()
+				_ = stream.Send(&kvpb.BatchResponse{Items: []*kvpb.BatchResponseItem{res}})
+			})
+		}
+	}
 }
 
 func (s kvServer) Range(ctx context.Context, r *kvpb.RangeRequest) (*kvpb.RangeResponse, error) {

@@ -1,0 +1,185 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"runtime"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/proto/kvpb"
+)
+
+// TestFittingCutsAtOneMessage: answers are packed up to
+// maxBatchResponseBytes, and every message carries at least one.
+func TestFittingCutsAtOneMessage(t *testing.T) {
+	answer := func(n int) reply {
+		it := &kvpb.BatchResponseItem{Response: &kvpb.BatchResponseItem_Get{Get: &kvpb.GetResponse{Kv: &kvpb.KeyValue{Value: bytes.Repeat([]byte("v"), n)}}}}
+		return reply{it: it, size: proto.Size(it)}
+	}
+	big := 600 << 10
+	for _, tc := range []struct {
+		name  string
+		items []reply
+		want  int
+	}{
+		{"one answer over the limit goes alone", []reply{answer(2 << 20)}, 1},
+		{"small answers share a message", []reply{answer(10), answer(10), answer(10)}, 3},
+		{"the answer that crosses the limit opens the next message", []reply{answer(big), answer(big), answer(10)}, 1},
+		{"up to the limit", []reply{answer(10), answer(big), answer(big)}, 2},
+	} {
+		if got := fitting(tc.items); got != tc.want {
+			t.Errorf("%s: fitting = %d, want %d", tc.name, got, tc.want)
+		}
+	}
+}
+
+// batchOnly serves Batch with serveBatch; gets of "slow" wait for
+// the stream to end, other gets answer a 64 KiB value at once.
+type batchOnly struct {
+	kvpb.UnimplementedKVServer
+	opts batchOptions
+	done chan error // what each Batch handler returned
+}
+
+func (b batchOnly) Batch(stream kvpb.KV_BatchServer) error {
+	err := serveBatch(stream, b.opts, func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
+		if string(it.GetGet().GetKey()) == "slow" {
+			<-ctx.Done()
+			return nil, ctx.Err()
+		}
+		return &kvpb.BatchResponseItem{Response: &kvpb.BatchResponseItem_Get{Get: &kvpb.GetResponse{Kv: &kvpb.KeyValue{Value: make([]byte, 64<<10)}}}}, nil
+	})
+	b.done <- err
+	return err
+}
+
+// TestServeBatchCutsOffAClientNotReading: a client that sends and never
+// reads makes serveBatch stop receiving at its bound, and once Send
+// has been blocked for SendTimeout the handler returns errNotReading,
+// with every goroutine it started (item, receiver, sender) ended soon
+// after and every byte charged released.
+func TestServeBatchCutsOffAClientNotReading(t *testing.T) {
+	var charged atomic.Int64
+	srv := batchOnly{done: make(chan error, 4), opts: batchOptions{
+		MaxHeldBytes: 256 << 10,
+		SendTimeout:  200 * time.Millisecond,
+		Charge:       func(_ *kvpb.BatchRequestItem, n int64) bool { charged.Add(n); return true },
+		Release:      func(n int64) { charged.Add(-n) },
+	}}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer()
+	kvpb.RegisterKVServer(gs, srv)
+	go gs.Serve(lis)
+	defer gs.Stop()
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithStaticStreamWindowSize(64<<10), grpc.WithStaticConnWindowSize(64<<10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	kv := kvpb.NewKVClient(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	// A well-behaved stream first: the connection and its goroutines
+	// are then part of the baseline.
+	s, err := kv.Batch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Recv(); !errors.Is(err, io.EOF) {
+		t.Fatalf("empty stream: %v", err)
+	}
+	if err := <-srv.done; err != nil {
+		t.Fatal(err)
+	}
+	baseline := runtime.NumGoroutine()
+
+	sctx, scancel := context.WithCancel(ctx)
+	defer scancel()
+	s, err = kv.Batch(sctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for i := uint64(1); i <= 2000; i++ {
+			key := "fast"
+			if i%50 == 0 {
+				key = "slow"
+			}
+			item := &kvpb.BatchRequestItem{Id: i, Request: &kvpb.BatchRequestItem_Get{Get: &kvpb.GetRequest{Key: []byte(key)}}}
+			if s.Send(&kvpb.BatchRequest{Items: []*kvpb.BatchRequestItem{item}}) != nil {
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-srv.done:
+		if !errors.Is(err, errNotReading) {
+			t.Fatalf("handler returned %v, want errNotReading", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("the stream of a client not reading was never cut off")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for runtime.NumGoroutine() > baseline || charged.Load() != 0 {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			t.Fatalf("%d goroutines, %d before the stream; %d bytes still charged\n%s",
+				runtime.NumGoroutine(), baseline, charged.Load(), buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(10 * time.Millisecond) // poll interval, not synchronisation
+	}
+}
+
+// A stream whose items are refused with ResourceExhausted waits longer
+// before each next Recv, up to a bound, and an item served ends the wait.
+func TestBatchPauseAfterRefusals(t *testing.T) {
+	b := &batchServer{}
+	refused := &kvpb.BatchResponseItem{Error: kvpb.StatusOf(status.Error(codes.ResourceExhausted, "full"))}
+	invalid := &kvpb.BatchResponseItem{Error: kvpb.StatusOf(status.Error(codes.InvalidArgument, "bad"))}
+	want := []time.Duration{minRefusedPause, 2 * minRefusedPause, 4 * minRefusedPause}
+	for i, w := range want {
+		b.throttle(refused)
+		if b.mu.pause != w {
+			t.Fatalf("after %d refusals the pause is %v, want %v", i+1, b.mu.pause, w)
+		}
+	}
+	b.throttle(invalid)
+	if b.mu.pause != want[len(want)-1] {
+		t.Fatalf("an InvalidArgument answer moved the pause to %v", b.mu.pause)
+	}
+	for range 20 {
+		b.throttle(refused)
+	}
+	if b.mu.pause != maxRefusedPause {
+		t.Fatalf("pause after many refusals is %v, want the bound %v", b.mu.pause, maxRefusedPause)
+	}
+	b.throttle(&kvpb.BatchResponseItem{})
+	if b.mu.pause != 0 {
+		t.Fatalf("an item served left a pause of %v", b.mu.pause)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	b.throttle(refused)
+	cancel()
+	if err := b.waitPause(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("waitPause on a cancelled stream: %v, want context.Canceled", err)
+	}
+}
