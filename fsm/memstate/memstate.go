@@ -172,6 +172,3 @@ func (s *State) CheckHash() (index, hash uint64, err error) {
 func (s *State) HashCheck() (index, hash uint64, ok bool) {
 	return s.checkedIndex, s.checkedHash, s.checked
 }
-
-// Len is the number of kv and of metadata pairs.
-func (s *State) Len() (kv, meta int) { return len(s.kv.keys), len(s.meta.keys) }
