@@ -415,6 +415,9 @@ func (n *Node) Start() error {
 		return fmt.Errorf("clienttest: start node %d: %w", n.ID, err)
 	}
 	n.mu.srv = srv
+	// The proxy's connection backs off while the node is stopped; a
+	// started node is to be reached at once, as a client would.
+	n.proxy.cc.ResetConnectBackoff()
 	// A restart binds the addresses it had itself.
 	n.mu.cfg.ClientListener, n.mu.cfg.PeerListener = nil, nil
 	n.mu.cfg.ListenClient, n.mu.cfg.ListenPeer = srv.ClientAddr(), srv.PeerAddr()
@@ -473,7 +476,8 @@ func (n *Node) FailAfterApply(k int) {
 	n.proxy.mu.failAfter = k
 }
 
-// Delay holds every call for d before it is forwarded (0: no delay).
+// Delay holds every call but a Batch stream for d before it is forwarded
+// (0: no delay).
 func (n *Node) Delay(d time.Duration) {
 	n.proxy.mu.Lock()
 	defer n.proxy.mu.Unlock()
