@@ -1,6 +1,6 @@
 package kvpb
 
-// Hand-written helpers for the Batch method that the kvd server and its
+// Hand-written code for the Batch method that the kvd server and its
 // clients share. The server's stream handling is server.serveBatch. `make
 // proto` does not touch this file.
 
