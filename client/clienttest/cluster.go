@@ -150,10 +150,16 @@ func (c *Cluster) start(nodes, shards, replicas int) error {
 		}
 		c.Nodes = append(c.Nodes, n)
 	}
-	for _, n := range c.Nodes {
-		if err := n.Start(); err != nil {
-			return err
-		}
+	// Opening a node's storage takes a while; the nodes open theirs at
+	// once.
+	errs := make([]error, len(c.Nodes))
+	var wg sync.WaitGroup
+	for i, n := range c.Nodes {
+		wg.Go(func() { errs[i] = n.Start() })
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return err
 	}
 	return c.WaitReady()
 }
@@ -164,7 +170,11 @@ func (c *Cluster) start(nodes, shards, replicas int) error {
 func (c *Cluster) WaitReady() error {
 	var lastCampaign time.Time
 	return c.waitFor("every shard to have a leader and every member an address", func() bool {
-		campaign := time.Since(lastCampaign) > 20*tick
+		// One replica per shard campaigns: several at once split the vote.
+		var campaigned map[uint64]bool
+		if time.Since(lastCampaign) > 20*tick {
+			campaigned = map[uint64]bool{}
+		}
 		ready := true
 		for _, n := range c.Nodes {
 			srv := n.Server()
@@ -176,7 +186,8 @@ func (c *Cluster) WaitReady() error {
 					continue
 				}
 				ready = false
-				if campaign {
+				if campaigned != nil && !campaigned[rn.Shard()] {
+					campaigned[rn.Shard()] = true
 					lastCampaign = time.Now()
 					ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
 					_ = rn.Campaign(ctx)
