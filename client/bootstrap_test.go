@@ -14,7 +14,7 @@ import (
 // connections open like this) must not hold New up for its DialTimeout: the
 // other endpoints answer, and that is enough.
 func TestBootstrapDoesNotWaitForHungEndpoint(t *testing.T) {
-	f := newFake(t, 3, 4, 3)
+	f := newCluster(t, 3, 4, 3)
 	f.Node(1).SetMode(clienttest.Hang)
 	t.Cleanup(func() { f.Node(1).SetMode(clienttest.Up) })
 	// With one endpoint at a time, New would spend its whole context on
@@ -30,7 +30,9 @@ func TestBootstrapDoesNotWaitForHungEndpoint(t *testing.T) {
 	defer c.Close()
 	for s := uint64(1); s <= 4; s++ {
 		if f.Leader(s) == 1 {
-			f.SetLeader(s, 2)
+			if err := f.SetLeader(s, 2); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 	if _, err := c.Put(ctxT(t, 10*time.Second), []byte("a"), []byte("b")); err != nil {
@@ -42,7 +44,7 @@ func TestBootstrapDoesNotWaitForHungEndpoint(t *testing.T) {
 // container ports seen from the host) become those members' addresses; one
 // that answers only after New returned still does.
 func TestBootstrapLearnsEndpointsBehindForwarders(t *testing.T) {
-	f := newFake(t, 3, 4, 3)
+	f := newCluster(t, 3, 4, 3)
 	fwd := map[uint64]string{}
 	var eps []string
 	for _, n := range f.Nodes {
@@ -79,9 +81,11 @@ func TestBootstrapLearnsEndpointsBehindForwarders(t *testing.T) {
 // (a cluster still publishing addresses) is dialed once it is published,
 // with no request around to make the client ask for a new map.
 func TestUnpublishedMemberIsPickedUpLater(t *testing.T) {
-	f := newFake(t, 3, 4, 3)
+	f := newCluster(t, 3, 4, 3)
 	addr3 := f.Node(3).Addr
-	f.SetClientAddr(3, "")
+	if err := f.SetClientAddr(3, ""); err != nil {
+		t.Fatal(err)
+	}
 	c, err := New(ctxT(t, 5*time.Second), Config{
 		Endpoints:         []string{f.Node(1).Addr, f.Node(2).Addr},
 		HeartbeatInterval: 20 * time.Millisecond,
@@ -99,7 +103,9 @@ func TestUnpublishedMemberIsPickedUpLater(t *testing.T) {
 	if dialed() {
 		t.Fatal("member 3 dialed before it had an address")
 	}
-	f.SetClientAddr(3, addr3)
+	if err := f.SetClientAddr(3, addr3); err != nil {
+		t.Fatal(err)
+	}
 	waitFor(t, "member 3 to be dialed once its address is published", dialed)
 }
 

@@ -12,10 +12,10 @@ import (
 	"github.com/kvd/kvd/proto/kvpb"
 )
 
-// startCluster stands in for a running kvd cluster: three in-process fake
+// startCluster stands in for a running kvd cluster: three in-process
 // nodes. Real code passes the client addresses of kvd nodes.
-func startCluster() *clienttest.FakeCluster {
-	f, err := clienttest.NewFakeCluster(3, 4, 3)
+func startCluster() *clienttest.Cluster {
+	f, err := clienttest.New(3, 4, 3)
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -15,7 +15,7 @@ import (
 // A node answers Aborted for a retried transaction that applied but whose
 // result was not kept: retrying cannot help, so the client must not.
 func TestResultNotKeptNotRetried(t *testing.T) {
-	f := newFake(t, 3, 4, 3)
+	f := newCluster(t, 3, 4, 3)
 	c := newClient(t, f, Config{})
 	key := []byte("{u1}/a")
 	msg := "shard 1: fsm: result not kept for a retry: the transaction was applied at revision 9 (succeeded=true); its read results (3145728 bytes) were too large to keep for a retry; read the keys again"

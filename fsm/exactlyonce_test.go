@@ -7,12 +7,10 @@ import (
 	"strings"
 	"testing"
 
-	pb "go.etcd.io/raft/v3/raftpb"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
-	"github.com/kvd/kvd/storage"
 )
 
 func opDel(k string, prev bool) *kvpb.RequestOp {
@@ -22,9 +20,8 @@ func opDel(k string, prev bool) *kvpb.RequestOp {
 // record reads the stored exactly-once record of (session, seq).
 func (sh *shard) record(session, seq uint64) []byte {
 	var b []byte
-	_ = sh.s.View(func(r *storage.Reader) error {
+	sh.view(func(r View) {
 		b = bytes.Clone(r.GetMeta(resultKey(session, seq)))
-		return nil
 	})
 	return b
 }
@@ -33,18 +30,11 @@ func (sh *shard) record(session, seq uint64) []byte {
 // would have written it.
 func (sh *shard) putRecord(session, seq uint64, res *peerpb.Result) {
 	sh.t.Helper()
-	sh.index++
-	e := &pb.Entry{Index: proto.Uint64(sh.index), Term: proto.Uint64(1), Data: []byte("record")}
-	err := sh.s.Save(&storage.Update{
-		Entries:   []*pb.Entry{e},
-		Committed: []*pb.Entry{e},
-		Apply: func(tx *storage.Txn, _ *pb.Entry) {
-			tx.PutMeta(resultKey(session, seq), encode(res))
-		},
+	sh.update([]byte("record"), func(st State) {
+		if err := st.PutMeta(resultKey(session, seq), encode(res)); err != nil {
+			sh.t.Fatal(err)
+		}
 	})
-	if err != nil {
-		sh.t.Fatal(err)
-	}
 }
 
 func TestSeqReusedForAnotherRequestIsRejected(t *testing.T) {

@@ -82,7 +82,7 @@ func Apply(tx *storage.Txn, _ uint64, data []byte) any {
 	return apply(tx, data)
 }
 
-func apply(tx *storage.Txn, data []byte) *peerpb.Result {
+func apply(tx State, data []byte) *peerpb.Result {
 	var c peerpb.Command
 	if err := proto.Unmarshal(data, &c); err != nil {
 		return reject(ErrMalformed)
@@ -153,7 +153,7 @@ func DecodeResult(b []byte) (*peerpb.Result, error) {
 	return Outcome(&r)
 }
 
-func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
+func execute(tx State, c *peerpb.Command) *peerpb.Result {
 	switch op := c.GetOp().(type) {
 	case *peerpb.Command_Put:
 		ch := newChanges(tx, c.GetTimeUnixMs())
@@ -210,7 +210,7 @@ func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
 	}
 }
 
-func put(tx *storage.Txn, r *kvpb.PutRequest, ch *changes) (*kvpb.PutResponse, error) {
+func put(tx State, r *kvpb.PutRequest, ch *changes) (*kvpb.PutResponse, error) {
 	rev := ch.rev
 	if len(r.GetKey()) == 0 {
 		return nil, ErrEmptyKey
@@ -240,7 +240,7 @@ func put(tx *storage.Txn, r *kvpb.PutRequest, ch *changes) (*kvpb.PutResponse, e
 	return resp, nil
 }
 
-func del(tx *storage.Txn, r *kvpb.DeleteRequest, ch *changes) (*kvpb.DeleteResponse, error) {
+func del(tx State, r *kvpb.DeleteRequest, ch *changes) (*kvpb.DeleteResponse, error) {
 	if len(r.GetKey()) == 0 {
 		return nil, ErrEmptyKey
 	}
@@ -267,7 +267,7 @@ func del(tx *storage.Txn, r *kvpb.DeleteRequest, ch *changes) (*kvpb.DeleteRespo
 
 // txn evaluates the compares and applies one branch; all its changes share
 // one new revision, as in etcd.
-func txn(tx *storage.Txn, r *kvpb.TxnRequest, now int64) (*kvpb.TxnResponse, error) {
+func txn(tx State, r *kvpb.TxnRequest, now int64) (*kvpb.TxnResponse, error) {
 	ok := true
 	for _, c := range r.GetCompare() {
 		var cur *storedView
@@ -380,7 +380,7 @@ func compare(c *kvpb.Compare, cur *storedView) bool {
 	return false
 }
 
-func expireSessions(tx *storage.Txn, e *peerpb.ExpireSessions) {
+func expireSessions(tx State, e *peerpb.ExpireSessions) {
 	cutoff := e.GetNowUnixMs() - e.GetIdleMs()
 	var expired []uint64
 	tx.RangeMeta(prefixSession, func(k, v []byte) bool {
@@ -396,7 +396,7 @@ func expireSessions(tx *storage.Txn, e *peerpb.ExpireSessions) {
 	}
 }
 
-func setClusterMap(tx *storage.Txn, m *kvpb.ClusterMap) error {
+func setClusterMap(tx State, m *kvpb.ClusterMap) error {
 	if m == nil {
 		return ErrMalformed
 	}
@@ -413,7 +413,7 @@ func setClusterMap(tx *storage.Txn, m *kvpb.ClusterMap) error {
 // updateMember sets a member's addresses, or with add, adds a new member.
 // Adding is idempotent (a joining node may retry) but never takes over an
 // id or a peer address another node has.
-func updateMember(tx *storage.Txn, m *kvpb.Member, add bool) error {
+func updateMember(tx State, m *kvpb.Member, add bool) error {
 	cur, err := ClusterMapFrom(tx.GetMeta(metaClusterMap))
 	if err != nil {
 		return err
@@ -463,18 +463,18 @@ func ClusterMapFrom(b []byte) (*kvpb.ClusterMap, error) {
 }
 
 // ClusterMap reads the meta shard's cluster map (nil if none yet).
-func ClusterMap(r *storage.Reader) (*kvpb.ClusterMap, error) {
+func ClusterMap(r View) (*kvpb.ClusterMap, error) {
 	return ClusterMapFrom(r.GetMeta(metaClusterMap))
 }
 
 // Revision reads a shard's current revision.
-func Revision(r *storage.Reader) int64 {
+func Revision(r View) int64 {
 	rev, _ := decodeRevision(r.GetMeta(metaRevision))
 	return rev
 }
 
 // Get reads one key from a shard for a read request; nil when absent.
-func Get(r *storage.Reader, key []byte) (*kvpb.KeyValue, error) {
+func Get(r View, key []byte) (*kvpb.KeyValue, error) {
 	v := r.Get(key)
 	if v == nil {
 		return nil, nil
@@ -488,7 +488,7 @@ func Get(r *storage.Reader, key []byte) (*kvpb.KeyValue, error) {
 
 // Range calls fn for each key in [start, end) in key order with its decoded
 // record, until fn returns false.
-func Range(r *storage.Reader, start, end []byte, fn func(*kvpb.KeyValue) bool) error {
+func Range(r View, start, end []byte, fn func(*kvpb.KeyValue) bool) error {
 	var err error
 	r.Range(start, end, func(k, v []byte) bool {
 		var sv *peerpb.StoredValue
@@ -501,7 +501,7 @@ func Range(r *storage.Reader, start, end []byte, fn func(*kvpb.KeyValue) bool) e
 	return err
 }
 
-func load(tx *storage.Txn, key []byte) (*peerpb.StoredValue, error) {
+func load(tx State, key []byte) (*peerpb.StoredValue, error) {
 	v := tx.Get(key)
 	if v == nil {
 		return nil, nil
@@ -533,11 +533,11 @@ func toKV(key []byte, sv *peerpb.StoredValue) *kvpb.KeyValue {
 // record costs a change one read and one write.
 
 // loadRevision returns the shard's revision and history size.
-func loadRevision(tx *storage.Txn) (rev, history int64) {
+func loadRevision(tx State) (rev, history int64) {
 	return decodeRevision(tx.GetMeta(metaRevision))
 }
 
-func storeRevision(tx *storage.Txn, rev, history int64) {
+func storeRevision(tx State, rev, history int64) {
 	var b [16]byte
 	binary.BigEndian.PutUint64(b[:8], uint64(rev))
 	binary.BigEndian.PutUint64(b[8:], uint64(history))
@@ -554,7 +554,7 @@ func decodeRevision(b []byte) (rev, history int64) {
 	return rev, history
 }
 
-func loadSession(tx *storage.Txn, session uint64) *peerpb.SessionState {
+func loadSession(tx State, session uint64) *peerpb.SessionState {
 	st := &peerpb.SessionState{}
 	if b := tx.GetMeta(sessionKey(session)); b != nil {
 		_ = proto.Unmarshal(b, st) // a corrupt record is treated as a new session
@@ -562,18 +562,22 @@ func loadSession(tx *storage.Txn, session uint64) *peerpb.SessionState {
 	return st
 }
 
+// Keys are built in one allocation of their final size: a key given to
+// State escapes (it is an interface), so growing one would cost a second.
 func sessionKey(session uint64) []byte {
-	return binary.BigEndian.AppendUint64(bytes.Clone(prefixSession), session)
+	k := append(make([]byte, 0, len(prefixSession)+8), prefixSession...)
+	return binary.BigEndian.AppendUint64(k, session)
 }
 
 func resultKey(session, seq uint64) []byte {
-	k := binary.BigEndian.AppendUint64(bytes.Clone(prefixResult), session)
+	k := append(make([]byte, 0, len(prefixResult)+16), prefixResult...)
+	k = binary.BigEndian.AppendUint64(k, session)
 	return binary.BigEndian.AppendUint64(k, seq)
 }
 
 // dropResults deletes the recorded results of session with seq in [from, to).
-func dropResults(tx *storage.Txn, session, from, to uint64) {
-	prefix := binary.BigEndian.AppendUint64(bytes.Clone(prefixResult), session)
+func dropResults(tx State, session, from, to uint64) {
+	prefix := resultKey(session, 0)[:len(prefixResult)+8]
 	var keys [][]byte
 	tx.RangeMeta(prefix, func(k, _ []byte) bool {
 		if len(k) != len(prefix)+8 {

@@ -11,20 +11,30 @@ import (
 	pb "go.etcd.io/raft/v3/raftpb"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kvd/kvd/fsm/memstate"
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
 	"github.com/kvd/kvd/storage"
 )
 
-// shard is one real storage shard that commands are applied to, as the
-// Raft node would: one committed entry per Save.
+// shard is one shard's state that commands are applied to, as the Raft
+// node would, one committed entry at a time: in memory (memstate), or in a
+// real storage shard, one Save per entry.
 type shard struct {
 	t     testing.TB
-	s     *storage.Shard
+	s     *storage.Shard  // nil when in memory
+	mem   *memstate.State // nil on storage
 	index uint64
 }
 
+// newShard is a shard in memory: the state machine's own tests need no
+// storage engine.
 func newShard(t testing.TB) *shard {
+	return &shard{t: t, mem: memstate.New()}
+}
+
+// newStoredShard is a shard of a real storage engine.
+func newStoredShard(t testing.TB) *shard {
 	t.Helper()
 	return newShardOn(t, openEngine(t), 1)
 }
@@ -50,19 +60,42 @@ func newShardOn(t testing.TB, e *storage.Engine, id uint64) *shard {
 	return &shard{t: t, s: s, index: idx}
 }
 
-func (sh *shard) applyRaw(data []byte) []byte {
+// update runs fn as the next committed entry, data.
+func (sh *shard) update(data []byte, fn func(State)) {
 	sh.t.Helper()
 	sh.index++
+	if sh.mem != nil {
+		sh.mem.Index = sh.index
+		fn(sh.mem)
+		return
+	}
 	e := &pb.Entry{Index: proto.Uint64(sh.index), Term: proto.Uint64(1), Data: data}
-	var res []byte
 	err := sh.s.Save(&storage.Update{
 		Entries:   []*pb.Entry{e},
 		Committed: []*pb.Entry{e},
-		Apply:     func(tx *storage.Txn, e *pb.Entry) { res = encode(apply(tx, e.GetData())) },
+		Apply:     func(tx *storage.Txn, _ *pb.Entry) { fn(tx) },
 	})
 	if err != nil {
 		sh.t.Fatal(err)
 	}
+}
+
+// view runs fn with a read-only view of the shard's state.
+func (sh *shard) view(fn func(View)) {
+	sh.t.Helper()
+	if sh.mem != nil {
+		fn(sh.mem)
+		return
+	}
+	if err := sh.s.View(func(r *storage.Reader) error { fn(r); return nil }); err != nil {
+		sh.t.Fatal(err)
+	}
+}
+
+func (sh *shard) applyRaw(data []byte) []byte {
+	sh.t.Helper()
+	var res []byte
+	sh.update(data, func(st State) { res = encode(apply(st, data)) })
 	return res
 }
 
@@ -78,11 +111,8 @@ func (sh *shard) apply(c *peerpb.Command) (*peerpb.Result, error) {
 func (sh *shard) get(key string) *kvpb.KeyValue {
 	sh.t.Helper()
 	var kv *kvpb.KeyValue
-	err := sh.s.View(func(r *storage.Reader) error {
-		var err error
-		kv, err = Get(r, []byte(key))
-		return err
-	})
+	var err error
+	sh.view(func(r View) { kv, err = Get(r, []byte(key)) })
 	if err != nil {
 		sh.t.Fatal(err)
 	}
@@ -91,7 +121,7 @@ func (sh *shard) get(key string) *kvpb.KeyValue {
 
 func (sh *shard) revision() int64 {
 	var rev int64
-	_ = sh.s.View(func(r *storage.Reader) error { rev = Revision(r); return nil })
+	sh.view(func(r View) { rev = Revision(r) })
 	return rev
 }
 
@@ -250,13 +280,12 @@ func TestRetriedWriteReturnsFirstResultAndChangesNothing(t *testing.T) {
 		t.Fatalf("retry below ack_below: err %v, want %v", err, ErrStaleSeq)
 	}
 	var records int
-	_ = sh.s.View(func(r *storage.Reader) error {
+	sh.view(func(r View) {
 		for seq := uint64(1); seq < 5; seq++ {
 			if r.GetMeta(resultKey(session, seq)) != nil {
 				records++
 			}
 		}
-		return nil
 	})
 	if records != 0 {
 		t.Fatalf("%d results below ack_below were kept", records)
@@ -268,14 +297,13 @@ func TestExpireSessionsIsDeterministic(t *testing.T) {
 	sh.apply(withSession(cmdPut("a", "1"), 1, 1, 1, 1_000))
 	sh.apply(withSession(cmdPut("b", "1"), 2, 1, 1, 9_000))
 	sh.apply(&peerpb.Command{Op: &peerpb.Command_ExpireSessions{ExpireSessions: &peerpb.ExpireSessions{NowUnixMs: 10_000, IdleMs: 5_000}}})
-	_ = sh.s.View(func(r *storage.Reader) error {
+	sh.view(func(r View) {
 		if r.GetMeta(sessionKey(1)) != nil || r.GetMeta(resultKey(1, 1)) != nil {
 			t.Error("session 1 (idle 9 s > 5 s) was not expired")
 		}
 		if r.GetMeta(sessionKey(2)) == nil || r.GetMeta(resultKey(2, 1)) == nil {
 			t.Error("session 2 (idle 1 s) was expired")
 		}
-		return nil
 	})
 }
 
@@ -299,7 +327,7 @@ func TestClusterMapEpochs(t *testing.T) {
 	}
 	epoch := func() uint64 {
 		var m *kvpb.ClusterMap
-		_ = sh.s.View(func(r *storage.Reader) error { m, _ = ClusterMap(r); return nil })
+		sh.view(func(r View) { m, _ = ClusterMap(r) })
 		return m.GetEpoch()
 	}
 	if err := update("c1"); err != nil || epoch() != 2 {
@@ -327,7 +355,7 @@ func TestAddMember(t *testing.T) {
 	}
 	cmap := func() *kvpb.ClusterMap {
 		var m *kvpb.ClusterMap
-		_ = sh.s.View(func(r *storage.Reader) error { m, _ = ClusterMap(r); return nil })
+		sh.view(func(r View) { m, _ = ClusterMap(r) })
 		return m
 	}
 	if err := add(2, "p2"); err != nil {
@@ -481,7 +509,7 @@ func TestAckBelowDropsResultsNearAndFar(t *testing.T) {
 	}
 	sh.apply(withSession(cmdPut("o", "v"), other, 1, 1, 999))
 	left := func() (got []uint64) {
-		_ = sh.s.View(func(r *storage.Reader) error {
+		sh.view(func(r View) {
 			for _, seq := range seqs {
 				if r.GetMeta(resultKey(session, seq)) != nil {
 					got = append(got, seq)
@@ -490,7 +518,6 @@ func TestAckBelowDropsResultsNearAndFar(t *testing.T) {
 			if r.GetMeta(resultKey(other, 1)) == nil {
 				t.Error("another session's result was dropped")
 			}
-			return nil
 		})
 		return got
 	}

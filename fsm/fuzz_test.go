@@ -3,13 +3,16 @@ package fsm
 import (
 	"bytes"
 	"errors"
-	"sync/atomic"
+	"os"
+	"path/filepath"
+	"slices"
 	"testing"
 
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
+	"github.com/kvd/kvd/storage"
 )
 
 // fuzzInput turns fuzz bytes into requests; it reads zeros once they run out.
@@ -107,8 +110,8 @@ type fuzzRecord struct {
 
 // FuzzApplySequences applies sequences of puts, deletes and transactions,
 // with sessions, seqs and ack_below values that retry, reuse and drop
-// records, through Apply on a real storage shard, and checks against a
-// model: no panic; every result decodes, with a typed error if any; a
+// records, through Apply on a real storage shard and on memstate, which must
+// answer byte for byte alike, and checks against a model: no panic; every result decodes, with a typed error if any; a
 // retry gets the first answer (or ErrResultNotKept for large reads); a
 // different request with the same (session, seq) gets ErrSeqReused; a seq
 // below ack_below gets ErrStaleSeq; results and records stay bounded.
@@ -129,25 +132,30 @@ func FuzzApplySequences(f *testing.F) {
 		2, 0, 2, 2, 0, 2, 1, 0, 1, 2, 0, 0, // txn: 2 gets (2 MiB), session 7 seq 2
 		2, 0, 2, 2, 0, 2, 1, 0, 1, 2, 0, 0, // retry: the reads were not kept
 	})
-	// Opening an engine costs far more than an input's commands: every
-	// input gets a fresh shard of one engine instead.
-	e := openEngine(f)
-	var shards atomic.Uint64
+	// Opening an engine costs far more than an input's commands: inputs
+	// get fresh shards of one engine, replaced every 64 inputs so that a
+	// long run does not grow one file without bound.
+	engines := &fuzzEngines{dir: f.TempDir()}
+	f.Cleanup(engines.close)
 	f.Fuzz(func(t *testing.T, data []byte) {
-		id := shards.Add(1)
-		sh := newShardOn(t, e, id)
-		t.Cleanup(func() {
-			if err := e.DeleteShard(id); err != nil {
-				t.Error(err)
-			}
-		})
+		sh, mem := engines.shard(t), newShard(t)
 		in := &fuzzInput{b: data}
 		records := map[[2]uint64]*fuzzRecord{}
 		ackBelow := map[uint64]uint64{}
 		for step := 0; step < 24 && len(in.b) > 0; step++ {
 			c := in.command()
 			op := encode(&peerpb.Command{Op: c.GetOp()})
-			got, err := sh.apply(proto.CloneOf(c))
+			b, err := proto.Marshal(c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			raw := sh.applyRaw(b)
+			// The state machine in memory must answer what it answers on
+			// storage, byte for byte, or its tests would prove nothing.
+			if m := mem.applyRaw(b); !bytes.Equal(raw, m) {
+				t.Fatalf("step %d: storage answered %x, memory %x", step, raw, m)
+			}
+			got, err := DecodeResult(raw)
 			if err != nil && errors.Is(err, ErrRejected) {
 				t.Fatalf("step %d: rejection without a code: %v", step, err)
 			}
@@ -195,6 +203,19 @@ func FuzzApplySequences(f *testing.F) {
 				ackBelow[c.GetSession()] = a
 			}
 		}
+		var onDisk, inMemory []*kvpb.KeyValue
+		collect := func(kvs *[]*kvpb.KeyValue) func(View) {
+			return func(r View) {
+				if err := Range(r, nil, nil, func(kv *kvpb.KeyValue) bool { *kvs = append(*kvs, kv); return true }); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		sh.view(collect(&onDisk))
+		mem.view(collect(&inMemory))
+		if !slices.EqualFunc(onDisk, inMemory, func(a, b *kvpb.KeyValue) bool { return proto.Equal(a, b) }) {
+			t.Fatalf("storage holds %v, memory %v", onDisk, inMemory)
+		}
 		// The state hash the Txn moved put by put must be the sum of what
 		// is stored, or replicas would raise false corruption alarms.
 		sh.s.Flush()
@@ -202,4 +223,39 @@ func FuzzApplySequences(f *testing.F) {
 			t.Fatalf("scrub after the sequence: %v", err)
 		}
 	})
+}
+
+// fuzzEngines hands out fresh shards of a storage engine it replaces now
+// and then. Inputs run one at a time.
+type fuzzEngines struct {
+	dir    string
+	e      *storage.Engine
+	edir   string
+	shards uint64
+}
+
+func (fe *fuzzEngines) shard(t *testing.T) *shard {
+	t.Helper()
+	if fe.e == nil || fe.shards == 64 {
+		fe.close()
+		dir, err := os.MkdirTemp(fe.dir, "engine")
+		if err != nil {
+			t.Fatal(err)
+		}
+		e, err := storage.Open(filepath.Join(dir, "kvd.db"), storage.Options{NoSync: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		fe.e, fe.edir, fe.shards = e, dir, 0
+	}
+	fe.shards++
+	return newShardOn(t, fe.e, fe.shards)
+}
+
+func (fe *fuzzEngines) close() {
+	if fe.e != nil {
+		fe.e.Close()
+		os.RemoveAll(fe.edir)
+		fe.e = nil
+	}
 }

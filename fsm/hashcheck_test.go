@@ -5,13 +5,18 @@ import (
 
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
-	"github.com/kvd/kvd/storage"
 )
 
 // TestHashCheckRecordsStateHash: HashCheck answers and records the state
 // hash at its own index; two shards given the same commands agree, and a
-// write moves the hash.
+// write moves the hash. On storage and in memory alike.
 func TestHashCheckRecordsStateHash(t *testing.T) {
+	for name, newShard := range map[string]func(testing.TB) *shard{"memory": newShard, "storage": newStoredShard} {
+		t.Run(name, func(t *testing.T) { testHashCheck(t, newShard) })
+	}
+}
+
+func testHashCheck(t *testing.T, newShard func(testing.TB) *shard) {
 	check := func(sh *shard) *peerpb.HashCheckResult {
 		t.Helper()
 		res, err := sh.apply(&peerpb.Command{Op: &peerpb.Command_HashCheck{HashCheck: &peerpb.HashCheck{}}})
@@ -31,15 +36,17 @@ func TestHashCheckRecordsStateHash(t *testing.T) {
 	if ra.GetIndex() != a.index || ra.GetHash() == 0 || ra.GetIndex() != rb.GetIndex() || ra.GetHash() != rb.GetHash() {
 		t.Fatalf("replicas' checks %v and %v", ra, rb)
 	}
-	err := a.s.View(func(r *storage.Reader) error {
-		if i, h, ok := r.HashCheck(); !ok || i != ra.GetIndex() || h != ra.GetHash() {
+	a.view(func(r View) {
+		hc, ok := r.(interface {
+			HashCheck() (index, hash uint64, ok bool)
+		})
+		if !ok {
+			t.Fatalf("%T records no hash check", r)
+		}
+		if i, h, ok := hc.HashCheck(); !ok || i != ra.GetIndex() || h != ra.GetHash() {
 			t.Errorf("recorded %d/%x/%v, want %v", i, h, ok, ra)
 		}
-		return nil
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
 	if _, err := a.apply(&peerpb.Command{Op: &peerpb.Command_Delete{Delete: &kvpb.DeleteRequest{Key: []byte("k")}}}); err != nil {
 		t.Fatal(err)
 	}

@@ -11,7 +11,6 @@ import (
 
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
-	"github.com/kvd/kvd/storage"
 )
 
 // A shard's history is the list of its changes, one peerpb.HistoryEvent per
@@ -71,13 +70,13 @@ type changes struct {
 
 // newChanges starts the changes of a command applied at the shard's next
 // revision.
-func newChanges(tx *storage.Txn, time int64) *changes {
+func newChanges(tx State, time int64) *changes {
 	rev, history := loadRevision(tx)
 	return &changes{rev: rev + 1, time: time, history: history}
 }
 
 // record stores one change event; prev is the key's record before it.
-func (c *changes) record(tx *storage.Txn, ev *peerpb.HistoryEvent, prev *peerpb.StoredValue) error {
+func (c *changes) record(tx State, ev *peerpb.HistoryEvent, prev *peerpb.StoredValue) error {
 	ev.Prev, ev.TimeUnixMs = prev, c.time
 	k := historyKey(c.rev)
 	k = binary.BigEndian.AppendUint32(k, c.n)
@@ -89,7 +88,7 @@ func (c *changes) record(tx *storage.Txn, ev *peerpb.HistoryEvent, prev *peerpb.
 
 // commit makes the command's revision the shard's, with its history's
 // new size.
-func (c *changes) commit(tx *storage.Txn) {
+func (c *changes) commit(tx State) {
 	storeRevision(tx, c.rev, c.history+c.bytes)
 }
 
@@ -112,7 +111,7 @@ var historyEnd = []byte("h0")
 
 // compactHistory drops up to MaxCompactEvents events below c.below (capped
 // at the shard revision + 1).
-func compactHistory(tx *storage.Txn, c *peerpb.CompactHistory) *peerpb.CompactHistoryResult {
+func compactHistory(tx State, c *peerpb.CompactHistory) *peerpb.CompactHistoryResult {
 	rev, history := loadRevision(tx)
 	below := min(c.GetBelow(), rev+1)
 	limit := int(c.GetMaxEvents())
@@ -149,7 +148,7 @@ func compactHistory(tx *storage.Txn, c *peerpb.CompactHistory) *peerpb.CompactHi
 // HistoryBytes is the size of a shard's history: the bytes of its events'
 // keys and encoded values, kept with the revision as events are written
 // and dropped.
-func HistoryBytes(r *storage.Reader) int64 {
+func HistoryBytes(r View) int64 {
 	_, history := decodeRevision(r.GetMeta(metaRevision))
 	return history
 }
@@ -158,11 +157,11 @@ func HistoryBytes(r *storage.Reader) int64 {
 // events frees at least excess bytes (whole revisions: a revision's events
 // go together), looking at no more than maxScan events: past them, the
 // revision after the last one looked at.
-func HistoryByteCut(r *storage.Reader, excess int64, maxScan int) int64 {
+func HistoryByteCut(r View, excess int64, maxScan int) int64 {
 	oldest, _ := HistoryBounds(r)
 	cut, n := oldest, 0
 	var freed int64
-	r.RangeMeta(prefixHistory, historyEnd, func(k, v []byte) bool {
+	r.ScanMeta(prefixHistory, historyEnd, func(k, v []byte) bool {
 		rev, ok := historyRev(k)
 		if !ok {
 			return true
@@ -181,10 +180,10 @@ func HistoryByteCut(r *storage.Reader, excess int64, maxScan int) int64 {
 // HistoryBounds returns the oldest revision a shard's history holds (its
 // revision + 1 when it holds none) and the shard's revision. Reads are
 // possible at oldest-1 and later, watches from oldest.
-func HistoryBounds(r *storage.Reader) (oldest, rev int64) {
+func HistoryBounds(r View) (oldest, rev int64) {
 	rev = Revision(r)
 	oldest = rev + 1
-	r.RangeMeta(prefixHistory, historyEnd, func(k, _ []byte) bool {
+	r.ScanMeta(prefixHistory, historyEnd, func(k, _ []byte) bool {
 		if h, ok := historyRev(k); ok {
 			oldest = h
 			return false
@@ -198,7 +197,7 @@ func HistoryBounds(r *storage.Reader) (oldest, rev int64) {
 // cutoffMs (by the proposer's clock), looking at no more than maxScan
 // events: past them, the revision after the last one looked at. The
 // leader trims below it for --history-retention.
-func HistoryCut(r *storage.Reader, cutoffMs int64, maxScan int) (int64, error) {
+func HistoryCut(r View, cutoffMs int64, maxScan int) (int64, error) {
 	oldest, _ := HistoryBounds(r)
 	cut, n := oldest, 0
 	err := events(r, oldest, func(rev int64, he *peerpb.HistoryEvent) bool {
@@ -220,7 +219,7 @@ func HistoryCut(r *storage.Reader, cutoffMs int64, maxScan int) (int64, error) {
 // limit events (0: no limit), so a revision's events are never split; else
 // through is the shard's revision. A from below the oldest revision kept
 // is a *CompactedError. Events' Shard is not set.
-func ReadEvents(r *storage.Reader, from int64, match func(key []byte) bool, limit int, maxBytes int64) (evs []*kvpb.Event, through int64, err error) {
+func ReadEvents(r View, from int64, match func(key []byte) bool, limit int, maxBytes int64) (evs []*kvpb.Event, through int64, err error) {
 	oldest, cur := HistoryBounds(r)
 	if from < oldest {
 		return nil, 0, &CompactedError{Revision: from, Oldest: oldest}
@@ -283,9 +282,9 @@ func ReadEvents(r *storage.Reader, from int64, match func(key []byte) bool, limi
 
 // events calls fn with each stored event from revision from on, in order,
 // until fn returns false.
-func events(r *storage.Reader, from int64, fn func(rev int64, he *peerpb.HistoryEvent) bool) error {
+func events(r View, from int64, fn func(rev int64, he *peerpb.HistoryEvent) bool) error {
 	var err error
-	r.RangeMeta(historyKey(from), historyEnd, func(k, v []byte) bool {
+	r.ScanMeta(historyKey(from), historyEnd, func(k, v []byte) bool {
 		rev, ok := historyRev(k)
 		if !ok {
 			return true
@@ -315,7 +314,7 @@ func toEvent(rev int64, he *peerpb.HistoryEvent) *kvpb.Event {
 }
 
 // pastRevision checks that the shard can be read at rev.
-func pastRevision(r *storage.Reader, rev int64) error {
+func pastRevision(r View, rev int64) error {
 	oldest, cur := HistoryBounds(r)
 	switch {
 	case rev > cur:
@@ -329,7 +328,7 @@ func pastRevision(r *storage.Reader, rev int64) error {
 // GetAt reads key as it was at revision rev of its shard: the previous
 // record of the first event on key after rev, or the current record if
 // none changed it since. It scans the history after rev.
-func GetAt(r *storage.Reader, key []byte, rev int64) (*kvpb.KeyValue, error) {
+func GetAt(r View, key []byte, rev int64) (*kvpb.KeyValue, error) {
 	if err := pastRevision(r, rev); err != nil {
 		return nil, err
 	}
@@ -357,7 +356,7 @@ func GetAt(r *storage.Reader, key []byte, rev int64) (*kvpb.KeyValue, error) {
 // in key order, until fn returns false. It undoes the events after rev on
 // the keys of the range, so it costs a scan of the history after rev and
 // holds the earliest change of every key it touched.
-func RangeAt(r *storage.Reader, start, end []byte, rev int64, fn func(*kvpb.KeyValue) bool) error {
+func RangeAt(r View, start, end []byte, rev int64, fn func(*kvpb.KeyValue) bool) error {
 	if err := pastRevision(r, rev); err != nil {
 		return err
 	}

@@ -103,9 +103,13 @@ func randomHistory(t *testing.T, sh *shard, seed uint64, n int) *historyModel {
 	return m
 }
 
-func (sh *shard) view(fn func(r *storage.Reader) error) {
+// viewErr runs fn with a read-only view of the shard and fails on its
+// error.
+func (sh *shard) viewErr(fn func(r View) error) {
 	sh.t.Helper()
-	if err := sh.s.View(fn); err != nil {
+	var err error
+	sh.view(func(r View) { err = fn(r) })
+	if err != nil {
 		sh.t.Fatal(err)
 	}
 }
@@ -118,7 +122,7 @@ func all([]byte) bool { return true }
 func TestHistoryMatchesModel(t *testing.T) {
 	sh := newShard(t)
 	m := randomHistory(t, sh, 7, 300)
-	sh.view(func(r *storage.Reader) error {
+	sh.viewErr(func(r View) error {
 		for _, lim := range []struct {
 			events int
 			bytes  int64
@@ -211,7 +215,7 @@ func TestCompactHistoryInChunks(t *testing.T) {
 	if rounds < 5 {
 		t.Fatalf("compacted %d revisions in %d rounds of at most 16 events", below-1, rounds)
 	}
-	sh.view(func(r *storage.Reader) error {
+	sh.viewErr(func(r View) error {
 		if oldest, rev := HistoryBounds(r); oldest != below || rev != m.rev {
 			t.Fatalf("bounds %d, %d; want %d, %d", oldest, rev, below, m.rev)
 		}
@@ -248,7 +252,7 @@ func TestCompactHistoryInChunks(t *testing.T) {
 	if err != nil || !res.GetCompactHistory().GetDone() || res.GetCompactHistory().GetOldest() != m.rev+1 {
 		t.Fatalf("compact all: %v, %v", res, err)
 	}
-	sh.view(func(r *storage.Reader) error {
+	sh.viewErr(func(r View) error {
 		if _, err := GetAt(r, []byte("k1"), m.rev); err != nil {
 			t.Fatalf("read at the current revision with no history: %v", err)
 		}
@@ -259,11 +263,11 @@ func TestCompactHistoryInChunks(t *testing.T) {
 // TestHistoryInStateHash: two replicas given the same commands hold the
 // same history; a compaction moves the hash (every replica applies it).
 func TestHistoryInStateHash(t *testing.T) {
-	a, b := newShard(t), newShard(t)
+	a, b := newStoredShard(t), newStoredShard(t)
 	randomHistory(t, a, 5, 50)
 	randomHistory(t, b, 5, 50)
 	hash := func(sh *shard) (h uint64) {
-		sh.view(func(r *storage.Reader) error { h = r.StateHash(); return nil })
+		sh.viewErr(func(r View) error { h = r.(*storage.Reader).StateHash(); return nil })
 		return h
 	}
 	if hash(a) != hash(b) {
@@ -289,8 +293,8 @@ func TestHistoryBytesAreCounted(t *testing.T) {
 	m := randomHistory(t, sh, 5, 200)
 	stored := func() (total int64, byRev map[int64]int64) {
 		byRev = map[int64]int64{}
-		sh.view(func(r *storage.Reader) error {
-			r.RangeMeta(prefixHistory, historyEnd, func(k, v []byte) bool {
+		sh.viewErr(func(r View) error {
+			r.ScanMeta(prefixHistory, historyEnd, func(k, v []byte) bool {
 				rev, _ := historyRev(k)
 				total += int64(len(k) + len(v))
 				byRev[rev] += int64(len(k) + len(v))
@@ -304,7 +308,7 @@ func TestHistoryBytesAreCounted(t *testing.T) {
 		t.Helper()
 		want, _ := stored()
 		var got int64
-		sh.view(func(r *storage.Reader) error { got = HistoryBytes(r); return nil })
+		sh.viewErr(func(r View) error { got = HistoryBytes(r); return nil })
 		if got != want || want == 0 {
 			t.Fatalf("%s: HistoryBytes %d, stored events %d", when, got, want)
 		}
@@ -313,7 +317,7 @@ func TestHistoryBytesAreCounted(t *testing.T) {
 	total, byRev := stored()
 	excess := total / 3
 	var cut int64
-	sh.view(func(r *storage.Reader) error { cut = HistoryByteCut(r, excess, 1<<20); return nil })
+	sh.viewErr(func(r View) error { cut = HistoryByteCut(r, excess, 1<<20); return nil })
 	var freed, freedBefore int64
 	for rev := int64(1); rev < cut; rev++ {
 		freedBefore = freed

@@ -11,7 +11,6 @@ import (
 
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
-	"github.com/kvd/kvd/storage"
 )
 
 // Size bounds of what a command returns and of what is kept of it. They are
@@ -209,7 +208,7 @@ func txnReadBytes(t *kvpb.TxnResponse) int {
 // key the branch has not written before it found in storage (nil when it
 // found none), so that txn decodes it instead of looking the key up and
 // verifying its checksum again.
-func checkTxnOps(tx *storage.Txn, ops []*kvpb.RequestOp) (total int, stored [][]byte, err error) {
+func checkTxnOps(tx State, ops []*kvpb.RequestOp) (total int, stored [][]byte, err error) {
 	// Only ops before the branch's last read can change what a read sees:
 	// a branch that reads nothing (Puts and Deletes without prev_kv) keeps
 	// no record of its writes.

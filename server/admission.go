@@ -69,7 +69,7 @@ func requestCharge(req any, size func(proto.Message) int) int64 {
 
 // sizedBefore is the size of a message proto.Size has sized already and
 // that has not changed since: a Batch item's request, sized with its item
-// as the stream received it (kvpb.ServeBatchWith), is not walked again.
+// as the stream received it (serveBatch), is not walked again.
 var sizedBefore = proto.MarshalOptions{UseCachedSize: true}.Size
 
 // admit reserves n bytes, a request's charge, or refuses the request.

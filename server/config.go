@@ -9,8 +9,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-
-	"github.com/kvd/kvd/proto/kvpb"
 )
 
 // Config is everything a kvd node is started with. cmd/kvd fills it from
@@ -160,9 +158,9 @@ const (
 
 	DefaultMaxInFlightBytes    = 32 << 20
 	DefaultMaxResponseBytes    = 4 << 20
-	DefaultMaxBatchStreamBytes = kvpb.DefaultBatchHeldBytes
+	DefaultMaxBatchStreamBytes = defaultBatchHeldBytes
 	DefaultMaxClientConns      = 1024
-	DefaultBatchSendTimeout    = kvpb.DefaultBatchSendTimeout
+	DefaultBatchSendTimeout    = defaultBatchSendTimeout
 )
 
 // ErrConfig marks a configuration error: cmd/kvd exits 2 on it.

@@ -141,10 +141,10 @@ func (s *Server) Get(ctx context.Context, req *kvpb.GetRequest) (*kvpb.GetRespon
 // answer is refused with ResourceExhausted when the budget has no room
 // for it, any other answer (a write's, which must reach the client) is
 // charged regardless. The stream holds at most MaxBatchStreamBytes (see
-// kvpb.BatchOptions).
+// batchOptions).
 func (s *Server) Batch(stream kvpb.KV_BatchServer) error {
 	adm := s.adm
-	opts := kvpb.BatchOptions{
+	opts := batchOptions{
 		MaxHeldBytes: s.cfg.Limits.MaxBatchStreamBytes,
 		SendTimeout:  s.cfg.BatchSendTimeout,
 		Charge: func(it *kvpb.BatchRequestItem, n int64) bool {
@@ -157,7 +157,7 @@ func (s *Server) Batch(stream kvpb.KV_BatchServer) error {
 		Release: adm.release,
 		CutOff:  s.metrics.batchCutOff.Inc,
 	}
-	return kvpb.ServeBatchWith(countedStream{stream, s.metrics}, opts, s.recoverItems(func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
+	return serveBatch(countedStream{stream, s.metrics}, opts, s.recoverItems(func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
 		var res *kvpb.BatchResponseItem
 		_, err := s.metrics.observe(it.Method(), func() (any, error) {
 			return adm.serve(requestCharge(it.Inner(), sizedBefore), func() (any, error) {

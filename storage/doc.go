@@ -30,7 +30,7 @@
 // # The writer: group commit and the WAL
 //
 // Exactly one goroutine, the writer, writes to bbolt. Shard.Save, Compact,
-// CreateShard, DeleteShard, PutMeta and the chunks of StageSnapshot are
+// CreateShard, PutMeta and the chunks of StageSnapshot are
 // requests sent to it on a channel; the caller blocks until the answer. The
 // writer takes one request, then every request already waiting, from all
 // shards, and performs them in queue order as ONE round, then makes the
@@ -109,6 +109,5 @@
 // staged buckets in place of the shard's (bbolt MoveBucket: no copy), drops
 // the log and records the snapshot's metadata as snapshot, applied index and
 // conf state, all in one transaction. Stagings that can no longer be
-// installed are dropped at the next install of the shard, when the shard is
-// deleted, and at Open.
+// installed are dropped at the next install of the shard and at Open.
 package storage

@@ -8,7 +8,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -366,25 +365,6 @@ func (e *Engine) view(fn func(tx *bolt.Tx) error) error {
 	return err
 }
 
-// ShardIDs returns the ids of the shards on disk in ascending order.
-func (e *Engine) ShardIDs() ([]uint64, error) {
-	var ids []uint64
-	err := e.view(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketShards).ForEachBucket(func(k []byte) error {
-			id, err := decodeU64(k)
-			ids = append(ids, id)
-			return err
-		})
-	})
-	if err != nil {
-		return nil, err
-	}
-	// bbolt iterates in byte order, which big-endian keys make numeric;
-	// sorting again is cheap insurance for the documented contract.
-	slices.Sort(ids)
-	return ids, nil
-}
-
 // CreateShard creates shard id, durably, and returns it.
 //
 // With voters in cs the shard is bootstrapped: every initial replica gets
@@ -412,9 +392,8 @@ func (e *Engine) OpenShard(id uint64) (*Shard, error) {
 	if e.closed.Load() {
 		return nil, ErrClosed
 	}
-	// e.mu is held across the load so that a concurrent DeleteShard either
-	// happens before it (the load finds nothing) or finds the loaded
-	// Shard in the map when it publishes, and marks it deleted.
+	// e.mu is held across the load so that concurrent calls load one
+	// *Shard.
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if s, ok := e.mu.shards[id]; ok {
@@ -435,18 +414,6 @@ func (e *Engine) OpenShard(id uint64) (*Shard, error) {
 	}
 	e.mu.shards[id] = s
 	return s, nil
-}
-
-// DeleteShard removes shard id and everything it holds, durably. *Shard
-// values for it return ErrShardNotFound afterwards.
-func (e *Engine) DeleteShard(id uint64) error {
-	resp := e.do(&request{exec: func(rs *round) (response, error) {
-		return rs.deleteShard(id)
-	}})
-	if resp.err != nil {
-		return fmt.Errorf("storage: delete shard %d: %w", id, resp.err)
-	}
-	return nil
 }
 
 // GetMeta returns a copy of the node-level metadata value under key (node

@@ -74,9 +74,6 @@ func TestBootstrapAndJoin(t *testing.T) {
 		if _, err := join.Entries(1, 1, math.MaxUint64); !errors.Is(err, raft.ErrUnavailable) {
 			t.Fatalf("joining Entries: %v", err)
 		}
-		if ids, _ := e.ShardIDs(); !slices.Equal(ids, []uint64{7, 8}) {
-			t.Fatalf("ShardIDs = %v", ids)
-		}
 	}
 	_, _ = boot, join
 	check(e)
@@ -481,7 +478,6 @@ func TestErrors(t *testing.T) {
 	if _, err := e.OpenShard(5); !errors.Is(err, ErrShardNotFound) {
 		t.Fatalf("OpenShard unknown: %v", err)
 	}
-	mustIs(t, e.DeleteShard(5), ErrShardNotFound)
 	s, err := e.CreateShard(1, voters)
 	if err != nil {
 		t.Fatal(err)
@@ -512,27 +508,6 @@ func TestErrors(t *testing.T) {
 		t.Fatalf("Put(nil) inside apply: ErrInvalid %v, Save %v", invalid, err)
 	}
 
-	// Delete: the old *Shard is dead, a new shard under the id is another.
-	if err := e.DeleteShard(1); err != nil {
-		t.Fatal(err)
-	}
-	if err := s.Save(&Update{Entries: ents(3, 1)}); !errors.Is(err, ErrShardNotFound) {
-		t.Fatalf("Save after delete: %v", err)
-	}
-	if _, err := s.LastIndex(); !errors.Is(err, ErrShardNotFound) {
-		t.Fatalf("LastIndex after delete: %v", err)
-	}
-	s2, err := e.CreateShard(1, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := s.View(func(*Reader) error { return nil }); !errors.Is(err, ErrShardNotFound) {
-		t.Fatalf("View through deleted shard: %v", err)
-	}
-	if l, _ := s2.LastIndex(); l != 0 {
-		t.Fatalf("recreated shard last %d", l)
-	}
-
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -540,16 +515,14 @@ func TestErrors(t *testing.T) {
 		t.Fatalf("second Close: %v", err)
 	}
 	for name, err := range map[string]error{
-		"Save":         s2.Save(&Update{Entries: ents(1, 1)}),
-		"Compact":      s2.Compact(1),
+		"Save":         s.Save(&Update{Entries: ents(1, 1)}),
+		"Compact":      s.Compact(1),
 		"CreateShard":  func() error { _, err := e.CreateShard(9, nil); return err }(),
 		"OpenShard":    func() error { _, err := e.OpenShard(1); return err }(),
-		"DeleteShard":  e.DeleteShard(1),
 		"PutMeta":      e.PutMeta("a", nil),
 		"GetMeta":      func() error { _, err := e.GetMeta("a"); return err }(),
-		"ShardIDs":     func() error { _, err := e.ShardIDs(); return err }(),
-		"View":         s2.View(func(*Reader) error { return nil }),
-		"OpenSnapshot": func() error { _, err := s2.OpenSnapshot(); return err }(),
+		"View":         s.View(func(*Reader) error { return nil }),
+		"OpenSnapshot": func() error { _, err := s.OpenSnapshot(); return err }(),
 		"StageSnapshot": func() error {
 			_, err := e.StageSnapshot(1, &pb.SnapshotMetadata{}, eofNext)
 			return err

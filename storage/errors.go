@@ -16,8 +16,7 @@ var (
 	// ErrShardExists is returned by CreateShard for an id already on disk.
 	ErrShardExists = errors.New("storage: shard exists")
 
-	// ErrShardNotFound is returned for a shard that is not on disk, or
-	// through a *Shard whose shard has been deleted.
+	// ErrShardNotFound is returned for a shard that is not on disk.
 	ErrShardNotFound = errors.New("storage: shard not found")
 
 	// ErrFailed is returned for every write after a write transaction failed

@@ -84,10 +84,9 @@ func (s *Shard) AppliedChanged() <-chan struct{} {
 // shardState is a shard's persistent state as published to readers (then
 // immutable) or as being built by a write round (then owned by the writer).
 type shardState struct {
-	deleted bool
-	hard    *pb.HardState        // nil until the first hard state is saved
-	snap    *pb.SnapshotMetadata // the log's dummy entry: index, term, conf state; never nil
-	last    uint64               // last index in the log; snap.Index if the log is empty
+	hard *pb.HardState        // nil until the first hard state is saved
+	snap *pb.SnapshotMetadata // the log's dummy entry: index, term, conf state; never nil
+	last uint64               // last index in the log; snap.Index if the log is empty
 
 	// cache holds the newest log entries, ending at last. Entries are
 	// immutable; states share the backing array: a round appends in place
@@ -158,25 +157,6 @@ func loadShard(e *Engine, id uint64, b *bolt.Bucket) (*Shard, error) {
 
 func bytesClone(b []byte) []byte { return append([]byte(nil), b...) }
 
-// state returns the published state, or ErrShardNotFound after deletion.
-// Called with s.mu held.
-func (s *Shard) stateLocked() (*shardState, error) {
-	if s.st.deleted {
-		return nil, fmt.Errorf("%w: %d", ErrShardNotFound, s.id)
-	}
-	return s.st, nil
-}
-
-func (s *Shard) markDeleted() {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if !s.st.deleted {
-		st := *s.st
-		st.deleted = true
-		s.st = &st
-	}
-}
-
 // ID returns the shard id.
 func (s *Shard) ID() uint64 { return s.id }
 
@@ -206,10 +186,7 @@ func (s *Shard) ConfState() *pb.ConfState {
 func (s *Shard) InitialState() (*pb.HardState, *pb.ConfState, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st, err := s.stateLocked()
-	if err != nil {
-		return nil, nil, err
-	}
+	st := s.st
 	var hs *pb.HardState
 	if st.hard != nil {
 		hs = proto.Clone(st.hard).(*pb.HardState)
@@ -221,10 +198,7 @@ func (s *Shard) InitialState() (*pb.HardState, *pb.ConfState, error) {
 func (s *Shard) FirstIndex() (uint64, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st, err := s.stateLocked()
-	if err != nil {
-		return 0, err
-	}
+	st := s.st
 	return st.snap.GetIndex() + 1, nil
 }
 
@@ -232,10 +206,7 @@ func (s *Shard) FirstIndex() (uint64, error) {
 func (s *Shard) LastIndex() (uint64, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st, err := s.stateLocked()
-	if err != nil {
-		return 0, err
-	}
+	st := s.st
 	return st.last, nil
 }
 
@@ -245,10 +216,7 @@ func (s *Shard) LastIndex() (uint64, error) {
 func (s *Shard) Snapshot() (*pb.Snapshot, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st, err := s.stateLocked()
-	if err != nil {
-		return nil, err
-	}
+	st := s.st
 	return &pb.Snapshot{Metadata: proto.Clone(st.snap).(*pb.SnapshotMetadata)}, nil
 }
 
@@ -257,10 +225,7 @@ func (s *Shard) Snapshot() (*pb.Snapshot, error) {
 func (s *Shard) Term(i uint64) (uint64, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st, err := s.stateLocked()
-	if err != nil {
-		return 0, err
-	}
+	st := s.st
 	switch offset := st.snap.GetIndex(); {
 	case i < offset:
 		return 0, raft.ErrCompacted
@@ -272,7 +237,7 @@ func (s *Shard) Term(i uint64) (uint64, error) {
 		return st.cache[i-st.cacheStart()].GetTerm(), nil
 	}
 	var term uint64
-	err = s.readLog(i, i+1, func(e *pb.Entry) bool {
+	err := s.readLog(i, i+1, func(e *pb.Entry) bool {
 		term = e.GetTerm()
 		return false
 	})
@@ -288,10 +253,7 @@ func (s *Shard) Term(i uint64) (uint64, error) {
 func (s *Shard) Entries(lo, hi, maxSize uint64) ([]*pb.Entry, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st, err := s.stateLocked()
-	if err != nil {
-		return nil, err
-	}
+	st := s.st
 	offset := st.snap.GetIndex()
 	if lo <= offset {
 		return nil, raft.ErrCompacted

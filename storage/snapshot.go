@@ -50,8 +50,7 @@ const (
 // loop) and may take as long as the stream. next's pairs are retained until
 // written, so next must return fresh slices. A failed stream leaves nothing
 // staged. Staged snapshots that are never installed are dropped when a
-// newer snapshot of the shard is installed, when the shard is deleted, and
-// at Open.
+// newer snapshot of the shard is installed, and at Open.
 func (e *Engine) StageSnapshot(shard uint64, meta *pb.SnapshotMetadata, next func() ([]*peerpb.SnapshotPair, error)) (token []byte, err error) {
 	metab, err := proto.Marshal(meta)
 	if err != nil {
@@ -153,8 +152,7 @@ func (rs *round) stage(seq uint64, info []byte, pairs []*peerpb.SnapshotPair, fi
 			return response{}, err
 		}
 	} else if b = stg.Bucket(u64(seq)); b == nil {
-		// Dropped meanwhile: a newer snapshot of the shard was installed,
-		// or the shard deleted.
+		// Dropped meanwhile: a newer snapshot of the shard was installed.
 		return response{err: fmt.Errorf("%w: staging %d dropped", ErrBadSnapshot, seq)}, nil
 	}
 	kv, meta := b.Bucket(bucketKV), b.Bucket(bucketMeta)

@@ -279,10 +279,10 @@ func (r *Reader) Range(start, end []byte, fn func(k, v []byte) bool) {
 // (or corrupt: then View returns ErrCorrupt).
 func (r *Reader) GetMeta(key []byte) []byte { return r.get(r.meta, key) }
 
-// RangeMeta calls fn for each metadata key in [start, end) in key order
+// ScanMeta calls fn for each metadata key in [start, end) in key order
 // until fn returns false. It stops at a corrupt value, and View returns
 // ErrCorrupt.
-func (r *Reader) RangeMeta(start, end []byte, fn func(k, v []byte) bool) {
+func (r *Reader) ScanMeta(start, end []byte, fn func(k, v []byte) bool) {
 	rangeBucket(r.meta, start, end, rangeUnsealed(fn, r.corrupt))
 }
 

@@ -295,10 +295,7 @@ func TestCacheKeepsUncommittedEntriesWithoutCommitting(t *testing.T) {
 	cached := func() (int, int) {
 		s.mu.Lock()
 		defer s.mu.Unlock()
-		st, err := s.stateLocked()
-		if err != nil {
-			t.Fatal(err)
-		}
+		st := s.st
 		return len(st.cache), st.cacheBytes
 	}
 	if n, b := cached(); n < 36 || b <= 500 {

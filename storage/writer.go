@@ -141,7 +141,6 @@ type round struct {
 	// cache, which readers fetch from bbolt (see Shard.mu).
 	lockForCommit map[*Shard]bool
 	created       []*Shard
-	deleted       []uint64
 
 	// commit: the round must end with a bbolt commit, not a WAL record.
 	commit bool
@@ -378,24 +377,14 @@ func (rs *round) publish() {
 		s.st = st
 		s.mu.Unlock()
 	}
-	if len(rs.created) == 0 && len(rs.deleted) == 0 {
+	if len(rs.created) == 0 {
 		return
 	}
 	e := rs.e
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	for _, id := range rs.deleted {
-		// Look the id up again: OpenShard may have loaded the shard while
-		// this round ran.
-		if s, ok := e.mu.shards[id]; ok {
-			s.markDeleted()
-			delete(e.mu.shards, id)
-		}
-	}
 	for _, s := range rs.created {
-		if !s.st.deleted {
-			e.mu.shards[s.id] = s
-		}
+		e.mu.shards[s.id] = s
 	}
 }
 
@@ -421,15 +410,9 @@ func (e *Engine) newest(s *Shard) *shardState {
 // published one on first use.
 func (rs *round) state(s *Shard) (*shardState, error) {
 	if st, ok := rs.states[s]; ok {
-		if st.deleted {
-			return nil, ErrShardNotFound
-		}
 		return st, nil
 	}
 	pub := rs.e.newest(s)
-	if pub.deleted {
-		return nil, ErrShardNotFound
-	}
 	// A shard deleted and created again under the same id is another
 	// shard: check that the bucket is still this Shard's incarnation.
 	if _, err := s.bucket(rs.tx); err != nil {
@@ -492,38 +475,6 @@ func (rs *round) createShard(id uint64, cs *pb.ConfState) (response, error) {
 	rs.states[s] = st
 	rs.created = append(rs.created, s)
 	return response{shard: s}, nil
-}
-
-func (rs *round) deleteShard(id uint64) (response, error) {
-	shards := rs.tx.Bucket(bucketShards)
-	if shards.Bucket(u64(id)) == nil {
-		return response{err: ErrShardNotFound}, nil
-	}
-	if err := shards.DeleteBucket(u64(id)); err != nil {
-		return response{}, err
-	}
-	if err := rs.dropStaged(id, ^uint64(0), false); err != nil {
-		return response{}, err
-	}
-	// Mark every Shard object for id that this round knows of; publish
-	// marks the one in the engine's map.
-	for s, st := range rs.states {
-		if s.id == id {
-			st.deleted = true
-		}
-	}
-	rs.e.mu.Lock()
-	s, ok := rs.e.mu.shards[id]
-	rs.e.mu.Unlock()
-	if ok {
-		if _, seen := rs.states[s]; !seen {
-			st := *rs.e.newest(s)
-			st.deleted = true
-			rs.states[s] = &st
-		}
-	}
-	rs.deleted = append(rs.deleted, id)
-	return response{}, nil
 }
 
 // putProto marshals m under key in b.

@@ -28,7 +28,7 @@ type outMsg struct {
 }
 
 // peer is a node SetPeer added. Its sender goroutine, and on the dialing
-// side its dial goroutine, live until ctx is cancelled (RemovePeer, Stop).
+// side its dial goroutine, live until the transport stops.
 type peer struct {
 	id    uint64
 	queue chan outMsg
@@ -40,8 +40,7 @@ type peer struct {
 	// writes cost leaders their leadership (CheckQuorum) and reads their
 	// deadline.
 	urgent chan outMsg
-	ctx    context.Context
-	cancel context.CancelFunc
+	ctx    context.Context // the transport's
 	// wake cuts the dial loop's backoff short after an address change.
 	wake chan struct{}
 
@@ -61,7 +60,7 @@ type peer struct {
 
 func newPeer(parent context.Context, id uint64, addr string, queueSize int) *peer {
 	p := &peer{id: id, queue: make(chan outMsg, queueSize), urgent: make(chan outMsg, queueSize), wake: make(chan struct{}, 1)}
-	p.ctx, p.cancel = context.WithCancel(parent)
+	p.ctx = parent
 	p.mu.addr = addr
 	return p
 }

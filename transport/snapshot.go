@@ -104,7 +104,7 @@ func (t *Transport) streamSnapshot(job snapJob) (err error) {
 		return fmt.Errorf("transport: dial peer %d for snapshot: %w", to, err)
 	}
 	defer cc.Close()
-	ctx, cancel := context.WithCancel(p.ctx) // ends on RemovePeer and Stop
+	ctx, cancel := context.WithCancel(p.ctx) // ends on Stop
 	defer cancel()
 	sctx, err := t.outgoing(ctx, to)
 	if err != nil {

@@ -354,32 +354,13 @@ func (t *Transport) SetPeer(id uint64, addr string) {
 	}
 	p := newPeer(t.ctx, id, addr, t.cfg.QueueSize)
 	t.mu.peers[id] = p
-	// Start goroutines under t.mu so that RemovePeer or Stop, which take
-	// it, see a peer whose goroutines are accounted for in t.wg.
+	// Start goroutines under t.mu so that Stop, which takes it, sees a
+	// peer whose goroutines are accounted for in t.wg.
 	t.goroutineLocked(func() { t.sendLoop(p) })
 	if t.dials(id) {
 		t.goroutineLocked(func() { t.dialLoop(p) })
 	}
 	t.mu.Unlock()
-}
-
-// RemovePeer forgets a peer: its goroutines end, its queued messages are
-// dropped without report (raft no longer cares about a removed member),
-// and its stream closes.
-func (t *Transport) RemovePeer(id uint64) {
-	t.mu.Lock()
-	p := t.mu.peers[id]
-	delete(t.mu.peers, id)
-	l := t.mu.links[id]
-	delete(t.mu.links, id)
-	delete(t.mu.downSince, id)
-	t.mu.Unlock()
-	if p != nil {
-		p.cancel()
-	}
-	if l != nil {
-		l.shutdown()
-	}
 }
 
 // Send enqueues msgs, all of one shard, for their destination peers. It

@@ -103,7 +103,7 @@ func benchJSON(t *testing.T, r result) benchReport {
 }
 
 func TestBenchWorkloads(t *testing.T) {
-	f, eps := fake(t)
+	f, eps := cluster(t)
 	rep := benchJSON(t, kvctl(t, eps, "", "-o", "json", "bench", "put", "--clients", "4", "--conns", "2", "--total", "300"))
 	if rep.Ops != 300 || rep.Errors != 0 || rep.OpsByType["put"] != 300 || rep.OpsPerSec <= 0 || rep.Latency.P50 <= 0 ||
 		rep.Latency.P50 > rep.Latency.P99 || rep.Latency.P99 > rep.Latency.Max || len(rep.Histogram) == 0 || rep.Mode != "closed" {
@@ -181,9 +181,7 @@ func TestBenchWorkloads(t *testing.T) {
 	}
 
 	// Errors are counted by class; all failing is exit 3.
-	for s := uint64(1); s <= 4; s++ {
-		f.SetLeader(s, 0)
-	}
+	noQuorum(t, f)
 	r = kvctl(t, eps, "", "--timeout", "200ms", "-o", "json", "bench", "put", "--total", "4", "--clients", "2")
 	rep = benchReport{}
 	json.Unmarshal([]byte(r.stdout), &rep)

@@ -7,6 +7,7 @@ import (
 	"net"
 	"strings"
 	"testing"
+	"time"
 
 	"go.uber.org/goleak"
 
@@ -42,9 +43,22 @@ func kvctl(t *testing.T, endpoints string, stdin string, args ...string) result 
 	return r
 }
 
-func fake(t *testing.T) (*clienttest.FakeCluster, string) {
+// noQuorum stops nodes 2 and 3: node 1 answers, but no shard can have a
+// leader.
+func noQuorum(t *testing.T, f *clienttest.Cluster) {
 	t.Helper()
-	f, err := clienttest.NewFakeCluster(3, 4, 3)
+	for _, id := range []uint64{2, 3} {
+		if err := f.Node(id).Stop(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// cluster starts a 3-node cluster of 4 shards and returns it with its
+// endpoints as --endpoints takes them.
+func cluster(t *testing.T) (*clienttest.Cluster, string) {
+	t.Helper()
+	f, err := clienttest.New(3, 4, 3)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,7 +78,7 @@ func deadAddr(t *testing.T) string {
 }
 
 func TestPutGetDel(t *testing.T) {
-	_, eps := fake(t)
+	_, eps := cluster(t)
 	if r := kvctl(t, eps, "", "put", "greeting", "hello"); r.code != 0 || r.stdout != "OK\n" {
 		t.Fatalf("put: %+v", r)
 	}
@@ -93,8 +107,17 @@ func TestPutGetDel(t *testing.T) {
 	if r := kvctl(t, eps, "", "-o", "table", "get", "greeting"); r.code != 0 || !strings.Contains(r.stdout, "VALUE") || !strings.Contains(r.stdout, "hello") {
 		t.Fatalf("get -o table: %+v", r)
 	}
-	if r := kvctl(t, eps, "", "get", "--consistency", "serializable", "greeting"); r.code != 0 || r.stdout != "hello\n" {
-		t.Fatalf("serializable get: %+v", r)
+	// A serializable read is served by any replica, which may not have
+	// applied the put yet: it sees it soon, not at once.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		r := kvctl(t, eps, "", "get", "--consistency", "serializable", "greeting")
+		if r.code == 0 && r.stdout == "hello\n" {
+			break
+		}
+		if time.Now().After(deadline) || (r.code != 0 && !strings.Contains(r.stderr, "not found")) {
+			t.Fatalf("serializable get: %+v", r)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	if r := kvctl(t, eps, "", "del", "greeting"); r.code != 0 || r.stdout != "1\n" {
 		t.Fatalf("del: %+v", r)
@@ -108,7 +131,7 @@ func TestPutGetDel(t *testing.T) {
 }
 
 func TestGetPrefix(t *testing.T) {
-	_, eps := fake(t)
+	_, eps := cluster(t)
 	var want []string
 	for i := range 30 {
 		k := fmt.Sprintf("user/%02d", i)
@@ -150,7 +173,7 @@ func TestGetPrefix(t *testing.T) {
 }
 
 func TestClusterStatusAndMembers(t *testing.T) {
-	f, eps := fake(t)
+	f, eps := cluster(t)
 	r := kvctl(t, eps, "", "cluster", "status")
 	if r.code != 0 || !strings.Contains(r.stdout, "SHARD") || !strings.Contains(r.stdout, "healthy") {
 		t.Fatalf("cluster status: %+v", r)
@@ -170,7 +193,7 @@ func TestClusterStatusAndMembers(t *testing.T) {
 	if err := json.Unmarshal([]byte(r.stdout), &st); err != nil || r.code != 0 {
 		t.Fatalf("status json: %v %+v", err, r)
 	}
-	if len(st.Nodes) != 3 || st.Nodes[2].Healthy || st.Nodes[2].Error == "" || !st.Nodes[0].Healthy || len(st.Shards) != 4 {
+	if len(st.Nodes) != 3 || st.Nodes[2].Healthy || st.Nodes[2].Error == "" || !st.Nodes[0].Healthy || len(st.Shards) != 5 { // the meta shard and 4
 		t.Fatalf("status = %+v", st)
 	}
 	for _, s := range st.Shards {
@@ -185,7 +208,7 @@ func TestClusterStatusAndMembers(t *testing.T) {
 }
 
 func TestExitCodes(t *testing.T) {
-	f, eps := fake(t)
+	f, eps := cluster(t)
 	dead := deadAddr(t)
 	big := strings.Repeat("k", clienttest.MaxKeySize+1)
 	for _, tc := range []struct {
@@ -236,10 +259,8 @@ func TestExitCodes(t *testing.T) {
 		})
 	}
 
-	// Connected, but a shard has no leader: unavailable after --timeout.
-	for s := uint64(1); s <= 4; s++ {
-		f.SetLeader(s, 0)
-	}
+	// Connected, but no shard has a leader: unavailable after --timeout.
+	noQuorum(t, f)
 	r := kvctl(t, eps, "", "--timeout", "300ms", "put", "k", "v")
 	t.Logf("no leader: exit %d, stderr: %s", r.code, r.stderr)
 	if r.code != 3 || !strings.Contains(r.stderr, "cluster unavailable") || !strings.Contains(r.stderr, "kvctl cluster status") {
@@ -248,7 +269,7 @@ func TestExitCodes(t *testing.T) {
 }
 
 func TestEndpointsFromEnv(t *testing.T) {
-	_, eps := fake(t)
+	_, eps := cluster(t)
 	t.Setenv("KVCTL_ENDPOINTS", eps)
 	if r := kvctl(t, "", "", "put", "e", "1"); r.code != 0 {
 		t.Fatalf("with KVCTL_ENDPOINTS: %+v", r)
@@ -309,7 +330,7 @@ func TestHelpDocumentsFlags(t *testing.T) {
 // took and each failed attempt with its node, so a slow command can be
 // explained; without it stderr stays quiet.
 func TestDebugLogsTheClientsWork(t *testing.T) {
-	f, eps := fake(t)
+	f, eps := cluster(t)
 	if r := kvctl(t, eps, "", "put", "a", "1"); r.code != 0 || r.stderr != "" {
 		t.Fatalf("put without --debug: %+v", r)
 	}

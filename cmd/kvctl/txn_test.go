@@ -12,7 +12,7 @@ import (
 )
 
 func TestCas(t *testing.T) {
-	_, eps := fake(t)
+	_, eps := cluster(t)
 	if r := kvctl(t, eps, "", "cas", "--create", "k", "v1"); r.code != 0 || r.stdout != "OK\n" {
 		t.Fatalf("cas --create on a missing key: %+v", r)
 	}
@@ -48,7 +48,7 @@ func TestCas(t *testing.T) {
 }
 
 func TestTxn(t *testing.T) {
-	_, eps := fake(t)
+	_, eps := cluster(t)
 	kvctl(t, eps, "", "put", "{u}.a", "1")
 	txn := `{"compare":[{"key":"{u}.a","target":"value","op":"=","value":"1"}],
 		"success":[{"put":{"key":"{u}.a","value":"2"}},{"get":{"key":"{u}.a"}},{"get":{"key":"{u}.none"}},{"del":{"key":"{u}.b"}}],
@@ -90,7 +90,7 @@ func TestTxn(t *testing.T) {
 }
 
 func TestTxnMalformed(t *testing.T) {
-	_, eps := fake(t)
+	_, eps := cluster(t)
 	for _, tc := range []struct{ in, msg string }{
 		{``, "empty input"},
 		{`{"compare": [}`, "invalid JSON at line 1, column 14"},
@@ -119,7 +119,7 @@ func TestTxnMalformed(t *testing.T) {
 }
 
 func TestTxnAcrossShardsIsRejected(t *testing.T) {
-	f, eps := fake(t)
+	f, eps := cluster(t)
 	a := "x0"
 	var b string
 	for i := 1; b == ""; i++ {
@@ -148,7 +148,7 @@ func TestParseTxnBuildsTheRequest(t *testing.T) {
 }
 
 func TestGetCountAndRange(t *testing.T) {
-	_, eps := fake(t)
+	_, eps := cluster(t)
 	for i := range 20 {
 		kvctl(t, eps, "", "put", fmt.Sprintf("r/%02d", i), fmt.Sprint(i))
 	}
@@ -182,10 +182,8 @@ func TestGetCountAndRange(t *testing.T) {
 }
 
 func TestSemanticsHonourTimeout(t *testing.T) {
-	f, eps := fake(t)
-	for s := uint64(1); s <= 4; s++ {
-		f.SetLeader(s, 0)
-	}
+	f, eps := cluster(t)
+	noQuorum(t, f)
 	for _, args := range [][]string{
 		{"put", "k", "v"},
 		{"cas", "k", "a", "b"},

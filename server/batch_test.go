@@ -1,4 +1,4 @@
-package kvpb
+package server
 
 import (
 	"bytes"
@@ -16,13 +16,15 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/proto/kvpb"
 )
 
 // TestFittingCutsAtOneMessage: answers are packed up to
 // maxBatchResponseBytes, and every message carries at least one.
 func TestFittingCutsAtOneMessage(t *testing.T) {
 	answer := func(n int) reply {
-		it := &BatchResponseItem{Response: &BatchResponseItem_Get{Get: &GetResponse{Kv: &KeyValue{Value: bytes.Repeat([]byte("v"), n)}}}}
+		it := &kvpb.BatchResponseItem{Response: &kvpb.BatchResponseItem_Get{Get: &kvpb.GetResponse{Kv: &kvpb.KeyValue{Value: bytes.Repeat([]byte("v"), n)}}}}
 		return reply{it: it, size: proto.Size(it)}
 	}
 	big := 600 << 10
@@ -42,37 +44,37 @@ func TestFittingCutsAtOneMessage(t *testing.T) {
 	}
 }
 
-// batchOnly serves Batch with ServeBatchWith; gets of "slow" wait for
+// batchOnly serves Batch with serveBatch; gets of "slow" wait for
 // the stream to end, other gets answer a 64 KiB value at once.
 type batchOnly struct {
-	UnimplementedKVServer
-	opts BatchOptions
+	kvpb.UnimplementedKVServer
+	opts batchOptions
 	done chan error // what each Batch handler returned
 }
 
-func (b batchOnly) Batch(stream KV_BatchServer) error {
-	err := ServeBatchWith(stream, b.opts, func(ctx context.Context, it *BatchRequestItem) (*BatchResponseItem, error) {
+func (b batchOnly) Batch(stream kvpb.KV_BatchServer) error {
+	err := serveBatch(stream, b.opts, func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
 		if string(it.GetGet().GetKey()) == "slow" {
 			<-ctx.Done()
 			return nil, ctx.Err()
 		}
-		return &BatchResponseItem{Response: &BatchResponseItem_Get{Get: &GetResponse{Kv: &KeyValue{Value: make([]byte, 64<<10)}}}}, nil
+		return &kvpb.BatchResponseItem{Response: &kvpb.BatchResponseItem_Get{Get: &kvpb.GetResponse{Kv: &kvpb.KeyValue{Value: make([]byte, 64<<10)}}}}, nil
 	})
 	b.done <- err
 	return err
 }
 
 // TestServeBatchCutsOffAClientNotReading: a client that sends and never
-// reads makes ServeBatchWith stop receiving at its bound, and once Send
-// has been blocked for SendTimeout the handler returns ErrNotReading,
+// reads makes serveBatch stop receiving at its bound, and once Send
+// has been blocked for SendTimeout the handler returns errNotReading,
 // with every goroutine it started (item, receiver, sender) ended soon
 // after and every byte charged released.
 func TestServeBatchCutsOffAClientNotReading(t *testing.T) {
 	var charged atomic.Int64
-	srv := batchOnly{done: make(chan error, 4), opts: BatchOptions{
+	srv := batchOnly{done: make(chan error, 4), opts: batchOptions{
 		MaxHeldBytes: 256 << 10,
 		SendTimeout:  200 * time.Millisecond,
-		Charge:       func(_ *BatchRequestItem, n int64) bool { charged.Add(n); return true },
+		Charge:       func(_ *kvpb.BatchRequestItem, n int64) bool { charged.Add(n); return true },
 		Release:      func(n int64) { charged.Add(-n) },
 	}}
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
@@ -80,7 +82,7 @@ func TestServeBatchCutsOffAClientNotReading(t *testing.T) {
 		t.Fatal(err)
 	}
 	gs := grpc.NewServer()
-	RegisterKVServer(gs, srv)
+	kvpb.RegisterKVServer(gs, srv)
 	go gs.Serve(lis)
 	defer gs.Stop()
 	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
@@ -89,7 +91,7 @@ func TestServeBatchCutsOffAClientNotReading(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
-	kv := NewKVClient(conn)
+	kv := kvpb.NewKVClient(conn)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 
@@ -122,16 +124,16 @@ func TestServeBatchCutsOffAClientNotReading(t *testing.T) {
 			if i%50 == 0 {
 				key = "slow"
 			}
-			item := &BatchRequestItem{Id: i, Request: &BatchRequestItem_Get{Get: &GetRequest{Key: []byte(key)}}}
-			if s.Send(&BatchRequest{Items: []*BatchRequestItem{item}}) != nil {
+			item := &kvpb.BatchRequestItem{Id: i, Request: &kvpb.BatchRequestItem_Get{Get: &kvpb.GetRequest{Key: []byte(key)}}}
+			if s.Send(&kvpb.BatchRequest{Items: []*kvpb.BatchRequestItem{item}}) != nil {
 				return
 			}
 		}
 	}()
 	select {
 	case err := <-srv.done:
-		if !errors.Is(err, ErrNotReading) {
-			t.Fatalf("handler returned %v, want ErrNotReading", err)
+		if !errors.Is(err, errNotReading) {
+			t.Fatalf("handler returned %v, want errNotReading", err)
 		}
 	case <-ctx.Done():
 		t.Fatal("the stream of a client not reading was never cut off")
@@ -151,8 +153,8 @@ func TestServeBatchCutsOffAClientNotReading(t *testing.T) {
 // before each next Recv, up to a bound, and an item served ends the wait.
 func TestBatchPauseAfterRefusals(t *testing.T) {
 	b := &batchServer{}
-	refused := &BatchResponseItem{Error: StatusOf(status.Error(codes.ResourceExhausted, "full"))}
-	invalid := &BatchResponseItem{Error: StatusOf(status.Error(codes.InvalidArgument, "bad"))}
+	refused := &kvpb.BatchResponseItem{Error: kvpb.StatusOf(status.Error(codes.ResourceExhausted, "full"))}
+	invalid := &kvpb.BatchResponseItem{Error: kvpb.StatusOf(status.Error(codes.InvalidArgument, "bad"))}
 	want := []time.Duration{minRefusedPause, 2 * minRefusedPause, 4 * minRefusedPause}
 	for i, w := range want {
 		b.throttle(refused)
@@ -170,7 +172,7 @@ func TestBatchPauseAfterRefusals(t *testing.T) {
 	if b.mu.pause != maxRefusedPause {
 		t.Fatalf("pause after many refusals is %v, want the bound %v", b.mu.pause, maxRefusedPause)
 	}
-	b.throttle(&BatchResponseItem{})
+	b.throttle(&kvpb.BatchResponseItem{})
 	if b.mu.pause != 0 {
 		t.Fatalf("an item served left a pause of %v", b.mu.pause)
 	}
