@@ -1133,12 +1133,13 @@ func TestUnconnectedLeaderCostsConnectTimeout(t *testing.T) {
 // client could not reach, rather than repeat the last replica's
 // "leader unknown".
 func TestNoQuorumSaysSo(t *testing.T) {
-	f := newFake(t, 3, 4, 3)
+	f := newCluster(t, 3, 4, 3)
 	c := newClient(t, f, Config{})
-	f.Node(2).SetMode(clienttest.Down)
-	f.Node(3).SetMode(clienttest.Down)
-	for s := uint64(1); s <= 4; s++ {
-		f.SetLeader(s, 0)
+	for _, id := range []uint64{2, 3} {
+		f.Node(id).SetMode(clienttest.Down)
+		if err := f.Node(id).Stop(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {

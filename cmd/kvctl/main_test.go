@@ -352,7 +352,7 @@ func TestDebugLogsTheClientsWork(t *testing.T) {
 // get does, and del --prefix
 // deletes every key under the prefix and nothing else.
 func TestEveryCommandHonoursOutput(t *testing.T) {
-	_, eps := fake(t)
+	_, eps := cluster(t)
 	r := kvctl(t, eps, "", "-o", "table", "put", "k", "v1")
 	if r.code != 0 || !strings.HasPrefix(r.stdout, "SHARD") || strings.Count(r.stdout, "\n") != 2 {
 		t.Fatalf("put -o table: %+v", r)
