@@ -215,8 +215,8 @@ func (c *Client) giveUpShard(ctx context.Context, shard, hint uint64, lastErr er
 	case len(unverified) > 0:
 		return &UnreachableError{Shard: shard, Nodes: unverified}
 	default:
-		return fmt.Errorf("%w: %s has no quorum (%d of %d replicas unreachable: %s)",
-			ErrUnavailable, what, n, len(reps), strings.Join(down, "; "))
+		return fmt.Errorf("%w: %s has no quorum (%d of %d replicas unreachable: %s): %w",
+			ErrUnavailable, what, n, len(reps), strings.Join(down, "; "), ctx.Err())
 	}
 }
 

@@ -70,6 +70,12 @@ type Config struct {
 	// with ResourceExhausted and what it held is freed. Default 10 s.
 	BatchSendTimeout time.Duration
 
+	// NoForwarding makes a follower answer a request for a shard it does
+	// not lead with NotLeader (and the leader's hint) rather than forward
+	// it to the leader (forward.go): for tests of a client's own routing,
+	// whose faults forwarding would route around.
+	NoForwarding bool
+
 	// ClientConnIdle is how long a client connection may go without a
 	// request before the node closes it (it holds one of MaxClientConns).
 	// Default 5 minutes.

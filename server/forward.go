@@ -92,7 +92,7 @@ func (f forwardedKV) Range(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.R
 // or the leader could not be reached: the caller then answers err.
 func forward[Resp any](ctx context.Context, s *Server, err error, shard uint64, call func(context.Context, kvpb.KVClient, ...grpc.CallOption) (Resp, error)) (resp Resp, ferr error, ok bool) {
 	var nl *raftnode.NotLeaderError
-	if !errors.As(err, &nl) || nl.Leader == 0 || nl.Leader == s.cfg.NodeID || ctx.Value(forwardedKey{}) != nil {
+	if s.cfg.NoForwarding || !errors.As(err, &nl) || nl.Leader == 0 || nl.Leader == s.cfg.NodeID || ctx.Value(forwardedKey{}) != nil {
 		return resp, nil, false
 	}
 	m := member(s.clusterMap(), nl.Leader)

@@ -147,6 +147,10 @@ func (c *Cluster) start(nodes, shards, replicas int) error {
 			HeartbeatTicks:  heartbeatTicks,
 			Limits:          server.Limits{MaxKeyBytes: MaxKeySize},
 			Logger:          logger.With("node", id),
+			// A follower answers NotLeader: forwarding would carry
+			// requests to the leader around the proxies, and the tests
+			// are of the client's own routing.
+			NoForwarding: true,
 		}
 		c.Nodes = append(c.Nodes, n)
 	}
