@@ -123,7 +123,7 @@ compose-test: ## end-to-end test of the compose deployment (needs a Docker engin
 # with the other process tests. `make jepsen` runs the long one:
 # JEPSEN_DURATION of workload split across JEPSEN_SEEDS seeds; replay one
 # with JEPSEN_SEED=N. Histories go to JEPSEN_OUT. The last line printed is
-# the summary: jepsen-lite: histories=H ops=N faults=F indeterminate=I anomalies=A lost=L
+# the summary: jepsen-lite: histories=H ops=N faults=F indeterminate=I anomalies=A lost=L watch-events=E
 JEPSEN_DURATION ?= 10m
 JEPSEN_SEEDS    ?= 3
 JEPSEN_SEED     ?= 0
@@ -132,7 +132,7 @@ JEPSEN_OUT      ?= $(or $(TMPDIR),/tmp)/kvd-jepsen
 
 .PHONY: jepsen jepsen-short
 
-jepsen: ## long jepsen-lite run: faults, linearizability, durability, exactly-once
+jepsen: ## long jepsen-lite run: faults, linearizability, durability, exactly-once, watches
 	@mkdir -p $(JEPSEN_OUT)
 	@set -o pipefail; $(GO) test -count=1 -v -timeout 90m -run 'TestJepsen$$' ./test/jepsen-lite \
 	  -jepsen.duration=$(JEPSEN_DURATION) -jepsen.seeds=$(JEPSEN_SEEDS) -jepsen.seed=$(JEPSEN_SEED) \

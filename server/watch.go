@@ -231,7 +231,9 @@ func (h *watchHub) run() {
 			// Applied writes become readable when the open bbolt
 			// transaction commits (--commit-interval); a watched shard
 			// asks for the commit rather than hold its events that long.
-			if idx, _ := h.sh.Applied(); h.n.Applied() > idx {
+			// The raft node's Applied is what readers see, the same as
+			// the shard's; its commit index is what will be applied.
+			if idx, _ := h.sh.Applied(); h.n.Commit() > idx {
 				h.sh.Flush()
 			}
 			if time.Since(lastProgress) >= s.cfg.WatchProgressInterval/2 {

@@ -256,3 +256,41 @@ func TestSlowWatcherIsCutOff(t *testing.T) {
 		return cut >= 1 && s.adm.inFlight.Load() == 0 && s.watch.streams.Load() == 0
 	})
 }
+
+// TestWatchSendsWithinTicksOfApply: a put reaches a watch about a tick
+// after it applies, not when the open bbolt transaction would commit by
+// itself (--commit-interval, here far longer than the test waits): the
+// watched shard asks for the commit.
+func TestWatchSendsWithinTicksOfApply(t *testing.T) {
+	const commitInterval = 20 * time.Second
+	c := newTestCluster(t, 1, 1, func(cfg *Config) {
+		cfg.CommitInterval = commitInterval
+		cfg.WatchProgressInterval = time.Hour // no progress responses to wait through
+	})
+	// Half the commit interval: an event held until the commit comes
+	// later than this, one sent within ticks long before.
+	ctx, cancel := context.WithTimeout(context.Background(), commitInterval/2)
+	defer cancel()
+	st := watchOn(t, ctx, c.servers[0])
+	createWatch(t, st, &kvpb.WatchCreateRequest{WatchId: 1, Key: []byte("k")})
+	if resp, err := st.Recv(); err != nil || !resp.GetCreated() {
+		t.Fatalf("create: %v %v", resp, err)
+	}
+	put := time.Now()
+	if _, err := kvClient(t, c.servers[0]).Put(ctx, &kvpb.PutRequest{Key: []byte("k"), Value: []byte("v")}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		resp, err := st.Recv()
+		if err != nil {
+			t.Fatalf("no event %v after the put (%v): the watch waits for the commit interval", time.Since(put).Round(time.Millisecond), err)
+		}
+		if evs := resp.GetEvents(); len(evs) > 0 {
+			if string(evs[0].GetKv().GetValue()) != "v" {
+				t.Fatalf("event %v", evs[0])
+			}
+			t.Logf("event %v after the put was sent", time.Since(put))
+			return
+		}
+	}
+}

@@ -83,7 +83,8 @@ func (a *app) benchCmd() *cobra.Command {
   kvctl bench mixed --read-ratio 0.9 --duration 30s --clients 50`)
 	cmd.Long = `Run a workload against the cluster and report throughput, errors and
 latency percentiles with a log-scale histogram. Workloads: put, get, mixed,
-txn (see 'kvctl bench put --help' for the flags).
+txn (see 'kvctl bench put --help' for the flags), and watch: events
+delivered to many watchers under writers ('kvctl bench watch --help').
 
 ` + benchLong
 	cmd.AddCommand(
@@ -115,6 +116,7 @@ key finds nothing to match and runs the failure branch; the report counts
 those.`,
 			`  kvctl bench txn --clients 10 --key-space 100
   kvctl bench txn --clients 50 --conns 5 --total 20000`),
+		a.benchWatchCmd(),
 	)
 	return cmd
 }

@@ -12,9 +12,16 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/kvd/kvd/client/clienttest"
+	"github.com/kvd/kvd/internal/proccluster"
 )
 
-func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+func TestMain(m *testing.M) { goleak.VerifyTestMain(procMain{m}) }
+
+// procMain removes the kvd binaries a process cluster test built, once
+// the tests have run.
+type procMain struct{ m *testing.M }
+
+func (p procMain) Run() int { return proccluster.Main(p.m) }
 
 type result struct {
 	code           int

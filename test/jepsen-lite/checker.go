@@ -55,6 +55,8 @@ var registerModel = porcupine.Model{
 			return out.read == st, st
 		case kindPut:
 			return true, in.value
+		case kindDel:
+			return true, ""
 		case kindCas:
 			if out.unknown || out.swapped {
 				if st == in.expect {
@@ -82,6 +84,8 @@ var registerModel = porcupine.Model{
 			return "get()" + res
 		case kindPut:
 			return fmt.Sprintf("put(%q)%s", in.value, res)
+		case kindDel:
+			return "del()" + res
 		default:
 			return fmt.Sprintf("cas(%q→%q)%s", in.expect, in.value, res)
 		}
@@ -181,7 +185,9 @@ type durResult struct {
 func checkDurable(ops []Op) durResult {
 	var res durResult
 	final := map[string]Op{}
-	writes := map[string]map[string]Op{} // key → value → write
+	// key → value → the writes of it: one put or cas for a register's
+	// unique values, every delete for "" (absent).
+	writes := map[string]map[string][]Op{}
 	var acked []Op
 	for _, op := range ops {
 		if op.Counter {
@@ -197,9 +203,9 @@ func checkDurable(ops []Op) durResult {
 			continue
 		}
 		if writes[op.Key] == nil {
-			writes[op.Key] = map[string]Op{}
+			writes[op.Key] = map[string][]Op{}
 		}
-		writes[op.Key][op.Value] = op
+		writes[op.Key][op.Value] = append(writes[op.Key][op.Value], op)
 		if op.Status == statusOK {
 			acked = append(acked, op)
 		}
@@ -212,22 +218,23 @@ func checkDurable(ops []Op) durResult {
 		switch {
 		case !ok:
 			why = "no final read succeeded"
-		case f.Read == "":
-			why = "key absent"
+		case len(writes[w.Key][f.Read]) == 0 && f.Read == "":
+			why = "key absent, and never deleted"
+		case len(writes[w.Key][f.Read]) == 0:
+			why = fmt.Sprintf("final value %q was never written", f.Read)
 		default:
-			src, known := writes[w.Key][f.Read]
-			switch {
-			case !known:
-				why = fmt.Sprintf("final value %q was never written", f.Read)
-			case src.Status == statusOK && src.Return < w.Call:
-				why = fmt.Sprintf("final value %q was written before this write started", f.Read)
+			why = fmt.Sprintf("final value %q was written before this write started", f.Read)
+			for _, src := range writes[w.Key][f.Read] {
+				if src.Status != statusOK || src.Return >= w.Call {
+					why = ""
+				}
 			}
 		}
 		if why != "" {
 			res.lost++
 			if len(res.examples) < 5 {
-				res.examples = append(res.examples, fmt.Sprintf("key %s: acked write %q (call %v, return %v) lost: %s",
-					w.Key, w.Value, time.Duration(w.Call), time.Duration(w.Return), why))
+				res.examples = append(res.examples, fmt.Sprintf("key %s: acked %s %q (call %v, return %v) lost: %s",
+					w.Key, w.Kind, w.Value, time.Duration(w.Call), time.Duration(w.Return), why))
 			}
 		}
 	}

@@ -5,7 +5,9 @@
 // chosen by a seeded nemesis, records a history, and checks it:
 // linearizability of per-key registers (get, put, cas) with porcupine,
 // durability of every acknowledged write across a final kill -9 and
-// restart of every node, and exactly-once increments of counters.
+// restart of every node, exactly-once increments of counters, and that
+// watchers (on keys and on a prefix of every shard) received every
+// applied change once, in order, and nothing else.
 //
 // Partitions cut real traffic through TCP proxies the harness owns, one in
 // front of every node's client port and one in front of every node's peer

@@ -78,6 +78,7 @@ type Result struct {
 	Ops, Faults, Indeterminate, Anomalies int
 	Lost                                  int
 	Keys, KeysUnchecked                   int
+	WatchEvents                           int
 	HistoryPath                           string
 }
 
@@ -124,6 +125,9 @@ func startEnv(t testing.TB, nodes, shards int) *env {
 	}
 	opts := proccluster.Options{
 		Shards: shards,
+		// Far more history than a run makes (a few thousand revisions
+		// per shard): a watch that ends with ErrCompacted is a bug.
+		Args: []string{"--history-revisions=100000"},
 		Advertise: func(nd *proccluster.Node) (string, string) {
 			all = append(all, nd)
 			cp, err := newProxy(e.net, nd.ID, nd.ClientAddr, func(net.Conn) uint64 { return clientID })
@@ -225,6 +229,23 @@ func Run(t *testing.T, cfg Config) Result {
 		wg.Wait()
 	}
 	t.Cleanup(stopWorkers) // also on t.Fatal: before the nodes are killed
+
+	// Watchers, started (and seen to watch every shard) before the
+	// first write; they run on through the final restart, until every
+	// one has seen the end marker on every key it watches.
+	watchStop := make(chan struct{})
+	var watchWG sync.WaitGroup
+	var watchOnce sync.Once
+	stopWatchers := func() {
+		watchOnce.Do(func() { close(watchStop) })
+		watchWG.Wait()
+	}
+	t.Cleanup(stopWatchers)
+	watchers, err := startWatchers(e, h, cfg.Seed, cfg.Counters, cfg.KeySlots, cfg.Shards, watchStop, &watchWG)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.event("watchers ready")
 	for i := range cfg.RegisterWorkers + cfg.CounterWorkers {
 		cl, err := e.newClient(ctx)
 		if err != nil {
@@ -282,6 +303,11 @@ func Run(t *testing.T, cfg Config) Result {
 		}
 	}
 
+	if err := endWatchers(cl, watchers, finalKeys, time.Now().Add(60*time.Second)); err != nil {
+		t.Errorf("seed %d: %v", cfg.Seed, err)
+	}
+	stopWatchers()
+
 	// Checks.
 	ops, events := h.snapshot()
 	res := Result{Seed: cfg.Seed, Faults: nem.injected}
@@ -305,7 +331,7 @@ func Run(t *testing.T, cfg Config) Result {
 	}
 	logf("history: %s: %d ops (%d final reads), %d nemesis events, %d faults injected; unidentified peer connections: %d",
 		res.HistoryPath, res.Ops, len(ops)-res.Ops, len(events), res.Faults, e.net.unknownSources.Load())
-	for _, k := range []string{kindGet, kindPut, kindCas} {
+	for _, k := range []string{kindGet, kindPut, kindDel, kindCas} {
 		logf("  %-3s ok=%d fail=%d info=%d", k, kinds[k][statusOK], kinds[k][statusFail], kinds[k][statusInfo])
 	}
 
@@ -337,12 +363,29 @@ func Run(t *testing.T, cfg Config) Result {
 		t.Errorf("seed %d: counter anomalies: %d below, %d above their range", cfg.Seed, ctr.below, ctr.above)
 	}
 
-	res.Anomalies = lin.illegal + ctr.above
+	var logs []watchLog
+	resumes := 0
+	for _, w := range watchers {
+		logs = append(logs, w.log())
+		resumes += logs[len(logs)-1].Resumes
+	}
+	if err := writeWatchLogs(filepath.Join(dir, fmt.Sprintf("watch-%d.jsonl", cfg.Seed)), logs); err != nil {
+		t.Errorf("write watch events: %v", err)
+	}
+	wr := checkWatches(ops, logs)
+	res.WatchEvents = wr.events
+	logf("watch: %d watchers (%d resumed with a token), %d keys, %d events checked: %d dropped, %d duplicated, %d phantom, %d misordered, %d final mismatches, %d ended",
+		wr.watchers, resumes, wr.keys, wr.events, wr.dropped, wr.duplicated, wr.phantom, wr.misordered, wr.final, wr.ended)
+	for _, ex := range wr.examples {
+		t.Errorf("seed %d: watch: %s", cfg.Seed, ex)
+	}
+
+	res.Anomalies = lin.illegal + ctr.above + wr.anomalies()
 	res.Lost = dur.lost + ctr.below
 	if t.Failed() {
 		saveLogs(t, e, dir)
 	}
-	logf("seed %d: ops=%d faults=%d indeterminate=%d anomalies=%d lost=%d", cfg.Seed, res.Ops, res.Faults, res.Indeterminate, res.Anomalies, res.Lost)
+	logf("seed %d: ops=%d faults=%d indeterminate=%d anomalies=%d lost=%d watch-events=%d", cfg.Seed, res.Ops, res.Faults, res.Indeterminate, res.Anomalies, res.Lost, res.WatchEvents)
 	return res
 }
 
@@ -360,14 +403,15 @@ func saveLogs(t testing.TB, e *env, dir string) {
 
 // summary is the line `make jepsen` and the short test end with.
 func summary(rs []Result) string {
-	var ops, faults, info, anom, lost int
+	var ops, faults, info, anom, lost, wev int
 	for _, r := range rs {
+		wev += r.WatchEvents
 		ops += r.Ops
 		faults += r.Faults
 		info += r.Indeterminate
 		anom += r.Anomalies
 		lost += r.Lost
 	}
-	return fmt.Sprintf("jepsen-lite: histories=%d ops=%d faults=%d indeterminate=%d anomalies=%d lost=%d",
-		len(rs), ops, faults, info, anom, lost)
+	return fmt.Sprintf("jepsen-lite: histories=%d ops=%d faults=%d indeterminate=%d anomalies=%d lost=%d watch-events=%d",
+		len(rs), ops, faults, info, anom, lost, wev)
 }

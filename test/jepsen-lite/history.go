@@ -14,6 +14,7 @@ const (
 	kindGet = "get"
 	kindPut = "put"
 	kindCas = "cas" // compare value (or absence, when Expect is "") and put
+	kindDel = "del" // delete: the register becomes absent ("")
 )
 
 // Op statuses, Jepsen's: ok completed, fail definitely had no effect, info
@@ -41,6 +42,11 @@ type Op struct {
 	Read    string `json:"read,omitempty"`
 	Swapped bool   `json:"swapped,omitempty"`
 	Err     string `json:"err,omitempty"`
+	// Rev is the shard's revision a completed write answered with: the
+	// mod revision of the event it caused (a delete of an absent key
+	// causes none, and says so with Deleted false).
+	Rev     int64 `json:"rev,omitempty"`
+	Deleted bool  `json:"deleted,omitempty"`
 	// Counter marks an operation of the exactly-once counter workload.
 	Counter bool `json:"counter,omitempty"`
 	// Final marks the reads made after the final heal and restart.

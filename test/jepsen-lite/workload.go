@@ -97,7 +97,17 @@ func (r *recorder) put(key, value string) Op {
 	ctx, cancel := context.WithTimeout(context.Background(), r.timeout)
 	defer cancel()
 	op := Op{Key: key, Kind: kindPut, Value: value, Call: r.h.now()}
-	_, err := r.cl.Put(ctx, []byte(key), []byte(value))
+	resp, err := r.cl.Put(ctx, []byte(key), []byte(value))
+	op.Rev = resp.GetHeader().GetRevision()
+	return r.finish(op, err)
+}
+
+func (r *recorder) del(key string) Op {
+	ctx, cancel := context.WithTimeout(context.Background(), r.timeout)
+	defer cancel()
+	op := Op{Key: key, Kind: kindDel, Call: r.h.now()}
+	resp, err := r.cl.Delete(ctx, []byte(key))
+	op.Rev, op.Deleted = resp.GetHeader().GetRevision(), resp.GetDeleted() > 0
 	return r.finish(op, err)
 }
 
@@ -118,6 +128,7 @@ func (r *recorder) cas(key, expect, value string, counter bool) Op {
 	resp, err := r.cl.Txn(ctx, req)
 	if err == nil {
 		op.Swapped = resp.GetSucceeded()
+		op.Rev = resp.GetHeader().GetRevision()
 	}
 	return r.finish(op, err)
 }
@@ -169,8 +180,9 @@ func (ks *keySpace) keys() []string {
 
 func counterKey(i int) string { return "jl/ctr" + strconv.Itoa(i) }
 
-// registerWorker runs gets, puts (of values unique in the run) and cases
-// (expecting the value it last saw, so that some succeed) until stop.
+// registerWorker runs gets, puts (of values unique in the run), deletes
+// and cases (expecting the value it last saw, so that some succeed) until
+// stop.
 func registerWorker(r *recorder, id int, rng *rand.Rand, ks *keySpace, stop <-chan struct{}, pace time.Duration) {
 	last := map[string]string{}
 	for n := 0; ; n++ {
@@ -184,8 +196,10 @@ func registerWorker(r *recorder, id int, rng *rand.Rand, ks *keySpace, stop <-ch
 			if op := r.get(key, false); op.Status == statusOK {
 				last[key] = op.Read
 			}
-		case x < 7:
+		case x < 6:
 			r.put(key, value)
+		case x < 7:
+			r.del(key)
 		default:
 			r.cas(key, last[key], value, false)
 		}
