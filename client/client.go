@@ -3,6 +3,7 @@ package client
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -58,6 +59,12 @@ type Config struct {
 	// hangs, an address that drops packets) cost every request that
 	// chose it the whole AttemptTimeout.
 	ConnectTimeout time.Duration
+	// TLS, when set, is used for every connection: the nodes serve their
+	// client port with TLS (kvd --client-cert), and its Certificates
+	// answer a node that requires a client certificate (--client-ca).
+	// Its RootCAs must trust the nodes' certificates, which must name the
+	// host each member is dialed by. Nil dials without TLS.
+	TLS *tls.Config
 	// Logger receives breaker transitions and map changes, and at debug
 	// level every attempt that failed (node, time taken, error); never a
 	// line for a request that succeeded at once. Nil discards.
@@ -206,7 +213,7 @@ func (c *Client) applyMap(m *kvpb.ClusterMap) error {
 		} else if ok {
 			stale = append(stale, n)
 		}
-		n, err := dialNode(mem.GetId(), addr, c.cfg.MaxInFlightPerNode, c.log)
+		n, err := dialNode(mem.GetId(), addr, c.cfg.MaxInFlightPerNode, c.cfg.TLS, c.log)
 		if err != nil {
 			// grpc.NewClient only fails on a malformed target; skip the
 			// member and let requests to it fail over.

@@ -2,6 +2,7 @@ package client
 
 import (
 	"context"
+	"crypto/tls"
 	"log/slog"
 	"strings"
 	"sync"
@@ -9,6 +10,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
@@ -99,12 +101,16 @@ type node struct {
 // cut a lookup short on cancellation: an unresolvable member name (a
 // container's service name seen from the host) held every Close, and so
 // every kvctl invocation, for the DNS timeout (3 s here).
-func dialNode(id uint64, addr string, maxInFlight int, log *slog.Logger) (*node, error) {
+func dialNode(id uint64, addr string, maxInFlight int, tlsCfg *tls.Config, log *slog.Logger) (*node, error) {
 	target := addr
 	if !strings.Contains(addr, "://") {
 		target = "passthrough:///" + addr
 	}
-	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()),
+	creds := insecure.NewCredentials()
+	if tlsCfg != nil {
+		creds = credentials.NewTLS(tlsCfg)
+	}
+	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(creds),
 		grpc.WithStaticStreamWindowSize(kvpb.ClientStreamWindow), grpc.WithStaticConnWindowSize(kvpb.ClientConnWindow))
 	if err != nil {
 		return nil, err

@@ -27,6 +27,20 @@ type Config struct {
 	// empty disables it.
 	ListenMetrics string
 
+	// EnablePprof serves /debug/pprof/ on the metrics listener; off by
+	// default, as a profile names code paths and costs CPU on demand.
+	EnablePprof bool
+
+	// Peer TLS: with PeerCertFile, the peer port serves TLS, requires a
+	// client certificate signed by PeerCAFile naming the node id each call
+	// claims (a kvd://node/<id> URI SAN, internal/pki), and this node
+	// dials its peers with the same certificate. Without it the peer port
+	// is open to anyone who can reach it.
+	PeerCertFile, PeerKeyFile, PeerCAFile string
+	// Client TLS: with ClientCertFile the client port serves TLS; with
+	// ClientCAFile too, clients must present a certificate it signed.
+	ClientCertFile, ClientKeyFile, ClientCAFile string
+
 	// InitialCluster maps node id to peer address for bootstrap. Ignored
 	// when the data dir already holds a node.
 	InitialCluster map[uint64]string

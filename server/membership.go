@@ -21,7 +21,6 @@ import (
 	"go.etcd.io/raft/v3/tracker"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
@@ -92,7 +91,7 @@ func (s *Server) join() (*kvpb.ClusterMap, error) {
 	for {
 		for _, ep := range strings.Split(cfg.Join, ",") {
 			var m *kvpb.ClusterMap
-			if m, err = joinVia(ctx, strings.TrimSpace(ep), self); err == nil {
+			if m, err = joinVia(ctx, strings.TrimSpace(ep), self, s.tls.joinCreds()); err == nil {
 				return m, nil
 			}
 			if errors.Is(err, ErrConfig) {
@@ -114,8 +113,8 @@ func (s *Server) join() (*kvpb.ClusterMap, error) {
 	}
 }
 
-func joinVia(ctx context.Context, endpoint string, self *kvpb.Member) (*kvpb.ClusterMap, error) {
-	conn, err := grpc.NewClient(endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+func joinVia(ctx context.Context, endpoint string, self *kvpb.Member, creds grpc.DialOption) (*kvpb.ClusterMap, error) {
+	conn, err := grpc.NewClient(endpoint, creds)
 	if err != nil {
 		return nil, fmt.Errorf("%w: --join %q: %v", ErrConfig, endpoint, err)
 	}

@@ -17,7 +17,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -50,6 +50,7 @@ type Server struct {
 
 	cfg Config
 	log *slog.Logger
+	tls tlsSetup // tls.go
 
 	engine    *storage.Engine
 	host      *raftnode.Host
@@ -118,6 +119,9 @@ func New(cfg Config) (_ *Server, err error) {
 		}
 	}()
 
+	if s.tls, err = loadTLS(&cfg); err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("%w: data dir %s: %v", ErrConfig, cfg.DataDir, err)
 	}
@@ -170,8 +174,18 @@ func New(cfg Config) (_ *Server, err error) {
 		Incarnation:  incarnation,
 		Incarnations: newPeerIncarnations(s.engine),
 		Evicted:      s.setFatal,
+		// With peer TLS every stream must come with the certificate of
+		// the node it claims to be.
+		RequirePeerCert: s.tls.peerDial != nil,
+		DialOptions:     []grpc.DialOption{s.tls.peerCreds()},
 	})
-	s.peerSrv = grpc.NewServer(append(transport.ServerOptions(), grpc.ChainUnaryInterceptor(s.checkPeerCall))...)
+	peerOpts := append(transport.ServerOptions(), grpc.ChainUnaryInterceptor(s.checkPeerCall))
+	if s.tls.peerServer != nil {
+		peerOpts = append(peerOpts, grpc.Creds(credentials.NewTLS(s.tls.peerServer)))
+	} else {
+		s.log.Warn("peer TLS is off: anyone who can reach the peer port can act as a member of this cluster (propose writes, take part in Raft); give --peer-cert, --peer-key and --peer-ca", "peer", s.PeerAddr())
+	}
+	s.peerSrv = grpc.NewServer(peerOpts...)
 	s.tr.Register(s.peerSrv)
 	peerpb.RegisterInternalServer(s.peerSrv, s)
 	// Nodes without a replica of the meta shard read the map from a peer.
@@ -206,8 +220,8 @@ func New(cfg Config) (_ *Server, err error) {
 	s.conns = newConnLimiter(s.clientLis, cfg.Limits.MaxClientConns, s.adm, cfg.BatchSendTimeout, s.log)
 	s.metrics = newMetrics(s)
 	s.startCorruptionChecks()
-	s.clientSrv = grpc.NewServer(
-		grpc.MaxRecvMsgSize(cfg.Limits.MaxRequestBytes+64<<10),
+	clientOpts := []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(cfg.Limits.MaxRequestBytes + 64<<10),
 		// gRPC reads and decodes a request before any handler or
 		// interceptor sees it, so admission alone cannot bound memory:
 		// streams beyond this wait on the client, not in our heap.
@@ -231,7 +245,11 @@ func New(cfg Config) (_ *Server, err error) {
 			Timeout:           20 * time.Second,
 		}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-	)
+	}
+	if s.tls.client != nil {
+		clientOpts = append(clientOpts, grpc.Creds(credentials.NewTLS(s.tls.client)))
+	}
+	s.clientSrv = grpc.NewServer(clientOpts...)
 	s.metrics.reg.MustRegister(s.conns.collectors()...)
 	kvpb.RegisterKVServer(s.clientSrv, s)
 	kvpb.RegisterClusterServer(s.clientSrv, s)
@@ -583,7 +601,7 @@ func (s *Server) peerConn(addr string) (*grpc.ClientConn, error) {
 	if c, ok := s.peerConns.byAddr[addr]; ok {
 		return c, nil
 	}
-	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithChainUnaryInterceptor(s.tagPeerCall))
+	c, err := grpc.NewClient(addr, s.tls.peerCreds(), grpc.WithChainUnaryInterceptor(s.tagPeerCall))
 	if err != nil {
 		return nil, err
 	}

@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -29,6 +30,8 @@ type app struct {
 	timeout   time.Duration
 	output    string
 	debug     bool
+	tlsFlags  tlsFlags
+	tls       *tls.Config // nil: plaintext (tls.go)
 
 	// ran is set once a command's RunE starts (past flag parsing).
 	ran bool
@@ -65,14 +68,20 @@ input; 3 cluster unavailable (no quorum, timeout, no endpoint answers).`,
 				}
 			}
 			a.endpoints = nil
+			https := false
 			for _, ep := range strings.Split(endpoints, ",") {
 				if ep = strings.TrimSpace(ep); ep != "" {
 					hp, err := hostPort(ep)
 					if err != nil {
 						return err
 					}
+					https = https || strings.HasPrefix(strings.ToLower(ep), "https://")
 					a.endpoints = append(a.endpoints, hp)
 				}
+			}
+			var err error
+			if a.tls, err = a.tlsFlags.load(cmd, https); err != nil {
+				return err
 			}
 			if len(a.endpoints) == 0 {
 				return usageErrorf("--endpoints is empty; give host:port[,host:port...]")
@@ -95,10 +104,12 @@ input; 3 cluster unavailable (no quorum, timeout, no endpoint answers).`,
 	// argument, as etcdctl's and kubectl's do.
 	root.CompletionOptions.DisableDefaultCmd = true
 	pf := root.PersistentFlags()
-	pf.StringVar(&endpoints, "endpoints", defaultEndpoints, "comma-separated client addresses (host:port, or http://host:port) of kvd nodes; one is enough, all of them spare a hop and survive a node's loss; env KVCTL_ENDPOINTS")
+	pf.StringVar(&endpoints, "endpoints", defaultEndpoints, "comma-separated client addresses (host:port, http://host:port, or https://host:port for TLS) of kvd nodes; one is enough, all of them spare a hop and survive a node's loss; env KVCTL_ENDPOINTS")
 	pf.DurationVar(&a.timeout, "timeout", 5*time.Second, "deadline of each request to the cluster (connecting, each read, write or scan page)")
 	pf.StringVarP(&a.output, "output", "o", "simple", "output format: simple, json or table")
 	pf.BoolVar(&a.debug, "debug", false, "log the client's work to stderr: cluster maps, breaker changes, and every attempt that failed, with its node and how long it took")
+
+	a.tlsFlags.register(root)
 
 	root.AddCommand(a.putCmd(), a.getCmd(), a.delCmd(), a.casCmd(), a.txnCmd(), a.benchCmd(), a.clusterCmd(), a.memberCmd(),
 		a.endpointCmd(), a.versionCmd(), a.completionCmd(root))
@@ -143,9 +154,9 @@ func checkOutput(cmd *cobra.Command, format string) error {
 }
 
 // hostPort reads one --endpoints entry: host:port, or a URL
-// (http://host:port, as etcdctl users write them) whose scheme is
-// dropped. kvd speaks plaintext gRPC, so https:// and other schemes are
-// refused with what to write instead.
+// (http://host:port or https://host:port, as etcdctl users write them)
+// whose scheme is dropped; https:// also turns TLS on (rootCmd). Other
+// schemes are refused with what to write instead.
 func hostPort(ep string) (string, error) {
 	scheme, rest, hasScheme := strings.Cut(ep, "://")
 	if !hasScheme {
@@ -153,13 +164,11 @@ func hostPort(ep string) (string, error) {
 	}
 	rest = strings.TrimSuffix(rest, "/")
 	switch strings.ToLower(scheme) {
-	case "http":
+	case "http", "https":
 		if rest == "" || strings.Contains(rest, "/") {
 			return "", usageErrorf("--endpoints %q: give host:port (a URL may not have a path)", ep)
 		}
 		return rest, nil
-	case "https":
-		return "", usageErrorf("--endpoints %q: kvd serves plaintext gRPC, not TLS; give %s", ep, rest)
 	}
 	return "", usageErrorf("--endpoints %q: unknown scheme %q; give host:port", ep, scheme)
 }
@@ -198,7 +207,7 @@ func (a *app) connectWith(adjust func(*client.Config)) (*client.Client, error) {
 	a.ran = true
 	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
 	defer cancel()
-	cfg := client.Config{Endpoints: a.endpoints, DialTimeout: a.timeout}
+	cfg := client.Config{Endpoints: a.endpoints, DialTimeout: a.timeout, TLS: a.tls}
 	if a.debug {
 		cfg.Logger = slog.New(slog.NewTextHandler(a.stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
@@ -208,7 +217,14 @@ func (a *app) connectWith(adjust func(*client.Config)) (*client.Client, error) {
 	c, err := client.New(ctx, cfg)
 	if err != nil {
 		if errors.Is(err, client.ErrUnavailable) {
-			return nil, &exitError{code: exitUnavailable, msg: "cluster unavailable: " + noEndpointAnswered(err, a.endpoints, a.timeout) +
+			why := noEndpointAnswered(err, a.endpoints, a.timeout)
+			if a.tls != nil && len(a.tls.Certificates) == 0 && (strings.Contains(why, "broken pipe") || strings.Contains(why, "connection reset")) {
+				// A node that requires a client certificate drops the
+				// connection after a TLS 1.3 handshake without one; the
+				// dialer sees only the broken connection.
+				why = "TLS: every endpoint dropped the connection after the handshake; the cluster may require a client certificate: give --cert and --key (env KVCTL_CERT, KVCTL_KEY): " + why
+			}
+			return nil, &exitError{code: exitUnavailable, msg: "cluster unavailable: " + why +
 				"; check that kvd is running and --endpoints is right"}
 		}
 		return nil, err
@@ -258,6 +274,9 @@ func noEndpointAnswered(err error, endpoints []string, timeout time.Duration) st
 // error gRPC reports for it.
 func dialReason(err error, timeout time.Duration) string {
 	s := err.Error()
+	if r := tlsReason(s); r != "" {
+		return r
+	}
 	switch {
 	case strings.Contains(s, "connection refused"):
 		return "connection refused"

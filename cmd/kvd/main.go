@@ -154,7 +154,7 @@ as a new member with a new --id).`,
 	f.StringVar(&cfg.AdvertiseClient, "advertise-client", "", "client address other nodes and clients should dial (default: --listen-client)")
 	f.StringVar(&cfg.ListenPeer, "listen-peer", server.DefaultPeerAddr, "address for Raft traffic between nodes (gRPC)")
 	f.StringVar(&cfg.AdvertisePeer, "advertise-peer", "", "peer address other nodes should dial (default: --listen-peer)")
-	f.StringVar(&cfg.ListenMetrics, "listen-metrics", server.DefaultMetricsAddr, "HTTP address for /metrics, /healthz, /readyz and /debug/pprof/; empty disables it")
+	f.StringVar(&cfg.ListenMetrics, "listen-metrics", server.DefaultMetricsAddr, "HTTP address for /metrics, /healthz, /readyz (and /debug/pprof/ with --enable-pprof); empty disables it")
 	f.StringVar(&initialCluster, "initial-cluster", "", "bootstrap members as ID=HOST:PEERPORT,... (default: this node alone at its peer address)")
 	f.IntVar(&cfg.Shards, "shards", server.DefaultShards, "data shards (Raft groups) created at bootstrap; the meta shard 0 comes on top")
 	f.IntVar(&cfg.Replicas, "replicas", server.DefaultReplicas, "copies of each shard, capped by the number of nodes")
@@ -180,6 +180,13 @@ as a new member with a new --id).`,
 	f.IntVar(&cfg.Limits.MaxClientConns, "max-client-conns", server.DefaultMaxClientConns, "client connections the node keeps open; more are closed on accept")
 	f.DurationVar(&cfg.BatchSendTimeout, "batch-send-timeout", server.DefaultBatchSendTimeout, "a Batch stream whose answers could not be sent for this long (its client is not reading) ends with ResourceExhausted, and a client connection owing unary answers that wrote nothing for this long is closed")
 	f.IntVar(&cfg.Limits.MaxPendingProposals, "max-pending-proposals", 4096, "writes waiting to commit per shard before new ones get ResourceExhausted")
+	f.BoolVar(&cfg.EnablePprof, "enable-pprof", false, "serve /debug/pprof/ on --listen-metrics (off: a profile reveals code paths and costs CPU on demand)")
+	f.StringVar(&cfg.PeerCertFile, "peer-cert", "", "this node's certificate for the peer port, naming its id (kvd cert node); with --peer-key and --peer-ca, peers must present one too (mutual TLS)")
+	f.StringVar(&cfg.PeerKeyFile, "peer-key", "", "the key of --peer-cert")
+	f.StringVar(&cfg.PeerCAFile, "peer-ca", "", "the CA that signs every member's peer certificate")
+	f.StringVar(&cfg.ClientCertFile, "client-cert", "", "certificate the client port serves TLS with (a node certificate will do)")
+	f.StringVar(&cfg.ClientKeyFile, "client-key", "", "the key of --client-cert")
+	f.StringVar(&cfg.ClientCAFile, "client-ca", "", "CA of client certificates: with it, clients must present one it signed")
 	f.BoolVar(&showVersion, "version", false, "print kvd's version (release, commit, Go version) and exit")
 
 	code := exitOK
@@ -241,6 +248,7 @@ as a new member with a new --id).`,
 		}
 		return nil
 	}
+	cmd.AddCommand(certCmd(stdout))
 	cmd.SetArgs(args)
 	cmd.SetOut(stdout)
 	cmd.SetErr(stderr)
