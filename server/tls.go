@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/kvd/kvd/internal/pki"
+	"github.com/kvd/kvd/transport"
 )
 
 // tlsSetup is what the TLS flags load to: nil configs mean plaintext.
@@ -96,4 +98,24 @@ func (t tlsSetup) joinCreds() grpc.DialOption {
 		return grpc.WithTransportCredentials(insecure.NewCredentials())
 	}
 	return grpc.WithTransportCredentials(credentials.NewTLS(t.joinDial))
+}
+
+// checkJoiner decides who may add member id through the client port.
+// Every node dials a new member's peer address from then on, so when the
+// client port requires certificates (--client-ca) only the joining node
+// itself may: its certificate must name id (kvd --join presents its
+// --client-cert, a node certificate). Without --client-ca anyone who
+// reaches the client port may, as anyone may do anything there.
+func (s *Server) checkJoiner(ctx context.Context, id uint64) error {
+	if s.tls.client == nil || s.tls.client.ClientAuth != tls.RequireAndVerifyClientCert {
+		return nil
+	}
+	certID, err := transport.PeerCertID(ctx)
+	if err != nil {
+		return fmt.Errorf("only node %d itself may add itself, with a node certificate naming it: %w", id, err)
+	}
+	if certID != id {
+		return fmt.Errorf("node %d's certificate may not add node %d: a node adds only itself", certID, id)
+	}
+	return nil
 }

@@ -371,3 +371,30 @@ func runKvctl(t *testing.T, kvctl string, args ...string) (stdout, stderr string
 	}
 	return out.String(), errb.String(), code
 }
+
+// TestMemberAddOnlyByTheJoiner: on a client port that requires
+// certificates, MemberAdd (after which every node dials the new member)
+// is refused to a client's certificate and to a member adding another id;
+// a node joining with its own certificate is added and becomes ready.
+func TestMemberAddOnlyByTheJoiner(t *testing.T) {
+	p := newTestPKI(t, 4)
+	c := startTLSCluster(t, 3, p)
+	for _, name := range []string{"client-root", "node-3"} {
+		conn, err := grpc.NewClient(c.Node(1).ClientAddr, grpc.WithTransportCredentials(credentials.NewTLS(p.dialTLS(t, name))))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err = kvpb.NewClusterClient(conn).MemberAdd(ctx, &kvpb.MemberAddRequest{Member: &kvpb.Member{Id: 4, PeerAddr: "attacker.invalid:2380"}})
+		cancel()
+		conn.Close()
+		if status.Code(err) != codes.PermissionDenied {
+			t.Errorf("MemberAdd of node 4 with %s's certificate: %v, want PermissionDenied", name, err)
+		}
+	}
+	nd := c.AddNode(c.Node(1).ClientAddr)
+	c.WaitReady(30 * time.Second)
+	if out, errOut, code := c.Kvctl("", "member", "list"); code != 0 || !strings.Contains(out, nd.PeerAddr) || strings.Contains(out, "attacker.invalid") {
+		t.Fatalf("member list after node 4 joined: exit %d\n%s%s", code, out, errOut)
+	}
+}
