@@ -45,14 +45,21 @@ func (a *app) rootCmd() *cobra.Command {
 		Long: `kvctl reads and writes keys in a kvd cluster and shows its state.
 
 Exit codes: 0 success; 1 key not found or compare failed; 2 bad usage or
-input; 3 cluster unavailable (no quorum, timeout, no endpoint answers).`,
+input; 3 cluster unavailable (no quorum, timeout, no endpoint answers, a
+TLS handshake that failed).
+
+TLS, as etcdctl: --cacert (the CA of the nodes' certificates), --cert and
+--key (a client certificate, for a cluster that requires one), or the
+environment KVCTL_CACERT, KVCTL_CERT, KVCTL_KEY; https:// endpoints also
+connect with TLS.`,
 		Example: `  kvctl put greeting hello
   kvctl get greeting
   kvctl cas greeting hello hi
   kvctl bench put --clients 10
   kvctl --endpoints 10.0.0.1:2379,10.0.0.2:2379 -o json get greeting
   kvctl cluster status
-  kvctl endpoint health`,
+  kvctl endpoint health
+  kvctl --endpoints https://127.0.0.1:2379 --cacert certs/ca.crt --cert certs/client-root.crt --key certs/client-root.key get greeting`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		Args:          noArgsOrUnknown,

@@ -7,6 +7,8 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -111,13 +113,9 @@ certificates under the same CA.`,
 			if id == 0 {
 				return usageError{errors.New("--id must be the node's positive id")}
 			}
-			var parsed []net.IP
-			for _, s := range ips {
-				ip := net.ParseIP(s)
-				if ip == nil {
-					return usageError{fmt.Errorf("--ip %q is not an IP address", s)}
-				}
-				parsed = append(parsed, ip)
+			parsed, err := parseIPs(ips)
+			if err != nil {
+				return err
 			}
 			return issue(pki.Request{Kind: pki.KindNode, NodeID: id, DNS: dnsNames, IPs: parsed}, fmt.Sprintf("node-%d", id))
 		},
@@ -139,6 +137,73 @@ certificates under the same CA.`,
 	}
 	client.Flags().StringVar(&name, "name", "", "the user the certificate names (its common name)")
 	signer(client)
-	cmd.AddCommand(ca, node, client)
+	var nodes int
+	var clients []string
+	cluster := &cobra.Command{
+		Use:   "cluster",
+		Short: "Write a CA and the certificates of nodes 1..N and of clients, keeping any that exist",
+		Long: `Write, in one command (the container image has no shell), what a cluster
+needs: the CA, node-1 .. node-N (each with the DNS names of --dns, where
+{id} stands for the node id, and the IPs of --ip) and client-<name> for
+each --client. Files that exist are kept, so it can run at every start
+and issues certificates only the first time.`,
+		Example: `  kvd cert cluster --dir /certs --nodes 3 --dns 'localhost,kvd{id}' --client root`,
+		Args:    cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			if nodes < 1 {
+				return usageError{errors.New("--nodes must be at least 1")}
+			}
+			if err := ca.RunE(c, nil); err != nil {
+				return err
+			}
+			exists := func(name string) bool {
+				_, err := os.Stat(filepath.Join(dir, name+".crt"))
+				return err == nil
+			}
+			parsed, err := parseIPs(ips)
+			if err != nil {
+				return err
+			}
+			for n := 1; n <= nodes; n++ {
+				name := fmt.Sprintf("node-%d", n)
+				if exists(name) {
+					continue
+				}
+				var dns []string
+				for _, d := range dnsNames {
+					dns = append(dns, strings.ReplaceAll(d, "{id}", strconv.Itoa(n)))
+				}
+				if err := issue(pki.Request{Kind: pki.KindNode, NodeID: uint64(n), DNS: dns, IPs: parsed}, name); err != nil {
+					return err
+				}
+			}
+			for _, u := range clients {
+				if !exists("client-" + u) {
+					if err := issue(pki.Request{Kind: pki.KindClient, CN: u}, "client-"+u); err != nil {
+						return err
+					}
+				}
+			}
+			return nil
+		},
+	}
+	cluster.Flags().IntVar(&nodes, "nodes", 3, "certificates for nodes 1..N")
+	cluster.Flags().StringSliceVar(&dnsNames, "dns", []string{"localhost"}, "DNS names of each node; {id} is replaced by its id")
+	cluster.Flags().StringSliceVar(&ips, "ip", []string{"127.0.0.1"}, "IP addresses in every node certificate")
+	cluster.Flags().StringSliceVar(&clients, "client", []string{"root"}, "users to write client certificates for")
+	signer(cluster)
+	cmd.AddCommand(ca, node, client, cluster)
 	return cmd
+}
+
+func parseIPs(ips []string) ([]net.IP, error) {
+	var parsed []net.IP
+	for _, s := range ips {
+		ip := net.ParseIP(s)
+		if ip == nil {
+			return nil, usageError{fmt.Errorf("--ip %q is not an IP address", s)}
+		}
+		parsed = append(parsed, ip)
+	}
+	return parsed, nil
 }

@@ -118,6 +118,15 @@ cluster bootstrapped on one node with --replicas 3 grows to three copies as
 two nodes join); each new replica catches up from a snapshot as a Raft
 learner before it votes.
 
+Without TLS, anyone who can reach the peer port can act as a member of
+the cluster, and kvd says so in one line at start. --peer-cert,
+--peer-key and --peer-ca turn on mutual TLS between nodes: a peer's
+certificate must be signed by the CA and name the node id it claims
+(kvd cert node writes such certificates; kvd cert --help). --client-cert
+and --client-key serve the client port with TLS; --client-ca also
+requires client certificates. /debug/pprof/ is served only with
+--enable-pprof.
+
 A node that can no longer be trusted (its storage failed, one of its Raft
 replicas stopped on an error, or its peers refused it because its data dir
 is not the one the cluster knew) stops serving at once: health reports
