@@ -89,8 +89,16 @@ func (p testPKI) dialTLS(t *testing.T, name string) *tls.Config {
 // requires a client certificate, each node with its own certificate.
 func startTLSCluster(t *testing.T, n int, p testPKI) *proccluster.Cluster {
 	t.Helper()
-	return proccluster.Start(t, n, proccluster.Options{
-		Shards: 2,
+	opts := tlsOptions(t, p)
+	opts.Shards = 2
+	return proccluster.Start(t, n, opts)
+}
+
+// tlsOptions are proccluster options for nodes with their own
+// certificates, and a client (kvctl too) with root's.
+func tlsOptions(t *testing.T, p testPKI) proccluster.Options {
+	t.Helper()
+	return proccluster.Options{
 		NodeArgs: func(nd *proccluster.Node) []string {
 			c, k := p.file(fmt.Sprintf("node-%d.crt", nd.ID)), p.file(fmt.Sprintf("node-%d.key", nd.ID))
 			return []string{"--peer-cert", c, "--peer-key", k, "--peer-ca", p.file("ca.crt"),
@@ -98,7 +106,7 @@ func startTLSCluster(t *testing.T, n int, p testPKI) *proccluster.Cluster {
 		},
 		ClientTLS: p.dialTLS(t, "client-root"),
 		KvctlArgs: []string{"--cacert", p.file("ca.crt"), "--cert", p.file("client-root.crt"), "--key", p.file("client-root.key")},
-	})
+	}
 }
 
 // intruder makes peer calls the way a member does, claiming to be node
