@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/hashring"
@@ -65,6 +66,11 @@ type Config struct {
 	// Its RootCAs must trust the nodes' certificates, which must name the
 	// host each member is dialed by. Nil dials without TLS.
 	TLS *tls.Config
+	// Username and Password authenticate every request once the cluster
+	// has auth enabled (auth.go): the client gets a token for them and
+	// renews it before it expires. Empty: requests carry no user, and
+	// only a client certificate in TLS can identify one.
+	Username, Password string
 	// Logger receives breaker transitions and map changes, and at debug
 	// level every attempt that failed (node, time taken, error); never a
 	// line for a request that succeeded at once. Nil discards.
@@ -74,10 +80,11 @@ type Config struct {
 // Client is a kvd client. It is safe for concurrent use; create one per
 // process and share it. Close it when done.
 type Client struct {
-	cfg     Config
-	log     *slog.Logger
-	session uint64
-	seqs    *seqTracker
+	cfg      Config
+	log      *slog.Logger
+	dialOpts []grpc.DialOption // credentials of every connection (auth.go)
+	session  uint64
+	seqs     *seqTracker
 
 	closeOnce sync.Once
 	// base is cancelled by Close; every attempt's context hangs off it so
@@ -143,6 +150,7 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	c.mu.overrides = map[uint64]string{}
 	c.session = newSession()
 	c.seqs = newSeqTracker()
+	c.dialOpts = c.dialOptions()
 
 	if err := c.bootstrap(ctx); err != nil {
 		c.Close()
@@ -213,7 +221,7 @@ func (c *Client) applyMap(m *kvpb.ClusterMap) error {
 		} else if ok {
 			stale = append(stale, n)
 		}
-		n, err := dialNode(mem.GetId(), addr, c.cfg.MaxInFlightPerNode, c.cfg.TLS, c.log)
+		n, err := dialNode(mem.GetId(), addr, c.cfg.MaxInFlightPerNode, c.dialOpts, c.log)
 		if err != nil {
 			// grpc.NewClient only fails on a malformed target; skip the
 			// member and let requests to it fail over.

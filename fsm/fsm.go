@@ -195,6 +195,8 @@ func execute(tx *storage.Txn, c *peerpb.Command) *peerpb.Result {
 			return reject(err)
 		}
 		return &peerpb.Result{}
+	case *peerpb.Command_Auth:
+		return applyAuth(tx, op.Auth)
 	case *peerpb.Command_HashCheck:
 		index, hash, err := tx.CheckHash()
 		if err != nil {

@@ -41,6 +41,10 @@ type Config struct {
 	// ClientCAFile too, clients must present a certificate it signed.
 	ClientCertFile, ClientKeyFile, ClientCAFile string
 
+	// AuthTokenTTL is how long a token from Auth.Authenticate is good
+	// for (default DefaultAuthTokenTTL).
+	AuthTokenTTL time.Duration
+
 	// InitialCluster maps node id to peer address for bootstrap. Ignored
 	// when the data dir already holds a node.
 	InitialCluster map[uint64]string
@@ -235,6 +239,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.HeartbeatTicks == 0 {
 		c.HeartbeatTicks = 2
+	}
+	if c.AuthTokenTTL == 0 {
+		c.AuthTokenTTL = DefaultAuthTokenTTL
 	}
 	if c.SessionTTL == 0 {
 		c.SessionTTL = time.Hour

@@ -58,9 +58,9 @@ func (s *Server) MemberAdd(ctx context.Context, req *kvpb.MemberAddRequest) (*kv
 	if m.GetId() == 0 || m.GetPeerAddr() == "" {
 		return nil, status.Error(codes.InvalidArgument, "member add needs a positive id and a peer address")
 	}
-	if err := s.checkJoiner(ctx, m.GetId()); err != nil {
+	if err := s.mayAddMember(ctx, m.GetId()); err != nil {
 		s.log.Warn("refused a member add", "id", m.GetId(), "peer", m.GetPeerAddr(), "err", err)
-		return nil, status.Errorf(codes.PermissionDenied, "member add: %v", err)
+		return nil, err
 	}
 	cmd, err := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_UpdateMember{UpdateMember: &peerpb.UpdateMember{Member: m, Add: true}}})
 	if err != nil {

@@ -48,9 +48,10 @@ type Server struct {
 	kvpb.UnimplementedClusterServer
 	peerpb.UnimplementedInternalServer
 
-	cfg Config
-	log *slog.Logger
-	tls tlsSetup // tls.go
+	cfg   Config
+	log   *slog.Logger
+	tls   tlsSetup  // tls.go
+	authc authCache // auth.go
 
 	engine    *storage.Engine
 	host      *raftnode.Host
@@ -231,9 +232,9 @@ func New(cfg Config) (_ *Server, err error) {
 		// the in-flight budget (a read's answer too, until its connection
 		// has written it: connLimiter), a panic anywhere below is
 		// recovered, and a failed node refuses before serving.
-		grpc.ChainUnaryInterceptor(s.metrics.interceptor, s.adm.unary, s.recoverUnary, s.refuseUnaryIfFailed),
+		grpc.ChainUnaryInterceptor(s.metrics.interceptor, s.adm.unary, s.recoverUnary, s.refuseUnaryIfFailed, s.authUnary),
 		grpc.StatsHandler(answerTracker{s.conns}),
-		grpc.ChainStreamInterceptor(s.recoverStream, s.refuseStreamIfFailed),
+		grpc.ChainStreamInterceptor(s.recoverStream, s.refuseStreamIfFailed, s.authStream),
 		// Connections are capped (connLimiter), so idle ones must not keep
 		// slots forever: closed after MaxConnectionIdle without a request
 		// (kvd's client health-checks its connections every 250 ms, so
@@ -253,6 +254,7 @@ func New(cfg Config) (_ *Server, err error) {
 	s.metrics.reg.MustRegister(s.conns.collectors()...)
 	kvpb.RegisterKVServer(s.clientSrv, s)
 	kvpb.RegisterClusterServer(s.clientSrv, s)
+	kvpb.RegisterAuthServer(s.clientSrv, authService{s: s})
 	healthpb.RegisterHealthServer(s.clientSrv, s.health)
 
 	s.goServe("peer", func() error { return s.peerSrv.Serve(s.peerLis) })

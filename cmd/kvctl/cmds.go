@@ -31,6 +31,8 @@ type app struct {
 	output    string
 	debug     bool
 	tlsFlags  tlsFlags
+	user      string // NAME[:PASSWORD]; --password or KVCTL_PASSWORD may give the password
+	password  string
 	tls       *tls.Config // nil: plaintext (tls.go)
 
 	// ran is set once a command's RunE starts (past flag parsing).
@@ -46,7 +48,8 @@ func (a *app) rootCmd() *cobra.Command {
 
 Exit codes: 0 success; 1 key not found or compare failed; 2 bad usage or
 input; 3 cluster unavailable (no quorum, timeout, no endpoint answers, a
-TLS handshake that failed).
+TLS handshake that failed); 4 permission denied (auth is enabled and the
+user lacks the permission the message names, or no valid user was given).
 
 TLS, as etcdctl: --cacert (the CA of the nodes' certificates), --cert and
 --key (a client certificate, for a cluster that requires one), or the
@@ -90,6 +93,19 @@ connect with TLS.`,
 			if a.tls, err = a.tlsFlags.load(cmd, https); err != nil {
 				return err
 			}
+			for _, e := range []struct {
+				flag, env string
+				v         *string
+			}{{"user", "KVCTL_USER", &a.user}, {"password", "KVCTL_PASSWORD", &a.password}} {
+				if !cmd.Flags().Changed(e.flag) {
+					if v, ok := os.LookupEnv(e.env); ok && v != "" {
+						*e.v = v
+					}
+				}
+			}
+			if name, pw, ok := strings.Cut(a.user, ":"); ok {
+				a.user, a.password = name, pw
+			}
 			if len(a.endpoints) == 0 {
 				return usageErrorf("--endpoints is empty; give host:port[,host:port...]")
 			}
@@ -117,9 +133,11 @@ connect with TLS.`,
 	pf.BoolVar(&a.debug, "debug", false, "log the client's work to stderr: cluster maps, breaker changes, and every attempt that failed, with its node and how long it took")
 
 	a.tlsFlags.register(root)
+	pf.StringVar(&a.user, "user", "", "authenticate as NAME[:PASSWORD] once the cluster has auth enabled; env KVCTL_USER")
+	pf.StringVar(&a.password, "password", "", "password of --user (instead of NAME:PASSWORD); env KVCTL_PASSWORD")
 
 	root.AddCommand(a.putCmd(), a.getCmd(), a.delCmd(), a.casCmd(), a.txnCmd(), a.benchCmd(), a.clusterCmd(), a.memberCmd(),
-		a.endpointCmd(), a.versionCmd(), a.completionCmd(root))
+		a.endpointCmd(), a.userCmd(), a.roleCmd(), a.authCmd(), a.versionCmd(), a.completionCmd(root))
 	return root
 }
 
@@ -214,7 +232,7 @@ func (a *app) connectWith(adjust func(*client.Config)) (*client.Client, error) {
 	a.ran = true
 	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
 	defer cancel()
-	cfg := client.Config{Endpoints: a.endpoints, DialTimeout: a.timeout, TLS: a.tls}
+	cfg := client.Config{Endpoints: a.endpoints, DialTimeout: a.timeout, TLS: a.tls, Username: a.user, Password: a.password}
 	if a.debug {
 		cfg.Logger = slog.New(slog.NewTextHandler(a.stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
@@ -223,6 +241,9 @@ func (a *app) connectWith(adjust func(*client.Config)) (*client.Client, error) {
 	}
 	c, err := client.New(ctx, cfg)
 	if err != nil {
+		if denied := deniedBy(err); denied != "" {
+			return nil, &exitError{code: exitPermission, msg: "permission denied: " + denied}
+		}
 		if errors.Is(err, client.ErrUnavailable) {
 			why := noEndpointAnswered(err, a.endpoints, a.timeout)
 			if a.tls != nil && len(a.tls.Certificates) == 0 && (strings.Contains(why, "broken pipe") || strings.Contains(why, "connection reset")) {

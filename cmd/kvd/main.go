@@ -196,6 +196,7 @@ as a new member with a new --id).`,
 	f.StringVar(&cfg.ClientCertFile, "client-cert", "", "certificate the client port serves TLS with (a node certificate will do)")
 	f.StringVar(&cfg.ClientKeyFile, "client-key", "", "the key of --client-cert")
 	f.StringVar(&cfg.ClientCAFile, "client-ca", "", "CA of client certificates: with it, clients must present one it signed")
+	f.DurationVar(&cfg.AuthTokenTTL, "auth-token-ttl", server.DefaultAuthTokenTTL, "how long a token from authentication (kvctl --user) is good for, once auth is enabled (kvctl auth enable)")
 	f.BoolVar(&showVersion, "version", false, "print kvd's version (release, commit, Go version) and exit")
 
 	code := exitOK

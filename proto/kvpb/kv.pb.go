@@ -2564,6 +2564,985 @@ func (x *StaleEpoch) GetEpoch() uint64 {
 	return 0
 }
 
+type AuthenticateRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Password      string                 `protobuf:"bytes,2,opt,name=password,proto3" json:"password,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthenticateRequest) Reset() {
+	*x = AuthenticateRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthenticateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthenticateRequest) ProtoMessage() {}
+
+func (x *AuthenticateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthenticateRequest.ProtoReflect.Descriptor instead.
+func (*AuthenticateRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *AuthenticateRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AuthenticateRequest) GetPassword() string {
+	if x != nil {
+		return x.Password
+	}
+	return ""
+}
+
+type AuthenticateResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	ExpiresUnixMs int64                  `protobuf:"varint,2,opt,name=expires_unix_ms,json=expiresUnixMs,proto3" json:"expires_unix_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthenticateResponse) Reset() {
+	*x = AuthenticateResponse{}
+	mi := &file_kvpb_kv_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthenticateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthenticateResponse) ProtoMessage() {}
+
+func (x *AuthenticateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthenticateResponse.ProtoReflect.Descriptor instead.
+func (*AuthenticateResponse) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *AuthenticateResponse) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *AuthenticateResponse) GetExpiresUnixMs() int64 {
+	if x != nil {
+		return x.ExpiresUnixMs
+	}
+	return 0
+}
+
+// Permission grants read, or read and write, on key alone (range_end
+// empty) or on [key, range_end).
+type Permission struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           []byte                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	RangeEnd      []byte                 `protobuf:"bytes,2,opt,name=range_end,json=rangeEnd,proto3" json:"range_end,omitempty"`
+	Write         bool                   `protobuf:"varint,3,opt,name=write,proto3" json:"write,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Permission) Reset() {
+	*x = Permission{}
+	mi := &file_kvpb_kv_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Permission) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Permission) ProtoMessage() {}
+
+func (x *Permission) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Permission.ProtoReflect.Descriptor instead.
+func (*Permission) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *Permission) GetKey() []byte {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *Permission) GetRangeEnd() []byte {
+	if x != nil {
+		return x.RangeEnd
+	}
+	return nil
+}
+
+func (x *Permission) GetWrite() bool {
+	if x != nil {
+		return x.Write
+	}
+	return false
+}
+
+type AuthChangeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Change:
+	//
+	//	*AuthChangeRequest_Enable
+	//	*AuthChangeRequest_Disable
+	//	*AuthChangeRequest_UserAdd
+	//	*AuthChangeRequest_UserDelete
+	//	*AuthChangeRequest_UserGrantRole
+	//	*AuthChangeRequest_RoleAdd
+	//	*AuthChangeRequest_RoleGrantPermission
+	Change        isAuthChangeRequest_Change `protobuf_oneof:"change"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthChangeRequest) Reset() {
+	*x = AuthChangeRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthChangeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthChangeRequest) ProtoMessage() {}
+
+func (x *AuthChangeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthChangeRequest.ProtoReflect.Descriptor instead.
+func (*AuthChangeRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *AuthChangeRequest) GetChange() isAuthChangeRequest_Change {
+	if x != nil {
+		return x.Change
+	}
+	return nil
+}
+
+func (x *AuthChangeRequest) GetEnable() *AuthEnable {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_Enable); ok {
+			return x.Enable
+		}
+	}
+	return nil
+}
+
+func (x *AuthChangeRequest) GetDisable() *AuthDisable {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_Disable); ok {
+			return x.Disable
+		}
+	}
+	return nil
+}
+
+func (x *AuthChangeRequest) GetUserAdd() *UserAdd {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_UserAdd); ok {
+			return x.UserAdd
+		}
+	}
+	return nil
+}
+
+func (x *AuthChangeRequest) GetUserDelete() *UserDelete {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_UserDelete); ok {
+			return x.UserDelete
+		}
+	}
+	return nil
+}
+
+func (x *AuthChangeRequest) GetUserGrantRole() *UserGrantRole {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_UserGrantRole); ok {
+			return x.UserGrantRole
+		}
+	}
+	return nil
+}
+
+func (x *AuthChangeRequest) GetRoleAdd() *RoleAdd {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_RoleAdd); ok {
+			return x.RoleAdd
+		}
+	}
+	return nil
+}
+
+func (x *AuthChangeRequest) GetRoleGrantPermission() *RoleGrantPermission {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_RoleGrantPermission); ok {
+			return x.RoleGrantPermission
+		}
+	}
+	return nil
+}
+
+type isAuthChangeRequest_Change interface {
+	isAuthChangeRequest_Change()
+}
+
+type AuthChangeRequest_Enable struct {
+	Enable *AuthEnable `protobuf:"bytes,1,opt,name=enable,proto3,oneof"`
+}
+
+type AuthChangeRequest_Disable struct {
+	Disable *AuthDisable `protobuf:"bytes,2,opt,name=disable,proto3,oneof"`
+}
+
+type AuthChangeRequest_UserAdd struct {
+	UserAdd *UserAdd `protobuf:"bytes,3,opt,name=user_add,json=userAdd,proto3,oneof"`
+}
+
+type AuthChangeRequest_UserDelete struct {
+	UserDelete *UserDelete `protobuf:"bytes,4,opt,name=user_delete,json=userDelete,proto3,oneof"`
+}
+
+type AuthChangeRequest_UserGrantRole struct {
+	UserGrantRole *UserGrantRole `protobuf:"bytes,5,opt,name=user_grant_role,json=userGrantRole,proto3,oneof"`
+}
+
+type AuthChangeRequest_RoleAdd struct {
+	RoleAdd *RoleAdd `protobuf:"bytes,6,opt,name=role_add,json=roleAdd,proto3,oneof"`
+}
+
+type AuthChangeRequest_RoleGrantPermission struct {
+	RoleGrantPermission *RoleGrantPermission `protobuf:"bytes,7,opt,name=role_grant_permission,json=roleGrantPermission,proto3,oneof"`
+}
+
+func (*AuthChangeRequest_Enable) isAuthChangeRequest_Change() {}
+
+func (*AuthChangeRequest_Disable) isAuthChangeRequest_Change() {}
+
+func (*AuthChangeRequest_UserAdd) isAuthChangeRequest_Change() {}
+
+func (*AuthChangeRequest_UserDelete) isAuthChangeRequest_Change() {}
+
+func (*AuthChangeRequest_UserGrantRole) isAuthChangeRequest_Change() {}
+
+func (*AuthChangeRequest_RoleAdd) isAuthChangeRequest_Change() {}
+
+func (*AuthChangeRequest_RoleGrantPermission) isAuthChangeRequest_Change() {}
+
+// AuthEnable needs a user root with the role root. secret is filled by
+// the node that proposes it (the key tokens are signed with), kept if
+// one exists.
+type AuthEnable struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Secret        []byte                 `protobuf:"bytes,1,opt,name=secret,proto3" json:"secret,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthEnable) Reset() {
+	*x = AuthEnable{}
+	mi := &file_kvpb_kv_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthEnable) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthEnable) ProtoMessage() {}
+
+func (x *AuthEnable) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthEnable.ProtoReflect.Descriptor instead.
+func (*AuthEnable) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *AuthEnable) GetSecret() []byte {
+	if x != nil {
+		return x.Secret
+	}
+	return nil
+}
+
+type AuthDisable struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthDisable) Reset() {
+	*x = AuthDisable{}
+	mi := &file_kvpb_kv_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthDisable) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthDisable) ProtoMessage() {}
+
+func (x *AuthDisable) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthDisable.ProtoReflect.Descriptor instead.
+func (*AuthDisable) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{40}
+}
+
+// UserAdd: password is what a client sends; the node that proposes the
+// change replaces it by its bcrypt hash, so no password is replicated. A
+// user without a password authenticates by client certificate only.
+type UserAdd struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Password      string                 `protobuf:"bytes,2,opt,name=password,proto3" json:"password,omitempty"`
+	PasswordHash  []byte                 `protobuf:"bytes,3,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UserAdd) Reset() {
+	*x = UserAdd{}
+	mi := &file_kvpb_kv_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UserAdd) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UserAdd) ProtoMessage() {}
+
+func (x *UserAdd) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UserAdd.ProtoReflect.Descriptor instead.
+func (*UserAdd) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *UserAdd) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *UserAdd) GetPassword() string {
+	if x != nil {
+		return x.Password
+	}
+	return ""
+}
+
+func (x *UserAdd) GetPasswordHash() []byte {
+	if x != nil {
+		return x.PasswordHash
+	}
+	return nil
+}
+
+type UserDelete struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UserDelete) Reset() {
+	*x = UserDelete{}
+	mi := &file_kvpb_kv_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UserDelete) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UserDelete) ProtoMessage() {}
+
+func (x *UserDelete) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UserDelete.ProtoReflect.Descriptor instead.
+func (*UserDelete) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *UserDelete) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type UserGrantRole struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	User          string                 `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
+	Role          string                 `protobuf:"bytes,2,opt,name=role,proto3" json:"role,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UserGrantRole) Reset() {
+	*x = UserGrantRole{}
+	mi := &file_kvpb_kv_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UserGrantRole) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UserGrantRole) ProtoMessage() {}
+
+func (x *UserGrantRole) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UserGrantRole.ProtoReflect.Descriptor instead.
+func (*UserGrantRole) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *UserGrantRole) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *UserGrantRole) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+type RoleAdd struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RoleAdd) Reset() {
+	*x = RoleAdd{}
+	mi := &file_kvpb_kv_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RoleAdd) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RoleAdd) ProtoMessage() {}
+
+func (x *RoleAdd) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RoleAdd.ProtoReflect.Descriptor instead.
+func (*RoleAdd) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *RoleAdd) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type RoleGrantPermission struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Role          string                 `protobuf:"bytes,1,opt,name=role,proto3" json:"role,omitempty"`
+	Perm          *Permission            `protobuf:"bytes,2,opt,name=perm,proto3" json:"perm,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RoleGrantPermission) Reset() {
+	*x = RoleGrantPermission{}
+	mi := &file_kvpb_kv_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RoleGrantPermission) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RoleGrantPermission) ProtoMessage() {}
+
+func (x *RoleGrantPermission) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RoleGrantPermission.ProtoReflect.Descriptor instead.
+func (*RoleGrantPermission) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *RoleGrantPermission) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *RoleGrantPermission) GetPerm() *Permission {
+	if x != nil {
+		return x.Perm
+	}
+	return nil
+}
+
+type AuthChangeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthChangeResponse) Reset() {
+	*x = AuthChangeResponse{}
+	mi := &file_kvpb_kv_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthChangeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthChangeResponse) ProtoMessage() {}
+
+func (x *AuthChangeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthChangeResponse.ProtoReflect.Descriptor instead.
+func (*AuthChangeResponse) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{46}
+}
+
+type AuthStatusRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthStatusRequest) Reset() {
+	*x = AuthStatusRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthStatusRequest) ProtoMessage() {}
+
+func (x *AuthStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthStatusRequest.ProtoReflect.Descriptor instead.
+func (*AuthStatusRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{47}
+}
+
+type AuthStatusResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Enabled       bool                   `protobuf:"varint,1,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	Users         []*AuthUser            `protobuf:"bytes,2,rep,name=users,proto3" json:"users,omitempty"` // password hashes left out
+	Roles         []*AuthRole            `protobuf:"bytes,3,rep,name=roles,proto3" json:"roles,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthStatusResponse) Reset() {
+	*x = AuthStatusResponse{}
+	mi := &file_kvpb_kv_proto_msgTypes[48]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthStatusResponse) ProtoMessage() {}
+
+func (x *AuthStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[48]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthStatusResponse.ProtoReflect.Descriptor instead.
+func (*AuthStatusResponse) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{48}
+}
+
+func (x *AuthStatusResponse) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
+}
+
+func (x *AuthStatusResponse) GetUsers() []*AuthUser {
+	if x != nil {
+		return x.Users
+	}
+	return nil
+}
+
+func (x *AuthStatusResponse) GetRoles() []*AuthRole {
+	if x != nil {
+		return x.Roles
+	}
+	return nil
+}
+
+type AuthUser struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	PasswordHash  []byte                 `protobuf:"bytes,2,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
+	Roles         []string               `protobuf:"bytes,3,rep,name=roles,proto3" json:"roles,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthUser) Reset() {
+	*x = AuthUser{}
+	mi := &file_kvpb_kv_proto_msgTypes[49]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthUser) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthUser) ProtoMessage() {}
+
+func (x *AuthUser) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[49]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthUser.ProtoReflect.Descriptor instead.
+func (*AuthUser) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{49}
+}
+
+func (x *AuthUser) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AuthUser) GetPasswordHash() []byte {
+	if x != nil {
+		return x.PasswordHash
+	}
+	return nil
+}
+
+func (x *AuthUser) GetRoles() []string {
+	if x != nil {
+		return x.Roles
+	}
+	return nil
+}
+
+type AuthRole struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Perms         []*Permission          `protobuf:"bytes,2,rep,name=perms,proto3" json:"perms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthRole) Reset() {
+	*x = AuthRole{}
+	mi := &file_kvpb_kv_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthRole) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthRole) ProtoMessage() {}
+
+func (x *AuthRole) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthRole.ProtoReflect.Descriptor instead.
+func (*AuthRole) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{50}
+}
+
+func (x *AuthRole) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AuthRole) GetPerms() []*Permission {
+	if x != nil {
+		return x.Perms
+	}
+	return nil
+}
+
+// AuthState is what the meta shard stores.
+type AuthState struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Enabled       bool                   `protobuf:"varint,1,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	Secret        []byte                 `protobuf:"bytes,2,opt,name=secret,proto3" json:"secret,omitempty"`
+	Users         []*AuthUser            `protobuf:"bytes,3,rep,name=users,proto3" json:"users,omitempty"`
+	Roles         []*AuthRole            `protobuf:"bytes,4,rep,name=roles,proto3" json:"roles,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthState) Reset() {
+	*x = AuthState{}
+	mi := &file_kvpb_kv_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthState) ProtoMessage() {}
+
+func (x *AuthState) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthState.ProtoReflect.Descriptor instead.
+func (*AuthState) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *AuthState) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
+}
+
+func (x *AuthState) GetSecret() []byte {
+	if x != nil {
+		return x.Secret
+	}
+	return nil
+}
+
+func (x *AuthState) GetUsers() []*AuthUser {
+	if x != nil {
+		return x.Users
+	}
+	return nil
+}
+
+func (x *AuthState) GetRoles() []*AuthRole {
+	if x != nil {
+		return x.Roles
+	}
+	return nil
+}
+
 var File_kvpb_kv_proto protoreflect.FileDescriptor
 
 const file_kvpb_kv_proto_rawDesc = "" +
@@ -2746,7 +3725,65 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"leaderAddr\"\"\n" +
 	"\n" +
 	"StaleEpoch\x12\x14\n" +
-	"\x05epoch\x18\x01 \x01(\x04R\x05epoch*1\n" +
+	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\"E\n" +
+	"\x13AuthenticateRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
+	"\bpassword\x18\x02 \x01(\tR\bpassword\"T\n" +
+	"\x14AuthenticateResponse\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12&\n" +
+	"\x0fexpires_unix_ms\x18\x02 \x01(\x03R\rexpiresUnixMs\"Q\n" +
+	"\n" +
+	"Permission\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\fR\x03key\x12\x1b\n" +
+	"\trange_end\x18\x02 \x01(\fR\brangeEnd\x12\x14\n" +
+	"\x05write\x18\x03 \x01(\bR\x05write\"\xb8\x03\n" +
+	"\x11AuthChangeRequest\x12/\n" +
+	"\x06enable\x18\x01 \x01(\v2\x15.kvd.kv.v1.AuthEnableH\x00R\x06enable\x122\n" +
+	"\adisable\x18\x02 \x01(\v2\x16.kvd.kv.v1.AuthDisableH\x00R\adisable\x12/\n" +
+	"\buser_add\x18\x03 \x01(\v2\x12.kvd.kv.v1.UserAddH\x00R\auserAdd\x128\n" +
+	"\vuser_delete\x18\x04 \x01(\v2\x15.kvd.kv.v1.UserDeleteH\x00R\n" +
+	"userDelete\x12B\n" +
+	"\x0fuser_grant_role\x18\x05 \x01(\v2\x18.kvd.kv.v1.UserGrantRoleH\x00R\ruserGrantRole\x12/\n" +
+	"\brole_add\x18\x06 \x01(\v2\x12.kvd.kv.v1.RoleAddH\x00R\aroleAdd\x12T\n" +
+	"\x15role_grant_permission\x18\a \x01(\v2\x1e.kvd.kv.v1.RoleGrantPermissionH\x00R\x13roleGrantPermissionB\b\n" +
+	"\x06change\"$\n" +
+	"\n" +
+	"AuthEnable\x12\x16\n" +
+	"\x06secret\x18\x01 \x01(\fR\x06secret\"\r\n" +
+	"\vAuthDisable\"^\n" +
+	"\aUserAdd\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
+	"\bpassword\x18\x02 \x01(\tR\bpassword\x12#\n" +
+	"\rpassword_hash\x18\x03 \x01(\fR\fpasswordHash\" \n" +
+	"\n" +
+	"UserDelete\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"7\n" +
+	"\rUserGrantRole\x12\x12\n" +
+	"\x04user\x18\x01 \x01(\tR\x04user\x12\x12\n" +
+	"\x04role\x18\x02 \x01(\tR\x04role\"\x1d\n" +
+	"\aRoleAdd\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"T\n" +
+	"\x13RoleGrantPermission\x12\x12\n" +
+	"\x04role\x18\x01 \x01(\tR\x04role\x12)\n" +
+	"\x04perm\x18\x02 \x01(\v2\x15.kvd.kv.v1.PermissionR\x04perm\"\x14\n" +
+	"\x12AuthChangeResponse\"\x13\n" +
+	"\x11AuthStatusRequest\"\x84\x01\n" +
+	"\x12AuthStatusResponse\x12\x18\n" +
+	"\aenabled\x18\x01 \x01(\bR\aenabled\x12)\n" +
+	"\x05users\x18\x02 \x03(\v2\x13.kvd.kv.v1.AuthUserR\x05users\x12)\n" +
+	"\x05roles\x18\x03 \x03(\v2\x13.kvd.kv.v1.AuthRoleR\x05roles\"Y\n" +
+	"\bAuthUser\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12#\n" +
+	"\rpassword_hash\x18\x02 \x01(\fR\fpasswordHash\x12\x14\n" +
+	"\x05roles\x18\x03 \x03(\tR\x05roles\"K\n" +
+	"\bAuthRole\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12+\n" +
+	"\x05perms\x18\x02 \x03(\v2\x15.kvd.kv.v1.PermissionR\x05perms\"\x93\x01\n" +
+	"\tAuthState\x12\x18\n" +
+	"\aenabled\x18\x01 \x01(\bR\aenabled\x12\x16\n" +
+	"\x06secret\x18\x02 \x01(\fR\x06secret\x12)\n" +
+	"\x05users\x18\x03 \x03(\v2\x13.kvd.kv.v1.AuthUserR\x05users\x12)\n" +
+	"\x05roles\x18\x04 \x03(\v2\x13.kvd.kv.v1.AuthRoleR\x05roles*1\n" +
 	"\vConsistency\x12\x10\n" +
 	"\fLINEARIZABLE\x10\x00\x12\x10\n" +
 	"\fSERIALIZABLE\x10\x012\xe1\x02\n" +
@@ -2762,7 +3799,11 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\x06Status\x12\x18.kvd.kv.v1.StatusRequest\x1a\x19.kvd.kv.v1.StatusResponse\x12I\n" +
 	"\n" +
 	"MemberList\x12\x1c.kvd.kv.v1.MemberListRequest\x1a\x1d.kvd.kv.v1.MemberListResponse\x12F\n" +
-	"\tMemberAdd\x12\x1b.kvd.kv.v1.MemberAddRequest\x1a\x1c.kvd.kv.v1.MemberAddResponseB\x1fZ\x1dgithub.com/kvd/kvd/proto/kvpbb\x06proto3"
+	"\tMemberAdd\x12\x1b.kvd.kv.v1.MemberAddRequest\x1a\x1c.kvd.kv.v1.MemberAddResponse2\xe5\x01\n" +
+	"\x04Auth\x12O\n" +
+	"\fAuthenticate\x12\x1e.kvd.kv.v1.AuthenticateRequest\x1a\x1f.kvd.kv.v1.AuthenticateResponse\x12E\n" +
+	"\x06Change\x12\x1c.kvd.kv.v1.AuthChangeRequest\x1a\x1d.kvd.kv.v1.AuthChangeResponse\x12E\n" +
+	"\x06Status\x12\x1c.kvd.kv.v1.AuthStatusRequest\x1a\x1d.kvd.kv.v1.AuthStatusResponseB\x1fZ\x1dgithub.com/kvd/kvd/proto/kvpbb\x06proto3"
 
 var (
 	file_kvpb_kv_proto_rawDescOnce sync.Once
@@ -2777,47 +3818,64 @@ func file_kvpb_kv_proto_rawDescGZIP() []byte {
 }
 
 var file_kvpb_kv_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_kvpb_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_kvpb_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 52)
 var file_kvpb_kv_proto_goTypes = []any{
-	(Consistency)(0),           // 0: kvd.kv.v1.Consistency
-	(Compare_Target)(0),        // 1: kvd.kv.v1.Compare.Target
-	(Compare_Result)(0),        // 2: kvd.kv.v1.Compare.Result
-	(*RequestHeader)(nil),      // 3: kvd.kv.v1.RequestHeader
-	(*ResponseHeader)(nil),     // 4: kvd.kv.v1.ResponseHeader
-	(*KeyValue)(nil),           // 5: kvd.kv.v1.KeyValue
-	(*PutRequest)(nil),         // 6: kvd.kv.v1.PutRequest
-	(*PutResponse)(nil),        // 7: kvd.kv.v1.PutResponse
-	(*GetRequest)(nil),         // 8: kvd.kv.v1.GetRequest
-	(*GetResponse)(nil),        // 9: kvd.kv.v1.GetResponse
-	(*DeleteRequest)(nil),      // 10: kvd.kv.v1.DeleteRequest
-	(*DeleteResponse)(nil),     // 11: kvd.kv.v1.DeleteResponse
-	(*RangeRequest)(nil),       // 12: kvd.kv.v1.RangeRequest
-	(*RangeResponse)(nil),      // 13: kvd.kv.v1.RangeResponse
-	(*Compare)(nil),            // 14: kvd.kv.v1.Compare
-	(*RequestOp)(nil),          // 15: kvd.kv.v1.RequestOp
-	(*ResponseOp)(nil),         // 16: kvd.kv.v1.ResponseOp
-	(*TxnRequest)(nil),         // 17: kvd.kv.v1.TxnRequest
-	(*TxnResponse)(nil),        // 18: kvd.kv.v1.TxnResponse
-	(*BatchRequest)(nil),       // 19: kvd.kv.v1.BatchRequest
-	(*BatchRequestItem)(nil),   // 20: kvd.kv.v1.BatchRequestItem
-	(*BatchResponse)(nil),      // 21: kvd.kv.v1.BatchResponse
-	(*BatchResponseItem)(nil),  // 22: kvd.kv.v1.BatchResponseItem
-	(*Status)(nil),             // 23: kvd.kv.v1.Status
-	(*Member)(nil),             // 24: kvd.kv.v1.Member
-	(*ShardReplicas)(nil),      // 25: kvd.kv.v1.ShardReplicas
-	(*ClusterMap)(nil),         // 26: kvd.kv.v1.ClusterMap
-	(*MapRequest)(nil),         // 27: kvd.kv.v1.MapRequest
-	(*ShardStatus)(nil),        // 28: kvd.kv.v1.ShardStatus
-	(*StatusRequest)(nil),      // 29: kvd.kv.v1.StatusRequest
-	(*StatusResponse)(nil),     // 30: kvd.kv.v1.StatusResponse
-	(*CorruptionAlarm)(nil),    // 31: kvd.kv.v1.CorruptionAlarm
-	(*MemberListRequest)(nil),  // 32: kvd.kv.v1.MemberListRequest
-	(*MemberListResponse)(nil), // 33: kvd.kv.v1.MemberListResponse
-	(*MemberAddRequest)(nil),   // 34: kvd.kv.v1.MemberAddRequest
-	(*MemberAddResponse)(nil),  // 35: kvd.kv.v1.MemberAddResponse
-	(*NotLeader)(nil),          // 36: kvd.kv.v1.NotLeader
-	(*StaleEpoch)(nil),         // 37: kvd.kv.v1.StaleEpoch
-	(*anypb.Any)(nil),          // 38: google.protobuf.Any
+	(Consistency)(0),             // 0: kvd.kv.v1.Consistency
+	(Compare_Target)(0),          // 1: kvd.kv.v1.Compare.Target
+	(Compare_Result)(0),          // 2: kvd.kv.v1.Compare.Result
+	(*RequestHeader)(nil),        // 3: kvd.kv.v1.RequestHeader
+	(*ResponseHeader)(nil),       // 4: kvd.kv.v1.ResponseHeader
+	(*KeyValue)(nil),             // 5: kvd.kv.v1.KeyValue
+	(*PutRequest)(nil),           // 6: kvd.kv.v1.PutRequest
+	(*PutResponse)(nil),          // 7: kvd.kv.v1.PutResponse
+	(*GetRequest)(nil),           // 8: kvd.kv.v1.GetRequest
+	(*GetResponse)(nil),          // 9: kvd.kv.v1.GetResponse
+	(*DeleteRequest)(nil),        // 10: kvd.kv.v1.DeleteRequest
+	(*DeleteResponse)(nil),       // 11: kvd.kv.v1.DeleteResponse
+	(*RangeRequest)(nil),         // 12: kvd.kv.v1.RangeRequest
+	(*RangeResponse)(nil),        // 13: kvd.kv.v1.RangeResponse
+	(*Compare)(nil),              // 14: kvd.kv.v1.Compare
+	(*RequestOp)(nil),            // 15: kvd.kv.v1.RequestOp
+	(*ResponseOp)(nil),           // 16: kvd.kv.v1.ResponseOp
+	(*TxnRequest)(nil),           // 17: kvd.kv.v1.TxnRequest
+	(*TxnResponse)(nil),          // 18: kvd.kv.v1.TxnResponse
+	(*BatchRequest)(nil),         // 19: kvd.kv.v1.BatchRequest
+	(*BatchRequestItem)(nil),     // 20: kvd.kv.v1.BatchRequestItem
+	(*BatchResponse)(nil),        // 21: kvd.kv.v1.BatchResponse
+	(*BatchResponseItem)(nil),    // 22: kvd.kv.v1.BatchResponseItem
+	(*Status)(nil),               // 23: kvd.kv.v1.Status
+	(*Member)(nil),               // 24: kvd.kv.v1.Member
+	(*ShardReplicas)(nil),        // 25: kvd.kv.v1.ShardReplicas
+	(*ClusterMap)(nil),           // 26: kvd.kv.v1.ClusterMap
+	(*MapRequest)(nil),           // 27: kvd.kv.v1.MapRequest
+	(*ShardStatus)(nil),          // 28: kvd.kv.v1.ShardStatus
+	(*StatusRequest)(nil),        // 29: kvd.kv.v1.StatusRequest
+	(*StatusResponse)(nil),       // 30: kvd.kv.v1.StatusResponse
+	(*CorruptionAlarm)(nil),      // 31: kvd.kv.v1.CorruptionAlarm
+	(*MemberListRequest)(nil),    // 32: kvd.kv.v1.MemberListRequest
+	(*MemberListResponse)(nil),   // 33: kvd.kv.v1.MemberListResponse
+	(*MemberAddRequest)(nil),     // 34: kvd.kv.v1.MemberAddRequest
+	(*MemberAddResponse)(nil),    // 35: kvd.kv.v1.MemberAddResponse
+	(*NotLeader)(nil),            // 36: kvd.kv.v1.NotLeader
+	(*StaleEpoch)(nil),           // 37: kvd.kv.v1.StaleEpoch
+	(*AuthenticateRequest)(nil),  // 38: kvd.kv.v1.AuthenticateRequest
+	(*AuthenticateResponse)(nil), // 39: kvd.kv.v1.AuthenticateResponse
+	(*Permission)(nil),           // 40: kvd.kv.v1.Permission
+	(*AuthChangeRequest)(nil),    // 41: kvd.kv.v1.AuthChangeRequest
+	(*AuthEnable)(nil),           // 42: kvd.kv.v1.AuthEnable
+	(*AuthDisable)(nil),          // 43: kvd.kv.v1.AuthDisable
+	(*UserAdd)(nil),              // 44: kvd.kv.v1.UserAdd
+	(*UserDelete)(nil),           // 45: kvd.kv.v1.UserDelete
+	(*UserGrantRole)(nil),        // 46: kvd.kv.v1.UserGrantRole
+	(*RoleAdd)(nil),              // 47: kvd.kv.v1.RoleAdd
+	(*RoleGrantPermission)(nil),  // 48: kvd.kv.v1.RoleGrantPermission
+	(*AuthChangeResponse)(nil),   // 49: kvd.kv.v1.AuthChangeResponse
+	(*AuthStatusRequest)(nil),    // 50: kvd.kv.v1.AuthStatusRequest
+	(*AuthStatusResponse)(nil),   // 51: kvd.kv.v1.AuthStatusResponse
+	(*AuthUser)(nil),             // 52: kvd.kv.v1.AuthUser
+	(*AuthRole)(nil),             // 53: kvd.kv.v1.AuthRole
+	(*AuthState)(nil),            // 54: kvd.kv.v1.AuthState
+	(*anypb.Any)(nil),            // 55: google.protobuf.Any
 }
 var file_kvpb_kv_proto_depIdxs = []int32{
 	3,  // 0: kvd.kv.v1.PutRequest.header:type_name -> kvd.kv.v1.RequestHeader
@@ -2859,38 +3917,57 @@ var file_kvpb_kv_proto_depIdxs = []int32{
 	9,  // 36: kvd.kv.v1.BatchResponseItem.get:type_name -> kvd.kv.v1.GetResponse
 	11, // 37: kvd.kv.v1.BatchResponseItem.delete:type_name -> kvd.kv.v1.DeleteResponse
 	18, // 38: kvd.kv.v1.BatchResponseItem.txn:type_name -> kvd.kv.v1.TxnResponse
-	38, // 39: kvd.kv.v1.Status.details:type_name -> google.protobuf.Any
+	55, // 39: kvd.kv.v1.Status.details:type_name -> google.protobuf.Any
 	24, // 40: kvd.kv.v1.ClusterMap.members:type_name -> kvd.kv.v1.Member
 	25, // 41: kvd.kv.v1.ClusterMap.shards:type_name -> kvd.kv.v1.ShardReplicas
 	28, // 42: kvd.kv.v1.StatusResponse.shards:type_name -> kvd.kv.v1.ShardStatus
 	31, // 43: kvd.kv.v1.StatusResponse.alarms:type_name -> kvd.kv.v1.CorruptionAlarm
 	24, // 44: kvd.kv.v1.MemberListResponse.members:type_name -> kvd.kv.v1.Member
 	24, // 45: kvd.kv.v1.MemberAddRequest.member:type_name -> kvd.kv.v1.Member
-	6,  // 46: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
-	8,  // 47: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
-	10, // 48: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
-	12, // 49: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
-	17, // 50: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
-	19, // 51: kvd.kv.v1.KV.Batch:input_type -> kvd.kv.v1.BatchRequest
-	27, // 52: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
-	29, // 53: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
-	32, // 54: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
-	34, // 55: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
-	7,  // 56: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
-	9,  // 57: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
-	11, // 58: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
-	13, // 59: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
-	18, // 60: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
-	21, // 61: kvd.kv.v1.KV.Batch:output_type -> kvd.kv.v1.BatchResponse
-	26, // 62: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
-	30, // 63: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
-	33, // 64: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
-	35, // 65: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
-	56, // [56:66] is the sub-list for method output_type
-	46, // [46:56] is the sub-list for method input_type
-	46, // [46:46] is the sub-list for extension type_name
-	46, // [46:46] is the sub-list for extension extendee
-	0,  // [0:46] is the sub-list for field type_name
+	42, // 46: kvd.kv.v1.AuthChangeRequest.enable:type_name -> kvd.kv.v1.AuthEnable
+	43, // 47: kvd.kv.v1.AuthChangeRequest.disable:type_name -> kvd.kv.v1.AuthDisable
+	44, // 48: kvd.kv.v1.AuthChangeRequest.user_add:type_name -> kvd.kv.v1.UserAdd
+	45, // 49: kvd.kv.v1.AuthChangeRequest.user_delete:type_name -> kvd.kv.v1.UserDelete
+	46, // 50: kvd.kv.v1.AuthChangeRequest.user_grant_role:type_name -> kvd.kv.v1.UserGrantRole
+	47, // 51: kvd.kv.v1.AuthChangeRequest.role_add:type_name -> kvd.kv.v1.RoleAdd
+	48, // 52: kvd.kv.v1.AuthChangeRequest.role_grant_permission:type_name -> kvd.kv.v1.RoleGrantPermission
+	40, // 53: kvd.kv.v1.RoleGrantPermission.perm:type_name -> kvd.kv.v1.Permission
+	52, // 54: kvd.kv.v1.AuthStatusResponse.users:type_name -> kvd.kv.v1.AuthUser
+	53, // 55: kvd.kv.v1.AuthStatusResponse.roles:type_name -> kvd.kv.v1.AuthRole
+	40, // 56: kvd.kv.v1.AuthRole.perms:type_name -> kvd.kv.v1.Permission
+	52, // 57: kvd.kv.v1.AuthState.users:type_name -> kvd.kv.v1.AuthUser
+	53, // 58: kvd.kv.v1.AuthState.roles:type_name -> kvd.kv.v1.AuthRole
+	6,  // 59: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
+	8,  // 60: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
+	10, // 61: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
+	12, // 62: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
+	17, // 63: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
+	19, // 64: kvd.kv.v1.KV.Batch:input_type -> kvd.kv.v1.BatchRequest
+	27, // 65: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
+	29, // 66: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
+	32, // 67: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
+	34, // 68: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
+	38, // 69: kvd.kv.v1.Auth.Authenticate:input_type -> kvd.kv.v1.AuthenticateRequest
+	41, // 70: kvd.kv.v1.Auth.Change:input_type -> kvd.kv.v1.AuthChangeRequest
+	50, // 71: kvd.kv.v1.Auth.Status:input_type -> kvd.kv.v1.AuthStatusRequest
+	7,  // 72: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
+	9,  // 73: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
+	11, // 74: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
+	13, // 75: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
+	18, // 76: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
+	21, // 77: kvd.kv.v1.KV.Batch:output_type -> kvd.kv.v1.BatchResponse
+	26, // 78: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
+	30, // 79: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
+	33, // 80: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
+	35, // 81: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
+	39, // 82: kvd.kv.v1.Auth.Authenticate:output_type -> kvd.kv.v1.AuthenticateResponse
+	49, // 83: kvd.kv.v1.Auth.Change:output_type -> kvd.kv.v1.AuthChangeResponse
+	51, // 84: kvd.kv.v1.Auth.Status:output_type -> kvd.kv.v1.AuthStatusResponse
+	72, // [72:85] is the sub-list for method output_type
+	59, // [59:72] is the sub-list for method input_type
+	59, // [59:59] is the sub-list for extension type_name
+	59, // [59:59] is the sub-list for extension extendee
+	0,  // [0:59] is the sub-list for field type_name
 }
 
 func init() { file_kvpb_kv_proto_init() }
@@ -2920,15 +3997,24 @@ func file_kvpb_kv_proto_init() {
 		(*BatchResponseItem_Delete)(nil),
 		(*BatchResponseItem_Txn)(nil),
 	}
+	file_kvpb_kv_proto_msgTypes[38].OneofWrappers = []any{
+		(*AuthChangeRequest_Enable)(nil),
+		(*AuthChangeRequest_Disable)(nil),
+		(*AuthChangeRequest_UserAdd)(nil),
+		(*AuthChangeRequest_UserDelete)(nil),
+		(*AuthChangeRequest_UserGrantRole)(nil),
+		(*AuthChangeRequest_RoleAdd)(nil),
+		(*AuthChangeRequest_RoleGrantPermission)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvpb_kv_proto_rawDesc), len(file_kvpb_kv_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   35,
+			NumMessages:   52,
 			NumExtensions: 0,
-			NumServices:   2,
+			NumServices:   3,
 		},
 		GoTypes:           file_kvpb_kv_proto_goTypes,
 		DependencyIndexes: file_kvpb_kv_proto_depIdxs,

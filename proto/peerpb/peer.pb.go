@@ -496,6 +496,86 @@ func (*SnapshotAck) Descriptor() ([]byte, []int) {
 	return file_peerpb_peer_proto_rawDescGZIP(), []int{5}
 }
 
+type AuthStateRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthStateRequest) Reset() {
+	*x = AuthStateRequest{}
+	mi := &file_peerpb_peer_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthStateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthStateRequest) ProtoMessage() {}
+
+func (x *AuthStateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthStateRequest.ProtoReflect.Descriptor instead.
+func (*AuthStateRequest) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{6}
+}
+
+type AuthStateResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	State         *kvpb.AuthState        `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthStateResponse) Reset() {
+	*x = AuthStateResponse{}
+	mi := &file_peerpb_peer_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthStateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthStateResponse) ProtoMessage() {}
+
+func (x *AuthStateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthStateResponse.ProtoReflect.Descriptor instead.
+func (*AuthStateResponse) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *AuthStateResponse) GetState() *kvpb.AuthState {
+	if x != nil {
+		return x.State
+	}
+	return nil
+}
+
 type ShardHashRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Shard         uint64                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
@@ -506,7 +586,7 @@ type ShardHashRequest struct {
 
 func (x *ShardHashRequest) Reset() {
 	*x = ShardHashRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[6]
+	mi := &file_peerpb_peer_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -518,7 +598,7 @@ func (x *ShardHashRequest) String() string {
 func (*ShardHashRequest) ProtoMessage() {}
 
 func (x *ShardHashRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[6]
+	mi := &file_peerpb_peer_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -531,7 +611,7 @@ func (x *ShardHashRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShardHashRequest.ProtoReflect.Descriptor instead.
 func (*ShardHashRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{6}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ShardHashRequest) GetShard() uint64 {
@@ -560,7 +640,7 @@ type ShardHashResponse struct {
 
 func (x *ShardHashResponse) Reset() {
 	*x = ShardHashResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[7]
+	mi := &file_peerpb_peer_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -572,7 +652,7 @@ func (x *ShardHashResponse) String() string {
 func (*ShardHashResponse) ProtoMessage() {}
 
 func (x *ShardHashResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[7]
+	mi := &file_peerpb_peer_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -585,7 +665,7 @@ func (x *ShardHashResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShardHashResponse.ProtoReflect.Descriptor instead.
 func (*ShardHashResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{7}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ShardHashResponse) GetFound() bool {
@@ -614,7 +694,7 @@ type ReportCorruptionRequest struct {
 
 func (x *ReportCorruptionRequest) Reset() {
 	*x = ReportCorruptionRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[8]
+	mi := &file_peerpb_peer_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -626,7 +706,7 @@ func (x *ReportCorruptionRequest) String() string {
 func (*ReportCorruptionRequest) ProtoMessage() {}
 
 func (x *ReportCorruptionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[8]
+	mi := &file_peerpb_peer_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -639,7 +719,7 @@ func (x *ReportCorruptionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportCorruptionRequest.ProtoReflect.Descriptor instead.
 func (*ReportCorruptionRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{8}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ReportCorruptionRequest) GetShard() uint64 {
@@ -671,7 +751,7 @@ type ReportCorruptionResponse struct {
 
 func (x *ReportCorruptionResponse) Reset() {
 	*x = ReportCorruptionResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[9]
+	mi := &file_peerpb_peer_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -683,7 +763,7 @@ func (x *ReportCorruptionResponse) String() string {
 func (*ReportCorruptionResponse) ProtoMessage() {}
 
 func (x *ReportCorruptionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[9]
+	mi := &file_peerpb_peer_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -696,7 +776,7 @@ func (x *ReportCorruptionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportCorruptionResponse.ProtoReflect.Descriptor instead.
 func (*ReportCorruptionResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{9}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{11}
 }
 
 type AddReplicaRequest struct {
@@ -709,7 +789,7 @@ type AddReplicaRequest struct {
 
 func (x *AddReplicaRequest) Reset() {
 	*x = AddReplicaRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[10]
+	mi := &file_peerpb_peer_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -721,7 +801,7 @@ func (x *AddReplicaRequest) String() string {
 func (*AddReplicaRequest) ProtoMessage() {}
 
 func (x *AddReplicaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[10]
+	mi := &file_peerpb_peer_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -734,7 +814,7 @@ func (x *AddReplicaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddReplicaRequest.ProtoReflect.Descriptor instead.
 func (*AddReplicaRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{10}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *AddReplicaRequest) GetShard() uint64 {
@@ -759,7 +839,7 @@ type AddReplicaResponse struct {
 
 func (x *AddReplicaResponse) Reset() {
 	*x = AddReplicaResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[11]
+	mi := &file_peerpb_peer_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -771,7 +851,7 @@ func (x *AddReplicaResponse) String() string {
 func (*AddReplicaResponse) ProtoMessage() {}
 
 func (x *AddReplicaResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[11]
+	mi := &file_peerpb_peer_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -784,7 +864,7 @@ func (x *AddReplicaResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddReplicaResponse.ProtoReflect.Descriptor instead.
 func (*AddReplicaResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{11}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{13}
 }
 
 type ProposeRequest struct {
@@ -798,7 +878,7 @@ type ProposeRequest struct {
 
 func (x *ProposeRequest) Reset() {
 	*x = ProposeRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[12]
+	mi := &file_peerpb_peer_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -810,7 +890,7 @@ func (x *ProposeRequest) String() string {
 func (*ProposeRequest) ProtoMessage() {}
 
 func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[12]
+	mi := &file_peerpb_peer_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -823,7 +903,7 @@ func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeRequest.ProtoReflect.Descriptor instead.
 func (*ProposeRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{12}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ProposeRequest) GetShard() uint64 {
@@ -850,7 +930,7 @@ type ProposeResponse struct {
 
 func (x *ProposeResponse) Reset() {
 	*x = ProposeResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[13]
+	mi := &file_peerpb_peer_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -862,7 +942,7 @@ func (x *ProposeResponse) String() string {
 func (*ProposeResponse) ProtoMessage() {}
 
 func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[13]
+	mi := &file_peerpb_peer_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -875,7 +955,7 @@ func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeResponse.ProtoReflect.Descriptor instead.
 func (*ProposeResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{13}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ProposeResponse) GetResult() []byte {
@@ -905,6 +985,7 @@ type Command struct {
 	//	*Command_SetClusterMap
 	//	*Command_UpdateMember
 	//	*Command_HashCheck
+	//	*Command_Auth
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -912,7 +993,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_peerpb_peer_proto_msgTypes[14]
+	mi := &file_peerpb_peer_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -924,7 +1005,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[14]
+	mi := &file_peerpb_peer_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -937,7 +1018,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{14}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Command) GetSession() uint64 {
@@ -1038,6 +1119,15 @@ func (x *Command) GetHashCheck() *HashCheck {
 	return nil
 }
 
+func (x *Command) GetAuth() *kvpb.AuthChangeRequest {
+	if x != nil {
+		if x, ok := x.Op.(*Command_Auth); ok {
+			return x.Auth
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -1070,6 +1160,11 @@ type Command_HashCheck struct {
 	HashCheck *HashCheck `protobuf:"bytes,11,opt,name=hash_check,json=hashCheck,proto3,oneof"`
 }
 
+type Command_Auth struct {
+	// auth changes the meta shard's auth state (fsm/auth.go).
+	Auth *kvpb.AuthChangeRequest `protobuf:"bytes,12,opt,name=auth,proto3,oneof"`
+}
+
 func (*Command_Put) isCommand_Op() {}
 
 func (*Command_Delete) isCommand_Op() {}
@@ -1083,6 +1178,8 @@ func (*Command_SetClusterMap) isCommand_Op() {}
 func (*Command_UpdateMember) isCommand_Op() {}
 
 func (*Command_HashCheck) isCommand_Op() {}
+
+func (*Command_Auth) isCommand_Op() {}
 
 // UpdateMember sets a member's addresses in the cluster map (meta shard
 // only). The epoch advances only when something changed, so a node that
@@ -1099,7 +1196,7 @@ type UpdateMember struct {
 
 func (x *UpdateMember) Reset() {
 	*x = UpdateMember{}
-	mi := &file_peerpb_peer_proto_msgTypes[15]
+	mi := &file_peerpb_peer_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1111,7 +1208,7 @@ func (x *UpdateMember) String() string {
 func (*UpdateMember) ProtoMessage() {}
 
 func (x *UpdateMember) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[15]
+	mi := &file_peerpb_peer_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1124,7 +1221,7 @@ func (x *UpdateMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateMember.ProtoReflect.Descriptor instead.
 func (*UpdateMember) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{15}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *UpdateMember) GetMember() *kvpb.Member {
@@ -1151,7 +1248,7 @@ type HashCheck struct {
 
 func (x *HashCheck) Reset() {
 	*x = HashCheck{}
-	mi := &file_peerpb_peer_proto_msgTypes[16]
+	mi := &file_peerpb_peer_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1163,7 +1260,7 @@ func (x *HashCheck) String() string {
 func (*HashCheck) ProtoMessage() {}
 
 func (x *HashCheck) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[16]
+	mi := &file_peerpb_peer_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1176,7 +1273,7 @@ func (x *HashCheck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HashCheck.ProtoReflect.Descriptor instead.
 func (*HashCheck) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{16}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{18}
 }
 
 // HashCheckResult is HashCheck's result on the replica that answers.
@@ -1190,7 +1287,7 @@ type HashCheckResult struct {
 
 func (x *HashCheckResult) Reset() {
 	*x = HashCheckResult{}
-	mi := &file_peerpb_peer_proto_msgTypes[17]
+	mi := &file_peerpb_peer_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1202,7 +1299,7 @@ func (x *HashCheckResult) String() string {
 func (*HashCheckResult) ProtoMessage() {}
 
 func (x *HashCheckResult) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[17]
+	mi := &file_peerpb_peer_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1215,7 +1312,7 @@ func (x *HashCheckResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HashCheckResult.ProtoReflect.Descriptor instead.
 func (*HashCheckResult) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{17}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *HashCheckResult) GetIndex() uint64 {
@@ -1246,7 +1343,7 @@ type ExpireSessions struct {
 
 func (x *ExpireSessions) Reset() {
 	*x = ExpireSessions{}
-	mi := &file_peerpb_peer_proto_msgTypes[18]
+	mi := &file_peerpb_peer_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1258,7 +1355,7 @@ func (x *ExpireSessions) String() string {
 func (*ExpireSessions) ProtoMessage() {}
 
 func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[18]
+	mi := &file_peerpb_peer_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1271,7 +1368,7 @@ func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireSessions.ProtoReflect.Descriptor instead.
 func (*ExpireSessions) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{18}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ExpireSessions) GetNowUnixMs() int64 {
@@ -1299,7 +1396,7 @@ type SetClusterMap struct {
 
 func (x *SetClusterMap) Reset() {
 	*x = SetClusterMap{}
-	mi := &file_peerpb_peer_proto_msgTypes[19]
+	mi := &file_peerpb_peer_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1311,7 +1408,7 @@ func (x *SetClusterMap) String() string {
 func (*SetClusterMap) ProtoMessage() {}
 
 func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[19]
+	mi := &file_peerpb_peer_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1324,7 +1421,7 @@ func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetClusterMap.ProtoReflect.Descriptor instead.
 func (*SetClusterMap) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{19}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *SetClusterMap) GetMap() *kvpb.ClusterMap {
@@ -1364,7 +1461,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_peerpb_peer_proto_msgTypes[20]
+	mi := &file_peerpb_peer_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1376,7 +1473,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[20]
+	mi := &file_peerpb_peer_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1389,7 +1486,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{20}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Result) GetOp() isResult_Op {
@@ -1497,7 +1594,7 @@ type StoredValue struct {
 
 func (x *StoredValue) Reset() {
 	*x = StoredValue{}
-	mi := &file_peerpb_peer_proto_msgTypes[21]
+	mi := &file_peerpb_peer_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1509,7 +1606,7 @@ func (x *StoredValue) String() string {
 func (*StoredValue) ProtoMessage() {}
 
 func (x *StoredValue) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[21]
+	mi := &file_peerpb_peer_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1522,7 +1619,7 @@ func (x *StoredValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredValue.ProtoReflect.Descriptor instead.
 func (*StoredValue) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{21}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *StoredValue) GetValue() []byte {
@@ -1566,7 +1663,7 @@ type SessionState struct {
 
 func (x *SessionState) Reset() {
 	*x = SessionState{}
-	mi := &file_peerpb_peer_proto_msgTypes[22]
+	mi := &file_peerpb_peer_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1578,7 +1675,7 @@ func (x *SessionState) String() string {
 func (*SessionState) ProtoMessage() {}
 
 func (x *SessionState) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[22]
+	mi := &file_peerpb_peer_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1591,7 +1688,7 @@ func (x *SessionState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionState.ProtoReflect.Descriptor instead.
 func (*SessionState) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{22}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SessionState) GetAckBelow() uint64 {
@@ -1637,7 +1734,10 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x06bucket\x18\x01 \x01(\fR\x06bucket\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\fR\x03key\x12\x14\n" +
 	"\x05value\x18\x03 \x01(\fR\x05value\"\r\n" +
-	"\vSnapshotAck\">\n" +
+	"\vSnapshotAck\"\x12\n" +
+	"\x10AuthStateRequest\"?\n" +
+	"\x11AuthStateResponse\x12*\n" +
+	"\x05state\x18\x01 \x01(\v2\x14.kvd.kv.v1.AuthStateR\x05state\">\n" +
 	"\x10ShardHashRequest\x12\x14\n" +
 	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\"=\n" +
@@ -1657,7 +1757,7 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x18\n" +
 	"\acommand\x18\x02 \x01(\fR\acommand\")\n" +
 	"\x0fProposeResponse\x12\x16\n" +
-	"\x06result\x18\x01 \x01(\fR\x06result\"\x8d\x04\n" +
+	"\x06result\x18\x01 \x01(\fR\x06result\"\xc1\x04\n" +
 	"\aCommand\x12\x18\n" +
 	"\asession\x18\x01 \x01(\x04R\asession\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x1b\n" +
@@ -1672,7 +1772,8 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\rupdate_member\x18\n" +
 	" \x01(\v2\x19.kvd.peer.v1.UpdateMemberH\x00R\fupdateMember\x127\n" +
 	"\n" +
-	"hash_check\x18\v \x01(\v2\x16.kvd.peer.v1.HashCheckH\x00R\thashCheckB\x04\n" +
+	"hash_check\x18\v \x01(\v2\x16.kvd.peer.v1.HashCheckH\x00R\thashCheck\x122\n" +
+	"\x04auth\x18\f \x01(\v2\x1c.kvd.kv.v1.AuthChangeRequestH\x00R\x04authB\x04\n" +
 	"\x02op\"K\n" +
 	"\fUpdateMember\x12)\n" +
 	"\x06member\x18\x01 \x01(\v2\x11.kvd.kv.v1.MemberR\x06member\x12\x10\n" +
@@ -1721,13 +1822,14 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x13RESULT_CODE_CORRUPT\x10\v2\x80\x01\n" +
 	"\x04Raft\x124\n" +
 	"\x06Stream\x12\x12.kvd.peer.v1.Batch\x1a\x12.kvd.peer.v1.Batch(\x010\x01\x12B\n" +
-	"\bSnapshot\x12\x1a.kvd.peer.v1.SnapshotChunk\x1a\x18.kvd.peer.v1.SnapshotAck(\x012\xcc\x02\n" +
+	"\bSnapshot\x12\x1a.kvd.peer.v1.SnapshotChunk\x1a\x18.kvd.peer.v1.SnapshotAck(\x012\x98\x03\n" +
 	"\bInternal\x12D\n" +
 	"\aPropose\x12\x1b.kvd.peer.v1.ProposeRequest\x1a\x1c.kvd.peer.v1.ProposeResponse\x12M\n" +
 	"\n" +
 	"AddReplica\x12\x1e.kvd.peer.v1.AddReplicaRequest\x1a\x1f.kvd.peer.v1.AddReplicaResponse\x12J\n" +
 	"\tShardHash\x12\x1d.kvd.peer.v1.ShardHashRequest\x1a\x1e.kvd.peer.v1.ShardHashResponse\x12_\n" +
-	"\x10ReportCorruption\x12$.kvd.peer.v1.ReportCorruptionRequest\x1a%.kvd.peer.v1.ReportCorruptionResponseB!Z\x1fgithub.com/kvd/kvd/proto/peerpbb\x06proto3"
+	"\x10ReportCorruption\x12$.kvd.peer.v1.ReportCorruptionRequest\x1a%.kvd.peer.v1.ReportCorruptionResponse\x12J\n" +
+	"\tAuthState\x12\x1d.kvd.peer.v1.AuthStateRequest\x1a\x1e.kvd.peer.v1.AuthStateResponseB!Z\x1fgithub.com/kvd/kvd/proto/peerpbb\x06proto3"
 
 var (
 	file_peerpb_peer_proto_rawDescOnce sync.Once
@@ -1742,7 +1844,7 @@ func file_peerpb_peer_proto_rawDescGZIP() []byte {
 }
 
 var file_peerpb_peer_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 23)
+var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_peerpb_peer_proto_goTypes = []any{
 	(ResultCode)(0),                  // 0: kvd.peer.v1.ResultCode
 	(*Batch)(nil),                    // 1: kvd.peer.v1.Batch
@@ -1751,67 +1853,75 @@ var file_peerpb_peer_proto_goTypes = []any{
 	(*SnapshotChunk)(nil),            // 4: kvd.peer.v1.SnapshotChunk
 	(*SnapshotPair)(nil),             // 5: kvd.peer.v1.SnapshotPair
 	(*SnapshotAck)(nil),              // 6: kvd.peer.v1.SnapshotAck
-	(*ShardHashRequest)(nil),         // 7: kvd.peer.v1.ShardHashRequest
-	(*ShardHashResponse)(nil),        // 8: kvd.peer.v1.ShardHashResponse
-	(*ReportCorruptionRequest)(nil),  // 9: kvd.peer.v1.ReportCorruptionRequest
-	(*ReportCorruptionResponse)(nil), // 10: kvd.peer.v1.ReportCorruptionResponse
-	(*AddReplicaRequest)(nil),        // 11: kvd.peer.v1.AddReplicaRequest
-	(*AddReplicaResponse)(nil),       // 12: kvd.peer.v1.AddReplicaResponse
-	(*ProposeRequest)(nil),           // 13: kvd.peer.v1.ProposeRequest
-	(*ProposeResponse)(nil),          // 14: kvd.peer.v1.ProposeResponse
-	(*Command)(nil),                  // 15: kvd.peer.v1.Command
-	(*UpdateMember)(nil),             // 16: kvd.peer.v1.UpdateMember
-	(*HashCheck)(nil),                // 17: kvd.peer.v1.HashCheck
-	(*HashCheckResult)(nil),          // 18: kvd.peer.v1.HashCheckResult
-	(*ExpireSessions)(nil),           // 19: kvd.peer.v1.ExpireSessions
-	(*SetClusterMap)(nil),            // 20: kvd.peer.v1.SetClusterMap
-	(*Result)(nil),                   // 21: kvd.peer.v1.Result
-	(*StoredValue)(nil),              // 22: kvd.peer.v1.StoredValue
-	(*SessionState)(nil),             // 23: kvd.peer.v1.SessionState
-	(*kvpb.PutRequest)(nil),          // 24: kvd.kv.v1.PutRequest
-	(*kvpb.DeleteRequest)(nil),       // 25: kvd.kv.v1.DeleteRequest
-	(*kvpb.TxnRequest)(nil),          // 26: kvd.kv.v1.TxnRequest
-	(*kvpb.Member)(nil),              // 27: kvd.kv.v1.Member
-	(*kvpb.ClusterMap)(nil),          // 28: kvd.kv.v1.ClusterMap
-	(*kvpb.PutResponse)(nil),         // 29: kvd.kv.v1.PutResponse
-	(*kvpb.DeleteResponse)(nil),      // 30: kvd.kv.v1.DeleteResponse
-	(*kvpb.TxnResponse)(nil),         // 31: kvd.kv.v1.TxnResponse
+	(*AuthStateRequest)(nil),         // 7: kvd.peer.v1.AuthStateRequest
+	(*AuthStateResponse)(nil),        // 8: kvd.peer.v1.AuthStateResponse
+	(*ShardHashRequest)(nil),         // 9: kvd.peer.v1.ShardHashRequest
+	(*ShardHashResponse)(nil),        // 10: kvd.peer.v1.ShardHashResponse
+	(*ReportCorruptionRequest)(nil),  // 11: kvd.peer.v1.ReportCorruptionRequest
+	(*ReportCorruptionResponse)(nil), // 12: kvd.peer.v1.ReportCorruptionResponse
+	(*AddReplicaRequest)(nil),        // 13: kvd.peer.v1.AddReplicaRequest
+	(*AddReplicaResponse)(nil),       // 14: kvd.peer.v1.AddReplicaResponse
+	(*ProposeRequest)(nil),           // 15: kvd.peer.v1.ProposeRequest
+	(*ProposeResponse)(nil),          // 16: kvd.peer.v1.ProposeResponse
+	(*Command)(nil),                  // 17: kvd.peer.v1.Command
+	(*UpdateMember)(nil),             // 18: kvd.peer.v1.UpdateMember
+	(*HashCheck)(nil),                // 19: kvd.peer.v1.HashCheck
+	(*HashCheckResult)(nil),          // 20: kvd.peer.v1.HashCheckResult
+	(*ExpireSessions)(nil),           // 21: kvd.peer.v1.ExpireSessions
+	(*SetClusterMap)(nil),            // 22: kvd.peer.v1.SetClusterMap
+	(*Result)(nil),                   // 23: kvd.peer.v1.Result
+	(*StoredValue)(nil),              // 24: kvd.peer.v1.StoredValue
+	(*SessionState)(nil),             // 25: kvd.peer.v1.SessionState
+	(*kvpb.AuthState)(nil),           // 26: kvd.kv.v1.AuthState
+	(*kvpb.PutRequest)(nil),          // 27: kvd.kv.v1.PutRequest
+	(*kvpb.DeleteRequest)(nil),       // 28: kvd.kv.v1.DeleteRequest
+	(*kvpb.TxnRequest)(nil),          // 29: kvd.kv.v1.TxnRequest
+	(*kvpb.AuthChangeRequest)(nil),   // 30: kvd.kv.v1.AuthChangeRequest
+	(*kvpb.Member)(nil),              // 31: kvd.kv.v1.Member
+	(*kvpb.ClusterMap)(nil),          // 32: kvd.kv.v1.ClusterMap
+	(*kvpb.PutResponse)(nil),         // 33: kvd.kv.v1.PutResponse
+	(*kvpb.DeleteResponse)(nil),      // 34: kvd.kv.v1.DeleteResponse
+	(*kvpb.TxnResponse)(nil),         // 35: kvd.kv.v1.TxnResponse
 }
 var file_peerpb_peer_proto_depIdxs = []int32{
 	2,  // 0: kvd.peer.v1.Batch.msgs:type_name -> kvd.peer.v1.ShardMessage
 	3,  // 1: kvd.peer.v1.Batch.checks:type_name -> kvd.peer.v1.LeaderCheck
 	5,  // 2: kvd.peer.v1.SnapshotChunk.pairs:type_name -> kvd.peer.v1.SnapshotPair
-	24, // 3: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
-	25, // 4: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
-	26, // 5: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
-	19, // 6: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
-	20, // 7: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
-	16, // 8: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
-	17, // 9: kvd.peer.v1.Command.hash_check:type_name -> kvd.peer.v1.HashCheck
-	27, // 10: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
-	28, // 11: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
-	29, // 12: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
-	30, // 13: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
-	31, // 14: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
-	18, // 15: kvd.peer.v1.Result.hash_check:type_name -> kvd.peer.v1.HashCheckResult
-	0,  // 16: kvd.peer.v1.Result.code:type_name -> kvd.peer.v1.ResultCode
-	1,  // 17: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
-	4,  // 18: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
-	13, // 19: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
-	11, // 20: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
-	7,  // 21: kvd.peer.v1.Internal.ShardHash:input_type -> kvd.peer.v1.ShardHashRequest
-	9,  // 22: kvd.peer.v1.Internal.ReportCorruption:input_type -> kvd.peer.v1.ReportCorruptionRequest
-	1,  // 23: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
-	6,  // 24: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
-	14, // 25: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
-	12, // 26: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
-	8,  // 27: kvd.peer.v1.Internal.ShardHash:output_type -> kvd.peer.v1.ShardHashResponse
-	10, // 28: kvd.peer.v1.Internal.ReportCorruption:output_type -> kvd.peer.v1.ReportCorruptionResponse
-	23, // [23:29] is the sub-list for method output_type
-	17, // [17:23] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	26, // 3: kvd.peer.v1.AuthStateResponse.state:type_name -> kvd.kv.v1.AuthState
+	27, // 4: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
+	28, // 5: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
+	29, // 6: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
+	21, // 7: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
+	22, // 8: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
+	18, // 9: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
+	19, // 10: kvd.peer.v1.Command.hash_check:type_name -> kvd.peer.v1.HashCheck
+	30, // 11: kvd.peer.v1.Command.auth:type_name -> kvd.kv.v1.AuthChangeRequest
+	31, // 12: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
+	32, // 13: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
+	33, // 14: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
+	34, // 15: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
+	35, // 16: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
+	20, // 17: kvd.peer.v1.Result.hash_check:type_name -> kvd.peer.v1.HashCheckResult
+	0,  // 18: kvd.peer.v1.Result.code:type_name -> kvd.peer.v1.ResultCode
+	1,  // 19: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
+	4,  // 20: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
+	15, // 21: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
+	13, // 22: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
+	9,  // 23: kvd.peer.v1.Internal.ShardHash:input_type -> kvd.peer.v1.ShardHashRequest
+	11, // 24: kvd.peer.v1.Internal.ReportCorruption:input_type -> kvd.peer.v1.ReportCorruptionRequest
+	7,  // 25: kvd.peer.v1.Internal.AuthState:input_type -> kvd.peer.v1.AuthStateRequest
+	1,  // 26: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
+	6,  // 27: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
+	16, // 28: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
+	14, // 29: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
+	10, // 30: kvd.peer.v1.Internal.ShardHash:output_type -> kvd.peer.v1.ShardHashResponse
+	12, // 31: kvd.peer.v1.Internal.ReportCorruption:output_type -> kvd.peer.v1.ReportCorruptionResponse
+	8,  // 32: kvd.peer.v1.Internal.AuthState:output_type -> kvd.peer.v1.AuthStateResponse
+	26, // [26:33] is the sub-list for method output_type
+	19, // [19:26] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_peerpb_peer_proto_init() }
@@ -1819,7 +1929,7 @@ func file_peerpb_peer_proto_init() {
 	if File_peerpb_peer_proto != nil {
 		return
 	}
-	file_peerpb_peer_proto_msgTypes[14].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[16].OneofWrappers = []any{
 		(*Command_Put)(nil),
 		(*Command_Delete)(nil),
 		(*Command_Txn)(nil),
@@ -1827,8 +1937,9 @@ func file_peerpb_peer_proto_init() {
 		(*Command_SetClusterMap)(nil),
 		(*Command_UpdateMember)(nil),
 		(*Command_HashCheck)(nil),
+		(*Command_Auth)(nil),
 	}
-	file_peerpb_peer_proto_msgTypes[20].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[22].OneofWrappers = []any{
 		(*Result_Put)(nil),
 		(*Result_Delete)(nil),
 		(*Result_Txn)(nil),
@@ -1840,7 +1951,7 @@ func file_peerpb_peer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_peerpb_peer_proto_rawDesc), len(file_peerpb_peer_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   23,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -383,7 +383,8 @@ func runKvctl(t *testing.T, kvctl string, args ...string) (stdout, stderr string
 // TestMemberAddOnlyByTheJoiner: on a client port that requires
 // certificates, MemberAdd (after which every node dials the new member)
 // is refused to a client's certificate and to a member adding another id;
-// a node joining with its own certificate is added and becomes ready.
+// a node joining with its own certificate, with auth enabled, is added
+// and becomes ready.
 func TestMemberAddOnlyByTheJoiner(t *testing.T) {
 	p := newTestPKI(t, 4)
 	c := startTLSCluster(t, 3, p)
@@ -398,6 +399,13 @@ func TestMemberAddOnlyByTheJoiner(t *testing.T) {
 		conn.Close()
 		if status.Code(err) != codes.PermissionDenied {
 			t.Errorf("MemberAdd of node 4 with %s's certificate: %v, want PermissionDenied", name, err)
+		}
+	}
+	// With auth on (root identified by its certificate's common name),
+	// the node joins all the same: its certificate names it.
+	for _, args := range [][]string{{"user", "add", "root", "--no-password"}, {"user", "grant-role", "root", "root"}, {"auth", "enable"}} {
+		if out, errOut, code := c.Kvctl("", args...); code != 0 {
+			t.Fatalf("kvctl %v: exit %d %s%s", args, code, out, errOut)
 		}
 	}
 	nd := c.AddNode(c.Node(1).ClientAddr)
