@@ -4,9 +4,10 @@
 # (certificates from kvd cert). Prints one line per run; the figures in
 # docs/benchmarks.md come from it.
 #
-# Environment: BIN (default ./bin), RUNS (default 3), TOTAL (operations
-# per run, default 20000), CLIENTS (default 16), PORT_BASE (default 33100:
-# node N listens on PORT_BASE+10N for clients, +1 peers, +2 metrics).
+# Environment: BIN (default ./bin), MODES (default "plain tls"), RUNS
+# (default 3), TOTAL (operations per run, default 20000), CLIENTS
+# (default 16), PORT_BASE (default 33100: node N listens on PORT_BASE+10N
+# for clients, +1 peers, +2 metrics).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-./bin}
@@ -61,7 +62,7 @@ start() {
 }
 
 echo "mode op run ops/s p50_ms p99_ms"
-for mode in plain tls; do
+for mode in ${MODES:-plain tls}; do
   start "$mode"
   kv=("$BIN/kvctl" --endpoints "$endpoints")
   [ "$mode" = tls ] && kv+=(--cacert "$C/ca.crt" --cert "$C/client-bench.crt" --key "$C/client-bench.key")
