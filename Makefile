@@ -107,7 +107,8 @@ image: ## build static kvd and kvctl and the image kvd:dev (FROM scratch, no net
 
 compose-up: image ## start the 3-node cluster in containers (client ports 2379, 22379, 32379 on 127.0.0.1)
 	$(COMPOSE_CMD) -p $(COMPOSE_PROJECT) -f $(COMPOSE_FILE_KVD) up -d
-	@echo "kvd: cluster starting; try: ./bin/kvctl --endpoints 127.0.0.1:2379,127.0.0.1:22379,127.0.0.1:32379 cluster status"
+	@echo "kvd: cluster starting with mutual TLS; certificates: docker cp $(COMPOSE_PROJECT)-kvd1-1:/certs ./kvd-certs (v1: $(COMPOSE_PROJECT)_kvd1_1), then:"
+	@echo "  ./bin/kvctl --endpoints https://127.0.0.1:2379 --cacert kvd-certs/ca.crt --cert kvd-certs/client-root.crt --key kvd-certs/client-root.key cluster status"
 
 compose-down: ## stop and remove the containers (keeps the data volumes)
 	$(COMPOSE_CMD) -p $(COMPOSE_PROJECT) -f $(COMPOSE_FILE_KVD) down

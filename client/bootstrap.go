@@ -112,7 +112,7 @@ func (c *Client) absorb(r probe, best *kvpb.ClusterMap) *kvpb.ClusterMap {
 // advertises, for the id of the member behind it.
 func (c *Client) probe(ep string) probe {
 	r := probe{ep: ep}
-	n, err := dialNode(0, ep, 1, c.log)
+	n, err := dialNode(0, ep, 1, c.dialOpts, c.log)
 	if err != nil {
 		r.err = err
 		return r
@@ -173,7 +173,7 @@ func (c *Client) useEndpoint(id uint64, ep string) {
 		c.mu.Unlock()
 		return
 	}
-	n, err := dialNode(id, ep, c.cfg.MaxInFlightPerNode, c.log)
+	n, err := dialNode(id, ep, c.cfg.MaxInFlightPerNode, c.dialOpts, c.log)
 	if err != nil {
 		c.mu.Unlock()
 		return

@@ -3,6 +3,7 @@ package client
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/hashring"
@@ -58,6 +60,17 @@ type Config struct {
 	// hangs, an address that drops packets) cost every request that
 	// chose it the whole AttemptTimeout.
 	ConnectTimeout time.Duration
+	// TLS, when set, is used for every connection: the nodes serve their
+	// client port with TLS (kvd --client-cert), and its Certificates
+	// answer a node that requires a client certificate (--client-ca).
+	// Its RootCAs must trust the nodes' certificates, which must name the
+	// host each member is dialed by. Nil dials without TLS.
+	TLS *tls.Config
+	// Username and Password authenticate every request once the cluster
+	// has auth enabled (auth.go): the client gets a token for them and
+	// renews it before it expires. Empty: requests carry no user, and
+	// only a client certificate in TLS can identify one.
+	Username, Password string
 	// Logger receives breaker transitions and map changes, and at debug
 	// level every attempt that failed (node, time taken, error); never a
 	// line for a request that succeeded at once. Nil discards.
@@ -67,10 +80,11 @@ type Config struct {
 // Client is a kvd client. It is safe for concurrent use; create one per
 // process and share it. Close it when done.
 type Client struct {
-	cfg     Config
-	log     *slog.Logger
-	session uint64
-	seqs    *seqTracker
+	cfg      Config
+	log      *slog.Logger
+	dialOpts []grpc.DialOption // credentials of every connection (auth.go)
+	session  uint64
+	seqs     *seqTracker
 
 	closeOnce sync.Once
 	// base is cancelled by Close; every attempt's context hangs off it so
@@ -136,6 +150,7 @@ func New(ctx context.Context, cfg Config) (*Client, error) {
 	c.mu.overrides = map[uint64]string{}
 	c.session = newSession()
 	c.seqs = newSeqTracker()
+	c.dialOpts = c.dialOptions()
 
 	if err := c.bootstrap(ctx); err != nil {
 		c.Close()
@@ -206,7 +221,7 @@ func (c *Client) applyMap(m *kvpb.ClusterMap) error {
 		} else if ok {
 			stale = append(stale, n)
 		}
-		n, err := dialNode(mem.GetId(), addr, c.cfg.MaxInFlightPerNode, c.log)
+		n, err := dialNode(mem.GetId(), addr, c.cfg.MaxInFlightPerNode, c.dialOpts, c.log)
 		if err != nil {
 			// grpc.NewClient only fails on a malformed target; skip the
 			// member and let requests to it fail over.

@@ -27,6 +27,10 @@ var (
 	// The error says at which revision it applied (and which branch a
 	// transaction took); its reads must be done again. Retrying the same request cannot bring the result back.
 	ErrResultNotKept = errors.New("client: write applied, result not kept")
+	// ErrPermissionDenied: auth is enabled and the request's user may not
+	// do it (the message names the permission it lacks), or the request
+	// has no valid user (Config.Username, a client certificate).
+	ErrPermissionDenied = errors.New("client: permission denied")
 	// ErrClosed: the Client was closed.
 	ErrClosed = errors.New("client: closed")
 )

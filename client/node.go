@@ -3,13 +3,11 @@ package client
 import (
 	"context"
 	"log/slog"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/kvd/kvd/proto/kvpb"
@@ -106,13 +104,9 @@ type node struct {
 // cut a lookup short on cancellation: an unresolvable member name (a
 // container's service name seen from the host) held every Close, and so
 // every kvctl invocation, for the DNS timeout (3 s here).
-func dialNode(id uint64, addr string, maxInFlight int, log *slog.Logger) (*node, error) {
-	target := addr
-	if !strings.Contains(addr, "://") {
-		target = "passthrough:///" + addr
-	}
-	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithStaticStreamWindowSize(kvpb.ClientStreamWindow), grpc.WithStaticConnWindowSize(kvpb.ClientConnWindow))
+func dialNode(id uint64, addr string, maxInFlight int, opts []grpc.DialOption, log *slog.Logger) (*node, error) {
+	conn, err := grpc.NewClient(dialTarget(addr), append([]grpc.DialOption{
+		grpc.WithStaticStreamWindowSize(kvpb.ClientStreamWindow), grpc.WithStaticConnWindowSize(kvpb.ClientConnWindow)}, opts...)...)
 	if err != nil {
 		return nil, err
 	}

@@ -199,6 +199,8 @@ func execute(tx State, c *peerpb.Command) *peerpb.Result {
 		return &peerpb.Result{}
 	case *peerpb.Command_CompactHistory:
 		return &peerpb.Result{Op: &peerpb.Result_CompactHistory{CompactHistory: compactHistory(tx, op.CompactHistory)}}
+	case *peerpb.Command_Auth:
+		return applyAuth(tx, op.Auth)
 	case *peerpb.Command_HashCheck:
 		index, hash, err := tx.CheckHash()
 		if err != nil {

@@ -38,7 +38,7 @@ start_nodes() {
     ${launcher:+"$launcher" "$id"} "$BIN/kvd" --id "$id" --data-dir "$WORK/data$id" \
       --listen-client "127.0.0.1:${base}379" \
       --listen-peer "127.0.0.1:${base}380" \
-      --listen-metrics "127.0.0.1:${base}381" \
+      --listen-metrics "127.0.0.1:${base}381" --enable-pprof \
       --initial-cluster "$initial" >"$WORK/kvd$id.log" 2>&1 &
     pids+=("$!")
   done

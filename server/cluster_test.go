@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -15,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/goleak"
 
 	"github.com/kvd/kvd/client"
@@ -267,15 +269,31 @@ func TestMetricsExistAndMove(t *testing.T) {
 	if !strings.Contains(scrape(t, c.servers[0]), `method="Put"`) {
 		t.Error("request metrics are not labelled by method")
 	}
-	for _, path := range []string{"/healthz", "/readyz", "/debug/pprof/"} {
+	for path, want := range map[string]int{"/healthz": http.StatusOK, "/readyz": http.StatusOK, "/debug/pprof/": http.StatusNotFound} {
 		resp, err := http.Get("http://" + c.servers[0].MetricsAddr() + path)
 		if err != nil {
 			t.Fatal(err)
 		}
 		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			t.Errorf("%s: status %d", path, resp.StatusCode)
+		if resp.StatusCode != want {
+			t.Errorf("%s: status %d, want %d", path, resp.StatusCode, want)
 		}
+	}
+}
+
+// TestPprofOnlyWhenEnabled: /debug/pprof/ is served with EnablePprof
+// alone (the metrics test above shows it absent by default).
+func TestPprofOnlyWhenEnabled(t *testing.T) {
+	s := &Server{cfg: Config{EnablePprof: true}, metrics: &metrics{reg: prometheus.NewRegistry()}}
+	srv := httptest.NewServer(s.httpHandler())
+	defer srv.Close()
+	resp, err := http.Get(srv.URL + "/debug/pprof/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("/debug/pprof/ with EnablePprof: status %d", resp.StatusCode)
 	}
 }
 

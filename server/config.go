@@ -25,6 +25,24 @@ type Config struct {
 	// empty disables it.
 	ListenMetrics string
 
+	// EnablePprof serves /debug/pprof/ on the metrics listener; off by
+	// default, as a profile names code paths and costs CPU on demand.
+	EnablePprof bool
+
+	// Peer TLS: with PeerCertFile, the peer port serves TLS, requires a
+	// client certificate signed by PeerCAFile naming the node id each call
+	// claims (a kvd://node/<id> URI SAN, internal/pki), and this node
+	// dials its peers with the same certificate. Without it the peer port
+	// is open to anyone who can reach it.
+	PeerCertFile, PeerKeyFile, PeerCAFile string
+	// Client TLS: with ClientCertFile the client port serves TLS; with
+	// ClientCAFile too, clients must present a certificate it signed.
+	ClientCertFile, ClientKeyFile, ClientCAFile string
+
+	// AuthTokenTTL is how long a token from Auth.Authenticate is good
+	// for (default DefaultAuthTokenTTL).
+	AuthTokenTTL time.Duration
+
 	// InitialCluster maps node id to peer address for bootstrap. Ignored
 	// when the data dir already holds a node.
 	InitialCluster map[uint64]string
@@ -263,6 +281,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.WatchProgressInterval == 0 {
 		c.WatchProgressInterval = time.Second
+	}
+	if c.AuthTokenTTL == 0 {
+		c.AuthTokenTTL = DefaultAuthTokenTTL
 	}
 	if c.SessionTTL == 0 {
 		c.SessionTTL = time.Hour

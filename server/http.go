@@ -12,7 +12,7 @@ import (
 // for the node to count as caught up.
 const readyLag = 1000
 
-// httpHandler serves /metrics, /healthz, /readyz and /debug/pprof/ on the
+// httpHandler serves /metrics, /healthz, /readyz (and /debug/pprof/ with EnablePprof) on the
 // metrics listener.
 func (s *Server) httpHandler() http.Handler {
 	mux := http.NewServeMux()
@@ -50,11 +50,13 @@ func (s *Server) httpHandler() http.Handler {
 		}
 		fmt.Fprintln(w, "ready")
 	})
-	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
-	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	if s.cfg.EnablePprof {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	return mux
 }
 

@@ -9,8 +9,10 @@ import (
 	"sync"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	grpcpeer "google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
 
 	"github.com/kvd/kvd/storage"
 	"github.com/kvd/kvd/transport"
@@ -108,9 +110,18 @@ func (s *Server) tagPeerCall(ctx context.Context, method string, req, reply any,
 }
 
 // checkPeerCall refuses a call on the peer listener from a node of another
-// cluster. A call without identity (a client tool) passes.
+// cluster. With peer TLS, it also refuses a call whose certificate does not
+// name the node id the call claims, or that claims none: only members call
+// the peer port then. Without peer TLS a call without identity (a client
+// tool) passes.
 func (s *Server) checkPeerCall(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	md, _ := metadata.FromIncomingContext(ctx)
+	if s.tls.peerServer != nil {
+		if err := s.checkPeerCert(ctx, md); err != nil {
+			s.log.Warn("refused a peer call", "method", info.FullMethod, "err", err)
+			return nil, status.Error(codes.Unauthenticated, err.Error())
+		}
+	}
 	if v := md.Get(mdPeerCluster); len(v) > 0 {
 		own := strconv.FormatUint(s.clusterMap().GetClusterId(), 16)
 		if v[0] != own {
@@ -124,4 +135,21 @@ func (s *Server) checkPeerCall(ctx context.Context, req any, info *grpc.UnarySer
 		}
 	}
 	return handler(ctx, req)
+}
+
+// checkPeerCert checks that the caller's verified node certificate names
+// the node id (and the call the cluster id) it claims.
+func (s *Server) checkPeerCert(ctx context.Context, md metadata.MD) error {
+	id, err := transport.PeerCertID(ctx)
+	if err != nil {
+		return err
+	}
+	from, cluster := md.Get(mdPeerFrom), md.Get(mdPeerCluster)
+	if len(from) == 0 || len(cluster) == 0 {
+		return fmt.Errorf("%w: node %d's call carries no cluster or node id", transport.ErrPeerMismatch, id)
+	}
+	if claimed, err := strconv.ParseUint(from[0], 16, 64); err != nil || claimed != id {
+		return fmt.Errorf("%w: a peer with the certificate of node %d claims to be node %s", transport.ErrPeerMismatch, id, from[0])
+	}
+	return nil
 }

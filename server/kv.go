@@ -159,6 +159,9 @@ func (s *Server) Batch(stream kvpb.KV_BatchServer) error {
 	}
 	return serveBatch(countedStream{stream, s.metrics}, opts, s.recoverItems(func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
 		var res *kvpb.BatchResponseItem
+		if err := s.authorizeKV(ctx, it.Inner()); err != nil {
+			return nil, err
+		}
 		_, err := s.metrics.observe(it.Method(), func() (any, error) {
 			return adm.serve(requestCharge(it.Inner(), sizedBefore), func() (any, error) {
 				var err error

@@ -21,7 +21,6 @@ import (
 	"go.etcd.io/raft/v3/tracker"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
@@ -59,6 +58,10 @@ func (s *Server) MemberAdd(ctx context.Context, req *kvpb.MemberAddRequest) (*kv
 	if m.GetId() == 0 || m.GetPeerAddr() == "" {
 		return nil, status.Error(codes.InvalidArgument, "member add needs a positive id and a peer address")
 	}
+	if err := s.mayAddMember(ctx, m.GetId()); err != nil {
+		s.log.Warn("refused a member add", "id", m.GetId(), "peer", m.GetPeerAddr(), "err", err)
+		return nil, err
+	}
 	cmd, err := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_UpdateMember{UpdateMember: &peerpb.UpdateMember{Member: m, Add: true}}})
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "member add: %v", err)
@@ -92,7 +95,7 @@ func (s *Server) join() (*kvpb.ClusterMap, error) {
 	for {
 		for _, ep := range strings.Split(cfg.Join, ",") {
 			var m *kvpb.ClusterMap
-			if m, err = joinVia(ctx, strings.TrimSpace(ep), self); err == nil {
+			if m, err = joinVia(ctx, strings.TrimSpace(ep), self, s.tls.joinCreds()); err == nil {
 				return m, nil
 			}
 			if errors.Is(err, ErrConfig) {
@@ -114,8 +117,8 @@ func (s *Server) join() (*kvpb.ClusterMap, error) {
 	}
 }
 
-func joinVia(ctx context.Context, endpoint string, self *kvpb.Member) (*kvpb.ClusterMap, error) {
-	conn, err := grpc.NewClient(endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+func joinVia(ctx context.Context, endpoint string, self *kvpb.Member, creds grpc.DialOption) (*kvpb.ClusterMap, error) {
+	conn, err := grpc.NewClient(endpoint, creds)
 	if err != nil {
 		return nil, fmt.Errorf("%w: --join %q: %v", ErrConfig, endpoint, err)
 	}

@@ -17,7 +17,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -49,8 +49,10 @@ type Server struct {
 	kvpb.UnimplementedWatchServer
 	peerpb.UnimplementedInternalServer
 
-	cfg Config
-	log *slog.Logger
+	cfg   Config
+	log   *slog.Logger
+	tls   tlsSetup  // tls.go
+	authc authCache // auth.go
 
 	engine    *storage.Engine
 	host      *raftnode.Host
@@ -121,6 +123,9 @@ func New(cfg Config) (_ *Server, err error) {
 		}
 	}()
 
+	if s.tls, err = loadTLS(&cfg); err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("%w: data dir %s: %v", ErrConfig, cfg.DataDir, err)
 	}
@@ -173,8 +178,18 @@ func New(cfg Config) (_ *Server, err error) {
 		Incarnation:  incarnation,
 		Incarnations: newPeerIncarnations(s.engine),
 		Evicted:      s.setFatal,
+		// With peer TLS every stream must come with the certificate of
+		// the node it claims to be.
+		RequirePeerCert: s.tls.peerDial != nil,
+		DialOptions:     []grpc.DialOption{s.tls.peerCreds()},
 	})
-	s.peerSrv = grpc.NewServer(append(transport.ServerOptions(), grpc.ChainUnaryInterceptor(s.checkPeerCall))...)
+	peerOpts := append(transport.ServerOptions(), grpc.ChainUnaryInterceptor(s.checkPeerCall))
+	if s.tls.peerServer != nil {
+		peerOpts = append(peerOpts, grpc.Creds(credentials.NewTLS(s.tls.peerServer)))
+	} else {
+		s.log.Warn("peer TLS is off: anyone who can reach the peer port can act as a member of this cluster (propose writes, take part in Raft); give --peer-cert, --peer-key and --peer-ca", "peer", s.PeerAddr())
+	}
+	s.peerSrv = grpc.NewServer(peerOpts...)
 	s.tr.Register(s.peerSrv)
 	peerpb.RegisterInternalServer(s.peerSrv, s)
 	// Nodes without a replica of the meta shard read the map from a peer.
@@ -209,8 +224,8 @@ func New(cfg Config) (_ *Server, err error) {
 	s.conns = newConnLimiter(s.clientLis, cfg.Limits.MaxClientConns, s.adm, cfg.BatchSendTimeout, s.log)
 	s.metrics = newMetrics(s)
 	s.startCorruptionChecks()
-	s.clientSrv = grpc.NewServer(
-		grpc.MaxRecvMsgSize(cfg.Limits.MaxRequestBytes+64<<10),
+	clientOpts := []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(cfg.Limits.MaxRequestBytes + 64<<10),
 		// gRPC reads and decodes a request before any handler or
 		// interceptor sees it, so admission alone cannot bound memory:
 		// streams beyond this wait on the client, not in our heap.
@@ -220,9 +235,9 @@ func New(cfg Config) (_ *Server, err error) {
 		// the in-flight budget (a read's answer too, until its connection
 		// has written it: connLimiter), a panic anywhere below is
 		// recovered, and a failed node refuses before serving.
-		grpc.ChainUnaryInterceptor(s.metrics.interceptor, s.adm.unary, s.recoverUnary, s.refuseUnaryIfFailed),
+		grpc.ChainUnaryInterceptor(s.metrics.interceptor, s.adm.unary, s.recoverUnary, s.refuseUnaryIfFailed, s.authUnary),
 		grpc.StatsHandler(answerTracker{s.conns}),
-		grpc.ChainStreamInterceptor(s.recoverStream, s.refuseStreamIfFailed),
+		grpc.ChainStreamInterceptor(s.recoverStream, s.refuseStreamIfFailed, s.authStream),
 		// Connections are capped (connLimiter), so idle ones must not keep
 		// slots forever: closed after MaxConnectionIdle without a request
 		// (kvd's client health-checks its connections every 250 ms, so
@@ -234,11 +249,16 @@ func New(cfg Config) (_ *Server, err error) {
 			Timeout:           20 * time.Second,
 		}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-	)
+	}
+	if s.tls.client != nil {
+		clientOpts = append(clientOpts, grpc.Creds(credentials.NewTLS(s.tls.client)))
+	}
+	s.clientSrv = grpc.NewServer(clientOpts...)
 	s.metrics.reg.MustRegister(s.conns.collectors()...)
 	kvpb.RegisterKVServer(s.clientSrv, s)
 	kvpb.RegisterClusterServer(s.clientSrv, s)
 	kvpb.RegisterWatchServer(s.clientSrv, s)
+	kvpb.RegisterAuthServer(s.clientSrv, authService{s: s})
 	healthpb.RegisterHealthServer(s.clientSrv, s.health)
 
 	s.goServe("peer", func() error { return s.peerSrv.Serve(s.peerLis) })
@@ -589,7 +609,7 @@ func (s *Server) peerConn(addr string) (*grpc.ClientConn, error) {
 	if c, ok := s.peerConns.byAddr[addr]; ok {
 		return c, nil
 	}
-	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithChainUnaryInterceptor(s.tagPeerCall))
+	c, err := grpc.NewClient(addr, s.tls.peerCreds(), grpc.WithChainUnaryInterceptor(s.tagPeerCall))
 	if err != nil {
 		return nil, err
 	}

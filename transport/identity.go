@@ -158,6 +158,9 @@ func (t *Transport) admit(stream grpc.ServerStream, kind string) (identity, erro
 			"from", id.node, "to", id.to, "addr", addr, "err", err)
 		return id, err
 	}
+	if err := t.checkCert(ctx, id.node); err != nil {
+		return refuse(err, false)
+	}
 	switch {
 	case id.cluster != t.cfg.ClusterID:
 		return refuse(fmt.Errorf("%w: node %d at %s is of cluster %s, but node %d is of cluster %s",

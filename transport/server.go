@@ -153,6 +153,8 @@ func toStatus(err error) error {
 	switch {
 	case errors.Is(err, ErrStopped):
 		return status.Error(codes.Unavailable, err.Error())
+	case errors.Is(err, ErrNoPeerCert):
+		return status.Error(codes.Unauthenticated, err.Error())
 	case errors.Is(err, ErrPeerMismatch), errors.Is(err, ErrDuplicateNode), errors.Is(err, ErrNewDataDir):
 		return status.Error(codeRefused, err.Error())
 	case errors.Is(err, ErrProtocol), errors.Is(err, ErrSnapshotTruncated):

@@ -195,6 +195,11 @@ type Config struct {
 	// stop serving (it can only rejoin as a new member). It must not
 	// block or call back into the transport.
 	Evicted func(error)
+	// RequirePeerCert refuses a stream unless its caller presented a
+	// verified node certificate naming the node id it claims (tls.go). The
+	// gRPC server must then serve TLS that requires client certificates,
+	// and DialOptions carry this node's certificate.
+	RequirePeerCert bool
 	// DialOptions are appended to the defaults (insecure credentials,
 	// keepalive, reconnect backoff, message size limits), so a later option
 	// such as grpc.WithTransportCredentials overrides a default.

@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -29,6 +30,10 @@ type app struct {
 	timeout   time.Duration
 	output    string
 	debug     bool
+	tlsFlags  tlsFlags
+	user      string // NAME[:PASSWORD]; --password or KVCTL_PASSWORD may give the password
+	password  string
+	tls       *tls.Config // nil: plaintext (tls.go)
 
 	// ran is set once a command's RunE starts (past flag parsing).
 	ran bool
@@ -42,14 +47,22 @@ func (a *app) rootCmd() *cobra.Command {
 		Long: `kvctl reads and writes keys in a kvd cluster and shows its state.
 
 Exit codes: 0 success; 1 key not found or compare failed; 2 bad usage or
-input; 3 cluster unavailable (no quorum, timeout, no endpoint answers).`,
+input; 3 cluster unavailable (no quorum, timeout, no endpoint answers, a
+TLS handshake that failed); 4 permission denied (auth is enabled and the
+user lacks the permission the message names, or no valid user was given).
+
+TLS, as etcdctl: --cacert (the CA of the nodes' certificates), --cert and
+--key (a client certificate, for a cluster that requires one), or the
+environment KVCTL_CACERT, KVCTL_CERT, KVCTL_KEY; https:// endpoints also
+connect with TLS.`,
 		Example: `  kvctl put greeting hello
   kvctl get greeting
   kvctl cas greeting hello hi
   kvctl bench put --clients 10
   kvctl --endpoints 10.0.0.1:2379,10.0.0.2:2379 -o json get greeting
   kvctl cluster status
-  kvctl endpoint health`,
+  kvctl endpoint health
+  kvctl --endpoints https://127.0.0.1:2379 --cacert certs/ca.crt --cert certs/client-root.crt --key certs/client-root.key get greeting`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		Args:          noArgsOrUnknown,
@@ -65,14 +78,33 @@ input; 3 cluster unavailable (no quorum, timeout, no endpoint answers).`,
 				}
 			}
 			a.endpoints = nil
+			https := false
 			for _, ep := range strings.Split(endpoints, ",") {
 				if ep = strings.TrimSpace(ep); ep != "" {
 					hp, err := hostPort(ep)
 					if err != nil {
 						return err
 					}
+					https = https || strings.HasPrefix(strings.ToLower(ep), "https://")
 					a.endpoints = append(a.endpoints, hp)
 				}
+			}
+			var err error
+			if a.tls, err = a.tlsFlags.load(cmd, https); err != nil {
+				return err
+			}
+			for _, e := range []struct {
+				flag, env string
+				v         *string
+			}{{"user", "KVCTL_USER", &a.user}, {"password", "KVCTL_PASSWORD", &a.password}} {
+				if !cmd.Flags().Changed(e.flag) {
+					if v, ok := os.LookupEnv(e.env); ok && v != "" {
+						*e.v = v
+					}
+				}
+			}
+			if name, pw, ok := strings.Cut(a.user, ":"); ok {
+				a.user, a.password = name, pw
 			}
 			if len(a.endpoints) == 0 {
 				return usageErrorf("--endpoints is empty; give host:port[,host:port...]")
@@ -95,13 +127,17 @@ input; 3 cluster unavailable (no quorum, timeout, no endpoint answers).`,
 	// argument, as etcdctl's and kubectl's do.
 	root.CompletionOptions.DisableDefaultCmd = true
 	pf := root.PersistentFlags()
-	pf.StringVar(&endpoints, "endpoints", defaultEndpoints, "comma-separated client addresses (host:port, or http://host:port) of kvd nodes; one is enough, all of them spare a hop and survive a node's loss; env KVCTL_ENDPOINTS")
+	pf.StringVar(&endpoints, "endpoints", defaultEndpoints, "comma-separated client addresses (host:port, http://host:port, or https://host:port for TLS) of kvd nodes; one is enough, all of them spare a hop and survive a node's loss; env KVCTL_ENDPOINTS")
 	pf.DurationVar(&a.timeout, "timeout", 5*time.Second, "deadline of each request to the cluster (connecting, each read, write or scan page)")
 	pf.StringVarP(&a.output, "output", "o", "simple", "output format: simple, json or table")
 	pf.BoolVar(&a.debug, "debug", false, "log the client's work to stderr: cluster maps, breaker changes, and every attempt that failed, with its node and how long it took")
 
+	a.tlsFlags.register(root)
+	pf.StringVar(&a.user, "user", "", "authenticate as NAME[:PASSWORD] once the cluster has auth enabled; env KVCTL_USER")
+	pf.StringVar(&a.password, "password", "", "password of --user (instead of NAME:PASSWORD); env KVCTL_PASSWORD")
+
 	root.AddCommand(a.putCmd(), a.withRevision(a.getCmd()), a.delCmd(), a.casCmd(), a.txnCmd(), a.benchCmd(), a.clusterCmd(), a.memberCmd(),
-		a.endpointCmd(), a.versionCmd(), a.completionCmd(root), a.watchCmd(), a.compactCmd())
+		a.endpointCmd(), a.userCmd(), a.roleCmd(), a.authCmd(), a.versionCmd(), a.completionCmd(root), a.watchCmd(), a.compactCmd())
 	return root
 }
 
@@ -143,9 +179,9 @@ func checkOutput(cmd *cobra.Command, format string) error {
 }
 
 // hostPort reads one --endpoints entry: host:port, or a URL
-// (http://host:port, as etcdctl users write them) whose scheme is
-// dropped. kvd speaks plaintext gRPC, so https:// and other schemes are
-// refused with what to write instead.
+// (http://host:port or https://host:port, as etcdctl users write them)
+// whose scheme is dropped; https:// also turns TLS on (rootCmd). Other
+// schemes are refused with what to write instead.
 func hostPort(ep string) (string, error) {
 	scheme, rest, hasScheme := strings.Cut(ep, "://")
 	if !hasScheme {
@@ -153,13 +189,11 @@ func hostPort(ep string) (string, error) {
 	}
 	rest = strings.TrimSuffix(rest, "/")
 	switch strings.ToLower(scheme) {
-	case "http":
+	case "http", "https":
 		if rest == "" || strings.Contains(rest, "/") {
 			return "", usageErrorf("--endpoints %q: give host:port (a URL may not have a path)", ep)
 		}
 		return rest, nil
-	case "https":
-		return "", usageErrorf("--endpoints %q: kvd serves plaintext gRPC, not TLS; give %s", ep, rest)
 	}
 	return "", usageErrorf("--endpoints %q: unknown scheme %q; give host:port", ep, scheme)
 }
@@ -198,7 +232,7 @@ func (a *app) connectWith(adjust func(*client.Config)) (*client.Client, error) {
 	a.ran = true
 	ctx, cancel := context.WithTimeout(context.Background(), a.timeout)
 	defer cancel()
-	cfg := client.Config{Endpoints: a.endpoints, DialTimeout: a.timeout}
+	cfg := client.Config{Endpoints: a.endpoints, DialTimeout: a.timeout, TLS: a.tls, Username: a.user, Password: a.password}
 	if a.debug {
 		cfg.Logger = slog.New(slog.NewTextHandler(a.stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
@@ -207,8 +241,18 @@ func (a *app) connectWith(adjust func(*client.Config)) (*client.Client, error) {
 	}
 	c, err := client.New(ctx, cfg)
 	if err != nil {
+		if denied := deniedBy(err); denied != "" {
+			return nil, &exitError{code: exitPermission, msg: "permission denied: " + denied}
+		}
 		if errors.Is(err, client.ErrUnavailable) {
-			return nil, &exitError{code: exitUnavailable, msg: "cluster unavailable: " + noEndpointAnswered(err, a.endpoints, a.timeout) +
+			why := noEndpointAnswered(err, a.endpoints, a.timeout)
+			if a.tls != nil && len(a.tls.Certificates) == 0 && (strings.Contains(why, "broken pipe") || strings.Contains(why, "connection reset")) {
+				// A node that requires a client certificate drops the
+				// connection after a TLS 1.3 handshake without one; the
+				// dialer sees only the broken connection.
+				why = "TLS: every endpoint dropped the connection after the handshake; the cluster may require a client certificate: give --cert and --key (env KVCTL_CERT, KVCTL_KEY): " + why
+			}
+			return nil, &exitError{code: exitUnavailable, msg: "cluster unavailable: " + why +
 				"; check that kvd is running and --endpoints is right"}
 		}
 		return nil, err
@@ -258,6 +302,9 @@ func noEndpointAnswered(err error, endpoints []string, timeout time.Duration) st
 // error gRPC reports for it.
 func dialReason(err error, timeout time.Duration) string {
 	s := err.Error()
+	if r := tlsReason(s); r != "" {
+		return r
+	}
 	switch {
 	case strings.Contains(s, "connection refused"):
 		return "connection refused"

@@ -10,7 +10,6 @@ import (
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/kvd/kvd/proto/kvpb"
@@ -107,7 +106,7 @@ func (a *app) probeEndpoint(ep string) endpointResult {
 	r := endpointResult{endpoint: ep}
 	// passthrough: the name is resolved by the connection attempt, which
 	// the deadline cuts short (see client.dialNode).
-	conn, err := grpc.NewClient("passthrough:///"+ep, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient("passthrough:///"+ep, a.creds())
 	if err != nil {
 		r.err = err
 		return r

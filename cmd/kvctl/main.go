@@ -75,6 +75,8 @@ func classify(err error, a *app) (int, string) {
 	case errors.As(err, &ue):
 		return exitUnavailable, fmt.Sprintf("cluster unavailable: shard %d cannot be served from here: %s; either those members are down, or they advertise addresses this host cannot reach and no node in --endpoints could forward to them: list every member in --endpoints",
 			ue.Shard, clean(errors.New(strings.Join(ue.Nodes, "; "))))
+	case errors.Is(err, client.ErrPermissionDenied):
+		return exitPermission, "permission denied: " + strings.TrimPrefix(clean(err), "permission denied: ")
 	case errors.Is(err, client.ErrNotFound):
 		return exitNotFound, err.Error()
 	case errors.Is(err, client.ErrInvalidArgument), errors.Is(err, client.ErrInvalidToken):

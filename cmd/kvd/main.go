@@ -118,6 +118,15 @@ cluster bootstrapped on one node with --replicas 3 grows to three copies as
 two nodes join); each new replica catches up from a snapshot as a Raft
 learner before it votes.
 
+Without TLS, anyone who can reach the peer port can act as a member of
+the cluster, and kvd says so in one line at start. --peer-cert,
+--peer-key and --peer-ca turn on mutual TLS between nodes: a peer's
+certificate must be signed by the CA and name the node id it claims
+(kvd cert node writes such certificates; kvd cert --help). --client-cert
+and --client-key serve the client port with TLS; --client-ca also
+requires client certificates. /debug/pprof/ is served only with
+--enable-pprof.
+
 A node that can no longer be trusted (its storage failed, one of its Raft
 replicas stopped on an error, or its peers refused it because its data dir
 is not the one the cluster knew) stops serving at once: health reports
@@ -154,7 +163,7 @@ as a new member with a new --id).`,
 	f.StringVar(&cfg.AdvertiseClient, "advertise-client", "", "client address other nodes and clients should dial (default: --listen-client)")
 	f.StringVar(&cfg.ListenPeer, "listen-peer", server.DefaultPeerAddr, "address for Raft traffic between nodes (gRPC)")
 	f.StringVar(&cfg.AdvertisePeer, "advertise-peer", "", "peer address other nodes should dial (default: --listen-peer)")
-	f.StringVar(&cfg.ListenMetrics, "listen-metrics", server.DefaultMetricsAddr, "HTTP address for /metrics, /healthz, /readyz and /debug/pprof/; empty disables it")
+	f.StringVar(&cfg.ListenMetrics, "listen-metrics", server.DefaultMetricsAddr, "HTTP address for /metrics, /healthz, /readyz (and /debug/pprof/ with --enable-pprof); empty disables it")
 	f.StringVar(&initialCluster, "initial-cluster", "", "bootstrap members as ID=HOST:PEERPORT,... (default: this node alone at its peer address)")
 	f.IntVar(&cfg.Shards, "shards", server.DefaultShards, "data shards (Raft groups) created at bootstrap; the meta shard 0 comes on top")
 	f.IntVar(&cfg.Replicas, "replicas", server.DefaultReplicas, "copies of each shard, capped by the number of nodes")
@@ -186,6 +195,14 @@ as a new member with a new --id).`,
 	f.IntVar(&cfg.Limits.MaxWatchesPerStream, "max-watches-per-stream", 1000, "watches one Watch stream may carry")
 	f.DurationVar(&cfg.BatchSendTimeout, "batch-send-timeout", server.DefaultBatchSendTimeout, "a Batch stream whose answers could not be sent for this long (its client is not reading) ends with ResourceExhausted, and a client connection owing unary answers that wrote nothing for this long is closed")
 	f.IntVar(&cfg.Limits.MaxPendingProposals, "max-pending-proposals", 4096, "writes waiting to commit per shard before new ones get ResourceExhausted")
+	f.BoolVar(&cfg.EnablePprof, "enable-pprof", false, "serve /debug/pprof/ on --listen-metrics (off: a profile reveals code paths and costs CPU on demand)")
+	f.StringVar(&cfg.PeerCertFile, "peer-cert", "", "this node's certificate for the peer port, naming its id (kvd cert node); with --peer-key and --peer-ca, peers must present one too (mutual TLS)")
+	f.StringVar(&cfg.PeerKeyFile, "peer-key", "", "the key of --peer-cert")
+	f.StringVar(&cfg.PeerCAFile, "peer-ca", "", "the CA that signs every member's peer certificate")
+	f.StringVar(&cfg.ClientCertFile, "client-cert", "", "certificate the client port serves TLS with (a node certificate will do)")
+	f.StringVar(&cfg.ClientKeyFile, "client-key", "", "the key of --client-cert")
+	f.StringVar(&cfg.ClientCAFile, "client-ca", "", "CA of client certificates: with it, clients must present one it signed")
+	f.DurationVar(&cfg.AuthTokenTTL, "auth-token-ttl", server.DefaultAuthTokenTTL, "how long a token from authentication (kvctl --user) is good for, once auth is enabled (kvctl auth enable)")
 	f.BoolVar(&showVersion, "version", false, "print kvd's version (release, commit, Go version) and exit")
 
 	code := exitOK
@@ -247,6 +264,7 @@ as a new member with a new --id).`,
 		}
 		return nil
 	}
+	cmd.AddCommand(certCmd(stdout))
 	cmd.SetArgs(args)
 	cmd.SetOut(stdout)
 	cmd.SetErr(stderr)

@@ -6,6 +6,7 @@ package proccluster
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -22,6 +23,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/kvd/kvd/proto/kvpb"
@@ -106,6 +108,7 @@ type Cluster struct {
 	initial string
 	extra   []string
 	env     []string
+	opts    Options
 }
 
 // Options tune a cluster.
@@ -119,6 +122,13 @@ type Options struct {
 	// --advertise-peer) and that --initial-cluster lists; "" keeps the
 	// listen address. Tests put fault-injecting proxies there.
 	Advertise func(nd *Node) (client, peer string)
+	// NodeArgs, when set, gives each node flags of its own (its
+	// certificates), after Args.
+	NodeArgs func(nd *Node) []string
+	// ClientTLS dials the nodes' client ports (Status, LeaderOf) with
+	// TLS; KvctlArgs go before every Kvctl call's own (--cacert ...).
+	ClientTLS *tls.Config
+	KvctlArgs []string
 }
 
 // Start builds the binaries and starts an n-node cluster; it waits until
@@ -153,6 +163,7 @@ func Start(t testing.TB, n int, opts Options) *Cluster {
 	c.initial = strings.Join(parts, ",")
 	c.extra = append([]string{fmt.Sprintf("--shards=%d", opts.Shards)}, opts.Args...)
 	c.env = opts.Env
+	c.opts = opts
 	t.Cleanup(c.killAll)
 	for _, nd := range c.Nodes {
 		c.StartNode(nd)
@@ -255,6 +266,9 @@ func (c *Cluster) StartNode(nd *Node) {
 	}
 	if nd.AdvertisePeer != "" {
 		args = append(args, "--advertise-peer", nd.AdvertisePeer)
+	}
+	if c.opts.NodeArgs != nil {
+		args = append(args, c.opts.NodeArgs(nd)...)
 	}
 	cmd := exec.Command(c.KVD, args...)
 	if len(c.env) > 0 {
@@ -416,7 +430,11 @@ func (c *Cluster) WaitReady(d time.Duration) {
 
 // Status asks nd for its shard status.
 func (c *Cluster) Status(ctx context.Context, nd *Node) (*kvpb.StatusResponse, error) {
-	conn, err := grpc.NewClient(nd.ClientAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	creds := insecure.NewCredentials()
+	if c.opts.ClientTLS != nil {
+		creds = credentials.NewTLS(c.opts.ClientTLS)
+	}
+	conn, err := grpc.NewClient(nd.ClientAddr, grpc.WithTransportCredentials(creds))
 	if err != nil {
 		return nil, err
 	}
@@ -461,7 +479,8 @@ func (c *Cluster) MostLeader(ctx context.Context) *Node {
 // exit code.
 func (c *Cluster) Kvctl(stdin string, args ...string) (stdout, stderr string, code int) {
 	c.t.Helper()
-	cmd := exec.Command(c.KVCTL, append([]string{"--endpoints", c.Endpoints()}, args...)...)
+	pre := append([]string{"--endpoints", c.Endpoints()}, c.opts.KvctlArgs...)
+	cmd := exec.Command(c.KVCTL, append(pre, args...)...)
 	cmd.Stdin = strings.NewReader(stdin)
 	var out, errb strings.Builder
 	cmd.Stdout, cmd.Stderr = &out, &errb

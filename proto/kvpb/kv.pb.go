@@ -3215,6 +3215,985 @@ func (x *CompactedShard) GetOldestRevision() int64 {
 	return 0
 }
 
+type AuthenticateRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Password      string                 `protobuf:"bytes,2,opt,name=password,proto3" json:"password,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthenticateRequest) Reset() {
+	*x = AuthenticateRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[43]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthenticateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthenticateRequest) ProtoMessage() {}
+
+func (x *AuthenticateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[43]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthenticateRequest.ProtoReflect.Descriptor instead.
+func (*AuthenticateRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{43}
+}
+
+func (x *AuthenticateRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AuthenticateRequest) GetPassword() string {
+	if x != nil {
+		return x.Password
+	}
+	return ""
+}
+
+type AuthenticateResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Token         string                 `protobuf:"bytes,1,opt,name=token,proto3" json:"token,omitempty"`
+	ExpiresUnixMs int64                  `protobuf:"varint,2,opt,name=expires_unix_ms,json=expiresUnixMs,proto3" json:"expires_unix_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthenticateResponse) Reset() {
+	*x = AuthenticateResponse{}
+	mi := &file_kvpb_kv_proto_msgTypes[44]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthenticateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthenticateResponse) ProtoMessage() {}
+
+func (x *AuthenticateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[44]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthenticateResponse.ProtoReflect.Descriptor instead.
+func (*AuthenticateResponse) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{44}
+}
+
+func (x *AuthenticateResponse) GetToken() string {
+	if x != nil {
+		return x.Token
+	}
+	return ""
+}
+
+func (x *AuthenticateResponse) GetExpiresUnixMs() int64 {
+	if x != nil {
+		return x.ExpiresUnixMs
+	}
+	return 0
+}
+
+// Permission grants read, or read and write, on key alone (range_end
+// empty) or on [key, range_end).
+type Permission struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           []byte                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	RangeEnd      []byte                 `protobuf:"bytes,2,opt,name=range_end,json=rangeEnd,proto3" json:"range_end,omitempty"`
+	Write         bool                   `protobuf:"varint,3,opt,name=write,proto3" json:"write,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Permission) Reset() {
+	*x = Permission{}
+	mi := &file_kvpb_kv_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Permission) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Permission) ProtoMessage() {}
+
+func (x *Permission) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Permission.ProtoReflect.Descriptor instead.
+func (*Permission) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *Permission) GetKey() []byte {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *Permission) GetRangeEnd() []byte {
+	if x != nil {
+		return x.RangeEnd
+	}
+	return nil
+}
+
+func (x *Permission) GetWrite() bool {
+	if x != nil {
+		return x.Write
+	}
+	return false
+}
+
+type AuthChangeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Change:
+	//
+	//	*AuthChangeRequest_Enable
+	//	*AuthChangeRequest_Disable
+	//	*AuthChangeRequest_UserAdd
+	//	*AuthChangeRequest_UserDelete
+	//	*AuthChangeRequest_UserGrantRole
+	//	*AuthChangeRequest_RoleAdd
+	//	*AuthChangeRequest_RoleGrantPermission
+	Change        isAuthChangeRequest_Change `protobuf_oneof:"change"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthChangeRequest) Reset() {
+	*x = AuthChangeRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthChangeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthChangeRequest) ProtoMessage() {}
+
+func (x *AuthChangeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthChangeRequest.ProtoReflect.Descriptor instead.
+func (*AuthChangeRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *AuthChangeRequest) GetChange() isAuthChangeRequest_Change {
+	if x != nil {
+		return x.Change
+	}
+	return nil
+}
+
+func (x *AuthChangeRequest) GetEnable() *AuthEnable {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_Enable); ok {
+			return x.Enable
+		}
+	}
+	return nil
+}
+
+func (x *AuthChangeRequest) GetDisable() *AuthDisable {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_Disable); ok {
+			return x.Disable
+		}
+	}
+	return nil
+}
+
+func (x *AuthChangeRequest) GetUserAdd() *UserAdd {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_UserAdd); ok {
+			return x.UserAdd
+		}
+	}
+	return nil
+}
+
+func (x *AuthChangeRequest) GetUserDelete() *UserDelete {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_UserDelete); ok {
+			return x.UserDelete
+		}
+	}
+	return nil
+}
+
+func (x *AuthChangeRequest) GetUserGrantRole() *UserGrantRole {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_UserGrantRole); ok {
+			return x.UserGrantRole
+		}
+	}
+	return nil
+}
+
+func (x *AuthChangeRequest) GetRoleAdd() *RoleAdd {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_RoleAdd); ok {
+			return x.RoleAdd
+		}
+	}
+	return nil
+}
+
+func (x *AuthChangeRequest) GetRoleGrantPermission() *RoleGrantPermission {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_RoleGrantPermission); ok {
+			return x.RoleGrantPermission
+		}
+	}
+	return nil
+}
+
+type isAuthChangeRequest_Change interface {
+	isAuthChangeRequest_Change()
+}
+
+type AuthChangeRequest_Enable struct {
+	Enable *AuthEnable `protobuf:"bytes,1,opt,name=enable,proto3,oneof"`
+}
+
+type AuthChangeRequest_Disable struct {
+	Disable *AuthDisable `protobuf:"bytes,2,opt,name=disable,proto3,oneof"`
+}
+
+type AuthChangeRequest_UserAdd struct {
+	UserAdd *UserAdd `protobuf:"bytes,3,opt,name=user_add,json=userAdd,proto3,oneof"`
+}
+
+type AuthChangeRequest_UserDelete struct {
+	UserDelete *UserDelete `protobuf:"bytes,4,opt,name=user_delete,json=userDelete,proto3,oneof"`
+}
+
+type AuthChangeRequest_UserGrantRole struct {
+	UserGrantRole *UserGrantRole `protobuf:"bytes,5,opt,name=user_grant_role,json=userGrantRole,proto3,oneof"`
+}
+
+type AuthChangeRequest_RoleAdd struct {
+	RoleAdd *RoleAdd `protobuf:"bytes,6,opt,name=role_add,json=roleAdd,proto3,oneof"`
+}
+
+type AuthChangeRequest_RoleGrantPermission struct {
+	RoleGrantPermission *RoleGrantPermission `protobuf:"bytes,7,opt,name=role_grant_permission,json=roleGrantPermission,proto3,oneof"`
+}
+
+func (*AuthChangeRequest_Enable) isAuthChangeRequest_Change() {}
+
+func (*AuthChangeRequest_Disable) isAuthChangeRequest_Change() {}
+
+func (*AuthChangeRequest_UserAdd) isAuthChangeRequest_Change() {}
+
+func (*AuthChangeRequest_UserDelete) isAuthChangeRequest_Change() {}
+
+func (*AuthChangeRequest_UserGrantRole) isAuthChangeRequest_Change() {}
+
+func (*AuthChangeRequest_RoleAdd) isAuthChangeRequest_Change() {}
+
+func (*AuthChangeRequest_RoleGrantPermission) isAuthChangeRequest_Change() {}
+
+// AuthEnable needs a user root with the role root. secret is filled by
+// the node that proposes it (the key tokens are signed with), kept if
+// one exists.
+type AuthEnable struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Secret        []byte                 `protobuf:"bytes,1,opt,name=secret,proto3" json:"secret,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthEnable) Reset() {
+	*x = AuthEnable{}
+	mi := &file_kvpb_kv_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthEnable) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthEnable) ProtoMessage() {}
+
+func (x *AuthEnable) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthEnable.ProtoReflect.Descriptor instead.
+func (*AuthEnable) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{47}
+}
+
+func (x *AuthEnable) GetSecret() []byte {
+	if x != nil {
+		return x.Secret
+	}
+	return nil
+}
+
+type AuthDisable struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthDisable) Reset() {
+	*x = AuthDisable{}
+	mi := &file_kvpb_kv_proto_msgTypes[48]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthDisable) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthDisable) ProtoMessage() {}
+
+func (x *AuthDisable) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[48]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthDisable.ProtoReflect.Descriptor instead.
+func (*AuthDisable) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{48}
+}
+
+// UserAdd: password is what a client sends; the node that proposes the
+// change replaces it by its bcrypt hash, so no password is replicated. A
+// user without a password authenticates by client certificate only.
+type UserAdd struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Password      string                 `protobuf:"bytes,2,opt,name=password,proto3" json:"password,omitempty"`
+	PasswordHash  []byte                 `protobuf:"bytes,3,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UserAdd) Reset() {
+	*x = UserAdd{}
+	mi := &file_kvpb_kv_proto_msgTypes[49]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UserAdd) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UserAdd) ProtoMessage() {}
+
+func (x *UserAdd) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[49]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UserAdd.ProtoReflect.Descriptor instead.
+func (*UserAdd) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{49}
+}
+
+func (x *UserAdd) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *UserAdd) GetPassword() string {
+	if x != nil {
+		return x.Password
+	}
+	return ""
+}
+
+func (x *UserAdd) GetPasswordHash() []byte {
+	if x != nil {
+		return x.PasswordHash
+	}
+	return nil
+}
+
+type UserDelete struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UserDelete) Reset() {
+	*x = UserDelete{}
+	mi := &file_kvpb_kv_proto_msgTypes[50]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UserDelete) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UserDelete) ProtoMessage() {}
+
+func (x *UserDelete) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[50]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UserDelete.ProtoReflect.Descriptor instead.
+func (*UserDelete) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{50}
+}
+
+func (x *UserDelete) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type UserGrantRole struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	User          string                 `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
+	Role          string                 `protobuf:"bytes,2,opt,name=role,proto3" json:"role,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UserGrantRole) Reset() {
+	*x = UserGrantRole{}
+	mi := &file_kvpb_kv_proto_msgTypes[51]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UserGrantRole) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UserGrantRole) ProtoMessage() {}
+
+func (x *UserGrantRole) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[51]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UserGrantRole.ProtoReflect.Descriptor instead.
+func (*UserGrantRole) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{51}
+}
+
+func (x *UserGrantRole) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *UserGrantRole) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+type RoleAdd struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RoleAdd) Reset() {
+	*x = RoleAdd{}
+	mi := &file_kvpb_kv_proto_msgTypes[52]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RoleAdd) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RoleAdd) ProtoMessage() {}
+
+func (x *RoleAdd) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[52]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RoleAdd.ProtoReflect.Descriptor instead.
+func (*RoleAdd) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{52}
+}
+
+func (x *RoleAdd) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type RoleGrantPermission struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Role          string                 `protobuf:"bytes,1,opt,name=role,proto3" json:"role,omitempty"`
+	Perm          *Permission            `protobuf:"bytes,2,opt,name=perm,proto3" json:"perm,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RoleGrantPermission) Reset() {
+	*x = RoleGrantPermission{}
+	mi := &file_kvpb_kv_proto_msgTypes[53]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RoleGrantPermission) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RoleGrantPermission) ProtoMessage() {}
+
+func (x *RoleGrantPermission) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[53]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RoleGrantPermission.ProtoReflect.Descriptor instead.
+func (*RoleGrantPermission) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{53}
+}
+
+func (x *RoleGrantPermission) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *RoleGrantPermission) GetPerm() *Permission {
+	if x != nil {
+		return x.Perm
+	}
+	return nil
+}
+
+type AuthChangeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthChangeResponse) Reset() {
+	*x = AuthChangeResponse{}
+	mi := &file_kvpb_kv_proto_msgTypes[54]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthChangeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthChangeResponse) ProtoMessage() {}
+
+func (x *AuthChangeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[54]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthChangeResponse.ProtoReflect.Descriptor instead.
+func (*AuthChangeResponse) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{54}
+}
+
+type AuthStatusRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthStatusRequest) Reset() {
+	*x = AuthStatusRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthStatusRequest) ProtoMessage() {}
+
+func (x *AuthStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthStatusRequest.ProtoReflect.Descriptor instead.
+func (*AuthStatusRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{55}
+}
+
+type AuthStatusResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Enabled       bool                   `protobuf:"varint,1,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	Users         []*AuthUser            `protobuf:"bytes,2,rep,name=users,proto3" json:"users,omitempty"` // password hashes left out
+	Roles         []*AuthRole            `protobuf:"bytes,3,rep,name=roles,proto3" json:"roles,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthStatusResponse) Reset() {
+	*x = AuthStatusResponse{}
+	mi := &file_kvpb_kv_proto_msgTypes[56]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthStatusResponse) ProtoMessage() {}
+
+func (x *AuthStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[56]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthStatusResponse.ProtoReflect.Descriptor instead.
+func (*AuthStatusResponse) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{56}
+}
+
+func (x *AuthStatusResponse) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
+}
+
+func (x *AuthStatusResponse) GetUsers() []*AuthUser {
+	if x != nil {
+		return x.Users
+	}
+	return nil
+}
+
+func (x *AuthStatusResponse) GetRoles() []*AuthRole {
+	if x != nil {
+		return x.Roles
+	}
+	return nil
+}
+
+type AuthUser struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	PasswordHash  []byte                 `protobuf:"bytes,2,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
+	Roles         []string               `protobuf:"bytes,3,rep,name=roles,proto3" json:"roles,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthUser) Reset() {
+	*x = AuthUser{}
+	mi := &file_kvpb_kv_proto_msgTypes[57]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthUser) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthUser) ProtoMessage() {}
+
+func (x *AuthUser) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[57]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthUser.ProtoReflect.Descriptor instead.
+func (*AuthUser) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{57}
+}
+
+func (x *AuthUser) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AuthUser) GetPasswordHash() []byte {
+	if x != nil {
+		return x.PasswordHash
+	}
+	return nil
+}
+
+func (x *AuthUser) GetRoles() []string {
+	if x != nil {
+		return x.Roles
+	}
+	return nil
+}
+
+type AuthRole struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Perms         []*Permission          `protobuf:"bytes,2,rep,name=perms,proto3" json:"perms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthRole) Reset() {
+	*x = AuthRole{}
+	mi := &file_kvpb_kv_proto_msgTypes[58]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthRole) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthRole) ProtoMessage() {}
+
+func (x *AuthRole) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[58]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthRole.ProtoReflect.Descriptor instead.
+func (*AuthRole) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{58}
+}
+
+func (x *AuthRole) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AuthRole) GetPerms() []*Permission {
+	if x != nil {
+		return x.Perms
+	}
+	return nil
+}
+
+// AuthState is what the meta shard stores.
+type AuthState struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Enabled       bool                   `protobuf:"varint,1,opt,name=enabled,proto3" json:"enabled,omitempty"`
+	Secret        []byte                 `protobuf:"bytes,2,opt,name=secret,proto3" json:"secret,omitempty"`
+	Users         []*AuthUser            `protobuf:"bytes,3,rep,name=users,proto3" json:"users,omitempty"`
+	Roles         []*AuthRole            `protobuf:"bytes,4,rep,name=roles,proto3" json:"roles,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthState) Reset() {
+	*x = AuthState{}
+	mi := &file_kvpb_kv_proto_msgTypes[59]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthState) ProtoMessage() {}
+
+func (x *AuthState) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[59]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthState.ProtoReflect.Descriptor instead.
+func (*AuthState) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{59}
+}
+
+func (x *AuthState) GetEnabled() bool {
+	if x != nil {
+		return x.Enabled
+	}
+	return false
+}
+
+func (x *AuthState) GetSecret() []byte {
+	if x != nil {
+		return x.Secret
+	}
+	return nil
+}
+
+func (x *AuthState) GetUsers() []*AuthUser {
+	if x != nil {
+		return x.Users
+	}
+	return nil
+}
+
+func (x *AuthState) GetRoles() []*AuthRole {
+	if x != nil {
+		return x.Roles
+	}
+	return nil
+}
+
 var File_kvpb_kv_proto protoreflect.FileDescriptor
 
 const file_kvpb_kv_proto_rawDesc = "" +
@@ -3441,7 +4420,65 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\x06shards\x18\x01 \x03(\v2\x19.kvd.kv.v1.CompactedShardR\x06shards\"l\n" +
 	"\x0eCompactedShard\x121\n" +
 	"\x06header\x18\x01 \x01(\v2\x19.kvd.kv.v1.ResponseHeaderR\x06header\x12'\n" +
-	"\x0foldest_revision\x18\x02 \x01(\x03R\x0eoldestRevision*1\n" +
+	"\x0foldest_revision\x18\x02 \x01(\x03R\x0eoldestRevision\"E\n" +
+	"\x13AuthenticateRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
+	"\bpassword\x18\x02 \x01(\tR\bpassword\"T\n" +
+	"\x14AuthenticateResponse\x12\x14\n" +
+	"\x05token\x18\x01 \x01(\tR\x05token\x12&\n" +
+	"\x0fexpires_unix_ms\x18\x02 \x01(\x03R\rexpiresUnixMs\"Q\n" +
+	"\n" +
+	"Permission\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\fR\x03key\x12\x1b\n" +
+	"\trange_end\x18\x02 \x01(\fR\brangeEnd\x12\x14\n" +
+	"\x05write\x18\x03 \x01(\bR\x05write\"\xb8\x03\n" +
+	"\x11AuthChangeRequest\x12/\n" +
+	"\x06enable\x18\x01 \x01(\v2\x15.kvd.kv.v1.AuthEnableH\x00R\x06enable\x122\n" +
+	"\adisable\x18\x02 \x01(\v2\x16.kvd.kv.v1.AuthDisableH\x00R\adisable\x12/\n" +
+	"\buser_add\x18\x03 \x01(\v2\x12.kvd.kv.v1.UserAddH\x00R\auserAdd\x128\n" +
+	"\vuser_delete\x18\x04 \x01(\v2\x15.kvd.kv.v1.UserDeleteH\x00R\n" +
+	"userDelete\x12B\n" +
+	"\x0fuser_grant_role\x18\x05 \x01(\v2\x18.kvd.kv.v1.UserGrantRoleH\x00R\ruserGrantRole\x12/\n" +
+	"\brole_add\x18\x06 \x01(\v2\x12.kvd.kv.v1.RoleAddH\x00R\aroleAdd\x12T\n" +
+	"\x15role_grant_permission\x18\a \x01(\v2\x1e.kvd.kv.v1.RoleGrantPermissionH\x00R\x13roleGrantPermissionB\b\n" +
+	"\x06change\"$\n" +
+	"\n" +
+	"AuthEnable\x12\x16\n" +
+	"\x06secret\x18\x01 \x01(\fR\x06secret\"\r\n" +
+	"\vAuthDisable\"^\n" +
+	"\aUserAdd\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
+	"\bpassword\x18\x02 \x01(\tR\bpassword\x12#\n" +
+	"\rpassword_hash\x18\x03 \x01(\fR\fpasswordHash\" \n" +
+	"\n" +
+	"UserDelete\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"7\n" +
+	"\rUserGrantRole\x12\x12\n" +
+	"\x04user\x18\x01 \x01(\tR\x04user\x12\x12\n" +
+	"\x04role\x18\x02 \x01(\tR\x04role\"\x1d\n" +
+	"\aRoleAdd\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"T\n" +
+	"\x13RoleGrantPermission\x12\x12\n" +
+	"\x04role\x18\x01 \x01(\tR\x04role\x12)\n" +
+	"\x04perm\x18\x02 \x01(\v2\x15.kvd.kv.v1.PermissionR\x04perm\"\x14\n" +
+	"\x12AuthChangeResponse\"\x13\n" +
+	"\x11AuthStatusRequest\"\x84\x01\n" +
+	"\x12AuthStatusResponse\x12\x18\n" +
+	"\aenabled\x18\x01 \x01(\bR\aenabled\x12)\n" +
+	"\x05users\x18\x02 \x03(\v2\x13.kvd.kv.v1.AuthUserR\x05users\x12)\n" +
+	"\x05roles\x18\x03 \x03(\v2\x13.kvd.kv.v1.AuthRoleR\x05roles\"Y\n" +
+	"\bAuthUser\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12#\n" +
+	"\rpassword_hash\x18\x02 \x01(\fR\fpasswordHash\x12\x14\n" +
+	"\x05roles\x18\x03 \x03(\tR\x05roles\"K\n" +
+	"\bAuthRole\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12+\n" +
+	"\x05perms\x18\x02 \x03(\v2\x15.kvd.kv.v1.PermissionR\x05perms\"\x93\x01\n" +
+	"\tAuthState\x12\x18\n" +
+	"\aenabled\x18\x01 \x01(\bR\aenabled\x12\x16\n" +
+	"\x06secret\x18\x02 \x01(\fR\x06secret\x12)\n" +
+	"\x05users\x18\x03 \x03(\v2\x13.kvd.kv.v1.AuthUserR\x05users\x12)\n" +
+	"\x05roles\x18\x04 \x03(\v2\x13.kvd.kv.v1.AuthRoleR\x05roles*1\n" +
 	"\vConsistency\x12\x10\n" +
 	"\fLINEARIZABLE\x10\x00\x12\x10\n" +
 	"\fSERIALIZABLE\x10\x012\xe1\x02\n" +
@@ -3460,7 +4497,11 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\tMemberAdd\x12\x1b.kvd.kv.v1.MemberAddRequest\x1a\x1c.kvd.kv.v1.MemberAddResponse\x12@\n" +
 	"\aCompact\x12\x19.kvd.kv.v1.CompactRequest\x1a\x1a.kvd.kv.v1.CompactResponse2G\n" +
 	"\x05Watch\x12>\n" +
-	"\x05Watch\x12\x17.kvd.kv.v1.WatchRequest\x1a\x18.kvd.kv.v1.WatchResponse(\x010\x01B\x1fZ\x1dgithub.com/kvd/kvd/proto/kvpbb\x06proto3"
+	"\x05Watch\x12\x17.kvd.kv.v1.WatchRequest\x1a\x18.kvd.kv.v1.WatchResponse(\x010\x012\xe5\x01\n" +
+	"\x04Auth\x12O\n" +
+	"\fAuthenticate\x12\x1e.kvd.kv.v1.AuthenticateRequest\x1a\x1f.kvd.kv.v1.AuthenticateResponse\x12E\n" +
+	"\x06Change\x12\x1c.kvd.kv.v1.AuthChangeRequest\x1a\x1d.kvd.kv.v1.AuthChangeResponse\x12E\n" +
+	"\x06Status\x12\x1c.kvd.kv.v1.AuthStatusRequest\x1a\x1d.kvd.kv.v1.AuthStatusResponseB\x1fZ\x1dgithub.com/kvd/kvd/proto/kvpbb\x06proto3"
 
 var (
 	file_kvpb_kv_proto_rawDescOnce sync.Once
@@ -3475,56 +4516,73 @@ func file_kvpb_kv_proto_rawDescGZIP() []byte {
 }
 
 var file_kvpb_kv_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_kvpb_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 43)
+var file_kvpb_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 60)
 var file_kvpb_kv_proto_goTypes = []any{
-	(Consistency)(0),           // 0: kvd.kv.v1.Consistency
-	(Compare_Target)(0),        // 1: kvd.kv.v1.Compare.Target
-	(Compare_Result)(0),        // 2: kvd.kv.v1.Compare.Result
-	(Event_EventType)(0),       // 3: kvd.kv.v1.Event.EventType
-	(*RequestHeader)(nil),      // 4: kvd.kv.v1.RequestHeader
-	(*ResponseHeader)(nil),     // 5: kvd.kv.v1.ResponseHeader
-	(*KeyValue)(nil),           // 6: kvd.kv.v1.KeyValue
-	(*PutRequest)(nil),         // 7: kvd.kv.v1.PutRequest
-	(*PutResponse)(nil),        // 8: kvd.kv.v1.PutResponse
-	(*GetRequest)(nil),         // 9: kvd.kv.v1.GetRequest
-	(*GetResponse)(nil),        // 10: kvd.kv.v1.GetResponse
-	(*DeleteRequest)(nil),      // 11: kvd.kv.v1.DeleteRequest
-	(*DeleteResponse)(nil),     // 12: kvd.kv.v1.DeleteResponse
-	(*RangeRequest)(nil),       // 13: kvd.kv.v1.RangeRequest
-	(*RangeResponse)(nil),      // 14: kvd.kv.v1.RangeResponse
-	(*Compare)(nil),            // 15: kvd.kv.v1.Compare
-	(*RequestOp)(nil),          // 16: kvd.kv.v1.RequestOp
-	(*ResponseOp)(nil),         // 17: kvd.kv.v1.ResponseOp
-	(*TxnRequest)(nil),         // 18: kvd.kv.v1.TxnRequest
-	(*TxnResponse)(nil),        // 19: kvd.kv.v1.TxnResponse
-	(*BatchRequest)(nil),       // 20: kvd.kv.v1.BatchRequest
-	(*BatchRequestItem)(nil),   // 21: kvd.kv.v1.BatchRequestItem
-	(*BatchResponse)(nil),      // 22: kvd.kv.v1.BatchResponse
-	(*BatchResponseItem)(nil),  // 23: kvd.kv.v1.BatchResponseItem
-	(*Status)(nil),             // 24: kvd.kv.v1.Status
-	(*Member)(nil),             // 25: kvd.kv.v1.Member
-	(*ShardReplicas)(nil),      // 26: kvd.kv.v1.ShardReplicas
-	(*ClusterMap)(nil),         // 27: kvd.kv.v1.ClusterMap
-	(*MapRequest)(nil),         // 28: kvd.kv.v1.MapRequest
-	(*ShardStatus)(nil),        // 29: kvd.kv.v1.ShardStatus
-	(*StatusRequest)(nil),      // 30: kvd.kv.v1.StatusRequest
-	(*StatusResponse)(nil),     // 31: kvd.kv.v1.StatusResponse
-	(*CorruptionAlarm)(nil),    // 32: kvd.kv.v1.CorruptionAlarm
-	(*MemberListRequest)(nil),  // 33: kvd.kv.v1.MemberListRequest
-	(*MemberListResponse)(nil), // 34: kvd.kv.v1.MemberListResponse
-	(*MemberAddRequest)(nil),   // 35: kvd.kv.v1.MemberAddRequest
-	(*MemberAddResponse)(nil),  // 36: kvd.kv.v1.MemberAddResponse
-	(*NotLeader)(nil),          // 37: kvd.kv.v1.NotLeader
-	(*StaleEpoch)(nil),         // 38: kvd.kv.v1.StaleEpoch
-	(*Event)(nil),              // 39: kvd.kv.v1.Event
-	(*WatchRequest)(nil),       // 40: kvd.kv.v1.WatchRequest
-	(*WatchCreateRequest)(nil), // 41: kvd.kv.v1.WatchCreateRequest
-	(*WatchCancelRequest)(nil), // 42: kvd.kv.v1.WatchCancelRequest
-	(*WatchResponse)(nil),      // 43: kvd.kv.v1.WatchResponse
-	(*CompactRequest)(nil),     // 44: kvd.kv.v1.CompactRequest
-	(*CompactResponse)(nil),    // 45: kvd.kv.v1.CompactResponse
-	(*CompactedShard)(nil),     // 46: kvd.kv.v1.CompactedShard
-	(*anypb.Any)(nil),          // 47: google.protobuf.Any
+	(Consistency)(0),             // 0: kvd.kv.v1.Consistency
+	(Compare_Target)(0),          // 1: kvd.kv.v1.Compare.Target
+	(Compare_Result)(0),          // 2: kvd.kv.v1.Compare.Result
+	(Event_EventType)(0),         // 3: kvd.kv.v1.Event.EventType
+	(*RequestHeader)(nil),        // 4: kvd.kv.v1.RequestHeader
+	(*ResponseHeader)(nil),       // 5: kvd.kv.v1.ResponseHeader
+	(*KeyValue)(nil),             // 6: kvd.kv.v1.KeyValue
+	(*PutRequest)(nil),           // 7: kvd.kv.v1.PutRequest
+	(*PutResponse)(nil),          // 8: kvd.kv.v1.PutResponse
+	(*GetRequest)(nil),           // 9: kvd.kv.v1.GetRequest
+	(*GetResponse)(nil),          // 10: kvd.kv.v1.GetResponse
+	(*DeleteRequest)(nil),        // 11: kvd.kv.v1.DeleteRequest
+	(*DeleteResponse)(nil),       // 12: kvd.kv.v1.DeleteResponse
+	(*RangeRequest)(nil),         // 13: kvd.kv.v1.RangeRequest
+	(*RangeResponse)(nil),        // 14: kvd.kv.v1.RangeResponse
+	(*Compare)(nil),              // 15: kvd.kv.v1.Compare
+	(*RequestOp)(nil),            // 16: kvd.kv.v1.RequestOp
+	(*ResponseOp)(nil),           // 17: kvd.kv.v1.ResponseOp
+	(*TxnRequest)(nil),           // 18: kvd.kv.v1.TxnRequest
+	(*TxnResponse)(nil),          // 19: kvd.kv.v1.TxnResponse
+	(*BatchRequest)(nil),         // 20: kvd.kv.v1.BatchRequest
+	(*BatchRequestItem)(nil),     // 21: kvd.kv.v1.BatchRequestItem
+	(*BatchResponse)(nil),        // 22: kvd.kv.v1.BatchResponse
+	(*BatchResponseItem)(nil),    // 23: kvd.kv.v1.BatchResponseItem
+	(*Status)(nil),               // 24: kvd.kv.v1.Status
+	(*Member)(nil),               // 25: kvd.kv.v1.Member
+	(*ShardReplicas)(nil),        // 26: kvd.kv.v1.ShardReplicas
+	(*ClusterMap)(nil),           // 27: kvd.kv.v1.ClusterMap
+	(*MapRequest)(nil),           // 28: kvd.kv.v1.MapRequest
+	(*ShardStatus)(nil),          // 29: kvd.kv.v1.ShardStatus
+	(*StatusRequest)(nil),        // 30: kvd.kv.v1.StatusRequest
+	(*StatusResponse)(nil),       // 31: kvd.kv.v1.StatusResponse
+	(*CorruptionAlarm)(nil),      // 32: kvd.kv.v1.CorruptionAlarm
+	(*MemberListRequest)(nil),    // 33: kvd.kv.v1.MemberListRequest
+	(*MemberListResponse)(nil),   // 34: kvd.kv.v1.MemberListResponse
+	(*MemberAddRequest)(nil),     // 35: kvd.kv.v1.MemberAddRequest
+	(*MemberAddResponse)(nil),    // 36: kvd.kv.v1.MemberAddResponse
+	(*NotLeader)(nil),            // 37: kvd.kv.v1.NotLeader
+	(*StaleEpoch)(nil),           // 38: kvd.kv.v1.StaleEpoch
+	(*Event)(nil),                // 39: kvd.kv.v1.Event
+	(*WatchRequest)(nil),         // 40: kvd.kv.v1.WatchRequest
+	(*WatchCreateRequest)(nil),   // 41: kvd.kv.v1.WatchCreateRequest
+	(*WatchCancelRequest)(nil),   // 42: kvd.kv.v1.WatchCancelRequest
+	(*WatchResponse)(nil),        // 43: kvd.kv.v1.WatchResponse
+	(*CompactRequest)(nil),       // 44: kvd.kv.v1.CompactRequest
+	(*CompactResponse)(nil),      // 45: kvd.kv.v1.CompactResponse
+	(*CompactedShard)(nil),       // 46: kvd.kv.v1.CompactedShard
+	(*AuthenticateRequest)(nil),  // 47: kvd.kv.v1.AuthenticateRequest
+	(*AuthenticateResponse)(nil), // 48: kvd.kv.v1.AuthenticateResponse
+	(*Permission)(nil),           // 49: kvd.kv.v1.Permission
+	(*AuthChangeRequest)(nil),    // 50: kvd.kv.v1.AuthChangeRequest
+	(*AuthEnable)(nil),           // 51: kvd.kv.v1.AuthEnable
+	(*AuthDisable)(nil),          // 52: kvd.kv.v1.AuthDisable
+	(*UserAdd)(nil),              // 53: kvd.kv.v1.UserAdd
+	(*UserDelete)(nil),           // 54: kvd.kv.v1.UserDelete
+	(*UserGrantRole)(nil),        // 55: kvd.kv.v1.UserGrantRole
+	(*RoleAdd)(nil),              // 56: kvd.kv.v1.RoleAdd
+	(*RoleGrantPermission)(nil),  // 57: kvd.kv.v1.RoleGrantPermission
+	(*AuthChangeResponse)(nil),   // 58: kvd.kv.v1.AuthChangeResponse
+	(*AuthStatusRequest)(nil),    // 59: kvd.kv.v1.AuthStatusRequest
+	(*AuthStatusResponse)(nil),   // 60: kvd.kv.v1.AuthStatusResponse
+	(*AuthUser)(nil),             // 61: kvd.kv.v1.AuthUser
+	(*AuthRole)(nil),             // 62: kvd.kv.v1.AuthRole
+	(*AuthState)(nil),            // 63: kvd.kv.v1.AuthState
+	(*anypb.Any)(nil),            // 64: google.protobuf.Any
 }
 var file_kvpb_kv_proto_depIdxs = []int32{
 	4,  // 0: kvd.kv.v1.PutRequest.header:type_name -> kvd.kv.v1.RequestHeader
@@ -3566,7 +4624,7 @@ var file_kvpb_kv_proto_depIdxs = []int32{
 	10, // 36: kvd.kv.v1.BatchResponseItem.get:type_name -> kvd.kv.v1.GetResponse
 	12, // 37: kvd.kv.v1.BatchResponseItem.delete:type_name -> kvd.kv.v1.DeleteResponse
 	19, // 38: kvd.kv.v1.BatchResponseItem.txn:type_name -> kvd.kv.v1.TxnResponse
-	47, // 39: kvd.kv.v1.Status.details:type_name -> google.protobuf.Any
+	64, // 39: kvd.kv.v1.Status.details:type_name -> google.protobuf.Any
 	25, // 40: kvd.kv.v1.ClusterMap.members:type_name -> kvd.kv.v1.Member
 	26, // 41: kvd.kv.v1.ClusterMap.shards:type_name -> kvd.kv.v1.ShardReplicas
 	29, // 42: kvd.kv.v1.StatusResponse.shards:type_name -> kvd.kv.v1.ShardStatus
@@ -3585,35 +4643,54 @@ var file_kvpb_kv_proto_depIdxs = []int32{
 	4,  // 55: kvd.kv.v1.CompactRequest.header:type_name -> kvd.kv.v1.RequestHeader
 	46, // 56: kvd.kv.v1.CompactResponse.shards:type_name -> kvd.kv.v1.CompactedShard
 	5,  // 57: kvd.kv.v1.CompactedShard.header:type_name -> kvd.kv.v1.ResponseHeader
-	7,  // 58: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
-	9,  // 59: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
-	11, // 60: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
-	13, // 61: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
-	18, // 62: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
-	20, // 63: kvd.kv.v1.KV.Batch:input_type -> kvd.kv.v1.BatchRequest
-	28, // 64: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
-	30, // 65: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
-	33, // 66: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
-	35, // 67: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
-	44, // 68: kvd.kv.v1.Cluster.Compact:input_type -> kvd.kv.v1.CompactRequest
-	40, // 69: kvd.kv.v1.Watch.Watch:input_type -> kvd.kv.v1.WatchRequest
-	8,  // 70: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
-	10, // 71: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
-	12, // 72: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
-	14, // 73: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
-	19, // 74: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
-	22, // 75: kvd.kv.v1.KV.Batch:output_type -> kvd.kv.v1.BatchResponse
-	27, // 76: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
-	31, // 77: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
-	34, // 78: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
-	36, // 79: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
-	45, // 80: kvd.kv.v1.Cluster.Compact:output_type -> kvd.kv.v1.CompactResponse
-	43, // 81: kvd.kv.v1.Watch.Watch:output_type -> kvd.kv.v1.WatchResponse
-	70, // [70:82] is the sub-list for method output_type
-	58, // [58:70] is the sub-list for method input_type
-	58, // [58:58] is the sub-list for extension type_name
-	58, // [58:58] is the sub-list for extension extendee
-	0,  // [0:58] is the sub-list for field type_name
+	51, // 58: kvd.kv.v1.AuthChangeRequest.enable:type_name -> kvd.kv.v1.AuthEnable
+	52, // 59: kvd.kv.v1.AuthChangeRequest.disable:type_name -> kvd.kv.v1.AuthDisable
+	53, // 60: kvd.kv.v1.AuthChangeRequest.user_add:type_name -> kvd.kv.v1.UserAdd
+	54, // 61: kvd.kv.v1.AuthChangeRequest.user_delete:type_name -> kvd.kv.v1.UserDelete
+	55, // 62: kvd.kv.v1.AuthChangeRequest.user_grant_role:type_name -> kvd.kv.v1.UserGrantRole
+	56, // 63: kvd.kv.v1.AuthChangeRequest.role_add:type_name -> kvd.kv.v1.RoleAdd
+	57, // 64: kvd.kv.v1.AuthChangeRequest.role_grant_permission:type_name -> kvd.kv.v1.RoleGrantPermission
+	49, // 65: kvd.kv.v1.RoleGrantPermission.perm:type_name -> kvd.kv.v1.Permission
+	61, // 66: kvd.kv.v1.AuthStatusResponse.users:type_name -> kvd.kv.v1.AuthUser
+	62, // 67: kvd.kv.v1.AuthStatusResponse.roles:type_name -> kvd.kv.v1.AuthRole
+	49, // 68: kvd.kv.v1.AuthRole.perms:type_name -> kvd.kv.v1.Permission
+	61, // 69: kvd.kv.v1.AuthState.users:type_name -> kvd.kv.v1.AuthUser
+	62, // 70: kvd.kv.v1.AuthState.roles:type_name -> kvd.kv.v1.AuthRole
+	7,  // 71: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
+	9,  // 72: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
+	11, // 73: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
+	13, // 74: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
+	18, // 75: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
+	20, // 76: kvd.kv.v1.KV.Batch:input_type -> kvd.kv.v1.BatchRequest
+	28, // 77: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
+	30, // 78: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
+	33, // 79: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
+	35, // 80: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
+	44, // 81: kvd.kv.v1.Cluster.Compact:input_type -> kvd.kv.v1.CompactRequest
+	40, // 82: kvd.kv.v1.Watch.Watch:input_type -> kvd.kv.v1.WatchRequest
+	47, // 83: kvd.kv.v1.Auth.Authenticate:input_type -> kvd.kv.v1.AuthenticateRequest
+	50, // 84: kvd.kv.v1.Auth.Change:input_type -> kvd.kv.v1.AuthChangeRequest
+	59, // 85: kvd.kv.v1.Auth.Status:input_type -> kvd.kv.v1.AuthStatusRequest
+	8,  // 86: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
+	10, // 87: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
+	12, // 88: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
+	14, // 89: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
+	19, // 90: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
+	22, // 91: kvd.kv.v1.KV.Batch:output_type -> kvd.kv.v1.BatchResponse
+	27, // 92: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
+	31, // 93: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
+	34, // 94: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
+	36, // 95: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
+	45, // 96: kvd.kv.v1.Cluster.Compact:output_type -> kvd.kv.v1.CompactResponse
+	43, // 97: kvd.kv.v1.Watch.Watch:output_type -> kvd.kv.v1.WatchResponse
+	48, // 98: kvd.kv.v1.Auth.Authenticate:output_type -> kvd.kv.v1.AuthenticateResponse
+	58, // 99: kvd.kv.v1.Auth.Change:output_type -> kvd.kv.v1.AuthChangeResponse
+	60, // 100: kvd.kv.v1.Auth.Status:output_type -> kvd.kv.v1.AuthStatusResponse
+	86, // [86:101] is the sub-list for method output_type
+	71, // [71:86] is the sub-list for method input_type
+	71, // [71:71] is the sub-list for extension type_name
+	71, // [71:71] is the sub-list for extension extendee
+	0,  // [0:71] is the sub-list for field type_name
 }
 
 func init() { file_kvpb_kv_proto_init() }
@@ -3647,15 +4724,24 @@ func file_kvpb_kv_proto_init() {
 		(*WatchRequest_Create)(nil),
 		(*WatchRequest_Cancel)(nil),
 	}
+	file_kvpb_kv_proto_msgTypes[46].OneofWrappers = []any{
+		(*AuthChangeRequest_Enable)(nil),
+		(*AuthChangeRequest_Disable)(nil),
+		(*AuthChangeRequest_UserAdd)(nil),
+		(*AuthChangeRequest_UserDelete)(nil),
+		(*AuthChangeRequest_UserGrantRole)(nil),
+		(*AuthChangeRequest_RoleAdd)(nil),
+		(*AuthChangeRequest_RoleGrantPermission)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvpb_kv_proto_rawDesc), len(file_kvpb_kv_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   43,
+			NumMessages:   60,
 			NumExtensions: 0,
-			NumServices:   3,
+			NumServices:   4,
 		},
 		GoTypes:           file_kvpb_kv_proto_goTypes,
 		DependencyIndexes: file_kvpb_kv_proto_depIdxs,

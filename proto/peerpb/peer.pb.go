@@ -496,6 +496,86 @@ func (*SnapshotAck) Descriptor() ([]byte, []int) {
 	return file_peerpb_peer_proto_rawDescGZIP(), []int{5}
 }
 
+type AuthStateRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthStateRequest) Reset() {
+	*x = AuthStateRequest{}
+	mi := &file_peerpb_peer_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthStateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthStateRequest) ProtoMessage() {}
+
+func (x *AuthStateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthStateRequest.ProtoReflect.Descriptor instead.
+func (*AuthStateRequest) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{6}
+}
+
+type AuthStateResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	State         *kvpb.AuthState        `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuthStateResponse) Reset() {
+	*x = AuthStateResponse{}
+	mi := &file_peerpb_peer_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuthStateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuthStateResponse) ProtoMessage() {}
+
+func (x *AuthStateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuthStateResponse.ProtoReflect.Descriptor instead.
+func (*AuthStateResponse) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *AuthStateResponse) GetState() *kvpb.AuthState {
+	if x != nil {
+		return x.State
+	}
+	return nil
+}
+
 type ShardHashRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Shard         uint64                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
@@ -506,7 +586,7 @@ type ShardHashRequest struct {
 
 func (x *ShardHashRequest) Reset() {
 	*x = ShardHashRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[6]
+	mi := &file_peerpb_peer_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -518,7 +598,7 @@ func (x *ShardHashRequest) String() string {
 func (*ShardHashRequest) ProtoMessage() {}
 
 func (x *ShardHashRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[6]
+	mi := &file_peerpb_peer_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -531,7 +611,7 @@ func (x *ShardHashRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShardHashRequest.ProtoReflect.Descriptor instead.
 func (*ShardHashRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{6}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ShardHashRequest) GetShard() uint64 {
@@ -560,7 +640,7 @@ type ShardHashResponse struct {
 
 func (x *ShardHashResponse) Reset() {
 	*x = ShardHashResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[7]
+	mi := &file_peerpb_peer_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -572,7 +652,7 @@ func (x *ShardHashResponse) String() string {
 func (*ShardHashResponse) ProtoMessage() {}
 
 func (x *ShardHashResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[7]
+	mi := &file_peerpb_peer_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -585,7 +665,7 @@ func (x *ShardHashResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShardHashResponse.ProtoReflect.Descriptor instead.
 func (*ShardHashResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{7}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ShardHashResponse) GetFound() bool {
@@ -614,7 +694,7 @@ type ReportCorruptionRequest struct {
 
 func (x *ReportCorruptionRequest) Reset() {
 	*x = ReportCorruptionRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[8]
+	mi := &file_peerpb_peer_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -626,7 +706,7 @@ func (x *ReportCorruptionRequest) String() string {
 func (*ReportCorruptionRequest) ProtoMessage() {}
 
 func (x *ReportCorruptionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[8]
+	mi := &file_peerpb_peer_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -639,7 +719,7 @@ func (x *ReportCorruptionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportCorruptionRequest.ProtoReflect.Descriptor instead.
 func (*ReportCorruptionRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{8}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ReportCorruptionRequest) GetShard() uint64 {
@@ -671,7 +751,7 @@ type ReportCorruptionResponse struct {
 
 func (x *ReportCorruptionResponse) Reset() {
 	*x = ReportCorruptionResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[9]
+	mi := &file_peerpb_peer_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -683,7 +763,7 @@ func (x *ReportCorruptionResponse) String() string {
 func (*ReportCorruptionResponse) ProtoMessage() {}
 
 func (x *ReportCorruptionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[9]
+	mi := &file_peerpb_peer_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -696,7 +776,7 @@ func (x *ReportCorruptionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportCorruptionResponse.ProtoReflect.Descriptor instead.
 func (*ReportCorruptionResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{9}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{11}
 }
 
 type AddReplicaRequest struct {
@@ -709,7 +789,7 @@ type AddReplicaRequest struct {
 
 func (x *AddReplicaRequest) Reset() {
 	*x = AddReplicaRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[10]
+	mi := &file_peerpb_peer_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -721,7 +801,7 @@ func (x *AddReplicaRequest) String() string {
 func (*AddReplicaRequest) ProtoMessage() {}
 
 func (x *AddReplicaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[10]
+	mi := &file_peerpb_peer_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -734,7 +814,7 @@ func (x *AddReplicaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddReplicaRequest.ProtoReflect.Descriptor instead.
 func (*AddReplicaRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{10}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *AddReplicaRequest) GetShard() uint64 {
@@ -759,7 +839,7 @@ type AddReplicaResponse struct {
 
 func (x *AddReplicaResponse) Reset() {
 	*x = AddReplicaResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[11]
+	mi := &file_peerpb_peer_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -771,7 +851,7 @@ func (x *AddReplicaResponse) String() string {
 func (*AddReplicaResponse) ProtoMessage() {}
 
 func (x *AddReplicaResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[11]
+	mi := &file_peerpb_peer_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -784,7 +864,7 @@ func (x *AddReplicaResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddReplicaResponse.ProtoReflect.Descriptor instead.
 func (*AddReplicaResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{11}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{13}
 }
 
 type ProposeRequest struct {
@@ -798,7 +878,7 @@ type ProposeRequest struct {
 
 func (x *ProposeRequest) Reset() {
 	*x = ProposeRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[12]
+	mi := &file_peerpb_peer_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -810,7 +890,7 @@ func (x *ProposeRequest) String() string {
 func (*ProposeRequest) ProtoMessage() {}
 
 func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[12]
+	mi := &file_peerpb_peer_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -823,7 +903,7 @@ func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeRequest.ProtoReflect.Descriptor instead.
 func (*ProposeRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{12}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ProposeRequest) GetShard() uint64 {
@@ -850,7 +930,7 @@ type ProposeResponse struct {
 
 func (x *ProposeResponse) Reset() {
 	*x = ProposeResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[13]
+	mi := &file_peerpb_peer_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -862,7 +942,7 @@ func (x *ProposeResponse) String() string {
 func (*ProposeResponse) ProtoMessage() {}
 
 func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[13]
+	mi := &file_peerpb_peer_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -875,7 +955,7 @@ func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeResponse.ProtoReflect.Descriptor instead.
 func (*ProposeResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{13}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ProposeResponse) GetResult() []byte {
@@ -906,6 +986,7 @@ type Command struct {
 	//	*Command_UpdateMember
 	//	*Command_HashCheck
 	//	*Command_CompactHistory
+	//	*Command_Auth
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -913,7 +994,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_peerpb_peer_proto_msgTypes[14]
+	mi := &file_peerpb_peer_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -925,7 +1006,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[14]
+	mi := &file_peerpb_peer_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -938,7 +1019,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{14}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Command) GetSession() uint64 {
@@ -1048,6 +1129,15 @@ func (x *Command) GetCompactHistory() *CompactHistory {
 	return nil
 }
 
+func (x *Command) GetAuth() *kvpb.AuthChangeRequest {
+	if x != nil {
+		if x, ok := x.Op.(*Command_Auth); ok {
+			return x.Auth
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -1084,6 +1174,11 @@ type Command_CompactHistory struct {
 	CompactHistory *CompactHistory `protobuf:"bytes,12,opt,name=compact_history,json=compactHistory,proto3,oneof"`
 }
 
+type Command_Auth struct {
+	// auth changes the meta shard's auth state (fsm/auth.go).
+	Auth *kvpb.AuthChangeRequest `protobuf:"bytes,13,opt,name=auth,proto3,oneof"`
+}
+
 func (*Command_Put) isCommand_Op() {}
 
 func (*Command_Delete) isCommand_Op() {}
@@ -1100,6 +1195,8 @@ func (*Command_HashCheck) isCommand_Op() {}
 
 func (*Command_CompactHistory) isCommand_Op() {}
 
+func (*Command_Auth) isCommand_Op() {}
+
 // CompactHistory drops the shard's history events below a revision, at
 // most max_events of them, so one apply stays short: the leader proposes
 // it again until the history starts at below (fsm/history.go).
@@ -1113,7 +1210,7 @@ type CompactHistory struct {
 
 func (x *CompactHistory) Reset() {
 	*x = CompactHistory{}
-	mi := &file_peerpb_peer_proto_msgTypes[15]
+	mi := &file_peerpb_peer_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1125,7 +1222,7 @@ func (x *CompactHistory) String() string {
 func (*CompactHistory) ProtoMessage() {}
 
 func (x *CompactHistory) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[15]
+	mi := &file_peerpb_peer_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1138,7 +1235,7 @@ func (x *CompactHistory) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompactHistory.ProtoReflect.Descriptor instead.
 func (*CompactHistory) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{15}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CompactHistory) GetBelow() int64 {
@@ -1167,7 +1264,7 @@ type CompactHistoryResult struct {
 
 func (x *CompactHistoryResult) Reset() {
 	*x = CompactHistoryResult{}
-	mi := &file_peerpb_peer_proto_msgTypes[16]
+	mi := &file_peerpb_peer_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1179,7 +1276,7 @@ func (x *CompactHistoryResult) String() string {
 func (*CompactHistoryResult) ProtoMessage() {}
 
 func (x *CompactHistoryResult) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[16]
+	mi := &file_peerpb_peer_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1192,7 +1289,7 @@ func (x *CompactHistoryResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompactHistoryResult.ProtoReflect.Descriptor instead.
 func (*CompactHistoryResult) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{16}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *CompactHistoryResult) GetOldest() int64 {
@@ -1232,7 +1329,7 @@ type HistoryEvent struct {
 
 func (x *HistoryEvent) Reset() {
 	*x = HistoryEvent{}
-	mi := &file_peerpb_peer_proto_msgTypes[17]
+	mi := &file_peerpb_peer_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1244,7 +1341,7 @@ func (x *HistoryEvent) String() string {
 func (*HistoryEvent) ProtoMessage() {}
 
 func (x *HistoryEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[17]
+	mi := &file_peerpb_peer_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1257,7 +1354,7 @@ func (x *HistoryEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryEvent.ProtoReflect.Descriptor instead.
 func (*HistoryEvent) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{17}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *HistoryEvent) GetDelete() bool {
@@ -1324,7 +1421,7 @@ type UpdateMember struct {
 
 func (x *UpdateMember) Reset() {
 	*x = UpdateMember{}
-	mi := &file_peerpb_peer_proto_msgTypes[18]
+	mi := &file_peerpb_peer_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1336,7 +1433,7 @@ func (x *UpdateMember) String() string {
 func (*UpdateMember) ProtoMessage() {}
 
 func (x *UpdateMember) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[18]
+	mi := &file_peerpb_peer_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1349,7 +1446,7 @@ func (x *UpdateMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateMember.ProtoReflect.Descriptor instead.
 func (*UpdateMember) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{18}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *UpdateMember) GetMember() *kvpb.Member {
@@ -1376,7 +1473,7 @@ type HashCheck struct {
 
 func (x *HashCheck) Reset() {
 	*x = HashCheck{}
-	mi := &file_peerpb_peer_proto_msgTypes[19]
+	mi := &file_peerpb_peer_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1388,7 +1485,7 @@ func (x *HashCheck) String() string {
 func (*HashCheck) ProtoMessage() {}
 
 func (x *HashCheck) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[19]
+	mi := &file_peerpb_peer_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1401,7 +1498,7 @@ func (x *HashCheck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HashCheck.ProtoReflect.Descriptor instead.
 func (*HashCheck) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{19}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{21}
 }
 
 // HashCheckResult is HashCheck's result on the replica that answers.
@@ -1415,7 +1512,7 @@ type HashCheckResult struct {
 
 func (x *HashCheckResult) Reset() {
 	*x = HashCheckResult{}
-	mi := &file_peerpb_peer_proto_msgTypes[20]
+	mi := &file_peerpb_peer_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1427,7 +1524,7 @@ func (x *HashCheckResult) String() string {
 func (*HashCheckResult) ProtoMessage() {}
 
 func (x *HashCheckResult) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[20]
+	mi := &file_peerpb_peer_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1440,7 +1537,7 @@ func (x *HashCheckResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HashCheckResult.ProtoReflect.Descriptor instead.
 func (*HashCheckResult) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{20}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *HashCheckResult) GetIndex() uint64 {
@@ -1471,7 +1568,7 @@ type ExpireSessions struct {
 
 func (x *ExpireSessions) Reset() {
 	*x = ExpireSessions{}
-	mi := &file_peerpb_peer_proto_msgTypes[21]
+	mi := &file_peerpb_peer_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1483,7 +1580,7 @@ func (x *ExpireSessions) String() string {
 func (*ExpireSessions) ProtoMessage() {}
 
 func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[21]
+	mi := &file_peerpb_peer_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1496,7 +1593,7 @@ func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireSessions.ProtoReflect.Descriptor instead.
 func (*ExpireSessions) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{21}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ExpireSessions) GetNowUnixMs() int64 {
@@ -1524,7 +1621,7 @@ type SetClusterMap struct {
 
 func (x *SetClusterMap) Reset() {
 	*x = SetClusterMap{}
-	mi := &file_peerpb_peer_proto_msgTypes[22]
+	mi := &file_peerpb_peer_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1536,7 +1633,7 @@ func (x *SetClusterMap) String() string {
 func (*SetClusterMap) ProtoMessage() {}
 
 func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[22]
+	mi := &file_peerpb_peer_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1549,7 +1646,7 @@ func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetClusterMap.ProtoReflect.Descriptor instead.
 func (*SetClusterMap) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{22}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SetClusterMap) GetMap() *kvpb.ClusterMap {
@@ -1590,7 +1687,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_peerpb_peer_proto_msgTypes[23]
+	mi := &file_peerpb_peer_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1602,7 +1699,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[23]
+	mi := &file_peerpb_peer_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1615,7 +1712,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{23}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Result) GetOp() isResult_Op {
@@ -1738,7 +1835,7 @@ type StoredValue struct {
 
 func (x *StoredValue) Reset() {
 	*x = StoredValue{}
-	mi := &file_peerpb_peer_proto_msgTypes[24]
+	mi := &file_peerpb_peer_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1750,7 +1847,7 @@ func (x *StoredValue) String() string {
 func (*StoredValue) ProtoMessage() {}
 
 func (x *StoredValue) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[24]
+	mi := &file_peerpb_peer_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1763,7 +1860,7 @@ func (x *StoredValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredValue.ProtoReflect.Descriptor instead.
 func (*StoredValue) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{24}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *StoredValue) GetValue() []byte {
@@ -1807,7 +1904,7 @@ type SessionState struct {
 
 func (x *SessionState) Reset() {
 	*x = SessionState{}
-	mi := &file_peerpb_peer_proto_msgTypes[25]
+	mi := &file_peerpb_peer_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1819,7 +1916,7 @@ func (x *SessionState) String() string {
 func (*SessionState) ProtoMessage() {}
 
 func (x *SessionState) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[25]
+	mi := &file_peerpb_peer_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1832,7 +1929,7 @@ func (x *SessionState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionState.ProtoReflect.Descriptor instead.
 func (*SessionState) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{25}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *SessionState) GetAckBelow() uint64 {
@@ -1878,7 +1975,10 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x06bucket\x18\x01 \x01(\fR\x06bucket\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\fR\x03key\x12\x14\n" +
 	"\x05value\x18\x03 \x01(\fR\x05value\"\r\n" +
-	"\vSnapshotAck\">\n" +
+	"\vSnapshotAck\"\x12\n" +
+	"\x10AuthStateRequest\"?\n" +
+	"\x11AuthStateResponse\x12*\n" +
+	"\x05state\x18\x01 \x01(\v2\x14.kvd.kv.v1.AuthStateR\x05state\">\n" +
 	"\x10ShardHashRequest\x12\x14\n" +
 	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\"=\n" +
@@ -1898,7 +1998,7 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x18\n" +
 	"\acommand\x18\x02 \x01(\fR\acommand\")\n" +
 	"\x0fProposeResponse\x12\x16\n" +
-	"\x06result\x18\x01 \x01(\fR\x06result\"\xd5\x04\n" +
+	"\x06result\x18\x01 \x01(\fR\x06result\"\x89\x05\n" +
 	"\aCommand\x12\x18\n" +
 	"\asession\x18\x01 \x01(\x04R\asession\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x1b\n" +
@@ -1914,7 +2014,8 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	" \x01(\v2\x19.kvd.peer.v1.UpdateMemberH\x00R\fupdateMember\x127\n" +
 	"\n" +
 	"hash_check\x18\v \x01(\v2\x16.kvd.peer.v1.HashCheckH\x00R\thashCheck\x12F\n" +
-	"\x0fcompact_history\x18\f \x01(\v2\x1b.kvd.peer.v1.CompactHistoryH\x00R\x0ecompactHistoryB\x04\n" +
+	"\x0fcompact_history\x18\f \x01(\v2\x1b.kvd.peer.v1.CompactHistoryH\x00R\x0ecompactHistory\x122\n" +
+	"\x04auth\x18\r \x01(\v2\x1c.kvd.kv.v1.AuthChangeRequestH\x00R\x04authB\x04\n" +
 	"\x02op\"E\n" +
 	"\x0eCompactHistory\x12\x14\n" +
 	"\x05below\x18\x01 \x01(\x03R\x05below\x12\x1d\n" +
@@ -1981,13 +2082,14 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x13RESULT_CODE_CORRUPT\x10\v2\x80\x01\n" +
 	"\x04Raft\x124\n" +
 	"\x06Stream\x12\x12.kvd.peer.v1.Batch\x1a\x12.kvd.peer.v1.Batch(\x010\x01\x12B\n" +
-	"\bSnapshot\x12\x1a.kvd.peer.v1.SnapshotChunk\x1a\x18.kvd.peer.v1.SnapshotAck(\x012\xcc\x02\n" +
+	"\bSnapshot\x12\x1a.kvd.peer.v1.SnapshotChunk\x1a\x18.kvd.peer.v1.SnapshotAck(\x012\x98\x03\n" +
 	"\bInternal\x12D\n" +
 	"\aPropose\x12\x1b.kvd.peer.v1.ProposeRequest\x1a\x1c.kvd.peer.v1.ProposeResponse\x12M\n" +
 	"\n" +
 	"AddReplica\x12\x1e.kvd.peer.v1.AddReplicaRequest\x1a\x1f.kvd.peer.v1.AddReplicaResponse\x12J\n" +
 	"\tShardHash\x12\x1d.kvd.peer.v1.ShardHashRequest\x1a\x1e.kvd.peer.v1.ShardHashResponse\x12_\n" +
-	"\x10ReportCorruption\x12$.kvd.peer.v1.ReportCorruptionRequest\x1a%.kvd.peer.v1.ReportCorruptionResponseB!Z\x1fgithub.com/kvd/kvd/proto/peerpbb\x06proto3"
+	"\x10ReportCorruption\x12$.kvd.peer.v1.ReportCorruptionRequest\x1a%.kvd.peer.v1.ReportCorruptionResponse\x12J\n" +
+	"\tAuthState\x12\x1d.kvd.peer.v1.AuthStateRequest\x1a\x1e.kvd.peer.v1.AuthStateResponseB!Z\x1fgithub.com/kvd/kvd/proto/peerpbb\x06proto3"
 
 var (
 	file_peerpb_peer_proto_rawDescOnce sync.Once
@@ -2002,7 +2104,7 @@ func file_peerpb_peer_proto_rawDescGZIP() []byte {
 }
 
 var file_peerpb_peer_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 26)
+var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
 var file_peerpb_peer_proto_goTypes = []any{
 	(ResultCode)(0),                  // 0: kvd.peer.v1.ResultCode
 	(*Batch)(nil),                    // 1: kvd.peer.v1.Batch
@@ -2011,73 +2113,81 @@ var file_peerpb_peer_proto_goTypes = []any{
 	(*SnapshotChunk)(nil),            // 4: kvd.peer.v1.SnapshotChunk
 	(*SnapshotPair)(nil),             // 5: kvd.peer.v1.SnapshotPair
 	(*SnapshotAck)(nil),              // 6: kvd.peer.v1.SnapshotAck
-	(*ShardHashRequest)(nil),         // 7: kvd.peer.v1.ShardHashRequest
-	(*ShardHashResponse)(nil),        // 8: kvd.peer.v1.ShardHashResponse
-	(*ReportCorruptionRequest)(nil),  // 9: kvd.peer.v1.ReportCorruptionRequest
-	(*ReportCorruptionResponse)(nil), // 10: kvd.peer.v1.ReportCorruptionResponse
-	(*AddReplicaRequest)(nil),        // 11: kvd.peer.v1.AddReplicaRequest
-	(*AddReplicaResponse)(nil),       // 12: kvd.peer.v1.AddReplicaResponse
-	(*ProposeRequest)(nil),           // 13: kvd.peer.v1.ProposeRequest
-	(*ProposeResponse)(nil),          // 14: kvd.peer.v1.ProposeResponse
-	(*Command)(nil),                  // 15: kvd.peer.v1.Command
-	(*CompactHistory)(nil),           // 16: kvd.peer.v1.CompactHistory
-	(*CompactHistoryResult)(nil),     // 17: kvd.peer.v1.CompactHistoryResult
-	(*HistoryEvent)(nil),             // 18: kvd.peer.v1.HistoryEvent
-	(*UpdateMember)(nil),             // 19: kvd.peer.v1.UpdateMember
-	(*HashCheck)(nil),                // 20: kvd.peer.v1.HashCheck
-	(*HashCheckResult)(nil),          // 21: kvd.peer.v1.HashCheckResult
-	(*ExpireSessions)(nil),           // 22: kvd.peer.v1.ExpireSessions
-	(*SetClusterMap)(nil),            // 23: kvd.peer.v1.SetClusterMap
-	(*Result)(nil),                   // 24: kvd.peer.v1.Result
-	(*StoredValue)(nil),              // 25: kvd.peer.v1.StoredValue
-	(*SessionState)(nil),             // 26: kvd.peer.v1.SessionState
-	(*kvpb.PutRequest)(nil),          // 27: kvd.kv.v1.PutRequest
-	(*kvpb.DeleteRequest)(nil),       // 28: kvd.kv.v1.DeleteRequest
-	(*kvpb.TxnRequest)(nil),          // 29: kvd.kv.v1.TxnRequest
-	(*kvpb.Member)(nil),              // 30: kvd.kv.v1.Member
-	(*kvpb.ClusterMap)(nil),          // 31: kvd.kv.v1.ClusterMap
-	(*kvpb.PutResponse)(nil),         // 32: kvd.kv.v1.PutResponse
-	(*kvpb.DeleteResponse)(nil),      // 33: kvd.kv.v1.DeleteResponse
-	(*kvpb.TxnResponse)(nil),         // 34: kvd.kv.v1.TxnResponse
+	(*AuthStateRequest)(nil),         // 7: kvd.peer.v1.AuthStateRequest
+	(*AuthStateResponse)(nil),        // 8: kvd.peer.v1.AuthStateResponse
+	(*ShardHashRequest)(nil),         // 9: kvd.peer.v1.ShardHashRequest
+	(*ShardHashResponse)(nil),        // 10: kvd.peer.v1.ShardHashResponse
+	(*ReportCorruptionRequest)(nil),  // 11: kvd.peer.v1.ReportCorruptionRequest
+	(*ReportCorruptionResponse)(nil), // 12: kvd.peer.v1.ReportCorruptionResponse
+	(*AddReplicaRequest)(nil),        // 13: kvd.peer.v1.AddReplicaRequest
+	(*AddReplicaResponse)(nil),       // 14: kvd.peer.v1.AddReplicaResponse
+	(*ProposeRequest)(nil),           // 15: kvd.peer.v1.ProposeRequest
+	(*ProposeResponse)(nil),          // 16: kvd.peer.v1.ProposeResponse
+	(*Command)(nil),                  // 17: kvd.peer.v1.Command
+	(*CompactHistory)(nil),           // 18: kvd.peer.v1.CompactHistory
+	(*CompactHistoryResult)(nil),     // 19: kvd.peer.v1.CompactHistoryResult
+	(*HistoryEvent)(nil),             // 20: kvd.peer.v1.HistoryEvent
+	(*UpdateMember)(nil),             // 21: kvd.peer.v1.UpdateMember
+	(*HashCheck)(nil),                // 22: kvd.peer.v1.HashCheck
+	(*HashCheckResult)(nil),          // 23: kvd.peer.v1.HashCheckResult
+	(*ExpireSessions)(nil),           // 24: kvd.peer.v1.ExpireSessions
+	(*SetClusterMap)(nil),            // 25: kvd.peer.v1.SetClusterMap
+	(*Result)(nil),                   // 26: kvd.peer.v1.Result
+	(*StoredValue)(nil),              // 27: kvd.peer.v1.StoredValue
+	(*SessionState)(nil),             // 28: kvd.peer.v1.SessionState
+	(*kvpb.AuthState)(nil),           // 29: kvd.kv.v1.AuthState
+	(*kvpb.PutRequest)(nil),          // 30: kvd.kv.v1.PutRequest
+	(*kvpb.DeleteRequest)(nil),       // 31: kvd.kv.v1.DeleteRequest
+	(*kvpb.TxnRequest)(nil),          // 32: kvd.kv.v1.TxnRequest
+	(*kvpb.AuthChangeRequest)(nil),   // 33: kvd.kv.v1.AuthChangeRequest
+	(*kvpb.Member)(nil),              // 34: kvd.kv.v1.Member
+	(*kvpb.ClusterMap)(nil),          // 35: kvd.kv.v1.ClusterMap
+	(*kvpb.PutResponse)(nil),         // 36: kvd.kv.v1.PutResponse
+	(*kvpb.DeleteResponse)(nil),      // 37: kvd.kv.v1.DeleteResponse
+	(*kvpb.TxnResponse)(nil),         // 38: kvd.kv.v1.TxnResponse
 }
 var file_peerpb_peer_proto_depIdxs = []int32{
 	2,  // 0: kvd.peer.v1.Batch.msgs:type_name -> kvd.peer.v1.ShardMessage
 	3,  // 1: kvd.peer.v1.Batch.checks:type_name -> kvd.peer.v1.LeaderCheck
 	5,  // 2: kvd.peer.v1.SnapshotChunk.pairs:type_name -> kvd.peer.v1.SnapshotPair
-	27, // 3: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
-	28, // 4: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
-	29, // 5: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
-	22, // 6: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
-	23, // 7: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
-	19, // 8: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
-	20, // 9: kvd.peer.v1.Command.hash_check:type_name -> kvd.peer.v1.HashCheck
-	16, // 10: kvd.peer.v1.Command.compact_history:type_name -> kvd.peer.v1.CompactHistory
-	25, // 11: kvd.peer.v1.HistoryEvent.prev:type_name -> kvd.peer.v1.StoredValue
-	30, // 12: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
-	31, // 13: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
-	32, // 14: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
-	33, // 15: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
-	34, // 16: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
-	21, // 17: kvd.peer.v1.Result.hash_check:type_name -> kvd.peer.v1.HashCheckResult
-	17, // 18: kvd.peer.v1.Result.compact_history:type_name -> kvd.peer.v1.CompactHistoryResult
-	0,  // 19: kvd.peer.v1.Result.code:type_name -> kvd.peer.v1.ResultCode
-	1,  // 20: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
-	4,  // 21: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
-	13, // 22: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
-	11, // 23: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
-	7,  // 24: kvd.peer.v1.Internal.ShardHash:input_type -> kvd.peer.v1.ShardHashRequest
-	9,  // 25: kvd.peer.v1.Internal.ReportCorruption:input_type -> kvd.peer.v1.ReportCorruptionRequest
-	1,  // 26: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
-	6,  // 27: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
-	14, // 28: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
-	12, // 29: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
-	8,  // 30: kvd.peer.v1.Internal.ShardHash:output_type -> kvd.peer.v1.ShardHashResponse
-	10, // 31: kvd.peer.v1.Internal.ReportCorruption:output_type -> kvd.peer.v1.ReportCorruptionResponse
-	26, // [26:32] is the sub-list for method output_type
-	20, // [20:26] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	29, // 3: kvd.peer.v1.AuthStateResponse.state:type_name -> kvd.kv.v1.AuthState
+	30, // 4: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
+	31, // 5: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
+	32, // 6: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
+	24, // 7: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
+	25, // 8: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
+	21, // 9: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
+	22, // 10: kvd.peer.v1.Command.hash_check:type_name -> kvd.peer.v1.HashCheck
+	18, // 11: kvd.peer.v1.Command.compact_history:type_name -> kvd.peer.v1.CompactHistory
+	33, // 12: kvd.peer.v1.Command.auth:type_name -> kvd.kv.v1.AuthChangeRequest
+	27, // 13: kvd.peer.v1.HistoryEvent.prev:type_name -> kvd.peer.v1.StoredValue
+	34, // 14: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
+	35, // 15: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
+	36, // 16: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
+	37, // 17: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
+	38, // 18: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
+	23, // 19: kvd.peer.v1.Result.hash_check:type_name -> kvd.peer.v1.HashCheckResult
+	19, // 20: kvd.peer.v1.Result.compact_history:type_name -> kvd.peer.v1.CompactHistoryResult
+	0,  // 21: kvd.peer.v1.Result.code:type_name -> kvd.peer.v1.ResultCode
+	1,  // 22: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
+	4,  // 23: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
+	15, // 24: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
+	13, // 25: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
+	9,  // 26: kvd.peer.v1.Internal.ShardHash:input_type -> kvd.peer.v1.ShardHashRequest
+	11, // 27: kvd.peer.v1.Internal.ReportCorruption:input_type -> kvd.peer.v1.ReportCorruptionRequest
+	7,  // 28: kvd.peer.v1.Internal.AuthState:input_type -> kvd.peer.v1.AuthStateRequest
+	1,  // 29: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
+	6,  // 30: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
+	16, // 31: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
+	14, // 32: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
+	10, // 33: kvd.peer.v1.Internal.ShardHash:output_type -> kvd.peer.v1.ShardHashResponse
+	12, // 34: kvd.peer.v1.Internal.ReportCorruption:output_type -> kvd.peer.v1.ReportCorruptionResponse
+	8,  // 35: kvd.peer.v1.Internal.AuthState:output_type -> kvd.peer.v1.AuthStateResponse
+	29, // [29:36] is the sub-list for method output_type
+	22, // [22:29] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_peerpb_peer_proto_init() }
@@ -2085,7 +2195,7 @@ func file_peerpb_peer_proto_init() {
 	if File_peerpb_peer_proto != nil {
 		return
 	}
-	file_peerpb_peer_proto_msgTypes[14].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[16].OneofWrappers = []any{
 		(*Command_Put)(nil),
 		(*Command_Delete)(nil),
 		(*Command_Txn)(nil),
@@ -2094,8 +2204,9 @@ func file_peerpb_peer_proto_init() {
 		(*Command_UpdateMember)(nil),
 		(*Command_HashCheck)(nil),
 		(*Command_CompactHistory)(nil),
+		(*Command_Auth)(nil),
 	}
-	file_peerpb_peer_proto_msgTypes[23].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[25].OneofWrappers = []any{
 		(*Result_Put)(nil),
 		(*Result_Delete)(nil),
 		(*Result_Txn)(nil),
@@ -2108,7 +2219,7 @@ func file_peerpb_peer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_peerpb_peer_proto_rawDesc), len(file_peerpb_peer_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   26,
+			NumMessages:   28,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -161,6 +161,7 @@ const (
 	Internal_AddReplica_FullMethodName       = "/kvd.peer.v1.Internal/AddReplica"
 	Internal_ShardHash_FullMethodName        = "/kvd.peer.v1.Internal/ShardHash"
 	Internal_ReportCorruption_FullMethodName = "/kvd.peer.v1.Internal/ReportCorruption"
+	Internal_AuthState_FullMethodName        = "/kvd.peer.v1.Internal/AuthState"
 )
 
 // InternalClient is the client API for Internal service.
@@ -186,6 +187,9 @@ type InternalClient interface {
 	// ReportCorruption tells a node that its replica of shard disagrees with
 	// the majority's state hash: it stops serving the shard.
 	ReportCorruption(ctx context.Context, in *ReportCorruptionRequest, opts ...grpc.CallOption) (*ReportCorruptionResponse, error)
+	// AuthState returns the meta shard's auth state, for a node that hosts
+	// no replica of it.
+	AuthState(ctx context.Context, in *AuthStateRequest, opts ...grpc.CallOption) (*AuthStateResponse, error)
 }
 
 type internalClient struct {
@@ -236,6 +240,16 @@ func (c *internalClient) ReportCorruption(ctx context.Context, in *ReportCorrupt
 	return out, nil
 }
 
+func (c *internalClient) AuthState(ctx context.Context, in *AuthStateRequest, opts ...grpc.CallOption) (*AuthStateResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AuthStateResponse)
+	err := c.cc.Invoke(ctx, Internal_AuthState_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // InternalServer is the server API for Internal service.
 // All implementations must embed UnimplementedInternalServer
 // for forward compatibility.
@@ -259,6 +273,9 @@ type InternalServer interface {
 	// ReportCorruption tells a node that its replica of shard disagrees with
 	// the majority's state hash: it stops serving the shard.
 	ReportCorruption(context.Context, *ReportCorruptionRequest) (*ReportCorruptionResponse, error)
+	// AuthState returns the meta shard's auth state, for a node that hosts
+	// no replica of it.
+	AuthState(context.Context, *AuthStateRequest) (*AuthStateResponse, error)
 	mustEmbedUnimplementedInternalServer()
 }
 
@@ -280,6 +297,9 @@ func (UnimplementedInternalServer) ShardHash(context.Context, *ShardHashRequest)
 }
 func (UnimplementedInternalServer) ReportCorruption(context.Context, *ReportCorruptionRequest) (*ReportCorruptionResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ReportCorruption not implemented")
+}
+func (UnimplementedInternalServer) AuthState(context.Context, *AuthStateRequest) (*AuthStateResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method AuthState not implemented")
 }
 func (UnimplementedInternalServer) mustEmbedUnimplementedInternalServer() {}
 func (UnimplementedInternalServer) testEmbeddedByValue()                  {}
@@ -374,6 +394,24 @@ func _Internal_ReportCorruption_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Internal_AuthState_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AuthStateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(InternalServer).AuthState(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Internal_AuthState_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(InternalServer).AuthState(ctx, req.(*AuthStateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Internal_ServiceDesc is the grpc.ServiceDesc for Internal service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -396,6 +434,10 @@ var Internal_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ReportCorruption",
 			Handler:    _Internal_ReportCorruption_Handler,
+		},
+		{
+			MethodName: "AuthState",
+			Handler:    _Internal_AuthState_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -11,7 +11,9 @@ import (
 )
 
 // TestHealthyClusterLogsNoWarnings forms a cluster as compose does (one
-// node, two more started at once with --join), waits until every shard
+// node, two more started at once with --join, all with peer and client
+// mutual TLS: without peer TLS a node warns that its peer port is open to
+// anyone, TestPeerPortWithoutTLSActsForAnyone), waits until every shard
 // has three voters, runs a few seconds of writes and reads, and checks
 // that no node logged a line at WARN or above: in a healthy cluster
 // doing what it is asked, a WARN means an operator should look. Joining
@@ -19,7 +21,10 @@ import (
 // by one") and per join attempt made before the seed answered.
 func TestHealthyClusterLogsNoWarnings(t *testing.T) {
 	const shards = 4
-	c := proccluster.Start(t, 1, proccluster.Options{Shards: shards, Args: []string{"--replicas=3"}})
+	p := newTestPKI(t, 3)
+	opts := tlsOptions(t, p)
+	opts.Shards, opts.Args = shards, []string{"--replicas=3"}
+	c := proccluster.Start(t, 1, opts)
 	seed := c.Node(1).ClientAddr
 	c.AddNode(seed)
 	c.AddNode(seed)

@@ -1,0 +1,529 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	grpcpeer "google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvd/kvd/fsm"
+	"github.com/kvd/kvd/proto/kvpb"
+	"github.com/kvd/kvd/proto/peerpb"
+	"github.com/kvd/kvd/storage"
+	"github.com/kvd/kvd/transport"
+)
+
+// Authentication and roles, as etcd's. The auth state is replicated in
+// the meta shard (fsm/auth.go); every node reads it from its own replica,
+// or from a replica's node when it hosts none, and caches it for
+// authCacheFor, so a change is enforced everywhere within that plus the
+// commit interval. While auth is off nothing is checked.
+//
+// A caller is identified by a token (metadata "token", from
+// Auth.Authenticate: user and expiry signed with HMAC-SHA256 under the
+// cluster's secret, which only the meta shard holds), or else by the
+// common name of its verified client certificate. A request is served
+// when one of its user's roles grants what it needs: read on every key a
+// read touches, write (readwrite) on every key a write touches; the role
+// root grants everything, and alone may change auth, add members and
+// open streams other than Batch.
+
+// mdToken carries the token of a request.
+const mdToken = "token"
+
+// authCacheFor bounds how long a node serves from the auth state it read.
+const authCacheFor = 100 * time.Millisecond
+
+// DefaultAuthTokenTTL is how long a token from Authenticate is good for.
+const DefaultAuthTokenTTL = 5 * time.Minute
+
+type authSnapshot struct {
+	st *kvpb.AuthState
+	at time.Time
+}
+
+// authCache holds the last auth state read; refresh is held by the one
+// goroutine that reads a newer one while the others use the last.
+type authCache struct {
+	cur     atomic.Pointer[authSnapshot]
+	refresh sync.Mutex
+}
+
+// authState returns the auth state, at most authCacheFor old unless it
+// cannot be read; an error only when none was ever read.
+func (s *Server) authState(ctx context.Context) (*kvpb.AuthState, error) {
+	snap := s.authc.cur.Load()
+	if snap != nil && time.Since(snap.at) < authCacheFor {
+		return snap.st, nil
+	}
+	if snap != nil && !s.authc.refresh.TryLock() {
+		return snap.st, nil // another request is reading it
+	}
+	if snap == nil {
+		s.authc.refresh.Lock()
+	}
+	defer s.authc.refresh.Unlock()
+	if cur := s.authc.cur.Load(); cur != nil && time.Since(cur.at) < authCacheFor {
+		return cur.st, nil
+	}
+	st, err := s.readAuthState(ctx)
+	if err != nil {
+		if snap != nil {
+			return snap.st, nil
+		}
+		return nil, status.Errorf(codes.Unavailable, "auth state unknown: %v", err)
+	}
+	s.authc.cur.Store(&authSnapshot{st: st, at: time.Now()})
+	return st, nil
+}
+
+// readAuthState reads the local meta replica's auth state, or asks a
+// node that hosts one.
+func (s *Server) readAuthState(ctx context.Context) (*kvpb.AuthState, error) {
+	// A replica that has applied nothing yet (one added to a running
+	// shard, waiting for its snapshot) knows nothing: ask the others.
+	if n := s.host.Node(MetaShard); n != nil && n.Applied() > 0 {
+		if st, err := s.localAuthState(); err == nil {
+			return st, nil
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	err := errors.New("no replica of the meta shard is known")
+	for _, id := range replicasOf(s.clusterMap(), MetaShard) {
+		if id == s.cfg.NodeID {
+			continue
+		}
+		var resp *peerpb.AuthStateResponse
+		resp, err = internal(s, id, func(c peerpb.InternalClient) (*peerpb.AuthStateResponse, error) {
+			return c.AuthState(ctx, &peerpb.AuthStateRequest{})
+		})
+		if err == nil {
+			return resp.GetState(), nil
+		}
+	}
+	return nil, err
+}
+
+func (s *Server) localAuthState() (*kvpb.AuthState, error) {
+	sh, err := s.engine.OpenShard(MetaShard)
+	if err != nil {
+		return nil, err
+	}
+	var st *kvpb.AuthState
+	err = sh.View(func(r *storage.Reader) error {
+		st, err = fsm.AuthState(r)
+		return err
+	})
+	return st, err
+}
+
+// AuthState implements peerpb.Internal: this node's replica's auth state,
+// for a node that hosts none (the peer port admits members only).
+func (s *Server) AuthState(context.Context, *peerpb.AuthStateRequest) (*peerpb.AuthStateResponse, error) {
+	if n := s.host.Node(MetaShard); n == nil || n.Applied() == 0 {
+		return nil, s.toStatus(ErrNoReplica, MetaShard)
+	}
+	st, err := s.localAuthState()
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "read auth state: %v", err)
+	}
+	return &peerpb.AuthStateResponse{State: st}, nil
+}
+
+// signToken and checkToken: "user.expiry_ms.mac", user base64url.
+func signToken(secret []byte, user string, exp time.Time) string {
+	body := base64.RawURLEncoding.EncodeToString([]byte(user)) + "." + strconv.FormatInt(exp.UnixMilli(), 10)
+	m := hmac.New(sha256.New, secret)
+	m.Write([]byte(body))
+	return body + "." + base64.RawURLEncoding.EncodeToString(m.Sum(nil))
+}
+
+func checkToken(secret []byte, tok string, now time.Time) (string, error) {
+	i := strings.LastIndexByte(tok, '.')
+	if i < 0 {
+		return "", errors.New("malformed token")
+	}
+	body, mac := tok[:i], tok[i+1:]
+	m := hmac.New(sha256.New, secret)
+	m.Write([]byte(body))
+	got, err := base64.RawURLEncoding.DecodeString(mac)
+	if err != nil || !hmac.Equal(got, m.Sum(nil)) {
+		return "", errors.New("invalid token")
+	}
+	u, e, _ := strings.Cut(body, ".")
+	exp, err := strconv.ParseInt(e, 10, 64)
+	if err != nil {
+		return "", errors.New("malformed token")
+	}
+	if now.UnixMilli() >= exp {
+		return "", errors.New("token expired; authenticate again")
+	}
+	user, err := base64.RawURLEncoding.DecodeString(u)
+	if err != nil {
+		return "", errors.New("malformed token")
+	}
+	return string(user), nil
+}
+
+// identify returns the user a request comes from, or Unauthenticated.
+func (s *Server) identify(ctx context.Context, st *kvpb.AuthState) (*kvpb.AuthUser, error) {
+	name := ""
+	md, _ := metadata.FromIncomingContext(ctx)
+	if v := md.Get(mdToken); len(v) > 0 {
+		u, err := checkToken(st.GetSecret(), v[0], time.Now())
+		if err != nil {
+			return nil, status.Errorf(codes.Unauthenticated, "auth: %v", err)
+		}
+		name = u
+	} else if p, ok := grpcpeer.FromContext(ctx); ok {
+		if info, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(info.State.VerifiedChains) > 0 {
+			name = info.State.VerifiedChains[0][0].Subject.CommonName
+		}
+	}
+	if name == "" {
+		return nil, status.Error(codes.Unauthenticated, "auth is enabled: give a user (kvctl --user NAME:PASSWORD) or a client certificate of a user")
+	}
+	for _, u := range st.GetUsers() {
+		if u.GetName() == name {
+			return u, nil
+		}
+	}
+	return nil, status.Errorf(codes.Unauthenticated, "auth: no user %q", name)
+}
+
+func hasRole(u *kvpb.AuthUser, role string) bool {
+	for _, r := range u.GetRoles() {
+		if r == role {
+			return true
+		}
+	}
+	return false
+}
+
+// access is what one request needs on one key or range.
+type access struct {
+	key, end []byte // end nil: key alone; empty non-nil: from key on
+	write    bool
+}
+
+func (a access) String() string {
+	kind := "read"
+	if a.write {
+		kind = "readwrite"
+	}
+	switch {
+	case a.end == nil:
+		return fmt.Sprintf("%s on %q", kind, a.key)
+	case len(a.end) == 0:
+		return fmt.Sprintf("%s on keys from %q", kind, a.key)
+	}
+	return fmt.Sprintf("%s on [%q, %q)", kind, a.key, a.end)
+}
+
+// needs lists what a KV request needs; nil for a request that is not one.
+func needs(req any) []access {
+	switch r := req.(type) {
+	case *kvpb.PutRequest:
+		return []access{{key: r.GetKey(), write: true}}
+	case *kvpb.DeleteRequest:
+		return []access{{key: r.GetKey(), write: true}}
+	case *kvpb.GetRequest:
+		return []access{{key: r.GetKey()}}
+	case *kvpb.RangeRequest:
+		end := r.GetEnd()
+		if end == nil {
+			end = []byte{}
+		}
+		return []access{{key: r.GetStart(), end: end}}
+	case *kvpb.TxnRequest:
+		var out []access
+		for _, c := range r.GetCompare() {
+			out = append(out, access{key: c.GetKey()})
+		}
+		for _, op := range append(append([]*kvpb.RequestOp(nil), r.GetSuccess()...), r.GetFailure()...) {
+			switch {
+			case op.GetPut() != nil:
+				out = append(out, access{key: op.GetPut().GetKey(), write: true})
+			case op.GetDelete() != nil:
+				out = append(out, access{key: op.GetDelete().GetKey(), write: true})
+			case op.GetGet() != nil:
+				out = append(out, access{key: op.GetGet().GetKey()})
+			}
+		}
+		return out
+	}
+	return nil
+}
+
+// grants reports whether permission p covers a.
+func grants(p *kvpb.Permission, a access) bool {
+	if a.write && !p.GetWrite() {
+		return false
+	}
+	pk, pe := p.GetKey(), p.GetRangeEnd()
+	unbounded := bytes.Equal(pe, []byte{0})
+	if len(pe) == 0 { // the key alone
+		return a.end == nil && bytes.Equal(a.key, pk)
+	}
+	if bytes.Compare(a.key, pk) < 0 {
+		return false
+	}
+	if unbounded {
+		return true
+	}
+	if a.end == nil {
+		return bytes.Compare(a.key, pe) < 0
+	}
+	return len(a.end) > 0 && bytes.Compare(a.end, pe) <= 0
+}
+
+// permit checks that u may do everything in want.
+func permit(st *kvpb.AuthState, u *kvpb.AuthUser, want []access) error {
+	if hasRole(u, fsm.RootRole) {
+		return nil
+	}
+next:
+	for _, a := range want {
+		for _, r := range st.GetRoles() {
+			if !hasRole(u, r.GetName()) {
+				continue
+			}
+			for _, p := range r.GetPerms() {
+				if grants(p, a) {
+					continue next
+				}
+			}
+		}
+		return status.Errorf(codes.PermissionDenied, "user %q lacks %s", u.GetName(), a)
+	}
+	return nil
+}
+
+// authorizeKV checks a KV request (unary, or an item of a Batch stream)
+// against the auth state. A request forwarded by a member was checked by
+// that member.
+func (s *Server) authorizeKV(ctx context.Context, req any) error {
+	if ctx.Value(forwardedKey{}) != nil {
+		return nil
+	}
+	st, err := s.authState(ctx)
+	if err != nil || !st.GetEnabled() {
+		return err
+	}
+	u, err := s.identify(ctx, st)
+	if err != nil {
+		return err
+	}
+	return permit(st, u, needs(req))
+}
+
+// requireRoot admits the root role only, when auth is on.
+func (s *Server) requireRoot(ctx context.Context, what string) error {
+	st, err := s.authState(ctx)
+	if err != nil || !st.GetEnabled() {
+		return err
+	}
+	u, err := s.identify(ctx, st)
+	if err != nil {
+		return err
+	}
+	if !hasRole(u, fsm.RootRole) {
+		return status.Errorf(codes.PermissionDenied, "user %q lacks the role %q, which %s needs", u.GetName(), fsm.RootRole, what)
+	}
+	return nil
+}
+
+// authUnary is the client port's unary check.
+func (s *Server) authUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	var err error
+	switch m := info.FullMethod; {
+	case m == kvpb.Auth_Authenticate_FullMethodName, strings.HasPrefix(m, "/grpc.health.v1.Health/"):
+	case m == kvpb.Cluster_MemberAdd_FullMethodName:
+		// MemberAdd decides itself: root, or the joining node.
+	case m == kvpb.Auth_Change_FullMethodName, m == kvpb.Auth_Status_FullMethodName:
+		err = s.requireRoot(ctx, "changing or listing auth")
+	case m == kvpb.Cluster_Compact_FullMethodName:
+		err = s.requireRoot(ctx, "compacting history")
+	case strings.HasPrefix(m, "/kvd.kv.v1.Cluster/"):
+		// A node's own certificate reads the map too: a node joining
+		// with --join asks for it before and after adding itself.
+		if _, certErr := transport.PeerCertID(ctx); certErr != nil {
+			err = s.requireUser(ctx)
+		}
+	case needs(req) != nil:
+		err = s.authorizeKV(ctx, req)
+	default:
+		err = s.requireRoot(ctx, info.FullMethod)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return handler(ctx, req)
+}
+
+// authStream: a Batch stream needs a user (each item is checked as it is
+// served); any other stream the root role.
+func (s *Server) authStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	var err error
+	if info.FullMethod == kvpb.KV_Batch_FullMethodName {
+		err = s.requireUser(ss.Context())
+	} else {
+		err = s.requireRoot(ss.Context(), info.FullMethod)
+	}
+	if err != nil {
+		return err
+	}
+	return handler(srv, ss)
+}
+
+func (s *Server) requireUser(ctx context.Context) error {
+	st, err := s.authState(ctx)
+	if err != nil || !st.GetEnabled() {
+		return err
+	}
+	_, err = s.identify(ctx, st)
+	return err
+}
+
+// mayAddMember: with auth on, the root role or the joining node's own
+// certificate; with it off, checkJoiner's rule.
+func (s *Server) mayAddMember(ctx context.Context, id uint64) error {
+	st, err := s.authState(ctx)
+	if err != nil {
+		return err
+	}
+	if !st.GetEnabled() {
+		if err := s.checkJoiner(ctx, id); err != nil {
+			return status.Errorf(codes.PermissionDenied, "member add: %v", err)
+		}
+		return nil
+	}
+	if s.requireRoot(ctx, "member add") == nil {
+		return nil
+	}
+	if s.tls.client != nil && s.checkJoiner(ctx, id) == nil {
+		return nil
+	}
+	return status.Errorf(codes.PermissionDenied, "member add of node %d needs the role %q (or the joining node's own certificate)", id, fsm.RootRole)
+}
+
+// authService implements kvpb.AuthServer.
+type authService struct {
+	kvpb.UnimplementedAuthServer
+	s *Server
+}
+
+func (a authService) Authenticate(ctx context.Context, req *kvpb.AuthenticateRequest) (*kvpb.AuthenticateResponse, error) {
+	st, err := a.s.authState(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if !st.GetEnabled() {
+		return nil, status.Error(codes.FailedPrecondition, "auth is not enabled")
+	}
+	for _, u := range st.GetUsers() {
+		if u.GetName() != req.GetName() || len(u.GetPasswordHash()) == 0 {
+			continue
+		}
+		if bcrypt.CompareHashAndPassword(u.GetPasswordHash(), []byte(req.GetPassword())) == nil {
+			exp := time.Now().Add(a.s.cfg.AuthTokenTTL)
+			return &kvpb.AuthenticateResponse{Token: signToken(st.GetSecret(), u.GetName(), exp), ExpiresUnixMs: exp.UnixMilli()}, nil
+		}
+	}
+	return nil, status.Error(codes.Unauthenticated, "auth: wrong user name or password")
+}
+
+func (a authService) Change(ctx context.Context, req *kvpb.AuthChangeRequest) (*kvpb.AuthChangeResponse, error) {
+	req = proto.CloneOf(req)
+	switch ch := req.GetChange().(type) {
+	case *kvpb.AuthChangeRequest_UserAdd:
+		if pw := ch.UserAdd.GetPassword(); pw != "" {
+			h, err := bcrypt.GenerateFromPassword([]byte(pw), bcrypt.DefaultCost)
+			if err != nil {
+				return nil, status.Errorf(codes.InvalidArgument, "user add: %v", err)
+			}
+			ch.UserAdd.Password, ch.UserAdd.PasswordHash = "", h
+		}
+	case *kvpb.AuthChangeRequest_Enable:
+		ch.Enable.Secret = make([]byte, 32)
+		if _, err := rand.Read(ch.Enable.Secret); err != nil {
+			return nil, status.Errorf(codes.Internal, "draw the token secret: %v", err)
+		}
+	}
+	cmd, err := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_Auth{Auth: req}})
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "auth change: %v", err)
+	}
+	if err := a.s.proposeMeta(ctx, cmd); err != nil {
+		if rej := (rejectedError{}); errors.As(err, &rej) {
+			return nil, status.Errorf(codes.FailedPrecondition, "auth change: %v", rej.error)
+		}
+		return nil, a.s.toStatus(err, MetaShard)
+	}
+	a.s.awaitLocalMeta(ctx)
+	// The next request reads the state again.
+	a.s.authc.cur.Store(nil)
+	return &kvpb.AuthChangeResponse{}, nil
+}
+
+// awaitLocalMeta waits, when this node hosts the meta shard, until what
+// its replica applied so far is visible to readers (the storage commits
+// applied writes every --commit-interval): when this node led the change,
+// it is enforced here from the next request on; on the other nodes
+// within the commit interval and authCacheFor.
+func (s *Server) awaitLocalMeta(ctx context.Context) {
+	n := s.host.Node(MetaShard)
+	if n == nil {
+		return
+	}
+	want := n.Applied()
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for {
+		var got uint64
+		if sh, err := s.engine.OpenShard(MetaShard); err == nil {
+			_ = sh.View(func(r *storage.Reader) error { got, _ = r.Applied(); return nil })
+		}
+		if got >= want {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (a authService) Status(ctx context.Context, _ *kvpb.AuthStatusRequest) (*kvpb.AuthStatusResponse, error) {
+	st, err := a.s.readAuthState(ctx)
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "auth state: %v", err)
+	}
+	out := &kvpb.AuthStatusResponse{Enabled: st.GetEnabled(), Roles: st.GetRoles()}
+	for _, u := range st.GetUsers() {
+		out.Users = append(out.Users, &kvpb.AuthUser{Name: u.GetName(), Roles: u.GetRoles()})
+	}
+	return out, nil
+}

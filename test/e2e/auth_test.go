@@ -1,0 +1,94 @@
+package e2e
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/kvd/kvd/internal/proccluster"
+	"github.com/kvd/kvd/proto/kvpb"
+)
+
+// TestAuthRolesAndExitCodes sets up etcd's model with kvctl (a root user,
+// a read-only user on a/), enables auth, and checks: a request without a
+// user and the read-only user's put exit 4 naming what is missing, the
+// read-only user reads under a/ and nothing else, root writes and lists
+// users; a member add is refused to the read-only user and done for root.
+func TestAuthRolesAndExitCodes(t *testing.T) {
+	c := proccluster.Start(t, 3, proccluster.Options{Shards: 2})
+	for _, args := range [][]string{
+		{"user", "add", "root", "--password", "r00t"},
+		{"user", "grant-role", "root", "root"},
+		{"user", "add", "ro", "--password", "pw"},
+		{"role", "add", "reader"},
+		{"role", "grant-permission", "reader", "read", "--prefix", "a/"},
+		{"user", "grant-role", "ro", "reader"},
+		{"auth", "enable"},
+	} {
+		if out, errOut, code := c.Kvctl("", args...); code != 0 || out != "OK\n" {
+			t.Fatalf("kvctl %v: exit %d %q %s", args, code, out, errOut)
+		}
+	}
+	// Every node enforces it within its commit interval.
+	proccluster.WaitFor(t, 10*time.Second, "a put without a user to be refused on every node", func() bool {
+		for _, nd := range c.Nodes {
+			if _, _, code := runKvctl(t, c.KVCTL, "--endpoints", nd.ClientAddr, "put", "probe", "anon"); code != 4 {
+				return false
+			}
+		}
+		return true
+	})
+	root, ro := []string{"--user", "root:r00t"}, []string{"--user", "ro:pw"}
+	check := func(args []string, wantCode int, wantOut, wantErr string) {
+		t.Helper()
+		out, errOut, code := c.Kvctl("", args...)
+		if code != wantCode || !strings.Contains(out, wantOut) || !strings.Contains(errOut, wantErr) {
+			t.Errorf("kvctl %v: exit %d, stdout %q, stderr %q; want exit %d, %q, %q", args, code, out, errOut, wantCode, wantOut, wantErr)
+		}
+	}
+	check([]string{"put", "a/x", "anon"}, 4, "", "permission denied: auth is enabled")
+	check(append(ro, "put", "a/x", "v"), 4, "", `user "ro" lacks readwrite on "a/x"`)
+	check(append(ro, "get", "a/x"), 1, "", "")
+	check(append(root, "put", "a/x", "v"), 0, "OK", "")
+	check(append(ro, "get", "a/x"), 0, "v\n", "")
+	check(append(ro, "get", "b/x"), 4, "", `user "ro" lacks read on "b/x"`)
+	check(append(ro, "get", "--prefix", "a/"), 0, "a/x\nv\n", "")
+	check(append(ro, "user", "list"), 4, "", `lacks the role "root"`)
+	check([]string{"--user", "ro:wrong", "get", "a/x"}, 4, "", "wrong user name or password")
+	check(append(root, "user", "list"), 0, "ro reader\nroot root\n", "")
+
+	// Member add: root only (node 4 at a closed loopback port).
+	conn, err := grpc.NewClient(c.Node(1).ClientAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	add := func(name, password string) error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		tok, err := kvpb.NewAuthClient(conn).Authenticate(ctx, &kvpb.AuthenticateRequest{Name: name, Password: password})
+		if err != nil {
+			t.Fatalf("authenticate %s: %v", name, err)
+		}
+		ctx = metadata.AppendToOutgoingContext(ctx, "token", tok.GetToken())
+		_, err = kvpb.NewClusterClient(conn).MemberAdd(ctx, &kvpb.MemberAddRequest{Member: &kvpb.Member{Id: 4, PeerAddr: "127.0.0.1:1", ClientAddr: "127.0.0.1:1"}})
+		return err
+	}
+	if err := add("ro", "pw"); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("member add as ro: %v, want PermissionDenied", err)
+	}
+	if err := add("root", "r00t"); err != nil {
+		t.Fatalf("member add as root: %v", err)
+	}
+	proccluster.WaitFor(t, 10*time.Second, "member list to show node 4", func() bool {
+		out, _, code := c.Kvctl("", append(root, "member", "list")...)
+		return code == 0 && strings.Contains(out, "4 127.0.0.1:1 127.0.0.1:1")
+	})
+}
