@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
@@ -431,8 +432,21 @@ func (n *Node) Start() error {
 	}
 	n.mu.srv = srv
 	// The proxy's connection backs off while the node is stopped; a
-	// started node is to be reached at once, as a client would.
+	// started node is to be reached at once, as a client would, so Start
+	// returns once the proxy's connection is up again: a call made
+	// meanwhile would fail fast with the refusal it last saw.
 	n.proxy.cc.ResetConnectBackoff()
+	n.proxy.cc.Connect()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for st := n.proxy.cc.GetState(); st != connectivity.Ready; st = n.proxy.cc.GetState() {
+		if st == connectivity.TransientFailure {
+			n.proxy.cc.ResetConnectBackoff()
+		}
+		if !n.proxy.cc.WaitForStateChange(ctx, st) {
+			return fmt.Errorf("clienttest: node %d started, but its proxy does not reach it: %s", n.ID, st)
+		}
+	}
 	// A restart binds the addresses it had itself.
 	n.mu.cfg.ClientListener, n.mu.cfg.PeerListener = nil, nil
 	n.mu.cfg.ListenClient, n.mu.cfg.ListenPeer = srv.ClientAddr(), srv.PeerAddr()
