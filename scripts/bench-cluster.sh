@@ -24,9 +24,12 @@ pids=()
 # through "LAUNCHER ID COMMAND..." when given (a function that ends by
 # exec'ing COMMAND), and returns once every node is ready.
 start_nodes() {
-  local launcher=${1:-} id base port i first=${#pids[@]}
+  local launcher=${1:-} id base port i first=${#pids[@]} pprof=()
   local initial=1=127.0.0.1:${P}2380,2=127.0.0.1:${P}3380,3=127.0.0.1:${P}4380
   mkdir -p "$WORK"
+  # pprof for profiling the nodes under load, from builds that have the
+  # flag (make ab compares with older ones, which serve it always).
+  if "$BIN/kvd" --help 2>&1 | grep -q -- --enable-pprof; then pprof=(--enable-pprof); fi
   for id in 1 2 3; do
     base=$P$((1 + id))
     for port in "${base}379" "${base}380" "${base}381"; do
@@ -38,7 +41,7 @@ start_nodes() {
     ${launcher:+"$launcher" "$id"} "$BIN/kvd" --id "$id" --data-dir "$WORK/data$id" \
       --listen-client "127.0.0.1:${base}379" \
       --listen-peer "127.0.0.1:${base}380" \
-      --listen-metrics "127.0.0.1:${base}381" --enable-pprof \
+      --listen-metrics "127.0.0.1:${base}381" "${pprof[@]}" \
       --initial-cluster "$initial" >"$WORK/kvd$id.log" 2>&1 &
     pids+=("$!")
   done

@@ -14,7 +14,7 @@ import (
 // node, two more started at once with --join, all with peer and client
 // mutual TLS: without peer TLS a node warns that its peer port is open to
 // anyone, TestPeerPortWithoutTLSActsForAnyone), waits until every shard
-// has three voters, runs a few seconds of writes and reads, and checks
+// has three voters, runs a minute of writes and reads, and checks
 // that no node logged a line at WARN or above: in a healthy cluster
 // doing what it is asked, a WARN means an operator should look. Joining
 // once logged a WARN per replica placed ("cluster map epoch must advance
@@ -49,7 +49,7 @@ func TestHealthyClusterLogsNoWarnings(t *testing.T) {
 		}
 		return true
 	})
-	if _, errOut, code := c.Kvctl("", "bench", "mixed", "--duration", "5s", "--clients", "8", "--key-space", "1000"); code != 0 {
+	if _, errOut, code := c.Kvctl("", "bench", "mixed", "--duration", "60s", "--clients", "8", "--key-space", "1000"); code != 0 {
 		t.Fatalf("kvctl bench mixed: exit %d: %s", code, errOut)
 	}
 	if _, errOut, code := c.Kvctl("", "cluster", "status"); code != 0 {
