@@ -1141,18 +1141,11 @@ func TestNoQuorumSaysSo(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for {
+	waitFor(t, "heartbeats to mark nodes 2 and 3 down", func() bool {
 		d2, _ := c.reach(2)
 		d3, _ := c.reach(3)
-		if d2 != "" && d3 != "" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("heartbeats did not mark nodes 2 and 3 down within 5 s")
-		}
-		time.Sleep(10 * time.Millisecond) // poll interval, not synchronisation
-	}
+		return d2 != "" && d3 != ""
+	})
 	_, err := c.Put(ctxT(t, 300*time.Millisecond), []byte("a"), []byte("b"))
 	if !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "has no quorum (2 of 3 replicas unreachable: ") ||
 		!strings.Contains(err.Error(), "node 2 at "+f.Node(2).Addr+": ") || !strings.Contains(err.Error(), "node 3 at "+f.Node(3).Addr+": ") {

@@ -17,14 +17,21 @@ import (
 	"github.com/kvd/kvd/proto/kvpb"
 )
 
-func kvClient(t *testing.T, s *Server) kvpb.KVClient {
+// clientConn dials s's client port for the test's life.
+func clientConn(t *testing.T, s *Server) *grpc.ClientConn {
 	t.Helper()
 	conn, err := grpc.NewClient(s.ClientAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	return kvpb.NewKVClient(conn)
+	return conn
+}
+
+func kvClient(t *testing.T, s *Server) kvpb.KVClient { return kvpb.NewKVClient(clientConn(t, s)) }
+
+func clusterClient(t *testing.T, s *Server) kvpb.ClusterClient {
+	return kvpb.NewClusterClient(clientConn(t, s))
 }
 
 func put(k string) *kvpb.RequestOp {

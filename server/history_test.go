@@ -7,9 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
@@ -17,16 +15,6 @@ import (
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/storage"
 )
-
-func clusterClient(t *testing.T, s *Server) kvpb.ClusterClient {
-	t.Helper()
-	conn, err := grpc.NewClient(s.ClientAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	return kvpb.NewClusterClient(conn)
-}
 
 // localEvents reads every event shard's local replica on s holds, and the
 // oldest revision it keeps.

@@ -39,24 +39,7 @@ func TestJoinGrowsAClusterOfOne(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	proccluster.WaitFor(t, 90*time.Second, "three voters on every shard", func() bool {
-		for shard := uint64(0); shard <= shards; shard++ {
-			leader := c.LeaderOf(ctx, shard)
-			if leader == nil {
-				return false
-			}
-			st, err := c.Status(ctx, leader)
-			if err != nil {
-				return false
-			}
-			for _, s := range st.GetShards() {
-				if s.GetShard() == shard && !slices.Equal(s.GetVoters(), []uint64{1, 2, 3}) {
-					return false
-				}
-			}
-		}
-		return true
-	})
+	waitThreeVoters(ctx, t, c, shards, 90*time.Second)
 	if out := kvctl("member", "list", "-o", "simple"); len(out) == 0 {
 		t.Fatal("member list printed nothing")
 	}
@@ -82,4 +65,28 @@ func TestJoinGrowsAClusterOfOne(t *testing.T) {
 	if !strings.Contains(n3.Logs(), "join flags ignored") {
 		t.Fatalf("restarted node 3 does not say it ignored --join:\n%s", n3.Logs())
 	}
+}
+
+// waitThreeVoters waits until every shard, the meta shard 0 and data
+// shards 1..shards, has a leader whose status lists voters 1, 2 and 3.
+func waitThreeVoters(ctx context.Context, t *testing.T, c *proccluster.Cluster, shards uint64, timeout time.Duration) {
+	t.Helper()
+	proccluster.WaitFor(t, timeout, "three voters on every shard", func() bool {
+		for shard := uint64(0); shard <= shards; shard++ {
+			leader := c.LeaderOf(ctx, shard)
+			if leader == nil {
+				return false
+			}
+			st, err := c.Status(ctx, leader)
+			if err != nil {
+				return false
+			}
+			for _, s := range st.GetShards() {
+				if s.GetShard() == shard && !slices.Equal(s.GetVoters(), []uint64{1, 2, 3}) {
+					return false
+				}
+			}
+		}
+		return true
+	})
 }

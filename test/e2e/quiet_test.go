@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -31,24 +30,7 @@ func TestHealthyClusterLogsNoWarnings(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	proccluster.WaitFor(t, 45*time.Second, "three voters on every shard", func() bool {
-		for shard := uint64(0); shard <= shards; shard++ {
-			leader := c.LeaderOf(ctx, shard)
-			if leader == nil {
-				return false
-			}
-			st, err := c.Status(ctx, leader)
-			if err != nil {
-				return false
-			}
-			for _, s := range st.GetShards() {
-				if s.GetShard() == shard && !slices.Equal(s.GetVoters(), []uint64{1, 2, 3}) {
-					return false
-				}
-			}
-		}
-		return true
-	})
+	waitThreeVoters(ctx, t, c, shards, 45*time.Second)
 	if _, errOut, code := c.Kvctl("", "bench", "mixed", "--duration", "60s", "--clients", "8", "--key-space", "1000"); code != 0 {
 		t.Fatalf("kvctl bench mixed: exit %d: %s", code, errOut)
 	}
