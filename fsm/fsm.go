@@ -4,14 +4,14 @@
 // the command or in state written by earlier commands. No clocks, no
 // randomness, no map iteration order, no local configuration.
 //
-// State lives in the shard's two storage buckets:
+// State lives in the shard's three storage buckets:
 //
 //	kv:   user key            → peerpb.StoredValue
-//	meta: "rev"               → the shard revision (8-byte big endian)
+//	meta: "rev"               → the shard revision and history size (BE8 each)
 //	      "s/" session        → peerpb.SessionState
 //	      "r/" session seq    → the recorded peerpb.Result of that write
 //	      "cluster-map"       → kvpb.ClusterMap (meta shard only)
-//	      "h/" rev | index    → peerpb.HistoryEvent (history.go)
+//	hist: rev | index         → peerpb.HistoryEvent (history.go)
 //
 // Exactly-once writes follow RIFL (Lee et al., SOSP 2015): a shard records
 // the result of every write per (session, seq) and answers a retry with it;

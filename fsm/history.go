@@ -14,13 +14,13 @@ import (
 )
 
 // A shard's history is the list of its changes, one peerpb.HistoryEvent per
-// put or delete, kept in its meta bucket under
+// put or delete, kept apart from the metadata (State.PutHistory) under
 //
-//	"h/" revision BE8 | index BE4
+//	revision BE8 | index BE4
 //
 // where index orders the writes of one transaction (which share its
 // revision). Apply writes an event in the same transaction as the change,
-// so the history is exactly as durable as the data; being meta pairs,
+// so the history is exactly as durable as the data; like the metadata,
 // events travel in snapshots, carry the store's checksum and are part of
 // the state hash: replicas that applied the same log hold the same history,
 // and the hash check proves it. Revisions are dense (every revision has at
@@ -31,8 +31,6 @@ import (
 // Each event keeps the key's previous record as well, which the put or
 // delete read anyway: a read at a past revision undoes the events after
 // it (GetAt, RangeAt) instead of keeping every version under its own key.
-var prefixHistory = []byte("h/")
-
 // MaxCompactEvents bounds the events one CompactHistory command drops, so
 // that one apply (and the write round holding it) stays short however far
 // behind the trim is; the leader proposes the command again until done.
@@ -83,7 +81,7 @@ func (c *changes) record(tx State, ev *peerpb.HistoryEvent, prev *peerpb.StoredV
 	c.n++
 	v := encode(ev)
 	c.bytes += int64(len(k) + len(v))
-	return tx.PutMeta(k, v)
+	return tx.PutHistory(k, v)
 }
 
 // commit makes the command's revision the shard's, with its history's
@@ -94,20 +92,15 @@ func (c *changes) commit(tx State) {
 
 // historyKey is the first key of rev's events.
 func historyKey(rev int64) []byte {
-	k := make([]byte, 0, len(prefixHistory)+12)
-	k = append(k, prefixHistory...)
-	return binary.BigEndian.AppendUint64(k, uint64(rev))
+	return binary.BigEndian.AppendUint64(make([]byte, 0, 12), uint64(rev))
 }
 
 func historyRev(k []byte) (int64, bool) {
-	if len(k) != len(prefixHistory)+12 {
+	if len(k) != 12 {
 		return 0, false
 	}
-	return int64(binary.BigEndian.Uint64(k[len(prefixHistory):])), true
+	return int64(binary.BigEndian.Uint64(k)), true
 }
-
-// historyEnd is the first key after the history.
-var historyEnd = []byte("h0")
 
 // compactHistory drops up to MaxCompactEvents events below c.below (capped
 // at the shard revision + 1).
@@ -123,7 +116,7 @@ func compactHistory(tx State, c *peerpb.CompactHistory) *peerpb.CompactHistoryRe
 		dropped int64
 	)
 	oldest := rev + 1
-	tx.RangeMeta(prefixHistory, func(k, v []byte) bool {
+	tx.RangeHistory(nil, func(k, v []byte) bool {
 		r, ok := historyRev(k)
 		if !ok {
 			return true
@@ -137,7 +130,7 @@ func compactHistory(tx State, c *peerpb.CompactHistory) *peerpb.CompactHistoryRe
 		return true
 	})
 	for _, k := range drop {
-		tx.DeleteMeta(k)
+		tx.DeleteHistory(k)
 	}
 	if dropped > 0 {
 		storeRevision(tx, rev, max(history-dropped, 0))
@@ -161,7 +154,7 @@ func HistoryByteCut(r View, excess int64, maxScan int) int64 {
 	oldest, _ := HistoryBounds(r)
 	cut, n := oldest, 0
 	var freed int64
-	r.ScanMeta(prefixHistory, historyEnd, func(k, v []byte) bool {
+	r.ScanHistory(nil, nil, func(k, v []byte) bool {
 		rev, ok := historyRev(k)
 		if !ok {
 			return true
@@ -183,7 +176,7 @@ func HistoryByteCut(r View, excess int64, maxScan int) int64 {
 func HistoryBounds(r View) (oldest, rev int64) {
 	rev = Revision(r)
 	oldest = rev + 1
-	r.ScanMeta(prefixHistory, historyEnd, func(k, _ []byte) bool {
+	r.ScanHistory(nil, nil, func(k, _ []byte) bool {
 		if h, ok := historyRev(k); ok {
 			oldest = h
 			return false
@@ -284,7 +277,7 @@ func ReadEvents(r View, from int64, match func(key []byte) bool, limit int, maxB
 // until fn returns false.
 func events(r View, from int64, fn func(rev int64, he *peerpb.HistoryEvent) bool) error {
 	var err error
-	r.ScanMeta(historyKey(from), historyEnd, func(k, v []byte) bool {
+	r.ScanHistory(historyKey(from), nil, func(k, v []byte) bool {
 		rev, ok := historyRev(k)
 		if !ok {
 			return true

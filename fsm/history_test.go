@@ -294,7 +294,7 @@ func TestHistoryBytesAreCounted(t *testing.T) {
 	stored := func() (total int64, byRev map[int64]int64) {
 		byRev = map[int64]int64{}
 		sh.viewErr(func(r View) error {
-			r.ScanMeta(prefixHistory, historyEnd, func(k, v []byte) bool {
+			r.ScanHistory(nil, nil, func(k, v []byte) bool {
 				rev, _ := historyRev(k)
 				total += int64(len(k) + len(v))
 				byRev[rev] += int64(len(k) + len(v))

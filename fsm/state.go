@@ -26,6 +26,13 @@ type State interface {
 	// RangeMeta calls fn for each metadata key with prefix in key order
 	// until fn returns false; fn may delete the key it is given.
 	RangeMeta(prefix []byte, fn func(k, v []byte) bool)
+	// PutHistory and DeleteHistory change the history (history.go): state
+	// like the metadata, apart from it because its keys only grow.
+	PutHistory(key, value []byte) error
+	DeleteHistory(key []byte) error
+	// RangeHistory calls fn for each history key from start (nil: the
+	// first) in key order until fn returns false; fn changes nothing.
+	RangeHistory(start []byte, fn func(k, v []byte) bool)
 	// CheckHash records the state hash with the index of the command
 	// being applied, and returns both (see storage.Txn.CheckHash).
 	CheckHash() (index, hash uint64, err error)
@@ -40,8 +47,8 @@ type View interface {
 	// Range calls fn for each kv key in [start, end) (end nil: to the
 	// last key) in key order until fn returns false.
 	Range(start, end []byte, fn func(k, v []byte) bool)
-	// ScanMeta is Range over the metadata (history.go reads events so).
-	ScanMeta(start, end []byte, fn func(k, v []byte) bool)
+	// ScanHistory is Range over the history (history.go).
+	ScanHistory(start, end []byte, fn func(k, v []byte) bool)
 }
 
 // The storage engine is the State and View the server runs on.

@@ -9,7 +9,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// Every value the state machine stores (kv/ and meta/ of a shard, and the
+// Every value the state machine stores (kv/, meta/ and hist/ of a shard, and the
 // same pairs in a snapshot) is kept as
 //
 //	checksum BE8 | value
@@ -71,8 +71,8 @@ func storedSum(stored []byte) uint64 {
 }
 
 // The state hash of a shard is the sum (mod 2^64) of the checksums of its
-// kv and meta pairs: the user data and the state machine's own (revision,
-// sessions, recorded results, cluster map), all of which replicas derive
+// state pairs: the user data and the state machine's own (revision,
+// sessions, recorded results, cluster map, history), all of which replicas derive
 // from the same log. Addition makes it independent of the order in which
 // pairs were written and cheap to maintain: a put adds the new pair's
 // checksum and subtracts the old one's, a delete subtracts. Replicas that
@@ -114,7 +114,7 @@ func sumBucket(b *bolt.Bucket, pace func(n int) bool) (uint64, error) {
 
 var errScrubStopped = errors.New("storage: scrub stopped")
 
-// Scrub verifies the checksum of every kv and meta pair of the shard and
+// Scrub verifies the checksum of every state pair of the shard and
 // that they add up to the stored state hash, in one read
 // transaction (a consistent view; writers are not blocked, but pages freed
 // meanwhile wait for it, so pace it rather than hold it for long). pace is
@@ -126,15 +126,14 @@ func (s *Shard) Scrub(pace func(n int) bool) error {
 		if err != nil {
 			return err
 		}
-		sum, err := sumBucket(b.Bucket(bucketKV), pace)
-		if err != nil {
-			return err
+		var sum uint64
+		for _, name := range stateBuckets {
+			bsum, err := sumBucket(b.Bucket(name), pace)
+			if err != nil {
+				return err
+			}
+			sum += bsum
 		}
-		msum, err := sumBucket(b.Bucket(bucketMeta), pace)
-		if err != nil {
-			return err
-		}
-		sum += msum
 		if want := getStateHash(b.Bucket(bucketRaft)); sum != want {
 			return fmt.Errorf("%w: the pairs add up to state hash %016x, stored %016x", ErrCorrupt, sum, want)
 		}

@@ -1,8 +1,11 @@
 package storage
 
 import (
+	"bytes"
 	"errors"
+	"fmt"
 	"io"
+	"maps"
 	"strings"
 	"testing"
 
@@ -41,13 +44,15 @@ func flipStored(t *testing.T, path string, shard uint64, bucket, key string) {
 func stateHashOf(t *testing.T, s *Shard) (stored, recomputed uint64) {
 	t.Helper()
 	err := s.View(func(r *Reader) error {
-		kv, err := sumBucket(r.kv, nil)
-		if err != nil {
-			return err
+		for _, b := range []*bolt.Bucket{r.kv, r.meta, r.hist} {
+			sum, err := sumBucket(b, nil)
+			if err != nil {
+				return err
+			}
+			recomputed += sum
 		}
-		meta, err := sumBucket(r.meta, nil)
-		recomputed, stored = kv+meta, r.StateHash()
-		return err
+		stored = r.StateHash()
+		return nil
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -270,8 +275,100 @@ func TestLayoutRefused(t *testing.T) {
 	_ = db.Close()
 	_, err = Open(path, Options{NoSync: true})
 	mustIs(t, err, ErrLayout)
-	if !strings.Contains(err.Error(), "layout 1") || !strings.Contains(err.Error(), "layout 2") {
+	if !strings.Contains(err.Error(), "layout 1") || !strings.Contains(err.Error(), fmt.Sprintf("layout %d", layoutVersion)) {
 		t.Fatalf("error %q does not name both layouts", err)
+	}
+}
+
+// TestLayout2HistoryMoved: a layout 2 file, which kept the history in
+// meta/ under "h/", opens as layout 3 with every event in hist/ under the
+// rest of its key, readable and verified, the metadata untouched, and the
+// state hash adding up to the moved pairs. The layout 2 file is made from
+// a layout 3 one by moving the events back as layout 2 kept them.
+func TestLayout2HistoryMoved(t *testing.T) {
+	e, path := openTest(t, Options{NoSync: true})
+	s, _ := e.CreateShard(1, voters)
+	next := putAll(t, s, 2, "a", "1")
+	en := &pb.Entry{Index: proto.Uint64(next), Term: proto.Uint64(1), Data: []byte("x")}
+	events := map[string]string{"\x00\x01": "put a", "\x00\x02": "put b", "\x00\x03": "delete a"}
+	if err := s.Save(&Update{Entries: []*pb.Entry{en}, Committed: []*pb.Entry{en}, Apply: func(tx *Txn, _ *pb.Entry) {
+		for k, v := range events {
+			if err := tx.PutHistory([]byte(k), []byte(v)); err != nil {
+				panic(err)
+			}
+		}
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	want, _ := stateHashOf(t, s)
+	_ = e.Close()
+
+	db, err := bolt.Open(path, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Update(func(tx *bolt.Tx) error {
+		b := shardBucket(tx, 1)
+		hist, meta, raftb := b.Bucket(bucketHist), b.Bucket(bucketMeta), b.Bucket(bucketRaft)
+		hash := getStateHash(raftb)
+		for k, v := range events {
+			old := hist.Get([]byte(k))
+			lk := append(bytes.Clone(layout2History), k...)
+			nv := seal(lk, []byte(v))
+			if err := meta.Put(lk, nv); err != nil {
+				return err
+			}
+			hash += storedSum(nv) - storedSum(old)
+		}
+		if err := b.DeleteBucket(bucketHist); err != nil {
+			return err
+		}
+		if err := putStateHash(raftb, hash); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketNode).Put(keyLayout, u64(2))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	_ = db.Close()
+
+	e, err = Open(path, Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close() })
+	s, err = e.OpenShard(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Scrub(nil); err != nil {
+		t.Fatal(err)
+	}
+	if got, sum := stateHashOf(t, s); got != want || sum != want {
+		t.Fatalf("state hash %x (pairs %x) after the upgrade, want %x as before it", got, sum, want)
+	}
+	got := map[string]string{}
+	err = s.View(func(r *Reader) error {
+		r.ScanHistory(nil, nil, func(k, v []byte) bool {
+			got[string(k)] = string(v)
+			return true
+		})
+		if v := r.GetMeta([]byte("count")); v == nil {
+			t.Error("the metadata lost its count")
+		}
+		rangeBucket(r.meta, layout2History, nil, func(k, _ []byte) bool {
+			if bytes.HasPrefix(k, layout2History) {
+				t.Errorf("meta/ still holds %q", k)
+			}
+			return true
+		})
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !maps.Equal(got, events) {
+		t.Fatalf("history after the upgrade %q, want %q", got, events)
 	}
 }
 

@@ -13,14 +13,15 @@
 //	shards/<id>/log/       raft entries by big-endian index, contiguous
 //	shards/<id>/kv/        the key-value data (Txn.Get/Put, Reader.Get)
 //	shards/<id>/meta/      state-machine metadata: revision, sessions
+//	shards/<id>/hist/      state-machine change history (Txn.PutHistory)
 //	staging/<seq>/         snapshots being received
 //	wal/gen                the WAL generation that follows this commit
 //
-// Every value in kv/ and meta/ is stored behind a 64-bit checksum of its key
+// Every value in kv/, meta/ and hist/ (the state buckets) is stored behind a 64-bit checksum of its key
 // and value (checksum.go); reads verify it, so a value changed on disk is
 // reported as ErrCorrupt and never returned, and snapshots neither send nor
 // accept a pair that fails it. Each shard also keeps a state hash, the sum
-// of its kv and meta checksums, updated with the data: replicas compare it
+// of its state buckets' checksums, updated with the data: replicas compare it
 // at the same applied index and a scrub compares it with the stored pairs.
 // node/ records the layout version; Open refuses a file of another one.
 //
@@ -96,7 +97,7 @@
 // # Snapshots
 //
 // Sending: Shard.OpenSnapshot opens a bbolt read transaction, a consistent
-// view of the shard's kv and meta buckets with the applied index and conf
+// view of the shard's state buckets with the applied index and conf
 // state of that same view; Next yields pairs in chunks of about 1 MiB. The
 // view does not block writers, but pages freed while it is open cannot be
 // reused, and a remap of the file waits for it (hence the large default

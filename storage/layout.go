@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 
@@ -17,11 +18,14 @@ import (
 //	    log/<index BE8>   marshaled raftpb.Entry, contiguous indexes
 //	    kv/               the state machine's key-value data (Txn.Get/Put)
 //	    meta/             the state machine's metadata (Txn.GetMeta/PutMeta)
+//	    hist/             the state machine's change history (Txn.PutHistory),
+//	                      append-only keys, so kept in a bucket of its own:
+//	                      in meta/ it deepened every metadata lookup
 //	wal/gen               generation the WAL continues with (see wal.go)
 //	staging/<seq BE8>/    snapshots being received (StageSnapshot)
 //	    info, done        shard id + metadata; marker set by the last chunk
 //	    state-hash        the state hash of the pairs staged so far
-//	    kv/, meta/        become the shard's kv/ and meta/ on install
+//	    kv/, meta/, hist/ become the shard's on install
 var (
 	bucketNode    = []byte("node")
 	bucketShards  = []byte("shards")
@@ -33,13 +37,14 @@ var (
 	bucketLog  = []byte("log")
 	bucketKV   = []byte("kv")
 	bucketMeta = []byte("meta")
+	bucketHist = []byte("hist")
 
 	keyHardState   = []byte("hardstate")
 	keySnapMeta    = []byte("snapmeta")
 	keyApplied     = []byte("applied") // index BE8 | term BE8
 	keyConfState   = []byte("confstate")
 	keyIncarnation = []byte("incarnation")
-	keyStateHash   = []byte("state-hash") // running sum of kv and meta checksums BE8 (checksum.go)
+	keyStateHash   = []byte("state-hash") // running sum of the state buckets' checksums BE8 (checksum.go)
 	keyHashCheck   = []byte("hash-check") // index BE8 | state hash BE8 (Txn.CheckHash)
 
 	keyLayout = []byte("layout") // in node/: layout version BE8
@@ -48,13 +53,19 @@ var (
 	keyStageDone = []byte("done")
 )
 
+// stateBuckets are a shard's state-machine buckets: what a snapshot
+// carries and installs, what the scrubber verifies and the state hash sums.
+var stateBuckets = [][]byte{bucketKV, bucketMeta, bucketHist}
+
 // layoutVersion is the on-disk layout this code reads and writes. Files
 // without a layout record are version 1: values stored without checksums.
 // Version 2 stores every kv/ and meta/ value behind its checksum
-// (checksum.go) and keeps the state hash. Open refuses any other version
-// rather than misread it; a node with an older data dir is rebuilt from its
-// peers (remove the data dir, join again).
-const layoutVersion = 2
+// (checksum.go) and keeps the state hash. Version 3 keeps the history in
+// hist/; Open moves a version 2 file's history there (upgradeHistory).
+// Open refuses any other version rather than misread it; a node with an
+// older data dir is rebuilt from its peers (remove the data dir, join
+// again).
+const layoutVersion = 3
 
 // checkLayout records layoutVersion in a new file and refuses a file of
 // another version. Called first in Open's preparing transaction.
@@ -75,11 +86,73 @@ func checkLayout(tx *bolt.Tx) error {
 			return fmt.Errorf("%w: layout record: %w", ErrLayout, err)
 		}
 	}
+	if have == 2 {
+		if err := upgradeHistory(tx); err != nil {
+			return fmt.Errorf("%w: moving layout 2's history to hist/: %w", ErrLayout, err)
+		}
+		return node.Put(keyLayout, u64(layoutVersion))
+	}
 	if have != layoutVersion {
 		return fmt.Errorf("%w: the data file has on-disk layout %d, this kvd reads only layout %d; rebuild the node from its peers (remove its data dir and join again)", ErrLayout, have, layoutVersion)
 	}
 	return nil
 }
+
+// layout2History is the prefix under which layout 2 kept the state
+// machine's history events in meta/; layout 3 keeps them in hist/ under
+// the rest of the key.
+var layout2History = []byte("h/")
+
+// upgradeHistory moves every shard's history events from meta/ to hist/.
+// An event's checksum covers its key, so each is sealed again under its
+// new key and the state hash moves by the difference; an event that fails
+// its checksum is moved as it is, and fails it under the new key too, so
+// the move never launders a corrupt value into a valid one.
+func upgradeHistory(tx *bolt.Tx) error {
+	shards := tx.Bucket(bucketShards)
+	if shards == nil {
+		return nil
+	}
+	return shards.ForEachBucket(func(id []byte) error {
+		b := shards.Bucket(id)
+		meta := b.Bucket(bucketMeta)
+		hist, err := b.CreateBucketIfNotExists(bucketHist)
+		if err != nil || meta == nil {
+			return err
+		}
+		hist.FillPercent = histFillPercent
+		raftb := b.Bucket(bucketRaft)
+		hash := getStateHash(raftb)
+		var moved [][]byte
+		c := meta.Cursor()
+		for k, stored := c.Seek(layout2History); k != nil && bytes.HasPrefix(k, layout2History); k, stored = c.Next() {
+			nk := bytes.Clone(k[len(layout2History):])
+			nv := bytes.Clone(stored)
+			if v, _, err := unseal(k, stored); err == nil {
+				nv = seal(nk, v)
+			}
+			if err := hist.Put(nk, nv); err != nil {
+				return err
+			}
+			hash += storedSum(nv) - storedSum(stored)
+			moved = append(moved, bytes.Clone(k))
+		}
+		for _, k := range moved {
+			if err := meta.Delete(k); err != nil {
+				return err
+			}
+		}
+		if len(moved) == 0 {
+			return nil
+		}
+		return putStateHash(raftb, hash)
+	})
+}
+
+// histFillPercent packs hist/'s pages full: its keys only ever grow, so a
+// page split leaves nothing to fill the left half later (bbolt's default
+// of half full would double its pages).
+const histFillPercent = 1.0
 
 // u64 encodes v big-endian so that bbolt's byte order is numeric order.
 func u64(v uint64) []byte {

@@ -37,6 +37,7 @@ var tokenPrefix = []byte("kvd-staged:")
 const (
 	PairBucketKV   = "kv"
 	PairBucketMeta = "meta"
+	PairBucketHist = "hist"
 )
 
 // StageSnapshot receives a streamed snapshot of shard described by meta:
@@ -117,7 +118,7 @@ func (e *Engine) StageSnapshot(shard uint64, meta *pb.SnapshotMetadata, next fun
 // every later read). A corrupt pair is ErrBadSnapshot and ErrCorrupt.
 func validPair(p *peerpb.SnapshotPair) error {
 	switch string(p.GetBucket()) {
-	case PairBucketKV, PairBucketMeta:
+	case PairBucketKV, PairBucketMeta, PairBucketHist:
 	default:
 		return fmt.Errorf("%w: pair in unknown bucket %q", ErrBadSnapshot, p.GetBucket())
 	}
@@ -143,7 +144,7 @@ func (rs *round) stage(seq uint64, info []byte, pairs []*peerpb.SnapshotPair, fi
 		if b, err = stg.CreateBucket(u64(seq)); err != nil {
 			return response{}, err
 		}
-		for _, name := range [][]byte{bucketKV, bucketMeta} {
+		for _, name := range stateBuckets {
 			if _, err := b.CreateBucket(name); err != nil {
 				return response{}, err
 			}
@@ -155,15 +156,11 @@ func (rs *round) stage(seq uint64, info []byte, pairs []*peerpb.SnapshotPair, fi
 		// Dropped meanwhile: a newer snapshot of the shard was installed.
 		return response{err: fmt.Errorf("%w: staging %d dropped", ErrBadSnapshot, seq)}, nil
 	}
-	kv, meta := b.Bucket(bucketKV), b.Bucket(bucketMeta)
 	// The state hash of the staged pairs (verified by validPair)
 	// becomes the shard's on install.
 	hash := getStateHash(b)
 	for _, p := range pairs {
-		dst := kv
-		if string(p.GetBucket()) == PairBucketMeta {
-			dst = meta
-		}
+		dst := b.Bucket(p.GetBucket()) // a state bucket: validPair checked the name
 		hash += storedSum(p.GetValue()) - storedSum(dst.Get(p.GetKey()))
 		if err := dst.Put(p.GetKey(), p.GetValue()); err != nil {
 			return response{}, err
@@ -221,7 +218,7 @@ func (rs *round) install(s *Shard, st *shardState, b, staged *bolt.Bucket, seq u
 	hash := getStateHash(staged)
 	// Moving the staged buckets is a pointer swap in bbolt: installing a
 	// large snapshot costs no copy.
-	for _, name := range [][]byte{bucketKV, bucketMeta} {
+	for _, name := range stateBuckets {
 		if err := b.DeleteBucket(name); err != nil {
 			return err
 		}
@@ -299,8 +296,8 @@ func (rs *round) dropStagedSeq(seq uint64) error {
 	return stg.DeleteBucket(u64(seq))
 }
 
-// SnapshotReader streams a consistent view of one shard's state (kv and
-// meta buckets) for sending to a peer. It holds one bbolt read transaction
+// SnapshotReader streams a consistent view of one shard's state (its
+// state buckets) for sending to a peer. It holds one bbolt read transaction
 // until Close: writers are not blocked, but pages freed meanwhile cannot be
 // reused, so the file grows while a snapshot is being sent. Not safe for
 // concurrent use.
@@ -353,7 +350,7 @@ func (s *Shard) OpenSnapshot() (*SnapshotReader, error) {
 			Term:      proto.Uint64(term),
 			ConfState: pb.EnsureConfState(conf),
 		},
-		buckets: [][]byte{bucketKV, bucketMeta},
+		buckets: stateBuckets,
 	}
 	r.cur = b.Bucket(bucketKV).Cursor()
 	r.k, r.v = r.cur.First()
@@ -367,7 +364,7 @@ func (r *SnapshotReader) Metadata() *pb.SnapshotMetadata {
 }
 
 // Next returns the next chunk of pairs, about 1 MiB (at least one pair),
-// kv pairs first then meta pairs, in key order; io.EOF after the last. The
+// bucket by bucket (kv, meta, hist), in key order; io.EOF after the last. The
 // pairs are copies owned by the caller, values in their stored form (with
 // their checksums, which Next verifies: a corrupt pair is ErrCorrupt).
 func (r *SnapshotReader) Next() ([]*peerpb.SnapshotPair, error) {

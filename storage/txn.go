@@ -17,9 +17,9 @@ import (
 // you keep. bbolt keeps the key and value slices given to Put until the
 // commit, so do not modify them afterwards.
 type Txn struct {
-	shard          uint64
-	index          uint64 // of the entry being applied
-	kv, meta, raft *bolt.Bucket
+	shard                uint64
+	index                uint64 // of the entry being applied
+	kv, meta, hist, raft *bolt.Bucket
 
 	// hash is the shard's state hash as changed by this Txn's puts and
 	// deletes (loaded on first use); it is stored by finish.
@@ -69,7 +69,7 @@ func (t *Txn) storedSumOf(b *bolt.Bucket, key []byte) uint64 {
 
 // end invalidates t, so that an ApplyFunc keeping it fails loudly instead
 // of writing outside its transaction.
-func (t *Txn) end() { t.kv, t.meta, t.raft = nil, nil, nil }
+func (t *Txn) end() { t.kv, t.meta, t.hist, t.raft = nil, nil, nil, nil }
 
 // finish stores the state hash if it changed.
 func (t *Txn) finish() error {
@@ -200,8 +200,23 @@ func (t *Txn) RangeMeta(prefix []byte, fn func(k, v []byte) bool) {
 	rangePrefix(t.meta, prefix, rangeUnsealed(fn, t.corrupt))
 }
 
+// PutHistory stores an event of the shard's change history under key. The
+// history is state like the metadata (in snapshots, in the state hash),
+// but its keys only grow, so it has a bucket of its own.
+func (t *Txn) PutHistory(key, value []byte) error { return t.put(t.hist, key, value) }
+
+// DeleteHistory removes key from the history.
+func (t *Txn) DeleteHistory(key []byte) error { return t.del(t.hist, key) }
+
+// RangeHistory calls fn for each history key from start (nil: the first)
+// in key order until fn returns false. fn must not change the history. It
+// stops at a corrupt value, aborting like Get.
+func (t *Txn) RangeHistory(start []byte, fn func(k, v []byte) bool) {
+	rangeBucket(t.hist, start, nil, rangeUnsealed(fn, t.corrupt))
+}
+
 // StateHash returns the shard's state hash as of this point of the round:
-// the sum of the checksums of its kv and meta pairs (checksum.go). Replicas that
+// the sum of the checksums of its state pairs (checksum.go). Replicas that
 // applied the same entries have the same hash.
 func (t *Txn) StateHash() uint64 {
 	if !t.hashLoaded {
@@ -247,8 +262,8 @@ func (t *Txn) CheckHash() (index, hash uint64, err error) {
 // applied index. Valid only during the View callback; returned slices
 // likewise.
 type Reader struct {
-	shard          uint64
-	kv, meta, raft *bolt.Bucket
+	shard                uint64
+	kv, meta, hist, raft *bolt.Bucket
 	// err is the first corruption a read met; View returns it.
 	err error
 }
@@ -279,11 +294,11 @@ func (r *Reader) Range(start, end []byte, fn func(k, v []byte) bool) {
 // (or corrupt: then View returns ErrCorrupt).
 func (r *Reader) GetMeta(key []byte) []byte { return r.get(r.meta, key) }
 
-// ScanMeta calls fn for each metadata key in [start, end) in key order
-// until fn returns false. It stops at a corrupt value, and View returns
-// ErrCorrupt.
-func (r *Reader) ScanMeta(start, end []byte, fn func(k, v []byte) bool) {
-	rangeBucket(r.meta, start, end, rangeUnsealed(fn, r.corrupt))
+// ScanHistory calls fn for each history key in [start, end) (end nil: to
+// the last) in key order until fn returns false. It stops at a corrupt
+// value, and View returns ErrCorrupt.
+func (r *Reader) ScanHistory(start, end []byte, fn func(k, v []byte) bool) {
+	rangeBucket(r.hist, start, end, rangeUnsealed(fn, r.corrupt))
 }
 
 // Applied returns the applied index and term this view reflects.
@@ -319,7 +334,7 @@ func (s *Shard) View(fn func(r *Reader) error) error {
 		if err != nil {
 			return err
 		}
-		r := &Reader{shard: s.id, kv: b.Bucket(bucketKV), meta: b.Bucket(bucketMeta), raft: b.Bucket(bucketRaft)}
+		r := &Reader{shard: s.id, kv: b.Bucket(bucketKV), meta: b.Bucket(bucketMeta), hist: b.Bucket(bucketHist), raft: b.Bucket(bucketRaft)}
 		err = fn(r)
 		if r.err != nil {
 			return fmt.Errorf("storage: %w", r.err)

@@ -436,7 +436,7 @@ func (rs *round) createShard(id uint64, cs *pb.ConfState) (response, error) {
 	if err != nil {
 		return response{}, err
 	}
-	for _, name := range [][]byte{bucketRaft, bucketLog, bucketKV, bucketMeta} {
+	for _, name := range append([][]byte{bucketRaft, bucketLog}, stateBuckets...) {
 		if _, err := b.CreateBucket(name); err != nil {
 			return response{}, err
 		}

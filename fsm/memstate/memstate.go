@@ -1,5 +1,5 @@
-// Package memstate is a shard's state machine state held in memory: two
-// sorted maps (kv and meta) and a state hash, implementing fsm.State and
+// Package memstate is a shard's state machine state held in memory: three
+// sorted maps (kv, meta and history) and a state hash, implementing fsm.State and
 // fsm.View without a storage engine. fsm's unit tests and fuzzers apply
 // commands to it; it is not for production, where state must survive a
 // crash (storage.Txn).
@@ -24,8 +24,8 @@ var ErrInvalidKey = errors.New("memstate: empty key")
 type State struct {
 	Index uint64
 
-	kv, meta table
-	hash     uint64
+	kv, meta, hist table
+	hash           uint64
 	// checked is what the last CheckHash recorded.
 	checkedIndex, checkedHash uint64
 	checked                   bool
@@ -33,12 +33,12 @@ type State struct {
 
 // New returns an empty State.
 func New() *State {
-	return &State{kv: table{name: 'k'}, meta: table{name: 'm'}}
+	return &State{kv: table{name: 'k'}, meta: table{name: 'm'}, hist: table{name: 'h'}}
 }
 
 // table is a sorted map: keys in order beside a map from key to value.
 type table struct {
-	name byte // mixed into each pair's checksum, so kv and meta differ
+	name byte // mixed into each pair's checksum, so the tables differ
 	keys []string
 	vals map[string][]byte
 }
@@ -158,13 +158,35 @@ func (s *State) RangeMeta(prefix []byte, fn func(k, v []byte) bool) {
 	s.meta.scan(p, func(k string) bool { return strings.HasPrefix(k, p) }, fn)
 }
 
-// ScanMeta calls fn for each metadata key in [start, end) in key order
-// until fn returns false.
-func (s *State) ScanMeta(start, end []byte, fn func(k, v []byte) bool) {
-	s.meta.scan(string(start), func(k string) bool { return end == nil || k < string(end) }, fn)
+// PutHistory sets key's history value.
+func (s *State) PutHistory(key, value []byte) error {
+	if len(key) == 0 {
+		return ErrInvalidKey
+	}
+	s.move(s.hist.put(key, value))
+	return nil
 }
 
-// StateHash is the sum of the checksums of every kv and metadata pair.
+// DeleteHistory removes key from the history.
+func (s *State) DeleteHistory(key []byte) error {
+	s.move(0, s.hist.del(key))
+	return nil
+}
+
+// RangeHistory calls fn for each history key from start in key order
+// until fn returns false.
+func (s *State) RangeHistory(start []byte, fn func(k, v []byte) bool) {
+	s.ScanHistory(start, nil, fn)
+}
+
+// ScanHistory calls fn for each history key in [start, end) (end nil: to
+// the last) in key order until fn returns false.
+func (s *State) ScanHistory(start, end []byte, fn func(k, v []byte) bool) {
+	s.hist.scan(string(start), func(k string) bool { return end == nil || k < string(end) }, fn)
+}
+
+// StateHash is the sum of the checksums of every kv, metadata and history
+// pair.
 func (s *State) StateHash() uint64 { return s.hash }
 
 // CheckHash records the state hash at Index and returns both.

@@ -1306,8 +1306,8 @@ func (x *CompactHistoryResult) GetDone() bool {
 	return false
 }
 
-// HistoryEvent is one stored change of a shard's history, kept in its meta
-// bucket under "h/" revision BE8 | index BE4 (fsm/history.go). Its
+// HistoryEvent is one stored change of a shard's history, kept in its
+// history bucket under revision BE8 | index BE4 (fsm/history.go). Its
 // revision is in the key; a put's mod revision is that revision.
 type HistoryEvent struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
