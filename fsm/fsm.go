@@ -579,24 +579,7 @@ func resultKey(session, seq uint64) []byte {
 
 // dropResults deletes the recorded results of session with seq in [from, to).
 func dropResults(tx State, session, from, to uint64) {
-	prefix := resultKey(session, 0)[:len(prefixResult)+8]
-	var keys [][]byte
-	tx.RangeMeta(prefix, func(k, _ []byte) bool {
-		if len(k) != len(prefix)+8 {
-			return true
-		}
-		seq := binary.BigEndian.Uint64(k[len(prefix):])
-		if seq >= to {
-			return false
-		}
-		if seq >= from {
-			keys = append(keys, bytes.Clone(k))
-		}
-		return true
-	})
-	for _, k := range keys {
-		tx.DeleteMeta(k)
-	}
+	tx.DeleteMetaRange(resultKey(session, from), resultKey(session, to))
 }
 
 func encode(m proto.Message) []byte {

@@ -23,6 +23,8 @@ type State interface {
 	// Delete and DeleteMeta remove a key; an absent key is no change.
 	Delete(key []byte) error
 	DeleteMeta(key []byte) error
+	// DeleteMetaRange removes every metadata key in [start, end).
+	DeleteMetaRange(start, end []byte) error
 	// RangeMeta calls fn for each metadata key with prefix in key order
 	// until fn returns false; fn may delete the key it is given.
 	RangeMeta(prefix []byte, fn func(k, v []byte) bool)

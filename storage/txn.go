@@ -34,6 +34,12 @@ type Txn struct {
 	// unchanged for the life of the transaction.
 	seen     [6]seenSum
 	seenNext int
+
+	// histLast is a key at or above the greatest in hist/ (nil until a
+	// history write looks it up): a history key above it is new, and its
+	// put need not look up a value to replace. History keys only grow,
+	// so that is every history write.
+	histLast []byte
 }
 
 // seenSum is the stored checksum of key in bucket b (0: absent).
@@ -54,6 +60,16 @@ func (t *Txn) remember(b *bolt.Bucket, key []byte, sum uint64) {
 	e := &t.seen[t.seenNext]
 	e.b, e.key, e.sum = b, append(e.key[:0], key...), sum
 	t.seenNext = (t.seenNext + 1) % len(t.seen)
+}
+
+// forget records that key is absent from b, if this Txn remembers it.
+func (t *Txn) forget(b *bolt.Bucket, key []byte) {
+	for i := range t.seen {
+		if e := &t.seen[i]; e.b == b && bytes.Equal(e.key, key) {
+			e.sum = 0
+			return
+		}
+	}
 }
 
 // storedSumOf returns the checksum stored with key in b (0: absent),
@@ -193,6 +209,30 @@ func (t *Txn) PutMeta(key, value []byte) error { return t.put(t.meta, key, value
 // DeleteMeta removes key from the shard's state-machine metadata.
 func (t *Txn) DeleteMeta(key []byte) error { return t.del(t.meta, key) }
 
+// DeleteMetaRange removes every metadata key in [start, end). It reads
+// no value (so it verifies none: what it removes is never served), and
+// walks the keys once, where RangeMeta with a delete per key seeks again
+// after each.
+func (t *Txn) DeleteMetaRange(start, end []byte) error {
+	var keys [][]byte
+	var sum uint64
+	c := t.meta.Cursor()
+	for k, v := c.Seek(start); k != nil && bytes.Compare(k, end) < 0; k, v = c.Next() {
+		keys = append(keys, bytes.Clone(k))
+		sum += storedSum(v)
+	}
+	for _, k := range keys {
+		if err := t.meta.Delete(k); err != nil {
+			return fmt.Errorf("storage: delete: %w", err)
+		}
+		t.forget(t.meta, k)
+	}
+	if len(keys) > 0 {
+		t.addHash(0, sum)
+	}
+	return nil
+}
+
 // RangeMeta calls fn for each metadata key with prefix, in key order,
 // until fn returns false. fn may delete the key it is given. It stops at a
 // corrupt value, aborting like Get.
@@ -203,7 +243,25 @@ func (t *Txn) RangeMeta(prefix []byte, fn func(k, v []byte) bool) {
 // PutHistory stores an event of the shard's change history under key. The
 // history is state like the metadata (in snapshots, in the state hash),
 // but its keys only grow, so it has a bucket of its own.
-func (t *Txn) PutHistory(key, value []byte) error { return t.put(t.hist, key, value) }
+func (t *Txn) PutHistory(key, value []byte) error {
+	if t.histLast == nil {
+		last, _ := t.hist.Cursor().Last()
+		t.histLast = append([]byte{}, last...)
+	}
+	if bytes.Compare(key, t.histLast) <= 0 {
+		return t.put(t.hist, key, value)
+	}
+	if err := validKey(key); err != nil {
+		return err
+	}
+	sealed := seal(key, value)
+	if err := t.hist.Put(key, sealed); err != nil {
+		return fmt.Errorf("storage: put: %w", err)
+	}
+	t.histLast = key
+	t.addHash(storedSum(sealed), 0)
+	return nil
+}
 
 // DeleteHistory removes key from the history.
 func (t *Txn) DeleteHistory(key []byte) error { return t.del(t.hist, key) }

@@ -145,6 +145,15 @@ func (s *State) DeleteMeta(key []byte) error {
 	return nil
 }
 
+// DeleteMetaRange removes every metadata key in [start, end).
+func (s *State) DeleteMetaRange(start, end []byte) error {
+	s.meta.scan(string(start), func(k string) bool { return k < string(end) }, func(k, _ []byte) bool {
+		s.move(0, s.meta.del(k))
+		return true
+	})
+	return nil
+}
+
 // Range calls fn for each kv key in [start, end) (end nil: to the last
 // key) in key order until fn returns false.
 func (s *State) Range(start, end []byte, fn func(k, v []byte) bool) {
