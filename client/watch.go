@@ -218,11 +218,13 @@ func (w *watch) follow(ctx context.Context, shard uint64) {
 	for ctx.Err() == nil {
 		st, err := w.open(ctx, shard)
 		if err != nil {
-			var ce *CompactedError
-			if errors.As(err, &ce) || errors.Is(err, ErrInvalidArgument) || errors.Is(err, ErrClosed) {
+			// open retries what can succeed later until ctx ends; any
+			// other error (compacted, invalid, permission denied, the
+			// client closed) is the watch's end.
+			if ctx.Err() == nil {
 				w.end(err)
 			}
-			return // otherwise ctx ended
+			return
 		}
 		err = w.receive(ctx, shard, st)
 		st.unsubscribe()

@@ -254,6 +254,19 @@ func needs(req any) []access {
 			end = []byte{}
 		}
 		return []access{{key: r.GetStart(), end: end}}
+	case *kvpb.WatchCreateRequest:
+		// A watch reads what it watches, previous values included.
+		switch {
+		case r.GetPrefix():
+			end := prefixEnd(r.GetKey())
+			if end == nil {
+				end = []byte{}
+			}
+			return []access{{key: r.GetKey(), end: end}}
+		case len(r.GetRangeEnd()) > 0:
+			return []access{{key: r.GetKey(), end: r.GetRangeEnd()}}
+		}
+		return []access{{key: r.GetKey()}}
 	case *kvpb.TxnRequest:
 		var out []access
 		for _, c := range r.GetCompare() {
@@ -380,13 +393,15 @@ func (s *Server) authUnary(ctx context.Context, req any, info *grpc.UnaryServerI
 	return handler(ctx, req)
 }
 
-// authStream: a Batch stream needs a user (each item is checked as it is
-// served); any other stream the root role.
+// authStream: a Batch or Watch stream needs a user (each item, or each
+// watch, is checked as it is served or created); any other stream the
+// root role.
 func (s *Server) authStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	var err error
-	if info.FullMethod == kvpb.KV_Batch_FullMethodName {
+	switch info.FullMethod {
+	case kvpb.KV_Batch_FullMethodName, kvpb.Watch_Watch_FullMethodName:
 		err = s.requireUser(ss.Context())
-	} else {
+	default:
 		err = s.requireRoot(ss.Context(), info.FullMethod)
 	}
 	if err != nil {

@@ -64,6 +64,23 @@ func TestPermissions(t *testing.T) {
 			t.Errorf("%v: code %v, want PermissionDenied", tc.a, status.Code(err))
 		}
 	}
+	// A watch needs read on what it watches.
+	for _, tc := range []struct {
+		c    *kvpb.WatchCreateRequest
+		want bool
+	}{
+		{&kvpb.WatchCreateRequest{Key: []byte("a/x")}, true},
+		{&kvpb.WatchCreateRequest{Key: []byte("a/"), Prefix: true}, true},
+		{&kvpb.WatchCreateRequest{Key: []byte("a"), Prefix: true}, false},
+		{&kvpb.WatchCreateRequest{Key: []byte("a/b"), RangeEnd: []byte("a/c")}, true},
+		{&kvpb.WatchCreateRequest{Key: []byte("a/b"), RangeEnd: []byte("b")}, false},
+		{&kvpb.WatchCreateRequest{Key: []byte("z"), Prefix: true}, true},
+		{&kvpb.WatchCreateRequest{Key: []byte("y")}, false},
+	} {
+		if err := permit(st, u, needs(tc.c)); (err == nil) != tc.want {
+			t.Errorf("watch %v: %v, want allowed %v", tc.c, err, tc.want)
+		}
+	}
 	if err := permit(st, &kvpb.AuthUser{Name: "root", Roles: []string{"root"}}, []access{{key: []byte("x"), write: true}}); err != nil {
 		t.Errorf("root: %v", err)
 	}

@@ -567,6 +567,10 @@ func (ws *watchStream) create(ctx context.Context, c *kvpb.WatchCreateRequest) {
 			return
 		}
 	}
+	if err := s.authorizeKV(ctx, c); err != nil {
+		fail(err)
+		return
+	}
 	w.shard = c.GetShard()
 	if w.shard == 0 {
 		if !w.single {

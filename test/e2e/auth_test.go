@@ -19,7 +19,7 @@ import (
 // TestAuthRolesAndExitCodes sets up etcd's model with kvctl (a root user,
 // a read-only user on a/), enables auth, and checks: a request without a
 // user and the read-only user's put exit 4 naming what is missing, the
-// read-only user reads under a/ and nothing else, root writes and lists
+// read-only user reads and watches under a/ and nothing else, root writes and lists
 // users; a member add is refused to the read-only user and done for root.
 func TestAuthRolesAndExitCodes(t *testing.T) {
 	c := proccluster.Start(t, 3, proccluster.Options{Shards: 2})
@@ -60,6 +60,10 @@ func TestAuthRolesAndExitCodes(t *testing.T) {
 	check(append(ro, "get", "a/x"), 0, "v\n", "")
 	check(append(ro, "get", "b/x"), 4, "", `user "ro" lacks read on "b/x"`)
 	check(append(ro, "get", "--prefix", "a/"), 0, "a/x\nv\n", "")
+	// A watch reads what it watches: the same permissions as a get.
+	check(append(ro, "watch", "a/x", "--rev", "1", "--count", "1"), 0, "PUT a/x v\n", "")
+	check(append(ro, "watch", "b/x", "--count", "1"), 4, "", `user "ro" lacks read on "b/x"`)
+	check(append(ro, "watch", "--prefix", "b/", "--count", "1"), 4, "", `user "ro" lacks read on`)
 	check(append(ro, "user", "list"), 4, "", `lacks the role "root"`)
 	check([]string{"--user", "ro:wrong", "get", "a/x"}, 4, "", "wrong user name or password")
 	check(append(root, "user", "list"), 0, "ro reader\nroot root\n", "")
