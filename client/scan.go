@@ -29,6 +29,13 @@ type ScanOptions struct {
 	KeysOnly bool
 	// Serializable lets any replica answer each shard's part.
 	Serializable bool
+	// Latest reads every page from the shards' latest state instead of
+	// the revision each shard's first page saw: later pages then cost no
+	// replay of the history written since, and a long scan cannot outlive
+	// the history it needs, but a key written between pages may or may
+	// not appear, and the pages carry no Revisions nor Resume. For scans
+	// that change what they scan, such as deleting a prefix page by page.
+	Latest bool
 	// Token continues a scan: pass the Next of the previous page, with the
 	// same start and end. "" starts at start. The token carries the
 	// revision each shard was first read at, so every page reads each
@@ -67,7 +74,8 @@ type ScanPage struct {
 // page's Resume token starts a watch exactly after what the scan read.
 // The scan as a whole is not a snapshot across shards, since revisions are
 // per shard. A scan that outlives its shards' history (--history-revisions)
-// fails with a *CompactedError. Memory per page is bounded by about twice
+// fails with a *CompactedError; ScanOptions.Latest reads every page from
+// the latest state instead. Memory per page is bounded by about twice
 // Limit, however large the range.
 func (c *Client) Scan(ctx context.Context, start, end []byte, opts ScanOptions) (*ScanPage, error) {
 	if c.isClosed() {
@@ -92,7 +100,7 @@ func (c *Client) Scan(ctx context.Context, start, end []byte, opts ScanOptions) 
 	var parts []*scanPart
 	for _, shard := range c.dataShards() {
 		p := &scanPart{shard: shard, next: start, more: true}
-		if rev, ok := pinned[shard]; ok {
+		if rev, ok := pinned[shard]; ok && !opts.Latest {
 			p.rev, p.pinned = rev, true
 			// A shard read at revision 0 had no keys then: the proto's
 			// revision 0 would read it now instead.
@@ -104,7 +112,7 @@ func (c *Client) Scan(ctx context.Context, start, end []byte, opts ScanOptions) 
 		return &ScanPage{}, nil
 	}
 	if len(end) > 0 && bytes.Compare(start, end) >= 0 {
-		if opts.Token == "" {
+		if opts.Token == "" || opts.Latest {
 			return &ScanPage{}, nil // no shard read: no revisions either
 		}
 		return pinnedPage(parts, nil), nil
@@ -136,6 +144,9 @@ func (c *Client) Scan(ctx context.Context, start, end []byte, opts ScanOptions) 
 			}
 		}
 		if best == nil {
+			if opts.Latest {
+				return page, nil
+			}
 			return pinnedPage(parts, page), nil // every shard is exhausted
 		}
 		page.KVs = append(page.KVs, best.buf[0])
@@ -148,7 +159,9 @@ func (c *Client) Scan(ctx context.Context, start, end []byte, opts ScanOptions) 
 			exhausted = false
 		}
 	}
-	page = pinnedPage(parts, page)
+	if !opts.Latest {
+		page = pinnedPage(parts, page)
+	}
 	if !exhausted {
 		page.Next = encodeToken(scanToken{resume: keySuccessor(page.KVs[len(page.KVs)-1].GetKey()), revs: page.Revisions})
 	}
@@ -228,7 +241,7 @@ func (sc *scanner) fetch(ctx context.Context, p *scanPart) error {
 	if err != nil {
 		return fmt.Errorf("shard %d: %w", p.shard, compacted(err))
 	}
-	if !p.pinned {
+	if !p.pinned && !sc.opts.Latest {
 		p.rev, p.pinned = resp.GetHeader().GetRevision(), true
 	}
 	kvs := resp.GetKvs()

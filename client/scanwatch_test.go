@@ -212,4 +212,35 @@ func TestScanResumeWatchesAfterTheRead(t *testing.T) {
 		}
 		t.FailNow()
 	}
+
+	// Latest pages see what is written between them, and give no
+	// position; pinned pages do not see it.
+	for _, latest := range []bool{false, true} {
+		opts := client.ScanOptions{Limit: 5, KeysOnly: true, Latest: latest}
+		page, err := c.Scan(ctx, prefix, client.PrefixEnd(prefix), opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		late := fmt.Sprint("s/zz/", latest)
+		put(late, "late")
+		seen := false
+		for {
+			if (page.Resume == "") != latest || (page.Revisions == nil) != latest {
+				t.Fatalf("latest=%v: page with revisions %v, resume %q", latest, page.Revisions, page.Resume)
+			}
+			for _, kv := range page.KVs {
+				seen = seen || string(kv.GetKey()) == late
+			}
+			if page.Next == "" {
+				break
+			}
+			opts.Token = page.Next
+			if page, err = c.Scan(ctx, prefix, client.PrefixEnd(prefix), opts); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if seen != latest {
+			t.Errorf("latest=%v: the key put between pages seen %v", latest, seen)
+		}
+	}
 }

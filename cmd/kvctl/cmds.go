@@ -612,7 +612,9 @@ func (a *app) deletePrefix(c *client.Client, prefix []byte) (int64, error) {
 	if len(prefix) == 0 {
 		return 0, usageErrorf("del --prefix needs a non-empty prefix; deleting every key is not offered")
 	}
-	opts := client.ScanOptions{KeysOnly: true, Limit: 1000}
+	// Latest: the pages of a scan that deletes what it reads need not
+	// replay the history of its own deletes.
+	opts := client.ScanOptions{KeysOnly: true, Limit: 1000, Latest: true}
 	var deleted int64
 	for {
 		ctx, cancel := a.ctx()
