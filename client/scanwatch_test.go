@@ -2,6 +2,7 @@ package client_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"maps"
 	"strings"
@@ -242,5 +243,31 @@ func TestScanResumeWatchesAfterTheRead(t *testing.T) {
 		if seen != latest {
 			t.Errorf("latest=%v: the key put between pages seen %v", latest, seen)
 		}
+	}
+
+	// A scan whose pinned revision a shard no longer keeps history for
+	// fails with a *CompactedError, not with a page of another revision.
+	page, err := c.Scan(ctx, prefix, client.PrefixEnd(prefix), client.ScanOptions{Limit: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; ; i++ {
+		resp, err := c.Put(ctx, []byte(fmt.Sprint("s/cmp/", i)), []byte("v"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := resp.GetHeader()
+		if h.GetRevision() < page.Revisions[h.GetShard()]+2 {
+			continue
+		}
+		if _, err := c.Compact(ctx, h.GetShard(), h.GetRevision()); err != nil {
+			t.Fatal(err)
+		}
+		break
+	}
+	_, err = c.Scan(ctx, prefix, client.PrefixEnd(prefix), client.ScanOptions{Limit: 5, Token: page.Next})
+	var ce *client.CompactedError
+	if !errors.As(err, &ce) {
+		t.Fatalf("a page below the history: %v, want a *CompactedError", err)
 	}
 }

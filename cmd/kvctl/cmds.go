@@ -548,6 +548,12 @@ func (a *app) scanRange(c *client.Client, start, end []byte, limit int, keysOnly
 		ctx, cancel := a.ctx()
 		pg, err := c.Scan(ctx, start, end, opts)
 		cancel()
+		var ce *client.CompactedError
+		if errors.As(err, &ce) {
+			// Every page reads a shard at its first page's revision,
+			// from the shard's history, which was trimmed meanwhile.
+			return &exitError{code: exitNotFound, msg: fmt.Sprintf("shard %d trimmed its history (it keeps revisions from %d) past the revision this read started at; run it again", ce.Shard, ce.Oldest)}
+		}
 		if err != nil {
 			return err
 		}
