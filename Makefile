@@ -130,6 +130,8 @@ JEPSEN_SEEDS    ?= 3
 JEPSEN_SEED     ?= 0
 JEPSEN_FAULTS   ?= kill,kill-leader,kill-all,pause,partition-leader,split,bridge,slow
 JEPSEN_OUT      ?= $(or $(TMPDIR),/tmp)/kvd-jepsen
+# TLS=1 runs the cluster with mutual TLS (certificates from `kvd cert cluster`).
+JEPSEN_TLS      ?= $(if $(filter 1 true yes,$(TLS)),true,false)
 
 .PHONY: jepsen jepsen-short
 
@@ -137,13 +139,13 @@ jepsen: ## long jepsen-lite run: faults, linearizability, durability, exactly-on
 	@mkdir -p $(JEPSEN_OUT)
 	@set -o pipefail; $(GO) test -count=1 -v -timeout 90m -run 'TestJepsen$$' ./test/jepsen-lite \
 	  -jepsen.duration=$(JEPSEN_DURATION) -jepsen.seeds=$(JEPSEN_SEEDS) -jepsen.seed=$(JEPSEN_SEED) \
-	  -jepsen.faults=$(JEPSEN_FAULTS) -jepsen.out=$(JEPSEN_OUT) 2>&1 | tee $(JEPSEN_OUT)/jepsen.log; \
+	  -jepsen.faults=$(JEPSEN_FAULTS) -jepsen.out=$(JEPSEN_OUT) -jepsen.tls=$(JEPSEN_TLS) 2>&1 | tee $(JEPSEN_OUT)/jepsen.log; \
 	  rc=$$?; grep '^jepsen-lite: histories=' $(JEPSEN_OUT)/jepsen.log | tail -n1; exit $$rc
 
 jepsen-short: ## the short jepsen-lite run of `make test` alone, verbose (about a minute)
 	@mkdir -p $(JEPSEN_OUT)
 	@set -o pipefail; $(GO) test -count=1 -v -timeout 10m -run 'TestCheckerDetectsStaleReads|TestJepsenShort' ./test/jepsen-lite \
-	  -jepsen.seed=$(JEPSEN_SEED) -jepsen.faults=$(JEPSEN_FAULTS) 2>&1 | tee $(JEPSEN_OUT)/jepsen-short.log; \
+	  -jepsen.seed=$(JEPSEN_SEED) -jepsen.faults=$(JEPSEN_FAULTS) -jepsen.tls=$(JEPSEN_TLS) 2>&1 | tee $(JEPSEN_OUT)/jepsen-short.log; \
 	  rc=$$?; grep '^jepsen-lite: histories=' $(JEPSEN_OUT)/jepsen-short.log | tail -n1; exit $$rc
 
 # --- floods (test/flood) -------------------------------------------------

@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
+	"math"
 	"net"
 	"slices"
 	"strings"
@@ -736,10 +738,10 @@ func TestCountSumsEveryShard(t *testing.T) {
 func TestScanBadToken(t *testing.T) {
 	f := newCluster(t, 1, 2, 1)
 	c := newClient(t, f, Config{})
-	good := encodeToken([]byte("k5"))
+	good := encodeToken(scanToken{resume: []byte("k5")})
 	raw := []byte(good)
 	flipped := string(append(raw[:len(raw)-1:len(raw)-1], raw[len(raw)-1]^1))
-	for _, tok := range []string{"!!!", "AA", good[:len(good)-2], flipped, encodeToken([]byte("a"))} {
+	for _, tok := range []string{"!!!", "AA", good[:len(good)-2], flipped, encodeToken(scanToken{resume: []byte("a")})} {
 		_, err := c.Scan(ctxT(t, time.Second), []byte("k"), nil, ScanOptions{Token: tok})
 		if !errors.Is(err, ErrInvalidToken) {
 			t.Errorf("token %q: err = %v, want ErrInvalidToken", tok, err)
@@ -749,15 +751,18 @@ func TestScanBadToken(t *testing.T) {
 
 func TestTokenRoundTrip(t *testing.T) {
 	for _, k := range [][]byte{{0}, []byte("k"), bytes.Repeat([]byte{0xff}, 300)} {
-		got, err := decodeToken(encodeToken(k))
-		if err != nil || !bytes.Equal(got, k) {
-			t.Fatalf("round trip of %q = %q, %v", k, got, err)
+		for _, revs := range []map[uint64]int64{{}, {1: 0, 2: 7, 300: math.MaxInt64}} {
+			got, err := decodeToken(encodeToken(scanToken{resume: k, revs: revs}))
+			if err != nil || !bytes.Equal(got.resume, k) || !maps.Equal(got.revs, revs) {
+				t.Fatalf("round trip of %q %v = %q %v, %v", k, revs, got.resume, got.revs, err)
+			}
 		}
 	}
 }
 
 func FuzzDecodeToken(f *testing.F) {
-	f.Add(encodeToken([]byte("key")))
+	f.Add(encodeToken(scanToken{resume: []byte("key")}))
+	f.Add(encodeToken(scanToken{resume: []byte("key"), revs: map[uint64]int64{1: 5, 2: 0}}))
 	f.Add("")
 	f.Add("AQ")
 	f.Fuzz(func(t *testing.T, tok string) {

@@ -70,9 +70,12 @@
 //     related keys a hash tag ("{user42}/name", "{user42}/email") to place
 //     them in one shard.
 //   - Scan is scatter-gather: each shard's part is linearizable (unless
-//     Serializable), but a page is not a snapshot across shards, and pages
-//     are read at different times. Continuation tokens are opaque and tied
-//     to this client's token format version.
+//     Serializable) and every page reads a shard at the revision its first
+//     page saw, but a scan is not a snapshot across shards (revisions are
+//     per shard). ScanPage.Resume is the watch resume token of what the
+//     scan read: Watch(ctx, prefix, WithPrefix(), WithResume(page.Resume))
+//     delivers exactly the changes after it. Continuation tokens are
+//     opaque and tied to this client's token format version.
 //   - Count, like Scan, asks every shard (one count-only Range each) and
 //     sums the answers: each shard's count is linearizable, the sum is not
 //     a snapshot across shards.

@@ -7,7 +7,13 @@ import (
 	"encoding/binary"
 	"fmt"
 	"hash/crc32"
+	"maps"
+	"math"
+	"slices"
 	"sync"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/kvd/kvd/proto/kvpb"
 )
@@ -23,8 +29,17 @@ type ScanOptions struct {
 	KeysOnly bool
 	// Serializable lets any replica answer each shard's part.
 	Serializable bool
+	// Latest reads every page from the shards' latest state instead of
+	// the revision each shard's first page saw: later pages then cost no
+	// replay of the history written since, and a long scan cannot outlive
+	// the history it needs, but a key written between pages may or may
+	// not appear, and the pages carry no Revisions nor Resume. For scans
+	// that change what they scan, such as deleting a prefix page by page.
+	Latest bool
 	// Token continues a scan: pass the Next of the previous page, with the
-	// same start and end. "" starts at start.
+	// same start and end. "" starts at start. The token carries the
+	// revision each shard was first read at, so every page reads each
+	// shard as of that same revision.
 	Token string
 }
 
@@ -35,6 +50,15 @@ type ScanPage struct {
 	// Next continues the scan (ScanOptions.Token); "" when the range is
 	// exhausted.
 	Next string
+	// Revisions is, per data shard, the revision its part of the scan
+	// was read at: the first page pins each shard's revision and every
+	// later page reads the shard as of it.
+	Revisions map[uint64]int64
+	// Resume is a watch resume token (WithResume) of the state the scan
+	// read: a prefix watch from it delivers exactly the changes made
+	// after it, each once, none missed. It is the same on every page of
+	// one scan.
+	Resume string
 }
 
 // Scan returns the keys in [start, end) in key order, one page at a time.
@@ -43,10 +67,16 @@ type ScanPage struct {
 //
 // Keys are spread over shards by hash, so Scan asks every shard for its
 // part (in parallel, each from the shard's leader unless Serializable) and
-// merges them. Each shard's part is linearizable, but the page as a whole is
-// not a snapshot across shards, and pages are read at different times: a
-// key written between two pages may or may not appear. Memory per page is
-// bounded by about twice Limit, however large the range.
+// merges them. Each shard's part is linearizable and read at one revision
+// of the shard, the one its first page saw, on every page (later pages read
+// the shard's history as of that revision, docs/design.md, Reads at a
+// revision): a key written between two pages does not appear, and the
+// page's Resume token starts a watch exactly after what the scan read.
+// The scan as a whole is not a snapshot across shards, since revisions are
+// per shard. A scan that outlives its shards' history (--history-revisions)
+// fails with a *CompactedError; ScanOptions.Latest reads every page from
+// the latest state instead. Memory per page is bounded by about twice
+// Limit, however large the range.
 func (c *Client) Scan(ctx context.Context, start, end []byte, opts ScanOptions) (*ScanPage, error) {
 	if c.isClosed() {
 		return nil, ErrClosed
@@ -55,26 +85,37 @@ func (c *Client) Scan(ctx context.Context, start, end []byte, opts ScanOptions) 
 	if limit <= 0 {
 		limit = DefaultScanLimit
 	}
+	var pinned map[uint64]int64
 	if opts.Token != "" {
-		resume, err := decodeToken(opts.Token)
+		tok, err := decodeToken(opts.Token)
 		if err != nil {
 			return nil, fmt.Errorf("scan: %w", err)
 		}
-		if bytes.Compare(resume, start) < 0 {
+		if bytes.Compare(tok.resume, start) < 0 {
 			return nil, fmt.Errorf("scan: %w: token is before the start of the range", ErrInvalidToken)
 		}
-		start = resume
-	}
-	if len(end) > 0 && bytes.Compare(start, end) >= 0 {
-		return &ScanPage{}, nil
+		start, pinned = tok.resume, tok.revs
 	}
 
 	var parts []*scanPart
 	for _, shard := range c.dataShards() {
-		parts = append(parts, &scanPart{shard: shard, next: start, more: true})
+		p := &scanPart{shard: shard, next: start, more: true}
+		if rev, ok := pinned[shard]; ok && !opts.Latest {
+			p.rev, p.pinned = rev, true
+			// A shard read at revision 0 had no keys then: the proto's
+			// revision 0 would read it now instead.
+			p.more = rev > 0
+		}
+		parts = append(parts, p)
 	}
 	if len(parts) == 0 {
 		return &ScanPage{}, nil
+	}
+	if len(end) > 0 && bytes.Compare(start, end) >= 0 {
+		if opts.Token == "" || opts.Latest {
+			return &ScanPage{}, nil // no shard read: no revisions either
+		}
+		return pinnedPage(parts, nil), nil
 	}
 
 	// Ask each shard for a bit more than its fair share of the page, so a
@@ -103,7 +144,10 @@ func (c *Client) Scan(ctx context.Context, start, end []byte, opts ScanOptions) 
 			}
 		}
 		if best == nil {
-			return page, nil // every shard is exhausted
+			if opts.Latest {
+				return page, nil
+			}
+			return pinnedPage(parts, page), nil // every shard is exhausted
 		}
 		page.KVs = append(page.KVs, best.buf[0])
 		best.buf[0] = nil
@@ -115,18 +159,40 @@ func (c *Client) Scan(ctx context.Context, start, end []byte, opts ScanOptions) 
 			exhausted = false
 		}
 	}
+	if !opts.Latest {
+		page = pinnedPage(parts, page)
+	}
 	if !exhausted {
-		page.Next = encodeToken(keySuccessor(page.KVs[len(page.KVs)-1].GetKey()))
+		page.Next = encodeToken(scanToken{resume: keySuccessor(page.KVs[len(page.KVs)-1].GetKey()), revs: page.Revisions})
 	}
 	return page, nil
 }
 
+// pinnedPage sets page's revisions and watch resume token from parts,
+// every one of which has been read (and so pinned) by now. A nil page is
+// an empty one.
+func pinnedPage(parts []*scanPart, page *ScanPage) *ScanPage {
+	if page == nil {
+		page = &ScanPage{}
+	}
+	page.Revisions = make(map[uint64]int64, len(parts))
+	next := make(map[uint64]int64, len(parts))
+	for _, p := range parts {
+		page.Revisions[p.shard] = p.rev
+		next[p.shard] = p.rev + 1 // a watch from rev+1 misses nothing after rev
+	}
+	page.Resume = encodeWatchToken(next)
+	return page
+}
+
 // scanPart is one shard's cursor in a Scan.
 type scanPart struct {
-	shard uint64
-	next  []byte // where the next Range starts
-	more  bool   // the shard may have keys at or after next
-	buf   []*kvpb.KeyValue
+	shard  uint64
+	next   []byte // where the next Range starts
+	more   bool   // the shard may have keys at or after next
+	buf    []*kvpb.KeyValue
+	rev    int64 // the revision the shard is read at, once pinned
+	pinned bool  // rev is set: the first page of the shard has been read
 }
 
 type scanner struct {
@@ -157,14 +223,26 @@ func (sc *scanner) fetchAll(ctx context.Context, parts []*scanPart) error {
 	return nil
 }
 
-// fetch reads the next batch of p's shard into p.buf.
+// fetch reads the next batch of p's shard into p.buf, as of p's pinned
+// revision, pinning it at the first read.
 func (sc *scanner) fetch(ctx context.Context, p *scanPart) error {
-	resp, err := sc.c.rangeShard(ctx, &kvpb.RangeRequest{
+	req := &kvpb.RangeRequest{
 		Header: &kvpb.RequestHeader{}, Shard: p.shard, Start: p.next, End: sc.end,
 		Limit: int64(sc.batch), Consistency: consistency(sc.opts.Serializable), KeysOnly: sc.opts.KeysOnly,
-	})
+		Revision: p.rev,
+	}
+	resp, err := sc.c.rangeShard(ctx, req)
+	if err != nil && p.pinned && sc.opts.Serializable && isFutureRevision(err) {
+		// A replica behind the pinned revision cannot read as of it; the
+		// leader, which served or follows the first page, can.
+		req.Header, req.Consistency = &kvpb.RequestHeader{}, kvpb.Consistency_LINEARIZABLE
+		resp, err = sc.c.rangeShard(ctx, req)
+	}
 	if err != nil {
-		return err
+		return fmt.Errorf("shard %d: %w", p.shard, compacted(err))
+	}
+	if !p.pinned && !sc.opts.Latest {
+		p.rev, p.pinned = resp.GetHeader().GetRevision(), true
 	}
 	kvs := resp.GetKvs()
 	more := resp.GetMore()
@@ -210,6 +288,22 @@ func (c *Client) rangeShard(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.
 	return resp, err
 }
 
+// isFutureRevision reports whether err is a read at a revision the
+// answering replica has not reached (OutOfRange without a compaction
+// detail).
+func isFutureRevision(err error) bool {
+	st, ok := status.FromError(err)
+	if !ok || st.Code() != codes.OutOfRange {
+		return false
+	}
+	for _, d := range st.Details() {
+		if _, ok := d.(*kvpb.CompactedShard); ok {
+			return false
+		}
+	}
+	return true
+}
+
 // consistency is the read consistency a serializable flag asks for.
 func consistency(serializable bool) kvpb.Consistency {
 	if serializable {
@@ -239,40 +333,73 @@ func PrefixEnd(prefix []byte) []byte {
 	return nil
 }
 
-// Scan tokens: base64url(version | uvarint(len(key)) | key | crc32(all before)).
-// The version lets a later client change the format and reject old tokens
-// cleanly; the checksum turns truncation and typos into ErrInvalidToken.
-const tokenVersion = 1
+// Scan tokens: base64url(version | uvarint(len(key)) | key |
+// (uvarint shard | uvarint rev)* | crc32(all before)), shards ascending,
+// each once: where the scan goes on, and the revision every shard read so
+// far is pinned at. The version lets a later client change the format and
+// reject old tokens cleanly; the checksum turns truncation and typos into
+// ErrInvalidToken.
+const tokenVersion = 2
 
-func encodeToken(resume []byte) string {
-	b := make([]byte, 0, 1+binary.MaxVarintLen64+len(resume)+4)
+// scanToken is what a scan token carries.
+type scanToken struct {
+	resume []byte           // the next key to read
+	revs   map[uint64]int64 // per shard: the revision it is read at
+}
+
+func encodeToken(t scanToken) string {
+	shards := slices.Sorted(maps.Keys(t.revs))
+	b := make([]byte, 0, 1+binary.MaxVarintLen64*(1+2*len(shards))+len(t.resume)+4)
 	b = append(b, tokenVersion)
-	b = binary.AppendUvarint(b, uint64(len(resume)))
-	b = append(b, resume...)
+	b = binary.AppendUvarint(b, uint64(len(t.resume)))
+	b = append(b, t.resume...)
+	for _, sh := range shards {
+		b = binary.AppendUvarint(b, sh)
+		b = binary.AppendUvarint(b, uint64(t.revs[sh]))
+	}
 	b = binary.BigEndian.AppendUint32(b, crc32.ChecksumIEEE(b))
 	return base64.RawURLEncoding.EncodeToString(b)
 }
 
-func decodeToken(tok string) ([]byte, error) {
-	b, err := base64.RawURLEncoding.DecodeString(tok)
+func decodeToken(tok string) (scanToken, error) {
+	var t scanToken
+	b, err := base64.RawURLEncoding.Strict().DecodeString(tok)
 	if err != nil {
-		return nil, fmt.Errorf("%w: not base64url", ErrInvalidToken)
+		return t, fmt.Errorf("%w: not base64url", ErrInvalidToken)
 	}
 	if len(b) < 1+1+4 {
-		return nil, fmt.Errorf("%w: too short", ErrInvalidToken)
+		return t, fmt.Errorf("%w: too short", ErrInvalidToken)
 	}
 	body, sum := b[:len(b)-4], binary.BigEndian.Uint32(b[len(b)-4:])
 	if crc32.ChecksumIEEE(body) != sum {
-		return nil, fmt.Errorf("%w: checksum mismatch", ErrInvalidToken)
+		return t, fmt.Errorf("%w: checksum mismatch", ErrInvalidToken)
 	}
 	if body[0] != tokenVersion {
-		return nil, fmt.Errorf("%w: version %d, want %d", ErrInvalidToken, body[0], tokenVersion)
+		return t, fmt.Errorf("%w: version %d, want %d", ErrInvalidToken, body[0], tokenVersion)
 	}
 	n, w := binary.Uvarint(body[1:])
-	if w <= 0 || n != uint64(len(body)-1-w) {
-		return nil, fmt.Errorf("%w: bad length", ErrInvalidToken)
+	if w <= 0 || n > uint64(len(body)-1-w) {
+		return t, fmt.Errorf("%w: bad length", ErrInvalidToken)
 	}
-	return bytes.Clone(body[1+w:]), nil
+	t.resume = bytes.Clone(body[1+w : 1+w+int(n)])
+	t.revs = map[uint64]int64{}
+	r := bytes.NewReader(body[1+w+int(n):])
+	var prev uint64
+	for r.Len() > 0 {
+		sh, err1 := binary.ReadUvarint(r)
+		rev, err2 := binary.ReadUvarint(r)
+		// Shards ascend, each once, and revisions fit an int64: the one
+		// encoding encodeToken makes.
+		if err1 != nil || err2 != nil || rev > math.MaxInt64 || (len(t.revs) > 0 && sh <= prev) {
+			return scanToken{}, fmt.Errorf("%w: bad shard revisions", ErrInvalidToken)
+		}
+		t.revs[sh], prev = int64(rev), sh
+	}
+	if encodeToken(t) != tok {
+		// Varints have more than one encoding; tokens have one.
+		return scanToken{}, fmt.Errorf("%w: not in canonical form", ErrInvalidToken)
+	}
+	return t, nil
 }
 
 // Count returns the number of keys in [start, end) (an empty end: to the

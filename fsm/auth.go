@@ -1,6 +1,7 @@
 package fsm
 
 import (
+	"bytes"
 	"cmp"
 	"errors"
 	"fmt"
@@ -148,6 +149,44 @@ func changeAuth(st *kvpb.AuthState, c *kvpb.AuthChangeRequest) error {
 			return fmt.Errorf("%w: a permission needs a key", ErrMalformed)
 		}
 		r.Perms = append(r.Perms, g.GetPerm())
+	case *kvpb.AuthChangeRequest_UserRevokeRole:
+		g := ch.UserRevokeRole
+		u := user(g.GetUser())
+		if u == nil {
+			return fmt.Errorf("%w: no user %q", ErrAuthChange, g.GetUser())
+		}
+		if !slices.Contains(u.GetRoles(), g.GetRole()) {
+			return fmt.Errorf("%w: user %q does not have the role %q", ErrAuthChange, g.GetUser(), g.GetRole())
+		}
+		if g.GetUser() == RootUser && g.GetRole() == RootRole && st.GetEnabled() {
+			// Nobody could change auth any more.
+			return fmt.Errorf("%w: user %q keeps the role %q while auth is enabled", ErrAuthChange, RootUser, RootRole)
+		}
+		u.Roles = slices.DeleteFunc(u.Roles, func(r string) bool { return r == g.GetRole() })
+	case *kvpb.AuthChangeRequest_RoleRevokePermission:
+		g := ch.RoleRevokePermission
+		r := role(g.GetRole())
+		if r == nil {
+			return fmt.Errorf("%w: no role %q", ErrAuthChange, g.GetRole())
+		}
+		n := len(r.Perms)
+		r.Perms = slices.DeleteFunc(r.Perms, func(p *kvpb.Permission) bool {
+			return bytes.Equal(p.GetKey(), g.GetPerm().GetKey()) && bytes.Equal(p.GetRangeEnd(), g.GetPerm().GetRangeEnd())
+		})
+		if len(r.Perms) == n {
+			return fmt.Errorf("%w: role %q has no permission on exactly that key or range", ErrAuthChange, g.GetRole())
+		}
+	case *kvpb.AuthChangeRequest_UserChangePassword:
+		c := ch.UserChangePassword
+		if c.GetPassword() != "" || len(c.GetPasswordHash()) == 0 {
+			return fmt.Errorf("%w: a password change carries the hash of a new password only", ErrMalformed)
+		}
+		u := user(c.GetName())
+		if u == nil {
+			return fmt.Errorf("%w: no user %q", ErrAuthChange, c.GetName())
+		}
+		u.PasswordHash = c.GetPasswordHash()
+		u.TokenGeneration++ // the tokens issued so far name the old generation
 	default:
 		return ErrUnknownCmd
 	}

@@ -149,51 +149,63 @@ func (s *Server) AuthState(context.Context, *peerpb.AuthStateRequest) (*peerpb.A
 	return &peerpb.AuthStateResponse{State: st}, nil
 }
 
-// signToken and checkToken: "user.expiry_ms.mac", user base64url.
-func signToken(secret []byte, user string, exp time.Time) string {
-	body := base64.RawURLEncoding.EncodeToString([]byte(user)) + "." + strconv.FormatInt(exp.UnixMilli(), 10)
+// signToken and checkToken: "user.generation.expiry_ms.mac", user
+// base64url, generation the user's token generation when the token was
+// issued (a password change increments it, which refuses older tokens).
+// Tokens of the earlier form "user.expiry_ms.mac" are of generation 0.
+func signToken(secret []byte, user string, gen uint64, exp time.Time) string {
+	body := base64.RawURLEncoding.EncodeToString([]byte(user)) + "." + strconv.FormatUint(gen, 10) + "." + strconv.FormatInt(exp.UnixMilli(), 10)
 	m := hmac.New(sha256.New, secret)
 	m.Write([]byte(body))
 	return body + "." + base64.RawURLEncoding.EncodeToString(m.Sum(nil))
 }
 
-func checkToken(secret []byte, tok string, now time.Time) (string, error) {
+// checkToken returns the user and token generation tok names, when the
+// secret signed it and it has not expired.
+func checkToken(secret []byte, tok string, now time.Time) (string, uint64, error) {
 	i := strings.LastIndexByte(tok, '.')
 	if i < 0 {
-		return "", errors.New("malformed token")
+		return "", 0, errors.New("malformed token")
 	}
 	body, mac := tok[:i], tok[i+1:]
 	m := hmac.New(sha256.New, secret)
 	m.Write([]byte(body))
 	got, err := base64.RawURLEncoding.DecodeString(mac)
 	if err != nil || !hmac.Equal(got, m.Sum(nil)) {
-		return "", errors.New("invalid token")
+		return "", 0, errors.New("invalid token")
 	}
-	u, e, _ := strings.Cut(body, ".")
-	exp, err := strconv.ParseInt(e, 10, 64)
+	u, rest, _ := strings.Cut(body, ".")
+	var gen uint64
+	if g, e, ok := strings.Cut(rest, "."); ok {
+		if gen, err = strconv.ParseUint(g, 10, 64); err != nil {
+			return "", 0, errors.New("malformed token")
+		}
+		rest = e
+	}
+	exp, err := strconv.ParseInt(rest, 10, 64)
 	if err != nil {
-		return "", errors.New("malformed token")
+		return "", 0, errors.New("malformed token")
 	}
 	if now.UnixMilli() >= exp {
-		return "", errors.New("token expired; authenticate again")
+		return "", 0, errors.New("token expired; authenticate again")
 	}
 	user, err := base64.RawURLEncoding.DecodeString(u)
 	if err != nil {
-		return "", errors.New("malformed token")
+		return "", 0, errors.New("malformed token")
 	}
-	return string(user), nil
+	return string(user), gen, nil
 }
 
 // identify returns the user a request comes from, or Unauthenticated.
 func (s *Server) identify(ctx context.Context, st *kvpb.AuthState) (*kvpb.AuthUser, error) {
-	name := ""
+	name, byToken, gen := "", false, uint64(0)
 	md, _ := metadata.FromIncomingContext(ctx)
 	if v := md.Get(mdToken); len(v) > 0 {
-		u, err := checkToken(st.GetSecret(), v[0], time.Now())
+		u, g, err := checkToken(st.GetSecret(), v[0], time.Now())
 		if err != nil {
 			return nil, status.Errorf(codes.Unauthenticated, "auth: %v", err)
 		}
-		name = u
+		name, byToken, gen = u, true, g
 	} else if p, ok := grpcpeer.FromContext(ctx); ok {
 		if info, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(info.State.VerifiedChains) > 0 {
 			name = info.State.VerifiedChains[0][0].Subject.CommonName
@@ -204,6 +216,9 @@ func (s *Server) identify(ctx context.Context, st *kvpb.AuthState) (*kvpb.AuthUs
 	}
 	for _, u := range st.GetUsers() {
 		if u.GetName() == name {
+			if byToken && gen != u.GetTokenGeneration() {
+				return nil, status.Errorf(codes.Unauthenticated, "auth: the password of user %q changed after this token was issued; authenticate again", name)
+			}
 			return u, nil
 		}
 	}
@@ -461,7 +476,7 @@ func (a authService) Authenticate(ctx context.Context, req *kvpb.AuthenticateReq
 		}
 		if bcrypt.CompareHashAndPassword(u.GetPasswordHash(), []byte(req.GetPassword())) == nil {
 			exp := time.Now().Add(a.s.cfg.AuthTokenTTL)
-			return &kvpb.AuthenticateResponse{Token: signToken(st.GetSecret(), u.GetName(), exp), ExpiresUnixMs: exp.UnixMilli()}, nil
+			return &kvpb.AuthenticateResponse{Token: signToken(st.GetSecret(), u.GetName(), u.GetTokenGeneration(), exp), ExpiresUnixMs: exp.UnixMilli()}, nil
 		}
 	}
 	return nil, status.Error(codes.Unauthenticated, "auth: wrong user name or password")
@@ -478,6 +493,16 @@ func (a authService) Change(ctx context.Context, req *kvpb.AuthChangeRequest) (*
 			}
 			ch.UserAdd.Password, ch.UserAdd.PasswordHash = "", h
 		}
+	case *kvpb.AuthChangeRequest_UserChangePassword:
+		pw := ch.UserChangePassword.GetPassword()
+		if pw == "" {
+			return nil, status.Error(codes.InvalidArgument, "password change: the new password is empty")
+		}
+		h, err := bcrypt.GenerateFromPassword([]byte(pw), bcrypt.DefaultCost)
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "password change: %v", err)
+		}
+		ch.UserChangePassword.Password, ch.UserChangePassword.PasswordHash = "", h
 	case *kvpb.AuthChangeRequest_Enable:
 		ch.Enable.Secret = make([]byte, 32)
 		if _, err := rand.Read(ch.Enable.Secret); err != nil {
@@ -494,10 +519,33 @@ func (a authService) Change(ctx context.Context, req *kvpb.AuthChangeRequest) (*
 		}
 		return nil, a.s.toStatus(err, MetaShard)
 	}
-	a.s.awaitLocalMeta(ctx)
-	// The next request reads the state again.
-	a.s.authc.cur.Store(nil)
+	a.s.refreshAuthAfterChange(ctx)
 	return &kvpb.AuthChangeResponse{}, nil
+}
+
+// refreshAuthAfterChange has this node enforce an auth change it just
+// committed from its next request on (a revoked permission, a refused
+// token). Leading the meta shard, it reads the auth state linearizably (a
+// ReadIndex, which also makes the applied change visible to readers) and
+// caches it; otherwise it waits for its replica and drops its cache, and
+// the change is enforced here within the commit interval and authCacheFor.
+// The refresh lock keeps a refresh that read the state before the change
+// from caching it after.
+func (s *Server) refreshAuthAfterChange(ctx context.Context) {
+	s.authc.refresh.Lock()
+	defer s.authc.refresh.Unlock()
+	var st *kvpb.AuthState
+	err := s.read(ctx, MetaShard, kvpb.Consistency_LINEARIZABLE, func(r *storage.Reader) error {
+		var err error
+		st, err = fsm.AuthState(r)
+		return err
+	})
+	if err == nil {
+		s.authc.cur.Store(&authSnapshot{st: st, at: time.Now()})
+		return
+	}
+	s.awaitLocalMeta(ctx)
+	s.authc.cur.Store(nil) // the next request reads the state again
 }
 
 // awaitLocalMeta waits, when this node hosts the meta shard, until what

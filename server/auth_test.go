@@ -1,10 +1,16 @@
 package server
 
 import (
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
+	"strconv"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
 	"github.com/kvd/kvd/proto/kvpb"
@@ -13,19 +19,45 @@ import (
 func TestTokens(t *testing.T) {
 	secret := []byte("0123456789abcdef0123456789abcdef")
 	now := time.Now()
-	tok := signToken(secret, "al.ice", now.Add(time.Minute))
-	if u, err := checkToken(secret, tok, now); err != nil || u != "al.ice" {
-		t.Fatalf("checkToken = %q, %v", u, err)
+	tok := signToken(secret, "al.ice", 3, now.Add(time.Minute))
+	if u, gen, err := checkToken(secret, tok, now); err != nil || u != "al.ice" || gen != 3 {
+		t.Fatalf("checkToken = %q, %d, %v", u, gen, err)
 	}
-	if _, err := checkToken(secret, tok, now.Add(2*time.Minute)); err == nil {
+	if _, _, err := checkToken(secret, tok, now.Add(2*time.Minute)); err == nil {
 		t.Error("an expired token passed")
 	}
-	if _, err := checkToken([]byte("another secret, another cluster!"), tok, now); err == nil {
+	if _, _, err := checkToken([]byte("another secret, another cluster!"), tok, now); err == nil {
 		t.Error("a token of another secret passed")
 	}
-	forged := signToken(secret, "root", now.Add(time.Minute))
-	if _, err := checkToken(secret, tok[:len(tok)-43]+forged[len(forged)-43:], now); err == nil {
+	forged := signToken(secret, "root", 3, now.Add(time.Minute))
+	if _, _, err := checkToken(secret, tok[:len(tok)-43]+forged[len(forged)-43:], now); err == nil {
 		t.Error("a token with another token's MAC passed")
+	}
+	// A token of the form before generations ("user.expiry.mac") is of
+	// generation 0.
+	body := base64.RawURLEncoding.EncodeToString([]byte("bob")) + "." + strconv.FormatInt(now.Add(time.Minute).UnixMilli(), 10)
+	m := hmac.New(sha256.New, secret)
+	m.Write([]byte(body))
+	old := body + "." + base64.RawURLEncoding.EncodeToString(m.Sum(nil))
+	if u, gen, err := checkToken(secret, old, now); err != nil || u != "bob" || gen != 0 {
+		t.Errorf("a token without generation: %q, %d, %v", u, gen, err)
+	}
+}
+
+// TestTokenOfAnOldPasswordIsRefused: identify refuses a token issued in
+// an earlier token generation of its user (before a password change).
+func TestTokenOfAnOldPasswordIsRefused(t *testing.T) {
+	secret := []byte("0123456789abcdef0123456789abcdef")
+	st := &kvpb.AuthState{Enabled: true, Secret: secret, Users: []*kvpb.AuthUser{{Name: "u", TokenGeneration: 1}}}
+	for _, tc := range []struct {
+		gen  uint64
+		want codes.Code
+	}{{0, codes.Unauthenticated}, {1, codes.OK}, {2, codes.Unauthenticated}} {
+		ctx := metadata.NewIncomingContext(context.Background(), metadata.Pairs(mdToken, signToken(secret, "u", tc.gen, time.Now().Add(time.Minute))))
+		_, err := (&Server{}).identify(ctx, st)
+		if status.Code(err) != tc.want {
+			t.Errorf("token of generation %d for a user at 1: %v, want %v", tc.gen, err, tc.want)
+		}
 	}
 }
 

@@ -187,7 +187,7 @@ func New(cfg Config) (_ *Server, err error) {
 	if s.tls.peerServer != nil {
 		peerOpts = append(peerOpts, grpc.Creds(credentials.NewTLS(s.tls.peerServer)))
 	} else {
-		s.log.Warn("peer TLS is off: anyone who can reach the peer port can act as a member of this cluster (propose writes, take part in Raft); give --peer-cert, --peer-key and --peer-ca", "peer", s.PeerAddr())
+		logPlaintextPeer(s.log, s.PeerAddr())
 	}
 	s.peerSrv = grpc.NewServer(peerOpts...)
 	s.tr.Register(s.peerSrv)

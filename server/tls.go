@@ -5,6 +5,9 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -13,6 +16,35 @@ import (
 	"github.com/kvd/kvd/internal/pki"
 	"github.com/kvd/kvd/transport"
 )
+
+// onLoopback reports whether addr (host:port, as a listener reports it)
+// can be reached from this machine only. An unspecified host (0.0.0.0,
+// ::, "") listens on every interface, and a name other than localhost
+// may resolve to anything: neither counts as loopback.
+func onLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsLoopback()
+}
+
+// logPlaintextPeer says, once at start, how far a peer port without TLS
+// is exposed: whoever reaches it can act as a member (propose writes,
+// vote, rewrite the cluster map). On loopback that is this machine's
+// processes only, as the default --listen-peer keeps it; on any other
+// address it is the network's, which deserves a warning.
+func logPlaintextPeer(log *slog.Logger, addr string) {
+	if onLoopback(addr) {
+		log.Info("peer TLS is off; the peer port listens on loopback, so only this machine can reach it", "peer", addr)
+		return
+	}
+	log.Warn("peer TLS is off and the peer port listens on a non-loopback address: anyone who can reach it can act as a member of this cluster (propose writes, take part in Raft); give --peer-cert, --peer-key and --peer-ca, or listen on 127.0.0.1", "peer", addr)
+}
 
 // tlsSetup is what the TLS flags load to: nil configs mean plaintext.
 type tlsSetup struct {

@@ -29,7 +29,7 @@ func (a *app) change(req *kvpb.AuthChangeRequest) error {
 }
 
 func (a *app) userCmd() *cobra.Command {
-	cmd := groupCmd("user", "Add, delete, list users and grant them roles", "  kvctl user add alice --password secret\n  kvctl user grant-role alice reader")
+	cmd := groupCmd("user", "Add, delete, list users, grant and revoke their roles, change passwords", "  kvctl user add alice --password secret\n  kvctl user grant-role alice reader\n  kvctl user passwd alice --password n3w")
 	var password string
 	var noPassword bool
 	add := &cobra.Command{
@@ -65,6 +65,13 @@ replicates its bcrypt hash only. Once auth is enabled, only root may.`,
 			return a.change(&kvpb.AuthChangeRequest{Change: &kvpb.AuthChangeRequest_UserGrantRole{UserGrantRole: &kvpb.UserGrantRole{User: args[0], Role: args[1]}}})
 		},
 	}, &cobra.Command{
+		Use:   "revoke-role USER ROLE",
+		Short: "Take a role from a user; the user's next request is checked without it",
+		Args:  exactArgs(2, "USER and ROLE"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return a.change(&kvpb.AuthChangeRequest{Change: &kvpb.AuthChangeRequest_UserRevokeRole{UserRevokeRole: &kvpb.UserRevokeRole{User: args[0], Role: args[1]}}})
+		},
+	}, a.passwdCmd(), &cobra.Command{
 		Use:         "list",
 		Short:       `List users and their roles ("NAME ROLE,ROLE" per line)`,
 		Args:        exactArgs(0, "no arguments"),
@@ -86,9 +93,48 @@ replicates its bcrypt hash only. Once auth is enabled, only root may.`,
 	return cmd
 }
 
+func (a *app) passwdCmd() *cobra.Command {
+	var password string
+	cmd := &cobra.Command{
+		Use:   "passwd NAME --password NEW",
+		Short: "Change a user's password; tokens issued before stop working",
+		Long: `Change NAME's password. The node hashes it (bcrypt) and replicates the
+hash only. Every token issued to NAME before the change is refused from
+then on (Unauthenticated: authenticate again), so a client that still has
+the old password stops at its next request; client certificates are not
+affected. Once auth is enabled, only root may.`,
+		Example: "  kvctl --user root:s3cret user passwd alice --password n3w",
+		Args:    exactArgs(1, "NAME"),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if password == "" {
+				return usageErrorf("give the new password with --password")
+			}
+			return a.change(&kvpb.AuthChangeRequest{Change: &kvpb.AuthChangeRequest_UserChangePassword{UserChangePassword: &kvpb.UserChangePassword{Name: args[0], Password: password}}})
+		},
+	}
+	cmd.Flags().StringVar(&password, "password", "", "the new password")
+	return cmd
+}
+
+// permArg is the permission role grant-permission and revoke-permission
+// name: KEY alone, [KEY, END) with end = [END], or the prefix KEY.
+func permArg(key string, end []string, prefix bool) *kvpb.Permission {
+	perm := &kvpb.Permission{Key: []byte(key)}
+	switch {
+	case prefix:
+		perm.RangeEnd = client.PrefixEnd(perm.Key)
+		if perm.RangeEnd == nil {
+			perm.RangeEnd = []byte{0}
+		}
+	case len(end) == 1:
+		perm.RangeEnd = []byte(end[0])
+	}
+	return perm
+}
+
 func (a *app) roleCmd() *cobra.Command {
-	cmd := groupCmd("role", "Add roles, grant them permissions, list them", "  kvctl role add reader\n  kvctl role grant-permission reader read --prefix app/")
-	var prefix bool
+	cmd := groupCmd("role", "Add roles, grant and revoke their permissions, list them", "  kvctl role add reader\n  kvctl role grant-permission reader read --prefix app/\n  kvctl role revoke-permission reader --prefix app/")
+	var prefix, revokePrefix bool
 	grant := &cobra.Command{
 		Use:   "grant-permission ROLE read|readwrite KEY [END]",
 		Short: "Grant a role read or readwrite on a key, a range [KEY, END) or a prefix",
@@ -104,7 +150,7 @@ what it needs by one of its user's roles; the role root needs no grants.`,
 			return nil
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			perm := &kvpb.Permission{Key: []byte(args[2])}
+			perm := permArg(args[2], args[3:], prefix)
 			switch args[1] {
 			case "read":
 			case "readwrite":
@@ -112,19 +158,32 @@ what it needs by one of its user's roles; the role root needs no grants.`,
 			default:
 				return usageErrorf("permission %q: use read or readwrite", args[1])
 			}
-			switch {
-			case prefix:
-				perm.RangeEnd = client.PrefixEnd(perm.Key)
-				if perm.RangeEnd == nil {
-					perm.RangeEnd = []byte{0}
-				}
-			case len(args) == 4:
-				perm.RangeEnd = []byte(args[3])
-			}
 			return a.change(&kvpb.AuthChangeRequest{Change: &kvpb.AuthChangeRequest_RoleGrantPermission{RoleGrantPermission: &kvpb.RoleGrantPermission{Role: args[0], Perm: perm}}})
 		},
 	}
 	grant.Flags().BoolVar(&prefix, "prefix", false, "grant every key that starts with KEY")
+	revoke := &cobra.Command{
+		Use:   "revoke-permission ROLE KEY [END]",
+		Short: "Take from a role its permission on a key, a range [KEY, END) or a prefix",
+		Long: `Remove ROLE's permissions (read and readwrite) on exactly KEY alone, the
+range [KEY, END), or with --prefix the prefix KEY, as grant-permission gave
+them; 'kvctl role list' shows them. Requests of the role's users are
+checked without it from their next request on (on the node that made the
+change; on the others within the commit interval and 100 ms). Revoking
+what the role does not have fails.`,
+		Example: "  kvctl role revoke-permission reader --prefix app/\n  kvctl role revoke-permission writer app/a app/m",
+		Args: func(cmd *cobra.Command, args []string) error {
+			if len(args) < 2 || len(args) > 3 || (revokePrefix && len(args) == 3) {
+				return usageErrorf("%s needs ROLE, KEY and optionally END (not with --prefix); usage: %s", cmd.CommandPath(), cmd.UseLine())
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			perm := permArg(args[1], args[2:], revokePrefix)
+			return a.change(&kvpb.AuthChangeRequest{Change: &kvpb.AuthChangeRequest_RoleRevokePermission{RoleRevokePermission: &kvpb.RoleRevokePermission{Role: args[0], Perm: perm}}})
+		},
+	}
+	revoke.Flags().BoolVar(&revokePrefix, "prefix", false, "revoke the permission on every key that starts with KEY")
 	cmd.AddCommand(&cobra.Command{
 		Use:   "add NAME",
 		Short: "Add a role without permissions",
@@ -132,7 +191,7 @@ what it needs by one of its user's roles; the role root needs no grants.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return a.change(&kvpb.AuthChangeRequest{Change: &kvpb.AuthChangeRequest_RoleAdd{RoleAdd: &kvpb.RoleAdd{Name: args[0]}}})
 		},
-	}, grant, &cobra.Command{
+	}, grant, revoke, &cobra.Command{
 		Use:         "list",
 		Short:       `List roles and their permissions ("ROLE read|readwrite KEY [END]" per line)`,
 		Args:        exactArgs(0, "no arguments"),

@@ -421,6 +421,7 @@ func (a *app) getCmd() *cobra.Command {
 		countOnly   bool
 		limit       int
 		consistency string
+		printResume bool
 	)
 	cmd := &cobra.Command{
 		Use:   "get KEY [--end END] | get --prefix PREFIX",
@@ -445,12 +446,20 @@ or value is transferred, however large the range.
 A missing KEY exits 1; a prefix or range that matches nothing prints
 nothing (count 0) and exits 0. Keys and values are printed as text; json
 uses "value_base64" instead of "value" for values that are not UTF-8.
-A range spans shards: each shard's part is linearizable (or serializable),
-but the whole is not one snapshot.`,
+A range spans shards: each shard's part is linearizable (or serializable)
+and read at one revision of the shard, on every page, but the whole is
+not one snapshot (revisions are per shard).
+
+--print-resume (with --prefix or --end) also prints the watch resume
+token of the state read: 'kvctl watch --prefix PREFIX --resume TOKEN'
+then prints exactly the changes made after the read, none missed, none
+twice. json output becomes {"kvs": [the array above], "resume": TOKEN};
+simple and table print the token alone on one line of stderr.`,
 		Example: `  kvctl get greeting
   kvctl get --prefix user/ --keys-only
   kvctl get --prefix user/ --limit 10 -o json
   kvctl get --prefix user/ --count-only
+  kvctl get --prefix user/ -o json --print-resume
   kvctl get user/a --end user/m
   kvctl get --consistency serializable greeting`,
 		Args: exactArgs(1, "KEY (or PREFIX with --prefix)"),
@@ -471,6 +480,8 @@ but the whole is not one snapshot.`,
 				return usageErrorf("--keys-only, --limit and --count-only need --prefix or --end")
 			case countOnly && (keysOnly || limit != 0):
 				return usageErrorf("--count-only cannot be combined with --keys-only or --limit")
+			case printResume && (!isRange || countOnly):
+				return usageErrorf("--print-resume goes with --prefix or --end, without --count-only")
 			}
 			start, stop := []byte(args[0]), []byte(end)
 			if prefix {
@@ -479,7 +490,7 @@ but the whole is not one snapshot.`,
 			if isRange && !countOnly {
 				// A page at a time, each with its own deadline.
 				return a.withClient(func(c *client.Client) error {
-					return a.scanRange(c, start, stop, limit, keysOnly, serializable)
+					return a.scanRange(c, start, stop, limit, keysOnly, serializable, printResume)
 				})
 			}
 			return a.request(func(ctx context.Context, c *client.Client) error {
@@ -516,14 +527,17 @@ but the whole is not one snapshot.`,
 	f.BoolVar(&countOnly, "count-only", false, "with --prefix or --end: print the number of keys only")
 	f.IntVar(&limit, "limit", 0, "with --prefix or --end: print at most N keys in total (0: all)")
 	f.StringVar(&consistency, "consistency", "linearizable", "linearizable (up to date, via the leader) or serializable (any replica, may be stale)")
+	f.BoolVar(&printResume, "print-resume", false, "with --prefix or --end: also print the watch resume token of the state read (json: a \"resume\" field; else on stderr)")
 	return cmd
 }
 
 // scanRange prints every key in [start, end), page by page, so memory
-// stays bounded by one page whatever the range holds.
-func (a *app) scanRange(c *client.Client, start, end []byte, limit int, keysOnly, serializable bool) error {
+// stays bounded by one page whatever the range holds; with printResume,
+// then the watch resume token of the state read.
+func (a *app) scanRange(c *client.Client, start, end []byte, limit int, keysOnly, serializable, printResume bool) error {
 	const page = 1000
 	p := a.newKVPrinter(keysOnly)
+	p.withResume = printResume
 	opts := client.ScanOptions{KeysOnly: keysOnly, Serializable: serializable}
 	printed := 0
 	for {
@@ -534,6 +548,12 @@ func (a *app) scanRange(c *client.Client, start, end []byte, limit int, keysOnly
 		ctx, cancel := a.ctx()
 		pg, err := c.Scan(ctx, start, end, opts)
 		cancel()
+		var ce *client.CompactedError
+		if errors.As(err, &ce) {
+			// Every page reads a shard at its first page's revision,
+			// from the shard's history, which was trimmed meanwhile.
+			return &exitError{code: exitNotFound, msg: fmt.Sprintf("shard %d trimmed its history (it keeps revisions from %d) past the revision this read started at; run it again", ce.Shard, ce.Oldest)}
+		}
 		if err != nil {
 			return err
 		}
@@ -542,7 +562,7 @@ func (a *app) scanRange(c *client.Client, start, end []byte, limit int, keysOnly
 		}
 		printed += len(pg.KVs)
 		if pg.Next == "" || (limit > 0 && printed >= limit) {
-			return p.close()
+			return p.close(pg.Resume)
 		}
 		opts.Token = pg.Next
 	}
@@ -598,7 +618,9 @@ func (a *app) deletePrefix(c *client.Client, prefix []byte) (int64, error) {
 	if len(prefix) == 0 {
 		return 0, usageErrorf("del --prefix needs a non-empty prefix; deleting every key is not offered")
 	}
-	opts := client.ScanOptions{KeysOnly: true, Limit: 1000}
+	// Latest: the pages of a scan that deletes what it reads need not
+	// replay the history of its own deletes.
+	opts := client.ScanOptions{KeysOnly: true, Limit: 1000, Latest: true}
 	var deleted int64
 	for {
 		ctx, cancel := a.ctx()

@@ -171,6 +171,20 @@ func TestGetPrefix(t *testing.T) {
 	if r.code != 0 || strings.TrimSpace(r.stdout) != "[]" {
 		t.Fatalf("empty json prefix: %+v", r)
 	}
+	// --print-resume: json wraps the array with the watch resume token.
+	for _, p := range []struct {
+		prefix string
+		n      int
+	}{{"user/", 30}, {"nothing/", 0}} {
+		r = kvctl(t, eps, "", "-o", "json", "get", "--prefix", p.prefix, "--print-resume")
+		var obj struct {
+			KVs    []map[string]any `json:"kvs"`
+			Resume string           `json:"resume"`
+		}
+		if err := json.Unmarshal([]byte(r.stdout), &obj); err != nil || r.code != 0 || len(obj.KVs) != p.n || obj.Resume == "" || obj.KVs == nil {
+			t.Fatalf("json --print-resume of %s: %v %+v", p.prefix, err, r)
+		}
+	}
 	if r := kvctl(t, eps, "", "get", "--prefix", "nothing/"); r.code != 0 || r.stdout != "" {
 		t.Fatalf("empty prefix: %+v", r)
 	}
@@ -300,7 +314,7 @@ func TestHelpDocumentsFlags(t *testing.T) {
 	}{
 		{nil, nil},
 		{[]string{"put"}, []string{"--prev-kv"}},
-		{[]string{"get"}, []string{"--prefix", "--end", "--keys-only", "--count-only", "--limit", "--consistency"}},
+		{[]string{"get"}, []string{"--prefix", "--end", "--keys-only", "--count-only", "--limit", "--consistency", "--print-resume"}},
 		{[]string{"cas"}, []string{"--create"}},
 		{[]string{"txn"}, []string{"-f, --file"}},
 		{[]string{"bench"}, nil},

@@ -63,7 +63,7 @@ func (a *app) printKV(kv *kvpb.KeyValue) error {
 		if err := p.add([]*kvpb.KeyValue{kv}); err != nil {
 			return err
 		}
-		return p.close()
+		return p.close("")
 	}
 	_, err := fmt.Fprintf(a.stdout, "%s\n", kv.Value)
 	return err
@@ -73,12 +73,24 @@ func (a *app) printKV(kv *kvpb.KeyValue) error {
 type kvPrinter struct {
 	a        *app
 	keysOnly bool
-	n        int
-	tw       *tabwriter.Writer
+	// withResume wraps json output in {"kvs": [...], "resume": TOKEN}
+	// (get --print-resume); other outputs print the token on stderr.
+	withResume bool
+	n          int
+	tw         *tabwriter.Writer
 }
 
 func (a *app) newKVPrinter(keysOnly bool) *kvPrinter {
 	return &kvPrinter{a: a, keysOnly: keysOnly}
+}
+
+// jsonIndent is the indent of the kvs of a json scan: inside the
+// {"kvs": [...]} object of --print-resume, one level deeper.
+func (p *kvPrinter) jsonIndent() string {
+	if p.withResume {
+		return "    "
+	}
+	return "  "
 }
 
 func (p *kvPrinter) add(kvs []*kvpb.KeyValue) error {
@@ -88,9 +100,12 @@ func (p *kvPrinter) add(kvs []*kvpb.KeyValue) error {
 		switch p.a.output {
 		case "json":
 			// Stream one JSON array: "[" before the first element.
-			sep := ",\n  "
+			sep := ",\n" + p.jsonIndent()
 			if p.n == 0 {
-				sep = "[\n  "
+				sep = "[\n" + p.jsonIndent()
+				if p.withResume {
+					sep = "{\n  \"kvs\": " + sep
+				}
 			}
 			b, merr := json.Marshal(toJSONKV(kv, p.keysOnly))
 			if merr != nil {
@@ -129,17 +144,37 @@ func (p *kvPrinter) add(kvs []*kvpb.KeyValue) error {
 	return nil
 }
 
-func (p *kvPrinter) close() error {
+// close ends the output; resume is the scan's watch resume token, printed
+// when withResume is set.
+func (p *kvPrinter) close(resume string) error {
 	if p.a.output == "json" {
-		end := "\n]\n"
-		if p.n == 0 {
-			end = "[]\n"
+		if !p.withResume {
+			end := "\n]\n"
+			if p.n == 0 {
+				end = "[]\n"
+			}
+			_, err := io.WriteString(p.a.stdout, end)
+			return err
 		}
-		_, err := io.WriteString(p.a.stdout, end)
+		end := "\n  ]"
+		if p.n == 0 {
+			end = "{\n  \"kvs\": []"
+		}
+		tok, err := json.Marshal(resume)
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintf(p.a.stdout, "%s,\n  \"resume\": %s\n}\n", end, tok)
 		return err
 	}
 	if p.tw != nil {
-		return p.tw.Flush()
+		if err := p.tw.Flush(); err != nil {
+			return err
+		}
+	}
+	if p.withResume {
+		_, err := fmt.Fprintln(p.a.stderr, resume)
+		return err
 	}
 	return nil
 }

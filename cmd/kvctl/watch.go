@@ -227,8 +227,8 @@ func (a *app) withRevision(get *cobra.Command) *cobra.Command {
 		switch {
 		case rev < 0:
 			return usageErrorf("--rev must be positive, got %d", rev)
-		case cmd.Flags().Changed("end") || cmd.Flags().Changed("count-only") || cmd.Flags().Changed("keys-only") || cmd.Flags().Changed("limit"):
-			return usageErrorf("--rev reads a key or a --prefix; --end, --count-only, --keys-only and --limit do not apply")
+		case cmd.Flags().Changed("end") || cmd.Flags().Changed("count-only") || cmd.Flags().Changed("keys-only") || cmd.Flags().Changed("limit") || cmd.Flags().Changed("print-resume"):
+			return usageErrorf("--rev reads a key or a --prefix; --end, --count-only, --keys-only, --limit and --print-resume do not apply")
 		case !prefix && cmd.Flags().Changed("shard"):
 			return usageErrorf("--shard goes with --prefix --rev")
 		}
@@ -260,7 +260,7 @@ func (a *app) withRevision(get *cobra.Command) *cobra.Command {
 			if err := p.add(kvs); err != nil {
 				return err
 			}
-			return p.close()
+			return p.close("")
 		})
 	}
 	get.Flags().Int64Var(&rev, "rev", 0, "read as of this revision of the key's shard (with --prefix: of --shard)")

@@ -118,8 +118,10 @@ cluster bootstrapped on one node with --replicas 3 grows to three copies as
 two nodes join); each new replica catches up from a snapshot as a Raft
 learner before it votes.
 
-Without TLS, anyone who can reach the peer port can act as a member of
-the cluster, and kvd says so in one line at start. --peer-cert,
+The peer port listens on 127.0.0.1 unless --listen-peer names another
+address. Without TLS, anyone who can reach it can act as a member of the
+cluster: kvd says so in one line at start, as a WARN when the port
+listens on a non-loopback address. --peer-cert,
 --peer-key and --peer-ca turn on mutual TLS between nodes: a peer's
 certificate must be signed by the CA and name the node id it claims
 (kvd cert node writes such certificates; kvd cert --help). --client-cert

@@ -3392,6 +3392,9 @@ type AuthChangeRequest struct {
 	//	*AuthChangeRequest_UserGrantRole
 	//	*AuthChangeRequest_RoleAdd
 	//	*AuthChangeRequest_RoleGrantPermission
+	//	*AuthChangeRequest_UserRevokeRole
+	//	*AuthChangeRequest_RoleRevokePermission
+	//	*AuthChangeRequest_UserChangePassword
 	Change        isAuthChangeRequest_Change `protobuf_oneof:"change"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -3497,6 +3500,33 @@ func (x *AuthChangeRequest) GetRoleGrantPermission() *RoleGrantPermission {
 	return nil
 }
 
+func (x *AuthChangeRequest) GetUserRevokeRole() *UserRevokeRole {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_UserRevokeRole); ok {
+			return x.UserRevokeRole
+		}
+	}
+	return nil
+}
+
+func (x *AuthChangeRequest) GetRoleRevokePermission() *RoleRevokePermission {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_RoleRevokePermission); ok {
+			return x.RoleRevokePermission
+		}
+	}
+	return nil
+}
+
+func (x *AuthChangeRequest) GetUserChangePassword() *UserChangePassword {
+	if x != nil {
+		if x, ok := x.Change.(*AuthChangeRequest_UserChangePassword); ok {
+			return x.UserChangePassword
+		}
+	}
+	return nil
+}
+
 type isAuthChangeRequest_Change interface {
 	isAuthChangeRequest_Change()
 }
@@ -3529,6 +3559,18 @@ type AuthChangeRequest_RoleGrantPermission struct {
 	RoleGrantPermission *RoleGrantPermission `protobuf:"bytes,7,opt,name=role_grant_permission,json=roleGrantPermission,proto3,oneof"`
 }
 
+type AuthChangeRequest_UserRevokeRole struct {
+	UserRevokeRole *UserRevokeRole `protobuf:"bytes,8,opt,name=user_revoke_role,json=userRevokeRole,proto3,oneof"`
+}
+
+type AuthChangeRequest_RoleRevokePermission struct {
+	RoleRevokePermission *RoleRevokePermission `protobuf:"bytes,9,opt,name=role_revoke_permission,json=roleRevokePermission,proto3,oneof"`
+}
+
+type AuthChangeRequest_UserChangePassword struct {
+	UserChangePassword *UserChangePassword `protobuf:"bytes,10,opt,name=user_change_password,json=userChangePassword,proto3,oneof"`
+}
+
 func (*AuthChangeRequest_Enable) isAuthChangeRequest_Change() {}
 
 func (*AuthChangeRequest_Disable) isAuthChangeRequest_Change() {}
@@ -3542,6 +3584,12 @@ func (*AuthChangeRequest_UserGrantRole) isAuthChangeRequest_Change() {}
 func (*AuthChangeRequest_RoleAdd) isAuthChangeRequest_Change() {}
 
 func (*AuthChangeRequest_RoleGrantPermission) isAuthChangeRequest_Change() {}
+
+func (*AuthChangeRequest_UserRevokeRole) isAuthChangeRequest_Change() {}
+
+func (*AuthChangeRequest_RoleRevokePermission) isAuthChangeRequest_Change() {}
+
+func (*AuthChangeRequest_UserChangePassword) isAuthChangeRequest_Change() {}
 
 // AuthEnable needs a user root with the role root. secret is filled by
 // the node that proposes it (the key tokens are signed with), kept if
@@ -3881,6 +3929,179 @@ func (x *RoleGrantPermission) GetPerm() *Permission {
 	return nil
 }
 
+// UserRevokeRole takes a role from a user; the user's next request is
+// checked without it.
+type UserRevokeRole struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	User          string                 `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
+	Role          string                 `protobuf:"bytes,2,opt,name=role,proto3" json:"role,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UserRevokeRole) Reset() {
+	*x = UserRevokeRole{}
+	mi := &file_kvpb_kv_proto_msgTypes[54]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UserRevokeRole) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UserRevokeRole) ProtoMessage() {}
+
+func (x *UserRevokeRole) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[54]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UserRevokeRole.ProtoReflect.Descriptor instead.
+func (*UserRevokeRole) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{54}
+}
+
+func (x *UserRevokeRole) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *UserRevokeRole) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+// RoleRevokePermission removes the role's permissions on exactly
+// [perm.key, perm.range_end), whether read or readwrite (perm.write is
+// not compared).
+type RoleRevokePermission struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Role          string                 `protobuf:"bytes,1,opt,name=role,proto3" json:"role,omitempty"`
+	Perm          *Permission            `protobuf:"bytes,2,opt,name=perm,proto3" json:"perm,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RoleRevokePermission) Reset() {
+	*x = RoleRevokePermission{}
+	mi := &file_kvpb_kv_proto_msgTypes[55]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RoleRevokePermission) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RoleRevokePermission) ProtoMessage() {}
+
+func (x *RoleRevokePermission) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[55]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RoleRevokePermission.ProtoReflect.Descriptor instead.
+func (*RoleRevokePermission) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{55}
+}
+
+func (x *RoleRevokePermission) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *RoleRevokePermission) GetPerm() *Permission {
+	if x != nil {
+		return x.Perm
+	}
+	return nil
+}
+
+// UserChangePassword sets a user's password (as UserAdd: the proposing
+// node replaces it by its bcrypt hash) and invalidates every token the
+// user was given before: tokens name the user's token generation, which
+// the change increments.
+type UserChangePassword struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Password      string                 `protobuf:"bytes,2,opt,name=password,proto3" json:"password,omitempty"`
+	PasswordHash  []byte                 `protobuf:"bytes,3,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UserChangePassword) Reset() {
+	*x = UserChangePassword{}
+	mi := &file_kvpb_kv_proto_msgTypes[56]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UserChangePassword) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UserChangePassword) ProtoMessage() {}
+
+func (x *UserChangePassword) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[56]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UserChangePassword.ProtoReflect.Descriptor instead.
+func (*UserChangePassword) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{56}
+}
+
+func (x *UserChangePassword) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *UserChangePassword) GetPassword() string {
+	if x != nil {
+		return x.Password
+	}
+	return ""
+}
+
+func (x *UserChangePassword) GetPasswordHash() []byte {
+	if x != nil {
+		return x.PasswordHash
+	}
+	return nil
+}
+
 type AuthChangeResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -3889,7 +4110,7 @@ type AuthChangeResponse struct {
 
 func (x *AuthChangeResponse) Reset() {
 	*x = AuthChangeResponse{}
-	mi := &file_kvpb_kv_proto_msgTypes[54]
+	mi := &file_kvpb_kv_proto_msgTypes[57]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3901,7 +4122,7 @@ func (x *AuthChangeResponse) String() string {
 func (*AuthChangeResponse) ProtoMessage() {}
 
 func (x *AuthChangeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[54]
+	mi := &file_kvpb_kv_proto_msgTypes[57]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3914,7 +4135,7 @@ func (x *AuthChangeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthChangeResponse.ProtoReflect.Descriptor instead.
 func (*AuthChangeResponse) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{54}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{57}
 }
 
 type AuthStatusRequest struct {
@@ -3925,7 +4146,7 @@ type AuthStatusRequest struct {
 
 func (x *AuthStatusRequest) Reset() {
 	*x = AuthStatusRequest{}
-	mi := &file_kvpb_kv_proto_msgTypes[55]
+	mi := &file_kvpb_kv_proto_msgTypes[58]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3937,7 +4158,7 @@ func (x *AuthStatusRequest) String() string {
 func (*AuthStatusRequest) ProtoMessage() {}
 
 func (x *AuthStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[55]
+	mi := &file_kvpb_kv_proto_msgTypes[58]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3950,7 +4171,7 @@ func (x *AuthStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthStatusRequest.ProtoReflect.Descriptor instead.
 func (*AuthStatusRequest) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{55}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{58}
 }
 
 type AuthStatusResponse struct {
@@ -3964,7 +4185,7 @@ type AuthStatusResponse struct {
 
 func (x *AuthStatusResponse) Reset() {
 	*x = AuthStatusResponse{}
-	mi := &file_kvpb_kv_proto_msgTypes[56]
+	mi := &file_kvpb_kv_proto_msgTypes[59]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3976,7 +4197,7 @@ func (x *AuthStatusResponse) String() string {
 func (*AuthStatusResponse) ProtoMessage() {}
 
 func (x *AuthStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[56]
+	mi := &file_kvpb_kv_proto_msgTypes[59]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3989,7 +4210,7 @@ func (x *AuthStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthStatusResponse.ProtoReflect.Descriptor instead.
 func (*AuthStatusResponse) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{56}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{59}
 }
 
 func (x *AuthStatusResponse) GetEnabled() bool {
@@ -4014,17 +4235,20 @@ func (x *AuthStatusResponse) GetRoles() []*AuthRole {
 }
 
 type AuthUser struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	PasswordHash  []byte                 `protobuf:"bytes,2,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
-	Roles         []string               `protobuf:"bytes,3,rep,name=roles,proto3" json:"roles,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Name         string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	PasswordHash []byte                 `protobuf:"bytes,2,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
+	Roles        []string               `protobuf:"bytes,3,rep,name=roles,proto3" json:"roles,omitempty"`
+	// token_generation counts the user's password changes; a token names
+	// the generation it was issued in and is refused after a change.
+	TokenGeneration uint64 `protobuf:"varint,4,opt,name=token_generation,json=tokenGeneration,proto3" json:"token_generation,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *AuthUser) Reset() {
 	*x = AuthUser{}
-	mi := &file_kvpb_kv_proto_msgTypes[57]
+	mi := &file_kvpb_kv_proto_msgTypes[60]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4036,7 +4260,7 @@ func (x *AuthUser) String() string {
 func (*AuthUser) ProtoMessage() {}
 
 func (x *AuthUser) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[57]
+	mi := &file_kvpb_kv_proto_msgTypes[60]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4049,7 +4273,7 @@ func (x *AuthUser) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthUser.ProtoReflect.Descriptor instead.
 func (*AuthUser) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{57}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{60}
 }
 
 func (x *AuthUser) GetName() string {
@@ -4073,6 +4297,13 @@ func (x *AuthUser) GetRoles() []string {
 	return nil
 }
 
+func (x *AuthUser) GetTokenGeneration() uint64 {
+	if x != nil {
+		return x.TokenGeneration
+	}
+	return 0
+}
+
 type AuthRole struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -4083,7 +4314,7 @@ type AuthRole struct {
 
 func (x *AuthRole) Reset() {
 	*x = AuthRole{}
-	mi := &file_kvpb_kv_proto_msgTypes[58]
+	mi := &file_kvpb_kv_proto_msgTypes[61]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4095,7 +4326,7 @@ func (x *AuthRole) String() string {
 func (*AuthRole) ProtoMessage() {}
 
 func (x *AuthRole) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[58]
+	mi := &file_kvpb_kv_proto_msgTypes[61]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4108,7 +4339,7 @@ func (x *AuthRole) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthRole.ProtoReflect.Descriptor instead.
 func (*AuthRole) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{58}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{61}
 }
 
 func (x *AuthRole) GetName() string {
@@ -4138,7 +4369,7 @@ type AuthState struct {
 
 func (x *AuthState) Reset() {
 	*x = AuthState{}
-	mi := &file_kvpb_kv_proto_msgTypes[59]
+	mi := &file_kvpb_kv_proto_msgTypes[62]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -4150,7 +4381,7 @@ func (x *AuthState) String() string {
 func (*AuthState) ProtoMessage() {}
 
 func (x *AuthState) ProtoReflect() protoreflect.Message {
-	mi := &file_kvpb_kv_proto_msgTypes[59]
+	mi := &file_kvpb_kv_proto_msgTypes[62]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -4163,7 +4394,7 @@ func (x *AuthState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthState.ProtoReflect.Descriptor instead.
 func (*AuthState) Descriptor() ([]byte, []int) {
-	return file_kvpb_kv_proto_rawDescGZIP(), []int{59}
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{62}
 }
 
 func (x *AuthState) GetEnabled() bool {
@@ -4431,7 +4662,7 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"Permission\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\fR\x03key\x12\x1b\n" +
 	"\trange_end\x18\x02 \x01(\fR\brangeEnd\x12\x14\n" +
-	"\x05write\x18\x03 \x01(\bR\x05write\"\xb8\x03\n" +
+	"\x05write\x18\x03 \x01(\bR\x05write\"\xab\x05\n" +
 	"\x11AuthChangeRequest\x12/\n" +
 	"\x06enable\x18\x01 \x01(\v2\x15.kvd.kv.v1.AuthEnableH\x00R\x06enable\x122\n" +
 	"\adisable\x18\x02 \x01(\v2\x16.kvd.kv.v1.AuthDisableH\x00R\adisable\x12/\n" +
@@ -4440,7 +4671,11 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"userDelete\x12B\n" +
 	"\x0fuser_grant_role\x18\x05 \x01(\v2\x18.kvd.kv.v1.UserGrantRoleH\x00R\ruserGrantRole\x12/\n" +
 	"\brole_add\x18\x06 \x01(\v2\x12.kvd.kv.v1.RoleAddH\x00R\aroleAdd\x12T\n" +
-	"\x15role_grant_permission\x18\a \x01(\v2\x1e.kvd.kv.v1.RoleGrantPermissionH\x00R\x13roleGrantPermissionB\b\n" +
+	"\x15role_grant_permission\x18\a \x01(\v2\x1e.kvd.kv.v1.RoleGrantPermissionH\x00R\x13roleGrantPermission\x12E\n" +
+	"\x10user_revoke_role\x18\b \x01(\v2\x19.kvd.kv.v1.UserRevokeRoleH\x00R\x0euserRevokeRole\x12W\n" +
+	"\x16role_revoke_permission\x18\t \x01(\v2\x1f.kvd.kv.v1.RoleRevokePermissionH\x00R\x14roleRevokePermission\x12Q\n" +
+	"\x14user_change_password\x18\n" +
+	" \x01(\v2\x1d.kvd.kv.v1.UserChangePasswordH\x00R\x12userChangePasswordB\b\n" +
 	"\x06change\"$\n" +
 	"\n" +
 	"AuthEnable\x12\x16\n" +
@@ -4460,17 +4695,28 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"T\n" +
 	"\x13RoleGrantPermission\x12\x12\n" +
 	"\x04role\x18\x01 \x01(\tR\x04role\x12)\n" +
-	"\x04perm\x18\x02 \x01(\v2\x15.kvd.kv.v1.PermissionR\x04perm\"\x14\n" +
+	"\x04perm\x18\x02 \x01(\v2\x15.kvd.kv.v1.PermissionR\x04perm\"8\n" +
+	"\x0eUserRevokeRole\x12\x12\n" +
+	"\x04user\x18\x01 \x01(\tR\x04user\x12\x12\n" +
+	"\x04role\x18\x02 \x01(\tR\x04role\"U\n" +
+	"\x14RoleRevokePermission\x12\x12\n" +
+	"\x04role\x18\x01 \x01(\tR\x04role\x12)\n" +
+	"\x04perm\x18\x02 \x01(\v2\x15.kvd.kv.v1.PermissionR\x04perm\"i\n" +
+	"\x12UserChangePassword\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
+	"\bpassword\x18\x02 \x01(\tR\bpassword\x12#\n" +
+	"\rpassword_hash\x18\x03 \x01(\fR\fpasswordHash\"\x14\n" +
 	"\x12AuthChangeResponse\"\x13\n" +
 	"\x11AuthStatusRequest\"\x84\x01\n" +
 	"\x12AuthStatusResponse\x12\x18\n" +
 	"\aenabled\x18\x01 \x01(\bR\aenabled\x12)\n" +
 	"\x05users\x18\x02 \x03(\v2\x13.kvd.kv.v1.AuthUserR\x05users\x12)\n" +
-	"\x05roles\x18\x03 \x03(\v2\x13.kvd.kv.v1.AuthRoleR\x05roles\"Y\n" +
+	"\x05roles\x18\x03 \x03(\v2\x13.kvd.kv.v1.AuthRoleR\x05roles\"\x84\x01\n" +
 	"\bAuthUser\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12#\n" +
 	"\rpassword_hash\x18\x02 \x01(\fR\fpasswordHash\x12\x14\n" +
-	"\x05roles\x18\x03 \x03(\tR\x05roles\"K\n" +
+	"\x05roles\x18\x03 \x03(\tR\x05roles\x12)\n" +
+	"\x10token_generation\x18\x04 \x01(\x04R\x0ftokenGeneration\"K\n" +
 	"\bAuthRole\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12+\n" +
 	"\x05perms\x18\x02 \x03(\v2\x15.kvd.kv.v1.PermissionR\x05perms\"\x93\x01\n" +
@@ -4516,7 +4762,7 @@ func file_kvpb_kv_proto_rawDescGZIP() []byte {
 }
 
 var file_kvpb_kv_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_kvpb_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 60)
+var file_kvpb_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 63)
 var file_kvpb_kv_proto_goTypes = []any{
 	(Consistency)(0),             // 0: kvd.kv.v1.Consistency
 	(Compare_Target)(0),          // 1: kvd.kv.v1.Compare.Target
@@ -4576,13 +4822,16 @@ var file_kvpb_kv_proto_goTypes = []any{
 	(*UserGrantRole)(nil),        // 55: kvd.kv.v1.UserGrantRole
 	(*RoleAdd)(nil),              // 56: kvd.kv.v1.RoleAdd
 	(*RoleGrantPermission)(nil),  // 57: kvd.kv.v1.RoleGrantPermission
-	(*AuthChangeResponse)(nil),   // 58: kvd.kv.v1.AuthChangeResponse
-	(*AuthStatusRequest)(nil),    // 59: kvd.kv.v1.AuthStatusRequest
-	(*AuthStatusResponse)(nil),   // 60: kvd.kv.v1.AuthStatusResponse
-	(*AuthUser)(nil),             // 61: kvd.kv.v1.AuthUser
-	(*AuthRole)(nil),             // 62: kvd.kv.v1.AuthRole
-	(*AuthState)(nil),            // 63: kvd.kv.v1.AuthState
-	(*anypb.Any)(nil),            // 64: google.protobuf.Any
+	(*UserRevokeRole)(nil),       // 58: kvd.kv.v1.UserRevokeRole
+	(*RoleRevokePermission)(nil), // 59: kvd.kv.v1.RoleRevokePermission
+	(*UserChangePassword)(nil),   // 60: kvd.kv.v1.UserChangePassword
+	(*AuthChangeResponse)(nil),   // 61: kvd.kv.v1.AuthChangeResponse
+	(*AuthStatusRequest)(nil),    // 62: kvd.kv.v1.AuthStatusRequest
+	(*AuthStatusResponse)(nil),   // 63: kvd.kv.v1.AuthStatusResponse
+	(*AuthUser)(nil),             // 64: kvd.kv.v1.AuthUser
+	(*AuthRole)(nil),             // 65: kvd.kv.v1.AuthRole
+	(*AuthState)(nil),            // 66: kvd.kv.v1.AuthState
+	(*anypb.Any)(nil),            // 67: google.protobuf.Any
 }
 var file_kvpb_kv_proto_depIdxs = []int32{
 	4,  // 0: kvd.kv.v1.PutRequest.header:type_name -> kvd.kv.v1.RequestHeader
@@ -4624,7 +4873,7 @@ var file_kvpb_kv_proto_depIdxs = []int32{
 	10, // 36: kvd.kv.v1.BatchResponseItem.get:type_name -> kvd.kv.v1.GetResponse
 	12, // 37: kvd.kv.v1.BatchResponseItem.delete:type_name -> kvd.kv.v1.DeleteResponse
 	19, // 38: kvd.kv.v1.BatchResponseItem.txn:type_name -> kvd.kv.v1.TxnResponse
-	64, // 39: kvd.kv.v1.Status.details:type_name -> google.protobuf.Any
+	67, // 39: kvd.kv.v1.Status.details:type_name -> google.protobuf.Any
 	25, // 40: kvd.kv.v1.ClusterMap.members:type_name -> kvd.kv.v1.Member
 	26, // 41: kvd.kv.v1.ClusterMap.shards:type_name -> kvd.kv.v1.ShardReplicas
 	29, // 42: kvd.kv.v1.StatusResponse.shards:type_name -> kvd.kv.v1.ShardStatus
@@ -4650,47 +4899,51 @@ var file_kvpb_kv_proto_depIdxs = []int32{
 	55, // 62: kvd.kv.v1.AuthChangeRequest.user_grant_role:type_name -> kvd.kv.v1.UserGrantRole
 	56, // 63: kvd.kv.v1.AuthChangeRequest.role_add:type_name -> kvd.kv.v1.RoleAdd
 	57, // 64: kvd.kv.v1.AuthChangeRequest.role_grant_permission:type_name -> kvd.kv.v1.RoleGrantPermission
-	49, // 65: kvd.kv.v1.RoleGrantPermission.perm:type_name -> kvd.kv.v1.Permission
-	61, // 66: kvd.kv.v1.AuthStatusResponse.users:type_name -> kvd.kv.v1.AuthUser
-	62, // 67: kvd.kv.v1.AuthStatusResponse.roles:type_name -> kvd.kv.v1.AuthRole
-	49, // 68: kvd.kv.v1.AuthRole.perms:type_name -> kvd.kv.v1.Permission
-	61, // 69: kvd.kv.v1.AuthState.users:type_name -> kvd.kv.v1.AuthUser
-	62, // 70: kvd.kv.v1.AuthState.roles:type_name -> kvd.kv.v1.AuthRole
-	7,  // 71: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
-	9,  // 72: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
-	11, // 73: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
-	13, // 74: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
-	18, // 75: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
-	20, // 76: kvd.kv.v1.KV.Batch:input_type -> kvd.kv.v1.BatchRequest
-	28, // 77: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
-	30, // 78: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
-	33, // 79: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
-	35, // 80: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
-	44, // 81: kvd.kv.v1.Cluster.Compact:input_type -> kvd.kv.v1.CompactRequest
-	40, // 82: kvd.kv.v1.Watch.Watch:input_type -> kvd.kv.v1.WatchRequest
-	47, // 83: kvd.kv.v1.Auth.Authenticate:input_type -> kvd.kv.v1.AuthenticateRequest
-	50, // 84: kvd.kv.v1.Auth.Change:input_type -> kvd.kv.v1.AuthChangeRequest
-	59, // 85: kvd.kv.v1.Auth.Status:input_type -> kvd.kv.v1.AuthStatusRequest
-	8,  // 86: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
-	10, // 87: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
-	12, // 88: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
-	14, // 89: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
-	19, // 90: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
-	22, // 91: kvd.kv.v1.KV.Batch:output_type -> kvd.kv.v1.BatchResponse
-	27, // 92: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
-	31, // 93: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
-	34, // 94: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
-	36, // 95: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
-	45, // 96: kvd.kv.v1.Cluster.Compact:output_type -> kvd.kv.v1.CompactResponse
-	43, // 97: kvd.kv.v1.Watch.Watch:output_type -> kvd.kv.v1.WatchResponse
-	48, // 98: kvd.kv.v1.Auth.Authenticate:output_type -> kvd.kv.v1.AuthenticateResponse
-	58, // 99: kvd.kv.v1.Auth.Change:output_type -> kvd.kv.v1.AuthChangeResponse
-	60, // 100: kvd.kv.v1.Auth.Status:output_type -> kvd.kv.v1.AuthStatusResponse
-	86, // [86:101] is the sub-list for method output_type
-	71, // [71:86] is the sub-list for method input_type
-	71, // [71:71] is the sub-list for extension type_name
-	71, // [71:71] is the sub-list for extension extendee
-	0,  // [0:71] is the sub-list for field type_name
+	58, // 65: kvd.kv.v1.AuthChangeRequest.user_revoke_role:type_name -> kvd.kv.v1.UserRevokeRole
+	59, // 66: kvd.kv.v1.AuthChangeRequest.role_revoke_permission:type_name -> kvd.kv.v1.RoleRevokePermission
+	60, // 67: kvd.kv.v1.AuthChangeRequest.user_change_password:type_name -> kvd.kv.v1.UserChangePassword
+	49, // 68: kvd.kv.v1.RoleGrantPermission.perm:type_name -> kvd.kv.v1.Permission
+	49, // 69: kvd.kv.v1.RoleRevokePermission.perm:type_name -> kvd.kv.v1.Permission
+	64, // 70: kvd.kv.v1.AuthStatusResponse.users:type_name -> kvd.kv.v1.AuthUser
+	65, // 71: kvd.kv.v1.AuthStatusResponse.roles:type_name -> kvd.kv.v1.AuthRole
+	49, // 72: kvd.kv.v1.AuthRole.perms:type_name -> kvd.kv.v1.Permission
+	64, // 73: kvd.kv.v1.AuthState.users:type_name -> kvd.kv.v1.AuthUser
+	65, // 74: kvd.kv.v1.AuthState.roles:type_name -> kvd.kv.v1.AuthRole
+	7,  // 75: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
+	9,  // 76: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
+	11, // 77: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
+	13, // 78: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
+	18, // 79: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
+	20, // 80: kvd.kv.v1.KV.Batch:input_type -> kvd.kv.v1.BatchRequest
+	28, // 81: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
+	30, // 82: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
+	33, // 83: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
+	35, // 84: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
+	44, // 85: kvd.kv.v1.Cluster.Compact:input_type -> kvd.kv.v1.CompactRequest
+	40, // 86: kvd.kv.v1.Watch.Watch:input_type -> kvd.kv.v1.WatchRequest
+	47, // 87: kvd.kv.v1.Auth.Authenticate:input_type -> kvd.kv.v1.AuthenticateRequest
+	50, // 88: kvd.kv.v1.Auth.Change:input_type -> kvd.kv.v1.AuthChangeRequest
+	62, // 89: kvd.kv.v1.Auth.Status:input_type -> kvd.kv.v1.AuthStatusRequest
+	8,  // 90: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
+	10, // 91: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
+	12, // 92: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
+	14, // 93: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
+	19, // 94: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
+	22, // 95: kvd.kv.v1.KV.Batch:output_type -> kvd.kv.v1.BatchResponse
+	27, // 96: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
+	31, // 97: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
+	34, // 98: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
+	36, // 99: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
+	45, // 100: kvd.kv.v1.Cluster.Compact:output_type -> kvd.kv.v1.CompactResponse
+	43, // 101: kvd.kv.v1.Watch.Watch:output_type -> kvd.kv.v1.WatchResponse
+	48, // 102: kvd.kv.v1.Auth.Authenticate:output_type -> kvd.kv.v1.AuthenticateResponse
+	61, // 103: kvd.kv.v1.Auth.Change:output_type -> kvd.kv.v1.AuthChangeResponse
+	63, // 104: kvd.kv.v1.Auth.Status:output_type -> kvd.kv.v1.AuthStatusResponse
+	90, // [90:105] is the sub-list for method output_type
+	75, // [75:90] is the sub-list for method input_type
+	75, // [75:75] is the sub-list for extension type_name
+	75, // [75:75] is the sub-list for extension extendee
+	0,  // [0:75] is the sub-list for field type_name
 }
 
 func init() { file_kvpb_kv_proto_init() }
@@ -4732,6 +4985,9 @@ func file_kvpb_kv_proto_init() {
 		(*AuthChangeRequest_UserGrantRole)(nil),
 		(*AuthChangeRequest_RoleAdd)(nil),
 		(*AuthChangeRequest_RoleGrantPermission)(nil),
+		(*AuthChangeRequest_UserRevokeRole)(nil),
+		(*AuthChangeRequest_RoleRevokePermission)(nil),
+		(*AuthChangeRequest_UserChangePassword)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -4739,7 +4995,7 @@ func file_kvpb_kv_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvpb_kv_proto_rawDesc), len(file_kvpb_kv_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   60,
+			NumMessages:   63,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

@@ -96,3 +96,95 @@ func TestAuthRolesAndExitCodes(t *testing.T) {
 		return code == 0 && strings.Contains(out, "4 127.0.0.1:1 127.0.0.1:1")
 	})
 }
+
+// TestAuthRevokeAndPasswordChange: a revoked permission and a revoked role
+// are enforced from the user's next request; a password change refuses the
+// tokens issued before it (and the old password), and the new password
+// works.
+func TestAuthRevokeAndPasswordChange(t *testing.T) {
+	c := proccluster.Start(t, 1, proccluster.Options{Shards: 2})
+	root, ro := []string{"--user", "root:r00t"}, []string{"--user", "ro:pw"}
+	check := func(args []string, wantCode int, wantOut, wantErr string) {
+		t.Helper()
+		out, errOut, code := c.Kvctl("", args...)
+		if code != wantCode || !strings.Contains(out, wantOut) || !strings.Contains(errOut, wantErr) {
+			t.Fatalf("kvctl %v: exit %d, stdout %q, stderr %q; want exit %d, %q, %q", args, code, out, errOut, wantCode, wantOut, wantErr)
+		}
+	}
+	for _, args := range [][]string{
+		{"user", "add", "root", "--password", "r00t"},
+		{"user", "grant-role", "root", "root"},
+		{"user", "add", "ro", "--password", "pw"},
+		{"role", "add", "reader"},
+		{"role", "grant-permission", "reader", "read", "--prefix", "a/"},
+		{"role", "grant-permission", "reader", "read", "b/x"},
+		{"user", "grant-role", "ro", "reader"},
+		{"put", "a/x", "v"},
+		{"put", "b/x", "v"},
+		{"auth", "enable"},
+	} {
+		check(args, 0, "OK", "")
+	}
+	proccluster.WaitFor(t, 10*time.Second, "a put without a user to be refused", func() bool {
+		_, _, code := c.Kvctl("", "put", "probe", "anon")
+		return code == 4
+	})
+
+	// Revoke a permission: the very next read is refused, the other
+	// permission stays.
+	check(append(ro, "get", "a/x"), 0, "v\n", "")
+	check(append(root, "role", "revoke-permission", "reader", "--prefix", "a/"), 0, "OK", "")
+	check(append(ro, "get", "a/x"), 4, "", `user "ro" lacks read on "a/x"`)
+	check(append(ro, "get", "b/x"), 0, "v\n", "")
+	check(append(root, "role", "list"), 0, "reader read \"b/x\"\n", "")
+	check(append(root, "role", "revoke-permission", "reader", "--prefix", "a/"), 2, "", "no permission on exactly")
+	// Revoke the role: nothing is left.
+	check(append(root, "user", "revoke-role", "ro", "reader"), 0, "OK", "")
+	check(append(ro, "get", "b/x"), 4, "", `user "ro" lacks read on "b/x"`)
+	check(append(root, "user", "list"), 0, "ro \nroot root\n", "")
+	check(append(root, "user", "grant-role", "ro", "reader"), 0, "OK", "")
+
+	// A token issued before a password change is refused after it.
+	conn, err := grpc.NewClient(c.Node(1).ClientAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	getAs := func(token string) error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		ctx = metadata.AppendToOutgoingContext(ctx, "token", token)
+		_, err := kvpb.NewKVClient(conn).Get(ctx, &kvpb.GetRequest{Key: []byte("b/x")})
+		return err
+	}
+	authenticate := func(password string) (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		resp, err := kvpb.NewAuthClient(conn).Authenticate(ctx, &kvpb.AuthenticateRequest{Name: "ro", Password: password})
+		return resp.GetToken(), err
+	}
+	old, err := authenticate("pw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := getAs(old); err != nil {
+		t.Fatalf("get with a fresh token: %v", err)
+	}
+	check(append(ro, "user", "passwd", "ro", "--password", "n3w"), 4, "", `lacks the role "root"`)
+	check(append(root, "user", "passwd", "ro", "--password", "n3w"), 0, "OK", "")
+	if err := getAs(old); status.Code(err) != codes.Unauthenticated || !strings.Contains(err.Error(), "password") {
+		t.Fatalf("get with a token of the old password: %v, want Unauthenticated naming the password change", err)
+	}
+	if _, err := authenticate("pw"); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("authenticate with the old password: %v, want Unauthenticated", err)
+	}
+	fresh, err := authenticate("n3w")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := getAs(fresh); err != nil {
+		t.Fatalf("get with a token of the new password: %v", err)
+	}
+	check(append(ro, "get", "b/x"), 4, "", "wrong user name or password")
+	check([]string{"--user", "ro:n3w", "get", "b/x"}, 0, "v\n", "")
+}

@@ -176,3 +176,74 @@ func TestKvctlWatch(t *testing.T) {
 		t.Fatalf("watch without a cluster: %v", err)
 	}
 }
+
+// TestKvctlGetPrefixThenWatchResume: get --prefix --print-resume prints
+// the watch resume token of what it read (json: a "resume" field; simple:
+// a line on stderr), and watch --resume from it prints exactly the
+// changes made after the read.
+func TestKvctlGetPrefixThenWatchResume(t *testing.T) {
+	c := proccluster.Start(t, 1, proccluster.Options{Shards: 3})
+	run := func(args ...string) (string, string) {
+		t.Helper()
+		out, errOut, code := c.Kvctl("", args...)
+		if code != 0 {
+			t.Fatalf("kvctl %.80q: exit %d (stdout %.300q, stderr %q)", args, code, out, errOut)
+		}
+		return out, errOut
+	}
+	for i := range 12 {
+		run("put", fmt.Sprint("g/", i), "before")
+	}
+
+	out, _ := run("-o", "json", "get", "--prefix", "g/", "--print-resume")
+	var read struct {
+		KVs []struct {
+			Key   string `json:"key"`
+			Value string `json:"value"`
+		} `json:"kvs"`
+		Resume string `json:"resume"`
+	}
+	if err := json.Unmarshal([]byte(out), &read); err != nil || len(read.KVs) != 12 || read.Resume == "" {
+		t.Fatalf("get --prefix -o json --print-resume: %v, %q", err, out)
+	}
+	for _, kv := range read.KVs {
+		if kv.Value != "before" {
+			t.Fatalf("read %s = %q", kv.Key, kv.Value)
+		}
+	}
+
+	// Changes after the read, on several shards: each comes once, and
+	// nothing the read saw comes again.
+	run("put", "g/0", "after")
+	run("del", "g/1")
+	run("put", "g/new", "after")
+	run("put", "h/outside", "x")
+	out, _ = run("-o", "json", "watch", "--prefix", "g/", "--resume", read.Resume, "--count", "3")
+	var got []string
+	for _, l := range parseWatchLines(t, out) {
+		got = append(got, l.Type+" "+l.Key+" "+l.Value)
+	}
+	slices.Sort(got)
+	if want := []string{"DELETE g/1 ", "PUT g/0 after", "PUT g/new after"}; !slices.Equal(got, want) {
+		t.Fatalf("watch from the read's token printed %q, want %q", got, want)
+	}
+
+	// Simple output: the token alone on stderr, the listing unchanged.
+	out, errOut := run("get", "--prefix", "g/", "--keys-only", "--print-resume")
+	if want := "g/0\ng/10\ng/11\ng/2\ng/3\ng/4\ng/5\ng/6\ng/7\ng/8\ng/9\ng/new\n"; out != want {
+		t.Fatalf("get --prefix --keys-only --print-resume: stdout %q, want %q", out, want)
+	}
+	tok := strings.TrimSuffix(errOut, "\n")
+	if tok == "" || strings.ContainsAny(tok, " \n") {
+		t.Fatalf("stderr %q is not one token", errOut)
+	}
+	run("put", "g/last", "after")
+	if out, _ := run("watch", "--prefix", "g/", "--resume", tok, "--count", "1"); out != "PUT g/last after\n" {
+		t.Fatalf("watch from the simple output's token: %q", out)
+	}
+
+	// A flag that does not apply is a usage error.
+	if _, errOut, code := c.Kvctl("", "get", "g/0", "--print-resume"); code != 2 || !strings.Contains(errOut, "--print-resume") {
+		t.Fatalf("get KEY --print-resume: exit %d, %q", code, errOut)
+	}
+}

@@ -2,17 +2,21 @@ package jepsenlite
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"math/rand/v2"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/kvd/kvd/client"
+	"github.com/kvd/kvd/internal/pki"
 	"github.com/kvd/kvd/internal/proccluster"
 )
 
@@ -23,6 +27,10 @@ type Config struct {
 	Faults   []string
 	Nodes    int // 3
 	Shards   int // data shards
+	// TLS runs the cluster with mutual TLS on the peer and client ports,
+	// with certificates `kvd cert cluster` writes; clients present a
+	// client certificate.
+	TLS bool
 
 	RegisterWorkers, CounterWorkers, Counters int
 	KeySlots, OpsPerKey                       int
@@ -93,13 +101,15 @@ type env struct {
 	proxies []*proxy
 	// endpoints are the client proxies, by node index.
 	endpoints []string
+	// clientTLS is what clients dial with; nil: plaintext.
+	clientTLS *tls.Config
 }
 
 // unknownSource stands for a peer connection whose dialer the proxy could
 // not identify; see Net.link.
 const unknownSource = ^uint64(0)
 
-func startEnv(t testing.TB, nodes, shards int) *env {
+func startEnv(t testing.TB, nodes, shards int, withTLS bool) *env {
 	t.Helper()
 	e := &env{t: t, net: newNet()}
 	t.Cleanup(func() {
@@ -144,8 +154,38 @@ func startEnv(t testing.TB, nodes, shards int) *env {
 			return cp.Addr(), pp.Addr()
 		},
 	}
+	if withTLS {
+		// The proxies relay bytes, so TLS runs end to end between the
+		// nodes (and between clients and nodes) through them; the
+		// certificates name 127.0.0.1, where the proxies listen too.
+		dir := writeCerts(t, nodes)
+		opts.NodeArgs = func(nd *proccluster.Node) []string {
+			c, k := filepath.Join(dir, fmt.Sprintf("node-%d.crt", nd.ID)), filepath.Join(dir, fmt.Sprintf("node-%d.key", nd.ID))
+			ca := filepath.Join(dir, "ca.crt")
+			return []string{"--peer-cert", c, "--peer-key", k, "--peer-ca", ca, "--client-cert", c, "--client-key", k, "--client-ca", ca}
+		}
+		cfg, err := pki.ClientConfig(filepath.Join(dir, "ca.crt"), filepath.Join(dir, "client-root.crt"), filepath.Join(dir, "client-root.key"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		opts.ClientTLS, e.clientTLS = cfg, cfg
+	}
 	e.c = proccluster.Start(t, nodes, opts)
 	return e
+}
+
+// writeCerts has the kvd binary under test write a CA, a certificate for
+// each node and one for the client (`kvd cert cluster`), and returns
+// their directory.
+func writeCerts(t testing.TB, nodes int) string {
+	t.Helper()
+	kvd, _ := proccluster.Binaries(t)
+	dir := t.TempDir()
+	out, err := exec.Command(kvd, "cert", "cluster", "--dir", dir, "--nodes", strconv.Itoa(nodes), "--client", "root").CombinedOutput()
+	if err != nil {
+		t.Fatalf("kvd cert cluster: %v: %s", err, out)
+	}
+	return dir
 }
 
 // newClient connects a kvd client through the client proxies. A short
@@ -156,6 +196,7 @@ func (e *env) newClient(ctx context.Context) (*client.Client, error) {
 		Endpoints:      e.endpoints,
 		DialTimeout:    time.Second,
 		AttemptTimeout: 500 * time.Millisecond,
+		TLS:            e.clientTLS,
 	})
 	if err != nil {
 		return nil, err
@@ -209,10 +250,10 @@ func Run(t *testing.T, cfg Config) Result {
 		t.Fatal(err)
 	}
 	logf := func(format string, args ...any) { t.Logf(format, args...) }
-	logf("jepsen-lite: seed %d (replay with -jepsen.seed=%d), %v, faults %v", cfg.Seed, cfg.Seed, cfg.Duration, cfg.Faults)
+	logf("jepsen-lite: seed %d (replay with -jepsen.seed=%d), %v, faults %v, tls %v", cfg.Seed, cfg.Seed, cfg.Duration, cfg.Faults, cfg.TLS)
 	dir := outDir(t, cfg.OutDir)
 
-	e := startEnv(t, cfg.Nodes, cfg.Shards)
+	e := startEnv(t, cfg.Nodes, cfg.Shards, cfg.TLS)
 	h := newHistory()
 	h.event("cluster ready")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/kvd/kvd/client"
 	"github.com/kvd/kvd/internal/proccluster"
 )
 
@@ -21,7 +23,14 @@ var (
 	flagFaults    = flag.String("jepsen.faults", strings.Join(AllFaults, ","), "faults the nemesis combines")
 	flagOpTimeout = flag.Duration("jepsen.op-timeout", 0, "deadline of one client operation, retries included (default 1.5s)")
 	flagOut       = flag.String("jepsen.out", "", "directory for histories (default: a temporary directory kept only on failure)")
+	flagTLS       = flag.Bool("jepsen.tls", envTLS(), "run the cluster with mutual TLS on peer and client ports (default: true when the environment has TLS=1)")
 )
+
+// envTLS reads TLS=1 (or true) from the environment: `TLS=1 make jepsen`.
+func envTLS() bool {
+	v, _ := strconv.ParseBool(os.Getenv("TLS"))
+	return v
+}
 
 func skipUnlessLinux(t *testing.T) {
 	if runtime.GOOS != "linux" {
@@ -54,7 +63,7 @@ func faults() []string {
 // cut fails instead of answering.
 func TestCheckerDetectsStaleReads(t *testing.T) {
 	skipUnlessLinux(t)
-	e := startEnv(t, 3, 2)
+	e := startEnv(t, 3, 2, false)
 	dir := outDir(t, *flagOut)
 	h := newHistory()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
@@ -159,7 +168,7 @@ func TestJepsenShort(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short")
 	}
-	res := Run(t, Config{Seed: newSeed(), Duration: 40 * time.Second, Faults: faults(), OutDir: *flagOut, OpTimeout: *flagOpTimeout})
+	res := Run(t, Config{Seed: newSeed(), Duration: 40 * time.Second, Faults: faults(), OutDir: *flagOut, OpTimeout: *flagOpTimeout, TLS: *flagTLS})
 	fmt.Println(summary([]Result{res}))
 }
 
@@ -185,7 +194,7 @@ func TestJepsen(t *testing.T) {
 		seed := base + uint64(i)
 		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
 			results = append(results, Run(t, Config{
-				Seed: seed, Duration: per, Faults: faults(), OutDir: *flagOut, OpTimeout: *flagOpTimeout,
+				Seed: seed, Duration: per, Faults: faults(), OutDir: *flagOut, OpTimeout: *flagOpTimeout, TLS: *flagTLS,
 				CheckBudget: 5 * time.Minute, CheckPerKey: time.Minute,
 				// Longer faults than the short run: partitions that
 				// outlast kvd's 4 s dead-stream detection.
@@ -194,4 +203,37 @@ func TestJepsen(t *testing.T) {
 		})
 	}
 	fmt.Println(summary(results))
+}
+
+// TestTLSEnvServesThroughProxies: the TLS environment (certificates from
+// `kvd cert cluster`) serves clients through the fault proxies, with the
+// nodes' peer traffic crossing them too, and refuses a plaintext client.
+func TestTLSEnvServesThroughProxies(t *testing.T) {
+	skipUnlessLinux(t)
+	e := startEnv(t, 3, 2, true)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cl, err := e.newClient(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 10 {
+		k := fmt.Sprint("jl/tls/", i)
+		if _, err := cl.Put(ctx, []byte(k), []byte("v")); err != nil {
+			t.Fatalf("put %s over mTLS through the proxies: %v", k, err)
+		}
+		if kv, err := cl.Get(ctx, []byte(k)); err != nil || string(kv.GetValue()) != "v" {
+			t.Fatalf("get %s: %v, %v", k, kv, err)
+		}
+	}
+	if e.net.unknownSources.Load() != 0 {
+		t.Errorf("%d peer connections the proxies could not attribute to a node", e.net.unknownSources.Load())
+	}
+	// A client without TLS does not get in.
+	plainCtx, plainCancel := context.WithTimeout(ctx, 3*time.Second)
+	defer plainCancel()
+	if plain, err := client.New(plainCtx, client.Config{Endpoints: e.endpoints, DialTimeout: time.Second}); err == nil {
+		plain.Close()
+		t.Fatal("a plaintext client connected to the TLS cluster")
+	}
 }
