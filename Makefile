@@ -120,8 +120,8 @@ compose-test: ## end-to-end test of the compose deployment (needs a Docker engin
 	./scripts/compose-test.sh
 
 # --- jepsen-lite (test/jepsen-lite/README.md) ------------------------------
-# `make test` already runs the short run (TestJepsenShort, about a minute)
-# with the other process tests. `make jepsen` runs the long one:
+# `make test` already runs the short run (TestJepsenShort, about a minute,
+# with mutual TLS) with the other process tests. `make jepsen` runs the long one:
 # JEPSEN_DURATION of workload split across JEPSEN_SEEDS seeds; replay one
 # with JEPSEN_SEED=N. Histories go to JEPSEN_OUT. The last line printed is
 # the summary: jepsen-lite: histories=H ops=N faults=F indeterminate=I anomalies=A lost=L watch-events=E
@@ -130,8 +130,9 @@ JEPSEN_SEEDS    ?= 3
 JEPSEN_SEED     ?= 0
 JEPSEN_FAULTS   ?= kill,kill-leader,kill-all,pause,partition-leader,split,bridge,slow
 JEPSEN_OUT      ?= $(or $(TMPDIR),/tmp)/kvd-jepsen
-# TLS=1 runs the cluster with mutual TLS (certificates from `kvd cert cluster`).
-JEPSEN_TLS      ?= $(if $(filter 1 true yes,$(TLS)),true,false)
+# TLS=1 (or 0) runs the cluster with (without) mutual TLS, certificates
+# from `kvd cert cluster`; unset, the short run has TLS and the long not.
+JEPSEN_TLS      ?= $(TLS)
 
 .PHONY: jepsen jepsen-short
 

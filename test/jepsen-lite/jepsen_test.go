@@ -23,13 +23,15 @@ var (
 	flagFaults    = flag.String("jepsen.faults", strings.Join(AllFaults, ","), "faults the nemesis combines")
 	flagOpTimeout = flag.Duration("jepsen.op-timeout", 0, "deadline of one client operation, retries included (default 1.5s)")
 	flagOut       = flag.String("jepsen.out", "", "directory for histories (default: a temporary directory kept only on failure)")
-	flagTLS       = flag.Bool("jepsen.tls", envTLS(), "run the cluster with mutual TLS on peer and client ports (default: true when the environment has TLS=1)")
+	flagTLS       = flag.String("jepsen.tls", os.Getenv("TLS"), "mutual TLS on the peer and client ports: true or false (default: $TLS; when empty, the short run with TLS, as compose deploys, and the long run without)")
 )
 
-// envTLS reads TLS=1 (or true) from the environment: `TLS=1 make jepsen`.
-func envTLS() bool {
-	v, _ := strconv.ParseBool(os.Getenv("TLS"))
-	return v
+// useTLS is -jepsen.tls, or def when it is empty or not a boolean.
+func useTLS(def bool) bool {
+	if v, err := strconv.ParseBool(*flagTLS); err == nil {
+		return v
+	}
+	return def
 }
 
 func skipUnlessLinux(t *testing.T) {
@@ -162,13 +164,14 @@ func shardViews(ctx context.Context, c *proccluster.Cluster) string {
 	return b.String()
 }
 
-// TestJepsenShort is the run `make test` includes: about a minute.
+// TestJepsenShort is the run `make test` includes: about a minute, with
+// mutual TLS on unless -jepsen.tls=false.
 func TestJepsenShort(t *testing.T) {
 	skipUnlessLinux(t)
 	if testing.Short() {
 		t.Skip("-short")
 	}
-	res := Run(t, Config{Seed: newSeed(), Duration: 40 * time.Second, Faults: faults(), OutDir: *flagOut, OpTimeout: *flagOpTimeout, TLS: *flagTLS})
+	res := Run(t, Config{Seed: newSeed(), Duration: 40 * time.Second, Faults: faults(), OutDir: *flagOut, OpTimeout: *flagOpTimeout, TLS: useTLS(true)})
 	fmt.Println(summary([]Result{res}))
 }
 
@@ -194,7 +197,7 @@ func TestJepsen(t *testing.T) {
 		seed := base + uint64(i)
 		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
 			results = append(results, Run(t, Config{
-				Seed: seed, Duration: per, Faults: faults(), OutDir: *flagOut, OpTimeout: *flagOpTimeout, TLS: *flagTLS,
+				Seed: seed, Duration: per, Faults: faults(), OutDir: *flagOut, OpTimeout: *flagOpTimeout, TLS: useTLS(false),
 				CheckBudget: 5 * time.Minute, CheckPerKey: time.Minute,
 				// Longer faults than the short run: partitions that
 				// outlast kvd's 4 s dead-stream detection.
