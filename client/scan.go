@@ -35,6 +35,14 @@ type ScanPage struct {
 	// Next continues the scan (ScanOptions.Token); "" when the range is
 	// exhausted.
 	Next string
+	// Watch is a token for Watch(ctx, prefix, WithPrefix(),
+	// WithResume(page.Watch)): it delivers every change made after this
+	// page's reads, on every shard, so a reader that loaded a range can
+	// follow it without a gap. Each shard's part of the page was read at
+	// its own revision; the token starts each shard just after the first
+	// read of it in this page (a later page's keys may then come back as
+	// events of changes they already show, never the other way round).
+	Watch string
 }
 
 // Scan returns the keys in [start, end) in key order, one page at a time.
@@ -103,6 +111,7 @@ func (c *Client) Scan(ctx context.Context, start, end []byte, opts ScanOptions) 
 			}
 		}
 		if best == nil {
+			page.Watch = watchAfter(parts)
 			return page, nil // every shard is exhausted
 		}
 		page.KVs = append(page.KVs, best.buf[0])
@@ -118,7 +127,18 @@ func (c *Client) Scan(ctx context.Context, start, end []byte, opts ScanOptions) 
 	if !exhausted {
 		page.Next = encodeToken(keySuccessor(page.KVs[len(page.KVs)-1].GetKey()))
 	}
+	page.Watch = watchAfter(parts)
 	return page, nil
+}
+
+// watchAfter is the watch token that starts every part's shard after its
+// first read in this page.
+func watchAfter(parts []*scanPart) string {
+	next := make(map[uint64]int64, len(parts))
+	for _, p := range parts {
+		next[p.shard] = p.rev + 1
+	}
+	return encodeWatchToken(next)
 }
 
 // scanPart is one shard's cursor in a Scan.
@@ -127,6 +147,7 @@ type scanPart struct {
 	next  []byte // where the next Range starts
 	more  bool   // the shard may have keys at or after next
 	buf   []*kvpb.KeyValue
+	rev   int64 // the shard's revision at its first read in this page
 }
 
 type scanner struct {
@@ -165,6 +186,9 @@ func (sc *scanner) fetch(ctx context.Context, p *scanPart) error {
 	})
 	if err != nil {
 		return err
+	}
+	if p.rev == 0 {
+		p.rev = resp.GetHeader().GetRevision()
 	}
 	kvs := resp.GetKvs()
 	more := resp.GetMore()
