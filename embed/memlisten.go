@@ -48,8 +48,14 @@ func (l *memListener) Accept() (net.Conn, error) {
 	return &memConn{Conn: c, local: l.addr, remote: remote}, nil
 }
 
+// dial connects to the listener. The connection is a *memConn, which
+// the embedded client's credentials tell from a TCP one.
 func (l *memListener) dial(ctx context.Context) (net.Conn, error) {
-	return l.Listener.DialContext(ctx)
+	c, err := l.Listener.DialContext(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &memConn{Conn: c, local: memAddr(string(l.addr) + "#client"), remote: l.addr}, nil
 }
 
 type memConn struct {

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 
 	"github.com/kvd/kvd/client"
 	"github.com/kvd/kvd/hashring"
@@ -44,6 +45,7 @@ type Node struct {
 	clientAddr string
 
 	localCalls atomic.Uint64
+	creds      credentials.TransportCredentials // the client's, with client TLS (tls.go)
 
 	cliOnce sync.Once
 	cli     *client.Client
@@ -106,6 +108,10 @@ func Start(ctx context.Context, cfg Config) (_ *Node, err error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	n.log = cfg.Logger.With("node", cfg.NodeID)
+	if n.creds, err = clientCreds(&cfg); err != nil {
+		_ = cfg.ClientListener.Close()
+		return nil, err
+	}
 	srv, err := server.New(cfg)
 	if err != nil {
 		_ = cfg.ClientListener.Close()
@@ -244,10 +250,15 @@ func (n *Node) newClient() (*client.Client, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	local := "passthrough:///" + n.clientAddr
+	var opts []grpc.DialOption
+	if n.creds != nil {
+		// After the client's own credentials, so these win.
+		opts = append(opts, grpc.WithTransportCredentials(n.creds))
+	}
 	return client.New(ctx, client.Config{
 		Endpoints: []string{n.clientAddr},
 		Logger:    n.log,
-		DialOptions: []grpc.DialOption{
+		DialOptions: append(opts,
 			grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
 				if addr == n.clientAddr {
 					return n.mem.dial(ctx)
@@ -268,7 +279,7 @@ func (n *Node) newClient() (*client.Client, error) {
 				}
 				return &countingStream{ClientStream: s, n: &n.localCalls}, nil
 			}),
-		},
+		),
 	})
 }
 
