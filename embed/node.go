@@ -25,7 +25,9 @@ import (
 // listen addresses: an empty ListenClient (with no ClientListener) serves
 // the in-process client only, an empty ListenPeer (with no PeerListener)
 // takes no Raft traffic from other nodes, and an empty ListenMetrics
-// serves no HTTP.
+// serves no HTTP. CorruptionCheckInterval and ScrubInterval turn off at a
+// negative value (kvd's flags take 0 for that); HistoryRevisions and
+// HistoryBytes are unlimited at a negative one.
 type Config = server.Config
 
 // DefaultConfig is every field at the default of its kvd flag, listen
@@ -137,7 +139,8 @@ func (n *Node) Err() <-chan error { return n.srv.Fatal() }
 // caught up, the cluster map lists it, and its client has read and
 // written (through Raft, by a transaction that changes nothing) each
 // shard. The check starts at the first call and goes on until it passes
-// or the node is closed.
+// or the node is closed. A node that fails is never ready: wait on Err
+// as well.
 func (n *Node) Ready() <-chan struct{} {
 	n.readyOnce.Do(func() {
 		n.wg.Add(1)
