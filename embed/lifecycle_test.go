@@ -159,3 +159,27 @@ func TestErrReportsEngineFailure(t *testing.T) {
 		t.Fatal("no error 20s after the WAL broke")
 	}
 }
+
+// A node joins a running embedded node's cluster through its client
+// address, as kvd --join does, and reads what was written before.
+func TestJoinAnEmbeddedNode(t *testing.T) {
+	n1 := start(t, embed.Config{DataDir: t.TempDir(), Shards: 2, ClientListener: listen(t), PeerListener: listen(t)})
+	waitReady(t, n1)
+	ctx := t.Context()
+	if _, err := n1.Client().Put(ctx, []byte("before"), []byte("join")); err != nil {
+		t.Fatal(err)
+	}
+	n2 := start(t, embed.Config{NodeID: 2, DataDir: t.TempDir(), ClientListener: listen(t), PeerListener: listen(t), Join: n1.Server().ClientAddr()})
+	waitReady(t, n2)
+	kv, err := n2.Client().Get(ctx, []byte("before"))
+	if err != nil || string(kv.GetValue()) != "join" {
+		t.Fatalf("joined node reads %v %q, want join", err, kv.GetValue())
+	}
+	m, err := n2.Client().MemberList(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(m.GetMembers()) != 2 {
+		t.Fatalf("members after the join: %v, want 2", m.GetMembers())
+	}
+}
