@@ -130,9 +130,23 @@ func TestLocalCallsCounted(t *testing.T) {
 	if _, err := n.Client().Get(t.Context(), []byte("a")); err != nil {
 		t.Fatal(err)
 	}
-	if got := n.LocalCalls(); got < before+2 {
+	got := n.LocalCalls()
+	if got < before+2 {
 		t.Fatalf("LocalCalls went from %d to %d after a put and a get on a single node; want +2", before, got)
 	}
+	mfs, err := n.Server().Metrics().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == "kvd_client_local_calls_total" {
+			if v := mf.GetMetric()[0].GetCounter().GetValue(); v < float64(got) {
+				t.Fatalf("kvd_client_local_calls_total = %v, want at least %d", v, got)
+			}
+			return
+		}
+	}
+	t.Fatal("no kvd_client_local_calls_total metric")
 }
 
 var _ = client.ErrNotFound

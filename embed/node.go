@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 
@@ -120,6 +121,10 @@ func Start(ctx context.Context, cfg Config) (_ *Node, err error) {
 		return nil, err
 	}
 	n.srv = srv
+	srv.Metrics().MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Name: "kvd_client_local_calls_total",
+		Help: "Requests of the embedded client that this node served in memory, without a socket.",
+	}, func() float64 { return float64(n.localCalls.Load()) }))
 	return n, nil
 }
 
@@ -306,7 +311,8 @@ func (s *countingStream) SendMsg(m any) error {
 }
 
 // LocalCalls is how many requests the node's Client served in memory, by
-// this node (the leader of the key's shard), without a socket.
+// this node (the leader of the key's shard), without a socket. /metrics
+// has it as kvd_client_local_calls_total.
 func (n *Node) LocalCalls() uint64 { return n.localCalls.Load() }
 
 // Close stops the node: its client, then its server, which stops every
