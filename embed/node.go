@@ -65,7 +65,10 @@ type Node struct {
 
 // Start validates cfg, opens (or creates) the data dir and starts the
 // node. It returns once the node runs; Ready says when it serves. A bad
-// configuration fails with an error wrapping server.ErrConfig.
+// configuration fails with an error wrapping server.ErrConfig. Start
+// does not wait for other nodes, except that a node joining a cluster
+// (Join) waits for a member to admit it, up to the server's join
+// timeout; ctx is only checked before anything starts.
 func Start(ctx context.Context, cfg Config) (_ *Node, err error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
