@@ -40,7 +40,7 @@ func (c *Client) dialOptions() []grpc.DialOption {
 	if c.cfg.Username != "" {
 		opts = append(opts, grpc.WithPerRPCCredentials(&tokenSource{c: c, creds: creds}))
 	}
-	return opts
+	return append(opts, c.cfg.DialOptions...)
 }
 
 // tokenSource puts the token of Config.Username on every call, getting

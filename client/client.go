@@ -71,6 +71,11 @@ type Config struct {
 	// renews it before it expires. Empty: requests carry no user, and
 	// only a client certificate in TLS can identify one.
 	Username, Password string
+	// DialOptions are added to every member connection's own (window
+	// sizes, TLS, token). An embedded node (package embed) dials itself
+	// in memory with one (grpc.WithContextDialer) and counts the calls
+	// that reach it with another.
+	DialOptions []grpc.DialOption
 	// Logger receives breaker transitions and map changes, and at debug
 	// level every attempt that failed (node, time taken, error); never a
 	// line for a request that succeeded at once. Nil discards.

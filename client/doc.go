@@ -54,6 +54,15 @@
 // a unary call (no per-call stream set-up, headers or trailers). Each
 // request still has its own deadline, answer and retries.
 //
+// # Namespaces
+//
+// WithNamespace(c, "app1/") is a view of c in which every key, range,
+// transaction and watch carries the prefix, stripped from what comes
+// back: applications sharing a cluster under their own prefixes do not
+// see each other's keys. A scan page's Resume token resumes a watch just
+// after the state the scan read, so a prefix can be loaded and then
+// followed without a gap or a repeat (docs/config-store.md).
+//
 // # Caveats
 //
 //   - Always pass a context with a deadline. The client retries retryable

@@ -2,6 +2,7 @@ package raftnode_test
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -133,15 +134,16 @@ func (c *testCluster) start(id uint64, lis net.Listener) {
 		t.Fatal(err)
 	}
 	host := raftnode.NewHost(raftnode.HostConfig{
-		NodeID:          id,
-		Engine:          eng,
-		Apply:           fsm.Apply,
-		Logger:          logger(t).With("node", id),
-		TickInterval:    20 * time.Millisecond,
-		ElectionTick:    10,
-		HeartbeatTick:   1,
-		SnapshotEntries: c.snapshot,
-		SnapshotBytes:   c.snapshotBytes,
+		NodeID:              id,
+		Engine:              eng,
+		Apply:               fsm.Apply,
+		Logger:              logger(t).With("node", id),
+		TickInterval:        20 * time.Millisecond,
+		ElectionTick:        10,
+		HeartbeatTick:       1,
+		SnapshotEntries:     cmp.Or(c.snapshot, 10_000),
+		SnapshotBytes:       cmp.Or(c.snapshotBytes, 64<<20),
+		MaxPendingProposals: 4096,
 	})
 	tr := transport.New(transport.Config{NodeID: id, Handler: host, Snapshots: snapSource{eng}, Logger: logger(t)})
 	var sender raftnode.Sender = tr

@@ -437,8 +437,9 @@ func (c *harness) start(hn *hnode) {
 		// Few ticks to an election timeout keep the scenarios short.
 		// Followers are never ticked that far: raft randomizes their
 		// timeouts, and they would campaign at a tick no test can know.
-		ElectionTick:  3,
-		HeartbeatTick: 1,
+		ElectionTick:    3,
+		HeartbeatTick:   1,
+		SnapshotEntries: 10_000, SnapshotBytes: 64 << 20, MaxPendingProposals: 4096,
 	}, eng)
 	hn.h.setSender(c.net.sender(hn.id))
 	hn.h.checks.now = fixedClock

@@ -44,10 +44,11 @@ type Config struct {
 	Logger  *slog.Logger
 
 	// ElectionTick and HeartbeatTick are in ticks (see Host.TickInterval).
-	ElectionTick  int // default 10
-	HeartbeatTick int // default 1
+	// Every setting below is required (server.DefaultConfig has kvd's).
+	ElectionTick  int
+	HeartbeatTick int
 	// SnapshotEntries is how many applied entries beyond the last compaction
-	// trigger the next one. Default 10,000.
+	// trigger the next one.
 	SnapshotEntries uint64
 	// SnapshotBytes triggers a compaction as well once the entries applied
 	// since the last one carry this many bytes of commands. Default
@@ -55,7 +56,7 @@ type Config struct {
 	// up to 10,000 of them, gigabytes of log in the node's file.
 	SnapshotBytes uint64
 	// MaxPendingProposals bounds proposals waiting for apply; beyond it
-	// Propose fails fast with ErrBusy. Default 4096.
+	// Propose fails fast with ErrBusy.
 	MaxPendingProposals int
 
 	// checks, set by a Host, confirms leadership for ReadIndex across the
@@ -63,25 +64,22 @@ type Config struct {
 	checks *leaderChecks
 }
 
-func (c *Config) setDefaults() {
-	if c.ElectionTick == 0 {
-		c.ElectionTick = 10
-	}
-	if c.HeartbeatTick == 0 {
-		c.HeartbeatTick = 1
-	}
-	if c.SnapshotEntries == 0 {
-		c.SnapshotEntries = 10000
-	}
-	if c.SnapshotBytes == 0 {
-		c.SnapshotBytes = 64 << 20
-	}
-	if c.MaxPendingProposals == 0 {
-		c.MaxPendingProposals = 4096
+// check refuses a configuration with a setting left out. raftnode has no
+// defaults of its own: its caller (server.Config) owns them, so a replica
+// never runs with timing other than the node was configured with.
+func (c *Config) check() error {
+	switch {
+	case c.HeartbeatTick < 1 || c.ElectionTick <= c.HeartbeatTick:
+		return fmt.Errorf("raftnode: shard %d: election tick %d must exceed heartbeat tick %d, which must be at least 1", c.Shard, c.ElectionTick, c.HeartbeatTick)
+	case c.SnapshotEntries == 0 || c.SnapshotBytes == 0:
+		return fmt.Errorf("raftnode: shard %d: snapshot entries and bytes must be set", c.Shard)
+	case c.MaxPendingProposals < 1:
+		return fmt.Errorf("raftnode: shard %d: max pending proposals must be at least 1", c.Shard)
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
+	return nil
 }
 
 // Node is one Raft group replica. Its Host's loop goroutine (loop.go) owns
@@ -203,7 +201,9 @@ type readWaiter struct {
 // storage must already hold the group's initial state
 // (storage.Engine.CreateShard).
 func newNode(cfg Config, h *Host) (*Node, error) {
-	cfg.setDefaults()
+	if err := cfg.check(); err != nil {
+		return nil, err
+	}
 	applied, _ := cfg.Storage.Applied()
 	hs, cs, err := cfg.Storage.InitialState()
 	if err != nil {

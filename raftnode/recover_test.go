@@ -34,6 +34,8 @@ func testHost(t *testing.T) (*Host, *storage.Engine) {
 		Engine:       e,
 		Apply:        func(*storage.Txn, uint64, []byte) any { return "applied" },
 		TickInterval: 10 * time.Millisecond,
+		ElectionTick: 10, HeartbeatTick: 1,
+		SnapshotEntries: 10_000, SnapshotBytes: 64 << 20, MaxPendingProposals: 4096,
 	})
 	h.Start(nullSender{})
 	t.Cleanup(func() {

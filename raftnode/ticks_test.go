@@ -29,7 +29,8 @@ func TestHostTicksOnlyFromItsTickSource(t *testing.T) {
 		Apply:        func(*storage.Txn, uint64, []byte) any { return nil },
 		TickInterval: time.Hour, // would never tick on its own
 		Ticks:        ticks,
-		ElectionTick: 10,
+		ElectionTick: 10, HeartbeatTick: 1,
+		SnapshotEntries: 10_000, SnapshotBytes: 64 << 20, MaxPendingProposals: 4096,
 	})
 	h.Start(nullSender{})
 	defer h.Stop()

@@ -77,7 +77,7 @@ type Config struct {
 	// CommitInterval is how long applied writes may wait in the open bbolt
 	// transaction, made durable by the WAL meanwhile, before it commits
 	// (storage.Options.CommitInterval). It bounds how stale a serializable
-	// read on the leader can be. Zero means the storage default, 200 ms.
+	// read on the leader can be. Default 200 ms.
 	CommitInterval time.Duration
 
 	// RequestTimeout bounds a request that arrives without a deadline.
@@ -124,11 +124,12 @@ type Config struct {
 	WatchProgressInterval time.Duration
 
 	// CorruptionCheckInterval is how often the leader of each shard has
-	// the replicas compare their state hashes (corruption.go); zero
-	// disables the check.
+	// the replicas compare their state hashes (corruption.go).
 	CorruptionCheckInterval time.Duration
 	// ScrubInterval is how often each node verifies its stored shards
-	// against their checksums and state hashes; zero disables it.
+	// against their checksums and state hashes. For both intervals zero
+	// means the default (1 minute, 1 hour) and a negative value turns the
+	// check off (kvd's flags take 0 for off).
 	ScrubInterval time.Duration
 
 	Logger *slog.Logger
@@ -190,124 +191,115 @@ const (
 // ErrConfig marks a configuration error: cmd/kvd exits 2 on it.
 var ErrConfig = errors.New("invalid configuration")
 
+// DefaultConfig is a node's configuration with every field at the default
+// of its kvd flag, except the listen addresses, which it leaves empty:
+// cmd/kvd's flags default to it, and New fills the zero fields of a
+// Config from it, so the binary and embedders (package embed) start from
+// the same values.
+func DefaultConfig() Config {
+	return Config{
+		NodeID:   1,
+		DataDir:  DefaultDataDir,
+		Shards:   DefaultShards,
+		Replicas: DefaultReplicas,
+		Limits: Limits{
+			MaxKeyBytes:         4 << 10,
+			MaxValueBytes:       1 << 20,
+			MaxRequestBytes:     2 << 20,
+			MaxTxnOps:           128,
+			MaxPendingProposals: 4096,
+			MaxInFlightBytes:    DefaultMaxInFlightBytes,
+			MaxResponseBytes:    DefaultMaxResponseBytes,
+			MaxBatchStreamBytes: DefaultMaxBatchStreamBytes,
+			MaxClientConns:      DefaultMaxClientConns,
+			MaxWatchStreams:     1024,
+			MaxWatchesPerStream: 1000,
+		},
+		TickInterval:            50 * time.Millisecond,
+		ElectionTicks:           10,
+		HeartbeatTicks:          2,
+		SnapshotEntries:         10_000,
+		SnapshotBytes:           64 << 20,
+		CommitInterval:          200 * time.Millisecond,
+		RequestTimeout:          5 * time.Second,
+		BatchSendTimeout:        DefaultBatchSendTimeout,
+		ClientConnIdle:          5 * time.Minute,
+		SessionTTL:              time.Hour,
+		HistoryRevisions:        100_000,
+		HistoryBytes:            64 << 20,
+		WatchProgressInterval:   time.Second,
+		CorruptionCheckInterval: time.Minute,
+		ScrubInterval:           time.Hour,
+		AuthTokenTTL:            DefaultAuthTokenTTL,
+	}
+}
+
+// orDefault sets *p to d when *p is the zero value.
+func orDefault[T comparable](p *T, d T) {
+	var zero T
+	if *p == zero {
+		*p = d
+	}
+}
+
 func (c *Config) setDefaults() {
-	if c.DataDir == "" {
-		c.DataDir = DefaultDataDir
-	}
-	if c.ListenClient == "" {
-		c.ListenClient = DefaultClientAddr
-	}
-	if c.ListenPeer == "" {
-		c.ListenPeer = DefaultPeerAddr
-	}
+	d := DefaultConfig()
+	orDefault(&c.DataDir, d.DataDir)
+	orDefault(&c.ListenClient, DefaultClientAddr)
+	orDefault(&c.ListenPeer, DefaultPeerAddr)
 	if c.ClientListener != nil {
 		c.ListenClient = c.ClientListener.Addr().String()
 	}
 	if c.PeerListener != nil {
 		c.ListenPeer = c.PeerListener.Addr().String()
 	}
-	if c.AdvertiseClient == "" {
-		c.AdvertiseClient = c.ListenClient
-	}
-	if c.AdvertisePeer == "" {
-		c.AdvertisePeer = c.ListenPeer
-	}
-	if c.NodeID == 0 {
-		c.NodeID = 1
-	}
+	orDefault(&c.AdvertiseClient, c.ListenClient)
+	orDefault(&c.AdvertisePeer, c.ListenPeer)
+	orDefault(&c.NodeID, d.NodeID)
 	if len(c.InitialCluster) == 0 {
 		c.InitialCluster = map[uint64]string{c.NodeID: c.AdvertisePeer}
 	}
-	if c.Shards == 0 {
-		c.Shards = DefaultShards
-	}
-	if c.Replicas == 0 {
-		c.Replicas = DefaultReplicas
-	}
-	l := &c.Limits
-	if l.MaxKeyBytes == 0 {
-		l.MaxKeyBytes = 4 << 10
-	}
-	if l.MaxValueBytes == 0 {
-		l.MaxValueBytes = 1 << 20
-	}
-	if l.MaxRequestBytes == 0 {
-		l.MaxRequestBytes = 2 << 20
-	}
-	if l.MaxTxnOps == 0 {
-		l.MaxTxnOps = 128
-	}
-	if l.MaxInFlightBytes == 0 {
-		l.MaxInFlightBytes = DefaultMaxInFlightBytes
-	}
-	if l.MaxResponseBytes == 0 {
-		l.MaxResponseBytes = DefaultMaxResponseBytes
-	}
-	if l.MaxBatchStreamBytes == 0 {
-		l.MaxBatchStreamBytes = DefaultMaxBatchStreamBytes
-	}
-	if l.MaxClientConns == 0 {
-		l.MaxClientConns = DefaultMaxClientConns
-	}
-	if l.MaxWatchStreams == 0 {
-		l.MaxWatchStreams = 1024
-	}
-	if l.MaxWatchesPerStream == 0 {
-		l.MaxWatchesPerStream = 1000
-	}
-	if c.ClientConnIdle == 0 {
-		c.ClientConnIdle = 5 * time.Minute
-	}
-	if c.BatchSendTimeout == 0 {
-		c.BatchSendTimeout = DefaultBatchSendTimeout
-	}
-	if l.MaxPendingProposals == 0 {
-		l.MaxPendingProposals = 4096
-	}
-	if c.TickInterval == 0 {
-		c.TickInterval = 50 * time.Millisecond
-	}
-	if c.ElectionTicks == 0 {
-		c.ElectionTicks = 10
-	}
-	if c.HeartbeatTicks == 0 {
-		c.HeartbeatTicks = 2
-	}
-	if c.HistoryRevisions == 0 {
-		c.HistoryRevisions = 100_000
-	}
-	if c.HistoryBytes == 0 {
-		c.HistoryBytes = 64 << 20
-	}
-	if c.WatchProgressInterval == 0 {
-		c.WatchProgressInterval = time.Second
-	}
-	if c.AuthTokenTTL == 0 {
-		c.AuthTokenTTL = DefaultAuthTokenTTL
-	}
-	if c.SessionTTL == 0 {
-		c.SessionTTL = time.Hour
-	}
-	if c.RequestTimeout == 0 {
-		c.RequestTimeout = 5 * time.Second
-	}
+	orDefault(&c.Shards, d.Shards)
+	orDefault(&c.Replicas, d.Replicas)
+	l, dl := &c.Limits, d.Limits
+	orDefault(&l.MaxKeyBytes, dl.MaxKeyBytes)
+	orDefault(&l.MaxValueBytes, dl.MaxValueBytes)
+	orDefault(&l.MaxRequestBytes, dl.MaxRequestBytes)
+	orDefault(&l.MaxTxnOps, dl.MaxTxnOps)
+	orDefault(&l.MaxPendingProposals, dl.MaxPendingProposals)
+	orDefault(&l.MaxInFlightBytes, dl.MaxInFlightBytes)
+	orDefault(&l.MaxResponseBytes, dl.MaxResponseBytes)
+	orDefault(&l.MaxBatchStreamBytes, dl.MaxBatchStreamBytes)
+	orDefault(&l.MaxClientConns, dl.MaxClientConns)
+	orDefault(&l.MaxWatchStreams, dl.MaxWatchStreams)
+	orDefault(&l.MaxWatchesPerStream, dl.MaxWatchesPerStream)
+	orDefault(&c.TickInterval, d.TickInterval)
+	orDefault(&c.ElectionTicks, d.ElectionTicks)
+	orDefault(&c.HeartbeatTicks, d.HeartbeatTicks)
+	orDefault(&c.SnapshotEntries, d.SnapshotEntries)
+	orDefault(&c.SnapshotBytes, d.SnapshotBytes)
+	orDefault(&c.CommitInterval, d.CommitInterval)
+	orDefault(&c.RequestTimeout, d.RequestTimeout)
+	orDefault(&c.BatchSendTimeout, d.BatchSendTimeout)
+	orDefault(&c.ClientConnIdle, d.ClientConnIdle)
+	orDefault(&c.SessionTTL, d.SessionTTL)
+	orDefault(&c.HistoryRevisions, d.HistoryRevisions)
+	orDefault(&c.HistoryBytes, d.HistoryBytes)
+	orDefault(&c.WatchProgressInterval, d.WatchProgressInterval)
+	orDefault(&c.CorruptionCheckInterval, d.CorruptionCheckInterval)
+	orDefault(&c.ScrubInterval, d.ScrubInterval)
+	orDefault(&c.AuthTokenTTL, d.AuthTokenTTL)
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
 }
 
+// validate checks a configuration with its defaults filled in. New runs
+// it on every start: a fresh node, a restart on an existing data dir and
+// a join alike, so a value one of them refuses is refused by all.
 func (c *Config) validate() error {
-	own, ok := c.InitialCluster[c.NodeID]
-	if !ok {
-		return fmt.Errorf("%w: node id %d is not in --initial-cluster (%s); add %d=HOST:PEERPORT or fix --id",
-			ErrConfig, c.NodeID, FormatInitialCluster(c.InitialCluster), c.NodeID)
-	}
-	// Peers dial what --initial-cluster says; this node publishes
-	// --advertise-peer. Two addresses for one node leave peers dialing
-	// one that is not it (or nothing), and its shards without a leader.
-	if own != c.AdvertisePeer {
-		return fmt.Errorf("%w: --initial-cluster gives node %d the peer address %s, but it advertises %s (--advertise-peer, default --listen-peer); make them the same",
-			ErrConfig, c.NodeID, own, c.AdvertisePeer)
+	if c.Join != "" && c.BootstrapExplicit {
+		return fmt.Errorf("%w: --join adds a node to an existing cluster, whose shards and replicas are already set: drop --initial-cluster, --shards and --replicas", ErrConfig)
 	}
 	if c.Shards < 1 || c.Shards > 4096 {
 		return fmt.Errorf("%w: --shards %d out of range; use 1..4096", ErrConfig, c.Shards)
@@ -320,6 +312,67 @@ func (c *Config) validate() error {
 	}
 	if c.ElectionTicks <= c.HeartbeatTicks {
 		return fmt.Errorf("%w: election ticks (%d) must exceed heartbeat ticks (%d)", ErrConfig, c.ElectionTicks, c.HeartbeatTicks)
+	}
+	if c.HeartbeatTicks < 1 {
+		return fmt.Errorf("%w: --heartbeat-ticks %d must be at least 1", ErrConfig, c.HeartbeatTicks)
+	}
+	for _, d := range []struct {
+		flag string
+		v    time.Duration
+	}{
+		{"--tick-interval", c.TickInterval},
+		{"--request-timeout", c.RequestTimeout},
+		{"--batch-send-timeout", c.BatchSendTimeout},
+		{"--session-ttl", c.SessionTTL},
+		{"--watch-progress-interval", c.WatchProgressInterval},
+		{"--auth-token-ttl", c.AuthTokenTTL},
+		{"client connection idle time", c.ClientConnIdle},
+	} {
+		if d.v <= 0 {
+			return fmt.Errorf("%w: %s %v must be positive", ErrConfig, d.flag, d.v)
+		}
+	}
+	if c.HistoryRetention < 0 {
+		return fmt.Errorf("%w: --history-retention %v must not be negative (0 turns it off)", ErrConfig, c.HistoryRetention)
+	}
+	l := c.Limits
+	for _, v := range []struct {
+		flag string
+		v    int
+	}{
+		{"--max-key-bytes", l.MaxKeyBytes},
+		{"--max-value-bytes", l.MaxValueBytes},
+		{"--max-request-bytes", l.MaxRequestBytes},
+		{"--max-txn-ops", l.MaxTxnOps},
+		{"--max-pending-proposals", l.MaxPendingProposals},
+		{"--max-inflight-bytes", l.MaxInFlightBytes},
+		{"--max-response-bytes", l.MaxResponseBytes},
+		{"--max-batch-stream-bytes", l.MaxBatchStreamBytes},
+		{"--max-client-conns", l.MaxClientConns},
+		{"--max-watch-streams", l.MaxWatchStreams},
+		{"--max-watches-per-stream", l.MaxWatchesPerStream},
+	} {
+		if v.v < 1 {
+			return fmt.Errorf("%w: %s %d must be at least 1", ErrConfig, v.flag, v.v)
+		}
+	}
+	return nil
+}
+
+// validateBootstrap checks what only a bootstrapping node uses: that it is
+// in its initial cluster, at the address it advertises.
+func (c *Config) validateBootstrap() error {
+	own, ok := c.InitialCluster[c.NodeID]
+	if !ok {
+		return fmt.Errorf("%w: node id %d is not in --initial-cluster (%s); add %d=HOST:PEERPORT or fix --id",
+			ErrConfig, c.NodeID, FormatInitialCluster(c.InitialCluster), c.NodeID)
+	}
+	// Peers dial what --initial-cluster says; this node publishes
+	// --advertise-peer. Two addresses for one node leave peers dialing
+	// one that is not it (or nothing), and its shards without a leader.
+	if own != c.AdvertisePeer {
+		return fmt.Errorf("%w: --initial-cluster gives node %d the peer address %s, but it advertises %s (--advertise-peer, default --listen-peer); make them the same",
+			ErrConfig, c.NodeID, own, c.AdvertisePeer)
 	}
 	return nil
 }

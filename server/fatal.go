@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -71,7 +73,9 @@ func (s *Server) watchFatal() {
 	defer s.wg.Done()
 	t := time.NewTicker(fatalScan)
 	defer t.Stop()
-	for {
+	db := filepath.Join(s.cfg.DataDir, "kvd.db")
+	opened, _ := os.Stat(db)
+	for i := 0; ; i++ {
 		select {
 		case <-s.stopc:
 			return
@@ -90,8 +94,22 @@ func (s *Server) watchFatal() {
 			default:
 			}
 		}
+		// A data dir removed (or replaced) under a running node leaves
+		// it writing to files no restart will find: every write it
+		// acknowledges from then on would be lost. Unlinked files stay
+		// writable, so the engine itself never notices.
+		if opened != nil && i%dataDirScanEvery == 0 {
+			if now, err := os.Stat(db); err != nil || !os.SameFile(opened, now) {
+				s.setFatal(fmt.Errorf("data dir %s lost: %s is gone or replaced (%v)", s.cfg.DataDir, db, err))
+				return
+			}
+		}
 	}
 }
+
+// dataDirScanEvery is how many fatal scans pass between checks that the
+// data dir is still the one the node opened: once a second.
+const dataDirScanEvery = int(time.Second / fatalScan)
 
 // isKV reports whether a full gRPC method name is of the KV service, whose
 // answers a failed node must not give.

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/pprof"
@@ -26,26 +27,9 @@ func (s *Server) httpHandler() http.Handler {
 	})
 	mux.Handle("/metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if err := s.failure(); err != nil {
+		if err := s.NotReady(); err != nil {
 			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintf(w, "not ready: failed: %v\n", err)
-			return
-		}
-		if missing := s.shardsWithoutLeader(); len(missing) > 0 {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintf(w, "not ready: shards without a leader: %v\n", missing)
-			return
-		}
-		if behind := s.shardsBehind(); len(behind) > 0 {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintf(w, "not ready: shards still catching up: %v\n", behind)
-			return
-		}
-		if !s.published.Load() {
-			// Clients find members through the map: a node it does not
-			// list yet is unreachable for them.
-			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintln(w, "not ready: this node's addresses are not yet in the cluster map")
+			fmt.Fprintf(w, "not ready: %v\n", err)
 			return
 		}
 		fmt.Fprintln(w, "ready")
@@ -81,4 +65,26 @@ func (s *Server) shardsBehind() []uint64 {
 		}
 	}
 	return out
+}
+
+// NotReady says why the node is not ready to serve, or nil when it is:
+// it has not failed, every shard it hosts has a leader and has caught up,
+// and the cluster map lists its addresses. /readyz answers it; embedders
+// (package embed) wait on it.
+func (s *Server) NotReady() error {
+	if err := s.failure(); err != nil {
+		return fmt.Errorf("failed: %w", err)
+	}
+	if missing := s.shardsWithoutLeader(); len(missing) > 0 {
+		return fmt.Errorf("shards without a leader: %v", missing)
+	}
+	if behind := s.shardsBehind(); len(behind) > 0 {
+		return fmt.Errorf("shards still catching up: %v", behind)
+	}
+	if !s.published.Load() {
+		// Clients find members through the map: a node it does not
+		// list yet is unreachable for them.
+		return errors.New("this node's addresses are not yet in the cluster map")
+	}
+	return nil
 }

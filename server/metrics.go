@@ -249,3 +249,7 @@ func b2f(b bool) float64 {
 	}
 	return 0
 }
+
+// Metrics is the registry /metrics serves, for embedders to add their own
+// (package embed counts its client's in-memory calls there).
+func (s *Server) Metrics() *prometheus.Registry { return s.metrics.reg }

@@ -109,6 +109,9 @@ type Server struct {
 // wrapping ErrConfig.
 func New(cfg Config) (_ *Server, err error) {
 	cfg.setDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeID), stopc: make(chan struct{})}
 	s.fatal.c = make(chan error, 1)
 	// Made first: the node may turn fatal (a peer refusing it) before its
@@ -361,7 +364,7 @@ func (s *Server) loadOrBootstrap() (_ *kvpb.ClusterMap, fresh bool, _ error) {
 		s.log.Info("joined cluster", "via", cfg.Join, "epoch", cmap.GetEpoch(), "members", len(cmap.GetMembers()))
 		return cmap, true, nil
 	}
-	if err := cfg.validate(); err != nil {
+	if err := cfg.validateBootstrap(); err != nil {
 		return nil, false, err
 	}
 	// Record our own client address in the initial map we start with; the

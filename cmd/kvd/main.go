@@ -3,6 +3,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 
+	"github.com/kvd/kvd/embed"
 	"github.com/kvd/kvd/internal/version"
 	"github.com/kvd/kvd/server"
 )
@@ -84,8 +86,9 @@ func setMemoryLimit() {
 // --version print to stdout, as a user piping them to less expects;
 // everything else (logs, errors) goes to stderr.
 func run(args []string, stdout, stderr io.Writer, stop <-chan struct{}) int {
+	def := embed.DefaultConfig()
 	var (
-		cfg            server.Config
+		cfg            embed.Config
 		initialCluster string
 		logLevel       string
 		showVersion    bool
@@ -159,44 +162,44 @@ as a new member with a new --id).`,
 		SilenceErrors: true,
 	}
 	f := cmd.Flags()
-	f.Uint64Var(&cfg.NodeID, "id", 1, "this node's id: a positive integer, unique in the cluster and listed in --initial-cluster")
-	f.StringVar(&cfg.DataDir, "data-dir", server.DefaultDataDir, "directory for the node's data (one bbolt file holding every shard, and its write-ahead log)")
+	f.Uint64Var(&cfg.NodeID, "id", def.NodeID, "this node's id: a positive integer, unique in the cluster and listed in --initial-cluster")
+	f.StringVar(&cfg.DataDir, "data-dir", def.DataDir, "directory for the node's data (one bbolt file holding every shard, and its write-ahead log)")
 	f.StringVar(&cfg.ListenClient, "listen-client", server.DefaultClientAddr, "address for the client API (gRPC: KV, Cluster, health)")
 	f.StringVar(&cfg.AdvertiseClient, "advertise-client", "", "client address other nodes and clients should dial (default: --listen-client)")
 	f.StringVar(&cfg.ListenPeer, "listen-peer", server.DefaultPeerAddr, "address for Raft traffic between nodes (gRPC)")
 	f.StringVar(&cfg.AdvertisePeer, "advertise-peer", "", "peer address other nodes should dial (default: --listen-peer)")
 	f.StringVar(&cfg.ListenMetrics, "listen-metrics", server.DefaultMetricsAddr, "HTTP address for /metrics, /healthz, /readyz (and /debug/pprof/ with --enable-pprof); empty disables it")
 	f.StringVar(&initialCluster, "initial-cluster", "", "bootstrap members as ID=HOST:PEERPORT,... (default: this node alone at its peer address)")
-	f.IntVar(&cfg.Shards, "shards", server.DefaultShards, "data shards (Raft groups) created at bootstrap; the meta shard 0 comes on top")
-	f.IntVar(&cfg.Replicas, "replicas", server.DefaultReplicas, "copies of each shard, capped by the number of nodes")
+	f.IntVar(&cfg.Shards, "shards", def.Shards, "data shards (Raft groups) created at bootstrap; the meta shard 0 comes on top")
+	f.IntVar(&cfg.Replicas, "replicas", def.Replicas, "copies of each shard, capped by the number of nodes")
 	f.StringVar(&cfg.Join, "join", "", "client address(es) of running members (HOST:PORT,...): a node on a fresh data dir joins their cluster and receives replicas of shards that lack copies; give it a new --id")
 	f.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
-	f.DurationVar(&cfg.TickInterval, "tick-interval", 50*time.Millisecond, "length of one Raft tick")
-	f.IntVar(&cfg.ElectionTicks, "election-ticks", 10, "ticks without a leader before a follower campaigns (randomised up to twice this)")
-	f.IntVar(&cfg.HeartbeatTicks, "heartbeat-ticks", 2, "ticks between leader heartbeats")
-	f.Uint64Var(&cfg.SnapshotEntries, "snapshot-entries", 10000, "applied entries beyond the last compaction that trigger log compaction")
-	f.Uint64Var(&cfg.SnapshotBytes, "snapshot-bytes", 64<<20, "bytes of commands applied since the last compaction that trigger log compaction (whichever of this and --snapshot-entries comes first)")
-	f.DurationVar(&cfg.CommitInterval, "commit-interval", 200*time.Millisecond, "how long applied writes wait (durable in the WAL) before the bbolt commit that makes them visible to serializable reads; longer is cheaper, shorter is fresher")
-	f.DurationVar(&cfg.SessionTTL, "session-ttl", time.Hour, "idle time after which a client session's exactly-once records are dropped")
-	f.Int64Var(&cfg.HistoryRevisions, "history-revisions", 100_000, "revisions of changes each shard keeps for reads at a revision and watches (negative: no count limit)")
-	f.Int64Var(&cfg.HistoryBytes, "history-bytes", 64<<20, "bytes of history each shard keeps, previous values of overwritten and deleted keys included; the oldest revisions are trimmed beyond it (negative: no byte limit)")
-	f.DurationVar(&cfg.HistoryRetention, "history-retention", 0, "also drop changes older than this (0: off)")
-	f.DurationVar(&cfg.WatchProgressInterval, "watch-progress-interval", time.Second, "how often an idle watch is told its shard's revision")
-	f.DurationVar(&cfg.CorruptionCheckInterval, "corruption-check-interval", time.Minute, "how often each shard's leader has its replicas compare state hashes; a replica that differs from the majority raises an alarm and stops serving the shard (0 disables)")
-	f.DurationVar(&cfg.ScrubInterval, "scrub-interval", time.Hour, "how often the node verifies every stored value's checksum and each shard's state hash, paced to 32 MiB/s (0 disables)")
-	f.DurationVar(&cfg.RequestTimeout, "request-timeout", 5*time.Second, "deadline for a request that arrives without one")
-	f.IntVar(&cfg.Limits.MaxKeyBytes, "max-key-bytes", 4<<10, "largest key accepted")
-	f.IntVar(&cfg.Limits.MaxValueBytes, "max-value-bytes", 1<<20, "largest value accepted")
-	f.IntVar(&cfg.Limits.MaxRequestBytes, "max-request-bytes", 2<<20, "largest request accepted")
-	f.IntVar(&cfg.Limits.MaxTxnOps, "max-txn-ops", 128, "most compares and operations in one transaction")
-	f.IntVar(&cfg.Limits.MaxInFlightBytes, "max-inflight-bytes", server.DefaultMaxInFlightBytes, "request bytes (and Batch answers not yet sent) the node holds at once before new requests get ResourceExhausted; a quarter is kept for requests of 64 KiB or less")
-	f.IntVar(&cfg.Limits.MaxResponseBytes, "max-response-bytes", server.DefaultMaxResponseBytes, "largest Range page in bytes: a page stops before it (and says there is more), holding at least one key")
-	f.IntVar(&cfg.Limits.MaxBatchStreamBytes, "max-batch-stream-bytes", server.DefaultMaxBatchStreamBytes, "bytes one Batch stream may hold (requests being served, answers not yet sent) before the node stops reading it")
-	f.IntVar(&cfg.Limits.MaxClientConns, "max-client-conns", server.DefaultMaxClientConns, "client connections the node keeps open; more are closed on accept")
-	f.IntVar(&cfg.Limits.MaxWatchStreams, "max-watch-streams", 1024, "Watch streams the node serves at once")
-	f.IntVar(&cfg.Limits.MaxWatchesPerStream, "max-watches-per-stream", 1000, "watches one Watch stream may carry")
-	f.DurationVar(&cfg.BatchSendTimeout, "batch-send-timeout", server.DefaultBatchSendTimeout, "a Batch stream whose answers could not be sent for this long (its client is not reading) ends with ResourceExhausted, and a client connection owing unary answers that wrote nothing for this long is closed")
-	f.IntVar(&cfg.Limits.MaxPendingProposals, "max-pending-proposals", 4096, "writes waiting to commit per shard before new ones get ResourceExhausted")
+	f.DurationVar(&cfg.TickInterval, "tick-interval", def.TickInterval, "length of one Raft tick")
+	f.IntVar(&cfg.ElectionTicks, "election-ticks", def.ElectionTicks, "ticks without a leader before a follower campaigns (randomised up to twice this)")
+	f.IntVar(&cfg.HeartbeatTicks, "heartbeat-ticks", def.HeartbeatTicks, "ticks between leader heartbeats")
+	f.Uint64Var(&cfg.SnapshotEntries, "snapshot-entries", def.SnapshotEntries, "applied entries beyond the last compaction that trigger log compaction")
+	f.Uint64Var(&cfg.SnapshotBytes, "snapshot-bytes", def.SnapshotBytes, "bytes of commands applied since the last compaction that trigger log compaction (whichever of this and --snapshot-entries comes first)")
+	f.DurationVar(&cfg.CommitInterval, "commit-interval", def.CommitInterval, "how long applied writes wait (durable in the WAL) before the bbolt commit that makes them visible to serializable reads; longer is cheaper, shorter is fresher")
+	f.DurationVar(&cfg.SessionTTL, "session-ttl", def.SessionTTL, "idle time after which a client session's exactly-once records are dropped")
+	f.Int64Var(&cfg.HistoryRevisions, "history-revisions", def.HistoryRevisions, "revisions of changes each shard keeps for reads at a revision and watches (negative: no count limit)")
+	f.Int64Var(&cfg.HistoryBytes, "history-bytes", def.HistoryBytes, "bytes of history each shard keeps, previous values of overwritten and deleted keys included; the oldest revisions are trimmed beyond it (negative: no byte limit)")
+	f.DurationVar(&cfg.HistoryRetention, "history-retention", def.HistoryRetention, "also drop changes older than this (0: off)")
+	f.DurationVar(&cfg.WatchProgressInterval, "watch-progress-interval", def.WatchProgressInterval, "how often an idle watch is told its shard's revision")
+	f.DurationVar(&cfg.CorruptionCheckInterval, "corruption-check-interval", def.CorruptionCheckInterval, "how often each shard's leader has its replicas compare state hashes; a replica that differs from the majority raises an alarm and stops serving the shard (0 disables)")
+	f.DurationVar(&cfg.ScrubInterval, "scrub-interval", def.ScrubInterval, "how often the node verifies every stored value's checksum and each shard's state hash, paced to 32 MiB/s (0 disables)")
+	f.DurationVar(&cfg.RequestTimeout, "request-timeout", def.RequestTimeout, "deadline for a request that arrives without one")
+	f.IntVar(&cfg.Limits.MaxKeyBytes, "max-key-bytes", def.Limits.MaxKeyBytes, "largest key accepted")
+	f.IntVar(&cfg.Limits.MaxValueBytes, "max-value-bytes", def.Limits.MaxValueBytes, "largest value accepted")
+	f.IntVar(&cfg.Limits.MaxRequestBytes, "max-request-bytes", def.Limits.MaxRequestBytes, "largest request accepted")
+	f.IntVar(&cfg.Limits.MaxTxnOps, "max-txn-ops", def.Limits.MaxTxnOps, "most compares and operations in one transaction")
+	f.IntVar(&cfg.Limits.MaxInFlightBytes, "max-inflight-bytes", def.Limits.MaxInFlightBytes, "request bytes (and Batch answers not yet sent) the node holds at once before new requests get ResourceExhausted; a quarter is kept for requests of 64 KiB or less")
+	f.IntVar(&cfg.Limits.MaxResponseBytes, "max-response-bytes", def.Limits.MaxResponseBytes, "largest Range page in bytes: a page stops before it (and says there is more), holding at least one key")
+	f.IntVar(&cfg.Limits.MaxBatchStreamBytes, "max-batch-stream-bytes", def.Limits.MaxBatchStreamBytes, "bytes one Batch stream may hold (requests being served, answers not yet sent) before the node stops reading it")
+	f.IntVar(&cfg.Limits.MaxClientConns, "max-client-conns", def.Limits.MaxClientConns, "client connections the node keeps open; more are closed on accept")
+	f.IntVar(&cfg.Limits.MaxWatchStreams, "max-watch-streams", def.Limits.MaxWatchStreams, "Watch streams the node serves at once")
+	f.IntVar(&cfg.Limits.MaxWatchesPerStream, "max-watches-per-stream", def.Limits.MaxWatchesPerStream, "watches one Watch stream may carry")
+	f.DurationVar(&cfg.BatchSendTimeout, "batch-send-timeout", def.BatchSendTimeout, "a Batch stream whose answers could not be sent for this long (its client is not reading) ends with ResourceExhausted, and a client connection owing unary answers that wrote nothing for this long is closed")
+	f.IntVar(&cfg.Limits.MaxPendingProposals, "max-pending-proposals", def.Limits.MaxPendingProposals, "writes waiting to commit per shard before new ones get ResourceExhausted")
 	f.BoolVar(&cfg.EnablePprof, "enable-pprof", false, "serve /debug/pprof/ on --listen-metrics (off: a profile reveals code paths and costs CPU on demand)")
 	f.StringVar(&cfg.PeerCertFile, "peer-cert", "", "this node's certificate for the peer port, naming its id (kvd cert node); with --peer-key and --peer-ca, peers must present one too (mutual TLS)")
 	f.StringVar(&cfg.PeerKeyFile, "peer-key", "", "the key of --peer-cert")
@@ -204,7 +207,7 @@ as a new member with a new --id).`,
 	f.StringVar(&cfg.ClientCertFile, "client-cert", "", "certificate the client port serves TLS with (a node certificate will do)")
 	f.StringVar(&cfg.ClientKeyFile, "client-key", "", "the key of --client-cert")
 	f.StringVar(&cfg.ClientCAFile, "client-ca", "", "CA of client certificates: with it, clients must present one it signed")
-	f.DurationVar(&cfg.AuthTokenTTL, "auth-token-ttl", server.DefaultAuthTokenTTL, "how long a token from authentication (kvctl --user) is good for, once auth is enabled (kvctl auth enable)")
+	f.DurationVar(&cfg.AuthTokenTTL, "auth-token-ttl", def.AuthTokenTTL, "how long a token from authentication (kvctl --user) is good for, once auth is enabled (kvctl auth enable)")
 	f.BoolVar(&showVersion, "version", false, "print kvd's version (release, commit, Go version) and exit")
 
 	code := exitOK
@@ -221,9 +224,6 @@ as a new member with a new --id).`,
 			return usageError{err}
 		}
 		fl := cmd.Flags()
-		if cfg.Join != "" && (fl.Changed("initial-cluster") || fl.Changed("shards") || fl.Changed("replicas")) {
-			return usageError{errors.New("--join adds a node to an existing cluster, whose shards and replicas are already set: drop --initial-cluster, --shards and --replicas")}
-		}
 		if cfg.NodeID == 0 {
 			return usageError{errors.New("--id must be a positive integer")}
 		}
@@ -234,8 +234,19 @@ as a new member with a new --id).`,
 		}
 		cfg.BootstrapExplicit = fl.Changed("initial-cluster") || fl.Changed("shards") || fl.Changed("replicas")
 		cfg.Logger = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+		// The flags take 0 for "off"; the Config takes 0 for "default".
+		offIfZero(&cfg.CorruptionCheckInterval)
+		offIfZero(&cfg.ScrubInterval)
+		// A kvd process always listens: an empty address takes the
+		// default rather than the embedder's in-memory node.
+		if cfg.ListenClient == "" {
+			cfg.ListenClient = server.DefaultClientAddr
+		}
+		if cfg.ListenPeer == "" {
+			cfg.ListenPeer = server.DefaultPeerAddr
+		}
 
-		srv, err := server.New(cfg)
+		node, err := embed.Start(context.Background(), cfg)
 		if err != nil {
 			if errors.Is(err, server.ErrConfig) {
 				return usageError{err}
@@ -249,11 +260,11 @@ as a new member with a new --id).`,
 		case sig := <-sigc:
 			cfg.Logger.Info("shutting down", "signal", sig.String())
 		case <-stop:
-		case err := <-srv.Fatal():
+		case err := <-node.Err():
 			cfg.Logger.Error("node failed; exiting", "err", err, "grace", fatalGrace)
 			time.Sleep(fatalGrace)
 			stopped := make(chan struct{})
-			go func() { _ = srv.Stop(); close(stopped) }()
+			go func() { _ = node.Close(); close(stopped) }()
 			select {
 			case <-stopped:
 			case <-time.After(fatalStopTimeout):
@@ -261,7 +272,7 @@ as a new member with a new --id).`,
 			}
 			return nodeFailedError{err}
 		}
-		if err := srv.Stop(); err != nil {
+		if err := node.Close(); err != nil {
 			return fmt.Errorf("shutdown: %w", err)
 		}
 		return nil
@@ -320,6 +331,13 @@ func applyEnv(fs *pflag.FlagSet) error {
 		}
 	})
 	return err
+}
+
+// offIfZero turns a flag's 0 ("off") into the Config's negative ("off").
+func offIfZero(d *time.Duration) {
+	if *d == 0 {
+		*d = -1
+	}
 }
 
 func parseLevel(s string) (slog.Level, error) {

@@ -221,3 +221,20 @@ func TestVersion(t *testing.T) {
 		t.Fatalf("--version printed %q, want one line \"kvd VERSION ... goX\"", v)
 	}
 }
+
+// A restarted or joining node validates its flags as a fresh one does: a
+// restart once accepted --commit-interval -1s.
+func TestRestartAndJoinValidateFlags(t *testing.T) {
+	dir := t.TempDir()
+	if code, out := startStop(t, append(node(t, dir), "--shards", "1")); code != 0 {
+		t.Fatalf("first start exit %d:\n%s", code, out)
+	}
+	var out bytes.Buffer
+	if code := run(append(node(t, dir), "--commit-interval", "-1s"), &out, &out, nil); code != exitUsage || !strings.Contains(lastLine(out.String()), "--commit-interval") {
+		t.Fatalf("restart with --commit-interval -1s: exit %d, output:\n%s", code, out.String())
+	}
+	out.Reset()
+	if code := run(append(node(t, t.TempDir()), "--id", "2", "--join", "127.0.0.1:1", "--commit-interval", "-1s"), &out, &out, nil); code != exitUsage || !strings.Contains(lastLine(out.String()), "--commit-interval") {
+		t.Fatalf("join with --commit-interval -1s: exit %d, output:\n%s", code, out.String())
+	}
+}
