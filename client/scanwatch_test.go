@@ -21,18 +21,7 @@ import (
 // after what the scan read: every write the scan did not see arrives once,
 // none it saw arrives at all.
 func TestScanResumeWatchesAfterTheRead(t *testing.T) {
-	rc, err := startReal(1, 4)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rc.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	c, err := rc.connect(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	_, c, ctx := startRealClient(t, 1, 4, 2*time.Minute)
 	put := func(k, v string) {
 		t.Helper()
 		if _, err := c.Put(ctx, []byte(k), []byte(v)); err != nil {

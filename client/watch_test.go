@@ -75,7 +75,7 @@ func (rc *realCluster) Close() {
 	os.RemoveAll(rc.dir)
 }
 
-// connect returns a client once every shard answers a write.
+// connect returns a client once the cluster answers a write.
 func (rc *realCluster) connect(ctx context.Context) (*client.Client, error) {
 	c, err := client.New(ctx, client.Config{Endpoints: rc.Endpoints()})
 	if err != nil {
@@ -91,6 +91,25 @@ func (rc *realCluster) connect(ctx context.Context) (*client.Client, error) {
 			return nil, err
 		}
 	}
+}
+
+// startRealClient starts n servers and a client of them, both closed when
+// the test ends, with a context that ends after timeout.
+func startRealClient(t *testing.T, n, shards int, timeout time.Duration) (*realCluster, *client.Client, context.Context) {
+	t.Helper()
+	rc, err := startReal(n, shards)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(rc.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	t.Cleanup(cancel)
+	c, err := rc.connect(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return rc, c, ctx
 }
 
 func ExampleClient_Watch() {
@@ -201,18 +220,7 @@ func checkOnce(t *testing.T, evs []*kvpb.Event, keys int) {
 // with the token of the last response delivered continues with no gap
 // and no duplicate.
 func TestWatchFollowsLeaderChangesAndResumes(t *testing.T) {
-	rc, err := startReal(3, 2)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rc.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	c, err := rc.connect(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	rc, c, ctx := startRealClient(t, 3, 2, 2*time.Minute)
 
 	wctx, stop := context.WithCancel(ctx)
 	ch := c.Watch(wctx, []byte("p/"), client.WithPrefix())
