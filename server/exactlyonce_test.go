@@ -122,13 +122,23 @@ func batchAnswers(t *testing.T, s *Server, items ...*kvpb.BatchRequestItem) map[
 	return got
 }
 
-// putLarge writes 1 MiB values under keys of shard 1.
+// putLarge writes 1 MiB values under keys of shard 1. A put that meets a
+// leader change (Unavailable: 1 MiB entries on a loaded machine can
+// outlast the 20 ms ticks' election timeout) is put again: writing the
+// same value twice is the same state.
 func putLarge(ctx context.Context, t *testing.T, kv kvpb.KVClient, keys [][]byte) {
 	t.Helper()
 	big := bytes.Repeat([]byte("v"), 1<<20)
 	for _, k := range keys {
-		if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: k, Value: big}); err != nil {
-			t.Fatal(err)
+		for {
+			_, err := kv.Put(ctx, &kvpb.PutRequest{Key: k, Value: big})
+			if err == nil {
+				break
+			}
+			if status.Code(err) != codes.Unavailable || ctx.Err() != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(50 * time.Millisecond) // poll interval, bounded by ctx
 		}
 	}
 }
