@@ -287,6 +287,12 @@ type refusalLog struct {
 	last map[string]time.Time
 }
 
+// LogRefusal logs msg at ERROR, at most once per 30 s for each key: the
+// server logs its refusals of peer calls with it, as the transport does
+// those of streams, since a refused peer retries for as long as the
+// cause lasts.
+func (t *Transport) LogRefusal(key, msg string, args ...any) { t.logRefusal(key, msg, args...) }
+
 func (t *Transport) logRefusal(key, msg string, args ...any) {
 	t.refusals.mu.Lock()
 	now := time.Now()
