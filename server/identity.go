@@ -106,7 +106,7 @@ const (
 func (s *Server) tagPeerCall(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 	ctx = metadata.AppendToOutgoingContext(ctx, mdPeerCluster, strconv.FormatUint(s.clusterMap().GetClusterId(), 16),
 		mdPeerFrom, strconv.FormatUint(s.cfg.NodeID, 16))
-	ctx = metadata.AppendToOutgoingContext(ctx, transport.Spoken.Pairs()...)
+	ctx = metadata.AppendToOutgoingContext(ctx, transport.Spoken().Pairs()...)
 	return invoker(ctx, method, req, reply, cc, opts...)
 }
 
@@ -130,7 +130,7 @@ func (s *Server) checkPeerCall(ctx context.Context, req any, info *grpc.UnarySer
 			return nil, status.Error(codes.Unauthenticated, err.Error())
 		}
 	}
-	if _, err := transport.CheckProtocols(md, transport.Spoken, s.cfg.NodeID, peerCaller(ctx, md)); err != nil {
+	if _, err := transport.CheckProtocols(md, transport.Spoken(), s.cfg.NodeID, peerCaller(ctx, md)); err != nil {
 		s.tr.LogRefusal(fmt.Sprint("call", md.Get(mdPeerFrom), md.Get(transport.MetadataProtocol)),
 			"refused a peer call", "method", info.FullMethod, "err", err)
 		return nil, s.toStatus(err, 0)

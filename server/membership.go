@@ -67,9 +67,10 @@ func (s *Server) MemberAdd(ctx context.Context, req *kvpb.MemberAddRequest) (*kv
 	// kvd --join announces the joining node's peer protocol versions: a
 	// member its peers would refuse to talk to is not added, where it
 	// would count in the quorum of every shard placed on it. A call
-	// without them (kvctl member add) is taken for version 1.
+	// without them (a client tool, or a build from before versions) is
+	// taken for version 1.
 	md, _ := metadata.FromIncomingContext(ctx)
-	if _, err := transport.CheckProtocols(md, transport.Spoken, s.cfg.NodeID, fmt.Sprintf("node %d at %s", m.GetId(), m.GetPeerAddr())); err != nil {
+	if _, err := transport.CheckProtocols(md, transport.Spoken(), s.cfg.NodeID, fmt.Sprintf("node %d at %s", m.GetId(), m.GetPeerAddr())); err != nil {
 		s.log.Error("refused a member add", "id", m.GetId(), "peer", m.GetPeerAddr(), "err", err)
 		return nil, s.toStatus(err, 0)
 	}
@@ -137,7 +138,7 @@ func joinVia(ctx context.Context, endpoint string, self *kvpb.Member, creds grpc
 	c := kvpb.NewClusterClient(conn)
 	// The member refuses to add a node whose peer protocol it does not
 	// speak (MemberAdd).
-	ctx = metadata.AppendToOutgoingContext(ctx, transport.Spoken.Pairs()...)
+	ctx = metadata.AppendToOutgoingContext(ctx, transport.Spoken().Pairs()...)
 	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	m, err := c.Map(actx, &kvpb.MapRequest{})

@@ -66,7 +66,7 @@ func TestPeerCallOfUnknownProtocolRefused(t *testing.T) {
 		cancel()
 		msg := status.Convert(err).Message()
 		if status.Code(err) != codes.FailedPrecondition || !strings.Contains(msg, want) ||
-			!strings.Contains(msg, "speaks peer protocol 3; node 1 speaks "+transport.Spoken.String()) || strings.Contains(msg, "\n") {
+			!strings.Contains(msg, "speaks peer protocol 3; node 1 speaks "+transport.Spoken().String()) || strings.Contains(msg, "\n") {
 			t.Errorf("%s from peer protocol 3 = %v; want FailedPrecondition in one line naming both versions", name, err)
 		}
 	}
@@ -76,7 +76,7 @@ func TestPeerCallOfUnknownProtocolRefused(t *testing.T) {
 	if m := member(s.clusterMap(), 7); m != nil {
 		t.Fatalf("a member add from peer protocol 3 added %v", m)
 	}
-	for _, announce := range [][]string{nil, transport.Spoken.Pairs()} {
+	for _, announce := range [][]string{nil, transport.Spoken().Pairs()} {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		ctx = metadata.AppendToOutgoingContext(ctx, append([]string{"kvd-cluster-id", cluster, "kvd-from", "9"}, announce...)...)
 		err := calls["Cluster.Map"](ctx)
@@ -105,7 +105,7 @@ func TestJoinerOfUnknownProtocolRefused(t *testing.T) {
 		return err
 	}
 	err = add(metadata.AppendToOutgoingContext(ctx, "kvd-peer-protocol", "3"), 7)
-	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "node 7 at 127.0.0.1:7 speaks peer protocol 3; node 1 speaks "+transport.Spoken.String()) {
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "node 7 at 127.0.0.1:7 speaks peer protocol 3; node 1 speaks "+transport.Spoken().String()) {
 		t.Fatalf("MemberAdd of a peer protocol 3 node = %v; want FailedPrecondition naming both versions", err)
 	}
 	if m := member(s.clusterMap(), 7); m != nil {
@@ -153,7 +153,7 @@ func TestPeerCallsAnnounceProtocol(t *testing.T) {
 	}
 	md := <-rec.md
 	got, err := transport.ProtocolsOf(md)
-	if err != nil || got != transport.Spoken || len(md.Get(transport.MetadataProtocol)) != 1 {
-		t.Fatalf("the call announced %v (%v), metadata %v; want %v", got, err, md, transport.Spoken)
+	if err != nil || got != transport.Spoken() || len(md.Get(transport.MetadataProtocol)) != 1 {
+		t.Fatalf("the call announced %v (%v), metadata %v; want %v", got, err, md, transport.Spoken())
 	}
 }

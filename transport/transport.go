@@ -289,7 +289,7 @@ func New(cfg Config) *Transport {
 		log:       log.With("node", cfg.NodeID),
 		snapq:     make(chan snapJob, snapshotQueueSize),
 		nonce:     rand.Uint64() | 1, // never 0, which means "none sent"
-		protocols: Spoken,
+		protocols: Spoken(),
 	}
 	if cfg.protocols != nil {
 		t.protocols = *cfg.protocols

@@ -48,10 +48,10 @@ var ErrProtocolVersion = errors.New("transport: peer protocol version not spoken
 type Protocols struct{ Min, Max uint32 }
 
 // Spoken is the range of peer protocol versions this build speaks.
-var Spoken = Protocols{Min: MinPeerProtocol, Max: PeerProtocol}
+func Spoken() Protocols { return Protocols{Min: MinPeerProtocol, Max: PeerProtocol} }
 
 // unversioned is what a peer from before versions speaks.
-var unversioned = Protocols{Min: 1, Max: 1}
+func unversioned() Protocols { return Protocols{Min: 1, Max: 1} }
 
 func (p Protocols) String() string {
 	if p.Min == p.Max {
@@ -73,7 +73,7 @@ func (p Protocols) Pairs() []string {
 func ProtocolsOf(md metadata.MD) (Protocols, error) {
 	maxv, minv := md.Get(MetadataProtocol), md.Get(MetadataProtocolMin)
 	if len(maxv) == 0 && len(minv) == 0 {
-		return unversioned, nil
+		return unversioned(), nil
 	}
 	if len(maxv) == 0 {
 		return Protocols{}, fmt.Errorf("announces %s %q without %s", MetadataProtocolMin, minv[0], MetadataProtocol)

@@ -42,7 +42,7 @@ func TestUnknownPeerProtocolRefused(t *testing.T) {
 			old := 3 - tc.future
 			// The acceptor refuses and names the dialer's versions first;
 			// the dialer logs the acceptor's answer.
-			dialer, acceptor := transport.Spoken.String(), future.String()
+			dialer, acceptor := transport.Spoken().String(), future.String()
 			if tc.future == 1 {
 				dialer, acceptor = acceptor, dialer
 			}
@@ -166,7 +166,7 @@ func TestDialerRefusesUnknownPeerProtocol(t *testing.T) {
 	var log1 testkit.LogBuffer
 	n1 := startNode(t, nil, transport.Config{NodeID: 1, ClusterID: 7, Logger: logTo(&log1)})
 	n1.tr.SetPeer(2, lis.Addr().String())
-	want := fmt.Sprintf("node 2 at %s speaks peer protocol %d; node 1 speaks %s", lis.Addr(), fa.version, transport.Spoken)
+	want := fmt.Sprintf("node 2 at %s speaks peer protocol %d; node 1 speaks %s", lis.Addr(), fa.version, transport.Spoken())
 	waitForOr(t, "the dialer's refusal", func() bool { return log1.HasError("peer=2", want) },
 		func() string { return "\nnode 1:\n" + log1.String() })
 	if n1.tr.Stats().Peers[2].Connected {

@@ -211,7 +211,7 @@ as a new member with a new --id).`,
 	code := exitOK
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		if showVersion {
-			_, err := fmt.Fprintf(stdout, "%s, peer protocol %s\n", version.Get().Line("kvd"), transport.Spoken)
+			_, err := fmt.Fprintf(stdout, "%s, peer protocol %s\n", version.Get().Line("kvd"), transport.Spoken())
 			return err
 		}
 		if err := applyEnv(cmd.Flags()); err != nil {

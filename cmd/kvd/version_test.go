@@ -15,7 +15,7 @@ func TestVersionNamesPeerProtocol(t *testing.T) {
 	if code := run([]string{"--version"}, &out, &errOut, nil); code != 0 {
 		t.Fatalf("--version: exit %d, stderr %q", code, errOut.String())
 	}
-	if v := strings.TrimSuffix(out.String(), "\n"); !strings.HasSuffix(v, ", peer protocol "+transport.Spoken.String()) {
-		t.Fatalf("--version printed %q, want it to end with the peer protocol %s", v, transport.Spoken)
+	if v := strings.TrimSuffix(out.String(), "\n"); !strings.HasSuffix(v, ", peer protocol "+transport.Spoken().String()) {
+		t.Fatalf("--version printed %q, want it to end with the peer protocol %s", v, transport.Spoken())
 	}
 }
