@@ -114,7 +114,7 @@ func CheckProtocols(md metadata.MD, own Protocols, self uint64, who string) (uin
 	}
 	v, ok := own.Agree(theirs)
 	if !ok {
-		return 0, fmt.Errorf("%w: %s speaks peer protocol %s; node %d speaks %s: run kvd releases that share a peer protocol version (docs/design.md, Versions)",
+		return 0, fmt.Errorf("%w: %s speaks peer protocol %s; node %d speaks %s: run kvd releases that share a peer protocol version (docs/design.md, Versions and compatibility)",
 			ErrProtocolVersion, who, theirs, self, own)
 	}
 	return v, nil

@@ -9,7 +9,8 @@ import (
 )
 
 // kvd --version names the peer protocol versions the build speaks, which
-// decide whom it can run a cluster with (docs/design.md, Versions).
+// decide whom it can run a cluster with (docs/design.md, Versions and
+// compatibility).
 func TestVersionNamesPeerProtocol(t *testing.T) {
 	var out, errOut bytes.Buffer
 	if code := run([]string{"--version"}, &out, &errOut, nil); code != 0 {
