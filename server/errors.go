@@ -45,7 +45,7 @@ func (s *Server) toStatus(err error, shard uint64) error {
 	switch {
 	case errors.Is(err, ErrNodeFailed):
 		return status.Error(codes.Unavailable, err.Error())
-	case errors.Is(err, transport.ErrPeerMismatch):
+	case errors.Is(err, transport.ErrPeerMismatch), errors.Is(err, transport.ErrProtocolVersion):
 		return status.Error(codes.FailedPrecondition, err.Error())
 	case errors.As(err, &nl):
 		return s.notLeader(shard, nl.Leader)

@@ -104,16 +104,27 @@ const (
 
 // tagPeerCall adds this node's identity to a call to another node.
 func (s *Server) tagPeerCall(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	// One append, and versions that strconv has cached: a forwarded
+	// request pays nothing more for announcing them.
 	ctx = metadata.AppendToOutgoingContext(ctx, mdPeerCluster, strconv.FormatUint(s.clusterMap().GetClusterId(), 16),
-		mdPeerFrom, strconv.FormatUint(s.cfg.NodeID, 16))
+		mdPeerFrom, strconv.FormatUint(s.cfg.NodeID, 16),
+		transport.MetadataProtocol, strconv.Itoa(transport.PeerProtocol),
+		transport.MetadataProtocolMin, strconv.Itoa(transport.MinPeerProtocol))
 	return invoker(ctx, method, req, reply, cc, opts...)
 }
 
 // checkPeerCall refuses a call on the peer listener from a node of another
-// cluster. With peer TLS, it also refuses a call whose certificate does not
-// name the node id the call claims, or that claims none: only members call
-// the peer port then. Without peer TLS a call without identity (a client
-// tool) passes.
+// cluster, or of a release whose peer protocol versions this node does not
+// speak (transport/version.go; a call that announces none is version 1, as
+// from a build older than versions). With peer TLS, it also refuses a call
+// whose certificate does not name the node id the call claims, or that
+// claims none: only members call the peer port then. Without peer TLS a
+// call without identity (a client tool) passes.
+//
+// It covers every unary call on the peer port, once per call. The only
+// streaming calls there are Raft.Stream and Raft.Snapshot, which the
+// transport checks in its handshake; a new streaming peer call must check
+// the versions too (transport.CheckProtocols).
 func (s *Server) checkPeerCall(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	md, _ := metadata.FromIncomingContext(ctx)
 	if s.tls.peerServer != nil {
@@ -121,6 +132,11 @@ func (s *Server) checkPeerCall(ctx context.Context, req any, info *grpc.UnarySer
 			s.log.Warn("refused a peer call", "method", info.FullMethod, "err", err)
 			return nil, status.Error(codes.Unauthenticated, err.Error())
 		}
+	}
+	if _, err := transport.CheckProtocols(md, transport.Spoken(), s.cfg.NodeID, peerCaller(ctx, md)); err != nil {
+		s.tr.LogRefusal(fmt.Sprint("call", md.Get(mdPeerFrom), md.Get(transport.MetadataProtocol)),
+			"refused a peer call", "method", info.FullMethod, "err", err)
+		return nil, s.toStatus(err, 0)
 	}
 	if v := md.Get(mdPeerCluster); len(v) > 0 {
 		own := strconv.FormatUint(s.clusterMap().GetClusterId(), 16)
@@ -152,4 +168,19 @@ func (s *Server) checkPeerCert(ctx context.Context, md metadata.MD) error {
 		return fmt.Errorf("%w: a peer with the certificate of node %d claims to be node %s", transport.ErrPeerMismatch, id, from[0])
 	}
 	return nil
+}
+
+// peerCaller names the caller of a peer call for an error: "node 2 at
+// 127.0.0.1:2380", or "a caller at ..." when it gives no node id.
+func peerCaller(ctx context.Context, md metadata.MD) string {
+	addr := "unknown address"
+	if p, ok := grpcpeer.FromContext(ctx); ok {
+		addr = p.Addr.String()
+	}
+	if from := md.Get(mdPeerFrom); len(from) > 0 {
+		if id, err := strconv.ParseUint(from[0], 16, 64); err == nil {
+			return fmt.Sprintf("node %d at %s", id, addr)
+		}
+	}
+	return "a caller at " + addr
 }

@@ -21,6 +21,7 @@ import (
 	"go.etcd.io/raft/v3/tracker"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
@@ -28,6 +29,7 @@ import (
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
 	"github.com/kvd/kvd/raftnode"
+	"github.com/kvd/kvd/transport"
 )
 
 const (
@@ -61,6 +63,16 @@ func (s *Server) MemberAdd(ctx context.Context, req *kvpb.MemberAddRequest) (*kv
 	if err := s.mayAddMember(ctx, m.GetId()); err != nil {
 		s.log.Warn("refused a member add", "id", m.GetId(), "peer", m.GetPeerAddr(), "err", err)
 		return nil, err
+	}
+	// kvd --join announces the joining node's peer protocol versions: a
+	// member its peers would refuse to talk to is not added, where it
+	// would count in the quorum of every shard placed on it. A call
+	// without them (a client tool, or a build from before versions) is
+	// taken for version 1.
+	md, _ := metadata.FromIncomingContext(ctx)
+	if _, err := transport.CheckProtocols(md, transport.Spoken(), s.cfg.NodeID, fmt.Sprintf("node %d at %s", m.GetId(), m.GetPeerAddr())); err != nil {
+		s.log.Error("refused a member add", "id", m.GetId(), "peer", m.GetPeerAddr(), "err", err)
+		return nil, s.toStatus(err, 0)
 	}
 	cmd, err := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_UpdateMember{UpdateMember: &peerpb.UpdateMember{Member: m, Add: true}}})
 	if err != nil {
@@ -124,6 +136,9 @@ func joinVia(ctx context.Context, endpoint string, self *kvpb.Member, creds grpc
 	}
 	defer conn.Close()
 	c := kvpb.NewClusterClient(conn)
+	// The member refuses to add a node whose peer protocol it does not
+	// speak (MemberAdd).
+	ctx = metadata.AppendToOutgoingContext(ctx, transport.Spoken().Pairs()...)
 	actx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	m, err := c.Map(actx, &kvpb.MapRequest{})

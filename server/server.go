@@ -281,7 +281,7 @@ func New(cfg Config) (_ *Server, err error) {
 	go s.watchFatal()
 	go func() { defer s.wg.Done(); s.conns.cutOffStalled(s.stopc) }()
 	s.log.Info("kvd node started", "client", s.ClientAddr(), "peer", s.PeerAddr(),
-		"shards", len(localShards(cmap, cfg.NodeID)), "data_dir", cfg.DataDir)
+		"shards", len(localShards(cmap, cfg.NodeID)), "data_dir", cfg.DataDir, "peer_protocol", transport.Spoken().String())
 	return s, nil
 }
 

@@ -171,7 +171,7 @@ func Open(path string, opts Options) (*Engine, error) {
 	}
 	dropped := 0
 	err = db.Update(func(tx *bolt.Tx) error {
-		if err := checkLayout(tx); err != nil {
+		if err := checkLayout(tx, path); err != nil {
 			return err
 		}
 		for _, name := range [][]byte{bucketNode, bucketShards, bucketWAL} {
@@ -190,6 +190,9 @@ func Open(path string, opts Options) (*Engine, error) {
 	})
 	if err != nil {
 		_ = db.Close()
+		if errors.Is(err, ErrLayout) {
+			return nil, err // names the file already, in the line a user sees
+		}
 		return nil, fmt.Errorf("storage: prepare %s: %w", path, err)
 	}
 	e := &Engine{

@@ -68,8 +68,9 @@ var stateBuckets = [][]byte{bucketKV, bucketMeta, bucketHist}
 const layoutVersion = 3
 
 // checkLayout records layoutVersion in a new file and refuses a file of
-// another version. Called first in Open's preparing transaction.
-func checkLayout(tx *bolt.Tx) error {
+// another version, in one line that names the file (path), both versions
+// and what to do. Called first in Open's preparing transaction.
+func checkLayout(tx *bolt.Tx, path string) error {
 	node := tx.Bucket(bucketNode)
 	if node == nil {
 		// A new file: nothing in it predates the checksums.
@@ -83,17 +84,23 @@ func checkLayout(tx *bolt.Tx) error {
 	if v := node.Get(keyLayout); v != nil {
 		var err error
 		if have, err = decodeU64(v); err != nil {
-			return fmt.Errorf("%w: layout record: %w", ErrLayout, err)
+			return fmt.Errorf("%w: %s: layout record: %w", ErrLayout, path, err)
 		}
 	}
-	if have == 2 {
+	switch {
+	case have == 2:
 		if err := upgradeHistory(tx); err != nil {
-			return fmt.Errorf("%w: moving layout 2's history to hist/: %w", ErrLayout, err)
+			return fmt.Errorf("%w: %s: moving layout 2's history to hist/: %w", ErrLayout, path, err)
 		}
 		return node.Put(keyLayout, u64(layoutVersion))
-	}
-	if have != layoutVersion {
-		return fmt.Errorf("%w: the data file has on-disk layout %d, this kvd reads only layout %d; rebuild the node from its peers (remove its data dir and join again)", ErrLayout, have, layoutVersion)
+	case have > layoutVersion:
+		// Written by a newer release: reading it could misread anything
+		// that release changed, and there is no downgrade.
+		return fmt.Errorf("%w: %s has layout %d, newer than layout %d that this kvd reads (it upgrades layout 2 in place): a newer kvd wrote it; run that release or a later one on this data dir, as kvd does not downgrade a data file",
+			ErrLayout, path, have, layoutVersion)
+	case have != layoutVersion:
+		return fmt.Errorf("%w: %s has layout %d, older than layout %d that this kvd reads (it upgrades layout 2 in place, nothing older): move the data dir away and add this node back as a new member (empty data dir, a new --id, --join)",
+			ErrLayout, path, have, layoutVersion)
 	}
 	return nil
 }

@@ -50,6 +50,16 @@
 // and Config.Evicted tells the embedder, which must stop serving: the node
 // can only rejoin as a new member.
 //
+// # Versions
+//
+// The identity includes the range of peer protocol versions each side
+// speaks (version.go): the dialer announces its range in the request
+// metadata, the acceptor in its header, and each side refuses, as above,
+// a peer whose range does not overlap its own (ErrProtocolVersion). The
+// pair speaks the newest version both speak. A peer that announces none
+// is a build from before versions and speaks version 1. The check runs
+// once per stream; batches carry no version.
+//
 // Dead links are noticed in seconds, not at the next TCP timeout. Each side
 // sends an empty batch after a second without traffic, and breaks the
 // stream when nothing at all has arrived for four seconds; the dialer then

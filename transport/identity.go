@@ -76,6 +76,9 @@ const codeRefused = codes.FailedPrecondition
 type identity struct {
 	cluster, node, nonce, incarnation uint64
 	to, expect                        uint64 // dialer only
+	// protocol is the peer protocol version both sides speak on the
+	// stream: the newest they share (version.go).
+	protocol uint32
 }
 
 func mdUint(md metadata.MD, key string) uint64 {
@@ -95,15 +98,37 @@ func (t *Transport) outgoing(ctx context.Context, to uint64) (context.Context, e
 	if err != nil {
 		return nil, err
 	}
-	return metadata.AppendToOutgoingContext(ctx,
+	ctx = metadata.AppendToOutgoingContext(ctx,
 		mdCluster, hex(t.cfg.ClusterID), mdFrom, hex(t.id), mdTo, hex(to),
-		mdNonce, hex(t.nonce), mdIncarnation, hex(t.cfg.Incarnation), mdExpect, hex(expect)), nil
+		mdNonce, hex(t.nonce), mdIncarnation, hex(t.cfg.Incarnation), mdExpect, hex(expect))
+	if t.versioned() {
+		ctx = metadata.AppendToOutgoingContext(ctx, t.protocols.Pairs()...)
+	}
+	return ctx, nil
 }
 
 // header is the acceptor's answer: its own identity.
 func (t *Transport) header() metadata.MD {
-	return metadata.Pairs(mdCluster, hex(t.cfg.ClusterID), mdNode, hex(t.id),
+	md := metadata.Pairs(mdCluster, hex(t.cfg.ClusterID), mdNode, hex(t.id),
 		mdNonce, hex(t.nonce), mdIncarnation, hex(t.cfg.Incarnation))
+	if t.versioned() {
+		md = metadata.Join(md, metadata.Pairs(t.protocols.Pairs()...))
+	}
+	return md
+}
+
+// versioned is false only for a transport that plays a build from before
+// versions (Config.protocols).
+func (t *Transport) versioned() bool { return t.protocols != Protocols{} }
+
+// checkProtocols checks the peer protocol versions a peer announced in md
+// (the dialer's request metadata, or the acceptor's header), and returns
+// the version the stream speaks. Once per stream: messages carry none.
+func (t *Transport) checkProtocols(md metadata.MD, peer uint64, addr string) (uint32, error) {
+	if !t.versioned() {
+		return 1, nil
+	}
+	return CheckProtocols(md, t.protocols, t.id, fmt.Sprintf("node %d at %s", peer, addr))
 }
 
 func (t *Transport) knownIncarnation(id uint64) (uint64, error) {
@@ -161,6 +186,12 @@ func (t *Transport) admit(stream grpc.ServerStream, kind string) (identity, erro
 	if err := t.checkCert(ctx, id.node); err != nil {
 		return refuse(err, false)
 	}
+	// The version first: the rest of the identity means what it says
+	// only between nodes that speak one protocol.
+	var err error
+	if id.protocol, err = t.checkProtocols(md, id.node, addr); err != nil {
+		return refuse(err, false)
+	}
 	switch {
 	case id.cluster != t.cfg.ClusterID:
 		return refuse(fmt.Errorf("%w: node %d at %s is of cluster %s, but node %d is of cluster %s",
@@ -195,6 +226,10 @@ func (t *Transport) admit(stream grpc.ServerStream, kind string) (identity, erro
 func (t *Transport) checkAnswer(md metadata.MD, want uint64, addr string) (identity, error) {
 	id := identity{cluster: mdUint(md, mdCluster), node: mdUint(md, mdNode),
 		nonce: mdUint(md, mdNonce), incarnation: mdUint(md, mdIncarnation)}
+	var err error
+	if id.protocol, err = t.checkProtocols(md, want, addr); err != nil {
+		return id, err
+	}
 	switch {
 	case id.node != want:
 		return id, fmt.Errorf("%w: %s answered as node %d, want node %d: the address of node %d is wrong",
@@ -225,7 +260,7 @@ func (t *Transport) refused(err error, trailer metadata.MD, to uint64, addr, kin
 // isRefusal reports whether err is an identity check's verdict, ours or
 // the acceptor's.
 func isRefusal(err error) bool {
-	if errors.Is(err, ErrPeerMismatch) || errors.Is(err, ErrDuplicateNode) || errors.Is(err, ErrNewDataDir) {
+	if errors.Is(err, ErrPeerMismatch) || errors.Is(err, ErrDuplicateNode) || errors.Is(err, ErrNewDataDir) || errors.Is(err, ErrProtocolVersion) {
 		return true
 	}
 	s, ok := status.FromError(err)
@@ -251,6 +286,12 @@ type refusalLog struct {
 	mu   sync.Mutex
 	last map[string]time.Time
 }
+
+// LogRefusal logs msg at ERROR, at most once per 30 s for each key: the
+// server logs its refusals of peer calls with it, as the transport does
+// those of streams, since a refused peer retries for as long as the
+// cause lasts.
+func (t *Transport) LogRefusal(key, msg string, args ...any) { t.logRefusal(key, msg, args...) }
 
 func (t *Transport) logRefusal(key, msg string, args ...any) {
 	t.refusals.mu.Lock()

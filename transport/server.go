@@ -155,7 +155,7 @@ func toStatus(err error) error {
 		return status.Error(codes.Unavailable, err.Error())
 	case errors.Is(err, ErrNoPeerCert):
 		return status.Error(codes.Unauthenticated, err.Error())
-	case errors.Is(err, ErrPeerMismatch), errors.Is(err, ErrDuplicateNode), errors.Is(err, ErrNewDataDir):
+	case errors.Is(err, ErrPeerMismatch), errors.Is(err, ErrDuplicateNode), errors.Is(err, ErrNewDataDir), errors.Is(err, ErrProtocolVersion):
 		return status.Error(codeRefused, err.Error())
 	case errors.Is(err, ErrProtocol), errors.Is(err, ErrSnapshotTruncated):
 		return status.Error(codes.InvalidArgument, err.Error())

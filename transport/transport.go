@@ -204,6 +204,11 @@ type Config struct {
 	// keepalive, reconnect backoff, message size limits), so a later option
 	// such as grpc.WithTransportCredentials overrides a default.
 	DialOptions []grpc.DialOption
+
+	// protocols, when set, replaces Spoken: tests play a build of another
+	// release with it (export_test.go). The empty range plays a build from
+	// before versions, which neither announces a version nor checks one.
+	protocols *Protocols
 }
 
 // Transport carries Raft messages between this node and its peers. See the
@@ -213,6 +218,9 @@ type Transport struct {
 	cfg      Config
 	log      *slog.Logger
 	dialOpts []grpc.DialOption
+	// protocols is the range of peer protocol versions this node
+	// announces and accepts (version.go); empty: it does neither.
+	protocols Protocols
 
 	// ctx is cancelled by Stop; every goroutine selects on ctx.Done(), and
 	// every stream and dial of ours derives from it.
@@ -276,11 +284,15 @@ func New(cfg Config) *Transport {
 		log = slog.New(slog.DiscardHandler)
 	}
 	t := &Transport{
-		id:    cfg.NodeID,
-		cfg:   cfg,
-		log:   log.With("node", cfg.NodeID),
-		snapq: make(chan snapJob, snapshotQueueSize),
-		nonce: rand.Uint64() | 1, // never 0, which means "none sent"
+		id:        cfg.NodeID,
+		cfg:       cfg,
+		log:       log.With("node", cfg.NodeID),
+		snapq:     make(chan snapJob, snapshotQueueSize),
+		nonce:     rand.Uint64() | 1, // never 0, which means "none sent"
+		protocols: Spoken(),
+	}
+	if cfg.protocols != nil {
+		t.protocols = *cfg.protocols
 	}
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	t.mu.peers = make(map[uint64]*peer)

@@ -21,6 +21,7 @@ import (
 	"github.com/kvd/kvd/embed"
 	"github.com/kvd/kvd/internal/version"
 	"github.com/kvd/kvd/server"
+	"github.com/kvd/kvd/transport"
 )
 
 // Exit codes.
@@ -208,12 +209,12 @@ as a new member with a new --id).`,
 	f.StringVar(&cfg.ClientKeyFile, "client-key", "", "the key of --client-cert")
 	f.StringVar(&cfg.ClientCAFile, "client-ca", "", "CA of client certificates: with it, clients must present one it signed")
 	f.DurationVar(&cfg.AuthTokenTTL, "auth-token-ttl", def.AuthTokenTTL, "how long a token from authentication (kvctl --user) is good for, once auth is enabled (kvctl auth enable)")
-	f.BoolVar(&showVersion, "version", false, "print kvd's version (release, commit, Go version) and exit")
+	f.BoolVar(&showVersion, "version", false, "print kvd's version (release, commit, Go version, peer protocol) and exit")
 
 	code := exitOK
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
 		if showVersion {
-			_, err := fmt.Fprintln(stdout, version.Get().Line("kvd"))
+			_, err := fmt.Fprintf(stdout, "%s, peer protocol %s\n", version.Get().Line("kvd"), transport.Spoken())
 			return err
 		}
 		if err := applyEnv(cmd.Flags()); err != nil {
