@@ -10,6 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/kvd/kvd/client"
 	"github.com/kvd/kvd/proto/kvpb"
 )
@@ -165,5 +168,39 @@ func TestPlanReplica(t *testing.T) {
 	}
 	if planReplica(&kvpb.ClusterMap{Members: []*kvpb.Member{{Id: 1}}, Shards: []*kvpb.ShardReplicas{{Id: 0, Replicas: []uint64{1}}}}) != nil {
 		t.Fatal("a map without a replica count (before it was recorded) must not be changed")
+	}
+}
+
+// TestMemberAddRightAfterBootstrap: a member add that reaches a node the
+// moment it has bootstrapped, before its cluster map is applied, is
+// refused as Unavailable (a joiner retries it), never as a failed
+// precondition (a joiner takes that for a configuration error and
+// exits); a retry then adds the member.
+func TestMemberAddRightAfterBootstrap(t *testing.T) {
+	cl, pl := listenLocal(t), listenLocal(t)
+	s, err := New(Config{
+		NodeID: 1, DataDir: t.TempDir(), ClientListener: cl, PeerListener: pl,
+		InitialCluster: map[uint64]string{1: pl.Addr().String()}, Shards: 1,
+		TickInterval: 20 * time.Millisecond, Logger: testLogger(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Stop() })
+	cc := clusterClient(t, s)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_, err := cc.MemberAdd(ctx, &kvpb.MemberAddRequest{Member: &kvpb.Member{Id: 2, PeerAddr: "127.0.0.1:1", ClientAddr: "127.0.0.1:1"}})
+		cancel()
+		if err == nil {
+			return
+		}
+		if code := status.Code(err); code != codes.Unavailable && code != codes.DeadlineExceeded {
+			t.Fatalf("member add right after bootstrap: %v; want success or Unavailable", err)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("member add not done after 20 s: %v", err)
+		}
 	}
 }

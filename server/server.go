@@ -563,7 +563,8 @@ func (s *Server) proposeMeta(ctx context.Context, cmd []byte) error {
 			}
 		}
 	}
-	err := errors.New("meta shard has no known leader")
+	// Unavailable, as any shard without a leader: the caller retries.
+	var err error = &raftnode.NotLeaderError{Shard: MetaShard}
 	for _, id := range try {
 		var resp *peerpb.ProposeResponse
 		resp, err = internal(s, id, func(c peerpb.InternalClient) (*peerpb.ProposeResponse, error) {
