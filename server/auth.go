@@ -369,6 +369,10 @@ func (s *Server) authUnary(ctx context.Context, req any, info *grpc.UnaryServerI
 		if _, certErr := transport.PeerCertID(ctx); certErr != nil {
 			err = s.requireUser(ctx)
 		}
+	case strings.HasPrefix(m, "/kvd.kv.v1.Lease/"):
+		// Leases are anyone's; the keys put with one need their own
+		// permissions.
+		err = s.requireUser(ctx)
 	case needs(req) != nil:
 		err = s.authorizeKV(ctx, req)
 	default:
@@ -384,7 +388,7 @@ func (s *Server) authUnary(ctx context.Context, req any, info *grpc.UnaryServerI
 // served); any other stream the root role.
 func (s *Server) authStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	var err error
-	if info.FullMethod == kvpb.KV_Batch_FullMethodName {
+	if info.FullMethod == kvpb.KV_Batch_FullMethodName || info.FullMethod == kvpb.Lease_KeepAlive_FullMethodName {
 		err = s.requireUser(ss.Context())
 	} else {
 		err = s.requireRoot(ss.Context(), info.FullMethod)
