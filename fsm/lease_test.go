@@ -161,3 +161,56 @@ func TestLeaseKeysAreBounded(t *testing.T) {
 		t.Fatalf("negative lease: %v", err)
 	}
 }
+
+// FuzzLeaseCommands applies a random sequence of lease commands, puts
+// and deletes to one shard (which holds a cluster map, so it is the meta
+// shard too): nothing panics, every key's lease has the key in its index,
+// and after revoke_keys no key holds the lease and no put can attach one.
+func FuzzLeaseCommands(f *testing.F) {
+	f.Add([]byte{0, 1, 5, 5, 1, 0, 4, 1, 0, 5, 1, 0})
+	f.Add([]byte{5, 2, 1, 5, 3, 2, 6, 2, 0, 4, 2, 0, 2, 1, 9, 1, 1, 0, 3, 1, 0})
+	f.Fuzz(func(t *testing.T, script []byte) {
+		sh := newShard(t)
+		metaShard(t, sh)
+		revoked := map[int64]bool{}
+		for len(script) >= 3 {
+			op, a, b := script[0]%7, int64(int8(script[1]))%4, int64(script[2])
+			script = script[3:]
+			var c *peerpb.Command
+			switch op {
+			case 0:
+				c = cmdLease(&peerpb.LeaseOp{Op: &peerpb.LeaseOp_Grant{Grant: &peerpb.LeaseGrant{TtlMs: b - 10, MaxLeases: 3}}})
+			case 1:
+				c = cmdLease(&peerpb.LeaseOp{Op: &peerpb.LeaseOp_Revoke{Revoke: a}})
+			case 2:
+				c = cmdLease(&peerpb.LeaseOp{Op: &peerpb.LeaseOp_Checkpoint{Checkpoint: &peerpb.LeaseCheckpoint{Leases: []*peerpb.LeaseRemaining{{Id: a, RemainingMs: b - 10}}}}})
+			case 3:
+				c = cmdLease(&peerpb.LeaseOp{Op: &peerpb.LeaseOp_Forget{Forget: a}})
+			case 4:
+				c = cmdLease(&peerpb.LeaseOp{Op: &peerpb.LeaseOp_RevokeKeys{RevokeKeys: a}})
+				revoked[a] = true
+			case 5:
+				c = cmdPutLease(fmt.Sprint("k", b%4), "v", a)
+			case 6:
+				c = cmdDel(fmt.Sprint("k", b%4))
+			}
+			_, err := sh.apply(c)
+			if op == 5 && err == nil && revoked[a] && a != 0 {
+				t.Fatalf("put attached a key to revoked lease %d", a)
+			}
+			sh.view(func(r View) {
+				if err := Range(r, nil, nil, func(kv *kvpb.KeyValue) bool {
+					if l := kv.GetLease(); l != 0 && !slices.ContainsFunc(LeaseKeys(r, l), func(k []byte) bool { return string(k) == string(kv.GetKey()) }) {
+						t.Fatalf("key %q on lease %d is not in its index", kv.GetKey(), l)
+					}
+					if revoked[kv.GetLease()] && kv.GetLease() != 0 {
+						t.Fatalf("key %q still on revoked lease %d", kv.GetKey(), kv.GetLease())
+					}
+					return true
+				}); err != nil {
+					t.Fatal(err)
+				}
+			})
+		}
+	})
+}
