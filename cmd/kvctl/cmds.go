@@ -137,7 +137,7 @@ connect with TLS.`,
 	pf.StringVar(&a.password, "password", "", "password of --user (instead of NAME:PASSWORD); env KVCTL_PASSWORD")
 
 	root.AddCommand(a.putCmd(), a.withRevision(a.getCmd()), a.delCmd(), a.casCmd(), a.txnCmd(), a.benchCmd(), a.clusterCmd(), a.memberCmd(),
-		a.endpointCmd(), a.userCmd(), a.roleCmd(), a.authCmd(), a.versionCmd(), a.completionCmd(root), a.watchCmd(), a.compactCmd(), a.leaseCmd())
+		a.endpointCmd(), a.userCmd(), a.roleCmd(), a.authCmd(), a.versionCmd(), a.completionCmd(root), a.watchCmd(), a.compactCmd(), a.leaseCmd(), a.lockCmd(), a.electCmd())
 	return root
 }
 
