@@ -1,11 +1,13 @@
 package fsm
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"slices"
 	"testing"
 
+	"github.com/kvd/kvd/fsm/memstate"
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
 )
@@ -213,4 +215,38 @@ func FuzzLeaseCommands(f *testing.F) {
 			})
 		}
 	})
+}
+
+// leaseReads records reads of lease state.
+type leaseReads struct {
+	State
+	seen []string
+}
+
+func (r *leaseReads) GetMeta(key []byte) []byte {
+	for _, p := range [][]byte{prefixLeaseKey, prefixLeaseNum, prefixLeaseTmb} {
+		if bytes.HasPrefix(key, p) {
+			r.seen = append(r.seen, string(key))
+		}
+	}
+	return r.State.GetMeta(key)
+}
+
+// TestPutWithoutLeaseReadsNoLeaseState: a put or delete of a key without
+// a lease, that gives it none, reads no lease state: the put path costs
+// what it cost before leases.
+func TestPutWithoutLeaseReadsNoLeaseState(t *testing.T) {
+	st := &leaseReads{State: memstate.New()}
+	for _, c := range []*peerpb.Command{cmdPut("a", "1"), cmdPut("a", "2"), cmdDel("a"),
+		cmdTxn(nil, []*kvpb.RequestOp{opPut("b", "1"), opGet("b")}, nil)} {
+		if r := apply(st, mustMarshal(c)); r.GetError() != "" {
+			t.Fatal(r.GetError())
+		}
+	}
+	if len(st.seen) != 0 {
+		t.Fatalf("puts without leases read lease state: %q", st.seen)
+	}
+	if r := apply(st, mustMarshal(cmdPutLease("c", "1", 3))); r.GetError() != "" || len(st.seen) == 0 {
+		t.Fatalf("a put with a lease: %v, read %q", r, st.seen)
+	}
 }

@@ -740,34 +740,40 @@ func (l leaseService) KeepAlive(stream kvpb.Lease_KeepAliveServer) error {
 	}
 }
 
-// renewLease renews on the meta shard's leader, here or through its
-// Internal.LeaseRenew.
+// renewLease renews on the meta shard's leader: here, or through the
+// leader's Internal.LeaseRenew (a node that does not know the leader, or
+// hosts no meta replica, asks each replica in turn).
 func (s *Server) renewLease(ctx context.Context, id int64) (*kvpb.LeaseKeepAliveResponse, error) {
 	if id <= 0 {
 		return nil, status.Errorf(codes.NotFound, "lease %d: ids are positive", id)
 	}
-	_, _, leader, err := s.lessor.local()
+	n, _, leader, err := s.lessor.local()
 	if err != nil {
 		return nil, s.leaseStatus(err)
 	}
-	if leader == 0 && s.host.Node(MetaShard) != nil && s.host.Node(MetaShard).IsLeader() {
+	if n != nil {
 		return s.LeaseRenew(ctx, &kvpb.LeaseKeepAliveRequest{Id: id})
 	}
+	try := []uint64{leader}
 	if leader == 0 {
-		return nil, s.notLeader(MetaShard, 0)
+		try = slices.DeleteFunc(slices.Clone(replicasOf(s.clusterMap(), MetaShard)), func(n uint64) bool { return n == s.cfg.NodeID })
 	}
 	ctx, cancel := s.withTimeout(ctx)
 	defer cancel()
-	resp, err := internal(s, leader, func(c peerpb.InternalClient) (*kvpb.LeaseKeepAliveResponse, error) {
-		return c.LeaseRenew(ctx, &kvpb.LeaseKeepAliveRequest{Id: id})
-	})
-	if err != nil {
-		if _, ok := status.FromError(err); ok {
-			return nil, err
+	err = s.notLeader(MetaShard, leader)
+	for _, node := range try {
+		var resp *kvpb.LeaseKeepAliveResponse
+		resp, err = internal(s, node, func(c peerpb.InternalClient) (*kvpb.LeaseKeepAliveResponse, error) {
+			return c.LeaseRenew(ctx, &kvpb.LeaseKeepAliveRequest{Id: id})
+		})
+		if err == nil || status.Code(err) == codes.NotFound {
+			return resp, err
 		}
-		return nil, status.Errorf(codes.Unavailable, "renew lease %d on node %d: %v", id, leader, err)
 	}
-	return resp, nil
+	if _, ok := status.FromError(err); !ok {
+		err = status.Errorf(codes.Unavailable, "renew lease %d: %v", id, err)
+	}
+	return nil, err
 }
 
 // checkLeases refuses a write that attaches keys to a lease that is not

@@ -432,3 +432,38 @@ func TestLeaderChangeKeepsRemainingTTL(t *testing.T) {
 		t.Fatalf("TTL %d s on the new leader; want what remained (at most 9 s) plus an election timeout", resp.GetTtlSeconds())
 	}
 }
+
+// TestLeaseThroughANodeWithoutMetaReplica: a node that hosts no replica
+// of the meta shard grants, renews and reads leases through the others.
+func TestLeaseThroughANodeWithoutMetaReplica(t *testing.T) {
+	c := newTestCluster(t, 4, 2, func(cfg *Config) { cfg.Replicas = 3 })
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var outside *Server
+	for _, s := range c.servers {
+		if s.host.Node(MetaShard) == nil {
+			outside = s
+		}
+	}
+	if outside == nil {
+		t.Fatal("every node hosts the meta shard")
+	}
+	id := grantOn(t, ctx, outside, 30)
+	putLeased(t, ctx, outside, id, []byte("outside"))
+	lc := leaseClient(t, outside)
+	ka, err := lc.KeepAlive(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ka.Send(&kvpb.LeaseKeepAliveRequest{Id: id}); err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := ka.Recv(); err != nil || resp.GetTtlSeconds() != 30 {
+		t.Fatalf("keep alive through node %d: %v, %v", outside.cfg.NodeID, resp, err)
+	}
+	_ = ka.CloseSend()
+	resp, err := lc.TimeToLive(ctx, &kvpb.LeaseTimeToLiveRequest{Id: id, Keys: true})
+	if err != nil || len(resp.GetKeys()) != 1 {
+		t.Fatalf("time to live through node %d: %v, %v", outside.cfg.NodeID, resp, err)
+	}
+}

@@ -119,3 +119,46 @@ func TestKvctlLease(t *testing.T) {
 		return code == 1
 	})
 }
+
+// TestKvctlLeaseWithAuth: once auth is on, any user may use leases, and a
+// put with a lease needs the key's own permission; no user is exit 4.
+func TestKvctlLeaseWithAuth(t *testing.T) {
+	c := proccluster.Start(t, 3, proccluster.Options{Shards: 2})
+	for _, args := range [][]string{
+		{"user", "add", "root", "--password", "r00t"},
+		{"user", "grant-role", "root", "root"},
+		{"user", "add", "app", "--password", "pw"},
+		{"role", "add", "svc"},
+		{"role", "grant-permission", "svc", "readwrite", "--prefix", "svc/"},
+		{"user", "grant-role", "app", "svc"},
+		{"auth", "enable"},
+	} {
+		if out, errOut, code := c.Kvctl("", args...); code != 0 || out != "OK\n" {
+			t.Fatalf("kvctl %v: exit %d %q %s", args, code, out, errOut)
+		}
+	}
+	proccluster.WaitFor(t, 10*time.Second, "a lease grant without a user refused", func() bool {
+		_, _, code := c.Kvctl("", "lease", "grant", "5")
+		return code == 4
+	})
+	out, errOut, code := c.Kvctl("", "--user", "app:pw", "lease", "grant", "30")
+	if code != 0 {
+		t.Fatalf("lease grant as app: exit %d %q", code, errOut)
+	}
+	id := strings.TrimSpace(out)
+	if _, errOut, code := c.Kvctl("", "--user", "app:pw", "put", "--lease", id, "svc/x", "v"); code != 0 {
+		t.Fatalf("put --lease as app: exit %d %q", code, errOut)
+	}
+	if _, _, code := c.Kvctl("", "--user", "app:pw", "put", "--lease", id, "other", "v"); code != 4 {
+		t.Fatalf("put --lease of a key app may not write: exit %d, want 4", code)
+	}
+	ka, buf := bg(t, c, "--user", "app:pw", "lease", "keepalive", id)
+	proccluster.WaitFor(t, 20*time.Second, "a renewal as app", func() bool { return strings.Contains(buf.String(), "TTL 30s") })
+	_ = ka.Process.Signal(syscall.SIGINT)
+	if code := exitOf(t, ka); code != 0 {
+		t.Fatalf("keepalive as app after Ctrl-C: exit %d", code)
+	}
+	if out, _, code := c.Kvctl("", "--user", "app:pw", "lease", "revoke", id); code != 0 || out != "1\n" {
+		t.Fatalf("lease revoke as app: exit %d, %q", code, out)
+	}
+}
