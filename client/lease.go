@@ -42,10 +42,17 @@ type LeaseStatus struct {
 }
 
 // Grant creates a lease with the given TTL (whole seconds, at least 1).
+// It is retried until ctx ends and grants one lease however many attempts
+// it takes.
 func (c *Client) Grant(ctx context.Context, ttl time.Duration) (LeaseID, error) {
 	secs := int64((ttl + time.Second - 1) / time.Second)
+	// A write's header: every attempt carries the same (session, seq), so
+	// a retry is answered with the lease the first attempt granted.
+	h := c.writeHeader()
+	defer c.seqs.finish(h.Seq)
 	resp, err := leaseCall(ctx, c, "lease grant", func(ctx context.Context, lc kvpb.LeaseClient) (*kvpb.LeaseGrantResponse, error) {
-		return lc.Grant(ctx, &kvpb.LeaseGrantRequest{TtlSeconds: secs})
+		h.AckBelow = c.seqs.ackBelow()
+		return lc.Grant(ctx, &kvpb.LeaseGrantRequest{TtlSeconds: secs, Header: h})
 	})
 	if err != nil {
 		return 0, err

@@ -345,3 +345,16 @@ func prefixEnd(prefix []byte) []byte {
 	}
 	return nil
 }
+
+// Lease reads one lease record of the meta shard; nil when there is none.
+func Lease(r View, id int64) (*peerpb.LeaseRecord, error) {
+	b := r.GetMeta(leaseKey(prefixLease, id))
+	if b == nil {
+		return nil, nil
+	}
+	var rec peerpb.LeaseRecord
+	if err := proto.Unmarshal(b, &rec); err != nil {
+		return nil, fmt.Errorf("%w: lease %d: %v", ErrCorrupt, id, err)
+	}
+	return &rec, nil
+}

@@ -75,8 +75,9 @@ type liveLease struct {
 	deadline time.Time
 	// recorded is the remaining TTL the meta shard holds for the lease.
 	recorded time.Duration
-	// revoking: expired or being revoked; no longer renewable.
-	revoking bool
+	// dead: expired or revoked; no longer renewable, and revoked until
+	// that is done. revoking: its revocation is queued or under way.
+	dead, revoking bool
 }
 
 func newLessor(s *Server) *lessor {
@@ -134,19 +135,19 @@ func (l *lessor) revoker() {
 			ctx, cancel := context.WithTimeout(l.s.ctx, 4*l.s.cfg.RequestTimeout)
 			if _, err := l.s.revokeLease(ctx, id); err != nil && !errors.Is(err, fsm.ErrLeaseNotFound) {
 				l.s.log.Warn("lease revocation unfinished; the meta shard's leader retries it", "lease", id, "err", err)
-				l.retry(id)
 			}
 			cancel()
 		}
 	}
 }
 
-// retry lets the next tick pick an unfinished revocation up again.
+// retry lets the next tick pick an unfinished revocation up again; the
+// lease stays dead.
 func (l *lessor) retry(id int64) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if ll := l.mu.leases[id]; ll != nil {
-		ll.revoking = false
+		ll.dead, ll.revoking = true, false
 	}
 }
 
@@ -174,17 +175,21 @@ func (l *lessor) tick() {
 	var due []int64
 	l.mu.Lock()
 	for id, ll := range l.mu.leases {
-		if !ll.revoking && now.After(ll.deadline) {
-			ll.revoking = true
-			due = append(due, id)
+		if ll.revoking || !ll.dead && !now.After(ll.deadline) {
+			continue
 		}
+		if !ll.dead {
+			ll.dead = true
+			l.expired.Inc()
+		}
+		ll.revoking = true
+		due = append(due, id)
 	}
 	l.mu.Unlock()
 	slices.Sort(due)
 	for _, id := range due {
 		select {
 		case l.revokeq <- id:
-			l.expired.Inc()
 		default:
 			l.retry(id) // the queue is full: next tick
 		}
@@ -229,10 +234,11 @@ func (l *lessor) load(n *raftnode.Node, term uint64) error {
 			ttl:      time.Duration(rec.GetTtlMs()) * time.Millisecond,
 			deadline: now.Add(remaining + l.electionTimeout()),
 			recorded: remaining,
-			revoking: rec.GetRevoked(),
+			// The first tick revokes it again.
+			dead: rec.GetRevoked(),
 		}
 		leases[rec.GetId()] = ll
-		if ll.revoking {
+		if ll.dead {
 			unfinished = append(unfinished, rec.GetId())
 		}
 	}
@@ -244,13 +250,6 @@ func (l *lessor) load(n *raftnode.Node, term uint64) error {
 	l.mu.term, l.mu.leases = term, leases
 	l.mu.Unlock()
 	l.s.log.Info("leases loaded", "term", term, "leases", len(recs), "unfinished_revocations", len(unfinished))
-	for _, id := range unfinished {
-		select {
-		case l.revokeq <- id:
-		default:
-			l.retry(id)
-		}
-	}
 	return nil
 }
 
@@ -266,7 +265,7 @@ func (l *lessor) checkpoint(n *raftnode.Node, term uint64) {
 	}
 	for id, ll := range l.mu.leases {
 		remaining := max(ll.deadline.Sub(now), 0)
-		if d := remaining - ll.recorded; !ll.revoking && (d > max(ll.ttl/4, leaseCheckpointInterval) || -d > max(ll.ttl/4, leaseCheckpointInterval)) {
+		if d := remaining - ll.recorded; !ll.dead && (d > max(ll.ttl/4, leaseCheckpointInterval) || -d > max(ll.ttl/4, leaseCheckpointInterval)) {
 			rem = append(rem, &peerpb.LeaseRemaining{Id: id, RemainingMs: remaining.Milliseconds()})
 			// Set before the command commits: if it fails, the next
 			// leader starts from the older figure plus an election
@@ -314,8 +313,15 @@ func (l *lessor) local() (n *raftnode.Node, term uint64, leader uint64, err erro
 	return n, term, 0, nil
 }
 
-func (l *lessor) grant(ctx context.Context, n *raftnode.Node, term uint64, ttl time.Duration) (int64, error) {
-	cmd, err := leaseCommand(&peerpb.LeaseOp{Op: &peerpb.LeaseOp_Grant{Grant: &peerpb.LeaseGrant{TtlMs: ttl.Milliseconds(), MaxLeases: MaxLeases}}})
+// grant proposes a grant with the client's session and seq, so that a
+// retry is answered with the first attempt's lease. An answer recorded
+// for a lease since revoked must not bring it back to life here: a lease
+// this leader does not hold yet is checked against its record.
+func (l *lessor) grant(ctx context.Context, n *raftnode.Node, term uint64, ttl time.Duration, h *kvpb.RequestHeader) (int64, error) {
+	cmd, err := proto.Marshal(&peerpb.Command{
+		Session: h.GetSession(), Seq: h.GetSeq(), AckBelow: h.GetAckBelow(), TimeUnixMs: time.Now().UnixMilli(),
+		Op: &peerpb.Command_Lease{Lease: &peerpb.LeaseOp{Op: &peerpb.LeaseOp_Grant{Grant: &peerpb.LeaseGrant{TtlMs: ttl.Milliseconds(), MaxLeases: MaxLeases}}}},
+	})
 	if err != nil {
 		return 0, err
 	}
@@ -331,10 +337,25 @@ func (l *lessor) grant(ctx context.Context, n *raftnode.Node, term uint64, ttl t
 	}
 	id := r.GetLease().GetId()
 	l.mu.Lock()
-	if l.mu.term == term {
-		l.mu.leases[id] = &liveLease{ttl: ttl, deadline: time.Now().Add(ttl), recorded: ttl}
-	}
+	_, held := l.mu.leases[id]
 	l.mu.Unlock()
+	if !held {
+		var rec *peerpb.LeaseRecord
+		if err := l.s.read(ctx, MetaShard, kvpb.Consistency_LINEARIZABLE, func(r *storage.Reader) error {
+			rec, err = fsm.Lease(r, id)
+			return err
+		}); err != nil {
+			return 0, err
+		}
+		if rec == nil || rec.GetRevoked() {
+			return 0, fmt.Errorf("%w: lease %d, granted by an earlier attempt of this request, is gone", fsm.ErrLeaseNotFound, id)
+		}
+		l.mu.Lock()
+		if _, held = l.mu.leases[id]; !held && l.mu.term == term {
+			l.mu.leases[id] = &liveLease{ttl: ttl, deadline: time.Now().Add(ttl), recorded: ttl}
+		}
+		l.mu.Unlock()
+	}
 	l.granted.Inc()
 	return id, nil
 }
@@ -348,7 +369,7 @@ func (l *lessor) renew(term uint64, id int64) (time.Duration, error) {
 		return 0, errLeaseLoading
 	}
 	ll := l.mu.leases[id]
-	if ll == nil || ll.revoking {
+	if ll == nil || ll.dead {
 		return 0, fmt.Errorf("%w: lease %d", fsm.ErrLeaseNotFound, id)
 	}
 	ll.deadline = time.Now().Add(ll.ttl)
@@ -364,7 +385,7 @@ func (l *lessor) status(term uint64, id int64) (ttl, remaining time.Duration, er
 		return 0, 0, errLeaseLoading
 	}
 	ll := l.mu.leases[id]
-	if ll == nil || ll.revoking {
+	if ll == nil || ll.dead {
 		return 0, 0, fmt.Errorf("%w: lease %d", fsm.ErrLeaseNotFound, id)
 	}
 	return ll.ttl, max(time.Until(ll.deadline), 0), nil
@@ -378,7 +399,7 @@ func (l *lessor) list(term uint64) ([]*kvpb.LeaseStatus, error) {
 	}
 	out := make([]*kvpb.LeaseStatus, 0, len(l.mu.leases))
 	for id, ll := range l.mu.leases {
-		if !ll.revoking {
+		if !ll.dead {
 			out = append(out, &kvpb.LeaseStatus{Id: id, GrantedTtlSeconds: seconds(ll.ttl), TtlSeconds: seconds(max(time.Until(ll.deadline), 0))})
 		}
 	}
@@ -396,7 +417,7 @@ func (l *lessor) markRevoking(id int64) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if ll := l.mu.leases[id]; ll != nil {
-		ll.revoking = true
+		ll.dead, ll.revoking = true, true
 	}
 }
 
@@ -412,7 +433,7 @@ func leaseCommand(op *peerpb.LeaseOp) ([]byte, error) {
 // per shard), then the meta shard forgets it. It runs on the meta shard's
 // leader. A failure part way leaves the record marked revoked, and the
 // leader (this one or the next) finishes the job.
-func (s *Server) revokeLease(ctx context.Context, id int64) (int64, error) {
+func (s *Server) revokeLease(ctx context.Context, id int64) (_ int64, err error) {
 	n, _, _, err := s.lessor.local()
 	if err != nil {
 		return 0, err
@@ -421,6 +442,12 @@ func (s *Server) revokeLease(ctx context.Context, id int64) (int64, error) {
 		return 0, &raftnode.NotLeaderError{Shard: MetaShard}
 	}
 	s.lessor.markRevoking(id)
+	defer func() {
+		if err != nil && !errors.Is(err, fsm.ErrLeaseNotFound) {
+			// Dead from now on: the leader's tick finishes the job.
+			s.lessor.retry(id)
+		}
+	}()
 	mark, err := leaseCommand(&peerpb.LeaseOp{Op: &peerpb.LeaseOp_Revoke{Revoke: id}})
 	if err != nil {
 		return 0, err
@@ -648,7 +675,7 @@ func (l leaseService) Grant(ctx context.Context, req *kvpb.LeaseGrantRequest) (*
 	}
 	return onLeader(ctx, l, func(n *raftnode.Node, term uint64) (*kvpb.LeaseGrantResponse, error) {
 		ttl := time.Duration(req.GetTtlSeconds()) * time.Second
-		id, err := l.s.lessor.grant(ctx, n, term, ttl)
+		id, err := l.s.lessor.grant(ctx, n, term, ttl, req.GetHeader())
 		if err != nil {
 			return nil, err
 		}

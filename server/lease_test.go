@@ -467,3 +467,35 @@ func TestLeaseThroughANodeWithoutMetaReplica(t *testing.T) {
 		t.Fatalf("time to live through node %d: %v, %v", outside.cfg.NodeID, resp, err)
 	}
 }
+
+// TestLeaseGrantIsExactlyOnce: a grant retried with its session and seq,
+// through another node, gets the lease the first attempt granted; once
+// that lease is gone, the retry is NotFound rather than a lease revived.
+func TestLeaseGrantIsExactlyOnce(t *testing.T) {
+	c := newTestCluster(t, 3, 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	grantOn(t, ctx, c.servers[0], 5) // leases loaded
+	req := &kvpb.LeaseGrantRequest{TtlSeconds: 30, Header: &kvpb.RequestHeader{Session: 77, Seq: 1}}
+	first, err := leaseClient(t, c.servers[0]).Grant(ctx, req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := leaseClient(t, c.servers[2]).Grant(ctx, req)
+	if err != nil || again.GetId() != first.GetId() {
+		t.Fatalf("retried grant: %v, %v; want lease %d again", again, err, first.GetId())
+	}
+	lc := leaseClient(t, c.servers[1])
+	if list, err := lc.Leases(ctx, &kvpb.LeaseLeasesRequest{}); err != nil || len(list.GetLeases()) != 2 {
+		t.Fatalf("leases: %v, %v; want 2", list, err)
+	}
+	if _, err := lc.Revoke(ctx, &kvpb.LeaseRevokeRequest{Id: first.GetId()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := lc.Grant(ctx, req); status.Code(err) != codes.NotFound {
+		t.Fatalf("retry of the grant of a revoked lease: %v, want NotFound", err)
+	}
+	if _, err := lc.TimeToLive(ctx, &kvpb.LeaseTimeToLiveRequest{Id: first.GetId()}); status.Code(err) != codes.NotFound {
+		t.Fatalf("the revoked lease after the retry: %v, want NotFound", err)
+	}
+}

@@ -4217,7 +4217,10 @@ func (x *AuthState) GetRoles() []*AuthRole {
 type LeaseGrantRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// ttl_seconds: 1 to the node's maximum (a year by default).
-	TtlSeconds    int64 `protobuf:"varint,1,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	TtlSeconds int64 `protobuf:"varint,1,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	// header's session and seq make the grant exactly-once: a retry gets
+	// the lease the first attempt granted, not a second one.
+	Header        *RequestHeader `protobuf:"bytes,2,opt,name=header,proto3" json:"header,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -4257,6 +4260,13 @@ func (x *LeaseGrantRequest) GetTtlSeconds() int64 {
 		return x.TtlSeconds
 	}
 	return 0
+}
+
+func (x *LeaseGrantRequest) GetHeader() *RequestHeader {
+	if x != nil {
+		return x.Header
+	}
+	return nil
 }
 
 type LeaseGrantResponse struct {
@@ -5047,10 +5057,11 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\aenabled\x18\x01 \x01(\bR\aenabled\x12\x16\n" +
 	"\x06secret\x18\x02 \x01(\fR\x06secret\x12)\n" +
 	"\x05users\x18\x03 \x03(\v2\x13.kvd.kv.v1.AuthUserR\x05users\x12)\n" +
-	"\x05roles\x18\x04 \x03(\v2\x13.kvd.kv.v1.AuthRoleR\x05roles\"4\n" +
+	"\x05roles\x18\x04 \x03(\v2\x13.kvd.kv.v1.AuthRoleR\x05roles\"f\n" +
 	"\x11LeaseGrantRequest\x12\x1f\n" +
 	"\vttl_seconds\x18\x01 \x01(\x03R\n" +
-	"ttlSeconds\"E\n" +
+	"ttlSeconds\x120\n" +
+	"\x06header\x18\x02 \x01(\v2\x18.kvd.kv.v1.RequestHeaderR\x06header\"E\n" +
 	"\x12LeaseGrantResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x1f\n" +
 	"\vttl_seconds\x18\x02 \x01(\x03R\n" +
@@ -5277,52 +5288,53 @@ var file_kvpb_kv_proto_depIdxs = []int32{
 	49, // 68: kvd.kv.v1.AuthRole.perms:type_name -> kvd.kv.v1.Permission
 	61, // 69: kvd.kv.v1.AuthState.users:type_name -> kvd.kv.v1.AuthUser
 	62, // 70: kvd.kv.v1.AuthState.roles:type_name -> kvd.kv.v1.AuthRole
-	74, // 71: kvd.kv.v1.LeaseLeasesResponse.leases:type_name -> kvd.kv.v1.LeaseStatus
-	7,  // 72: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
-	9,  // 73: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
-	11, // 74: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
-	13, // 75: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
-	18, // 76: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
-	20, // 77: kvd.kv.v1.KV.Batch:input_type -> kvd.kv.v1.BatchRequest
-	28, // 78: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
-	30, // 79: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
-	33, // 80: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
-	35, // 81: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
-	44, // 82: kvd.kv.v1.Cluster.Compact:input_type -> kvd.kv.v1.CompactRequest
-	40, // 83: kvd.kv.v1.Watch.Watch:input_type -> kvd.kv.v1.WatchRequest
-	47, // 84: kvd.kv.v1.Auth.Authenticate:input_type -> kvd.kv.v1.AuthenticateRequest
-	50, // 85: kvd.kv.v1.Auth.Change:input_type -> kvd.kv.v1.AuthChangeRequest
-	59, // 86: kvd.kv.v1.Auth.Status:input_type -> kvd.kv.v1.AuthStatusRequest
-	64, // 87: kvd.kv.v1.Lease.Grant:input_type -> kvd.kv.v1.LeaseGrantRequest
-	66, // 88: kvd.kv.v1.Lease.Revoke:input_type -> kvd.kv.v1.LeaseRevokeRequest
-	68, // 89: kvd.kv.v1.Lease.KeepAlive:input_type -> kvd.kv.v1.LeaseKeepAliveRequest
-	70, // 90: kvd.kv.v1.Lease.TimeToLive:input_type -> kvd.kv.v1.LeaseTimeToLiveRequest
-	72, // 91: kvd.kv.v1.Lease.Leases:input_type -> kvd.kv.v1.LeaseLeasesRequest
-	8,  // 92: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
-	10, // 93: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
-	12, // 94: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
-	14, // 95: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
-	19, // 96: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
-	22, // 97: kvd.kv.v1.KV.Batch:output_type -> kvd.kv.v1.BatchResponse
-	27, // 98: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
-	31, // 99: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
-	34, // 100: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
-	36, // 101: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
-	45, // 102: kvd.kv.v1.Cluster.Compact:output_type -> kvd.kv.v1.CompactResponse
-	43, // 103: kvd.kv.v1.Watch.Watch:output_type -> kvd.kv.v1.WatchResponse
-	48, // 104: kvd.kv.v1.Auth.Authenticate:output_type -> kvd.kv.v1.AuthenticateResponse
-	58, // 105: kvd.kv.v1.Auth.Change:output_type -> kvd.kv.v1.AuthChangeResponse
-	60, // 106: kvd.kv.v1.Auth.Status:output_type -> kvd.kv.v1.AuthStatusResponse
-	65, // 107: kvd.kv.v1.Lease.Grant:output_type -> kvd.kv.v1.LeaseGrantResponse
-	67, // 108: kvd.kv.v1.Lease.Revoke:output_type -> kvd.kv.v1.LeaseRevokeResponse
-	69, // 109: kvd.kv.v1.Lease.KeepAlive:output_type -> kvd.kv.v1.LeaseKeepAliveResponse
-	71, // 110: kvd.kv.v1.Lease.TimeToLive:output_type -> kvd.kv.v1.LeaseTimeToLiveResponse
-	73, // 111: kvd.kv.v1.Lease.Leases:output_type -> kvd.kv.v1.LeaseLeasesResponse
-	92, // [92:112] is the sub-list for method output_type
-	72, // [72:92] is the sub-list for method input_type
-	72, // [72:72] is the sub-list for extension type_name
-	72, // [72:72] is the sub-list for extension extendee
-	0,  // [0:72] is the sub-list for field type_name
+	4,  // 71: kvd.kv.v1.LeaseGrantRequest.header:type_name -> kvd.kv.v1.RequestHeader
+	74, // 72: kvd.kv.v1.LeaseLeasesResponse.leases:type_name -> kvd.kv.v1.LeaseStatus
+	7,  // 73: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
+	9,  // 74: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
+	11, // 75: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
+	13, // 76: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
+	18, // 77: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
+	20, // 78: kvd.kv.v1.KV.Batch:input_type -> kvd.kv.v1.BatchRequest
+	28, // 79: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
+	30, // 80: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
+	33, // 81: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
+	35, // 82: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
+	44, // 83: kvd.kv.v1.Cluster.Compact:input_type -> kvd.kv.v1.CompactRequest
+	40, // 84: kvd.kv.v1.Watch.Watch:input_type -> kvd.kv.v1.WatchRequest
+	47, // 85: kvd.kv.v1.Auth.Authenticate:input_type -> kvd.kv.v1.AuthenticateRequest
+	50, // 86: kvd.kv.v1.Auth.Change:input_type -> kvd.kv.v1.AuthChangeRequest
+	59, // 87: kvd.kv.v1.Auth.Status:input_type -> kvd.kv.v1.AuthStatusRequest
+	64, // 88: kvd.kv.v1.Lease.Grant:input_type -> kvd.kv.v1.LeaseGrantRequest
+	66, // 89: kvd.kv.v1.Lease.Revoke:input_type -> kvd.kv.v1.LeaseRevokeRequest
+	68, // 90: kvd.kv.v1.Lease.KeepAlive:input_type -> kvd.kv.v1.LeaseKeepAliveRequest
+	70, // 91: kvd.kv.v1.Lease.TimeToLive:input_type -> kvd.kv.v1.LeaseTimeToLiveRequest
+	72, // 92: kvd.kv.v1.Lease.Leases:input_type -> kvd.kv.v1.LeaseLeasesRequest
+	8,  // 93: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
+	10, // 94: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
+	12, // 95: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
+	14, // 96: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
+	19, // 97: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
+	22, // 98: kvd.kv.v1.KV.Batch:output_type -> kvd.kv.v1.BatchResponse
+	27, // 99: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
+	31, // 100: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
+	34, // 101: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
+	36, // 102: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
+	45, // 103: kvd.kv.v1.Cluster.Compact:output_type -> kvd.kv.v1.CompactResponse
+	43, // 104: kvd.kv.v1.Watch.Watch:output_type -> kvd.kv.v1.WatchResponse
+	48, // 105: kvd.kv.v1.Auth.Authenticate:output_type -> kvd.kv.v1.AuthenticateResponse
+	58, // 106: kvd.kv.v1.Auth.Change:output_type -> kvd.kv.v1.AuthChangeResponse
+	60, // 107: kvd.kv.v1.Auth.Status:output_type -> kvd.kv.v1.AuthStatusResponse
+	65, // 108: kvd.kv.v1.Lease.Grant:output_type -> kvd.kv.v1.LeaseGrantResponse
+	67, // 109: kvd.kv.v1.Lease.Revoke:output_type -> kvd.kv.v1.LeaseRevokeResponse
+	69, // 110: kvd.kv.v1.Lease.KeepAlive:output_type -> kvd.kv.v1.LeaseKeepAliveResponse
+	71, // 111: kvd.kv.v1.Lease.TimeToLive:output_type -> kvd.kv.v1.LeaseTimeToLiveResponse
+	73, // 112: kvd.kv.v1.Lease.Leases:output_type -> kvd.kv.v1.LeaseLeasesResponse
+	93, // [93:113] is the sub-list for method output_type
+	73, // [73:93] is the sub-list for method input_type
+	73, // [73:73] is the sub-list for extension type_name
+	73, // [73:73] is the sub-list for extension extendee
+	0,  // [0:73] is the sub-list for field type_name
 }
 
 func init() { file_kvpb_kv_proto_init() }
