@@ -499,3 +499,72 @@ func TestLeaseGrantIsExactlyOnce(t *testing.T) {
 		t.Fatalf("the revoked lease after the retry: %v, want NotFound", err)
 	}
 }
+
+// TestFailedRevocationIsFinished: a revocation that cannot reach a
+// shard (no quorum) leaves the lease dead at once, and the meta shard's
+// leader finishes it once the shard is back.
+func TestFailedRevocationIsFinished(t *testing.T) {
+	c := newTestCluster(t, 5, 4, func(cfg *Config) { cfg.Replicas = 3 })
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	m := c.servers[0].clusterMap()
+	meta := replicasOf(m, MetaShard)
+	// A data shard two of whose replicas can stop while the meta shard
+	// keeps a quorum: at most one of the two is a meta replica.
+	var shard uint64
+	var down []uint64
+	for _, sh := range hashring.DataShards(m) {
+		var in, out []uint64
+		for _, id := range replicasOf(m, sh) {
+			if slices.Contains(meta, id) {
+				in = append(in, id)
+			} else {
+				out = append(out, id)
+			}
+		}
+		if len(out) >= 1 {
+			shard, down = sh, append(out[:1], in[0])
+			if len(out) >= 2 {
+				down = out[:2]
+			}
+			break
+		}
+	}
+	if down == nil {
+		t.Fatal("every data shard has the meta shard's replicas: this placement cannot take one shard out of quorum alone")
+	}
+	var entry *Server
+	for _, s := range c.servers {
+		if !slices.Contains(down, s.cfg.NodeID) && slices.Contains(meta, s.cfg.NodeID) {
+			entry = s
+		}
+	}
+	id := grantOn(t, ctx, entry, 60)
+	key := keysIn(entry, shard, 1)[0]
+	putLeased(t, ctx, entry, id, key)
+	for _, n := range down {
+		c.stop(int(n) - 1)
+	}
+	rctx, rcancel := context.WithTimeout(ctx, 3*time.Second)
+	_, err := leaseClient(t, entry).Revoke(rctx, &kvpb.LeaseRevokeRequest{Id: id})
+	rcancel()
+	if err == nil {
+		t.Fatal("revoke succeeded with a shard out of quorum")
+	}
+	lc := leaseClient(t, entry)
+	waitFor(t, 10*time.Second, "the lease dead", func() bool {
+		_, err := lc.TimeToLive(ctx, &kvpb.LeaseTimeToLiveRequest{Id: id})
+		return status.Code(err) == codes.NotFound
+	})
+	for _, n := range down {
+		c.start(int(n) - 1)
+	}
+	kv := kvClient(t, entry)
+	waitFor(t, 60*time.Second, "the revocation finished", func() bool {
+		ok, err := exists(ctx, kv, key)
+		return err == nil && !ok
+	})
+	if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: key, Value: []byte("late"), Lease: id}); status.Code(err) != codes.NotFound {
+		t.Fatalf("put with the revoked lease: %v, want NotFound", err)
+	}
+}
