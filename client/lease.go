@@ -185,6 +185,11 @@ func (c *Client) keepAlive(ctx context.Context, id LeaseID, ttl time.Duration, c
 // keepAliveOn renews through one member's KeepAlive stream until it
 // fails. A renewal that gets no answer within its period ends the stream.
 func (c *Client) keepAliveOn(ctx context.Context, n *node, id LeaseID, period time.Duration, deadline *time.Time, ch chan time.Duration) error {
+	// A member whose connection is still being made is waited for only
+	// ConnectTimeout, not the minutes gRPC would allow.
+	if err := c.connected(ctx, n); err != nil {
+		return err
+	}
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	stream, err := kvpb.NewLeaseClient(n.conn).KeepAlive(sctx)

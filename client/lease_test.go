@@ -168,3 +168,35 @@ func ExampleClient_Grant() {
 	// true
 	// true
 }
+
+// TestKeepAliveGivesUpWhenNoMemberAnswers: with every member down, the
+// keep-alive reports the lease lost once a TTL passed without a renewal,
+// rather than retrying forever.
+func TestKeepAliveGivesUpWhenNoMemberAnswers(t *testing.T) {
+	f, c := newLeaseCluster(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	id, err := c.Grant(ctx, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	renewals, stop, err := c.KeepAlive(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	<-renewals
+	for _, n := range f.Nodes {
+		if err := n.Stop(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	for range renewals {
+	}
+	if err := stop(); !errors.Is(err, client.ErrLeaseNotFound) {
+		t.Fatalf("keep-alive with every member down ended with %v, want ErrLeaseNotFound", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("keep-alive gave up %v after the members stopped; the TTL is 2 s", d)
+	}
+}
