@@ -29,7 +29,7 @@ TEST_TIMEOUT ?= 15m
 # Fuzz targets: package:name. `make test` runs each for FUZZ_SHORT, `make
 # fuzz` for FUZZTIME. An input that fails is written to the package's
 # testdata/fuzz, where plain `go test` replays it from then on.
-FUZZ_TARGETS := ./fsm:FuzzApplySequences ./fsm:FuzzApply ./fsm:FuzzStoredDecoders \
+FUZZ_TARGETS := ./fsm:FuzzApplySequences ./fsm:FuzzApply ./fsm:FuzzStoredDecoders ./fsm:FuzzLeaseCommands \
                 ./server:FuzzCheckTxn ./hashring:FuzzShard ./client:FuzzDecodeToken ./client:FuzzDecodeWatchToken
 FUZZ_SHORT   ?= 10s
 FUZZTIME     ?= 2m

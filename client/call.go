@@ -317,6 +317,9 @@ func (c *Client) classify(ctx context.Context, r route, n *node, err error, ownT
 		return done, fmt.Errorf("%w: %s", ErrInvalidArgument, st.Message())
 	case codes.PermissionDenied, codes.Unauthenticated:
 		return done, fmt.Errorf("%w: %s", ErrPermissionDenied, st.Message())
+	case codes.NotFound:
+		// The only NotFound a write gets: its lease does not exist.
+		return done, fmt.Errorf("%w: %s", ErrLeaseNotFound, st.Message())
 	case codes.Aborted:
 		// The only Aborted a node answers: the write applied on an
 		// earlier attempt and its result is gone. Not transient.

@@ -119,13 +119,16 @@ func (c *Client) routeKey(ctx context.Context, key []byte) (uint64, error) {
 }
 
 // Put sets key to value. It is retried across timeouts and leader changes
-// until ctx ends, and applied exactly once.
-func (c *Client) Put(ctx context.Context, key, value []byte) (*kvpb.PutResponse, error) {
+// until ctx ends, and applied exactly once. Options: WithLease.
+func (c *Client) Put(ctx context.Context, key, value []byte, opts ...PutOption) (*kvpb.PutResponse, error) {
 	shard, err := c.routeKey(ctx, key)
 	if err != nil {
 		return nil, fmt.Errorf("put %s: %w", keyString(key), err)
 	}
 	req := &kvpb.PutRequest{Header: c.writeHeader(), Key: key, Value: value}
+	for _, opt := range opts {
+		opt(req)
+	}
 	resp, err := c.write(ctx, shard, req.Header, &kvpb.BatchRequestItem{Request: &kvpb.BatchRequestItem_Put{Put: req}})
 	if err != nil {
 		return nil, fmt.Errorf("put %s: %w", keyString(key), err)

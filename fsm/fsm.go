@@ -201,6 +201,8 @@ func execute(tx State, c *peerpb.Command) *peerpb.Result {
 		return &peerpb.Result{Op: &peerpb.Result_CompactHistory{CompactHistory: compactHistory(tx, op.CompactHistory)}}
 	case *peerpb.Command_Auth:
 		return applyAuth(tx, op.Auth)
+	case *peerpb.Command_Lease:
+		return applyLease(tx, op.Lease, c.GetTimeUnixMs())
 	case *peerpb.Command_HashCheck:
 		index, hash, err := tx.CheckHash()
 		if err != nil {
@@ -221,10 +223,20 @@ func put(tx State, r *kvpb.PutRequest, ch *changes) (*kvpb.PutResponse, error) {
 	if err != nil {
 		return nil, err
 	}
-	sv := &peerpb.StoredValue{Value: r.GetValue(), CreateRevision: rev, ModRevision: rev, Version: 1}
+	sv := &peerpb.StoredValue{Value: r.GetValue(), CreateRevision: rev, ModRevision: rev, Version: 1, Lease: r.GetLease()}
 	if prev != nil {
 		sv.CreateRevision = prev.GetCreateRevision()
 		sv.Version = prev.GetVersion() + 1
+	}
+	// Leases (lease.go): nothing to do, and nothing read, unless the put
+	// or the key's record has one.
+	if l := r.GetLease(); l != 0 && l != prev.GetLease() {
+		if err := checkLease(tx, l, 0); err != nil {
+			return nil, err
+		}
+	}
+	if err := moveLease(tx, r.GetKey(), prev.GetLease(), r.GetLease()); err != nil {
+		return nil, err
 	}
 	if err := tx.Put(r.GetKey(), encode(sv)); err != nil {
 		return nil, err
@@ -255,6 +267,9 @@ func del(tx State, r *kvpb.DeleteRequest, ch *changes) (*kvpb.DeleteResponse, er
 		return resp, nil
 	}
 	if err := tx.Delete(r.GetKey()); err != nil {
+		return nil, err
+	}
+	if err := moveLease(tx, r.GetKey(), prev.GetLease(), 0); err != nil {
 		return nil, err
 	}
 	if err := ch.record(tx, &peerpb.HistoryEvent{Delete: true, Key: r.GetKey()}, prev); err != nil {
@@ -291,6 +306,9 @@ func txn(tx State, r *kvpb.TxnRequest, now int64) (*kvpb.TxnResponse, error) {
 	}
 	size, stored, err := checkTxnOps(tx, ops)
 	if err != nil {
+		return nil, err
+	}
+	if err := checkTxnLeases(tx, ops); err != nil {
 		return nil, err
 	}
 	if size > MaxTxnReadBytes {
@@ -527,6 +545,7 @@ func toKV(key []byte, sv *peerpb.StoredValue) *kvpb.KeyValue {
 		CreateRevision: sv.GetCreateRevision(),
 		ModRevision:    sv.GetModRevision(),
 		Version:        sv.GetVersion(),
+		Lease:          sv.GetLease(),
 	}
 }
 

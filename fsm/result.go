@@ -45,6 +45,8 @@ var sentinels = []struct {
 	{peerpb.ResultCode_RESULT_CODE_RESULT_NOT_KEPT, ErrResultNotKept},
 	{peerpb.ResultCode_RESULT_CODE_MEMBER_CONFLICT, ErrMemberConflict},
 	{peerpb.ResultCode_RESULT_CODE_CORRUPT, ErrCorrupt},
+	{peerpb.ResultCode_RESULT_CODE_LEASE_NOT_FOUND, ErrLeaseNotFound},
+	{peerpb.ResultCode_RESULT_CODE_LEASE_LIMIT, ErrLeaseLimit},
 }
 
 // reject builds the Result of a deterministic rejection, with the code of

@@ -49,7 +49,9 @@ type View interface {
 	// Range calls fn for each kv key in [start, end) (end nil: to the
 	// last key) in key order until fn returns false.
 	Range(start, end []byte, fn func(k, v []byte) bool)
-	// ScanHistory is Range over the history (history.go).
+	// ScanMeta and ScanHistory are Range over the metadata and the
+	// history (history.go).
+	ScanMeta(start, end []byte, fn func(k, v []byte) bool)
 	ScanHistory(start, end []byte, fn func(k, v []byte) bool)
 }
 

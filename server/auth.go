@@ -397,6 +397,10 @@ func (s *Server) authUnary(ctx context.Context, req any, info *grpc.UnaryServerI
 		if _, certErr := transport.PeerCertID(ctx); certErr != nil {
 			err = s.requireUser(ctx)
 		}
+	case strings.HasPrefix(m, "/kvd.kv.v1.Lease/"):
+		// Leases are anyone's; the keys put with one need their own
+		// permissions.
+		err = s.requireUser(ctx)
 	case needs(req) != nil:
 		err = s.authorizeKV(ctx, req)
 	default:
@@ -408,13 +412,13 @@ func (s *Server) authUnary(ctx context.Context, req any, info *grpc.UnaryServerI
 	return handler(ctx, req)
 }
 
-// authStream: a Batch or Watch stream needs a user (each item, or each
+// authStream: a Batch, Watch or lease KeepAlive stream needs a user (each item, or each
 // watch, is checked as it is served or created); any other stream the
 // root role.
 func (s *Server) authStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	var err error
 	switch info.FullMethod {
-	case kvpb.KV_Batch_FullMethodName, kvpb.Watch_Watch_FullMethodName:
+	case kvpb.KV_Batch_FullMethodName, kvpb.Watch_Watch_FullMethodName, kvpb.Lease_KeepAlive_FullMethodName:
 		err = s.requireUser(ss.Context())
 	default:
 		err = s.requireRoot(ss.Context(), info.FullMethod)

@@ -59,6 +59,10 @@ func (s *Server) toStatus(err error, shard uint64) error {
 		return compactedStatus(shard, err)
 	case errors.Is(err, fsm.ErrFutureRevision):
 		return status.Errorf(codes.OutOfRange, "shard %d: %v", shard, err)
+	case errors.Is(err, fsm.ErrLeaseNotFound):
+		return status.Errorf(codes.NotFound, "shard %d: %v", shard, err)
+	case errors.Is(err, fsm.ErrLeaseLimit):
+		return status.Errorf(codes.ResourceExhausted, "shard %d: %v", shard, err)
 	case errors.Is(err, ErrInvalid):
 		return status.Error(codes.InvalidArgument, err.Error())
 	// Deterministic rejections of the state machine.

@@ -37,7 +37,12 @@ func (s *Server) Put(ctx context.Context, req *kvpb.PutRequest) (*kvpb.PutRespon
 	if err != nil {
 		return nil, s.toStatus(err, shard)
 	}
-	op := &kvpb.PutRequest{Key: req.GetKey(), Value: req.GetValue(), PrevKv: req.GetPrevKv()}
+	if l := req.GetLease(); l != 0 {
+		if err := s.checkLeases(ctx, l); err != nil {
+			return nil, err
+		}
+	}
+	op := &kvpb.PutRequest{Key: req.GetKey(), Value: req.GetValue(), PrevKv: req.GetPrevKv(), Lease: req.GetLease()}
 	resp, err := proposeOp(ctx, s, shard, req.GetHeader(), &peerpb.Command{Op: &peerpb.Command_Put{Put: op}}, "put", (*peerpb.Result).GetPut)
 	if err != nil {
 		if fr, ferr, ok := forward(ctx, s, err, shard, func(ctx context.Context, c kvpb.KVClient, o ...grpc.CallOption) (*kvpb.PutResponse, error) {
@@ -86,6 +91,9 @@ func (s *Server) Txn(ctx context.Context, req *kvpb.TxnRequest) (*kvpb.TxnRespon
 	}
 	if err := s.sameShard(keys); err != nil {
 		return nil, s.toStatus(err, shard)
+	}
+	if err := s.checkLeases(ctx, txnLeases(req)...); err != nil {
+		return nil, err
 	}
 	// The header travels in the Command; the ops are shared, not copied.
 	op := &kvpb.TxnRequest{Compare: req.GetCompare(), Success: req.GetSuccess(), Failure: req.GetFailure()}

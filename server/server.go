@@ -98,7 +98,9 @@ type Server struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	// watch holds the node's watches (watch.go).
-	watch    watchRegistry
+	watch watchRegistry
+	// lessor holds the leases while this node leads the meta shard (lease.go).
+	lessor   *lessor
 	wg       sync.WaitGroup
 	stopOnce sync.Once
 	stopErr  error
@@ -199,6 +201,7 @@ func New(cfg Config) (_ *Server, err error) {
 	kvpb.RegisterClusterServer(s.peerSrv, s)
 	// Followers forward client requests to their shard's leader here.
 	kvpb.RegisterKVServer(s.peerSrv, forwardedKV{s: s})
+	kvpb.RegisterLeaseServer(s.peerSrv, newForwardedLease(s))
 	// The host handles what the transport receives, so it starts before
 	// any peer can reach the transport.
 	s.host.Start(s.tr)
@@ -226,6 +229,7 @@ func New(cfg Config) (_ *Server, err error) {
 	s.adm = newAdmission(cfg.Limits.MaxInFlightBytes)
 	s.conns = newConnLimiter(s.clientLis, cfg.Limits.MaxClientConns, s.adm, cfg.BatchSendTimeout, s.log)
 	s.metrics = newMetrics(s)
+	s.lessor = newLessor(s)
 	s.startCorruptionChecks()
 	clientOpts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(cfg.Limits.MaxRequestBytes + 64<<10),
@@ -262,6 +266,7 @@ func New(cfg Config) (_ *Server, err error) {
 	kvpb.RegisterClusterServer(s.clientSrv, s)
 	kvpb.RegisterWatchServer(s.clientSrv, s)
 	kvpb.RegisterAuthServer(s.clientSrv, authService{s: s})
+	kvpb.RegisterLeaseServer(s.clientSrv, leaseService{s: s})
 	healthpb.RegisterHealthServer(s.clientSrv, s.health)
 
 	s.goServe("peer", func() error { return s.peerSrv.Serve(s.peerLis) })
@@ -276,6 +281,9 @@ func New(cfg Config) (_ *Server, err error) {
 	s.wg.Add(1)
 	go s.every(time.Second, s.trimHistory)
 	go s.placeReplicas()
+	s.wg.Add(2)
+	go s.lessor.run()
+	go s.lessor.revoker()
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.wg.Add(2)
 	go s.watchFatal()

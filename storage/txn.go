@@ -352,6 +352,13 @@ func (r *Reader) Range(start, end []byte, fn func(k, v []byte) bool) {
 // (or corrupt: then View returns ErrCorrupt).
 func (r *Reader) GetMeta(key []byte) []byte { return r.get(r.meta, key) }
 
+// ScanMeta calls fn for each metadata key in [start, end) in key order
+// until fn returns false. It stops at a corrupt value, and View returns
+// ErrCorrupt.
+func (r *Reader) ScanMeta(start, end []byte, fn func(k, v []byte) bool) {
+	rangeBucket(r.meta, start, end, rangeUnsealed(fn, r.corrupt))
+}
+
 // ScanHistory calls fn for each history key in [start, end) (end nil: to
 // the last) in key order until fn returns false. It stops at a corrupt
 // value, and View returns ErrCorrupt.

@@ -137,7 +137,7 @@ connect with TLS.`,
 	pf.StringVar(&a.password, "password", "", "password of --user (instead of NAME:PASSWORD); env KVCTL_PASSWORD")
 
 	root.AddCommand(a.putCmd(), a.withRevision(a.getCmd()), a.delCmd(), a.casCmd(), a.txnCmd(), a.benchCmd(), a.clusterCmd(), a.memberCmd(),
-		a.endpointCmd(), a.userCmd(), a.roleCmd(), a.authCmd(), a.versionCmd(), a.completionCmd(root), a.watchCmd(), a.compactCmd())
+		a.endpointCmd(), a.userCmd(), a.roleCmd(), a.authCmd(), a.versionCmd(), a.completionCmd(root), a.watchCmd(), a.compactCmd(), a.leaseCmd(), a.lockCmd(), a.electCmd())
 	return root
 }
 
@@ -358,7 +358,10 @@ func (a *app) request(f func(ctx context.Context, c *client.Client) error) error
 }
 
 func (a *app) putCmd() *cobra.Command {
-	var prevKV bool
+	var (
+		prevKV bool
+		lease  int64
+	)
 	cmd := &cobra.Command{
 		Use:   "put KEY VALUE",
 		Short: "Set KEY to VALUE",
@@ -373,7 +376,8 @@ and revision of the write (and "prev_kv", null when the key was new);
 table prints the same as columns.`,
 		Example: `  kvctl put greeting hello
   kvctl put --prev-kv greeting hi
-  printf 'multi\nline' | kvctl put note -`,
+  printf 'multi\nline' | kvctl put note -
+  kvctl put --lease "$(kvctl lease grant 10)" service/a 10.0.0.1`,
 		Args: exactArgs(2, "KEY and VALUE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			key, value := []byte(args[0]), []byte(args[1])
@@ -386,9 +390,9 @@ table prints the same as columns.`,
 			}
 			return a.request(func(ctx context.Context, c *client.Client) error {
 				if !prevKV {
-					resp, err := c.Put(ctx, key, value)
+					resp, err := c.Put(ctx, key, value, client.WithLease(client.LeaseID(lease)))
 					if err != nil {
-						return err
+						return leaseErr(err)
 					}
 					return a.printPut(resp, false)
 				}
@@ -396,10 +400,10 @@ table prints the same as columns.`,
 				// a transaction of one put does, with the same
 				// exactly-once guarantee.
 				resp, err := c.Txn(ctx, &kvpb.TxnRequest{Success: []*kvpb.RequestOp{
-					{Op: &kvpb.RequestOp_Put{Put: &kvpb.PutRequest{Key: key, Value: value, PrevKv: true}}},
+					{Op: &kvpb.RequestOp_Put{Put: &kvpb.PutRequest{Key: key, Value: value, PrevKv: true, Lease: lease}}},
 				}})
 				if err != nil {
-					return err
+					return leaseErr(err)
 				}
 				put := &kvpb.PutResponse{Header: resp.GetHeader()}
 				if rs := resp.GetResponses(); len(rs) > 0 {
@@ -410,6 +414,7 @@ table prints the same as columns.`,
 		},
 	}
 	cmd.Flags().BoolVar(&prevKV, "prev-kv", false, "print the key's previous value (and revisions) too")
+	cmd.Flags().Int64Var(&lease, "lease", 0, "attach the key to lease ID (kvctl lease grant): it is deleted with the lease; a lease that does not exist exits 1")
 	return cmd
 }
 

@@ -167,6 +167,12 @@ func (s *State) RangeMeta(prefix []byte, fn func(k, v []byte) bool) {
 	s.meta.scan(p, func(k string) bool { return strings.HasPrefix(k, p) }, fn)
 }
 
+// ScanMeta calls fn for each metadata key in [start, end) in key order
+// until fn returns false.
+func (s *State) ScanMeta(start, end []byte, fn func(k, v []byte) bool) {
+	s.meta.scan(string(start), func(k string) bool { return end == nil || k < string(end) }, fn)
+}
+
 // PutHistory sets key's history value.
 func (s *State) PutHistory(key, value []byte) error {
 	if len(key) == 0 {

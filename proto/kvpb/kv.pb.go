@@ -393,7 +393,9 @@ type KeyValue struct {
 	CreateRevision int64                  `protobuf:"varint,3,opt,name=create_revision,json=createRevision,proto3" json:"create_revision,omitempty"`
 	ModRevision    int64                  `protobuf:"varint,4,opt,name=mod_revision,json=modRevision,proto3" json:"mod_revision,omitempty"`
 	// version counts the puts since the key was (re)created; 1 after create.
-	Version       int64 `protobuf:"varint,5,opt,name=version,proto3" json:"version,omitempty"`
+	Version int64 `protobuf:"varint,5,opt,name=version,proto3" json:"version,omitempty"`
+	// lease is the lease the key is attached to; 0 for none.
+	Lease         int64 `protobuf:"varint,6,opt,name=lease,proto3" json:"lease,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -463,12 +465,23 @@ func (x *KeyValue) GetVersion() int64 {
 	return 0
 }
 
+func (x *KeyValue) GetLease() int64 {
+	if x != nil {
+		return x.Lease
+	}
+	return 0
+}
+
 type PutRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Header        *RequestHeader         `protobuf:"bytes,1,opt,name=header,proto3" json:"header,omitempty"`
-	Key           []byte                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
-	Value         []byte                 `protobuf:"bytes,3,opt,name=value,proto3" json:"value,omitempty"`
-	PrevKv        bool                   `protobuf:"varint,4,opt,name=prev_kv,json=prevKv,proto3" json:"prev_kv,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Header *RequestHeader         `protobuf:"bytes,1,opt,name=header,proto3" json:"header,omitempty"`
+	Key    []byte                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	Value  []byte                 `protobuf:"bytes,3,opt,name=value,proto3" json:"value,omitempty"`
+	PrevKv bool                   `protobuf:"varint,4,opt,name=prev_kv,json=prevKv,proto3" json:"prev_kv,omitempty"`
+	// lease attaches the key to a granted lease (Lease.Grant): the key is
+	// deleted when the lease is revoked or expires. 0 detaches it. A lease
+	// that does not exist (never granted, revoked, expired) is NotFound.
+	Lease         int64 `protobuf:"varint,5,opt,name=lease,proto3" json:"lease,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -529,6 +542,13 @@ func (x *PutRequest) GetPrevKv() bool {
 		return x.PrevKv
 	}
 	return false
+}
+
+func (x *PutRequest) GetLease() int64 {
+	if x != nil {
+		return x.Lease
+	}
+	return 0
 }
 
 type PutResponse struct {
@@ -4425,6 +4445,563 @@ func (x *AuthState) GetRoles() []*AuthRole {
 	return nil
 }
 
+type LeaseGrantRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// ttl_seconds: 1 to the node's maximum (a year by default).
+	TtlSeconds int64 `protobuf:"varint,1,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	// header's session and seq make the grant exactly-once: a retry gets
+	// the lease the first attempt granted, not a second one.
+	Header        *RequestHeader `protobuf:"bytes,2,opt,name=header,proto3" json:"header,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseGrantRequest) Reset() {
+	*x = LeaseGrantRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[63]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseGrantRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseGrantRequest) ProtoMessage() {}
+
+func (x *LeaseGrantRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[63]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseGrantRequest.ProtoReflect.Descriptor instead.
+func (*LeaseGrantRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{63}
+}
+
+func (x *LeaseGrantRequest) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
+func (x *LeaseGrantRequest) GetHeader() *RequestHeader {
+	if x != nil {
+		return x.Header
+	}
+	return nil
+}
+
+type LeaseGrantResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            int64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	TtlSeconds    int64                  `protobuf:"varint,2,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseGrantResponse) Reset() {
+	*x = LeaseGrantResponse{}
+	mi := &file_kvpb_kv_proto_msgTypes[64]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseGrantResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseGrantResponse) ProtoMessage() {}
+
+func (x *LeaseGrantResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[64]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseGrantResponse.ProtoReflect.Descriptor instead.
+func (*LeaseGrantResponse) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{64}
+}
+
+func (x *LeaseGrantResponse) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *LeaseGrantResponse) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
+type LeaseRevokeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            int64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseRevokeRequest) Reset() {
+	*x = LeaseRevokeRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[65]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseRevokeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseRevokeRequest) ProtoMessage() {}
+
+func (x *LeaseRevokeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[65]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseRevokeRequest.ProtoReflect.Descriptor instead.
+func (*LeaseRevokeRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{65}
+}
+
+func (x *LeaseRevokeRequest) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+type LeaseRevokeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// deleted counts the keys the revocation deleted, over all shards.
+	Deleted       int64 `protobuf:"varint,1,opt,name=deleted,proto3" json:"deleted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseRevokeResponse) Reset() {
+	*x = LeaseRevokeResponse{}
+	mi := &file_kvpb_kv_proto_msgTypes[66]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseRevokeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseRevokeResponse) ProtoMessage() {}
+
+func (x *LeaseRevokeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[66]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseRevokeResponse.ProtoReflect.Descriptor instead.
+func (*LeaseRevokeResponse) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{66}
+}
+
+func (x *LeaseRevokeResponse) GetDeleted() int64 {
+	if x != nil {
+		return x.Deleted
+	}
+	return 0
+}
+
+type LeaseKeepAliveRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            int64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseKeepAliveRequest) Reset() {
+	*x = LeaseKeepAliveRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[67]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseKeepAliveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseKeepAliveRequest) ProtoMessage() {}
+
+func (x *LeaseKeepAliveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[67]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseKeepAliveRequest.ProtoReflect.Descriptor instead.
+func (*LeaseKeepAliveRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{67}
+}
+
+func (x *LeaseKeepAliveRequest) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+type LeaseKeepAliveResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    int64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// ttl_seconds is the TTL the lease has after the renewal; 0 when it is
+	// gone (revoked or expired), and no renewal will bring it back.
+	TtlSeconds    int64 `protobuf:"varint,2,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseKeepAliveResponse) Reset() {
+	*x = LeaseKeepAliveResponse{}
+	mi := &file_kvpb_kv_proto_msgTypes[68]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseKeepAliveResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseKeepAliveResponse) ProtoMessage() {}
+
+func (x *LeaseKeepAliveResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[68]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseKeepAliveResponse.ProtoReflect.Descriptor instead.
+func (*LeaseKeepAliveResponse) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{68}
+}
+
+func (x *LeaseKeepAliveResponse) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *LeaseKeepAliveResponse) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
+type LeaseTimeToLiveRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    int64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// keys asks for the keys attached to the lease.
+	Keys          bool `protobuf:"varint,2,opt,name=keys,proto3" json:"keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseTimeToLiveRequest) Reset() {
+	*x = LeaseTimeToLiveRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[69]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseTimeToLiveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseTimeToLiveRequest) ProtoMessage() {}
+
+func (x *LeaseTimeToLiveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[69]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseTimeToLiveRequest.ProtoReflect.Descriptor instead.
+func (*LeaseTimeToLiveRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{69}
+}
+
+func (x *LeaseTimeToLiveRequest) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *LeaseTimeToLiveRequest) GetKeys() bool {
+	if x != nil {
+		return x.Keys
+	}
+	return false
+}
+
+type LeaseTimeToLiveResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    int64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// ttl_seconds is what remains before expiry, granted_ttl_seconds the
+	// TTL the lease was granted with.
+	TtlSeconds        int64    `protobuf:"varint,2,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	GrantedTtlSeconds int64    `protobuf:"varint,3,opt,name=granted_ttl_seconds,json=grantedTtlSeconds,proto3" json:"granted_ttl_seconds,omitempty"`
+	Keys              [][]byte `protobuf:"bytes,4,rep,name=keys,proto3" json:"keys,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *LeaseTimeToLiveResponse) Reset() {
+	*x = LeaseTimeToLiveResponse{}
+	mi := &file_kvpb_kv_proto_msgTypes[70]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseTimeToLiveResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseTimeToLiveResponse) ProtoMessage() {}
+
+func (x *LeaseTimeToLiveResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[70]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseTimeToLiveResponse.ProtoReflect.Descriptor instead.
+func (*LeaseTimeToLiveResponse) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{70}
+}
+
+func (x *LeaseTimeToLiveResponse) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *LeaseTimeToLiveResponse) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
+func (x *LeaseTimeToLiveResponse) GetGrantedTtlSeconds() int64 {
+	if x != nil {
+		return x.GrantedTtlSeconds
+	}
+	return 0
+}
+
+func (x *LeaseTimeToLiveResponse) GetKeys() [][]byte {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
+type LeaseLeasesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseLeasesRequest) Reset() {
+	*x = LeaseLeasesRequest{}
+	mi := &file_kvpb_kv_proto_msgTypes[71]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseLeasesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseLeasesRequest) ProtoMessage() {}
+
+func (x *LeaseLeasesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[71]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseLeasesRequest.ProtoReflect.Descriptor instead.
+func (*LeaseLeasesRequest) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{71}
+}
+
+type LeaseLeasesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Leases        []*LeaseStatus         `protobuf:"bytes,1,rep,name=leases,proto3" json:"leases,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseLeasesResponse) Reset() {
+	*x = LeaseLeasesResponse{}
+	mi := &file_kvpb_kv_proto_msgTypes[72]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseLeasesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseLeasesResponse) ProtoMessage() {}
+
+func (x *LeaseLeasesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[72]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseLeasesResponse.ProtoReflect.Descriptor instead.
+func (*LeaseLeasesResponse) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{72}
+}
+
+func (x *LeaseLeasesResponse) GetLeases() []*LeaseStatus {
+	if x != nil {
+		return x.Leases
+	}
+	return nil
+}
+
+type LeaseStatus struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	Id                int64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	TtlSeconds        int64                  `protobuf:"varint,2,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	GrantedTtlSeconds int64                  `protobuf:"varint,3,opt,name=granted_ttl_seconds,json=grantedTtlSeconds,proto3" json:"granted_ttl_seconds,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *LeaseStatus) Reset() {
+	*x = LeaseStatus{}
+	mi := &file_kvpb_kv_proto_msgTypes[73]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseStatus) ProtoMessage() {}
+
+func (x *LeaseStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_kvpb_kv_proto_msgTypes[73]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseStatus.ProtoReflect.Descriptor instead.
+func (*LeaseStatus) Descriptor() ([]byte, []int) {
+	return file_kvpb_kv_proto_rawDescGZIP(), []int{73}
+}
+
+func (x *LeaseStatus) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *LeaseStatus) GetTtlSeconds() int64 {
+	if x != nil {
+		return x.TtlSeconds
+	}
+	return 0
+}
+
+func (x *LeaseStatus) GetGrantedTtlSeconds() int64 {
+	if x != nil {
+		return x.GrantedTtlSeconds
+	}
+	return 0
+}
+
 var File_kvpb_kv_proto protoreflect.FileDescriptor
 
 const file_kvpb_kv_proto_rawDesc = "" +
@@ -4440,19 +5017,21 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\brevision\x18\x02 \x01(\x03R\brevision\x12\x14\n" +
 	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\x12\x12\n" +
 	"\x04node\x18\x04 \x01(\x04R\x04node\x12\x1b\n" +
-	"\traft_term\x18\x05 \x01(\x04R\braftTerm\"\x98\x01\n" +
+	"\traft_term\x18\x05 \x01(\x04R\braftTerm\"\xae\x01\n" +
 	"\bKeyValue\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\fR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\fR\x05value\x12'\n" +
 	"\x0fcreate_revision\x18\x03 \x01(\x03R\x0ecreateRevision\x12!\n" +
 	"\fmod_revision\x18\x04 \x01(\x03R\vmodRevision\x12\x18\n" +
-	"\aversion\x18\x05 \x01(\x03R\aversion\"\x7f\n" +
+	"\aversion\x18\x05 \x01(\x03R\aversion\x12\x14\n" +
+	"\x05lease\x18\x06 \x01(\x03R\x05lease\"\x95\x01\n" +
 	"\n" +
 	"PutRequest\x120\n" +
 	"\x06header\x18\x01 \x01(\v2\x18.kvd.kv.v1.RequestHeaderR\x06header\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\fR\x03key\x12\x14\n" +
 	"\x05value\x18\x03 \x01(\fR\x05value\x12\x17\n" +
-	"\aprev_kv\x18\x04 \x01(\bR\x06prevKv\"n\n" +
+	"\aprev_kv\x18\x04 \x01(\bR\x06prevKv\x12\x14\n" +
+	"\x05lease\x18\x05 \x01(\x03R\x05lease\"n\n" +
 	"\vPutResponse\x121\n" +
 	"\x06header\x18\x01 \x01(\v2\x19.kvd.kv.v1.ResponseHeaderR\x06header\x12,\n" +
 	"\aprev_kv\x18\x02 \x01(\v2\x13.kvd.kv.v1.KeyValueR\x06prevKv\"\xa6\x01\n" +
@@ -4724,7 +5303,42 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\aenabled\x18\x01 \x01(\bR\aenabled\x12\x16\n" +
 	"\x06secret\x18\x02 \x01(\fR\x06secret\x12)\n" +
 	"\x05users\x18\x03 \x03(\v2\x13.kvd.kv.v1.AuthUserR\x05users\x12)\n" +
-	"\x05roles\x18\x04 \x03(\v2\x13.kvd.kv.v1.AuthRoleR\x05roles*1\n" +
+	"\x05roles\x18\x04 \x03(\v2\x13.kvd.kv.v1.AuthRoleR\x05roles\"f\n" +
+	"\x11LeaseGrantRequest\x12\x1f\n" +
+	"\vttl_seconds\x18\x01 \x01(\x03R\n" +
+	"ttlSeconds\x120\n" +
+	"\x06header\x18\x02 \x01(\v2\x18.kvd.kv.v1.RequestHeaderR\x06header\"E\n" +
+	"\x12LeaseGrantResponse\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x1f\n" +
+	"\vttl_seconds\x18\x02 \x01(\x03R\n" +
+	"ttlSeconds\"$\n" +
+	"\x12LeaseRevokeRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x03R\x02id\"/\n" +
+	"\x13LeaseRevokeResponse\x12\x18\n" +
+	"\adeleted\x18\x01 \x01(\x03R\adeleted\"'\n" +
+	"\x15LeaseKeepAliveRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x03R\x02id\"I\n" +
+	"\x16LeaseKeepAliveResponse\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x1f\n" +
+	"\vttl_seconds\x18\x02 \x01(\x03R\n" +
+	"ttlSeconds\"<\n" +
+	"\x16LeaseTimeToLiveRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x12\n" +
+	"\x04keys\x18\x02 \x01(\bR\x04keys\"\x8e\x01\n" +
+	"\x17LeaseTimeToLiveResponse\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x1f\n" +
+	"\vttl_seconds\x18\x02 \x01(\x03R\n" +
+	"ttlSeconds\x12.\n" +
+	"\x13granted_ttl_seconds\x18\x03 \x01(\x03R\x11grantedTtlSeconds\x12\x12\n" +
+	"\x04keys\x18\x04 \x03(\fR\x04keys\"\x14\n" +
+	"\x12LeaseLeasesRequest\"E\n" +
+	"\x13LeaseLeasesResponse\x12.\n" +
+	"\x06leases\x18\x01 \x03(\v2\x16.kvd.kv.v1.LeaseStatusR\x06leases\"n\n" +
+	"\vLeaseStatus\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x1f\n" +
+	"\vttl_seconds\x18\x02 \x01(\x03R\n" +
+	"ttlSeconds\x12.\n" +
+	"\x13granted_ttl_seconds\x18\x03 \x01(\x03R\x11grantedTtlSeconds*1\n" +
 	"\vConsistency\x12\x10\n" +
 	"\fLINEARIZABLE\x10\x00\x12\x10\n" +
 	"\fSERIALIZABLE\x10\x012\xe1\x02\n" +
@@ -4747,7 +5361,14 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\x04Auth\x12O\n" +
 	"\fAuthenticate\x12\x1e.kvd.kv.v1.AuthenticateRequest\x1a\x1f.kvd.kv.v1.AuthenticateResponse\x12E\n" +
 	"\x06Change\x12\x1c.kvd.kv.v1.AuthChangeRequest\x1a\x1d.kvd.kv.v1.AuthChangeResponse\x12E\n" +
-	"\x06Status\x12\x1c.kvd.kv.v1.AuthStatusRequest\x1a\x1d.kvd.kv.v1.AuthStatusResponseB\x1fZ\x1dgithub.com/kvd/kvd/proto/kvpbb\x06proto3"
+	"\x06Status\x12\x1c.kvd.kv.v1.AuthStatusRequest\x1a\x1d.kvd.kv.v1.AuthStatusResponse2\x8a\x03\n" +
+	"\x05Lease\x12D\n" +
+	"\x05Grant\x12\x1c.kvd.kv.v1.LeaseGrantRequest\x1a\x1d.kvd.kv.v1.LeaseGrantResponse\x12G\n" +
+	"\x06Revoke\x12\x1d.kvd.kv.v1.LeaseRevokeRequest\x1a\x1e.kvd.kv.v1.LeaseRevokeResponse\x12T\n" +
+	"\tKeepAlive\x12 .kvd.kv.v1.LeaseKeepAliveRequest\x1a!.kvd.kv.v1.LeaseKeepAliveResponse(\x010\x01\x12S\n" +
+	"\n" +
+	"TimeToLive\x12!.kvd.kv.v1.LeaseTimeToLiveRequest\x1a\".kvd.kv.v1.LeaseTimeToLiveResponse\x12G\n" +
+	"\x06Leases\x12\x1d.kvd.kv.v1.LeaseLeasesRequest\x1a\x1e.kvd.kv.v1.LeaseLeasesResponseB\x1fZ\x1dgithub.com/kvd/kvd/proto/kvpbb\x06proto3"
 
 var (
 	file_kvpb_kv_proto_rawDescOnce sync.Once
@@ -4762,76 +5383,87 @@ func file_kvpb_kv_proto_rawDescGZIP() []byte {
 }
 
 var file_kvpb_kv_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
-var file_kvpb_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 63)
+var file_kvpb_kv_proto_msgTypes = make([]protoimpl.MessageInfo, 74)
 var file_kvpb_kv_proto_goTypes = []any{
-	(Consistency)(0),             // 0: kvd.kv.v1.Consistency
-	(Compare_Target)(0),          // 1: kvd.kv.v1.Compare.Target
-	(Compare_Result)(0),          // 2: kvd.kv.v1.Compare.Result
-	(Event_EventType)(0),         // 3: kvd.kv.v1.Event.EventType
-	(*RequestHeader)(nil),        // 4: kvd.kv.v1.RequestHeader
-	(*ResponseHeader)(nil),       // 5: kvd.kv.v1.ResponseHeader
-	(*KeyValue)(nil),             // 6: kvd.kv.v1.KeyValue
-	(*PutRequest)(nil),           // 7: kvd.kv.v1.PutRequest
-	(*PutResponse)(nil),          // 8: kvd.kv.v1.PutResponse
-	(*GetRequest)(nil),           // 9: kvd.kv.v1.GetRequest
-	(*GetResponse)(nil),          // 10: kvd.kv.v1.GetResponse
-	(*DeleteRequest)(nil),        // 11: kvd.kv.v1.DeleteRequest
-	(*DeleteResponse)(nil),       // 12: kvd.kv.v1.DeleteResponse
-	(*RangeRequest)(nil),         // 13: kvd.kv.v1.RangeRequest
-	(*RangeResponse)(nil),        // 14: kvd.kv.v1.RangeResponse
-	(*Compare)(nil),              // 15: kvd.kv.v1.Compare
-	(*RequestOp)(nil),            // 16: kvd.kv.v1.RequestOp
-	(*ResponseOp)(nil),           // 17: kvd.kv.v1.ResponseOp
-	(*TxnRequest)(nil),           // 18: kvd.kv.v1.TxnRequest
-	(*TxnResponse)(nil),          // 19: kvd.kv.v1.TxnResponse
-	(*BatchRequest)(nil),         // 20: kvd.kv.v1.BatchRequest
-	(*BatchRequestItem)(nil),     // 21: kvd.kv.v1.BatchRequestItem
-	(*BatchResponse)(nil),        // 22: kvd.kv.v1.BatchResponse
-	(*BatchResponseItem)(nil),    // 23: kvd.kv.v1.BatchResponseItem
-	(*Status)(nil),               // 24: kvd.kv.v1.Status
-	(*Member)(nil),               // 25: kvd.kv.v1.Member
-	(*ShardReplicas)(nil),        // 26: kvd.kv.v1.ShardReplicas
-	(*ClusterMap)(nil),           // 27: kvd.kv.v1.ClusterMap
-	(*MapRequest)(nil),           // 28: kvd.kv.v1.MapRequest
-	(*ShardStatus)(nil),          // 29: kvd.kv.v1.ShardStatus
-	(*StatusRequest)(nil),        // 30: kvd.kv.v1.StatusRequest
-	(*StatusResponse)(nil),       // 31: kvd.kv.v1.StatusResponse
-	(*CorruptionAlarm)(nil),      // 32: kvd.kv.v1.CorruptionAlarm
-	(*MemberListRequest)(nil),    // 33: kvd.kv.v1.MemberListRequest
-	(*MemberListResponse)(nil),   // 34: kvd.kv.v1.MemberListResponse
-	(*MemberAddRequest)(nil),     // 35: kvd.kv.v1.MemberAddRequest
-	(*MemberAddResponse)(nil),    // 36: kvd.kv.v1.MemberAddResponse
-	(*NotLeader)(nil),            // 37: kvd.kv.v1.NotLeader
-	(*StaleEpoch)(nil),           // 38: kvd.kv.v1.StaleEpoch
-	(*Event)(nil),                // 39: kvd.kv.v1.Event
-	(*WatchRequest)(nil),         // 40: kvd.kv.v1.WatchRequest
-	(*WatchCreateRequest)(nil),   // 41: kvd.kv.v1.WatchCreateRequest
-	(*WatchCancelRequest)(nil),   // 42: kvd.kv.v1.WatchCancelRequest
-	(*WatchResponse)(nil),        // 43: kvd.kv.v1.WatchResponse
-	(*CompactRequest)(nil),       // 44: kvd.kv.v1.CompactRequest
-	(*CompactResponse)(nil),      // 45: kvd.kv.v1.CompactResponse
-	(*CompactedShard)(nil),       // 46: kvd.kv.v1.CompactedShard
-	(*AuthenticateRequest)(nil),  // 47: kvd.kv.v1.AuthenticateRequest
-	(*AuthenticateResponse)(nil), // 48: kvd.kv.v1.AuthenticateResponse
-	(*Permission)(nil),           // 49: kvd.kv.v1.Permission
-	(*AuthChangeRequest)(nil),    // 50: kvd.kv.v1.AuthChangeRequest
-	(*AuthEnable)(nil),           // 51: kvd.kv.v1.AuthEnable
-	(*AuthDisable)(nil),          // 52: kvd.kv.v1.AuthDisable
-	(*UserAdd)(nil),              // 53: kvd.kv.v1.UserAdd
-	(*UserDelete)(nil),           // 54: kvd.kv.v1.UserDelete
-	(*UserGrantRole)(nil),        // 55: kvd.kv.v1.UserGrantRole
-	(*RoleAdd)(nil),              // 56: kvd.kv.v1.RoleAdd
-	(*RoleGrantPermission)(nil),  // 57: kvd.kv.v1.RoleGrantPermission
-	(*UserRevokeRole)(nil),       // 58: kvd.kv.v1.UserRevokeRole
-	(*RoleRevokePermission)(nil), // 59: kvd.kv.v1.RoleRevokePermission
-	(*UserChangePassword)(nil),   // 60: kvd.kv.v1.UserChangePassword
-	(*AuthChangeResponse)(nil),   // 61: kvd.kv.v1.AuthChangeResponse
-	(*AuthStatusRequest)(nil),    // 62: kvd.kv.v1.AuthStatusRequest
-	(*AuthStatusResponse)(nil),   // 63: kvd.kv.v1.AuthStatusResponse
-	(*AuthUser)(nil),             // 64: kvd.kv.v1.AuthUser
-	(*AuthRole)(nil),             // 65: kvd.kv.v1.AuthRole
-	(*AuthState)(nil),            // 66: kvd.kv.v1.AuthState
-	(*anypb.Any)(nil),            // 67: google.protobuf.Any
+	(Consistency)(0),                // 0: kvd.kv.v1.Consistency
+	(Compare_Target)(0),             // 1: kvd.kv.v1.Compare.Target
+	(Compare_Result)(0),             // 2: kvd.kv.v1.Compare.Result
+	(Event_EventType)(0),            // 3: kvd.kv.v1.Event.EventType
+	(*RequestHeader)(nil),           // 4: kvd.kv.v1.RequestHeader
+	(*ResponseHeader)(nil),          // 5: kvd.kv.v1.ResponseHeader
+	(*KeyValue)(nil),                // 6: kvd.kv.v1.KeyValue
+	(*PutRequest)(nil),              // 7: kvd.kv.v1.PutRequest
+	(*PutResponse)(nil),             // 8: kvd.kv.v1.PutResponse
+	(*GetRequest)(nil),              // 9: kvd.kv.v1.GetRequest
+	(*GetResponse)(nil),             // 10: kvd.kv.v1.GetResponse
+	(*DeleteRequest)(nil),           // 11: kvd.kv.v1.DeleteRequest
+	(*DeleteResponse)(nil),          // 12: kvd.kv.v1.DeleteResponse
+	(*RangeRequest)(nil),            // 13: kvd.kv.v1.RangeRequest
+	(*RangeResponse)(nil),           // 14: kvd.kv.v1.RangeResponse
+	(*Compare)(nil),                 // 15: kvd.kv.v1.Compare
+	(*RequestOp)(nil),               // 16: kvd.kv.v1.RequestOp
+	(*ResponseOp)(nil),              // 17: kvd.kv.v1.ResponseOp
+	(*TxnRequest)(nil),              // 18: kvd.kv.v1.TxnRequest
+	(*TxnResponse)(nil),             // 19: kvd.kv.v1.TxnResponse
+	(*BatchRequest)(nil),            // 20: kvd.kv.v1.BatchRequest
+	(*BatchRequestItem)(nil),        // 21: kvd.kv.v1.BatchRequestItem
+	(*BatchResponse)(nil),           // 22: kvd.kv.v1.BatchResponse
+	(*BatchResponseItem)(nil),       // 23: kvd.kv.v1.BatchResponseItem
+	(*Status)(nil),                  // 24: kvd.kv.v1.Status
+	(*Member)(nil),                  // 25: kvd.kv.v1.Member
+	(*ShardReplicas)(nil),           // 26: kvd.kv.v1.ShardReplicas
+	(*ClusterMap)(nil),              // 27: kvd.kv.v1.ClusterMap
+	(*MapRequest)(nil),              // 28: kvd.kv.v1.MapRequest
+	(*ShardStatus)(nil),             // 29: kvd.kv.v1.ShardStatus
+	(*StatusRequest)(nil),           // 30: kvd.kv.v1.StatusRequest
+	(*StatusResponse)(nil),          // 31: kvd.kv.v1.StatusResponse
+	(*CorruptionAlarm)(nil),         // 32: kvd.kv.v1.CorruptionAlarm
+	(*MemberListRequest)(nil),       // 33: kvd.kv.v1.MemberListRequest
+	(*MemberListResponse)(nil),      // 34: kvd.kv.v1.MemberListResponse
+	(*MemberAddRequest)(nil),        // 35: kvd.kv.v1.MemberAddRequest
+	(*MemberAddResponse)(nil),       // 36: kvd.kv.v1.MemberAddResponse
+	(*NotLeader)(nil),               // 37: kvd.kv.v1.NotLeader
+	(*StaleEpoch)(nil),              // 38: kvd.kv.v1.StaleEpoch
+	(*Event)(nil),                   // 39: kvd.kv.v1.Event
+	(*WatchRequest)(nil),            // 40: kvd.kv.v1.WatchRequest
+	(*WatchCreateRequest)(nil),      // 41: kvd.kv.v1.WatchCreateRequest
+	(*WatchCancelRequest)(nil),      // 42: kvd.kv.v1.WatchCancelRequest
+	(*WatchResponse)(nil),           // 43: kvd.kv.v1.WatchResponse
+	(*CompactRequest)(nil),          // 44: kvd.kv.v1.CompactRequest
+	(*CompactResponse)(nil),         // 45: kvd.kv.v1.CompactResponse
+	(*CompactedShard)(nil),          // 46: kvd.kv.v1.CompactedShard
+	(*AuthenticateRequest)(nil),     // 47: kvd.kv.v1.AuthenticateRequest
+	(*AuthenticateResponse)(nil),    // 48: kvd.kv.v1.AuthenticateResponse
+	(*Permission)(nil),              // 49: kvd.kv.v1.Permission
+	(*AuthChangeRequest)(nil),       // 50: kvd.kv.v1.AuthChangeRequest
+	(*AuthEnable)(nil),              // 51: kvd.kv.v1.AuthEnable
+	(*AuthDisable)(nil),             // 52: kvd.kv.v1.AuthDisable
+	(*UserAdd)(nil),                 // 53: kvd.kv.v1.UserAdd
+	(*UserDelete)(nil),              // 54: kvd.kv.v1.UserDelete
+	(*UserGrantRole)(nil),           // 55: kvd.kv.v1.UserGrantRole
+	(*RoleAdd)(nil),                 // 56: kvd.kv.v1.RoleAdd
+	(*RoleGrantPermission)(nil),     // 57: kvd.kv.v1.RoleGrantPermission
+	(*UserRevokeRole)(nil),          // 58: kvd.kv.v1.UserRevokeRole
+	(*RoleRevokePermission)(nil),    // 59: kvd.kv.v1.RoleRevokePermission
+	(*UserChangePassword)(nil),      // 60: kvd.kv.v1.UserChangePassword
+	(*AuthChangeResponse)(nil),      // 61: kvd.kv.v1.AuthChangeResponse
+	(*AuthStatusRequest)(nil),       // 62: kvd.kv.v1.AuthStatusRequest
+	(*AuthStatusResponse)(nil),      // 63: kvd.kv.v1.AuthStatusResponse
+	(*AuthUser)(nil),                // 64: kvd.kv.v1.AuthUser
+	(*AuthRole)(nil),                // 65: kvd.kv.v1.AuthRole
+	(*AuthState)(nil),               // 66: kvd.kv.v1.AuthState
+	(*LeaseGrantRequest)(nil),       // 67: kvd.kv.v1.LeaseGrantRequest
+	(*LeaseGrantResponse)(nil),      // 68: kvd.kv.v1.LeaseGrantResponse
+	(*LeaseRevokeRequest)(nil),      // 69: kvd.kv.v1.LeaseRevokeRequest
+	(*LeaseRevokeResponse)(nil),     // 70: kvd.kv.v1.LeaseRevokeResponse
+	(*LeaseKeepAliveRequest)(nil),   // 71: kvd.kv.v1.LeaseKeepAliveRequest
+	(*LeaseKeepAliveResponse)(nil),  // 72: kvd.kv.v1.LeaseKeepAliveResponse
+	(*LeaseTimeToLiveRequest)(nil),  // 73: kvd.kv.v1.LeaseTimeToLiveRequest
+	(*LeaseTimeToLiveResponse)(nil), // 74: kvd.kv.v1.LeaseTimeToLiveResponse
+	(*LeaseLeasesRequest)(nil),      // 75: kvd.kv.v1.LeaseLeasesRequest
+	(*LeaseLeasesResponse)(nil),     // 76: kvd.kv.v1.LeaseLeasesResponse
+	(*LeaseStatus)(nil),             // 77: kvd.kv.v1.LeaseStatus
+	(*anypb.Any)(nil),               // 78: google.protobuf.Any
 }
 var file_kvpb_kv_proto_depIdxs = []int32{
 	4,  // 0: kvd.kv.v1.PutRequest.header:type_name -> kvd.kv.v1.RequestHeader
@@ -4873,7 +5505,7 @@ var file_kvpb_kv_proto_depIdxs = []int32{
 	10, // 36: kvd.kv.v1.BatchResponseItem.get:type_name -> kvd.kv.v1.GetResponse
 	12, // 37: kvd.kv.v1.BatchResponseItem.delete:type_name -> kvd.kv.v1.DeleteResponse
 	19, // 38: kvd.kv.v1.BatchResponseItem.txn:type_name -> kvd.kv.v1.TxnResponse
-	67, // 39: kvd.kv.v1.Status.details:type_name -> google.protobuf.Any
+	78, // 39: kvd.kv.v1.Status.details:type_name -> google.protobuf.Any
 	25, // 40: kvd.kv.v1.ClusterMap.members:type_name -> kvd.kv.v1.Member
 	26, // 41: kvd.kv.v1.ClusterMap.shards:type_name -> kvd.kv.v1.ShardReplicas
 	29, // 42: kvd.kv.v1.StatusResponse.shards:type_name -> kvd.kv.v1.ShardStatus
@@ -4909,41 +5541,53 @@ var file_kvpb_kv_proto_depIdxs = []int32{
 	49, // 72: kvd.kv.v1.AuthRole.perms:type_name -> kvd.kv.v1.Permission
 	64, // 73: kvd.kv.v1.AuthState.users:type_name -> kvd.kv.v1.AuthUser
 	65, // 74: kvd.kv.v1.AuthState.roles:type_name -> kvd.kv.v1.AuthRole
-	7,  // 75: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
-	9,  // 76: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
-	11, // 77: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
-	13, // 78: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
-	18, // 79: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
-	20, // 80: kvd.kv.v1.KV.Batch:input_type -> kvd.kv.v1.BatchRequest
-	28, // 81: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
-	30, // 82: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
-	33, // 83: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
-	35, // 84: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
-	44, // 85: kvd.kv.v1.Cluster.Compact:input_type -> kvd.kv.v1.CompactRequest
-	40, // 86: kvd.kv.v1.Watch.Watch:input_type -> kvd.kv.v1.WatchRequest
-	47, // 87: kvd.kv.v1.Auth.Authenticate:input_type -> kvd.kv.v1.AuthenticateRequest
-	50, // 88: kvd.kv.v1.Auth.Change:input_type -> kvd.kv.v1.AuthChangeRequest
-	62, // 89: kvd.kv.v1.Auth.Status:input_type -> kvd.kv.v1.AuthStatusRequest
-	8,  // 90: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
-	10, // 91: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
-	12, // 92: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
-	14, // 93: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
-	19, // 94: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
-	22, // 95: kvd.kv.v1.KV.Batch:output_type -> kvd.kv.v1.BatchResponse
-	27, // 96: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
-	31, // 97: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
-	34, // 98: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
-	36, // 99: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
-	45, // 100: kvd.kv.v1.Cluster.Compact:output_type -> kvd.kv.v1.CompactResponse
-	43, // 101: kvd.kv.v1.Watch.Watch:output_type -> kvd.kv.v1.WatchResponse
-	48, // 102: kvd.kv.v1.Auth.Authenticate:output_type -> kvd.kv.v1.AuthenticateResponse
-	61, // 103: kvd.kv.v1.Auth.Change:output_type -> kvd.kv.v1.AuthChangeResponse
-	63, // 104: kvd.kv.v1.Auth.Status:output_type -> kvd.kv.v1.AuthStatusResponse
-	90, // [90:105] is the sub-list for method output_type
-	75, // [75:90] is the sub-list for method input_type
-	75, // [75:75] is the sub-list for extension type_name
-	75, // [75:75] is the sub-list for extension extendee
-	0,  // [0:75] is the sub-list for field type_name
+	4,  // 75: kvd.kv.v1.LeaseGrantRequest.header:type_name -> kvd.kv.v1.RequestHeader
+	77, // 76: kvd.kv.v1.LeaseLeasesResponse.leases:type_name -> kvd.kv.v1.LeaseStatus
+	7,  // 77: kvd.kv.v1.KV.Put:input_type -> kvd.kv.v1.PutRequest
+	9,  // 78: kvd.kv.v1.KV.Get:input_type -> kvd.kv.v1.GetRequest
+	11, // 79: kvd.kv.v1.KV.Delete:input_type -> kvd.kv.v1.DeleteRequest
+	13, // 80: kvd.kv.v1.KV.Range:input_type -> kvd.kv.v1.RangeRequest
+	18, // 81: kvd.kv.v1.KV.Txn:input_type -> kvd.kv.v1.TxnRequest
+	20, // 82: kvd.kv.v1.KV.Batch:input_type -> kvd.kv.v1.BatchRequest
+	28, // 83: kvd.kv.v1.Cluster.Map:input_type -> kvd.kv.v1.MapRequest
+	30, // 84: kvd.kv.v1.Cluster.Status:input_type -> kvd.kv.v1.StatusRequest
+	33, // 85: kvd.kv.v1.Cluster.MemberList:input_type -> kvd.kv.v1.MemberListRequest
+	35, // 86: kvd.kv.v1.Cluster.MemberAdd:input_type -> kvd.kv.v1.MemberAddRequest
+	44, // 87: kvd.kv.v1.Cluster.Compact:input_type -> kvd.kv.v1.CompactRequest
+	40, // 88: kvd.kv.v1.Watch.Watch:input_type -> kvd.kv.v1.WatchRequest
+	47, // 89: kvd.kv.v1.Auth.Authenticate:input_type -> kvd.kv.v1.AuthenticateRequest
+	50, // 90: kvd.kv.v1.Auth.Change:input_type -> kvd.kv.v1.AuthChangeRequest
+	62, // 91: kvd.kv.v1.Auth.Status:input_type -> kvd.kv.v1.AuthStatusRequest
+	67, // 92: kvd.kv.v1.Lease.Grant:input_type -> kvd.kv.v1.LeaseGrantRequest
+	69, // 93: kvd.kv.v1.Lease.Revoke:input_type -> kvd.kv.v1.LeaseRevokeRequest
+	71, // 94: kvd.kv.v1.Lease.KeepAlive:input_type -> kvd.kv.v1.LeaseKeepAliveRequest
+	73, // 95: kvd.kv.v1.Lease.TimeToLive:input_type -> kvd.kv.v1.LeaseTimeToLiveRequest
+	75, // 96: kvd.kv.v1.Lease.Leases:input_type -> kvd.kv.v1.LeaseLeasesRequest
+	8,  // 97: kvd.kv.v1.KV.Put:output_type -> kvd.kv.v1.PutResponse
+	10, // 98: kvd.kv.v1.KV.Get:output_type -> kvd.kv.v1.GetResponse
+	12, // 99: kvd.kv.v1.KV.Delete:output_type -> kvd.kv.v1.DeleteResponse
+	14, // 100: kvd.kv.v1.KV.Range:output_type -> kvd.kv.v1.RangeResponse
+	19, // 101: kvd.kv.v1.KV.Txn:output_type -> kvd.kv.v1.TxnResponse
+	22, // 102: kvd.kv.v1.KV.Batch:output_type -> kvd.kv.v1.BatchResponse
+	27, // 103: kvd.kv.v1.Cluster.Map:output_type -> kvd.kv.v1.ClusterMap
+	31, // 104: kvd.kv.v1.Cluster.Status:output_type -> kvd.kv.v1.StatusResponse
+	34, // 105: kvd.kv.v1.Cluster.MemberList:output_type -> kvd.kv.v1.MemberListResponse
+	36, // 106: kvd.kv.v1.Cluster.MemberAdd:output_type -> kvd.kv.v1.MemberAddResponse
+	45, // 107: kvd.kv.v1.Cluster.Compact:output_type -> kvd.kv.v1.CompactResponse
+	43, // 108: kvd.kv.v1.Watch.Watch:output_type -> kvd.kv.v1.WatchResponse
+	48, // 109: kvd.kv.v1.Auth.Authenticate:output_type -> kvd.kv.v1.AuthenticateResponse
+	61, // 110: kvd.kv.v1.Auth.Change:output_type -> kvd.kv.v1.AuthChangeResponse
+	63, // 111: kvd.kv.v1.Auth.Status:output_type -> kvd.kv.v1.AuthStatusResponse
+	68, // 112: kvd.kv.v1.Lease.Grant:output_type -> kvd.kv.v1.LeaseGrantResponse
+	70, // 113: kvd.kv.v1.Lease.Revoke:output_type -> kvd.kv.v1.LeaseRevokeResponse
+	72, // 114: kvd.kv.v1.Lease.KeepAlive:output_type -> kvd.kv.v1.LeaseKeepAliveResponse
+	74, // 115: kvd.kv.v1.Lease.TimeToLive:output_type -> kvd.kv.v1.LeaseTimeToLiveResponse
+	76, // 116: kvd.kv.v1.Lease.Leases:output_type -> kvd.kv.v1.LeaseLeasesResponse
+	97, // [97:117] is the sub-list for method output_type
+	77, // [77:97] is the sub-list for method input_type
+	77, // [77:77] is the sub-list for extension type_name
+	77, // [77:77] is the sub-list for extension extendee
+	0,  // [0:77] is the sub-list for field type_name
 }
 
 func init() { file_kvpb_kv_proto_init() }
@@ -4995,9 +5639,9 @@ func file_kvpb_kv_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvpb_kv_proto_rawDesc), len(file_kvpb_kv_proto_rawDesc)),
 			NumEnums:      4,
-			NumMessages:   63,
+			NumMessages:   74,
 			NumExtensions: 0,
-			NumServices:   4,
+			NumServices:   5,
 		},
 		GoTypes:           file_kvpb_kv_proto_goTypes,
 		DependencyIndexes: file_kvpb_kv_proto_depIdxs,

@@ -47,6 +47,10 @@ const (
 	ResultCode_RESULT_CODE_MEMBER_CONFLICT ResultCode = 10
 	// A stored record does not decode.
 	ResultCode_RESULT_CODE_CORRUPT ResultCode = 11
+	// The lease does not exist (never granted, revoked or expired).
+	ResultCode_RESULT_CODE_LEASE_NOT_FOUND ResultCode = 12
+	// Too many leases, or too many keys on one lease in a shard.
+	ResultCode_RESULT_CODE_LEASE_LIMIT ResultCode = 13
 )
 
 // Enum value maps for ResultCode.
@@ -64,6 +68,8 @@ var (
 		9:  "RESULT_CODE_RESULT_NOT_KEPT",
 		10: "RESULT_CODE_MEMBER_CONFLICT",
 		11: "RESULT_CODE_CORRUPT",
+		12: "RESULT_CODE_LEASE_NOT_FOUND",
+		13: "RESULT_CODE_LEASE_LIMIT",
 	}
 	ResultCode_value = map[string]int32{
 		"RESULT_CODE_UNSPECIFIED":     0,
@@ -78,6 +84,8 @@ var (
 		"RESULT_CODE_RESULT_NOT_KEPT": 9,
 		"RESULT_CODE_MEMBER_CONFLICT": 10,
 		"RESULT_CODE_CORRUPT":         11,
+		"RESULT_CODE_LEASE_NOT_FOUND": 12,
+		"RESULT_CODE_LEASE_LIMIT":     13,
 	}
 )
 
@@ -496,6 +504,102 @@ func (*SnapshotAck) Descriptor() ([]byte, []int) {
 	return file_peerpb_peer_proto_rawDescGZIP(), []int{5}
 }
 
+type LeaseKeysRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Shard         uint64                 `protobuf:"varint,1,opt,name=shard,proto3" json:"shard,omitempty"`
+	Id            int64                  `protobuf:"varint,2,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseKeysRequest) Reset() {
+	*x = LeaseKeysRequest{}
+	mi := &file_peerpb_peer_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseKeysRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseKeysRequest) ProtoMessage() {}
+
+func (x *LeaseKeysRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseKeysRequest.ProtoReflect.Descriptor instead.
+func (*LeaseKeysRequest) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *LeaseKeysRequest) GetShard() uint64 {
+	if x != nil {
+		return x.Shard
+	}
+	return 0
+}
+
+func (x *LeaseKeysRequest) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+type LeaseKeysResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Keys          [][]byte               `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseKeysResponse) Reset() {
+	*x = LeaseKeysResponse{}
+	mi := &file_peerpb_peer_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseKeysResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseKeysResponse) ProtoMessage() {}
+
+func (x *LeaseKeysResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseKeysResponse.ProtoReflect.Descriptor instead.
+func (*LeaseKeysResponse) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *LeaseKeysResponse) GetKeys() [][]byte {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
 type AuthStateRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -504,7 +608,7 @@ type AuthStateRequest struct {
 
 func (x *AuthStateRequest) Reset() {
 	*x = AuthStateRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[6]
+	mi := &file_peerpb_peer_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -516,7 +620,7 @@ func (x *AuthStateRequest) String() string {
 func (*AuthStateRequest) ProtoMessage() {}
 
 func (x *AuthStateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[6]
+	mi := &file_peerpb_peer_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -529,7 +633,7 @@ func (x *AuthStateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthStateRequest.ProtoReflect.Descriptor instead.
 func (*AuthStateRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{6}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{8}
 }
 
 type AuthStateResponse struct {
@@ -541,7 +645,7 @@ type AuthStateResponse struct {
 
 func (x *AuthStateResponse) Reset() {
 	*x = AuthStateResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[7]
+	mi := &file_peerpb_peer_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -553,7 +657,7 @@ func (x *AuthStateResponse) String() string {
 func (*AuthStateResponse) ProtoMessage() {}
 
 func (x *AuthStateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[7]
+	mi := &file_peerpb_peer_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -566,7 +670,7 @@ func (x *AuthStateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthStateResponse.ProtoReflect.Descriptor instead.
 func (*AuthStateResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{7}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *AuthStateResponse) GetState() *kvpb.AuthState {
@@ -586,7 +690,7 @@ type ShardHashRequest struct {
 
 func (x *ShardHashRequest) Reset() {
 	*x = ShardHashRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[8]
+	mi := &file_peerpb_peer_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -598,7 +702,7 @@ func (x *ShardHashRequest) String() string {
 func (*ShardHashRequest) ProtoMessage() {}
 
 func (x *ShardHashRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[8]
+	mi := &file_peerpb_peer_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -611,7 +715,7 @@ func (x *ShardHashRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShardHashRequest.ProtoReflect.Descriptor instead.
 func (*ShardHashRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{8}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ShardHashRequest) GetShard() uint64 {
@@ -640,7 +744,7 @@ type ShardHashResponse struct {
 
 func (x *ShardHashResponse) Reset() {
 	*x = ShardHashResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[9]
+	mi := &file_peerpb_peer_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -652,7 +756,7 @@ func (x *ShardHashResponse) String() string {
 func (*ShardHashResponse) ProtoMessage() {}
 
 func (x *ShardHashResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[9]
+	mi := &file_peerpb_peer_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -665,7 +769,7 @@ func (x *ShardHashResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShardHashResponse.ProtoReflect.Descriptor instead.
 func (*ShardHashResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{9}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ShardHashResponse) GetFound() bool {
@@ -694,7 +798,7 @@ type ReportCorruptionRequest struct {
 
 func (x *ReportCorruptionRequest) Reset() {
 	*x = ReportCorruptionRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[10]
+	mi := &file_peerpb_peer_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -706,7 +810,7 @@ func (x *ReportCorruptionRequest) String() string {
 func (*ReportCorruptionRequest) ProtoMessage() {}
 
 func (x *ReportCorruptionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[10]
+	mi := &file_peerpb_peer_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -719,7 +823,7 @@ func (x *ReportCorruptionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportCorruptionRequest.ProtoReflect.Descriptor instead.
 func (*ReportCorruptionRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{10}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ReportCorruptionRequest) GetShard() uint64 {
@@ -751,7 +855,7 @@ type ReportCorruptionResponse struct {
 
 func (x *ReportCorruptionResponse) Reset() {
 	*x = ReportCorruptionResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[11]
+	mi := &file_peerpb_peer_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -763,7 +867,7 @@ func (x *ReportCorruptionResponse) String() string {
 func (*ReportCorruptionResponse) ProtoMessage() {}
 
 func (x *ReportCorruptionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[11]
+	mi := &file_peerpb_peer_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -776,7 +880,7 @@ func (x *ReportCorruptionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReportCorruptionResponse.ProtoReflect.Descriptor instead.
 func (*ReportCorruptionResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{11}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{13}
 }
 
 type AddReplicaRequest struct {
@@ -789,7 +893,7 @@ type AddReplicaRequest struct {
 
 func (x *AddReplicaRequest) Reset() {
 	*x = AddReplicaRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[12]
+	mi := &file_peerpb_peer_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -801,7 +905,7 @@ func (x *AddReplicaRequest) String() string {
 func (*AddReplicaRequest) ProtoMessage() {}
 
 func (x *AddReplicaRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[12]
+	mi := &file_peerpb_peer_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -814,7 +918,7 @@ func (x *AddReplicaRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddReplicaRequest.ProtoReflect.Descriptor instead.
 func (*AddReplicaRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{12}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *AddReplicaRequest) GetShard() uint64 {
@@ -839,7 +943,7 @@ type AddReplicaResponse struct {
 
 func (x *AddReplicaResponse) Reset() {
 	*x = AddReplicaResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[13]
+	mi := &file_peerpb_peer_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -851,7 +955,7 @@ func (x *AddReplicaResponse) String() string {
 func (*AddReplicaResponse) ProtoMessage() {}
 
 func (x *AddReplicaResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[13]
+	mi := &file_peerpb_peer_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -864,7 +968,7 @@ func (x *AddReplicaResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddReplicaResponse.ProtoReflect.Descriptor instead.
 func (*AddReplicaResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{13}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{15}
 }
 
 type ProposeRequest struct {
@@ -878,7 +982,7 @@ type ProposeRequest struct {
 
 func (x *ProposeRequest) Reset() {
 	*x = ProposeRequest{}
-	mi := &file_peerpb_peer_proto_msgTypes[14]
+	mi := &file_peerpb_peer_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -890,7 +994,7 @@ func (x *ProposeRequest) String() string {
 func (*ProposeRequest) ProtoMessage() {}
 
 func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[14]
+	mi := &file_peerpb_peer_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -903,7 +1007,7 @@ func (x *ProposeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeRequest.ProtoReflect.Descriptor instead.
 func (*ProposeRequest) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{14}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ProposeRequest) GetShard() uint64 {
@@ -930,7 +1034,7 @@ type ProposeResponse struct {
 
 func (x *ProposeResponse) Reset() {
 	*x = ProposeResponse{}
-	mi := &file_peerpb_peer_proto_msgTypes[15]
+	mi := &file_peerpb_peer_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -942,7 +1046,7 @@ func (x *ProposeResponse) String() string {
 func (*ProposeResponse) ProtoMessage() {}
 
 func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[15]
+	mi := &file_peerpb_peer_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -955,7 +1059,7 @@ func (x *ProposeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ProposeResponse.ProtoReflect.Descriptor instead.
 func (*ProposeResponse) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{15}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ProposeResponse) GetResult() []byte {
@@ -987,6 +1091,7 @@ type Command struct {
 	//	*Command_HashCheck
 	//	*Command_CompactHistory
 	//	*Command_Auth
+	//	*Command_Lease
 	Op            isCommand_Op `protobuf_oneof:"op"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -994,7 +1099,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_peerpb_peer_proto_msgTypes[16]
+	mi := &file_peerpb_peer_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1006,7 +1111,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[16]
+	mi := &file_peerpb_peer_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1019,7 +1124,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{16}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *Command) GetSession() uint64 {
@@ -1138,6 +1243,15 @@ func (x *Command) GetAuth() *kvpb.AuthChangeRequest {
 	return nil
 }
 
+func (x *Command) GetLease() *LeaseOp {
+	if x != nil {
+		if x, ok := x.Op.(*Command_Lease); ok {
+			return x.Lease
+		}
+	}
+	return nil
+}
+
 type isCommand_Op interface {
 	isCommand_Op()
 }
@@ -1179,6 +1293,12 @@ type Command_Auth struct {
 	Auth *kvpb.AuthChangeRequest `protobuf:"bytes,13,opt,name=auth,proto3,oneof"`
 }
 
+type Command_Lease struct {
+	// lease changes lease records (meta shard) or deletes a lease's keys
+	// (data shards): fsm/lease.go.
+	Lease *LeaseOp `protobuf:"bytes,14,opt,name=lease,proto3,oneof"`
+}
+
 func (*Command_Put) isCommand_Op() {}
 
 func (*Command_Delete) isCommand_Op() {}
@@ -1197,6 +1317,421 @@ func (*Command_CompactHistory) isCommand_Op() {}
 
 func (*Command_Auth) isCommand_Op() {}
 
+func (*Command_Lease) isCommand_Op() {}
+
+// LeaseOp is one lease command. grant, revoke, checkpoint and forget act
+// on the meta shard's lease records; revoke_keys on a data shard's keys.
+type LeaseOp struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Types that are valid to be assigned to Op:
+	//
+	//	*LeaseOp_Grant
+	//	*LeaseOp_Revoke
+	//	*LeaseOp_Checkpoint
+	//	*LeaseOp_Forget
+	//	*LeaseOp_RevokeKeys
+	Op            isLeaseOp_Op `protobuf_oneof:"op"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseOp) Reset() {
+	*x = LeaseOp{}
+	mi := &file_peerpb_peer_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseOp) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseOp) ProtoMessage() {}
+
+func (x *LeaseOp) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseOp.ProtoReflect.Descriptor instead.
+func (*LeaseOp) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *LeaseOp) GetOp() isLeaseOp_Op {
+	if x != nil {
+		return x.Op
+	}
+	return nil
+}
+
+func (x *LeaseOp) GetGrant() *LeaseGrant {
+	if x != nil {
+		if x, ok := x.Op.(*LeaseOp_Grant); ok {
+			return x.Grant
+		}
+	}
+	return nil
+}
+
+func (x *LeaseOp) GetRevoke() int64 {
+	if x != nil {
+		if x, ok := x.Op.(*LeaseOp_Revoke); ok {
+			return x.Revoke
+		}
+	}
+	return 0
+}
+
+func (x *LeaseOp) GetCheckpoint() *LeaseCheckpoint {
+	if x != nil {
+		if x, ok := x.Op.(*LeaseOp_Checkpoint); ok {
+			return x.Checkpoint
+		}
+	}
+	return nil
+}
+
+func (x *LeaseOp) GetForget() int64 {
+	if x != nil {
+		if x, ok := x.Op.(*LeaseOp_Forget); ok {
+			return x.Forget
+		}
+	}
+	return 0
+}
+
+func (x *LeaseOp) GetRevokeKeys() int64 {
+	if x != nil {
+		if x, ok := x.Op.(*LeaseOp_RevokeKeys); ok {
+			return x.RevokeKeys
+		}
+	}
+	return 0
+}
+
+type isLeaseOp_Op interface {
+	isLeaseOp_Op()
+}
+
+type LeaseOp_Grant struct {
+	// grant allocates the next lease id with a TTL.
+	Grant *LeaseGrant `protobuf:"bytes,1,opt,name=grant,proto3,oneof"`
+}
+
+type LeaseOp_Revoke struct {
+	// revoke marks a lease revoked: it can no longer be renewed, and the
+	// meta shard's leader deletes its keys shard by shard, then forgets it.
+	Revoke int64 `protobuf:"varint,2,opt,name=revoke,proto3,oneof"`
+}
+
+type LeaseOp_Checkpoint struct {
+	// checkpoint records the remaining TTL of leases, so that a new leader
+	// starts from what remained rather than from a full TTL.
+	Checkpoint *LeaseCheckpoint `protobuf:"bytes,3,opt,name=checkpoint,proto3,oneof"`
+}
+
+type LeaseOp_Forget struct {
+	// forget drops a revoked lease's record once every shard deleted its keys.
+	Forget int64 `protobuf:"varint,4,opt,name=forget,proto3,oneof"`
+}
+
+type LeaseOp_RevokeKeys struct {
+	// revoke_keys deletes a data shard's keys attached to the lease, in
+	// this one apply, and leaves a tombstone that refuses later puts with it.
+	RevokeKeys int64 `protobuf:"varint,5,opt,name=revoke_keys,json=revokeKeys,proto3,oneof"`
+}
+
+func (*LeaseOp_Grant) isLeaseOp_Op() {}
+
+func (*LeaseOp_Revoke) isLeaseOp_Op() {}
+
+func (*LeaseOp_Checkpoint) isLeaseOp_Op() {}
+
+func (*LeaseOp_Forget) isLeaseOp_Op() {}
+
+func (*LeaseOp_RevokeKeys) isLeaseOp_Op() {}
+
+type LeaseGrant struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	TtlMs int64                  `protobuf:"varint,1,opt,name=ttl_ms,json=ttlMs,proto3" json:"ttl_ms,omitempty"`
+	// max_leases bounds the live leases (the proposer's limit, carried so
+	// that apply reads no local configuration).
+	MaxLeases     int64 `protobuf:"varint,2,opt,name=max_leases,json=maxLeases,proto3" json:"max_leases,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseGrant) Reset() {
+	*x = LeaseGrant{}
+	mi := &file_peerpb_peer_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseGrant) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseGrant) ProtoMessage() {}
+
+func (x *LeaseGrant) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseGrant.ProtoReflect.Descriptor instead.
+func (*LeaseGrant) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *LeaseGrant) GetTtlMs() int64 {
+	if x != nil {
+		return x.TtlMs
+	}
+	return 0
+}
+
+func (x *LeaseGrant) GetMaxLeases() int64 {
+	if x != nil {
+		return x.MaxLeases
+	}
+	return 0
+}
+
+type LeaseCheckpoint struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Leases        []*LeaseRemaining      `protobuf:"bytes,1,rep,name=leases,proto3" json:"leases,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseCheckpoint) Reset() {
+	*x = LeaseCheckpoint{}
+	mi := &file_peerpb_peer_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseCheckpoint) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseCheckpoint) ProtoMessage() {}
+
+func (x *LeaseCheckpoint) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseCheckpoint.ProtoReflect.Descriptor instead.
+func (*LeaseCheckpoint) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *LeaseCheckpoint) GetLeases() []*LeaseRemaining {
+	if x != nil {
+		return x.Leases
+	}
+	return nil
+}
+
+type LeaseRemaining struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            int64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	RemainingMs   int64                  `protobuf:"varint,2,opt,name=remaining_ms,json=remainingMs,proto3" json:"remaining_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseRemaining) Reset() {
+	*x = LeaseRemaining{}
+	mi := &file_peerpb_peer_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseRemaining) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseRemaining) ProtoMessage() {}
+
+func (x *LeaseRemaining) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseRemaining.ProtoReflect.Descriptor instead.
+func (*LeaseRemaining) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *LeaseRemaining) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *LeaseRemaining) GetRemainingMs() int64 {
+	if x != nil {
+		return x.RemainingMs
+	}
+	return 0
+}
+
+// LeaseRecord is a lease in the meta shard, under "l/" id BE8.
+type LeaseRecord struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    int64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	TtlMs int64                  `protobuf:"varint,2,opt,name=ttl_ms,json=ttlMs,proto3" json:"ttl_ms,omitempty"`
+	// remaining_ms is the TTL left at the last checkpoint (ttl_ms at grant).
+	RemainingMs   int64 `protobuf:"varint,3,opt,name=remaining_ms,json=remainingMs,proto3" json:"remaining_ms,omitempty"`
+	Revoked       bool  `protobuf:"varint,4,opt,name=revoked,proto3" json:"revoked,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseRecord) Reset() {
+	*x = LeaseRecord{}
+	mi := &file_peerpb_peer_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseRecord) ProtoMessage() {}
+
+func (x *LeaseRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseRecord.ProtoReflect.Descriptor instead.
+func (*LeaseRecord) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *LeaseRecord) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *LeaseRecord) GetTtlMs() int64 {
+	if x != nil {
+		return x.TtlMs
+	}
+	return 0
+}
+
+func (x *LeaseRecord) GetRemainingMs() int64 {
+	if x != nil {
+		return x.RemainingMs
+	}
+	return 0
+}
+
+func (x *LeaseRecord) GetRevoked() bool {
+	if x != nil {
+		return x.Revoked
+	}
+	return false
+}
+
+// LeaseResult: the granted id, or the keys a revoke_keys deleted.
+type LeaseResult struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            int64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Deleted       int64                  `protobuf:"varint,2,opt,name=deleted,proto3" json:"deleted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LeaseResult) Reset() {
+	*x = LeaseResult{}
+	mi := &file_peerpb_peer_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LeaseResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LeaseResult) ProtoMessage() {}
+
+func (x *LeaseResult) ProtoReflect() protoreflect.Message {
+	mi := &file_peerpb_peer_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LeaseResult.ProtoReflect.Descriptor instead.
+func (*LeaseResult) Descriptor() ([]byte, []int) {
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *LeaseResult) GetId() int64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *LeaseResult) GetDeleted() int64 {
+	if x != nil {
+		return x.Deleted
+	}
+	return 0
+}
+
 // CompactHistory drops the shard's history events below a revision, at
 // most max_events of them, so one apply stays short: the leader proposes
 // it again until the history starts at below (fsm/history.go).
@@ -1210,7 +1745,7 @@ type CompactHistory struct {
 
 func (x *CompactHistory) Reset() {
 	*x = CompactHistory{}
-	mi := &file_peerpb_peer_proto_msgTypes[17]
+	mi := &file_peerpb_peer_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1222,7 +1757,7 @@ func (x *CompactHistory) String() string {
 func (*CompactHistory) ProtoMessage() {}
 
 func (x *CompactHistory) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[17]
+	mi := &file_peerpb_peer_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1235,7 +1770,7 @@ func (x *CompactHistory) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompactHistory.ProtoReflect.Descriptor instead.
 func (*CompactHistory) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{17}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CompactHistory) GetBelow() int64 {
@@ -1264,7 +1799,7 @@ type CompactHistoryResult struct {
 
 func (x *CompactHistoryResult) Reset() {
 	*x = CompactHistoryResult{}
-	mi := &file_peerpb_peer_proto_msgTypes[18]
+	mi := &file_peerpb_peer_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1276,7 +1811,7 @@ func (x *CompactHistoryResult) String() string {
 func (*CompactHistoryResult) ProtoMessage() {}
 
 func (x *CompactHistoryResult) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[18]
+	mi := &file_peerpb_peer_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1289,7 +1824,7 @@ func (x *CompactHistoryResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompactHistoryResult.ProtoReflect.Descriptor instead.
 func (*CompactHistoryResult) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{18}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *CompactHistoryResult) GetOldest() int64 {
@@ -1329,7 +1864,7 @@ type HistoryEvent struct {
 
 func (x *HistoryEvent) Reset() {
 	*x = HistoryEvent{}
-	mi := &file_peerpb_peer_proto_msgTypes[19]
+	mi := &file_peerpb_peer_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1341,7 +1876,7 @@ func (x *HistoryEvent) String() string {
 func (*HistoryEvent) ProtoMessage() {}
 
 func (x *HistoryEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[19]
+	mi := &file_peerpb_peer_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1354,7 +1889,7 @@ func (x *HistoryEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HistoryEvent.ProtoReflect.Descriptor instead.
 func (*HistoryEvent) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{19}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *HistoryEvent) GetDelete() bool {
@@ -1421,7 +1956,7 @@ type UpdateMember struct {
 
 func (x *UpdateMember) Reset() {
 	*x = UpdateMember{}
-	mi := &file_peerpb_peer_proto_msgTypes[20]
+	mi := &file_peerpb_peer_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1433,7 +1968,7 @@ func (x *UpdateMember) String() string {
 func (*UpdateMember) ProtoMessage() {}
 
 func (x *UpdateMember) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[20]
+	mi := &file_peerpb_peer_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1446,7 +1981,7 @@ func (x *UpdateMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UpdateMember.ProtoReflect.Descriptor instead.
 func (*UpdateMember) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{20}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *UpdateMember) GetMember() *kvpb.Member {
@@ -1473,7 +2008,7 @@ type HashCheck struct {
 
 func (x *HashCheck) Reset() {
 	*x = HashCheck{}
-	mi := &file_peerpb_peer_proto_msgTypes[21]
+	mi := &file_peerpb_peer_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1485,7 +2020,7 @@ func (x *HashCheck) String() string {
 func (*HashCheck) ProtoMessage() {}
 
 func (x *HashCheck) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[21]
+	mi := &file_peerpb_peer_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1498,7 +2033,7 @@ func (x *HashCheck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HashCheck.ProtoReflect.Descriptor instead.
 func (*HashCheck) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{21}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{29}
 }
 
 // HashCheckResult is HashCheck's result on the replica that answers.
@@ -1512,7 +2047,7 @@ type HashCheckResult struct {
 
 func (x *HashCheckResult) Reset() {
 	*x = HashCheckResult{}
-	mi := &file_peerpb_peer_proto_msgTypes[22]
+	mi := &file_peerpb_peer_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1524,7 +2059,7 @@ func (x *HashCheckResult) String() string {
 func (*HashCheckResult) ProtoMessage() {}
 
 func (x *HashCheckResult) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[22]
+	mi := &file_peerpb_peer_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1537,7 +2072,7 @@ func (x *HashCheckResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HashCheckResult.ProtoReflect.Descriptor instead.
 func (*HashCheckResult) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{22}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *HashCheckResult) GetIndex() uint64 {
@@ -1568,7 +2103,7 @@ type ExpireSessions struct {
 
 func (x *ExpireSessions) Reset() {
 	*x = ExpireSessions{}
-	mi := &file_peerpb_peer_proto_msgTypes[23]
+	mi := &file_peerpb_peer_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1580,7 +2115,7 @@ func (x *ExpireSessions) String() string {
 func (*ExpireSessions) ProtoMessage() {}
 
 func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[23]
+	mi := &file_peerpb_peer_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1593,7 +2128,7 @@ func (x *ExpireSessions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireSessions.ProtoReflect.Descriptor instead.
 func (*ExpireSessions) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{23}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ExpireSessions) GetNowUnixMs() int64 {
@@ -1621,7 +2156,7 @@ type SetClusterMap struct {
 
 func (x *SetClusterMap) Reset() {
 	*x = SetClusterMap{}
-	mi := &file_peerpb_peer_proto_msgTypes[24]
+	mi := &file_peerpb_peer_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1633,7 +2168,7 @@ func (x *SetClusterMap) String() string {
 func (*SetClusterMap) ProtoMessage() {}
 
 func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[24]
+	mi := &file_peerpb_peer_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1646,7 +2181,7 @@ func (x *SetClusterMap) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetClusterMap.ProtoReflect.Descriptor instead.
 func (*SetClusterMap) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{24}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *SetClusterMap) GetMap() *kvpb.ClusterMap {
@@ -1667,6 +2202,7 @@ type Result struct {
 	//	*Result_Txn
 	//	*Result_HashCheck
 	//	*Result_CompactHistory
+	//	*Result_Lease
 	Op isResult_Op `protobuf_oneof:"op"`
 	// error is a deterministic rejection found at apply time, for people.
 	Error string `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
@@ -1687,7 +2223,7 @@ type Result struct {
 
 func (x *Result) Reset() {
 	*x = Result{}
-	mi := &file_peerpb_peer_proto_msgTypes[25]
+	mi := &file_peerpb_peer_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1699,7 +2235,7 @@ func (x *Result) String() string {
 func (*Result) ProtoMessage() {}
 
 func (x *Result) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[25]
+	mi := &file_peerpb_peer_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1712,7 +2248,7 @@ func (x *Result) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Result.ProtoReflect.Descriptor instead.
 func (*Result) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{25}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *Result) GetOp() isResult_Op {
@@ -1767,6 +2303,15 @@ func (x *Result) GetCompactHistory() *CompactHistoryResult {
 	return nil
 }
 
+func (x *Result) GetLease() *LeaseResult {
+	if x != nil {
+		if x, ok := x.Op.(*Result_Lease); ok {
+			return x.Lease
+		}
+	}
+	return nil
+}
+
 func (x *Result) GetError() string {
 	if x != nil {
 		return x.Error
@@ -1812,6 +2357,10 @@ type Result_CompactHistory struct {
 	CompactHistory *CompactHistoryResult `protobuf:"bytes,8,opt,name=compact_history,json=compactHistory,proto3,oneof"`
 }
 
+type Result_Lease struct {
+	Lease *LeaseResult `protobuf:"bytes,9,opt,name=lease,proto3,oneof"`
+}
+
 func (*Result_Put) isResult_Op() {}
 
 func (*Result_Delete) isResult_Op() {}
@@ -1822,6 +2371,8 @@ func (*Result_HashCheck) isResult_Op() {}
 
 func (*Result_CompactHistory) isResult_Op() {}
 
+func (*Result_Lease) isResult_Op() {}
+
 // StoredValue is a key's record in a shard's key-value bucket.
 type StoredValue struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
@@ -1829,13 +2380,17 @@ type StoredValue struct {
 	CreateRevision int64                  `protobuf:"varint,2,opt,name=create_revision,json=createRevision,proto3" json:"create_revision,omitempty"`
 	ModRevision    int64                  `protobuf:"varint,3,opt,name=mod_revision,json=modRevision,proto3" json:"mod_revision,omitempty"`
 	Version        int64                  `protobuf:"varint,4,opt,name=version,proto3" json:"version,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// lease is the lease the key is attached to (0: none). The put that
+	// replaces the record reads it anyway, so it finds the key's old lease
+	// without another read.
+	Lease         int64 `protobuf:"varint,5,opt,name=lease,proto3" json:"lease,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StoredValue) Reset() {
 	*x = StoredValue{}
-	mi := &file_peerpb_peer_proto_msgTypes[26]
+	mi := &file_peerpb_peer_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1847,7 +2402,7 @@ func (x *StoredValue) String() string {
 func (*StoredValue) ProtoMessage() {}
 
 func (x *StoredValue) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[26]
+	mi := &file_peerpb_peer_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1860,7 +2415,7 @@ func (x *StoredValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoredValue.ProtoReflect.Descriptor instead.
 func (*StoredValue) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{26}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *StoredValue) GetValue() []byte {
@@ -1891,6 +2446,13 @@ func (x *StoredValue) GetVersion() int64 {
 	return 0
 }
 
+func (x *StoredValue) GetLease() int64 {
+	if x != nil {
+		return x.Lease
+	}
+	return 0
+}
+
 // SessionState is what a shard remembers of a client session; the result of
 // each write with seq >= ack_below is stored beside it under its seq.
 type SessionState struct {
@@ -1904,7 +2466,7 @@ type SessionState struct {
 
 func (x *SessionState) Reset() {
 	*x = SessionState{}
-	mi := &file_peerpb_peer_proto_msgTypes[27]
+	mi := &file_peerpb_peer_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1916,7 +2478,7 @@ func (x *SessionState) String() string {
 func (*SessionState) ProtoMessage() {}
 
 func (x *SessionState) ProtoReflect() protoreflect.Message {
-	mi := &file_peerpb_peer_proto_msgTypes[27]
+	mi := &file_peerpb_peer_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1929,7 +2491,7 @@ func (x *SessionState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SessionState.ProtoReflect.Descriptor instead.
 func (*SessionState) Descriptor() ([]byte, []int) {
-	return file_peerpb_peer_proto_rawDescGZIP(), []int{27}
+	return file_peerpb_peer_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *SessionState) GetAckBelow() uint64 {
@@ -1975,7 +2537,12 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x06bucket\x18\x01 \x01(\fR\x06bucket\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\fR\x03key\x12\x14\n" +
 	"\x05value\x18\x03 \x01(\fR\x05value\"\r\n" +
-	"\vSnapshotAck\"\x12\n" +
+	"\vSnapshotAck\"8\n" +
+	"\x10LeaseKeysRequest\x12\x14\n" +
+	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\x03R\x02id\"'\n" +
+	"\x11LeaseKeysResponse\x12\x12\n" +
+	"\x04keys\x18\x01 \x03(\fR\x04keys\"\x12\n" +
 	"\x10AuthStateRequest\"?\n" +
 	"\x11AuthStateResponse\x12*\n" +
 	"\x05state\x18\x01 \x01(\v2\x14.kvd.kv.v1.AuthStateR\x05state\">\n" +
@@ -1998,7 +2565,7 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x18\n" +
 	"\acommand\x18\x02 \x01(\fR\acommand\")\n" +
 	"\x0fProposeResponse\x12\x16\n" +
-	"\x06result\x18\x01 \x01(\fR\x06result\"\x89\x05\n" +
+	"\x06result\x18\x01 \x01(\fR\x06result\"\xb7\x05\n" +
 	"\aCommand\x12\x18\n" +
 	"\asession\x18\x01 \x01(\x04R\asession\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x1b\n" +
@@ -2015,8 +2582,37 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\n" +
 	"hash_check\x18\v \x01(\v2\x16.kvd.peer.v1.HashCheckH\x00R\thashCheck\x12F\n" +
 	"\x0fcompact_history\x18\f \x01(\v2\x1b.kvd.peer.v1.CompactHistoryH\x00R\x0ecompactHistory\x122\n" +
-	"\x04auth\x18\r \x01(\v2\x1c.kvd.kv.v1.AuthChangeRequestH\x00R\x04authB\x04\n" +
-	"\x02op\"E\n" +
+	"\x04auth\x18\r \x01(\v2\x1c.kvd.kv.v1.AuthChangeRequestH\x00R\x04auth\x12,\n" +
+	"\x05lease\x18\x0e \x01(\v2\x14.kvd.peer.v1.LeaseOpH\x00R\x05leaseB\x04\n" +
+	"\x02op\"\xd7\x01\n" +
+	"\aLeaseOp\x12/\n" +
+	"\x05grant\x18\x01 \x01(\v2\x17.kvd.peer.v1.LeaseGrantH\x00R\x05grant\x12\x18\n" +
+	"\x06revoke\x18\x02 \x01(\x03H\x00R\x06revoke\x12>\n" +
+	"\n" +
+	"checkpoint\x18\x03 \x01(\v2\x1c.kvd.peer.v1.LeaseCheckpointH\x00R\n" +
+	"checkpoint\x12\x18\n" +
+	"\x06forget\x18\x04 \x01(\x03H\x00R\x06forget\x12!\n" +
+	"\vrevoke_keys\x18\x05 \x01(\x03H\x00R\n" +
+	"revokeKeysB\x04\n" +
+	"\x02op\"B\n" +
+	"\n" +
+	"LeaseGrant\x12\x15\n" +
+	"\x06ttl_ms\x18\x01 \x01(\x03R\x05ttlMs\x12\x1d\n" +
+	"\n" +
+	"max_leases\x18\x02 \x01(\x03R\tmaxLeases\"F\n" +
+	"\x0fLeaseCheckpoint\x123\n" +
+	"\x06leases\x18\x01 \x03(\v2\x1b.kvd.peer.v1.LeaseRemainingR\x06leases\"C\n" +
+	"\x0eLeaseRemaining\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x03R\x02id\x12!\n" +
+	"\fremaining_ms\x18\x02 \x01(\x03R\vremainingMs\"q\n" +
+	"\vLeaseRecord\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x15\n" +
+	"\x06ttl_ms\x18\x02 \x01(\x03R\x05ttlMs\x12!\n" +
+	"\fremaining_ms\x18\x03 \x01(\x03R\vremainingMs\x12\x18\n" +
+	"\arevoked\x18\x04 \x01(\bR\arevoked\"7\n" +
+	"\vLeaseResult\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x18\n" +
+	"\adeleted\x18\x02 \x01(\x03R\adeleted\"E\n" +
 	"\x0eCompactHistory\x12\x14\n" +
 	"\x05below\x18\x01 \x01(\x03R\x05below\x12\x1d\n" +
 	"\n" +
@@ -2045,26 +2641,28 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\vnow_unix_ms\x18\x01 \x01(\x03R\tnowUnixMs\x12\x17\n" +
 	"\aidle_ms\x18\x02 \x01(\x03R\x06idleMs\"8\n" +
 	"\rSetClusterMap\x12'\n" +
-	"\x03map\x18\x01 \x01(\v2\x15.kvd.kv.v1.ClusterMapR\x03map\"\x8d\x03\n" +
+	"\x03map\x18\x01 \x01(\v2\x15.kvd.kv.v1.ClusterMapR\x03map\"\xbf\x03\n" +
 	"\x06Result\x12*\n" +
 	"\x03put\x18\x01 \x01(\v2\x16.kvd.kv.v1.PutResponseH\x00R\x03put\x123\n" +
 	"\x06delete\x18\x02 \x01(\v2\x19.kvd.kv.v1.DeleteResponseH\x00R\x06delete\x12*\n" +
 	"\x03txn\x18\x03 \x01(\v2\x16.kvd.kv.v1.TxnResponseH\x00R\x03txn\x12=\n" +
 	"\n" +
 	"hash_check\x18\a \x01(\v2\x1c.kvd.peer.v1.HashCheckResultH\x00R\thashCheck\x12L\n" +
-	"\x0fcompact_history\x18\b \x01(\v2!.kvd.peer.v1.CompactHistoryResultH\x00R\x0ecompactHistory\x12\x14\n" +
+	"\x0fcompact_history\x18\b \x01(\v2!.kvd.peer.v1.CompactHistoryResultH\x00R\x0ecompactHistory\x120\n" +
+	"\x05lease\x18\t \x01(\v2\x18.kvd.peer.v1.LeaseResultH\x00R\x05lease\x12\x14\n" +
 	"\x05error\x18\x04 \x01(\tR\x05error\x12+\n" +
 	"\x04code\x18\x05 \x01(\x0e2\x17.kvd.peer.v1.ResultCodeR\x04code\x12 \n" +
 	"\vfingerprint\x18\x06 \x01(\fR\vfingerprintB\x04\n" +
-	"\x02op\"\x89\x01\n" +
+	"\x02op\"\x9f\x01\n" +
 	"\vStoredValue\x12\x14\n" +
 	"\x05value\x18\x01 \x01(\fR\x05value\x12'\n" +
 	"\x0fcreate_revision\x18\x02 \x01(\x03R\x0ecreateRevision\x12!\n" +
 	"\fmod_revision\x18\x03 \x01(\x03R\vmodRevision\x12\x18\n" +
-	"\aversion\x18\x04 \x01(\x03R\aversion\"V\n" +
+	"\aversion\x18\x04 \x01(\x03R\aversion\x12\x14\n" +
+	"\x05lease\x18\x05 \x01(\x03R\x05lease\"V\n" +
 	"\fSessionState\x12\x1b\n" +
 	"\tack_below\x18\x01 \x01(\x04R\backBelow\x12)\n" +
-	"\x11last_seen_unix_ms\x18\x02 \x01(\x03R\x0elastSeenUnixMs*\xde\x02\n" +
+	"\x11last_seen_unix_ms\x18\x02 \x01(\x03R\x0elastSeenUnixMs*\x9c\x03\n" +
 	"\n" +
 	"ResultCode\x12\x1b\n" +
 	"\x17RESULT_CODE_UNSPECIFIED\x10\x00\x12\x19\n" +
@@ -2079,17 +2677,22 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\x1bRESULT_CODE_RESULT_NOT_KEPT\x10\t\x12\x1f\n" +
 	"\x1bRESULT_CODE_MEMBER_CONFLICT\x10\n" +
 	"\x12\x17\n" +
-	"\x13RESULT_CODE_CORRUPT\x10\v2\x80\x01\n" +
+	"\x13RESULT_CODE_CORRUPT\x10\v\x12\x1f\n" +
+	"\x1bRESULT_CODE_LEASE_NOT_FOUND\x10\f\x12\x1b\n" +
+	"\x17RESULT_CODE_LEASE_LIMIT\x10\r2\x80\x01\n" +
 	"\x04Raft\x124\n" +
 	"\x06Stream\x12\x12.kvd.peer.v1.Batch\x1a\x12.kvd.peer.v1.Batch(\x010\x01\x12B\n" +
-	"\bSnapshot\x12\x1a.kvd.peer.v1.SnapshotChunk\x1a\x18.kvd.peer.v1.SnapshotAck(\x012\x98\x03\n" +
+	"\bSnapshot\x12\x1a.kvd.peer.v1.SnapshotChunk\x1a\x18.kvd.peer.v1.SnapshotAck(\x012\xb7\x04\n" +
 	"\bInternal\x12D\n" +
 	"\aPropose\x12\x1b.kvd.peer.v1.ProposeRequest\x1a\x1c.kvd.peer.v1.ProposeResponse\x12M\n" +
 	"\n" +
 	"AddReplica\x12\x1e.kvd.peer.v1.AddReplicaRequest\x1a\x1f.kvd.peer.v1.AddReplicaResponse\x12J\n" +
 	"\tShardHash\x12\x1d.kvd.peer.v1.ShardHashRequest\x1a\x1e.kvd.peer.v1.ShardHashResponse\x12_\n" +
 	"\x10ReportCorruption\x12$.kvd.peer.v1.ReportCorruptionRequest\x1a%.kvd.peer.v1.ReportCorruptionResponse\x12J\n" +
-	"\tAuthState\x12\x1d.kvd.peer.v1.AuthStateRequest\x1a\x1e.kvd.peer.v1.AuthStateResponseB!Z\x1fgithub.com/kvd/kvd/proto/peerpbb\x06proto3"
+	"\tAuthState\x12\x1d.kvd.peer.v1.AuthStateRequest\x1a\x1e.kvd.peer.v1.AuthStateResponse\x12Q\n" +
+	"\n" +
+	"LeaseRenew\x12 .kvd.kv.v1.LeaseKeepAliveRequest\x1a!.kvd.kv.v1.LeaseKeepAliveResponse\x12J\n" +
+	"\tLeaseKeys\x12\x1d.kvd.peer.v1.LeaseKeysRequest\x1a\x1e.kvd.peer.v1.LeaseKeysResponseB!Z\x1fgithub.com/kvd/kvd/proto/peerpbb\x06proto3"
 
 var (
 	file_peerpb_peer_proto_rawDescOnce sync.Once
@@ -2104,90 +2707,109 @@ func file_peerpb_peer_proto_rawDescGZIP() []byte {
 }
 
 var file_peerpb_peer_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_peerpb_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_peerpb_peer_proto_goTypes = []any{
-	(ResultCode)(0),                  // 0: kvd.peer.v1.ResultCode
-	(*Batch)(nil),                    // 1: kvd.peer.v1.Batch
-	(*ShardMessage)(nil),             // 2: kvd.peer.v1.ShardMessage
-	(*LeaderCheck)(nil),              // 3: kvd.peer.v1.LeaderCheck
-	(*SnapshotChunk)(nil),            // 4: kvd.peer.v1.SnapshotChunk
-	(*SnapshotPair)(nil),             // 5: kvd.peer.v1.SnapshotPair
-	(*SnapshotAck)(nil),              // 6: kvd.peer.v1.SnapshotAck
-	(*AuthStateRequest)(nil),         // 7: kvd.peer.v1.AuthStateRequest
-	(*AuthStateResponse)(nil),        // 8: kvd.peer.v1.AuthStateResponse
-	(*ShardHashRequest)(nil),         // 9: kvd.peer.v1.ShardHashRequest
-	(*ShardHashResponse)(nil),        // 10: kvd.peer.v1.ShardHashResponse
-	(*ReportCorruptionRequest)(nil),  // 11: kvd.peer.v1.ReportCorruptionRequest
-	(*ReportCorruptionResponse)(nil), // 12: kvd.peer.v1.ReportCorruptionResponse
-	(*AddReplicaRequest)(nil),        // 13: kvd.peer.v1.AddReplicaRequest
-	(*AddReplicaResponse)(nil),       // 14: kvd.peer.v1.AddReplicaResponse
-	(*ProposeRequest)(nil),           // 15: kvd.peer.v1.ProposeRequest
-	(*ProposeResponse)(nil),          // 16: kvd.peer.v1.ProposeResponse
-	(*Command)(nil),                  // 17: kvd.peer.v1.Command
-	(*CompactHistory)(nil),           // 18: kvd.peer.v1.CompactHistory
-	(*CompactHistoryResult)(nil),     // 19: kvd.peer.v1.CompactHistoryResult
-	(*HistoryEvent)(nil),             // 20: kvd.peer.v1.HistoryEvent
-	(*UpdateMember)(nil),             // 21: kvd.peer.v1.UpdateMember
-	(*HashCheck)(nil),                // 22: kvd.peer.v1.HashCheck
-	(*HashCheckResult)(nil),          // 23: kvd.peer.v1.HashCheckResult
-	(*ExpireSessions)(nil),           // 24: kvd.peer.v1.ExpireSessions
-	(*SetClusterMap)(nil),            // 25: kvd.peer.v1.SetClusterMap
-	(*Result)(nil),                   // 26: kvd.peer.v1.Result
-	(*StoredValue)(nil),              // 27: kvd.peer.v1.StoredValue
-	(*SessionState)(nil),             // 28: kvd.peer.v1.SessionState
-	(*kvpb.AuthState)(nil),           // 29: kvd.kv.v1.AuthState
-	(*kvpb.PutRequest)(nil),          // 30: kvd.kv.v1.PutRequest
-	(*kvpb.DeleteRequest)(nil),       // 31: kvd.kv.v1.DeleteRequest
-	(*kvpb.TxnRequest)(nil),          // 32: kvd.kv.v1.TxnRequest
-	(*kvpb.AuthChangeRequest)(nil),   // 33: kvd.kv.v1.AuthChangeRequest
-	(*kvpb.Member)(nil),              // 34: kvd.kv.v1.Member
-	(*kvpb.ClusterMap)(nil),          // 35: kvd.kv.v1.ClusterMap
-	(*kvpb.PutResponse)(nil),         // 36: kvd.kv.v1.PutResponse
-	(*kvpb.DeleteResponse)(nil),      // 37: kvd.kv.v1.DeleteResponse
-	(*kvpb.TxnResponse)(nil),         // 38: kvd.kv.v1.TxnResponse
+	(ResultCode)(0),                     // 0: kvd.peer.v1.ResultCode
+	(*Batch)(nil),                       // 1: kvd.peer.v1.Batch
+	(*ShardMessage)(nil),                // 2: kvd.peer.v1.ShardMessage
+	(*LeaderCheck)(nil),                 // 3: kvd.peer.v1.LeaderCheck
+	(*SnapshotChunk)(nil),               // 4: kvd.peer.v1.SnapshotChunk
+	(*SnapshotPair)(nil),                // 5: kvd.peer.v1.SnapshotPair
+	(*SnapshotAck)(nil),                 // 6: kvd.peer.v1.SnapshotAck
+	(*LeaseKeysRequest)(nil),            // 7: kvd.peer.v1.LeaseKeysRequest
+	(*LeaseKeysResponse)(nil),           // 8: kvd.peer.v1.LeaseKeysResponse
+	(*AuthStateRequest)(nil),            // 9: kvd.peer.v1.AuthStateRequest
+	(*AuthStateResponse)(nil),           // 10: kvd.peer.v1.AuthStateResponse
+	(*ShardHashRequest)(nil),            // 11: kvd.peer.v1.ShardHashRequest
+	(*ShardHashResponse)(nil),           // 12: kvd.peer.v1.ShardHashResponse
+	(*ReportCorruptionRequest)(nil),     // 13: kvd.peer.v1.ReportCorruptionRequest
+	(*ReportCorruptionResponse)(nil),    // 14: kvd.peer.v1.ReportCorruptionResponse
+	(*AddReplicaRequest)(nil),           // 15: kvd.peer.v1.AddReplicaRequest
+	(*AddReplicaResponse)(nil),          // 16: kvd.peer.v1.AddReplicaResponse
+	(*ProposeRequest)(nil),              // 17: kvd.peer.v1.ProposeRequest
+	(*ProposeResponse)(nil),             // 18: kvd.peer.v1.ProposeResponse
+	(*Command)(nil),                     // 19: kvd.peer.v1.Command
+	(*LeaseOp)(nil),                     // 20: kvd.peer.v1.LeaseOp
+	(*LeaseGrant)(nil),                  // 21: kvd.peer.v1.LeaseGrant
+	(*LeaseCheckpoint)(nil),             // 22: kvd.peer.v1.LeaseCheckpoint
+	(*LeaseRemaining)(nil),              // 23: kvd.peer.v1.LeaseRemaining
+	(*LeaseRecord)(nil),                 // 24: kvd.peer.v1.LeaseRecord
+	(*LeaseResult)(nil),                 // 25: kvd.peer.v1.LeaseResult
+	(*CompactHistory)(nil),              // 26: kvd.peer.v1.CompactHistory
+	(*CompactHistoryResult)(nil),        // 27: kvd.peer.v1.CompactHistoryResult
+	(*HistoryEvent)(nil),                // 28: kvd.peer.v1.HistoryEvent
+	(*UpdateMember)(nil),                // 29: kvd.peer.v1.UpdateMember
+	(*HashCheck)(nil),                   // 30: kvd.peer.v1.HashCheck
+	(*HashCheckResult)(nil),             // 31: kvd.peer.v1.HashCheckResult
+	(*ExpireSessions)(nil),              // 32: kvd.peer.v1.ExpireSessions
+	(*SetClusterMap)(nil),               // 33: kvd.peer.v1.SetClusterMap
+	(*Result)(nil),                      // 34: kvd.peer.v1.Result
+	(*StoredValue)(nil),                 // 35: kvd.peer.v1.StoredValue
+	(*SessionState)(nil),                // 36: kvd.peer.v1.SessionState
+	(*kvpb.AuthState)(nil),              // 37: kvd.kv.v1.AuthState
+	(*kvpb.PutRequest)(nil),             // 38: kvd.kv.v1.PutRequest
+	(*kvpb.DeleteRequest)(nil),          // 39: kvd.kv.v1.DeleteRequest
+	(*kvpb.TxnRequest)(nil),             // 40: kvd.kv.v1.TxnRequest
+	(*kvpb.AuthChangeRequest)(nil),      // 41: kvd.kv.v1.AuthChangeRequest
+	(*kvpb.Member)(nil),                 // 42: kvd.kv.v1.Member
+	(*kvpb.ClusterMap)(nil),             // 43: kvd.kv.v1.ClusterMap
+	(*kvpb.PutResponse)(nil),            // 44: kvd.kv.v1.PutResponse
+	(*kvpb.DeleteResponse)(nil),         // 45: kvd.kv.v1.DeleteResponse
+	(*kvpb.TxnResponse)(nil),            // 46: kvd.kv.v1.TxnResponse
+	(*kvpb.LeaseKeepAliveRequest)(nil),  // 47: kvd.kv.v1.LeaseKeepAliveRequest
+	(*kvpb.LeaseKeepAliveResponse)(nil), // 48: kvd.kv.v1.LeaseKeepAliveResponse
 }
 var file_peerpb_peer_proto_depIdxs = []int32{
 	2,  // 0: kvd.peer.v1.Batch.msgs:type_name -> kvd.peer.v1.ShardMessage
 	3,  // 1: kvd.peer.v1.Batch.checks:type_name -> kvd.peer.v1.LeaderCheck
 	5,  // 2: kvd.peer.v1.SnapshotChunk.pairs:type_name -> kvd.peer.v1.SnapshotPair
-	29, // 3: kvd.peer.v1.AuthStateResponse.state:type_name -> kvd.kv.v1.AuthState
-	30, // 4: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
-	31, // 5: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
-	32, // 6: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
-	24, // 7: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
-	25, // 8: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
-	21, // 9: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
-	22, // 10: kvd.peer.v1.Command.hash_check:type_name -> kvd.peer.v1.HashCheck
-	18, // 11: kvd.peer.v1.Command.compact_history:type_name -> kvd.peer.v1.CompactHistory
-	33, // 12: kvd.peer.v1.Command.auth:type_name -> kvd.kv.v1.AuthChangeRequest
-	27, // 13: kvd.peer.v1.HistoryEvent.prev:type_name -> kvd.peer.v1.StoredValue
-	34, // 14: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
-	35, // 15: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
-	36, // 16: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
-	37, // 17: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
-	38, // 18: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
-	23, // 19: kvd.peer.v1.Result.hash_check:type_name -> kvd.peer.v1.HashCheckResult
-	19, // 20: kvd.peer.v1.Result.compact_history:type_name -> kvd.peer.v1.CompactHistoryResult
-	0,  // 21: kvd.peer.v1.Result.code:type_name -> kvd.peer.v1.ResultCode
-	1,  // 22: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
-	4,  // 23: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
-	15, // 24: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
-	13, // 25: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
-	9,  // 26: kvd.peer.v1.Internal.ShardHash:input_type -> kvd.peer.v1.ShardHashRequest
-	11, // 27: kvd.peer.v1.Internal.ReportCorruption:input_type -> kvd.peer.v1.ReportCorruptionRequest
-	7,  // 28: kvd.peer.v1.Internal.AuthState:input_type -> kvd.peer.v1.AuthStateRequest
-	1,  // 29: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
-	6,  // 30: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
-	16, // 31: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
-	14, // 32: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
-	10, // 33: kvd.peer.v1.Internal.ShardHash:output_type -> kvd.peer.v1.ShardHashResponse
-	12, // 34: kvd.peer.v1.Internal.ReportCorruption:output_type -> kvd.peer.v1.ReportCorruptionResponse
-	8,  // 35: kvd.peer.v1.Internal.AuthState:output_type -> kvd.peer.v1.AuthStateResponse
-	29, // [29:36] is the sub-list for method output_type
-	22, // [22:29] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	37, // 3: kvd.peer.v1.AuthStateResponse.state:type_name -> kvd.kv.v1.AuthState
+	38, // 4: kvd.peer.v1.Command.put:type_name -> kvd.kv.v1.PutRequest
+	39, // 5: kvd.peer.v1.Command.delete:type_name -> kvd.kv.v1.DeleteRequest
+	40, // 6: kvd.peer.v1.Command.txn:type_name -> kvd.kv.v1.TxnRequest
+	32, // 7: kvd.peer.v1.Command.expire_sessions:type_name -> kvd.peer.v1.ExpireSessions
+	33, // 8: kvd.peer.v1.Command.set_cluster_map:type_name -> kvd.peer.v1.SetClusterMap
+	29, // 9: kvd.peer.v1.Command.update_member:type_name -> kvd.peer.v1.UpdateMember
+	30, // 10: kvd.peer.v1.Command.hash_check:type_name -> kvd.peer.v1.HashCheck
+	26, // 11: kvd.peer.v1.Command.compact_history:type_name -> kvd.peer.v1.CompactHistory
+	41, // 12: kvd.peer.v1.Command.auth:type_name -> kvd.kv.v1.AuthChangeRequest
+	20, // 13: kvd.peer.v1.Command.lease:type_name -> kvd.peer.v1.LeaseOp
+	21, // 14: kvd.peer.v1.LeaseOp.grant:type_name -> kvd.peer.v1.LeaseGrant
+	22, // 15: kvd.peer.v1.LeaseOp.checkpoint:type_name -> kvd.peer.v1.LeaseCheckpoint
+	23, // 16: kvd.peer.v1.LeaseCheckpoint.leases:type_name -> kvd.peer.v1.LeaseRemaining
+	35, // 17: kvd.peer.v1.HistoryEvent.prev:type_name -> kvd.peer.v1.StoredValue
+	42, // 18: kvd.peer.v1.UpdateMember.member:type_name -> kvd.kv.v1.Member
+	43, // 19: kvd.peer.v1.SetClusterMap.map:type_name -> kvd.kv.v1.ClusterMap
+	44, // 20: kvd.peer.v1.Result.put:type_name -> kvd.kv.v1.PutResponse
+	45, // 21: kvd.peer.v1.Result.delete:type_name -> kvd.kv.v1.DeleteResponse
+	46, // 22: kvd.peer.v1.Result.txn:type_name -> kvd.kv.v1.TxnResponse
+	31, // 23: kvd.peer.v1.Result.hash_check:type_name -> kvd.peer.v1.HashCheckResult
+	27, // 24: kvd.peer.v1.Result.compact_history:type_name -> kvd.peer.v1.CompactHistoryResult
+	25, // 25: kvd.peer.v1.Result.lease:type_name -> kvd.peer.v1.LeaseResult
+	0,  // 26: kvd.peer.v1.Result.code:type_name -> kvd.peer.v1.ResultCode
+	1,  // 27: kvd.peer.v1.Raft.Stream:input_type -> kvd.peer.v1.Batch
+	4,  // 28: kvd.peer.v1.Raft.Snapshot:input_type -> kvd.peer.v1.SnapshotChunk
+	17, // 29: kvd.peer.v1.Internal.Propose:input_type -> kvd.peer.v1.ProposeRequest
+	15, // 30: kvd.peer.v1.Internal.AddReplica:input_type -> kvd.peer.v1.AddReplicaRequest
+	11, // 31: kvd.peer.v1.Internal.ShardHash:input_type -> kvd.peer.v1.ShardHashRequest
+	13, // 32: kvd.peer.v1.Internal.ReportCorruption:input_type -> kvd.peer.v1.ReportCorruptionRequest
+	9,  // 33: kvd.peer.v1.Internal.AuthState:input_type -> kvd.peer.v1.AuthStateRequest
+	47, // 34: kvd.peer.v1.Internal.LeaseRenew:input_type -> kvd.kv.v1.LeaseKeepAliveRequest
+	7,  // 35: kvd.peer.v1.Internal.LeaseKeys:input_type -> kvd.peer.v1.LeaseKeysRequest
+	1,  // 36: kvd.peer.v1.Raft.Stream:output_type -> kvd.peer.v1.Batch
+	6,  // 37: kvd.peer.v1.Raft.Snapshot:output_type -> kvd.peer.v1.SnapshotAck
+	18, // 38: kvd.peer.v1.Internal.Propose:output_type -> kvd.peer.v1.ProposeResponse
+	16, // 39: kvd.peer.v1.Internal.AddReplica:output_type -> kvd.peer.v1.AddReplicaResponse
+	12, // 40: kvd.peer.v1.Internal.ShardHash:output_type -> kvd.peer.v1.ShardHashResponse
+	14, // 41: kvd.peer.v1.Internal.ReportCorruption:output_type -> kvd.peer.v1.ReportCorruptionResponse
+	10, // 42: kvd.peer.v1.Internal.AuthState:output_type -> kvd.peer.v1.AuthStateResponse
+	48, // 43: kvd.peer.v1.Internal.LeaseRenew:output_type -> kvd.kv.v1.LeaseKeepAliveResponse
+	8,  // 44: kvd.peer.v1.Internal.LeaseKeys:output_type -> kvd.peer.v1.LeaseKeysResponse
+	36, // [36:45] is the sub-list for method output_type
+	27, // [27:36] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_peerpb_peer_proto_init() }
@@ -2195,7 +2817,7 @@ func file_peerpb_peer_proto_init() {
 	if File_peerpb_peer_proto != nil {
 		return
 	}
-	file_peerpb_peer_proto_msgTypes[16].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[18].OneofWrappers = []any{
 		(*Command_Put)(nil),
 		(*Command_Delete)(nil),
 		(*Command_Txn)(nil),
@@ -2205,13 +2827,22 @@ func file_peerpb_peer_proto_init() {
 		(*Command_HashCheck)(nil),
 		(*Command_CompactHistory)(nil),
 		(*Command_Auth)(nil),
+		(*Command_Lease)(nil),
 	}
-	file_peerpb_peer_proto_msgTypes[25].OneofWrappers = []any{
+	file_peerpb_peer_proto_msgTypes[19].OneofWrappers = []any{
+		(*LeaseOp_Grant)(nil),
+		(*LeaseOp_Revoke)(nil),
+		(*LeaseOp_Checkpoint)(nil),
+		(*LeaseOp_Forget)(nil),
+		(*LeaseOp_RevokeKeys)(nil),
+	}
+	file_peerpb_peer_proto_msgTypes[33].OneofWrappers = []any{
 		(*Result_Put)(nil),
 		(*Result_Delete)(nil),
 		(*Result_Txn)(nil),
 		(*Result_HashCheck)(nil),
 		(*Result_CompactHistory)(nil),
+		(*Result_Lease)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2219,7 +2850,7 @@ func file_peerpb_peer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_peerpb_peer_proto_rawDesc), len(file_peerpb_peer_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   28,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

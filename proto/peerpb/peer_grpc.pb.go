@@ -11,6 +11,7 @@ package peerpb
 
 import (
 	context "context"
+	kvpb "github.com/kvd/kvd/proto/kvpb"
 	grpc "google.golang.org/grpc"
 	codes "google.golang.org/grpc/codes"
 	status "google.golang.org/grpc/status"
@@ -162,6 +163,8 @@ const (
 	Internal_ShardHash_FullMethodName        = "/kvd.peer.v1.Internal/ShardHash"
 	Internal_ReportCorruption_FullMethodName = "/kvd.peer.v1.Internal/ReportCorruption"
 	Internal_AuthState_FullMethodName        = "/kvd.peer.v1.Internal/AuthState"
+	Internal_LeaseRenew_FullMethodName       = "/kvd.peer.v1.Internal/LeaseRenew"
+	Internal_LeaseKeys_FullMethodName        = "/kvd.peer.v1.Internal/LeaseKeys"
 )
 
 // InternalClient is the client API for Internal service.
@@ -190,6 +193,12 @@ type InternalClient interface {
 	// AuthState returns the meta shard's auth state, for a node that hosts
 	// no replica of it.
 	AuthState(ctx context.Context, in *AuthStateRequest, opts ...grpc.CallOption) (*AuthStateResponse, error)
+	// LeaseRenew renews a lease on the meta shard's leader, for a node that
+	// serves a client's KeepAlive stream and does not lead it.
+	LeaseRenew(ctx context.Context, in *kvpb.LeaseKeepAliveRequest, opts ...grpc.CallOption) (*kvpb.LeaseKeepAliveResponse, error)
+	// LeaseKeys lists the keys attached to a lease in a shard this node
+	// leads (a linearizable read).
+	LeaseKeys(ctx context.Context, in *LeaseKeysRequest, opts ...grpc.CallOption) (*LeaseKeysResponse, error)
 }
 
 type internalClient struct {
@@ -250,6 +259,26 @@ func (c *internalClient) AuthState(ctx context.Context, in *AuthStateRequest, op
 	return out, nil
 }
 
+func (c *internalClient) LeaseRenew(ctx context.Context, in *kvpb.LeaseKeepAliveRequest, opts ...grpc.CallOption) (*kvpb.LeaseKeepAliveResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(kvpb.LeaseKeepAliveResponse)
+	err := c.cc.Invoke(ctx, Internal_LeaseRenew_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *internalClient) LeaseKeys(ctx context.Context, in *LeaseKeysRequest, opts ...grpc.CallOption) (*LeaseKeysResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LeaseKeysResponse)
+	err := c.cc.Invoke(ctx, Internal_LeaseKeys_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // InternalServer is the server API for Internal service.
 // All implementations must embed UnimplementedInternalServer
 // for forward compatibility.
@@ -276,6 +305,12 @@ type InternalServer interface {
 	// AuthState returns the meta shard's auth state, for a node that hosts
 	// no replica of it.
 	AuthState(context.Context, *AuthStateRequest) (*AuthStateResponse, error)
+	// LeaseRenew renews a lease on the meta shard's leader, for a node that
+	// serves a client's KeepAlive stream and does not lead it.
+	LeaseRenew(context.Context, *kvpb.LeaseKeepAliveRequest) (*kvpb.LeaseKeepAliveResponse, error)
+	// LeaseKeys lists the keys attached to a lease in a shard this node
+	// leads (a linearizable read).
+	LeaseKeys(context.Context, *LeaseKeysRequest) (*LeaseKeysResponse, error)
 	mustEmbedUnimplementedInternalServer()
 }
 
@@ -300,6 +335,12 @@ func (UnimplementedInternalServer) ReportCorruption(context.Context, *ReportCorr
 }
 func (UnimplementedInternalServer) AuthState(context.Context, *AuthStateRequest) (*AuthStateResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method AuthState not implemented")
+}
+func (UnimplementedInternalServer) LeaseRenew(context.Context, *kvpb.LeaseKeepAliveRequest) (*kvpb.LeaseKeepAliveResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method LeaseRenew not implemented")
+}
+func (UnimplementedInternalServer) LeaseKeys(context.Context, *LeaseKeysRequest) (*LeaseKeysResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method LeaseKeys not implemented")
 }
 func (UnimplementedInternalServer) mustEmbedUnimplementedInternalServer() {}
 func (UnimplementedInternalServer) testEmbeddedByValue()                  {}
@@ -412,6 +453,42 @@ func _Internal_AuthState_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Internal_LeaseRenew_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(kvpb.LeaseKeepAliveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(InternalServer).LeaseRenew(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Internal_LeaseRenew_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(InternalServer).LeaseRenew(ctx, req.(*kvpb.LeaseKeepAliveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Internal_LeaseKeys_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LeaseKeysRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(InternalServer).LeaseKeys(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Internal_LeaseKeys_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(InternalServer).LeaseKeys(ctx, req.(*LeaseKeysRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Internal_ServiceDesc is the grpc.ServiceDesc for Internal service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -438,6 +515,14 @@ var Internal_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "AuthState",
 			Handler:    _Internal_AuthState_Handler,
+		},
+		{
+			MethodName: "LeaseRenew",
+			Handler:    _Internal_LeaseRenew_Handler,
+		},
+		{
+			MethodName: "LeaseKeys",
+			Handler:    _Internal_LeaseKeys_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
