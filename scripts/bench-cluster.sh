@@ -29,7 +29,11 @@ start_nodes() {
   mkdir -p "$WORK"
   # pprof for profiling the nodes under load, from builds that have the
   # flag (make ab compares with older ones, which serve it always).
-  if "$BIN/kvd" --help 2>&1 | grep -q -- --enable-pprof; then pprof=(--enable-pprof); fi
+  # (The help is read whole first: grep -q would stop reading at the
+  # match, and under pipefail kvd's SIGPIPE would fail the test.)
+  local help
+  help=$("$BIN/kvd" --help 2>&1 || true)
+  if [[ $help == *--enable-pprof* ]]; then pprof=(--enable-pprof); fi
   for id in 1 2 3; do
     base=$P$((1 + id))
     for port in "${base}379" "${base}380" "${base}381"; do
