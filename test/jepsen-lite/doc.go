@@ -7,7 +7,9 @@
 // durability of every acknowledged write across a final kill -9 and
 // restart of every node, exactly-once increments of counters, and that
 // watchers (on keys and on a prefix of every shard) received every
-// applied change once, in order, and nothing else.
+// applied change once, in order, and nothing else; and that writes fenced
+// by a client/concurrency Mutex never come from a holder that lost the
+// lock, and an abandoned lock passes on within its lease's TTL.
 //
 // Partitions cut real traffic through TCP proxies the harness owns, one in
 // front of every node's client port and one in front of every node's peer

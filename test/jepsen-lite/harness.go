@@ -33,6 +33,7 @@ type Config struct {
 	TLS bool
 
 	RegisterWorkers, CounterWorkers, Counters int
+	LockWorkers                               int // lock.go; <0: none
 	KeySlots, OpsPerKey                       int
 	OpTimeout                                 time.Duration // per operation, client retries included
 	Pace                                      time.Duration // max think time between a worker's ops
@@ -65,6 +66,7 @@ func (c *Config) setDefaults() {
 	def(&c.RegisterWorkers, 6)
 	def(&c.CounterWorkers, 2)
 	def(&c.Counters, 3)
+	def(&c.LockWorkers, 3)
 	def(&c.KeySlots, 5)
 	def(&c.OpsPerKey, 150)
 	defd(&c.OpTimeout, 1500*time.Millisecond)
@@ -87,6 +89,8 @@ type Result struct {
 	Lost                                  int
 	Keys, KeysUnchecked                   int
 	WatchEvents                           int
+	Locks, FencedWrites                   int
+	TakeoverMax                           time.Duration
 	HistoryPath                           string
 }
 
@@ -287,7 +291,7 @@ func Run(t *testing.T, cfg Config) Result {
 		t.Fatal(err)
 	}
 	h.event("watchers ready")
-	for i := range cfg.RegisterWorkers + cfg.CounterWorkers {
+	for i := range cfg.RegisterWorkers + cfg.CounterWorkers + max(cfg.LockWorkers, 0) {
 		cl, err := e.newClient(ctx)
 		if err != nil {
 			t.Fatal(err)
@@ -295,10 +299,13 @@ func Run(t *testing.T, cfg Config) Result {
 		r := newRecorder(h, cl, cfg.OpTimeout, &procs)
 		rng := rand.New(rand.NewPCG(cfg.Seed, uint64(i)+1))
 		wg.Add(1)
-		if i < cfg.RegisterWorkers {
+		switch {
+		case i < cfg.RegisterWorkers:
 			go func() { defer wg.Done(); registerWorker(r, i, rng, ks, stop, cfg.Pace) }()
-		} else {
+		case i < cfg.RegisterWorkers+cfg.CounterWorkers:
 			go func() { defer wg.Done(); counterWorker(r, rng, cfg.Counters, stop, cfg.Pace) }()
+		default:
+			go func() { defer wg.Done(); lockWorker(r, i, rng, stop, cfg.Pace) }()
 		}
 	}
 
@@ -311,6 +318,7 @@ func Run(t *testing.T, cfg Config) Result {
 		paused: map[uint64]bool{},
 	}
 	nem.run(time.Now().Add(cfg.Duration))
+	stopAt := h.now()
 	stopWorkers()
 
 	// Final heal, then kill -9 and restart every node: what survives is
@@ -344,20 +352,37 @@ func Run(t *testing.T, cfg Config) Result {
 		}
 	}
 
+	if cfg.LockWorkers > 0 {
+		for fr.lockRead().Status != statusOK {
+			if time.Now().After(deadline) {
+				t.Errorf("final read of %s: no success within 60s of the restart", lockRegister)
+				break
+			}
+		}
+	}
+
 	if err := endWatchers(cl, watchers, finalKeys, time.Now().Add(60*time.Second)); err != nil {
 		t.Errorf("seed %d: %v", cfg.Seed, err)
 	}
 	stopWatchers()
 
 	// Checks.
-	ops, events := h.snapshot()
+	all, events := h.snapshot()
+	// The register, counter and watch checks see their own ops; the lock
+	// workload's go to checkLocks.
+	var ops []Op
+	for _, op := range all {
+		if !op.Lock {
+			ops = append(ops, op)
+		}
+	}
 	res := Result{Seed: cfg.Seed, Faults: nem.injected}
 	res.HistoryPath = filepath.Join(dir, fmt.Sprintf("history-%d.jsonl", cfg.Seed))
-	if err := writeHistory(res.HistoryPath, ops, events); err != nil {
+	if err := writeHistory(res.HistoryPath, all, events); err != nil {
 		t.Errorf("write history: %v", err)
 	}
 	var kinds = map[string]map[string]int{}
-	for _, op := range ops {
+	for _, op := range all {
 		if op.Final {
 			continue
 		}
@@ -371,8 +396,8 @@ func Run(t *testing.T, cfg Config) Result {
 		kinds[op.Kind][op.Status]++
 	}
 	logf("history: %s: %d ops (%d final reads), %d nemesis events, %d faults injected; unidentified peer connections: %d",
-		res.HistoryPath, res.Ops, len(ops)-res.Ops, len(events), res.Faults, e.net.unknownSources.Load())
-	for _, k := range []string{kindGet, kindPut, kindDel, kindCas} {
+		res.HistoryPath, res.Ops, len(all)-res.Ops, len(events), res.Faults, e.net.unknownSources.Load())
+	for _, k := range []string{kindGet, kindPut, kindDel, kindCas, kindLock, kindFenced, kindUnlock, kindAbandon} {
 		logf("  %-3s ok=%d fail=%d info=%d", k, kinds[k][statusOK], kinds[k][statusFail], kinds[k][statusInfo])
 	}
 
@@ -421,12 +446,22 @@ func Run(t *testing.T, cfg Config) Result {
 		t.Errorf("seed %d: watch: %s", cfg.Seed, ex)
 	}
 
-	res.Anomalies = lin.illegal + ctr.above + wr.anomalies()
+	lk := checkLocks(all, events, lockTakeoverBound, stopAt)
+	res.Locks, res.FencedWrites, res.TakeoverMax = lk.locks, lk.fenced, lk.takeoverMax
+	logf("locks: %d acquired, %d fenced writes committed, %d refused (lock lost), %d indeterminate; %d abandoned, %d taken over (max %v), %d of them with no fault in the way (max %v; bound %v after the abandon or the last fault's end)",
+		lk.locks, lk.fenced, lk.fencedRefused, lk.fencedInfo, lk.abandons, lk.takeovers, lk.takeoverMax.Round(time.Millisecond),
+		lk.quiet, lk.quietMax.Round(time.Millisecond), lockTakeoverBound)
+	for _, ex := range lk.examples {
+		t.Errorf("seed %d: lock: %s", cfg.Seed, ex)
+	}
+
+	res.Anomalies = lin.illegal + ctr.above + wr.anomalies() + lk.anomalies
 	res.Lost = dur.lost + ctr.below
 	if t.Failed() {
 		saveLogs(t, e, dir)
 	}
-	logf("seed %d: ops=%d faults=%d indeterminate=%d anomalies=%d lost=%d watch-events=%d", cfg.Seed, res.Ops, res.Faults, res.Indeterminate, res.Anomalies, res.Lost, res.WatchEvents)
+	logf("seed %d: ops=%d faults=%d indeterminate=%d anomalies=%d lost=%d watch-events=%d locks=%d fenced-writes=%d takeover-max=%.1fs",
+		cfg.Seed, res.Ops, res.Faults, res.Indeterminate, res.Anomalies, res.Lost, res.WatchEvents, res.Locks, res.FencedWrites, res.TakeoverMax.Seconds())
 	return res
 }
 
@@ -444,8 +479,12 @@ func saveLogs(t testing.TB, e *env, dir string) {
 
 // summary is the line `make jepsen` and the short test end with.
 func summary(rs []Result) string {
-	var ops, faults, info, anom, lost, wev int
+	var ops, faults, info, anom, lost, wev, locks, fenced int
+	var takeover time.Duration
 	for _, r := range rs {
+		locks += r.Locks
+		fenced += r.FencedWrites
+		takeover = max(takeover, r.TakeoverMax)
 		wev += r.WatchEvents
 		ops += r.Ops
 		faults += r.Faults
@@ -453,6 +492,6 @@ func summary(rs []Result) string {
 		anom += r.Anomalies
 		lost += r.Lost
 	}
-	return fmt.Sprintf("jepsen-lite: histories=%d ops=%d faults=%d indeterminate=%d anomalies=%d lost=%d watch-events=%d",
-		len(rs), ops, faults, info, anom, lost, wev)
+	return fmt.Sprintf("jepsen-lite: histories=%d ops=%d faults=%d indeterminate=%d anomalies=%d lost=%d watch-events=%d locks=%d fenced-writes=%d takeover-max=%.1fs",
+		len(rs), ops, faults, info, anom, lost, wev, locks, fenced, takeover.Seconds())
 }

@@ -51,6 +51,12 @@ type Op struct {
 	Counter bool `json:"counter,omitempty"`
 	// Final marks the reads made after the final heal and restart.
 	Final bool `json:"final,omitempty"`
+	// Lock marks an operation of the lock workload (lock.go), checked by
+	// checkLocks only; Holder names its worker, Token is the lock's
+	// fencing token (a lock's answer, a fenced write's compare).
+	Lock   bool   `json:"lock,omitempty"`
+	Holder string `json:"holder,omitempty"`
+	Token  int64  `json:"token,omitempty"`
 }
 
 // Event is a nemesis action.

@@ -200,6 +200,9 @@ func (n *nemesis) heal() {
 	n.h.event("%s", msg)
 	n.logf("nemesis: %s", msg)
 	n.c.WaitReady(60 * time.Second)
+	// Where a fault's effect ends: the lock check's takeover deadlines
+	// count from here.
+	n.h.event("ready")
 }
 
 func validateFaults(fs []string) error {
