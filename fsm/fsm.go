@@ -231,7 +231,7 @@ func put(tx State, r *kvpb.PutRequest, ch *changes) (*kvpb.PutResponse, error) {
 	// Leases (lease.go): nothing to do, and nothing read, unless the put
 	// or the key's record has one.
 	if l := r.GetLease(); l != 0 && l != prev.GetLease() {
-		if err := checkLease(tx, l, 0); err != nil {
+		if err := checkLease(tx, l, 0, ch.time); err != nil {
 			return nil, err
 		}
 	}
@@ -308,7 +308,7 @@ func txn(tx State, r *kvpb.TxnRequest, now int64) (*kvpb.TxnResponse, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := checkTxnLeases(tx, ops); err != nil {
+	if err := checkTxnLeases(tx, ops, now); err != nil {
 		return nil, err
 	}
 	if size > MaxTxnReadBytes {

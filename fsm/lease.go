@@ -24,7 +24,9 @@ import (
 //
 //	"lk/" id | key → "" (the index lease → keys)
 //	"ln/" id       → how many keys of the shard the lease holds
-//	"lt/" id       → "" (a tombstone: the lease was revoked)
+//	"lt/" id       → revoke time (a tombstone: the lease was revoked)
+//	"la/" time | id → "" (the tombstones by age, for trimming)
+//	"lease/trimmed" → puts with a lease proposed before this time are refused
 //
 // A key's own record (peerpb.StoredValue.lease) names its lease, so a put
 // or delete finds the index entry to drop in the record it reads anyway:
@@ -39,6 +41,25 @@ var (
 	prefixLeaseKey = []byte("lk/")
 	prefixLeaseNum = []byte("ln/")
 	prefixLeaseTmb = []byte("lt/")
+	prefixLeaseAge = []byte("la/")
+	metaLeaseTrim  = []byte("lease/trimmed")
+)
+
+// A tombstone guards against a put whose lease was alive when the node
+// checked it, that reaches the shard after the revocation. Such a put was
+// proposed just after its check, so a tombstone is needed only for a
+// while: a revocation drops those older than TombstoneRetention (by the
+// proposers' clocks, carried in the commands), at most maxTombstoneTrim
+// at a time, and records in lease/trimmed the time below which a put with
+// a lease is refused instead, so a put delayed past the trim is refused
+// (its client retries), never let through. This bounds the tombstones to
+// the revocations of the last TombstoneRetention.
+const (
+	TombstoneRetentionMs = 5 * 60 * 1000
+	// tombstoneSkewMs covers the proposers' clocks disagreeing: a put is
+	// refused up to this long after the revoke time of a trimmed tombstone.
+	tombstoneSkewMs  = 60 * 1000
+	maxTombstoneTrim = 1000
 )
 
 // MaxKeysPerLease bounds the keys one lease holds in one shard, so that
@@ -74,15 +95,20 @@ func getU64(b []byte) int64 {
 
 func putU64(v int64) []byte { return binary.BigEndian.AppendUint64(nil, uint64(v)) }
 
-// checkLease refuses a put with lease id: revoked here (the tombstone), or
+// checkLease refuses a put with lease id proposed at now: revoked here
+// (the tombstone), proposed before the shard's tombstones were trimmed, or
 // holding MaxKeysPerLease keys of the shard already (extra: keys the same
 // command attaches before this one).
-func checkLease(tx State, id int64, extra int64) error {
+func checkLease(tx State, id, extra, now int64) error {
 	if id < 0 {
 		return fmt.Errorf("%w: lease %d", ErrLeaseNotFound, id)
 	}
 	if tx.GetMeta(leaseKey(prefixLeaseTmb, id)) != nil {
 		return fmt.Errorf("%w: lease %d was revoked", ErrLeaseNotFound, id)
+	}
+	if trimmed := getU64(tx.GetMeta(metaLeaseTrim)); now < trimmed {
+		return fmt.Errorf("%w: lease %d: a put proposed at %d ms is older than this shard's revocation records (from %d ms); retry it",
+			ErrLeaseNotFound, id, now, trimmed)
 	}
 	if n := getU64(tx.GetMeta(leaseKey(prefixLeaseNum, id))); n+extra >= MaxKeysPerLease {
 		return fmt.Errorf("%w: lease %d holds %d keys in this shard; the limit is %d", ErrLeaseLimit, id, n, MaxKeysPerLease)
@@ -125,7 +151,7 @@ func moveLease(tx State, key []byte, old, new int64) error {
 
 // checkTxnLeases checks the leases a transaction branch's puts attach
 // before any of them applies, so that a refused lease changes nothing.
-func checkTxnLeases(tx State, ops []*kvpb.RequestOp) error {
+func checkTxnLeases(tx State, ops []*kvpb.RequestOp, now int64) error {
 	var per map[int64]int64
 	for _, op := range ops {
 		id := op.GetPut().GetLease()
@@ -135,7 +161,7 @@ func checkTxnLeases(tx State, ops []*kvpb.RequestOp) error {
 		if per == nil {
 			per = map[int64]int64{}
 		}
-		if err := checkLease(tx, id, per[id]); err != nil {
+		if err := checkLease(tx, id, per[id], now); err != nil {
 			return err
 		}
 		per[id]++
@@ -298,10 +324,59 @@ func revokeKeys(tx State, id int64, now int64) (*peerpb.LeaseResult, error) {
 	if err := tx.DeleteMeta(leaseKey(prefixLeaseNum, id)); err != nil {
 		return nil, err
 	}
-	if err := tx.PutMeta(leaseKey(prefixLeaseTmb, id), []byte{}); err != nil {
+	if tx.GetMeta(leaseKey(prefixLeaseTmb, id)) == nil {
+		if err := tx.PutMeta(leaseKey(prefixLeaseTmb, id), putU64(now)); err != nil {
+			return nil, err
+		}
+		if err := tx.PutMeta(tombstoneAgeKey(now, id), []byte{}); err != nil {
+			return nil, err
+		}
+	}
+	if err := trimTombstones(tx, now-TombstoneRetentionMs); err != nil {
 		return nil, err
 	}
 	return &peerpb.LeaseResult{Id: id, Deleted: deleted}, nil
+}
+
+func tombstoneAgeKey(time, id int64) []byte {
+	k := append(make([]byte, 0, len(prefixLeaseAge)+16), prefixLeaseAge...)
+	k = binary.BigEndian.AppendUint64(k, uint64(time))
+	return binary.BigEndian.AppendUint64(k, uint64(id))
+}
+
+// trimTombstones drops up to maxTombstoneTrim tombstones revoked before
+// cutoff, oldest first, and moves lease/trimmed past them.
+func trimTombstones(tx State, cutoff int64) error {
+	var drop [][]byte
+	var newest int64
+	tx.RangeMeta(prefixLeaseAge, func(k, _ []byte) bool {
+		if len(k) != len(prefixLeaseAge)+16 {
+			return true
+		}
+		t := int64(binary.BigEndian.Uint64(k[len(prefixLeaseAge):]))
+		if t >= cutoff || len(drop) == maxTombstoneTrim {
+			return false
+		}
+		drop = append(drop, bytes.Clone(k))
+		newest = t
+		return true
+	})
+	if len(drop) == 0 {
+		return nil
+	}
+	for _, k := range drop {
+		id := int64(binary.BigEndian.Uint64(k[len(prefixLeaseAge)+8:]))
+		if err := tx.DeleteMeta(k); err != nil {
+			return err
+		}
+		if err := tx.DeleteMeta(leaseKey(prefixLeaseTmb, id)); err != nil {
+			return err
+		}
+	}
+	if trimmed := newest + tombstoneSkewMs; trimmed > getU64(tx.GetMeta(metaLeaseTrim)) {
+		return tx.PutMeta(metaLeaseTrim, putU64(trimmed))
+	}
+	return nil
 }
 
 // Leases reads the meta shard's lease records in id order.

@@ -250,3 +250,54 @@ func TestPutWithoutLeaseReadsNoLeaseState(t *testing.T) {
 		t.Fatalf("a put with a lease: %v, read %q", r, st.seen)
 	}
 }
+
+// TestLeaseTombstonesAreTrimmed: a revocation drops the tombstones older
+// than TombstoneRetentionMs (by the commands' times), so a churn of
+// revocations keeps only the recent ones; a put proposed before the
+// trimmed ones' time is refused rather than let through, and one proposed
+// after it is served.
+func TestLeaseTombstonesAreTrimmed(t *testing.T) {
+	sh := newStoredShard(t)
+	at := func(c *peerpb.Command, ms int64) *peerpb.Command {
+		c.TimeUnixMs = ms
+		return c
+	}
+	revoke := func(id, ms int64) {
+		t.Helper()
+		if _, err := sh.apply(at(cmdLease(&peerpb.LeaseOp{Op: &peerpb.LeaseOp_RevokeKeys{RevokeKeys: id}}), ms)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tombstones := func() (n int) {
+		sh.view(func(r View) {
+			r.ScanMeta(prefixLeaseTmb, prefixEnd(prefixLeaseTmb), func(_, _ []byte) bool { n++; return true })
+		})
+		return n
+	}
+	const t0 = 1_000_000
+	if _, err := sh.apply(at(cmdPutLease("a", "1", 7), t0)); err != nil {
+		t.Fatal(err)
+	}
+	revoke(7, t0+1000)
+	if _, err := sh.apply(at(cmdPutLease("a", "late", 7), t0+2000)); !errors.Is(err, ErrLeaseNotFound) {
+		t.Fatalf("put with a revoked lease: %v, want ErrLeaseNotFound", err)
+	}
+	// Fifty more revocations, ten seconds apart: 7's tombstone and the
+	// older of these are trimmed, the last retention's are kept.
+	const step = 10_000
+	for i := int64(1); i <= 50; i++ {
+		revoke(100+i, t0+1000+i*step)
+	}
+	if n, most := tombstones(), TombstoneRetentionMs/step+1; n > most || n == 0 {
+		t.Fatalf("%d tombstones after 50 revocations 10 s apart; want 1..%d", n, most)
+	}
+	// 7's tombstone is gone, but a put proposed before the trim is
+	// refused all the same; one proposed after it is served.
+	last := int64(t0 + 1000 + 50*step)
+	if _, err := sh.apply(at(cmdPutLease("b", "late", 7), t0+2000)); !errors.Is(err, ErrLeaseNotFound) {
+		t.Fatalf("put proposed before the trim: %v, want ErrLeaseNotFound", err)
+	}
+	if _, err := sh.apply(at(cmdPutLease("c", "new", 9), last)); err != nil {
+		t.Fatalf("put with a live lease after the trim: %v", err)
+	}
+}

@@ -13,6 +13,8 @@ import (
 
 	"github.com/kvd/kvd/client/clienttest"
 	"github.com/kvd/kvd/internal/proccluster"
+	"github.com/kvd/kvd/internal/version"
+	"github.com/kvd/kvd/proto/kvpb"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(procMain{m}) }
@@ -411,8 +413,12 @@ func TestEveryCommandHonoursOutput(t *testing.T) {
 		!strings.Contains(r.stderr, "1 of 4 endpoints unhealthy") {
 		t.Fatalf("endpoint health with one endpoint down: %+v", r)
 	}
-	if r := kvctl(t, "", "", "version"); r.code != 0 || !strings.HasPrefix(r.stdout, "kvctl ") {
+	if r := kvctl(t, "", "", "version"); r.code != 0 || !strings.HasPrefix(r.stdout, "kvctl ") || !strings.HasSuffix(r.stdout, ", API "+version.API+"\n") {
 		t.Fatalf("version: %+v", r)
+	}
+	// The API version is the protobuf package the client speaks.
+	if got := string(kvpb.File_kvpb_kv_proto.Package()); got != version.API {
+		t.Fatalf("proto/kvpb's package is %s; internal/version.API says %s", got, version.API)
 	}
 	for _, sh := range []string{"bash", "zsh", "fish"} {
 		if r := kvctl(t, "", "", "completion", sh); r.code != 0 || !strings.Contains(r.stdout, "kvctl") || len(r.stdout) < 1000 {

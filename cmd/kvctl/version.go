@@ -16,8 +16,9 @@ func (a *app) versionCmd() *cobra.Command {
 make build, from git describe), the commit and its time when Go recorded
 them, and the Go version. It asks the cluster nothing.
 
-Output: simple and table print one line; json prints {"version",
-"commit", "commit_time", "modified", "go_version"}.`,
+Output: simple and table print one line; json prints {"version", "api"
+(the client API kvctl speaks, the protobuf package kvd.kv.v1), "commit",
+"commit_time", "modified", "go_version"}.`,
 		Example:     "  kvctl version\n  kvctl version -o json",
 		Annotations: map[string]string{outputsKey: "simple,json,table"},
 		Args:        exactArgs(0, "no arguments"),

@@ -16,9 +16,14 @@ import (
 // "devel".
 var Version = ""
 
+// API is the client API this build serves and speaks: the protobuf
+// package of proto/kvpb. A change that breaks its clients gets a new one.
+const API = "kvd.kv.v1"
+
 // Info is what a build knows about itself.
 type Info struct {
 	Version   string `json:"version"`
+	API       string `json:"api"`
 	Commit    string `json:"commit,omitempty"`
 	CommitAt  string `json:"commit_time,omitempty"`
 	Modified  bool   `json:"modified,omitempty"` // built from a tree with uncommitted changes
@@ -28,7 +33,7 @@ type Info struct {
 // Get reads the version from the link-time variable and the build info Go
 // embeds in every binary (module version, VCS revision and time).
 func Get() Info {
-	info := Info{Version: Version}
+	info := Info{Version: Version, API: API}
 	bi, ok := debug.ReadBuildInfo()
 	if !ok {
 		if info.Version == "" {
@@ -57,7 +62,7 @@ func Get() Info {
 }
 
 // String is the one line `kvd --version` and `kvctl version` print:
-// "kvctl v1.2.0 (commit 3f4581e12ab0, 2026-12-03T09:24:54Z, modified) go1.24.1".
+// "kvctl v1.2.0 (commit 3f4581e12ab0, 2026-12-03T09:24:54Z, modified) go1.24.1, API kvd.kv.v1".
 func (i Info) String() string { return i.Line("") }
 
 // Line is String with the program's name first.
@@ -82,6 +87,9 @@ func (i Info) Line(program string) string {
 	}
 	if i.GoVersion != "" {
 		b.WriteString(" " + i.GoVersion)
+	}
+	if i.API != "" {
+		b.WriteString(", API " + i.API)
 	}
 	return b.String()
 }

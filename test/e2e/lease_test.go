@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"errors"
 	"os/exec"
 	"strings"
 	"syscall"
@@ -25,41 +24,13 @@ func TestKvctlLease(t *testing.T) {
 		}
 		return out, errOut
 	}
-	// keepalive starts kvctl lease keepalive in the background.
 	keepalive := func(id string) (*exec.Cmd, *proccluster.SyncBuffer) {
 		t.Helper()
-		var buf proccluster.SyncBuffer
-		cmd := exec.Command(c.KVCTL, "--endpoints", c.Endpoints(), "lease", "keepalive", id)
-		cmd.Stdout = &buf
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			if cmd.ProcessState == nil {
-				_ = cmd.Process.Kill()
-				_ = cmd.Wait()
-			}
-		})
-		return cmd, &buf
+		return bg(t, c, "lease", "keepalive", id)
 	}
 	exitCode := func(cmd *exec.Cmd) int {
 		t.Helper()
-		done := make(chan error, 1)
-		go func() { done <- cmd.Wait() }()
-		select {
-		case err := <-done:
-			var ee *exec.ExitError
-			if errors.As(err, &ee) {
-				return ee.ExitCode()
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			return 0
-		case <-time.After(20 * time.Second):
-			t.Fatal("kvctl lease keepalive did not exit")
-			return -1
-		}
+		return exitOf(t, cmd)
 	}
 
 	out, _ := run(0, "lease", "grant", "2")
@@ -109,6 +80,32 @@ func TestKvctlLease(t *testing.T) {
 	}
 	run(2, "lease", "grant", "0")
 	run(2, "lease", "ttl", "abc")
+
+	// A keepalive killed with SIGKILL renews no more: its lease expires
+	// and takes its keys, in both shards, within the TTL, an election
+	// timeout (at most 20 ticks of 50 ms at the cluster's defaults) and a
+	// second.
+	out, _ = run(0, "lease", "grant", "2")
+	killed := strings.TrimSpace(out)
+	for _, k := range []string{"{x}/a", "{y}/b", "{z}/c", "{w}/d"} {
+		run(0, "put", "--lease", killed, k, "up")
+	}
+	ka, buf = keepalive(killed)
+	proccluster.WaitFor(t, 10*time.Second, "a renewal", func() bool { return strings.Contains(buf.String(), "TTL") })
+	if err := ka.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = ka.Wait()
+	start := time.Now()
+	proccluster.WaitFor(t, 15*time.Second, "the killed keepalive's keys deleted", func() bool {
+		out, _, code := c.Kvctl("", "get", "--prefix", "{")
+		return code == 0 && strings.TrimSpace(out) == ""
+	})
+	if gone, bound := time.Since(start), 2*time.Second+20*50*time.Millisecond+time.Second; gone > bound {
+		t.Errorf("keys of a lease whose keepalive was killed were gone %v after the kill; the bound is TTL + election timeout + 1 s = %v", gone, bound)
+	} else {
+		t.Logf("keys gone %v after the keepalive's SIGKILL", gone)
+	}
 
 	// Without renewals, a lease expires and takes its key.
 	out, _ = run(0, "lease", "grant", "1")
