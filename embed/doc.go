@@ -12,4 +12,7 @@
 // addresses, an initial cluster or a join make the node a member of a
 // cluster, as the kvd command does; cmd/kvd is itself a thin wrapper over
 // this package, so the binary and an embedder run the same code.
+//
+// On a cluster with auth enabled the node's client needs a user:
+// Start(ctx, cfg, WithClientAuth(user, password)).
 package embed

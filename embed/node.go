@@ -49,6 +49,7 @@ type Node struct {
 
 	localCalls atomic.Uint64
 	creds      credentials.TransportCredentials // the client's, with client TLS (tls.go)
+	auth       *tokenSource                     // the client's user, WithClientAuth (auth.go)
 
 	cliOnce sync.Once
 	cli     *client.Client
@@ -68,12 +69,16 @@ type Node struct {
 // configuration fails with an error wrapping server.ErrConfig. Start
 // does not wait for other nodes, except that a node joining a cluster
 // (Join) waits for a member to admit it, up to the server's join
-// timeout; ctx is only checked before anything starts.
-func Start(ctx context.Context, cfg Config) (_ *Node, err error) {
+// timeout; ctx is only checked before anything starts. opts set what
+// the node's Client needs beyond Config (WithClientAuth).
+func Start(ctx context.Context, cfg Config, opts ...Option) (_ *Node, err error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
 	n := &Node{ready: make(chan struct{}), stop: make(chan struct{})}
+	for _, o := range opts {
+		o(n)
+	}
 	if cfg.NodeID == 0 {
 		cfg.NodeID = 1
 	}
@@ -265,6 +270,9 @@ func (n *Node) newClient() (*client.Client, error) {
 	if n.creds != nil {
 		// After the client's own credentials, so these win.
 		opts = append(opts, grpc.WithTransportCredentials(n.creds))
+	}
+	if n.auth != nil {
+		opts = append(opts, grpc.WithPerRPCCredentials(n.auth))
 	}
 	return client.New(ctx, client.Config{
 		Endpoints: []string{n.clientAddr},
