@@ -124,7 +124,7 @@ compose-test: ## end-to-end test of the compose deployment (needs a Docker engin
 # with mutual TLS) with the other process tests. `make jepsen` runs the long one:
 # JEPSEN_DURATION of workload split across JEPSEN_SEEDS seeds; replay one
 # with JEPSEN_SEED=N. Histories go to JEPSEN_OUT. The last line printed is
-# the summary: jepsen-lite: histories=H ops=N faults=F indeterminate=I anomalies=A lost=L watch-events=E
+# the summary: jepsen-lite: histories=H ops=N faults=F indeterminate=I anomalies=A lost=L watch-events=E locks=K fenced-writes=W takeover-max=T
 JEPSEN_DURATION ?= 10m
 JEPSEN_SEEDS    ?= 3
 JEPSEN_SEED     ?= 0
