@@ -56,7 +56,7 @@ test: lint ## everything CI runs: lint, unit, race, cluster tests, compose test 
 fuzz: ## run every fuzz target for FUZZTIME (default 2m) each
 	@set -e; for t in $(FUZZ_TARGETS); do \
 	  echo "fuzz $${t#*:} ($${t%%:*}) for $(FUZZTIME)"; \
-	  $(GO) test -count=1 -run '^$$' -fuzz "^$${t#*:}\$$" -fuzztime $(FUZZTIME) "$${t%%:*}"; \
+	  GO=$(GO) ./scripts/fuzz.sh "$${t%%:*}" "$${t#*:}" $(FUZZTIME); \
 	done
 
 lint: ## gofmt and go vet
