@@ -65,10 +65,13 @@ func TestClientAuthOnAuthEnabledCluster(t *testing.T) {
 	if _, err := c.Put(ctx, []byte("k2"), []byte("v2")); err != nil {
 		t.Fatalf("put as root: %v", err)
 	}
-	w := c.Watch(ctx, []byte("k3"))
-	if _, err := c.Put(ctx, []byte("k3"), []byte("v3")); err != nil {
+	// The watch starts at the put's revision: one started "now" could be
+	// created after the put and wait for an event that has passed.
+	pr, err := c.Put(ctx, []byte("k3"), []byte("v3"))
+	if err != nil {
 		t.Fatalf("put as root: %v", err)
 	}
+	w := c.Watch(ctx, []byte("k3"), client.WithRevision(pr.GetHeader().GetRevision()))
 	for resp := range w {
 		if resp.Err != nil {
 			t.Fatalf("watch as root: %v", resp.Err)

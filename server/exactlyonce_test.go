@@ -122,6 +122,11 @@ func batchAnswers(t *testing.T, s *Server, items ...*kvpb.BatchRequestItem) map[
 	return got
 }
 
+// slowTicks gives a test cluster of 1 MiB values 100 ms ticks: under the
+// race detector on a loaded machine, appending them can outlast the
+// 20 ms ticks' election timeout, and leaders would change mid-test.
+func slowTicks(cfg *Config) { cfg.TickInterval = 100 * time.Millisecond }
+
 // putLarge writes 1 MiB values under keys of shard 1. A put that meets a
 // leader change (Unavailable: 1 MiB entries on a loaded machine can
 // outlast the 20 ms ticks' election timeout) is put again: writing the
@@ -154,7 +159,7 @@ func gets(keys [][]byte) []*kvpb.RequestOp {
 // A transaction whose reads would exceed the response cap is refused
 // before it changes anything.
 func TestTxnOfLargeReadsIsRefused(t *testing.T) {
-	leader, _ := leaderAndFollower(t, newTestCluster(t, 3, 2, nil))
+	leader, _ := leaderAndFollower(t, newTestCluster(t, 3, 2, slowTicks))
 	kv := kvClient(t, leader)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -187,7 +192,7 @@ func TestTxnOfLargeReadsIsRefused(t *testing.T) {
 // small on every replica; a retry of it is told its reads were not kept,
 // with Aborted, which clients do not retry.
 func TestRecordedTxnResultsStaySmall(t *testing.T) {
-	c := newTestCluster(t, 3, 2, nil)
+	c := newTestCluster(t, 3, 2, slowTicks)
 	leader, _ := leaderAndFollower(t, c)
 	kv := kvClient(t, leader)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
