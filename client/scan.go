@@ -10,6 +10,7 @@ import (
 	"maps"
 	"math"
 	"slices"
+	"strings"
 	"sync"
 
 	"google.golang.org/grpc/codes"
@@ -361,9 +362,19 @@ func encodeToken(t scanToken) string {
 	return base64.RawURLEncoding.EncodeToString(b)
 }
 
+// decodeTokenBytes decodes a token's base64url. Go's decoder skips
+// newlines, even strict, so "AQ\nEFA" would decode as "AQEFA" does: a
+// token is refused unless it is the one encoding of its bytes.
+func decodeTokenBytes(tok string) ([]byte, error) {
+	if strings.ContainsAny(tok, "\r\n") {
+		return nil, fmt.Errorf("%w: a line break inside", ErrInvalidToken)
+	}
+	return base64.RawURLEncoding.Strict().DecodeString(tok)
+}
+
 func decodeToken(tok string) (scanToken, error) {
 	var t scanToken
-	b, err := base64.RawURLEncoding.Strict().DecodeString(tok)
+	b, err := decodeTokenBytes(tok)
 	if err != nil {
 		return t, fmt.Errorf("%w: not base64url", ErrInvalidToken)
 	}

@@ -370,7 +370,7 @@ func encodeWatchToken(next map[uint64]int64) string {
 }
 
 func decodeWatchToken(tok string) (map[uint64]int64, error) {
-	b, err := base64.RawURLEncoding.Strict().DecodeString(tok)
+	b, err := decodeTokenBytes(tok)
 	if err != nil || len(b) < 1+4 {
 		return nil, fmt.Errorf("%w: not a watch resume token", ErrInvalidToken)
 	}
