@@ -122,13 +122,21 @@ func Observe(ctx context.Context, c *client.Client, name string) (<-chan *kvpb.K
 		defer close(ch)
 		var last *kvpb.KeyValue
 		for ctx.Err() == nil {
-			kvs, err := members(ctx, c, p)
+			kvs, resume, err := membersAt(ctx, c, p)
+			if err != nil {
+				// The scan retries what can succeed; this failed for
+				// good or ctx ended. Ask again after a pause.
+				select {
+				case <-time.After(time.Second):
+				case <-ctx.Done():
+				}
+				continue
+			}
 			l := first(kvs)
-			if err != nil || l == nil {
-				// Nobody leads (or the cluster did not answer): wait for
-				// a change under the prefix, re-reading every second in
-				// case one came before the watch started.
-				waitChange(ctx, c, p, time.Second)
+			if l == nil {
+				// Nobody leads: wait for a change under the prefix after
+				// the read, so one made meanwhile is not missed.
+				waitChange(ctx, c, p, resume)
 				continue
 			}
 			if last == nil || !bytes.Equal(last.GetKey(), l.GetKey()) || last.GetModRevision() != l.GetModRevision() {
@@ -150,10 +158,12 @@ func (e *Election) Observe(ctx context.Context) (<-chan *kvpb.KeyValue, error) {
 	return Observe(ctx, e.s.c, e.name)
 }
 
-func waitChange(ctx context.Context, c *client.Client, prefix string, most time.Duration) {
-	wctx, cancel := context.WithTimeout(ctx, most)
+// waitChange waits for a change under prefix after the read whose watch
+// resume token is resume.
+func waitChange(ctx context.Context, c *client.Client, prefix, resume string) {
+	wctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	for resp := range c.Watch(wctx, []byte(prefix), client.WithPrefix()) {
+	for resp := range c.Watch(wctx, []byte(prefix), client.WithPrefix(), client.WithResume(resume)) {
 		if len(resp.Events) > 0 || resp.Err != nil {
 			return
 		}

@@ -66,16 +66,23 @@ func sessionErr(s *Session, err error) error {
 
 // members lists the keys under prefix.
 func members(ctx context.Context, c *client.Client, prefix string) ([]*kvpb.KeyValue, error) {
+	kvs, _, err := membersAt(ctx, c, prefix)
+	return kvs, err
+}
+
+// membersAt is members with the watch resume token of the state it read:
+// a prefix watch from it misses no change made after the read.
+func membersAt(ctx context.Context, c *client.Client, prefix string) ([]*kvpb.KeyValue, string, error) {
 	var out []*kvpb.KeyValue
 	opts := client.ScanOptions{}
 	for {
 		page, err := c.Scan(ctx, []byte(prefix), client.PrefixEnd([]byte(prefix)), opts)
 		if err != nil {
-			return nil, err
+			return nil, "", err
 		}
 		out = append(out, page.KVs...)
 		if page.Next == "" {
-			return out, nil
+			return out, page.Resume, nil
 		}
 		opts.Token = page.Next
 	}
