@@ -457,3 +457,52 @@ func TestStateHashKeyBufferReused(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// Txn reads through one kept cursor per bucket: each read must see the
+// puts and deletes made before it in the same round, in every bucket,
+// including ones that split a page.
+func TestTxnReadsSeeItsOwnWrites(t *testing.T) {
+	e, _ := openTest(t, Options{NoSync: true})
+	s, _ := e.CreateShard(1, voters)
+	next := putAll(t, s, 2, "a", "1")
+	en := &pb.Entry{Index: proto.Uint64(next), Term: proto.Uint64(1), Data: []byte("x")}
+	var failures []string
+	check := func(what string, got []byte, want string) {
+		if string(got) != want || (want == "") != (got == nil) {
+			failures = append(failures, fmt.Sprintf("%s: %q, want %q", what, got, want))
+		}
+	}
+	if err := s.Save(&Update{Entries: []*pb.Entry{en}, Committed: []*pb.Entry{en}, Apply: func(tx *Txn, _ *pb.Entry) {
+		check("a before", tx.Get([]byte("a")), "1")
+		check("m before", tx.GetMeta([]byte("m")), "")
+		big := strings.Repeat("v", 3000) // two per page: the puts below split leaves
+		for i := range 50 {
+			k := fmt.Appendf(nil, "k%03d", i)
+			if err := tx.Put(k, []byte(big)); err != nil {
+				panic(err)
+			}
+			if err := tx.PutMeta([]byte("m"), k); err != nil {
+				panic(err)
+			}
+			check(string(k), tx.Get(k), big)
+			check("m", tx.GetMeta([]byte("m")), string(k))
+		}
+		if err := tx.Delete([]byte("a")); err != nil {
+			panic(err)
+		}
+		check("a deleted", tx.Get([]byte("a")), "")
+		check("k000 still", tx.Get([]byte("k000")), big)
+		if err := tx.DeleteMeta([]byte("m")); err != nil {
+			panic(err)
+		}
+		check("m deleted", tx.GetMeta([]byte("m")), "")
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range failures {
+		t.Error(f)
+	}
+	if err := s.Scrub(nil); err != nil {
+		t.Fatal(err)
+	}
+}

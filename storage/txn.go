@@ -30,10 +30,17 @@ type Txn struct {
 	// or wrote, so that a put replacing a value the state machine has just
 	// read (it reads before it writes: the previous value, the revision,
 	// the session) need not look it up again to move the state hash. A
-	// key is kept by reference: bbolt already requires keys to stay
-	// unchanged for the life of the transaction.
+	// key is copied, into its entry's own array when it fits: a Txn lives
+	// for one round, so a slice grown per key would be an allocation per
+	// read.
 	seen     [6]seenSum
 	seenNext int
+
+	// cursors holds one cursor per bucket read, for lookup: bbolt's
+	// Bucket.Get makes a cursor and grows its stack from nothing on every
+	// call (four allocations in a tree three deep), where a kept cursor
+	// reuses both. A put reads three to five keys.
+	cursors [4]bucketCursor
 
 	// histLast is a key at or above the greatest in hist/ (nil until a
 	// history write looks it up): a history key above it is new, and its
@@ -42,11 +49,37 @@ type Txn struct {
 	histLast []byte
 }
 
+type bucketCursor struct {
+	b *bolt.Bucket
+	c *bolt.Cursor
+}
+
+// lookup returns key's stored value in b, nil if absent, as b.Get does.
+func (t *Txn) lookup(b *bolt.Bucket, key []byte) []byte {
+	for i := range t.cursors {
+		e := &t.cursors[i]
+		if e.b == nil {
+			e.b, e.c = b, b.Cursor()
+		}
+		if e.b == b {
+			// Seek starts from the root, so writes since the last
+			// lookup are seen (bbolt's rule: reposition after a write).
+			k, v := e.c.Seek(key)
+			if !bytes.Equal(k, key) {
+				return nil
+			}
+			return v
+		}
+	}
+	return b.Get(key)
+}
+
 // seenSum is the stored checksum of key in bucket b (0: absent).
 type seenSum struct {
 	b   *bolt.Bucket
-	key []byte
+	key []byte // in buf when it fits
 	sum uint64
+	buf [32]byte
 }
 
 // remember records key's stored checksum in b.
@@ -58,6 +91,9 @@ func (t *Txn) remember(b *bolt.Bucket, key []byte, sum uint64) {
 		}
 	}
 	e := &t.seen[t.seenNext]
+	if e.key == nil {
+		e.key = e.buf[:0]
+	}
 	e.b, e.key, e.sum = b, append(e.key[:0], key...), sum
 	t.seenNext = (t.seenNext + 1) % len(t.seen)
 }
@@ -80,7 +116,7 @@ func (t *Txn) storedSumOf(b *bolt.Bucket, key []byte) uint64 {
 			return e.sum
 		}
 	}
-	return storedSum(b.Get(key))
+	return storedSum(t.lookup(b, key))
 }
 
 // end invalidates t, so that an ApplyFunc keeping it fails loudly instead
@@ -108,15 +144,15 @@ func (t *Txn) corrupt(err error) {
 }
 
 func (t *Txn) get(b *bolt.Bucket, key []byte) []byte {
-	v, sum := getUnsealed(b, key, t.corrupt)
+	v, sum := unsealOrReport(key, t.lookup(b, key), t.corrupt)
 	t.remember(b, key, sum)
 	return v
 }
 
-// getUnsealed returns key's value in b without its checksum, and the
-// checksum; a corrupt value is handed to corrupt and reads as absent.
-func getUnsealed(b *bolt.Bucket, key []byte, corrupt func(error)) ([]byte, uint64) {
-	v, sum, err := unseal(key, b.Get(key))
+// unsealOrReport returns key's stored value without its checksum, and
+// the checksum; a corrupt value is handed to corrupt and reads as absent.
+func unsealOrReport(key, stored []byte, corrupt func(error)) ([]byte, uint64) {
+	v, sum, err := unseal(key, stored)
 	if err != nil {
 		corrupt(err)
 		return nil, 0
@@ -180,7 +216,7 @@ func (t *Txn) del(b *bolt.Bucket, key []byte) error {
 	if len(key) == 0 {
 		return nil
 	}
-	old := b.Get(key)
+	old := t.lookup(b, key)
 	if old == nil {
 		return nil
 	}
@@ -327,7 +363,7 @@ type Reader struct {
 }
 
 func (r *Reader) get(b *bolt.Bucket, key []byte) []byte {
-	v, _ := getUnsealed(b, key, r.corrupt)
+	v, _ := unsealOrReport(key, b.Get(key), r.corrupt)
 	return v
 }
 
