@@ -470,21 +470,7 @@ func BenchmarkApplyPut(b *testing.B) {
 // and storage pay their per-round costs once per put. NoWait, as raftnode
 // saves: a round writes the WAL, and bbolt commits on its own schedule.
 func benchApplyPutRounds(b *testing.B) {
-	e, err := storage.Open(filepath.Join(b.TempDir(), "kvd.db"), storage.Options{NoSync: true})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer e.Close()
-	s, err := e.CreateShard(1, &pb.ConfState{Voters: []uint64{1}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	value := bytes.Repeat([]byte("v"), 256)
-	ents := make([]*pb.Entry, b.N)
-	for i := range ents {
-		c := withSession(&peerpb.Command{Op: &peerpb.Command_Put{Put: &kvpb.PutRequest{Key: []byte(fmt.Sprintf("key%08d", i)), Value: value}}}, 7, uint64(i+1), uint64(i), 1)
-		ents[i] = &pb.Entry{Index: proto.Uint64(uint64(i + 2)), Term: proto.Uint64(1), Data: mustMarshal(c)}
-	}
+	s, ents := benchPuts(b, 0)
 	apply := func(tx *storage.Txn, e *pb.Entry) { apply(tx, e.GetData()) }
 	b.ResetTimer()
 	for i := range ents {
@@ -498,11 +484,22 @@ func benchApplyPutRounds(b *testing.B) {
 // benchApplyPut applies b.N puts of 256-byte values to keys cycling
 // through keys distinct ones (0: every key new).
 func benchApplyPut(b *testing.B, keys int) {
+	s, ents := benchPuts(b, keys)
+	b.ResetTimer()
+	if err := s.Save(&storage.Update{Entries: ents, Committed: ents, Apply: func(tx *storage.Txn, e *pb.Entry) { apply(tx, e.GetData()) }}); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// benchPuts opens a shard in a new engine (closed when b ends) and
+// builds b.N put entries of 256-byte values on one session, to keys
+// cycling through keys distinct ones (0: every key new).
+func benchPuts(b *testing.B, keys int) (*storage.Shard, []*pb.Entry) {
 	e, err := storage.Open(filepath.Join(b.TempDir(), "kvd.db"), storage.Options{NoSync: true})
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer e.Close()
+	b.Cleanup(func() { e.Close() })
 	s, err := e.CreateShard(1, &pb.ConfState{Voters: []uint64{1}})
 	if err != nil {
 		b.Fatal(err)
@@ -513,10 +510,7 @@ func benchApplyPut(b *testing.B, keys int) {
 		c := withSession(&peerpb.Command{Op: &peerpb.Command_Put{Put: &kvpb.PutRequest{Key: []byte(fmt.Sprintf("key%08d", keyIndex(i, keys))), Value: value}}}, 7, uint64(i+1), uint64(i), 1)
 		ents[i] = &pb.Entry{Index: proto.Uint64(uint64(i + 2)), Term: proto.Uint64(1), Data: mustMarshal(c)}
 	}
-	b.ResetTimer()
-	if err := s.Save(&storage.Update{Entries: ents, Committed: ents, Apply: func(tx *storage.Txn, e *pb.Entry) { apply(tx, e.GetData()) }}); err != nil {
-		b.Fatal(err)
-	}
+	return s, ents
 }
 
 func keyIndex(i, keys int) int {
