@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/kvd/kvd/internal/keys"
 	"github.com/kvd/kvd/proto/kvpb"
 )
 
@@ -323,16 +324,7 @@ func keySuccessor(k []byte) []byte {
 // PrefixEnd returns the end of the range of keys that start with prefix,
 // for Scan: the prefix with its last non-0xff byte incremented. It returns
 // nil (the end of the key space) when there is none.
-func PrefixEnd(prefix []byte) []byte {
-	end := bytes.Clone(prefix)
-	for i := len(end) - 1; i >= 0; i-- {
-		if end[i] < 0xff {
-			end[i]++
-			return end[:i+1]
-		}
-	}
-	return nil
-}
+func PrefixEnd(prefix []byte) []byte { return keys.PrefixEnd(prefix) }
 
 // Scan tokens: base64url(version | uvarint(len(key)) | key |
 // (uvarint shard | uvarint rev)* | crc32(all before)), shards ascending,

@@ -8,6 +8,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kvd/kvd/internal/keys"
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
 )
@@ -385,7 +386,7 @@ func Leases(r View) ([]*peerpb.LeaseRecord, error) {
 		out []*peerpb.LeaseRecord
 		err error
 	)
-	r.ScanMeta(prefixLease, prefixEnd(prefixLease), func(_, v []byte) bool {
+	r.ScanMeta(prefixLease, keys.PrefixEnd(prefixLease), func(_, v []byte) bool {
 		var rec peerpb.LeaseRecord
 		if err = proto.Unmarshal(v, &rec); err != nil {
 			err = fmt.Errorf("%w: lease record: %v", ErrCorrupt, err)
@@ -401,24 +402,12 @@ func Leases(r View) ([]*peerpb.LeaseRecord, error) {
 // order.
 func LeaseKeys(r View, id int64) [][]byte {
 	prefix := leaseKey(prefixLeaseKey, id)
-	var keys [][]byte
-	r.ScanMeta(prefix, prefixEnd(prefix), func(k, _ []byte) bool {
-		keys = append(keys, bytes.Clone(k[len(prefix):]))
+	var out [][]byte
+	r.ScanMeta(prefix, keys.PrefixEnd(prefix), func(k, _ []byte) bool {
+		out = append(out, bytes.Clone(k[len(prefix):]))
 		return true
 	})
-	return keys
-}
-
-// prefixEnd is the first key after every key with prefix.
-func prefixEnd(prefix []byte) []byte {
-	end := bytes.Clone(prefix)
-	for i := len(end) - 1; i >= 0; i-- {
-		if end[i] < 0xff {
-			end[i]++
-			return end[:i+1]
-		}
-	}
-	return nil
+	return out
 }
 
 // Lease reads one lease record of the meta shard; nil when there is none.

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/kvd/kvd/fsm/memstate"
+	"github.com/kvd/kvd/internal/keys"
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
 )
@@ -270,7 +271,7 @@ func TestLeaseTombstonesAreTrimmed(t *testing.T) {
 	}
 	tombstones := func() (n int) {
 		sh.view(func(r View) {
-			r.ScanMeta(prefixLeaseTmb, prefixEnd(prefixLeaseTmb), func(_, _ []byte) bool { n++; return true })
+			r.ScanMeta(prefixLeaseTmb, keys.PrefixEnd(prefixLeaseTmb), func(_, _ []byte) bool { n++; return true })
 		})
 		return n
 	}

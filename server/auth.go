@@ -25,6 +25,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/fsm"
+	"github.com/kvd/kvd/internal/keys"
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
 	"github.com/kvd/kvd/storage"
@@ -273,7 +274,7 @@ func needs(req any) []access {
 		// A watch reads what it watches, previous values included.
 		switch {
 		case r.GetPrefix():
-			end := prefixEnd(r.GetKey())
+			end := keys.PrefixEnd(r.GetKey())
 			if end == nil {
 				end = []byte{}
 			}

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/fsm"
+	"github.com/kvd/kvd/internal/keys"
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/raftnode"
 	"github.com/kvd/kvd/storage"
@@ -553,7 +554,7 @@ func (ws *watchStream) create(ctx context.Context, c *kvpb.WatchCreateRequest) {
 	fail := func(err error) { ws.push(canceled(w, err), time.Time{}) }
 	switch {
 	case c.GetPrefix():
-		w.end = prefixEnd(c.GetKey())
+		w.end = keys.PrefixEnd(c.GetKey())
 	case len(c.GetRangeEnd()) > 0:
 		if bytes.Compare(c.GetKey(), c.GetRangeEnd()) >= 0 {
 			fail(invalid("watch range [%q, %q) is empty", c.GetKey(), c.GetRangeEnd()))
@@ -663,17 +664,4 @@ func (ws *watchStream) cancel(id int64) {
 	}
 	ws.forget(w)
 	ws.push(resp, time.Time{})
-}
-
-// prefixEnd is the first key after every key with prefix p; empty (to the
-// last key) when there is none.
-func prefixEnd(p []byte) []byte {
-	end := bytes.Clone(p)
-	for i := len(end) - 1; i >= 0; i-- {
-		if end[i] < 0xff {
-			end[i]++
-			return end[:i+1]
-		}
-	}
-	return nil
 }

@@ -52,17 +52,11 @@ exits 1.`,
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			return a.withClient(func(c *client.Client) error {
-				sctx, cancel := context.WithTimeout(ctx, a.timeout)
-				s, err := concurrency.NewSession(sctx, c, concurrency.WithTTL(time.Duration(ttl)*time.Second))
-				cancel()
+				s, closeSession, err := a.session(ctx, c, ttl)
 				if err != nil {
 					return err
 				}
-				defer func() {
-					cctx, cancel := a.ctx()
-					defer cancel()
-					_ = s.Close(cctx)
-				}()
+				defer closeSession()
 				m, err := concurrency.NewMutex(s, args[0])
 				if err != nil {
 					return err
@@ -164,17 +158,11 @@ Ctrl-C.`,
 					}
 					return nil
 				}
-				sctx, cancel := context.WithTimeout(ctx, a.timeout)
-				s, err := concurrency.NewSession(sctx, c, concurrency.WithTTL(time.Duration(ttl)*time.Second))
-				cancel()
+				s, closeSession, err := a.session(ctx, c, ttl)
 				if err != nil {
 					return err
 				}
-				defer func() {
-					cctx, cancel := a.ctx()
-					defer cancel()
-					_ = s.Close(cctx)
-				}()
+				defer closeSession()
 				e, err := concurrency.NewElection(s, args[0])
 				if err != nil {
 					return err
@@ -203,4 +191,20 @@ Ctrl-C.`,
 	cmd.Flags().BoolVar(&listen, "listen", false, "print each new leader's value instead of campaigning")
 	cmd.Flags().Int64Var(&ttl, "ttl", 10, "TTL in seconds of the lease that holds the candidacy")
 	return cmd
+}
+
+// session starts a concurrency session of ttl seconds on c (within the
+// request timeout) and returns it with the function that ends it.
+func (a *app) session(ctx context.Context, c *client.Client, ttl int64) (*concurrency.Session, func(), error) {
+	sctx, cancel := context.WithTimeout(ctx, a.timeout)
+	defer cancel()
+	s, err := concurrency.NewSession(sctx, c, concurrency.WithTTL(time.Duration(ttl)*time.Second))
+	if err != nil {
+		return nil, nil, err
+	}
+	return s, func() {
+		cctx, cancel := a.ctx()
+		defer cancel()
+		_ = s.Close(cctx)
+	}, nil
 }
