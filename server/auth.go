@@ -202,7 +202,7 @@ func (s *Server) identify(ctx context.Context, st *kvpb.AuthState) (*kvpb.AuthUs
 	name, byToken, gen := "", false, uint64(0)
 	md, _ := metadata.FromIncomingContext(ctx)
 	if v := md.Get(mdToken); len(v) > 0 {
-		u, g, err := checkToken(st.GetSecret(), v[0], time.Now())
+		u, g, err := checkToken(st.GetSecret(), v[0], tokenTime(ctx))
 		if err != nil {
 			return nil, status.Errorf(codes.Unauthenticated, "auth: %v", err)
 		}
@@ -427,7 +427,32 @@ func (s *Server) authStream(srv any, ss grpc.ServerStream, info *grpc.StreamServ
 	if err != nil {
 		return err
 	}
-	return handler(srv, ss)
+	return handler(srv, openedStream{ss, context.WithValue(ss.Context(), streamOpenedKey{}, time.Now())})
+}
+
+// A stream's token is judged as of when the stream opened. A stream sends
+// its token once, at the start, and a client that only writes keeps one
+// Batch stream for its life: judged at each item, the token would expire
+// under it and refuse every write after its TTL. Each item is still
+// checked against the auth state as it is now (the user, its roles, the
+// password's generation), so a revoked permission or a changed password
+// applies to open streams too; only the token's age does not.
+type streamOpenedKey struct{}
+
+type openedStream struct {
+	grpc.ServerStream
+	ctx context.Context
+}
+
+func (s openedStream) Context() context.Context { return s.ctx }
+
+// tokenTime is when a request's token must be unexpired: its stream's
+// start, or now for a unary call.
+func tokenTime(ctx context.Context) time.Time {
+	if t, ok := ctx.Value(streamOpenedKey{}).(time.Time); ok {
+		return t
+	}
+	return time.Now()
 }
 
 func (s *Server) requireUser(ctx context.Context) error {
