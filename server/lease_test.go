@@ -100,17 +100,9 @@ func TestLeaseExpiresWithoutKeepAlive(t *testing.T) {
 	if _, err := lc.TimeToLive(ctx, &kvpb.LeaseTimeToLiveRequest{Id: id}); status.Code(err) != codes.NotFound {
 		t.Fatalf("time to live of an expired lease: %v, want NotFound", err)
 	}
-	ka, err := lc.KeepAlive(ctx)
-	if err != nil {
-		t.Fatal(err)
+	if ttl := keepAliveOnce(t, ctx, lc, id); ttl != 0 {
+		t.Fatalf("keep alive of an expired lease: TTL %d, want 0", ttl)
 	}
-	if err := ka.Send(&kvpb.LeaseKeepAliveRequest{Id: id}); err != nil {
-		t.Fatal(err)
-	}
-	if resp, err := ka.Recv(); err != nil || resp.GetTtlSeconds() != 0 {
-		t.Fatalf("keep alive of an expired lease: %v, %v; want TTL 0", resp, err)
-	}
-	_ = ka.CloseSend()
 	if _, err := kvClient(t, c.servers[0]).Put(ctx, &kvpb.PutRequest{Key: keys[0], Lease: id}); status.Code(err) != codes.NotFound {
 		t.Fatalf("put with an expired lease: %v, want NotFound", err)
 	}
@@ -385,19 +377,11 @@ func TestLeaseBadInputGetsDocumentedCodes(t *testing.T) {
 	if _, err := kvClient(t, c.servers[0]).Put(ctx, &kvpb.PutRequest{Key: []byte("k"), Lease: -1}); status.Code(err) != codes.NotFound {
 		t.Errorf("put with lease -1: %v, want NotFound", err)
 	}
-	ka, err := lc.KeepAlive(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
 	for _, id := range []int64{0, -1, 12345} {
-		if err := ka.Send(&kvpb.LeaseKeepAliveRequest{Id: id}); err != nil {
-			t.Fatal(err)
-		}
-		if resp, err := ka.Recv(); err != nil || resp.GetTtlSeconds() != 0 {
-			t.Errorf("keep alive %d: %v, %v; want TTL 0", id, resp, err)
+		if ttl := keepAliveOnce(t, ctx, lc, id); ttl != 0 {
+			t.Errorf("keep alive %d: TTL %d, want 0", id, ttl)
 		}
 	}
-	_ = ka.CloseSend()
 }
 
 // TestLeaderChangeKeepsRemainingTTL: a new meta shard leader starts a
@@ -454,17 +438,9 @@ func TestLeaseThroughANodeWithoutMetaReplica(t *testing.T) {
 	id := grantOn(t, ctx, outside, 30)
 	putLeased(t, ctx, outside, id, []byte("outside"))
 	lc := leaseClient(t, outside)
-	ka, err := lc.KeepAlive(ctx)
-	if err != nil {
-		t.Fatal(err)
+	if ttl := keepAliveOnce(t, ctx, lc, id); ttl != 30 {
+		t.Fatalf("keep alive through node %d: TTL %d, want 30", outside.cfg.NodeID, ttl)
 	}
-	if err := ka.Send(&kvpb.LeaseKeepAliveRequest{Id: id}); err != nil {
-		t.Fatal(err)
-	}
-	if resp, err := ka.Recv(); err != nil || resp.GetTtlSeconds() != 30 {
-		t.Fatalf("keep alive through node %d: %v, %v", outside.cfg.NodeID, resp, err)
-	}
-	_ = ka.CloseSend()
 	resp, err := lc.TimeToLive(ctx, &kvpb.LeaseTimeToLiveRequest{Id: id, Keys: true})
 	if err != nil || len(resp.GetKeys()) != 1 {
 		t.Fatalf("time to live through node %d: %v, %v", outside.cfg.NodeID, resp, err)
@@ -581,4 +557,23 @@ func TestFailedRevocationIsFinished(t *testing.T) {
 	if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: key, Value: []byte("late"), Lease: id}); status.Code(err) != codes.NotFound {
 		t.Fatalf("put with the revoked lease: %v, want NotFound", err)
 	}
+}
+
+// keepAliveOnce renews lease id once, on a KeepAlive stream of its own,
+// and returns the TTL the answer gives (0: no such lease).
+func keepAliveOnce(t *testing.T, ctx context.Context, lc kvpb.LeaseClient, id int64) int64 {
+	t.Helper()
+	ka, err := lc.KeepAlive(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = ka.CloseSend() }()
+	if err := ka.Send(&kvpb.LeaseKeepAliveRequest{Id: id}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := ka.Recv()
+	if err != nil {
+		t.Fatalf("keep alive %d: %v", id, err)
+	}
+	return resp.GetTtlSeconds()
 }
