@@ -164,8 +164,8 @@ flood: ## flood a local 3-node cluster with hostile clients; checks memory and a
 flood-short: ## make flood with 5 s floods (about 2 minutes)
 	$(GO) test -count=1 -v -tags flood -timeout 15m -run 'TestFloodShort$$' ./test/flood
 
-apply-lag: ## latency of small puts alone and beside 1 MiB transactions on another shard (about a minute)
-	$(GO) test -count=1 -v -tags flood -timeout 10m -run 'TestLargeTxnLag$$' ./test/flood
+apply-lag: ## latency of small puts alone and beside 1 MiB transactions on another shard (about a minute); LAG_KVD_ARGS='--storage-partitions 4' for more files
+	$(GO) test -count=1 -v -tags flood -timeout 10m -run 'TestLargeTxnLag$$' ./test/flood -lag.kvd-args="$(LAG_KVD_ARGS)"
 
 .PHONY: bench
 bench: build ## benchmark a local 3-node cluster with kvctl bench, and etcd in the same run; writes docs/benchmarks.md

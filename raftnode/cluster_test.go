@@ -37,7 +37,7 @@ type testNode struct {
 	dir  string
 	addr string
 
-	engine *storage.Engine
+	engine *storage.Store
 	srv    *grpc.Server
 	tr     *transport.Transport
 	host   *raftnode.Host
@@ -69,7 +69,7 @@ func logger(t *testing.T) *slog.Logger {
 	return slog.New(slog.DiscardHandler)
 }
 
-type snapSource struct{ e *storage.Engine }
+type snapSource struct{ e *storage.Store }
 
 func (s snapSource) OpenSnapshot(shard uint64) (transport.SnapshotReader, error) {
 	sh, err := s.e.OpenShard(shard)
@@ -129,13 +129,13 @@ func (c *testCluster) start(id uint64, lis net.Listener) {
 			t.Fatalf("relisten node %d on %s: %v", id, n.addr, err)
 		}
 	}
-	eng, err := storage.Open(filepath.Join(n.dir, "kvd.db"), storage.Options{Logger: logger(t), CommitInterval: c.commitInterval})
+	eng, err := storage.OpenStore(n.dir, 2, storage.Options{Logger: logger(t), CommitInterval: c.commitInterval})
 	if err != nil {
 		t.Fatal(err)
 	}
 	host := raftnode.NewHost(raftnode.HostConfig{
 		NodeID:              id,
-		Engine:              eng,
+		Store:               eng,
 		Apply:               fsm.Apply,
 		Logger:              logger(t).With("node", id),
 		TickInterval:        20 * time.Millisecond,

@@ -19,7 +19,8 @@ import (
 // HostConfig configures a Host.
 type HostConfig struct {
 	NodeID uint64
-	Engine *storage.Engine
+	// Store holds every replica's log, state and state machine.
+	Store  *storage.Store
 	Apply  ApplyFunc
 	Logger *slog.Logger
 
@@ -44,7 +45,7 @@ type HostConfig struct {
 // the transport's Handler.
 type Host struct {
 	cfg    HostConfig
-	eng    engine // cfg.Engine, or the tests' memory engine
+	eng    engine // cfg.Store, or the tests' memory engine
 	log    *slog.Logger
 	sender Sender
 
@@ -53,13 +54,9 @@ type Host struct {
 		nodes   map[uint64]*Node // by shard id
 		stopped bool             // the loop has let every replica go
 	}
-	// woken lists the replicas the loop visits next (Node.wake); spare is
-	// the list the loop took last time, reused.
-	woken struct {
-		sync.Mutex
-		nodes, spare []*Node
-	}
-	wakec chan struct{} // buffered 1: the loop has replicas to visit
+	// lanes are the loops, one per storage partition; a replica belongs
+	// to the lane of its shard's partition.
+	lanes []*lane
 	stopc chan struct{}
 	wg    sync.WaitGroup
 	once  sync.Once
@@ -73,10 +70,10 @@ var ErrUnknownShard = errors.New("raftnode: shard not hosted on this node")
 
 // NewHost returns a Host; call Start with the transport before AddShard.
 func NewHost(cfg HostConfig) *Host {
-	return newHost(cfg, &boltEngine{e: cfg.Engine})
+	return newHost(cfg, &boltEngine{s: cfg.Store, updates: make([][]storage.ShardUpdate, cfg.Store.Partitions())})
 }
 
-// newHost is NewHost over any engine; cfg.Engine is not used.
+// newHost is NewHost over any engine; cfg.Store is not used.
 func newHost(cfg HostConfig, eng engine) *Host {
 	if cfg.TickInterval == 0 {
 		cfg.TickInterval = 50 * time.Millisecond
@@ -84,8 +81,11 @@ func newHost(cfg HostConfig, eng engine) *Host {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	h := &Host{cfg: cfg, eng: eng, log: cfg.Logger, stopc: make(chan struct{}), wakec: make(chan struct{}, 1)}
+	h := &Host{cfg: cfg, eng: eng, log: cfg.Logger, stopc: make(chan struct{})}
 	h.mu.nodes = make(map[uint64]*Node)
+	for i := range eng.Partitions() {
+		h.lanes = append(h.lanes, &lane{index: i, wakec: make(chan struct{}, 1)})
+	}
 	return h
 }
 
@@ -94,8 +94,45 @@ func newHost(cfg HostConfig, eng engine) *Host {
 // receive: before SetPeer, and before its gRPC server serves.
 func (h *Host) Start(sender Sender) {
 	h.setSender(sender)
+	if h.cfg.Ticks != nil {
+		h.fanOutTicks()
+	}
+	for _, l := range h.lanes {
+		h.wg.Add(1)
+		go h.run(l)
+	}
+}
+
+// fanOutTicks hands each tick of cfg.Ticks to every lane, so that a test's
+// tick source moves all of them; one lane takes the source as it is.
+func (h *Host) fanOutTicks() {
+	if len(h.lanes) == 1 {
+		h.lanes[0].ticks = h.cfg.Ticks
+		return
+	}
+	outs := make([]chan time.Time, len(h.lanes))
+	for i, l := range h.lanes {
+		outs[i] = make(chan time.Time)
+		l.ticks = outs[i]
+	}
 	h.wg.Add(1)
-	go h.run()
+	go func() {
+		defer h.wg.Done()
+		for {
+			select {
+			case <-h.stopc:
+				return
+			case t := <-h.cfg.Ticks:
+				for _, out := range outs {
+					select {
+					case out <- t:
+					case <-h.stopc:
+						return
+					}
+				}
+			}
+		}
+	}()
 }
 
 // setSender is Start without the loop goroutine: tests that step the
@@ -142,7 +179,7 @@ func (h *Host) AddShard(id uint64, voters []uint64) (*Node, error) {
 		SnapshotBytes:       h.cfg.SnapshotBytes,
 		MaxPendingProposals: h.cfg.MaxPendingProposals,
 		checks:              h.checks,
-	}, h)
+	}, h, h.lanes[h.eng.Partition(id)])
 	if err != nil {
 		return nil, err
 	}

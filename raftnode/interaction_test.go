@@ -464,14 +464,14 @@ func (c *harness) process(hn *hnode) {
 		var tick, all bool
 		select {
 		case <-hn.h.stopc:
-			hn.h.stopAll()
+			hn.h.stopAll(hn.h.lanes[0])
 			hn.stopped = true
 			c.rec.scan()
 			return
 		default:
 		}
 		select {
-		case <-hn.h.wakec:
+		case <-hn.h.lanes[0].wakec:
 		default:
 			select {
 			case <-hn.eng.appliedc:
@@ -488,7 +488,7 @@ func (c *harness) process(hn *hnode) {
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			hn.visit = hn.h.iterate(hn.visit, tick, all)
+			hn.visit = hn.h.iterate(hn.h.lanes[0], hn.visit, tick, all)
 		}()
 		select {
 		case <-done:

@@ -4,33 +4,52 @@ import (
 	"fmt"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"time"
 )
 
-// run is the host's loop: the one goroutine that owns every replica's
-// RawNode. Each iteration visits the replicas that something woke (a
-// message, a proposal, a read, a call, Stop), or all of them on a tick or
-// a commit; steps their input into raft; takes every Ready they have and
-// saves them as one storage request; then sends, answers and advances
-// each. So a node round costs one wake-up of this goroutine and one of the
-// storage writer, however many of its groups took part, where a goroutine
-// per group paid both for each group (the design etcd's raft leaves to
-// its user, and the one dragonboat and TiKV chose for many groups).
-func (h *Host) run() {
+// lane is one of the host's loops and the replicas it owns: those whose
+// shards live in one storage partition (storage.Store). Each lane saves to
+// its own partition, so a lane waits only for its own partition's writes.
+type lane struct {
+	index int
+	// woken lists the replicas the lane visits next (Node.wake); spare
+	// is the list it took last time, reused.
+	woken struct {
+		sync.Mutex
+		nodes, spare []*Node
+	}
+	wakec chan struct{} // buffered 1: the lane has replicas to visit
+	ticks <-chan time.Time
+}
+
+// run is a lane's loop: the one goroutine that owns the RawNode of each
+// of the lane's replicas. Each iteration visits the replicas that
+// something woke (a message, a proposal, a read, a call, Stop), or all of
+// them on a tick or a commit; steps their input into raft; takes every
+// Ready they have and saves them as one storage request; then sends,
+// answers and advances each. So a round costs one wake-up of this
+// goroutine and one of the partition's storage writer, however many of
+// its groups took part, where a goroutine per group paid both for each
+// group (the design etcd's raft leaves to its user, and the one
+// dragonboat and TiKV chose for many groups). A lane per partition keeps
+// one group's slow saves (large transactions) from holding back the
+// groups of other partitions, as dragonboat's step workers do.
+func (h *Host) run(l *lane) {
 	defer h.wg.Done()
-	ticks := h.cfg.Ticks
+	ticks := l.ticks
 	if ticks == nil {
 		t := time.NewTicker(h.cfg.TickInterval)
 		defer t.Stop()
 		ticks = t.C
 	}
-	appliedc := h.eng.AppliedC()
+	appliedc := h.eng.AppliedC(l.index)
 	var visit []*Node
 	for {
 		var tick, all bool
 		select {
 		case <-h.stopc:
-			h.stopAll()
+			h.stopAll(l)
 			return
 		case <-ticks:
 			tick, all = true, true
@@ -38,30 +57,32 @@ func (h *Host) run() {
 			// A commit moved what readers see: every replica publishes
 			// it and releases the reads it satisfies.
 			all = true
-		case <-h.wakec:
+		case <-l.wakec:
 		}
-		visit = h.iterate(visit[:0], tick, all)
+		visit = h.iterate(l, visit[:0], tick, all)
 	}
 }
 
-// iterate is one pass of the loop over the replicas woken since the last
-// one, or over all of them when all; tick ticks them first. It returns
-// visit, emptied, for the next pass to reuse. Tests call it directly to
-// step a host without its goroutine.
-func (h *Host) iterate(visit []*Node, tick, all bool) []*Node {
-	visit = h.toVisit(visit, all)
+// iterate is one pass of lane l's loop over the replicas woken since the
+// last one, or over all of them when all; tick ticks them first. It
+// returns visit, emptied, for the next pass to reuse. Tests call it
+// directly to step a host without its goroutine.
+func (h *Host) iterate(l *lane, visit []*Node, tick, all bool) []*Node {
+	visit = h.toVisit(l, visit, all)
 	if tick {
 		for _, n := range visit {
 			n.guard("tick", func() error { n.st.rn.Tick(); return nil })
 		}
-		h.checks.expire()
+		if l.index == 0 {
+			h.checks.expire()
+		}
 	}
 	for _, n := range visit {
 		if !n.st.done {
 			n.guard("step", func() error { n.takeInput(); return nil })
 		}
 	}
-	h.handleReadies(visit)
+	h.handleReadies(l, visit)
 	for _, n := range visit {
 		if n.st.done {
 			continue
@@ -89,14 +110,14 @@ func (h *Host) iterate(visit []*Node, tick, all bool) []*Node {
 	return visit[:0]
 }
 
-// toVisit appends to visit the replicas woken since the last iteration,
-// or every replica when all, each once.
-func (h *Host) toVisit(visit []*Node, all bool) []*Node {
-	h.woken.Lock()
-	woken := h.woken.nodes
-	h.woken.nodes = h.woken.spare[:0]
-	h.woken.spare = woken
-	h.woken.Unlock()
+// toVisit appends to visit the replicas of l woken since the last
+// iteration, or every replica of l when all, each once.
+func (h *Host) toVisit(l *lane, visit []*Node, all bool) []*Node {
+	l.woken.Lock()
+	woken := l.woken.nodes
+	l.woken.nodes = l.woken.spare[:0]
+	l.woken.spare = woken
+	l.woken.Unlock()
 	add := func(n *Node) {
 		if !n.st.visiting && !n.st.done {
 			n.st.visiting = true
@@ -113,27 +134,30 @@ func (h *Host) toVisit(visit []*Node, all bool) []*Node {
 	if all {
 		h.mu.RLock()
 		for _, n := range h.mu.nodes {
-			add(n)
+			if n.lane == l {
+				add(n)
+			}
 		}
 		h.mu.RUnlock()
 	}
 	return visit
 }
 
-// wake puts n on the list of replicas the loop visits next.
+// wake puts n on the list of replicas its lane visits next.
 func (h *Host) wake(n *Node) {
-	h.woken.Lock()
-	h.woken.nodes = append(h.woken.nodes, n)
-	h.woken.Unlock()
+	l := n.lane
+	l.woken.Lock()
+	l.woken.nodes = append(l.woken.nodes, n)
+	l.woken.Unlock()
 	select {
-	case h.wakec <- struct{}{}:
+	case l.wakec <- struct{}{}:
 	default:
 	}
 }
 
 // handleReadies takes the Ready of every replica in nodes that has one,
 // saves them in one storage request, and finishes each.
-func (h *Host) handleReadies(nodes []*Node) {
+func (h *Host) handleReadies(l *lane, nodes []*Node) {
 	var readies []*pendingReady
 	var updates []shardUpdate
 	for _, n := range nodes {
@@ -157,7 +181,7 @@ func (h *Host) handleReadies(nodes []*Node) {
 	}
 	var errs []error
 	if len(updates) > 0 {
-		errs = h.eng.SaveAll(updates)
+		errs = h.eng.SaveAll(l.index, updates)
 	}
 	i := 0
 	for _, pr := range readies {
@@ -203,13 +227,13 @@ func panicError(shard uint64, p any) error {
 	return fmt.Errorf("%w: shard %d: %s", ErrRaftPanic, shard, msg)
 }
 
-// stopAll lets every replica go, as the loop stops.
-func (h *Host) stopAll() {
+// stopAll lets every replica of l go, as its loop stops.
+func (h *Host) stopAll(l *lane) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.mu.stopped = true
 	for _, n := range h.mu.nodes {
-		if !n.st.done {
+		if n.lane == l && !n.st.done {
 			n.halt(nil)
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -14,18 +15,20 @@ import (
 )
 
 // crashCopy copies node id's files now, as a crash would leave them: the
-// engine's transaction stays open for an hour (commitInterval), so the
-// bbolt file holds the state of its last commit and the WAL every round
+// engine's transaction stays open for an hour (commitInterval), so each
+// bbolt file holds the state of its last commit and its WAL every round
 // acknowledged since.
 func (c *testCluster) crashCopy(id uint64) map[string][]byte {
 	c.t.Helper()
 	files := map[string][]byte{}
-	for _, name := range []string{"kvd.db", "kvd.wal"} {
-		b, err := os.ReadFile(filepath.Join(c.nodes[id].dir, name))
-		if err != nil {
-			c.t.Fatal(err)
+	for _, db := range c.nodes[id].engine.Paths() {
+		for _, path := range []string{db, strings.TrimSuffix(db, ".db") + ".wal"} {
+			b, err := os.ReadFile(path)
+			if err != nil {
+				c.t.Fatal(err)
+			}
+			files[filepath.Base(path)] = b
 		}
-		files[name] = b
 	}
 	return files
 }
@@ -89,17 +92,21 @@ func TestFollowerWithLostWALStopsItsReplica(t *testing.T) {
 		}
 	}
 	files := c.crashCopy(follower)
+	// The files of shard 1's partition.
+	st := c.nodes[follower].engine
+	dbName := filepath.Base(st.Paths()[st.Partition(1)])
+	walName := strings.TrimSuffix(dbName, ".db") + ".wal"
 	c.stop(follower)
 
 	// One byte flipped in the middle of the WAL: Open refuses the files.
-	damaged := filepath.Join(t.TempDir(), "kvd.db")
-	wal := append([]byte(nil), files["kvd.wal"]...)
+	damaged := filepath.Join(t.TempDir(), dbName)
+	wal := append([]byte(nil), files[walName]...)
 	end := len(wal)
 	for end > 0 && wal[end-1] == 0 {
 		end--
 	}
 	wal[end/2] ^= 0x01
-	for name, b := range map[string][]byte{"kvd.db": files["kvd.db"], "kvd.wal": wal} {
+	for name, b := range map[string][]byte{dbName: files[dbName], walName: wal} {
 		if err := os.WriteFile(filepath.Join(filepath.Dir(damaged), name), b, 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -112,7 +119,7 @@ func TestFollowerWithLostWALStopsItsReplica(t *testing.T) {
 	}
 
 	// Every acknowledged round lost: the log ends at the last commit.
-	clear(files["kvd.wal"])
+	clear(files[walName])
 	for name, b := range files {
 		if err := os.WriteFile(filepath.Join(c.nodes[follower].dir, name), b, 0o600); err != nil {
 			t.Fatal(err)

@@ -92,7 +92,7 @@ func (e *memEngine) CreateShard(id uint64, cs *pb.ConfState) (shardStorage, erro
 // SaveAll performs each update in storage.Update's order: entries, hard
 // state, applies, conf state. It reports the save, and each apply as the
 // ApplyFunc sees it.
-func (e *memEngine) SaveAll(us []shardUpdate) []error {
+func (e *memEngine) SaveAll(_ int, us []shardUpdate) []error {
 	errs := make([]error, len(us))
 	if e.hold {
 		for _, su := range us {
@@ -181,7 +181,10 @@ func (e *memEngine) apply(index uint64, cmd []byte) any {
 	return res
 }
 
-func (e *memEngine) AppliedC() <-chan struct{} { return e.appliedc }
+// The memory engine is one partition.
+func (e *memEngine) Partitions() int              { return 1 }
+func (e *memEngine) Partition(uint64) int         { return 0 }
+func (e *memEngine) AppliedC(int) <-chan struct{} { return e.appliedc }
 
 func (e *memEngine) StageSnapshot(shard uint64, _ *pb.SnapshotMetadata, _ func() ([]*peerpb.SnapshotPair, error)) ([]byte, error) {
 	return nil, fmt.Errorf("memory engine: shard %d: snapshots are not modelled", shard)

@@ -90,8 +90,9 @@ type Node struct {
 	cfg  Config
 	log  *slog.Logger
 	host *Host
+	lane *lane // the host loop that owns the node
 	st   *loopState
-	// woken is set while the node is on its host's list of nodes to visit.
+	// woken is set while the node is on its lane's list of nodes to visit.
 	woken atomic.Bool
 
 	propc  chan *proposal
@@ -200,7 +201,7 @@ type readWaiter struct {
 // newNode opens a RawNode over cfg.Storage, for h's loop to run. The
 // storage must already hold the group's initial state
 // (storage.Engine.CreateShard).
-func newNode(cfg Config, h *Host) (*Node, error) {
+func newNode(cfg Config, h *Host, l *lane) (*Node, error) {
 	if err := cfg.check(); err != nil {
 		return nil, err
 	}
@@ -243,6 +244,7 @@ func newNode(cfg Config, h *Host) (*Node, error) {
 		cfg:   cfg,
 		log:   cfg.Logger.With("shard", cfg.Shard, "node", cfg.NodeID),
 		host:  h,
+		lane:  l,
 		propc: make(chan *proposal, 1024),
 		readc: make(chan *readWaiter, 1024),
 		recvc: make(chan *pb.Message, 4096),

@@ -3,7 +3,6 @@ package raftnode
 import (
 	"context"
 	"errors"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -23,15 +22,15 @@ func (nullSender) Send(uint64, []*pb.Message)                  {}
 func (nullSender) SendLeaderCheck(uint64, *peerpb.LeaderCheck) {}
 
 // testHost starts a Host over a fresh engine; both stop at cleanup.
-func testHost(t *testing.T) (*Host, *storage.Engine) {
+func testHost(t *testing.T) (*Host, *storage.Store) {
 	t.Helper()
-	e, err := storage.Open(filepath.Join(t.TempDir(), "kvd.db"), storage.Options{NoSync: true})
+	e, err := storage.OpenStore(t.TempDir(), 1, storage.Options{NoSync: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	h := NewHost(HostConfig{
 		NodeID:       1,
-		Engine:       e,
+		Store:        e,
 		Apply:        func(*storage.Txn, uint64, []byte) any { return "applied" },
 		TickInterval: 10 * time.Millisecond,
 		ElectionTick: 10, HeartbeatTick: 1,

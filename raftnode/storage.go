@@ -30,8 +30,8 @@ type shardStorage interface {
 // opened or created, and the saves of a loop pass, made in one request
 // so that they share one write and one sync. The Host calls OpenShard,
 // CreateShard and StageSnapshot from any goroutine, SaveAll and AppliedC
-// only from its loop goroutine. *storage.Engine, through boltEngine, is
-// the production one.
+// of a partition only from that partition's loop goroutine (its lane).
+// *storage.Store, through boltEngine, is the production one.
 type engine interface {
 	// OpenShard returns shard id's storage, an error wrapping
 	// storage.ErrShardNotFound when there is none.
@@ -44,9 +44,16 @@ type engine interface {
 	// once each is durable, or merely performed when every update is
 	// NoWait and storage.Update allows it, with each update's error at
 	// its position. Every shard is one this engine returned.
-	SaveAll(us []shardUpdate) []error
-	// AppliedC fires when applied state became visible to readers.
-	AppliedC() <-chan struct{}
+	// The shards are all of partition p, and p's lane is the only
+	// caller for p.
+	SaveAll(p int, us []shardUpdate) []error
+	// Partitions is how many storage partitions save independently; the
+	// host runs a loop for each. Partition says which holds shard id.
+	Partitions() int
+	Partition(shard uint64) int
+	// AppliedC fires when applied state of partition p became visible to
+	// readers.
+	AppliedC(p int) <-chan struct{}
 	// StageSnapshot keeps a streamed snapshot and returns the token that
 	// names it in the MsgSnap raft is handed (storage.Update.Snapshot).
 	StageSnapshot(shard uint64, meta *pb.SnapshotMetadata, next func() ([]*peerpb.SnapshotPair, error)) ([]byte, error)
@@ -63,18 +70,18 @@ var (
 	_ engine       = (*boltEngine)(nil)
 )
 
-// boltEngine is a *storage.Engine as an engine. Go has no covariant
-// results, so the engine's OpenShard, CreateShard and SaveAll, whose
+// boltEngine is a *storage.Store as an engine. Go has no covariant
+// results, so the store's OpenShard, CreateShard and SaveAll, whose
 // types name *storage.Shard, cannot satisfy the interface themselves.
 type boltEngine struct {
-	e *storage.Engine
-	// updates is SaveAll's argument to the engine, reused: the loop
-	// goroutine is SaveAll's only caller.
-	updates []storage.ShardUpdate
+	s *storage.Store
+	// updates is SaveAll's argument to the store, one reused per
+	// partition: a partition's lane is its only caller.
+	updates [][]storage.ShardUpdate
 }
 
 func (b *boltEngine) OpenShard(id uint64) (shardStorage, error) {
-	s, err := b.e.OpenShard(id)
+	s, err := b.s.OpenShard(id)
 	if err != nil {
 		return nil, err
 	}
@@ -82,25 +89,28 @@ func (b *boltEngine) OpenShard(id uint64) (shardStorage, error) {
 }
 
 func (b *boltEngine) CreateShard(id uint64, cs *pb.ConfState) (shardStorage, error) {
-	s, err := b.e.CreateShard(id, cs)
+	s, err := b.s.CreateShard(id, cs)
 	if err != nil {
 		return nil, err
 	}
 	return s, nil
 }
 
-func (b *boltEngine) SaveAll(us []shardUpdate) []error {
+func (b *boltEngine) SaveAll(p int, us []shardUpdate) []error {
+	updates := b.updates[p]
 	for _, u := range us {
-		b.updates = append(b.updates, storage.ShardUpdate{Shard: u.shard.(*storage.Shard), Update: u.update})
+		updates = append(updates, storage.ShardUpdate{Shard: u.shard.(*storage.Shard), Update: u.update})
 	}
-	errs := b.e.SaveAll(b.updates)
-	clear(b.updates) // let the updates go
-	b.updates = b.updates[:0]
+	errs := b.s.SaveAll(updates)
+	clear(updates) // let the updates go
+	b.updates[p] = updates[:0]
 	return errs
 }
 
-func (b *boltEngine) AppliedC() <-chan struct{} { return b.e.AppliedC() }
+func (b *boltEngine) Partitions() int                { return b.s.Partitions() }
+func (b *boltEngine) Partition(shard uint64) int     { return b.s.Partition(shard) }
+func (b *boltEngine) AppliedC(p int) <-chan struct{} { return b.s.AppliedC(p) }
 
 func (b *boltEngine) StageSnapshot(shard uint64, meta *pb.SnapshotMetadata, next func() ([]*peerpb.SnapshotPair, error)) ([]byte, error) {
-	return b.e.StageSnapshot(shard, meta, next)
+	return b.s.StageSnapshot(shard, meta, next)
 }

@@ -2,7 +2,7 @@ package raftnode
 
 import (
 	"context"
-	"path/filepath"
+	"fmt"
 	"testing"
 	"time"
 
@@ -15,17 +15,25 @@ import (
 // A host given a tick source ticks only when it delivers: a single voter
 // has not campaigned after ElectionTick-1 ticks however long they take, and
 // leads once it has had 2*ElectionTick (raft's randomized election timeout
-// is below that). The loop is the real one, over bbolt.
+// is below that). The loop is the real one, over bbolt; with two storage
+// partitions the two shards are on two loops, which the source ticks
+// alike.
 func TestHostTicksOnlyFromItsTickSource(t *testing.T) {
-	e, err := storage.Open(filepath.Join(t.TempDir(), "kvd.db"), storage.Options{NoSync: true})
+	for _, partitions := range []int{1, 2} {
+		t.Run(fmt.Sprint("partitions=", partitions), func(t *testing.T) { testTickSource(t, partitions) })
+	}
+}
+
+func testTickSource(t *testing.T, partitions int) {
+	e, err := storage.OpenStore(t.TempDir(), partitions, storage.Options{NoSync: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer func() { _ = e.Close() }()
-	ticks := make(chan time.Time) // unbuffered: a send returns once the loop took the tick
+	ticks := make(chan time.Time) // unbuffered: a send returns once the host took the tick
 	h := NewHost(HostConfig{
 		NodeID:       1,
-		Engine:       e,
+		Store:        e,
 		Apply:        func(*storage.Txn, uint64, []byte) any { return nil },
 		TickInterval: time.Hour, // would never tick on its own
 		Ticks:        ticks,
@@ -34,27 +42,34 @@ func TestHostTicksOnlyFromItsTickSource(t *testing.T) {
 	})
 	h.Start(nullSender{})
 	defer h.Stop()
-	n, err := h.AddShard(1, []uint64{1})
-	if err != nil {
-		t.Fatal(err)
+	var nodes []*Node
+	for _, shard := range []uint64{1, 2} {
+		n, err := h.AddShard(shard, []uint64{1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		nodes = append(nodes, n)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	for range 9 {
 		ticks <- time.Time{}
 	}
-	// Status runs on the loop after the pass of the ninth tick.
-	st, err := n.Status(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// A shard created with voters starts in term 1 (storage.CreateShard).
-	if st.RaftState != raft.StateFollower || st.GetTerm() != 1 {
-		t.Fatalf("after 9 ticks: %v in term %d, want a follower in term 1", st.RaftState, st.GetTerm())
+	for _, n := range nodes {
+		st, err := n.Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A shard created with voters starts in term 1 (storage.CreateShard).
+		if st.RaftState != raft.StateFollower || st.GetTerm() != 1 {
+			t.Fatalf("shard %d after 9 ticks: %v in term %d, want a follower in term 1", n.Shard(), st.RaftState, st.GetTerm())
+		}
 	}
 	for range 11 {
 		ticks <- time.Time{}
 	}
 	// Winning its own vote takes the loop a few Ready rounds, no ticks.
-	proccluster.WaitFor(t, 10*time.Second, "the single voter to lead", n.IsLeader)
+	for _, n := range nodes {
+		proccluster.WaitFor(t, 10*time.Second, fmt.Sprintf("the single voter of shard %d to lead", n.Shard()), n.IsLeader)
+	}
 }

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/kvd/kvd/storage"
 )
 
 // Config is everything a kvd node is started with. cmd/kvd fills it from
@@ -79,6 +81,15 @@ type Config struct {
 	// (storage.Options.CommitInterval). It bounds how stale a serializable
 	// read on the leader can be. Default 200 ms.
 	CommitInterval time.Duration
+
+	// StoragePartitions is how many bbolt files, each with its own WAL,
+	// writer and Raft loop, a new data dir spreads its shards over
+	// (storage.Store): a shard's large writes then delay only the shards
+	// of its own file, at the price of a WAL sync and a loop pass per file
+	// where one file pays one (docs/architecture.md, Storage, has the
+	// figures). An existing data dir keeps the count it was created with.
+	// Default 1.
+	StoragePartitions int
 
 	// RequestTimeout bounds a request that arrives without a deadline.
 	RequestTimeout time.Duration
@@ -221,6 +232,7 @@ func DefaultConfig() Config {
 		SnapshotEntries:         10_000,
 		SnapshotBytes:           64 << 20,
 		CommitInterval:          200 * time.Millisecond,
+		StoragePartitions:       1,
 		RequestTimeout:          5 * time.Second,
 		BatchSendTimeout:        DefaultBatchSendTimeout,
 		ClientConnIdle:          5 * time.Minute,
@@ -279,6 +291,7 @@ func (c *Config) setDefaults() {
 	orDefault(&c.SnapshotEntries, d.SnapshotEntries)
 	orDefault(&c.SnapshotBytes, d.SnapshotBytes)
 	orDefault(&c.CommitInterval, d.CommitInterval)
+	orDefault(&c.StoragePartitions, d.StoragePartitions)
 	orDefault(&c.RequestTimeout, d.RequestTimeout)
 	orDefault(&c.BatchSendTimeout, d.BatchSendTimeout)
 	orDefault(&c.ClientConnIdle, d.ClientConnIdle)
@@ -309,6 +322,9 @@ func (c *Config) validate() error {
 	}
 	if c.CommitInterval < 0 {
 		return fmt.Errorf("%w: --commit-interval %v must be positive", ErrConfig, c.CommitInterval)
+	}
+	if c.StoragePartitions < 1 || c.StoragePartitions > storage.MaxPartitions {
+		return fmt.Errorf("%w: --storage-partitions %d out of range; use 1..%d", ErrConfig, c.StoragePartitions, storage.MaxPartitions)
 	}
 	if c.ElectionTicks <= c.HeartbeatTicks {
 		return fmt.Errorf("%w: election ticks (%d) must exceed heartbeat ticks (%d)", ErrConfig, c.ElectionTicks, c.HeartbeatTicks)

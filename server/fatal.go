@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -73,8 +72,11 @@ func (s *Server) watchFatal() {
 	defer s.wg.Done()
 	t := time.NewTicker(fatalScan)
 	defer t.Stop()
-	db := filepath.Join(s.cfg.DataDir, "kvd.db")
-	opened, _ := os.Stat(db)
+	files := s.engine.Paths()
+	opened := make([]os.FileInfo, len(files))
+	for i, f := range files {
+		opened[i], _ = os.Stat(f)
+	}
 	for i := 0; ; i++ {
 		select {
 		case <-s.stopc:
@@ -98,10 +100,15 @@ func (s *Server) watchFatal() {
 		// it writing to files no restart will find: every write it
 		// acknowledges from then on would be lost. Unlinked files stay
 		// writable, so the engine itself never notices.
-		if opened != nil && i%dataDirScanEvery == 0 {
-			if now, err := os.Stat(db); err != nil || !os.SameFile(opened, now) {
-				s.setFatal(fmt.Errorf("data dir %s lost: %s is gone or replaced (%v)", s.cfg.DataDir, db, err))
-				return
+		if i%dataDirScanEvery == 0 {
+			for j, f := range files {
+				if opened[j] == nil {
+					continue
+				}
+				if now, err := os.Stat(f); err != nil || !os.SameFile(opened[j], now) {
+					s.setFatal(fmt.Errorf("data dir %s lost: %s is gone or replaced (%v)", s.cfg.DataDir, f, err))
+					return
+				}
 			}
 		}
 	}

@@ -33,7 +33,7 @@ const (
 // persisting one if it has none yet: a fresh data dir, or one written
 // before incarnations existed, whose peers have no record to contradict.
 // A bootstrap that crashes before completing keeps the one it drew.
-func loadIncarnation(e *storage.Engine) (uint64, error) {
+func loadIncarnation(e *storage.Store) (uint64, error) {
 	b, err := e.GetMeta(metaIncarnation)
 	if err != nil {
 		return 0, err
@@ -58,12 +58,12 @@ func loadIncarnation(e *storage.Engine) (uint64, error) {
 // peerIncarnations implements transport.Incarnations over the engine's
 // node metadata, with a cache: the transport asks on every stream.
 type peerIncarnations struct {
-	e  *storage.Engine
+	e  *storage.Store
 	mu sync.Mutex
 	m  map[uint64]uint64
 }
 
-func newPeerIncarnations(e *storage.Engine) *peerIncarnations {
+func newPeerIncarnations(e *storage.Store) *peerIncarnations {
 	return &peerIncarnations{e: e, m: map[uint64]uint64{}}
 }
 

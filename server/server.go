@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -54,7 +53,7 @@ type Server struct {
 	tls   tlsSetup  // tls.go
 	authc authCache // auth.go
 
-	engine    *storage.Engine
+	engine    *storage.Store
 	host      *raftnode.Host
 	tr        *transport.Transport
 	peerSrv   *grpc.Server
@@ -134,7 +133,7 @@ func New(cfg Config) (_ *Server, err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("%w: data dir %s: %v", ErrConfig, cfg.DataDir, err)
 	}
-	s.engine, err = storage.Open(filepath.Join(cfg.DataDir, "kvd.db"), storage.Options{Logger: cfg.Logger, CommitInterval: cfg.CommitInterval})
+	s.engine, err = storage.OpenStore(cfg.DataDir, cfg.StoragePartitions, storage.Options{Logger: cfg.Logger, CommitInterval: cfg.CommitInterval})
 	if err != nil {
 		return nil, fmt.Errorf("open data dir %s: %w", cfg.DataDir, err)
 	}
@@ -160,7 +159,7 @@ func New(cfg Config) (_ *Server, err error) {
 
 	s.host = raftnode.NewHost(raftnode.HostConfig{
 		NodeID:              s.cfg.NodeID,
-		Engine:              s.engine,
+		Store:               s.engine,
 		Apply:               fsm.Apply,
 		Logger:              s.cfg.Logger,
 		TickInterval:        cfg.TickInterval,
@@ -708,7 +707,7 @@ func (s *Server) Stop() error {
 	return s.stopErr
 }
 
-type snapshotSource struct{ e *storage.Engine }
+type snapshotSource struct{ e *storage.Store }
 
 func (s snapshotSource) OpenSnapshot(shard uint64) (transport.SnapshotReader, error) {
 	sh, err := s.e.OpenShard(shard)

@@ -1,11 +1,14 @@
 // Package storage is kvd's durable state: raft.Storage for every raft
-// group of a node, and the state machine those groups apply to, in one
-// bbolt file per node.
+// group of a node, and the state machine those groups apply to. An Engine
+// is one bbolt file, with its WAL and its writer, holding any number of
+// shards; a Store is a node's Engines, its partitions (store.go): one by
+// default, so that one fsync covers every shard, or several, so that one
+// shard's large writes delay only the shards of its own file.
 //
 // # Layout
 //
-// One file holds every shard, so that one fsync can make the writes of all
-// shards durable at once:
+// One Engine's file holds every shard of its partition, so that one fsync
+// can make the writes of all of them durable at once:
 //
 //	node/                  node-level metadata (Engine.GetMeta/PutMeta)
 //	shards/<id>/raft/      hard state, snapshot metadata, applied index+term,

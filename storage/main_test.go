@@ -29,6 +29,9 @@ func TestMain(m *testing.M) {
 	goleak.VerifyTestMain(m)
 }
 
+// walName is the WAL of the tests' kvd.db files.
+const walName = "kvd.wal"
+
 // openTest opens an engine in a fresh temp dir, closed at cleanup.
 func openTest(t testing.TB, opts Options) (*Engine, string) {
 	t.Helper()

@@ -78,3 +78,21 @@ func (s Stats) clone() Stats {
 	s.SyncNanos.Counts = slices.Clone(s.SyncNanos.Counts)
 	return s
 }
+
+// add adds o's counters to s's; both have the buckets newStats makes.
+func (s *Stats) add(o Stats) {
+	s.Commits += o.Commits
+	s.Updates += o.Updates
+	s.Entries += o.Entries
+	s.Applied += o.Applied
+	s.Syncs += o.Syncs
+	s.SyncNanos.add(o.SyncNanos)
+	s.CommitNanos.add(o.CommitNanos)
+}
+
+func (h *Histogram) add(o Histogram) {
+	for i, c := range o.Counts {
+		h.Counts[i] += c
+	}
+	h.Sum += o.Sum
+}

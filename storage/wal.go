@@ -10,6 +10,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync/atomic"
 )
 
@@ -78,15 +79,19 @@ type wal struct {
 	written, synced atomic.Int64
 }
 
-// walPrealloc is the size the file is filled to once, so that rewriting it
-// from the start never changes its size and fdatasync need not write file
-// metadata. Past 15/16 of it, the writer commits bbolt, which restarts the
-// WAL. A variable so that tests, which open hundreds of engines, can use
-// less.
+// walPrealloc is the size the file is filled to once (unless
+// Options.WALSize says otherwise), so that rewriting it from the start
+// never changes its size and fdatasync need not write file metadata. Past
+// 15/16 of it, the writer commits bbolt, which restarts the WAL. A
+// variable so that tests, which open hundreds of engines, can use less.
 var walPrealloc int64 = 64 << 20
 
+// walPath names the WAL of the bbolt file at dbPath: kvd.db's is kvd.wal.
+func walPath(dbPath string) string {
+	return strings.TrimSuffix(dbPath, filepath.Ext(dbPath)) + ".wal"
+}
+
 const (
-	walName       = "kvd.wal"
 	walHeaderSize = 16
 	// maxWALRecord bounds a record's payload when reading, so a corrupt
 	// length cannot make Open allocate gigabytes.
@@ -98,20 +103,26 @@ const (
 
 var crc32c = crc32.MakeTable(crc32.Castagnoli)
 
-func openWAL(dir string, sync bool) (*wal, error) {
-	path := filepath.Join(dir, walName)
+// openWAL opens the WAL at path, filled to size bytes (walPrealloc when
+// 0) or kept at the size it has if larger.
+func openWAL(path string, size int64, sync bool) (*wal, error) {
+	if size <= 0 {
+		size = walPrealloc
+	}
+	dir := filepath.Dir(path)
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("storage: open wal: %w", err)
 	}
-	w := &wal{f: f, path: path, sync: sync, softLimit: walPrealloc / 16 * 15}
 	fi, err := f.Stat()
 	if err != nil {
 		_ = f.Close()
 		return nil, fmt.Errorf("storage: stat wal: %w", err)
 	}
-	if fi.Size() < walPrealloc {
-		if err := w.preallocate(fi.Size(), dir); err != nil {
+	size = max(size, fi.Size())
+	w := &wal{f: f, path: path, sync: sync, softLimit: size / 16 * 15}
+	if fi.Size() < size {
+		if err := w.preallocate(fi.Size(), size, dir); err != nil {
 			_ = f.Close()
 			return nil, err
 		}
@@ -119,12 +130,12 @@ func openWAL(dir string, sync bool) (*wal, error) {
 	return w, nil
 }
 
-// preallocate fills the file with zeros up to walPrealloc and makes that
-// durable, directory entry included.
-func (w *wal) preallocate(from int64, dir string) error {
+// preallocate fills the file with zeros from from up to size and makes
+// that durable, directory entry included.
+func (w *wal) preallocate(from, size int64, dir string) error {
 	zeros := make([]byte, 1<<20)
-	for off := from; off < walPrealloc; off += int64(len(zeros)) {
-		n := min(int64(len(zeros)), walPrealloc-off)
+	for off := from; off < size; off += int64(len(zeros)) {
+		n := min(int64(len(zeros)), size-off)
 		if _, err := w.f.WriteAt(zeros[:n], off); err != nil {
 			return fmt.Errorf("storage: preallocate wal: %w", err)
 		}

@@ -170,7 +170,7 @@ func checkEntries(t *testing.T, s *Shard, last uint64) {
 // synced.
 func testWAL(t *testing.T, gen uint64) *wal {
 	t.Helper()
-	w, err := openWAL(t.TempDir(), false)
+	w, err := openWAL(filepath.Join(t.TempDir(), walName), 0, false)
 	if err != nil {
 		t.Fatal(err)
 	}

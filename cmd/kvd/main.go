@@ -180,6 +180,7 @@ as a new member with a new --id).`,
 	f.IntVar(&cfg.HeartbeatTicks, "heartbeat-ticks", def.HeartbeatTicks, "ticks between leader heartbeats")
 	f.Uint64Var(&cfg.SnapshotEntries, "snapshot-entries", def.SnapshotEntries, "applied entries beyond the last compaction that trigger log compaction")
 	f.Uint64Var(&cfg.SnapshotBytes, "snapshot-bytes", def.SnapshotBytes, "bytes of commands applied since the last compaction that trigger log compaction (whichever of this and --snapshot-entries comes first)")
+	f.IntVar(&cfg.StoragePartitions, "storage-partitions", def.StoragePartitions, "how many bbolt files, each with its own WAL, writer and Raft loop, a new data dir spreads its shards over: a shard's large writes (1 MiB transactions) then delay only the shards of its own file, but small writes cost more CPU (a sync and a loop pass per file). An existing data dir keeps the count it was created with")
 	f.DurationVar(&cfg.CommitInterval, "commit-interval", def.CommitInterval, "how long applied writes wait (durable in the WAL) before the bbolt commit that makes them visible to serializable reads; longer is cheaper, shorter is fresher")
 	f.DurationVar(&cfg.SessionTTL, "session-ttl", def.SessionTTL, "idle time after which a client session's exactly-once records are dropped")
 	f.Int64Var(&cfg.HistoryRevisions, "history-revisions", def.HistoryRevisions, "revisions of changes each shard keeps for reads at a revision and watches (negative: no count limit)")
