@@ -67,6 +67,12 @@ var stateBuckets = [][]byte{bucketKV, bucketMeta, bucketHist}
 // again).
 const layoutVersion = 3
 
+// layoutPartitioned is layout 3 in a file of a data dir of several
+// partitions (store.go). It differs from layout 3 only in name, so that a
+// kvd without partitions refuses the file as newer rather than open
+// kvd.db alone and find most of its shards missing.
+const layoutPartitioned = 4
+
 // checkLayout records layoutVersion in a new file and refuses a file of
 // another version, in one line that names the file (path), both versions
 // and what to do. Called first in Open's preparing transaction.
@@ -93,11 +99,13 @@ func checkLayout(tx *bolt.Tx, path string) error {
 			return fmt.Errorf("%w: %s: moving layout 2's history to hist/: %w", ErrLayout, path, err)
 		}
 		return node.Put(keyLayout, u64(layoutVersion))
-	case have > layoutVersion:
+	case have == layoutPartitioned:
+		return nil
+	case have > layoutPartitioned:
 		// Written by a newer release: reading it could misread anything
 		// that release changed, and there is no downgrade.
-		return fmt.Errorf("%w: %s has layout %d, newer than layout %d that this kvd reads (it upgrades layout 2 in place): a newer kvd wrote it; run that release or a later one on this data dir, as kvd does not downgrade a data file",
-			ErrLayout, path, have, layoutVersion)
+		return fmt.Errorf("%w: %s has layout %d, newer than layout %d that this kvd reads (3 for a data dir of one file, 4 for one of several partitions; it upgrades layout 2 in place): a newer kvd wrote it; run that release or a later one on this data dir, as kvd does not downgrade a data file",
+			ErrLayout, path, have, layoutPartitioned)
 	case have != layoutVersion:
 		return fmt.Errorf("%w: %s has layout %d, older than layout %d that this kvd reads (it upgrades layout 2 in place, nothing older): move the data dir away and add this node back as a new member (empty data dir, a new --id, --join)",
 			ErrLayout, path, have, layoutVersion)

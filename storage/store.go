@@ -95,7 +95,7 @@ func OpenStore(dir string, partitions int, opts Options) (*Store, error) {
 	if err == nil && fresh && n > 1 {
 		// Last: until the count is recorded the data dir is new, and an
 		// open after a crash here creates the partitions again.
-		err = first.PutMeta(keyPartitions, u64(n))
+		err = first.putNode(map[string][]byte{keyPartitions: u64(n), string(keyLayout): u64(layoutPartitioned)})
 	}
 	if err != nil {
 		for _, p := range s.parts {
@@ -127,14 +127,14 @@ func (s *Store) openPartition(dir string, i, n uint64, fresh bool, opts Options)
 	have, err := e.GetMeta(keyPartition)
 	switch {
 	case err != nil:
-	case fresh && have == nil:
-		err = e.PutMeta(keyPartition, []byte(want))
-	case fresh:
+	case fresh && have != nil:
 		if _, empty, ferr := e.partitionCount(); ferr != nil || !empty {
 			err = fmt.Errorf("%w: %s holds data, but kvd.db records no partitions", ErrLayout, path)
-		} else {
-			err = e.PutMeta(keyPartition, []byte(want))
+			break
 		}
+		fallthrough
+	case fresh:
+		err = e.putNode(map[string][]byte{keyPartition: []byte(want), string(keyLayout): u64(layoutPartitioned)})
 	case string(have) != want:
 		err = fmt.Errorf("%w: %s says it is partition %q, want %s: a file of another data dir?", ErrLayout, path, have, want)
 	}
@@ -143,6 +143,20 @@ func (s *Store) openPartition(dir string, i, n uint64, fresh bool, opts Options)
 		return nil, err
 	}
 	return e, nil
+}
+
+// putNode stores node-level records in one durable write.
+func (e *Engine) putNode(records map[string][]byte) error {
+	resp := e.do(&request{exec: func(rs *round) (response, error) {
+		node := rs.tx.Bucket(bucketNode)
+		for k, v := range records {
+			if err := node.Put([]byte(k), v); err != nil {
+				return response{}, err
+			}
+		}
+		return response{}, nil
+	}})
+	return resp.err
 }
 
 // partitionCount returns the partition count kvd.db records, 1 for a

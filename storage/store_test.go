@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"bytes"
 	"errors"
 	"os"
 	"path/filepath"
@@ -62,6 +63,12 @@ func TestStorePartitionsShards(t *testing.T) {
 	}
 	if v, err := s.GetMeta("node-id"); err != nil || string(v) != "7" {
 		t.Fatalf("node metadata after reopen: %q, %v", v, err)
+	}
+	// Every file says layout 4, which a kvd without partitions refuses.
+	for _, p := range s.parts {
+		if v, err := p.GetMeta(string(keyLayout)); err != nil || !bytes.Equal(v, u64(layoutPartitioned)) {
+			t.Fatalf("%s: layout record %x, %v; want 4", p.db.Path(), v, err)
+		}
 	}
 	// Only kvd.db holds the node metadata.
 	if v, err := s.parts[1].GetMeta("node-id"); err != nil || v != nil {
