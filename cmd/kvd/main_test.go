@@ -77,6 +77,8 @@ func TestBadFlagsExit2WithOneLine(t *testing.T) {
 		{"positional argument", []string{"extra"}, "unknown command"},
 		{"bad log level", []string{"--log-level", "loud"}, "--log-level"},
 		{"negative commit interval", []string{"--commit-interval", "-1s"}, "--commit-interval"},
+		{"negative storage partitions", []string{"--storage-partitions", "-1"}, "--storage-partitions -1 out of range"},
+		{"too many storage partitions", []string{"--storage-partitions", "65"}, "use 1..64"},
 		{"join with bootstrap flags", []string{"--join", "127.0.0.1:2379", "--initial-cluster", "1=127.0.0.1:2380"}, "drop --initial-cluster"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
