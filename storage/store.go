@@ -23,10 +23,11 @@ import (
 // Why more than one: an Engine's writer performs every write of its file,
 // applies and bbolt commits included, so a shard whose commits are large
 // (1 MiB transactions) delays every other shard of the same file. Shards
-// in other partitions do not wait for it. The price is one WAL sync per
-// partition a round touches, in parallel, where one file pays one. The
-// design follows dragonboat, which spreads its groups over several log
-// databases.
+// in other partitions do not wait for it, provided their saves do not
+// share a request with its (raftnode runs a loop per partition). The
+// price: a round that one file makes with one WAL write and one sync, N
+// files make with one each. The design follows dragonboat, which spreads
+// its groups over several log databases and step workers.
 //
 // A data dir keeps the partition count it was created with: it is
 // recorded in the first file, kvd.db, which also holds the node-level
@@ -51,7 +52,7 @@ const (
 	keyPartition  = "storage/partition"
 )
 
-// MaxPartitions bounds StoreOptions.Partitions.
+// MaxPartitions bounds OpenStore's partitions.
 const MaxPartitions = 64
 
 // OpenStore opens the data dir's partitions, creating a new data dir with
@@ -127,13 +128,13 @@ func (s *Store) openPartition(dir string, i, n uint64, fresh bool, opts Options)
 	have, err := e.GetMeta(keyPartition)
 	switch {
 	case err != nil:
-	case fresh && have != nil:
+	case fresh:
+		// New, or left empty by a crashed creation: never a file that
+		// holds shards kvd.db does not account for.
 		if _, empty, ferr := e.partitionCount(); ferr != nil || !empty {
 			err = fmt.Errorf("%w: %s holds data, but kvd.db records no partitions", ErrLayout, path)
 			break
 		}
-		fallthrough
-	case fresh:
 		err = e.putNode(map[string][]byte{keyPartition: []byte(want), string(keyLayout): u64(layoutPartitioned)})
 	case string(have) != want:
 		err = fmt.Errorf("%w: %s says it is partition %q, want %s: a file of another data dir?", ErrLayout, path, have, want)

@@ -214,3 +214,25 @@ func TestStoreSaveAllAcrossPartitions(t *testing.T) {
 		t.Fatalf("stats count %d entries, want 6", st.Entries)
 	}
 }
+
+// A new data dir that already holds a kvd-1.db with shards in it (a file
+// of another dir, dropped in) is refused rather than taken as partition 1.
+func TestStoreRefusesStrayFileInNewDir(t *testing.T) {
+	dir := t.TempDir()
+	e, err := Open(filepath.Join(dir, "kvd-1.db"), Options{NoSync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.CreateShard(1, &pb.ConfState{Voters: []uint64{1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if s, err := OpenStore(dir, 2, Options{NoSync: true}); !errors.Is(err, ErrLayout) {
+		if s != nil {
+			_ = s.Close()
+		}
+		t.Fatalf("OpenStore over a kvd-1.db holding a shard: %v, want ErrLayout", err)
+	}
+}
