@@ -76,11 +76,10 @@ func TestStorePartitionsShards(t *testing.T) {
 	}
 }
 
-// A data dir of one file (as every dir was before partitions) stays one
-// partition when opened asking for more.
-func TestStoreOneFileDirStaysOne(t *testing.T) {
-	dir := t.TempDir()
-	e, err := Open(filepath.Join(dir, "kvd.db"), Options{NoSync: true})
+// fileWithShard makes a bbolt file at path holding shard 1.
+func fileWithShard(t *testing.T, path string) {
+	t.Helper()
+	e, err := Open(path, Options{NoSync: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -90,6 +89,13 @@ func TestStoreOneFileDirStaysOne(t *testing.T) {
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// A data dir of one file (as every dir was before partitions) stays one
+// partition when opened asking for more.
+func TestStoreOneFileDirStaysOne(t *testing.T) {
+	dir := t.TempDir()
+	fileWithShard(t, filepath.Join(dir, "kvd.db"))
 	s := openStoreTest(t, dir, 4)
 	if s.Partitions() != 1 {
 		t.Fatalf("%d partitions, want 1", s.Partitions())
@@ -219,16 +225,7 @@ func TestStoreSaveAllAcrossPartitions(t *testing.T) {
 // of another dir, dropped in) is refused rather than taken as partition 1.
 func TestStoreRefusesStrayFileInNewDir(t *testing.T) {
 	dir := t.TempDir()
-	e, err := Open(filepath.Join(dir, "kvd-1.db"), Options{NoSync: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := e.CreateShard(1, &pb.ConfState{Voters: []uint64{1}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := e.Close(); err != nil {
-		t.Fatal(err)
-	}
+	fileWithShard(t, filepath.Join(dir, "kvd-1.db"))
 	if s, err := OpenStore(dir, 2, Options{NoSync: true}); !errors.Is(err, ErrLayout) {
 		if s != nil {
 			_ = s.Close()
