@@ -43,7 +43,7 @@ func (s *Server) toStatus(err error, shard uint64) error {
 	}
 	var nl *raftnode.NotLeaderError
 	switch {
-	case errors.Is(err, ErrNodeFailed):
+	case errors.Is(err, ErrNodeFailed), errors.Is(err, errMapNotApplied):
 		return status.Error(codes.Unavailable, err.Error())
 	case errors.Is(err, transport.ErrPeerMismatch), errors.Is(err, transport.ErrProtocolVersion):
 		return status.Error(codes.FailedPrecondition, err.Error())

@@ -25,7 +25,6 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/kvd/kvd/fsm"
 	"github.com/kvd/kvd/internal/backoff"
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
@@ -81,11 +80,6 @@ func (s *Server) MemberAdd(ctx context.Context, req *kvpb.MemberAddRequest) (*kv
 	}
 	if err := s.proposeMeta(ctx, cmd); err != nil {
 		if rej := (rejectedError{}); errors.As(err, &rej) {
-			if errors.Is(rej.error, fsm.ErrNotMeta) {
-				// A cluster bootstrapped a moment ago: its map is not
-				// applied yet. A joiner retries Unavailable.
-				return nil, status.Errorf(codes.Unavailable, "member add: the cluster map is not committed yet; retry: %v", rej.error)
-			}
 			return nil, status.Errorf(codes.FailedPrecondition, "member add: %v", rej.error)
 		}
 		return nil, s.toStatus(err, MetaShard)

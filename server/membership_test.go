@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -171,36 +172,53 @@ func TestPlanReplica(t *testing.T) {
 	}
 }
 
-// TestMemberAddRightAfterBootstrap: a member add that reaches a node the
-// moment it has bootstrapped, before its cluster map is applied, is
-// refused as Unavailable (a joiner retries it), never as a failed
-// precondition (a joiner takes that for a configuration error and
-// exits); a retry then adds the member.
-func TestMemberAddRightAfterBootstrap(t *testing.T) {
-	cl, pl := listenLocal(t), listenLocal(t)
-	s, err := New(Config{
-		NodeID: 1, DataDir: t.TempDir(), ClientListener: cl, PeerListener: pl,
-		InitialCluster: map[uint64]string{1: pl.Addr().String()}, Shards: 1,
-		TickInterval: 20 * time.Millisecond, Logger: testLogger(),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = s.Stop() })
-	cc := clusterClient(t, s)
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		_, err := cc.MemberAdd(ctx, &kvpb.MemberAddRequest{Member: &kvpb.Member{Id: 2, PeerAddr: "127.0.0.1:1", ClientAddr: "127.0.0.1:1"}})
-		cancel()
-		if err == nil {
-			return
-		}
-		if code := status.Code(err); code != codes.Unavailable && code != codes.DeadlineExceeded {
-			t.Fatalf("member add right after bootstrap: %v; want success or Unavailable", err)
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("member add not done after 20 s: %v", err)
-		}
+// A change of the meta shard (a member add, an auth change) that reaches
+// a node the moment it has bootstrapped, before its cluster map is
+// applied, is refused as Unavailable (a joiner and the client retry it),
+// never as a failed precondition or an invalid argument (a joiner takes
+// the first for a configuration error and exits, a client gives up on
+// both); a retry then makes the change.
+func TestMetaChangeRightAfterBootstrap(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		change func(context.Context, *grpc.ClientConn) error
+	}{
+		{"member add", func(ctx context.Context, conn *grpc.ClientConn) error {
+			_, err := kvpb.NewClusterClient(conn).MemberAdd(ctx, &kvpb.MemberAddRequest{Member: &kvpb.Member{Id: 2, PeerAddr: "127.0.0.1:1", ClientAddr: "127.0.0.1:1"}})
+			return err
+		}},
+		{"auth change", func(ctx context.Context, conn *grpc.ClientConn) error {
+			_, err := kvpb.NewAuthClient(conn).Change(ctx, &kvpb.AuthChangeRequest{Change: &kvpb.AuthChangeRequest_UserAdd{UserAdd: &kvpb.UserAdd{Name: "u", Password: "p"}}})
+			return err
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cl, pl := listenLocal(t), listenLocal(t)
+			s, err := New(Config{
+				NodeID: 1, DataDir: t.TempDir(), ClientListener: cl, PeerListener: pl,
+				InitialCluster: map[uint64]string{1: pl.Addr().String()}, Shards: 1,
+				TickInterval: 20 * time.Millisecond, Logger: testLogger(),
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = s.Stop() })
+			conn := clientConn(t, s)
+			deadline := time.Now().Add(20 * time.Second)
+			for {
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+				err := tc.change(ctx, conn)
+				cancel()
+				if err == nil {
+					return
+				}
+				if code := status.Code(err); code != codes.Unavailable && code != codes.DeadlineExceeded {
+					t.Fatalf("%s right after bootstrap: %v; want success or Unavailable", tc.name, err)
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("%s not done after 20 s: %v", tc.name, err)
+				}
+			}
+		})
 	}
 }

@@ -558,7 +558,10 @@ func (s *Server) proposeMeta(ctx context.Context, cmd []byte) error {
 			if err != nil {
 				return err
 			}
-			return metaOutcome(res)
+			if _, err := fsm.Outcome(res); err != nil {
+				return metaRejected(err)
+			}
+			return nil
 		}
 		if l := n.Leader(); l != 0 {
 			try = []uint64{l}
@@ -579,7 +582,7 @@ func (s *Server) proposeMeta(ctx context.Context, cmd []byte) error {
 		})
 		if err == nil {
 			if _, err := fsm.DecodeResult(resp.GetResult()); err != nil {
-				return rejectedError{err}
+				return metaRejected(err)
 			}
 			return nil
 		}
@@ -593,12 +596,19 @@ type rejectedError struct{ error }
 
 func (e rejectedError) Unwrap() error { return e.error }
 
-func metaOutcome(res any) error {
-	if _, err := fsm.Outcome(res); err != nil {
-		return rejectedError{err}
+// metaRejected is the error of a command the meta shard's state machine
+// refused. ErrNotMeta there means the shard has not applied its first
+// cluster map (the cluster bootstrapped a moment ago): that is
+// unavailable for now, as a shard without a leader, not a refusal, so
+// every caller's client retries it.
+func metaRejected(err error) error {
+	if errors.Is(err, fsm.ErrNotMeta) {
+		return fmt.Errorf("%w: %v", errMapNotApplied, err)
 	}
-	return nil
+	return rejectedError{err}
 }
+
+var errMapNotApplied = errors.New("the cluster map is not committed yet; retry")
 
 // internal calls another node's Internal service at its peer address.
 func internal[T any](s *Server, id uint64, call func(peerpb.InternalClient) (T, error)) (T, error) {
