@@ -14,11 +14,9 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/kvd/kvd/internal/authtoken"
 	"github.com/kvd/kvd/proto/kvpb"
 )
-
-// tokenRenewBefore: a token this close to its expiry is renewed first.
-const tokenRenewBefore = 30 * time.Second
 
 // dialTarget is the gRPC target of a host:port: passthrough, so the name
 // is resolved by each connection attempt (see dialNode).
@@ -50,9 +48,9 @@ type tokenSource struct {
 	c     *Client
 	creds credentials.TransportCredentials
 
-	mu      sync.Mutex // held while a token is fetched: one fetch at a time
-	token   string
-	expires time.Time
+	mu    sync.Mutex // held while a token is fetched: one fetch at a time
+	token string
+	renew time.Time // when the token is replaced (authtoken.RenewAt)
 }
 
 func (t *tokenSource) RequireTransportSecurity() bool { return false }
@@ -68,14 +66,14 @@ func (t *tokenSource) GetRequestMetadata(ctx context.Context, _ ...string) (map[
 func (t *tokenSource) get(ctx context.Context) (string, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.token != "" && time.Until(t.expires) > tokenRenewBefore {
+	if t.token != "" && time.Now().Before(t.renew) {
 		return t.token, nil
 	}
 	var errs []error
 	for _, ep := range t.c.cfg.Endpoints {
 		resp, err := t.authenticate(ctx, ep)
 		if err == nil {
-			t.token, t.expires = resp.GetToken(), time.UnixMilli(resp.GetExpiresUnixMs())
+			t.token, t.renew = resp.GetToken(), authtoken.RenewAt(time.Now(), time.UnixMilli(resp.GetExpiresUnixMs()))
 			return t.token, nil
 		}
 		errs = append(errs, &EndpointError{Endpoint: ep, Err: err})

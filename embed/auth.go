@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/kvd/kvd/internal/authtoken"
 	"github.com/kvd/kvd/proto/kvpb"
 )
 
@@ -33,12 +34,8 @@ func WithClientAuth(user, password string) Option {
 	return func(n *Node) { n.auth = &tokenSource{n: n, user: user, password: password} }
 }
 
-const (
-	// tokenRenewBefore: a token this close to its expiry is renewed.
-	tokenRenewBefore = 30 * time.Second
-	// authRecheck: how long "auth is not enabled" is believed.
-	authRecheck = time.Second
-)
+// authRecheck: how long "auth is not enabled" is believed.
+const authRecheck = time.Second
 
 // tokenSource is the embedded client's per-call credentials. The
 // client's own (client.Config.Username) authenticate at an endpoint over
@@ -50,7 +47,7 @@ type tokenSource struct {
 
 	mu       sync.Mutex // held while a token is fetched: one fetch at a time
 	token    string
-	expires  time.Time
+	renew    time.Time // when the token is replaced (authtoken.RenewAt)
 	disabled time.Time // when auth was last found disabled
 }
 
@@ -67,7 +64,7 @@ func (t *tokenSource) GetRequestMetadata(ctx context.Context, _ ...string) (map[
 func (t *tokenSource) get(ctx context.Context) (string, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.token != "" && time.Until(t.expires) > tokenRenewBefore {
+	if t.token != "" && time.Now().Before(t.renew) {
 		return t.token, nil
 	}
 	if !t.disabled.IsZero() && time.Since(t.disabled) < authRecheck {
@@ -81,7 +78,7 @@ func (t *tokenSource) get(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("authenticate as %q: %w", t.user, err)
 	}
-	t.token, t.expires, t.disabled = resp.GetToken(), time.UnixMilli(resp.GetExpiresUnixMs()), time.Time{}
+	t.token, t.renew, t.disabled = resp.GetToken(), authtoken.RenewAt(time.Now(), time.UnixMilli(resp.GetExpiresUnixMs())), time.Time{}
 	return t.token, nil
 }
 
