@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -41,8 +42,11 @@ func TestLargeTxnLag(t *testing.T) {
 	rt := e.router(ctx)
 
 	// The large transactions' keys all map to the shard of "lag/big/0";
-	// the small puts' keys to every other shard.
+	// the small puts' keys to every other shard. The small puts are
+	// reported apart by whether their shard shares the big one's file.
 	bigShard := rt.ring.Shard([]byte("lag/big/0"))
+	parts := partitions(*lagArgs)
+	sharesFile := func(k []byte) bool { return rt.ring.Shard(k)%parts == bigShard%parts }
 	var bigKeys, smallKeys [][]byte
 	for i := 0; len(bigKeys) < 128 || len(smallKeys) < 1000; i++ {
 		if k := []byte(fmt.Sprintf("lag/big/%d", i)); rt.ring.Shard(k) == bigShard && len(bigKeys) < 128 {
@@ -65,7 +69,7 @@ func TestLargeTxnLag(t *testing.T) {
 		return e.metricSum("kvd_storage_commit_duration_seconds_sum"), e.metricSum("kvd_storage_commit_duration_seconds_count")
 	}
 	s0, n0 := commits()
-	base := e.smallPuts(ctx, smallKeys, phase, nil)
+	base := e.smallPuts(ctx, smallKeys, sharesFile, phase, nil)
 	s1, n1 := commits()
 	var (
 		txns      atomic.Int64
@@ -73,7 +77,7 @@ func TestLargeTxnLag(t *testing.T) {
 		errCodes  = map[codes.Code]int{}
 		firstErrs = map[codes.Code]string{}
 	)
-	loaded := e.smallPuts(ctx, smallKeys, phase, func(lctx context.Context, wg *sync.WaitGroup) {
+	loaded := e.smallPuts(ctx, smallKeys, sharesFile, phase, func(lctx context.Context, wg *sync.WaitGroup) {
 		conn := e.dial(rt.leaders[bigShard].ClientAddr)
 		kv := kvpb.NewKVClient(conn)
 		for range 4 {
@@ -102,7 +106,7 @@ func TestLargeTxnLag(t *testing.T) {
 		context.AfterFunc(lctx, func() { wg.Wait(); conn.Close() })
 	})
 	s2, n2 := commits()
-	fmt.Printf("small puts alone:          %s; bbolt commits %.0f, %.1f ms each\n", base, n1-n0, 1000*(s1-s0)/max(n1-n0, 1))
+	fmt.Printf("small puts alone:          %s; bbolt commits %.0f, %.1f ms each\n", base.all, n1-n0, 1000*(s1-s0)/max(n1-n0, 1))
 	// The wait above ended every transaction writer: errCodes is final.
 	failed := 0
 	var byCode []string
@@ -112,7 +116,7 @@ func TestLargeTxnLag(t *testing.T) {
 	}
 	slices.Sort(byCode)
 	fmt.Printf("beside 1 MiB transactions: %s; bbolt commits %.0f, %.1f ms each; transactions %d (%.1f/s), failed %d%s\n",
-		loaded, n2-n1, 1000*(s2-s1)/max(n2-n1, 1), txns.Load(), float64(txns.Load())/phase.Seconds(), failed, strings.Join(append([]string{""}, byCode...), "; "))
+		loaded.all, n2-n1, 1000*(s2-s1)/max(n2-n1, 1), txns.Load(), float64(txns.Load())/phase.Seconds(), failed, strings.Join(append([]string{""}, byCode...), "; "))
 	var sizes []string
 	for _, nd := range c.Nodes {
 		files, _ := filepath.Glob(filepath.Join(nd.DataDir, "kvd*.db"))
@@ -125,7 +129,10 @@ func TestLargeTxnLag(t *testing.T) {
 		sizes = append(sizes, fmt.Sprintf("%d MiB", total>>20))
 	}
 	fmt.Printf("bbolt files per node after both phases: %s\n", strings.Join(sizes, ", "))
-	for _, s := range []lagStats{base, loaded} {
+	if parts > 1 {
+		fmt.Printf("beside them, by file (%d files): the big shard's file: %s; the other files: %s\n", parts, loaded.same, loaded.other)
+	}
+	for _, s := range []lagStats{base.all, loaded.all} {
 		if s.ok == 0 || s.errs > 0 {
 			t.Errorf("small puts: %d ok, %d failed (first: %v)", s.ok, s.errs, s.firstErr)
 		}
@@ -141,6 +148,34 @@ type lagStats struct {
 	p50, p99, pmax time.Duration
 }
 
+// lagPhase is a phase's small puts: all of them, and apart, those whose
+// shard shares the big shard's file and the others.
+type lagPhase struct{ all, same, other lagStats }
+
+// partitions is the --storage-partitions value in args, or 1.
+func partitions(args string) uint64 {
+	f := strings.Fields(args)
+	for i, a := range f {
+		v, ok := strings.CutPrefix(a, "--storage-partitions=")
+		if !ok && a == "--storage-partitions" && i+1 < len(f) {
+			v, ok = f[i+1], true
+		}
+		if n, err := strconv.ParseUint(v, 10, 64); ok && err == nil && n > 0 {
+			return n
+		}
+	}
+	return 1
+}
+
+// summarize sorts lat and sets s's percentiles from it.
+func (s *lagStats) summarize(lat []time.Duration) {
+	s.ok = len(lat)
+	if len(lat) > 0 {
+		slices.Sort(lat)
+		s.p50, s.p99, s.pmax = lat[len(lat)/2], lat[len(lat)*99/100], lat[len(lat)-1]
+	}
+}
+
 func (s lagStats) String() string {
 	return fmt.Sprintf("%d puts, p50 %v, p99 %v, max %v", s.ok, s.p50.Round(10*time.Microsecond), s.p99.Round(10*time.Microsecond), s.pmax.Round(10*time.Microsecond))
 }
@@ -148,7 +183,8 @@ func (s lagStats) String() string {
 // smallPuts writes 64-byte values to keys, open loop at 200 puts/s (each
 // put's latency counts from when it was due, so a stall shows in every put
 // it delayed), for d; load, when given, runs beside it until d ends.
-func (e *env) smallPuts(ctx context.Context, keys [][]byte, d time.Duration, load func(context.Context, *sync.WaitGroup)) lagStats {
+// sharesFile tells the keys whose puts the phase also reports as same.
+func (e *env) smallPuts(ctx context.Context, keys [][]byte, sharesFile func([]byte) bool, d time.Duration, load func(context.Context, *sync.WaitGroup)) lagPhase {
 	cl := e.client(ctx)
 	defer cl.Close()
 	pctx, cancel := context.WithTimeout(ctx, d)
@@ -160,10 +196,10 @@ func (e *env) smallPuts(ctx context.Context, keys [][]byte, d time.Duration, loa
 	const rate = 200
 	val := bytes.Repeat([]byte("s"), 64)
 	var (
-		mu  sync.Mutex
-		s   lagStats
-		lat []time.Duration
-		wg  sync.WaitGroup
+		mu                   sync.Mutex
+		s                    lagStats
+		lat, same, otherFile []time.Duration
+		wg                   sync.WaitGroup
 	)
 	start := time.Now()
 	for i := 0; ; i++ {
@@ -196,16 +232,20 @@ func (e *env) smallPuts(ctx context.Context, keys [][]byte, d time.Duration, loa
 				}
 				return
 			}
-			s.ok++
 			lat = append(lat, l)
+			if sharesFile(keys[i%len(keys)]) {
+				same = append(same, l)
+			} else {
+				otherFile = append(otherFile, l)
+			}
 		})
 	}
 	wg.Wait()
 	cancel()
 	loadWG.Wait()
-	if len(lat) > 0 {
-		slices.Sort(lat)
-		s.p50, s.p99, s.pmax = lat[len(lat)/2], lat[len(lat)*99/100], lat[len(lat)-1]
-	}
-	return s
+	s.summarize(lat)
+	p := lagPhase{all: s}
+	p.same.summarize(same)
+	p.other.summarize(otherFile)
+	return p
 }
