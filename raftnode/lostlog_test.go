@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -16,19 +15,21 @@ import (
 
 // crashCopy copies node id's files now, as a crash would leave them: the
 // engine's transaction stays open for an hour (commitInterval), so each
-// bbolt file holds the state of its last commit and its WAL every round
+// bbolt file holds the state of its last commit and the WAL every round
 // acknowledged since.
 func (c *testCluster) crashCopy(id uint64) map[string][]byte {
 	c.t.Helper()
 	files := map[string][]byte{}
-	for _, db := range c.nodes[id].engine.Paths() {
-		for _, path := range []string{db, strings.TrimSuffix(db, ".db") + ".wal"} {
-			b, err := os.ReadFile(path)
-			if err != nil {
-				c.t.Fatal(err)
-			}
-			files[filepath.Base(path)] = b
+	entries, err := os.ReadDir(c.nodes[id].dir)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	for _, f := range entries {
+		b, err := os.ReadFile(filepath.Join(c.nodes[id].dir, f.Name()))
+		if err != nil {
+			c.t.Fatal(err)
 		}
+		files[f.Name()] = b
 	}
 	return files
 }
@@ -92,34 +93,42 @@ func TestFollowerWithLostWALStopsItsReplica(t *testing.T) {
 		}
 	}
 	files := c.crashCopy(follower)
-	// The files of shard 1's partition.
+	// The partitions share kvd.wal, a region each of the same size: shard
+	// 1's is that of its partition.
 	st := c.nodes[follower].engine
-	dbName := filepath.Base(st.Paths()[st.Partition(1)])
-	walName := strings.TrimSuffix(dbName, ".db") + ".wal"
+	parts := st.Partitions()
+	region := len(files["kvd.wal"]) / parts
+	lo := st.Partition(1) * region
 	c.stop(follower)
 
-	// One byte flipped in the middle of the WAL: Open refuses the files.
-	damaged := filepath.Join(t.TempDir(), dbName)
-	wal := append([]byte(nil), files[walName]...)
-	end := len(wal)
-	for end > 0 && wal[end-1] == 0 {
+	// One byte flipped in the middle of the region's records: the open
+	// refuses the files.
+	damaged := t.TempDir()
+	wal := append([]byte(nil), files["kvd.wal"]...)
+	records := wal[lo : lo+region]
+	end := len(records)
+	for end > 0 && records[end-1] == 0 {
 		end--
 	}
-	wal[end/2] ^= 0x01
-	for name, b := range map[string][]byte{dbName: files[dbName], walName: wal} {
-		if err := os.WriteFile(filepath.Join(filepath.Dir(damaged), name), b, 0o600); err != nil {
+	records[end/2] ^= 0x01
+	for name, b := range files {
+		if name == "kvd.wal" {
+			b = wal
+		}
+		if err := os.WriteFile(filepath.Join(damaged, name), b, 0o600); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if e, err := storage.Open(damaged, storage.Options{}); !errors.Is(err, storage.ErrCorrupt) {
-		if e != nil {
-			_ = e.Close()
+	if s, err := storage.OpenStore(damaged, parts, storage.Options{}); !errors.Is(err, storage.ErrCorrupt) {
+		if s != nil {
+			_ = s.Close()
 		}
-		t.Fatalf("Open of a WAL with a byte flipped at %d of %d: %v, want ErrCorrupt", end/2, end, err)
+		t.Fatalf("open of a WAL with a byte flipped at %d of region %d bytes: %v, want ErrCorrupt", lo+end/2, region, err)
 	}
 
-	// Every acknowledged round lost: the log ends at the last commit.
-	clear(files[walName])
+	// Every acknowledged round of the region lost: the log ends at the
+	// last commit.
+	clear(files["kvd.wal"][lo : lo+region])
 	for name, b := range files {
 		if err := os.WriteFile(filepath.Join(c.nodes[follower].dir, name), b, 0o600); err != nil {
 			t.Fatal(err)

@@ -82,13 +82,13 @@ type Config struct {
 	// read on the leader can be. Default 200 ms.
 	CommitInterval time.Duration
 
-	// StoragePartitions is how many bbolt files, each with its own WAL,
-	// writer and Raft loop, a new data dir spreads its shards over
-	// (storage.Store): a shard's large writes then delay only the shards
-	// of its own file, at the price of a WAL sync and a loop pass per file
-	// where one file pays one (docs/architecture.md, Storage, has the
-	// figures). An existing data dir keeps the count it was created with.
-	// Default 1.
+	// StoragePartitions is how many bbolt files, each with its own
+	// writer, WAL region and Raft loop, a new data dir spreads its shards
+	// over (storage.Store): a shard's large writes then delay only the
+	// shards of its own file, at the price of a WAL write, a commit and a
+	// loop pass per file where one file pays one (docs/architecture.md,
+	// Storage, has the figures). An existing data dir keeps the count it
+	// was created with. Default 1.
 	StoragePartitions int
 
 	// RequestTimeout bounds a request that arrives without a deadline.

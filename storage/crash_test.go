@@ -20,6 +20,26 @@ import (
 // the tests: it is the process that the crash test kills.
 const crashChildEnv = "KVD_STORAGE_CRASH_CHILD"
 
+// crashPartitionsEnv, when set to N, makes the child open a Store of N
+// partitions in the directory of its path instead of one Engine.
+const crashPartitionsEnv = "KVD_STORAGE_CRASH_PARTITIONS"
+
+// shardStore is what the crash test needs of an Engine or a Store.
+type shardStore interface {
+	CreateShard(id uint64, cs *pb.ConfState) (*Shard, error)
+	OpenShard(id uint64) (*Shard, error)
+	Close() error
+}
+
+// openCrashed opens path as an Engine, or its directory as a Store of
+// partitions when there are more than one.
+func openCrashed(path string, partitions int) (shardStore, error) {
+	if partitions > 1 {
+		return OpenStore(filepath.Dir(path), partitions, Options{})
+	}
+	return Open(path, Options{})
+}
+
 // crashShards is how many shards the child writes to concurrently, so the
 // kill lands in the middle of group-commit rounds that merge several.
 const crashShards = 4
@@ -29,7 +49,8 @@ const crashShards = 4
 // "shard index" to stdout after each Save returns: those lines are the
 // acknowledgements. It runs until killed.
 func crashChild() {
-	e, err := Open(os.Getenv(crashChildEnv), Options{})
+	partitions, _ := strconv.Atoi(os.Getenv(crashPartitionsEnv))
+	e, err := openCrashed(os.Getenv(crashChildEnv), partitions)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
@@ -77,11 +98,20 @@ func crashChild() {
 // and, for saves without NoWait, the applied data and an applied index at
 // least as high. On NoWait shards the applied index may be lower; the data
 // matches it, and applying the rest (as raft would) completes it.
+//
+// With partitions, the shards spread over files that share one WAL file
+// and its syncs, and the same must hold of each.
 func TestCrashKeepsAcknowledgedWrites(t *testing.T) {
+	for _, partitions := range []int{1, 3} {
+		t.Run(fmt.Sprintf("partitions=%d", partitions), func(t *testing.T) { crashAndCheck(t, partitions) })
+	}
+}
+
+func crashAndCheck(t *testing.T, partitions int) {
 	for kill := 1; kill <= 2; kill++ {
 		path := filepath.Join(t.TempDir(), "kvd.db") // each child creates its shards afresh
-		acked := runAndKill(t, path, 300*kill)
-		e, err := Open(path, Options{})
+		acked := runAndKill(t, path, partitions, 300*kill)
+		e, err := openCrashed(path, partitions)
 		if err != nil {
 			t.Fatalf("reopen after kill %d: %v", kill, err)
 		}
@@ -150,10 +180,10 @@ func TestCrashKeepsAcknowledgedWrites(t *testing.T) {
 // runAndKill starts the child on path, waits for at least n
 // acknowledgements, kills it with SIGKILL while it writes, and returns
 // the highest acknowledged index per shard.
-func runAndKill(t *testing.T, path string, n int) map[uint64]uint64 {
+func runAndKill(t *testing.T, path string, partitions, n int) map[uint64]uint64 {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), crashChildEnv+"="+path)
+	cmd.Env = append(os.Environ(), crashChildEnv+"="+path, crashPartitionsEnv+"="+strconv.Itoa(partitions))
 	cmd.Stderr = os.Stderr
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {

@@ -2,8 +2,9 @@
 // group of a node, and the state machine those groups apply to. An Engine
 // is one bbolt file, with its WAL and its writer, holding any number of
 // shards; a Store is a node's Engines, its partitions (store.go): one by
-// default, so that one fsync covers every shard, or several, so that one
-// shard's large writes delay only the shards of its own file.
+// default, so that one bbolt commit and one WAL record cover every shard,
+// or several, so that one shard's large writes delay only the shards of
+// its own file.
 //
 // # Layout
 //
@@ -29,7 +30,8 @@
 // node/ records the layout version; Open refuses a file of another one.
 //
 // and kvd.wal beside it is the write-ahead log of the rounds since the last
-// bbolt commit (below).
+// bbolt commit (below). The partitions of a Store share kvd.wal, a region
+// each, and its fdatasyncs.
 //
 // # The writer: group commit and the WAL
 //

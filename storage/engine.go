@@ -50,7 +50,10 @@ type Options struct {
 	// WALSize is the size the WAL is preallocated to, default 64 MiB; a
 	// WAL already larger keeps its size. The writer commits bbolt when
 	// the WAL is 15/16 full, so a smaller WAL commits more often under
-	// heavy writes.
+	// heavy writes. In a Store of several partitions it is the size of
+	// each partition's region of the shared WAL file, default 64 MiB
+	// divided among them, at least 16 MiB each; a data dir keeps the
+	// region size it was created with.
 	WALSize int64
 }
 
@@ -149,7 +152,12 @@ type Engine struct {
 // Open opens or creates the engine's bbolt file at path (creating missing
 // directories) and starts the writer. Snapshots left staged by a previous
 // run are dropped: a sender restarts them from scratch anyway.
-func Open(path string, opts Options) (*Engine, error) {
+func Open(path string, opts Options) (*Engine, error) { return open(path, opts, nil) }
+
+// open is Open with the WAL w, a region of the store's shared WAL file
+// (openSharedWAL), or with the file's own WAL when w is nil. It closes
+// its own WAL if it fails, never w.
+func open(path string, opts Options, w *wal) (*Engine, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -218,9 +226,11 @@ func Open(path string, opts Options) (*Engine, error) {
 	e.mu.shards = make(map[uint64]*Shard)
 	e.failure.c = make(chan struct{})
 	e.stats.s = newStats()
-	if e.wal, err = openWAL(walPath(path), opts.WALSize, !opts.NoSync); err != nil {
-		_ = db.Close()
-		return nil, err
+	if e.wal = w; w == nil {
+		if e.wal, err = openWAL(walPath(path), opts.WALSize, !opts.NoSync); err != nil {
+			_ = db.Close()
+			return nil, err
+		}
 	}
 	replayed, err := e.recover()
 	if err != nil {

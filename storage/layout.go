@@ -68,10 +68,17 @@ var stateBuckets = [][]byte{bucketKV, bucketMeta, bucketHist}
 const layoutVersion = 3
 
 // layoutPartitioned is layout 3 in a file of a data dir of several
-// partitions (store.go). It differs from layout 3 only in name, so that a
-// kvd without partitions refuses the file as newer rather than open
-// kvd.db alone and find most of its shards missing.
+// partitions (store.go), each with a WAL file of its own. It differs from
+// layout 3 only in name, so that a kvd without partitions refuses the
+// file as newer rather than open kvd.db alone and find most of its shards
+// missing. OpenStore moves such a data dir to layoutSharedWAL.
 const layoutPartitioned = 4
+
+// layoutSharedWAL is layout 3 in a file of a data dir of several
+// partitions that share one WAL file, a region each. A kvd that gave each
+// partition its own WAL must refuse it: it would replay nothing of the
+// shared file and lose what was acknowledged since the last commits.
+const layoutSharedWAL = 5
 
 // checkLayout records layoutVersion in a new file and refuses a file of
 // another version, in one line that names the file (path), both versions
@@ -99,13 +106,13 @@ func checkLayout(tx *bolt.Tx, path string) error {
 			return fmt.Errorf("%w: %s: moving layout 2's history to hist/: %w", ErrLayout, path, err)
 		}
 		return node.Put(keyLayout, u64(layoutVersion))
-	case have == layoutPartitioned:
+	case have == layoutPartitioned || have == layoutSharedWAL:
 		return nil
-	case have > layoutPartitioned:
+	case have > layoutSharedWAL:
 		// Written by a newer release: reading it could misread anything
 		// that release changed, and there is no downgrade.
-		return fmt.Errorf("%w: %s has layout %d, newer than layout %d that this kvd reads (3 for a data dir of one file, 4 for one of several partitions; it upgrades layout 2 in place): a newer kvd wrote it; run that release or a later one on this data dir, as kvd does not downgrade a data file",
-			ErrLayout, path, have, layoutPartitioned)
+		return fmt.Errorf("%w: %s has layout %d, newer than layout %d that this kvd reads (3 for a data dir of one file, 5 for one of several partitions; it upgrades layouts 2 and 4 in place): a newer kvd wrote it; run that release or a later one on this data dir, as kvd does not downgrade a data file",
+			ErrLayout, path, have, layoutSharedWAL)
 	case have != layoutVersion:
 		return fmt.Errorf("%w: %s has layout %d, older than layout %d that this kvd reads (it upgrades layout 2 in place, nothing older): move the data dir away and add this node back as a new member (empty data dir, a new --id, --join)",
 			ErrLayout, path, have, layoutVersion)

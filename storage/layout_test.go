@@ -27,7 +27,7 @@ func TestFutureLayoutRefused(t *testing.T) {
 	_, err := Open(path, Options{NoSync: true})
 	mustIs(t, err, ErrLayout)
 	msg := err.Error()
-	for _, want := range []string{path + " has layout 99", "newer than layout 4", "run that release or a later one"} {
+	for _, want := range []string{path + " has layout 99", "newer than layout 5", "run that release or a later one"} {
 		if !strings.Contains(msg, want) {
 			t.Errorf("error %q does not say %q", msg, want)
 		}

@@ -15,26 +15,33 @@ import (
 )
 
 // Store is a node's storage: one or more Engines, the partitions, each a
-// bbolt file with its WAL and its own writer, and each holding a fixed
-// share of the shards (shard id modulo the partition count). A shard's
-// log, hard state and state machine live in one partition, so nothing of
-// a shard spans files and each partition recovers alone.
+// bbolt file with its own writer, and each holding a fixed share of the
+// shards (shard id modulo the partition count). A shard's log, hard state
+// and state machine live in one partition, so nothing of a shard spans
+// bbolt files.
 //
 // Why more than one: an Engine's writer performs every write of its file,
 // applies and bbolt commits included, so a shard whose commits are large
 // (1 MiB transactions) delays every other shard of the same file. Shards
 // in other partitions do not wait for it, provided their saves do not
 // share a request with its (raftnode runs a loop per partition). The
-// price: a round that one file makes with one WAL write and one sync, N
-// files make with one each. The design follows dragonboat, which spreads
-// its groups over several log databases and step workers.
+// design follows dragonboat, which spreads its groups over several log
+// databases and step workers.
+//
+// The partitions share one WAL file, kvd.wal, a region of it each
+// (openSharedWAL), and its fdatasyncs (fileSync): a sync makes durable
+// what every partition wrote before it, so N partitions cost the disk
+// about the syncs of one file, not N times as many. A round still costs
+// one WAL write and one writer pass per partition that takes part.
 //
 // A data dir keeps the partition count it was created with: it is
-// recorded in the first file, kvd.db, which also holds the node-level
-// metadata (GetMeta, PutMeta). The others are kvd-1.db, kvd-2.db, ...
-// A data dir created before partitions existed is one partition.
+// recorded in the first file, kvd.db, with the size of a WAL region; kvd.db
+// also holds the node-level metadata (GetMeta, PutMeta). The others are
+// kvd-1.db, kvd-2.db, ... A data dir created before partitions existed is
+// one partition, with the whole of kvd.wal as its WAL.
 type Store struct {
 	parts   []*Engine
+	walFile *os.File // the partitions' shared WAL; nil for one partition
 	failedc chan struct{}
 	failErr error // set before failedc closes
 	stopc   chan struct{}
@@ -44,11 +51,13 @@ type Store struct {
 }
 
 // Node-metadata keys of the partition records, in the node/ bucket of
-// each file beside the server's own keys. kvd.db records the count; every
-// other file its index and the count, so that a file of another data dir,
-// or one renamed, is refused rather than read as this one's.
+// each file beside the server's own keys. kvd.db records the count and
+// the size of each partition's region of the WAL file; every other file
+// its index and the count, so that a file of another data dir, or one
+// renamed, is refused rather than read as this one's.
 const (
 	keyPartitions = "storage/partitions"
+	keyWALRegion  = "storage/wal-region"
 	keyPartition  = "storage/partition"
 )
 
@@ -67,62 +76,101 @@ func OpenStore(dir string, partitions int, opts Options) (*Store, error) {
 		failedc: make(chan struct{}),
 		stopc:   make(chan struct{}),
 	}
-	// The partitions share the WAL space one file would have, down to a
-	// quarter of it each. kvd.db's WAL is sized before the count of an
-	// existing data dir is known; it keeps the size it was created with.
-	walSize := func(n uint64) Options {
-		o := opts
-		if o.WALSize <= 0 {
-			o.WALSize = max(walPrealloc/int64(n), walPrealloc/4)
-		}
-		return o
-	}
-	first, err := Open(filepath.Join(dir, "kvd.db"), walSize(uint64(partitions)))
+	first := partitionPath(dir, 0)
+	info, err := peekPartitions(first)
 	if err != nil {
 		return nil, err
 	}
-	s.parts = []*Engine{first}
-	n, fresh, err := first.partitionCount()
-	if err == nil && fresh {
+	n := info.n
+	if info.fresh {
 		n = uint64(partitions)
 	}
-	for i := uint64(1); err == nil && i < n; i++ {
+	if n == 1 {
+		e, err := Open(first, opts)
+		if err != nil {
+			return nil, err
+		}
+		s.parts = []*Engine{e}
+		s.start()
+		return s, nil
+	}
+	if info.region == 0 && !info.fresh {
+		// Written by a kvd that gave each partition a WAL file of its own.
+		if err := mergeWALs(dir, n, opts); err != nil {
+			return nil, err
+		}
+	}
+	// The partitions share the WAL space one file would have, down to a
+	// quarter of it each.
+	region := int64(info.region)
+	if region == 0 {
+		if region = opts.WALSize; region <= 0 {
+			region = max(walPrealloc/int64(n), walPrealloc/4)
+		}
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("storage: create data dir: %w", err)
+	}
+	f, wals, err := openSharedWAL(walPath(first), int(n), region, !opts.NoSync)
+	if err != nil {
+		return nil, err
+	}
+	s.walFile = f
+	// Files that do not record the shared WAL yet (new, or merged above)
+	// record it, kvd.db last: until it has, the data dir is new (or still
+	// to merge), and an open after a crash does it again.
+	record := info.region == 0
+	for i := uint64(0); err == nil && i < n; i++ {
 		var p *Engine
-		p, err = s.openPartition(dir, i, n, fresh, walSize(n))
+		p, err = s.openPartition(dir, i, n, info.fresh, record, opts, wals[i])
 		if p != nil {
 			s.parts = append(s.parts, p)
 		}
 	}
-	if err == nil && fresh && n > 1 {
-		// Last: until the count is recorded the data dir is new, and an
-		// open after a crash here creates the partitions again.
-		err = first.putNode(map[string][]byte{keyPartitions: u64(n), string(keyLayout): u64(layoutPartitioned)})
+	if err == nil && record {
+		err = s.parts[0].putNode(map[string][]byte{keyPartitions: u64(n), keyWALRegion: u64(uint64(region)), string(keyLayout): u64(layoutSharedWAL)})
 	}
 	if err != nil {
-		for _, p := range s.parts {
-			_ = p.Close()
-		}
+		_ = s.Close()
 		return nil, err
 	}
+	s.start()
+	return s, nil
+}
+
+// start watches the partitions for failure.
+func (s *Store) start() {
 	for _, p := range s.parts {
 		s.wg.Add(1)
 		go s.watch(p)
 	}
-	return s, nil
 }
 
-// openPartition opens partition i of n; in a new data dir it creates the
-// file and records i/n in it (again, over what a crashed creation left).
-func (s *Store) openPartition(dir string, i, n uint64, fresh bool, opts Options) (*Engine, error) {
-	path := filepath.Join(dir, "kvd-"+strconv.FormatUint(i, 10)+".db")
+// partitionPath is partition i's bbolt file in dir.
+func partitionPath(dir string, i uint64) string {
+	if i == 0 {
+		return filepath.Join(dir, "kvd.db")
+	}
+	return filepath.Join(dir, "kvd-"+strconv.FormatUint(i, 10)+".db")
+}
+
+// openPartition opens partition i of n over its region w of the shared
+// WAL. In a new data dir it creates the file and records i/n in it
+// (again, over what a crashed creation left); with record, the file
+// records the shared WAL's layout.
+func (s *Store) openPartition(dir string, i, n uint64, fresh, record bool, opts Options, w *wal) (*Engine, error) {
+	path := partitionPath(dir, i)
 	if !fresh {
 		if _, err := os.Stat(path); err != nil {
 			return nil, fmt.Errorf("storage: %s: partition %d of %d recorded in kvd.db: %w", path, i, n, err)
 		}
 	}
-	e, err := Open(path, opts)
+	e, err := open(path, opts, w)
 	if err != nil {
 		return nil, err
+	}
+	if i == 0 {
+		return e, nil // kvd.db: OpenStore records what it must
 	}
 	want := strconv.FormatUint(i, 10) + "/" + strconv.FormatUint(n, 10)
 	have, err := e.GetMeta(keyPartition)
@@ -135,15 +183,54 @@ func (s *Store) openPartition(dir string, i, n uint64, fresh bool, opts Options)
 			err = fmt.Errorf("%w: %s holds data, but kvd.db records no partitions", ErrLayout, path)
 			break
 		}
-		err = e.putNode(map[string][]byte{keyPartition: []byte(want), string(keyLayout): u64(layoutPartitioned)})
 	case string(have) != want:
 		err = fmt.Errorf("%w: %s says it is partition %q, want %s: a file of another data dir?", ErrLayout, path, have, want)
+	}
+	if err == nil && record {
+		err = e.putNode(map[string][]byte{keyPartition: []byte(want), string(keyLayout): u64(layoutSharedWAL)})
 	}
 	if err != nil {
 		_ = e.Close()
 		return nil, err
 	}
 	return e, nil
+}
+
+// mergeWALs readies a data dir of n partitions written with a WAL file
+// each (layout 4) for the shared WAL: each partition is opened over its
+// own WAL, which replays and commits it, and closed, and the WAL files,
+// now redundant, are removed.
+func mergeWALs(dir string, n uint64, opts Options) error {
+	// A WAL keeps the size it has; one that is missing needs no space.
+	opts.WALSize = walHeaderSize
+	for i := range n {
+		e, err := Open(partitionPath(dir, i), opts)
+		if err != nil {
+			return err
+		}
+		if err := e.Close(); err != nil {
+			return err
+		}
+	}
+	for i := range n {
+		if err := os.Remove(walPath(partitionPath(dir, i))); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("storage: remove a partition's own wal: %w", err)
+		}
+	}
+	return syncDir(dir)
+}
+
+// syncDir makes dir's entries durable.
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("storage: sync %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("storage: sync %s: %w", dir, err)
+	}
+	return nil
 }
 
 // putNode stores node-level records in one durable write.
@@ -160,36 +247,83 @@ func (e *Engine) putNode(records map[string][]byte) error {
 	return resp.err
 }
 
-// partitionCount returns the partition count kvd.db records, 1 for a
-// file that records none; fresh reports a file holding nothing yet (no
-// shard, no node metadata): a new data dir.
-func (e *Engine) partitionCount() (n uint64, fresh bool, err error) {
-	n = 1
-	err = e.view(func(tx *bolt.Tx) error {
-		node := tx.Bucket(bucketNode)
-		if v := node.Get([]byte(keyPartitions)); v != nil {
-			var err error
-			n, err = decodeU64(v)
-			if err == nil && (n < 1 || n > MaxPartitions) {
-				err = fmt.Errorf("out of range")
-			}
-			if err != nil {
-				return fmt.Errorf("%w: partition count %x: %w", ErrLayout, v, err)
-			}
-			return nil
-		}
-		fresh = true
-		if k, _ := tx.Bucket(bucketShards).Cursor().First(); k != nil {
-			fresh = false
-		}
-		return node.ForEach(func(k, _ []byte) error {
-			if string(k) != string(keyLayout) && string(k) != keyPartition {
-				fresh = false
-			}
-			return nil
-		})
+// partitionInfo is what kvd.db records of the data dir's partitions.
+type partitionInfo struct {
+	n      uint64 // the partition count, 1 when none is recorded
+	region uint64 // the size of a partition's WAL region, 0 when none is recorded
+	// fresh: the file holds nothing yet (no shard, no node metadata): a
+	// new data dir.
+	fresh bool
+}
+
+// peekPartitions reads what the bbolt file at path records of the
+// partitions, before any partition is opened: whether they share a WAL
+// decides how each opens. A missing file is a new data dir.
+func peekPartitions(path string) (partitionInfo, error) {
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		return partitionInfo{n: 1, fresh: true}, nil
+	}
+	db, err := bolt.Open(path, 0o600, &bolt.Options{ReadOnly: true, Timeout: openTimeout})
+	if err != nil {
+		return partitionInfo{}, fmt.Errorf("storage: open %s: %w", path, err)
+	}
+	defer db.Close()
+	var info partitionInfo
+	err = db.View(func(tx *bolt.Tx) (err error) {
+		info, err = readPartitionInfo(tx)
+		return err
 	})
-	return n, fresh, err
+	return info, err
+}
+
+// partitionCount returns the partition count the file records, 1 for a
+// file that records none; fresh reports a file holding nothing yet.
+func (e *Engine) partitionCount() (n uint64, fresh bool, err error) {
+	var info partitionInfo
+	err = e.view(func(tx *bolt.Tx) (err error) {
+		info, err = readPartitionInfo(tx)
+		return err
+	})
+	return info.n, info.fresh, err
+}
+
+func readPartitionInfo(tx *bolt.Tx) (partitionInfo, error) {
+	info := partitionInfo{n: 1}
+	node := tx.Bucket(bucketNode)
+	if node == nil {
+		// A file whose creation stopped before its first commit.
+		info.fresh = tx.Bucket(bucketShards) == nil
+		return info, nil
+	}
+	if v := node.Get([]byte(keyPartitions)); v != nil {
+		var err error
+		info.n, err = decodeU64(v)
+		if err == nil && (info.n < 1 || info.n > MaxPartitions) {
+			err = fmt.Errorf("out of range")
+		}
+		if err != nil {
+			return info, fmt.Errorf("%w: partition count %x: %w", ErrLayout, v, err)
+		}
+		if v := node.Get([]byte(keyWALRegion)); v != nil {
+			if info.region, err = decodeU64(v); err != nil || info.region < walHeaderSize || info.region > 1<<40 {
+				return info, fmt.Errorf("%w: WAL region size %x", ErrLayout, v)
+			}
+		}
+		return info, nil
+	}
+	info.fresh = true
+	if shards := tx.Bucket(bucketShards); shards != nil {
+		if k, _ := shards.Cursor().First(); k != nil {
+			info.fresh = false
+		}
+	}
+	err := node.ForEach(func(k, _ []byte) error {
+		if string(k) != string(keyLayout) && string(k) != keyPartition {
+			info.fresh = false
+		}
+		return nil
+	})
+	return info, err
 }
 
 // watch publishes p's failure as the store's.
@@ -243,6 +377,11 @@ func (s *Store) Close() error {
 	s.stop.Do(func() { close(s.stopc) })
 	for _, p := range s.parts {
 		errs = append(errs, p.Close())
+	}
+	if s.walFile != nil {
+		if err := s.walFile.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("storage: close wal: %w", err))
+		}
 	}
 	s.wg.Wait()
 	return errors.Join(errs...)

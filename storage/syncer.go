@@ -2,6 +2,8 @@ package storage
 
 import (
 	"fmt"
+	"os"
+	"sync"
 	"time"
 )
 
@@ -75,7 +77,7 @@ func (e *Engine) syncer() {
 		// it returns; later records say so (wal.go).
 		written := e.wal.written.Load()
 		if needSync && failed == nil && e.wal.sync {
-			if err := fdatasync(e.wal.f); err != nil {
+			if err := e.wal.syncs.sync(e.wal.f); err != nil {
 				failed = fmt.Errorf("storage: sync wal: %w", err)
 				answerFailed = response{err: fmt.Errorf("%w: %w", ErrFailed, failed)}
 				e.syncErr.Store(&failed)
@@ -108,4 +110,50 @@ func (e *Engine) syncer() {
 			batch[i] = nil
 		}
 	}
+}
+
+// fileSync runs the fdatasyncs of one file for every WAL in it: the
+// partitions of a store share one WAL file, and each partition's syncer
+// asks for a sync of it. A syncer that asks while an fdatasync runs waits
+// for the next one, which makes durable whatever every partition wrote
+// before it began; so the file is synced about as often as one
+// partition's would be, not once per partition, and a store of several
+// partitions costs the disk hardly more syncs than one file does.
+type fileSync struct {
+	mu              sync.Mutex
+	cond            sync.Cond
+	running         bool
+	started, synced uint64 // fdatasyncs begun; the last one completed
+	err             error  // the first failure: every later call gets it
+}
+
+// sync returns once an fdatasync of f that began after sync was called
+// has completed, or the error of one that failed (then or before).
+func (s *fileSync) sync(f *os.File) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cond.L == nil {
+		s.cond.L = &s.mu
+	}
+	// One running now began before this call: wait for the next.
+	want := s.started + 1
+	for s.synced < want && s.err == nil {
+		if s.running {
+			s.cond.Wait()
+			continue
+		}
+		s.running = true
+		s.started++
+		n := s.started
+		s.mu.Unlock()
+		err := fdatasync(f)
+		s.mu.Lock()
+		s.running = false
+		s.synced = n
+		if err != nil {
+			s.err = err
+		}
+		s.cond.Broadcast()
+	}
+	return s.err
 }

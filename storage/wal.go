@@ -58,17 +58,32 @@ import (
 // one; raft then finds its log behind what it acknowledged
 // (raftnode.ErrLogBehind).
 //
+// The partitions of a store (store.go) share one WAL file, each writing
+// its records in a region of its own, [base, base+size), as if the
+// region were the whole file: offsets, restarts and replay are the
+// region's. They share its fdatasyncs too (fileSync), so that the disk
+// syncs one file per round, not one per partition. A record that does not
+// fit in what is left of its region is never written: the writer commits
+// the round to bbolt instead (errWALFull), which restarts the region.
+//
 // Records written before the synced offset existed have a generation
 // field without walFormat2. A file that holds them was left by an older
 // kvd that did not commit bbolt before it stopped; they are replayed as
 // that kvd did (up to the first that does not check out) and the commit
 // at the end of Open moves on to a new generation in the current format.
 type wal struct {
-	f    *os.File
-	path string
-	off  int64  // where the next record goes
-	gen  uint64 // generation of the records being written
-	sync bool
+	// f is the file, shared with the other partitions' WALs when the
+	// store's partitions share one (openSharedWAL); owned says whether
+	// close closes it. The records live in [base, base+size) of it.
+	f     *os.File
+	owned bool
+	path  string
+	base  int64
+	size  int64
+	off   int64  // where the next record goes, from base
+	gen   uint64 // generation of the records being written
+	sync  bool
+	syncs *fileSync // the fdatasyncs of f, shared with f's other WALs
 	// softLimit: past it, the writer commits bbolt, restarting the WAL.
 	softLimit int64
 	buf       []byte
@@ -120,9 +135,10 @@ func openWAL(path string, size int64, sync bool) (*wal, error) {
 		return nil, fmt.Errorf("storage: stat wal: %w", err)
 	}
 	size = max(size, fi.Size())
-	w := &wal{f: f, path: path, sync: sync, softLimit: size / 16 * 15}
+	w := newWAL(f, path, 0, size, sync, &fileSync{})
+	w.owned = true
 	if fi.Size() < size {
-		if err := w.preallocate(fi.Size(), size, dir); err != nil {
+		if err := preallocate(f, fi.Size(), size, dir); err != nil {
 			_ = f.Close()
 			return nil, err
 		}
@@ -130,17 +146,37 @@ func openWAL(path string, size int64, sync bool) (*wal, error) {
 	return w, nil
 }
 
-// preallocate fills the file with zeros from from up to size and makes
-// that durable, directory entry included.
-func (w *wal) preallocate(from, size int64, dir string) error {
+func newWAL(f *os.File, path string, base, size int64, sync bool, syncs *fileSync) *wal {
+	return &wal{f: f, path: path, base: base, size: size, sync: sync, syncs: syncs, softLimit: size / 16 * 15}
+}
+
+// openSharedWAL opens the one WAL file at path of a store's partitions:
+// n regions of region bytes, one WAL each, in that order, so that one
+// fdatasync makes durable the records every partition wrote before it
+// (fileSync). The file is filled to n*region bytes, or kept larger.
+func openSharedWAL(path string, n int, region int64, sync bool) (*os.File, []*wal, error) {
+	w, err := openWAL(path, int64(n)*region, sync)
+	if err != nil {
+		return nil, nil, err
+	}
+	wals := make([]*wal, n)
+	for i := range wals {
+		wals[i] = newWAL(w.f, path, int64(i)*region, region, sync, w.syncs)
+	}
+	return w.f, wals, nil
+}
+
+// preallocate fills f with zeros from from up to size and makes that
+// durable, directory entry included.
+func preallocate(f *os.File, from, size int64, dir string) error {
 	zeros := make([]byte, 1<<20)
 	for off := from; off < size; off += int64(len(zeros)) {
 		n := min(int64(len(zeros)), size-off)
-		if _, err := w.f.WriteAt(zeros[:n], off); err != nil {
+		if _, err := f.WriteAt(zeros[:n], off); err != nil {
 			return fmt.Errorf("storage: preallocate wal: %w", err)
 		}
 	}
-	if err := w.f.Sync(); err != nil {
+	if err := f.Sync(); err != nil {
 		return fmt.Errorf("storage: sync wal: %w", err)
 	}
 	d, err := os.Open(dir)
@@ -154,10 +190,16 @@ func (w *wal) preallocate(from, size int64, dir string) error {
 	return nil
 }
 
-func (w *wal) close() error { return w.f.Close() }
+// close closes the file unless other WALs share it (the store closes it).
+func (w *wal) close() error {
+	if !w.owned {
+		return nil
+	}
+	return w.f.Close()
+}
 
 // restart makes gen the generation of the records that follow, written
-// from the start of the file.
+// from the start of the WAL's region.
 func (w *wal) restart(gen uint64) {
 	w.gen, w.off = gen, 0
 	w.written.Store(0)
@@ -173,6 +215,10 @@ type walOp struct {
 
 func (op *walOp) empty() bool { return op.hard == nil && len(op.entries) == 0 }
 
+// errWALFull is write's answer for a record that does not fit in what is
+// left of the WAL: the writer commits the round to bbolt instead.
+var errWALFull = errors.New("storage: record does not fit in the WAL")
+
 // write appends one record holding ops; the syncer makes it durable.
 func (w *wal) write(ops []walOp) error {
 	var header [walHeaderSize]byte // filled in below
@@ -183,7 +229,10 @@ func (w *wal) write(ops []walOp) error {
 	binary.LittleEndian.PutUint64(b[8:], w.gen|walFormat2)
 	binary.LittleEndian.PutUint32(b[0:], crc32.Checksum(b[8:], crc32c))
 	w.buf = b
-	if _, err := w.f.WriteAt(b, w.off); err != nil {
+	if w.off+int64(len(b)) > w.size {
+		return errWALFull
+	}
+	if _, err := w.f.WriteAt(b, w.base+w.off); err != nil {
 		return fmt.Errorf("storage: write wal: %w", err)
 	}
 	w.off += int64(len(b))
@@ -229,12 +278,8 @@ type walReplay struct {
 // that nothing acknowledged lies beyond it (see the top of this file).
 func (w *wal) replay(gen uint64, fn func(walOp) error) (walReplay, error) {
 	res := walReplay{torn: -1}
-	fi, err := w.f.Stat()
-	if err != nil {
-		return res, fmt.Errorf("storage: stat wal: %w", err)
-	}
-	size := fi.Size()
-	r := bufio.NewReaderSize(io.NewSectionReader(w.f, 0, size), 1<<20)
+	size := w.size
+	r := bufio.NewReaderSize(io.NewSectionReader(w.f, w.base, size), 1<<20)
 	tag := gen | walFormat2
 	legacy := false
 	hdr := make([]byte, walHeaderSize)
@@ -272,7 +317,7 @@ func (w *wal) replay(gen uint64, fn func(walOp) error) (walReplay, error) {
 		ops, err := decodeWALOps(payload)
 		if payload == nil || err != nil {
 			// The checksum matched, so this is not a torn write.
-			return res, fmt.Errorf("%w: %s: record %d at byte offset %d is malformed though its checksum matches; %s", ErrCorrupt, w.path, res.records, off, walCorruptAdvice)
+			return res, fmt.Errorf("%w: %s: record %d at byte offset %d is malformed though its checksum matches; %s", ErrCorrupt, w.path, res.records, w.base+off, walCorruptAdvice)
 		}
 		for _, op := range ops {
 			if err := fn(op); err != nil {
@@ -302,7 +347,7 @@ func (w *wal) checkTail(tag uint64, stop, size int64, res *walReplay) error {
 	// pos is the file offset of buf[0]; a record's generation field is
 	// 8 bytes into it.
 	for pos := stop + 1 + 8; pos+8 <= size; {
-		n, err := w.f.ReadAt(buf[:min(int64(len(buf)), size-pos)], pos)
+		n, err := w.f.ReadAt(buf[:min(int64(len(buf)), size-pos)], w.base+pos)
 		if err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("storage: read wal: %w", err)
 		}
@@ -320,7 +365,7 @@ func (w *wal) checkTail(tag uint64, stop, size int64, res *walReplay) error {
 			if ok && synced > stop {
 				return fmt.Errorf("%w: %s: the record at byte offset %d does not check out, but the one at offset %d was written after it had been synced: "+
 					"the file was damaged after it was written, and replaying up to the damage would lose acknowledged writes; %s",
-					ErrCorrupt, w.path, stop, at, walCorruptAdvice)
+					ErrCorrupt, w.path, w.base+stop, w.base+at, walCorruptAdvice)
 			}
 			if ok {
 				res.unacked++
@@ -346,11 +391,11 @@ func (w *wal) recordAt(off, size int64) (synced int64, ok bool, err error) {
 		return 0, false, nil
 	}
 	hdr := make([]byte, walHeaderSize)
-	if _, err := w.f.ReadAt(hdr, off); err != nil {
+	if _, err := w.f.ReadAt(hdr, w.base+off); err != nil {
 		return 0, false, fmt.Errorf("storage: read wal: %w", err)
 	}
 	payload, ok, err := readRecord(hdr, off, size, func(p []byte) error {
-		_, err := w.f.ReadAt(p, off+walHeaderSize)
+		_, err := w.f.ReadAt(p, w.base+off+walHeaderSize)
 		return err
 	})
 	if !ok || err != nil {

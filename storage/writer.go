@@ -1,6 +1,7 @@
 package storage
 
 import (
+	"errors"
 	"fmt"
 	"runtime"
 	"runtime/debug"
@@ -208,18 +209,21 @@ func (e *Engine) runRound(first *request) {
 	}
 	handedOff := false
 	if fatal == nil {
+		commit := rs.commit || len(rs.lockForCommit) > 0
 		switch {
-		case rs.commit || len(rs.lockForCommit) > 0:
-			fatal = e.commit(rs)
+		case commit:
 		case len(rs.walOps) > 0 || e.syncPending.Load() > 0:
 			// The syncer makes the record durable, then publishes and
 			// answers; a round without one still waits its turn there, so
-			// no shard's states are published out of order.
+			// no shard's states are published out of order. A record too
+			// large for what is left of the WAL is committed instead.
 			written := time.Now()
 			if len(rs.walOps) > 0 {
 				fatal = e.wal.write(rs.walOps)
 			}
-			if fatal == nil {
+			if errors.Is(fatal, errWALFull) {
+				commit, fatal = true, nil
+			} else if fatal == nil {
 				e.remember(rs)
 				e.handOff(rs, waiting, len(rs.walOps) > 0, written)
 				handedOff = true
@@ -227,6 +231,9 @@ func (e *Engine) runRound(first *request) {
 		default:
 			e.remember(rs)
 			rs.publish()
+		}
+		if commit {
+			fatal = e.commit(rs)
 		}
 	}
 	if fatal != nil {

@@ -82,7 +82,7 @@ func TestFutureLayoutRefusedInOneLine(t *testing.T) {
 		t.Fatalf("kvd wrote %d error lines, want 1; stderr:\n%s", len(lines), stderr.String())
 	}
 	t.Logf("stderr: %s", stderr.String())
-	for _, want := range []string{file + " has layout 99", "newer than layout 4", "unsupported on-disk layout", "run that release or a later one on this data dir"} {
+	for _, want := range []string{file + " has layout 99", "newer than layout 5", "unsupported on-disk layout", "run that release or a later one on this data dir"} {
 		if !strings.Contains(lines[0], want) {
 			t.Errorf("the error line does not say %q: %s", want, lines[0])
 		}
