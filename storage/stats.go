@@ -20,8 +20,12 @@ type Stats struct {
 	// Syncs counts the times rounds were made durable: an fdatasync of
 	// the WAL, covering every round written since the previous one, or a
 	// bbolt commit (which syncs data pages, then the meta page), between
-	// rounds too. Entries / Syncs is entries per sync.
+	// rounds too. Entries / Syncs is entries per sync. A Store whose
+	// partitions share the WAL counts each fdatasync of it once, however
+	// many partitions' rounds it made durable.
 	Syncs uint64
+	// walSyncs is the part of Syncs that are WAL fdatasyncs.
+	walSyncs uint64
 	// SyncNanos is the distribution of the time from a round's WAL write
 	// to the fdatasync that made it durable (the oldest round's, when one
 	// covers several), or of a bbolt commit.
@@ -86,6 +90,7 @@ func (s *Stats) add(o Stats) {
 	s.Entries += o.Entries
 	s.Applied += o.Applied
 	s.Syncs += o.Syncs
+	s.walSyncs += o.walSyncs
 	s.SyncNanos.add(o.SyncNanos)
 	s.CommitNanos.add(o.CommitNanos)
 }

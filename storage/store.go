@@ -467,5 +467,10 @@ func (s *Store) Stats() Stats {
 	for _, p := range s.parts[1:] {
 		st.add(p.Stats())
 	}
+	if s.walFile != nil && s.parts[0].wal.sync {
+		// The partitions' WAL syncs shared fdatasyncs of the one file:
+		// count those.
+		st.Syncs = st.Syncs - st.walSyncs + s.parts[0].wal.syncs.count()
+	}
 	return st
 }

@@ -479,3 +479,29 @@ func TestFileSyncSharesSyncs(t *testing.T) {
 	}
 	t.Logf("%d fdatasyncs for %d calls", fs.started, callers*calls)
 }
+
+// A store whose partitions share the WAL counts each fdatasync of it once
+// in Stats.Syncs, not once per partition whose rounds it covered.
+func TestStoreCountsSharedSyncsOnce(t *testing.T) {
+	s, err := OpenStore(t.TempDir(), 3, Options{CommitInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	appendAcrossPartitions(t, s, 6, 20)
+	var commits, partitionSyncs, walSyncs uint64
+	for _, p := range s.parts {
+		st := p.Stats()
+		commits += st.Commits
+		partitionSyncs += st.Syncs
+		walSyncs += st.walSyncs
+	}
+	fdatasyncs := s.parts[0].wal.syncs.count()
+	if fdatasyncs == 0 || fdatasyncs > walSyncs {
+		t.Fatalf("%d fdatasyncs of the file for %d partition WAL syncs", fdatasyncs, walSyncs)
+	}
+	if got, want := s.Stats().Syncs, commits+fdatasyncs; got != want {
+		t.Fatalf("Stats().Syncs = %d, want %d commits + %d fdatasyncs", got, commits, fdatasyncs)
+	}
+	t.Logf("%d fdatasyncs for %d partition WAL syncs (%d syncs in all per partition)", fdatasyncs, walSyncs, partitionSyncs)
+}

@@ -89,6 +89,7 @@ func (e *Engine) syncer() {
 			e.wal.synced.Store(written)
 			e.stats.Lock()
 			e.stats.s.Syncs++
+			e.stats.s.walSyncs++
 			e.stats.s.SyncNanos.Observe(time.Since(oldest))
 			e.stats.Unlock()
 		}
@@ -156,4 +157,11 @@ func (s *fileSync) sync(f *os.File) error {
 		s.cond.Broadcast()
 	}
 	return s.err
+}
+
+// count returns how many fdatasyncs have completed.
+func (s *fileSync) count() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.synced
 }
