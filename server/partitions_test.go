@@ -3,10 +3,14 @@ package server
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/kvd/kvd/internal/testkit"
 )
 
 // A cluster whose nodes spread their shards over three storage
@@ -38,9 +42,14 @@ func TestStoragePartitionsServeAndRestart(t *testing.T) {
 	c.stop(0)
 	put(60, 120)
 	c.cfgs[0].StoragePartitions = 1
+	var logs testkit.LogBuffer
+	c.cfgs[0].Logger = slog.New(slog.NewTextHandler(&logs, nil))
 	c.start(0)
 	if n := c.servers[0].engine.Partitions(); n != 3 {
 		t.Fatalf("restarted with --storage-partitions 1: %d partitions, want the 3 it was created with", n)
+	}
+	if !strings.Contains(logs.String(), "level=WARN") || !strings.Contains(logs.String(), "partitions=3 flag=1") {
+		t.Fatalf("no warning that the flag does not apply to the existing data dir; log:\n%s", logs.String())
 	}
 	for _, f := range []string{"kvd.db", "kvd-1.db", "kvd-2.db"} {
 		if _, err := os.Stat(filepath.Join(c.cfgs[0].DataDir, f)); err != nil {

@@ -137,6 +137,10 @@ func New(cfg Config) (_ *Server, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("open data dir %s: %w", cfg.DataDir, err)
 	}
+	if n := s.engine.Partitions(); n != cfg.StoragePartitions {
+		s.log.Warn("the data dir keeps the storage partitions it was created with; --storage-partitions applies only to a new data dir",
+			"data_dir", cfg.DataDir, "partitions", n, "flag", cfg.StoragePartitions)
+	}
 	cmap, fresh, err := s.loadOrBootstrap()
 	if err != nil {
 		return nil, err
