@@ -445,12 +445,18 @@ func TestStoreMergesPartitionWALs(t *testing.T) {
 // cost far fewer fdatasyncs than calls, and each call returns only after
 // one that began after it.
 func TestFileSyncSharesSyncs(t *testing.T) {
+	for _, shared := range []bool{false, true} {
+		t.Run(fmt.Sprintf("shared=%v", shared), func(t *testing.T) { testFileSync(t, shared) })
+	}
+}
+
+func testFileSync(t *testing.T, shared bool) {
 	f, err := os.CreateTemp(t.TempDir(), "wal")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	var fs fileSync
+	fs := fileSync{shared: shared}
 	const callers, calls = 8, 50
 	var wg sync.WaitGroup
 	for range callers {

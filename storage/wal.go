@@ -159,6 +159,7 @@ func openSharedWAL(path string, n int, region int64, sync bool) (*os.File, []*wa
 	if err != nil {
 		return nil, nil, err
 	}
+	w.syncs.shared = n > 1
 	wals := make([]*wal, n)
 	for i := range wals {
 		wals[i] = newWAL(w.f, path, int64(i)*region, region, sync, w.syncs)
