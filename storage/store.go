@@ -41,7 +41,7 @@ import (
 // one partition, with the whole of kvd.wal as its WAL.
 type Store struct {
 	parts   []*Engine
-	walFile *os.File // the partitions' shared WAL; nil for one partition
+	wal     *wal // the partitions' shared WAL file, whole; nil for one partition
 	failedc chan struct{}
 	failErr error // set before failedc closes
 	stopc   chan struct{}
@@ -111,11 +111,11 @@ func OpenStore(dir string, partitions int, opts Options) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("storage: create data dir: %w", err)
 	}
-	f, wals, err := openSharedWAL(walPath(first), int(n), region, !opts.NoSync)
+	file, wals, err := openSharedWAL(walPath(first), int(n), region, !opts.NoSync)
 	if err != nil {
 		return nil, err
 	}
-	s.walFile = f
+	s.wal = file
 	// Files that do not record the shared WAL yet (new, or merged above)
 	// record it, kvd.db last: until it has, the data dir is new (or still
 	// to merge), and an open after a crash does it again.
@@ -179,7 +179,7 @@ func (s *Store) openPartition(dir string, i, n uint64, fresh, record bool, opts 
 	case fresh:
 		// New, or left empty by a crashed creation: never a file that
 		// holds shards kvd.db does not account for.
-		if _, empty, ferr := e.partitionCount(); ferr != nil || !empty {
+		if info, ferr := e.partitionInfo(); ferr != nil || !info.fresh {
 			err = fmt.Errorf("%w: %s holds data, but kvd.db records no partitions", ErrLayout, path)
 			break
 		}
@@ -218,19 +218,6 @@ func mergeWALs(dir string, n uint64, opts Options) error {
 		}
 	}
 	return syncDir(dir)
-}
-
-// syncDir makes dir's entries durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("storage: sync %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("storage: sync %s: %w", dir, err)
-	}
-	return nil
 }
 
 // putNode stores node-level records in one durable write.
@@ -276,17 +263,16 @@ func peekPartitions(path string) (partitionInfo, error) {
 	return info, err
 }
 
-// partitionCount returns the partition count the file records, 1 for a
-// file that records none; fresh reports a file holding nothing yet.
-func (e *Engine) partitionCount() (n uint64, fresh bool, err error) {
-	var info partitionInfo
+// partitionInfo returns what the file records of the partitions.
+func (e *Engine) partitionInfo() (info partitionInfo, err error) {
 	err = e.view(func(tx *bolt.Tx) (err error) {
 		info, err = readPartitionInfo(tx)
 		return err
 	})
-	return info.n, info.fresh, err
+	return info, err
 }
 
+// readPartitionInfo reads the partition records of the file tx is of.
 func readPartitionInfo(tx *bolt.Tx) (partitionInfo, error) {
 	info := partitionInfo{n: 1}
 	node := tx.Bucket(bucketNode)
@@ -378,8 +364,8 @@ func (s *Store) Close() error {
 	for _, p := range s.parts {
 		errs = append(errs, p.Close())
 	}
-	if s.walFile != nil {
-		if err := s.walFile.Close(); err != nil {
+	if s.wal != nil {
+		if err := s.wal.close(); err != nil {
 			errs = append(errs, fmt.Errorf("storage: close wal: %w", err))
 		}
 	}
@@ -467,10 +453,10 @@ func (s *Store) Stats() Stats {
 	for _, p := range s.parts[1:] {
 		st.add(p.Stats())
 	}
-	if s.walFile != nil && s.parts[0].wal.sync {
+	if s.wal != nil && s.wal.sync {
 		// The partitions' WAL syncs shared fdatasyncs of the one file:
 		// count those.
-		st.Syncs = st.Syncs - st.walSyncs + s.parts[0].wal.syncs.count()
+		st.Syncs = st.Syncs - st.walSyncs + s.wal.syncs.count()
 	}
 	return st
 }

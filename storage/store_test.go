@@ -17,7 +17,13 @@ import (
 
 func openStoreTest(t *testing.T, dir string, partitions int) *Store {
 	t.Helper()
-	s, err := OpenStore(dir, partitions, Options{NoSync: true})
+	return openStoreWith(t, dir, partitions, Options{NoSync: true})
+}
+
+// openStoreWith opens a store for the test, closed when it ends.
+func openStoreWith(t *testing.T, dir string, partitions int, opts Options) *Store {
+	t.Helper()
+	s, err := OpenStore(dir, partitions, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -313,22 +319,14 @@ func checkStoreEntries(t *testing.T, s *Store, n, last uint64) {
 // shared WAL, and never committed to bbolt, are all there after a crash.
 func TestStoreSharedWALReplaysEveryPartition(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenStore(dir, 3, Options{CommitInterval: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = s.Close() })
+	s := openStoreWith(t, dir, 3, Options{CommitInterval: time.Hour})
 	appendAcrossPartitions(t, s, 6, 20)
 	for _, p := range s.parts {
 		if p.wal.off == 0 {
 			t.Fatalf("%s: nothing in its WAL region", p.db.Path())
 		}
 	}
-	crashed, err := OpenStore(copyDir(t, dir), 3, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = crashed.Close() })
+	crashed := openStoreWith(t, copyDir(t, dir), 3, Options{})
 	checkStoreEntries(t, crashed, 6, 20)
 }
 
@@ -336,11 +334,7 @@ func TestStoreSharedWALReplaysEveryPartition(t *testing.T) {
 // committed to bbolt instead, never written over the next region.
 func TestStoreRecordTooLargeForItsRegionCommits(t *testing.T) {
 	dir := t.TempDir()
-	s, err := OpenStore(dir, 2, Options{WALSize: 4 << 10, CommitInterval: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = s.Close() })
+	s := openStoreWith(t, dir, 2, Options{WALSize: 4 << 10, CommitInterval: time.Hour})
 	shards := appendAcrossPartitions(t, s, 2, 3)
 	before := s.Stats().Commits
 	big := putEntry(4, 1, "k", string(make([]byte, 8<<10)))
@@ -353,11 +347,7 @@ func TestStoreRecordTooLargeForItsRegionCommits(t *testing.T) {
 	if off := shards[0].e.wal.off; off != 0 {
 		t.Fatalf("shard 1's partition wrote %d bytes into its region after the commit", off)
 	}
-	crashed, err := OpenStore(copyDir(t, dir), 2, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = crashed.Close() })
+	crashed := openStoreWith(t, copyDir(t, dir), 2, Options{})
 	checkStoreEntries(t, crashed, 2, 3)
 	sh, err := crashed.OpenShard(1)
 	if err != nil {
@@ -489,11 +479,7 @@ func testFileSync(t *testing.T, shared bool) {
 // A store whose partitions share the WAL counts each fdatasync of it once
 // in Stats.Syncs, not once per partition whose rounds it covered.
 func TestStoreCountsSharedSyncsOnce(t *testing.T) {
-	s, err := OpenStore(t.TempDir(), 3, Options{CommitInterval: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = s.Close() })
+	s := openStoreWith(t, t.TempDir(), 3, Options{CommitInterval: time.Hour})
 	appendAcrossPartitions(t, s, 6, 20)
 	var commits, partitionSyncs, walSyncs uint64
 	for _, p := range s.parts {
@@ -502,7 +488,7 @@ func TestStoreCountsSharedSyncsOnce(t *testing.T) {
 		partitionSyncs += st.Syncs
 		walSyncs += st.walSyncs
 	}
-	fdatasyncs := s.parts[0].wal.syncs.count()
+	fdatasyncs := s.wal.syncs.count()
 	if fdatasyncs == 0 || fdatasyncs > walSyncs {
 		t.Fatalf("%d fdatasyncs of the file for %d partition WAL syncs", fdatasyncs, walSyncs)
 	}

@@ -153,18 +153,19 @@ func newWAL(f *os.File, path string, base, size int64, sync bool, syncs *fileSyn
 // openSharedWAL opens the one WAL file at path of a store's partitions:
 // n regions of region bytes, one WAL each, in that order, so that one
 // fdatasync makes durable the records every partition wrote before it
-// (fileSync). The file is filled to n*region bytes, or kept larger.
-func openSharedWAL(path string, n int, region int64, sync bool) (*os.File, []*wal, error) {
-	w, err := openWAL(path, int64(n)*region, sync)
+// (fileSync). The file is filled to n*region bytes, or kept larger. file
+// is the whole file, which owns it: closing it closes the regions' file.
+func openSharedWAL(path string, n int, region int64, sync bool) (file *wal, regions []*wal, err error) {
+	file, err = openWAL(path, int64(n)*region, sync)
 	if err != nil {
 		return nil, nil, err
 	}
-	w.syncs.shared = n > 1
-	wals := make([]*wal, n)
-	for i := range wals {
-		wals[i] = newWAL(w.f, path, int64(i)*region, region, sync, w.syncs)
+	file.syncs.shared = n > 1
+	regions = make([]*wal, n)
+	for i := range regions {
+		regions[i] = newWAL(file.f, path, int64(i)*region, region, sync, file.syncs)
 	}
-	return w.f, wals, nil
+	return file, regions, nil
 }
 
 // preallocate fills f with zeros from from up to size and makes that
@@ -180,13 +181,18 @@ func preallocate(f *os.File, from, size int64, dir string) error {
 	if err := f.Sync(); err != nil {
 		return fmt.Errorf("storage: sync wal: %w", err)
 	}
+	return syncDir(dir)
+}
+
+// syncDir makes dir's entries durable.
+func syncDir(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {
-		return fmt.Errorf("storage: sync wal dir: %w", err)
+		return fmt.Errorf("storage: sync dir %s: %w", dir, err)
 	}
 	defer d.Close()
 	if err := d.Sync(); err != nil {
-		return fmt.Errorf("storage: sync wal dir: %w", err)
+		return fmt.Errorf("storage: sync dir %s: %w", dir, err)
 	}
 	return nil
 }
