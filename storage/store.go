@@ -31,8 +31,9 @@ import (
 // The partitions share one WAL file, kvd.wal, a region of it each
 // (openSharedWAL), and its fdatasyncs (fileSync): a sync makes durable
 // what every partition wrote before it, so N partitions cost the disk
-// about the syncs of one file, not N times as many. A round still costs
-// one WAL write and one writer pass per partition that takes part.
+// fewer syncs than N files did, though more per write than one partition
+// (fileSync has the figures). A round still costs one WAL write and one
+// writer pass per partition that takes part.
 //
 // A data dir keeps the partition count it was created with: it is
 // recorded in the first file, kvd.db, with the size of a WAL region; kvd.db
