@@ -160,17 +160,17 @@ func TestElection(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Each campaign and proclamation writes the leader key once, so the
+	// observer sees each leader and value once, in order.
 	next := func(want string) {
 		t.Helper()
-		for {
-			select {
-			case kv := <-obs:
-				if string(kv.GetValue()) == want {
-					return
-				}
-			case <-ctx.Done():
-				t.Fatalf("observer never saw %q", want)
+		select {
+		case kv := <-obs:
+			if string(kv.GetValue()) != want {
+				t.Fatalf("observer saw %q, want %q", kv.GetValue(), want)
 			}
+		case <-ctx.Done():
+			t.Fatalf("observer never saw %q", want)
 		}
 	}
 	e1, _ := concurrency.NewElection(newSession(t, ctx, c, 10*time.Second), "svc")
@@ -180,6 +180,9 @@ func TestElection(t *testing.T) {
 	}
 	if err := e1.Campaign(ctx, "a"); err != nil {
 		t.Fatal(err)
+	}
+	if l, err := e1.Leader(ctx); err != nil || l.GetVersion() != 1 {
+		t.Fatalf("leader after one campaign: %v, %v; want its key written once", l, err)
 	}
 	next("a")
 	won := make(chan error, 1)
@@ -198,11 +201,16 @@ func TestElection(t *testing.T) {
 		t.Fatal(err)
 	}
 	next("b")
+	// Campaigning again with the candidacy held changes its value.
+	if err := e2.Campaign(ctx, "b2"); err != nil {
+		t.Fatal(err)
+	}
+	next("b2")
 	if err := e1.Proclaim(ctx, "x"); !errors.Is(err, concurrency.ErrNotLeader) {
 		t.Fatalf("proclaim after resigning: %v, want ErrNotLeader", err)
 	}
 	proccluster.WaitFor(t, 5*time.Second, "e2 leads", func() bool {
 		l, err := concurrency.Leader(ctx, c, "svc")
-		return err == nil && string(l.GetValue()) == "b"
+		return err == nil && string(l.GetValue()) == "b2"
 	})
 }

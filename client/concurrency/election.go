@@ -31,13 +31,18 @@ func NewElection(s *Session, name string) (*Election, error) {
 // Campaign waits until the session leads, with value as its proposal, or
 // ctx or the session ends (its candidacy is then withdrawn).
 func (e *Election) Campaign(ctx context.Context, value string) error {
-	rev, err := enqueue(ctx, e.s, e.key, value)
+	rev, existing, err := enqueue(ctx, e.s, e.key, value)
 	if err != nil {
 		return err
 	}
 	e.rev = rev
-	if err := e.Proclaim(ctx, value); err != nil {
-		return err
+	// A candidacy the session already had gets the new value; a new
+	// one has it already, and writing it again would show observers a
+	// change that is none.
+	if existing != nil && !bytes.Equal(existing.GetValue(), []byte(value)) {
+		if err := e.Proclaim(ctx, value); err != nil {
+			return err
+		}
 	}
 	if err := waitTurn(ctx, e.s, e.prefix, rev); err != nil {
 		dctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

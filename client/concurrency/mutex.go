@@ -31,7 +31,7 @@ func NewMutex(s *Session, name string) (*Mutex, error) {
 // session ends (ErrSessionExpired). On failure the session's place in the
 // queue is given up.
 func (m *Mutex) Lock(ctx context.Context) error {
-	rev, err := enqueue(ctx, m.s, m.key, "")
+	rev, _, err := enqueue(ctx, m.s, m.key, "")
 	if err != nil {
 		return err
 	}
@@ -46,7 +46,7 @@ func (m *Mutex) Lock(ctx context.Context) error {
 // TryLock takes the lock if it is free, and fails with ErrLocked
 // otherwise, without waiting.
 func (m *Mutex) TryLock(ctx context.Context) error {
-	rev, err := enqueue(ctx, m.s, m.key, "")
+	rev, _, err := enqueue(ctx, m.s, m.key, "")
 	if err != nil {
 		return err
 	}

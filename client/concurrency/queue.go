@@ -36,8 +36,9 @@ func keyOf(prefix string, s *Session) string { return fmt.Sprintf("%s%016x", pre
 
 // enqueue creates key with value, attached to the session's lease,
 // unless the session created it already; it returns the key's create
-// revision, its place in the queue.
-func enqueue(ctx context.Context, s *Session, key, value string) (int64, error) {
+// revision, its place in the queue, and the key as it was when it
+// already existed (nil when enqueue created it).
+func enqueue(ctx context.Context, s *Session, key, value string) (int64, *kvpb.KeyValue, error) {
 	k := []byte(key)
 	put := &kvpb.RequestOp{Op: &kvpb.RequestOp_Put{Put: &kvpb.PutRequest{Key: k, Value: []byte(value), Lease: int64(s.Lease())}}}
 	get := &kvpb.RequestOp{Op: &kvpb.RequestOp_Get{Get: &kvpb.GetRequest{Key: k}}}
@@ -47,12 +48,13 @@ func enqueue(ctx context.Context, s *Session, key, value string) (int64, error) 
 		Failure: []*kvpb.RequestOp{get},
 	})
 	if err != nil {
-		return 0, sessionErr(s, err)
+		return 0, nil, sessionErr(s, err)
 	}
 	if resp.GetSucceeded() {
-		return resp.GetHeader().GetRevision(), nil
+		return resp.GetHeader().GetRevision(), nil, nil
 	}
-	return resp.GetResponses()[0].GetGet().GetKv().GetCreateRevision(), nil
+	kv := resp.GetResponses()[0].GetGet().GetKv()
+	return kv.GetCreateRevision(), kv, nil
 }
 
 // sessionErr says ErrSessionExpired for a write refused because the

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/kvd/kvd/client"
 	"github.com/kvd/kvd/client/concurrency"
+	"github.com/kvd/kvd/proto/kvpb"
 )
 
 // exitLost: the session's lease was lost while holding (exit 1, as a
@@ -153,8 +155,15 @@ Ctrl-C.`,
 					if err != nil {
 						return err
 					}
+					// Observe also sends a leader that wrote its value
+					// again unchanged; that is no news to print.
+					var last *kvpb.KeyValue
 					for kv := range obs {
+						if last != nil && bytes.Equal(kv.GetKey(), last.GetKey()) && bytes.Equal(kv.GetValue(), last.GetValue()) {
+							continue
+						}
 						fmt.Fprintf(a.stdout, "%s\n", kv.GetValue())
+						last = kv
 					}
 					return nil
 				}
