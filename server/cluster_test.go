@@ -202,7 +202,7 @@ func TestMetricsExistAndMove(t *testing.T) {
 		"kvd_raft_leader_changes_total", "kvd_raft_pending_proposals", "kvd_raft_proposals_total",
 		"kvd_raft_proposal_batches_total", "kvd_raft_linearizable_reads_total", "kvd_raft_read_index_rounds_total",
 		"kvd_raft_leader_check_rounds_total",
-		"kvd_storage_commits_total", "kvd_storage_fsyncs_total", "kvd_storage_entries_total",
+		"kvd_storage_commits_total", "kvd_storage_commit_bytes_total", "kvd_storage_fsyncs_total", "kvd_storage_entries_total",
 		"kvd_storage_updates_total", "kvd_storage_commit_duration_seconds_count", "kvd_storage_sync_duration_seconds_count",
 		"kvd_transport_batches_sent_total", "kvd_transport_messages_sent_total", "kvd_transport_bytes_sent_total",
 		"kvd_transport_send_failures_total", "kvd_transport_peer_connected",
@@ -249,7 +249,7 @@ func TestMetricsExistAndMove(t *testing.T) {
 	moved := map[string]bool{}
 	for i, s := range c.servers {
 		after := scrape(t, s)
-		for _, name := range []string{"kvd_requests_total", "kvd_storage_commits_total", "kvd_storage_entries_total",
+		for _, name := range []string{"kvd_requests_total", "kvd_storage_commits_total", "kvd_storage_commit_bytes_total", "kvd_storage_entries_total",
 			"kvd_transport_messages_sent_total", "kvd_raft_applied_index", "kvd_raft_proposals_total",
 			"kvd_raft_linearizable_reads_total", "kvd_request_batch_items_total", "kvd_raft_leader_check_rounds_total"} {
 			b, _ := metricSum(before[i], name)
@@ -259,7 +259,7 @@ func TestMetricsExistAndMove(t *testing.T) {
 			}
 		}
 	}
-	for _, name := range []string{"kvd_requests_total", "kvd_storage_commits_total", "kvd_storage_entries_total",
+	for _, name := range []string{"kvd_requests_total", "kvd_storage_commits_total", "kvd_storage_commit_bytes_total", "kvd_storage_entries_total",
 		"kvd_transport_messages_sent_total", "kvd_raft_applied_index", "kvd_raft_proposals_total",
 		"kvd_raft_linearizable_reads_total", "kvd_request_batch_items_total", "kvd_raft_leader_check_rounds_total"} {
 		if !moved[name] {

@@ -151,6 +151,7 @@ var (
 	descCheckRounds   = desc("kvd_raft_leader_check_rounds_total", "Leadership-check rounds: each confirms the waiting linearizable reads of every shard this node leads with one message pair per peer. Reads per round: reads_total / (leader_check_rounds_total + read_index_rounds_total).")
 	descCompactions   = desc("kvd_raft_log_compactions_total", "Log compactions.", "shard")
 
+	descCommitBytes  = desc("kvd_storage_commit_bytes_total", "Bytes of pages the bbolt commits wrote (a value is stored in its shard's log, state and history).")
 	descCommits      = desc("kvd_storage_commits_total", "bbolt write transactions committed; each holds the rounds since the last (every --commit-interval, 200 ms by default, or sooner when a request or a reader needs it).")
 	descFsyncs       = desc("kvd_storage_fsyncs_total", "Times write rounds were made durable: a WAL fdatasync (covering every round written since the last) or a bbolt commit.")
 	descUpdates      = desc("kvd_storage_updates_total", "Shard updates merged into write rounds; updates / fsyncs is the group-commit factor.")
@@ -216,6 +217,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 
 	es := s.engine.Stats()
 	ch <- prometheus.MustNewConstMetric(descCommits, counter, float64(es.Commits))
+	ch <- prometheus.MustNewConstMetric(descCommitBytes, counter, float64(es.CommitBytes))
 	ch <- prometheus.MustNewConstMetric(descFsyncs, counter, float64(es.Syncs))
 	ch <- prometheus.MustNewConstMetric(descUpdates, counter, float64(es.Updates))
 	ch <- prometheus.MustNewConstMetric(descEntries, counter, float64(es.Entries))

@@ -8,6 +8,7 @@ import (
 	"log"
 	"math"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 
@@ -615,5 +616,27 @@ func TestPublishedCacheSurvivesAppendAndTruncation(t *testing.T) {
 	}
 	if last, _ := s.LastIndex(); last != 6 {
 		t.Fatalf("LastIndex after the rewrite = %d, want 6", last)
+	}
+}
+
+// TestCommitBytes: the commit counts the pages it wrote, which hold a
+// large value twice, in the shard's log and in its state.
+func TestCommitBytes(t *testing.T) {
+	e, _ := openTest(t, Options{})
+	s, err := e.CreateShard(1, voters)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := e.Stats().CommitBytes
+	const size = 1 << 20
+	en := putEntry(2, 1, "k", strings.Repeat("v", size))
+	if err := s.Save(&Update{Entries: []*pb.Entry{en}, Committed: []*pb.Entry{en}, Apply: applyPut, Sync: true}); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Close(); err != nil { // commits
+		t.Fatal(err)
+	}
+	if got := e.Stats().CommitBytes - before; got < 2*size || got > 3*size {
+		t.Fatalf("commit wrote %d bytes of pages for a %d-byte value in the log and the state; want 2 to 3 times its size", got, size)
 	}
 }

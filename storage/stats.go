@@ -33,6 +33,10 @@ type Stats struct {
 	// CommitNanos is the distribution of bbolt commit latency: page
 	// writes and fsyncs.
 	CommitNanos Histogram
+	// CommitBytes counts the bytes of the pages bbolt commits wrote: a
+	// value lands in a shard's log, its state and its history, so large
+	// writes cost several times their size here.
+	CommitBytes uint64
 }
 
 // Histogram counts observations in fixed buckets.
@@ -86,6 +90,7 @@ func (s Stats) clone() Stats {
 // add adds o's counters to s's; both have the buckets newStats makes.
 func (s *Stats) add(o Stats) {
 	s.Commits += o.Commits
+	s.CommitBytes += o.CommitBytes
 	s.Updates += o.Updates
 	s.Entries += o.Entries
 	s.Applied += o.Applied

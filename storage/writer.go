@@ -324,9 +324,11 @@ func (e *Engine) commit(rs *round) error {
 		default:
 		}
 	}
+	txs := rs.tx.Stats()
 	e.stats.Lock()
 	e.stats.s.Commits++
 	e.stats.s.CommitNanos.Observe(elapsed)
+	e.stats.s.CommitBytes += uint64(max(txs.GetPageAlloc(), 0))
 	e.stats.s.Syncs++
 	e.stats.s.SyncNanos.Observe(time.Since(begin))
 	e.stats.Unlock()

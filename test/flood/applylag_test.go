@@ -66,13 +66,19 @@ func TestLargeTxnLag(t *testing.T) {
 
 	const phase = 20 * time.Second
 	// Each phase also reports how long the nodes' storage writers spent in
-	// bbolt commits (they hold up every shard's appends meanwhile).
-	commits := func() (float64, float64) {
-		return e.metricSum("kvd_storage_commit_duration_seconds_sum"), e.metricSum("kvd_storage_commit_duration_seconds_count")
+	// bbolt commits (they hold up every shard's appends meanwhile), and
+	// how much each commit wrote.
+	type commitStats struct{ secs, n, bytes float64 }
+	commits := func() commitStats {
+		return commitStats{e.metricSum("kvd_storage_commit_duration_seconds_sum"), e.metricSum("kvd_storage_commit_duration_seconds_count"), e.metricSum("kvd_storage_commit_bytes_total")}
 	}
-	s0, n0 := commits()
+	report := func(from, to commitStats) string {
+		n := max(to.n-from.n, 1)
+		return fmt.Sprintf("bbolt commits %.0f, %.1f ms and %.2f MiB each", to.n-from.n, 1000*(to.secs-from.secs)/n, (to.bytes-from.bytes)/n/(1<<20))
+	}
+	c0 := commits()
 	base := e.smallPuts(ctx, smallKeys, sharesFile, phase, nil)
-	s1, n1 := commits()
+	c1 := commits()
 	var (
 		txns      atomic.Int64
 		txnErrs   sync.Mutex
@@ -107,8 +113,8 @@ func TestLargeTxnLag(t *testing.T) {
 		}
 		context.AfterFunc(lctx, func() { wg.Wait(); conn.Close() })
 	})
-	s2, n2 := commits()
-	fmt.Printf("small puts alone:          %s; bbolt commits %.0f, %.1f ms each\n", base.all, n1-n0, 1000*(s1-s0)/max(n1-n0, 1))
+	c2 := commits()
+	fmt.Printf("small puts alone:          %s; %s\n", base.all, report(c0, c1))
 	// The wait above ended every transaction writer: errCodes is final.
 	failed := 0
 	var byCode []string
@@ -117,8 +123,8 @@ func TestLargeTxnLag(t *testing.T) {
 		byCode = append(byCode, fmt.Sprintf("%v %d (first: %s)", c, n, firstErrs[c]))
 	}
 	slices.Sort(byCode)
-	fmt.Printf("beside 1 MiB transactions: %s; bbolt commits %.0f, %.1f ms each; transactions %d (%.1f/s), failed %d%s\n",
-		loaded.all, n2-n1, 1000*(s2-s1)/max(n2-n1, 1), txns.Load(), float64(txns.Load())/phase.Seconds(), failed, strings.Join(append([]string{""}, byCode...), "; "))
+	fmt.Printf("beside 1 MiB transactions: %s; %s; transactions %d (%.1f/s), failed %d%s\n",
+		loaded.all, report(c1, c2), txns.Load(), float64(txns.Load())/phase.Seconds(), failed, strings.Join(append([]string{""}, byCode...), "; "))
 	var sizes []string
 	for _, nd := range c.Nodes {
 		files, _ := filepath.Glob(filepath.Join(nd.DataDir, "kvd*.db"))
