@@ -505,13 +505,21 @@ func (nd *Node) Logs() string {
 // WaitFor polls cond until it holds or d passes.
 func WaitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 	t.Helper()
+	if !poll(d, cond) {
+		t.Fatalf("timed out after %v waiting for %s", d, what)
+	}
+}
+
+// poll reports whether cond held before d passed.
+func poll(d time.Duration, cond func() bool) bool {
 	deadline := time.Now().Add(d)
 	for !cond() {
 		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
+			return false
 		}
 		time.Sleep(20 * time.Millisecond) // poll interval, not synchronisation
 	}
+	return true
 }
 
 // LeaderOf returns the running node that reports itself leader of shard,
@@ -567,4 +575,13 @@ func (s *SyncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// WaitFor polls cond on the output until it holds or d passes, and then
+// fails the test with the output.
+func (s *SyncBuffer) WaitFor(t testing.TB, d time.Duration, what string, cond func(out string) bool) {
+	t.Helper()
+	if !poll(d, func() bool { return cond(s.String()) }) {
+		t.Fatalf("timed out after %v waiting for %s; the output is %q", d, what, s.String())
+	}
 }

@@ -51,7 +51,7 @@ func TestKvctlLease(t *testing.T) {
 
 	// Kept alive, the lease outlives several TTLs; Ctrl-C exits 0.
 	ka, buf := keepalive(id)
-	proccluster.WaitFor(t, 20*time.Second, "four renewals", func() bool { return strings.Count(buf.String(), "TTL") >= 4 })
+	buf.WaitFor(t, 20*time.Second, "four renewals", func(out string) bool { return strings.Count(out, "TTL") >= 4 })
 	if out, _ := run(0, "get", "svc/a"); out != "up\n" {
 		t.Fatalf("kept-alive key: %q", out)
 	}
@@ -64,7 +64,7 @@ func TestKvctlLease(t *testing.T) {
 
 	// A keepalive learns of the revocation and exits 1.
 	ka, buf = keepalive(id)
-	proccluster.WaitFor(t, 10*time.Second, "a renewal", func() bool { return strings.Contains(buf.String(), "TTL") })
+	buf.WaitFor(t, 10*time.Second, "a renewal", func(out string) bool { return strings.Contains(out, "TTL") })
 	if out, _ := run(0, "lease", "revoke", id); out != "3\n" {
 		t.Fatalf("lease revoke printed %q, want 3 (keys deleted)", out)
 	}
@@ -91,7 +91,7 @@ func TestKvctlLease(t *testing.T) {
 		run(0, "put", "--lease", killed, k, "up")
 	}
 	ka, buf = keepalive(killed)
-	proccluster.WaitFor(t, 10*time.Second, "a renewal", func() bool { return strings.Contains(buf.String(), "TTL") })
+	buf.WaitFor(t, 10*time.Second, "a renewal", func(out string) bool { return strings.Contains(out, "TTL") })
 	if err := ka.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
@@ -150,7 +150,7 @@ func TestKvctlLeaseWithAuth(t *testing.T) {
 		t.Fatalf("put --lease of a key app may not write: exit %d, want 4", code)
 	}
 	ka, buf := bg(t, c, "--user", "app:pw", "lease", "keepalive", id)
-	proccluster.WaitFor(t, 20*time.Second, "a renewal as app", func() bool { return strings.Contains(buf.String(), "TTL 30s") })
+	buf.WaitFor(t, 20*time.Second, "a renewal as app", func(out string) bool { return strings.Contains(out, "TTL 30s") })
 	_ = ka.Process.Signal(syscall.SIGINT)
 	if code := exitOf(t, ka); code != 0 {
 		t.Fatalf("keepalive as app after Ctrl-C: exit %d", code)

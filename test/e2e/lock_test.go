@@ -29,19 +29,6 @@ func bg(t *testing.T, c *proccluster.Cluster, args ...string) (*exec.Cmd, *procc
 	return cmd, &buf
 }
 
-// waitOut waits until cond holds for what kvctl printed to buf, and
-// fails the test with the output when it does not within 20 s.
-func waitOut(t *testing.T, what string, buf *proccluster.SyncBuffer, cond func(out string) bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond(buf.String()) {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s; kvctl printed %q", what, buf.String())
-		}
-		time.Sleep(20 * time.Millisecond) // poll interval, not synchronisation
-	}
-}
-
 // exitOf waits for cmd and returns its exit code.
 func exitOf(t *testing.T, cmd *exec.Cmd) int {
 	t.Helper()
@@ -76,7 +63,7 @@ func TestKvctlLockAndElect(t *testing.T) {
 	}
 
 	holder, hbuf := bg(t, c, "lock", "job")
-	waitOut(t, "the first locker holding", hbuf, func(out string) bool { return strings.HasPrefix(out, "{job}/") })
+	hbuf.WaitFor(t, 20*time.Second, "the first locker holding", func(out string) bool { return strings.HasPrefix(out, "{job}/") })
 	waiter, wbuf := bg(t, c, "lock", "job", "--", "echo", "second")
 	// Once the second locker is queued (two keys under the lock), it
 	// still waits.
@@ -99,8 +86,8 @@ func TestKvctlLockAndElect(t *testing.T) {
 
 	_, lbuf := bg(t, c, "elect", "sched", "--listen")
 	one, obuf := bg(t, c, "elect", "sched", "one")
-	waitOut(t, "one elected", obuf, func(out string) bool { return strings.HasSuffix(out, "one\n") })
-	waitOut(t, "the listener seeing one", lbuf, func(out string) bool { return out == "one\n" })
+	obuf.WaitFor(t, 20*time.Second, "one elected", func(out string) bool { return strings.HasSuffix(out, "one\n") })
+	lbuf.WaitFor(t, 20*time.Second, "the listener seeing one", func(out string) bool { return out == "one\n" })
 	two, tbuf := bg(t, c, "elect", "sched", "two")
 	if err := one.Process.Signal(syscall.SIGINT); err != nil {
 		t.Fatal(err)
@@ -108,8 +95,8 @@ func TestKvctlLockAndElect(t *testing.T) {
 	if code := exitOf(t, one); code != 0 {
 		t.Fatalf("elect after Ctrl-C: exit %d", code)
 	}
-	waitOut(t, "two elected", tbuf, func(out string) bool { return strings.HasSuffix(out, "two\n") })
-	waitOut(t, "the listener seeing two", lbuf, func(out string) bool { return out == "one\ntwo\n" })
+	tbuf.WaitFor(t, 20*time.Second, "two elected", func(out string) bool { return strings.HasSuffix(out, "two\n") })
+	lbuf.WaitFor(t, 20*time.Second, "the listener seeing two", func(out string) bool { return out == "one\ntwo\n" })
 	_ = two.Process.Signal(syscall.SIGINT)
 	if code := exitOf(t, two); code != 0 {
 		t.Fatalf("elect two after Ctrl-C: exit %d", code)

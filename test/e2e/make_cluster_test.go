@@ -82,8 +82,8 @@ func TestMakeClusterScript(t *testing.T) {
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	proccluster.WaitFor(t, 10*time.Second, "cluster.sh to report kvd2's death", func() bool {
-		return strings.Contains(out.String(), "cluster.sh: kvd2 (pid "+m[1]+") was killed by signal 9 (SIGKILL)")
+	out.WaitFor(t, 10*time.Second, "cluster.sh to report kvd2's death", func(out string) bool {
+		return strings.Contains(out, "cluster.sh: kvd2 (pid "+m[1]+") was killed by signal 9 (SIGKILL)")
 	})
 
 	// Ctrl-C in a terminal reaches the script; TERM takes the same path.
