@@ -201,16 +201,24 @@ func TestElection(t *testing.T) {
 		t.Fatal(err)
 	}
 	next("b")
-	// Campaigning again with the candidacy held changes its value.
+	// Campaigning again with the candidacy held changes its value;
+	// proclaiming the same value again is no change to observe.
 	if err := e2.Campaign(ctx, "b2"); err != nil {
 		t.Fatal(err)
 	}
 	next("b2")
+	if err := e2.Proclaim(ctx, "b2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := e2.Proclaim(ctx, "b3"); err != nil {
+		t.Fatal(err)
+	}
+	next("b3")
 	if err := e1.Proclaim(ctx, "x"); !errors.Is(err, concurrency.ErrNotLeader) {
 		t.Fatalf("proclaim after resigning: %v, want ErrNotLeader", err)
 	}
 	proccluster.WaitFor(t, 5*time.Second, "e2 leads", func() bool {
 		l, err := concurrency.Leader(ctx, c, "svc")
-		return err == nil && string(l.GetValue()) == "b2"
+		return err == nil && string(l.GetValue()) == "b3"
 	})
 }

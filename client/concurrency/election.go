@@ -115,8 +115,10 @@ func (e *Election) Leader(ctx context.Context) (*kvpb.KeyValue, error) {
 }
 
 // Observe sends the leader (key and value) each time it changes, the
-// current one first, until ctx ends; the channel is then closed. While
-// nobody leads, nothing is sent.
+// current one first, until ctx ends; the channel is then closed. A change
+// is another candidacy leading or another value; a leader that writes
+// its value again unchanged is not sent again. While nobody leads,
+// nothing is sent.
 func Observe(ctx context.Context, c *client.Client, name string) (<-chan *kvpb.KeyValue, error) {
 	p, err := prefixOf(name)
 	if err != nil {
@@ -144,7 +146,7 @@ func Observe(ctx context.Context, c *client.Client, name string) (<-chan *kvpb.K
 				waitChange(ctx, c, p, resume)
 				continue
 			}
-			if last == nil || !bytes.Equal(last.GetKey(), l.GetKey()) || last.GetModRevision() != l.GetModRevision() {
+			if leaderChanged(last, l) {
 				select {
 				case ch <- l:
 				case <-ctx.Done():
@@ -156,6 +158,13 @@ func Observe(ctx context.Context, c *client.Client, name string) (<-chan *kvpb.K
 		}
 	}()
 	return ch, nil
+}
+
+// leaderChanged says whether l is news to an observer that last saw
+// last (nil: nothing yet): another candidacy or another value.
+func leaderChanged(last, l *kvpb.KeyValue) bool {
+	return last == nil || !bytes.Equal(last.GetKey(), l.GetKey()) ||
+		last.GetCreateRevision() != l.GetCreateRevision() || !bytes.Equal(last.GetValue(), l.GetValue())
 }
 
 // Observe is Observe of the election.

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -16,7 +15,6 @@ import (
 
 	"github.com/kvd/kvd/client"
 	"github.com/kvd/kvd/client/concurrency"
-	"github.com/kvd/kvd/proto/kvpb"
 )
 
 // exitLost: the session's lease was lost while holding (exit 1, as a
@@ -155,15 +153,8 @@ Ctrl-C.`,
 					if err != nil {
 						return err
 					}
-					// Observe also sends a leader that wrote its value
-					// again unchanged; that is no news to print.
-					var last *kvpb.KeyValue
 					for kv := range obs {
-						if last != nil && bytes.Equal(kv.GetKey(), last.GetKey()) && bytes.Equal(kv.GetValue(), last.GetValue()) {
-							continue
-						}
 						fmt.Fprintf(a.stdout, "%s\n", kv.GetValue())
-						last = kv
 					}
 					return nil
 				}
