@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
 	"time"
 
 	"google.golang.org/grpc"
@@ -36,45 +35,20 @@ func (c *Client) dialOptions() []grpc.DialOption {
 	}
 	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
 	if c.cfg.Username != "" {
-		opts = append(opts, grpc.WithPerRPCCredentials(&tokenSource{c: c, creds: creds}))
+		fetch := func(ctx context.Context) (string, time.Time, error) { return c.fetchToken(ctx, creds) }
+		opts = append(opts, grpc.WithPerRPCCredentials(&authtoken.Source{Fetch: fetch}))
 	}
 	return append(opts, c.cfg.DialOptions...)
 }
 
-// tokenSource puts the token of Config.Username on every call, getting
-// one from Auth.Authenticate at the endpoints when it has none or it is
-// about to expire.
-type tokenSource struct {
-	c     *Client
-	creds credentials.TransportCredentials
-
-	mu    sync.Mutex // held while a token is fetched: one fetch at a time
-	token string
-	renew time.Time // when the token is replaced (authtoken.RenewAt)
-}
-
-func (t *tokenSource) RequireTransportSecurity() bool { return false }
-
-func (t *tokenSource) GetRequestMetadata(ctx context.Context, _ ...string) (map[string]string, error) {
-	tok, err := t.get(ctx)
-	if err != nil {
-		return nil, err
-	}
-	return map[string]string{"token": tok}, nil
-}
-
-func (t *tokenSource) get(ctx context.Context) (string, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.token != "" && time.Now().Before(t.renew) {
-		return t.token, nil
-	}
+// fetchToken gets a token for Config.Username from Auth.Authenticate at
+// the first endpoint that answers.
+func (c *Client) fetchToken(ctx context.Context, creds credentials.TransportCredentials) (string, time.Time, error) {
 	var errs []error
-	for _, ep := range t.c.cfg.Endpoints {
-		resp, err := t.authenticate(ctx, ep)
+	for _, ep := range c.cfg.Endpoints {
+		resp, err := c.authenticate(ctx, ep, creds)
 		if err == nil {
-			t.token, t.renew = resp.GetToken(), authtoken.RenewAt(time.Now(), time.UnixMilli(resp.GetExpiresUnixMs()))
-			return t.token, nil
+			return resp.GetToken(), authtoken.RenewAt(time.Now(), time.UnixMilli(resp.GetExpiresUnixMs())), nil
 		}
 		errs = append(errs, &EndpointError{Endpoint: ep, Err: err})
 		if ctx.Err() != nil {
@@ -83,18 +57,18 @@ func (t *tokenSource) get(ctx context.Context) (string, error) {
 	}
 	// The status of the first answer (a wrong password: Unauthenticated)
 	// becomes the call's.
-	return "", fmt.Errorf("authenticate as %q: %w", t.c.cfg.Username, errors.Join(errs...))
+	return "", time.Time{}, fmt.Errorf("authenticate as %q: %w", c.cfg.Username, errors.Join(errs...))
 }
 
-func (t *tokenSource) authenticate(ctx context.Context, ep string) (*kvpb.AuthenticateResponse, error) {
-	conn, err := grpc.NewClient(dialTarget(ep), grpc.WithTransportCredentials(t.creds))
+func (c *Client) authenticate(ctx context.Context, ep string, creds credentials.TransportCredentials) (*kvpb.AuthenticateResponse, error) {
+	conn, err := grpc.NewClient(dialTarget(ep), grpc.WithTransportCredentials(creds))
 	if err != nil {
 		return nil, err
 	}
 	defer conn.Close()
-	ctx, cancel := context.WithTimeout(ctx, t.c.cfg.DialTimeout)
+	ctx, cancel := context.WithTimeout(ctx, c.cfg.DialTimeout)
 	defer cancel()
-	return kvpb.NewAuthClient(conn).Authenticate(ctx, &kvpb.AuthenticateRequest{Name: t.c.cfg.Username, Password: t.c.cfg.Password})
+	return kvpb.NewAuthClient(conn).Authenticate(ctx, &kvpb.AuthenticateRequest{Name: c.cfg.Username, Password: c.cfg.Password})
 }
 
 // Auth applies one auth change (users, roles, enabling); once auth is

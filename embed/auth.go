@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"sync"
 	"time"
 
 	"google.golang.org/grpc"
@@ -31,72 +30,46 @@ type Option func(*Node)
 // once auth is enabled. So enable auth first, then start the node with
 // WithClientAuth (a restart on the same data dir is enough).
 func WithClientAuth(user, password string) Option {
-	return func(n *Node) { n.auth = &tokenSource{n: n, user: user, password: password} }
+	return func(n *Node) {
+		n.auth = &authtoken.Source{Fetch: func(ctx context.Context) (string, time.Time, error) {
+			return n.fetchToken(ctx, user, password)
+		}}
+	}
 }
 
 // authRecheck: how long "auth is not enabled" is believed.
 const authRecheck = time.Second
 
-// tokenSource is the embedded client's per-call credentials. The
-// client's own (client.Config.Username) authenticate at an endpoint over
-// TCP and fail every call while auth is disabled; this one asks the node
-// itself, in memory, and sends no token while auth is disabled.
-type tokenSource struct {
-	n              *Node
-	user, password string
-
-	mu       sync.Mutex // held while a token is fetched: one fetch at a time
-	token    string
-	renew    time.Time // when the token is replaced (authtoken.RenewAt)
-	disabled time.Time // when auth was last found disabled
-}
-
-func (t *tokenSource) RequireTransportSecurity() bool { return false }
-
-func (t *tokenSource) GetRequestMetadata(ctx context.Context, _ ...string) (map[string]string, error) {
-	tok, err := t.get(ctx)
-	if err != nil || tok == "" {
-		return nil, err
-	}
-	return map[string]string{"token": tok}, nil
-}
-
-func (t *tokenSource) get(ctx context.Context) (string, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.token != "" && time.Now().Before(t.renew) {
-		return t.token, nil
-	}
-	if !t.disabled.IsZero() && time.Since(t.disabled) < authRecheck {
-		return "", nil
-	}
-	resp, err := t.authenticate(ctx)
+// fetchToken gets a token for user from the node itself, in memory. The
+// client's own credentials (client.Config.Username) authenticate at an
+// endpoint over TCP and fail every call while auth is disabled; these
+// send no token while auth is disabled, believing that for authRecheck.
+func (n *Node) fetchToken(ctx context.Context, user, password string) (string, time.Time, error) {
+	resp, err := n.authenticate(ctx, user, password)
 	if status.Code(err) == codes.FailedPrecondition {
-		t.token, t.disabled = "", time.Now()
-		return "", nil
+		return "", time.Now().Add(authRecheck), nil
 	}
 	if err != nil {
-		return "", fmt.Errorf("authenticate as %q: %w", t.user, err)
+		return "", time.Time{}, fmt.Errorf("authenticate as %q: %w", user, err)
 	}
-	t.token, t.renew, t.disabled = resp.GetToken(), authtoken.RenewAt(time.Now(), time.UnixMilli(resp.GetExpiresUnixMs())), time.Time{}
-	return t.token, nil
+	return resp.GetToken(), authtoken.RenewAt(time.Now(), time.UnixMilli(resp.GetExpiresUnixMs())), nil
 }
 
-func (t *tokenSource) authenticate(ctx context.Context) (*kvpb.AuthenticateResponse, error) {
-	opts := []grpc.DialOption{grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return t.n.mem.dial(ctx) })}
-	if t.n.creds != nil {
-		opts = append(opts, grpc.WithTransportCredentials(t.n.creds))
+func (n *Node) authenticate(ctx context.Context, user, password string) (*kvpb.AuthenticateResponse, error) {
+	opts := []grpc.DialOption{grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return n.mem.dial(ctx) })}
+	if n.creds != nil {
+		opts = append(opts, grpc.WithTransportCredentials(n.creds))
 	} else {
 		opts = append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	}
-	conn, err := grpc.NewClient("passthrough:///"+t.n.clientAddr, opts...)
+	conn, err := grpc.NewClient("passthrough:///"+n.clientAddr, opts...)
 	if err != nil {
 		return nil, err
 	}
 	defer conn.Close()
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	resp, err := kvpb.NewAuthClient(conn).Authenticate(ctx, &kvpb.AuthenticateRequest{Name: t.user, Password: t.password})
+	resp, err := kvpb.NewAuthClient(conn).Authenticate(ctx, &kvpb.AuthenticateRequest{Name: user, Password: password})
 	if err != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
 		return nil, fmt.Errorf("node did not answer: %w", err)
 	}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/kvd/kvd/client"
 	"github.com/kvd/kvd/hashring"
+	"github.com/kvd/kvd/internal/authtoken"
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/server"
 )
@@ -49,7 +50,7 @@ type Node struct {
 
 	localCalls atomic.Uint64
 	creds      credentials.TransportCredentials // the client's, with client TLS (tls.go)
-	auth       *tokenSource                     // the client's user, WithClientAuth (auth.go)
+	auth       *authtoken.Source                // the client's user, WithClientAuth (auth.go)
 
 	cliOnce sync.Once
 	cli     *client.Client

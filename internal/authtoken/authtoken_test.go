@@ -1,6 +1,8 @@
 package authtoken
 
 import (
+	"context"
+	"errors"
 	"testing"
 	"time"
 )
@@ -16,5 +18,44 @@ func TestRenewAt(t *testing.T) {
 		if got := RenewAt(now, now.Add(tc.life)); !got.Equal(now.Add(tc.life - tc.before)) {
 			t.Errorf("life %v: renew at %v after fetch, want %v", tc.life, got.Sub(now), tc.life-tc.before)
 		}
+	}
+}
+
+// TestSource: a token is kept until the time its fetch gave, an empty one
+// puts nothing on the calls, and a failed fetch is not kept.
+func TestSource(t *testing.T) {
+	ctx := context.Background()
+	var fetches int
+	next := func() (string, time.Time, error) { return "", time.Time{}, nil }
+	s := &Source{Fetch: func(context.Context) (string, time.Time, error) {
+		fetches++
+		return next()
+	}}
+	md := func() (map[string]string, error) { return s.GetRequestMetadata(ctx) }
+
+	next = func() (string, time.Time, error) { return "t1", time.Now().Add(time.Hour), nil }
+	for range 3 {
+		if m, err := md(); err != nil || m["token"] != "t1" {
+			t.Fatalf("metadata %v, %v; want token t1", m, err)
+		}
+	}
+	if fetches != 1 {
+		t.Fatalf("%d fetches for three calls with a token an hour from renewal, want 1", fetches)
+	}
+
+	s.until = time.Now().Add(-time.Second) // due for renewal
+	next = func() (string, time.Time, error) { return "", time.Time{}, errors.New("refused") }
+	if _, err := md(); err == nil {
+		t.Fatal("a failed fetch gave no error")
+	}
+	next = func() (string, time.Time, error) { return "", time.Now().Add(time.Hour), nil }
+	if m, err := md(); err != nil || m != nil {
+		t.Fatalf("metadata %v, %v; want none while the fetch says no token", m, err)
+	}
+	if fetches != 3 {
+		t.Fatalf("%d fetches, want 3: a failed fetch must not be kept", fetches)
+	}
+	if m, err := md(); err != nil || m != nil || fetches != 3 {
+		t.Fatalf("metadata %v, %v after %d fetches; want none, from the kept answer", m, err, fetches)
 	}
 }
