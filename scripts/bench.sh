@@ -203,8 +203,9 @@ model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 mem=$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
 
 mkdir -p "$(dirname "$OUT")"
-# The hand-kept section at the end (figures behind design choices, each
-# with its commit) survives the rewrite.
+# Everything from "## Measurements behind the design" to the end is kept
+# by hand (figures behind design choices, each with its commit; what TLS
+# costs) and survives the rewrite.
 kept=$(sed -n '/^## Measurements behind the design$/,$p' "$OUT" 2>/dev/null || true)
 cat >"$OUT" <<MD
 # kvd benchmarks
