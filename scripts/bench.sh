@@ -203,10 +203,10 @@ model=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 mem=$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
 
 mkdir -p "$(dirname "$OUT")"
-# Everything from "## Measurements behind the design" to the end is kept
-# by hand (figures behind design choices, each with its commit; what TLS
-# costs) and survives the rewrite.
-kept=$(sed -n '/^## Measurements behind the design$/,$p' "$OUT" 2>/dev/null || true)
+# The sections after the generated ones (the last is "## Reproduce") are
+# kept by hand (figures behind design choices, each with its commit; what
+# TLS costs) and survive the rewrite, whatever their order or names.
+kept=$(awk '/^## Reproduce$/ { r = 1; next } r && /^## / { k = 1 } k' "$OUT" 2>/dev/null || true)
 cat >"$OUT" <<MD
 # kvd benchmarks
 
