@@ -172,6 +172,10 @@ bench: build ## benchmark a local 3-node cluster with kvctl bench, and etcd in t
 	@./scripts/build-etcd.sh || echo "bench: could not build etcd; the table will have kvd alone" >&2
 	./scripts/bench.sh
 
+.PHONY: pgo
+pgo: ## profile a local 3-node cluster under make bench's workloads and write cmd/kvd/default.pgo, which go build uses to optimize kvd (about 2 minutes)
+	./scripts/pgo.sh
+
 .PHONY: etcd
 etcd: ## build etcd v3.6.14 and its benchmark tool into bin/etcd-v3.6.14 (Go module proxy), for make bench
 	GO=$(GO) ./scripts/build-etcd.sh
