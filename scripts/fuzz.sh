@@ -6,7 +6,7 @@
 # (golang/go#75804, fixed in Go 1.27): a worker's shutdown races the
 # deadline, more often on a loaded machine. Such a run found nothing, so
 # it is run again, up to three runs in all: on this 2-core VM the race
-# came in two of three CI runs in one day; at that rate, over eight
+# came in at least two of three CI runs in one day; at that rate, over eight
 # targets, two runs per target would still fail about one CI run in
 # eight, three about one in sixty. Any other failure, and any run that
 # writes a failing input, fails at once.
