@@ -23,10 +23,9 @@ LDFLAGS := -X github.com/kvd/kvd/internal/version.Version=$(VERSION)
 # they run one package at a time (-p 1) so that two sets of kvd clusters do
 # not compete for the two cores and the failover timings stay meaningful.
 # The in-process tests build without cmd/kvd/default.pgo (-pgo=off): with
-# it, cmd/kvd's test binary needs every package it imports compiled a second time,
-# with the profile and the race detector, which more than doubled their
-# cold build (3m50s against 1m42s). The process tests run the kvd that
-# users get, built with the profile.
+# it, cmd/kvd's test binary needs every package it imports compiled a
+# second time, with the profile and the race detector (b79592a). The
+# process tests run the kvd that users get, built with the profile.
 RACE_PKGS = $$($(GO) list ./... | grep -v '/test/')
 PROC_PKGS = $$($(GO) list ./test/...)
 TEST_TIMEOUT ?= 15m

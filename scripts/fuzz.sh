@@ -5,11 +5,9 @@
 # deadline exceeded" at the end of -fuzztime, with no failing input
 # (golang/go#75804, fixed in Go 1.27): a worker's shutdown races the
 # deadline, more often on a loaded machine. Such a run found nothing, so
-# it is run again, up to three runs in all: on this 2-core VM the race
-# came in at least two of three CI runs in one day; at that rate, over eight
-# targets, two runs per target would still fail about one CI run in
-# eight, three about one in sixty. Any other failure, and any run that
-# writes a failing input, fails at once.
+# it is run again, up to three runs in all (two left too many CI runs
+# failing on the race alone; 2175aa9). Any other failure, and any run
+# that writes a failing input, fails at once.
 set -uo pipefail
 pkg=$1 name=$2 fuzztime=$3
 GO=${GO:-go}
