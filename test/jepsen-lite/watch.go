@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -190,16 +191,19 @@ func (w *watcher) waitEnd(key string, deadline time.Time) bool {
 	}
 }
 
-// shardsSeen is the number of distinct shards the watcher has had events
-// from.
-func (w *watcher) shardsSeen() int {
+// shardsSeen lists the distinct shards the watcher has had events from,
+// in order, and why its watch ended (nil: it has not).
+func (w *watcher) shardsSeen() ([]uint64, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	shards := map[uint64]bool{}
+	var shards []uint64
 	for _, e := range w.mu.events {
-		shards[e.Shard] = true
+		if !slices.Contains(shards, e.Shard) {
+			shards = append(shards, e.Shard)
+		}
 	}
-	return len(shards)
+	slices.Sort(shards)
+	return shards, w.mu.ended
 }
 
 // log returns what the watcher recorded.
@@ -481,23 +485,39 @@ func startWatchers(e *env, h *History, seed uint64, counters, slots, shards int,
 		ws = append(ws, w)
 		wg.Go(func() { w.run(stop) })
 	}
+	var failed int
+	var lastErr error
 	for n := 0; ; n++ {
 		ready := true
+		var seen strings.Builder
 		for _, w := range ws {
-			if w.prefix && w.shardsSeen() < shards {
+			if !w.prefix {
+				continue
+			}
+			got, ended := w.shardsSeen()
+			if len(got) < shards {
 				ready = false
+			}
+			fmt.Fprintf(&seen, "; %v saw shards %v", w, got)
+			if ended != nil {
+				fmt.Fprintf(&seen, " and ended: %v", ended)
 			}
 		}
 		if ready {
 			return ws, nil
 		}
 		if ctx.Err() != nil {
-			return ws, fmt.Errorf("prefix watchers did not see every shard within 30s")
+			// Everything that tells a watch that never started from
+			// markers that never landed, and from a cluster that lost
+			// its leaders.
+			return ws, fmt.Errorf("prefix watchers did not see every shard within 30s (%d markers put, %d failed, the last with %v%s); nodes: %s",
+				n, failed, lastErr, seen.String(), shardViews(context.Background(), e.c))
 		}
 		pctx, pcancel := context.WithTimeout(ctx, 2*time.Second)
 		_, err := cls[0].Put(pctx, fmt.Appendf(nil, "%sready.%d", sentinelPrefix, n), []byte("ready"))
 		pcancel()
-		if err != nil {
+		if err != nil && ctx.Err() == nil { // not the put the deadline cut short
+			failed, lastErr = failed+1, err
 			h.event("watch readiness marker %d: %v", n, err)
 		}
 	}
