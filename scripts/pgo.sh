@@ -46,9 +46,17 @@ for w in "${workloads[@]}"; do
   i=$((i + 1))
   echo "pgo: profiling kvctl bench $w" >&2
   # shellcheck disable=SC2086 # the workload is a list of arguments
-  "$BIN/kvctl" --endpoints "$ENDPOINTS" -o json bench $w --duration "$((SECONDS_EACH + 4))s" >"$WORK/bench$i.json" &
+  "$BIN/kvctl" --endpoints "$ENDPOINTS" -o json bench $w --progress --duration "$((SECONDS_EACH + 4))s" \
+    >"$WORK/bench$i.json" 2>"$WORK/bench$i.progress" &
   bench=$!
-  sleep 2 # let the workload's prefill and ramp-up pass
+  # Profile the measured phase: kvctl's first progress line comes a
+  # second into it, after the prefill of the get workloads.
+  waited=0
+  until grep -q 'ops/s' "$WORK/bench$i.progress"; do
+    kill -0 "$bench" 2>/dev/null || { cat "$WORK/bench$i.progress" >&2; echo "pgo: kvctl bench $w ended early" >&2; exit 1; }
+    ((waited++ < 1200)) || { echo "pgo: kvctl bench $w showed no progress in 2 minutes" >&2; exit 1; }
+    sleep 0.1 # poll interval
+  done
   fetches=()
   for id in 1 2 3; do
     curl -sf "http://127.0.0.1:${P}$((1 + id))381/debug/pprof/profile?seconds=$SECONDS_EACH" -o "$WORK/profiles/w$i-n$id.pprof" &
