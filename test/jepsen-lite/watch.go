@@ -485,31 +485,25 @@ func startWatchers(e *env, h *History, seed uint64, counters, slots, shards int,
 		ws = append(ws, w)
 		wg.Go(func() { w.run(stop) })
 	}
+	prefixes := slices.DeleteFunc(slices.Clone(ws), func(w *watcher) bool { return !w.prefix })
 	var failed int
 	var lastErr error
 	for n := 0; ; n++ {
-		ready := true
-		var seen strings.Builder
-		for _, w := range ws {
-			if !w.prefix {
-				continue
-			}
-			got, ended := w.shardsSeen()
-			if len(got) < shards {
-				ready = false
-			}
-			fmt.Fprintf(&seen, "; %v saw shards %v", w, got)
-			if ended != nil {
-				fmt.Fprintf(&seen, " and ended: %v", ended)
-			}
-		}
-		if ready {
+		if !slices.ContainsFunc(prefixes, func(w *watcher) bool { got, _ := w.shardsSeen(); return len(got) < shards }) {
 			return ws, nil
 		}
 		if ctx.Err() != nil {
 			// Everything that tells a watch that never started from
 			// markers that never landed, and from a cluster that lost
 			// its leaders.
+			var seen strings.Builder
+			for _, w := range prefixes {
+				got, ended := w.shardsSeen()
+				fmt.Fprintf(&seen, "; %v saw shards %v", w, got)
+				if ended != nil {
+					fmt.Fprintf(&seen, " and ended: %v", ended)
+				}
+			}
 			return ws, fmt.Errorf("prefix watchers did not see every shard within 30s (%d markers put, %d failed, the last with %v%s); nodes: %s",
 				n, failed, lastErr, seen.String(), shardViews(context.Background(), e.c))
 		}
