@@ -11,13 +11,14 @@
 set -uo pipefail
 pkg=$1 name=$2 fuzztime=$3
 GO=${GO:-go}
+runs=3
 log=$(mktemp -t kvd-fuzz.XXXXXX)
 trap 'rm -f "$log"' EXIT
-for attempt in 1 2 3; do
+for ((attempt = 1; attempt <= runs; attempt++)); do
   "$GO" test -count=1 -run '^$' -fuzz "^${name}\$" -fuzztime "$fuzztime" "$pkg" 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] && exit 0
-  if [ "$attempt" -lt 3 ] && grep -q 'context deadline exceeded' "$log" &&
+  if [ "$attempt" -lt "$runs" ] && grep -q 'context deadline exceeded' "$log" &&
      ! grep -qE 'Failing input written|panic:' "$log" &&
      [ "$(grep -c '_test.go:[0-9]' "$log")" = 0 ]; then
     echo "fuzz: $name ended on Go's fuzztime deadline race with nothing found; running it again" >&2
