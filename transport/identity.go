@@ -179,7 +179,14 @@ func (t *Transport) admit(stream grpc.ServerStream, kind string) (identity, erro
 		if dialerMustRejoin {
 			stream.SetTrailer(metadata.Pairs(mdRefusal, refusalNewDataDir))
 		}
-		t.logRefusal(fmt.Sprint(kind, id.node, id.to, id.cluster, id.nonce, id.incarnation), "transport: refused a peer's "+kind,
+		// The reason is part of the key: one dialer can be refused first
+		// for one reason (its old stream still live) and then another (its
+		// data dir), and the second must be logged too.
+		reason := err
+		if u := errors.Unwrap(err); u != nil {
+			reason = u
+		}
+		t.logRefusal(fmt.Sprint(kind, id.node, id.to, id.cluster, id.nonce, id.incarnation, reason), "transport: refused a peer's "+kind,
 			"from", id.node, "to", id.to, "addr", addr, "err", err)
 		return id, err
 	}
@@ -281,6 +288,9 @@ func (t *Transport) evict(err error) {
 // retries every few seconds for as long as the misconfiguration lasts.
 const refusalLogEvery = 30 * time.Second
 
+// maxRefusalKeys bounds the keys refusalLog remembers.
+const maxRefusalKeys = 1024
+
 // refusalLog throttles refusal logs by key.
 type refusalLog struct {
 	mu   sync.Mutex
@@ -302,6 +312,19 @@ func (t *Transport) logRefusal(key, msg string, args ...any) {
 	}
 	if t.refusals.last == nil {
 		t.refusals.last = make(map[string]time.Time)
+	}
+	if len(t.refusals.last) >= maxRefusalKeys {
+		// Keys carry the dialer's nonce, so a peer that keeps
+		// restarting, or a hostile one, would otherwise grow the map
+		// for ever. Forgetting a key only means logging it once more.
+		for k, last := range t.refusals.last {
+			if now.Sub(last) >= refusalLogEvery {
+				delete(t.refusals.last, k)
+			}
+		}
+		if len(t.refusals.last) >= maxRefusalKeys {
+			clear(t.refusals.last)
+		}
 	}
 	t.refusals.last[key] = now
 	t.refusals.mu.Unlock()
