@@ -63,9 +63,10 @@ fuzz: ## run every fuzz target for FUZZTIME (default 2m) each
 	  GO=$(GO) ./scripts/fuzz.sh "$${t%%:*}" "$${t#*:}" $(FUZZTIME); \
 	done
 
-lint: ## gofmt and go vet
+lint: ## gofmt, go build (vet alone compiles a package with its tests) and go vet
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); \
 	  if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) build ./...
 	$(GO) vet ./...
 
 tools: ## install protoc and the pinned protoc plugins (into ./bin)

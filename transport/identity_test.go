@@ -9,7 +9,9 @@ import (
 	"sync"
 	"testing"
 
+	"go.etcd.io/raft/v3"
 	"go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/internal/testkit"
 	"github.com/kvd/kvd/transport"
@@ -196,5 +198,48 @@ func TestNewDataDirRefused(t *testing.T) {
 				t.Fatal("the wiped node received a heartbeat")
 			}
 		})
+	}
+}
+
+// A raft message is delivered only as what its stream is: one naming
+// another sender, or one of raft's local messages, is dropped and counted,
+// on a stream and as a snapshot's header. Otherwise one member could act
+// in Raft as another, whatever its certificate says.
+func TestMessagesFromAnotherSenderDropped(t *testing.T) {
+	src := &fakeSource{
+		md:     &raftpb.SnapshotMetadata{Index: proto.Uint64(10), Term: proto.Uint64(1), ConfState: &raftpb.ConfState{Voters: []uint64{1, 2}}},
+		chunks: makeChunks(1, 1, 16),
+	}
+	nodes := cluster(t, src, 1, 2)
+	waitConnected(t, nodes)
+	n1, n2 := nodes[1], nodes[2]
+
+	forged := msg(raftpb.MsgApp, 3, 2, 1)                        // claims node 3
+	local := msg(raftpb.MsgStorageAppendResp, 1, 2, 2)           // raft's own storage thread
+	localFrom := msg(raftpb.MsgApp, raft.LocalApplyThread, 2, 3) // a local sender id
+	n1.tr.Send(1, []*raftpb.Message{forged, local, localFrom, msg(raftpb.MsgApp, 1, 2, 4)})
+	waitFor(t, "the honest message", func() bool { return slices.Contains(n2.h.received(1, 1), 4) })
+	if got := n2.h.received(1, 1); !slices.Equal(got, []uint64{4}) {
+		t.Fatalf("node 2 got indexes %v from node 1, want only 4", got)
+	}
+	if got := n2.h.received(1, 3); len(got) != 0 {
+		t.Fatalf("node 2 delivered %v as from node 3", got)
+	}
+	if got := n2.h.received(1, raft.LocalApplyThread); len(got) != 0 {
+		t.Fatalf("node 2 delivered %v as from raft's apply thread", got)
+	}
+	if got := n2.tr.Stats().BadMessages; got != 3 {
+		t.Fatalf("BadMessages = %d, want 3", got)
+	}
+
+	snap := msg(raftpb.MsgSnap, 3, 2, 0)
+	snap.Snapshot = &raftpb.Snapshot{Metadata: &raftpb.SnapshotMetadata{Index: proto.Uint64(10), Term: proto.Uint64(1)}}
+	n1.tr.Send(5, []*raftpb.Message{snap})
+	waitFor(t, "the forged snapshot reported", func() bool { return len(n1.h.snapshotReports()) == 1 })
+	if got, want := n1.h.snapshotReports()[0], (snapReport{5, 2, true}); got != want {
+		t.Fatalf("ReportSnapshot = %+v, want %+v", got, want)
+	}
+	if st := n2.tr.Stats(); st.SnapshotsReceived != 0 {
+		t.Fatalf("node 2 took a snapshot claiming to be from node 3: %+v", st)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.etcd.io/raft/v3"
 	"go.etcd.io/raft/v3/raftpb"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
@@ -369,6 +370,10 @@ func (t *Transport) deliver(from uint64, b *peerpb.Batch) {
 			t.stats.badMessages.Add(1)
 			continue
 		}
+		if !fromPeer(m, from, t.id) {
+			t.stats.badMessages.Add(1)
+			continue
+		}
 		t.cfg.Handler.HandleMessage(sm.GetShard(), m)
 	}
 	for _, c := range checks {
@@ -380,6 +385,17 @@ func (t *Transport) deliver(from uint64, b *peerpb.Batch) {
 	t.stats.batchesReceived.Add(1)
 	t.stats.messagesReceived.Add(uint64(len(msgs) + len(checks)))
 	t.stats.bytesReceived.Add(uint64(size))
+}
+
+// fromPeer reports whether m is a raft message that peer from may send to
+// node self: it names them as sender and addressee, and it is not one of
+// raft's local messages (its own storage and apply threads talk to it with
+// those, and they would step past RawNode's check with a local sender).
+// The stream's identity is what admit checked, against the peer's
+// certificate under peer TLS; a message claiming another sender would let
+// one member act in Raft as another.
+func fromPeer(m *raftpb.Message, from, self uint64) bool {
+	return m.GetFrom() == from && m.GetTo() == self && !raft.IsLocalMsg(m.GetType()) && !raft.IsLocalMsgTarget(from)
 }
 
 // backoffTimer waits between reconnect attempts: exponential from

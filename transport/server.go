@@ -130,6 +130,9 @@ func (t *Transport) receiveSnapshot(stream peerpb.Raft_SnapshotServer) error {
 	if err != nil {
 		return fmt.Errorf("transport: snapshot of shard %d from %d: %w", shard, from, err)
 	}
+	if !fromPeer(m, from, t.id) {
+		return fmt.Errorf("%w: snapshot of shard %d from node %d is a message from %d to %d", ErrProtocol, shard, from, m.GetFrom(), m.GetTo())
+	}
 	r := &snapshotReceiver{t: t, stream: stream, pending: first.GetPairs(), last: first.GetLast()}
 	if err := t.cfg.Handler.HandleSnapshot(shard, m, r.next); err != nil {
 		return fmt.Errorf("transport: install snapshot of shard %d from %d: %w", shard, from, err)

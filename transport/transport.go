@@ -460,7 +460,8 @@ type Stats struct {
 	BatchesReceived, MessagesReceived, BytesReceived uint64
 	// DroppedUnknownPeer counts messages to peers SetPeer never added.
 	DroppedUnknownPeer uint64
-	// BadMessages counts received messages that did not unmarshal.
+	// BadMessages counts received messages dropped unread: they did not
+	// unmarshal, or were not from the stream's peer to this node (fromPeer).
 	BadMessages                                       uint64
 	SnapshotsSent, SnapshotsFailed, SnapshotsReceived uint64
 	Peers                                             map[uint64]PeerStats

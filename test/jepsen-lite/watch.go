@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/kvd/kvd/client"
+	"github.com/kvd/kvd/internal/proccluster"
 	"github.com/kvd/kvd/proto/kvpb"
 )
 
@@ -544,4 +545,25 @@ func endWatchers(cl *client.Client, ws []*watcher, keys []string, deadline time.
 		}
 	}
 	return nil
+}
+
+// shardViews asks every node directly for its view of each shard (leader
+// as its raftnode reports it, raft role, term, applied index), for
+// failure messages.
+func shardViews(ctx context.Context, c *proccluster.Cluster) string {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	var b strings.Builder
+	for _, nd := range c.Nodes {
+		fmt.Fprintf(&b, "[node %d:", nd.ID)
+		st, err := c.Status(ctx, nd)
+		if err != nil {
+			fmt.Fprintf(&b, " %v", err)
+		}
+		for _, sh := range st.GetShards() {
+			fmt.Fprintf(&b, " shard %d leader %d role %s term %d applied %d;", sh.GetShard(), sh.GetLeader(), sh.GetRole(), sh.GetTerm(), sh.GetApplied())
+		}
+		b.WriteString("]")
+	}
+	return b.String()
 }
