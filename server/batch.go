@@ -29,8 +29,9 @@ type batchOptions struct {
 	// items being served (counted at their request size) plus answers not
 	// yet sent (at their answer size). At either bound serveBatch stops
 	// calling Recv, so gRPC's flow control pushes back on the client
-	// instead of the node buffering its requests; one message already
-	// received may overshoot the bound by its own size.
+	// instead of the node buffering its requests, and stops starting the
+	// items of a message it has received: a message is held whole (at
+	// most the server's receive limit) until its last item starts.
 	MaxHeldItems int
 	MaxHeldBytes int
 	// MaxServing bounds the items being served at once, whose answers'
@@ -237,17 +238,26 @@ func (b *batchServer) hold(items, bytes int) {
 	}
 }
 
+// waitRoom waits until the stream holds less than its bounds.
+func (b *batchServer) waitRoom(ctx context.Context) error {
+	for b.full() {
+		select {
+		case <-b.space:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
 // recvAll receives messages and starts their items, waiting before each
-// Recv until the stream holds less than its bounds.
+// Recv, and before each item of a message, until the stream holds less
+// than its bounds: one message may carry any number of items.
 func (b *batchServer) recvAll(ctx context.Context, stream kvpb.KV_BatchServer,
 	serve func(context.Context, *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error)) error {
 	for {
-		for b.full() {
-			select {
-			case <-b.space:
-			case <-ctx.Done():
-				return ctx.Err()
-			}
+		if err := b.waitRoom(ctx); err != nil {
+			return err
 		}
 		if err := b.waitPause(ctx); err != nil {
 			return err
@@ -257,6 +267,9 @@ func (b *batchServer) recvAll(ctx context.Context, stream kvpb.KV_BatchServer,
 			return err
 		}
 		for _, it := range req.GetItems() {
+			if err := b.waitRoom(ctx); err != nil {
+				return err
+			}
 			b.mu.Lock()
 			if b.mu.stopped {
 				b.mu.Unlock()

@@ -188,3 +188,88 @@ func TestBatchPauseAfterRefusals(t *testing.T) {
 		t.Fatalf("waitPause on a cancelled stream: %v, want context.Canceled", err)
 	}
 }
+
+// gatedBatch serves Batch with serveBatch; every item waits for open to
+// close, and inFlight and maxInFlight count the items being served.
+type gatedBatch struct {
+	kvpb.UnimplementedKVServer
+	open                  chan struct{}
+	inFlight, maxInFlight atomic.Int64
+}
+
+func (g *gatedBatch) Batch(stream kvpb.KV_BatchServer) error {
+	return serveBatch(stream, batchOptions{}, func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
+		n := g.inFlight.Add(1)
+		defer g.inFlight.Add(-1)
+		for m := g.maxInFlight.Load(); n > m && !g.maxInFlight.CompareAndSwap(m, n); m = g.maxInFlight.Load() {
+		}
+		select {
+		case <-g.open:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		return &kvpb.BatchResponseItem{Response: &kvpb.BatchResponseItem_Get{Get: &kvpb.GetResponse{}}}, nil
+	})
+}
+
+// One message may carry any number of items, yet the stream starts them
+// only as its bounds allow: a single message of 20,000 items is served
+// at most the slow start's few at a time, not with 20,000 goroutines.
+func TestOneMessageOfManyItemsStaysWithinBounds(t *testing.T) {
+	srv := &gatedBatch{open: make(chan struct{})}
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer()
+	kvpb.RegisterKVServer(gs, srv)
+	go gs.Serve(lis)
+	defer gs.Stop()
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	s, err := kvpb.NewKVClient(conn).Batch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const items = 20000
+	req := &kvpb.BatchRequest{}
+	for i := uint64(1); i <= items; i++ {
+		req.Items = append(req.Items, &kvpb.BatchRequestItem{Id: i, Request: &kvpb.BatchRequestItem_Get{Get: &kvpb.GetRequest{Key: []byte("k")}}})
+	}
+	if err := s.Send(req); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	// Until answers are seen the stream serves batchSlowStart at once.
+	for srv.inFlight.Load() < batchSlowStart {
+		if ctx.Err() != nil {
+			t.Fatalf("%d items in flight, want %d", srv.inFlight.Load(), batchSlowStart)
+		}
+		time.Sleep(time.Millisecond) // poll interval, not synchronisation
+	}
+	close(srv.open)
+	got := 0
+	for {
+		resp, err := s.Recv()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			t.Fatalf("after %d answers: %v", got, err)
+		}
+		got += len(resp.GetItems())
+	}
+	if got != items {
+		t.Fatalf("%d answers, want %d", got, items)
+	}
+	if m := srv.maxInFlight.Load(); m > defaultBatchServing {
+		t.Fatalf("%d items served at once, want at most %d", m, defaultBatchServing)
+	}
+}
