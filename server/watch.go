@@ -116,8 +116,11 @@ func (s *Server) addWatcher(w *watcher, n *raftnode.Node, sh *storage.Shard) boo
 		go h.run()
 	}
 	h.mu.Lock()
+	defer h.mu.Unlock()
+	if w.done {
+		return true // its stream closed and ended it already
+	}
 	h.watchers[w] = struct{}{}
-	h.mu.Unlock()
 	s.metrics.watchers.Inc()
 	h.wake()
 	return true
@@ -143,8 +146,10 @@ func (h *watchHub) endLocked(w *watcher, resp *kvpb.WatchResponse) {
 		return
 	}
 	w.done = true
-	delete(h.watchers, w)
-	h.s.metrics.watchers.Dec()
+	if _, ok := h.watchers[w]; ok {
+		delete(h.watchers, w)
+		h.s.metrics.watchers.Dec()
+	}
 	w.st.forget(w)
 	if resp != nil {
 		w.st.push(resp, time.Time{})
@@ -357,6 +362,10 @@ type watchStream struct {
 	s     *Server
 	limit int64 // bytes the queue may hold before its cursors wait
 	wake  chan struct{}
+	// room gets a value (never blocking, buffered 1) when the queue
+	// shrinks or the stream closes: the receiver waits for it while
+	// the queue holds more than limit (admit).
+	room chan struct{}
 
 	mu      sync.Mutex
 	queue   []queued
@@ -390,6 +399,35 @@ func (ws *watchStream) push(resp *kvpb.WatchResponse, woke time.Time) {
 	ws.s.adm.hold(n)
 	select {
 	case ws.wake <- struct{}{}:
+	default:
+	}
+}
+
+// admit waits, before the stream takes its next request, until the
+// queue holds at most limit bytes: events stop at half of it (full), and
+// answers to creates and cancels may use the rest. A client that sends
+// requests and reads nothing is then held by gRPC's flow control, as a
+// Batch stream's is, rather than growing the queue; the stall cut-off
+// ends it. It returns false when ctx ends first.
+func (ws *watchStream) admit(ctx context.Context) bool {
+	for {
+		ws.mu.Lock()
+		ok := ws.closed || ws.bytes <= ws.limit
+		ws.mu.Unlock()
+		if ok {
+			return true
+		}
+		select {
+		case <-ws.room:
+		case <-ctx.Done():
+			return false
+		}
+	}
+}
+
+func (ws *watchStream) signalRoom() {
+	select {
+	case ws.room <- struct{}{}:
 	default:
 	}
 }
@@ -473,6 +511,7 @@ func (ws *watchStream) sent(n int64) {
 	}
 	ws.mu.Unlock()
 	ws.s.adm.hold(-n)
+	ws.signalRoom()
 	for _, sh := range shards {
 		if h := ws.s.hubOf(sh); h != nil {
 			h.wake()
@@ -492,6 +531,7 @@ func (ws *watchStream) close() {
 	ws.bytes, ws.queue = 0, nil
 	ws.mu.Unlock()
 	ws.s.adm.hold(-dropped)
+	ws.signalRoom()
 	for _, w := range watches {
 		if h := ws.s.hubOf(w.shard); h != nil {
 			h.end(w, nil)
@@ -507,7 +547,8 @@ func (s *Server) Watch(stream kvpb.Watch_WatchServer) error {
 		return status.Errorf(codes.ResourceExhausted, "node %d serves %d watch streams already (--max-watch-streams); use another node or fewer streams", s.cfg.NodeID, s.cfg.Limits.MaxWatchStreams)
 	}
 	defer s.watch.streams.Add(-1)
-	ws := &watchStream{s: s, limit: int64(s.cfg.Limits.MaxBatchStreamBytes), wake: make(chan struct{}, 1), watches: map[int64]*watcher{}}
+	ws := &watchStream{s: s, limit: int64(s.cfg.Limits.MaxBatchStreamBytes), wake: make(chan struct{}, 1),
+		room: make(chan struct{}, 1), watches: map[int64]*watcher{}}
 	// The sender and receiver goroutines are not waited for: one blocked
 	// in Send or Recv ends when gRPC closes the stream, after Watch
 	// returns (as with Batch streams).
@@ -517,6 +558,10 @@ func (s *Server) Watch(stream kvpb.Watch_WatchServer) error {
 	received := make(chan error, 1)
 	go func() {
 		for {
+			if !ws.admit(stream.Context()) {
+				received <- stream.Context().Err()
+				return
+			}
 			req, err := stream.Recv()
 			if err != nil {
 				received <- err
@@ -625,6 +670,12 @@ func (ws *watchStream) create(ctx context.Context, c *kvpb.WatchCreateRequest) {
 		return
 	}
 	ws.mu.Lock()
+	if ws.closed {
+		// The stream ended while this create waited for its read: a
+		// watch added now would be ended by nobody.
+		ws.mu.Unlock()
+		return
+	}
 	_, dup := ws.watches[w.id]
 	tooMany := len(ws.watches) >= s.cfg.Limits.MaxWatchesPerStream
 	if !dup && !tooMany {
@@ -645,6 +696,15 @@ func (ws *watchStream) create(ctx context.Context, c *kvpb.WatchCreateRequest) {
 	if !s.addWatcher(w, n, sh) {
 		ws.forget(w)
 		fail(status.Error(codes.Unavailable, "node stopping"))
+		return
+	}
+	// close may have run since w went into ws.watches, before its hub
+	// held it: end it here, as close would have.
+	ws.mu.Lock()
+	closed := ws.closed
+	ws.mu.Unlock()
+	if h := s.hubOf(w.shard); closed && h != nil {
+		h.end(w, nil)
 	}
 }
 

@@ -294,3 +294,56 @@ func TestWatchSendsWithinTicksOfApply(t *testing.T) {
 		}
 	}
 }
+
+// A Watch stream takes no further request while it holds its budget of
+// unsent answers: a client that floods cancels and reads nothing is held
+// by flow control, and the node's bytes stay bounded, not one answer per
+// request. Once the client reads, every request is answered.
+func TestWatchRequestsWaitWhileAnswersQueue(t *testing.T) {
+	const limit = 16 << 10
+	c := newTestCluster(t, 1, 1, func(cfg *Config) { cfg.Limits.MaxBatchStreamBytes = limit })
+	s := c.servers[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	conn, err := grpc.NewClient(s.ClientAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	st, err := kvpb.NewWatchClient(conn).Watch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const cancels = 30000
+	sendErr := make(chan error, 1)
+	go func() {
+		for i := range cancels {
+			if err := st.Send(&kvpb.WatchRequest{Request: &kvpb.WatchRequest_Cancel{Cancel: &kvpb.WatchCancelRequest{WatchId: int64(i + 1)}}}); err != nil {
+				sendErr <- err
+				return
+			}
+		}
+		sendErr <- nil
+	}()
+	// The answers fill the stream's budget; it must stop there.
+	const slack = 1 << 10 // the one answer that crosses the limit
+	waitFor(t, 30*time.Second, "the answers to fill the stream's budget", func() bool { return s.adm.inFlight.Load() >= limit/2 })
+	got := 0
+	for got < cancels {
+		if held := s.adm.inFlight.Load(); held > limit+slack {
+			t.Fatalf("after %d answers read, the node holds %d bytes of answers; the stream's budget is %d", got, held, limit)
+		}
+		resp, err := st.Recv()
+		if err != nil {
+			t.Fatalf("after %d answers: %v", got, err)
+		}
+		if !resp.GetCanceled() {
+			t.Fatalf("answer %d: %v, want canceled", got, resp)
+		}
+		got++
+	}
+	if err := <-sendErr; err != nil {
+		t.Fatal(err)
+	}
+}
