@@ -84,6 +84,16 @@ func TestBadInputGetsDocumentedCodes(t *testing.T) {
 			}
 		})
 	}
+	// An error names the keys it is about, but never echoes what a
+	// request carried: 100 keys of 4 KiB over several shards.
+	long := make([]*kvpb.RequestOp, 100)
+	for i := range long {
+		long[i] = put(fmt.Sprintf("%d/%s", i, bytes.Repeat([]byte("k"), 4000)))
+	}
+	_, err := kv.Txn(ctx, &kvpb.TxnRequest{Success: long})
+	if msg := status.Convert(err).Message(); status.Code(err) != codes.InvalidArgument || !strings.Contains(msg, "more") || len(msg) > 4<<10 {
+		t.Fatalf("a cross-shard txn of long keys got %v (a message of %d bytes), want InvalidArgument naming a few keys in under 4 KiB", status.Code(err), len(msg))
+	}
 	// A cross-shard txn changed nothing.
 	for _, k := range []string{key1, key2} {
 		r, err := kv.Get(ctx, &kvpb.GetRequest{Key: []byte(k), Consistency: kvpb.Consistency_SERIALIZABLE})

@@ -248,11 +248,11 @@ func (a access) String() string {
 	}
 	switch {
 	case a.end == nil:
-		return fmt.Sprintf("%s on %q", kind, a.key)
+		return fmt.Sprintf("%s on %s", kind, keys.Quote(a.key))
 	case len(a.end) == 0:
-		return fmt.Sprintf("%s on keys from %q", kind, a.key)
+		return fmt.Sprintf("%s on keys from %s", kind, keys.Quote(a.key))
 	}
-	return fmt.Sprintf("%s on [%q, %q)", kind, a.key, a.end)
+	return fmt.Sprintf("%s on [%s, %s)", kind, keys.Quote(a.key), keys.Quote(a.end))
 }
 
 // needs lists what a KV request needs; nil for a request that is not one.

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/fsm"
+	"github.com/kvd/kvd/internal/keys"
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
 	"github.com/kvd/kvd/raftnode"
@@ -429,31 +430,31 @@ func (s *Server) checkTxn(req *kvpb.TxnRequest) ([][]byte, error) {
 	if nops > s.cfg.Limits.MaxTxnOps {
 		return nil, invalid("transaction has %d compares and operations; the limit is %d", nops, s.cfg.Limits.MaxTxnOps)
 	}
-	var keys [][]byte
+	var touched [][]byte
 	for _, c := range req.GetCompare() {
-		keys = append(keys, c.GetKey())
+		touched = append(touched, c.GetKey())
 	}
 	size := 0
 	for _, op := range slices.Concat(req.GetSuccess(), req.GetFailure()) {
 		switch o := op.GetOp().(type) {
 		case *kvpb.RequestOp_Put:
-			keys = append(keys, o.Put.GetKey())
+			touched = append(touched, o.Put.GetKey())
 			if len(o.Put.GetValue()) > s.cfg.Limits.MaxValueBytes {
-				return nil, invalid("value of %q is %d bytes; the limit is %d", o.Put.GetKey(), len(o.Put.GetValue()), s.cfg.Limits.MaxValueBytes)
+				return nil, invalid("value of %s is %d bytes; the limit is %d", keys.Quote(o.Put.GetKey()), len(o.Put.GetValue()), s.cfg.Limits.MaxValueBytes)
 			}
 			size += len(o.Put.GetValue())
 		case *kvpb.RequestOp_Delete:
-			keys = append(keys, o.Delete.GetKey())
+			touched = append(touched, o.Delete.GetKey())
 		case *kvpb.RequestOp_Get:
-			keys = append(keys, o.Get.GetKey())
+			touched = append(touched, o.Get.GetKey())
 		default:
 			return nil, invalid("transaction operation without put, get or delete")
 		}
 	}
-	if len(keys) == 0 {
+	if len(touched) == 0 {
 		return nil, invalid("empty transaction")
 	}
-	for _, k := range keys {
+	for _, k := range touched {
 		if err := s.checkKey(k); err != nil {
 			return nil, err
 		}
@@ -461,30 +462,38 @@ func (s *Server) checkTxn(req *kvpb.TxnRequest) ([][]byte, error) {
 	if size > s.cfg.Limits.MaxRequestBytes {
 		return nil, invalid("transaction carries %d bytes; the limit is %d", size, s.cfg.Limits.MaxRequestBytes)
 	}
-	return keys, nil
+	return touched, nil
 }
 
 // sameShard rejects keys spread over several shards: a transaction is
 // atomic only within one Raft group.
-func (s *Server) sameShard(keys [][]byte) error {
+func (s *Server) sameShard(txnKeys [][]byte) error {
 	s.mu.RLock()
 	ring := s.mu.ring
 	s.mu.RUnlock()
 	byShard := map[uint64][]string{}
 	var order []uint64
-	for _, k := range keys {
+	for _, k := range txnKeys {
 		sh := ring.Shard(k)
 		if _, ok := byShard[sh]; !ok {
 			order = append(order, sh)
 		}
-		byShard[sh] = append(byShard[sh], string(k))
+		byShard[sh] = append(byShard[sh], keys.Quote(k))
 	}
 	if len(order) == 1 {
 		return nil
 	}
+	// A few keys per shard tell which go together; all of them could be
+	// 128 keys of 4 KiB.
+	const shown = 3
 	var parts []string
 	for _, sh := range order {
-		parts = append(parts, fmt.Sprintf("shard %d: %q", sh, byShard[sh]))
+		ks := byShard[sh]
+		more := ""
+		if len(ks) > shown {
+			ks, more = ks[:shown], fmt.Sprintf(" and %d more", len(ks)-shown)
+		}
+		parts = append(parts, fmt.Sprintf("shard %d: [%s]%s", sh, strings.Join(ks, " "), more))
 	}
 	return invalid("transaction spans %d shards (%s); put related keys in one shard with a hash tag such as {user1}.a and {user1}.b",
 		len(order), strings.Join(parts, "; "))

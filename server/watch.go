@@ -602,7 +602,7 @@ func (ws *watchStream) create(ctx context.Context, c *kvpb.WatchCreateRequest) {
 		w.end = keys.PrefixEnd(c.GetKey())
 	case len(c.GetRangeEnd()) > 0:
 		if bytes.Compare(c.GetKey(), c.GetRangeEnd()) >= 0 {
-			fail(invalid("watch range [%q, %q) is empty", c.GetKey(), c.GetRangeEnd()))
+			fail(invalid("watch range [%s, %s) is empty", keys.Quote(c.GetKey()), keys.Quote(c.GetRangeEnd())))
 			return
 		}
 		w.end = c.GetRangeEnd()

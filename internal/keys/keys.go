@@ -2,7 +2,11 @@
 // state machine share.
 package keys
 
-import "bytes"
+import (
+	"bytes"
+	"fmt"
+	"strconv"
+)
 
 // PrefixEnd returns the end of the range of keys that start with prefix:
 // the prefix with its last byte below 0xff incremented and what follows
@@ -16,4 +20,17 @@ func PrefixEnd(prefix []byte) []byte {
 		}
 	}
 	return nil
+}
+
+// quoteMax is how much of a key Quote shows.
+const quoteMax = 64
+
+// Quote returns k quoted for a message: whole up to 64 bytes, else its
+// first 64 bytes and its length. Errors name the keys a request gave, and
+// a request may carry megabytes of them: the error must not echo them.
+func Quote(k []byte) string {
+	if len(k) <= quoteMax {
+		return strconv.Quote(string(k))
+	}
+	return fmt.Sprintf("%q... (%d bytes)", k[:quoteMax], len(k))
 }

@@ -23,3 +23,14 @@ func TestPrefixEnd(t *testing.T) {
 		t.Errorf("PrefixEnd changed its argument to %q", p)
 	}
 }
+
+func TestQuote(t *testing.T) {
+	if got := Quote([]byte("a\x00b")); got != `"a\x00b"` {
+		t.Errorf("Quote of a short key = %s", got)
+	}
+	long := bytes.Repeat([]byte("k"), 1<<20)
+	got := Quote(long)
+	if want := `"` + string(long[:quoteMax]) + `"... (1048576 bytes)`; got != want {
+		t.Errorf("Quote of a 1 MiB key = %s, want %s", got, want)
+	}
+}
