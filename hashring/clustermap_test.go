@@ -63,6 +63,7 @@ func TestFromMapErrors(t *testing.T) {
 		{"meta shard only", clusterMap(8, 0), ErrNoShards},
 		{"no data shards and no vnodes", clusterMap(0), ErrNoShards},
 		{"zero vnodes", clusterMap(0, 0, 1, 2), ErrVnodes},
+		{"billions of vnodes", clusterMap(4e9, 0, 1, 2), ErrVnodes},
 		{"duplicate shard", clusterMap(8, 0, 1, 2, 1), ErrDuplicateShard},
 	} {
 		if _, err := FromMap(tc.m); !errors.Is(err, tc.want) {

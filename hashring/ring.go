@@ -5,7 +5,6 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
-	"math"
 	"math/bits"
 	"slices"
 
@@ -38,17 +37,26 @@ type Ring struct {
 	vnodes int
 }
 
+// Bounds of a ring's size. A ring is built from a cluster map that came
+// over the network (from a peer, or to a client), and its point table is
+// allocated up front: a map claiming billions of vnodes must be an error,
+// not an allocation that kills the process.
+const (
+	MaxVnodes = 4096    // points per shard
+	MaxPoints = 1 << 22 // points in all: 64 MiB of table
+)
+
 // New builds the ring for the given shard ids, each owning vnodes points.
 // The order of shards does not matter; the slice is not retained. It
 // returns ErrNoShards for an empty list, ErrDuplicateShard when an id
-// repeats and ErrVnodes when vnodes < 1 (or so large that the point table
-// would not fit in memory addressing).
+// repeats and ErrVnodes when vnodes is not in [1, MaxVnodes] or the ring
+// would have more than MaxPoints points.
 func New(shards []uint64, vnodes int) (*Ring, error) {
 	if len(shards) == 0 {
 		return nil, ErrNoShards
 	}
-	if vnodes < 1 || vnodes > math.MaxInt/len(shards) {
-		return nil, fmt.Errorf("%w: %d", ErrVnodes, vnodes)
+	if vnodes < 1 || vnodes > MaxVnodes || vnodes > MaxPoints/len(shards) {
+		return nil, fmt.Errorf("%w: %d for %d shards (at most %d per shard, %d points in all)", ErrVnodes, vnodes, len(shards), MaxVnodes, MaxPoints)
 	}
 	sorted := slices.Clone(shards)
 	slices.Sort(sorted)

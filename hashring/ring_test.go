@@ -92,6 +92,8 @@ func TestNewErrors(t *testing.T) {
 		{"zero vnodes", []uint64{1}, 0, ErrVnodes},
 		{"negative vnodes", []uint64{1}, -1, ErrVnodes},
 		{"overflowing vnodes", []uint64{1, 2}, math.MaxInt, ErrVnodes},
+		{"vnodes over the bound", []uint64{1}, MaxVnodes + 1, ErrVnodes},
+		{"points over the bound", manyShards(MaxPoints/MaxVnodes + 1), MaxVnodes, ErrVnodes},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -554,4 +556,13 @@ func BenchmarkShard(b *testing.B) {
 		sink += r.Shard(keys[i&1023])
 	}
 	_ = sink
+}
+
+// manyShards returns shard ids 1..n.
+func manyShards(n int) []uint64 {
+	ids := make([]uint64, n)
+	for i := range ids {
+		ids[i] = uint64(i + 1)
+	}
+	return ids
 }
