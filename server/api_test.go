@@ -11,6 +11,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
@@ -348,5 +349,21 @@ func checkNotLeader(t *testing.T, what string, err error, leader *Server) {
 	}
 	if st.Code() != codes.Unavailable || nl == nil || nl.GetLeaderAddr() != leader.ClientAddr() {
 		t.Fatalf("%s: %v (detail %v), want Unavailable naming %s", what, err, nl, leader.ClientAddr())
+	}
+}
+
+// A call's metadata is bounded (maxHeaderBytes): a call carrying more is
+// refused, and the node serves the next one.
+func TestOversizedMetadataRefused(t *testing.T) {
+	c := newTestCluster(t, 1, 1, nil)
+	kv := kvClient(t, c.servers[0])
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	big := metadata.AppendToOutgoingContext(ctx, "x-pad", strings.Repeat("p", 2*maxHeaderBytes))
+	if _, err := kv.Put(big, &kvpb.PutRequest{Key: []byte("k"), Value: []byte("v")}); err == nil {
+		t.Fatalf("a call with %d bytes of metadata was served", 2*maxHeaderBytes)
+	}
+	if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: []byte("k"), Value: []byte("v")}); err != nil {
+		t.Fatalf("the call after: %v", err)
 	}
 }

@@ -34,6 +34,11 @@ import (
 // maxStreamsPerConn bounds concurrent requests per client connection.
 const maxStreamsPerConn = 256
 
+// maxHeaderBytes bounds a call's metadata (gRPC's default is 16 MiB): an
+// auth token and the client's ids need a few hundred bytes, and gRPC holds
+// a call's headers, which no flow control covers, for as long as it runs.
+const maxHeaderBytes = 64 << 10
+
 // Node-level records kept in the storage engine's metadata.
 const (
 	metaNodeID     = "node-id"
@@ -240,6 +245,7 @@ func New(cfg Config) (_ *Server, err error) {
 		// interceptor sees it, so admission alone cannot bound memory:
 		// streams beyond this wait on the client, not in our heap.
 		grpc.MaxConcurrentStreams(maxStreamsPerConn),
+		grpc.MaxHeaderListSize(maxHeaderBytes),
 		grpc.StaticStreamWindowSize(kvpb.ClientStreamWindow), grpc.StaticConnWindowSize(kvpb.ClientConnWindow),
 		// Outermost first: every request is counted, admitted against
 		// the in-flight budget (a read's answer too, until its connection

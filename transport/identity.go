@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"strconv"
 	"sync"
 	"time"
@@ -288,13 +289,21 @@ func (t *Transport) evict(err error) {
 // retries every few seconds for as long as the misconfiguration lasts.
 const refusalLogEvery = 30 * time.Second
 
-// maxRefusalKeys bounds the keys refusalLog remembers.
+// maxRefusalKeys bounds the keys refusalLog remembers, and so the
+// distinct refusals it logs in refusalLogEvery.
 const maxRefusalKeys = 1024
 
-// refusalLog throttles refusal logs by key.
+// refusalLog throttles refusal logs by key. Keys are hashed: they are
+// built from what a caller sent, which can be large.
 type refusalLog struct {
 	mu   sync.Mutex
-	last map[string]time.Time
+	seed maphash.Seed
+	last map[uint64]time.Time
+	// unlogged counts the refusals dropped since summarized because
+	// the map was full of keys logged within refusalLogEvery: a flood of
+	// distinct callers gets a summary line, not a line each.
+	unlogged   int
+	summarized time.Time
 }
 
 // LogRefusal logs msg at ERROR, at most once per 30 s for each key: the
@@ -304,29 +313,41 @@ type refusalLog struct {
 func (t *Transport) LogRefusal(key, msg string, args ...any) { t.logRefusal(key, msg, args...) }
 
 func (t *Transport) logRefusal(key, msg string, args ...any) {
-	t.refusals.mu.Lock()
+	r := &t.refusals
+	r.mu.Lock()
 	now := time.Now()
-	if last, ok := t.refusals.last[key]; ok && now.Sub(last) < refusalLogEvery {
-		t.refusals.mu.Unlock()
+	if r.last == nil {
+		r.seed = maphash.MakeSeed()
+		r.last = make(map[uint64]time.Time)
+	}
+	h := maphash.String(r.seed, key)
+	if last, ok := r.last[h]; ok && now.Sub(last) < refusalLogEvery {
+		r.mu.Unlock()
 		return
 	}
-	if t.refusals.last == nil {
-		t.refusals.last = make(map[string]time.Time)
-	}
-	if len(t.refusals.last) >= maxRefusalKeys {
+	if len(r.last) >= maxRefusalKeys {
 		// Keys carry the dialer's nonce, so a peer that keeps
 		// restarting, or a hostile one, would otherwise grow the map
 		// for ever. Forgetting a key only means logging it once more.
-		for k, last := range t.refusals.last {
+		for k, last := range r.last {
 			if now.Sub(last) >= refusalLogEvery {
-				delete(t.refusals.last, k)
+				delete(r.last, k)
 			}
 		}
-		if len(t.refusals.last) >= maxRefusalKeys {
-			clear(t.refusals.last)
-		}
 	}
-	t.refusals.last[key] = now
-	t.refusals.mu.Unlock()
+	if len(r.last) >= maxRefusalKeys {
+		r.unlogged++
+		var n int
+		if now.Sub(r.summarized) >= refusalLogEvery {
+			n, r.unlogged, r.summarized = r.unlogged, 0, now
+		}
+		r.mu.Unlock()
+		if n > 0 {
+			t.log.Error("transport: refusing more peers than it logs; refusals not logged", "count", n, "last", msg)
+		}
+		return
+	}
+	r.last[h] = now
+	r.mu.Unlock()
 	t.log.Error(msg, args...)
 }

@@ -64,6 +64,10 @@ const (
 	// either into a broken stream that reconnects forever.
 	maxMessageBytes = 64 << 20
 
+	// maxHeaderBytes bounds a peer call's metadata (gRPC's default is
+	// 16 MiB): the identity kvd sends is a few numbers.
+	maxHeaderBytes = 16 << 10
+
 	// peerWindow is the flow-control window of a peer connection and of
 	// each stream on it, fixed on both sides: gRPC's adaptive window keeps
 	// a PING in flight on every connection that receives data, a frame and
@@ -342,6 +346,7 @@ func ServerOptions() []grpc.ServerOption {
 			PermitWithoutStream: true,
 		}),
 		grpc.MaxRecvMsgSize(maxMessageBytes),
+		grpc.MaxHeaderListSize(maxHeaderBytes),
 		grpc.StaticStreamWindowSize(peerWindow), grpc.StaticConnWindowSize(peerWindow),
 	}
 }
