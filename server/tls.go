@@ -132,6 +132,12 @@ func (t tlsSetup) joinCreds() grpc.DialOption {
 	return grpc.WithTransportCredentials(credentials.NewTLS(t.joinDial))
 }
 
+// verifiesClientCerts reports whether the client port admits only holders
+// of a certificate of --client-ca.
+func (s *Server) verifiesClientCerts() bool {
+	return s.tls.client != nil && s.tls.client.ClientAuth == tls.RequireAndVerifyClientCert
+}
+
 // checkJoiner decides who may add member id through the client port.
 // Every node dials a new member's peer address from then on, so when the
 // client port requires certificates (--client-ca) only the joining node
@@ -139,7 +145,7 @@ func (t tlsSetup) joinCreds() grpc.DialOption {
 // --client-cert, a node certificate). Without --client-ca anyone who
 // reaches the client port may, as anyone may do anything there.
 func (s *Server) checkJoiner(ctx context.Context, id uint64) error {
-	if s.tls.client == nil || s.tls.client.ClientAuth != tls.RequireAndVerifyClientCert {
+	if !s.verifiesClientCerts() {
 		return nil
 	}
 	certID, err := transport.PeerCertID(ctx)

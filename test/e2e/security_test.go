@@ -414,3 +414,33 @@ func TestMemberAddOnlyByTheJoiner(t *testing.T) {
 		t.Fatalf("member list after node 4 joined: exit %d\n%s%s", code, out, errOut)
 	}
 }
+
+// TestMemberAddNeedsRootWithAuthOnAndNoClientCA: on a client port with
+// TLS but no --client-ca, no certificate names anyone, so with auth on a
+// MemberAdd without root's token is refused.
+func TestMemberAddNeedsRootWithAuthOnAndNoClientCA(t *testing.T) {
+	p := newTestPKI(t, 1)
+	c := proccluster.Start(t, 1, proccluster.Options{
+		NodeArgs: func(nd *proccluster.Node) []string {
+			return []string{"--client-cert", p.file("node-1.crt"), "--client-key", p.file("node-1.key")}
+		},
+		ClientTLS: p.dialTLS(t, ""),
+		KvctlArgs: []string{"--cacert", p.file("ca.crt")},
+	})
+	for _, args := range [][]string{{"user", "add", "root", "--no-password"}, {"user", "grant-role", "root", "root"}, {"auth", "enable"}} {
+		if out, errOut, code := c.Kvctl("", args...); code != 0 {
+			t.Fatalf("kvctl %v: exit %d %s%s", args, code, out, errOut)
+		}
+	}
+	conn, err := grpc.NewClient(c.Node(1).ClientAddr, grpc.WithTransportCredentials(credentials.NewTLS(p.dialTLS(t, ""))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err = kvpb.NewClusterClient(conn).MemberAdd(ctx, &kvpb.MemberAddRequest{Member: &kvpb.Member{Id: 2, PeerAddr: "attacker.invalid:2380"}})
+	if status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("MemberAdd without a token: %v, want PermissionDenied", err)
+	}
+}
