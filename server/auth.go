@@ -365,6 +365,28 @@ func (s *Server) authorizeKV(ctx context.Context, req any) error {
 	return permit(st, u, needs(req))
 }
 
+// mayReadKeys: with auth on, the caller may read each of keys. A lease's
+// attached keys are listed only to a user who may read them all, as
+// etcd does: a lease is anyone's, its keys are not.
+func (s *Server) mayReadKeys(ctx context.Context, keys [][]byte) error {
+	if ctx.Value(forwardedKey{}) != nil || len(keys) == 0 {
+		return nil
+	}
+	st, err := s.authState(ctx)
+	if err != nil || !st.GetEnabled() {
+		return err
+	}
+	u, err := s.identify(ctx, st)
+	if err != nil {
+		return err
+	}
+	want := make([]access, len(keys))
+	for i, k := range keys {
+		want[i] = access{key: k}
+	}
+	return permit(st, u, want)
+}
+
 // requireRoot admits the root role only, when auth is on.
 func (s *Server) requireRoot(ctx context.Context, what string) error {
 	st, err := s.authState(ctx)

@@ -707,7 +707,7 @@ func (l leaseService) TimeToLive(ctx context.Context, req *kvpb.LeaseTimeToLiveR
 	if req.GetId() <= 0 {
 		return nil, status.Errorf(codes.InvalidArgument, "lease id %d: ids are positive", req.GetId())
 	}
-	return onLeader(ctx, l, func(_ *raftnode.Node, term uint64) (*kvpb.LeaseTimeToLiveResponse, error) {
+	resp, err := onLeader(ctx, l, func(_ *raftnode.Node, term uint64) (*kvpb.LeaseTimeToLiveResponse, error) {
 		ttl, remaining, err := l.s.lessor.status(term, req.GetId())
 		if err != nil {
 			return nil, err
@@ -726,6 +726,14 @@ func (l leaseService) TimeToLive(ctx context.Context, req *kvpb.LeaseTimeToLiveR
 	}, func(ctx context.Context, c kvpb.LeaseClient) (*kvpb.LeaseTimeToLiveResponse, error) {
 		return c.TimeToLive(ctx, req)
 	})
+	if err != nil {
+		return nil, err
+	}
+	// Checked where the client called, whichever node listed them.
+	if err := l.s.mayReadKeys(ctx, resp.GetKeys()); err != nil {
+		return nil, err
+	}
+	return resp, nil
 }
 
 func (l leaseService) Leases(ctx context.Context, req *kvpb.LeaseLeasesRequest) (*kvpb.LeaseLeasesResponse, error) {

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -11,6 +12,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/kvd/kvd/client"
 	"github.com/kvd/kvd/hashring"
 	"github.com/kvd/kvd/proto/kvpb"
 )
@@ -576,4 +578,52 @@ func keepAliveOnce(t *testing.T, ctx context.Context, lc kvpb.LeaseClient, id in
 		t.Fatalf("keep alive %d: %v", id, err)
 	}
 	return resp.GetTtlSeconds()
+}
+
+// A lease is anyone's, its keys are not: with auth on, TimeToLive lists a
+// lease's keys only to a user who may read them all.
+func TestLeaseKeysNeedReadPermission(t *testing.T) {
+	c := newTestCluster(t, 1, 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	admin := c.client()
+	id, err := admin.Grant(ctx, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.Put(ctx, []byte("secret/x"), []byte("v"), client.WithLease(id)); err != nil {
+		t.Fatal(err)
+	}
+	for _, ch := range []*kvpb.AuthChangeRequest{
+		{Change: &kvpb.AuthChangeRequest_UserAdd{UserAdd: &kvpb.UserAdd{Name: "root", Password: "s3cret"}}},
+		{Change: &kvpb.AuthChangeRequest_UserGrantRole{UserGrantRole: &kvpb.UserGrantRole{User: "root", Role: "root"}}},
+		{Change: &kvpb.AuthChangeRequest_RoleAdd{RoleAdd: &kvpb.RoleAdd{Name: "pub"}}},
+		{Change: &kvpb.AuthChangeRequest_RoleGrantPermission{RoleGrantPermission: &kvpb.RoleGrantPermission{Role: "pub",
+			Perm: &kvpb.Permission{Key: []byte("pub/"), RangeEnd: []byte("pub0")}}}},
+		{Change: &kvpb.AuthChangeRequest_UserAdd{UserAdd: &kvpb.UserAdd{Name: "u", Password: "p"}}},
+		{Change: &kvpb.AuthChangeRequest_UserGrantRole{UserGrantRole: &kvpb.UserGrantRole{User: "u", Role: "pub"}}},
+		{Change: &kvpb.AuthChangeRequest_Enable{Enable: &kvpb.AuthEnable{}}},
+	} {
+		if err := admin.Auth(ctx, ch); err != nil {
+			t.Fatalf("auth change %v: %v", ch, err)
+		}
+	}
+	as := func(user, password string) *client.Client {
+		cl, err := client.New(ctx, client.Config{Endpoints: c.endpoints(), Username: user, Password: password})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cl.Close() })
+		return cl
+	}
+	u, root := as("u", "p"), as("root", "s3cret")
+	if _, err := u.TimeToLive(ctx, id, true); !errors.Is(err, client.ErrPermissionDenied) {
+		t.Fatalf("u listed the keys of a lease on secret/x: %v, want ErrPermissionDenied", err)
+	}
+	if st, err := u.TimeToLive(ctx, id, false); err != nil || st.TTL <= 0 {
+		t.Fatalf("u's TimeToLive without keys: %+v, %v", st, err)
+	}
+	if st, err := root.TimeToLive(ctx, id, true); err != nil || len(st.Keys) != 1 || string(st.Keys[0]) != "secret/x" {
+		t.Fatalf("root's TimeToLive with keys: %+v, %v", st, err)
+	}
 }
