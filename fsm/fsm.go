@@ -26,6 +26,7 @@ package fsm
 import (
 	"bytes"
 	"cmp"
+	"container/heap"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -33,6 +34,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kvd/kvd/internal/keys"
 	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
 	"github.com/kvd/kvd/storage"
@@ -414,6 +416,56 @@ func expireSessions(tx State, e *peerpb.ExpireSessions) {
 		dropResults(tx, s, 0, ^uint64(0))
 		tx.DeleteMeta(sessionKey(s))
 	}
+}
+
+// ExpiryCutoff bounds the work of one ExpireSessions: of the sessions
+// last seen before cutoff (unix ms), it returns a cutoff at or below it
+// that leaves at most about max of them before it (more share one
+// millisecond only if one was seen more than max times in it), and
+// whether it had to lower it. The proposer, not apply, bounds the
+// command, so every release applies ExpireSessions alike: the oldest idle
+// sessions go first, the rest with the next command.
+func ExpiryCutoff(r View, cutoff int64, max int) (int64, bool) {
+	oldest := &maxHeap{} // the max+1 oldest idle last-seen times
+	r.ScanMeta(prefixSession, keys.PrefixEnd(prefixSession), func(k, v []byte) bool {
+		var st peerpb.SessionState
+		if proto.Unmarshal(v, &st) != nil || len(k) != len(prefixSession)+8 {
+			return true
+		}
+		if t := st.GetLastSeenUnixMs(); t < cutoff {
+			if oldest.Len() <= max {
+				heap.Push(oldest, t)
+			} else if t < (*oldest)[0] {
+				(*oldest)[0] = t
+				heap.Fix(oldest, 0)
+			}
+		}
+		return true
+	})
+	if oldest.Len() <= max {
+		return cutoff, false
+	}
+	// The newest of the max+1 oldest: strictly before it, at most max.
+	// Unless they all share it: then take that millisecond whole.
+	newest := (*oldest)[0]
+	if slices.Min(*oldest) == newest {
+		return newest + 1, true
+	}
+	return newest, true
+}
+
+// maxHeap is a max-heap of int64 (container/heap).
+type maxHeap []int64
+
+func (h maxHeap) Len() int           { return len(h) }
+func (h maxHeap) Less(i, j int) bool { return h[i] > h[j] }
+func (h maxHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *maxHeap) Push(x any)        { *h = append(*h, x.(int64)) }
+func (h *maxHeap) Pop() any {
+	old := *h
+	x := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return x
 }
 
 func setClusterMap(tx State, m *kvpb.ClusterMap) error {

@@ -307,6 +307,61 @@ func TestExpireSessionsIsDeterministic(t *testing.T) {
 	})
 }
 
+// ExpiryCutoff picks a cutoff before which about max idle sessions lie,
+// oldest first, and says when it lowered it; the commands it bounds
+// expire every idle session in turn, and no other.
+func TestExpiryCutoffBoundsEachExpiry(t *testing.T) {
+	sh := newShard(t)
+	const max, idle = 100, 105
+	for s := uint64(1); s <= idle; s++ {
+		sh.apply(withSession(cmdPut("k", "v"), s, 1, 1, int64(s))) // last seen at s ms
+	}
+	sh.apply(withSession(cmdPut("k", "v"), idle+1, 1, 1, 9_000)) // not idle
+	const cutoff = 5_000
+	var c int64
+	var more bool
+	sh.view(func(r View) { c, more = ExpiryCutoff(r, cutoff, max) })
+	if c != max+1 || !more {
+		t.Fatalf("ExpiryCutoff = %d, %v; want %d (sessions seen before it: %d), true", c, more, max+1, max)
+	}
+	expire := func(c int64) {
+		sh.apply(&peerpb.Command{Op: &peerpb.Command_ExpireSessions{ExpireSessions: &peerpb.ExpireSessions{NowUnixMs: c + 1_000, IdleMs: 1_000}}})
+	}
+	expire(c)
+	sh.view(func(r View) {
+		for s := uint64(1); s <= idle; s++ {
+			if gone := r.GetMeta(sessionKey(s)) == nil; gone != (s <= max) {
+				t.Errorf("session %d (last seen %d ms): expired %v, want %v", s, s, gone, s <= max)
+			}
+		}
+		c, more = ExpiryCutoff(r, cutoff, max)
+	})
+	if c != cutoff || more {
+		t.Fatalf("ExpiryCutoff with %d idle left = %d, %v; want %d, false", idle-max, c, more, cutoff)
+	}
+	expire(c)
+	sh.view(func(r View) {
+		for s := uint64(1); s <= idle; s++ {
+			if r.GetMeta(sessionKey(s)) != nil {
+				t.Errorf("idle session %d kept", s)
+			}
+		}
+		if r.GetMeta(sessionKey(idle+1)) == nil {
+			t.Error("the session that was not idle was expired")
+		}
+	})
+
+	// Sessions all seen in one millisecond go together.
+	same := newShard(t)
+	for s := uint64(1); s <= max+5; s++ {
+		same.apply(withSession(cmdPut("k", "v"), s, 1, 1, 42))
+	}
+	same.view(func(r View) { c, more = ExpiryCutoff(r, cutoff, max) })
+	if c != 43 || !more {
+		t.Fatalf("ExpiryCutoff of %d sessions seen at 42 ms = %d, %v; want 43, true", max+5, c, more)
+	}
+}
+
 func TestClusterMapEpochs(t *testing.T) {
 	sh := newShard(t)
 	set := func(epoch uint64) error {

@@ -386,20 +386,8 @@ func (s *Server) ShardHash(ctx context.Context, req *peerpb.ShardHashRequest) (*
 	}
 	ctx, cancel := context.WithTimeout(ctx, shardHashWait)
 	defer cancel()
-	// Readers see the applied state once the writer commits it; ask for
-	// the commit rather than wait for the next interval.
-	t := time.NewTicker(5 * time.Millisecond)
-	defer t.Stop()
-	for {
-		if i, _ := sh.Applied(); i >= req.GetIndex() {
-			break
-		}
-		sh.Flush()
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			return nil, s.toStatus(ctx.Err(), shard)
-		}
+	if err := waitVisible(ctx, sh, req.GetIndex()); err != nil {
+		return nil, s.toStatus(err, shard)
 	}
 	resp := &peerpb.ShardHashResponse{}
 	err = sh.View(func(r *storage.Reader) error {
@@ -479,4 +467,23 @@ type checkedReader struct {
 func (r checkedReader) Next() ([]*peerpb.SnapshotPair, error) {
 	ps, err := r.SnapshotReader.Next()
 	return ps, r.s.noteCorrupt(r.shard, err)
+}
+
+// waitVisible waits until readers of sh see the state applied at index.
+// They see it once the writer commits it: ask for the commit rather than
+// wait for the next interval.
+func waitVisible(ctx context.Context, sh *storage.Shard, index uint64) error {
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if i, _ := sh.Applied(); i >= index {
+			return nil
+		}
+		sh.Flush()
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"math"
 	"strconv"
 	"strings"
 	"testing"
@@ -272,5 +273,56 @@ func TestHandlerPanicIsRecovered(t *testing.T) {
 	}
 	if _, err := kvClient(t, s).Put(ctx, &kvpb.PutRequest{Key: []byte("k"), Value: []byte("v")}); err != nil {
 		t.Fatalf("put after recovered panics: %v", err)
+	}
+}
+
+// Expiring more sessions than one command drops takes several commands,
+// each bounded, and leaves none idle: a client may use a new session for
+// every write.
+func TestSessionExpiryInBoundedCommands(t *testing.T) {
+	c := newTestCluster(t, 1, 1, nil)
+	s := c.servers[0]
+	kv := kvClient(t, s)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	const sessions = 2*expireBatch + 500
+	errs := make(chan error, 8)
+	for w := range 8 {
+		go func() {
+			for i := w; i < sessions; i += 8 {
+				if _, err := kv.Put(ctx, &kvpb.PutRequest{Header: sessionHeader(uint64(i+1), 1), Key: []byte("k"), Value: []byte("v")}); err != nil {
+					errs <- err
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range 8 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	n := s.host.Node(1)
+	sh, err := s.engine.OpenShard(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := n.Commit()
+	if err := s.expireShardSessions(n, time.Now().Add(2*s.cfg.SessionTTL)); err != nil {
+		t.Fatal(err)
+	}
+	if err := waitVisible(ctx, sh, n.Commit()); err != nil {
+		t.Fatal(err)
+	}
+	var left bool
+	if err := sh.View(func(r *storage.Reader) error { _, left = fsm.ExpiryCutoff(r, math.MaxInt64, 0); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if left {
+		t.Fatal("sessions left after expiring every idle one")
+	}
+	if rounds := n.Commit() - before; rounds < 3 {
+		t.Fatalf("%d sessions expired in %d commands, want at least 3 of at most %d", sessions, rounds, expireBatch)
 	}
 }

@@ -473,28 +473,70 @@ func (s *Server) maintainMap() {
 	}
 }
 
+// Bounds of session expiry's work: one ExpireSessions drops about
+// expireBatch sessions, and one shard gets at most maxExpireRounds of
+// them per run of expireSessions; what is left waits for the next run.
+const (
+	expireBatch     = 1000
+	maxExpireRounds = 100
+)
+
 // expireSessions has every shard this node leads drop the sessions idle
 // for longer than SessionTTL. The decision uses the leader's clock at
 // proposal time, carried in the command; apply never reads a clock.
 func (s *Server) expireSessions() {
-	cmd, err := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_ExpireSessions{ExpireSessions: &peerpb.ExpireSessions{
-		NowUnixMs: time.Now().UnixMilli(),
-		IdleMs:    s.cfg.SessionTTL.Milliseconds(),
-	}}})
-	if err != nil {
-		s.log.Error("encode expire sessions", "err", err)
-		return
-	}
+	now := time.Now()
 	for _, n := range s.host.Nodes() {
-		if !n.IsLeader() {
-			continue
-		}
-		ctx, cancel := context.WithTimeout(s.ctx, s.cfg.RequestTimeout)
-		if _, err := n.Propose(ctx, cmd); err != nil {
+		if err := s.expireShardSessions(n, now); err != nil {
 			s.log.Debug("expire sessions", "shard", n.Shard(), "err", err)
 		}
-		cancel()
 	}
+}
+
+// expireShardSessions expires the sessions of n idle at now, oldest
+// first, about expireBatch per command (fsm.ExpiryCutoff), so that no
+// apply drops millions of them at once: a client may use a new session
+// per write.
+func (s *Server) expireShardSessions(n *raftnode.Node, now time.Time) error {
+	sh, err := s.engine.OpenShard(n.Shard())
+	if err != nil {
+		return err
+	}
+	idle := s.cfg.SessionTTL.Milliseconds()
+	cutoff := now.UnixMilli() - idle
+	for range maxExpireRounds {
+		if !n.IsLeader() {
+			return nil
+		}
+		var c int64
+		var more bool
+		err := sh.View(func(r *storage.Reader) error {
+			c, more = fsm.ExpiryCutoff(r, cutoff, expireBatch)
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		cmd, err := proto.Marshal(&peerpb.Command{Op: &peerpb.Command_ExpireSessions{ExpireSessions: &peerpb.ExpireSessions{
+			NowUnixMs: c + idle,
+			IdleMs:    idle,
+		}}})
+		if err != nil {
+			return err
+		}
+		ctx, cancel := context.WithTimeout(s.ctx, s.cfg.RequestTimeout)
+		_, err = n.Propose(ctx, cmd)
+		if err == nil && more {
+			// The next cutoff is read from what this one left: the
+			// commit index now covers it.
+			err = waitVisible(ctx, sh, n.Commit())
+		}
+		cancel()
+		if err != nil || !more {
+			return err
+		}
+	}
+	return nil
 }
 
 // readReplicatedMap reads the meta shard's map from the local replica, if
