@@ -257,11 +257,14 @@ func holdOf(ctx context.Context) *answerHold {
 	return h
 }
 
-// readMethods are the unary methods whose answers are charged.
+// readMethods are the unary methods whose answers are charged: those
+// whose answers a small request can make large. A lease's TimeToLive with
+// keys lists up to fsm.MaxKeysPerLease keys in each shard.
 var readMethods = map[string]bool{
-	"/" + kvpb.KV_ServiceDesc.ServiceName + "/Get":   true,
-	"/" + kvpb.KV_ServiceDesc.ServiceName + "/Range": true,
-	"/" + kvpb.KV_ServiceDesc.ServiceName + "/Txn":   true,
+	"/" + kvpb.KV_ServiceDesc.ServiceName + "/Get":           true,
+	"/" + kvpb.KV_ServiceDesc.ServiceName + "/Range":         true,
+	"/" + kvpb.KV_ServiceDesc.ServiceName + "/Txn":           true,
+	"/" + kvpb.Lease_ServiceDesc.ServiceName + "/TimeToLive": true,
 }
 
 func (t answerTracker) TagConn(ctx context.Context, info *stats.ConnTagInfo) context.Context {

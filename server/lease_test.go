@@ -1,10 +1,12 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -625,5 +627,37 @@ func TestLeaseKeysNeedReadPermission(t *testing.T) {
 	}
 	if st, err := root.TimeToLive(ctx, id, true); err != nil || len(st.Keys) != 1 || string(st.Keys[0]) != "secret/x" {
 		t.Fatalf("root's TimeToLive with keys: %+v, %v", st, err)
+	}
+}
+
+// A TimeToLive with keys is a small request whose answer can be large: it
+// is charged to the in-flight budget like a read's, and refused when the
+// budget has no room for it.
+func TestLeaseKeysAnswerIsCharged(t *testing.T) {
+	const budget = 256 << 10 // an answer this large may use 192 KiB of it
+	c := newTestCluster(t, 1, 1, func(cfg *Config) { cfg.Limits.MaxInFlightBytes = budget })
+	s := c.servers[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	lc := kvpb.NewLeaseClient(clientConn(t, s))
+	var g *kvpb.LeaseGrantResponse
+	waitFor(t, 10*time.Second, "a lease granted", func() bool {
+		var err error
+		g, err = lc.Grant(ctx, &kvpb.LeaseGrantRequest{TtlSeconds: 3600})
+		return err == nil
+	})
+	kv := kvClient(t, s)
+	for i := range 64 { // 256 KB of keys
+		key := fmt.Appendf(nil, "%02d/%s", i, bytes.Repeat([]byte("k"), 4000))
+		if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: key, Value: []byte("v"), Lease: g.GetId()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := lc.TimeToLive(ctx, &kvpb.LeaseTimeToLiveRequest{Id: g.GetId(), Keys: true})
+	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "answer of") {
+		t.Fatalf("TimeToLive listing 256 KB of keys on a 256 KiB budget: %v, want ResourceExhausted for its answer", err)
+	}
+	if _, err := lc.TimeToLive(ctx, &kvpb.LeaseTimeToLiveRequest{Id: g.GetId()}); err != nil {
+		t.Fatalf("TimeToLive without keys: %v", err)
 	}
 }
