@@ -563,15 +563,12 @@ func (s *Server) Watch(stream kvpb.Watch_WatchServer) error {
 				return
 			}
 			req, err := stream.Recv()
+			if err == nil {
+				err = ws.serve(stream.Context(), req)
+			}
 			if err != nil {
 				received <- err
 				return
-			}
-			switch r := req.GetRequest().(type) {
-			case *kvpb.WatchRequest_Create:
-				ws.create(stream.Context(), r.Create)
-			case *kvpb.WatchRequest_Cancel:
-				ws.cancel(r.Cancel.GetWatchId())
 			}
 		}
 	}()
@@ -591,6 +588,20 @@ func (s *Server) Watch(stream kvpb.Watch_WatchServer) error {
 	case <-s.stopc:
 		return status.Error(codes.Unavailable, "node stopping")
 	}
+}
+
+// serve serves one request of the stream. It runs on the stream's
+// receiving goroutine, which the stream interceptor's recovery does not
+// cover: a panic serving it ends the stream with Internal, not the node.
+func (ws *watchStream) serve(ctx context.Context, req *kvpb.WatchRequest) (err error) {
+	defer ws.s.recovered(kvpb.Watch_Watch_FullMethodName, &err)
+	switch r := req.GetRequest().(type) {
+	case *kvpb.WatchRequest_Create:
+		ws.create(ctx, r.Create)
+	case *kvpb.WatchRequest_Cancel:
+		ws.cancel(r.Cancel.GetWatchId())
+	}
+	return nil
 }
 
 func (ws *watchStream) create(ctx context.Context, c *kvpb.WatchCreateRequest) {

@@ -9,6 +9,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
 	"github.com/kvd/kvd/proto/kvpb"
 )
@@ -345,5 +346,25 @@ func TestWatchRequestsWaitWhileAnswersQueue(t *testing.T) {
 	}
 	if err := <-sendErr; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A panic serving a Watch request, which runs on the stream's receiving
+// goroutine beyond the stream interceptor's reach, fails the stream with
+// Internal and is counted; it does not take the node down.
+func TestWatchRequestPanicIsRecovered(t *testing.T) {
+	c := newTestCluster(t, 1, 1, nil)
+	s := c.servers[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	waitFor(t, 10*time.Second, "a leader of shard 1", func() bool { return c.leaderOf(1) != nil })
+	// A stream without its map of watches: adding the watch panics.
+	ws := &watchStream{s: s, limit: 1 << 20, wake: make(chan struct{}, 1), room: make(chan struct{}, 1)}
+	err := ws.serve(ctx, &kvpb.WatchRequest{Request: &kvpb.WatchRequest_Create{Create: &kvpb.WatchCreateRequest{WatchId: 1, Key: []byte("k")}}})
+	if status.Code(err) != codes.Internal {
+		t.Fatalf("a panicking watch create: %v, want Internal", err)
+	}
+	if v, ok := metricSum(scrape(t, s), `kvd_handler_panics_total{method="Watch"}`); !ok || v != 1 {
+		t.Fatalf(`kvd_handler_panics_total{method="Watch"} = %v (found %v), want 1`, v, ok)
 	}
 }
