@@ -347,51 +347,77 @@ func GetAt(r View, key []byte, rev int64) (*kvpb.KeyValue, error) {
 
 // RangeAt calls fn for each key in [start, end) as it was at revision rev,
 // in key order, until fn returns false. It undoes the events after rev on
-// the keys of the range, so it costs a scan of the history after rev and
-// holds the earliest change of every key it touched.
+// the keys of the range, so it costs a scan of the history after rev. Of
+// each key it touched it holds where its earliest change is, not the
+// record that change replaced: a page of a few keys must not hold every
+// value the history after rev replaced (up to the history's size). The
+// records are read back as they are emitted.
 func RangeAt(r View, start, end []byte, rev int64, fn func(*kvpb.KeyValue) bool) error {
 	if err := pastRevision(r, rev); err != nil {
 		return err
 	}
-	past := map[string]*kvpb.KeyValue{} // key → its record at rev (nil: absent)
-	err := events(r, rev+1, func(_ int64, he *peerpb.HistoryEvent) bool {
+	past := map[string]pastRef{} // key → its earliest change after rev
+	var err error
+	r.ScanHistory(historyKey(rev+1), nil, func(hk, v []byte) bool {
+		if _, ok := historyRev(hk); !ok {
+			return true
+		}
+		var he peerpb.HistoryEvent
+		if err = proto.Unmarshal(v, &he); err != nil {
+			err = fmt.Errorf("%w: history event %x: %v", ErrCorrupt, hk, err)
+			return false
+		}
 		k := he.GetKey()
 		if bytes.Compare(k, start) < 0 || (len(end) > 0 && bytes.Compare(k, end) >= 0) {
 			return true
 		}
 		if _, ok := past[string(k)]; !ok {
-			var kv *kvpb.KeyValue
-			if p := he.GetPrev(); p != nil {
-				kv = toKV(k, p)
-			}
-			past[string(k)] = kv
+			past[string(k)] = pastRef{event: bytes.Clone(hk), existed: he.GetPrev() != nil}
 		}
 		return true
 	})
 	if err != nil {
 		return err
 	}
+	// record reads back key's record at rev from its earliest change.
+	record := func(key string) (*kvpb.KeyValue, bool) {
+		var kv *kvpb.KeyValue
+		r.ScanHistory(past[key].event, nil, func(hk, v []byte) bool {
+			var he peerpb.HistoryEvent
+			if e := proto.Unmarshal(v, &he); e != nil || !bytes.Equal(hk, past[key].event) || he.GetPrev() == nil {
+				err = fmt.Errorf("%w: history event %x changed while read", ErrCorrupt, past[key].event)
+				return false
+			}
+			kv = toKV([]byte(key), he.GetPrev())
+			return false
+		})
+		return kv, err == nil && kv != nil
+	}
 	// Keys that existed at rev and are gone now come from past alone;
 	// merge them, in order, with the current keys.
 	var gone []string
-	for k, kv := range past {
-		if kv != nil {
+	for k, p := range past {
+		if p.existed {
 			gone = append(gone, k)
 		}
 	}
 	slices.Sort(gone)
 	more := true
+	emit := func(key string) bool {
+		kv, ok := record(key)
+		return ok && fn(kv)
+	}
 	emitGone := func(until []byte) bool {
 		for len(gone) > 0 && (until == nil || gone[0] < string(until)) {
 			k := gone[0]
 			gone = gone[1:]
-			if !fn(past[k]) {
+			if !emit(k) {
 				return false
 			}
 		}
 		return true
 	}
-	err = Range(r, start, end, func(kv *kvpb.KeyValue) bool {
+	rerr := Range(r, start, end, func(kv *kvpb.KeyValue) bool {
 		k := string(kv.GetKey())
 		if more = emitGone(kv.GetKey()); !more {
 			return false
@@ -400,18 +426,28 @@ func RangeAt(r View, start, end []byte, rev int64, fn func(*kvpb.KeyValue) bool)
 			if len(gone) > 0 && gone[0] == k {
 				gone = gone[1:]
 			}
-			if p == nil {
+			if !p.existed {
 				return true
 			}
-			more = fn(p)
+			more = emit(k)
 			return more
 		}
 		more = fn(kv)
 		return more
 	})
-	if err != nil || !more {
-		return err
+	if rerr != nil {
+		return rerr
 	}
-	emitGone(nil)
-	return nil
+	if more {
+		emitGone(nil)
+	}
+	return err
+}
+
+// pastRef is where RangeAt finds a key's record at its revision: the
+// history key of the key's earliest change after it, and whether the key
+// existed before that change.
+type pastRef struct {
+	event   []byte
+	existed bool
 }
