@@ -9,6 +9,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -66,6 +67,33 @@ type authSnapshot struct {
 type authCache struct {
 	cur     atomic.Pointer[authSnapshot]
 	refresh sync.Mutex
+	// checking holds a token per password being checked (passwordChecks).
+	checking chan struct{}
+}
+
+// A bcrypt comparison takes tens of milliseconds of CPU, and anyone who
+// reaches the client port may ask for one with a user name that exists:
+// passwordChecks run at once, on at most half the node's cores, and a
+// check that waits passwordCheckWait for its turn is refused, so a flood
+// of Authenticate calls cannot starve Raft of CPU.
+var (
+	passwordChecks    = max(1, runtime.GOMAXPROCS(0)/2)
+	passwordCheckWait = time.Second
+)
+
+// checkPassword compares password with hash, in its turn.
+func (s *Server) checkPassword(ctx context.Context, hash []byte, password string) (bool, error) {
+	t := time.NewTimer(passwordCheckWait)
+	defer t.Stop()
+	select {
+	case s.authc.checking <- struct{}{}:
+	case <-t.C:
+		return false, status.Error(codes.ResourceExhausted, "auth: too many password checks at once; retry with backoff")
+	case <-ctx.Done():
+		return false, status.FromContextError(ctx.Err()).Err()
+	}
+	defer func() { <-s.authc.checking }()
+	return bcrypt.CompareHashAndPassword(hash, []byte(password)) == nil, nil
 }
 
 // authState returns the auth state, at most authCacheFor old unless it
@@ -529,7 +557,11 @@ func (a authService) Authenticate(ctx context.Context, req *kvpb.AuthenticateReq
 		if u.GetName() != req.GetName() || len(u.GetPasswordHash()) == 0 {
 			continue
 		}
-		if bcrypt.CompareHashAndPassword(u.GetPasswordHash(), []byte(req.GetPassword())) == nil {
+		ok, err := a.s.checkPassword(ctx, u.GetPasswordHash(), req.GetPassword())
+		if err != nil {
+			return nil, err
+		}
+		if ok {
 			exp := time.Now().Add(a.s.cfg.AuthTokenTTL)
 			return &kvpb.AuthenticateResponse{Token: signToken(st.GetSecret(), u.GetName(), u.GetTokenGeneration(), exp), ExpiresUnixMs: exp.UnixMilli()}, nil
 		}

@@ -117,3 +117,39 @@ func TestPermissions(t *testing.T) {
 		t.Errorf("root: %v", err)
 	}
 }
+
+// Password checks take turns: while as many run as the node allows, one
+// more waits, and is refused with ResourceExhausted if its turn does not
+// come in passwordCheckWait; once a turn frees, it is served.
+func TestPasswordChecksTakeTurns(t *testing.T) {
+	c := newTestCluster(t, 1, 1, nil)
+	s := c.servers[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	admin := c.client()
+	for _, ch := range []*kvpb.AuthChangeRequest{
+		{Change: &kvpb.AuthChangeRequest_UserAdd{UserAdd: &kvpb.UserAdd{Name: "root", Password: "s3cret"}}},
+		{Change: &kvpb.AuthChangeRequest_UserGrantRole{UserGrantRole: &kvpb.UserGrantRole{User: "root", Role: "root"}}},
+		{Change: &kvpb.AuthChangeRequest_Enable{Enable: &kvpb.AuthEnable{}}},
+	} {
+		if err := admin.Auth(ctx, ch); err != nil {
+			t.Fatalf("auth change %v: %v", ch, err)
+		}
+	}
+	defer func(d time.Duration) { passwordCheckWait = d }(passwordCheckWait)
+	passwordCheckWait = 50 * time.Millisecond
+	authc := kvpb.NewAuthClient(clientConn(t, s))
+	for range passwordChecks { // every turn taken
+		s.authc.checking <- struct{}{}
+	}
+	_, err := authc.Authenticate(ctx, &kvpb.AuthenticateRequest{Name: "root", Password: "s3cret"})
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("Authenticate while every turn is taken: %v, want ResourceExhausted", err)
+	}
+	for range passwordChecks {
+		<-s.authc.checking
+	}
+	if _, err := authc.Authenticate(ctx, &kvpb.AuthenticateRequest{Name: "root", Password: "s3cret"}); err != nil {
+		t.Fatalf("Authenticate with its turn free: %v", err)
+	}
+}

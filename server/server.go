@@ -120,6 +120,7 @@ func New(cfg Config) (_ *Server, err error) {
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger.With("node", cfg.NodeID), stopc: make(chan struct{})}
 	s.fatal.c = make(chan error, 1)
+	s.authc.checking = make(chan struct{}, passwordChecks)
 	// Made first: the node may turn fatal (a peer refusing it) before its
 	// client server exists.
 	s.health = health.NewServer()
