@@ -7,6 +7,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"google.golang.org/grpc/test/bufconn"
 )
@@ -89,8 +90,22 @@ func newBothListener(tcp net.Listener, mem *memListener) *bothListener {
 
 func (l *bothListener) pump(from net.Listener) {
 	defer l.wg.Done()
+	var delay time.Duration
 	for {
 		c, err := from.Accept()
+		if isTemporary(err) {
+			// Out of file descriptors (a flood of connections, say):
+			// wait and accept again, as gRPC's and net/http's servers
+			// do, rather than end serving on both listeners.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			select {
+			case <-time.After(delay):
+				continue
+			case <-l.done:
+				return
+			}
+		}
+		delay = 0
 		if err != nil {
 			l.errc <- err
 			return
@@ -102,6 +117,12 @@ func (l *bothListener) pump(from net.Listener) {
 			return
 		}
 	}
+}
+
+// isTemporary reports whether an Accept error is one to wait out.
+func isTemporary(err error) bool {
+	var t interface{ Temporary() bool }
+	return errors.As(err, &t) && t.Temporary()
 }
 
 func (l *bothListener) Accept() (net.Conn, error) {
