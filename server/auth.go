@@ -376,9 +376,29 @@ next:
 }
 
 // authorizeKV checks a KV request (unary, or an item of a Batch stream)
-// against the auth state. A request forwarded by a member was checked by
-// that member.
+// against the auth state.
 func (s *Server) authorizeKV(ctx context.Context, req any) error {
+	return s.mayAccess(ctx, needs(req))
+}
+
+// mayReadKeys: with auth on, the caller may read each of keys. A lease's
+// attached keys are listed only to a user who may read them all, as
+// etcd does: a lease is anyone's, its keys are not.
+func (s *Server) mayReadKeys(ctx context.Context, keys [][]byte) error {
+	if len(keys) == 0 {
+		return nil
+	}
+	want := make([]access, len(keys))
+	for i, k := range keys {
+		want[i] = access{key: k}
+	}
+	return s.mayAccess(ctx, want)
+}
+
+// mayAccess: with auth on, the caller is a user whose roles grant every
+// access in want. A request forwarded by a member was checked by that
+// member.
+func (s *Server) mayAccess(ctx context.Context, want []access) error {
 	if ctx.Value(forwardedKey{}) != nil {
 		return nil
 	}
@@ -389,28 +409,6 @@ func (s *Server) authorizeKV(ctx context.Context, req any) error {
 	u, err := s.identify(ctx, st)
 	if err != nil {
 		return err
-	}
-	return permit(st, u, needs(req))
-}
-
-// mayReadKeys: with auth on, the caller may read each of keys. A lease's
-// attached keys are listed only to a user who may read them all, as
-// etcd does: a lease is anyone's, its keys are not.
-func (s *Server) mayReadKeys(ctx context.Context, keys [][]byte) error {
-	if ctx.Value(forwardedKey{}) != nil || len(keys) == 0 {
-		return nil
-	}
-	st, err := s.authState(ctx)
-	if err != nil || !st.GetEnabled() {
-		return err
-	}
-	u, err := s.identify(ctx, st)
-	if err != nil {
-		return err
-	}
-	want := make([]access, len(keys))
-	for i, k := range keys {
-		want[i] = access{key: k}
 	}
 	return permit(st, u, want)
 }

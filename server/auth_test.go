@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	"github.com/kvd/kvd/client"
 	"github.com/kvd/kvd/proto/kvpb"
 )
 
@@ -63,6 +64,22 @@ func TestTokenOfAnOldPasswordIsRefused(t *testing.T) {
 
 // TestPermissions: a permission covers its key alone, its range, or
 // (range end "\x00") every key from it on; read does not cover write.
+// enableAuth makes the changes first (users, roles), then adds the user
+// root (password "s3cret") with the role root and enables auth, through
+// admin.
+func enableAuth(ctx context.Context, t *testing.T, admin *client.Client, first ...*kvpb.AuthChangeRequest) {
+	t.Helper()
+	for _, ch := range append(first,
+		&kvpb.AuthChangeRequest{Change: &kvpb.AuthChangeRequest_UserAdd{UserAdd: &kvpb.UserAdd{Name: "root", Password: "s3cret"}}},
+		&kvpb.AuthChangeRequest{Change: &kvpb.AuthChangeRequest_UserGrantRole{UserGrantRole: &kvpb.UserGrantRole{User: "root", Role: "root"}}},
+		&kvpb.AuthChangeRequest{Change: &kvpb.AuthChangeRequest_Enable{Enable: &kvpb.AuthEnable{}}},
+	) {
+		if err := admin.Auth(ctx, ch); err != nil {
+			t.Fatalf("auth change %v: %v", ch, err)
+		}
+	}
+}
+
 func TestPermissions(t *testing.T) {
 	st := &kvpb.AuthState{Enabled: true, Roles: []*kvpb.AuthRole{
 		{Name: "r", Perms: []*kvpb.Permission{
@@ -127,15 +144,7 @@ func TestPasswordChecksTakeTurns(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	admin := c.client()
-	for _, ch := range []*kvpb.AuthChangeRequest{
-		{Change: &kvpb.AuthChangeRequest_UserAdd{UserAdd: &kvpb.UserAdd{Name: "root", Password: "s3cret"}}},
-		{Change: &kvpb.AuthChangeRequest_UserGrantRole{UserGrantRole: &kvpb.UserGrantRole{User: "root", Role: "root"}}},
-		{Change: &kvpb.AuthChangeRequest_Enable{Enable: &kvpb.AuthEnable{}}},
-	} {
-		if err := admin.Auth(ctx, ch); err != nil {
-			t.Fatalf("auth change %v: %v", ch, err)
-		}
-	}
+	enableAuth(ctx, t, admin)
 	defer func(d time.Duration) { passwordCheckWait = d }(passwordCheckWait)
 	passwordCheckWait = 50 * time.Millisecond
 	authc := kvpb.NewAuthClient(clientConn(t, s))

@@ -44,6 +44,26 @@ func TestFittingCutsAtOneMessage(t *testing.T) {
 	}
 }
 
+// serveKV serves srv's KV service on a loopback port and returns a
+// connection to it; both end with the test.
+func serveKV(t *testing.T, srv kvpb.KVServer, opts ...grpc.DialOption) *grpc.ClientConn {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gs := grpc.NewServer()
+	kvpb.RegisterKVServer(gs, srv)
+	go gs.Serve(lis)
+	t.Cleanup(gs.Stop)
+	conn, err := grpc.NewClient(lis.Addr().String(), append([]grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}, opts...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
 // batchOnly serves Batch with serveBatch; gets of "slow" wait for
 // the stream to end, other gets answer a 64 KiB value at once.
 type batchOnly struct {
@@ -77,20 +97,7 @@ func TestServeBatchCutsOffAClientNotReading(t *testing.T) {
 		Charge:       func(_ *kvpb.BatchRequestItem, n int64) bool { charged.Add(n); return true },
 		Release:      func(n int64) { charged.Add(-n) },
 	}}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := grpc.NewServer()
-	kvpb.RegisterKVServer(gs, srv)
-	go gs.Serve(lis)
-	defer gs.Stop()
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithStaticStreamWindowSize(64<<10), grpc.WithStaticConnWindowSize(64<<10))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := serveKV(t, srv, grpc.WithStaticStreamWindowSize(64<<10), grpc.WithStaticConnWindowSize(64<<10))
 	kv := kvpb.NewKVClient(conn)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -217,19 +224,7 @@ func (g *gatedBatch) Batch(stream kvpb.KV_BatchServer) error {
 // at most the slow start's few at a time, not with 20,000 goroutines.
 func TestOneMessageOfManyItemsStaysWithinBounds(t *testing.T) {
 	srv := &gatedBatch{open: make(chan struct{})}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := grpc.NewServer()
-	kvpb.RegisterKVServer(gs, srv)
-	go gs.Serve(lis)
-	defer gs.Stop()
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := serveKV(t, srv)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	s, err := kvpb.NewKVClient(conn).Batch(ctx)

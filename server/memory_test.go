@@ -444,12 +444,7 @@ func TestReadAnswersAreChargedUntilSent(t *testing.T) {
 
 	// The stalled reader: a connection whose receive window stays at
 	// 64 KiB, and a Range call whose answer it never reads.
-	conn, err := grpc.NewClient(s.ClientAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := fixedWindowConn(t, s)
 	stalled, err := conn.NewStream(ctx, &grpc.StreamDesc{StreamName: "Range"}, "/"+kvpb.KV_ServiceDesc.ServiceName+"/Range")
 	if err != nil {
 		t.Fatal(err)
@@ -512,12 +507,7 @@ func TestUnreadUnaryAnswersAreBoundedAndCutOff(t *testing.T) {
 	var before runtime.MemStats
 	runtime.ReadMemStats(&before)
 
-	conn, err := grpc.NewClient(s.ClientAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := fixedWindowConn(t, s)
 	const calls = 50
 	var streams []grpc.ClientStream
 	for range calls {

@@ -25,15 +25,7 @@ func TestStreamOutlivesItsToken(t *testing.T) {
 	if _, err := admin.Put(ctx, []byte("k"), []byte("v")); err != nil {
 		t.Fatal(err)
 	}
-	for _, ch := range []*kvpb.AuthChangeRequest{
-		{Change: &kvpb.AuthChangeRequest_UserAdd{UserAdd: &kvpb.UserAdd{Name: "root", Password: "s3cret"}}},
-		{Change: &kvpb.AuthChangeRequest_UserGrantRole{UserGrantRole: &kvpb.UserGrantRole{User: "root", Role: "root"}}},
-		{Change: &kvpb.AuthChangeRequest_Enable{Enable: &kvpb.AuthEnable{}}},
-	} {
-		if err := admin.Auth(ctx, ch); err != nil {
-			t.Fatalf("auth change %v: %v", ch, err)
-		}
-	}
+	enableAuth(ctx, t, admin)
 	root, err := client.New(ctx, client.Config{Endpoints: c.endpoints(), Username: "root", Password: "s3cret"})
 	if err != nil {
 		t.Fatal(err)

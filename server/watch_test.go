@@ -31,6 +31,20 @@ func watchOn(t *testing.T, ctx context.Context, s *Server) kvpb.Watch_WatchClien
 	return st
 }
 
+// fixedWindowConn is a connection to s whose receive windows stay at
+// 64 KiB (no BDP growth), so that a client that does not read soon stops
+// gRPC flow control. It ends with the test.
+func fixedWindowConn(t *testing.T, s *Server) *grpc.ClientConn {
+	t.Helper()
+	conn, err := grpc.NewClient(s.ClientAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
 func createWatch(t *testing.T, st kvpb.Watch_WatchClient, c *kvpb.WatchCreateRequest) {
 	t.Helper()
 	if err := st.Send(&kvpb.WatchRequest{Request: &kvpb.WatchRequest_Create{Create: c}}); err != nil {
@@ -237,15 +251,7 @@ func TestSlowWatcherIsCutOff(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// A fixed window (no BDP growth) so that a client that does not read
-	// soon stops gRPC flow control.
-	conn, err := grpc.NewClient(c.servers[0].ClientAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	st, err := kvpb.NewWatchClient(conn).Watch(ctx)
+	st, err := kvpb.NewWatchClient(fixedWindowConn(t, c.servers[0])).Watch(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -306,13 +312,7 @@ func TestWatchRequestsWaitWhileAnswersQueue(t *testing.T) {
 	s := c.servers[0]
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	conn, err := grpc.NewClient(s.ClientAddr(), grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	st, err := kvpb.NewWatchClient(conn).Watch(ctx)
+	st, err := kvpb.NewWatchClient(fixedWindowConn(t, s)).Watch(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
