@@ -207,6 +207,18 @@ func (e *Engine) runRound(first *request) {
 			waiting = append(waiting, waiter{r, resp})
 		}
 	}
+	if fatal == nil {
+		// Counted before anyone is answered: the syncer may answer the
+		// round's waiters before this goroutine goes on, and a caller
+		// reading Stats after its write must find it counted. (A round
+		// whose WAL write or commit then fails is counted too; the engine
+		// refuses everything after it.)
+		e.stats.Lock()
+		e.stats.s.Updates += rs.updates
+		e.stats.s.Entries += rs.entries
+		e.stats.s.Applied += rs.applied
+		e.stats.Unlock()
+	}
 	handedOff := false
 	if fatal == nil {
 		commit := rs.commit || len(rs.lockForCommit) > 0
@@ -249,11 +261,6 @@ func (e *Engine) runRound(first *request) {
 		}
 		return
 	}
-	e.stats.Lock()
-	e.stats.s.Updates += rs.updates
-	e.stats.s.Entries += rs.entries
-	e.stats.s.Applied += rs.applied
-	e.stats.Unlock()
 	if !handedOff {
 		for _, w := range waiting {
 			w.r.done <- w.resp
