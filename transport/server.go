@@ -40,7 +40,7 @@ func (t *Transport) acceptStream(stream peerpb.Raft_StreamServer) error {
 	if err != nil {
 		return err
 	}
-	hello, err := stream.Recv()
+	hello, err := recvWithin(stream.Recv, handshakeTimeout)
 	if err != nil {
 		return fmt.Errorf("transport: receive hello: %w", err)
 	}
@@ -101,6 +101,37 @@ func (t *Transport) acceptStream(stream peerpb.Raft_StreamServer) error {
 	}
 }
 
+// snapshotChunkTimeout bounds the wait for each next chunk of an inbound
+// snapshot, as handshakeTimeout does for a stream's first message: a
+// sender that stops sending would otherwise hold the stream's goroutine
+// and its staged pairs for as long as its connection answers keepalive
+// pings.
+const snapshotChunkTimeout = 30 * time.Second
+
+// recvWithin is recv, or ErrProtocol once d passes without a message.
+// The handler that gives up returns, which ends the stream and so the
+// Recv left running.
+func recvWithin[T any](recv func() (T, error), d time.Duration) (T, error) {
+	type received struct {
+		v   T
+		err error
+	}
+	c := make(chan received, 1)
+	go func() {
+		v, err := recv()
+		c <- received{v, err}
+	}()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case r := <-c:
+		return r.v, r.err
+	case <-t.C:
+		var zero T
+		return zero, fmt.Errorf("%w: nothing received for %v", ErrProtocol, d)
+	}
+}
+
 // accepts reports whether peer id is the one that dials us.
 func (t *Transport) accepts(id uint64) bool { return id < t.id }
 
@@ -115,7 +146,7 @@ func (t *Transport) receiveSnapshot(stream peerpb.Raft_SnapshotServer) error {
 	if err != nil {
 		return err
 	}
-	first, err := stream.Recv()
+	first, err := recvWithin(stream.Recv, handshakeTimeout)
 	if err != nil {
 		return fmt.Errorf("transport: receive snapshot header: %w", err)
 	}

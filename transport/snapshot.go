@@ -209,7 +209,7 @@ func (r *snapshotReceiver) next() ([]*peerpb.SnapshotPair, error) {
 		if r.t.ctx.Err() != nil {
 			return nil, ErrStopped
 		}
-		c, err := r.stream.Recv()
+		c, err := recvWithin(r.stream.Recv, snapshotChunkTimeout)
 		if errors.Is(err, io.EOF) {
 			return nil, ErrSnapshotTruncated
 		}

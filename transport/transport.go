@@ -87,8 +87,10 @@ const (
 	backoffMin = 50 * time.Millisecond
 	backoffMax = 2 * time.Second
 
-	// handshakeTimeout bounds the wait for the acceptor's hello; a node
-	// that accepts TCP but never answers must not hold the dialer forever.
+	// handshakeTimeout bounds the wait for the other side's first
+	// message, either way: a node that accepts TCP but never answers must
+	// not hold the dialer forever, nor one that dials and sends nothing
+	// hold a stream of the acceptor's.
 	handshakeTimeout = 5 * time.Second
 
 	// idlePing: each side sends an empty batch when it has sent nothing for

@@ -571,3 +571,33 @@ func TestPeerOutageLoggedOnce(t *testing.T) {
 		}
 	}
 }
+
+// A dialer that opens a stream and sends nothing is dropped after the
+// handshake timeout: it must not hold a stream of the acceptor's for as
+// long as its connection answers pings.
+func TestSilentDialerDropped(t *testing.T) {
+	nodes := cluster(t, nil, 2)
+	cc, err := grpc.NewClient(nodes[2].addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+	defer cancel()
+	sctx := metadata.AppendToOutgoingContext(ctx, "kvd-cluster-id", "0", "kvd-from", "1", "kvd-to", "2", "kvd-nonce", "5")
+	s, err := peerpb.NewRaftClient(cc).Stream(sctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// No hello. The acceptor answers the identity, then gives up.
+	for {
+		_, err := s.Recv()
+		if err == nil {
+			continue
+		}
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "nothing received") {
+			t.Fatalf("silent stream ended with %v, want InvalidArgument saying nothing was received", err)
+		}
+		return
+	}
+}
