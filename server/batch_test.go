@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"runtime"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -267,4 +268,44 @@ func TestOneMessageOfManyItemsStaysWithinBounds(t *testing.T) {
 	if m := srv.maxInFlight.Load(); m > defaultBatchServing {
 		t.Fatalf("%d items served at once, want at most %d", m, defaultBatchServing)
 	}
+}
+
+// A Batch message is charged to the node-wide budget, at what decoding it
+// took, while its items wait to start: one whose decoded items the budget
+// has no room for ends the stream with ResourceExhausted at once, rather
+// than sit in memory while its items trickle out, and smaller ones on
+// other streams are served.
+func TestBatchMessageChargedAsDecoded(t *testing.T) {
+	c := newTestCluster(t, 1, 1, func(cfg *Config) { cfg.Limits.MaxInFlightBytes = 1 << 20 })
+	s := c.servers[0]
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	kv := kvClient(t, s)
+	st, err := kv.Batch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 100,000 empty items: 200 KB on the wire, about 9 MiB decoded.
+	req := &kvpb.BatchRequest{Items: make([]*kvpb.BatchRequestItem, 100000)}
+	for i := range req.Items {
+		req.Items[i] = &kvpb.BatchRequestItem{}
+	}
+	if err := st.Send(req); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		_, err := st.Recv()
+		if err == nil {
+			continue
+		}
+		if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "batch message") {
+			t.Fatalf("a message of 100,000 items on a 1 MiB budget: %v, want ResourceExhausted for the message", err)
+		}
+		break
+	}
+	answers := batchAnswers(t, s, &kvpb.BatchRequestItem{Id: 1, Request: &kvpb.BatchRequestItem_Put{Put: &kvpb.PutRequest{Key: []byte("k"), Value: []byte("v")}}})
+	if len(answers) != 1 || answers[1].GetError() != nil {
+		t.Fatalf("a one-item message after: %v", answers)
+	}
+	waitFor(t, 10*time.Second, "the budget released", func() bool { return s.adm.inFlight.Load() == 0 })
 }

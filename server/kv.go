@@ -163,8 +163,9 @@ func (s *Server) Batch(stream kvpb.KV_BatchServer) error {
 			adm.hold(n)
 			return true
 		},
-		Release: adm.release,
-		CutOff:  s.metrics.batchCutOff.Inc,
+		Release:       adm.release,
+		ChargeMessage: adm.acquire,
+		CutOff:        s.metrics.batchCutOff.Inc,
 	}
 	return serveBatch(countedStream{stream, s.metrics}, opts, s.recoverItems(func(ctx context.Context, it *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error) {
 		var res *kvpb.BatchResponseItem
