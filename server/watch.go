@@ -614,6 +614,13 @@ func (ws *watchStream) create(ctx context.Context, c *kvpb.WatchCreateRequest) {
 	s := ws.s
 	w := &watcher{id: c.GetWatchId(), st: ws, key: c.GetKey(), prevKV: c.GetPrevKv()}
 	fail := func(err error) { ws.push(canceled(w, err), time.Time{}) }
+	// A watch keeps its key and range end for as long as it lives, and a
+	// node carries up to a million watches: neither may be longer than
+	// a key can be.
+	if n := max(len(c.GetKey()), len(c.GetRangeEnd())); n > s.cfg.Limits.MaxKeyBytes {
+		fail(invalid("watch key or range end is %d bytes; the limit is %d", n, s.cfg.Limits.MaxKeyBytes))
+		return
+	}
 	switch {
 	case c.GetPrefix():
 		w.end = keys.PrefixEnd(c.GetKey())

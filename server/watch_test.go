@@ -1,8 +1,10 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -366,5 +368,37 @@ func TestWatchRequestPanicIsRecovered(t *testing.T) {
 	}
 	if v, ok := metricSum(scrape(t, s), `kvd_handler_panics_total{method="Watch"}`); !ok || v != 1 {
 		t.Fatalf(`kvd_handler_panics_total{method="Watch"} = %v (found %v), want 1`, v, ok)
+	}
+}
+
+// A create the node cannot serve is answered on the stream with the
+// watch canceled and the status a unary call would get; keys longer than
+// a key can be are refused, since a watch keeps them while it lives.
+func TestWatchBadCreatesCanceled(t *testing.T) {
+	c := newTestCluster(t, 1, 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	waitFor(t, 10*time.Second, "a leader of shard 1", func() bool { return c.leaderOf(1) != nil })
+	st := watchOn(t, ctx, c.servers[0])
+	long := bytes.Repeat([]byte("k"), 4097)
+	for i, tc := range []struct {
+		c    *kvpb.WatchCreateRequest
+		want string
+	}{
+		{&kvpb.WatchCreateRequest{Shard: 1, Key: long, Prefix: true}, "limit is 4096"},
+		{&kvpb.WatchCreateRequest{Shard: 1, Key: []byte("a"), RangeEnd: long}, "limit is 4096"},
+		{&kvpb.WatchCreateRequest{Shard: 1, Key: []byte("b"), RangeEnd: []byte("a")}, "is empty"},
+		{&kvpb.WatchCreateRequest{Shard: 1, Key: []byte("a"), Prefix: true, RangeEnd: long}, "limit is 4096"},
+	} {
+		tc.c.WatchId = int64(i + 1)
+		createWatch(t, st, tc.c)
+		resp, err := st.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !resp.GetCanceled() || resp.GetWatchId() != tc.c.WatchId || codes.Code(resp.GetError().GetCode()) != codes.InvalidArgument ||
+			!strings.Contains(resp.GetError().GetMessage(), tc.want) {
+			t.Fatalf("create %d: %v, want canceled with InvalidArgument saying %q", i+1, resp, tc.want)
+		}
 	}
 }
