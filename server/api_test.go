@@ -44,6 +44,7 @@ func TestBadInputGetsDocumentedCodes(t *testing.T) {
 	var leader *Server
 	waitFor(t, 10*time.Second, "a leader of shard 1", func() bool { leader = c.leaderOf(1); return leader != nil })
 	kv := kvClient(t, leader)
+	cl := clusterClient(t, leader)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	key1 := string(keysIn(leader, 1, 1)[0])
@@ -77,6 +78,18 @@ func TestBadInputGetsDocumentedCodes(t *testing.T) {
 		{"unknown shard", func() error { _, err := kv.Range(ctx, &kvpb.RangeRequest{Shard: 99}); return err }, codes.InvalidArgument, "unknown data shard 99"},
 		{"meta shard range", func() error { _, err := kv.Range(ctx, &kvpb.RangeRequest{Shard: 0}); return err }, codes.InvalidArgument, "unknown data shard 0"},
 		{"negative limit", func() error { _, err := kv.Range(ctx, &kvpb.RangeRequest{Shard: 1, Limit: -1}); return err }, codes.InvalidArgument, "negative"},
+		{"member address of 1 MiB", func() error {
+			_, err := cl.MemberAdd(ctx, &kvpb.MemberAddRequest{Member: &kvpb.Member{Id: 9, PeerAddr: strings.Repeat("h", 1<<20) + ":1"}})
+			return err
+		}, codes.InvalidArgument, "limit is 300"},
+		{"member address without a port", func() error {
+			_, err := cl.MemberAdd(ctx, &kvpb.MemberAddRequest{Member: &kvpb.Member{Id: 9, PeerAddr: "127.0.0.1"}})
+			return err
+		}, codes.InvalidArgument, "not HOST:PORT"},
+		{"member client address with port 0", func() error {
+			_, err := cl.MemberAdd(ctx, &kvpb.MemberAddRequest{Member: &kvpb.Member{Id: 9, PeerAddr: "127.0.0.1:1", ClientAddr: "127.0.0.1:0"}})
+			return err
+		}, codes.InvalidArgument, "1 to 65535"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := tc.call()

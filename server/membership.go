@@ -12,7 +12,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -54,11 +56,39 @@ const (
 	promoteLag = 64
 )
 
+// maxMemberAddrBytes bounds a member's address: a host name is at most
+// 253 bytes, and every node keeps, logs and dials what the map says.
+const maxMemberAddrBytes = 300
+
+// checkMemberAddr accepts HOST:PORT of at most maxMemberAddrBytes, or
+// nothing (a client address not known yet).
+func checkMemberAddr(addr string) error {
+	if addr == "" {
+		return nil
+	}
+	if len(addr) > maxMemberAddrBytes {
+		return fmt.Errorf("%d bytes; the limit is %d", len(addr), maxMemberAddrBytes)
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil || host == "" {
+		return fmt.Errorf("%q is not HOST:PORT", addr)
+	}
+	if p, err := strconv.ParseUint(port, 10, 16); err != nil || p == 0 {
+		return fmt.Errorf("%q: port %q is not 1 to 65535", addr, port)
+	}
+	return nil
+}
+
 // MemberAdd implements kvpb.Cluster: add a node to the cluster map.
 func (s *Server) MemberAdd(ctx context.Context, req *kvpb.MemberAddRequest) (*kvpb.MemberAddResponse, error) {
 	m := req.GetMember()
 	if m.GetId() == 0 || m.GetPeerAddr() == "" {
 		return nil, status.Error(codes.InvalidArgument, "member add needs a positive id and a peer address")
+	}
+	for _, a := range []struct{ what, addr string }{{"peer", m.GetPeerAddr()}, {"client", m.GetClientAddr()}} {
+		if err := checkMemberAddr(a.addr); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "member add: %s address: %v", a.what, err)
+		}
 	}
 	if err := s.mayAddMember(ctx, m.GetId()); err != nil {
 		s.log.Warn("refused a member add", "id", m.GetId(), "peer", m.GetPeerAddr(), "err", err)
