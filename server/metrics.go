@@ -166,6 +166,7 @@ var (
 	descBatchesRecv  = desc("kvd_transport_batches_received_total", "Message batches received.")
 	descMsgsRecv     = desc("kvd_transport_messages_received_total", "Raft messages received.")
 	descBytesRecv    = desc("kvd_transport_bytes_received_total", "Bytes of Raft messages received.")
+	descBadMsgs      = desc("kvd_transport_bad_messages_total", "Raft messages received and dropped: undecodable, or not from the stream's peer to this node.")
 	descSendFailures = desc("kvd_transport_send_failures_total", "Messages lost because their batch failed to send, by peer.", "peer")
 	descDropped      = desc("kvd_transport_dropped_total", "Messages dropped before sending (queue full or no stream), by peer.", "peer")
 	descConnected    = desc("kvd_transport_peer_connected", "1 when the stream to the peer is up.", "peer")
@@ -232,6 +233,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descBatchesRecv, counter, float64(ts.BatchesReceived))
 	ch <- prometheus.MustNewConstMetric(descMsgsRecv, counter, float64(ts.MessagesReceived))
 	ch <- prometheus.MustNewConstMetric(descBytesRecv, counter, float64(ts.BytesReceived))
+	ch <- prometheus.MustNewConstMetric(descBadMsgs, counter, float64(ts.BadMessages))
 	for id, ps := range ts.Peers {
 		p := strconv.FormatUint(id, 10)
 		ch <- prometheus.MustNewConstMetric(descSendFailures, counter, float64(ps.SendFailures), p)
