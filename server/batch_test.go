@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"runtime"
@@ -244,12 +245,7 @@ func TestOneMessageOfManyItemsStaysWithinBounds(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Until answers are seen the stream serves batchSlowStart at once.
-	for srv.inFlight.Load() < batchSlowStart {
-		if ctx.Err() != nil {
-			t.Fatalf("%d items in flight, want %d", srv.inFlight.Load(), batchSlowStart)
-		}
-		time.Sleep(time.Millisecond) // poll interval, not synchronisation
-	}
+	waitFor(t, 10*time.Second, fmt.Sprint(batchSlowStart, " items in flight"), func() bool { return srv.inFlight.Load() >= batchSlowStart })
 	close(srv.open)
 	got := 0
 	for {
