@@ -126,9 +126,10 @@ func (o *batchOptions) setDefaults() {
 // returns when the client has half-closed or gone and every item is
 // answered, or, with errNotReading, when a Send stayed blocked for
 // opts.SendTimeout; every item goroutine has then ended, and the goroutines
-// blocked in Recv and Send end as gRPC closes the stream. Each item is
-// sized with proto.Size before serve gets it, so serve may size it, or
-// its request, again with proto.MarshalOptions{UseCachedSize: true}.
+// blocked in Recv and Send end as gRPC closes the stream. Each message is
+// sized with proto.Size, which sizes and caches every item, before serve
+// gets any: serve, and the stream itself, size an item or its request
+// again with proto.MarshalOptions{UseCachedSize: true} (sizedBefore).
 func serveBatch(stream kvpb.KV_BatchServer, opts batchOptions, serve func(context.Context, *kvpb.BatchRequestItem) (*kvpb.BatchResponseItem, error)) error {
 	opts.setDefaults()
 	ctx, cancel := context.WithCancel(stream.Context())
@@ -281,15 +282,15 @@ func (b *batchServer) recvAll(ctx context.Context, stream kvpb.KV_BatchServer,
 		if err != nil {
 			return err
 		}
-		var held int64
-		if b.opts.ChargeMessage != nil {
-			held = int64(proto.Size(req)) + int64(len(req.GetItems()))*decodedItemBytes
-			if !b.opts.ChargeMessage(held) {
-				return errMessageRefused
-			}
+		// Sizing the message sizes each item and caches it, so that
+		// startItems and serve read each item's size, not walk it again.
+		held := int64(proto.Size(req)) + int64(len(req.GetItems()))*decodedItemBytes
+		charged := b.opts.ChargeMessage != nil
+		if charged && !b.opts.ChargeMessage(held) {
+			return errMessageRefused
 		}
 		err = b.startItems(ctx, req, serve)
-		if held > 0 {
+		if charged {
 			b.opts.Release(held)
 		}
 		if err != nil {
@@ -313,7 +314,7 @@ func (b *batchServer) startItems(ctx context.Context, req *kvpb.BatchRequest,
 		}
 		// An item's answer is expected to take what the stream's
 		// recent answers took; its request is held besides.
-		est, reqSize := b.mu.avgAnswer, proto.Size(it)
+		est, reqSize := b.mu.avgAnswer, sizedBefore(it)
 		b.mu.items++
 		b.mu.serving++
 		b.mu.bytes += reqSize + est
