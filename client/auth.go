@@ -36,7 +36,7 @@ func (c *Client) dialOptions() []grpc.DialOption {
 	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
 	if c.cfg.Username != "" {
 		fetch := func(ctx context.Context) (string, time.Time, error) { return c.fetchToken(ctx, creds) }
-		opts = append(opts, grpc.WithPerRPCCredentials(&authtoken.Source{Fetch: fetch}))
+		opts = append(opts, grpc.WithPerRPCCredentials(&authtoken.Source{Fetch: fetch, Base: c.base}))
 	}
 	return append(opts, c.cfg.DialOptions...)
 }

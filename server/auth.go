@@ -93,6 +93,11 @@ func (s *Server) checkPassword(ctx context.Context, hash []byte, password string
 		return false, status.FromContextError(ctx.Err()).Err()
 	}
 	defer func() { <-s.authc.checking }()
+	if err := ctx.Err(); err != nil {
+		// A caller that gave up while waiting would hold the turn for a
+		// comparison nobody reads.
+		return false, status.FromContextError(err).Err()
+	}
 	return bcrypt.CompareHashAndPassword(hash, []byte(password)) == nil, nil
 }
 

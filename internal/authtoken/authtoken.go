@@ -26,12 +26,29 @@ func RenewAt(now, expires time.Time) time.Time {
 // or the one it has is due for renewal, one fetch at a time, and keeps
 // the answer until the time Fetch returned with it. An empty token puts
 // none on the calls until then.
+//
+// A fetch runs apart from the call that started it, under Base (the
+// client's life; none when nil), and Fetch must bound its own time. The
+// call that first finds the token due is often a health check, with a
+// deadline shorter than a password check takes on a busy node: bound by
+// it, every fetch would be given up half-way, the node's check running on
+// regardless, and no call would get a token. Calls wait for the fetch
+// under way or for their own context, whichever ends first.
 type Source struct {
 	Fetch func(ctx context.Context) (token string, keepUntil time.Time, err error)
+	Base  context.Context
 
-	mu    sync.Mutex // held while a token is fetched
+	mu      sync.Mutex
+	token   string
+	until   time.Time
+	pending *fetch // the fetch under way, if any
+}
+
+// fetch is one call of Fetch; its fields are set before done is closed.
+type fetch struct {
+	done  chan struct{}
 	token string
-	until time.Time
+	err   error
 }
 
 func (s *Source) RequireTransportSecurity() bool { return false }
@@ -46,14 +63,38 @@ func (s *Source) GetRequestMetadata(ctx context.Context, _ ...string) (map[strin
 
 func (s *Source) get(ctx context.Context) (string, error) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if time.Now().Before(s.until) {
-		return s.token, nil
+		tok := s.token
+		s.mu.Unlock()
+		return tok, nil
 	}
+	f := s.pending
+	if f == nil {
+		f = &fetch{done: make(chan struct{})}
+		s.pending = f
+		base := s.Base
+		if base == nil {
+			base = context.Background()
+		}
+		go s.run(base, f)
+	}
+	s.mu.Unlock()
+	select {
+	case <-f.done:
+		return f.token, f.err
+	case <-ctx.Done():
+		return "", ctx.Err()
+	}
+}
+
+func (s *Source) run(ctx context.Context, f *fetch) {
 	tok, until, err := s.Fetch(ctx)
-	if err != nil {
-		return "", err
+	s.mu.Lock()
+	if err == nil {
+		s.token, s.until = tok, until
 	}
-	s.token, s.until = tok, until
-	return tok, nil
+	s.pending = nil
+	s.mu.Unlock()
+	f.token, f.err = tok, err
+	close(f.done)
 }

@@ -3,6 +3,7 @@ package authtoken
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -57,5 +58,47 @@ func TestSource(t *testing.T) {
 	}
 	if m, err := md(); err != nil || m != nil || fetches != 3 {
 		t.Fatalf("metadata %v, %v after %d fetches; want none, from the kept answer", m, err, fetches)
+	}
+}
+
+// TestFetchOutlivesItsCaller: a fetch started by a call whose deadline
+// ends first runs on, one at a time, and its token serves the calls
+// after it; a call waiting on it returns when its own context ends.
+func TestFetchOutlivesItsCaller(t *testing.T) {
+	release := make(chan struct{})
+	var fetches atomic.Int32
+	s := &Source{Fetch: func(ctx context.Context) (string, time.Time, error) {
+		fetches.Add(1)
+		select {
+		case <-release:
+			return "t1", time.Now().Add(time.Hour), nil
+		case <-ctx.Done():
+			return "", time.Time{}, ctx.Err()
+		}
+	}}
+	short, cancel := context.WithCancel(context.Background())
+	cancel()
+	for range 3 { // each gives up at once; one fetch serves them all
+		if _, err := s.GetRequestMetadata(short); !errors.Is(err, context.Canceled) {
+			t.Fatalf("a call whose context ended got %v, want context.Canceled", err)
+		}
+	}
+	if n := fetches.Load(); n > 1 {
+		t.Fatalf("%d fetches under way, want at most one", n)
+	}
+	got := make(chan map[string]string)
+	go func() {
+		m, err := s.GetRequestMetadata(context.Background())
+		if err != nil {
+			t.Error(err)
+		}
+		got <- m
+	}()
+	close(release)
+	if m := <-got; m["token"] != "t1" {
+		t.Fatalf("metadata %v, want token t1 from the fetch the first call started", m)
+	}
+	if n := fetches.Load(); n != 1 {
+		t.Fatalf("%d fetches, want 1", n)
 	}
 }
