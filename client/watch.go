@@ -69,7 +69,9 @@ func WithPrevKV() WatchOption { return func(o *watchOptions) { o.prevKV = true }
 // or its end.
 type WatchResponse struct {
 	Events []*kvpb.Event
-	// Resume continues the watch after these events (WithResume).
+	// Resume continues the watch after these events (WithResume). After
+	// part of a revision too large for one response, it replays that
+	// revision.
 	Resume string
 
 	// Err, on the last response, says why the watch ended: a
@@ -119,7 +121,7 @@ func (c *Client) Watch(ctx context.Context, key []byte, opts ...WatchOption) <-c
 		f(&o)
 	}
 	ch := make(chan WatchResponse, 16)
-	w := &watch{c: c, ch: ch, opts: o, key: key, next: map[uint64]int64{}}
+	w := &watch{c: c, ch: ch, opts: o, key: key, next: map[uint64]int64{}, sent: map[uint64]int{}}
 	fail := func(err error) <-chan WatchResponse {
 		ch <- WatchResponse{Err: err}
 		close(ch)
@@ -199,7 +201,12 @@ type watch struct {
 	// in the order of the responses that carry them.
 	mu   sync.Mutex
 	next map[uint64]int64 // per shard: first revision not yet delivered (0: now)
-	err  error            // why the watch ended, first cause
+	// sent is, per shard, how many events of revision next it has
+	// delivered: the first fragments of a revision too large for one
+	// response (kvpb.WatchResponse.fragment). A watch opened again starts
+	// at that revision and leaves those out.
+	sent map[uint64]int
+	err  error // why the watch ended, first cause
 }
 
 // end stops the watch with err.
@@ -303,6 +310,7 @@ func canceledErr(resp *kvpb.WatchResponse) error {
 // receive delivers shard's events until the stream breaks or its watch
 // is canceled (nil then: follow opens it again) or fails for good.
 func (w *watch) receive(ctx context.Context, shard uint64, sub *watchSub) error {
+	seen := 0 // events of revision w.next[shard] this subscription received
 	for {
 		var resp *kvpb.WatchResponse
 		select {
@@ -325,23 +333,49 @@ func (w *watch) receive(ctx context.Context, shard uint64, sub *watchSub) error 
 			}
 			return nil
 		}
-		through := resp.GetHeader().GetRevision()
+		// Every revision before upTo is complete with this response.
+		upTo := resp.GetHeader().GetRevision() + 1
 		w.mu.Lock()
-		if through+1 <= w.next[shard] {
+		next := w.next[shard]
+		if upTo < next || upTo == next && !resp.GetFragment() {
 			// Nothing new: a created or progress response.
 			w.mu.Unlock()
 			continue
 		}
+		// Leave out the events of revision next that were delivered
+		// before this subscription.
+		var evs []*kvpb.Event
+		for _, ev := range resp.GetEvents() {
+			if ev.GetKv().GetModRevision() == next {
+				if seen++; seen <= w.sent[shard] {
+					continue
+				}
+			}
+			evs = append(evs, ev)
+		}
+		if upTo > next {
+			w.sent[shard], seen = 0, 0
+		}
+		if resp.GetFragment() {
+			for _, ev := range evs {
+				if ev.GetKv().GetModRevision() == upTo {
+					w.sent[shard]++
+					if upTo > next {
+						seen++
+					}
+				}
+			}
+		}
 		var before map[uint64]int64
-		if len(resp.GetEvents()) > 0 {
+		if len(evs) > 0 {
 			before = maps.Clone(w.next)
 		}
-		w.next[shard] = through + 1
-		if len(resp.GetEvents()) == 0 {
+		w.next[shard] = upTo
+		if len(evs) == 0 {
 			w.mu.Unlock()
 			continue
 		}
-		out := WatchResponse{Events: resp.GetEvents(), Resume: encodeWatchToken(w.next), before: before}
+		out := WatchResponse{Events: evs, Resume: encodeWatchToken(w.next), before: before}
 		select {
 		case w.ch <- out:
 		case <-ctx.Done():

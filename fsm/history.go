@@ -205,34 +205,75 @@ func HistoryCut(r View, cutoffMs int64, maxScan int) (int64, error) {
 	return cut, err
 }
 
-// ReadEvents returns the events from revision from on whose key match
+// EventPos is a place in a shard's history: the event numbered Index
+// (from 0) of revision Rev. {Rev, 0} is the start of revision Rev.
+type EventPos struct {
+	Rev   int64
+	Index uint32
+}
+
+// Before reports whether p comes before q.
+func (p EventPos) Before(q EventPos) bool {
+	return p.Rev < q.Rev || p.Rev == q.Rev && p.Index < q.Index
+}
+
+// EventOverhead is at most what one event's encoding in a WatchResponse
+// takes beyond its key (twice, with a prev kv) and its values: field
+// tags, lengths, revisions, version, lease and shard.
+const EventOverhead = 160
+
+// ReadEvents returns the events from position from on whose key match
 // accepts, in order, with their values and prev kvs (kv.Value is filled in
-// as history.go's header explains), and through: the revision up to which
-// they are complete. It stops after the revision at which it has at least
-// limit events (0: no limit), so a revision's events are never split; else
-// through is the shard's revision. A from below the oldest revision kept
-// is a *CompactedError. Events' Shard is not set.
-func ReadEvents(r View, from int64, match func(key []byte) bool, limit int, maxBytes int64) (evs []*kvpb.Event, through int64, err error) {
+// as history.go's header explains) and each one's index in its revision,
+// and next: where a read that goes on starts. It stops before an event that
+// would take it past limit events or maxBytes (0: no limit; each event
+// counted at its key twice, its value, its prev value and EventOverhead)
+// but reads at least one: at the start of that event's revision when it
+// has read an earlier one, so that revisions are split only where one
+// alone is past the limit. next is then {that revision, 0}, or, when it
+// split one, that revision and the index of its first event not read;
+// after the last event, {the shard's revision + 1, 0}. Every revision
+// before next.Rev is complete. A from below the oldest revision kept is a
+// *CompactedError. Events' Shard is not set.
+func ReadEvents(r View, from EventPos, match func(key []byte) bool, limit int, maxBytes int64) (evs []*kvpb.Event, index []uint32, next EventPos, err error) {
 	oldest, cur := HistoryBounds(r)
-	if from < oldest {
-		return nil, 0, &CompactedError{Revision: from, Oldest: oldest}
+	if from.Rev < oldest {
+		return nil, nil, EventPos{}, &CompactedError{Revision: from.Rev, Oldest: oldest}
 	}
-	through = cur
+	next = EventPos{Rev: cur + 1}
 	// open: the puts whose value the key's next change (or its current
 	// record) tells, by key.
 	open := map[string]*kvpb.Event{}
-	var size int64 // of the events gathered, their values included
-	err = events(r, from, func(rev int64, he *peerpb.HistoryEvent) bool {
+	var (
+		size     int64 // of the events gathered, their values included
+		revStart int   // the first event in evs of the revision being read
+	)
+	err = eventsFrom(r, from, func(pos EventPos, he *peerpb.HistoryEvent) bool {
+		if len(evs) > 0 && pos.Rev > evs[len(evs)-1].GetKv().GetModRevision() {
+			revStart = len(evs)
+		}
 		if !match(he.GetKey()) {
 			return true
 		}
-		if len(evs) > 0 && rev > evs[len(evs)-1].GetKv().GetModRevision() &&
-			((limit > 0 && len(evs) >= limit) || (maxBytes > 0 && size >= maxBytes)) {
-			through = rev - 1
+		n := int64(2*len(he.GetKey())) + he.GetValueSize() + int64(len(he.GetPrev().GetValue())) + EventOverhead
+		if len(evs) > 0 && ((limit > 0 && len(evs) >= limit) || (maxBytes > 0 && size+n > maxBytes)) {
+			if revStart == 0 {
+				next = pos // this revision alone is past the limit
+				return false
+			}
+			// Stop at the start of this revision: what was read of it
+			// goes, and a put among it no longer waits for its value.
+			for _, ev := range evs[revStart:] {
+				if k := string(ev.GetKv().GetKey()); open[k] == ev {
+					delete(open, k)
+				}
+			}
+			evs, index = evs[:revStart], index[:revStart]
+			next = EventPos{Rev: pos.Rev}
 			return false
 		}
-		size += int64(2*len(he.GetKey())) + he.GetValueSize() + int64(len(he.GetPrev().GetValue()))
-		ev := toEvent(rev, he)
+		size += n
+		ev := toEvent(pos.Rev, he)
 		if p, ok := open[string(he.GetKey())]; ok {
 			p.Kv.Value = ev.GetPrevKv().GetValue()
 			delete(open, string(he.GetKey()))
@@ -241,18 +282,19 @@ func ReadEvents(r View, from int64, match func(key []byte) bool, limit int, maxB
 			open[string(he.GetKey())] = ev
 		}
 		evs = append(evs, ev)
+		index = append(index, pos.Index)
 		return true
 	})
 	if err != nil || len(open) == 0 {
-		return evs, through, err
+		return evs, index, next, err
 	}
-	// The rest changed after through, or not since: their value is the
+	// The rest changed at or after next, or not since: their value is the
 	// current record's, or the prev of their next change.
 	later := map[string]*kvpb.Event{}
 	for k, ev := range open {
 		kv, err := Get(r, []byte(k))
 		if err != nil {
-			return nil, 0, err
+			return nil, nil, EventPos{}, err
 		}
 		if kv != nil && kv.GetModRevision() == ev.GetKv().GetModRevision() {
 			ev.Kv.Value = kv.GetValue()
@@ -261,23 +303,33 @@ func ReadEvents(r View, from int64, match func(key []byte) bool, limit int, maxB
 		later[k] = ev
 	}
 	if len(later) == 0 {
-		return evs, through, nil
+		return evs, index, next, nil
 	}
-	err = events(r, through+1, func(_ int64, he *peerpb.HistoryEvent) bool {
+	err = eventsFrom(r, next, func(_ EventPos, he *peerpb.HistoryEvent) bool {
 		if ev, ok := later[string(he.GetKey())]; ok {
 			ev.Kv.Value = he.GetPrev().GetValue()
 			delete(later, string(he.GetKey()))
 		}
 		return len(later) > 0
 	})
-	return evs, through, err
+	return evs, index, next, err
 }
 
 // events calls fn with each stored event from revision from on, in order,
 // until fn returns false.
 func events(r View, from int64, fn func(rev int64, he *peerpb.HistoryEvent) bool) error {
+	return eventsFrom(r, EventPos{Rev: from}, func(pos EventPos, he *peerpb.HistoryEvent) bool { return fn(pos.Rev, he) })
+}
+
+// eventsFrom calls fn with each stored event from position from on, in
+// order, until fn returns false.
+func eventsFrom(r View, from EventPos, fn func(pos EventPos, he *peerpb.HistoryEvent) bool) error {
 	var err error
-	r.ScanHistory(historyKey(from), nil, func(k, v []byte) bool {
+	start := historyKey(from.Rev)
+	if from.Index > 0 {
+		start = binary.BigEndian.AppendUint32(start, from.Index)
+	}
+	r.ScanHistory(start, nil, func(k, v []byte) bool {
 		rev, ok := historyRev(k)
 		if !ok {
 			return true
@@ -287,7 +339,7 @@ func events(r View, from int64, fn func(rev int64, he *peerpb.HistoryEvent) bool
 			err = fmt.Errorf("%w: history event at revision %d: %v", ErrCorrupt, rev, err)
 			return false
 		}
-		return fn(rev, &he)
+		return fn(EventPos{Rev: rev, Index: binary.BigEndian.Uint32(k[8:])}, &he)
 	})
 	return err
 }

@@ -116,6 +116,50 @@ func (sh *shard) viewErr(fn func(r View) error) {
 
 func all([]byte) bool { return true }
 
+// readAllEvents reads the events from revision from to the shard's
+// revision rev, in reads of at most limit events and maxBytes, checking
+// that each read keeps to them, that it splits a revision only where the
+// revision alone is past them, and that it goes on where the last ended.
+func readAllEvents(t *testing.T, r View, from, rev int64, limit int, maxBytes int64) []*kvpb.Event {
+	t.Helper()
+	var got []*kvpb.Event
+	pos := EventPos{Rev: from}
+	for {
+		evs, index, next, err := ReadEvents(r, pos, all, limit, maxBytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(index) != len(evs) {
+			t.Fatalf("from %v: %d events, %d indexes", pos, len(evs), len(index))
+		}
+		var size int64
+		for i, ev := range evs {
+			size += int64(2*len(ev.GetKv().GetKey())+len(ev.GetKv().GetValue())+len(ev.GetPrevKv().GetValue())) + EventOverhead
+			at := EventPos{Rev: ev.GetKv().GetModRevision(), Index: index[i]}
+			if at.Before(pos) || !at.Before(next) {
+				t.Fatalf("from %v: event at %v, next %v", pos, at, next)
+			}
+		}
+		if len(evs) > 1 && (limit > 0 && len(evs) > limit || maxBytes > 0 && size > maxBytes) {
+			t.Fatalf("from %v limits %d, %d: read %d events of %d bytes", pos, limit, maxBytes, len(evs), size)
+		}
+		if next.Index > 0 && len(evs) > 0 && evs[0].GetKv().GetModRevision() != next.Rev {
+			t.Fatalf("from %v: split revision %d after reading revision %d", pos, next.Rev, evs[0].GetKv().GetModRevision())
+		}
+		if limit == 0 && maxBytes == 0 && next != (EventPos{Rev: rev + 1}) {
+			t.Fatalf("from %v without limits: next %v, want revision %d", pos, next, rev+1)
+		}
+		if !pos.Before(next) {
+			t.Fatalf("from %v: next %v", pos, next)
+		}
+		got = append(got, evs...)
+		if next.Rev > rev {
+			return got
+		}
+		pos = next
+	}
+}
+
 // TestHistoryMatchesModel: every event is recorded in order with its
 // value and prev kv, and a read at every past revision gives the state
 // the model had then.
@@ -126,25 +170,18 @@ func TestHistoryMatchesModel(t *testing.T) {
 		for _, lim := range []struct {
 			events int
 			bytes  int64
-		}{{0, 0}, {1, 0}, {7, 0}, {0, 1}, {0, 200}, {7, 200}} {
-			limit := lim.events + int(lim.bytes) // 0 only with no limit at all
+		}{{0, 0}, {1, 0}, {2, 0}, {7, 0}, {0, 1}, {0, 200}, {0, 400}, {7, 200}} {
 			for from := int64(1); from <= m.rev+1; from += 13 {
-				evs, through, err := ReadEvents(r, from, all, lim.events, lim.bytes)
-				if err != nil {
-					return err
-				}
+				got := readAllEvents(t, r, from, m.rev, lim.events, lim.bytes)
 				want := slices.DeleteFunc(slices.Clone(m.events), func(e *kvpb.Event) bool {
-					return e.GetKv().GetModRevision() < from || e.GetKv().GetModRevision() > through
+					return e.GetKv().GetModRevision() < from
 				})
-				if limit == 0 && through != m.rev {
-					t.Fatalf("from %d: through %d, want %d", from, through, m.rev)
+				if len(got) != len(want) {
+					t.Fatalf("from %d limits %v: %d events, want %d", from, lim, len(got), len(want))
 				}
-				if len(evs) != len(want) {
-					t.Fatalf("from %d limit %d: %d events through %d, want %d", from, limit, len(evs), through, len(want))
-				}
-				for i := range evs {
-					if !proto.Equal(evs[i], want[i]) {
-						t.Fatalf("from %d: event %d is %v, want %v", from, i, evs[i], want[i])
+				for i := range got {
+					if !proto.Equal(got[i], want[i]) {
+						t.Fatalf("from %d limits %v: event %d is %v, want %v", from, lim, i, got[i], want[i])
 					}
 				}
 			}
@@ -220,7 +257,7 @@ func TestCompactHistoryInChunks(t *testing.T) {
 			t.Fatalf("bounds %d, %d; want %d, %d", oldest, rev, below, m.rev)
 		}
 		var ce *CompactedError
-		if _, _, err := ReadEvents(r, below-1, all, 0, 0); !errors.As(err, &ce) || ce.Oldest != below {
+		if _, _, _, err := ReadEvents(r, EventPos{Rev: below - 1}, all, 0, 0); !errors.As(err, &ce) || ce.Oldest != below {
 			t.Fatalf("watch below the history: %v", err)
 		}
 		if _, err := GetAt(r, []byte("k1"), below-2); !errors.As(err, &ce) || ce.Oldest != below {
@@ -238,7 +275,7 @@ func TestCompactHistoryInChunks(t *testing.T) {
 				}
 			}
 		}
-		evs, _, err := ReadEvents(r, below, all, 0, 0)
+		evs, _, _, err := ReadEvents(r, EventPos{Rev: below}, all, 0, 0)
 		if err != nil {
 			return err
 		}

@@ -167,7 +167,8 @@ type Limits struct {
 	MaxInFlightBytes int // default 32 MiB
 	// MaxResponseBytes bounds the kvs of one Range page: a page stops at
 	// it (with More set) as it stops at the key limit, so a scan of large
-	// values pages by bytes. A page always holds at least one kv.
+	// values pages by bytes. A page always holds at least one kv. It
+	// bounds the events of a Watch response the same way (watch.go).
 	MaxResponseBytes int // default 4 MiB, the client's default receive limit
 	// MaxBatchStreamBytes bounds what one Batch stream holds: requests
 	// being served plus answers not yet sent. At it the node stops reading

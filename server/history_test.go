@@ -26,7 +26,7 @@ func localEvents(t *testing.T, s *Server, shard uint64) (evs []*kvpb.Event, olde
 	}
 	err = sh.View(func(r *storage.Reader) error {
 		oldest, _ = fsm.HistoryBounds(r)
-		evs, _, err = fsm.ReadEvents(r, oldest, func([]byte) bool { return true }, 0, 0)
+		evs, _, _, err = fsm.ReadEvents(r, fsm.EventPos{Rev: oldest}, func([]byte) bool { return true }, 0, 0)
 		return err
 	})
 	if err != nil {

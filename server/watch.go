@@ -33,13 +33,19 @@ import (
 // could diverge from what is stored: a snapshot install or a restart
 // changes what the next read finds, nothing else.
 
-// watchReadEvents and watchReadBytes bound what a hub reads at a time (the
-// events' values and prev values counted), whichever is reached first; a
-// cursor far behind catches up over several reads.
-const (
-	watchReadEvents = 512
-	watchReadBytes  = 4 << 20
-)
+// watchReadEvents and watchResponseBytes bound what a hub reads at a time,
+// whichever is reached first; a cursor far behind catches up over several
+// reads.
+const watchReadEvents = 512
+
+// watchResponseBytes bounds the events a hub reads at a time (their keys,
+// values, prev values and encoding, fsm.ReadEvents), and so every events
+// response: MaxResponseBytes, the client's receive limit, less what the
+// rest of a response takes (rangeHeaderBytes, as for a Range page). A
+// revision larger than that goes in fragments.
+func (s *Server) watchResponseBytes() int64 {
+	return max(int64(s.cfg.Limits.MaxResponseBytes-rangeHeaderBytes), 1)
+}
 
 // errNotReadingEvents ends a watch stream whose client has not read its
 // events for BatchSendTimeout.
@@ -72,7 +78,7 @@ type watcher struct {
 	prevKV bool
 
 	// Guarded by the hub's mu.
-	next     int64 // first revision not yet sent
+	next     fsm.EventPos // first event not yet sent
 	lastSent time.Time
 	done     bool
 }
@@ -256,14 +262,14 @@ func (h *watchHub) run() {
 func (h *watchHub) serve(now time.Time) (more bool, err error) {
 	h.mu.Lock()
 	var active []*watcher
-	var from int64
+	var from fsm.EventPos
 	for w := range h.watchers {
 		// A stream with half its budget unsent waits: its cursor stays
 		// where it is, and the hub reads for it again once it drains.
 		if w.st.full() {
 			continue
 		}
-		if from == 0 || w.next < from {
+		if len(active) == 0 || w.next.Before(from) {
 			from = w.next
 		}
 		active = append(active, w)
@@ -273,18 +279,22 @@ func (h *watchHub) serve(now time.Time) (more bool, err error) {
 		return false, nil
 	}
 	var (
-		evs             []*kvpb.Event
-		oldest, through int64
-		rev             int64
+		evs         []*kvpb.Event
+		index       []uint32
+		oldest, rev int64
+		next        fsm.EventPos // where the read ended
 	)
 	err = h.sh.View(func(r *storage.Reader) error {
 		oldest, rev = fsm.HistoryBounds(r)
-		if from > rev {
-			through = rev
+		if from.Rev > rev {
+			next = fsm.EventPos{Rev: rev + 1}
 			return nil
 		}
+		if from.Rev < oldest {
+			from = fsm.EventPos{Rev: oldest}
+		}
 		var err error
-		evs, through, err = fsm.ReadEvents(r, max(from, oldest), func([]byte) bool { return true }, watchReadEvents, watchReadBytes)
+		evs, index, next, err = fsm.ReadEvents(r, from, func([]byte) bool { return true }, watchReadEvents, h.s.watchResponseBytes())
 		return err
 	})
 	if err != nil {
@@ -293,16 +303,17 @@ func (h *watchHub) serve(now time.Time) (more bool, err error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for _, w := range active {
-		if w.done || w.next > through {
+		if w.done || !w.next.Before(next) {
 			continue
 		}
-		if w.next < oldest {
-			h.endLocked(w, canceled(w, &fsm.CompactedError{Revision: w.next, Oldest: oldest}))
+		if w.next.Rev < oldest {
+			h.endLocked(w, canceled(w, &fsm.CompactedError{Revision: w.next.Rev, Oldest: oldest}))
 			continue
 		}
 		var sel []*kvpb.Event
-		for _, ev := range evs {
-			if ev.GetKv().GetModRevision() < w.next || !w.match(ev.GetKv().GetKey()) {
+		for i, ev := range evs {
+			at := fsm.EventPos{Rev: ev.GetKv().GetModRevision(), Index: index[i]}
+			if at.Before(w.next) || !w.match(ev.GetKv().GetKey()) {
 				continue
 			}
 			e := &kvpb.Event{Type: ev.GetType(), Kv: ev.GetKv(), Shard: h.shard}
@@ -311,14 +322,16 @@ func (h *watchHub) serve(now time.Time) (more bool, err error) {
 			}
 			sel = append(sel, e)
 		}
-		w.next = through + 1
+		w.next = next
 		if len(sel) > 0 {
-			w.st.push(&kvpb.WatchResponse{Header: h.s.header(h.shard, through), WatchId: w.id, Events: sel}, now)
+			// A read that ended within a revision sends its part of it
+			// as a fragment; the watch's next events go on with it.
+			w.st.push(&kvpb.WatchResponse{Header: h.s.header(h.shard, next.Rev-1), WatchId: w.id, Events: sel, Fragment: next.Index > 0}, now)
 			w.lastSent = now
 			h.s.metrics.watchEvents.Add(float64(len(sel)))
 		}
 	}
-	return through < rev, nil
+	return next.Rev <= rev, nil
 }
 
 // progress tells each watcher idle for WatchProgressInterval how far it
@@ -330,7 +343,7 @@ func (h *watchHub) progress(now time.Time) {
 		if now.Sub(w.lastSent) < h.s.cfg.WatchProgressInterval || w.st.full() {
 			continue
 		}
-		w.st.push(&kvpb.WatchResponse{Header: h.s.header(h.shard, w.next-1), WatchId: w.id, Progress: true}, time.Time{})
+		w.st.push(&kvpb.WatchResponse{Header: h.s.header(h.shard, w.next.Rev-1), WatchId: w.id, Progress: true}, time.Time{})
 		w.lastSent = now
 	}
 }
@@ -685,12 +698,12 @@ func (ws *watchStream) create(ctx context.Context, c *kvpb.WatchCreateRequest) {
 		fail(err)
 		return
 	}
-	w.next = c.GetStartRevision()
-	if w.next <= 0 {
-		w.next = rev + 1
+	w.next = fsm.EventPos{Rev: c.GetStartRevision()}
+	if w.next.Rev <= 0 {
+		w.next.Rev = rev + 1
 	}
-	if w.next < oldest {
-		fail(&fsm.CompactedError{Revision: w.next, Oldest: oldest})
+	if w.next.Rev < oldest {
+		fail(&fsm.CompactedError{Revision: w.next.Rev, Oldest: oldest})
 		return
 	}
 	ws.mu.Lock()
@@ -716,7 +729,7 @@ func (ws *watchStream) create(ctx context.Context, c *kvpb.WatchCreateRequest) {
 	}
 	w.lastSent = time.Now()
 	// created goes out before the hub can queue an event for w.
-	ws.push(&kvpb.WatchResponse{Header: s.header(w.shard, w.next-1), WatchId: w.id, Created: true}, time.Time{})
+	ws.push(&kvpb.WatchResponse{Header: s.header(w.shard, w.next.Rev-1), WatchId: w.id, Created: true}, time.Time{})
 	if !s.addWatcher(w, n, sh) {
 		ws.forget(w)
 		fail(status.Error(codes.Unavailable, "node stopping"))

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/proto/kvpb"
 )
@@ -78,7 +79,7 @@ func recvUntil(t *testing.T, st kvpb.Watch_WatchClient, id int64, done func(*kvp
 			if n := len(evs); n > 0 && ev.GetKv().GetModRevision() < evs[n-1].GetKv().GetModRevision() {
 				t.Fatalf("event at %d after one at %d", ev.GetKv().GetModRevision(), evs[n-1].GetKv().GetModRevision())
 			}
-			if ev.GetKv().GetModRevision() > resp.GetHeader().GetRevision() {
+			if r := ev.GetKv().GetModRevision(); r > resp.GetHeader().GetRevision() && !(resp.GetFragment() && r == resp.GetHeader().GetRevision()+1) {
 				t.Fatalf("event at %d in a response through %d", ev.GetKv().GetModRevision(), resp.GetHeader().GetRevision())
 			}
 		}
@@ -400,5 +401,66 @@ func TestWatchBadCreatesCanceled(t *testing.T) {
 			!strings.Contains(resp.GetError().GetMessage(), tc.want) {
 			t.Fatalf("create %d: %v, want canceled with InvalidArgument saying %q", i+1, resp, tc.want)
 		}
+	}
+}
+
+// TestWatchResponsesKeepToMaxResponseBytes: no events response is larger
+// than --max-response-bytes, the client's receive limit: a run of large
+// puts goes over several, and a transaction whose events alone are larger
+// is sent in fragments, each but the last marked, that add up to it.
+func TestWatchResponsesKeepToMaxResponseBytes(t *testing.T) {
+	const limit = 64 << 10
+	c := newTestCluster(t, 1, 1, func(cfg *Config) { cfg.Limits.MaxResponseBytes = limit })
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	kv := kvClient(t, c.servers[0])
+	const keys = 6
+	val := func(i, gen int) []byte { return bytes.Repeat([]byte{byte('a' + i + gen)}, 20<<10) }
+	txn := &kvpb.TxnRequest{}
+	for i := range keys {
+		k := []byte(fmt.Sprint("f/", i))
+		if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: k, Value: val(i, 0)}); err != nil {
+			t.Fatal(err)
+		}
+		txn.Success = append(txn.Success, &kvpb.RequestOp{Op: &kvpb.RequestOp_Put{Put: &kvpb.PutRequest{Key: k, Value: val(i, 1)}}})
+	}
+	if _, err := kv.Txn(ctx, txn); err != nil {
+		t.Fatal(err)
+	}
+	st := watchOn(t, ctx, c.servers[0])
+	createWatch(t, st, &kvpb.WatchCreateRequest{WatchId: 1, Shard: 1, Key: []byte("f/"), Prefix: true, StartRevision: 1, PrevKv: true})
+	var responses, fragments int
+	evs := recvUntil(t, st, 1, func(r *kvpb.WatchResponse, evs []*kvpb.Event) bool {
+		if len(r.GetEvents()) == 0 {
+			return false
+		}
+		responses++
+		if n := proto.Size(r); n > limit {
+			t.Fatalf("a response of %d bytes, %d events; the limit is %d", n, len(r.GetEvents()), limit)
+		}
+		if r.GetFragment() {
+			fragments++
+			for _, ev := range r.GetEvents() {
+				if ev.GetKv().GetModRevision() != r.GetHeader().GetRevision()+1 {
+					t.Fatalf("a fragment through %d holds an event at %d", r.GetHeader().GetRevision(), ev.GetKv().GetModRevision())
+				}
+			}
+		}
+		return len(evs) >= 2*keys
+	})
+	if len(evs) != 2*keys {
+		t.Fatalf("%d events, want %d", len(evs), 2*keys)
+	}
+	for i, ev := range evs {
+		k, gen := i%keys, i/keys
+		if string(ev.GetKv().GetKey()) != fmt.Sprint("f/", k) || !bytes.Equal(ev.GetKv().GetValue(), val(k, gen)) ||
+			gen == 1 && !bytes.Equal(ev.GetPrevKv().GetValue(), val(k, 0)) {
+			t.Fatalf("event %d: key %q, %d bytes", i, ev.GetKv().GetKey(), len(ev.GetKv().GetValue()))
+		}
+	}
+	// Six puts of 20 KiB fit in two responses of 64 KiB at best, the
+	// transaction's 240 KiB in four.
+	if fragments < 3 || responses < 6 {
+		t.Fatalf("%d responses, %d of them fragments; want at least 6 and 3", responses, fragments)
 	}
 }

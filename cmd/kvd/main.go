@@ -195,7 +195,7 @@ as a new member with a new --id).`,
 	f.IntVar(&cfg.Limits.MaxRequestBytes, "max-request-bytes", def.Limits.MaxRequestBytes, "largest request accepted")
 	f.IntVar(&cfg.Limits.MaxTxnOps, "max-txn-ops", def.Limits.MaxTxnOps, "most compares and operations in one transaction")
 	f.IntVar(&cfg.Limits.MaxInFlightBytes, "max-inflight-bytes", def.Limits.MaxInFlightBytes, "request bytes (and Batch answers not yet sent) the node holds at once before new requests get ResourceExhausted; a quarter is kept for requests of 64 KiB or less")
-	f.IntVar(&cfg.Limits.MaxResponseBytes, "max-response-bytes", def.Limits.MaxResponseBytes, "largest Range page in bytes: a page stops before it (and says there is more), holding at least one key")
+	f.IntVar(&cfg.Limits.MaxResponseBytes, "max-response-bytes", def.Limits.MaxResponseBytes, "largest Range page or Watch response in bytes: a page stops before it (and says there is more), a watch sends the rest next; each holds at least one key")
 	f.IntVar(&cfg.Limits.MaxBatchStreamBytes, "max-batch-stream-bytes", def.Limits.MaxBatchStreamBytes, "bytes one Batch stream may hold (requests being served, answers not yet sent) before the node stops reading it")
 	f.IntVar(&cfg.Limits.MaxClientConns, "max-client-conns", def.Limits.MaxClientConns, "client connections the node keeps open; more are closed on accept")
 	f.IntVar(&cfg.Limits.MaxWatchStreams, "max-watch-streams", def.Limits.MaxWatchStreams, "Watch streams the node serves at once")

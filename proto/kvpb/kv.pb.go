@@ -2981,8 +2981,13 @@ type WatchResponse struct {
 	// shard's history, is the oldest revision it still holds.
 	CompactRevision int64    `protobuf:"varint,7,opt,name=compact_revision,json=compactRevision,proto3" json:"compact_revision,omitempty"`
 	Events          []*Event `protobuf:"bytes,8,rep,name=events,proto3" json:"events,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// fragment: events holds the first part of revision header.revision + 1
+	// and the watch's next response with events goes on with it. A
+	// revision's events are split only where they alone would make a
+	// response larger than the node's --max-response-bytes.
+	Fragment      bool `protobuf:"varint,9,opt,name=fragment,proto3" json:"fragment,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *WatchResponse) Reset() {
@@ -3069,6 +3074,13 @@ func (x *WatchResponse) GetEvents() []*Event {
 		return x.Events
 	}
 	return nil
+}
+
+func (x *WatchResponse) GetFragment() bool {
+	if x != nil {
+		return x.Fragment
+	}
+	return false
 }
 
 // CompactRequest drops a shard's history below a revision (docs/design.md,
@@ -5212,7 +5224,7 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\aprev_kv\x18\a \x01(\bR\x06prevKv\x120\n" +
 	"\x06header\x18\b \x01(\v2\x18.kvd.kv.v1.RequestHeaderR\x06header\"/\n" +
 	"\x12WatchCancelRequest\x12\x19\n" +
-	"\bwatch_id\x18\x01 \x01(\x03R\awatchId\"\xad\x02\n" +
+	"\bwatch_id\x18\x01 \x01(\x03R\awatchId\"\xc9\x02\n" +
 	"\rWatchResponse\x121\n" +
 	"\x06header\x18\x01 \x01(\v2\x19.kvd.kv.v1.ResponseHeaderR\x06header\x12\x19\n" +
 	"\bwatch_id\x18\x02 \x01(\x03R\awatchId\x12\x18\n" +
@@ -5221,7 +5233,8 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"\bcanceled\x18\x05 \x01(\bR\bcanceled\x12'\n" +
 	"\x05error\x18\x06 \x01(\v2\x11.kvd.kv.v1.StatusR\x05error\x12)\n" +
 	"\x10compact_revision\x18\a \x01(\x03R\x0fcompactRevision\x12(\n" +
-	"\x06events\x18\b \x03(\v2\x10.kvd.kv.v1.EventR\x06events\"t\n" +
+	"\x06events\x18\b \x03(\v2\x10.kvd.kv.v1.EventR\x06events\x12\x1a\n" +
+	"\bfragment\x18\t \x01(\bR\bfragment\"t\n" +
 	"\x0eCompactRequest\x120\n" +
 	"\x06header\x18\x01 \x01(\v2\x18.kvd.kv.v1.RequestHeaderR\x06header\x12\x14\n" +
 	"\x05shard\x18\x02 \x01(\x04R\x05shard\x12\x1a\n" +
