@@ -61,7 +61,8 @@ func (c *Client) Grant(ctx context.Context, ttl time.Duration) (LeaseID, error) 
 }
 
 // Revoke ends a lease now and deletes its keys in every shard; it
-// returns how many keys it deleted.
+// returns how many keys it deleted (an attempt that timed out and was
+// retried may have deleted some that the count leaves out).
 func (c *Client) Revoke(ctx context.Context, id LeaseID) (int64, error) {
 	resp, err := leaseCall(ctx, c, fmt.Sprintf("lease revoke %d", id), func(ctx context.Context, lc kvpb.LeaseClient) (*kvpb.LeaseRevokeResponse, error) {
 		return lc.Revoke(ctx, &kvpb.LeaseRevokeRequest{Id: int64(id)})

@@ -98,8 +98,21 @@ func TestLeaseIndexFollowsPutsAndDeletes(t *testing.T) {
 	keys := func(id int64) []string {
 		var out []string
 		sh.view(func(r View) {
-			for _, k := range LeaseKeys(r, id) {
-				out = append(out, string(k))
+			lks, err := LeaseKeys(r, id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, lk := range lks {
+				out = append(out, string(lk.Key))
+				// Each listed key's record gives its revision and size.
+				kv, err := Get(r, lk.Key)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if kv.GetModRevision() != lk.ModRevision || int64(len(kv.GetValue())) != lk.ValueSize {
+					t.Fatalf("%q listed at revision %d with %d bytes; its record says %d and %d",
+						lk.Key, lk.ModRevision, lk.ValueSize, kv.GetModRevision(), len(kv.GetValue()))
+				}
 			}
 		})
 		return out
@@ -203,7 +216,11 @@ func FuzzLeaseCommands(f *testing.F) {
 			}
 			sh.view(func(r View) {
 				if err := Range(r, nil, nil, func(kv *kvpb.KeyValue) bool {
-					if l := kv.GetLease(); l != 0 && !slices.ContainsFunc(LeaseKeys(r, l), func(k []byte) bool { return string(k) == string(kv.GetKey()) }) {
+					lks, err := LeaseKeys(r, kv.GetLease())
+					if err != nil {
+						t.Fatal(err)
+					}
+					if l := kv.GetLease(); l != 0 && !slices.ContainsFunc(lks, func(lk LeasedKey) bool { return string(lk.Key) == string(kv.GetKey()) }) {
 						t.Fatalf("key %q on lease %d is not in its index", kv.GetKey(), l)
 					}
 					if revoked[kv.GetLease()] && kv.GetLease() != 0 {

@@ -464,6 +464,11 @@ func (s *Server) revokeLease(ctx context.Context, id int64) (_ int64, err error)
 	}
 	var deleted int64
 	for _, shard := range hashring.DataShards(s.clusterMap()) {
+		n, err := s.deleteLeaseKeys(ctx, shard, id)
+		deleted += n
+		if err != nil {
+			return deleted, fmt.Errorf("revoke lease %d on shard %d: %w", id, shard, err)
+		}
 		res, err := s.proposeOn(ctx, shard, keys)
 		if err != nil {
 			return deleted, fmt.Errorf("revoke lease %d on shard %d: %w", id, shard, err)
@@ -478,6 +483,85 @@ func (s *Server) revokeLease(ctx context.Context, id int64) (_ int64, err error)
 		return deleted, err
 	}
 	s.lessor.forget(id)
+	return deleted, nil
+}
+
+// A lease may hold MaxKeysPerLease keys of up to --max-value-bytes in
+// each shard. revoke_keys deletes them in one apply, and a delete copies
+// the value into the history: every replica would write all of them in
+// one bbolt transaction at once, holding twice their size in memory while
+// every shard of the node waits for it. So before revoke_keys the keys go
+// in transactions of at most revokeChunkBytes of values and
+// revokeChunkKeys keys (each an ordinary Txn: the state machine applies
+// nothing new), and revoke_keys finds the rest, at most that much.
+const (
+	revokeChunkBytes = 4 << 20
+	revokeChunkKeys  = 64
+	// revokeRounds bounds how often the keys are listed again: each
+	// round deletes every key not written since it was listed, and a
+	// revoked lease takes no new keys, so one is enough but for races.
+	revokeRounds = 3
+)
+
+// deleteLeaseKeys deletes shard's keys of lease id ahead of revoke_keys,
+// when they are more than one apply should carry, and returns how many it
+// deleted. Each goes only at the mod revision it was listed with: a key
+// written since is listed again in the next round, or left to
+// revoke_keys.
+func (s *Server) deleteLeaseKeys(ctx context.Context, shard uint64, id int64) (int64, error) {
+	var deleted int64
+	for range revokeRounds {
+		lk, err := s.leaseKeys(ctx, shard, id)
+		if err != nil {
+			return deleted, err
+		}
+		keys, mods, sizes := lk.GetKeys(), lk.GetModRevisions(), lk.GetValueSizes()
+		if len(mods) != len(keys) || len(sizes) != len(keys) {
+			return deleted, nil // a leader of an older build: revoke_keys does it all
+		}
+		var total int64
+		for _, n := range sizes {
+			total += n
+		}
+		if total <= revokeChunkBytes && len(keys) <= revokeChunkKeys {
+			return deleted, nil
+		}
+		before := deleted
+		for start := 0; start < len(keys); {
+			txn := &kvpb.TxnRequest{}
+			var size int64
+			end := start
+			for ; end < len(keys) && end-start < revokeChunkKeys && (end == start || size+sizes[end] <= revokeChunkBytes); end++ {
+				if mods[end] == 0 {
+					continue // listed but gone
+				}
+				size += sizes[end]
+				txn.Compare = append(txn.Compare, &kvpb.Compare{Key: keys[end], Target: kvpb.Compare_MOD, ModRevision: mods[end]})
+				txn.Success = append(txn.Success, &kvpb.RequestOp{Op: &kvpb.RequestOp_Delete{Delete: &kvpb.DeleteRequest{Key: keys[end]}}})
+			}
+			start = end
+			if len(txn.Success) == 0 {
+				continue
+			}
+			cmd, err := proto.Marshal(&peerpb.Command{TimeUnixMs: time.Now().UnixMilli(), Op: &peerpb.Command_Txn{Txn: txn}})
+			if err != nil {
+				return deleted, err
+			}
+			res, err := s.proposeOn(ctx, shard, cmd)
+			if err == nil {
+				_, err = fsm.Outcome(res)
+			}
+			if err != nil {
+				return deleted, err
+			}
+			if res.GetTxn().GetSucceeded() {
+				deleted += int64(len(txn.Success))
+			}
+		}
+		if deleted == before {
+			return deleted, nil // every chunk raced a write: revoke_keys
+		}
+	}
 	return deleted, nil
 }
 
@@ -543,16 +627,13 @@ func (s *Server) proposeOnce(ctx context.Context, shard uint64, cmd []byte) (*pe
 }
 
 // leaseKeys lists the keys of shard attached to lease id, read on the
-// shard's leader.
-func (s *Server) leaseKeys(ctx context.Context, shard uint64, id int64) ([][]byte, error) {
-	var keys [][]byte
-	err := s.read(ctx, shard, kvpb.Consistency_LINEARIZABLE, func(r *storage.Reader) error {
-		keys = fsm.LeaseKeys(r, id)
-		return nil
-	})
+// shard's leader, with each one's mod revision and value size when that
+// leader's build gives them.
+func (s *Server) leaseKeys(ctx context.Context, shard uint64, id int64) (*peerpb.LeaseKeysResponse, error) {
+	resp, err := s.localLeaseKeys(ctx, shard, id)
 	var nl *raftnode.NotLeaderError
 	if err == nil || !(errors.As(err, &nl) || errors.Is(err, ErrNoReplica)) {
-		return keys, err
+		return resp, err
 	}
 	try := replicasOf(s.clusterMap(), shard)
 	if nl != nil && nl.Leader != 0 {
@@ -562,28 +643,37 @@ func (s *Server) leaseKeys(ctx context.Context, shard uint64, id int64) ([][]byt
 		if node == s.cfg.NodeID {
 			continue
 		}
-		var resp *peerpb.LeaseKeysResponse
 		resp, err = internal(s, node, func(c peerpb.InternalClient) (*peerpb.LeaseKeysResponse, error) {
 			return c.LeaseKeys(ctx, &peerpb.LeaseKeysRequest{Shard: shard, Id: id})
 		})
 		if err == nil {
-			return resp.GetKeys(), nil
+			return resp, nil
 		}
 	}
 	return nil, err
 }
 
+func (s *Server) localLeaseKeys(ctx context.Context, shard uint64, id int64) (*peerpb.LeaseKeysResponse, error) {
+	resp := &peerpb.LeaseKeysResponse{}
+	err := s.read(ctx, shard, kvpb.Consistency_LINEARIZABLE, func(r *storage.Reader) error {
+		lks, err := fsm.LeaseKeys(r, id)
+		for _, lk := range lks {
+			resp.Keys = append(resp.Keys, lk.Key)
+			resp.ModRevisions = append(resp.ModRevisions, lk.ModRevision)
+			resp.ValueSizes = append(resp.ValueSizes, lk.ValueSize)
+		}
+		return err
+	})
+	return resp, err
+}
+
 // LeaseKeys implements peerpb.Internal.
 func (s *Server) LeaseKeys(ctx context.Context, req *peerpb.LeaseKeysRequest) (*peerpb.LeaseKeysResponse, error) {
-	var keys [][]byte
-	err := s.read(ctx, req.GetShard(), kvpb.Consistency_LINEARIZABLE, func(r *storage.Reader) error {
-		keys = fsm.LeaseKeys(r, req.GetId())
-		return nil
-	})
+	resp, err := s.localLeaseKeys(ctx, req.GetShard(), req.GetId())
 	if err != nil {
 		return nil, s.toStatus(err, req.GetShard())
 	}
-	return &peerpb.LeaseKeysResponse{Keys: keys}, nil
+	return resp, nil
 }
 
 // LeaseRenew implements peerpb.Internal: a renewal forwarded by the node
@@ -719,7 +809,7 @@ func (l leaseService) TimeToLive(ctx context.Context, req *kvpb.LeaseTimeToLiveR
 				if err != nil {
 					return nil, fmt.Errorf("keys of lease %d in shard %d: %w", req.GetId(), shard, err)
 				}
-				resp.Keys = append(resp.Keys, keys...)
+				resp.Keys = append(resp.Keys, keys.GetKeys()...)
 			}
 		}
 		return resp, nil

@@ -653,3 +653,59 @@ func TestLeaseKeysAnswerIsCharged(t *testing.T) {
 		t.Fatalf("TimeToLive without keys: %v", err)
 	}
 }
+
+// TestLargeLeaseRevokedInBoundedApplies: a shard whose keys of a lease
+// hold more than one apply should carry loses them in applies of at most
+// revokeChunkBytes of values (one value more at most) and revokeChunkKeys
+// keys; every key goes, and the revocation counts each once.
+func TestLargeLeaseRevokedInBoundedApplies(t *testing.T) {
+	c := newTestCluster(t, 3, 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	id := grantOn(t, ctx, c.servers[0], 600)
+	kv := kvClient(t, c.servers[1])
+	const large, small = 150, 100
+	big := bytes.Repeat([]byte("v"), 64<<10)
+	for i := range large + small {
+		v := big
+		if i >= large {
+			v = []byte("s")
+		}
+		if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: fmt.Appendf(nil, "key/%03d", i), Value: v, Lease: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	resp, err := leaseClient(t, c.servers[2]).Revoke(ctx, &kvpb.LeaseRevokeRequest{Id: id})
+	if err != nil || resp.GetDeleted() != large+small {
+		t.Fatalf("revoke: %v, %v; want %d deleted", resp, err, large+small)
+	}
+	if got, err := kv.Range(ctx, &kvpb.RangeRequest{Shard: 1, Start: []byte("key/"), End: []byte("key0"), CountOnly: true}); err != nil || got.GetCount() != 0 {
+		t.Fatalf("after the revocation: %v keys, %v", got.GetCount(), err)
+	}
+	s := c.leaderOf(1)
+	var deletes map[int64][]*kvpb.Event
+	waitFor(t, 10*time.Second, "the deletes in the leader's history", func() bool {
+		evs, _ := localEvents(t, s, 1)
+		deletes = map[int64][]*kvpb.Event{}
+		n := 0
+		for _, ev := range evs {
+			if ev.GetType() == kvpb.Event_DELETE {
+				deletes[ev.GetKv().GetModRevision()] = append(deletes[ev.GetKv().GetModRevision()], ev)
+				n++
+			}
+		}
+		return n == large+small
+	})
+	for rev, evs := range deletes {
+		var size int
+		for _, ev := range evs {
+			size += len(ev.GetPrevKv().GetValue())
+		}
+		if len(evs) > revokeChunkKeys || size > revokeChunkBytes+len(big) {
+			t.Fatalf("revision %d deleted %d keys of %d bytes; the bounds are %d keys, %d bytes", rev, len(evs), size, revokeChunkKeys, revokeChunkBytes)
+		}
+	}
+	if len(deletes) < 3 {
+		t.Fatalf("the deletes went in %d revisions; 9.4 MiB of values need at least 3", len(deletes))
+	}
+}

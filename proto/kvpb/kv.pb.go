@@ -4610,7 +4610,10 @@ func (x *LeaseRevokeRequest) GetId() int64 {
 
 type LeaseRevokeResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// deleted counts the keys the revocation deleted, over all shards.
+	// deleted counts the keys this call deleted, over all shards. Keys that
+	// another call deleted (an earlier attempt of a retried call that timed
+	// out, or the meta leader finishing a revocation that failed part way)
+	// count in that one.
 	Deleted       int64 `protobuf:"varint,1,opt,name=deleted,proto3" json:"deleted,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

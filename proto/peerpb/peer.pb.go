@@ -557,8 +557,12 @@ func (x *LeaseKeysRequest) GetId() int64 {
 }
 
 type LeaseKeysResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Keys          [][]byte               `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Keys  [][]byte               `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
+	// mod_revisions and value_sizes are each key's, in the order of keys;
+	// empty from a node of a build before them.
+	ModRevisions  []int64 `protobuf:"varint,2,rep,packed,name=mod_revisions,json=modRevisions,proto3" json:"mod_revisions,omitempty"`
+	ValueSizes    []int64 `protobuf:"varint,3,rep,packed,name=value_sizes,json=valueSizes,proto3" json:"value_sizes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -596,6 +600,20 @@ func (*LeaseKeysResponse) Descriptor() ([]byte, []int) {
 func (x *LeaseKeysResponse) GetKeys() [][]byte {
 	if x != nil {
 		return x.Keys
+	}
+	return nil
+}
+
+func (x *LeaseKeysResponse) GetModRevisions() []int64 {
+	if x != nil {
+		return x.ModRevisions
+	}
+	return nil
+}
+
+func (x *LeaseKeysResponse) GetValueSizes() []int64 {
+	if x != nil {
+		return x.ValueSizes
 	}
 	return nil
 }
@@ -2540,9 +2558,12 @@ const file_peerpb_peer_proto_rawDesc = "" +
 	"\vSnapshotAck\"8\n" +
 	"\x10LeaseKeysRequest\x12\x14\n" +
 	"\x05shard\x18\x01 \x01(\x04R\x05shard\x12\x0e\n" +
-	"\x02id\x18\x02 \x01(\x03R\x02id\"'\n" +
+	"\x02id\x18\x02 \x01(\x03R\x02id\"m\n" +
 	"\x11LeaseKeysResponse\x12\x12\n" +
-	"\x04keys\x18\x01 \x03(\fR\x04keys\"\x12\n" +
+	"\x04keys\x18\x01 \x03(\fR\x04keys\x12#\n" +
+	"\rmod_revisions\x18\x02 \x03(\x03R\fmodRevisions\x12\x1f\n" +
+	"\vvalue_sizes\x18\x03 \x03(\x03R\n" +
+	"valueSizes\"\x12\n" +
 	"\x10AuthStateRequest\"?\n" +
 	"\x11AuthStateResponse\x12*\n" +
 	"\x05state\x18\x01 \x01(\v2\x14.kvd.kv.v1.AuthStateR\x05state\">\n" +
