@@ -30,7 +30,8 @@
 #   DIR_A, DIR_B: directories holding a kvd binary each (e.g. from
 #   `go build -o /tmp/a/kvd ./cmd/kvd` at two commits), and a kvctl too
 #   when the client is what changed: a side's own kvctl drives it.
-#   Default bench: put --clients 100 --conns 10 --duration 30s.
+#   Default bench: put --clients 100 --conns 10 --duration 30s. With
+#   bench watch, the rate compared is events delivered per second.
 # Environment: ROUNDS (default 2; each round runs both orders), KVCTL
 # (default ./bin/kvctl: the client of a side whose directory has none).
 set -euo pipefail
@@ -69,7 +70,10 @@ start() {
 # kvctl DIR: the client that drives DIR's cluster.
 kvctl() { if [ -x "$1/kvctl" ]; then echo "$1/kvctl"; else echo "$KVCTL"; fi; }
 
-report() { jq -r '"\(.ops_per_sec | round) ops/s  p50 \(.latency_ms.p50 * 100 | round / 100) ms  p99 \(.latency_ms.p99 * 100 | round / 100) ms  errors \(.errors)"' "$1"; }
+# A report's rate, latency and errors; bench watch names them otherwise
+# (events delivered per second, delivery latency, events missing).
+RATE='(.ops_per_sec // .events_per_sec)'
+report() { jq -r "(.latency_ms // .delivery_latency_ms) as \$l | \"\\($RATE | round) ops/s  p50 \\(\$l.p50 * 100 | round / 100) ms  p99 \\(\$l.p99 * 100 | round / 100) ms  errors \\(.errors // .events_missing)\"" "$1"; }
 
 # ticks PID...: CPU time (user + system) of the processes, in clock ticks.
 ticks() { local p t=0; for p in "$@"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$t"; }
@@ -87,13 +91,13 @@ interleaved() {
         t0=$(ticks "${pids[@]}")
         client=$({ time "$(kvctl "$dir")" --endpoints "$(endpoints 1)" -o json bench "$@" >"$WORK/$side.json" 2>"$WORK/$side.err"; } 2>&1)
         t1=$(ticks "${pids[@]}")
-        ops=$(jq '.ops + (.prefilled // 0)' "$WORK/$side.json")
+        ops=$(jq '(.ops // .events_delivered) + (.prefilled // 0)' "$WORK/$side.json")
         echo "round $r/$order  $side: $(report "$WORK/$side.json")  CPU us/op nodes $(awk -v d=$((t1 - t0)) -v hz="$hz" -v o="$ops" 'BEGIN { printf "%.0f", d / hz * 1e6 / o }') client $(awk -v c="$client" -v o="$ops" 'BEGIN { split(c, t, " "); printf "%.0f", (t[1] + t[2]) * 1e6 / o }')"
         stop_nodes 2>/dev/null
         rm -rf "$ROOT/1"
       done
       # B/A of this pair, run back to back.
-      ratios+="$(jq -n --slurpfile a "$WORK/A.json" --slurpfile b "$WORK/B.json" '$b[0].ops_per_sec / $a[0].ops_per_sec')"$'\n'
+      ratios+="$(jq -n --slurpfile a "$WORK/A.json" --slurpfile b "$WORK/B.json" "(\$b[0] | $RATE) / (\$a[0] | $RATE)")"$'\n'
     done
   done
   printf '%s' "$ratios" | sort -g | awk '{ r[++n] = $1 } END { m = (n % 2) ? r[(n + 1) / 2] : (r[n / 2] + r[n / 2 + 1]) / 2; printf "median B/A over %d pairs: %+.1f%% (range %+.1f%% .. %+.1f%%)\n", n, (m - 1) * 100, (r[1] - 1) * 100, (r[n] - 1) * 100 }'
@@ -116,7 +120,7 @@ for r in $(seq 1 "$ROUNDS"); do
     by=$!
     wait $bx $by
     if [ $order = AB ]; then ra=$WORK/x.json rb=$WORK/y.json; else ra=$WORK/y.json rb=$WORK/x.json; fi
-    a=$(jq '.ops_per_sec' "$ra") b=$(jq '.ops_per_sec' "$rb")
+    a=$(jq "$RATE" "$ra") b=$(jq "$RATE" "$rb")
     echo "round $r/$order  A: $(report "$ra")   B: $(report "$rb")   B/A $(awk -v a="$a" -v b="$b" 'BEGIN { printf "%+.1f%%", (b / a - 1) * 100 }')"
     stop_nodes 2>/dev/null
     rm -rf "$ROOT/1" "$ROOT/2"
