@@ -60,6 +60,8 @@ func WithRevision(rev int64) WatchOption { return func(o *watchOptions) { o.rev 
 
 // WithResume continues a watch after the events of the response whose
 // Resume this is: nothing before them again, nothing after them missed.
+// A shard of a watch from now whose watch had not started yet (its
+// leader unreachable since) starts from now again.
 func WithResume(token string) WatchOption { return func(o *watchOptions) { o.resume = token } }
 
 // WithPrevKV has events carry the key's value before the change.
@@ -418,9 +420,12 @@ func decodeWatchToken(tok string) (map[uint64]int64, error) {
 	for r.Len() > 0 {
 		sh, err1 := binary.ReadUvarint(r)
 		rev, err2 := binary.ReadUvarint(r)
-		// Shards ascend, each once, and revisions are positive int64s:
-		// the one encoding encodeWatchToken makes.
-		if err1 != nil || err2 != nil || rev == 0 || rev > math.MaxInt64 || (len(next) > 0 && sh <= prev) {
+		// Shards ascend, each once, and revisions are int64s that are not
+		// negative: the one encoding encodeWatchToken makes. 0 is a shard
+		// of a watch "from now" whose watch had not started when the token
+		// was taken: resumed, it starts from the resume's now, as the first
+		// watch would have started from its own.
+		if err1 != nil || err2 != nil || rev > math.MaxInt64 || (len(next) > 0 && sh <= prev) {
 			return nil, fmt.Errorf("%w: bad watch resume token", ErrInvalidToken)
 		}
 		next[sh], prev = int64(rev), sh

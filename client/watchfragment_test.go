@@ -3,6 +3,7 @@ package client
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"testing"
 
@@ -68,5 +69,27 @@ func TestWatchReopenedLeavesOutDeliveredFragments(t *testing.T) {
 	}
 	if w.next[1] != 13 || w.sent[1] != 0 {
 		t.Fatalf("at the end: next %d, %d sent; want 13, 0", w.next[1], w.sent[1])
+	}
+}
+
+// TestResumeTokenOfAShardNotStarted: a prefix watch from now delivers one
+// shard's events while another shard's watch has not started (its leader
+// unreachable); the Resume it hands out is a token Watch accepts, and it
+// starts that shard from now again.
+func TestResumeTokenOfAShardNotStarted(t *testing.T) {
+	w := &watch{ch: make(chan WatchResponse, 4), next: map[uint64]int64{1: 0, 2: 10}, sent: map[uint64]int{}}
+	sub := &watchSub{ch: make(chan *kvpb.WatchResponse, 1)}
+	sub.ch <- &kvpb.WatchResponse{Header: &kvpb.ResponseHeader{Revision: 10}, Events: []*kvpb.Event{{Shard: 2, Kv: &kvpb.KeyValue{Key: []byte("k"), ModRevision: 10}}}}
+	close(sub.ch)
+	if err := w.receive(context.Background(), 2, sub); err != nil {
+		t.Fatal(err)
+	}
+	r := <-w.ch
+	next, err := decodeWatchToken(r.Resume)
+	if err != nil {
+		t.Fatalf("the watch's own Resume refused: %v", err)
+	}
+	if want := map[uint64]int64{1: 0, 2: 11}; !maps.Equal(next, want) {
+		t.Fatalf("token holds %v, want %v", next, want)
 	}
 }
