@@ -37,8 +37,11 @@ type LeaseStatus struct {
 	// TTL is what remains before the lease expires; Granted, the TTL it
 	// was granted with (and that each renewal restores).
 	TTL, Granted time.Duration
-	// Keys, from TimeToLive with keys, are the keys attached to it.
-	Keys [][]byte
+	// Keys, from TimeToLive with keys, are the keys attached to it: as
+	// many as fit in one answer (4 MiB by default); MoreKeys says it holds
+	// more.
+	Keys     [][]byte
+	MoreKeys bool
 }
 
 // Grant creates a lease with the given TTL (whole seconds, at least 1).
@@ -80,7 +83,7 @@ func (c *Client) TimeToLive(ctx context.Context, id LeaseID, keys bool) (*LeaseS
 		return nil, err
 	}
 	return &LeaseStatus{ID: id, TTL: time.Duration(resp.GetTtlSeconds()) * time.Second,
-		Granted: time.Duration(resp.GetGrantedTtlSeconds()) * time.Second, Keys: resp.GetKeys()}, nil
+		Granted: time.Duration(resp.GetGrantedTtlSeconds()) * time.Second, Keys: resp.GetKeys(), MoreKeys: resp.GetMoreKeys()}, nil
 }
 
 // Leases lists the live leases.

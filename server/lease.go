@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/fsm"
@@ -804,12 +805,22 @@ func (l leaseService) TimeToLive(ctx context.Context, req *kvpb.LeaseTimeToLiveR
 		}
 		resp := &kvpb.LeaseTimeToLiveResponse{Id: req.GetId(), TtlSeconds: seconds(remaining), GrantedTtlSeconds: seconds(ttl)}
 		if req.GetKeys() {
+			// Up to 10,000 keys of 4 KiB per shard: the answer holds what
+			// fits a client's receive limit, and says whether there is more.
+			room := l.s.cfg.Limits.MaxResponseBytes - rangeHeaderBytes
+		shards:
 			for _, shard := range hashring.DataShards(l.s.clusterMap()) {
 				keys, err := l.s.leaseKeys(ctx, shard, req.GetId())
 				if err != nil {
 					return nil, fmt.Errorf("keys of lease %d in shard %d: %w", req.GetId(), shard, err)
 				}
-				resp.Keys = append(resp.Keys, keys.GetKeys()...)
+				for _, k := range keys.GetKeys() {
+					if room -= protowire.SizeTag(4) + protowire.SizeBytes(len(k)); room < 0 {
+						resp.MoreKeys = true
+						break shards
+					}
+					resp.Keys = append(resp.Keys, k)
+				}
 			}
 		}
 		return resp, nil

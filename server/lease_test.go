@@ -13,6 +13,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/client"
 	"github.com/kvd/kvd/hashring"
@@ -707,5 +708,35 @@ func TestLargeLeaseRevokedInBoundedApplies(t *testing.T) {
 	}
 	if len(deletes) < 3 {
 		t.Fatalf("the deletes went in %d revisions; 9.4 MiB of values need at least 3", len(deletes))
+	}
+}
+
+// TestLeaseKeysAnswerFitsTheReceiveLimit: TimeToLive with keys answers
+// with as many keys as fit in --max-response-bytes and says there are
+// more; with room for all, it lists all and says nothing more.
+func TestLeaseKeysAnswerFitsTheReceiveLimit(t *testing.T) {
+	const limit = 16 << 10
+	c := newTestCluster(t, 1, 2, func(cfg *Config) { cfg.Limits.MaxResponseBytes = limit })
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	id := grantOn(t, ctx, c.servers[0], 600)
+	var keys [][]byte
+	for i := range 40 {
+		keys = append(keys, fmt.Appendf(nil, "key/%03d/%s", i, bytes.Repeat([]byte("k"), 1000)))
+	}
+	putLeased(t, ctx, c.servers[0], id, keys...)
+	lc := leaseClient(t, c.servers[0])
+	resp, err := lc.TimeToLive(ctx, &kvpb.LeaseTimeToLiveRequest{Id: id, Keys: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := proto.Size(resp); n > limit || !resp.GetMoreKeys() || len(resp.GetKeys()) < 10 {
+		t.Fatalf("an answer of %d bytes, %d keys, more %v; want at most %d bytes, more set, at least 10 keys", n, len(resp.GetKeys()), resp.GetMoreKeys(), limit)
+	}
+	few := grantOn(t, ctx, c.servers[0], 600)
+	putLeased(t, ctx, c.servers[0], few, []byte("key/a"), []byte("key/b"))
+	resp, err = lc.TimeToLive(ctx, &kvpb.LeaseTimeToLiveRequest{Id: few, Keys: true})
+	if err != nil || len(resp.GetKeys()) != 2 || resp.GetMoreKeys() {
+		t.Fatalf("a lease of two keys: %v, %v", resp, err)
 	}
 }

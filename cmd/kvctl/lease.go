@@ -155,8 +155,10 @@ func (a *app) leaseTTLCmd() *cobra.Command {
 		Use:   "ttl ID [--keys]",
 		Short: "Show a lease's remaining TTL (and its keys)",
 		Long: `Show what remains of lease ID's TTL and the TTL it was granted with; with
---keys, the keys attached to it. Output: simple prints
-"lease ID granted Gs remaining Rs", then one key per line.`,
+--keys, the keys attached to it, as many as one answer carries (4 MiB by
+default; a note on stderr says when the lease holds more). Output: simple
+prints "lease ID granted Gs remaining Rs", then one key per line; json
+adds "more_keys" when it holds more.`,
 		Args:        exactArgs(1, "a lease ID"),
 		Annotations: map[string]string{outputsKey: "simple,json"},
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -177,12 +179,18 @@ func (a *app) leaseTTLCmd() *cobra.Command {
 							ks = append(ks, string(k))
 						}
 						j["keys"] = ks
+						if st.MoreKeys {
+							j["more_keys"] = true
+						}
 					}
 					return writeJSON(a.stdout, j)
 				}
 				fmt.Fprintf(a.stdout, "lease %d granted %ds remaining %ds\n", id, int64(st.Granted/time.Second), int64(st.TTL/time.Second))
 				for _, k := range st.Keys {
 					fmt.Fprintf(a.stdout, "%s\n", k)
+				}
+				if st.MoreKeys {
+					fmt.Fprintf(a.stderr, "kvctl: lease %d holds more keys than one answer carries; these are the first %d\n", id, len(st.Keys))
 				}
 				return nil
 			})

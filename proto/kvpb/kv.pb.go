@@ -4812,11 +4812,16 @@ type LeaseTimeToLiveResponse struct {
 	Id    int64                  `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
 	// ttl_seconds is what remains before expiry, granted_ttl_seconds the
 	// TTL the lease was granted with.
-	TtlSeconds        int64    `protobuf:"varint,2,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
-	GrantedTtlSeconds int64    `protobuf:"varint,3,opt,name=granted_ttl_seconds,json=grantedTtlSeconds,proto3" json:"granted_ttl_seconds,omitempty"`
-	Keys              [][]byte `protobuf:"bytes,4,rep,name=keys,proto3" json:"keys,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	TtlSeconds        int64 `protobuf:"varint,2,opt,name=ttl_seconds,json=ttlSeconds,proto3" json:"ttl_seconds,omitempty"`
+	GrantedTtlSeconds int64 `protobuf:"varint,3,opt,name=granted_ttl_seconds,json=grantedTtlSeconds,proto3" json:"granted_ttl_seconds,omitempty"`
+	// keys, when asked for, are the keys attached to the lease, shard by
+	// shard, each shard's in key order: as many as fit in the node's
+	// --max-response-bytes (what a client receives by default).
+	Keys [][]byte `protobuf:"bytes,4,rep,name=keys,proto3" json:"keys,omitempty"`
+	// more_keys: the lease holds keys beyond those in keys.
+	MoreKeys      bool `protobuf:"varint,5,opt,name=more_keys,json=moreKeys,proto3" json:"more_keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *LeaseTimeToLiveResponse) Reset() {
@@ -4875,6 +4880,13 @@ func (x *LeaseTimeToLiveResponse) GetKeys() [][]byte {
 		return x.Keys
 	}
 	return nil
+}
+
+func (x *LeaseTimeToLiveResponse) GetMoreKeys() bool {
+	if x != nil {
+		return x.MoreKeys
+	}
+	return false
 }
 
 type LeaseLeasesRequest struct {
@@ -5340,13 +5352,14 @@ const file_kvpb_kv_proto_rawDesc = "" +
 	"ttlSeconds\"<\n" +
 	"\x16LeaseTimeToLiveRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x12\n" +
-	"\x04keys\x18\x02 \x01(\bR\x04keys\"\x8e\x01\n" +
+	"\x04keys\x18\x02 \x01(\bR\x04keys\"\xab\x01\n" +
 	"\x17LeaseTimeToLiveResponse\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x03R\x02id\x12\x1f\n" +
 	"\vttl_seconds\x18\x02 \x01(\x03R\n" +
 	"ttlSeconds\x12.\n" +
 	"\x13granted_ttl_seconds\x18\x03 \x01(\x03R\x11grantedTtlSeconds\x12\x12\n" +
-	"\x04keys\x18\x04 \x03(\fR\x04keys\"\x14\n" +
+	"\x04keys\x18\x04 \x03(\fR\x04keys\x12\x1b\n" +
+	"\tmore_keys\x18\x05 \x01(\bR\bmoreKeys\"\x14\n" +
 	"\x12LeaseLeasesRequest\"E\n" +
 	"\x13LeaseLeasesResponse\x12.\n" +
 	"\x06leases\x18\x01 \x03(\v2\x16.kvd.kv.v1.LeaseStatusR\x06leases\"n\n" +
