@@ -64,12 +64,26 @@ func (c *Client) Grant(ctx context.Context, ttl time.Duration) (LeaseID, error) 
 }
 
 // Revoke ends a lease now and deletes its keys in every shard; it
-// returns how many keys it deleted (an attempt that timed out and was
-// retried may have deleted some that the count leaves out).
+// returns how many keys it deleted. A large lease can take longer to
+// revoke than an attempt lasts: the node goes on with it, and a retry
+// waits for it and answers with its count. A retry that comes after the
+// revocation ended finds the lease gone; after an attempt that may have
+// started the revocation, that is the revocation's success, and the count
+// is 0.
 func (c *Client) Revoke(ctx context.Context, id LeaseID) (int64, error) {
+	var mayHaveRevoked bool
 	resp, err := leaseCall(ctx, c, fmt.Sprintf("lease revoke %d", id), func(ctx context.Context, lc kvpb.LeaseClient) (*kvpb.LeaseRevokeResponse, error) {
-		return lc.Revoke(ctx, &kvpb.LeaseRevokeRequest{Id: int64(id)})
+		resp, err := lc.Revoke(ctx, &kvpb.LeaseRevokeRequest{Id: int64(id)})
+		switch status.Code(err) {
+		case codes.OK, codes.NotFound, codes.InvalidArgument, codes.PermissionDenied, codes.Unauthenticated:
+		default:
+			mayHaveRevoked = true
+		}
+		return resp, err
 	})
+	if mayHaveRevoked && errors.Is(err, ErrLeaseNotFound) {
+		return 0, nil
+	}
 	return resp.GetDeleted(), err
 }
 

@@ -66,6 +66,7 @@ type lessor struct {
 	}
 	lastCheckpoint time.Time // tick goroutine only
 	revokeq        chan int64
+	revocations    revocations
 
 	alive                                 prometheus.GaugeFunc
 	granted, expired, revoked, keepAlives prometheus.Counter
@@ -429,12 +430,77 @@ func leaseCommand(op *peerpb.LeaseOp) ([]byte, error) {
 	return proto.Marshal(&peerpb.Command{TimeUnixMs: time.Now().UnixMilli(), Op: &peerpb.Command_Lease{Lease: op}})
 }
 
-// revokeLease revokes lease id: the meta shard marks it revoked (from then
+// revocations lets the calls that revoke one lease at once share one
+// revocation: a large lease takes longer to revoke than a client's attempt
+// lasts, and the retry would otherwise start a second revocation beside
+// the first, find the lease gone and answer "lease not found" to the
+// caller that revoked it.
+type revocations struct {
+	mu   sync.Mutex
+	byID map[int64]*revocation
+}
+
+type revocation struct {
+	done    chan struct{} // closed when deleted and err are set
+	deleted int64
+	err     error
+}
+
+// join returns lease id's revocation under way, or a new one that the
+// caller (first) must run and end.
+func (r *revocations) join(id int64) (rv *revocation, first bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if rv := r.byID[id]; rv != nil {
+		return rv, false
+	}
+	if r.byID == nil {
+		r.byID = map[int64]*revocation{}
+	}
+	rv = &revocation{done: make(chan struct{})}
+	r.byID[id] = rv
+	return rv, true
+}
+
+// end answers rv's waiters; a later call starts anew (and finds a revoked
+// lease gone, as it should).
+func (r *revocations) end(id int64, rv *revocation, deleted int64, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	rv.deleted, rv.err = deleted, err
+	close(rv.done)
+	delete(r.byID, id)
+}
+
+// revokeLease revokes lease id, or waits for the revocation of it under
+// way and answers as it does. The call that starts a revocation
+// runs it to its end even when its own caller gives up (bounded by
+// 4 × RequestTimeout and the node's life), so that the caller's retry
+// finds it.
+func (s *Server) revokeLease(ctx context.Context, id int64) (int64, error) {
+	rv, first := s.lessor.revocations.join(id)
+	if !first {
+		select {
+		case <-rv.done:
+			return rv.deleted, rv.err
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 4*s.cfg.RequestTimeout)
+	defer cancel()
+	defer context.AfterFunc(s.ctx, cancel)()
+	deleted, err := s.revokeLeaseNow(rctx, id)
+	s.lessor.revocations.end(id, rv, deleted, err)
+	return deleted, err
+}
+
+// revokeLeaseNow revokes lease id: the meta shard marks it revoked (from then
 // on it cannot be renewed), every data shard deletes its keys (one apply
 // per shard), then the meta shard forgets it. It runs on the meta shard's
 // leader. A failure part way leaves the record marked revoked, and the
 // leader (this one or the next) finishes the job.
-func (s *Server) revokeLease(ctx context.Context, id int64) (_ int64, err error) {
+func (s *Server) revokeLeaseNow(ctx context.Context, id int64) (_ int64, err error) {
 	n, _, _, err := s.lessor.local()
 	if err != nil {
 		return 0, err

@@ -740,3 +740,35 @@ func TestLeaseKeysAnswerFitsTheReceiveLimit(t *testing.T) {
 		t.Fatalf("a lease of two keys: %v, %v", resp, err)
 	}
 }
+
+// TestRevokeOutlastingItsAttemptsAnswersOnce: a revocation that takes
+// longer than the client's attempts goes on when an attempt gives up, and
+// a retry waits for it and answers with its count; a retry that comes
+// after it ended finds the lease gone, which the client takes as the
+// success it is (count 0). Either way the call succeeds, never "lease not
+// found", and no key is left.
+func TestRevokeOutlastingItsAttemptsAnswersOnce(t *testing.T) {
+	c := newTestCluster(t, 3, 1, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	id := grantOn(t, ctx, c.servers[0], 600)
+	kv := kvClient(t, c.servers[1])
+	const keys = 150
+	for i := range keys {
+		if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: fmt.Appendf(nil, "key/%03d", i), Value: bytes.Repeat([]byte("v"), 64<<10), Lease: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cl, err := client.New(ctx, client.Config{Endpoints: c.endpoints(), AttemptTimeout: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	deleted, err := cl.Revoke(ctx, client.LeaseID(id))
+	if err != nil || deleted != keys && deleted != 0 {
+		t.Fatalf("revoke: %d deleted, %v; want %d (or 0)", deleted, err, keys)
+	}
+	if got, err := kv.Range(ctx, &kvpb.RangeRequest{Shard: 1, Start: []byte("key/"), End: []byte("key0"), CountOnly: true}); err != nil || got.GetCount() != 0 {
+		t.Fatalf("after the revocation: %v keys, %v", got.GetCount(), err)
+	}
+}

@@ -4610,10 +4610,10 @@ func (x *LeaseRevokeRequest) GetId() int64 {
 
 type LeaseRevokeResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// deleted counts the keys this call deleted, over all shards. Keys that
-	// another call deleted (an earlier attempt of a retried call that timed
-	// out, or the meta leader finishing a revocation that failed part way)
-	// count in that one.
+	// deleted counts the keys the revocation deleted, over all shards. Calls
+	// that revoke one lease at once share one revocation and its count; a
+	// revocation the meta leader finishes after one failed part way counts
+	// only what it deleted itself.
 	Deleted       int64 `protobuf:"varint,1,opt,name=deleted,proto3" json:"deleted,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
