@@ -655,17 +655,13 @@ func TestLeaseKeysAnswerIsCharged(t *testing.T) {
 	}
 }
 
-// TestLargeLeaseRevokedInBoundedApplies: a shard whose keys of a lease
-// hold more than one apply should carry loses them in applies of at most
-// revokeChunkBytes of values (one value more at most) and revokeChunkKeys
-// keys; every key goes, and the revocation counts each once.
-func TestLargeLeaseRevokedInBoundedApplies(t *testing.T) {
+// largeLease grants a lease on a 3-node, 1-shard cluster and attaches to
+// it large keys of 64 KiB, then small keys of 1 byte ("key/000" on).
+func largeLease(t *testing.T, ctx context.Context, large, small int) (*testCluster, int64, kvpb.KVClient) {
+	t.Helper()
 	c := newTestCluster(t, 3, 1, nil)
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-	defer cancel()
 	id := grantOn(t, ctx, c.servers[0], 600)
 	kv := kvClient(t, c.servers[1])
-	const large, small = 150, 100
 	big := bytes.Repeat([]byte("v"), 64<<10)
 	for i := range large + small {
 		v := big
@@ -676,13 +672,31 @@ func TestLargeLeaseRevokedInBoundedApplies(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	return c, id, kv
+}
+
+// checkNoKeysLeft fails unless shard 1 holds no key under "key/".
+func checkNoKeysLeft(t *testing.T, ctx context.Context, kv kvpb.KVClient) {
+	t.Helper()
+	if got, err := kv.Range(ctx, &kvpb.RangeRequest{Shard: 1, Start: []byte("key/"), End: []byte("key0"), CountOnly: true}); err != nil || got.GetCount() != 0 {
+		t.Fatalf("after the revocation: %v keys, %v", got.GetCount(), err)
+	}
+}
+
+// TestLargeLeaseRevokedInBoundedApplies: a shard whose keys of a lease
+// hold more than one apply should carry loses them in applies of at most
+// revokeChunkBytes of values (one value more at most) and revokeChunkKeys
+// keys; every key goes, and the revocation counts each once.
+func TestLargeLeaseRevokedInBoundedApplies(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	const large, small = 150, 100
+	c, id, kv := largeLease(t, ctx, large, small)
 	resp, err := leaseClient(t, c.servers[2]).Revoke(ctx, &kvpb.LeaseRevokeRequest{Id: id})
 	if err != nil || resp.GetDeleted() != large+small {
 		t.Fatalf("revoke: %v, %v; want %d deleted", resp, err, large+small)
 	}
-	if got, err := kv.Range(ctx, &kvpb.RangeRequest{Shard: 1, Start: []byte("key/"), End: []byte("key0"), CountOnly: true}); err != nil || got.GetCount() != 0 {
-		t.Fatalf("after the revocation: %v keys, %v", got.GetCount(), err)
-	}
+	checkNoKeysLeft(t, ctx, kv)
 	s := c.leaderOf(1)
 	var deletes map[int64][]*kvpb.Event
 	waitFor(t, 10*time.Second, "the deletes in the leader's history", func() bool {
@@ -702,7 +716,7 @@ func TestLargeLeaseRevokedInBoundedApplies(t *testing.T) {
 		for _, ev := range evs {
 			size += len(ev.GetPrevKv().GetValue())
 		}
-		if len(evs) > revokeChunkKeys || size > revokeChunkBytes+len(big) {
+		if len(evs) > revokeChunkKeys || size > revokeChunkBytes+64<<10 {
 			t.Fatalf("revision %d deleted %d keys of %d bytes; the bounds are %d keys, %d bytes", rev, len(evs), size, revokeChunkKeys, revokeChunkBytes)
 		}
 	}
@@ -748,17 +762,10 @@ func TestLeaseKeysAnswerFitsTheReceiveLimit(t *testing.T) {
 // success it is (count 0). Either way the call succeeds, never "lease not
 // found", and no key is left.
 func TestRevokeOutlastingItsAttemptsAnswersOnce(t *testing.T) {
-	c := newTestCluster(t, 3, 1, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	id := grantOn(t, ctx, c.servers[0], 600)
-	kv := kvClient(t, c.servers[1])
 	const keys = 150
-	for i := range keys {
-		if _, err := kv.Put(ctx, &kvpb.PutRequest{Key: fmt.Appendf(nil, "key/%03d", i), Value: bytes.Repeat([]byte("v"), 64<<10), Lease: id}); err != nil {
-			t.Fatal(err)
-		}
-	}
+	c, id, kv := largeLease(t, ctx, keys, 0)
 	cl, err := client.New(ctx, client.Config{Endpoints: c.endpoints(), AttemptTimeout: 50 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
@@ -768,7 +775,5 @@ func TestRevokeOutlastingItsAttemptsAnswersOnce(t *testing.T) {
 	if err != nil || deleted != keys && deleted != 0 {
 		t.Fatalf("revoke: %d deleted, %v; want %d (or 0)", deleted, err, keys)
 	}
-	if got, err := kv.Range(ctx, &kvpb.RangeRequest{Shard: 1, Start: []byte("key/"), End: []byte("key0"), CountOnly: true}); err != nil || got.GetCount() != 0 {
-		t.Fatalf("after the revocation: %v keys, %v", got.GetCount(), err)
-	}
+	checkNoKeysLeft(t, ctx, kv)
 }
