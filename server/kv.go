@@ -198,14 +198,21 @@ func (c countedStream) Recv() (*kvpb.BatchRequest, error) {
 	return req, err
 }
 
-// rangeHeaderBytes is what Range keeps of MaxResponseBytes for the rest of
-// the response (header, count, framing), so a full page still fits a
+// responseHeaderBytes is what a response keeps of MaxResponseBytes for
+// the rest of it (header, count, framing), so a full one still fits a
 // client receive limit of MaxResponseBytes.
-const rangeHeaderBytes = 1 << 10
+const responseHeaderBytes = 1 << 10
+
+// payloadBytes is what the listed part of a response may take: the kvs of
+// a Range page, the events of a Watch response, the keys of a TimeToLive
+// answer. Each still holds at least one, whatever its size.
+func (s *Server) payloadBytes() int {
+	return max(s.cfg.Limits.MaxResponseBytes-responseHeaderBytes, 1)
+}
 
 // rangeKvTag is the size of the field tag each kv of a RangeResponse
 // carries (kvs is field 2): a page of thousands of small kvs has more of
-// them than rangeHeaderBytes could absorb.
+// them than responseHeaderBytes could absorb.
 var rangeKvTag = protowire.SizeTag(2)
 
 // Range implements kvpb.KV: one shard's keys in [start, end). A page ends
@@ -230,7 +237,7 @@ func (s *Server) Range(ctx context.Context, req *kvpb.RangeRequest) (*kvpb.Range
 	if req.GetLimit() < 0 {
 		return nil, s.toStatus(invalid("limit must not be negative"), shard)
 	}
-	maxBytes := s.cfg.Limits.MaxResponseBytes - rangeHeaderBytes
+	maxBytes := s.payloadBytes()
 	size := 0
 	resp := &kvpb.RangeResponse{}
 	// The page is charged to the in-flight budget as it grows; where the

@@ -873,7 +873,7 @@ func (l leaseService) TimeToLive(ctx context.Context, req *kvpb.LeaseTimeToLiveR
 		if req.GetKeys() {
 			// Up to 10,000 keys of 4 KiB per shard: the answer holds what
 			// fits a client's receive limit, and says whether there is more.
-			room := l.s.cfg.Limits.MaxResponseBytes - rangeHeaderBytes
+			room := l.s.payloadBytes()
 		shards:
 			for _, shard := range hashring.DataShards(l.s.clusterMap()) {
 				keys, err := l.s.leaseKeys(ctx, shard, req.GetId())

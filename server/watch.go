@@ -33,19 +33,12 @@ import (
 // could diverge from what is stored: a snapshot install or a restart
 // changes what the next read finds, nothing else.
 
-// watchReadEvents and watchResponseBytes bound what a hub reads at a time,
-// whichever is reached first; a cursor far behind catches up over several
-// reads.
+// watchReadEvents and payloadBytes bound what a hub reads at a time
+// (events counted with their keys, values, prev values and encoding,
+// fsm.ReadEvents), whichever is reached first, and so every events
+// response; a revision larger than that goes in fragments, and a cursor
+// far behind catches up over several reads.
 const watchReadEvents = 512
-
-// watchResponseBytes bounds the events a hub reads at a time (their keys,
-// values, prev values and encoding, fsm.ReadEvents), and so every events
-// response: MaxResponseBytes, the client's receive limit, less what the
-// rest of a response takes (rangeHeaderBytes, as for a Range page). A
-// revision larger than that goes in fragments.
-func (s *Server) watchResponseBytes() int64 {
-	return max(int64(s.cfg.Limits.MaxResponseBytes-rangeHeaderBytes), 1)
-}
 
 // errNotReadingEvents ends a watch stream whose client has not read its
 // events for BatchSendTimeout.
@@ -294,7 +287,7 @@ func (h *watchHub) serve(now time.Time) (more bool, err error) {
 			from = fsm.EventPos{Rev: oldest}
 		}
 		var err error
-		evs, index, next, err = fsm.ReadEvents(r, from, func([]byte) bool { return true }, watchReadEvents, h.s.watchResponseBytes())
+		evs, index, next, err = fsm.ReadEvents(r, from, func([]byte) bool { return true }, watchReadEvents, int64(h.s.payloadBytes()))
 		return err
 	})
 	if err != nil {
