@@ -126,7 +126,7 @@ func apply(tx State, data []byte) *peerpb.Result {
 			st.AckBelow = ack
 		}
 		st.LastSeenUnixMs = max(st.GetLastSeenUnixMs(), c.GetTimeUnixMs())
-		tx.PutMeta(sessionKey(session), encode(st))
+		tx.PutMeta(sessionKey(session), encodeSession(st))
 	}
 	return res
 }
@@ -240,7 +240,7 @@ func put(tx State, r *kvpb.PutRequest, ch *changes) (*kvpb.PutResponse, error) {
 	if err := moveLease(tx, r.GetKey(), prev.GetLease(), r.GetLease()); err != nil {
 		return nil, err
 	}
-	if err := tx.Put(r.GetKey(), encode(sv)); err != nil {
+	if err := tx.Put(r.GetKey(), encodeStored(sv)); err != nil {
 		return nil, err
 	}
 	// The event leaves out the value: it is the key's record while

@@ -79,7 +79,7 @@ func (c *changes) record(tx State, ev *peerpb.HistoryEvent, prev *peerpb.StoredV
 	k := historyKey(c.rev)
 	k = binary.BigEndian.AppendUint32(k, c.n)
 	c.n++
-	v := encode(ev)
+	v := encodeEvent(ev)
 	c.bytes += int64(len(k) + len(v))
 	return tx.PutHistory(k, v)
 }

@@ -147,7 +147,7 @@ func recorded(res *peerpb.Result, fp []byte) []byte {
 	}
 	// res goes on to the proposer: stamp it only for the encoding.
 	res.Fingerprint = fp
-	b := encode(res)
+	b := encodeResult(res)
 	res.Fingerprint = nil
 	return b
 }

@@ -56,22 +56,28 @@ type bucketCursor struct {
 
 // lookup returns key's stored value in b, nil if absent, as b.Get does.
 func (t *Txn) lookup(b *bolt.Bucket, key []byte) []byte {
+	// Seek starts from the root, so writes since the last lookup are
+	// seen (bbolt's rule: reposition after a write).
+	k, v := t.cursor(b).Seek(key)
+	if !bytes.Equal(k, key) {
+		return nil
+	}
+	return v
+}
+
+// cursor returns the kept cursor of b, or a new one when every slot
+// holds another bucket's. Its position is the caller's: Seek first.
+func (t *Txn) cursor(b *bolt.Bucket) *bolt.Cursor {
 	for i := range t.cursors {
 		e := &t.cursors[i]
 		if e.b == nil {
 			e.b, e.c = b, b.Cursor()
 		}
 		if e.b == b {
-			// Seek starts from the root, so writes since the last
-			// lookup are seen (bbolt's rule: reposition after a write).
-			k, v := e.c.Seek(key)
-			if !bytes.Equal(k, key) {
-				return nil
-			}
-			return v
+			return e.c
 		}
 	}
-	return b.Get(key)
+	return b.Cursor()
 }
 
 // seenSum is the stored checksum of key in bucket b (0: absent).
@@ -246,24 +252,18 @@ func (t *Txn) PutMeta(key, value []byte) error { return t.put(t.meta, key, value
 func (t *Txn) DeleteMeta(key []byte) error { return t.del(t.meta, key) }
 
 // DeleteMetaRange removes every metadata key in [start, end). It reads
-// no value (so it verifies none: what it removes is never served), and
-// walks the keys once, where RangeMeta with a delete per key seeks again
-// after each.
+// no value (so it verifies none: what it removes is never served). It
+// deletes under the cursor, which saves the search a delete by key
+// makes, and seeks again after each delete, as bbolt's cursor skips a
+// key when it moves on from a deleted one.
 func (t *Txn) DeleteMetaRange(start, end []byte) error {
-	var keys [][]byte
-	var sum uint64
-	c := t.meta.Cursor()
-	for k, v := c.Seek(start); k != nil && bytes.Compare(k, end) < 0; k, v = c.Next() {
-		keys = append(keys, bytes.Clone(k))
-		sum += storedSum(v)
-	}
-	for _, k := range keys {
-		if err := t.meta.Delete(k); err != nil {
+	c := t.cursor(t.meta)
+	for k, v := c.Seek(start); k != nil && bytes.Compare(k, end) < 0; k, v = c.Seek(start) {
+		t.forget(t.meta, k)
+		sum := storedSum(v)
+		if err := c.Delete(); err != nil {
 			return fmt.Errorf("storage: delete: %w", err)
 		}
-		t.forget(t.meta, k)
-	}
-	if len(keys) > 0 {
 		t.addHash(0, sum)
 	}
 	return nil
