@@ -86,7 +86,7 @@ func Apply(tx *storage.Txn, _ uint64, data []byte) any {
 
 func apply(tx State, data []byte) *peerpb.Result {
 	var c peerpb.Command
-	if err := proto.Unmarshal(data, &c); err != nil {
+	if err := decodeCommand(data, &c); err != nil {
 		return reject(ErrMalformed)
 	}
 	session, seq := c.GetSession(), c.GetSeq()
@@ -581,14 +581,6 @@ func load(tx State, key []byte) (*peerpb.StoredValue, error) {
 	return decodeStored(v)
 }
 
-func decodeStored(v []byte) (*peerpb.StoredValue, error) {
-	var sv peerpb.StoredValue
-	if err := proto.Unmarshal(v, &sv); err != nil {
-		return nil, fmt.Errorf("%w: stored value: %v", ErrCorrupt, err)
-	}
-	return &sv, nil
-}
-
 func toKV(key []byte, sv *peerpb.StoredValue) *kvpb.KeyValue {
 	return &kvpb.KeyValue{
 		Key: bytes.Clone(key),
@@ -630,7 +622,7 @@ func decodeRevision(b []byte) (rev, history int64) {
 func loadSession(tx State, session uint64) *peerpb.SessionState {
 	st := &peerpb.SessionState{}
 	if b := tx.GetMeta(sessionKey(session)); b != nil {
-		_ = proto.Unmarshal(b, st) // a corrupt record is treated as a new session
+		_ = decodeSession(b, st) // a corrupt record is treated as a new session
 	}
 	return st
 }

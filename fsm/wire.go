@@ -1,11 +1,165 @@
 package fsm
 
 import (
+	"bytes"
+	"fmt"
+
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kvd/kvd/proto/kvpb"
 	"github.com/kvd/kvd/proto/peerpb"
 )
+
+// decodeCommand decodes data into c as proto.Unmarshal does. It decodes
+// a put, which nearly every entry carries, by hand: one pass, no
+// reflection, and the key and value alias data (apply copies what it
+// stores, and the entry's data does not change). Anything else (another
+// op, a field of another number or wire type, a field given twice, a
+// malformed field) goes to proto.Unmarshal, whose answer it then is.
+func decodeCommand(data []byte, c *peerpb.Command) error {
+	if decodePut(data, c) {
+		return nil
+	}
+	return proto.Unmarshal(data, c)
+}
+
+// decodePut decodes a put command into c and reports true, or reports
+// false and leaves c alone.
+func decodePut(b []byte, c *peerpb.Command) bool {
+	var (
+		session, seq, ackBelow, millis uint64
+		op                             []byte
+	)
+	ok := fields(b, func(num protowire.Number, typ protowire.Type, v uint64, p []byte) bool {
+		switch {
+		case num == 3 && typ == protowire.BytesType:
+			op = p
+		case num == 1 && typ == protowire.VarintType:
+			session = v
+		case num == 2 && typ == protowire.VarintType:
+			seq = v
+		case num == 8 && typ == protowire.VarintType:
+			ackBelow = v
+		case num == 9 && typ == protowire.VarintType:
+			millis = v
+		default:
+			return false
+		}
+		return true
+	})
+	if !ok || op == nil {
+		return false
+	}
+	put := &kvpb.PutRequest{}
+	ok = fields(op, func(num protowire.Number, typ protowire.Type, v uint64, p []byte) bool {
+		switch {
+		case num == 2 && typ == protowire.BytesType:
+			put.Key = p
+		case num == 3 && typ == protowire.BytesType:
+			put.Value = p
+		case num == 4 && typ == protowire.VarintType:
+			put.PrevKv = protowire.DecodeBool(v)
+		case num == 5 && typ == protowire.VarintType:
+			put.Lease = int64(v)
+		default:
+			return false
+		}
+		return true
+	})
+	if !ok {
+		return false
+	}
+	c.Session, c.Seq, c.AckBelow, c.TimeUnixMs = session, seq, ackBelow, int64(millis)
+	c.Op = &peerpb.Command_Put{Put: put}
+	return true
+}
+
+// decodeStored decodes a stored record as proto.Unmarshal does; the value
+// is a copy.
+func decodeStored(b []byte) (*peerpb.StoredValue, error) {
+	sv := &peerpb.StoredValue{}
+	ok := fields(b, func(num protowire.Number, typ protowire.Type, v uint64, p []byte) bool {
+		switch {
+		case num == 1 && typ == protowire.BytesType:
+			sv.Value = bytes.Clone(p)
+		case num == 2 && typ == protowire.VarintType:
+			sv.CreateRevision = int64(v)
+		case num == 3 && typ == protowire.VarintType:
+			sv.ModRevision = int64(v)
+		case num == 4 && typ == protowire.VarintType:
+			sv.Version = int64(v)
+		case num == 5 && typ == protowire.VarintType:
+			sv.Lease = int64(v)
+		default:
+			return false
+		}
+		return true
+	})
+	if ok {
+		return sv, nil
+	}
+	if err := proto.Unmarshal(b, sv); err != nil {
+		return nil, fmt.Errorf("%w: stored value: %v", ErrCorrupt, err)
+	}
+	return sv, nil
+}
+
+// decodeSession decodes a session record as proto.Unmarshal does.
+func decodeSession(b []byte, st *peerpb.SessionState) error {
+	ok := fields(b, func(num protowire.Number, typ protowire.Type, v uint64, _ []byte) bool {
+		switch {
+		case num == 1 && typ == protowire.VarintType:
+			st.AckBelow = v
+		case num == 2 && typ == protowire.VarintType:
+			st.LastSeenUnixMs = int64(v)
+		default:
+			return false
+		}
+		return true
+	})
+	if ok {
+		return nil
+	}
+	return proto.Unmarshal(b, st)
+}
+
+// fields calls fn with each field of the message encoded in b: its number,
+// its wire type, and its value (a varint's in v, a length-delimited
+// field's bytes in p, nil when empty, as proto.Unmarshal leaves an empty
+// bytes field). It reports false as soon as fn does (a field the caller
+// does not decode by hand), or for a malformed field, a field number
+// above 31 or given twice, and a fixed-width or group field: the caller
+// then decodes with proto.Unmarshal, which resets what fn set.
+func fields(b []byte, fn func(num protowire.Number, typ protowire.Type, v uint64, p []byte) bool) bool {
+	var seen uint32
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 || num >= 32 || seen&(1<<num) != 0 {
+			return false
+		}
+		seen |= 1 << num
+		b = b[n:]
+		var v uint64
+		var p []byte
+		switch typ {
+		case protowire.VarintType:
+			v, n = protowire.ConsumeVarint(b)
+		case protowire.BytesType:
+			p, n = protowire.ConsumeBytes(b)
+			if len(p) == 0 {
+				p = nil
+			}
+		default:
+			return false
+		}
+		if n < 0 || !fn(num, typ, v, p) {
+			return false
+		}
+		b = b[n:]
+	}
+	return true
+}
 
 // Every put writes the same four records: the key's StoredValue, its
 // HistoryEvent, the session's SessionState and the recorded Result. Apply
