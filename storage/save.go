@@ -283,7 +283,7 @@ func (rs *round) appendLog(s *Shard, st *shardState, logb *bolt.Bucket, ents []*
 	logb.FillPercent = 0.95
 	marshalled := make([][]byte, len(ents))
 	for i, e := range ents {
-		v, err := proto.Marshal(e)
+		v, err := marshalEntry(e)
 		if err != nil {
 			return nil, fmt.Errorf("storage: marshal entry %d: %w", e.GetIndex(), err)
 		}
@@ -310,7 +310,7 @@ func (rs *round) appendLog(s *Shard, st *shardState, logb *bolt.Bucket, ents []*
 		// readers may still be returning.
 		off := first - cs
 		for _, e := range st.cache[off:] {
-			st.cacheBytes -= proto.Size(e)
+			st.cacheBytes -= entrySize(e)
 		}
 		st.cache = append(st.cache[:off:off], ents...)
 	} else {
@@ -321,7 +321,7 @@ func (rs *round) appendLog(s *Shard, st *shardState, logb *bolt.Bucket, ents []*
 		st.cacheBytes = 0
 	}
 	for _, v := range marshalled {
-		st.cacheBytes += len(v) // proto.Size(e), already computed
+		st.cacheBytes += len(v) // entrySize(e), already computed
 	}
 	st.last = newLast
 	if gen := rs.e.wal.gen; st.unboltedGen != gen {
@@ -340,9 +340,9 @@ func (rs *round) appendLog(s *Shard, st *shardState, logb *bolt.Bucket, ents []*
 // after the commit trims it. (Evicting them and forcing a commit instead
 // made every round with a large value pay for a bbolt commit.)
 func (st *shardState) evict(limit int, keepFrom uint64) {
-	n := 0
-	for n < len(st.cache) && st.cacheBytes > limit && st.cache[n].GetIndex() < keepFrom {
-		st.cacheBytes -= proto.Size(st.cache[n])
+	n, first := 0, st.cacheStart()
+	for n < len(st.cache) && st.cacheBytes > limit && first+uint64(n) < keepFrom {
+		st.cacheBytes -= entrySize(st.cache[n])
 		n++
 	}
 	st.cache = st.cache[n:]
@@ -394,7 +394,7 @@ func (rs *round) compact(s *Shard, index uint64) (response, error) {
 	if cs := st.cacheStart(); index >= cs {
 		n := index - cs + 1
 		for _, e := range st.cache[:n] {
-			st.cacheBytes -= proto.Size(e)
+			st.cacheBytes -= entrySize(e)
 		}
 		st.cache = st.cache[n:]
 	}

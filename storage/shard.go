@@ -144,7 +144,7 @@ func loadShard(e *Engine, id uint64, b *bolt.Bucket) (*Shard, error) {
 			return nil, fmt.Errorf("storage: corrupt log entry %x: %w", k, err)
 		}
 		rev = append(rev, ent)
-		st.cacheBytes += proto.Size(ent)
+		st.cacheBytes += entrySize(ent)
 	}
 	for i := len(rev) - 1; i >= 0; i-- {
 		st.cache = append(st.cache, rev[i])
@@ -274,7 +274,7 @@ func (s *Shard) Entries(lo, hi, maxSize uint64) ([]*pb.Entry, error) {
 	// add appends e unless it would exceed maxSize; the first entry is
 	// always taken.
 	add := func(e *pb.Entry) bool {
-		n := uint64(proto.Size(e))
+		n := uint64(entrySize(e))
 		if len(out) > 0 && size+n > maxSize {
 			return false
 		}
