@@ -503,7 +503,7 @@ func FuzzStoredDecoders(f *testing.F) {
 		// Compares and the size pre-pass of transactions read a value
 		// in place; they must agree with the decoder.
 		v, verr := viewStored(b)
-		if err == nil && (verr != nil || !bytes.Equal(v.value, sv.GetValue()) || v.create != sv.GetCreateRevision() || v.mod != sv.GetModRevision() || v.ver != sv.GetVersion()) {
+		if err == nil && (verr != nil || !bytes.Equal(v.value, sv.GetValue()) || v.create != sv.GetCreateRevision() || v.mod != sv.GetModRevision() || v.ver != sv.GetVersion() || v.lease != sv.GetLease()) {
 			t.Fatalf("viewStored = %+v, %v; the decoder gives %v", v, verr, sv)
 		}
 		_, _ = ClusterMapFrom(b)

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 
-	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvd/kvd/internal/keys"
@@ -416,48 +415,17 @@ func LeaseKeys(r View, id int64) ([]LeasedKey, error) {
 	r.ScanMeta(prefix, keys.PrefixEnd(prefix), func(k, _ []byte) bool {
 		lk := LeasedKey{Key: bytes.Clone(k[len(prefix):])}
 		if v := r.Get(lk.Key); v != nil {
-			if lk.ModRevision, lk.ValueSize, err = storedSize(v); err != nil {
-				err = fmt.Errorf("%w: key %s: %v", ErrCorrupt, keys.Quote(lk.Key), err)
+			sv, verr := viewStored(v)
+			if verr != nil {
+				err = fmt.Errorf("key %s: %w", keys.Quote(lk.Key), verr)
 				return false
 			}
+			lk.ModRevision, lk.ValueSize = sv.mod, int64(len(sv.value))
 		}
 		out = append(out, lk)
 		return true
 	})
 	return out, err
-}
-
-// storedSize reads a stored record's mod revision and value length
-// without copying its value, as decoding it would.
-func storedSize(b []byte) (mod, size int64, err error) {
-	for len(b) > 0 {
-		num, typ, n := protowire.ConsumeTag(b)
-		if n < 0 {
-			return 0, 0, protowire.ParseError(n)
-		}
-		b = b[n:]
-		switch {
-		case num == 1 && typ == protowire.BytesType:
-			v, m := protowire.ConsumeBytes(b)
-			if m < 0 {
-				return 0, 0, protowire.ParseError(m)
-			}
-			size, n = int64(len(v)), m
-		case num == 3 && typ == protowire.VarintType:
-			v, m := protowire.ConsumeVarint(b)
-			if m < 0 {
-				return 0, 0, protowire.ParseError(m)
-			}
-			mod, n = int64(v), m
-		default:
-			n = protowire.ConsumeFieldValue(num, typ, b)
-			if n < 0 {
-				return 0, 0, protowire.ParseError(n)
-			}
-		}
-		b = b[n:]
-	}
-	return mod, size, nil
 }
 
 // Lease reads one lease record of the meta shard; nil when there is none.

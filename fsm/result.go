@@ -305,8 +305,8 @@ func opReads(op *kvpb.RequestOp) bool {
 // storedView is an encoded StoredValue read in place: value aliases the
 // encoding, so a compare against a 1 MiB value copies nothing.
 type storedView struct {
-	value            []byte
-	create, mod, ver int64
+	value                   []byte
+	create, mod, ver, lease int64
 }
 
 // The revisions and version of a view, 0 for an absent key (nil), as the
@@ -330,40 +330,4 @@ func (v *storedView) version() int64 {
 		return 0
 	}
 	return v.ver
-}
-
-// viewStored reads an encoded StoredValue without copying its value. The
-// last occurrence of a field wins, as in proto.Unmarshal.
-func viewStored(b []byte) (storedView, error) {
-	var v storedView
-	for len(b) > 0 {
-		num, typ, tl := protowire.ConsumeTag(b)
-		if tl < 0 {
-			return v, fmt.Errorf("%w: stored value: %v", ErrCorrupt, protowire.ParseError(tl))
-		}
-		b = b[tl:]
-		var fl int
-		switch {
-		case num == 1 && typ == protowire.BytesType:
-			v.value, fl = protowire.ConsumeBytes(b)
-		case num >= 2 && num <= 4 && typ == protowire.VarintType:
-			var x uint64
-			x, fl = protowire.ConsumeVarint(b)
-			switch num {
-			case 2:
-				v.create = int64(x)
-			case 3:
-				v.mod = int64(x)
-			case 4:
-				v.ver = int64(x)
-			}
-		default:
-			fl = protowire.ConsumeFieldValue(num, typ, b)
-		}
-		if fl < 0 {
-			return v, fmt.Errorf("%w: stored value: %v", ErrCorrupt, protowire.ParseError(fl))
-		}
-		b = b[fl:]
-	}
-	return v, nil
 }

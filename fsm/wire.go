@@ -75,30 +75,54 @@ func decodePut(b []byte, c *peerpb.Command) bool {
 	return true
 }
 
-// decodeStored decodes a stored record as proto.Unmarshal does; the value
-// is a copy.
-func decodeStored(b []byte) (*peerpb.StoredValue, error) {
-	sv := &peerpb.StoredValue{}
-	ok := fields(b, func(num protowire.Number, typ protowire.Type, v uint64, p []byte) bool {
+// parseStored reads an encoded StoredValue by hand, its value aliasing
+// b. It reports false for what fields leaves to proto.Unmarshal.
+func parseStored(b []byte) (v storedView, ok bool) {
+	ok = fields(b, func(num protowire.Number, typ protowire.Type, x uint64, p []byte) bool {
 		switch {
 		case num == 1 && typ == protowire.BytesType:
-			sv.Value = bytes.Clone(p)
+			v.value = p
 		case num == 2 && typ == protowire.VarintType:
-			sv.CreateRevision = int64(v)
+			v.create = int64(x)
 		case num == 3 && typ == protowire.VarintType:
-			sv.ModRevision = int64(v)
+			v.mod = int64(x)
 		case num == 4 && typ == protowire.VarintType:
-			sv.Version = int64(v)
+			v.ver = int64(x)
 		case num == 5 && typ == protowire.VarintType:
-			sv.Lease = int64(v)
+			v.lease = int64(x)
 		default:
 			return false
 		}
 		return true
 	})
-	if ok {
-		return sv, nil
+	return v, ok
+}
+
+// viewStored reads an encoded StoredValue without copying its value, for
+// compares and sizes: what proto.Unmarshal would decode, unknown fields
+// left out.
+func viewStored(b []byte) (storedView, error) {
+	if v, ok := parseStored(b); ok {
+		return v, nil
 	}
+	sv, err := unmarshalStored(b)
+	if err != nil {
+		return storedView{}, err
+	}
+	return storedView{value: sv.GetValue(), create: sv.GetCreateRevision(), mod: sv.GetModRevision(), ver: sv.GetVersion(), lease: sv.GetLease()}, nil
+}
+
+// decodeStored decodes a stored record as proto.Unmarshal does; the value
+// is a copy.
+func decodeStored(b []byte) (*peerpb.StoredValue, error) {
+	if v, ok := parseStored(b); ok {
+		return &peerpb.StoredValue{Value: bytes.Clone(v.value), CreateRevision: v.create, ModRevision: v.mod, Version: v.ver, Lease: v.lease}, nil
+	}
+	return unmarshalStored(b)
+}
+
+func unmarshalStored(b []byte) (*peerpb.StoredValue, error) {
+	sv := &peerpb.StoredValue{}
 	if err := proto.Unmarshal(b, sv); err != nil {
 		return nil, fmt.Errorf("%w: stored value: %v", ErrCorrupt, err)
 	}

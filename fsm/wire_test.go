@@ -161,7 +161,8 @@ func mutate(r *rand.Rand, data []byte) []byte {
 	return b
 }
 
-// decodeStored and decodeSession, likewise, on records and mutations.
+// decodeStored, viewStored and decodeSession, likewise, on records and
+// mutations.
 func TestDecodeRecordsMatchesProto(t *testing.T) {
 	r := rand.New(rand.NewPCG(5, 6))
 	for i := range 20_000 {
@@ -175,6 +176,11 @@ func TestDecodeRecordsMatchesProto(t *testing.T) {
 			wantErr := proto.Unmarshal(data, &want)
 			if (gotErr != nil) != (wantErr != nil) || (wantErr == nil && !proto.Equal(got, &want)) {
 				t.Fatalf("case %d: %x:\ndecodeStored %v, %v\nproto.Unmarshal %v, %v", i, data, got, gotErr, &want, wantErr)
+			}
+			v, viewErr := viewStored(data)
+			if (viewErr != nil) != (wantErr != nil) || (wantErr == nil && (!bytes.Equal(v.value, want.GetValue()) ||
+				v.create != want.GetCreateRevision() || v.mod != want.GetModRevision() || v.ver != want.GetVersion() || v.lease != want.GetLease())) {
+				t.Fatalf("case %d: %x:\nviewStored %+v, %v\nproto.Unmarshal %v, %v", i, data, v, viewErr, &want, wantErr)
 			}
 		}
 		data = encode(&peerpb.SessionState{AckBelow: uint64(randInt(r)), LastSeenUnixMs: randInt(r)})
