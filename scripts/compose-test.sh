@@ -13,7 +13,8 @@
 #      linearizable reads; the isolated node refuses linearizable reads and
 #      writes with exit code 3 (never a stale linearizable read); reconnect:
 #      it converges
-#   4. compose down (volumes kept) and up: every acknowledged write is there
+#   4. compose down (volumes kept) and up: every acknowledged write is
+#      there, and no container had an anonymous volume for down to leave
 # and removes every container, network and volume of the project on exit,
 # pass or fail.
 #
@@ -333,6 +334,12 @@ done
 say "$isolated converged"
 
 # --- 4. down (keeping volumes) and up: nothing acknowledged is lost ------
+# down keeps volumes, so every volume the project's containers mount must
+# be one of its named ones: an anonymous volume would be left behind.
+anon=$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT" |
+  xargs -r docker inspect -f '{{.Name}}{{range .Mounts}}{{if eq .Type "volume"}} {{.Name}}{{end}}{{end}}' |
+  awk -v p="$PROJECT" '{ for (i = 2; i <= NF; i++) if (index($i, p "_") != 1 && index($i, p "-") != 1) print $1 ":" $i }')
+[ -z "$anon" ] || fail "anonymous volumes, which down would leave behind: $anon"
 compose down --timeout 20 >"$TMP/down.log" 2>&1 || { cat "$TMP/down.log"; fail "compose down"; }
 [ -z "$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT")" ] || fail "containers left after down"
 compose up -d >"$TMP/up2.log" 2>&1 || { cat "$TMP/up2.log"; fail "compose up (second)"; }
