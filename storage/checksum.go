@@ -42,6 +42,33 @@ func seal(key, value []byte) []byte {
 	return append(b, value...)
 }
 
+// slabChunk is the size of the chunks a sealSlab carves stored values
+// from; a value over an eighth of it gets an array of its own.
+const slabChunk = 64 << 10
+
+// sealSlab seals values into shared chunks: a round's puts then cost an
+// allocation per chunk rather than one per value. bbolt keeps what a put
+// gives it until the transaction ends; a carved slice is never handed out
+// again, so a chunk is freed once nothing written into it is referenced.
+// Owned by the writer goroutine.
+type sealSlab struct{ buf []byte }
+
+func (s *sealSlab) seal(key, value []byte) []byte {
+	n := sumLen + len(value)
+	if n > slabChunk/8 {
+		return seal(key, value)
+	}
+	if cap(s.buf)-len(s.buf) < n {
+		s.buf = make([]byte, 0, slabChunk)
+	}
+	i := len(s.buf)
+	s.buf = s.buf[:i+n]
+	b := s.buf[i : i+n : i+n]
+	binary.BigEndian.PutUint64(b, pairSum(key, value))
+	copy(b[sumLen:], value)
+	return b
+}
+
 // unseal verifies a stored value and returns it without its checksum (an
 // alias of stored) and the checksum. A nil stored value is absent: nil, 0.
 func unseal(key, stored []byte) ([]byte, uint64, error) {

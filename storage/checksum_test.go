@@ -506,3 +506,30 @@ func TestTxnReadsSeeItsOwnWrites(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestSealSlab: values sealed from one slab, small and large, each unseal
+// to what was sealed, stay so while later values are sealed, and are the
+// bytes seal writes alone.
+func TestSealSlab(t *testing.T) {
+	var s sealSlab
+	type sealed struct{ key, value, stored []byte }
+	var all []sealed
+	for i := range 2000 {
+		key := []byte(fmt.Sprintf("k%05d", i))
+		value := bytes.Repeat([]byte{byte(i)}, (i*7919)%(slabChunk/4)) // some over slabChunk/8
+		stored := s.seal(key, value)
+		if !bytes.Equal(stored, seal(key, value)) {
+			t.Fatalf("value %d: slab seal differs from seal", i)
+		}
+		if cap(stored) != len(stored) {
+			t.Fatalf("value %d: capacity %d beyond its length %d: an append would write into its neighbour", i, cap(stored), len(stored))
+		}
+		all = append(all, sealed{key, value, stored})
+	}
+	for i, v := range all {
+		got, _, err := unseal(v.key, v.stored)
+		if err != nil || !bytes.Equal(got, v.value) {
+			t.Fatalf("value %d after later seals: %v (equal %v)", i, err, bytes.Equal(got, v.value))
+		}
+	}
+}

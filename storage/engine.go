@@ -130,9 +130,10 @@ type Engine struct {
 		c    chan struct{}
 		err  atomic.Pointer[error]
 	}
-	// wal and open are owned by the writer goroutine.
+	// wal, open and slab are owned by the writer goroutine.
 	wal  *wal
 	open openTx
+	slab sealSlab
 
 	// mu guards shards, the Shard objects handed out, so that OpenShard
 	// returns the same *Shard every time (its in-memory log must be the

@@ -232,7 +232,7 @@ func (rs *round) save(s *Shard, u *Update) (response, error) {
 		}
 		if u.Apply != nil && e.GetType() == pb.EntryNormal && len(e.GetData()) > 0 {
 			if txn == nil {
-				txn = &Txn{shard: s.id, kv: b.Bucket(bucketKV), meta: b.Bucket(bucketMeta), hist: b.Bucket(bucketHist), raft: raftb}
+				txn = &Txn{shard: s.id, kv: b.Bucket(bucketKV), meta: b.Bucket(bucketMeta), hist: b.Bucket(bucketHist), raft: raftb, slab: &rs.e.slab}
 				txn.hist.FillPercent = histFillPercent
 			}
 			txn.index = e.GetIndex()

@@ -47,6 +47,9 @@ type Txn struct {
 	// put need not look up a value to replace. History keys only grow,
 	// so that is every history write.
 	histLast []byte
+
+	// slab is the writer's, for the stored forms of the values put.
+	slab *sealSlab
 }
 
 type bucketCursor struct {
@@ -208,7 +211,7 @@ func (t *Txn) put(b *bolt.Bucket, key, value []byte) error {
 		return err
 	}
 	old := t.storedSumOf(b, key)
-	sealed := seal(key, value)
+	sealed := t.slab.seal(key, value)
 	if err := b.Put(key, sealed); err != nil {
 		return fmt.Errorf("storage: put: %w", err)
 	}
@@ -290,7 +293,7 @@ func (t *Txn) PutHistory(key, value []byte) error {
 	if err := validKey(key); err != nil {
 		return err
 	}
-	sealed := seal(key, value)
+	sealed := t.slab.seal(key, value)
 	if err := t.hist.Put(key, sealed); err != nil {
 		return fmt.Errorf("storage: put: %w", err)
 	}
