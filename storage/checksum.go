@@ -37,9 +37,15 @@ func pairSum(key, value []byte) uint64 {
 // seal returns the stored form of value under key: a fresh slice, which
 // bbolt may keep until the commit.
 func seal(key, value []byte) []byte {
-	b := make([]byte, sumLen, sumLen+len(value))
+	return sealInto(make([]byte, sumLen+len(value)), key, value)
+}
+
+// sealInto writes the stored form of value under key into b, which is
+// exactly its size, and returns b.
+func sealInto(b, key, value []byte) []byte {
 	binary.BigEndian.PutUint64(b, pairSum(key, value))
-	return append(b, value...)
+	copy(b[sumLen:], value)
+	return b
 }
 
 // slabChunk is the size of the chunks a sealSlab carves stored values
@@ -63,10 +69,7 @@ func (s *sealSlab) seal(key, value []byte) []byte {
 	}
 	i := len(s.buf)
 	s.buf = s.buf[:i+n]
-	b := s.buf[i : i+n : i+n]
-	binary.BigEndian.PutUint64(b, pairSum(key, value))
-	copy(b[sumLen:], value)
-	return b
+	return sealInto(s.buf[i:i+n:i+n], key, value)
 }
 
 // unseal verifies a stored value and returns it without its checksum (an
